@@ -1,0 +1,32 @@
+// Fast math and integer helpers shared by all kernel families.
+#pragma once
+
+namespace fic {
+
+#define FIC_LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ float ptx_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// Division of a non-negative 32-bit integer by a run-time constant without a divide instruction
+// (Granlund-Montgomery round-up method; the host computes mul and shift, see fi_cupy/_core/fastdiv.py).
+struct FastDiv {
+  unsigned int div, mul, shift;
+  __device__ __forceinline__ unsigned int quot(unsigned int n) const {
+    return (__umulhi(n, mul) + n) >> shift;
+  }
+};
+
+template <int N> struct Log2 { static constexpr int value = 1 + Log2<N / 2>::value; };
+template <> struct Log2<1> { static constexpr int value = 0; };
+template <int N> struct NextPow2 {
+  static constexpr int value = (N <= 1) ? 1 : 2 * NextPow2<(N + 1) / 2>::value;
+};
+template <> struct NextPow2<1> { static constexpr int value = 1; };
+
+}  // namespace fic

@@ -1,0 +1,131 @@
+"""Argument checks run before any launch. Each error names the argument, what it got and what is allowed."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import dtypes as dt
+from .arrays import ArrayInfo
+
+
+def dtype_in(info: ArrayInfo, allowed, what: str = "") -> None:
+    if info.dtype not in allowed:
+        raise TypeError(f"{info.name}: dtype {info.dtype} is not supported{what}; "
+                        f"expected {' or '.join(str(a) for a in allowed)}")
+
+
+def dtype_is(info: ArrayInfo, expected: dt.DType, why: str) -> None:
+    if info.dtype != expected:
+        raise TypeError(f"{info.name}: dtype {info.dtype} does not match {why} ({expected})")
+
+
+def ndim(info: ArrayInfo, n: int, layout: str) -> None:
+    if info.ndim != n:
+        raise ValueError(f"{info.name}: expected {n} dims {layout}, got shape {info.shape}")
+
+
+def shape(info: ArrayInfo, expected: tuple, layout: str) -> None:
+    """expected may hold None for dims that are free."""
+    if len(info.shape) != len(expected) or any(e is not None and s != e for s, e in zip(info.shape, expected)):
+        exp = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(f"{info.name}: expected shape {exp} {layout}, got {info.shape}")
+
+
+def same_device(*infos: ArrayInfo) -> int:
+    infos = [i for i in infos if i is not None]
+    devs = {i.device for i in infos}
+    if len(devs) > 1:
+        raise ValueError("all arrays must be on one CUDA device; got " +
+                         ", ".join(f"{i.name} on cuda:{i.device}" for i in infos))
+    return infos[0].device
+
+
+def last_dim_contiguous(info: ArrayInfo) -> None:
+    if info.ndim and info.shape[-1] > 1 and info.strides[-1] != 1:
+        raise ValueError(f"{info.name}: the last dim must be contiguous (stride 1), got strides {info.strides}")
+
+
+def contiguous(info: ArrayInfo) -> None:
+    if not info.is_contiguous():
+        raise ValueError(f"{info.name}: must be contiguous, got shape {info.shape} strides {info.strides}")
+
+
+def vector_aligned(info: ArrayInfo, elems: int = 8) -> None:
+    """Kernels move `elems` elements per access along the last dim: base and row strides must allow it."""
+    nbytes = elems * info.dtype.itemsize
+    if info.size and info.ptr % nbytes:
+        raise ValueError(f"{info.name}: data pointer must be {nbytes}-byte aligned (got address "
+                         f"{info.ptr:#x}); pass a freshly allocated or contiguous array")
+    bad = [s for n, s in zip(info.shape[:-1], info.strides[:-1]) if n > 1 and s % elems]
+    if bad:
+        raise ValueError(f"{info.name}: strides must be multiples of {elems} elements for vector loads, "
+                         f"got strides {info.strides}")
+
+
+def head_dim(value: int, supported, arg: str = "head_dim") -> None:
+    if value not in supported:
+        raise ValueError(f"{arg}: {value} is not supported; supported head dims: "
+                         f"{', '.join(str(s) for s in supported)}")
+
+
+def heads(num_qo_heads: int, num_kv_heads: int) -> None:
+    if num_kv_heads <= 0 or num_qo_heads <= 0:
+        raise ValueError(f"num_qo_heads and num_kv_heads must be positive, got {num_qo_heads}, {num_kv_heads}")
+    if num_qo_heads % num_kv_heads:
+        raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+
+
+def host_int_array(name: str, x) -> np.ndarray:
+    """A 1-D integer array as host int64 numpy. Device arrays are copied to the host (a sync):
+    callers document where that happens."""
+    if isinstance(x, np.ndarray):
+        a = x
+    elif hasattr(x, "__dlpack_device__") and int(x.__dlpack_device__()[0]) != 1:
+        a = _device_to_host(x, name)
+    else:
+        a = np.asarray(x)
+    if a.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array, got shape {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name}: expected an integer array, got dtype {a.dtype}")
+    return a.astype(np.int64, copy=False)
+
+
+def _device_to_host(x, name: str) -> np.ndarray:
+    import cupy
+    from .arrays import describe
+    info = describe(x, name)
+    dtype_in(info, (dt.int32, dt.int64))
+    with cupy.cuda.Device(info.device):
+        return cupy.asnumpy(cupy.from_dlpack(x))
+
+
+def indptr(name: str, a: np.ndarray, length: int | None = None) -> None:
+    if length is not None and a.size != length:
+        raise ValueError(f"{name}: expected {length} entries (batch_size + 1), got {a.size}")
+    if a.size == 0:
+        raise ValueError(f"{name}: must have at least one entry")
+    if a[0] != 0:
+        raise ValueError(f"{name}: must start at 0, got {a[0]}")
+    if np.any(np.diff(a) < 0):
+        i = int(np.argmax(np.diff(a) < 0))
+        raise ValueError(f"{name}: must be non-decreasing, but {name}[{i}]={a[i]} > {name}[{i + 1}]={a[i + 1]}")
+
+
+def float_or_none(name: str, v):
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a float or None, got {type(v).__name__}") from None

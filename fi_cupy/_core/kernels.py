@@ -1,0 +1,125 @@
+"""Kernel variants described as data, their compiled functions (memoised per device), and launch.
+
+A Program is one NVRTC compile: a family file and the kernel instantiations it provides. Family
+modules build Programs from their template arguments; nothing else talks to NVRTC.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import compile as cc
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    kernel: str       # e.g. "fic::batch_decode_kernel"
+    targs: tuple      # template arguments as C++ text
+
+    @property
+    def name_expr(self) -> str:
+        return f"{self.kernel}<{', '.join(str(a) for a in self.targs)}>" if self.targs else self.kernel
+
+
+@dataclass(frozen=True)
+class Program:
+    filename: str           # family file in cuda_src/
+    kernels: tuple          # KernelSpec, ...
+
+    def compile(self, arch: str) -> cc.Compiled:
+        return cc.compile_program(self.filename, tuple(k.name_expr for k in self.kernels), arch)
+
+
+def cpp_bool(b: bool) -> str:
+    return "true" if b else "false"
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+
+_props: dict = {}
+
+
+def device_props(device: int) -> dict:
+    if device not in _props:
+        from cupy.cuda import runtime
+        p = runtime.getDeviceProperties(device)
+        _props[device] = {"cc": p["major"] * 10 + p["minor"], "sms": p["multiProcessorCount"],
+                          "name": p["name"].decode() if isinstance(p["name"], bytes) else p["name"],
+                          "smem_optin": p.get("sharedMemPerBlockOptin", 49152)}
+    return _props[device]
+
+
+def device_arch(device: int) -> str:
+    return cc.target_arch(device_props(device)["cc"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaded functions
+
+_loaded: dict = {}
+_load_lock = threading.Lock()
+
+
+class Function:
+    """A loaded kernel: its CUfunction handle and the module that owns it."""
+
+    def __init__(self, module, name: str):
+        self.module = module
+        self.fn = module.get_function(name)
+        self.ptr = int(self.fn.ptr)
+        self.name = name
+
+
+def functions(program: Program, device: int) -> dict:
+    """KernelSpec -> Function for `program` on `device` (compiled or read from the cache once)."""
+    key = (program, device)
+    got = _loaded.get(key)
+    if got is not None:
+        return got
+    with _load_lock:
+        got = _loaded.get(key)
+        if got is None:
+            import cupy
+            compiled = program.compile(device_arch(device))
+            with cupy.cuda.Device(device):
+                mod = cupy.cuda.function.Module()
+                mod.load(compiled.binary)
+                got = {k: Function(mod, compiled.lowered[k.name_expr]) for k in program.kernels}
+            _loaded[key] = got
+    return got
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments and launch
+
+
+def ptr(x) -> np.uint64:
+    """Pointer argument from an ArrayInfo, an int address, or None (nullptr)."""
+    if x is None:
+        return np.uint64(0)
+    return np.uint64(x if isinstance(x, int) else x.ptr)
+
+
+i32, i64, u32, f32 = np.int32, np.int64, np.uint32, np.float32
+
+
+def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int = 0) -> None:
+    """cuLaunchKernel with `args` given as numpy scalars whose types match the kernel's parameters.
+
+    Each argument gets its own 8-byte slot in one buffer and kernelParams points at each slot.
+    """
+    from cupy_backends.cuda.api import driver
+    import cupy
+    n = len(args)
+    buf = b"".join(np.asarray(a).tobytes().ljust(8, b"\0") for a in args)
+    store = ctypes.create_string_buffer(buf, max(8, len(buf)))
+    base = ctypes.addressof(store)
+    params = (ctypes.c_void_p * max(1, n))(*[base + 8 * i for i in range(n)])
+    gx, gy, gz = (tuple(grid) + (1, 1))[:3]
+    bx, by, bz = (tuple(block) + (1, 1))[:3]
+    with cupy.cuda.Device(device):
+        driver.launchKernel(fn.ptr, gx, gy, gz, bx, by, bz, smem, stream, ctypes.addressof(params), 0)

@@ -1,0 +1,506 @@
+"""Decode attention: `single_decode_with_kv_cache` and `BatchDecodeWithPagedKVCacheWrapper`.
+
+Both run cuda_src/decode.cu. A single decode is a batch of one request whose K/V form one page.
+Supported (one table, README "Decode"): head_dim every multiple of 16 from 16 to 256; q fp16/bf16;
+KV the q dtype or fp8 (e4m3fn, e5m2); any page size; any GQA group; NHD and HND; a 5-D cache or a
+(k, v) pair; sliding window; logits soft cap; RoPE on the fly ("ROPE_LLAMA"); lse in base 2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import scheduler
+from ._core import arrays, checks, kernels, streams
+from ._core import dtypes as dt
+from ._core.fastdiv import fastdiv_params
+from ._core.kernels import KernelSpec, Program, f32, i32, i64, ptr, u32
+
+SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
+Q_DTYPES = (dt.float16, dt.bfloat16)
+KV_DTYPES = {q: (q, dt.float8_e4m3fn, dt.float8_e5m2) for q in Q_DTYPES}
+POS_ENCODINGS = ("NONE", "ROPE_LLAMA")
+LAYOUTS = ("NHD", "HND")
+DEFAULT_WORKSPACE_BYTES = 128 * 1024 * 1024
+_ALIGN = 256
+
+
+def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dtype: dt.DType,
+                   rope: bool) -> Program:
+    return Program("decode.cu", (
+        KernelSpec("fic::batch_decode_kernel",
+                   (head_dim, heads_per_block, q_dtype.cpp, kv_dtype.cpp, kernels.cpp_bool(rope))),
+        KernelSpec("fic::merge_states_kernel", (head_dim, q_dtype.cpp)),
+    ))
+
+
+def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
+    """Every instantiation of the supported grid (CI compiles these; `precompile` the standard ones)."""
+    out = []
+    for d in head_dims:
+        for q in Q_DTYPES:
+            for kv in KV_DTYPES[q]:
+                for gb in (1, 4, scheduler.MAX_HEADS_PER_BLOCK):
+                    for rope in (False, True):
+                        out.append(decode_program(d, gb, q, kv, rope))
+    return out
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan: everything host-side, once per batch
+
+
+@dataclass
+class DecodeParams:
+    """The per-batch constants of a decode launch (shared by the wrapper and single decode)."""
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    q_dtype: dt.DType
+    kv_dtype: dt.DType
+    rope: bool
+    window_left: int
+    soft_cap: float
+    sm_scale: float
+    rope_scale: float
+    rope_theta: float
+
+    @property
+    def group_size(self) -> int:
+        return self.num_qo_heads // self.num_kv_heads
+
+
+def make_params(num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left,
+                logits_soft_cap, q_data_type, kv_data_type, sm_scale, rope_scale, rope_theta) -> DecodeParams:
+    num_qo_heads = checks.positive_int("num_qo_heads", num_qo_heads)
+    num_kv_heads = checks.positive_int("num_kv_heads", num_kv_heads)
+    checks.heads(num_qo_heads, num_kv_heads)
+    head_dim = checks.positive_int("head_dim", head_dim)
+    checks.head_dim(head_dim, SUPPORTED_HEAD_DIMS)
+    page_size = checks.positive_int("page_size", page_size)
+    checks.choice("pos_encoding_mode", pos_encoding_mode, POS_ENCODINGS)
+    q_dtype = dt.as_dtype(q_data_type, "q_data_type")
+    if q_dtype not in Q_DTYPES:
+        raise TypeError(f"q_data_type: {q_dtype} is not supported; expected float16 or bfloat16")
+    kv_dtype = q_dtype if kv_data_type is None else dt.as_dtype(kv_data_type, "kv_data_type")
+    if kv_dtype not in KV_DTYPES[q_dtype]:
+        raise TypeError(f"kv_data_type: {kv_dtype} is not supported with q {q_dtype}; expected "
+                        f"{' or '.join(str(k) for k in KV_DTYPES[q_dtype])}")
+    if not isinstance(window_left, (int, np.integer)):
+        raise TypeError(f"window_left: expected an int (-1 for no window), got {window_left!r}")
+    cap = checks.float_or_none("logits_soft_cap", logits_soft_cap) or 0.0
+    if cap < 0:
+        raise ValueError(f"logits_soft_cap: must be > 0 (or None/0 for none), got {cap}")
+    sm = checks.float_or_none("sm_scale", sm_scale)
+    rs = checks.float_or_none("rope_scale", rope_scale)
+    rt = checks.float_or_none("rope_theta", rope_theta)
+    if rs is not None and rs <= 0 or rt is not None and rt <= 0:
+        raise ValueError(f"rope_scale and rope_theta must be positive, got {rope_scale}, {rope_theta}")
+    return DecodeParams(num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype,
+                        pos_encoding_mode == "ROPE_LLAMA", int(window_left), cap,
+                        1.0 / math.sqrt(head_dim) if sm is None else sm,
+                        1.0 if rs is None else rs, 1e4 if rt is None else rt)
+
+
+@dataclass
+class DecodePlan:
+    """Host-side schedule plus the int32 metadata block that run() reads on the device."""
+    params: DecodeParams
+    batch_size: int
+    num_slots: int
+    num_partial_rows: int
+    max_page: int            # largest page index used (-1 if none)
+    meta: np.ndarray         # int32: slots (num_slots*4) | page_indptr | kv_lens | merge_indptr | indices
+    offsets: dict            # name -> int32 element offset within meta
+
+    @property
+    def heads_per_block(self) -> tuple:
+        return scheduler.decode_heads_per_block(self.params.group_size)
+
+    @property
+    def needs_merge(self) -> bool:
+        return self.num_slots > self.batch_size  # graph-stable: depends on batch size only
+
+    def partial_bytes(self) -> int:
+        rows = self.num_slots if self.needs_merge else 0
+        p = self.params
+        return _align(rows * p.num_qo_heads * p.head_dim * 4) + _align(rows * p.num_qo_heads * 4)
+
+
+def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
+                last_page_len: np.ndarray, num_sms: int) -> DecodePlan:
+    batch = indptr.size - 1
+    checks.indptr("indptr", indptr)
+    if last_page_len.size != batch:
+        raise ValueError(f"last_page_len: expected {batch} entries (batch_size), got {last_page_len.size}")
+    if indices.size < indptr[-1]:
+        raise ValueError(f"indices: has {indices.size} entries but indptr[-1] is {indptr[-1]}")
+    pages = np.diff(indptr)
+    ps = params.page_size
+    bad = ((pages > 0) & ((last_page_len < 1) | (last_page_len > ps))) | ((pages == 0) & (last_page_len != 0))
+    if np.any(bad):
+        i = int(np.argmax(bad))
+        raise ValueError(f"last_page_len: request {i} has {pages[i]} pages and last_page_len "
+                         f"{last_page_len[i]}; expected 1..{ps} (page_size) for a non-empty request, 0 for none")
+    used = indices[: indptr[-1]]
+    if used.size and used.min() < 0:
+        raise ValueError(f"indices: page indices must be >= 0, got {int(used.min())}")
+    kv_lens = np.where(pages > 0, (pages - 1) * ps + last_page_len, 0)
+    if kv_lens.size and kv_lens.max() >= 2 ** 31:
+        raise ValueError("a request's kv length must be < 2**31")
+    if indptr[-1] >= 2 ** 31:
+        raise ValueError("indptr[-1] (total pages) must be < 2**31")
+    wl = params.window_left
+    visible = np.maximum(0, kv_lens - 1 - wl) if wl >= 0 else np.zeros_like(kv_lens)
+    _, slices = scheduler.decode_heads_per_block(params.group_size)
+    num_slots = scheduler.decode_num_slots(batch, params.num_kv_heads, slices, num_sms)
+    slots, merge_indptr, num_partial = scheduler.decode_partition(kv_lens, visible, num_slots)
+    parts = {"slots": slots.ravel(), "page_indptr": indptr, "kv_lens": kv_lens,
+             "merge_indptr": merge_indptr, "indices": used}
+    offsets, cur = {}, 0
+    for name, a in parts.items():
+        offsets[name] = cur
+        cur += (a.size + 3) // 4 * 4  # keep every part 16-byte aligned
+    meta = np.zeros(cur, dtype=np.int32)
+    for name, a in parts.items():
+        meta[offsets[name]: offsets[name] + a.size] = a
+    return DecodePlan(params, batch, num_slots, num_partial, int(used.max()) if used.size else -1, meta, offsets)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache description
+
+
+@dataclass
+class KVView:
+    k_ptr: int
+    v_ptr: int
+    stride_page: int
+    stride_slot: int
+    stride_head: int
+    num_pages: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: dt.DType
+    device: int
+    infos: tuple
+
+
+def describe_paged_cache(paged_kv_cache, kv_layout: str, stream: int, name: str = "paged_kv_cache") -> KVView:
+    """A 5-D cache (num_pages, 2, page_size, H, D) [NHD] / (num_pages, 2, H, page_size, D) [HND], or a
+    (k_cache, v_cache) pair of 4-D arrays."""
+    checks.choice("kv_layout", kv_layout, LAYOUTS)
+    slot_dim, head_dim_ax = (1, 2) if kv_layout == "NHD" else (2, 1)
+    layout = "(num_pages, page_size, num_kv_heads, head_dim)" if kv_layout == "NHD" else \
+        "(num_pages, num_kv_heads, page_size, head_dim)"
+    if isinstance(paged_kv_cache, (tuple, list)):
+        if len(paged_kv_cache) != 2:
+            raise ValueError(f"{name}: a tuple must be (k_cache, v_cache), got {len(paged_kv_cache)} items")
+        k = arrays.describe(paged_kv_cache[0], f"{name}[0] (k_cache)", stream)
+        v = arrays.describe(paged_kv_cache[1], f"{name}[1] (v_cache)", stream)
+        checks.ndim(k, 4, f"{layout} for kv_layout={kv_layout}")
+        if v.shape != k.shape or v.strides != k.strides or v.dtype != k.dtype:
+            raise ValueError(f"{name}: k_cache and v_cache must have the same shape, strides and dtype; got "
+                             f"{k.shape}/{k.strides}/{k.dtype} and {v.shape}/{v.strides}/{v.dtype}")
+        checks.same_device(k, v)
+        s = k.strides
+        view = KVView(k.ptr, v.ptr, s[0], s[1 + slot_dim - 1], s[1 + head_dim_ax - 1], k.shape[0],
+                      k.shape[slot_dim], k.shape[head_dim_ax], k.shape[3], k.dtype, k.device, (k, v))
+        for i in (k, v):
+            checks.last_dim_contiguous(i)
+            checks.vector_aligned(i)
+        return view
+    c = arrays.describe(paged_kv_cache, name, stream)
+    five = "(num_pages, 2, page_size, num_kv_heads, head_dim)" if kv_layout == "NHD" else \
+        "(num_pages, 2, num_kv_heads, page_size, head_dim)"
+    if c.ndim != 5 or c.shape[1] != 2:
+        raise ValueError(f"{name}: expected shape {five} for kv_layout={kv_layout}, or a (k_cache, v_cache) "
+                         f"tuple; got shape {c.shape}")
+    checks.last_dim_contiguous(c)
+    checks.vector_aligned(c)
+    s = c.strides
+    return KVView(c.ptr, c.ptr + s[1] * c.dtype.itemsize, s[0], s[1 + slot_dim], s[1 + head_dim_ax],
+                  c.shape[0], c.shape[1 + slot_dim], c.shape[1 + head_dim_ax], c.shape[4], c.dtype, c.device, (c,))
+
+
+def _check_cache_against(view: KVView, p: DecodeParams, max_page: int, name: str = "paged_kv_cache") -> None:
+    if view.dtype != p.kv_dtype:
+        raise TypeError(f"{name}: dtype {view.dtype} does not match the planned kv_data_type {p.kv_dtype}")
+    if (view.page_size, view.num_kv_heads, view.head_dim) != (p.page_size, p.num_kv_heads, p.head_dim):
+        raise ValueError(f"{name}: (page_size, num_kv_heads, head_dim) = "
+                         f"{(view.page_size, view.num_kv_heads, view.head_dim)} does not match the plan "
+                         f"{(p.page_size, p.num_kv_heads, p.head_dim)}")
+    if max_page >= view.num_pages:
+        raise ValueError(f"indices: page index {max_page} is out of range for a cache of {view.num_pages} pages")
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch
+
+
+def _outputs(q: arrays.ArrayInfo, p: DecodeParams, out, lse, return_lse: bool, stream: int,
+             batch_shape: tuple):
+    """The output array (given or new, in q's framework) and the lse array (or None)."""
+    o_shape = batch_shape + (p.num_qo_heads, p.head_dim)
+    if out is None:
+        out_obj = arrays.empty(q.framework, o_shape, q.dtype, q.device, stream)
+    else:
+        out_obj = out
+    o = arrays.describe(out_obj, "out", stream)
+    checks.shape(o, o_shape, "(batch_size, num_qo_heads, head_dim)" if batch_shape else "(num_qo_heads, head_dim)")
+    checks.dtype_is(o, q.dtype, "q's dtype")
+    checks.last_dim_contiguous(o)
+    checks.vector_aligned(o)
+    lse_obj, l_info = None, None
+    if return_lse or lse is not None:
+        l_shape = batch_shape + (p.num_qo_heads,)
+        lse_obj = arrays.empty(q.framework, l_shape, dt.float32, q.device, stream) if lse is None else lse
+        l_info = arrays.describe(lse_obj, "lse", stream)
+        checks.shape(l_info, l_shape, "(batch_size, num_qo_heads)" if batch_shape else "(num_qo_heads,)")
+        checks.dtype_is(l_info, dt.float32, "the lse dtype")
+        checks.contiguous(l_info)
+    checks.same_device(q, o, l_info)
+    return out_obj, o, lse_obj, l_info
+
+
+def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
+                  o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float, stream: int) -> None:
+    """Queue the decode kernel (and the split-KV merge) on `stream`. No allocation, no sync."""
+    p = plan.params
+    gb, slices = plan.heads_per_block
+    fns = kernels.functions(decode_program(p.head_dim, gb, p.q_dtype, kv.dtype, p.rope), q.device)
+    dec, merge = fns.values()
+    off = {k: meta_ptr + 4 * v for k, v in plan.offsets.items()}
+    rows = plan.num_slots if plan.needs_merge else 0
+    part_o = partial_ptr
+    part_lse = partial_ptr + _align(rows * p.num_qo_heads * p.head_dim * 4)
+    _, mul, shift = fastdiv_params(p.page_size)
+    q_scale = p.sm_scale * k_scale * (1.0 if p.soft_cap > 0 else 1.4426950408889634)
+    qs, os_ = q.strides, o.strides
+    kernels.launch(dec, (plan.num_slots, p.num_kv_heads, slices), (128,), [
+        ptr(q), i64(qs[-3] if q.ndim == 3 else 0), i64(qs[-2]),
+        ptr(kv.k_ptr), ptr(kv.v_ptr), i64(kv.stride_page), i64(kv.stride_slot), i64(kv.stride_head),
+        ptr(off["page_indptr"]), ptr(off["indices"]), ptr(off["kv_lens"]), ptr(off["slots"]),
+        ptr(o), i64(os_[-3] if o.ndim == 3 else 0), i64(os_[-2]), ptr(l_info),
+        ptr(part_o), ptr(part_lse),
+        i32(p.num_qo_heads), i32(p.group_size), u32(p.page_size), u32(mul), u32(shift), i32(p.window_left),
+        f32(q_scale), f32(p.soft_cap), f32(v_scale), f32(1.0 / p.rope_scale), f32(p.rope_theta),
+    ], stream, q.device)
+    if plan.needs_merge:
+        kernels.launch(merge, (plan.batch_size, (p.num_qo_heads + 3) // 4), (128,), [
+            ptr(part_o), ptr(part_lse), ptr(off["merge_indptr"]),
+            ptr(o), i64(os_[-3] if o.ndim == 3 else 0), i64(os_[-2]), ptr(l_info), i32(p.num_qo_heads),
+        ], stream, q.device)
+
+
+def _deliver(out_obj, lse_obj, return_lse: bool, framework: str):
+    out_obj = arrays.deliver(out_obj, framework)
+    if not return_lse:
+        return out_obj
+    return out_obj, arrays.deliver(lse_obj, framework)
+
+
+def _upload(meta: np.ndarray, dst_ptr: int, device: int, stream: int) -> None:
+    from cupy.cuda import runtime
+    import cupy
+    with cupy.cuda.Device(device):
+        runtime.memcpyAsync(dst_ptr, meta.ctypes.data, meta.nbytes, runtime.memcpyHostToDevice, stream)
+
+
+def _scale(name: str, v) -> float:
+    v = checks.float_or_none(name, v)
+    return 1.0 if v is None else v
+
+
+def _check_q(q: arrays.ArrayInfo, p: DecodeParams, batch_shape: tuple) -> None:
+    checks.dtype_in(q, Q_DTYPES)
+    if q.dtype != p.q_dtype:
+        raise TypeError(f"q: dtype {q.dtype} does not match the planned q_data_type {p.q_dtype}")
+    checks.shape(q, batch_shape + (p.num_qo_heads, p.head_dim),
+                 "(batch_size, num_qo_heads, head_dim)" if batch_shape else "(num_qo_heads, head_dim)")
+    checks.last_dim_contiguous(q)
+    checks.vector_aligned(q)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+class BatchDecodeWithPagedKVCacheWrapper:
+    """Decode attention for a batch of requests over a paged KV cache (FlashInfer's API).
+
+    plan() once per batch (host work: split-KV schedule, one host-to-device copy of the metadata into
+    the workspace); run() once per layer: no host sync, no allocation when `out` (and `lse`) are
+    given, so it can be captured in a CUDA graph. A re-plan of a batch of the same size keeps every
+    device address and the launch shape, so a captured graph replays the new plan.
+
+    plan() reads indptr, indices and last_page_len on the host: pass host (numpy) arrays, or device
+    arrays, which plan() copies to the host (one synchronisation).
+    """
+
+    def __init__(self, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 use_tensor_cores: bool = False, paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None,
+                 paged_kv_last_page_len_buffer=None, backend: str = "auto", jit_args=None):
+        checks.choice("kv_layout", kv_layout, LAYOUTS)
+        if jit_args is not None:
+            raise NotImplementedError("jit_args: custom attention variants are not supported by decode yet")
+        self._ws = arrays.describe(float_workspace_buffer, "float_workspace_buffer")
+        checks.contiguous(self._ws)
+        self._ws_obj = float_workspace_buffer
+        self._kv_layout = kv_layout
+        self._use_cuda_graph = use_cuda_graph
+        self._plan: DecodePlan | None = None
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return self._use_cuda_graph
+
+    def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
+        self._ws = arrays.describe(float_workspace_buffer, "float_workspace_buffer")
+        checks.contiguous(self._ws)
+        self._ws_obj = float_workspace_buffer
+        self._plan = None
+
+    def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+             page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1,
+             logits_soft_cap: float | None = None, q_data_type="float16", kv_data_type=None,
+             data_type=None, sm_scale: float | None = None, rope_scale: float | None = None,
+             rope_theta: float | None = None, non_blocking: bool = True, stream=None) -> None:
+        if data_type is not None and kv_data_type is None:
+            kv_data_type = data_type
+        params = make_params(num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode,
+                             window_left, logits_soft_cap, q_data_type, kv_data_type, sm_scale,
+                             rope_scale, rope_theta)
+        ip = checks.host_int_array("indptr", indptr)
+        ix = checks.host_int_array("indices", indices)
+        lp = checks.host_int_array("last_page_len", last_page_len)
+        sms = kernels.device_props(self._ws.device)["sms"]
+        plan = plan_decode(params, ip, ix, lp, sms)
+        need = plan.partial_bytes() + plan.meta.nbytes
+        if need > self._ws.nbytes:
+            raise ValueError(f"float_workspace_buffer: {self._ws.nbytes} bytes is too small for this batch; "
+                             f"need {need} bytes")
+        if self._use_cuda_graph and self._plan is not None and \
+                (self._plan.batch_size, self._plan.num_slots) != (plan.batch_size, plan.num_slots):
+            raise ValueError(f"use_cuda_graph=True: the batch size must stay {self._plan.batch_size} across "
+                             f"plans (got {plan.batch_size}); create a wrapper per batch size")
+        s = streams.resolve(stream, self._ws.framework, self._ws.device)
+        _upload(plan.meta, self._ws.ptr + plan.partial_bytes(), self._ws.device, s)
+        self._plan = plan
+
+    begin_forward = plan
+
+    def run(self, q, paged_kv_cache, *args, q_rope_offset=None, k_scale=None, v_scale=None, out=None,
+            lse=None, return_lse: bool = False, enable_pdl=None, window_left=None, sinks=None, stream=None):
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("run() called before plan()")
+        if args:
+            raise TypeError(f"run(): unexpected extra positional arguments ({len(args)}); decode has no "
+                            "custom-variant arguments")
+        if q_rope_offset is not None or sinks is not None:
+            raise NotImplementedError("q_rope_offset and sinks are not supported by decode")
+        if window_left is not None and window_left != plan.params.window_left:
+            raise ValueError(f"window_left: run() got {window_left} but plan() used {plan.params.window_left}")
+        p = plan.params
+        fw = arrays.framework_of(q)
+        s = streams.resolve(stream, fw, self._ws.device)
+        qi = arrays.describe(q, "q", s)
+        _check_q(qi, p, (plan.batch_size,))
+        kv = describe_paged_cache(paged_kv_cache, self._kv_layout, s)
+        _check_cache_against(kv, p, plan.max_page)
+        out_obj, o, lse_obj, l_info = _outputs(qi, p, out, lse, return_lse, s, (plan.batch_size,))
+        checks.same_device(qi, self._ws, *kv.infos)
+        launch_decode(plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, o, l_info,
+                      _scale("k_scale", k_scale), _scale("v_scale", v_scale), s)
+        return _deliver(out_obj, lse_obj, return_lse, fw)
+
+    forward = run
+
+    def end_forward(self) -> None:
+        pass
+
+
+# Single decode: plans cached by shape, scratch (metadata + partials) cached per (device, stream).
+_single_plans: dict = {}
+_single_scratch: dict = {}
+
+
+def _scratch(device: int, stream: int, nbytes: int, framework: str):
+    key = (device, stream)
+    buf = _single_scratch.get(key)
+    if buf is None or buf[1].nbytes < nbytes:
+        obj = arrays.empty(framework if framework == "torch" else "cupy", (max(nbytes, 1 << 20),),
+                           dt.uint8, device, stream)
+        buf = (obj, arrays.describe(obj, "scratch"), {})
+        _single_scratch[key] = buf
+    return buf
+
+
+def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mode: str = "NONE",
+                                use_tensor_cores: bool = False, q_scale: float | None = None,
+                                k_scale: float | None = None, v_scale: float | None = None,
+                                window_left: int = -1, logits_soft_cap: float | None = None,
+                                sm_scale: float | None = None, rope_scale: float | None = None,
+                                rope_theta: float | None = None, return_lse: bool = False,
+                                out=None, lse=None, stream=None):
+    """Decode attention of one query token: q (num_qo_heads, head_dim) against k, v of shape
+    (kv_len, num_kv_heads, head_dim) [NHD] or (num_kv_heads, kv_len, head_dim) [HND].
+    Returns o (num_qo_heads, head_dim), and lse (num_qo_heads,) in base 2 with return_lse=True.
+    use_tensor_cores is accepted for compatibility; the same kernel runs either way."""
+    checks.choice("kv_layout", kv_layout, LAYOUTS)
+    fw = arrays.framework_of(q)
+    dev = int(q.__dlpack_device__()[1]) if hasattr(q, "__dlpack_device__") else 0
+    s = streams.resolve(stream, fw, dev)
+    qi = arrays.describe(q, "q", s)
+    ki = arrays.describe(k, "k", s)
+    vi = arrays.describe(v, "v", s)
+    checks.same_device(qi, ki, vi)
+    checks.ndim(qi, 2, "(num_qo_heads, head_dim)")
+    layout = "(kv_len, num_kv_heads, head_dim)" if kv_layout == "NHD" else "(num_kv_heads, kv_len, head_dim)"
+    checks.ndim(ki, 3, layout)
+    if vi.shape != ki.shape or vi.dtype != ki.dtype or vi.strides != ki.strides:
+        raise ValueError(f"v: must match k in shape, dtype and strides; got {vi.shape}/{vi.dtype}/{vi.strides} "
+                         f"vs {ki.shape}/{ki.dtype}/{ki.strides}")
+    kv_len, hkv = (ki.shape[0], ki.shape[1]) if kv_layout == "NHD" else (ki.shape[1], ki.shape[0])
+    if ki.shape[2] != qi.shape[1]:
+        raise ValueError(f"k: head_dim {ki.shape[2]} does not match q's head_dim {qi.shape[1]}")
+    checks.dtype_in(qi, Q_DTYPES)
+    params = make_params(qi.shape[0], hkv, qi.shape[1], max(kv_len, 1), pos_encoding_mode, window_left,
+                         logits_soft_cap, qi.dtype, ki.dtype, sm_scale, rope_scale, rope_theta)
+    if q_scale is not None:
+        params.sm_scale *= float(q_scale)
+    _check_q(qi, params, ())
+    for i in (ki, vi):
+        checks.last_dim_contiguous(i)
+        checks.vector_aligned(i)
+    slot_ax, head_ax = (0, 1) if kv_layout == "NHD" else (1, 0)
+    kv = KVView(ki.ptr, vi.ptr, 0, ki.strides[slot_ax], ki.strides[head_ax], 1, max(kv_len, 1), hkv,
+                ki.shape[2], ki.dtype, ki.device, (ki, vi))
+    key = (dev, kv_len, params.num_qo_heads, hkv, params.head_dim, params.window_left)
+    plan = _single_plans.get(key)
+    if plan is None:
+        sms = kernels.device_props(dev)["sms"]
+        one = np.array([0, 1 if kv_len else 0])
+        plan = plan_decode(params, one, np.zeros(1, np.int64), np.array([kv_len]), sms)
+        _single_plans[key] = plan
+    plan = DecodePlan(params, plan.batch_size, plan.num_slots, plan.num_partial_rows, plan.max_page,
+                      plan.meta, plan.offsets)
+    scratch_obj, scratch, uploaded = _scratch(dev, s, plan.partial_bytes() + 4096 + plan.meta.nbytes, fw)
+    # Metadata lives after the partials; upload once per shape per scratch buffer.
+    meta_ptr = scratch.ptr + _align(plan.partial_bytes())
+    if uploaded.get("key") != key:
+        _upload(plan.meta, meta_ptr, dev, s)
+        uploaded["key"] = key
+    out_obj, o, lse_obj, l_info = _outputs(qi, params, out, lse, return_lse, s, ())
+    launch_decode(plan, meta_ptr, scratch.ptr, qi, kv, o, l_info, _scale("k_scale", k_scale),
+                  _scale("v_scale", v_scale), s)
+    return _deliver(out_obj, lse_obj, return_lse, fw)

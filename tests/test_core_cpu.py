@@ -1,0 +1,86 @@
+"""Runtime core pieces that need no GPU: dtypes, fast division, checks, DLPack refusals."""
+import numpy as np
+import pytest
+
+from fi_cupy._core import arrays, checks
+from fi_cupy._core import dtypes as dt
+from fi_cupy._core.fastdiv import fastdiv_params, fastdiv_quot
+
+
+@pytest.mark.parametrize("x,expected", [
+    ("float16", dt.float16), ("bf16", dt.bfloat16), ("torch.bfloat16", dt.bfloat16),
+    (np.float16, dt.float16), (np.dtype("float32"), dt.float32), ("float8_e4m3fn", dt.float8_e4m3fn),
+    ("e5m2", dt.float8_e5m2), ("int32", dt.int32), (dt.int64, dt.int64),
+])
+def test_as_dtype(x, expected):
+    assert dt.as_dtype(x) is expected
+
+
+def test_as_dtype_unknown_names_argument():
+    with pytest.raises(TypeError, match="q_data_type: unknown dtype"):
+        dt.as_dtype("float7", "q_data_type")
+
+
+def test_dlpack_codes():
+    assert dt.from_dlpack_code(4, 16) is dt.bfloat16
+    assert dt.from_dlpack_code(2, 16) is dt.float16
+    assert dt.from_dlpack_code(10, 8) is dt.float8_e4m3fn
+    assert dt.from_dlpack_code(12, 8) is dt.float8_e5m2
+    with pytest.raises(TypeError, match="unsupported DLPack dtype"):
+        dt.from_dlpack_code(5, 64)  # complex
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 7, 15, 16, 17, 64, 100, 1000, 4097, 65535, 2 ** 20 + 3, 2 ** 31 - 1])
+def test_fastdiv_exact(d):
+    _, mul, shift = fastdiv_params(d)
+    rng = np.random.default_rng(d)
+    ns = np.concatenate([np.arange(0, 3000), rng.integers(0, 2 ** 31, 3000), [2 ** 31 - 1, d - 1, d, d + 1]])
+    for n in ns.tolist():
+        if 0 <= n < 2 ** 31:
+            assert fastdiv_quot(n, mul, shift) == n // d, (n, d)
+    assert 0 <= mul < 2 ** 32
+
+
+def test_describe_refuses_host_and_non_arrays():
+    with pytest.raises(ValueError, match="q: expected an array on a CUDA device, got one on CPU"):
+        arrays.describe(np.zeros((2, 8), np.float16), "q")
+    with pytest.raises(TypeError, match="k: expected an array that supports DLPack"):
+        arrays.describe([1, 2, 3], "k")
+
+
+def test_contiguity_helpers():
+    info = arrays.ArrayInfo("x", 0, (2, 3, 4), (12, 4, 1), dt.float16, 0, "cupy")
+    assert info.is_contiguous() and info.byte_strides == (24, 8, 2)
+    info2 = arrays.ArrayInfo("x", 0, (2, 1, 4), (4, 999, 1), dt.float16, 0, "cupy")
+    assert info2.is_contiguous()  # size-1 dims do not count
+    with pytest.raises(ValueError, match="x: the last dim must be contiguous"):
+        checks.last_dim_contiguous(arrays.ArrayInfo("x", 0, (2, 4), (1, 2), dt.float16, 0, "cupy"))
+    with pytest.raises(ValueError, match="x: strides must be multiples of 8"):
+        checks.vector_aligned(arrays.ArrayInfo("x", 0, (2, 4), (4, 1), dt.float16, 0, "cupy"))
+    with pytest.raises(ValueError, match="x: data pointer must be 16-byte aligned"):
+        checks.vector_aligned(arrays.ArrayInfo("x", 8, (2, 8), (8, 1), dt.float16, 0, "cupy"))
+
+
+def test_host_index_checks():
+    a = checks.host_int_array("indptr", [0, 3, 2])
+    with pytest.raises(ValueError, match=r"indptr: must be non-decreasing, but indptr\[1\]=3 > indptr\[2\]=2"):
+        checks.indptr("indptr", a)
+    with pytest.raises(ValueError, match="indptr: must start at 0"):
+        checks.indptr("indptr", np.array([1, 2]))
+    with pytest.raises(TypeError, match="indices: expected an integer array"):
+        checks.host_int_array("indices", np.array([0.5]))
+    with pytest.raises(ValueError, match="indices: expected a 1-D array"):
+        checks.host_int_array("indices", np.zeros((2, 2), np.int32))
+
+
+def test_stream_handles():
+    from fi_cupy._core import streams
+
+    class S:
+        def __cuda_stream__(self):
+            return (0, 1234)
+
+    assert streams.handle_of(5) == 5 and streams.handle_of(S()) == 1234
+    with pytest.raises(TypeError, match="stream: expected"):
+        streams.handle_of("default")
+    assert arrays.dlpack_stream_arg(0) == 1 and arrays.dlpack_stream_arg(77) == 77
