@@ -234,6 +234,9 @@ class DeviceBuffer:
         return _capsule_new(addr, _CAPSULE_NAME, None)
 
 
+_CUPY_NATIVE = ("float16", "float32", "float64", "int32", "int64", "int8", "uint8", "bool")
+
+
 def empty(framework: str, shape, dtype: dt.DType, device: int, stream_handle: int):
     """A new uninitialised output for a caller of `framework`: a torch tensor for torch callers,
     else a DeviceBuffer that `deliver()` hands to the caller's framework once the kernel is queued
@@ -242,6 +245,10 @@ def empty(framework: str, shape, dtype: dt.DType, device: int, stream_handle: in
     if framework == "torch":
         import torch
         return torch.empty(shape, dtype=getattr(torch, dtype.name), device=f"cuda:{device}")
+    if framework == "cupy" and dtype.name in _CUPY_NATIVE:
+        import cupy
+        with cupy.cuda.Device(device):
+            return cupy.empty(shape, dtype=dtype.name)
     return DeviceBuffer(shape, dtype, device, stream_handle)
 
 

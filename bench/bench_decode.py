@@ -1,0 +1,151 @@
+"""Paged-KV decode benchmark: fi_cupy vs FlashInfer (when importable), GB/s against the copy ceiling.
+
+Shapes (issue 3): bf16, 32 query / 8 kv heads, head_dim 128, page 16; (batch, kv_len) below, plus one
+fp8-KV row and one HND row. Bytes = KV read + q + out. Times are medians of CUDA-event timings of
+CUDA-graph replays (20 runs a graph) after warm-up; each run reads another copy of the cache so the
+50 MB L2 cannot hold the working set. Also: cold compile and cached load of the decode kernel.
+
+    python bench/bench_decode.py            # needs a GPU
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import fi_cupy  # noqa: E402
+from fi_cupy import decode  # noqa: E402
+from fi_cupy._core import compile as cc, kernels  # noqa: E402
+from fi_cupy._core import dtypes as dt  # noqa: E402
+
+HQ, HKV, D, PS = 32, 8, 128, 16
+SHAPES = [(1, 8192), (1, 32768), (1, 131072), (4, 32768), (16, 4096), (64, 2048), (128, 1024),
+          (256, 4096), (512, 512)]
+EXTRA = [((16, 4096), "float8_e4m3fn", "NHD"), ((16, 4096), "bfloat16", "HND")]
+MIN_WORKING_SET = 256 << 20  # rotate caches until at least this many bytes are touched per cycle
+
+
+def _case(torch, batch, kv_len, kv_dtype, layout):
+    pages_per = math.ceil(kv_len / PS)
+    pages = batch * pages_per
+    kv_item = 1 if "float8" in kv_dtype else 2
+    cache_bytes = pages * 2 * PS * HKV * D * kv_item
+    copies = max(1, min(16, math.ceil(MIN_WORKING_SET / cache_bytes)))
+    shape = (pages, 2, PS, HKV, D) if layout == "NHD" else (pages, 2, HKV, PS, D)
+    tdt = getattr(torch, kv_dtype)
+    caches = [torch.randn(shape, device="cuda", dtype=torch.bfloat16).to(tdt) for _ in range(copies)]
+    rng = np.random.default_rng(0)
+    indices = rng.permutation(pages).astype(np.int32)
+    indptr = (np.arange(batch + 1) * pages_per).astype(np.int32)
+    last = np.full(batch, kv_len - (pages_per - 1) * PS, np.int32)
+    qs = [torch.randn((batch, HQ, D), device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    outs = [torch.empty_like(q) for q in qs]
+    nbytes = batch * kv_len * HKV * D * 2 * kv_item + 2 * batch * HQ * D * 2
+    return caches, qs, outs, indptr, indices, last, nbytes
+
+
+def bench_fi_cupy(torch, batch, kv_len, kv_dtype="bfloat16", layout="NHD"):
+    caches, qs, outs, indptr, indices, last, nbytes = _case(torch, batch, kv_len, kv_dtype, layout)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
+                                                   layout)
+    w.plan(indptr, indices, last, HQ, HKV, D, PS, q_data_type="bfloat16", kv_data_type=kv_dtype)
+    i = [0]
+
+    def fn():
+        j = i[0] % len(caches)
+        i[0] += 1
+        w.run(qs[j], caches[j], out=outs[j])
+    t = common.time_graph(fn)
+    # host-inclusive time of one eager run() (what a Python caller pays per layer without graphs)
+    torch.cuda.synchronize()
+    n = 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    eager = (time.perf_counter() - t0) / n
+    return t, eager, nbytes
+
+
+def bench_flashinfer(torch, batch, kv_len, kv_dtype="bfloat16", layout="NHD"):
+    try:
+        import flashinfer
+    except ImportError:
+        return None
+    caches, qs, outs, indptr, indices, last, nbytes = _case(torch, batch, kv_len, kv_dtype, layout)
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
+                                                      layout, use_tensor_cores=True)
+    to = lambda a: torch.as_tensor(a, device="cuda")
+    w.plan(to(indptr), to(indices), to(last), HQ, HKV, D, PS, q_data_type=torch.bfloat16,
+           kv_data_type=getattr(torch, kv_dtype))
+    i = [0]
+
+    def fn():
+        j = i[0] % len(caches)
+        i[0] += 1
+        w.run(qs[j], caches[j], out=outs[j])
+    return common.time_graph(fn)
+
+
+def compile_times():
+    """Cold compile (empty cache) and cached load (disk cache warm, process memo cleared)."""
+    dev = 0
+    prog = decode.decode_program(D, 4, dt.bfloat16, dt.bfloat16, False)
+    old = os.environ.get("FI_CUPY_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["FI_CUPY_CACHE_DIR"] = tmp
+        kernels._loaded.clear()
+        t0 = time.perf_counter()
+        kernels.functions(prog, dev)
+        cold = time.perf_counter() - t0
+        kernels._loaded.clear()
+        t0 = time.perf_counter()
+        kernels.functions(prog, dev)
+        cached = time.perf_counter() - t0
+    if old is None:
+        del os.environ["FI_CUPY_CACHE_DIR"]
+    else:
+        os.environ["FI_CUPY_CACHE_DIR"] = old
+    kernels._loaded.clear()
+    return cold, cached
+
+
+def main():
+    torch = common.torch_or_none()
+    if torch is None:
+        sys.exit("bench_decode.py needs torch with CUDA to build bf16/fp8 inputs")
+    props = kernels.device_props(0)
+    copy_bw = common.copy_bandwidth()
+    cold, cached = compile_times()
+    print(f"device: {props['name']} ({props['sms']} SMs, {kernels.device_arch(0)}), NVRTC {cc.nvrtc_version()}")
+    print(f"copy ceiling (read+write): {copy_bw / 1e9:.0f} GB/s")
+    print(f"decode kernel compile: cold {cold * 1e3:.0f} ms, cached load {cached * 1e3:.1f} ms")
+    rows, data = [], []
+    cases = [((b, l), "bfloat16", "NHD") for b, l in SHAPES] + EXTRA
+    for (b, l), kvd, layout in cases:
+        t, eager, nbytes = bench_fi_cupy(torch, b, l, kvd, layout)
+        fi = bench_flashinfer(torch, b, l, kvd, layout)
+        bw = nbytes / t
+        row = [f"{b}x{l}", kvd.replace("float8_", ""), layout, f"{t * 1e3:.4f}", f"{bw / 1e9:.0f}",
+               f"{100 * bw / copy_bw:.0f}%", f"{eager * 1e6:.0f}",
+               "-" if fi is None else f"{100 * nbytes / fi / copy_bw:.0f}%"]
+        rows.append(row)
+        data.append({"batch": b, "kv_len": l, "kv_dtype": kvd, "layout": layout, "ms": t * 1e3,
+                     "GBps": bw / 1e9, "pct_copy": 100 * bw / copy_bw, "eager_us": eager * 1e6,
+                     "flashinfer_ms": None if fi is None else fi * 1e3})
+        torch.cuda.empty_cache()
+    common.print_table(f"paged decode, {HQ}/{HKV} heads, d{D}, page {PS}; copy {copy_bw / 1e9:.0f} GB/s",
+                       ["B x L", "kv", "layout", "ms", "GB/s", "of copy", "eager us/call", "FlashInfer"], rows)
+    common.save_json("bench_decode.json", {"device": props["name"], "copy_GBps": copy_bw / 1e9,
+                                           "compile_cold_s": cold, "load_cached_s": cached, "rows": data})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""`python -m fi_cupy`: environment report and a short self-check.
+`python -m fi_cupy precompile [--arch sm_90a] [--all]`: compile the standard kernel configurations
+ahead of time into the disk cache, with a progress bar.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import __version__, decode
+from ._core import compile as cc
+from ._core import dtypes as dt
+from ._core import kernels
+
+STANDARD_HEAD_DIMS = (64, 128, 256)
+
+
+def _gpu():
+    """(device count, error text)."""
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount(), None
+    except Exception as e:  # noqa: BLE001
+        return 0, f"{type(e).__name__}: {e}"
+
+
+def report() -> int:
+    import cupy
+    print(f"fi_cupy {__version__} (kernel sources: {cc.cuda_src_dir()})")
+    print(f"CuPy {cupy.__version__}")
+    try:
+        print(f"NVRTC {'.'.join(map(str, cc.nvrtc_version()))}; CUDA headers: {cc.cuda_include_dir()}")
+    except cc.CudaEnvironmentError as e:
+        print(f"NVRTC/headers: NOT FOUND: {e}")
+        return 1
+    n, err = _gpu()
+    if n:
+        from cupy.cuda import runtime
+        drv = runtime.driverGetVersion()
+        print(f"driver: CUDA {drv // 1000}.{drv % 1000 // 10}")
+        for i in range(n):
+            p = kernels.device_props(i)
+            print(f"GPU {i}: {p['name']}, compute capability {p['cc'] // 10}.{p['cc'] % 10}, {p['sms']} SMs, "
+                  f"kernels built for {kernels.device_arch(i)}")
+    else:
+        print(f"GPU: none visible ({err})")
+    entries, size = cc.cache_stats()
+    print(f"kernel cache: {cc.cache_dir()} ({entries} entries, {size / 1e6:.1f} MB)")
+    return self_check(n > 0)
+
+
+def self_check(have_gpu: bool) -> int:
+    prog = decode.decode_program(128, 4, dt.bfloat16, dt.bfloat16, False)
+    if not have_gpu:
+        for arch in ("sm_80", "sm_90a"):
+            t0 = time.perf_counter()
+            c = prog.compile(arch)
+            how = "from cache" if c.from_cache else "compiled"
+            print(f"self-check: decode kernel {how} for {arch} in {time.perf_counter() - t0:.2f} s")
+        print("self-check: GPU execution skipped (no GPU visible)")
+        return 0
+    import cupy
+    from . import reference
+    rng = np.random.default_rng(0)
+    hq, hkv, d, n, ps = 32, 8, 128, 4096, 16
+    q = rng.standard_normal((hq, d)).astype(np.float16)
+    k = rng.standard_normal((n, hkv, d)).astype(np.float16)
+    v = rng.standard_normal((n, hkv, d)).astype(np.float16)
+    qd, kd, vd = cupy.asarray(q), cupy.asarray(k), cupy.asarray(v)
+    t0 = time.perf_counter()
+    o = decode.single_decode_with_kv_cache(qd, kd, vd)
+    cupy.cuda.get_current_stream().synchronize()
+    first = time.perf_counter() - t0
+    a, b = cupy.cuda.Event(), cupy.cuda.Event()
+    a.record()
+    for _ in range(20):
+        o = decode.single_decode_with_kv_cache(qd, kd, vd)
+    b.record()
+    b.synchronize()
+    per = cupy.cuda.get_elapsed_time(a, b) / 20
+    ref, _ = reference.decode_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))
+    err = float(np.abs(cupy.asnumpy(o).astype(np.float64) - ref).max())
+    ok = err < 5e-3
+    print(f"self-check: single decode fp16, {hq}/{hkv} heads, d{d}, kv_len {n}: max abs error {err:.2e} "
+          f"({'ok' if ok else 'FAILED'}); first call {first:.2f} s, then {per * 1e3:.3f} ms/call")
+    return 0 if ok else 1
+
+
+def precompile(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fi_cupy precompile")
+    ap.add_argument("--arch", action="append", help="e.g. sm_90a (default: each visible GPU's arch)")
+    ap.add_argument("--all", action="store_true", help="every supported head dim, not only 64/128/256")
+    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
+    args = ap.parse_args(argv)
+    archs = args.arch
+    if not archs:
+        n, _ = _gpu()
+        archs = sorted({kernels.device_arch(i) for i in range(n)}) or ["sm_80", "sm_90a"]
+    progs = decode.all_programs(decode.SUPPORTED_HEAD_DIMS if args.all else STANDARD_HEAD_DIMS)
+    jobs = [(p, a) for a in archs for p in progs]
+    from tqdm import tqdm
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=args.jobs) as ex, \
+            tqdm(total=len(jobs), desc=f"precompile ({', '.join(archs)})", unit="kernel") as bar:
+        for _ in ex.map(lambda j: j[0].compile(j[1]), jobs):
+            bar.update()
+    entries, size = cc.cache_stats()
+    print(f"{len(jobs)} kernel programs ready in {time.perf_counter() - t0:.1f} s; cache {cc.cache_dir()} "
+          f"({entries} entries, {size / 1e6:.1f} MB)")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "precompile":
+        return precompile(argv[1:])
+    if argv:
+        print(__doc__)
+        return 2
+    return report()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Decode attention on the GPU against the float64 reference (fi_cupy.reference), torch callers.
+
+Every case draws fresh random inputs, shuffles the page table, and poisons out/lse with NaN so an
+unwritten element fails. Framework (CuPy, JAX) callers are in test_frameworks.py.
+"""
+import math
+
+import numpy as np
+import pytest
+
+from fi_cupy import reference
+from tolerances import assert_close, assert_lse_close
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+import fi_cupy  # noqa: E402
+
+TORCH_DT = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+            "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+_seed = [0]
+
+
+def _gen():
+    _seed[0] += 1
+    return torch.Generator(device="cuda").manual_seed(1000 + _seed[0]), np.random.default_rng(_seed[0])
+
+
+class PagedBatch:
+    """A random paged cache, shuffled page table and queries for given per-request lengths."""
+
+    def __init__(self, kv_lens, page_size=16, hq=32, hkv=8, d=128, q_dt="bfloat16", kv_dt=None,
+                 layout="NHD", as_tuple=False, spare_pages=3):
+        g, rng = _gen()
+        kv_dt = kv_dt or q_dt
+        self.kv_lens, self.page_size, self.hq, self.hkv, self.d = list(kv_lens), page_size, hq, hkv, d
+        self.q_dt, self.kv_dt, self.layout = q_dt, kv_dt, layout
+        npages = [math.ceil(n / page_size) for n in kv_lens]
+        total = sum(npages) + spare_pages
+        perm = rng.permutation(total)
+        self.indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
+        self.indices = perm[: self.indptr[-1]].astype(np.int32)
+        self.last_page_len = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, npages)],
+                                      dtype=np.int32)
+        shape = (total, 2, page_size, hkv, d) if layout == "NHD" else (total, 2, hkv, page_size, d)
+        self.cache = torch.randn(shape, generator=g, device="cuda").to(TORCH_DT[kv_dt])
+        self.q = torch.randn((len(kv_lens), hq, d), generator=g, device="cuda").to(TORCH_DT[q_dt])
+        self.as_tuple = as_tuple
+
+    @property
+    def kv_arg(self):
+        return (self.cache[:, 0], self.cache[:, 1]) if self.as_tuple else self.cache
+
+    def request_kv(self, r):
+        """(k, v) of request r as float64 numpy (L, hkv, d)."""
+        c = self.cache.float()
+        if self.layout == "HND":
+            c = c.transpose(2, 3)
+        pages = torch.as_tensor(self.indices[self.indptr[r]: self.indptr[r + 1]].astype(np.int64), device="cuda")
+        kv = c[pages].transpose(0, 1).reshape(2, -1, self.hkv, self.d)[:, : self.kv_lens[r]]
+        kv = kv.double().cpu().numpy()
+        return kv[0], kv[1]
+
+    def reference(self, **kw):
+        outs, lses = [], []
+        qf = self.q.double().cpu().numpy()
+        for r in range(len(self.kv_lens)):
+            k, v = self.request_kv(r)
+            o, lse = reference.decode_attention(qf[r], k, v, **kw)
+            outs.append(o)
+            lses.append(lse)
+        return np.stack(outs), np.stack(lses)
+
+
+def _workspace():
+    return torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+
+
+def run_batch(b: PagedBatch, pos_encoding_mode="NONE", window_left=-1, logits_soft_cap=None,
+              sm_scale=None, rope_scale=None, rope_theta=None, k_scale=None, v_scale=None, wrapper=None):
+    w = wrapper or fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), b.layout)
+    w.plan(b.indptr, b.indices, b.last_page_len, b.hq, b.hkv, b.d, b.page_size,
+           pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
+           q_data_type=b.q_dt, kv_data_type=b.kv_dt, sm_scale=sm_scale, rope_scale=rope_scale,
+           rope_theta=rope_theta)
+    out = torch.full_like(b.q, float("nan"))
+    lse = torch.full((len(b.kv_lens), b.hq), float("nan"), device="cuda")
+    o, l2 = w.run(b.q, b.kv_arg, out=out, lse=lse, return_lse=True, k_scale=k_scale, v_scale=v_scale)
+    assert o is out and l2 is lse
+    torch.cuda.synchronize()
+    return out.double().cpu().numpy(), lse.double().cpu().numpy()
+
+
+def check_batch(b, **kw):
+    ref_kw = {k: v for k, v in kw.items() if k in ("window_left", "sm_scale", "rope_scale", "rope_theta",
+                                                    "k_scale", "v_scale")}
+    ref_kw = {k: v for k, v in ref_kw.items() if v is not None}
+    if kw.get("logits_soft_cap"):
+        ref_kw["logits_soft_cap"] = kw["logits_soft_cap"]
+    if kw.get("pos_encoding_mode") == "ROPE_LLAMA":
+        ref_kw["rope"] = True
+    out, lse = run_batch(b, **kw)
+    ro, rl = b.reference(**ref_kw)
+    assert_close(out, ro, b.q_dt)
+    assert_lse_close(lse, rl)
+    return out, lse
+
+
+LENS = [1, 17, 0, 300, 16, 1000, 33]
+
+
+@pytest.mark.parametrize("d", list(range(16, 257, 16)))
+def test_every_head_dim(d):
+    check_batch(PagedBatch(LENS, page_size=16, hq=8, hkv=2, d=d))
+
+
+@pytest.mark.parametrize("q_dt,kv_dt", [("float16", "float16"), ("bfloat16", "bfloat16"),
+                                        ("float16", "float8_e4m3fn"), ("float16", "float8_e5m2"),
+                                        ("bfloat16", "float8_e4m3fn"), ("bfloat16", "float8_e5m2")])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+def test_dtypes_layouts_page_sizes(q_dt, kv_dt, layout, page_size):
+    check_batch(PagedBatch([5, 130, 1, 77, 0, 513], page_size=page_size, q_dt=q_dt, kv_dt=kv_dt, layout=layout))
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_kv_tuple_cache(layout):
+    check_batch(PagedBatch([5, 130, 1, 77], layout=layout, as_tuple=True))
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 4), (12, 4), (16, 4), (20, 4), (32, 4), (64, 8), (32, 1), (48, 2)])
+def test_gqa_groups(hq, hkv):
+    check_batch(PagedBatch([3, 260, 1029], hq=hq, hkv=hkv, d=128))
+
+
+@pytest.mark.parametrize("window_left", [0, 5, 100, 5000])
+def test_sliding_window(window_left):
+    check_batch(PagedBatch([1, 7, 300, 2100, 9000]), window_left=window_left)
+
+
+@pytest.mark.parametrize("q_dt", ["float16", "bfloat16"])
+def test_soft_cap_and_sm_scale(q_dt):
+    check_batch(PagedBatch([4, 700, 3000], q_dt=q_dt), logits_soft_cap=5.0, sm_scale=0.3)
+
+
+@pytest.mark.parametrize("d,layout,kv_dt", [(128, "NHD", None), (64, "HND", None), (256, "NHD", None),
+                                            (80, "NHD", None), (128, "NHD", "float8_e4m3fn")])
+def test_rope_on_the_fly(d, layout, kv_dt):
+    b = PagedBatch([1, 9, 400, 2500], hq=16, hkv=4, d=d, layout=layout, kv_dt=kv_dt)
+    check_batch(b, pos_encoding_mode="ROPE_LLAMA")
+    check_batch(b, pos_encoding_mode="ROPE_LLAMA", rope_scale=2.0, rope_theta=5e5)
+
+
+def test_fp8_scales_change_the_output():
+    b = PagedBatch([50, 900], kv_dt="float8_e4m3fn")
+    base, _ = check_batch(b)
+    scaled, _ = check_batch(b, k_scale=0.5, v_scale=2.0)
+    assert np.abs(scaled - base).max() > 0.1  # both scales are applied
+    only_k, _ = check_batch(b, k_scale=0.5)
+    assert np.abs(only_k - base).max() > 1e-2
+
+
+def test_all_requests_empty():
+    out, lse = check_batch(PagedBatch([0, 0, 0]))
+    assert np.all(out == 0) and np.all(np.isneginf(lse))
+
+
+def test_batch_1024_requests():
+    rng = np.random.default_rng(5)
+    check_batch(PagedBatch(rng.integers(0, 200, 1024).tolist(), hq=8, hkv=2, d=64))
+
+
+def test_long_context_split_kv_128k():
+    b = PagedBatch([131072], hq=32, hkv=8, d=128)
+    out, lse = run_batch(b)
+    # float32 reference on the GPU (the float64 CPU one would need gigabytes)
+    k, v = (x.float() for x in b.cache[torch.as_tensor(b.indices.astype(np.int64), device="cuda")]
+            .transpose(0, 1).reshape(2, -1, 8, 128))
+    q = b.q[0].float().view(8, 4, 128)
+    s = torch.einsum("hgd,lhd->hgl", q, k) / math.sqrt(128)
+    ref_o = torch.einsum("hgl,lhd->hgd", torch.softmax(s, -1), v).reshape(32, 128)
+    ref_l = (torch.logsumexp(s, -1) / math.log(2)).reshape(32)
+    assert_close(out[0], ref_o.double().cpu().numpy(), "bfloat16")
+    assert_lse_close(lse[0], ref_l.double().cpu().numpy())
+
+
+def test_mixed_long_and_short_with_split():
+    check_batch(PagedBatch([40000, 1, 0, 17, 6000], hq=32, hkv=8))
+
+
+@pytest.mark.parametrize("kv_len,layout", [(1, "NHD"), (7, "HND"), (4097, "NHD"), (33000, "HND"), (0, "NHD")])
+def test_single_decode(kv_len, layout):
+    g, _ = _gen()
+    hq, hkv, d = 32, 8, 128
+    shape = (kv_len, hkv, d) if layout == "NHD" else (hkv, kv_len, d)
+    k = torch.randn(shape, generator=g, device="cuda").bfloat16()
+    v = torch.randn(shape, generator=g, device="cuda").bfloat16()
+    q = torch.randn((hq, d), generator=g, device="cuda").bfloat16()
+    o, lse = fi_cupy.single_decode_with_kv_cache(q, k, v, kv_layout=layout, return_lse=True)
+    assert isinstance(o, torch.Tensor) and o.dtype == torch.bfloat16 and o.shape == (hq, d)
+    kk, vv = (x.double().cpu().numpy() for x in (k, v))
+    if layout == "HND":
+        kk, vv = kk.transpose(1, 0, 2), vv.transpose(1, 0, 2)
+    ro, rl = reference.decode_attention(q.double().cpu().numpy(), kk, vv)
+    assert_close(o.double().cpu().numpy(), ro, "bfloat16")
+    assert_lse_close(lse.double().cpu().numpy(), rl)
+
+
+def test_single_decode_strided_kv_and_options():
+    g, _ = _gen()
+    big = torch.randn((300, 4, 2, 64), generator=g, device="cuda").half()  # k, v interleaved per token
+    k, v = big[:, :, 0], big[:, :, 1]
+    q = torch.randn((8, 64), generator=g, device="cuda").half()
+    o = fi_cupy.single_decode_with_kv_cache(q, k, v, window_left=50, logits_soft_cap=10.0,
+                                            pos_encoding_mode="ROPE_LLAMA")
+    ro, _ = reference.decode_attention(q.double().cpu().numpy(), k.double().cpu().numpy(),
+                                       v.double().cpu().numpy(), window_left=50, logits_soft_cap=10.0, rope=True)
+    assert_close(o.double().cpu().numpy(), ro, "float16")
+
+
+def test_cuda_graph_capture_replan_replay():
+    b1 = PagedBatch([100, 2000, 5, 7000], hq=32, hkv=8)
+    b2 = PagedBatch([3000, 1, 64, 9000], hq=32, hkv=8)  # same batch size, other lengths and pages
+    cache = torch.cat([b1.cache, b2.cache])  # one cache holding both page sets
+    off = b1.cache.shape[0]
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_cuda_graph=True)
+    plan_args = dict(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16, q_data_type="bfloat16")
+    w.plan(b1.indptr, b1.indices, b1.last_page_len, **plan_args)
+    q = b1.q.clone()
+    out = torch.full_like(q, float("nan"))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        w.run(q, cache, out=out)  # warm-up: compile and load outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w.run(q, cache, out=out)
+    w.plan(b2.indptr, b2.indices + off, b2.last_page_len, **plan_args)
+    q.copy_(b2.q)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    expect = w.run(b2.q, cache)  # uncaptured run of the new plan
+    torch.cuda.synchronize()
+    assert torch.equal(out, expect)
+    ro, _ = b2.reference()
+    assert_close(out.double().cpu().numpy(), ro, "bfloat16")
+
+
+def test_cache_over_2_pow_31_elements():
+    # (num_pages, 2, 16, 8, 128) bf16 with 66000 pages: 4.3e9 elements; use the pages past 2^31.
+    hkv, d, ps, pages = 8, 128, 16, 66000
+    cache = torch.empty((pages, 2, ps, hkv, d), dtype=torch.bfloat16, device="cuda")
+    assert cache.numel() > 2 ** 31
+    g, _ = _gen()
+    lens = [300, 5000]
+    npg = [math.ceil(n / ps) for n in lens]
+    idx = np.arange(pages - sum(npg), pages, dtype=np.int32)[::-1].copy()  # last pages, reversed
+    cache[torch.as_tensor(idx.astype(np.int64), device="cuda")] = \
+        torch.randn((len(idx), 2, ps, hkv, d), generator=g, device="cuda").bfloat16()
+    indptr = np.array([0, npg[0], sum(npg)], np.int32)
+    last = np.array([n - (p - 1) * ps for n, p in zip(lens, npg)], np.int32)
+    q = torch.randn((2, 32, d), generator=g, device="cuda").bfloat16()
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
+    w.plan(indptr, idx, last, 32, hkv, d, ps, q_data_type="bfloat16")
+    out = w.run(q, cache)
+    torch.cuda.synchronize()
+    for r in range(2):
+        pg = torch.as_tensor(idx[indptr[r]: indptr[r + 1]].astype(np.int64), device="cuda")
+        kv = cache[pg].transpose(0, 1).reshape(2, -1, hkv, d)[:, : lens[r]].double().cpu().numpy()
+        ro, _ = reference.decode_attention(q[r].double().cpu().numpy(), kv[0], kv[1])
+        assert_close(out[r].double().cpu().numpy(), ro, "bfloat16")
+
+
+def test_non_default_torch_stream_is_ordered():
+    b = PagedBatch([4000, 4000])
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
+    w.plan(b.indptr, b.indices, b.last_page_len, b.hq, b.hkv, b.d, b.page_size, q_data_type="bfloat16")
+    q = torch.zeros_like(b.q)
+    out = torch.full_like(q, float("nan"))
+    w.run(q, b.cache, out=out)  # warm-up (compile) on the default stream
+    torch.cuda.synchronize()
+    out.fill_(float("nan"))
+    s = torch.cuda.Stream()
+    x = torch.randn(8192, 8192, device="cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(s):
+        for _ in range(20):  # ~tens of ms of queued work before q is written
+            x = x @ x / 100.0
+        q.copy_(b.q)
+        w.run(q, b.cache, out=out)  # must run after the copy, on stream s
+    s.synchronize()
+    ro, _ = b.reference()
+    assert_close(out.double().cpu().numpy(), ro, "bfloat16")
+
+
+def test_outputs_allocated_in_torch():
+    b = PagedBatch([10, 20])
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
+    w.plan(b.indptr, b.indices, b.last_page_len, b.hq, b.hkv, b.d, b.page_size, q_data_type=torch.bfloat16)
+    o, lse = w.run(b.q, b.cache, return_lse=True)
+    assert isinstance(o, torch.Tensor) and o.dtype == torch.bfloat16 and o.shape == b.q.shape
+    assert isinstance(lse, torch.Tensor) and lse.dtype == torch.float32 and lse.shape == (2, 32)
+
+
+def test_plan_accepts_device_index_arrays():
+    b = PagedBatch([10, 200, 3])
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
+    w.plan(torch.as_tensor(b.indptr, device="cuda"), torch.as_tensor(b.indices, device="cuda"),
+           torch.as_tensor(b.last_page_len, device="cuda"), b.hq, b.hkv, b.d, b.page_size, q_data_type="bfloat16")
+    out = w.run(b.q, b.cache)
+    torch.cuda.synchronize()
+    assert_close(out.double().cpu().numpy(), b.reference()[0], "bfloat16")
+
+
+def test_wgmma_probe_runs():
+    from fi_cupy import probe
+    from fi_cupy._core import kernels
+    if kernels.device_arch(0) != "sm_90a":
+        pytest.skip("wgmma needs a Hopper (sm_90a) GPU")
+    rng = np.random.default_rng(0)
+    a = rng.integers(-4, 5, (64, 16)).astype(np.float32)
+    b = rng.integers(-4, 5, (8, 16)).astype(np.float32)
+    bits = lambda x: (x.view(np.uint32) >> 16).astype(np.uint16)  # exact: small integers
+    d = probe.wgmma_matmul(bits(a), bits(b))
+    np.testing.assert_array_equal(d, a @ b.T)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a Python error naming the argument, before any launch.
+
+
+@pytest.fixture
+def planned():
+    b = PagedBatch([10, 40])
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
+    w.plan(b.indptr, b.indices, b.last_page_len, b.hq, b.hkv, b.d, b.page_size, q_data_type="bfloat16")
+    return w, b
+
+
+def test_error_q_dtype(planned):
+    w, b = planned
+    with pytest.raises(TypeError, match="q: dtype float16 does not match the planned q_data_type bfloat16"):
+        w.run(b.q.half(), b.cache)
+
+
+def test_error_q_shape_and_cpu(planned):
+    w, b = planned
+    with pytest.raises(ValueError, match=r"q: expected shape \(2, 32, 128\)"):
+        w.run(b.q[:, :16], b.cache)
+    with pytest.raises(ValueError, match="q: expected an array on a CUDA device, got one on CPU"):
+        w.run(b.q.cpu(), b.cache)
+
+
+def test_error_non_contiguous_q(planned):
+    w, b = planned
+    qt = torch.empty((2, 32, 256), dtype=torch.bfloat16, device="cuda")[:, :, ::2]
+    with pytest.raises(ValueError, match="q: the last dim must be contiguous"):
+        w.run(qt, b.cache)
+
+
+def test_error_cache_mismatch(planned):
+    w, b = planned
+    with pytest.raises(ValueError, match="paged_kv_cache: expected shape"):
+        w.run(b.q, b.cache[:, 0])
+    with pytest.raises(TypeError, match="paged_kv_cache: dtype float16 does not match the planned kv_data_type"):
+        w.run(b.q, b.cache.half())
+    with pytest.raises(ValueError, match="does not match the plan"):
+        w.run(b.q, b.cache[:, :, :8])
+
+
+def test_error_page_index_out_of_range():
+    b = PagedBatch([10, 40], spare_pages=0)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
+    bad = b.indices.copy()
+    bad[0] = b.cache.shape[0] + 5
+    w.plan(b.indptr, bad, b.last_page_len, b.hq, b.hkv, b.d, b.page_size, q_data_type="bfloat16")
+    with pytest.raises(ValueError, match=r"indices: page index \d+ is out of range for a cache of \d+ pages"):
+        w.run(b.q, b.cache)
+
+
+def test_error_out_buffer(planned):
+    w, b = planned
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 32, 128\)"):
+        w.run(b.q, b.cache, out=torch.empty((2, 32, 64), dtype=torch.bfloat16, device="cuda"))
+    with pytest.raises(TypeError, match="lse: dtype bfloat16 does not match the lse dtype"):
+        w.run(b.q, b.cache, lse=torch.empty((2, 32), dtype=torch.bfloat16, device="cuda"), return_lse=True)
+
+
+def test_error_plan_arguments():
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
+    with pytest.raises(ValueError, match="num_qo_heads .* must be a multiple of num_kv_heads"):
+        w.plan(np.array([0, 1]), np.array([0]), np.array([1]), 30, 8, 128, 16)
+    with pytest.raises(ValueError, match="head_dim: 72 is not supported"):
+        w.plan(np.array([0, 1]), np.array([0]), np.array([1]), 32, 8, 72, 16)
+    with pytest.raises(ValueError, match="indptr: must be non-decreasing"):
+        w.plan(np.array([0, 2, 1]), np.array([0, 1]), np.array([1, 1]), 32, 8, 128, 16)
+    with pytest.raises(RuntimeError, match="run\\(\\) called before plan\\(\\)"):
+        fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace()).run(None, None)
+
+
+def test_error_workspace_too_small():
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(torch.empty(1024, dtype=torch.uint8, device="cuda"))
+    with pytest.raises(ValueError, match="float_workspace_buffer: 1024 bytes is too small"):
+        w.plan(np.array([0, 1]), np.array([0]), np.array([1]), 32, 8, 128, 16)
+
+
+def test_error_single_decode_inputs():
+    q = torch.randn((32, 128), device="cuda").bfloat16()
+    k = torch.randn((10, 8, 128), device="cuda").bfloat16()
+    with pytest.raises(ValueError, match="v: must match k"):
+        fi_cupy.single_decode_with_kv_cache(q, k, k[:5])
+    with pytest.raises(ValueError, match="k: head_dim 64 does not match q's head_dim 128"):
+        fi_cupy.single_decode_with_kv_cache(q, k[..., :64], k[..., :64])
+    with pytest.raises(ValueError, match="kv_layout: 'NDH' is not one of"):
+        fi_cupy.single_decode_with_kv_cache(q, k, k, kv_layout="NDH")
+    with pytest.raises(TypeError, match="q: dtype float32 is not supported"):
+        fi_cupy.single_decode_with_kv_cache(q.float(), k, k)
