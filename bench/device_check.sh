@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; python3 -m fi_cupy; } \
   2>&1 | tee "$OUT/env.txt"
 python3 -m fi_cupy precompile --all 2>&1 | tail -1
-timeout 480 python3 -m pytest -q -rs --durations=15 tests "$@" 2>&1 | tee "$OUT/tests.txt" | tail -60
+timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -rs --durations=15 tests "$@" 2>&1 | tee "$OUT/tests.txt" | tail -60
 if [ -z "${SKIP_BENCH:-}" ]; then
-  timeout 300 python3 bench/bench_decode.py 2>&1 | tee "$OUT/bench_decode.txt"
+  timeout ${BENCH_TIMEOUT:-200} python3 bench/bench_decode.py 2>&1 | tee "$OUT/bench_decode.txt"
 fi
