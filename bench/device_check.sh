@@ -9,8 +9,9 @@ OUT=${OUT:-/tmp/fi_cupy_out}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; python3 -m fi_cupy; } \
   2>&1 | tee "$OUT/env.txt"
-python3 -m fi_cupy precompile --all 2>&1 | tail -1
+python3 -m fi_cupy precompile 2>&1 | tail -1
 timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -rs --durations=15 tests "$@" 2>&1 | tee "$OUT/tests.txt" | tail -60
+python3 bench/profile_host.py 2>&1 | tee "$OUT/profile_host.txt" | head -60
 if [ -z "${SKIP_BENCH:-}" ]; then
   timeout ${BENCH_TIMEOUT:-200} python3 bench/bench_decode.py 2>&1 | tee "$OUT/bench_decode.txt"
 fi

@@ -32,8 +32,14 @@ def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dt
     return Program("decode.cu", (
         KernelSpec("fic::batch_decode_kernel",
                    (head_dim, heads_per_block, q_dtype.cpp, kv_dtype.cpp, kernels.cpp_bool(rope))),
-        KernelSpec("fic::merge_states_kernel", (head_dim, q_dtype.cpp)),
+        KernelSpec("fic::merge_states_kernel", (head_dim, heads_per_block, q_dtype.cpp)),
     ))
+
+
+def decode_smem_bytes(head_dim: int, heads_per_block: int) -> int:
+    """Dynamic shared memory of batch_decode_kernel (DecodeCfg::kSmemBytes in cuda_src/decode.cu):
+    4 warps x 16 KB of cp.async pipeline, reused for the final merge."""
+    return max(4 * 16384, 4 * heads_per_block * (head_dim + 2) * 4)
 
 
 def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
@@ -111,31 +117,39 @@ def make_params(num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mo
 
 @dataclass
 class DecodePlan:
-    """Host-side schedule plus the int32 metadata block that run() reads on the device."""
+    """Host-side schedule plus the int32 metadata block that run() reads on the device.
+
+    Every offset in `meta` and the partial-state region depend on the batch size, the heads and the
+    device only (capacities, not the current lengths); the page indices go last."""
     params: DecodeParams
     batch_size: int
-    num_slots: int
+    num_ctas: int
     num_partial_rows: int
     max_page: int            # largest page index used (-1 if none)
-    meta: np.ndarray         # int32: slots (num_slots*4) | page_indptr | kv_lens | merge_indptr | indices
+    meta: np.ndarray         # int32 metadata, parts at `offsets`
     offsets: dict            # name -> int32 element offset within meta
+    partial_capacity: int    # partial rows the workspace region holds
 
     @property
     def heads_per_block(self) -> tuple:
         return scheduler.decode_heads_per_block(self.params.group_size)
 
     @property
-    def needs_merge(self) -> bool:
-        return self.num_slots > self.batch_size  # graph-stable: depends on batch size only
+    def num_pairs(self) -> int:
+        return self.batch_size * self.num_kv_heads_blocks
+
+    @property
+    def num_kv_heads_blocks(self) -> int:
+        return self.params.num_kv_heads * self.heads_per_block[1]
 
     def partial_bytes(self) -> int:
-        rows = self.num_slots if self.needs_merge else 0
-        p = self.params
-        return _align(rows * p.num_qo_heads * p.head_dim * 4) + _align(rows * p.num_qo_heads * 4)
+        gb = self.heads_per_block[0]
+        rows = self.partial_capacity
+        return _align(rows * gb * self.params.head_dim * 4) + _align(rows * gb * 4)
 
 
 def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
-                last_page_len: np.ndarray, num_sms: int) -> DecodePlan:
+                last_page_len: np.ndarray, num_ctas: int) -> DecodePlan:
     batch = indptr.size - 1
     checks.indptr("indptr", indptr)
     if last_page_len.size != batch:
@@ -152,26 +166,39 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
     used = indices[: indptr[-1]]
     if used.size and used.min() < 0:
         raise ValueError(f"indices: page indices must be >= 0, got {int(used.min())}")
+    if indptr[-1] >= 2 ** 31:
+        raise ValueError("indptr[-1] (total pages) must be < 2**31")
     kv_lens = np.where(pages > 0, (pages - 1) * ps + last_page_len, 0)
     if kv_lens.size and kv_lens.max() >= 2 ** 31:
         raise ValueError("a request's kv length must be < 2**31")
-    if indptr[-1] >= 2 ** 31:
-        raise ValueError("indptr[-1] (total pages) must be < 2**31")
     wl = params.window_left
     visible = np.maximum(0, kv_lens - 1 - wl) if wl >= 0 else np.zeros_like(kv_lens)
     _, slices = scheduler.decode_heads_per_block(params.group_size)
-    num_slots = scheduler.decode_num_slots(batch, params.num_kv_heads, slices, num_sms)
-    slots, merge_indptr, num_partial = scheduler.decode_partition(kv_lens, visible, num_slots)
-    parts = {"slots": slots.ravel(), "page_indptr": indptr, "kv_lens": kv_lens,
-             "merge_indptr": merge_indptr, "indices": used}
+    head_blocks = params.num_kv_heads * slices
+    sch = scheduler.decode_schedule(kv_lens, visible, head_blocks, num_ctas)
+    seg_cap, part_cap = scheduler.DecodeSchedule.capacity(batch, head_blocks, num_ctas)
+    parts = [("segments", sch.segments.ravel(), 4 * seg_cap), ("segment_partial", sch.segment_partial, seg_cap),
+             ("cta_indptr", sch.cta_indptr, num_ctas + 1), ("page_indptr", indptr, batch + 1),
+             ("kv_lens", kv_lens, batch), ("merge_indptr", sch.merge_indptr, batch * head_blocks + 1),
+             ("indices", used, used.size)]
     offsets, cur = {}, 0
-    for name, a in parts.items():
+    for name, a, cap in parts:
         offsets[name] = cur
-        cur += (a.size + 3) // 4 * 4  # keep every part 16-byte aligned
+        cur += (cap + 3) // 4 * 4  # every part 16-byte aligned
     meta = np.zeros(cur, dtype=np.int32)
-    for name, a in parts.items():
+    for name, a, _ in parts:
         meta[offsets[name]: offsets[name] + a.size] = a
-    return DecodePlan(params, batch, num_slots, num_partial, int(used.max()) if used.size else -1, meta, offsets)
+    return DecodePlan(params, batch, num_ctas, sch.num_partial_rows, int(used.max()) if used.size else -1,
+                      meta, offsets, part_cap)
+
+
+def decode_num_ctas(params: DecodeParams, kv_dtype: dt.DType, device: int) -> int:
+    """One wave of the decode kernel on `device` (compiles / loads the kernel)."""
+    gb, _ = scheduler.decode_heads_per_block(params.group_size)
+    prog = decode_program(params.head_dim, gb, params.q_dtype, kv_dtype, params.rope)
+    fn = next(iter(kernels.functions(prog, device).values()))
+    occ = fn.occupancy(128, decode_smem_bytes(params.head_dim, gb))
+    return kernels.device_props(device)["sms"] * max(occ, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,32 +299,34 @@ def _outputs(q: arrays.ArrayInfo, p: DecodeParams, out, lse, return_lse: bool, s
 
 
 def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
-                  o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float, stream: int) -> None:
-    """Queue the decode kernel (and the split-KV merge) on `stream`. No allocation, no sync."""
+                  o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float, stream: int,
+                  always_merge: bool = False) -> None:
+    """Queue the decode kernel (and the merge of cut pairs) on `stream`. No allocation, no sync.
+    always_merge keeps the launch sequence fixed across re-plans (CUDA graphs)."""
     p = plan.params
     gb, slices = plan.heads_per_block
     fns = kernels.functions(decode_program(p.head_dim, gb, p.q_dtype, kv.dtype, p.rope), q.device)
     dec, merge = fns.values()
     off = {k: meta_ptr + 4 * v for k, v in plan.offsets.items()}
-    rows = plan.num_slots if plan.needs_merge else 0
     part_o = partial_ptr
-    part_lse = partial_ptr + _align(rows * p.num_qo_heads * p.head_dim * 4)
+    part_lse = partial_ptr + _align(plan.partial_capacity * gb * p.head_dim * 4)
     _, mul, shift = fastdiv_params(p.page_size)
     q_scale = p.sm_scale * k_scale * (1.0 if p.soft_cap > 0 else 1.4426950408889634)
     qs, os_ = q.strides, o.strides
-    kernels.launch(dec, (plan.num_slots, p.num_kv_heads, slices), (128,), [
-        ptr(q), i64(qs[-3] if q.ndim == 3 else 0), i64(qs[-2]),
+    q_sb, o_sb = (qs[-3] if q.ndim == 3 else 0), (os_[-3] if o.ndim == 3 else 0)
+    kernels.launch(dec, (plan.num_ctas,), (128,), [
+        ptr(q), i64(q_sb), i64(qs[-2]),
         ptr(kv.k_ptr), ptr(kv.v_ptr), i64(kv.stride_page), i64(kv.stride_slot), i64(kv.stride_head),
-        ptr(off["page_indptr"]), ptr(off["indices"]), ptr(off["kv_lens"]), ptr(off["slots"]),
-        ptr(o), i64(os_[-3] if o.ndim == 3 else 0), i64(os_[-2]), ptr(l_info),
-        ptr(part_o), ptr(part_lse),
-        i32(p.num_qo_heads), i32(p.group_size), u32(p.page_size), u32(mul), u32(shift), i32(p.window_left),
+        ptr(off["page_indptr"]), ptr(off["indices"]), ptr(off["kv_lens"]), ptr(off["cta_indptr"]),
+        ptr(off["segments"]), ptr(off["segment_partial"]),
+        ptr(o), i64(o_sb), i64(os_[-2]), ptr(l_info), ptr(part_o), ptr(part_lse),
+        i32(p.num_qo_heads), i32(p.group_size), i32(slices), u32(p.page_size), u32(mul), u32(shift),
         f32(q_scale), f32(p.soft_cap), f32(v_scale), f32(1.0 / p.rope_scale), f32(p.rope_theta),
-    ], stream, q.device)
-    if plan.needs_merge:
-        kernels.launch(merge, (plan.batch_size, (p.num_qo_heads + 3) // 4), (128,), [
-            ptr(part_o), ptr(part_lse), ptr(off["merge_indptr"]),
-            ptr(o), i64(os_[-3] if o.ndim == 3 else 0), i64(os_[-2]), ptr(l_info), i32(p.num_qo_heads),
+    ], stream, q.device, smem=decode_smem_bytes(p.head_dim, gb))
+    if always_merge or plan.num_partial_rows:
+        kernels.launch(merge, (plan.num_pairs,), (128,), [
+            ptr(part_o), ptr(part_lse), ptr(off["merge_indptr"]), ptr(o), i64(o_sb), i64(os_[-2]),
+            ptr(l_info), i32(p.num_qo_heads), i32(p.group_size), i32(plan.num_kv_heads_blocks),
         ], stream, q.device)
 
 
@@ -382,14 +411,14 @@ class BatchDecodeWithPagedKVCacheWrapper:
         ip = checks.host_int_array("indptr", indptr)
         ix = checks.host_int_array("indices", indices)
         lp = checks.host_int_array("last_page_len", last_page_len)
-        sms = kernels.device_props(self._ws.device)["sms"]
-        plan = plan_decode(params, ip, ix, lp, sms)
+        num_ctas = decode_num_ctas(params, params.kv_dtype, self._ws.device)
+        plan = plan_decode(params, ip, ix, lp, num_ctas)
         need = plan.partial_bytes() + plan.meta.nbytes
         if need > self._ws.nbytes:
             raise ValueError(f"float_workspace_buffer: {self._ws.nbytes} bytes is too small for this batch; "
                              f"need {need} bytes")
         if self._use_cuda_graph and self._plan is not None and \
-                (self._plan.batch_size, self._plan.num_slots) != (plan.batch_size, plan.num_slots):
+                self._plan.batch_size != plan.batch_size:
             raise ValueError(f"use_cuda_graph=True: the batch size must stay {self._plan.batch_size} across "
                              f"plans (got {plan.batch_size}); create a wrapper per batch size")
         s = streams.resolve(stream, self._ws.framework, self._ws.device)
@@ -420,7 +449,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         out_obj, o, lse_obj, l_info = _outputs(qi, p, out, lse, return_lse, s, (plan.batch_size,))
         checks.same_device(qi, self._ws, *kv.infos)
         launch_decode(plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, o, l_info,
-                      _scale("k_scale", k_scale), _scale("v_scale", v_scale), s)
+                      _scale("k_scale", k_scale), _scale("v_scale", v_scale), s, self._use_cuda_graph)
         return _deliver(out_obj, lse_obj, return_lse, fw)
 
     forward = run
@@ -485,15 +514,16 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     slot_ax, head_ax = (0, 1) if kv_layout == "NHD" else (1, 0)
     kv = KVView(ki.ptr, vi.ptr, 0, ki.strides[slot_ax], ki.strides[head_ax], 1, max(kv_len, 1), hkv,
                 ki.shape[2], ki.dtype, ki.device, (ki, vi))
-    key = (dev, kv_len, params.num_qo_heads, hkv, params.head_dim, params.window_left)
+    key = (dev, kv_len, params.num_qo_heads, hkv, params.head_dim, params.window_left, params.q_dtype,
+           params.kv_dtype, params.rope)
     plan = _single_plans.get(key)
     if plan is None:
-        sms = kernels.device_props(dev)["sms"]
         one = np.array([0, 1 if kv_len else 0])
-        plan = plan_decode(params, one, np.zeros(1, np.int64), np.array([kv_len]), sms)
+        plan = plan_decode(params, one, np.zeros(1, np.int64), np.array([kv_len]),
+                           decode_num_ctas(params, params.kv_dtype, dev))
         _single_plans[key] = plan
-    plan = DecodePlan(params, plan.batch_size, plan.num_slots, plan.num_partial_rows, plan.max_page,
-                      plan.meta, plan.offsets)
+    plan = DecodePlan(params, plan.batch_size, plan.num_ctas, plan.num_partial_rows, plan.max_page,
+                      plan.meta, plan.offsets, plan.partial_capacity)
     scratch_obj, scratch, uploaded = _scratch(dev, s, plan.partial_bytes() + 4096 + plan.meta.nbytes, fw)
     # Metadata lives after the partials; upload once per shape per scratch buffer.
     meta_ptr = scratch.ptr + _align(plan.partial_bytes())

@@ -1,13 +1,16 @@
 """Work partition heuristics as pure functions (no GPU needed; unit-tested on the CPU).
 
-Decode split-KV: the decode grid is (num_slots, num_kv_heads, head_slices). num_slots depends only on
-the batch size and the device, never on the lengths, so a re-plan of a batch of the same size keeps
-the launch shape and a captured CUDA graph stays valid. Requests longer than the chunk size are cut
-into equal chunks, one slot each; their partial states are merged by a second kernel.
+Decode runs a persistent grid of exactly one wave of CTAs (num_ctas = SMs x resident CTAs per SM).
+The work, the flattened (request, head block, token) space, is cut into equal token quotas, one per
+CTA, so every CTA streams the same number of K/V bytes whatever the mix of lengths. A head block is
+GB query heads of one KV head. A (request, head block) pair cut over several CTAs leaves partial
+states that a second kernel merges. The grid and every metadata capacity depend on the batch size
+and the device only, so a re-plan keeps a captured CUDA graph valid.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,61 +18,63 @@ MAX_HEADS_PER_BLOCK = 8
 
 
 def decode_heads_per_block(group_size: int) -> tuple:
-    """(heads per block, head slices) for a GQA group: 1, 4 or 8 heads (masked when the group is
-    smaller), so a K/V byte is read once per block and the kernel grid stays small."""
+    """(heads per block GB, head slices) for a GQA group: 1, 4 or 8 heads (masked when the group is
+    smaller), so each K/V byte is read once per block and the registers hold scores and accumulators."""
     gb = 1 if group_size == 1 else (4 if group_size <= 4 else MAX_HEADS_PER_BLOCK)
     return gb, math.ceil(group_size / gb)
 
 
-def decode_num_slots(batch_size: int, num_kv_heads: int, head_slices: int, num_sms: int,
-                     blocks_per_sm: int = 4) -> int:
-    """Slots so that slots * kv_heads * slices fills about blocks_per_sm blocks per SM."""
-    per_slot = num_kv_heads * head_slices
-    return max(batch_size, math.ceil(num_sms * blocks_per_sm / per_slot), 1)
+@dataclass
+class DecodeSchedule:
+    segments: np.ndarray         # int32 (n, 4): request, head block, token start, token end
+    segment_partial: np.ndarray  # int32 (n,): partial row, or -1 when the pair is written directly
+    cta_indptr: np.ndarray       # int32 (num_ctas + 1,): segments of CTA b
+    merge_indptr: np.ndarray     # int32 (pairs + 1,): partial rows of pair p (request * head_blocks + hb)
+    num_partial_rows: int
+
+    @staticmethod
+    def capacity(batch_size: int, head_blocks: int, num_ctas: int) -> tuple:
+        """(max segments, max partial rows): bounds that depend on the batch size only."""
+        return batch_size * head_blocks + num_ctas, 2 * num_ctas
 
 
-def decode_partition(kv_lens: np.ndarray, visible_start: np.ndarray, num_slots: int,
-                     min_chunk: int = 256):
-    """Cut each request's visible tokens [visible_start, kv_len) into chunks, at most num_slots in all.
-
-    Returns (slots int32 (num_slots, 4) rows of (request, start, end, partial_row or -1; request -1
-    for an unused slot), merge_indptr int32 (batch + 1) over partial rows, num_partial_rows).
-    """
+def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min_quota: int = 64) -> DecodeSchedule:
     kv_lens = np.asarray(kv_lens, dtype=np.int64)
-    visible_start = np.asarray(visible_start, dtype=np.int64)
+    vis = np.minimum(np.asarray(visible_start, dtype=np.int64), kv_lens)
     batch = kv_lens.size
-    if num_slots < batch:
-        raise ValueError(f"num_slots ({num_slots}) must be >= batch size ({batch})")
-    lens = np.maximum(kv_lens - visible_start, 0)
-    max_len = int(lens.max()) if batch else 0
-
-    def chunks_for(c: int) -> np.ndarray:
-        return np.maximum(1, -(-lens // c))
-
-    chunk = max(max_len, 1)
-    if num_slots > batch and max_len > min_chunk:
-        lo, hi = min_chunk, max_len  # smallest chunk whose chunk count fits the slots
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if int(chunks_for(mid).sum()) <= num_slots:
-                hi = mid
-            else:
-                lo = mid + 1
-        chunk = lo
-    n = chunks_for(chunk)
-    # Equal-sized chunks per request (balance), at most `chunk` tokens each.
-    per = -(-lens // n)
-    req = np.repeat(np.arange(batch, dtype=np.int64), n)
-    idx = np.arange(req.size, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
-    start = visible_start[req] + idx * per[req]
-    end = np.minimum(start + per[req], kv_lens[req])
-    start = np.minimum(start, end)
-    split = n[req] > 1
-    partial_row = np.full(req.size, -1, dtype=np.int64)
-    partial_row[split] = np.arange(int(split.sum()))
-    merge_counts = np.where(n > 1, n, 0)
-    merge_indptr = np.concatenate([[0], np.cumsum(merge_counts)]).astype(np.int32)
-    slots = np.full((num_slots, 4), -1, dtype=np.int32)
-    slots[:, 1:3] = 0
-    slots[: req.size] = np.stack([req, start, end, partial_row], axis=1)
-    return slots, merge_indptr, int(split.sum())
+    pairs = batch * head_blocks
+    pair_len = np.repeat(kv_lens - vis, head_blocks)
+    cum = np.concatenate([[0], np.cumsum(pair_len)])
+    total = int(cum[-1])
+    quota = max(-(-total // num_ctas), min_quota)
+    # Non-empty segments: the pair boundaries and the CTA quota boundaries cut the token space.
+    bounds = np.unique(np.concatenate([cum, np.arange(quota, total, quota)]))
+    lo, hi = bounds[:-1], bounds[1:]
+    pair = np.searchsorted(cum, lo, side="right") - 1
+    cta = np.minimum(lo // quota, num_ctas - 1)
+    # Empty pairs (kv_len 0 or nothing visible) still write o = 0, lse = -inf: spread over the CTAs.
+    empty = np.flatnonzero(pair_len == 0)
+    pair = np.concatenate([pair, empty])
+    cta = np.concatenate([cta, empty % num_ctas])
+    lo = np.concatenate([lo, cum[empty]])
+    hi = np.concatenate([hi, cum[empty]])
+    order = np.lexsort((lo, pair, cta))
+    pair, cta, lo, hi = pair[order], cta[order], lo[order], hi[order]
+    req = pair // head_blocks
+    start = vis[req] + (lo - cum[pair])
+    end = vis[req] + (hi - cum[pair])
+    n_per_pair = np.bincount(pair, minlength=pairs)
+    split = n_per_pair[pair] > 1
+    # Partial rows: contiguous per pair, in token order.
+    partial = np.full(pair.size, -1, dtype=np.int64)
+    idx = np.flatnonzero(split)
+    idx = idx[np.lexsort((start[idx], pair[idx]))]
+    partial[idx] = np.arange(idx.size)
+    merge_counts = np.where(n_per_pair > 1, n_per_pair, 0)
+    return DecodeSchedule(
+        segments=np.stack([req, pair % head_blocks, start, end], axis=1).astype(np.int32),
+        segment_partial=partial.astype(np.int32),
+        cta_indptr=np.searchsorted(cta, np.arange(num_ctas + 1), side="left").astype(np.int32),
+        merge_indptr=np.concatenate([[0], np.cumsum(merge_counts)]).astype(np.int32),
+        num_partial_rows=int(idx.size),
+    )

@@ -84,3 +84,47 @@ def test_stream_handles():
     with pytest.raises(TypeError, match="stream: expected"):
         streams.handle_of("default")
     assert arrays.dlpack_stream_arg(0) == 1 and arrays.dlpack_stream_arg(77) == 77
+
+
+class FakeCudaArray:
+    """A DLPack producer with chosen shape, strides (None = NULL), dtype code and a fake pointer:
+    describe() must read all of it without touching the memory."""
+
+    def __init__(self, shape, strides, code=2, bits=16, ptr=0x10000, offset=0):
+        import ctypes
+        self.shape_arr = (ctypes.c_int64 * len(shape))(*shape)
+        self.strides_arr = None if strides is None else (ctypes.c_int64 * len(shape))(*strides)
+        mt = arrays._DLManagedTensor()
+        mt.dl_tensor.data = ptr
+        mt.dl_tensor.device = arrays._DLDevice(arrays.KDL_CUDA, 0)
+        mt.dl_tensor.ndim = len(shape)
+        mt.dl_tensor.dtype = arrays._DLDataType(code, bits, 1)
+        mt.dl_tensor.shape = ctypes.cast(self.shape_arr, ctypes.POINTER(ctypes.c_int64))
+        mt.dl_tensor.strides = None if strides is None else ctypes.cast(self.strides_arr,
+                                                                         ctypes.POINTER(ctypes.c_int64))
+        mt.dl_tensor.byte_offset = offset
+        self.mt = mt
+
+    def __dlpack_device__(self):
+        return (arrays.KDL_CUDA, 0)
+
+    def __dlpack__(self, stream=None):
+        import ctypes
+        return arrays._capsule_new(ctypes.addressof(self.mt), b"dltensor", None)
+
+
+def test_describe_strides_from_producers():
+    info = arrays.describe(FakeCudaArray((2, 3, 8), None), "old")  # NULL strides: contiguous
+    assert info.strides == (24, 8, 1) and info.is_contiguous() and info.dtype is dt.float16
+    info = arrays.describe(FakeCudaArray((4, 1, 8), (8, 12345, 1)), "s1")  # size-1 stride arbitrary
+    assert info.strides == (8, 8, 1) and info.is_contiguous()
+    info = arrays.describe(FakeCudaArray((0, 8), (8, 1)), "empty")
+    assert info.size == 0 and info.shape == (0, 8)
+    info = arrays.describe(FakeCudaArray((4, 8), (16, 1), ptr=0x20000, offset=64), "off")
+    assert info.ptr == 0x20000 + 64 and not info.is_contiguous()
+    with pytest.raises(ValueError, match="neg: negative strides are not supported"):
+        arrays.describe(FakeCudaArray((4, 8), (-8, 1)), "neg")
+    assert arrays.describe(FakeCudaArray((3,), (1,), code=4, bits=16), "b").dtype is dt.bfloat16
+    assert arrays.describe(FakeCudaArray((3,), (1,), code=10, bits=8), "f8").dtype is dt.float8_e4m3fn
+    with pytest.raises(TypeError, match="unsupported DLPack dtype"):
+        arrays.describe(FakeCudaArray((3,), (1,), code=5, bits=64), "c")

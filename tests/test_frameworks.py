@@ -108,8 +108,6 @@ def test_describe_edge_cases():
     assert ie.shape == (0, 5) and ie.size == 0
     one = cupy.empty((4, 1, 8), cupy.float16)[:, :, :]
     assert arrays.describe(one, "one").is_contiguous()
-    with pytest.raises(ValueError, match="neg: negative strides are not supported"):
-        arrays.describe(a[::-1], "neg")
     sl = arrays.describe(a[:, 1:, ::2], "sl")
     assert sl.strides == (12, 4, 2) and sl.ptr == a.data.ptr + 16
 

@@ -6,55 +6,60 @@ from fi_cupy import scheduler
 from fi_cupy.decode import make_params, plan_decode
 
 
-def _check_partition(kv_lens, visible, num_slots, slots, merge_indptr, num_partial):
+def _check_schedule(kv_lens, visible, head_blocks, num_ctas, sch):
     batch = len(kv_lens)
-    used = slots[slots[:, 0] >= 0]
-    assert slots.shape == (num_slots, 4)
-    covered = {r: [] for r in range(batch)}
-    for r, s, e, p in used.tolist():
-        covered[r].append((s, e, p))
-    for r in range(batch):
-        segs = sorted(covered[r])
-        assert segs, f"request {r} has no slot"
-        # the chunks tile [visible, kv_len) exactly
-        assert segs[0][0] == min(visible[r], kv_lens[r]) or kv_lens[r] == 0
-        assert segs[-1][1] == kv_lens[r]
-        for (s0, e0, _), (s1, _, _) in zip(segs, segs[1:]):
-            assert e0 == s1
-        n = len(segs)
-        assert merge_indptr[r + 1] - merge_indptr[r] == (n if n > 1 else 0)
-        rows = sorted(p for _, _, p in segs)
-        if n == 1:
-            assert rows == [-1]
+    pairs = batch * head_blocks
+    seg = sch.segments
+    n = seg.shape[0]
+    seg_cap, part_cap = scheduler.DecodeSchedule.capacity(batch, head_blocks, num_ctas)
+    assert n <= seg_cap and sch.num_partial_rows <= part_cap
+    assert sch.cta_indptr[0] == 0 and sch.cta_indptr[-1] == n and np.all(np.diff(sch.cta_indptr) >= 0)
+    by_pair = {}
+    for i, (r, hb, s0, e0) in enumerate(seg.tolist()):
+        by_pair.setdefault(r * head_blocks + hb, []).append((s0, e0, int(sch.segment_partial[i])))
+    assert sorted(by_pair) == list(range(pairs)), "every (request, head block) has a segment"
+    for p, segs in by_pair.items():
+        r = p // head_blocks
+        segs.sort()
+        lo = min(visible[r], kv_lens[r])
+        assert segs[0][0] == lo and segs[-1][1] == kv_lens[r]
+        for (a0, a1, _), (b0, _, _) in zip(segs, segs[1:]):
+            assert a1 == b0 and a1 > a0
+        rows = [x[2] for x in segs]
+        mi = sch.merge_indptr
+        if len(segs) == 1:
+            assert rows == [-1] and mi[p + 1] == mi[p]
         else:
-            assert rows == list(range(merge_indptr[r], merge_indptr[r + 1]))
-    assert num_partial == merge_indptr[-1]
+            assert rows == list(range(mi[p], mi[p + 1]))  # contiguous, in token order
+    assert sch.merge_indptr[-1] == sch.num_partial_rows
+    # balance: every CTA gets at most one quota of tokens
+    load = [int((seg[a:b, 3] - seg[a:b, 2]).sum()) for a, b in zip(sch.cta_indptr[:-1], sch.cta_indptr[1:])]
+    total = int(sum(max(0, l - v) for l, v in zip(kv_lens, visible))) * head_blocks
+    quota = max(-(-total // num_ctas), 64)
+    assert sum(load) == total and max(load) <= quota
 
 
-@pytest.mark.parametrize("kv_lens", [[8192], [131072], [0], [1], [4096] * 16, [2048] * 64,
-                                     [0, 1, 5, 1000, 70000, 3], list(range(0, 3000, 7))])
-def test_partition_covers_every_token(kv_lens):
-    kv_lens = np.array(kv_lens)
-    vis = np.zeros_like(kv_lens)
-    n = scheduler.decode_num_slots(len(kv_lens), 8, 1, 132)
-    slots, mi, npart = scheduler.decode_partition(kv_lens, vis, n)
-    _check_partition(kv_lens, vis, n, slots, mi, npart)
+@pytest.mark.parametrize("kv_lens", [[8192], [131072], [0], [1], [4096] * 16, [2048] * 64, [512] * 512,
+                                     [0, 1, 5, 1000, 70000, 3], list(range(0, 3000, 7)), [0, 0, 0]])
+@pytest.mark.parametrize("head_blocks,num_ctas", [(8, 396), (1, 132), (16, 264)])
+def test_schedule_covers_every_token_once_and_balances(kv_lens, head_blocks, num_ctas):
+    kv = np.array(kv_lens)
+    vis = np.zeros_like(kv)
+    _check_schedule(kv, vis, head_blocks, num_ctas, scheduler.decode_schedule(kv, vis, head_blocks, num_ctas))
 
 
-def test_partition_splits_long_single_request_and_respects_window():
-    kv = np.array([32768])
-    vis = np.array([32768 - 1 - 999])  # window_left = 999
-    n = scheduler.decode_num_slots(1, 8, 1, 132)
-    slots, mi, npart = scheduler.decode_partition(kv, vis, n)
-    _check_partition(kv, vis, n, slots, mi, npart)
-    full, _, _ = scheduler.decode_partition(kv, np.zeros(1, np.int64), n)
-    assert (full[:, 0] >= 0).sum() > 8  # the whole context is split over many slots
+def test_schedule_window_only_visible_tokens():
+    kv = np.array([32768, 10, 0])
+    vis = np.maximum(0, kv - 1 - 999)  # window_left = 999
+    sch = scheduler.decode_schedule(kv, vis, 8, 396)
+    _check_schedule(kv, vis, 8, 396, sch)
+    assert sch.segments[:, 2].min() >= 0 and (sch.segments[sch.segments[:, 0] == 0, 2] >= 32768 - 1000).all()
 
 
-def test_num_slots_depends_on_batch_only():
-    a = scheduler.decode_num_slots(16, 8, 1, 132)
-    assert a == scheduler.decode_num_slots(16, 8, 1, 132) and a >= 16
-    assert scheduler.decode_num_slots(1024, 8, 1, 132) == 1024
+def test_long_single_request_is_spread_over_all_ctas():
+    sch = scheduler.decode_schedule(np.array([131072]), np.array([0]), 8, 396)
+    loads = np.diff(sch.cta_indptr)
+    assert (loads > 0).sum() >= 390 and sch.num_partial_rows > 300
 
 
 @pytest.mark.parametrize("g,expected", [(1, (1, 1)), (2, (4, 1)), (4, (4, 1)), (5, (8, 1)), (8, (8, 1)),
@@ -76,7 +81,7 @@ def test_plan_lengths_and_metadata():
     indptr = np.array([0, 2, 2, 5])
     indices = np.array([7, 3, 1, 0, 9])
     last = np.array([5, 0, 16])
-    plan = plan_decode(p, indptr, indices, last, num_sms=132)
+    plan = plan_decode(p, indptr, indices, last, num_ctas=396)
     kv = plan.meta[plan.offsets["kv_lens"]: plan.offsets["kv_lens"] + 3]
     assert kv.tolist() == [16 + 5, 0, 2 * 16 + 16]
     assert plan.max_page == 9
@@ -103,12 +108,20 @@ def test_param_errors(kw, err, match):
 def test_plan_errors():
     p = _params()
     with pytest.raises(ValueError, match="last_page_len: request 0 has 1 pages and last_page_len 17"):
-        plan_decode(p, np.array([0, 1]), np.array([0]), np.array([17]), 132)
+        plan_decode(p, np.array([0, 1]), np.array([0]), np.array([17]), 396)
     with pytest.raises(ValueError, match="indptr: must be non-decreasing"):
-        plan_decode(p, np.array([0, 2, 1]), np.array([0, 1]), np.array([1, 1]), 132)
+        plan_decode(p, np.array([0, 2, 1]), np.array([0, 1]), np.array([1, 1]), 396)
     with pytest.raises(ValueError, match="indices: has 1 entries but indptr"):
-        plan_decode(p, np.array([0, 2]), np.array([0]), np.array([1]), 132)
+        plan_decode(p, np.array([0, 2]), np.array([0]), np.array([1]), 396)
     with pytest.raises(ValueError, match="indices: page indices must be >= 0"):
-        plan_decode(p, np.array([0, 1]), np.array([-3]), np.array([1]), 132)
+        plan_decode(p, np.array([0, 1]), np.array([-3]), np.array([1]), 396)
     with pytest.raises(ValueError, match="last_page_len: expected 2 entries"):
-        plan_decode(p, np.array([0, 1, 2]), np.array([0, 1]), np.array([1]), 132)
+        plan_decode(p, np.array([0, 1, 2]), np.array([0, 1]), np.array([1]), 396)
+
+
+def test_replan_same_batch_keeps_every_device_offset():
+    """CUDA graphs: a re-plan with the same batch size moves nothing run() reads but the indices' length."""
+    p = _params()
+    a = plan_decode(p, np.array([0, 2, 3]), np.arange(3), np.array([5, 9]), num_ctas=396)
+    b = plan_decode(p, np.array([0, 700, 701]), np.arange(701), np.array([16, 1]), num_ctas=396)
+    assert a.offsets == b.offsets and a.partial_bytes() == b.partial_bytes()

@@ -72,6 +72,20 @@ class Function:
         self.fn = module.get_function(name)
         self.ptr = int(self.fn.ptr)
         self.name = name
+        self.smem_limit = 48 * 1024  # dynamic shared memory allowed without opting in
+
+    def allow_smem(self, nbytes: int) -> None:
+        """Opt in to more than 48 KB of dynamic shared memory (once per function)."""
+        if nbytes > self.smem_limit:
+            from cupy_backends.cuda.api import driver
+            driver.funcSetAttribute(self.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+            self.smem_limit = nbytes
+
+    def occupancy(self, block: int, smem: int) -> int:
+        """Resident CTAs per SM for this block size and dynamic shared memory."""
+        from cupy_backends.cuda.api import driver
+        self.allow_smem(smem)
+        return int(driver.occupancyMaxActiveBlocksPerMultiprocessor(self.ptr, block, smem))
 
 
 def functions(program: Program, device: int) -> dict:
@@ -119,6 +133,7 @@ def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int 
     store = ctypes.create_string_buffer(buf, max(8, len(buf)))
     base = ctypes.addressof(store)
     params = (ctypes.c_void_p * max(1, n))(*[base + 8 * i for i in range(n)])
+    fn.allow_smem(smem)
     gx, gy, gz = (tuple(grid) + (1, 1))[:3]
     bx, by, bz = (tuple(block) + (1, 1))[:3]
     with cupy.cuda.Device(device):

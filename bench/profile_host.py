@@ -1,0 +1,53 @@
+"""Host-side cost of one decode call (Python overhead), with cProfile's top entries.
+
+    python bench/profile_host.py
+"""
+import cProfile
+import pstats
+import time
+
+import cupy
+import numpy as np
+
+import fi_cupy
+
+
+def main():
+    rng = np.random.default_rng(0)
+    q = cupy.asarray(rng.standard_normal((32, 128)).astype(np.float16))
+    k = cupy.asarray(rng.standard_normal((4096, 8, 128)).astype(np.float16))
+    fi_cupy.single_decode_with_kv_cache(q, k, k)
+    cupy.cuda.Device().synchronize()
+    n = 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fi_cupy.single_decode_with_kv_cache(q, k, k)
+    cupy.cuda.Device().synchronize()
+    print(f"single_decode (CuPy arrays): {(time.perf_counter() - t0) / n * 1e6:.0f} us per call, host + GPU")
+    try:
+        import torch
+    except ImportError:
+        return
+    qt = torch.randn((16, 32, 128), device="cuda", dtype=torch.bfloat16)
+    cache = torch.randn((16 * 64, 2, 16, 8, 128), device="cuda", dtype=torch.bfloat16)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(torch.empty(64 << 20, dtype=torch.uint8, device="cuda"))
+    w.plan(np.arange(17) * 64, np.arange(16 * 64), np.full(16, 16), 32, 8, 128, 16, q_data_type="bfloat16")
+    out = torch.empty_like(qt)
+    w.run(qt, cache, out=out)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        w.run(qt, cache, out=out)
+    torch.cuda.synchronize()
+    print(f"wrapper.run (torch, 16x1024): {(time.perf_counter() - t0) / n * 1e6:.0f} us per call, host + GPU")
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        w.run(qt, cache, out=out)
+    torch.cuda.synchronize()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(18)
+
+
+if __name__ == "__main__":
+    main()
