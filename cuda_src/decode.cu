@@ -10,7 +10,7 @@
 //
 // Inside a CTA: 4 warps stride over the segment's tokens in tiles. A token row is handled by a row
 // group of LANES lanes; each lane owns 8 consecutive dims. Each warp streams its tiles through a
-// private cp.async pipeline in shared memory (16 KB in flight per warp), and each lane reads back
+// private cp.async pipeline in shared memory (12 KB per warp), and each lane reads back
 // only what it copied, so no barrier is needed inside the loop. A lane computes all GB query heads
 // against the K row it holds, so each K/V byte is read from memory once. Online softmax in base 2.
 #include "common/types.cuh"
@@ -23,7 +23,7 @@ namespace fic {
 
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
-constexpr int kWarpPipelineBytes = 16384;
+constexpr int kWarpPipelineBytes = 12288;  // 48 KB a CTA: 4 CTAs (16 warps) per SM
 
 template <int D, int GB, typename KVT>
 struct DecodeCfg {
@@ -258,8 +258,9 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
 }
 
 // Merge the partial states of each (request, head block) that was cut over several CTAs.
-// Grid: one CTA per (request, head block); merge_indptr[p] .. merge_indptr[p + 1] are its partial
-// rows (fewer than two: written directly by the decode kernel). One warp per query head.
+// Grid (pairs, GB): one CTA per (pair, query head); merge_indptr[p] .. merge_indptr[p + 1] are the
+// pair's partial rows (fewer than two: written directly by the decode kernel). The rows are spread
+// over the 4 warps and unrolled so many partial loads are in flight at once.
 template <int D, int GB, typename OT>
 __global__ void __launch_bounds__(128)
 merge_states_kernel(const float* __restrict__ part_o, const float* __restrict__ part_lse,
@@ -267,33 +268,67 @@ merge_states_kernel(const float* __restrict__ part_o, const float* __restrict__ 
                     long long o_stride_h, float* __restrict__ lse, int num_qo_heads, int group_size,
                     int head_blocks) {
   constexpr int kActiveLanes = D / 8;
-  const int pair = blockIdx.x;
+  const int pair = blockIdx.x, h = blockIdx.y;
   const int row0 = merge_indptr[pair], row1 = merge_indptr[pair + 1];
-  if (row1 - row0 < 2) return;
-  const int request = pair / head_blocks, hb = pair % head_blocks;
   const int slices = (group_size + GB - 1) / GB;
+  const int request = pair / head_blocks, hb = pair % head_blocks;
   const int kv_head = hb / slices, head0 = (hb % slices) * GB;
-  const int lane = threadIdx.x % 32;
-  for (int h = threadIdx.x / 32; h < GB; h += 4) {
-    if (head0 + h >= group_size) break;
-    SoftmaxState<8> st;
-    st.init();
-    // Each partial is already normalised: weight it by 2^lse.
-    for (int r = row0; r < row1; ++r) {
-      const float l = part_lse[(long long)r * GB + h];
-      float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      if (lane < kActiveLanes) load8<float>(part_o + ((long long)r * GB + h) * D + lane * 8, a);
-      st.merge(l, (l == neg_inf()) ? 0.f : 1.f, a);
+  if (row1 - row0 < 2 || head0 + h >= group_size) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __shared__ float sm_red[4];
+  __shared__ float sm_acc[4][D];
+
+  // 1) the largest lse (block-wide), so every weight 2^(lse - max) is <= 1
+  float m = neg_inf();
+  for (int r = row0 + threadIdx.x; r < row1; r += 128) m = fmaxf(m, part_lse[(long long)r * GB + h]);
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) sm_red[warp] = m;
+  __syncthreads();
+  m = fmaxf(fmaxf(sm_red[0], sm_red[1]), fmaxf(sm_red[2], sm_red[3]));
+  __syncthreads();
+
+  // 2) weighted sum of the normalised partial outputs; warp w takes rows w, w + 4, ...
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  float wsum = 0.f;
+  constexpr int U = 4;
+  const int my_lane = lane < kActiveLanes ? lane : 0;  // idle lanes re-read lane 0's dims, unused
+  for (int r = row0 + warp; r < row1; r += 4 * U) {
+    float wr[U], o[U][8];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int rr = min(r + 4 * u, row1 - 1);  // clamped rows get weight 0
+      const float l = part_lse[(long long)rr * GB + h];
+      wr[u] = (r + 4 * u >= row1 || l == neg_inf()) ? 0.f : ptx_exp2(l - m);
+      load8<float>(part_o + ((long long)rr * GB + h) * D + my_lane * 8, o[u]);
     }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      wsum += wr[u];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] = fmaf(wr[u], o[u][e], acc[e]);
+    }
+  }
+  if (lane < kActiveLanes) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sm_acc[warp][lane * 8 + e] = acc[e];
+  }
+  if (lane == 0) sm_red[warp] = wsum;
+  __syncthreads();
+  if (warp == 0) {
+    const float w = sm_red[0] + sm_red[1] + sm_red[2] + sm_red[3];
+    const float inv = (w > 0.f) ? __frcp_rn(w) : 0.f;
     const int qo_head = kv_head * group_size + head0 + h;
     if (lane < kActiveLanes) {
       float o[8];
-      const float inv = st.inv_d();
 #pragma unroll
-      for (int e = 0; e < 8; ++e) o[e] = st.acc[e] * inv;
+      for (int e = 0; e < 8; ++e)
+        o[e] = (sm_acc[0][lane * 8 + e] + sm_acc[1][lane * 8 + e] + sm_acc[2][lane * 8 + e] +
+                sm_acc[3][lane * 8 + e]) * inv;
       store8<OT>(out + request * o_stride_b + qo_head * o_stride_h + lane * 8, o);
     }
-    if (lse != nullptr && lane == 0) lse[(long long)request * num_qo_heads + qo_head] = st.lse();
+    if (lse != nullptr && lane == 0)
+      lse[(long long)request * num_qo_heads + qo_head] = (w > 0.f) ? m + __log2f(w) : neg_inf();
   }
 }
 

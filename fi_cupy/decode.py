@@ -38,8 +38,8 @@ def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dt
 
 def decode_smem_bytes(head_dim: int, heads_per_block: int) -> int:
     """Dynamic shared memory of batch_decode_kernel (DecodeCfg::kSmemBytes in cuda_src/decode.cu):
-    4 warps x 16 KB of cp.async pipeline, reused for the final merge."""
-    return max(4 * 16384, 4 * heads_per_block * (head_dim + 2) * 4)
+    4 warps x 12 KB of cp.async pipeline, reused for the final merge."""
+    return max(4 * 12288, 4 * heads_per_block * (head_dim + 2) * 4)
 
 
 def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
@@ -221,7 +221,8 @@ class KVView:
     infos: tuple
 
 
-def describe_paged_cache(paged_kv_cache, kv_layout: str, stream: int, name: str = "paged_kv_cache") -> KVView:
+def describe_paged_cache(paged_kv_cache, kv_layout: str, stream: int, name: str = "paged_kv_cache",
+                         current_of: str | None = None) -> KVView:
     """A 5-D cache (num_pages, 2, page_size, H, D) [NHD] / (num_pages, 2, H, page_size, D) [HND], or a
     (k_cache, v_cache) pair of 4-D arrays."""
     checks.choice("kv_layout", kv_layout, LAYOUTS)
@@ -231,8 +232,8 @@ def describe_paged_cache(paged_kv_cache, kv_layout: str, stream: int, name: str 
     if isinstance(paged_kv_cache, (tuple, list)):
         if len(paged_kv_cache) != 2:
             raise ValueError(f"{name}: a tuple must be (k_cache, v_cache), got {len(paged_kv_cache)} items")
-        k = arrays.describe(paged_kv_cache[0], f"{name}[0] (k_cache)", stream)
-        v = arrays.describe(paged_kv_cache[1], f"{name}[1] (v_cache)", stream)
+        k = arrays.describe(paged_kv_cache[0], f"{name}[0] (k_cache)", stream, current_of)
+        v = arrays.describe(paged_kv_cache[1], f"{name}[1] (v_cache)", stream, current_of)
         checks.ndim(k, 4, f"{layout} for kv_layout={kv_layout}")
         if v.shape != k.shape or v.strides != k.strides or v.dtype != k.dtype:
             raise ValueError(f"{name}: k_cache and v_cache must have the same shape, strides and dtype; got "
@@ -245,7 +246,7 @@ def describe_paged_cache(paged_kv_cache, kv_layout: str, stream: int, name: str 
             checks.last_dim_contiguous(i)
             checks.vector_aligned(i)
         return view
-    c = arrays.describe(paged_kv_cache, name, stream)
+    c = arrays.describe(paged_kv_cache, name, stream, current_of)
     five = "(num_pages, 2, page_size, num_kv_heads, head_dim)" if kv_layout == "NHD" else \
         "(num_pages, 2, num_kv_heads, page_size, head_dim)"
     if c.ndim != 5 or c.shape[1] != 2:
@@ -274,14 +275,14 @@ def _check_cache_against(view: KVView, p: DecodeParams, max_page: int, name: str
 
 
 def _outputs(q: arrays.ArrayInfo, p: DecodeParams, out, lse, return_lse: bool, stream: int,
-             batch_shape: tuple):
+             batch_shape: tuple, current_of: str | None):
     """The output array (given or new, in q's framework) and the lse array (or None)."""
     o_shape = batch_shape + (p.num_qo_heads, p.head_dim)
     if out is None:
         out_obj = arrays.empty(q.framework, o_shape, q.dtype, q.device, stream)
     else:
         out_obj = out
-    o = arrays.describe(out_obj, "out", stream)
+    o = arrays.describe(out_obj, "out", stream, current_of)
     checks.shape(o, o_shape, "(batch_size, num_qo_heads, head_dim)" if batch_shape else "(num_qo_heads, head_dim)")
     checks.dtype_is(o, q.dtype, "q's dtype")
     checks.last_dim_contiguous(o)
@@ -290,7 +291,7 @@ def _outputs(q: arrays.ArrayInfo, p: DecodeParams, out, lse, return_lse: bool, s
     if return_lse or lse is not None:
         l_shape = batch_shape + (p.num_qo_heads,)
         lse_obj = arrays.empty(q.framework, l_shape, dt.float32, q.device, stream) if lse is None else lse
-        l_info = arrays.describe(lse_obj, "lse", stream)
+        l_info = arrays.describe(lse_obj, "lse", stream, current_of)
         checks.shape(l_info, l_shape, "(batch_size, num_qo_heads)" if batch_shape else "(num_qo_heads,)")
         checks.dtype_is(l_info, dt.float32, "the lse dtype")
         checks.contiguous(l_info)
@@ -324,7 +325,7 @@ def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.A
         f32(q_scale), f32(p.soft_cap), f32(v_scale), f32(1.0 / p.rope_scale), f32(p.rope_theta),
     ], stream, q.device, smem=decode_smem_bytes(p.head_dim, gb))
     if always_merge or plan.num_partial_rows:
-        kernels.launch(merge, (plan.num_pairs,), (128,), [
+        kernels.launch(merge, (plan.num_pairs, gb), (128,), [
             ptr(part_o), ptr(part_lse), ptr(off["merge_indptr"]), ptr(o), i64(o_sb), i64(os_[-2]),
             ptr(l_info), i32(p.num_qo_heads), i32(p.group_size), i32(plan.num_kv_heads_blocks),
         ], stream, q.device)
@@ -442,11 +443,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
         p = plan.params
         fw = arrays.framework_of(q)
         s = streams.resolve(stream, fw, self._ws.device)
-        qi = arrays.describe(q, "q", s)
+        cur = fw if stream is None else None
+        qi = arrays.describe(q, "q", s, cur)
         _check_q(qi, p, (plan.batch_size,))
-        kv = describe_paged_cache(paged_kv_cache, self._kv_layout, s)
+        kv = describe_paged_cache(paged_kv_cache, self._kv_layout, s, current_of=cur)
         _check_cache_against(kv, p, plan.max_page)
-        out_obj, o, lse_obj, l_info = _outputs(qi, p, out, lse, return_lse, s, (plan.batch_size,))
+        out_obj, o, lse_obj, l_info = _outputs(qi, p, out, lse, return_lse, s, (plan.batch_size,), cur)
         checks.same_device(qi, self._ws, *kv.infos)
         launch_decode(plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, o, l_info,
                       _scale("k_scale", k_scale), _scale("v_scale", v_scale), s, self._use_cuda_graph)
@@ -489,9 +491,10 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     fw = arrays.framework_of(q)
     dev = int(q.__dlpack_device__()[1]) if hasattr(q, "__dlpack_device__") else 0
     s = streams.resolve(stream, fw, dev)
-    qi = arrays.describe(q, "q", s)
-    ki = arrays.describe(k, "k", s)
-    vi = arrays.describe(v, "v", s)
+    cur = fw if stream is None else None
+    qi = arrays.describe(q, "q", s, cur)
+    ki = arrays.describe(k, "k", s, cur)
+    vi = arrays.describe(v, "v", s, cur)
     checks.same_device(qi, ki, vi)
     checks.ndim(qi, 2, "(num_qo_heads, head_dim)")
     layout = "(kv_len, num_kv_heads, head_dim)" if kv_layout == "NHD" else "(num_kv_heads, kv_len, head_dim)"
@@ -530,7 +533,7 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     if uploaded.get("key") != key:
         _upload(plan.meta, meta_ptr, dev, s)
         uploaded["key"] = key
-    out_obj, o, lse_obj, l_info = _outputs(qi, params, out, lse, return_lse, s, ())
+    out_obj, o, lse_obj, l_info = _outputs(qi, params, out, lse, return_lse, s, (), cur)
     launch_decode(plan, meta_ptr, scratch.ptr, qi, kv, o, l_info, _scale("k_scale", k_scale),
                   _scale("v_scale", v_scale), s)
     return _deliver(out_obj, lse_obj, return_lse, fw)

@@ -6,6 +6,7 @@ modules build Programs from their template arguments; nothing else talks to NVRT
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
 from dataclasses import dataclass
 
@@ -119,6 +120,8 @@ def ptr(x) -> np.uint64:
 
 
 i32, i64, u32, f32 = np.int32, np.int64, np.uint32, np.float32
+# struct format of each argument type in its 8-byte slot
+_SLOT = {np.uint64: "Q", np.int64: "q", np.int32: "i4x", np.uint32: "I4x", np.float32: "f4x"}
 
 
 def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int = 0) -> None:
@@ -127,14 +130,21 @@ def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int 
     Each argument gets its own 8-byte slot in one buffer and kernelParams points at each slot.
     """
     from cupy_backends.cuda.api import driver
-    import cupy
+    from cupy.cuda import runtime
     n = len(args)
-    buf = b"".join(np.asarray(a).tobytes().ljust(8, b"\0") for a in args)
+    try:
+        buf = struct.pack("<" + "".join(_SLOT[type(a)] for a in args), *args)
+    except KeyError as e:
+        raise TypeError(f"kernel argument of type {e} is not one of {list(_SLOT)}") from None
     store = ctypes.create_string_buffer(buf, max(8, len(buf)))
     base = ctypes.addressof(store)
     params = (ctypes.c_void_p * max(1, n))(*[base + 8 * i for i in range(n)])
     fn.allow_smem(smem)
     gx, gy, gz = (tuple(grid) + (1, 1))[:3]
     bx, by, bz = (tuple(block) + (1, 1))[:3]
-    with cupy.cuda.Device(device):
+    if runtime.getDevice() != device:
+        import cupy
+        with cupy.cuda.Device(device):
+            driver.launchKernel(fn.ptr, gx, gy, gz, bx, by, bz, smem, stream, ctypes.addressof(params), 0)
+    else:
         driver.launchKernel(fn.ptr, gx, gy, gz, bx, by, bz, smem, stream, ctypes.addressof(params), 0)
