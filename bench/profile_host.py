@@ -40,6 +40,18 @@ def main():
         w.run(qt, cache, out=out)
     torch.cuda.synchronize()
     print(f"wrapper.run (torch, 16x1024): {(time.perf_counter() - t0) / n * 1e6:.0f} us per call, host + GPU")
+    from fi_cupy._core import arrays
+
+    def per_call(f, k=500):
+        t = time.perf_counter()
+        for _ in range(k):
+            f()
+        return (time.perf_counter() - t) / k * 1e6
+
+    print(f"  describe(torch): {per_call(lambda: arrays.describe(qt, 'q')):.1f} us; "
+          f"__dlpack__(): {per_call(lambda: qt.__dlpack__()):.1f} us; "
+          f"__dlpack_device__(): {per_call(lambda: qt.__dlpack_device__()):.1f} us; "
+          f"current stream: {per_call(lambda: torch.cuda.current_stream(0).cuda_stream):.1f} us")
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(n):

@@ -5,7 +5,7 @@
 // cut into equal token quotas, one per CTA; a CTA walks its list of segments. A segment is a token
 // range of one (request, head block); a head block is GB query heads of one KV head. A (request,
 // head block) that lies in one segment writes its output directly; one cut over several CTAs writes
-// float32 partial states that merge_states_kernel combines. The grid depends only on the device, so
+// float32 partial states, and the last of those CTAs to finish merges them (merge_pair). The grid depends only on the device, so
 // a planned run() replays in a CUDA graph after any re-plan.
 //
 // Inside a CTA: 4 warps stride over the segment's tokens in tiles. A token row is handled by a row
@@ -42,6 +42,71 @@ struct DecodeCfg {
   static constexpr int kSmemBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
 };
 
+// Merge partial rows [row0, row1) of one (request, head block): out = sum_r 2^lse_r o_r / sum_r 2^lse_r
+// for each of its n_heads heads. All 128 threads of the CTA; sm: 4 * D + 4 floats of scratch.
+// Partials were written by other CTAs: read them from L2 (ld.cg), never from a stale L1 line.
+template <int D, int GB, typename OT>
+__device__ __forceinline__ void merge_pair(const float* __restrict__ part_o, const float* __restrict__ part_lse,
+                                           int row0, int row1, int n_heads, OT* out, long long o_stride_h,
+                                           float* lse, float* sm) {
+  constexpr int kActiveLanes = D / 8, U = 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int my_lane = lane < kActiveLanes ? lane : 0;  // idle lanes re-read lane 0's dims, unused
+  float* sm_acc = sm;           // [4][D]
+  float* sm_red = sm + 4 * D;   // [4]
+  for (int h = 0; h < n_heads; ++h) {
+    float m = neg_inf();
+    for (int r = row0 + threadIdx.x; r < row1; r += kDecodeThreads) m = fmaxf(m, __ldcg(part_lse + r * GB + h));
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) sm_red[warp] = m;
+    __syncthreads();
+    m = fmaxf(fmaxf(sm_red[0], sm_red[1]), fmaxf(sm_red[2], sm_red[3]));
+    __syncthreads();
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    float wsum = 0.f;
+    for (int r = row0 + warp; r < row1; r += kDecodeWarps * U) {  // warp w: rows w, w + 4, ...
+      float wr[U], o[U][8];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int rr = min(r + kDecodeWarps * u, row1 - 1);  // clamped rows get weight 0
+        const float l = __ldcg(part_lse + rr * GB + h);
+        wr[u] = (r + kDecodeWarps * u >= row1 || l == neg_inf()) ? 0.f : ptx_exp2(l - m);
+        const float4* p = reinterpret_cast<const float4*>(part_o + ((long long)rr * GB + h) * D + my_lane * 8);
+        const float4 a = __ldcg(p), b = __ldcg(p + 1);
+        o[u][0] = a.x; o[u][1] = a.y; o[u][2] = a.z; o[u][3] = a.w;
+        o[u][4] = b.x; o[u][5] = b.y; o[u][6] = b.z; o[u][7] = b.w;
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        wsum += wr[u];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = fmaf(wr[u], o[u][e], acc[e]);
+      }
+    }
+    if (lane < kActiveLanes) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sm_acc[warp * D + lane * 8 + e] = acc[e];
+    }
+    if (lane == 0) sm_red[warp] = wsum;
+    __syncthreads();
+    if (warp == 0) {
+      const float w = sm_red[0] + sm_red[1] + sm_red[2] + sm_red[3];
+      const float inv = (w > 0.f) ? __frcp_rn(w) : 0.f;
+      if (lane < kActiveLanes) {
+        float o[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          o[e] = (sm_acc[lane * 8 + e] + sm_acc[D + lane * 8 + e] + sm_acc[2 * D + lane * 8 + e] +
+                  sm_acc[3 * D + lane * 8 + e]) * inv;
+        store8<OT>(out + h * o_stride_h + lane * 8, o);
+      }
+      if (lse != nullptr && lane == 0) lse[h] = (w > 0.f) ? m + __log2f(w) : neg_inf();
+    }
+    __syncthreads();
+  }
+}
+
 template <int D, int GB, typename QT, typename KVT, bool ROPE>
 __global__ void __launch_bounds__(kDecodeThreads)
 batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_stride_h,
@@ -50,6 +115,7 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
                     const int* __restrict__ page_indptr, const int* __restrict__ page_indices,
                     const int* __restrict__ kv_lens, const int* __restrict__ cta_indptr,
                     const int4* __restrict__ segments, const int* __restrict__ segment_partial,
+                    const int* __restrict__ merge_indptr, int* __restrict__ merge_counters,
                     QT* __restrict__ out, long long o_stride_b, long long o_stride_h,
                     float* __restrict__ lse, float* __restrict__ part_o, float* __restrict__ part_lse,
                     int num_qo_heads, int group_size, int head_slices, unsigned int page_size,
@@ -77,22 +143,6 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
     const int request = sg.x, kv_head = sg.y / head_slices, head0 = (sg.y % head_slices) * GB;
     const int start = sg.z, end = sg.w;
     const int kv_len = kv_lens[request];
-
-    // Query heads of this block, pre-scaled so that q.k is the base-2 logit (or the pre-tanh logit).
-    float qf[GB][8];
-#pragma unroll
-    for (int h = 0; h < GB; ++h) {
-      const int hh = head0 + h;
-      if (hh < group_size) {
-        load8<QT>(q + request * q_stride_b + (kv_head * group_size + hh) * q_stride_h + dim0, qf[h]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) qf[h][e] = 0.f;
-      }
-      if (ROPE) rope_apply<D>(qf[h], rope_freq, float(kv_len - 1), lane_in_row, row_base);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) qf[h][e] = active_lane ? qf[h][e] * q_scale : 0.f;
-    }
 
     SoftmaxState<8> st[GB];
 #pragma unroll
@@ -134,6 +184,23 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
     load_pids(0);
 #pragma unroll
     for (int t = 0; t < S - 1; ++t) issue(t);
+
+    // (loaded after the first copies are in flight) Query heads of this block, pre-scaled so that q.k is the base-2 logit (or the pre-tanh logit).
+    float qf[GB][8];
+#pragma unroll
+    for (int h = 0; h < GB; ++h) {
+      const int hh = head0 + h;
+      if (hh < group_size) {
+        load8<QT>(q + request * q_stride_b + (kv_head * group_size + hh) * q_stride_h + dim0, qf[h]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) qf[h][e] = 0.f;
+      }
+      if (ROPE) rope_apply<D>(qf[h], rope_freq, float(kv_len - 1), lane_in_row, row_base);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) qf[h][e] = active_lane ? qf[h][e] * q_scale : 0.f;
+    }
+
 
     for (int t = 0; t < n_tiles; ++t) {
       issue(t + S - 1);
@@ -253,82 +320,29 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
         if (d0 == 0) part_lse[(long long)prow * GB + h] = m.lse();
       }
     }
+    if (prow >= 0) {
+      // The last CTA to finish a cut pair merges its partial rows, and resets the pair's counter so
+      // the next run (or a replayed CUDA graph) finds it at zero.
+      __shared__ int s_last;
+      const int pair = request * (num_qo_heads / group_size) * head_slices + sg.y;
+      __threadfence();  // this CTA's partial rows are visible device-wide before it is counted
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        const int n = merge_indptr[pair + 1] - merge_indptr[pair];
+        s_last = (atomicAdd(&merge_counters[pair], 1) + 1 == n);
+        if (s_last) merge_counters[pair] = 0;
+      }
+      __syncthreads();
+      if (s_last) {
+        __threadfence();
+        const int qo0 = kv_head * group_size + head0;
+        merge_pair<D, GB, QT>(part_o, part_lse, merge_indptr[pair], merge_indptr[pair + 1],
+                              min(GB, group_size - head0), out + request * o_stride_b + qo0 * o_stride_h,
+                              o_stride_h, lse ? lse + (long long)request * num_qo_heads + qo0 : nullptr,
+                              sm_acc);
+      }
+    }
     __syncthreads();  // the merge buffers become pipeline buffers again
-  }
-}
-
-// Merge the partial states of each (request, head block) that was cut over several CTAs.
-// Grid (pairs, GB): one CTA per (pair, query head); merge_indptr[p] .. merge_indptr[p + 1] are the
-// pair's partial rows (fewer than two: written directly by the decode kernel). The rows are spread
-// over the 4 warps and unrolled so many partial loads are in flight at once.
-template <int D, int GB, typename OT>
-__global__ void __launch_bounds__(128)
-merge_states_kernel(const float* __restrict__ part_o, const float* __restrict__ part_lse,
-                    const int* __restrict__ merge_indptr, OT* __restrict__ out, long long o_stride_b,
-                    long long o_stride_h, float* __restrict__ lse, int num_qo_heads, int group_size,
-                    int head_blocks) {
-  constexpr int kActiveLanes = D / 8;
-  const int pair = blockIdx.x, h = blockIdx.y;
-  const int row0 = merge_indptr[pair], row1 = merge_indptr[pair + 1];
-  const int slices = (group_size + GB - 1) / GB;
-  const int request = pair / head_blocks, hb = pair % head_blocks;
-  const int kv_head = hb / slices, head0 = (hb % slices) * GB;
-  if (row1 - row0 < 2 || head0 + h >= group_size) return;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __shared__ float sm_red[4];
-  __shared__ float sm_acc[4][D];
-
-  // 1) the largest lse (block-wide), so every weight 2^(lse - max) is <= 1
-  float m = neg_inf();
-  for (int r = row0 + threadIdx.x; r < row1; r += 128) m = fmaxf(m, part_lse[(long long)r * GB + h]);
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if (lane == 0) sm_red[warp] = m;
-  __syncthreads();
-  m = fmaxf(fmaxf(sm_red[0], sm_red[1]), fmaxf(sm_red[2], sm_red[3]));
-  __syncthreads();
-
-  // 2) weighted sum of the normalised partial outputs; warp w takes rows w, w + 4, ...
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  float wsum = 0.f;
-  constexpr int U = 4;
-  const int my_lane = lane < kActiveLanes ? lane : 0;  // idle lanes re-read lane 0's dims, unused
-  for (int r = row0 + warp; r < row1; r += 4 * U) {
-    float wr[U], o[U][8];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int rr = min(r + 4 * u, row1 - 1);  // clamped rows get weight 0
-      const float l = part_lse[(long long)rr * GB + h];
-      wr[u] = (r + 4 * u >= row1 || l == neg_inf()) ? 0.f : ptx_exp2(l - m);
-      load8<float>(part_o + ((long long)rr * GB + h) * D + my_lane * 8, o[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      wsum += wr[u];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] = fmaf(wr[u], o[u][e], acc[e]);
-    }
-  }
-  if (lane < kActiveLanes) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) sm_acc[warp][lane * 8 + e] = acc[e];
-  }
-  if (lane == 0) sm_red[warp] = wsum;
-  __syncthreads();
-  if (warp == 0) {
-    const float w = sm_red[0] + sm_red[1] + sm_red[2] + sm_red[3];
-    const float inv = (w > 0.f) ? __frcp_rn(w) : 0.f;
-    const int qo_head = kv_head * group_size + head0 + h;
-    if (lane < kActiveLanes) {
-      float o[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e)
-        o[e] = (sm_acc[0][lane * 8 + e] + sm_acc[1][lane * 8 + e] + sm_acc[2][lane * 8 + e] +
-                sm_acc[3][lane * 8 + e]) * inv;
-      store8<OT>(out + request * o_stride_b + qo_head * o_stride_h + lane * 8, o);
-    }
-    if (lse != nullptr && lane == 0)
-      lse[(long long)request * num_qo_heads + qo_head] = (w > 0.f) ? m + __log2f(w) : neg_inf();
   }
 }
 

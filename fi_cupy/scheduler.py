@@ -31,11 +31,32 @@ class DecodeSchedule:
     cta_indptr: np.ndarray       # int32 (num_ctas + 1,): segments of CTA b
     merge_indptr: np.ndarray     # int32 (pairs + 1,): partial rows of pair p (request * head_blocks + hb)
     num_partial_rows: int
+    quota: int                   # tokens per CTA
 
     @staticmethod
     def capacity(batch_size: int, head_blocks: int, num_ctas: int) -> tuple:
         """(max segments, max partial rows): bounds that depend on the batch size only."""
         return batch_size * head_blocks + num_ctas, 2 * num_ctas
+
+
+SEGMENT_COST = 32  # a segment's fixed cost (query load, pipeline fill, epilogue) in tokens
+
+
+def _pick_quota(cum: np.ndarray, num_ctas: int, min_quota: int) -> int:
+    """Tokens per CTA: the smallest even split, or a split aligned to the longest pair when that
+    gives fewer segments per CTA; scored by the most loaded CTA (tokens + SEGMENT_COST a segment)."""
+    total = int(cum[-1])
+    q0 = max(-(-total // num_ctas), min_quota)
+    longest = int(np.diff(cum).max()) if cum.size > 1 else 0
+    cands = {q0} | {-(-longest // k) for k in range(1, 65)}
+    best, best_cost = q0, None
+    for q in sorted(c for c in cands if c >= q0):
+        starts = np.arange(0, total, q)
+        inner = np.searchsorted(cum, starts + q, side="left") - np.searchsorted(cum, starts, side="right")
+        cost = int(np.max(np.minimum(q, total - starts) + SEGMENT_COST * (1 + inner))) if starts.size else 0
+        if best_cost is None or cost < best_cost:
+            best, best_cost = q, cost
+    return best
 
 
 def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min_quota: int = 64) -> DecodeSchedule:
@@ -46,7 +67,7 @@ def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min
     pair_len = np.repeat(kv_lens - vis, head_blocks)
     cum = np.concatenate([[0], np.cumsum(pair_len)])
     total = int(cum[-1])
-    quota = max(-(-total // num_ctas), min_quota)
+    quota = _pick_quota(cum, num_ctas, min_quota)
     # Non-empty segments: the pair boundaries and the CTA quota boundaries cut the token space.
     bounds = np.unique(np.concatenate([cum, np.arange(quota, total, quota)]))
     lo, hi = bounds[:-1], bounds[1:]
@@ -77,4 +98,5 @@ def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min
         cta_indptr=np.searchsorted(cta, np.arange(num_ctas + 1), side="left").astype(np.int32),
         merge_indptr=np.concatenate([[0], np.cumsum(merge_counts)]).astype(np.int32),
         num_partial_rows=int(idx.size),
+        quota=quota,
     )

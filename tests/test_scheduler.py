@@ -35,8 +35,9 @@ def _check_schedule(kv_lens, visible, head_blocks, num_ctas, sch):
     # balance: every CTA gets at most one quota of tokens
     load = [int((seg[a:b, 3] - seg[a:b, 2]).sum()) for a, b in zip(sch.cta_indptr[:-1], sch.cta_indptr[1:])]
     total = int(sum(max(0, l - v) for l, v in zip(kv_lens, visible))) * head_blocks
-    quota = max(-(-total // num_ctas), 64)
-    assert sum(load) == total and max(load) <= quota
+    even = max(-(-total // num_ctas), 64)
+    assert sum(load) == total and max(load) <= sch.quota and sch.quota >= even
+    assert -(-total // sch.quota) <= num_ctas
 
 
 @pytest.mark.parametrize("kv_lens", [[8192], [131072], [0], [1], [4096] * 16, [2048] * 64, [512] * 512,
@@ -125,3 +126,9 @@ def test_replan_same_batch_keeps_every_device_offset():
     a = plan_decode(p, np.array([0, 2, 3]), np.arange(3), np.array([5, 9]), num_ctas=396)
     b = plan_decode(p, np.array([0, 700, 701]), np.arange(701), np.array([16, 1]), num_ctas=396)
     assert a.offsets == b.offsets and a.partial_bytes() == b.partial_bytes()
+
+
+def test_quota_aligns_with_uniform_lengths():
+    """16 x 4096 tokens over 528 CTAs: 1024-token quotas give each CTA one segment."""
+    sch = scheduler.decode_schedule(np.full(16, 4096), np.zeros(16), 8, 528)
+    assert sch.quota == 1024 and np.all(np.diff(sch.cta_indptr) <= 1)
