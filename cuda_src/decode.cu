@@ -323,17 +323,16 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
     if (prow >= 0) {
       // The last CTA to finish a cut pair merges its partial rows, and resets the pair's counter so
       // the next run (or a replayed CUDA graph) finds it at zero.
-      __shared__ int s_last;
       const int pair = request * (num_qo_heads / group_size) * head_slices + sg.y;
       __threadfence();  // this CTA's partial rows are visible device-wide before it is counted
       __syncthreads();
+      bool last = false;
       if (threadIdx.x == 0) {
         const int n = merge_indptr[pair + 1] - merge_indptr[pair];
-        s_last = (atomicAdd(&merge_counters[pair], 1) + 1 == n);
-        if (s_last) merge_counters[pair] = 0;
+        last = atomicAdd(&merge_counters[pair], 1) + 1 == n;
+        if (last) merge_counters[pair] = 0;
       }
-      __syncthreads();
-      if (s_last) {
+      if (__syncthreads_or(last)) {  // broadcast thread 0's verdict
         __threadfence();
         const int qo0 = kv_head * group_size + head0;
         merge_pair<D, GB, QT>(part_o, part_lse, merge_indptr[pair], merge_indptr[pair + 1],

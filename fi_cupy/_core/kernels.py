@@ -73,13 +73,15 @@ class Function:
         self.fn = module.get_function(name)
         self.ptr = int(self.fn.ptr)
         self.name = name
-        self.smem_limit = 48 * 1024  # dynamic shared memory allowed without opting in
+        self.smem_limit = 0  # dynamic shared memory checked so far
 
     def allow_smem(self, nbytes: int) -> None:
-        """Opt in to more than 48 KB of dynamic shared memory (once per function)."""
+        """Opt in to `nbytes` of dynamic shared memory where static + dynamic exceeds 48 KB (once)."""
         if nbytes > self.smem_limit:
             from cupy_backends.cuda.api import driver
-            driver.funcSetAttribute(self.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+            static = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, self.ptr)
+            if static + nbytes > 48 * 1024:
+                driver.funcSetAttribute(self.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
             self.smem_limit = nbytes
 
     def occupancy(self, block: int, smem: int) -> int:
