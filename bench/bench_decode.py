@@ -117,6 +117,19 @@ def compile_times():
     return cold, cached
 
 
+def sweep(torch, copy_bw):
+    """Latency-bound shapes under several minimum CTA quotas (scheduler.MIN_QUOTA)."""
+    from fi_cupy import scheduler
+    rows = []
+    for mq in (64, 128, 256, 512):
+        scheduler.MIN_QUOTA = mq
+        for b, l in ((1, 8192), (1, 32768), (16, 4096)):
+            t, _, nbytes = bench_fi_cupy(torch, b, l)
+            rows.append([mq, f"{b}x{l}", f"{t * 1e3:.4f}", f"{100 * nbytes / t / copy_bw:.0f}%"])
+    scheduler.MIN_QUOTA = 64
+    common.print_table("min quota sweep", ["min quota", "B x L", "ms", "of copy"], rows)
+
+
 def main():
     torch = common.torch_or_none()
     if torch is None:
@@ -127,6 +140,8 @@ def main():
     print(f"device: {props['name']} ({props['sms']} SMs, {kernels.device_arch(0)}), NVRTC {cc.nvrtc_version()}")
     print(f"copy ceiling (read+write): {copy_bw / 1e9:.0f} GB/s")
     print(f"decode kernel compile: cold {cold * 1e3:.0f} ms, cached load {cached * 1e3:.1f} ms")
+    if "--sweep" in sys.argv:
+        sweep(torch, copy_bw)
     rows, data = [], []
     cases = [((b, l), "bfloat16", "NHD") for b, l in SHAPES] + EXTRA
     for (b, l), kvd, layout in cases:

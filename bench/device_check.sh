@@ -13,5 +13,5 @@ python3 -m fi_cupy precompile 2>&1 | tail -1
 timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -rs --durations=15 tests "$@" 2>&1 | tee "$OUT/tests.txt" | tail -60
 python3 bench/profile_host.py 2>&1 | tee "$OUT/profile_host.txt" | head -60
 if [ -z "${SKIP_BENCH:-}" ]; then
-  timeout ${BENCH_TIMEOUT:-200} python3 bench/bench_decode.py 2>&1 | tee "$OUT/bench_decode.txt"
+  timeout ${BENCH_TIMEOUT:-200} python3 bench/bench_decode.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_decode.txt"
 fi

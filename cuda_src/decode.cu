@@ -5,7 +5,7 @@
 // cut into equal token quotas, one per CTA; a CTA walks its list of segments. A segment is a token
 // range of one (request, head block); a head block is GB query heads of one KV head. A (request,
 // head block) that lies in one segment writes its output directly; one cut over several CTAs writes
-// float32 partial states, and the last of those CTAs to finish merges them (merge_pair). The grid depends only on the device, so
+// float32 partial states that merge_states_kernel combines. The grid depends only on the device, so
 // a planned run() replays in a CUDA graph after any re-plan.
 //
 // Inside a CTA: 4 warps stride over the segment's tokens in tiles. A token row is handled by a row
@@ -42,71 +42,6 @@ struct DecodeCfg {
   static constexpr int kSmemBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
 };
 
-// Merge partial rows [row0, row1) of one (request, head block): out = sum_r 2^lse_r o_r / sum_r 2^lse_r
-// for each of its n_heads heads. All 128 threads of the CTA; sm: 4 * D + 4 floats of scratch.
-// Partials were written by other CTAs: read them from L2 (ld.cg), never from a stale L1 line.
-template <int D, int GB, typename OT>
-__device__ __forceinline__ void merge_pair(const float* __restrict__ part_o, const float* __restrict__ part_lse,
-                                           int row0, int row1, int n_heads, OT* out, long long o_stride_h,
-                                           float* lse, float* sm) {
-  constexpr int kActiveLanes = D / 8, U = 4;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int my_lane = lane < kActiveLanes ? lane : 0;  // idle lanes re-read lane 0's dims, unused
-  float* sm_acc = sm;           // [4][D]
-  float* sm_red = sm + 4 * D;   // [4]
-  for (int h = 0; h < n_heads; ++h) {
-    float m = neg_inf();
-    for (int r = row0 + threadIdx.x; r < row1; r += kDecodeThreads) m = fmaxf(m, __ldcg(part_lse + r * GB + h));
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (lane == 0) sm_red[warp] = m;
-    __syncthreads();
-    m = fmaxf(fmaxf(sm_red[0], sm_red[1]), fmaxf(sm_red[2], sm_red[3]));
-    __syncthreads();
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    float wsum = 0.f;
-    for (int r = row0 + warp; r < row1; r += kDecodeWarps * U) {  // warp w: rows w, w + 4, ...
-      float wr[U], o[U][8];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int rr = min(r + kDecodeWarps * u, row1 - 1);  // clamped rows get weight 0
-        const float l = __ldcg(part_lse + rr * GB + h);
-        wr[u] = (r + kDecodeWarps * u >= row1 || l == neg_inf()) ? 0.f : ptx_exp2(l - m);
-        const float4* p = reinterpret_cast<const float4*>(part_o + ((long long)rr * GB + h) * D + my_lane * 8);
-        const float4 a = __ldcg(p), b = __ldcg(p + 1);
-        o[u][0] = a.x; o[u][1] = a.y; o[u][2] = a.z; o[u][3] = a.w;
-        o[u][4] = b.x; o[u][5] = b.y; o[u][6] = b.z; o[u][7] = b.w;
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        wsum += wr[u];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] = fmaf(wr[u], o[u][e], acc[e]);
-      }
-    }
-    if (lane < kActiveLanes) {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) sm_acc[warp * D + lane * 8 + e] = acc[e];
-    }
-    if (lane == 0) sm_red[warp] = wsum;
-    __syncthreads();
-    if (warp == 0) {
-      const float w = sm_red[0] + sm_red[1] + sm_red[2] + sm_red[3];
-      const float inv = (w > 0.f) ? __frcp_rn(w) : 0.f;
-      if (lane < kActiveLanes) {
-        float o[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-          o[e] = (sm_acc[lane * 8 + e] + sm_acc[D + lane * 8 + e] + sm_acc[2 * D + lane * 8 + e] +
-                  sm_acc[3 * D + lane * 8 + e]) * inv;
-        store8<OT>(out + h * o_stride_h + lane * 8, o);
-      }
-      if (lse != nullptr && lane == 0) lse[h] = (w > 0.f) ? m + __log2f(w) : neg_inf();
-    }
-    __syncthreads();
-  }
-}
-
 template <int D, int GB, typename QT, typename KVT, bool ROPE>
 __global__ void __launch_bounds__(kDecodeThreads)
 batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_stride_h,
@@ -115,7 +50,6 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
                     const int* __restrict__ page_indptr, const int* __restrict__ page_indices,
                     const int* __restrict__ kv_lens, const int* __restrict__ cta_indptr,
                     const int4* __restrict__ segments, const int* __restrict__ segment_partial,
-                    const int* __restrict__ merge_indptr, int* __restrict__ merge_counters,
                     QT* __restrict__ out, long long o_stride_b, long long o_stride_h,
                     float* __restrict__ lse, float* __restrict__ part_o, float* __restrict__ part_lse,
                     int num_qo_heads, int group_size, int head_slices, unsigned int page_size,
@@ -320,28 +254,81 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
         if (d0 == 0) part_lse[(long long)prow * GB + h] = m.lse();
       }
     }
-    if (prow >= 0) {
-      // The last CTA to finish a cut pair merges its partial rows, and resets the pair's counter so
-      // the next run (or a replayed CUDA graph) finds it at zero.
-      const int pair = request * (num_qo_heads / group_size) * head_slices + sg.y;
-      __threadfence();  // this CTA's partial rows are visible device-wide before it is counted
-      __syncthreads();
-      bool last = false;
-      if (threadIdx.x == 0) {
-        const int n = merge_indptr[pair + 1] - merge_indptr[pair];
-        last = atomicAdd(&merge_counters[pair], 1) + 1 == n;
-        if (last) merge_counters[pair] = 0;
-      }
-      if (__syncthreads_or(last)) {  // broadcast thread 0's verdict
-        __threadfence();
-        const int qo0 = kv_head * group_size + head0;
-        merge_pair<D, GB, QT>(part_o, part_lse, merge_indptr[pair], merge_indptr[pair + 1],
-                              min(GB, group_size - head0), out + request * o_stride_b + qo0 * o_stride_h,
-                              o_stride_h, lse ? lse + (long long)request * num_qo_heads + qo0 : nullptr,
-                              sm_acc);
-      }
-    }
     __syncthreads();  // the merge buffers become pipeline buffers again
+  }
+}
+
+// Merge the partial states of each (request, head block) cut over several CTAs: for each head,
+// out = sum_r 2^lse_r o_r / sum_r 2^lse_r over the pair's rows merge_indptr[p] .. merge_indptr[p + 1].
+// Grid (pairs, GB); pairs with fewer than two rows were written directly and exit. The 128 threads
+// are (row group, 8-dim chunk): every row group sums its rows with U loads in flight, so a merge of
+// tens of rows takes a few memory round trips.
+template <int D, int GB, typename OT>
+__global__ void __launch_bounds__(128)
+merge_states_kernel(const float* __restrict__ part_o, const float* __restrict__ part_lse,
+                    const int* __restrict__ merge_indptr, OT* __restrict__ out, long long o_stride_b,
+                    long long o_stride_h, float* __restrict__ lse, int num_qo_heads, int group_size,
+                    int head_blocks) {
+  constexpr int kChunks = NextPow2<D / 8>::value, kGroups = 128 / kChunks, U = 4;
+  const int pair = blockIdx.x, h = blockIdx.y;
+  const int row0 = merge_indptr[pair], row1 = merge_indptr[pair + 1];
+  const int slices = (group_size + GB - 1) / GB;
+  const int request = pair / head_blocks, hb = pair % head_blocks;
+  const int kv_head = hb / slices, head0 = (hb % slices) * GB;
+  if (row1 - row0 < 2 || head0 + h >= group_size) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int chunk = threadIdx.x % kChunks, group = threadIdx.x / kChunks;
+  const int dim0 = (chunk < D / 8 ? chunk : 0) * 8;  // padding chunks re-read chunk 0, unused
+  __shared__ float sm_red[4];
+  __shared__ float sm_acc[kGroups][D];
+
+  float m = neg_inf();
+  for (int r = row0 + threadIdx.x; r < row1; r += 128) m = fmaxf(m, part_lse[(long long)r * GB + h]);
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) sm_red[warp] = m;
+  __syncthreads();
+  m = fmaxf(fmaxf(sm_red[0], sm_red[1]), fmaxf(sm_red[2], sm_red[3]));
+
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  float wsum = 0.f;
+  for (int r = row0 + group; r < row1; r += kGroups * U) {
+    float wr[U], o[U][8];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int rr = min(r + kGroups * u, row1 - 1);  // clamped rows get weight 0
+      const float l = part_lse[(long long)rr * GB + h];
+      wr[u] = (r + kGroups * u >= row1 || l == neg_inf()) ? 0.f : ptx_exp2(l - m);
+      load8<float>(part_o + ((long long)rr * GB + h) * D + dim0, o[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      wsum += wr[u];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] = fmaf(wr[u], o[u][e], acc[e]);
+    }
+  }
+  if (chunk < D / 8) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sm_acc[group][dim0 + e] = acc[e];
+  }
+  __shared__ float sm_w[kGroups];  // the threads of a row group hold the same weight sum
+  if (chunk == 0) sm_w[group] = wsum;
+  __syncthreads();
+  if (threadIdx.x < D / 8) {
+    float w = 0.f, o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int g = 0; g < kGroups; ++g) {
+      w += sm_w[g];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] += sm_acc[g][threadIdx.x * 8 + e];
+    }
+    const float inv = (w > 0.f) ? __frcp_rn(w) : 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[e] *= inv;
+    const int qo_head = kv_head * group_size + head0 + h;
+    store8<OT>(out + request * o_stride_b + qo_head * o_stride_h + threadIdx.x * 8, o);
+    if (lse != nullptr && threadIdx.x == 0)
+      lse[(long long)request * num_qo_heads + qo_head] = (w > 0.f) ? m + __log2f(w) : neg_inf();
   }
 }
 

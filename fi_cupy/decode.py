@@ -32,6 +32,7 @@ def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dt
     return Program("decode.cu", (
         KernelSpec("fic::batch_decode_kernel",
                    (head_dim, heads_per_block, q_dtype.cpp, kv_dtype.cpp, kernels.cpp_bool(rope))),
+        KernelSpec("fic::merge_states_kernel", (head_dim, heads_per_block, q_dtype.cpp)),
     ))
 
 
@@ -179,7 +180,6 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
     parts = [("segments", sch.segments.ravel(), 4 * seg_cap), ("segment_partial", sch.segment_partial, seg_cap),
              ("cta_indptr", sch.cta_indptr, num_ctas + 1), ("page_indptr", indptr, batch + 1),
              ("kv_lens", kv_lens, batch), ("merge_indptr", sch.merge_indptr, batch * head_blocks + 1),
-             ("merge_counters", np.zeros(0, np.int32), batch * head_blocks),
              ("indices", used, used.size)]
     offsets, cur = {}, 0
     for name, a, cap in parts:
@@ -196,7 +196,7 @@ def decode_num_ctas(params: DecodeParams, kv_dtype: dt.DType, device: int) -> in
     """One wave of the decode kernel on `device` (compiles / loads the kernel)."""
     gb, _ = scheduler.decode_heads_per_block(params.group_size)
     prog = decode_program(params.head_dim, gb, params.q_dtype, kv_dtype, params.rope)
-    (fn,) = kernels.functions(prog, device).values()
+    fn = kernels.functions(prog, device)[prog.kernels[0]]
     occ = fn.occupancy(128, decode_smem_bytes(params.head_dim, gb))
     return kernels.device_props(device)["sms"] * max(occ, 1)
 
@@ -300,12 +300,13 @@ def _outputs(q: arrays.ArrayInfo, p: DecodeParams, out, lse, return_lse: bool, s
 
 
 def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
-                  o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float, stream: int) -> None:
-    """Queue the decode kernel on `stream` (one launch; cut pairs are merged inside it).
-    No allocation, no sync."""
+                  o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float, stream: int,
+                  always_merge: bool = False) -> None:
+    """Queue the decode kernel, and the merge of cut pairs, on `stream`. No allocation, no sync.
+    always_merge keeps the launch sequence fixed whatever the plan (CUDA graphs)."""
     p = plan.params
     gb, slices = plan.heads_per_block
-    (dec,) = kernels.functions(decode_program(p.head_dim, gb, p.q_dtype, kv.dtype, p.rope), q.device).values()
+    dec, merge = kernels.functions(decode_program(p.head_dim, gb, p.q_dtype, kv.dtype, p.rope), q.device).values()
     off = {k: meta_ptr + 4 * v for k, v in plan.offsets.items()}
     part_o = partial_ptr
     part_lse = partial_ptr + _align(plan.partial_capacity * gb * p.head_dim * 4)
@@ -317,11 +318,16 @@ def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.A
         ptr(q), i64(q_sb), i64(qs[-2]),
         ptr(kv.k_ptr), ptr(kv.v_ptr), i64(kv.stride_page), i64(kv.stride_slot), i64(kv.stride_head),
         ptr(off["page_indptr"]), ptr(off["indices"]), ptr(off["kv_lens"]), ptr(off["cta_indptr"]),
-        ptr(off["segments"]), ptr(off["segment_partial"]), ptr(off["merge_indptr"]), ptr(off["merge_counters"]),
+        ptr(off["segments"]), ptr(off["segment_partial"]),
         ptr(o), i64(o_sb), i64(os_[-2]), ptr(l_info), ptr(part_o), ptr(part_lse),
         i32(p.num_qo_heads), i32(p.group_size), i32(slices), u32(p.page_size), u32(mul), u32(shift),
         f32(q_scale), f32(p.soft_cap), f32(v_scale), f32(1.0 / p.rope_scale), f32(p.rope_theta),
     ], stream, q.device, smem=decode_smem_bytes(p.head_dim, gb))
+    if always_merge or plan.num_partial_rows:
+        kernels.launch(merge, (plan.num_pairs, gb), (128,), [
+            ptr(part_o), ptr(part_lse), ptr(off["merge_indptr"]), ptr(o), i64(o_sb), i64(os_[-2]),
+            ptr(l_info), i32(p.num_qo_heads), i32(p.group_size), i32(plan.num_kv_heads_blocks),
+        ], stream, q.device)
 
 
 def _deliver(out_obj, lse_obj, return_lse: bool, framework: str):
@@ -444,7 +450,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         out_obj, o, lse_obj, l_info = _outputs(qi, p, out, lse, return_lse, s, (plan.batch_size,), cur)
         checks.same_device(qi, self._ws, *kv.infos)
         launch_decode(plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, o, l_info,
-                      _scale("k_scale", k_scale), _scale("v_scale", v_scale), s)
+                      _scale("k_scale", k_scale), _scale("v_scale", v_scale), s, self._use_cuda_graph)
         return _deliver(out_obj, lse_obj, return_lse, fw)
 
     forward = run

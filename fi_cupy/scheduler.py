@@ -40,6 +40,7 @@ class DecodeSchedule:
 
 
 SEGMENT_COST = 32  # a segment's fixed cost (query load, pipeline fill, epilogue) in tokens
+MIN_QUOTA = 64     # fewest tokens a CTA is given: below it, more CTAs only add partial states to merge
 
 
 def _pick_quota(cum: np.ndarray, num_ctas: int, min_quota: int) -> int:
@@ -59,7 +60,7 @@ def _pick_quota(cum: np.ndarray, num_ctas: int, min_quota: int) -> int:
     return best
 
 
-def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min_quota: int = 64) -> DecodeSchedule:
+def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min_quota: int | None = None) -> DecodeSchedule:
     kv_lens = np.asarray(kv_lens, dtype=np.int64)
     vis = np.minimum(np.asarray(visible_start, dtype=np.int64), kv_lens)
     batch = kv_lens.size
@@ -67,7 +68,7 @@ def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min
     pair_len = np.repeat(kv_lens - vis, head_blocks)
     cum = np.concatenate([[0], np.cumsum(pair_len)])
     total = int(cum[-1])
-    quota = _pick_quota(cum, num_ctas, min_quota)
+    quota = _pick_quota(cum, num_ctas, MIN_QUOTA if min_quota is None else min_quota)
     # Non-empty segments: the pair boundaries and the CTA quota boundaries cut the token space.
     bounds = np.unique(np.concatenate([cum, np.arange(quota, total, quota)]))
     lo, hi = bounds[:-1], bounds[1:]

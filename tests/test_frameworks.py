@@ -132,3 +132,19 @@ def test_explicit_stream_argument():
     s.synchronize()
     ro, _ = reference.decode_attention(q.double().cpu().numpy(), k.double().cpu().numpy(), k.double().cpu().numpy())
     assert_close(o.double().cpu().numpy(), ro, "float16")
+
+
+def test_fast_paths_match_dlpack():
+    """torch and CuPy arrays are read from their own attributes: the same description as DLPack's."""
+    torch = pytest.importorskip("torch")
+    base = torch.zeros((6, 1, 4, 32), device="cuda")
+    cases = [base.bfloat16(), base.half()[:, :, 1:, ::2], base.to(torch.float8_e5m2), base.int()[2:],
+             base[:, :, :, :16].transpose(0, 2)]
+    c = cupy.zeros((5, 1, 8, 16), cupy.float16)
+    for x in cases + [c, c[1:, :, ::2], c.transpose(2, 0, 1, 3)]:
+        fast = arrays.describe(x, "x")
+        slow = arrays.describe_dlpack(x, "x")
+        for f in ("ptr", "shape", "strides", "dtype", "device", "framework"):
+            assert getattr(fast, f) == getattr(slow, f), (f, getattr(fast, f), getattr(slow, f))
+    with pytest.raises(ValueError, match="t: expected an array on a CUDA device, got one on CPU"):
+        arrays.describe(torch.zeros(3), "t")
