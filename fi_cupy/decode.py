@@ -451,6 +451,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         checks.same_device(qi, self._ws, *kv.infos)
         launch_decode(plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, o, l_info,
                       _scale("k_scale", k_scale), _scale("v_scale", v_scale), s, self._use_cuda_graph)
+        arrays.keep_alive(qi.device, s, (qi, o, l_info) + kv.infos)
         return _deliver(out_obj, lse_obj, return_lse, fw)
 
     forward = run
@@ -535,4 +536,5 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     out_obj, o, lse_obj, l_info = _outputs(qi, params, out, lse, return_lse, s, (), cur)
     launch_decode(plan, meta_ptr, scratch.ptr, qi, kv, o, l_info, _scale("k_scale", k_scale),
                   _scale("v_scale", v_scale), s)
+    arrays.keep_alive(qi.device, s, (qi, ki, vi, o, l_info))
     return _deliver(out_obj, lse_obj, return_lse, fw)

@@ -11,6 +11,7 @@ memory from CuPy handed over zero-copy through a DLPack capsule that fi_cupy pro
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +84,7 @@ class ArrayInfo:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def byte_strides(self) -> tuple:
@@ -320,3 +321,32 @@ def deliver(obj, framework: str):
         return cupy.from_dlpack(obj)
     except Exception:  # noqa: BLE001 - a dtype this CuPy cannot hold: the buffer itself speaks DLPack
         return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Lifetimes
+
+_STREAM_ORDERED = ("torch", "cupy", "fi_cupy")  # their allocators never reuse memory ahead of our stream
+_pending: list = []  # (device, event, objects) for launches that still read non-stream-ordered inputs
+
+
+def keep_alive(device: int, stream_handle: int, infos) -> None:
+    """Hold inputs whose memory is not ordered with our stream (JAX, other DLPack producers) until
+    the work queued so far on `stream_handle` completes; release those whose work has finished."""
+    from cupy.cuda import runtime
+    if _pending:
+        still = []
+        for dev, ev, objs in _pending:
+            if runtime.eventQuery(ev) == 0:  # cudaSuccess: done
+                runtime.eventDestroy(ev)
+            else:
+                still.append((dev, ev, objs))
+        _pending[:] = still
+    objs = [i for i in infos if i is not None and i.framework not in _STREAM_ORDERED]
+    if not objs:
+        return
+    import cupy
+    with cupy.cuda.Device(device):
+        ev = runtime.eventCreateWithFlags(runtime.eventDisableTiming)
+        runtime.eventRecord(ev, stream_handle)
+    _pending.append((device, ev, objs))
