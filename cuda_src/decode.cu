@@ -42,8 +42,16 @@ struct DecodeCfg {
   static constexpr int kSmemBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
 };
 
+// Minimum resident CTAs per SM for ptxas: 4 (what 48 KB of shared memory a CTA allows) unless the
+// registers of 8 heads, or RoPE with 4, need more than 128 per thread. Without the hint ptxas picks
+// ~72 registers for small variants and spills.
+template <int GB, bool ROPE>
+struct DecodeMinBlocks {
+  static constexpr int value = GB >= 8 ? 2 : ((ROPE && GB >= 4) ? 3 : 4);
+};
+
 template <int D, int GB, typename QT, typename KVT, bool ROPE>
-__global__ void __launch_bounds__(kDecodeThreads)
+__global__ void __launch_bounds__(kDecodeThreads, DecodeMinBlocks<GB, ROPE>::value)
 batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_stride_h,
                     const KVT* __restrict__ k_cache, const KVT* __restrict__ v_cache,
                     long long kv_stride_page, long long kv_stride_slot, long long kv_stride_head,
@@ -54,7 +62,7 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
                     float* __restrict__ lse, float* __restrict__ part_o, float* __restrict__ part_lse,
                     int num_qo_heads, int group_size, int head_slices, unsigned int page_size,
                     unsigned int page_div_mul, unsigned int page_div_shift, float q_scale, float soft_cap,
-                    float v_scale, float rope_rcp_scale, float rope_theta) {
+                    float v_scale, float rope_rcp_scale, double rope_log2_theta) {
   using C = DecodeCfg<D, GB, KVT>;
   using Raw = typename C::Raw;
   constexpr int L = C::kLanes, R = C::kRowsPerLane, RPW = C::kRowsPerWarp, S = C::kStages;
@@ -69,21 +77,31 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
   Raw* pipe = reinterpret_cast<Raw*>(smem + warp * kWarpPipelineBytes);
 
   float rope_freq[8];
-  if (ROPE) rope_freqs<D>(lane_in_row, rope_rcp_scale, rope_theta, rope_freq);
+  if (ROPE) rope_freqs<D>(lane_in_row, rope_rcp_scale, rope_log2_theta, rope_freq);
+  const float rcp_cap = soft_cap > 0.f ? __frcp_rn(soft_cap) : 0.f;  // no division in the loop
 
-  const int seg_end = cta_indptr[blockIdx.x + 1];
-  for (int seg = cta_indptr[blockIdx.x]; seg < seg_end; ++seg) {
-    const int4 sg = segments[seg];
+  const int seg_begin = cta_indptr[blockIdx.x], seg_end = cta_indptr[blockIdx.x + 1];
+  // A segment's descriptor and page-table start are loaded one segment ahead (fewer dependent
+  // round trips before its first K/V bytes arrive).
+  int4 next_sg = seg_begin < seg_end ? segments[seg_begin] : make_int4(0, 0, 0, 0);
+  int next_page_start = seg_begin < seg_end ? page_indptr[next_sg.x] : 0;
+  for (int seg = seg_begin; seg < seg_end; ++seg) {
+    const int4 sg = next_sg;
+    const int page_start = next_page_start;
+    if (seg + 1 < seg_end) {
+      next_sg = segments[seg + 1];
+      next_page_start = page_indptr[next_sg.x];
+    }
     const int request = sg.x, kv_head = sg.y / head_slices, head0 = (sg.y % head_slices) * GB;
     const int start = sg.z, end = sg.w;
-    const int kv_len = kv_lens[request];
+    const int kv_len = ROPE ? kv_lens[request] : 0;  // only RoPE needs the query position
 
     SoftmaxState<8> st[GB];
 #pragma unroll
     for (int h = 0; h < GB; ++h) st[h].init();
 
     const long long head_off = (long long)kv_head * kv_stride_head + dim0;
-    const int* pages = page_indices + page_indptr[request];
+    const int* pages = page_indices + page_start;
     const int tile_stride = kDecodeWarps * C::kTileRows;
     const int first = start + warp * C::kTileRows;
     const int n_tiles = (end > first) ? (end - first + tile_stride - 1) / tile_stride : 0;
@@ -170,7 +188,7 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
 #pragma unroll
         for (int j = 0; j < R; ++j) {
           float x = s[j][h];
-          if (soft_cap > 0.f) x = soft_cap * FIC_LOG2E * tanhf(x / soft_cap);
+          if (soft_cap > 0.f) x = soft_cap * FIC_LOG2E * tanh_inline(x * rcp_cap);
           s[j][h] = (tile_start + j * RPW + row < end) ? x : neg_inf();
           m_tile = fmaxf(m_tile, s[j][h]);
         }

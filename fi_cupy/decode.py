@@ -16,7 +16,7 @@ from . import scheduler
 from ._core import arrays, checks, kernels, streams
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
-from ._core.kernels import KernelSpec, Program, f32, i32, i64, ptr, u32
+from ._core.kernels import KernelSpec, Program, f32, f64, i32, i64, ptr, u32
 
 SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
 Q_DTYPES = (dt.float16, dt.bfloat16)
@@ -321,7 +321,7 @@ def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.A
         ptr(off["segments"]), ptr(off["segment_partial"]),
         ptr(o), i64(o_sb), i64(os_[-2]), ptr(l_info), ptr(part_o), ptr(part_lse),
         i32(p.num_qo_heads), i32(p.group_size), i32(slices), u32(p.page_size), u32(mul), u32(shift),
-        f32(q_scale), f32(p.soft_cap), f32(v_scale), f32(1.0 / p.rope_scale), f32(p.rope_theta),
+        f32(q_scale), f32(p.soft_cap), f32(v_scale), f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)),
     ], stream, q.device, smem=decode_smem_bytes(p.head_dim, gb))
     if always_merge or plan.num_partial_rows:
         kernels.launch(merge, (plan.num_pairs, gb), (128,), [

@@ -121,9 +121,9 @@ def ptr(x) -> np.uint64:
     return np.uint64(x if isinstance(x, int) else x.ptr)
 
 
-i32, i64, u32, f32 = np.int32, np.int64, np.uint32, np.float32
+i32, i64, u32, f32, f64 = np.int32, np.int64, np.uint32, np.float32, np.float64
 # struct format of each argument type in its 8-byte slot
-_SLOT = {np.uint64: "Q", np.int64: "q", np.int32: "i4x", np.uint32: "I4x", np.float32: "f4x"}
+_SLOT = {np.uint64: "Q", np.int64: "q", np.int32: "i4x", np.uint32: "I4x", np.float32: "f4x", np.float64: "d"}
 
 
 def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int = 0) -> None:
