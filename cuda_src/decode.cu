@@ -18,6 +18,7 @@
 #include "common/softmax.cuh"
 #include "common/rope.cuh"
 #include "common/async_copy.cuh"
+#include "common/mma.cuh"
 
 namespace fic {
 
@@ -41,6 +42,41 @@ struct DecodeCfg {
   // fi_cupy/decode.py: decode_smem_bytes() computes the same number for the launch.
   static constexpr int kSmemBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
 };
+
+// The end of a segment: merge the per-warp states in shared memory (sm_acc [warp][GB][D], sm_md
+// [warp][GB][m, d]) and write the output and lse (prow < 0), or a float32 partial row (prow >= 0).
+template <int D, int GB, typename QT>
+__device__ __forceinline__ void write_segment(const float* sm_acc, const float* sm_md, int prow, int request,
+                                              int kv_head, int head0, int group_size, int num_qo_heads,
+                                              float v_scale, QT* __restrict__ out, long long o_stride_b,
+                                              long long o_stride_h, float* __restrict__ lse,
+                                              float* __restrict__ part_o, float* __restrict__ part_lse) {
+  constexpr int kChunks = D / 8;
+  for (int item = threadIdx.x; item < GB * kChunks; item += kDecodeThreads) {
+    const int h = item / kChunks, d0 = (item % kChunks) * 8;
+    if (head0 + h >= group_size) continue;
+    SoftmaxState<8> m;
+    m.init();
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      float a[8];
+      load8<float>(sm_acc + (w * GB + h) * D + d0, a);
+      m.merge(sm_md[(w * GB + h) * 2], sm_md[(w * GB + h) * 2 + 1], a);
+    }
+    const float inv = m.inv_d();
+    float o[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[e] = m.acc[e] * inv * v_scale;
+    if (prow < 0) {
+      const int qo_head = kv_head * group_size + head0 + h;
+      store8<QT>(out + request * o_stride_b + qo_head * o_stride_h + d0, o);
+      if (lse != nullptr && d0 == 0) lse[(long long)request * num_qo_heads + qo_head] = m.lse();
+    } else {
+      store8<float>(part_o + ((long long)prow * GB + h) * D + d0, o);
+      if (d0 == 0) part_lse[(long long)prow * GB + h] = m.lse();
+    }
+  }
+}
 
 // Minimum resident CTAs per SM for ptxas: 4 (what 48 KB of shared memory a CTA allows) unless the
 // registers of 8 heads, or RoPE with 4, need more than 128 per thread. Without the hint ptxas picks
@@ -247,31 +283,201 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
     }
     __syncthreads();
 
-    const int prow = segment_partial[seg];
-    for (int item = threadIdx.x; item < GB * C::kActiveLanes; item += kDecodeThreads) {
-      const int h = item / C::kActiveLanes, d0 = (item % C::kActiveLanes) * 8;
-      if (head0 + h >= group_size) continue;
-      SoftmaxState<8> m;
-      m.init();
+    write_segment<D, GB, QT>(sm_acc, sm_md, segment_partial[seg], request, kv_head, head0, group_size,
+                             num_qo_heads, v_scale, out, o_stride_b, o_stride_h, lse, part_o, part_lse);
+    __syncthreads();  // the merge buffers become pipeline buffers again
+  }
+}
+
+// Tensor-core decode for 16-bit KV without RoPE (the common serving case). Same work split and
+// epilogue as batch_decode_kernel, but each warp computes a 16-token tile with mma.sync:
+//   S^T (16 tokens x 8 heads) = K (16 x D) . Q^T (D x 8)          tokens are M, GQA heads are N
+//   O^T (D x 8 heads)        += V^T (D x 16) . P^T (16 x 8)       P^T from S^T by movmatrix
+// so no rows are padded and a token costs ~2 warp instructions of math instead of ~80 on CUDA cores.
+// K/V tiles are copied into padded shared-memory rows (D + 8 elements: ldmatrix without bank conflicts).
+template <int D>
+struct DecodeTcCfg {
+  static_assert(D % 16 == 0 && D >= 16 && D <= 256, "head_dim must be a multiple of 16 in [16, 256]");
+  static constexpr int kRow = D + 8;                                 // smem row stride, elements
+  static constexpr int kStageElems = 2 * 16 * kRow;                  // K and V rows of 16 tokens
+  static constexpr int kStageBytes = kStageElems * 2;
+  static constexpr int kStages = (16384 / kStageBytes) > 2 ? (16384 / kStageBytes) : 2;
+  static constexpr int kWarpBytes = kStages * kStageBytes;
+};
+
+template <int D, int GB>
+struct DecodeTcSmem {
+  static constexpr int kPipeline = kDecodeWarps * DecodeTcCfg<D>::kWarpBytes;
+  static constexpr int kMerge = kDecodeWarps * GB * (D + 2) * 4;
+  // fi_cupy/decode.py: decode_smem_bytes() computes the same number for the launch.
+  static constexpr int value = kPipeline > kMerge ? kPipeline : kMerge;
+  static constexpr int kPerSm = 233472 / (value + 1024);             // 228 KB an SM, 1 KB reserved a CTA
+  static constexpr int kMinBlocks = kPerSm < 1 ? 1 : (kPerSm > 4 ? 4 : kPerSm);
+};
+
+template <int D, int GB, typename T>
+__global__ void __launch_bounds__(kDecodeThreads, DecodeTcSmem<D, GB>::kMinBlocks)
+batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long q_stride_h,
+                       const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                       long long kv_stride_page, long long kv_stride_slot, long long kv_stride_head,
+                       const int* __restrict__ page_indptr, const int* __restrict__ page_indices,
+                       const int* __restrict__ kv_lens, const int* __restrict__ cta_indptr,
+                       const int4* __restrict__ segments, const int* __restrict__ segment_partial,
+                       T* __restrict__ out, long long o_stride_b, long long o_stride_h,
+                       float* __restrict__ lse, float* __restrict__ part_o, float* __restrict__ part_lse,
+                       int num_qo_heads, int group_size, int head_slices, unsigned int page_size,
+                       unsigned int page_div_mul, unsigned int page_div_shift, float q_scale, float soft_cap,
+                       float v_scale, float rope_rcp_scale, double rope_log2_theta) {
+  static_assert(GB <= 8, "an mma tile holds 8 heads");
+  using C = DecodeTcCfg<D>;
+  constexpr int S = C::kStages, RS = C::kRow, KS = D / 16;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, c = lane % 4;              // fragment row / column pair
+  const int mi = lane / 8, mr = lane % 8;            // ldmatrix: matrix and row this lane addresses
+  const int crow = lane % 16, chalf = lane / 16;     // copies: token row and chunk parity of this lane
+  T* pipe = reinterpret_cast<T*>(smem + warp * C::kWarpBytes);
+  const FastDiv page_div = {page_size, page_div_mul, page_div_shift};
+  const float rcp_cap = soft_cap > 0.f ? __frcp_rn(soft_cap) : 0.f;
+
+  const int seg_begin = cta_indptr[blockIdx.x], seg_end = cta_indptr[blockIdx.x + 1];
+  int4 next_sg = seg_begin < seg_end ? segments[seg_begin] : make_int4(0, 0, 0, 0);
+  int next_page_start = seg_begin < seg_end ? page_indptr[next_sg.x] : 0;
+  for (int seg = seg_begin; seg < seg_end; ++seg) {
+    const int4 sg = next_sg;
+    const int page_start = next_page_start;
+    if (seg + 1 < seg_end) {
+      next_sg = segments[seg + 1];
+      next_page_start = page_indptr[next_sg.x];
+    }
+    const int request = sg.x, kv_head = sg.y / head_slices, head0 = (sg.y % head_slices) * GB;
+    const int start = sg.z, end = sg.w;
+    const long long head_off = (long long)kv_head * kv_stride_head;
+    const int* pages = page_indices + page_start;
+    const int tile_stride = kDecodeWarps * 16;
+    const int first = start + warp * 16;
+    const int n_tiles = (end > first) ? (end - first + tile_stride - 1) / tile_stride : 0;
+
+    int pid = 0;  // page of this lane's copy row in the next tile to issue (loaded one issue ahead)
+    auto load_pid = [&](int t) {
+      const int tok = first + t * tile_stride + crow;
+      pid = (t < n_tiles && tok < end) ? pages[page_div.quot(tok)] : 0;
+    };
+    auto issue = [&](int t) {
+      if (t < n_tiles) {
+        T* stage = pipe + (t % S) * C::kStageElems;
+        const int tok = first + t * tile_stride + crow;
+        const bool ok = tok < end;
+        const unsigned p = page_div.quot(tok);
+        const long long off = (long long)pid * kv_stride_page + (long long)(tok - p * page_size) * kv_stride_slot + head_off;
 #pragma unroll
-      for (int w = 0; w < kDecodeWarps; ++w) {
-        float a[8];
-        load8<float>(sm_acc + (w * GB + h) * D + d0, a);
-        m.merge(sm_md[(w * GB + h) * 2], sm_md[(w * GB + h) * 2 + 1], a);
+        for (int i = 0; i < KS; ++i) {
+          const int col = (chalf + 2 * i) * 8;
+          cp_async<16>(stage + crow * RS + col, ok ? k_cache + off + col : k_cache, ok);
+          cp_async<16>(stage + (16 + crow) * RS + col, ok ? v_cache + off + col : v_cache, ok);
+        }
+        load_pid(t + 1);
       }
-      const float inv = m.inv_d();
-      float o[8];
+      cp_async_commit();
+    };
+    load_pid(0);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) o[e] = m.acc[e] * inv * v_scale;
-      if (prow < 0) {
-        const int qo_head = kv_head * group_size + head0 + h;
-        store8<QT>(out + request * o_stride_b + qo_head * o_stride_h + d0, o);
-        if (lse != nullptr && d0 == 0) lse[(long long)request * num_qo_heads + qo_head] = m.lse();
-      } else {
-        store8<float>(part_o + ((long long)prow * GB + h) * D + d0, o);
-        if (d0 == 0) part_lse[(long long)prow * GB + h] = m.lse();
+    for (int t = 0; t < S - 1; ++t) issue(t);
+
+    // Q^T fragments (B operand): head g of this block, dims 16kk + 2c, +1 and 16kk + 2c + 8, +9.
+    unsigned qb[KS][2];
+    {
+      const int hh = head0 + g;
+      const bool valid = g < GB && hh < group_size;
+      const T* qp = q + request * q_stride_b + (kv_head * group_size + (valid ? hh : 0)) * q_stride_h + 2 * c;
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        qb[kk][0] = valid ? *reinterpret_cast<const unsigned*>(qp + 16 * kk) : 0u;
+        qb[kk][1] = valid ? *reinterpret_cast<const unsigned*>(qp + 16 * kk + 8) : 0u;
       }
     }
+    float m[2] = {neg_inf(), neg_inf()}, dsum[2] = {0.f, 0.f};  // heads 2c, 2c + 1
+    float o[KS][4];
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+
+    for (int t = 0; t < n_tiles; ++t) {
+      issue(t + S - 1);
+      cp_async_wait<S - 1>();
+      __syncwarp();  // ldmatrix reads rows other lanes copied
+      const T* ks = pipe + (t % S) * C::kStageElems;
+      const T* vs = ks + 16 * RS;
+
+      float sacc[4] = {0.f, 0.f, 0.f, 0.f};  // S^T: [0], [1] token g, heads 2c, 2c+1; [2], [3] token g + 8
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        unsigned a[4];
+        ldmatrix_x4(a, ks + ((mi & 1) * 8 + mr) * RS + 16 * kk + (mi >> 1) * 8);
+        mma_16816<T>(sacc, a, qb[kk][0], qb[kk][1]);
+      }
+      const int tile_start = first + t * tile_stride;
+      const bool in0 = tile_start + g < end, in1 = tile_start + g + 8 < end;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float x = sacc[i] * q_scale;
+        if (soft_cap > 0.f) x = soft_cap * FIC_LOG2E * tanh_inline(x * rcp_cap);
+        sacc[i] = ((i < 2) ? in0 : in1) ? x : neg_inf();
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float mt = fmaxf(sacc[j], sacc[2 + j]);
+#pragma unroll
+        for (int off = 4; off < 32; off *= 2) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
+        const float m_new = fmaxf(m[j], mt);
+        const float sc = rescale_factor(m[j], m_new);
+        m[j] = m_new;
+        dsum[j] *= sc;
+#pragma unroll
+        for (int k = 0; k < KS; ++k) {
+          o[k][j] *= sc;
+          o[k][2 + j] *= sc;
+        }
+        sacc[j] = (sacc[j] == neg_inf()) ? 0.f : ptx_exp2(sacc[j] - m_new);
+        sacc[2 + j] = (sacc[2 + j] == neg_inf()) ? 0.f : ptx_exp2(sacc[2 + j] - m_new);
+        dsum[j] += sacc[j] + sacc[2 + j];
+      }
+      const unsigned b0 = movmatrix_trans(pack2(T(), sacc[0], sacc[1]));
+      const unsigned b1 = movmatrix_trans(pack2(T(), sacc[2], sacc[3]));
+#pragma unroll
+      for (int mt = 0; mt < KS; ++mt) {
+        unsigned a[4];
+        ldmatrix_x4_trans(a, vs + ((mi >> 1) * 8 + mr) * RS + 16 * mt + (mi & 1) * 8);
+        mma_16816<T>(o[mt], a, b0, b1);
+      }
+      __syncwarp();  // every lane is done with this stage before it is refilled
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int off = 4; off < 32; off *= 2) dsum[j] += __shfl_xor_sync(0xffffffffu, dsum[j], off);
+
+    __syncthreads();
+    float* sm_acc = reinterpret_cast<float*>(smem);  // [warp][GB][D]
+    float* sm_md = sm_acc + kDecodeWarps * GB * D;   // [warp][GB][2]
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int h = 2 * c + j;
+      if (h < GB) {
+#pragma unroll
+        for (int mt = 0; mt < KS; ++mt) {
+          sm_acc[(warp * GB + h) * D + 16 * mt + g] = o[mt][j];
+          sm_acc[(warp * GB + h) * D + 16 * mt + g + 8] = o[mt][2 + j];
+        }
+        if (g == 0) {
+          sm_md[(warp * GB + h) * 2] = m[j];
+          sm_md[(warp * GB + h) * 2 + 1] = dsum[j];
+        }
+      }
+    }
+    __syncthreads();
+    write_segment<D, GB, T>(sm_acc, sm_md, segment_partial[seg], request, kv_head, head0, group_size,
+                            num_qo_heads, v_scale, out, o_stride_b, o_stride_h, lse, part_o, part_lse);
     __syncthreads();  // the merge buffers become pipeline buffers again
   }
 }

@@ -27,19 +27,31 @@ DEFAULT_WORKSPACE_BYTES = 128 * 1024 * 1024
 _ALIGN = 256
 
 
+def uses_tensor_cores(q_dtype: dt.DType, kv_dtype: dt.DType, rope: bool) -> bool:
+    """16-bit KV of the q dtype without RoPE runs on tensor cores (batch_decode_tc_kernel); fp8 KV and
+    RoPE on the fly run on CUDA cores (batch_decode_kernel)."""
+    return kv_dtype == q_dtype and not rope
+
+
 def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dtype: dt.DType,
                    rope: bool) -> Program:
-    return Program("decode.cu", (
-        KernelSpec("fic::batch_decode_kernel",
-                   (head_dim, heads_per_block, q_dtype.cpp, kv_dtype.cpp, kernels.cpp_bool(rope))),
-        KernelSpec("fic::merge_states_kernel", (head_dim, heads_per_block, q_dtype.cpp)),
-    ))
+    if uses_tensor_cores(q_dtype, kv_dtype, rope):
+        main = KernelSpec("fic::batch_decode_tc_kernel", (head_dim, heads_per_block, q_dtype.cpp))
+    else:
+        main = KernelSpec("fic::batch_decode_kernel",
+                          (head_dim, heads_per_block, q_dtype.cpp, kv_dtype.cpp, kernels.cpp_bool(rope)))
+    return Program("decode.cu", (main, KernelSpec("fic::merge_states_kernel", (head_dim, heads_per_block, q_dtype.cpp))))
 
 
-def decode_smem_bytes(head_dim: int, heads_per_block: int) -> int:
-    """Dynamic shared memory of batch_decode_kernel (DecodeCfg::kSmemBytes in cuda_src/decode.cu):
-    4 warps x 12 KB of cp.async pipeline, reused for the final merge."""
-    return max(4 * 12288, 4 * heads_per_block * (head_dim + 2) * 4)
+def decode_smem_bytes(head_dim: int, heads_per_block: int, tensor_cores: bool) -> int:
+    """Dynamic shared memory of the decode kernels (DecodeCfg / DecodeTcSmem in cuda_src/decode.cu):
+    4 warps of cp.async pipeline (12 KB each; tensor cores: at least 2 stages of 16 padded K and V rows,
+    16 KB or more), reused for the final merge of the warps."""
+    merge = 4 * heads_per_block * (head_dim + 2) * 4
+    if not tensor_cores:
+        return max(4 * 12288, merge)
+    stage = 2 * 16 * (head_dim + 8) * 2
+    return max(4 * max(2, 16384 // stage) * stage, merge)
 
 
 def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
@@ -197,7 +209,7 @@ def decode_num_ctas(params: DecodeParams, kv_dtype: dt.DType, device: int) -> in
     gb, _ = scheduler.decode_heads_per_block(params.group_size)
     prog = decode_program(params.head_dim, gb, params.q_dtype, kv_dtype, params.rope)
     fn = kernels.functions(prog, device)[prog.kernels[0]]
-    occ = fn.occupancy(128, decode_smem_bytes(params.head_dim, gb))
+    occ = fn.occupancy(128, decode_smem_bytes(params.head_dim, gb, uses_tensor_cores(params.q_dtype, kv_dtype, params.rope)))
     return kernels.device_props(device)["sms"] * max(occ, 1)
 
 
@@ -322,7 +334,7 @@ def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.A
         ptr(o), i64(o_sb), i64(os_[-2]), ptr(l_info), ptr(part_o), ptr(part_lse),
         i32(p.num_qo_heads), i32(p.group_size), i32(slices), u32(p.page_size), u32(mul), u32(shift),
         f32(q_scale), f32(p.soft_cap), f32(v_scale), f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)),
-    ], stream, q.device, smem=decode_smem_bytes(p.head_dim, gb))
+    ], stream, q.device, smem=decode_smem_bytes(p.head_dim, gb, uses_tensor_cores(p.q_dtype, kv.dtype, p.rope)))
     if always_merge or plan.num_partial_rows:
         kernels.launch(merge, (plan.num_pairs, gb), (128,), [
             ptr(part_o), ptr(part_lse), ptr(off["merge_indptr"]), ptr(o), i64(o_sb), i64(os_[-2]),
