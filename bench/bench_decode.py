@@ -153,6 +153,20 @@ def sweep(torch, copy_bw):
     common.print_table("min quota sweep", ["min quota", "B x L", "ms", "of copy"], rows)
 
 
+def compare_backends(torch, copy_bw):
+    """The same shapes through the tensor-core and the CUDA-core decode kernel."""
+    rows = []
+    orig = decode.uses_tensor_cores
+    for name, pick in (("tensor cores", orig), ("CUDA cores", lambda *a: False)):
+        decode.uses_tensor_cores = pick
+        for b, l in SHAPES:
+            t, _, nbytes = bench_fi_cupy(torch, b, l)
+            rows.append([name, f"{b}x{l}", f"{t * 1e3:.4f}", f"{100 * nbytes / t / copy_bw:.0f}%"])
+            torch.cuda.empty_cache()
+    decode.uses_tensor_cores = orig
+    common.print_table("decode kernels compared", ["kernel", "B x L", "ms", "of copy"], rows)
+
+
 def main():
     torch = common.torch_or_none()
     if torch is None:
@@ -164,6 +178,9 @@ def main():
     print(f"decode kernel compile: cold {cold * 1e3:.0f} ms, cached load {cached * 1e3:.1f} ms")
     if "--sweep" in sys.argv:
         sweep(torch, copy_before)
+    if "--compare" in sys.argv:
+        compare_backends(torch, copy_before)
+        return
     measured = []
     for (b, l), kvd, layout in [((b, l), "bfloat16", "NHD") for b, l in SHAPES] + EXTRA:
         t, eager, nbytes = bench_fi_cupy(torch, b, l, kvd, layout)

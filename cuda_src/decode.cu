@@ -301,7 +301,7 @@ struct DecodeTcCfg {
   static constexpr int kRow = D + 8;                                 // smem row stride, elements
   static constexpr int kStageElems = 2 * 16 * kRow;                  // K and V rows of 16 tokens
   static constexpr int kStageBytes = kStageElems * 2;
-  static constexpr int kStages = (16384 / kStageBytes) > 2 ? (16384 / kStageBytes) : 2;
+  static constexpr int kStages = (24576 / kStageBytes) > 3 ? (24576 / kStageBytes) : 3;  // >= 2 tiles ahead
   static constexpr int kWarpBytes = kStages * kStageBytes;
 };
 
@@ -335,7 +335,6 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;              // fragment row / column pair
   const int mi = lane / 8, mr = lane % 8;            // ldmatrix: matrix and row this lane addresses
-  const int crow = lane % 16, chalf = lane / 16;     // copies: token row and chunk parity of this lane
   T* pipe = reinterpret_cast<T*>(smem + warp * C::kWarpBytes);
   const FastDiv page_div = {page_size, page_div_mul, page_div_shift};
   const float rcp_cap = soft_cap > 0.f ? __frcp_rn(soft_cap) : 0.f;
@@ -358,23 +357,29 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
     const int first = start + warp * 16;
     const int n_tiles = (end > first) ? (end - first + tile_stride - 1) / tile_stride : 0;
 
-    int pid = 0;  // page of this lane's copy row in the next tile to issue (loaded one issue ahead)
+    // Copies: chunk idx = i * 32 + lane of the tile's 16 rows x D/8 16-byte chunks, so consecutive lanes
+    // read consecutive bytes of a row. Lane r < 16 computes row r's cache offset (its page id loaded
+    // one issue ahead) and the other lanes take it by shuffle.
+    int pid = 0;
     auto load_pid = [&](int t) {
-      const int tok = first + t * tile_stride + crow;
+      const int tok = first + t * tile_stride + (lane % 16);
       pid = (t < n_tiles && tok < end) ? pages[page_div.quot(tok)] : 0;
     };
     auto issue = [&](int t) {
       if (t < n_tiles) {
         T* stage = pipe + (t % S) * C::kStageElems;
-        const int tok = first + t * tile_stride + crow;
-        const bool ok = tok < end;
-        const unsigned p = page_div.quot(tok);
-        const long long off = (long long)pid * kv_stride_page + (long long)(tok - p * page_size) * kv_stride_slot + head_off;
+        const int my_tok = first + t * tile_stride + (lane % 16);
+        const unsigned p = page_div.quot(my_tok);
+        const long long my_off = (long long)pid * kv_stride_page +
+                                 (long long)(my_tok - p * page_size) * kv_stride_slot + head_off;
+        constexpr int kChunks = D / 8;
 #pragma unroll
-        for (int i = 0; i < KS; ++i) {
-          const int col = (chalf + 2 * i) * 8;
-          cp_async<16>(stage + crow * RS + col, ok ? k_cache + off + col : k_cache, ok);
-          cp_async<16>(stage + (16 + crow) * RS + col, ok ? v_cache + off + col : v_cache, ok);
+        for (int i = 0; i < kChunks / 2; ++i) {  // 16 rows x kChunks chunks / 32 lanes
+          const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
+          const long long off = __shfl_sync(0xffffffffu, my_off, row);
+          const bool ok = first + t * tile_stride + row < end;
+          cp_async<16>(stage + row * RS + col, ok ? k_cache + off + col : k_cache, ok);
+          cp_async<16>(stage + (16 + row) * RS + col, ok ? v_cache + off + col : v_cache, ok);
         }
         load_pid(t + 1);
       }

@@ -45,13 +45,13 @@ def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dt
 
 def decode_smem_bytes(head_dim: int, heads_per_block: int, tensor_cores: bool) -> int:
     """Dynamic shared memory of the decode kernels (DecodeCfg / DecodeTcSmem in cuda_src/decode.cu):
-    4 warps of cp.async pipeline (12 KB each; tensor cores: at least 2 stages of 16 padded K and V rows,
-    16 KB or more), reused for the final merge of the warps."""
+    4 warps of cp.async pipeline (12 KB each; tensor cores: at least 3 stages of 16 padded K and V rows,
+    24 KB or more), reused for the final merge of the warps."""
     merge = 4 * heads_per_block * (head_dim + 2) * 4
     if not tensor_cores:
         return max(4 * 12288, merge)
     stage = 2 * 16 * (head_dim + 8) * 2
-    return max(4 * max(2, 16384 // stage) * stage, merge)
+    return max(4 * max(3, 24576 // stage) * stage, merge)
 
 
 def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
