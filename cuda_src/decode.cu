@@ -43,10 +43,11 @@ struct DecodeCfg {
   static constexpr int kSmemBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
 };
 
-// The end of a segment: merge the per-warp states in shared memory (sm_acc [warp][GB][D], sm_md
-// [warp][GB][m, d]) and write the output and lse (prow < 0), or a float32 partial row (prow >= 0).
+// The end of a segment: merge the per-warp states in shared memory (warp w's block at sm + w * ws
+// floats: acc [GB][D], then [GB][m, d]) and write the output and lse (prow < 0), or a float32
+// partial row (prow >= 0).
 template <int D, int GB, typename QT>
-__device__ __forceinline__ void write_segment(const float* sm_acc, const float* sm_md, int prow, int request,
+__device__ __forceinline__ void write_segment(const float* sm, int ws, int prow, int request,
                                               int kv_head, int head0, int group_size, int num_qo_heads,
                                               float v_scale, QT* __restrict__ out, long long o_stride_b,
                                               long long o_stride_h, float* __restrict__ lse,
@@ -59,9 +60,10 @@ __device__ __forceinline__ void write_segment(const float* sm_acc, const float* 
     m.init();
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) {
+      const float* blk = sm + w * ws;
       float a[8];
-      load8<float>(sm_acc + (w * GB + h) * D + d0, a);
-      m.merge(sm_md[(w * GB + h) * 2], sm_md[(w * GB + h) * 2 + 1], a);
+      load8<float>(blk + h * D + d0, a);
+      m.merge(blk[GB * D + 2 * h], blk[GB * D + 2 * h + 1], a);
     }
     const float inv = m.inv_d();
     float o[8];
@@ -268,22 +270,23 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
 
     // Merge the warps through shared memory (the pipeline buffers, now idle).
     __syncthreads();
-    float* sm_acc = reinterpret_cast<float*>(smem);                  // [warp][GB][D]
-    float* sm_md = sm_acc + kDecodeWarps * GB * D;                   // [warp][GB][2]
+    constexpr int ws = GB * (D + 2);
+    float* sm = reinterpret_cast<float*>(smem);
     if (row == 0 && active_lane) {
+      float* blk = sm + warp * ws;
 #pragma unroll
       for (int h = 0; h < GB; ++h) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) sm_acc[(warp * GB + h) * D + dim0 + e] = st[h].acc[e];
+        for (int e = 0; e < 8; ++e) blk[h * D + dim0 + e] = st[h].acc[e];
         if (lane_in_row == 0) {
-          sm_md[(warp * GB + h) * 2] = st[h].m;
-          sm_md[(warp * GB + h) * 2 + 1] = st[h].d;
+          blk[GB * D + 2 * h] = st[h].m;
+          blk[GB * D + 2 * h + 1] = st[h].d;
         }
       }
     }
     __syncthreads();
 
-    write_segment<D, GB, QT>(sm_acc, sm_md, segment_partial[seg], request, kv_head, head0, group_size,
+    write_segment<D, GB, QT>(sm, ws, segment_partial[seg], request, kv_head, head0, group_size,
                              num_qo_heads, v_scale, out, o_stride_b, o_stride_h, lse, part_o, part_lse);
     __syncthreads();  // the merge buffers become pipeline buffers again
   }
@@ -339,56 +342,78 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
   const FastDiv page_div = {page_size, page_div_mul, page_div_shift};
   const float rcp_cap = soft_cap > 0.f ? __frcp_rn(soft_cap) : 0.f;
 
+  // Segment context; the next segment's first tiles are issued before this segment's epilogue,
+  // so its memory latency overlaps the merge of the warps (whose buffers live in each warp's last
+  // pipeline stage, the one a prologue does not fill).
+  struct Seg {
+    int request, kv_head, head0, end, first, n_tiles;
+    long long head_off;
+    const int* pages;
+  };
   const int seg_begin = cta_indptr[blockIdx.x], seg_end = cta_indptr[blockIdx.x + 1];
-  int4 next_sg = seg_begin < seg_end ? segments[seg_begin] : make_int4(0, 0, 0, 0);
-  int next_page_start = seg_begin < seg_end ? page_indptr[next_sg.x] : 0;
+  const int tile_stride = kDecodeWarps * 16;
+  auto make_seg = [&](int4 sg, int page_start) {
+    Seg x;
+    x.request = sg.x;
+    x.kv_head = sg.y / head_slices;
+    x.head0 = (sg.y % head_slices) * GB;
+    x.end = sg.w;
+    x.first = sg.z + warp * 16;
+    x.n_tiles = (x.end > x.first) ? (x.end - x.first + tile_stride - 1) / tile_stride : 0;
+    x.head_off = (long long)x.kv_head * kv_stride_head;
+    x.pages = page_indices + page_start;
+    return x;
+  };
+
+  // Copies: chunk idx = i * 32 + lane of the tile's 16 rows x D/8 16-byte chunks, so consecutive lanes
+  // read consecutive bytes of a row. Lane r < 16 computes row r's cache offset (its page id loaded
+  // one issue ahead) and the other lanes take it by shuffle.
+  int pid = 0;
+  auto load_pid = [&](const Seg& x, int t) {
+    const int tok = x.first + t * tile_stride + (lane % 16);
+    pid = (t < x.n_tiles && tok < x.end) ? x.pages[page_div.quot(tok)] : 0;
+  };
+  auto issue = [&](const Seg& x, int t) {
+    if (t < x.n_tiles) {
+      T* stage = pipe + (t % S) * C::kStageElems;
+      const int my_tok = x.first + t * tile_stride + (lane % 16);
+      const unsigned p = page_div.quot(my_tok);
+      const long long my_off = (long long)pid * kv_stride_page +
+                               (long long)(my_tok - p * page_size) * kv_stride_slot + x.head_off;
+      constexpr int kChunks = D / 8;
+#pragma unroll
+      for (int i = 0; i < kChunks / 2; ++i) {  // 16 rows x kChunks chunks / 32 lanes
+        const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
+        const long long off = __shfl_sync(0xffffffffu, my_off, row);
+        const bool ok = x.first + t * tile_stride + row < x.end;
+        cp_async<16>(stage + row * RS + col, ok ? k_cache + off + col : k_cache, ok);
+        cp_async<16>(stage + (16 + row) * RS + col, ok ? v_cache + off + col : v_cache, ok);
+      }
+      load_pid(x, t + 1);
+    }
+    cp_async_commit();
+  };
+  auto prologue = [&](const Seg& x) {
+    load_pid(x, 0);
+#pragma unroll
+    for (int t = 0; t < S - 1; ++t) issue(x, t);
+  };
+
+  Seg cur = {};
+  if (seg_begin < seg_end) {
+    const int4 sg = segments[seg_begin];
+    cur = make_seg(sg, page_indptr[sg.x]);
+    prologue(cur);
+  }
   for (int seg = seg_begin; seg < seg_end; ++seg) {
-    const int4 sg = next_sg;
-    const int page_start = next_page_start;
-    if (seg + 1 < seg_end) {
+    const int request = cur.request, kv_head = cur.kv_head, head0 = cur.head0, end = cur.end;
+    const int first = cur.first, n_tiles = cur.n_tiles;
+    int4 next_sg = make_int4(0, 0, 0, 0);
+    int next_page_start = 0;
+    if (seg + 1 < seg_end) {  // loaded now, used at this segment's end
       next_sg = segments[seg + 1];
       next_page_start = page_indptr[next_sg.x];
     }
-    const int request = sg.x, kv_head = sg.y / head_slices, head0 = (sg.y % head_slices) * GB;
-    const int start = sg.z, end = sg.w;
-    const long long head_off = (long long)kv_head * kv_stride_head;
-    const int* pages = page_indices + page_start;
-    const int tile_stride = kDecodeWarps * 16;
-    const int first = start + warp * 16;
-    const int n_tiles = (end > first) ? (end - first + tile_stride - 1) / tile_stride : 0;
-
-    // Copies: chunk idx = i * 32 + lane of the tile's 16 rows x D/8 16-byte chunks, so consecutive lanes
-    // read consecutive bytes of a row. Lane r < 16 computes row r's cache offset (its page id loaded
-    // one issue ahead) and the other lanes take it by shuffle.
-    int pid = 0;
-    auto load_pid = [&](int t) {
-      const int tok = first + t * tile_stride + (lane % 16);
-      pid = (t < n_tiles && tok < end) ? pages[page_div.quot(tok)] : 0;
-    };
-    auto issue = [&](int t) {
-      if (t < n_tiles) {
-        T* stage = pipe + (t % S) * C::kStageElems;
-        const int my_tok = first + t * tile_stride + (lane % 16);
-        const unsigned p = page_div.quot(my_tok);
-        const long long my_off = (long long)pid * kv_stride_page +
-                                 (long long)(my_tok - p * page_size) * kv_stride_slot + head_off;
-        constexpr int kChunks = D / 8;
-#pragma unroll
-        for (int i = 0; i < kChunks / 2; ++i) {  // 16 rows x kChunks chunks / 32 lanes
-          const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
-          const long long off = __shfl_sync(0xffffffffu, my_off, row);
-          const bool ok = first + t * tile_stride + row < end;
-          cp_async<16>(stage + row * RS + col, ok ? k_cache + off + col : k_cache, ok);
-          cp_async<16>(stage + (16 + row) * RS + col, ok ? v_cache + off + col : v_cache, ok);
-        }
-        load_pid(t + 1);
-      }
-      cp_async_commit();
-    };
-    load_pid(0);
-#pragma unroll
-    for (int t = 0; t < S - 1; ++t) issue(t);
-
     // Q^T fragments (B operand): head g of this block, dims 16kk + 2c, +1 and 16kk + 2c + 8, +9.
     unsigned qb[KS][2];
     {
@@ -407,7 +432,7 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
     for (int mt = 0; mt < KS; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
 
     for (int t = 0; t < n_tiles; ++t) {
-      issue(t + S - 1);
+      issue(cur, t + S - 1);
       cp_async_wait<S - 1>();
       __syncwarp();  // ldmatrix reads rows other lanes copied
       const T* ks = pipe + (t % S) * C::kStageElems;
@@ -457,31 +482,36 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
       __syncwarp();  // every lane is done with this stage before it is refilled
     }
     cp_async_wait<0>();
+    __syncwarp();  // every lane is done with this segment's stages
+    if (seg + 1 < seg_end) {
+      cur = make_seg(next_sg, next_page_start);
+      prologue(cur);  // fills stages 0 .. S-2; stage S-1 holds this segment's merge state below
+    }
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int off = 4; off < 32; off *= 2) dsum[j] += __shfl_xor_sync(0xffffffffu, dsum[j], off);
 
-    __syncthreads();
-    float* sm_acc = reinterpret_cast<float*>(smem);  // [warp][GB][D]
-    float* sm_md = sm_acc + kDecodeWarps * GB * D;   // [warp][GB][2]
+    float* sm = reinterpret_cast<float*>(smem + (S - 1) * C::kStageBytes);  // warp w: + w * kWarpBytes
+    constexpr int ws = C::kWarpBytes / 4;
+    float* blk = sm + warp * ws;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int h = 2 * c + j;
       if (h < GB) {
 #pragma unroll
         for (int mt = 0; mt < KS; ++mt) {
-          sm_acc[(warp * GB + h) * D + 16 * mt + g] = o[mt][j];
-          sm_acc[(warp * GB + h) * D + 16 * mt + g + 8] = o[mt][2 + j];
+          blk[h * D + 16 * mt + g] = o[mt][j];
+          blk[h * D + 16 * mt + g + 8] = o[mt][2 + j];
         }
         if (g == 0) {
-          sm_md[(warp * GB + h) * 2] = m[j];
-          sm_md[(warp * GB + h) * 2 + 1] = dsum[j];
+          blk[GB * D + 2 * h] = m[j];
+          blk[GB * D + 2 * h + 1] = dsum[j];
         }
       }
     }
     __syncthreads();
-    write_segment<D, GB, T>(sm_acc, sm_md, segment_partial[seg], request, kv_head, head0, group_size,
+    write_segment<D, GB, T>(sm, ws, segment_partial[seg], request, kv_head, head0, group_size,
                             num_qo_heads, v_scale, out, o_stride_b, o_stride_h, lse, part_o, part_lse);
     __syncthreads();  // the merge buffers become pipeline buffers again
   }
