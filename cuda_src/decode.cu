@@ -399,11 +399,26 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
     for (int t = 0; t < S - 1; ++t) issue(x, t);
   };
 
+  // Q^T fragments (B operand): head g of the block, dims 16kk + 2c, +1 and 16kk + 2c + 8, +9. Loaded
+  // with a segment's prologue, so the first mma of the segment does not wait for them.
+  unsigned qb[KS][2];
+  auto load_q = [&](const Seg& x) {
+    const int hh = x.head0 + g;
+    const bool valid = g < GB && hh < group_size;
+    const T* qp = q + x.request * q_stride_b + (x.kv_head * group_size + (valid ? hh : 0)) * q_stride_h + 2 * c;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      qb[kk][0] = valid ? *reinterpret_cast<const unsigned*>(qp + 16 * kk) : 0u;
+      qb[kk][1] = valid ? *reinterpret_cast<const unsigned*>(qp + 16 * kk + 8) : 0u;
+    }
+  };
+
   Seg cur = {};
   if (seg_begin < seg_end) {
     const int4 sg = segments[seg_begin];
     cur = make_seg(sg, page_indptr[sg.x]);
     prologue(cur);
+    load_q(cur);
   }
   for (int seg = seg_begin; seg < seg_end; ++seg) {
     const int request = cur.request, kv_head = cur.kv_head, head0 = cur.head0, end = cur.end;
@@ -413,18 +428,6 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
     if (seg + 1 < seg_end) {  // loaded now, used at this segment's end
       next_sg = segments[seg + 1];
       next_page_start = page_indptr[next_sg.x];
-    }
-    // Q^T fragments (B operand): head g of this block, dims 16kk + 2c, +1 and 16kk + 2c + 8, +9.
-    unsigned qb[KS][2];
-    {
-      const int hh = head0 + g;
-      const bool valid = g < GB && hh < group_size;
-      const T* qp = q + request * q_stride_b + (kv_head * group_size + (valid ? hh : 0)) * q_stride_h + 2 * c;
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk) {
-        qb[kk][0] = valid ? *reinterpret_cast<const unsigned*>(qp + 16 * kk) : 0u;
-        qb[kk][1] = valid ? *reinterpret_cast<const unsigned*>(qp + 16 * kk + 8) : 0u;
-      }
     }
     float m[2] = {neg_inf(), neg_inf()}, dsum[2] = {0.f, 0.f};  // heads 2c, 2c + 1
     float o[KS][4];
@@ -486,6 +489,7 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
     if (seg + 1 < seg_end) {
       cur = make_seg(next_sg, next_page_start);
       prologue(cur);  // fills stages 0 .. S-2; stage S-1 holds this segment's merge state below
+      load_q(cur);    // this segment's last mma has consumed qb
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j)
