@@ -1,6 +1,8 @@
 """Decode attention: `single_decode_with_kv_cache` and `BatchDecodeWithPagedKVCacheWrapper`.
 
-Both run cuda_src/decode.cu. A single decode is a batch of one request whose K/V form one page.
+Both run cuda_src/decode.cu: batch_decode_tc_kernel (tensor cores) for 16-bit KV of the q dtype without
+RoPE, batch_decode_kernel (CUDA cores) for fp8 KV and RoPE on the fly, and merge_states_kernel for
+requests cut over several CTAs. A single decode is a batch of one request whose K/V form one page.
 Supported (one table, README "Decode"): head_dim every multiple of 16 from 16 to 256; q fp16/bf16;
 KV the q dtype or fp8 (e4m3fn, e5m2); any page size; any GQA group; NHD and HND; a 5-D cache or a
 (k, v) pair; sliding window; logits soft cap; RoPE on the fly ("ROPE_LLAMA"); lse in base 2.
