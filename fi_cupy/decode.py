@@ -10,6 +10,7 @@ KV the q dtype or fp8 (e4m3fn, e5m2); any page size; any GQA group; NHD and HND;
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -474,8 +475,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
         pass
 
 
-# Single decode: plans cached by shape, scratch (metadata + partials) cached per (device, stream).
-_single_plans: dict = {}
+# Single decode: plans cached by shape (a small LRU: a decode loop grows kv_len every step), scratch
+# (metadata + partials) cached per (device, stream).
+_single_plans: OrderedDict = OrderedDict()
+_SINGLE_PLANS_MAX = 64
 _single_scratch: dict = {}
 
 
@@ -539,6 +542,10 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
         plan = plan_decode(params, one, np.zeros(1, np.int64), np.array([kv_len]),
                            decode_num_ctas(params, params.kv_dtype, dev))
         _single_plans[key] = plan
+        if len(_single_plans) > _SINGLE_PLANS_MAX:
+            _single_plans.popitem(last=False)
+    else:
+        _single_plans.move_to_end(key)
     plan = DecodePlan(params, plan.batch_size, plan.num_ctas, plan.num_partial_rows, plan.max_page,
                       plan.meta, plan.offsets, plan.partial_capacity)
     scratch_obj, scratch, uploaded = _scratch(dev, s, plan.partial_bytes() + 4096 + plan.meta.nbytes, fw)

@@ -205,6 +205,19 @@ def test_single_decode(kv_len, layout):
     assert_lse_close(lse.double().cpu().numpy(), rl)
 
 
+def test_single_decode_growing_length_keeps_a_bounded_plan_cache():
+    from fi_cupy import decode as dec
+    g, _ = _gen()
+    k = torch.randn((200, 2, 64), generator=g, device="cuda").half()
+    q = torch.randn((8, 64), generator=g, device="cuda").half()
+    for n in range(100, 200):  # a decode loop: one more token each step
+        o = fi_cupy.single_decode_with_kv_cache(q, k[:n], k[:n])
+    assert len(dec._single_plans) <= dec._SINGLE_PLANS_MAX
+    ro, _ = reference.decode_attention(q.double().cpu().numpy(), k[:199].double().cpu().numpy(),
+                                       k[:199].double().cpu().numpy())
+    assert_close(o.double().cpu().numpy(), ro, "float16")
+
+
 def test_single_decode_strided_kv_and_options():
     g, _ = _gen()
     big = torch.randn((300, 4, 2, 64), generator=g, device="cuda").half()  # k, v interleaved per token
