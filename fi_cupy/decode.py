@@ -26,7 +26,6 @@ Q_DTYPES = (dt.float16, dt.bfloat16)
 KV_DTYPES = {q: (q, dt.float8_e4m3fn, dt.float8_e5m2) for q in Q_DTYPES}
 POS_ENCODINGS = ("NONE", "ROPE_LLAMA")
 LAYOUTS = ("NHD", "HND")
-DEFAULT_WORKSPACE_BYTES = 128 * 1024 * 1024
 _ALIGN = 256
 
 

@@ -30,8 +30,6 @@ struct FastDiv {
   }
 };
 
-template <int N> struct Log2 { static constexpr int value = 1 + Log2<N / 2>::value; };
-template <> struct Log2<1> { static constexpr int value = 0; };
 template <int N> struct NextPow2 {
   static constexpr int value = (N <= 1) ? 1 : 2 * NextPow2<(N + 1) / 2>::value;
 };

@@ -18,7 +18,6 @@ template <> struct Pack8<half_t> { typedef uint4 raw; };
 template <> struct Pack8<bf16_t> { typedef uint4 raw; };
 template <> struct Pack8<e4m3_t> { typedef uint2 raw; };
 template <> struct Pack8<e5m2_t> { typedef uint2 raw; };
-template <> struct Pack8<float>  { typedef float4 raw; };  // unused for loads of 8; float has its own path
 
 __device__ __forceinline__ float2 to_float2(half_t, unsigned int w) {
   return __half22float2(*reinterpret_cast<const __half2*>(&w));
@@ -61,14 +60,6 @@ __device__ __forceinline__ void unpack8(const uint2& r, float (&f)[8]) {
   }
 }
 
-// Streaming loads (evict-first): KV is read once per step.
-__device__ __forceinline__ uint4 load_stream(const uint4* p) { return __ldcs(p); }
-__device__ __forceinline__ uint2 load_stream(const uint2* p) { return __ldcs(p); }
-
-template <typename T>
-__device__ __forceinline__ typename Pack8<T>::raw load_pack8(const T* p) {
-  return load_stream(reinterpret_cast<const typename Pack8<T>::raw*>(p));
-}
 template <typename T>
 __device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
   unpack8<T>(*reinterpret_cast<const typename Pack8<T>::raw*>(p), f);

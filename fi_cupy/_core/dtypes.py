@@ -47,7 +47,6 @@ _ALIASES = {
     "e4m3": float8_e4m3fn, "float8_e4m3": float8_e4m3fn, "fp8_e5m2": float8_e5m2, "e5m2": float8_e5m2,
     "int": int32, "long": int64, "byte": uint8,
 }
-FLOAT8 = (float8_e4m3fn, float8_e5m2)
 
 
 def from_dlpack_code(code: int, bits: int, lanes: int = 1) -> DType:
