@@ -1,24 +1,19 @@
 """One decode shape, for Nsight Compute: python bench/ncu_decode.py BATCH KV_LEN  (warm-up, then one run)."""
+import os
 import sys
 
-import numpy as np
 import torch
 
-import fi_cupy
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_decode  # noqa: E402
+
+import fi_cupy  # noqa: E402
 
 b, l = int(sys.argv[1]), int(sys.argv[2])
-hq, hkv, d, ps = 32, 8, 128, 16
-pages_per = -(-l // ps)
-cache = torch.randn((b * pages_per, 2, ps, hkv, d), device="cuda", dtype=torch.bfloat16)
+caches, qs, outs, indptr, indices, last, _ = bench_decode._case(torch, b, l, "bfloat16", "NHD")
 w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-w.plan(np.arange(b + 1) * pages_per, np.random.default_rng(0).permutation(b * pages_per),
-       np.full(b, l - (pages_per - 1) * ps), hq, hkv, d, ps, q_data_type="bfloat16")
-q = torch.randn((b, hq, d), device="cuda", dtype=torch.bfloat16)
-out = torch.empty_like(q)
-for _ in range(3):
-    w.run(q, cache, out=out)
-torch.cuda.synchronize()
-torch.cuda.nvtx.range_push("measured")
-w.run(q, cache, out=out)
-torch.cuda.nvtx.range_pop()
+w.plan(indptr, indices, last, bench_decode.HQ, bench_decode.HKV, bench_decode.D, bench_decode.PS,
+       q_data_type="bfloat16")
+for _ in range(4):  # ncu --launch-skip 3 profiles the fourth
+    w.run(qs[0], caches[0], out=outs[0])
 torch.cuda.synchronize()

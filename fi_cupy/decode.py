@@ -56,6 +56,14 @@ def decode_smem_bytes(head_dim: int, heads_per_block: int, tensor_cores: bool) -
     return max(4 * max(3, 24576 // stage) * stage, merge)
 
 
+def decode_variant(params: DecodeParams, kv_dtype: dt.DType) -> tuple:
+    """(Program, dynamic shared memory bytes) that decode runs for these parameters and KV dtype."""
+    gb, _ = scheduler.decode_heads_per_block(params.group_size)
+    tc = uses_tensor_cores(params.q_dtype, kv_dtype, params.rope)
+    return (decode_program(params.head_dim, gb, params.q_dtype, kv_dtype, params.rope),
+            decode_smem_bytes(params.head_dim, gb, tc))
+
+
 def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
     """Every instantiation of the supported grid (CI compiles these; `precompile` the standard ones)."""
     out = []
@@ -208,10 +216,8 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
 
 def decode_num_ctas(params: DecodeParams, kv_dtype: dt.DType, device: int) -> int:
     """One wave of the decode kernel on `device` (compiles / loads the kernel)."""
-    gb, _ = scheduler.decode_heads_per_block(params.group_size)
-    prog = decode_program(params.head_dim, gb, params.q_dtype, kv_dtype, params.rope)
-    fn = kernels.functions(prog, device)[prog.kernels[0]]
-    occ = fn.occupancy(128, decode_smem_bytes(params.head_dim, gb, uses_tensor_cores(params.q_dtype, kv_dtype, params.rope)))
+    prog, smem = decode_variant(params, kv_dtype)
+    occ = kernels.functions(prog, device)[prog.kernels[0]].occupancy(128, smem)
     return kernels.device_props(device)["sms"] * max(occ, 1)
 
 
@@ -320,7 +326,8 @@ def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.A
     always_merge keeps the launch sequence fixed whatever the plan (CUDA graphs)."""
     p = plan.params
     gb, slices = plan.heads_per_block
-    dec, merge = kernels.functions(decode_program(p.head_dim, gb, p.q_dtype, kv.dtype, p.rope), q.device).values()
+    prog, smem = decode_variant(p, kv.dtype)
+    dec, merge = kernels.functions(prog, q.device).values()
     off = {k: meta_ptr + 4 * v for k, v in plan.offsets.items()}
     part_o = partial_ptr
     part_lse = partial_ptr + _align(plan.partial_capacity * gb * p.head_dim * 4)
@@ -336,7 +343,7 @@ def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.A
         ptr(o), i64(o_sb), i64(os_[-2]), ptr(l_info), ptr(part_o), ptr(part_lse),
         i32(p.num_qo_heads), i32(p.group_size), i32(slices), u32(p.page_size), u32(mul), u32(shift),
         f32(q_scale), f32(p.soft_cap), f32(v_scale), f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)),
-    ], stream, q.device, smem=decode_smem_bytes(p.head_dim, gb, uses_tensor_cores(p.q_dtype, kv.dtype, p.rope)))
+    ], stream, q.device, smem=smem)
     if always_merge or plan.num_partial_rows:
         kernels.launch(merge, (plan.num_pairs, gb), (128,), [
             ptr(part_o), ptr(part_lse), ptr(off["merge_indptr"]), ptr(o), i64(o_sb), i64(os_[-2]),
@@ -547,9 +554,9 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
         _single_plans.move_to_end(key)
     plan = DecodePlan(params, plan.batch_size, plan.num_ctas, plan.num_partial_rows, plan.max_page,
                       plan.meta, plan.offsets, plan.partial_capacity)
-    scratch_obj, scratch, uploaded = _scratch(dev, s, plan.partial_bytes() + 4096 + plan.meta.nbytes, fw)
-    # Metadata lives after the partials; upload once per shape per scratch buffer.
-    meta_ptr = scratch.ptr + _align(plan.partial_bytes())
+    _, scratch, uploaded = _scratch(dev, s, plan.partial_bytes() + plan.meta.nbytes, fw)
+    # Metadata lives after the partials, as in the wrapper's workspace; uploaded once per shape.
+    meta_ptr = scratch.ptr + plan.partial_bytes()
     if uploaded.get("key") != key:
         _upload(plan.meta, meta_ptr, dev, s)
         uploaded["key"] = key
