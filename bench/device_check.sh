@@ -12,6 +12,9 @@ mkdir -p "$OUT"
 python3 -m fi_cupy precompile 2>&1 | tail -1
 timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -rs --durations=15 tests "$@" 2>&1 | tee "$OUT/tests.txt" | tail -60
 python3 bench/profile_host.py 2>&1 | tee "$OUT/profile_host.txt" | head -60
+# BENCHES: the benchmark scripts to run (default: decode); BENCH_ARGS go to each.
 if [ -z "${SKIP_BENCH:-}" ]; then
-  timeout ${BENCH_TIMEOUT:-200} python3 bench/bench_decode.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_decode.txt"
+  for b in ${BENCHES:-bench_decode}; do
+    timeout ${BENCH_TIMEOUT:-200} python3 bench/$b.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$b.txt"
+  done
 fi

@@ -14,12 +14,28 @@ except ImportError as _e:  # pragma: no cover - exercised only without CuPy
     ) from _e
 
 from ._core.compile import CudaEnvironmentError, KernelCompileError  # noqa: E402
+from . import activation, cascade, norm, page, rope  # noqa: E402
+from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul  # noqa: E402
+from .cascade import merge_state, merge_state_in_place, merge_states  # noqa: E402
 from .decode import BatchDecodeWithPagedKVCacheWrapper, single_decode_with_kv_cache  # noqa: E402
+from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, layernorm, rmsnorm  # noqa: E402
+from .page import append_paged_kv_cache, get_batch_indices_positions, get_seq_lens  # noqa: E402
+from .rope import (  # noqa: E402
+    apply_llama31_rope, apply_llama31_rope_inplace, apply_llama31_rope_pos_ids, apply_llama31_rope_pos_ids_inplace,
+    apply_rope, apply_rope_inplace, apply_rope_pos_ids, apply_rope_pos_ids_inplace, apply_rope_with_cos_sin_cache,
+    apply_rope_with_cos_sin_cache_inplace)
 
 __all__ = [
     "__version__",
     "BatchDecodeWithPagedKVCacheWrapper",
     "single_decode_with_kv_cache",
+    "rmsnorm", "fused_add_rmsnorm", "gemma_rmsnorm", "gemma_fused_add_rmsnorm", "layernorm",
+    "silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul",
+    "apply_rope", "apply_rope_inplace", "apply_rope_pos_ids", "apply_rope_pos_ids_inplace",
+    "apply_llama31_rope", "apply_llama31_rope_inplace", "apply_llama31_rope_pos_ids",
+    "apply_llama31_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache", "apply_rope_with_cos_sin_cache_inplace",
+    "append_paged_kv_cache", "get_batch_indices_positions", "get_seq_lens",
+    "merge_state", "merge_state_in_place", "merge_states",
     "KernelCompileError",
     "CudaEnvironmentError",
 ]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import scheduler
+from .page import KVView, LAYOUTS, describe_paged_cache
 from ._core import arrays, checks, kernels, streams
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
@@ -25,7 +26,6 @@ SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
 Q_DTYPES = (dt.float16, dt.bfloat16)
 KV_DTYPES = {q: (q, dt.float8_e4m3fn, dt.float8_e5m2) for q in Q_DTYPES}
 POS_ENCODINGS = ("NONE", "ROPE_LLAMA")
-LAYOUTS = ("NHD", "HND")
 _ALIGN = 256
 
 
@@ -219,64 +219,6 @@ def decode_num_ctas(params: DecodeParams, kv_dtype: dt.DType, device: int) -> in
     prog, smem = decode_variant(params, kv_dtype)
     occ = kernels.functions(prog, device)[prog.kernels[0]].occupancy(128, smem)
     return kernels.device_props(device)["sms"] * max(occ, 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# KV cache description
-
-
-@dataclass
-class KVView:
-    k_ptr: int
-    v_ptr: int
-    stride_page: int
-    stride_slot: int
-    stride_head: int
-    num_pages: int
-    page_size: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: dt.DType
-    device: int
-    infos: tuple
-
-
-def describe_paged_cache(paged_kv_cache, kv_layout: str, stream: int, name: str = "paged_kv_cache",
-                         current_of: str | None = None) -> KVView:
-    """A 5-D cache (num_pages, 2, page_size, H, D) [NHD] / (num_pages, 2, H, page_size, D) [HND], or a
-    (k_cache, v_cache) pair of 4-D arrays."""
-    checks.choice("kv_layout", kv_layout, LAYOUTS)
-    slot_dim, head_dim_ax = (1, 2) if kv_layout == "NHD" else (2, 1)
-    layout = "(num_pages, page_size, num_kv_heads, head_dim)" if kv_layout == "NHD" else \
-        "(num_pages, num_kv_heads, page_size, head_dim)"
-    if isinstance(paged_kv_cache, (tuple, list)):
-        if len(paged_kv_cache) != 2:
-            raise ValueError(f"{name}: a tuple must be (k_cache, v_cache), got {len(paged_kv_cache)} items")
-        k = arrays.describe(paged_kv_cache[0], f"{name}[0] (k_cache)", stream, current_of)
-        v = arrays.describe(paged_kv_cache[1], f"{name}[1] (v_cache)", stream, current_of)
-        checks.ndim(k, 4, f"{layout} for kv_layout={kv_layout}")
-        if v.shape != k.shape or v.strides != k.strides or v.dtype != k.dtype:
-            raise ValueError(f"{name}: k_cache and v_cache must have the same shape, strides and dtype; got "
-                             f"{k.shape}/{k.strides}/{k.dtype} and {v.shape}/{v.strides}/{v.dtype}")
-        checks.same_device(k, v)
-        s = k.strides
-        view = KVView(k.ptr, v.ptr, s[0], s[1 + slot_dim - 1], s[1 + head_dim_ax - 1], k.shape[0],
-                      k.shape[slot_dim], k.shape[head_dim_ax], k.shape[3], k.dtype, k.device, (k, v))
-        for i in (k, v):
-            checks.last_dim_contiguous(i)
-            checks.vector_aligned(i)
-        return view
-    c = arrays.describe(paged_kv_cache, name, stream, current_of)
-    five = "(num_pages, 2, page_size, num_kv_heads, head_dim)" if kv_layout == "NHD" else \
-        "(num_pages, 2, num_kv_heads, page_size, head_dim)"
-    if c.ndim != 5 or c.shape[1] != 2:
-        raise ValueError(f"{name}: expected shape {five} for kv_layout={kv_layout}, or a (k_cache, v_cache) "
-                         f"tuple; got shape {c.shape}")
-    checks.last_dim_contiguous(c)
-    checks.vector_aligned(c)
-    s = c.strides
-    return KVView(c.ptr, c.ptr + s[1] * c.dtype.itemsize, s[0], s[1 + slot_dim], s[1 + head_dim_ax],
-                  c.shape[0], c.shape[1 + slot_dim], c.shape[1 + head_dim_ax], c.shape[4], c.dtype, c.device, (c,))
 
 
 def _check_cache_against(view: KVView, p: DecodeParams, max_page: int, name: str = "paged_kv_cache") -> None:

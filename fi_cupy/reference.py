@@ -56,3 +56,141 @@ def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, sm_scale: floa
     o = np.einsum("hl,lhd->hd", p / den, vv)
     lse = (m[:, 0] + np.log(den[:, 0])) / math.log(2.0)
     return o, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms and activations (float64, written as model code writes them)
+
+
+def rmsnorm(x, weight, eps: float = 1e-6, gemma: bool = False) -> np.ndarray:
+    """Llama RMSNorm: x * rsqrt(mean(x^2) + eps) * weight; Gemma uses (1 + weight)."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(weight, np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * ((1.0 + w) if gemma else w)
+
+
+def fused_add_rmsnorm(x, residual, weight, eps: float = 1e-6, gemma: bool = False, store_dtype=None):
+    """(normed, new residual): residual + x is stored in store_dtype (model code keeps the residual
+    stream in the activation dtype) and that stored value is normalised."""
+    s = np.asarray(x, np.float64) + np.asarray(residual, np.float64)
+    if store_dtype is not None:
+        s = s.astype(store_dtype).astype(np.float64)
+    return rmsnorm(s, weight, eps, gemma), s
+
+
+def layernorm(x, gamma, beta, eps: float = 1e-6) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * np.asarray(gamma, np.float64) + np.asarray(beta, np.float64)
+
+
+def act_and_mul(x, act: str) -> np.ndarray:
+    """act(x[..., :d]) * x[..., d:] for act in silu, gelu (erf), gelu_tanh."""
+    from math import erf
+    x = np.asarray(x, np.float64)
+    d = x.shape[-1] // 2
+    g, u = x[..., :d], x[..., d:]
+    if act == "silu":
+        a = g / (1.0 + np.exp(-g))
+    elif act == "gelu":
+        a = 0.5 * g * (1.0 + np.vectorize(erf)(g / math.sqrt(2.0)))
+    else:
+        a = 0.5 * g * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g ** 3)))
+    return a * u
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embedding (general form)
+
+
+def rope_inv_freq(rotary_dim: int, rope_theta: float = 1e4, rope_scale: float = 1.0) -> np.ndarray:
+    """theta^(-2i / rotary_dim) / rope_scale, computed in float64 and rounded to float32 (the value
+    Hugging Face's float32 computation approximates to within an ulp)."""
+    i = np.arange(rotary_dim // 2, dtype=np.float64)
+    return (rope_theta ** (-2.0 * i / rotary_dim) / rope_scale).astype(np.float32)
+
+
+def llama31_inv_freq(rotary_dim: int, rope_theta: float = 5e5, factor: float = 8.0, low_freq_factor: float = 1.0,
+                     high_freq_factor: float = 4.0, old_context_len: float = 8192) -> np.ndarray:
+    """Hugging Face's Llama 3 frequency rescaling (_compute_llama3_parameters), in float64, rounded."""
+    i = np.arange(rotary_dim // 2, dtype=np.float64)
+    f = rope_theta ** (-2.0 * i / rotary_dim)
+    wavelen = 2 * math.pi / f
+    low_wl, high_wl = old_context_len / low_freq_factor, old_context_len / high_freq_factor
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    out = np.where(wavelen > low_wl, f / factor, f)
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    out = np.where(medium, (1 - smooth) * f / factor + smooth * f, out)
+    return out.astype(np.float32)
+
+
+def rope(x, pos, inv_freq=None, rotary_dim: int | None = None, interleave: bool = False, cos_sin=None) -> np.ndarray:
+    """x (nnz, heads, D) rotated at positions pos (nnz,). The angle is the float32 product
+    pos * inv_freq; sin / cos in float64. cos_sin (max_pos, rotary_dim) = [cos | sin] replaces inv_freq.
+    Non-interleaved pairs dim j with j + rotary_dim / 2; interleaved pairs 2i with 2i + 1."""
+    x = np.asarray(x, np.float64)
+    d = x.shape[-1]
+    rd = d if rotary_dim is None else rotary_dim
+    pos = np.asarray(pos)
+    if cos_sin is not None:
+        rd = cos_sin.shape[1]
+        cos, sin = np.asarray(cos_sin[pos, : rd // 2], np.float64), np.asarray(cos_sin[pos, rd // 2:], np.float64)
+    else:
+        ang = (pos.astype(np.float32)[:, None] * np.asarray(inv_freq, np.float32)[None, :]).astype(np.float64)
+        cos, sin = np.cos(ang), np.sin(ang)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (nnz, 1, rd / 2)
+    out = x.copy()
+    if interleave:
+        a, b = x[..., 0:rd:2], x[..., 1:rd:2]
+        out[..., 0:rd:2] = a * cos - b * sin
+        out[..., 1:rd:2] = b * cos + a * sin
+    else:
+        a, b = x[..., : rd // 2], x[..., rd // 2: rd]
+        out[..., : rd // 2] = a * cos - b * sin
+        out[..., rd // 2: rd] = b * cos + a * sin
+    return out
+
+
+def ragged_positions(indptr, offsets) -> np.ndarray:
+    """Position of each token of a ragged batch: offsets[b] + index within request b."""
+    indptr = np.asarray(indptr)
+    return np.concatenate([np.arange(indptr[b + 1] - indptr[b]) + offsets[b] for b in range(len(indptr) - 1)]
+                          + [np.zeros(0, np.int64)]).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention states and the paged cache
+
+
+def merge_states(v, s):
+    """v (seq, n, heads, D), s (seq, n, heads) base-2 lse -> (v (seq, heads, D), s (seq, heads));
+    empty states (s = -inf) weigh 0; all empty gives v = 0, s = -inf."""
+    v = np.asarray(v, np.float64)
+    s = np.asarray(s, np.float64)
+    m = s.max(axis=1, keepdims=True)
+    finite = np.isfinite(m)
+    w = np.where(finite, np.exp2(np.where(finite, s - m, 0.0)), 0.0)
+    w = np.where(np.isneginf(s), 0.0, w)
+    tot = w.sum(axis=1)
+    vo = np.einsum("snh,snhd->shd", w, v) / np.where(tot > 0, tot, 1.0)[..., None]
+    so = np.where(tot > 0, m[:, 0] + np.log2(np.where(tot > 0, tot, 1.0)), -np.inf)
+    return vo, so
+
+
+def merge_state(va, sa, vb, sb):
+    return merge_states(np.stack([va, vb], axis=1), np.stack([sa, sb], axis=1))
+
+
+def append_paged_kv(cache_k, cache_v, key, value, batch_indices, positions, kv_indices, kv_indptr,
+                    page_size: int, layout: str = "NHD"):
+    """Copies of cache_k / cache_v (num_pages, page_size, H, D) [NHD] or (num_pages, H, page_size, D)
+    [HND] with token i's rows written at request batch_indices[i], position positions[i]."""
+    ck, cv = cache_k.copy(), cache_v.copy()
+    for i, (b, p) in enumerate(zip(batch_indices, positions)):
+        page = kv_indices[kv_indptr[b] + p // page_size]
+        if layout == "NHD":
+            ck[page, p % page_size], cv[page, p % page_size] = key[i], value[i]
+        else:
+            ck[page, :, p % page_size], cv[page, :, p % page_size] = key[i], value[i]
+    return ck, cv

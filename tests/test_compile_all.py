@@ -83,3 +83,21 @@ def test_inline_source_has_no_quoted_includes():
     text, files = cc.inline_source("decode.cu")
     assert '#include "' not in text and "common/types.cuh" in files
     assert "#include <cuda_fp16.h>" in text  # CUDA headers stay with -I
+
+
+SMALL_OP_FAMILIES = ("norm", "activation", "rope", "page", "cascade")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("family", SMALL_OP_FAMILIES)
+def test_every_small_op_instantiation_compiles_without_spills(family, arch):
+    import importlib
+    progs = importlib.import_module(f"fi_cupy.{family}").all_programs()
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as ex:
+        results = list(ex.map(lambda p: p.compile(arch), progs))
+    usage = {}
+    for r in results:
+        usage.update(cc.resource_usage(r.log))
+    assert len(usage) == sum(len(p.kernels) for p in progs)  # every instantiation reported by ptxas
+    spills = {k: v for k, v in usage.items() if v["spill_stores"] or v["spill_loads"]}
+    assert not spills, f"{family} kernels spilling to local memory on {arch}: {spills}"

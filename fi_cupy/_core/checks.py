@@ -129,3 +129,35 @@ def float_or_none(name: str, v):
         return float(v)
     except (TypeError, ValueError):
         raise TypeError(f"{name}: expected a float or None, got {type(v).__name__}") from None
+
+
+def vector_width(infos, length: int, max_bytes: int = 16) -> int:
+    """Largest vector width (elements, a power of two, at most max_bytes of the first array's dtype)
+    that divides `length` and every array's pointer and row strides, so each vector access is aligned."""
+    infos = [i for i in infos if i is not None]
+    item = infos[0].dtype.itemsize
+    w = max_bytes // item
+    while w > 1:
+        if length % w == 0 and all(
+                i.ptr % (w * i.dtype.itemsize) == 0 and
+                all(s % w == 0 for n, s in zip(i.shape[:-1], i.strides[:-1]) if n > 1) for i in infos):
+            return w
+        w //= 2
+    return 1
+
+
+def rows_of(info: ArrayInfo, what: str = "") -> tuple:
+    """(rows, row_stride) of an array read as rows of its last dim: the leading dims must collapse
+    into one strided axis (a stride on the token axis is fine) and the last dim be contiguous."""
+    last_dim_contiguous(info)
+    if info.ndim == 0:
+        raise ValueError(f"{info.name}: expected at least 1 dim{what}, got a scalar")
+    lead = [(n, s) for n, s in zip(info.shape[:-1], info.strides[:-1]) if n != 1]
+    rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if info.ndim > 1 else 1
+    if not lead:
+        return rows, info.shape[-1]
+    for (n_outer, s_outer), (n_inner, s_inner) in zip(lead, lead[1:]):
+        if s_outer != n_inner * s_inner:
+            raise ValueError(f"{info.name}: its leading dims {info.shape[:-1]} with strides {info.strides[:-1]} "
+                             f"do not form one strided row axis; make it contiguous")
+    return rows, lead[-1][1]

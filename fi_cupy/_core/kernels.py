@@ -126,21 +126,34 @@ i32, i64, u32, f32, f64 = np.int32, np.int64, np.uint32, np.float32, np.float64
 _SLOT = {np.uint64: "Q", np.int64: "q", np.int32: "i4x", np.uint32: "I4x", np.float32: "f4x", np.float64: "d"}
 
 
-def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int = 0) -> None:
-    """cuLaunchKernel with `args` given as numpy scalars whose types match the kernel's parameters.
+def struct_arg(fmt: str, *fields) -> bytes:
+    """A kernel parameter that is a C++ struct, packed with struct format `fmt` (little-endian, no
+    padding added: order the fields so that each is naturally aligned, as the C++ struct is)."""
+    return struct.pack("<" + fmt, *fields)
 
-    Each argument gets its own 8-byte slot in one buffer and kernelParams points at each slot.
+
+def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int = 0) -> None:
+    """cuLaunchKernel with `args` given as numpy scalars whose types match the kernel's parameters
+    (or bytes from struct_arg for a struct parameter).
+
+    Each argument gets its own 8-byte-aligned slot in one buffer and kernelParams points at each slot.
     """
     from cupy_backends.cuda.api import driver
     from cupy.cuda import runtime
     n = len(args)
     try:
-        buf = struct.pack("<" + "".join(_SLOT[type(a)] for a in args), *args)
+        parts = [a + bytes(-len(a) % 8) if isinstance(a, bytes) else struct.pack("<" + _SLOT[type(a)], a)
+                 for a in args]
     except KeyError as e:
-        raise TypeError(f"kernel argument of type {e} is not one of {list(_SLOT)}") from None
+        raise TypeError(f"kernel argument of type {e} is not one of {list(_SLOT)} or bytes") from None
+    buf = b"".join(parts)
     store = ctypes.create_string_buffer(buf, max(8, len(buf)))
     base = ctypes.addressof(store)
-    params = (ctypes.c_void_p * max(1, n))(*[base + 8 * i for i in range(n)])
+    offsets, at = [], 0
+    for part in parts:
+        offsets.append(base + at)
+        at += len(part)
+    params = (ctypes.c_void_p * max(1, n))(*offsets)
     fn.allow_smem(smem)
     gx, gy, gz = (tuple(grid) + (1, 1))[:3]
     bx, by, bz = (tuple(block) + (1, 1))[:3]

@@ -1,0 +1,88 @@
+"""One public call's context, shared by the element-wise families (norm, activation, rope, page,
+cascade): the caller's framework, device and stream; inputs described on that stream; outputs made
+in the caller's framework; launches; results delivered and inputs kept alive.
+
+    c = Call(input, stream)            # framework, device and stream of the first array
+    x = c.arg(input, "input")          # ArrayInfo, ordered on c.stream
+    obj, o = c.out(out, shape, dtype, "out")   # given `out=` (checked) or a new array
+    c.launch(fn, grid, block, args)
+    return c.result(obj)               # caller's framework, zero-copy
+
+Immutable producers (JAX): `c.writable(x)` is False, and in-place functions return new arrays.
+"""
+from __future__ import annotations
+
+from . import arrays, checks, kernels, streams
+from .arrays import ArrayInfo
+
+IMMUTABLE = ("jax", "tensorflow")  # frameworks whose arrays must never be written
+
+
+def device_of(x) -> int:
+    if isinstance(x, ArrayInfo):
+        return x.device
+    fw = type(x).__module__.split(".")[0]
+    if fw == "torch" and hasattr(x, "device"):
+        return x.device.index or 0
+    if fw == "cupy" and hasattr(x, "device"):
+        return x.device.id
+    if hasattr(x, "__dlpack_device__"):
+        return int(x.__dlpack_device__()[1])
+    raise TypeError(f"expected an array that supports DLPack (torch, JAX, CuPy, ...), got {type(x).__name__}")
+
+
+class Call:
+    __slots__ = ("framework", "device", "stream", "_current", "infos")
+
+    def __init__(self, first, stream=None):
+        self.framework = arrays.framework_of(first)
+        self.device = device_of(first)
+        self.stream = streams.resolve(stream, self.framework, self.device)
+        # Arrays of the framework whose current stream we launch on need no extra ordering.
+        self._current = self.framework if stream is None else None
+        self.infos: list = []
+
+    def arg(self, x, name: str) -> ArrayInfo | None:
+        """Describe an input (None passes through), on this call's device."""
+        if x is None:
+            return None
+        info = arrays.describe(x, name, self.stream, self._current)
+        if info.device != self.device:
+            raise ValueError(f"{name}: is on cuda:{info.device} but the other arrays are on cuda:{self.device}")
+        self.infos.append(info)
+        return info
+
+    def new(self, shape, dtype, name: str = "out"):
+        """(object, ArrayInfo) of a new array in the caller's framework."""
+        obj = arrays.empty(self.framework, shape, dtype, self.device, self.stream)
+        info = arrays.describe(obj, name, self.stream, self._current)
+        self.infos.append(info)
+        return obj, info
+
+    def out(self, given, shape, dtype, name: str = "out", layout: str = ""):
+        """The output: `given` checked against shape and dtype, else a new array."""
+        if given is None:
+            return self.new(shape, dtype, name)
+        info = self.arg(given, name)
+        checks.shape(info, tuple(shape), layout)
+        if info.dtype != dtype:
+            raise TypeError(f"{name}: dtype {info.dtype} does not match the expected {dtype}")
+        self.writable(info, True)
+        return given, info
+
+    def writable(self, info: ArrayInfo, required: bool = False, instead: str = "") -> bool:
+        """Whether the kernel may write into `info`. required=True raises for immutable arrays."""
+        ok = info.framework not in IMMUTABLE
+        if required and not ok:
+            hint = f"; use {instead}, which returns new arrays" if instead else ""
+            raise TypeError(f"{info.name}: {info.framework} arrays are immutable and cannot be written in place{hint}")
+        return ok
+
+    def launch(self, fn, grid, block, args, smem: int = 0) -> None:
+        kernels.launch(fn, grid, block, args, self.stream, self.device, smem)
+
+    def result(self, *objs):
+        """Deliver outputs in the caller's framework (one object, or a tuple), keeping inputs alive."""
+        arrays.keep_alive(self.device, self.stream, self.infos)
+        got = tuple(None if o is None else arrays.deliver(o, self.framework) for o in objs)
+        return got[0] if len(got) == 1 else got

@@ -1,0 +1,272 @@
+"""Paged KV cache: its description (shared by decode and prefill), append_paged_kv_cache,
+get_seq_lens and get_batch_indices_positions (cuda_src/page.cu).
+
+A cache is one 5-D array (num_pages, 2, page_size, num_kv_heads, head_dim) [NHD] /
+(num_pages, 2, num_kv_heads, page_size, head_dim) [HND], or a (k_cache, v_cache) pair of 4-D arrays.
+Request b owns pages kv_indices[kv_indptr[b]:kv_indptr[b + 1]]; its token at position p sits in
+page kv_indices[kv_indptr[b] + p // page_size], slot p % page_size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._core import arrays, checks, kernels
+from ._core import dtypes as dt
+from ._core.call import Call
+from ._core.kernels import KernelSpec, Program, i32, i64, ptr
+
+LAYOUTS = ("NHD", "HND")
+INDEX_DTYPES = (dt.int32, dt.int64)
+CACHE_DTYPES = (dt.float16, dt.bfloat16, dt.float32, dt.float8_e4m3fn, dt.float8_e5m2)
+THREADS = 256
+WAVES = 8  # CTAs per SM of the token loop (at 256 threads)
+
+
+
+
+@dataclass
+class KVView:
+    k_ptr: int
+    v_ptr: int
+    stride_page: int
+    stride_slot: int
+    stride_head: int
+    num_pages: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: dt.DType
+    device: int
+    infos: tuple
+
+
+def describe_paged_cache(paged_kv_cache, kv_layout: str, stream: int, name: str = "paged_kv_cache",
+                         current_of: str | None = None) -> KVView:
+    """A 5-D cache (num_pages, 2, page_size, H, D) [NHD] / (num_pages, 2, H, page_size, D) [HND], or a
+    (k_cache, v_cache) pair of 4-D arrays."""
+    checks.choice("kv_layout", kv_layout, LAYOUTS)
+    slot_dim, head_dim_ax = (1, 2) if kv_layout == "NHD" else (2, 1)
+    layout = "(num_pages, page_size, num_kv_heads, head_dim)" if kv_layout == "NHD" else \
+        "(num_pages, num_kv_heads, page_size, head_dim)"
+    if isinstance(paged_kv_cache, (tuple, list)):
+        if len(paged_kv_cache) != 2:
+            raise ValueError(f"{name}: a tuple must be (k_cache, v_cache), got {len(paged_kv_cache)} items")
+        k = arrays.describe(paged_kv_cache[0], f"{name}[0] (k_cache)", stream, current_of)
+        v = arrays.describe(paged_kv_cache[1], f"{name}[1] (v_cache)", stream, current_of)
+        checks.ndim(k, 4, f"{layout} for kv_layout={kv_layout}")
+        if v.shape != k.shape or v.strides != k.strides or v.dtype != k.dtype:
+            raise ValueError(f"{name}: k_cache and v_cache must have the same shape, strides and dtype; got "
+                             f"{k.shape}/{k.strides}/{k.dtype} and {v.shape}/{v.strides}/{v.dtype}")
+        checks.same_device(k, v)
+        s = k.strides
+        view = KVView(k.ptr, v.ptr, s[0], s[1 + slot_dim - 1], s[1 + head_dim_ax - 1], k.shape[0],
+                      k.shape[slot_dim], k.shape[head_dim_ax], k.shape[3], k.dtype, k.device, (k, v))
+        for i in (k, v):
+            checks.last_dim_contiguous(i)
+            checks.vector_aligned(i)
+        return view
+    c = arrays.describe(paged_kv_cache, name, stream, current_of)
+    five = "(num_pages, 2, page_size, num_kv_heads, head_dim)" if kv_layout == "NHD" else \
+        "(num_pages, 2, num_kv_heads, page_size, head_dim)"
+    if c.ndim != 5 or c.shape[1] != 2:
+        raise ValueError(f"{name}: expected shape {five} for kv_layout={kv_layout}, or a (k_cache, v_cache) "
+                         f"tuple; got shape {c.shape}")
+    checks.last_dim_contiguous(c)
+    checks.vector_aligned(c)
+    s = c.strides
+    return KVView(c.ptr, c.ptr + s[1] * c.dtype.itemsize, s[0], s[1 + slot_dim], s[1 + head_dim_ax],
+                  c.shape[0], c.shape[1 + slot_dim], c.shape[1 + head_dim_ax], c.shape[4], c.dtype, c.device, (c,))
+
+
+def append_program(index: dt.DType, vec_bytes: int) -> Program:
+    return Program("page.cu", (KernelSpec("fic::append_paged_kv_kernel", (index.cpp, vec_bytes)),))
+
+
+def index_program(index: dt.DType) -> Program:
+    """get_seq_lens and get_batch_indices_positions."""
+    return Program("page.cu", (KernelSpec("fic::seq_lens_kernel", (index.cpp,)),
+                               KernelSpec("fic::batch_indices_positions_kernel", (index.cpp,))))
+
+
+def all_programs() -> list:
+    return [append_program(i, vb) for i in INDEX_DTYPES for vb in (16, 8, 4, 2, 1)] + \
+        [index_program(i) for i in INDEX_DTYPES]
+
+
+def _byte_vector(row_bytes: int, addresses, byte_strides) -> int:
+    vb = 16
+    while vb > 1 and (row_bytes % vb or any(a % vb for a in addresses) or any(s % vb for s in byte_strides)):
+        vb //= 2
+    return vb
+
+
+def _index_array(c: Call, x, name: str, dtype=None, length=None):
+    info = c.arg(x, name)
+    checks.dtype_in(info, INDEX_DTYPES)
+    if dtype is not None and info.dtype != dtype:
+        raise TypeError(f"{name}: dtype {info.dtype} must match the other index arrays ({dtype})")
+    checks.ndim(info, 1, f"({'*' if length is None else length},)")
+    if length is not None and info.shape[0] != length:
+        raise ValueError(f"{name}: expected {length} entries, got {info.shape[0]}")
+    checks.contiguous(info)
+    return info
+
+
+def _capturing(stream: int) -> bool:
+    from cupy.cuda import runtime
+    try:
+        return bool(runtime.streamIsCapturing(stream))
+    except Exception:  # noqa: BLE001 - an old CuPy without the query: assume not capturing
+        return False
+
+
+def _check_append_indices(bi, pos, indices, indptr, last_page_len, page_size: int, num_pages: int) -> None:
+    """Host-side check of an append's indices (device arrays are copied to the host: one sync)."""
+    ip = checks.host_int_array("kv_indptr", indptr.obj)
+    checks.indptr("kv_indptr", ip)
+    ix = checks.host_int_array("kv_indices", indices.obj)
+    if ip[-1] > ix.size:
+        raise ValueError(f"kv_indptr: its last entry {ip[-1]} exceeds the {ix.size} entries of kv_indices")
+    used = ix[:ip[-1]]
+    if used.size and (used.min() < 0 or used.max() >= num_pages):
+        bad = int(used[(used < 0) | (used >= num_pages)][0])
+        raise ValueError(f"kv_indices: page index {bad} is out of range for a cache of {num_pages} pages")
+    lp = checks.host_int_array("kv_last_page_len", last_page_len.obj)
+    pages = np.diff(ip)
+    seq = np.maximum(pages - 1, 0) * page_size + lp
+    if np.any((lp < 0) | (lp > page_size)) or np.any((pages == 0) & (lp != 0)):
+        raise ValueError(f"kv_last_page_len: entries must lie in [1, page_size={page_size}] (0 for a request "
+                         f"without pages), got {lp.tolist()[:16]}")
+    b = checks.host_int_array("batch_indices", bi.obj)
+    p = checks.host_int_array("positions", pos.obj)
+    if b.size and (b.min() < 0 or b.max() >= pages.size):
+        raise ValueError(f"batch_indices: entries must lie in [0, batch_size={pages.size}), got {int(b.min())}"
+                         f"..{int(b.max())}")
+    if p.size:
+        limit = seq[b]
+        bad = (p < 0) | (p >= limit)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise ValueError(f"positions: token {j} of request {int(b[j])} has position {int(p[j])}, outside "
+                             f"[0, {int(limit[j])}) (the request's length from kv_indptr and kv_last_page_len)")
+
+
+def append_paged_kv_cache(append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices,
+                          kv_indptr, kv_last_page_len, kv_layout: str = "NHD", check: bool = True, stream=None):
+    """Write the K/V rows of nnz new tokens, append_key / append_value (nnz, num_kv_heads, head_dim), into
+    their pages: token i goes to request batch_indices[i] at position positions[i].
+
+    check=True (default) reads the index arrays on the host and raises on any out-of-range entry (one
+    synchronisation; skipped automatically while a CUDA graph is being captured). With check=False the
+    kernel still skips rows whose indices fall outside the page table, so nothing is written outside the
+    cache. Returns None; JAX callers (immutable arrays) get a new cache with the rows written."""
+    c = Call(append_key, stream)
+    k = c.arg(append_key, "append_key")
+    v = c.arg(append_value, "append_value")
+    checks.ndim(k, 3, "(nnz, num_kv_heads, head_dim)")
+    if v.shape != k.shape or v.dtype != k.dtype:
+        raise ValueError(f"append_value: must match append_key in shape and dtype; got {v.shape}/{v.dtype} vs "
+                         f"{k.shape}/{k.dtype}")
+    for x in (k, v):
+        checks.last_dim_contiguous(x)
+    kv = describe_paged_cache(paged_kv_cache, kv_layout, c.stream, current_of=c._current)
+    c.infos.extend(kv.infos)
+    if kv.dtype != k.dtype:
+        raise TypeError(f"append_key: dtype {k.dtype} does not match the cache's {kv.dtype} (quantise before "
+                        f"appending to an fp8 cache)")
+    if (k.shape[1], k.shape[2]) != (kv.num_kv_heads, kv.head_dim):
+        raise ValueError(f"append_key: (num_kv_heads, head_dim) = {k.shape[1:]} does not match the cache's "
+                         f"{(kv.num_kv_heads, kv.head_dim)}")
+    nnz = k.shape[0]
+    bi = _index_array(c, batch_indices, "batch_indices", length=nnz)
+    pos = _index_array(c, positions, "positions", bi.dtype, nnz)
+    ix = _index_array(c, kv_indices, "kv_indices", bi.dtype)
+    ip = _index_array(c, kv_indptr, "kv_indptr", bi.dtype)
+    lp = _index_array(c, kv_last_page_len, "kv_last_page_len", bi.dtype, ip.shape[0] - 1)
+    if ip.shape[0] < 1:
+        raise ValueError("kv_indptr: must have at least one entry")
+    if check and not _capturing(c.stream):
+        _check_append_indices(bi, pos, ix, ip, lp, kv.page_size, kv.num_pages)
+    result = None
+    if not all(c.writable(i) for i in kv.infos):  # JAX: write into a copy of the cache
+        kv, result = _copy_cache(c, kv, paged_kv_cache)
+    item = kv.dtype.itemsize
+    row_bytes = kv.head_dim * item
+    if nnz and kv.num_kv_heads:
+        vb = _byte_vector(row_bytes, (k.ptr, v.ptr, kv.k_ptr, kv.v_ptr),
+                          [s * item for s in (k.strides[0], k.strides[1], v.strides[0], v.strides[1],
+                                              kv.stride_page, kv.stride_slot, kv.stride_head)])
+        fn = kernels.functions(append_program(bi.dtype, vb), c.device)
+        sms = kernels.device_props(c.device)["sms"]
+        threads = min(THREADS, max(32, (kv.num_kv_heads * (row_bytes // vb) + 31) // 32 * 32))
+        c.launch(list(fn.values())[0], (max(1, min(nnz, sms * WAVES * (THREADS // threads))),), (threads,), [
+            ptr(k), i64(k.strides[0] * item), i64(k.strides[1] * item), ptr(v), i64(v.strides[0] * item),
+            i64(v.strides[1] * item), ptr(bi), ptr(pos), ptr(ix), ptr(ip), i32(ip.shape[0] - 1), i64(kv.num_pages),
+            ptr(kv.k_ptr), ptr(kv.v_ptr), i64(kv.stride_page * item), i64(kv.stride_slot * item),
+            i64(kv.stride_head * item), i32(kv.page_size), i64(nnz), i32(kv.num_kv_heads), i32(row_bytes)])
+    if result is None:
+        c.result()
+        return None
+    return c.result(*result)  # the new cache: one array, or a (k_cache, v_cache) pair
+
+
+def _copy_cache(c: Call, kv: KVView, paged_kv_cache):
+    """A writable copy of an immutable cache: (view of the copy, new objects to return)."""
+    import cupy
+    from cupy.cuda import runtime
+    objs, ptrs = [], []
+    for info in kv.infos:
+        if not info.is_contiguous():
+            raise ValueError(f"{info.name}: must be contiguous to append for an immutable (JAX) caller")
+        obj, new = c.new(info.shape, info.dtype, info.name)
+        with cupy.cuda.Device(c.device):
+            runtime.memcpyAsync(new.ptr, info.ptr, info.nbytes, runtime.memcpyDeviceToDevice, c.stream)
+        objs.append(obj)
+        ptrs.append(new.ptr)
+    if len(ptrs) == 2:
+        k_ptr, v_ptr = ptrs
+    else:
+        k_ptr, v_ptr = ptrs[0], ptrs[0] + (kv.v_ptr - kv.k_ptr)
+    view = KVView(k_ptr, v_ptr, kv.stride_page, kv.stride_slot, kv.stride_head, kv.num_pages, kv.page_size,
+                  kv.num_kv_heads, kv.head_dim, kv.dtype, kv.device, kv.infos)
+    return view, tuple(objs)
+
+
+def get_seq_lens(kv_indptr, kv_last_page_len, page_size: int, stream=None):
+    """Length of each request: max(pages - 1, 0) * page_size + kv_last_page_len (int32, batch_size)."""
+    c = Call(kv_indptr, stream)
+    page_size = checks.positive_int("page_size", page_size)
+    ip = _index_array(c, kv_indptr, "kv_indptr")
+    batch = ip.shape[0] - 1
+    if batch < 0:
+        raise ValueError("kv_indptr: must have at least one entry")
+    lp = _index_array(c, kv_last_page_len, "kv_last_page_len", ip.dtype, batch)
+    out_obj, o = c.new((batch,), dt.int32, "seq_lens")
+    if batch:
+        fn = kernels.functions(index_program(ip.dtype), c.device)
+        c.launch(list(fn.values())[0], (-(-batch // THREADS),), (THREADS,),
+                 [ptr(ip), ptr(lp), i32(page_size), i32(batch), ptr(o)])
+    return c.result(out_obj)
+
+
+def get_batch_indices_positions(append_indptr, seq_lens, nnz: int, stream=None):
+    """(batch_indices, positions), int32 (nnz,): the request of each appended token and its position,
+    seq_lens[b] - (append_indptr[b + 1] - append_indptr[b]) + its index within the request's append.
+    Tokens past append_indptr[-1] get -1 in both."""
+    c = Call(append_indptr, stream)
+    if isinstance(nnz, bool) or not isinstance(nnz, (int, np.integer)) or nnz < 0:
+        raise ValueError(f"nnz: expected a non-negative integer, got {nnz!r}")
+    ip = _index_array(c, append_indptr, "append_indptr")
+    batch = ip.shape[0] - 1
+    if batch < 1:
+        raise ValueError(f"append_indptr: expected batch_size + 1 >= 2 entries, got {ip.shape[0]}")
+    sl = _index_array(c, seq_lens, "seq_lens", ip.dtype, batch)
+    b_obj, b = c.new((int(nnz),), dt.int32, "batch_indices")
+    p_obj, p = c.new((int(nnz),), dt.int32, "positions")
+    if nnz:
+        fn = kernels.functions(index_program(ip.dtype), c.device)
+        c.launch(list(fn.values())[1], (-(-int(nnz) // THREADS),), (THREADS,),
+                 [ptr(ip), ptr(sl), i32(batch), i64(nnz), ptr(b), ptr(p)])
+    return c.result(b_obj, p_obj)

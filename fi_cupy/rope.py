@@ -1,0 +1,217 @@
+"""Rotary position embedding (cuda_src/rope.cu): FlashInfer's apply_rope* family.
+
+q (nnz, num_qo_heads, head_dim) and k (nnz, num_kv_heads, head_dim) in float16 / bfloat16 / float32,
+any (token, head) strides with a contiguous head dim. Positions come from pos_ids (nnz,), or from a
+ragged batch: indptr (batch_size + 1,) and offsets (batch_size,), token i of request b at position
+offsets[b] + i. Index arrays are int32 or int64 (one dtype per call). The *_inplace functions write
+into q and k and return None, except for JAX callers (immutable arrays), who get (q_rope, k_rope).
+With a cos_sin_cache, a position outside the cache gives NaN rows (never a read outside it).
+"""
+from __future__ import annotations
+
+import math
+
+from ._core import checks, kernels
+from ._core import dtypes as dt
+from ._core.call import Call
+from ._core.kernels import KernelSpec, Program, i32, i64, ptr, struct_arg
+
+DTYPES = (dt.float16, dt.bfloat16, dt.float32)
+INDEX_DTYPES = (dt.int32, dt.int64)
+POS = {"pos_ids": 0, "indptr": 1}
+FREQ = {"theta": 0, "llama31": 1, "cache": 2}
+HEAD_CHUNK = 4       # kHeadChunk in rope.cu
+CTA_THREADS = 128
+
+
+def rope_program(dtype: dt.DType, index: dt.DType, pos: str, freq: str) -> Program:
+    """Every (vector width, interleave) variant of one (dtype, index dtype, position and frequency mode)."""
+    return Program("rope.cu", tuple(
+        KernelSpec("fic::rope_kernel", (dtype.cpp, index.cpp, vec, kernels.cpp_bool(il), POS[pos], FREQ[freq]))
+        for vec in _widths(dtype) for il in (False, True) if not (il and vec == 1)))
+
+
+def _widths(d: dt.DType) -> tuple:
+    return tuple(w for w in (8, 4, 2, 1) if w * d.itemsize <= 16)
+
+
+def all_programs() -> list:
+    return [rope_program(d, i, p, f) for d in DTYPES for i in INDEX_DTYPES
+            for p, f in (("pos_ids", "theta"), ("indptr", "theta"), ("pos_ids", "llama31"), ("indptr", "llama31"),
+                         ("pos_ids", "cache"))]
+
+
+def _heads_view(c: Call, x, name: str, head_size: int | None):
+    """(info, heads, head_dim, token stride, head stride) of a (nnz, heads, head_dim) array, or of a
+    (nnz, heads * head_size) one when head_size is given."""
+    info = c.arg(x, name)
+    checks.dtype_in(info, DTYPES)
+    checks.last_dim_contiguous(info)
+    if head_size is not None and info.ndim == 2:
+        if info.shape[1] % head_size:
+            raise ValueError(f"{name}: last dim {info.shape[1]} is not a multiple of head_size {head_size}")
+        return info, info.shape[1] // head_size, head_size, info.strides[0], head_size
+    checks.ndim(info, 3, "(nnz, num_heads, head_dim)")
+    if head_size is not None and info.shape[2] != head_size:
+        raise ValueError(f"{name}: head_dim {info.shape[2]} does not match head_size {head_size}")
+    return info, info.shape[1], info.shape[2], info.strides[0], info.strides[1]
+
+
+def _index(c: Call, x, name: str, length: int):
+    info = c.arg(x, name)
+    checks.dtype_in(info, INDEX_DTYPES)
+    checks.shape(info, (length,), f"({length},)")
+    checks.contiguous(info)
+    return info
+
+
+def _rope(q, k, *, inplace: bool, pos_ids=None, indptr=None, offsets=None, rotary_dim=None, interleave=False,
+          freq: str = "theta", rope_scale=1.0, rope_theta=1e4, low_freq_factor=1.0, high_freq_factor=4.0,
+          old_context_len=8192, cos_sin_cache=None, head_size=None, stream=None):
+    c = Call(q, stream)
+    qi, hq, d, q_tok, q_head = _heads_view(c, q, "q" if head_size is None else "query", head_size)
+    ki, hk, dk, k_tok, k_head = _heads_view(c, k, "k" if head_size is None else "key", head_size)
+    if ki.dtype != qi.dtype or dk != d or ki.shape[0] != qi.shape[0]:
+        raise ValueError(f"{ki.name}: must have {qi.name}'s dtype, nnz and head_dim; got {ki.dtype}, "
+                         f"{ki.shape[0]}, {dk} vs {qi.dtype}, {qi.shape[0]}, {d}")
+    nnz = qi.shape[0]
+    rd = d if rotary_dim is None else checks.positive_int("rotary_dim", rotary_dim)
+    if rd > d or rd % 2:
+        raise ValueError(f"rotary_dim: must be even and at most head_dim ({d}), got {rd}")
+    # Positions.
+    batch, pi, ipi, ofi = 0, None, None, None
+    if indptr is not None:
+        ipi = c.arg(indptr, "indptr")
+        checks.dtype_in(ipi, INDEX_DTYPES)
+        checks.ndim(ipi, 1, "(batch_size + 1,)")
+        checks.contiguous(ipi)
+        batch = ipi.shape[0] - 1
+        if batch < 1:
+            raise ValueError(f"indptr: expected batch_size + 1 >= 2 entries, got {ipi.shape[0]}")
+        ofi = _index(c, offsets, "offsets", batch)
+        checks.dtype_is(ofi, ipi.dtype, "indptr's dtype")
+        index = ipi.dtype
+    else:
+        pi = _index(c, pos_ids, "pos_ids" if head_size is None else "positions", nnz)
+        index = pi.dtype
+    # Frequencies.
+    cs, cs_stride, max_pos = None, 0, 0
+    if freq == "cache":
+        cs = c.arg(cos_sin_cache, "cos_sin_cache")
+        checks.dtype_is(cs, dt.float32, "float32 (cos_sin_cache)")
+        checks.ndim(cs, 2, "(max_position, rotary_dim)")
+        rd = cs.shape[1]
+        if rd > d or rd % 2:
+            raise ValueError(f"cos_sin_cache: its last dim (rotary_dim) must be even and at most head_size {d}, "
+                             f"got {rd}")
+        checks.last_dim_contiguous(cs)
+        cs_stride, max_pos = cs.strides[0], cs.shape[0]
+    scale = checks.float_or_none("rope_scale", rope_scale) or 1.0
+    theta = checks.float_or_none("rope_theta", rope_theta) or 1e4
+    if scale <= 0 or theta <= 0:
+        raise ValueError(f"rope_scale and rope_theta must be positive, got {rope_scale}, {rope_theta}")
+    if freq == "llama31" and float(high_freq_factor) == float(low_freq_factor):
+        raise ValueError("high_freq_factor and low_freq_factor must differ")
+    fa = struct_arg("ffffd", 1.0 / scale, float(low_freq_factor), float(high_freq_factor), float(old_context_len),
+                    math.log2(theta))
+    # Outputs.
+    if inplace and c.writable(qi) and c.writable(ki):
+        qo_obj, qo, ko_obj, ko = None, qi, None, ki
+    else:
+        qo_obj, qo = c.new(qi.shape, qi.dtype, "q_rope")
+        ko_obj, ko = c.new(ki.shape, ki.dtype, "k_rope")
+    out_of_place = qo is not qi
+    (qo_tok, qo_head), (ko_tok, ko_head) = [
+        (o.strides[0], src_head if o.ndim == 2 else o.strides[1]) for o, src_head in ((qo, head_size), (ko, head_size))]
+    if nnz and hq + hk:
+        span = math.gcd(d, rd if interleave else rd // 2)
+        vec = checks.vector_width([qi, ki, qo, ko], span)
+        if interleave and vec < 2:
+            raise ValueError(f"{qi.name}, {ki.name}: interleave=True needs pointers and strides aligned to two "
+                             f"elements")
+        prog = rope_program(qi.dtype, index, "indptr" if ipi is not None else "pos_ids", freq)
+        fn = kernels.functions(prog, c.device)[KernelSpec("fic::rope_kernel", (
+            qi.dtype.cpp, index.cpp, vec, kernels.cpp_bool(interleave), POS["indptr" if ipi is not None else "pos_ids"],
+            FREQ[freq]))]
+        rot = (rd if interleave else rd // 2) // vec
+        bx = rot + ((d - rd) // vec if out_of_place else 0)
+        by = max(1, CTA_THREADS // bx)
+        grid = (-(-nnz // by), -(-(hq + hk) // HEAD_CHUNK))
+        c.launch(fn, grid, (bx, by), [
+            ptr(qi), ptr(qo), struct_arg("qqqq", q_tok, q_head, qo_tok, qo_head), i32(hq),
+            ptr(ki), ptr(ko), struct_arg("qqqq", k_tok, k_head, ko_tok, ko_head), i32(hk),
+            ptr(pi), ptr(ipi), ptr(ofi), i32(batch), ptr(cs), i64(cs_stride), i64(max_pos), fa,
+            i64(nnz), i32(d), i32(rd)])
+    if qo_obj is None:
+        c.result()
+        return None
+    return c.result(qo_obj, ko_obj)
+
+
+def apply_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4, stream=None):
+    """RoPE of a ragged batch (token i of request b at offsets[b] + i); returns (q_rope, k_rope)."""
+    return _rope(q, k, inplace=False, indptr=indptr, offsets=offsets, rotary_dim=rotary_dim, interleave=interleave,
+                 rope_scale=rope_scale, rope_theta=rope_theta, stream=stream)
+
+
+def apply_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4,
+                       stream=None):
+    """apply_rope written into q and k (JAX: returns the new pair)."""
+    return _rope(q, k, inplace=True, indptr=indptr, offsets=offsets, rotary_dim=rotary_dim, interleave=interleave,
+                 rope_scale=rope_scale, rope_theta=rope_theta, stream=stream)
+
+
+def apply_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4, stream=None):
+    """RoPE at explicit positions pos_ids (nnz,); returns (q_rope, k_rope)."""
+    return _rope(q, k, inplace=False, pos_ids=pos_ids, rotary_dim=rotary_dim, interleave=interleave,
+                 rope_scale=rope_scale, rope_theta=rope_theta, stream=stream)
+
+
+def apply_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4,
+                               stream=None):
+    return _rope(q, k, inplace=True, pos_ids=pos_ids, rotary_dim=rotary_dim, interleave=interleave,
+                 rope_scale=rope_scale, rope_theta=rope_theta, stream=stream)
+
+
+def apply_llama31_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8, rope_theta=5e5,
+                       low_freq_factor=1, high_freq_factor=4, old_context_len=8192, stream=None):
+    """Llama 3.1 RoPE (frequencies rescaled by rope_scale as the factor) of a ragged batch."""
+    return _rope(q, k, inplace=False, indptr=indptr, offsets=offsets, rotary_dim=rotary_dim, interleave=interleave,
+                 freq="llama31", rope_scale=rope_scale, rope_theta=rope_theta, low_freq_factor=low_freq_factor,
+                 high_freq_factor=high_freq_factor, old_context_len=old_context_len, stream=stream)
+
+
+def apply_llama31_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8,
+                               rope_theta=5e5, low_freq_factor=1, high_freq_factor=4, old_context_len=8192,
+                               stream=None):
+    return _rope(q, k, inplace=True, indptr=indptr, offsets=offsets, rotary_dim=rotary_dim, interleave=interleave,
+                 freq="llama31", rope_scale=rope_scale, rope_theta=rope_theta, low_freq_factor=low_freq_factor,
+                 high_freq_factor=high_freq_factor, old_context_len=old_context_len, stream=stream)
+
+
+def apply_llama31_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8, rope_theta=5e5,
+                               low_freq_factor=1, high_freq_factor=4, old_context_len=8192, stream=None):
+    return _rope(q, k, inplace=False, pos_ids=pos_ids, rotary_dim=rotary_dim, interleave=interleave,
+                 freq="llama31", rope_scale=rope_scale, rope_theta=rope_theta, low_freq_factor=low_freq_factor,
+                 high_freq_factor=high_freq_factor, old_context_len=old_context_len, stream=stream)
+
+
+def apply_llama31_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8,
+                                       rope_theta=5e5, low_freq_factor=1, high_freq_factor=4, old_context_len=8192,
+                                       stream=None):
+    return _rope(q, k, inplace=True, pos_ids=pos_ids, rotary_dim=rotary_dim, interleave=interleave,
+                 freq="llama31", rope_scale=rope_scale, rope_theta=rope_theta, low_freq_factor=low_freq_factor,
+                 high_freq_factor=high_freq_factor, old_context_len=old_context_len, stream=stream)
+
+
+def apply_rope_with_cos_sin_cache(positions, query, key, head_size, cos_sin_cache, is_neox=True, stream=None):
+    """RoPE from a float32 cache (max_position, rotary_dim) = [cos | sin]; query (nnz, heads * head_size)
+    or (nnz, heads, head_size). is_neox=True is the rotate-half form. Returns (query_out, key_out)."""
+    return _rope(query, key, inplace=False, pos_ids=positions, interleave=not is_neox, freq="cache",
+                 cos_sin_cache=cos_sin_cache, head_size=checks.positive_int("head_size", head_size), stream=stream)
+
+
+def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size, cos_sin_cache, is_neox=True,
+                                          stream=None):
+    return _rope(query, key, inplace=True, pos_ids=positions, interleave=not is_neox, freq="cache",
+                 cos_sin_cache=cos_sin_cache, head_size=checks.positive_int("head_size", head_size), stream=stream)

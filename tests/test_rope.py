@@ -1,0 +1,114 @@
+"""RoPE on the GPU against the float64 reference (fi_cupy.reference.rope): pos_ids and ragged
+(indptr, offsets) positions, Llama 3.1 frequencies, a cos/sin cache, partial rotary_dim, interleave,
+GQA head counts, in place and out of place, NaN-poisoned outputs."""
+import numpy as np
+import pytest
+
+from fi_cupy import reference
+from tolerances import assert_close
+from torch_util import DTYPES, f64, rand
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+import fi_cupy  # noqa: E402
+
+
+def _pos(n, high=65536, seed=0):
+    return np.random.default_rng(seed).integers(0, high, n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d,rotary_dim", [(64, None), (128, None), (128, 64), (256, None), (80, 48)])
+@pytest.mark.parametrize("interleave", [False, True])
+def test_rope_pos_ids(dtype, d, rotary_dim, interleave):
+    q, k = rand((37, 32, d), dtype), rand((37, 8, d), dtype)
+    pos = _pos(37)
+    pos_t = torch.as_tensor(pos, device="cuda", dtype=torch.int32)
+    qr, kr = fi_cupy.apply_rope_pos_ids(q, k, pos_t, rotary_dim=rotary_dim, interleave=interleave,
+                                        rope_scale=2.0, rope_theta=5e5)
+    inv = reference.rope_inv_freq(rotary_dim or d, 5e5, 2.0)
+    for got, x in ((qr, q), (kr, k)):
+        assert_close(f64(got), reference.rope(f64(x), pos, inv, rotary_dim, interleave), dtype)
+    # In place gives the same values and leaves the pass-through dims alone.
+    q2, k2 = q.clone(), k.clone()
+    assert fi_cupy.apply_rope_pos_ids_inplace(q2, k2, pos_t.long(), rotary_dim=rotary_dim, interleave=interleave,
+                                              rope_scale=2.0, rope_theta=5e5) is None
+    assert torch.equal(q2, qr) and torch.equal(k2, kr)
+
+
+def test_rope_ragged_batch_with_empty_request():
+    lens, offsets = [5, 0, 17, 1], np.array([0, 9, 100, 4000])
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+    n = indptr[-1]
+    q, k = rand((n, 8, 128), "bfloat16"), rand((n, 2, 128), "bfloat16")
+    ip = torch.as_tensor(indptr, device="cuda", dtype=torch.int32)
+    of = torch.as_tensor(offsets, device="cuda", dtype=torch.int32)
+    qr, kr = fi_cupy.apply_rope(q, k, ip, of)
+    pos = reference.ragged_positions(indptr, offsets)
+    inv = reference.rope_inv_freq(128)
+    assert_close(f64(qr), reference.rope(f64(q), pos, inv), "bfloat16")
+    assert_close(f64(kr), reference.rope(f64(k), pos, inv), "bfloat16")
+    fi_cupy.apply_rope_inplace(q, k, ip, of)
+    assert torch.equal(q, qr) and torch.equal(k, kr)
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_llama31_rope(interleave):
+    lens, offsets = [30, 3], np.array([70000, 12])
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+    q, k = rand((33, 32, 128), "float16"), rand((33, 8, 128), "float16")
+    ip = torch.as_tensor(indptr, device="cuda", dtype=torch.int64)
+    of = torch.as_tensor(offsets, device="cuda", dtype=torch.int64)
+    inv = reference.llama31_inv_freq(128, 5e5, 8.0, 1.0, 4.0, 8192)
+    pos = reference.ragged_positions(indptr, offsets)
+    qr, kr = fi_cupy.apply_llama31_rope(q, k, ip, of, interleave=interleave)
+    assert_close(f64(qr), reference.rope(f64(q), pos, inv, interleave=interleave), "float16")
+    assert_close(f64(kr), reference.rope(f64(k), pos, inv, interleave=interleave), "float16")
+    pos_t = torch.as_tensor(pos, device="cuda")
+    qp, kp = fi_cupy.apply_llama31_rope_pos_ids(q, k, pos_t, interleave=interleave)
+    assert torch.equal(qp, qr) and torch.equal(kp, kr)
+    fi_cupy.apply_llama31_rope_pos_ids_inplace(q, k, pos_t, interleave=interleave)
+    assert torch.equal(q, qr) and torch.equal(k, kr)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("rotary_dim", [128, 64])
+def test_cos_sin_cache(is_neox, rotary_dim):
+    head, max_pos = 128, 4096
+    inv = reference.rope_inv_freq(rotary_dim, 1e4)
+    ang = np.arange(max_pos, dtype=np.float32)[:, None] * inv[None, :]
+    cache = torch.as_tensor(np.concatenate([np.cos(ang), np.sin(ang)], axis=1), device="cuda")
+    pos = _pos(21, max_pos)
+    query, key = rand((21, 4 * head), "bfloat16"), rand((21, 2 * head), "bfloat16")
+    qo, ko = fi_cupy.apply_rope_with_cos_sin_cache(torch.as_tensor(pos, device="cuda"), query, key, head, cache,
+                                                   is_neox=is_neox)
+    cs = cache.cpu().numpy()
+    for got, x, h in ((qo, query, 4), (ko, key, 2)):
+        ref = reference.rope(f64(x).reshape(21, h, head), pos, rotary_dim=rotary_dim, interleave=not is_neox,
+                             cos_sin=cs).reshape(21, h * head)
+        assert_close(f64(got), ref, "bfloat16")
+    fi_cupy.apply_rope_with_cos_sin_cache_inplace(torch.as_tensor(pos, device="cuda"), query, key, head, cache,
+                                                  is_neox=is_neox)
+    assert torch.equal(query, qo) and torch.equal(key, ko)
+
+
+def test_cos_sin_cache_position_outside_cache_gives_nan_rows():
+    cache = torch.rand((16, 64), device="cuda")
+    q, k = rand((3, 2, 64), "float32"), rand((3, 1, 64), "float32")
+    pos = torch.tensor([0, 16, 5], device="cuda")
+    qo, _ = fi_cupy.apply_rope_with_cos_sin_cache(pos, q, k, 64, cache)
+    assert torch.isnan(qo[1]).all() and not torch.isnan(qo[[0, 2]]).any()
+
+
+def test_jax_inplace_returns_new_arrays():
+    jnp = pytest.importorskip("jax.numpy")
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((4, 2, 64)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((4, 1, 64)), jnp.float32)
+    pos = jnp.asarray([3, 1, 4, 1], jnp.int32)
+    q0 = np.asarray(q)
+    qr, kr = fi_cupy.apply_rope_pos_ids_inplace(q, k, pos)
+    assert np.array_equal(np.asarray(q), q0)
+    inv = reference.rope_inv_freq(64)
+    assert_close(np.asarray(qr), reference.rope(q0, np.asarray(pos), inv), "float32")
+    assert_close(np.asarray(kr), reference.rope(np.asarray(k), np.asarray(pos), inv), "float32")
