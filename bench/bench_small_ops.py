@@ -86,11 +86,13 @@ def cases(torch, quick: bool):
     impl = {"fi_cupy": lambda: fi_cupy.apply_llama31_rope_pos_ids_inplace(q, k, pos)}
     yield "apply_llama31_rope_pos_ids_inplace", "4096x(32+8)x128", nb, impl
     # Append 4096 tokens (8 KV heads of 128) into a page-16 cache, 16 requests of 256.
+    # The cache (2 GiB) is far larger than L2 and the request's pages are scattered over it.
     page, reqs, per = 16, 16, 256
     num_pages = reqs * per // page
-    cache = torch.randn((num_pages + 7, 2, page, 8, 128), device="cuda", dtype=bf)
+    spare = 32768
+    cache = torch.empty((num_pages + spare, 2, page, 8, 128), device="cuda", dtype=bf)
     kv_indptr = torch.arange(0, num_pages + 1, per // page, device="cuda", dtype=torch.int32)
-    kv_indices = torch.randperm(num_pages + 7, device="cuda")[:num_pages].to(torch.int32)
+    kv_indices = torch.randperm(num_pages + spare, device="cuda")[:num_pages].to(torch.int32)
     last = torch.full((reqs,), page, device="cuda", dtype=torch.int32)
     ak = torch.randn((n, 8, 128), device="cuda", dtype=bf)
     av = torch.randn((n, 8, 128), device="cuda", dtype=bf)
@@ -117,7 +119,15 @@ def cases(torch, quick: bool):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tokens 1 and 4096 only")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                    help="override a launch constant for an experiment, e.g. norm.REG_TEAM=256")
+    ap.add_argument("--only", default="", help="comma-separated ops to run")
     args = ap.parse_args()
+    import importlib
+    for kv in args.set:
+        name, value = kv.split("=")
+        mod, attr = name.rsplit(".", 1)
+        setattr(importlib.import_module(f"fi_cupy.{mod}"), attr, int(value))
     torch = torch_or_none()
     if torch is None:
         sys.exit("bench_small_ops needs torch for bfloat16 inputs")
@@ -125,7 +135,10 @@ def main():
     dev = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     copy_bw = copy_bandwidth()
     rows, records = [], []
+    only = set(filter(None, args.only.split(",")))
     for op, label, nbytes, impls in cases(torch, args.quick):
+        if only and op not in only:
+            continue
         row = [op, label]
         rec = {"op": op, "shape": label, "bytes": nbytes}
         for name in ("fi_cupy", "flashinfer", "torch"):

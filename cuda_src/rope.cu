@@ -12,7 +12,8 @@
 // Threads: blockDim.x lanes per (token, head chunk): the first rot_items lanes each rotate one vector
 // pair (non-interleaved: VEC dims at j and at j + rotary_dim/2; interleaved: VEC dims at j), the rest
 // copy pass-through vectors when the output is not the input. blockDim.y tokens per CTA; grid.y cuts
-// the q heads then the k heads into chunks of kHeadChunk, which share one set of sin / cos.
+// the q heads then the k heads into chunks of kHeadChunk, which share one set of sin / cos. inv_freq
+// (double-precision work) is computed once per CTA into shared memory.
 #include "common/types.cuh"
 #include "common/vec.cuh"
 
@@ -20,7 +21,8 @@ namespace fic {
 
 enum RopePos { kPosIds = 0, kIndptr = 1 };
 enum RopeFreq { kTheta = 0, kLlama31 = 1, kCache = 2 };
-constexpr int kHeadChunk = 4;
+constexpr int kHeadChunk = 8;
+constexpr int kMaxHalfRotary = 512;  // rotary_dim / 2 of the shared inv_freq table
 
 struct RopeFreqArgs {  // what the frequency modes need (unused fields are ignored)
   float rcp_scale;      // kTheta: 1 / rope_scale; kLlama31: 1 / factor
@@ -62,9 +64,15 @@ __global__ void __launch_bounds__(256) rope_kernel(
     const T* q, T* q_out, RopeTensor qs, int num_q_heads, const T* k, T* k_out, RopeTensor ks, int num_k_heads,
     const I* pos_ids, const I* indptr, const I* offsets, int batch, const float* cos_sin, long long cs_stride,
     long long max_pos, RopeFreqArgs fa, long long nnz, int head_dim, int rotary_dim) {
+  __shared__ float inv_freq[FREQ == kCache ? 1 : kMaxHalfRotary];
+  const int half = rotary_dim / 2;
+  if (FREQ != kCache) {
+    for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < half; i += blockDim.x * blockDim.y)
+      inv_freq[i] = rope_inv_freq(i, rotary_dim, FREQ, fa);
+    __syncthreads();
+  }
   const long long t = (long long)blockIdx.x * blockDim.y + threadIdx.y;
   if (t >= nnz) return;
-  const int half = rotary_dim / 2;
   const int rot_items = INTERLEAVE ? rotary_dim / VEC : half / VEC;
   const int lane = threadIdx.x;
   const int h0 = blockIdx.y * kHeadChunk;
@@ -99,7 +107,7 @@ __global__ void __launch_bounds__(256) rope_kernel(
       cs[e] = bad ? __int_as_float(0x7fc00000) : cos_sin[pos * cs_stride + fi0 + e];
       sn[e] = bad ? __int_as_float(0x7fc00000) : cos_sin[pos * cs_stride + half + fi0 + e];
     } else {
-      const float angle = (float)pos * rope_inv_freq(fi0 + e, rotary_dim, FREQ, fa);
+      const float angle = (float)pos * inv_freq[fi0 + e];
       sincosf(angle, &sn[e], &cs[e]);
     }
   }

@@ -20,7 +20,8 @@ DTYPES = (dt.float16, dt.bfloat16, dt.float32)
 INDEX_DTYPES = (dt.int32, dt.int64)
 POS = {"pos_ids": 0, "indptr": 1}
 FREQ = {"theta": 0, "llama31": 1, "cache": 2}
-HEAD_CHUNK = 4       # kHeadChunk in rope.cu
+HEAD_CHUNK = 8       # kHeadChunk in rope.cu
+MAX_ROTARY_DIM = 1024  # 2 * kMaxHalfRotary in rope.cu
 CTA_THREADS = 128
 
 
@@ -76,8 +77,8 @@ def _rope(q, k, *, inplace: bool, pos_ids=None, indptr=None, offsets=None, rotar
                          f"{ki.shape[0]}, {dk} vs {qi.dtype}, {qi.shape[0]}, {d}")
     nnz = qi.shape[0]
     rd = d if rotary_dim is None else checks.positive_int("rotary_dim", rotary_dim)
-    if rd > d or rd % 2:
-        raise ValueError(f"rotary_dim: must be even and at most head_dim ({d}), got {rd}")
+    if rd > d or rd % 2 or rd > MAX_ROTARY_DIM:
+        raise ValueError(f"rotary_dim: must be even and at most head_dim ({d}) and {MAX_ROTARY_DIM}, got {rd}")
     # Positions.
     batch, pi, ipi, ofi = 0, None, None, None
     if indptr is not None:

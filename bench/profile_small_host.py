@@ -1,0 +1,68 @@
+"""Host-side cost of one small-op call (rmsnorm on one token, torch caller): wall time per call, the
+cost of each stage of fi_cupy's call path, and cProfile's top entries.
+
+    python bench/profile_small_host.py
+"""
+import cProfile
+import pstats
+import time
+
+import torch
+
+import fi_cupy
+from fi_cupy import norm
+from fi_cupy._core import arrays, kernels, streams
+from fi_cupy._core.call import Call
+
+
+def per_call(f, k=2000):
+    for _ in range(20):
+        f()
+    t = time.perf_counter()
+    for _ in range(k):
+        f()
+    return (time.perf_counter() - t) / k * 1e6
+
+
+def main():
+    x = torch.randn((1, 4096), device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    o = torch.empty_like(x)
+    fi_cupy.rmsnorm(x, w, out=o)
+    torch.cuda.synchronize()
+    print(f"rmsnorm(out=): {per_call(lambda: fi_cupy.rmsnorm(x, w, out=o)):.1f} us per call (host-bound loop)")
+    print(f"rmsnorm(): {per_call(lambda: fi_cupy.rmsnorm(x, w)):.1f} us per call")
+    print(f"torch rms_norm: {per_call(lambda: torch.nn.functional.rms_norm(x, (4096,), w, 1e-6)):.1f} us per call")
+    prog = norm.norm_program(norm.DTYPES[1], norm.DTYPES[1], 8, "rms", False)
+    fn = kernels.functions(prog, 0)[prog.kernels[1]]
+    s = streams.current("torch", 0)
+    xi = arrays.describe(x, "x")
+    args = [kernels.ptr(xi)] * 1
+    stages = {
+        "Call(x)": lambda: Call(x),
+        "current stream": lambda: streams.current("torch", 0),
+        "describe(torch)": lambda: arrays.describe(x, "x", s, "torch"),
+        "functions(program)": lambda: kernels.functions(prog, 0),
+        "hash(program)": lambda: hash(prog),
+        "torch.empty": lambda: torch.empty((1, 4096), dtype=torch.bfloat16, device="cuda:0"),
+        "launch (13 args)": lambda: kernels.launch(fn, (1,), (512,), [
+            kernels.ptr(xi), kernels.i64(4096), kernels.ptr(None), kernels.i64(0), kernels.ptr(None),
+            kernels.i64(0), kernels.ptr(xi), kernels.ptr(None), kernels.ptr(xi), kernels.i64(4096),
+            kernels.i32(1), kernels.i32(4096), kernels.f32(1e-6)], s, 0),
+        "keep_alive": lambda: arrays.keep_alive(0, s, [xi]),
+    }
+    del args
+    for name, f in stages.items():
+        print(f"  {name}: {per_call(f):.1f} us")
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(500):
+        fi_cupy.rmsnorm(x, w, out=o)
+    torch.cuda.synchronize()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(18)
+
+
+if __name__ == "__main__":
+    main()
