@@ -92,17 +92,29 @@ def cases(torch, quick: bool):
     spare = 32768
     cache = torch.empty((num_pages + spare, 2, page, 8, 128), device="cuda", dtype=bf)
     kv_indptr = torch.arange(0, num_pages + 1, per // page, device="cuda", dtype=torch.int32)
-    kv_indices = torch.randperm(num_pages + spare, device="cuda")[:num_pages].to(torch.int32)
     last = torch.full((reqs,), page, device="cuda", dtype=torch.int32)
-    ak = torch.randn((n, 8, 128), device="cuda", dtype=bf)
-    av = torch.randn((n, 8, 128), device="cuda", dtype=bf)
     bi = torch.arange(reqs, device="cuda", dtype=torch.int32).repeat_interleave(per)
     ps = torch.arange(per, device="cuda", dtype=torch.int32).repeat(reqs)
-    nb = 2 * 2 * ak.numel() * 2 + 2 * n * 4
-    impl = {"fi_cupy": lambda: fi_cupy.append_paged_kv_cache(ak, av, bi, ps, cache, kv_indices, kv_indptr, last,
-                                                              check=False)}
+    # Successive calls take the next of 8 input sets and page tables (134 MB of rows in all), so
+    # neither the appended rows nor the written pages stay in L2 from one call to the next.
+    sets = [(torch.randn((n, 8, 128), device="cuda", dtype=bf), torch.randn((n, 8, 128), device="cuda", dtype=bf),
+             torch.randperm(num_pages + spare, device="cuda")[:num_pages].to(torch.int32)) for _ in range(8)]
+    nb = 2 * 2 * sets[0][0].numel() * 2 + 2 * n * 4
+    turn = [0]
+
+    def next_set():
+        turn[0] += 1
+        return sets[turn[0] % len(sets)]
+
+    def append_fi_cupy():
+        ak, av, kv_indices = next_set()
+        fi_cupy.append_paged_kv_cache(ak, av, bi, ps, cache, kv_indices, kv_indptr, last, check=False)
+    impl = {"fi_cupy": append_fi_cupy}
     if fi:
-        impl["flashinfer"] = lambda: fi.append_paged_kv_cache(ak, av, bi, ps, cache, kv_indices, kv_indptr, last)
+        def append_flashinfer():
+            ak, av, kv_indices = next_set()
+            fi.append_paged_kv_cache(ak, av, bi, ps, cache, kv_indices, kv_indptr, last)
+        impl["flashinfer"] = append_flashinfer
     yield "append_paged_kv_cache", "4096x8x128 p16", nb, impl
     # merge_state over 4096 x 32 x 128.
     va, vb = (torch.randn((n, 32, 128), device="cuda", dtype=bf) for _ in range(2))

@@ -4,6 +4,7 @@
 #include "common/types.cuh"
 #include "common/math.cuh"
 #include "common/vec.cuh"
+#include "common/pdl.cuh"
 
 namespace fic {
 
@@ -20,6 +21,7 @@ __device__ __forceinline__ float activate(float x) {
 template <typename T, int VEC, int ACT>
 __global__ void __launch_bounds__(256) act_and_mul_kernel(const T* in, long long in_stride, T* out,
                                                           long long out_stride, int rows, int d) {
+  pdl_begin();
   const int c = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
   if (c >= d) return;
   for (long long r = blockIdx.y; r < rows; r += gridDim.y) {

@@ -10,6 +10,7 @@
 #include "common/types.cuh"
 #include "common/math.cuh"
 #include "common/vec.cuh"
+#include "common/pdl.cuh"
 
 namespace fic {
 
@@ -21,6 +22,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(256) merge_state_kernel(
     const T* va, const float* sa, StateRef ra, const T* vb, const float* sb, StateRef rb, T* vo, float* so,
     StateRef ro, const unsigned char* mask, int rows, int heads, int d) {
+  pdl_begin();
   const int nvec = d / VEC;
   for (int base = blockIdx.x * blockDim.y; base < rows; base += gridDim.x * blockDim.y) {
     const int row = base + threadIdx.y;
@@ -59,6 +61,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(256) merge_states_n_kernel(
     const T* v, const float* s, StateRef r, long long v_state, long long s_state, int n, T* vo, float* so,
     StateRef ro, int rows, int heads, int d) {
+  pdl_begin();
   for (int row = blockIdx.x * blockDim.y + threadIdx.y; row < rows; row += gridDim.x * blockDim.y) {
     const int i = row / heads, h = row - i * heads;
     const float* sp = s + (long long)i * r.s_tok + h * r.s_head;

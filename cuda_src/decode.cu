@@ -19,6 +19,7 @@
 #include "common/rope.cuh"
 #include "common/async_copy.cuh"
 #include "common/mma.cuh"
+#include "common/pdl.cuh"
 
 namespace fic {
 
@@ -101,6 +102,7 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
                     int num_qo_heads, int group_size, int head_slices, unsigned int page_size,
                     unsigned int page_div_mul, unsigned int page_div_shift, float q_scale, float soft_cap,
                     float v_scale, float rope_rcp_scale, double rope_log2_theta) {
+  pdl_begin();
   using C = DecodeCfg<D, GB, KVT>;
   using Raw = typename C::Raw;
   constexpr int L = C::kLanes, R = C::kRowsPerLane, RPW = C::kRowsPerWarp, S = C::kStages;
@@ -332,6 +334,7 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
                        unsigned int page_div_mul, unsigned int page_div_shift, float q_scale, float soft_cap,
                        float v_scale, float rope_rcp_scale, double rope_log2_theta) {
   static_assert(GB <= 8, "an mma tile holds 8 heads");
+  pdl_begin();
   using C = DecodeTcCfg<D>;
   constexpr int S = C::kStages, RS = C::kRow, KS = D / 16;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -533,6 +536,7 @@ merge_states_kernel(const float* __restrict__ part_o, const float* __restrict__ 
                     long long o_stride_h, float* __restrict__ lse, int num_qo_heads, int group_size,
                     int head_blocks) {
   constexpr int kChunks = NextPow2<D / 8>::value, kGroups = 128 / kChunks, U = 4;
+  pdl_begin();  // launched early, the merge waits here for the decode kernel's partial states
   const int pair = blockIdx.x, h = blockIdx.y;
   const int row0 = merge_indptr[pair], row1 = merge_indptr[pair + 1];
   const int slices = (group_size + GB - 1) / GB;

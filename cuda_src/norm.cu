@@ -9,6 +9,7 @@
 // as model code does (the residual stream is stored in that type).
 #include "common/types.cuh"
 #include "common/vec.cuh"
+#include "common/pdl.cuh"
 
 namespace fic {
 
@@ -55,6 +56,7 @@ __global__ void __launch_bounds__(ITEMS == 0 ? 1024 : 512, 1) norm_kernel(
     long long res_out_stride, const W* weight, const W* bias, T* out, long long out_stride, int rows,
     int hidden, float eps) {
   __shared__ float scratch[32 * 32];
+  pdl_begin();
   const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
   const bool live = row < rows;  // dead rows still join the reductions' barriers
   const int nvec = hidden / VEC;

@@ -6,6 +6,7 @@
 // kv_indices[kv_indptr[b] + p / page_size], slot p % page_size.
 #include "common/types.cuh"
 #include "common/vec.cuh"
+#include "common/pdl.cuh"
 
 namespace fic {
 
@@ -21,6 +22,7 @@ __global__ void __launch_bounds__(256) append_paged_kv_kernel(
     int batch, long long num_pages, unsigned char* k_cache, unsigned char* v_cache, long long c_page,
     long long c_slot, long long c_head, int page_size, long long nnz, int heads, int row_bytes) {
   typedef typename RawBytes<VB>::type Raw;
+  pdl_begin();
   const int nv = row_bytes / VB;
   for (long long i = blockIdx.x; i < nnz; i += gridDim.x) {
     const long long b = batch_indices[i];

@@ -16,6 +16,7 @@
 // (double-precision work) is computed once per CTA into shared memory.
 #include "common/types.cuh"
 #include "common/vec.cuh"
+#include "common/pdl.cuh"
 
 namespace fic {
 
@@ -71,6 +72,7 @@ __global__ void __launch_bounds__(256) rope_kernel(
       inv_freq[i] = rope_inv_freq(i, rotary_dim, FREQ, fa);
     __syncthreads();
   }
+  pdl_begin();  // the table above needs no memory: it overlaps the previous kernel's tail
   const long long t = (long long)blockIdx.x * blockDim.y + threadIdx.y;
   if (t >= nnz) return;
   const int rot_items = INTERLEAVE ? rotary_dim / VEC : half / VEC;

@@ -24,8 +24,8 @@ def all_programs() -> list:
     return [act_program(a, d, v) for a in ACTIVATIONS for d in DTYPES for v in (8, 4, 2, 1) if v * d.itemsize <= 16]
 
 
-def _act_and_mul(act: str, input, out, stream):
-    c = Call(input, stream)
+def _act_and_mul(act: str, input, out, stream, enable_pdl=None):
+    c = Call(input, stream, enable_pdl)
     x = c.arg(input, "input")
     checks.dtype_in(x, DTYPES)
     rows, x_stride = checks.rows_of(x)
@@ -37,23 +37,24 @@ def _act_and_mul(act: str, input, out, stream):
     _, o_stride = checks.rows_of(o)
     if rows and d:
         vec = checks.vector_width([x, o], d)
-        fn = kernels.functions(act_program(act, x.dtype, vec), c.device)
+        fn = kernels.cached_function(c.device, ("act", act, x.dtype.name, vec), lambda: (
+            act_program(act, x.dtype, vec), act_program(act, x.dtype, vec).kernels[0]))
         grid = (-(-(d // vec) // THREADS), min(rows, MAX_GRID_Y))
-        c.launch(next(iter(fn.values())), grid, (THREADS,),
+        c.launch(fn, grid, (THREADS,),
                  [ptr(x), i64(x_stride), ptr(o), i64(o_stride), i32(rows), i32(d)])
     return c.result(out_obj)
 
 
 def silu_and_mul(input, out=None, enable_pdl=None, stream=None):
     """silu(input[..., :d]) * input[..., d:]"""
-    return _act_and_mul("silu", input, out, stream)
+    return _act_and_mul("silu", input, out, stream, enable_pdl)
 
 
 def gelu_and_mul(input, out=None, enable_pdl=None, stream=None):
     """gelu(input[..., :d]) * input[..., d:] with the exact (erf) GELU."""
-    return _act_and_mul("gelu", input, out, stream)
+    return _act_and_mul("gelu", input, out, stream, enable_pdl)
 
 
 def gelu_tanh_and_mul(input, out=None, enable_pdl=None, stream=None):
     """gelu_tanh(input[..., :d]) * input[..., d:] with GELU's tanh approximation."""
-    return _act_and_mul("gelu_tanh", input, out, stream)
+    return _act_and_mul("gelu_tanh", input, out, stream, enable_pdl)

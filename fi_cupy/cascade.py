@@ -16,7 +16,7 @@ from ._core.kernels import KernelSpec, Program, i32, i64, ptr, struct_arg
 
 DTYPES = (dt.float16, dt.bfloat16, dt.float32)
 THREADS = 256
-WAVES = 8  # CTAs per SM of the grid-stride loop
+WAVES = 32  # CTAs per SM of the grid-stride loop (8 gave 83% of copy on H100, 32 gave 92%)
 
 
 def merge_program(dtype: dt.DType, vec: int) -> Program:
@@ -67,8 +67,9 @@ def _pair(c: Call, a, sa, b, sb, vo, so, mask) -> None:
     rows, d = a.shape[0] * a.shape[1], a.shape[2]
     if rows and d:
         vec = checks.vector_width([a, b, vo], d)
-        fn = kernels.functions(merge_program(a.dtype, vec), c.device)
-        c.launch(list(fn.values())[0], *_shape(c, rows, d, vec), [
+        fn = kernels.cached_function(c.device, ("merge_state", a.dtype.name, vec), lambda: (
+            merge_program(a.dtype, vec), merge_program(a.dtype, vec).kernels[0]))
+        c.launch(fn, *_shape(c, rows, d, vec), [
             ptr(a), ptr(sa), _ref(a, sa), ptr(b), ptr(sb), _ref(b, sb), ptr(vo), ptr(so), _ref(vo, so),
             ptr(mask), i32(rows), i32(a.shape[1]), i32(d)])
 
@@ -126,8 +127,9 @@ def merge_states(v, s, stream=None):
     rows = seq * heads
     if rows and d:
         vec = checks.vector_width([vi, vo], d)
-        fn = kernels.functions(merge_program(vi.dtype, vec), c.device)
-        c.launch(list(fn.values())[1], *_shape(c, rows, d, vec), [
+        fn = kernels.cached_function(c.device, ("merge_states", vi.dtype.name, vec), lambda: (
+            merge_program(vi.dtype, vec), merge_program(vi.dtype, vec).kernels[1]))
+        c.launch(fn, *_shape(c, rows, d, vec), [
             ptr(vi), ptr(si), _ref(vi, si), i64(vi.strides[1]), i64(si.strides[1]), i32(n), ptr(vo), ptr(so),
             _ref(vo, so), i32(rows), i32(heads), i32(d)])
     return c.result(vo_obj, so_obj)

@@ -263,9 +263,12 @@ def _outputs(q: arrays.ArrayInfo, p: DecodeParams, out, lse, return_lse: bool, s
 
 def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
                   o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float, stream: int,
-                  always_merge: bool = False) -> None:
+                  always_merge: bool = False, pdl: bool | None = None) -> None:
     """Queue the decode kernel, and the merge of cut pairs, on `stream`. No allocation, no sync.
-    always_merge keeps the launch sequence fixed whatever the plan (CUDA graphs)."""
+    always_merge keeps the launch sequence fixed whatever the plan (CUDA graphs). pdl (None: where
+    the GPU has it) launches both with programmatic dependent launch."""
+    if pdl is None:
+        pdl = kernels.pdl_supported(q.device)
     p = plan.params
     gb, slices = plan.heads_per_block
     prog, smem = decode_variant(p, kv.dtype)
@@ -285,12 +288,12 @@ def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.A
         ptr(o), i64(o_sb), i64(os_[-2]), ptr(l_info), ptr(part_o), ptr(part_lse),
         i32(p.num_qo_heads), i32(p.group_size), i32(slices), u32(p.page_size), u32(mul), u32(shift),
         f32(q_scale), f32(p.soft_cap), f32(v_scale), f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)),
-    ], stream, q.device, smem=smem)
+    ], stream, q.device, smem=smem, pdl=pdl)
     if always_merge or plan.num_partial_rows:
         kernels.launch(merge, (plan.num_pairs, gb), (128,), [
             ptr(part_o), ptr(part_lse), ptr(off["merge_indptr"]), ptr(o), i64(o_sb), i64(os_[-2]),
             ptr(l_info), i32(p.num_qo_heads), i32(p.group_size), i32(plan.num_kv_heads_blocks),
-        ], stream, q.device)
+        ], stream, q.device, pdl=pdl)
 
 
 def _deliver(out_obj, lse_obj, return_lse: bool, framework: str):
@@ -413,7 +416,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         out_obj, o, lse_obj, l_info = _outputs(qi, p, out, lse, return_lse, s, (plan.batch_size,), cur)
         checks.same_device(qi, self._ws, *kv.infos)
         launch_decode(plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, o, l_info,
-                      _scale("k_scale", k_scale), _scale("v_scale", v_scale), s, self._use_cuda_graph)
+                      _scale("k_scale", k_scale), _scale("v_scale", v_scale), s, self._use_cuda_graph,
+                      None if enable_pdl is None else bool(enable_pdl))
         arrays.keep_alive(qi.device, s, (qi, o, l_info) + kv.infos)
         return _deliver(out_obj, lse_obj, return_lse, fw)
 

@@ -50,8 +50,8 @@ def _widths(d: dt.DType) -> tuple:
     return tuple(w for w in (8, 4, 2, 1) if w * d.itemsize <= 16)
 
 
-def _norm(mode: str, input, weight, bias, eps, out, residual, stream):
-    c = Call(input, stream)
+def _norm(mode: str, input, weight, bias, eps, out, residual, stream, enable_pdl=None):
+    c = Call(input, stream, enable_pdl)
     x = c.arg(input, "input")
     checks.dtype_in(x, DTYPES)
     rows, x_stride = checks.rows_of(x)
@@ -84,8 +84,12 @@ def _norm(mode: str, input, weight, bias, eps, out, residual, stream):
     if rows and hidden:
         vec = checks.vector_width([x, w, b, r, o, ro], hidden)
         items, team, rpc = launch_shape(hidden, vec)
-        prog = norm_program(x.dtype, w.dtype, vec, mode, r is not None)
-        fn = kernels.functions(prog, c.device)[prog.kernels[((0,) + ITEMS).index(items)]]
+        add = r is not None
+
+        def build():
+            prog = norm_program(x.dtype, w.dtype, vec, mode, add)
+            return prog, prog.kernels[((0,) + ITEMS).index(items)]
+        fn = kernels.cached_function(c.device, ("norm", x.dtype.name, w.dtype.name, vec, mode, add, items), build)
         c.launch(fn, (-(-rows // rpc),), (team, rpc), [
             ptr(x), i64(x_stride), ptr(r), i64(r_stride), ptr(ro), i64(ro_stride), ptr(w), ptr(b),
             ptr(o), i64(o_stride), i32(rows), i32(hidden), f32(eps)])
@@ -99,23 +103,23 @@ def _norm(mode: str, input, weight, bias, eps, out, residual, stream):
 
 def rmsnorm(input, weight, eps: float = 1e-6, out=None, enable_pdl=None, stream=None):
     """out = input * rsqrt(mean(input^2) + eps) * weight, per row of the last dim."""
-    return _norm("rms", input, weight, None, eps, out, None, stream)
+    return _norm("rms", input, weight, None, eps, out, None, stream, enable_pdl)
 
 
 def fused_add_rmsnorm(input, residual, weight, eps: float = 1e-6, enable_pdl=None, stream=None):
     """residual += input (rounded to its dtype); input = rmsnorm(residual) * weight, in place.
     Returns None; JAX callers get the new (input, residual)."""
-    return _norm("rms", input, weight, None, eps, None, residual, stream)
+    return _norm("rms", input, weight, None, eps, None, residual, stream, enable_pdl)
 
 
 def gemma_rmsnorm(input, weight, eps: float = 1e-6, out=None, enable_pdl=None, stream=None):
     """Gemma's RMSNorm: input * rsqrt(mean(input^2) + eps) * (1 + weight)."""
-    return _norm("gemma", input, weight, None, eps, out, None, stream)
+    return _norm("gemma", input, weight, None, eps, out, None, stream, enable_pdl)
 
 
 def gemma_fused_add_rmsnorm(input, residual, weight, eps: float = 1e-6, enable_pdl=None, stream=None):
     """residual += input; input = gemma_rmsnorm(residual), in place (JAX: returns the new pair)."""
-    return _norm("gemma", input, weight, None, eps, None, residual, stream)
+    return _norm("gemma", input, weight, None, eps, None, residual, stream, enable_pdl)
 
 
 def layernorm(input, gemma, beta, eps: float = 1e-6, stream=None):

@@ -198,10 +198,11 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
         vb = _byte_vector(row_bytes, (k.ptr, v.ptr, kv.k_ptr, kv.v_ptr),
                           [s * item for s in (k.strides[0], k.strides[1], v.strides[0], v.strides[1],
                                               kv.stride_page, kv.stride_slot, kv.stride_head)])
-        fn = kernels.functions(append_program(bi.dtype, vb), c.device)
+        fn = kernels.cached_function(c.device, ("append", bi.dtype.name, vb), lambda: (
+            append_program(bi.dtype, vb), append_program(bi.dtype, vb).kernels[0]))
         sms = kernels.device_props(c.device)["sms"]
         threads = min(THREADS, max(32, (kv.num_kv_heads * (row_bytes // vb) + 31) // 32 * 32))
-        c.launch(list(fn.values())[0], (max(1, min(nnz, sms * WAVES * (THREADS // threads))),), (threads,), [
+        c.launch(fn, (max(1, min(nnz, sms * WAVES * (THREADS // threads))),), (threads,), [
             ptr(k), i64(k.strides[0] * item), i64(k.strides[1] * item), ptr(v), i64(v.strides[0] * item),
             i64(v.strides[1] * item), ptr(bi), ptr(pos), ptr(ix), ptr(ip), i32(ip.shape[0] - 1), i64(kv.num_pages),
             ptr(kv.k_ptr), ptr(kv.v_ptr), i64(kv.stride_page * item), i64(kv.stride_slot * item),
@@ -247,7 +248,7 @@ def get_seq_lens(kv_indptr, kv_last_page_len, page_size: int, stream=None):
     if batch:
         fn = kernels.functions(index_program(ip.dtype), c.device)
         c.launch(list(fn.values())[0], (-(-batch // THREADS),), (THREADS,),
-                 [ptr(ip), ptr(lp), i32(page_size), i32(batch), ptr(o)])
+                 [ptr(ip), ptr(lp), i32(page_size), i32(batch), ptr(o)], pdl=False)
     return c.result(out_obj)
 
 
@@ -268,5 +269,5 @@ def get_batch_indices_positions(append_indptr, seq_lens, nnz: int, stream=None):
     if nnz:
         fn = kernels.functions(index_program(ip.dtype), c.device)
         c.launch(list(fn.values())[1], (-(-int(nnz) // THREADS),), (THREADS,),
-                 [ptr(ip), ptr(sl), i32(batch), i64(nnz), ptr(b), ptr(p)])
+                 [ptr(ip), ptr(sl), i32(batch), i64(nnz), ptr(b), ptr(p)], pdl=False)
     return c.result(b_obj, p_obj)

@@ -130,10 +130,11 @@ def _rope(q, k, *, inplace: bool, pos_ids=None, indptr=None, offsets=None, rotar
         if interleave and vec < 2:
             raise ValueError(f"{qi.name}, {ki.name}: interleave=True needs pointers and strides aligned to two "
                              f"elements")
-        prog = rope_program(qi.dtype, index, "indptr" if ipi is not None else "pos_ids", freq)
-        fn = kernels.functions(prog, c.device)[KernelSpec("fic::rope_kernel", (
-            qi.dtype.cpp, index.cpp, vec, kernels.cpp_bool(interleave), POS["indptr" if ipi is not None else "pos_ids"],
-            FREQ[freq]))]
+        pos_mode = "indptr" if ipi is not None else "pos_ids"
+        fn = kernels.cached_function(c.device, ("rope", qi.dtype.name, index.name, pos_mode, freq, vec, interleave),
+                                     lambda: (rope_program(qi.dtype, index, pos_mode, freq), KernelSpec(
+                                         "fic::rope_kernel", (qi.dtype.cpp, index.cpp, vec, kernels.cpp_bool(interleave),
+                                                              POS[pos_mode], FREQ[freq]))))
         rot = (rd if interleave else rd // 2) // vec
         bx = rot + ((d - rd) // vec if out_of_place else 0)
         by = max(1, CTA_THREADS // bx)

@@ -5,7 +5,7 @@ in the caller's framework; launches; results delivered and inputs kept alive.
     c = Call(input, stream)            # framework, device and stream of the first array
     x = c.arg(input, "input")          # ArrayInfo, ordered on c.stream
     obj, o = c.out(out, shape, dtype, "out")   # given `out=` (checked) or a new array
-    c.launch(fn, grid, block, args)
+    c.launch(fn, grid, block, args)    # on c.stream; programmatic dependent launch where supported
     return c.result(obj)               # caller's framework, zero-copy
 
 Immutable producers (JAX): `c.writable(x)` is False, and in-place functions return new arrays.
@@ -32,15 +32,17 @@ def device_of(x) -> int:
 
 
 class Call:
-    __slots__ = ("framework", "device", "stream", "_current", "infos")
+    __slots__ = ("framework", "device", "stream", "_current", "infos", "pdl")
 
-    def __init__(self, first, stream=None):
+    def __init__(self, first, stream=None, enable_pdl=None):
         self.framework = arrays.framework_of(first)
         self.device = device_of(first)
         self.stream = streams.resolve(stream, self.framework, self.device)
         # Arrays of the framework whose current stream we launch on need no extra ordering.
         self._current = self.framework if stream is None else None
         self.infos: list = []
+        # Programmatic dependent launch: FlashInfer's enable_pdl; None = wherever the GPU has it.
+        self.pdl = enable_pdl
 
     def arg(self, x, name: str) -> ArrayInfo | None:
         """Describe an input (None passes through), on this call's device."""
@@ -78,8 +80,11 @@ class Call:
             raise TypeError(f"{info.name}: {info.framework} arrays are immutable and cannot be written in place{hint}")
         return ok
 
-    def launch(self, fn, grid, block, args, smem: int = 0) -> None:
-        kernels.launch(fn, grid, block, args, self.stream, self.device, smem)
+    def launch(self, fn, grid, block, args, smem: int = 0, pdl: bool = True) -> None:
+        """pdl=False for kernels that do not call pdl_begin()."""
+        if pdl:
+            pdl = kernels.pdl_supported(self.device) if self.pdl is None else bool(self.pdl)
+        kernels.launch(fn, grid, block, args, self.stream, self.device, smem, pdl)
 
     def result(self, *objs):
         """Deliver outputs in the caller's framework (one object, or a tuple), keeping inputs alive."""

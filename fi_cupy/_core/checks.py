@@ -1,6 +1,8 @@
 """Argument checks run before any launch. Each error names the argument, what it got and what is allowed."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import dtypes as dt
@@ -153,7 +155,7 @@ def rows_of(info: ArrayInfo, what: str = "") -> tuple:
     if info.ndim == 0:
         raise ValueError(f"{info.name}: expected at least 1 dim{what}, got a scalar")
     lead = [(n, s) for n, s in zip(info.shape[:-1], info.strides[:-1]) if n != 1]
-    rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if info.ndim > 1 else 1
+    rows = math.prod(info.shape[:-1])
     if not lead:
         return rows, info.shape[-1]
     for (n_outer, s_outer), (n_inner, s_inner) in zip(lead, lead[1:]):

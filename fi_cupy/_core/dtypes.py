@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one instance per dtype: identity compares and hashes fast
 class DType:
     name: str        # canonical name, as torch / ml_dtypes spell it
     code: int        # DLPack type code

@@ -110,6 +110,19 @@ def functions(program: Program, device: int) -> dict:
     return got
 
 
+_by_key: dict = {}
+
+
+def cached_function(device: int, key: tuple, build) -> Function:
+    """The Function for `key` (a tuple of plain values naming one variant) on `device`; on a miss,
+    build() gives (Program, KernelSpec). The per-call path of a family then costs one dict lookup."""
+    fn = _by_key.get((device, key))
+    if fn is None:
+        prog, spec = build()
+        fn = _by_key[(device, key)] = functions(prog, device)[spec]
+    return fn
+
+
 # ---------------------------------------------------------------------------------------------
 # Arguments and launch
 
@@ -132,34 +145,90 @@ def struct_arg(fmt: str, *fields) -> bytes:
     return struct.pack("<" + fmt, *fields)
 
 
-def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int = 0) -> None:
-    """cuLaunchKernel with `args` given as numpy scalars whose types match the kernel's parameters
-    (or bytes from struct_arg for a struct parameter).
+# cuLaunchKernelEx through ctypes: parameters packed into a per-thread buffer reused for each launch
+# of the same signature (the driver copies them at launch), and the programmatic-dependent-launch
+# attribute when asked for.
+_tls = threading.local()
+_PDL_ATTR = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_CONFIG_FMT = "<7I4xQQI4x"  # CUlaunchConfig: grid, block, smem, stream, attrs, numAttrs
+_libcuda: list = []
 
-    Each argument gets its own 8-byte-aligned slot in one buffer and kernelParams points at each slot.
-    """
-    from cupy_backends.cuda.api import driver
-    from cupy.cuda import runtime
-    n = len(args)
-    try:
-        parts = [a + bytes(-len(a) % 8) if isinstance(a, bytes) else struct.pack("<" + _SLOT[type(a)], a)
-                 for a in args]
-    except KeyError as e:
-        raise TypeError(f"kernel argument of type {e} is not one of {list(_SLOT)} or bytes") from None
-    buf = b"".join(parts)
-    store = ctypes.create_string_buffer(buf, max(8, len(buf)))
-    base = ctypes.addressof(store)
-    offsets, at = [], 0
-    for part in parts:
-        offsets.append(base + at)
-        at += len(part)
-    params = (ctypes.c_void_p * max(1, n))(*offsets)
-    fn.allow_smem(smem)
+
+def _cuda():
+    if not _libcuda:
+        lib = ctypes.CDLL("libcuda.so.1")
+        f = lib.cuLaunchKernelEx
+        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        f.restype = ctypes.c_int
+        lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        _libcuda.append((lib, f))
+    return _libcuda[0]
+
+
+def _buffers(sig: tuple):
+    """(param buffer, kernelParams address, struct format) for an argument signature, this thread."""
+    cache = _tls.__dict__.setdefault("params", {})
+    got = cache.get(sig)
+    if got is None:
+        fmt, offsets, at = "<", [], 0
+        for s in sig:
+            offsets.append(at)
+            if isinstance(s, int):  # a struct_arg of s bytes
+                pad = -s % 8
+                fmt += f"{s}s" + ("x" * pad)
+                at += s + pad
+            else:
+                try:
+                    fmt += _SLOT[s]
+                except KeyError:
+                    raise TypeError(f"kernel argument of type {s.__name__} is not one of {list(_SLOT)} or "
+                                    f"bytes") from None
+                at += 8
+        buf = ctypes.create_string_buffer(max(8, at))
+        base = ctypes.addressof(buf)
+        params = (ctypes.c_void_p * max(1, len(sig)))(*[base + o for o in offsets])
+        got = cache[sig] = (buf, ctypes.addressof(params), fmt, params)
+    return got
+
+
+def _config():
+    cfg = _tls.__dict__.get("config")
+    if cfg is None:
+        buf = ctypes.create_string_buffer(56)
+        attr = ctypes.create_string_buffer(72)
+        struct.pack_into("<i4xi", attr, 0, _PDL_ATTR, 1)
+        cfg = _tls.config = (buf, ctypes.addressof(buf), attr, ctypes.addressof(attr))
+    return cfg
+
+
+def pdl_supported(device: int) -> bool:
+    """Programmatic dependent launch (griddepcontrol): compute capability 9.0 and later."""
+    return device_props(device)["cc"] >= 90
+
+
+def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int = 0, pdl: bool = False) -> None:
+    """Launch `fn` with `args` given as numpy scalars whose types match the kernel's parameters (or
+    bytes from struct_arg for a struct parameter). pdl=True lets the kernel start while the previous
+    one on the stream finishes: only for kernels that call pdl_wait() before touching memory."""
+    sig = tuple([a.__class__ if a.__class__ is not bytes else len(a) for a in args])
+    buf, params, fmt, _ = _buffers(sig)
+    struct.pack_into(fmt, buf, 0, *args)
+    cbuf, cfg, _, attr = _config()
     gx, gy, gz = (tuple(grid) + (1, 1))[:3]
     bx, by, bz = (tuple(block) + (1, 1))[:3]
+    struct.pack_into(_CONFIG_FMT, cbuf, 0, gx, gy, gz, bx, by, bz, smem, stream, attr if pdl else 0, 1 if pdl else 0)
+    if smem > fn.smem_limit:
+        fn.allow_smem(smem)
+    lib, launch_ex = _cuda()
+    from cupy.cuda import runtime
     if runtime.getDevice() != device:
         import cupy
         with cupy.cuda.Device(device):
-            driver.launchKernel(fn.ptr, gx, gy, gz, bx, by, bz, smem, stream, ctypes.addressof(params), 0)
+            err = launch_ex(cfg, fn.ptr, params, None)
     else:
-        driver.launchKernel(fn.ptr, gx, gy, gz, bx, by, bz, smem, stream, ctypes.addressof(params), 0)
+        err = launch_ex(cfg, fn.ptr, params, None)
+    if err:
+        msg = ctypes.c_char_p()
+        lib.cuGetErrorString(err, ctypes.byref(msg))
+        raise RuntimeError(f"launch of {fn.name} failed: CUDA error {err} "
+                           f"({(msg.value or b'unknown').decode()}), grid {grid}, block {block}, smem {smem}")
