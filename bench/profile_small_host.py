@@ -50,8 +50,18 @@ def main():
             kernels.i64(0), kernels.ptr(xi), kernels.ptr(None), kernels.ptr(xi), kernels.i64(4096),
             kernels.i32(1), kernels.i32(4096), kernels.f32(1e-6)], s, 0),
         "keep_alive": lambda: arrays.keep_alive(0, s, [xi]),
+        "runtime.getDevice": lambda: runtime.getDevice(),
+        "cuLaunchKernelEx alone": lambda: raw(cfg, fn.ptr, params, None),
     }
     del args
+    from cupy.cuda import runtime
+    kernels.launch(fn, (1,), (512,), [kernels.ptr(xi), kernels.i64(4096), kernels.ptr(None), kernels.i64(0),
+                                      kernels.ptr(None), kernels.i64(0), kernels.ptr(xi), kernels.ptr(None),
+                                      kernels.ptr(xi), kernels.i64(4096), kernels.i32(1), kernels.i32(4096),
+                                      kernels.f32(1e-6)], s, 0)
+    raw = kernels._cuda()[1]
+    cfg = kernels._config()[1]
+    params = next(iter(kernels._tls.params.values()))[1]
     for name, f in stages.items():
         print(f"  {name}: {per_call(f):.1f} us")
     torch.cuda.synchronize()

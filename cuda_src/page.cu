@@ -10,11 +10,12 @@
 
 namespace fic {
 
-// A CTA strides over tokens; its threads cover the token's rows of all heads, VB bytes of K and of V
-// each (rows are row_bytes long). The copy is dtype-blind: the cache and the appended rows share a
-// dtype. A token whose batch index, position or page falls outside the page table is skipped, so a
-// bad index never writes outside the cache (the Python side checks indices before launch unless told
-// not to).
+// One CTA per token (a grid-stride loop beyond the grid); its threads cover the token's rows of all
+// heads, VB bytes of K and of V each (rows are row_bytes long). The rows are loaded before the chain
+// of dependent index loads (batch index -> page table -> page) resolves, so both latencies overlap.
+// The copy is dtype-blind: the cache and the appended rows share a dtype. A token whose batch index,
+// position or page falls outside the page table is skipped, so a bad index never writes outside the
+// cache (the Python side checks indices before launch unless told not to).
 template <typename I, int VB>
 __global__ void __launch_bounds__(256) append_paged_kv_kernel(
     const unsigned char* key, long long k_tok, long long k_head, const unsigned char* value, long long v_tok,
@@ -22,24 +23,38 @@ __global__ void __launch_bounds__(256) append_paged_kv_kernel(
     int batch, long long num_pages, unsigned char* k_cache, unsigned char* v_cache, long long c_page,
     long long c_slot, long long c_head, int page_size, long long nnz, int heads, int row_bytes) {
   typedef typename RawBytes<VB>::type Raw;
+  constexpr int kMaxPerThread = 4;  // rows of a token held in registers at once
   pdl_begin();
-  const int nv = row_bytes / VB;
+  const int nv = row_bytes / VB, total = heads * nv;
   for (long long i = blockIdx.x; i < nnz; i += gridDim.x) {
-    const long long b = batch_indices[i];
-    const int p = (int)positions[i];
-    if (b < 0 || b >= batch || p < 0) continue;
-    const long long slot_idx = (long long)kv_indptr[b] + p / page_size;
-    if (slot_idx >= (long long)kv_indptr[b + 1]) continue;
-    const long long page = kv_indices[slot_idx];
-    if (page < 0 || page >= num_pages) continue;
-    unsigned char* kdst = k_cache + page * c_page + (long long)(p % page_size) * c_slot;
-    unsigned char* vdst = v_cache + page * c_page + (long long)(p % page_size) * c_slot;
-    for (int j = threadIdx.x; j < heads * nv; j += blockDim.x) {
-      const int h = j / nv, c = (j - h * nv) * VB;
-      const Raw kx = *reinterpret_cast<const Raw*>(key + i * k_tok + h * k_head + c);
-      const Raw vx = *reinterpret_cast<const Raw*>(value + i * v_tok + h * v_head + c);
-      *reinterpret_cast<Raw*>(kdst + h * c_head + c) = kx;
-      *reinterpret_cast<Raw*>(vdst + h * c_head + c) = vx;
+    for (int j0 = 0; j0 < total; j0 += kMaxPerThread * blockDim.x) {
+      Raw kx[kMaxPerThread], vx[kMaxPerThread];
+#pragma unroll
+      for (int u = 0; u < kMaxPerThread; ++u) {
+        const int j = j0 + u * blockDim.x + threadIdx.x;
+        if (j < total) {
+          const int h = j / nv, c = (j - h * nv) * VB;
+          kx[u] = *reinterpret_cast<const Raw*>(key + i * k_tok + h * k_head + c);
+          vx[u] = *reinterpret_cast<const Raw*>(value + i * v_tok + h * v_head + c);
+        }
+      }
+      const long long b = batch_indices[i];
+      const int p = (int)positions[i];
+      if (b < 0 || b >= batch || p < 0) break;
+      const long long slot_idx = (long long)kv_indptr[b] + p / page_size;
+      if (slot_idx >= (long long)kv_indptr[b + 1]) break;
+      const long long page = kv_indices[slot_idx];
+      if (page < 0 || page >= num_pages) break;
+      const long long base = page * c_page + (long long)(p % page_size) * c_slot;
+#pragma unroll
+      for (int u = 0; u < kMaxPerThread; ++u) {
+        const int j = j0 + u * blockDim.x + threadIdx.x;
+        if (j < total) {
+          const int h = j / nv, c = (j - h * nv) * VB;
+          *reinterpret_cast<Raw*>(k_cache + base + h * c_head + c) = kx[u];
+          *reinterpret_cast<Raw*>(v_cache + base + h * c_head + c) = vx[u];
+        }
+      }
     }
   }
 }

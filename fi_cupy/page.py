@@ -21,7 +21,7 @@ LAYOUTS = ("NHD", "HND")
 INDEX_DTYPES = (dt.int32, dt.int64)
 CACHE_DTYPES = (dt.float16, dt.bfloat16, dt.float32, dt.float8_e4m3fn, dt.float8_e5m2)
 THREADS = 256
-WAVES = 8  # CTAs per SM of the token loop (at 256 threads)
+MAX_GRID = 2 ** 31 - 1  # one CTA per appended token
 
 
 
@@ -200,9 +200,8 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
                                               kv.stride_page, kv.stride_slot, kv.stride_head)])
         fn = kernels.cached_function(c.device, ("append", bi.dtype.name, vb), lambda: (
             append_program(bi.dtype, vb), append_program(bi.dtype, vb).kernels[0]))
-        sms = kernels.device_props(c.device)["sms"]
         threads = min(THREADS, max(32, (kv.num_kv_heads * (row_bytes // vb) + 31) // 32 * 32))
-        c.launch(fn, (max(1, min(nnz, sms * WAVES * (THREADS // threads))),), (threads,), [
+        c.launch(fn, (min(nnz, MAX_GRID),), (threads,), [
             ptr(k), i64(k.strides[0] * item), i64(k.strides[1] * item), ptr(v), i64(v.strides[0] * item),
             i64(v.strides[1] * item), ptr(bi), ptr(pos), ptr(ix), ptr(ip), i32(ip.shape[0] - 1), i64(kv.num_pages),
             ptr(kv.k_ptr), ptr(kv.v_ptr), i64(kv.stride_page * item), i64(kv.stride_slot * item),
