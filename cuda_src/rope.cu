@@ -6,7 +6,7 @@
 // rescaling of those (Hugging Face's _compute_llama3_parameters, with rope_scale as its factor);
 // kCache cos and sin read from a float32 cache (max_pos, rotary_dim) = [cos | sin]. inv_freq is
 // computed in double and rounded to float32, the angle pos * inv_freq is a float32 product and its
-// sin / cos are float32 (an exact 2*pi reduction below 4e5 rad, sincosf above), as Hugging Face
+// sin / cos are float32 (an exact 2*pi reduction below 4e5 rad, a double one above), as Hugging Face
 // computes them. Positions (POS): kPosIds one per token;
 // kIndptr offsets[b] + (token - indptr[b]) for the request b that holds the token.
 //
@@ -112,8 +112,12 @@ __global__ void __launch_bounds__(256) rope_kernel(
       sn[e] = bad ? __int_as_float(0x7fc00000) : cos_sin[pos * cs_stride + half + fi0 + e];
     } else {
       const float angle = (float)pos * inv_freq[fi0 + e];
-      if (fabsf(angle) < 4.0e5f) rope_sincos(angle, &sn[e], &cs[e]);  // exact reduction, no library call
-      else sincosf(angle, &sn[e], &cs[e]);
+      if (fabsf(angle) < 4.0e5f) {
+        rope_sincos(angle, &sn[e], &cs[e]);  // exact float reduction by 2*pi
+      } else {  // a double reduction (error ~1e-7 rad up to 2^31 rad); no library call, so no spills
+        const double k = rint((double)angle * 0.15915494309189535);
+        __sincosf((float)fma(-k, 6.283185307179586, (double)angle), &sn[e], &cs[e]);
+      }
     }
   }
   for (int hh = h0; hh < min(h0 + kHeadChunk, total_heads); ++hh) {

@@ -170,7 +170,8 @@ def merge_states(v, s):
     s = np.asarray(s, np.float64)
     m = s.max(axis=1, keepdims=True)
     finite = np.isfinite(m)
-    w = np.where(finite, np.exp2(np.where(finite, s - m, 0.0)), 0.0)
+    with np.errstate(invalid="ignore"):  # -inf - -inf in rows whose states are all empty
+        w = np.where(finite, np.exp2(np.where(finite, s - m, 0.0)), 0.0)
     w = np.where(np.isneginf(s), 0.0, w)
     tot = w.sum(axis=1)
     vo = np.einsum("snh,snhd->shd", w, v) / np.where(tot > 0, tot, 1.0)[..., None]

@@ -36,6 +36,16 @@ def test_rope_pos_ids(dtype, d, rotary_dim, interleave):
     assert torch.equal(q2, qr) and torch.equal(k2, kr)
 
 
+def test_rope_large_positions():
+    """Angles past 4e5 rad take the double-precision reduction path."""
+    q, k = rand((9, 2, 64), "float32"), rand((9, 1, 64), "float32")
+    pos = np.array([0, 1, 399_999, 400_001, 1_000_003, 2_000_000, 8_000_000, 65_537, 3])
+    qr, kr = fi_cupy.apply_rope_pos_ids(q, k, torch.as_tensor(pos, device="cuda"))
+    inv = reference.rope_inv_freq(64)
+    assert_close(f64(qr), reference.rope(f64(q), pos, inv), "float32")
+    assert_close(f64(kr), reference.rope(f64(k), pos, inv), "float32")
+
+
 def test_rope_ragged_batch_with_empty_request():
     lens, offsets = [5, 0, 17, 1], np.array([0, 9, 100, 4000])
     indptr = np.concatenate([[0], np.cumsum(lens)])
