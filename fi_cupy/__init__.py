@@ -14,7 +14,7 @@ except ImportError as _e:  # pragma: no cover - exercised only without CuPy
     ) from _e
 
 from ._core.compile import CudaEnvironmentError, KernelCompileError  # noqa: E402
-from . import activation, cascade, norm, page, rope  # noqa: E402
+from . import activation, cascade, norm, page, rope, sampling  # noqa: E402
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul  # noqa: E402
 from .cascade import merge_state, merge_state_in_place, merge_states  # noqa: E402
 from .decode import BatchDecodeWithPagedKVCacheWrapper, single_decode_with_kv_cache  # noqa: E402

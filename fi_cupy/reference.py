@@ -195,3 +195,44 @@ def append_paged_kv(cache_k, cache_v, key, value, batch_indices, positions, kv_i
         else:
             ck[page, :, p % page_size], cv[page, :, p % page_size] = key[i], value[i]
     return ck, cv
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling filters (one row; ties at a boundary are kept, as the kernels keep them)
+
+
+def top_k_mask(p, k: int) -> np.ndarray:
+    """Tokens with fewer than k tokens of larger probability (k <= 0 or >= len: all)."""
+    p = np.asarray(p, np.float64)
+    if k <= 0 or k >= p.size:
+        return p > 0
+    larger = np.array([(p > x).sum() for x in p])
+    return (larger < k) & (p > 0)
+
+
+def top_p_mask(p, top_p: float, mass=None) -> np.ndarray:
+    """Tokens whose larger tokens hold less than top_p of `mass` (default: the row's mass)."""
+    p = np.asarray(p, np.float64)
+    mass = p[p > 0].sum() if mass is None else mass
+    above = np.array([p[p > x].sum() for x in p])
+    return (above < top_p * mass) & (p > 0)
+
+
+def min_p_mask(p, min_p: float) -> np.ndarray:
+    p = np.asarray(p, np.float64)
+    return (p >= min_p * p.max()) & (p > 0)
+
+
+def filtered_distribution(p, top_k=None, top_p=None, min_p=None, order: str = "top_k_first") -> np.ndarray:
+    """The distribution a sampler draws from after its filters, renormalised."""
+    p = np.asarray(p, np.float64)
+    keep = p > 0
+    if top_k is not None:
+        keep &= top_k_mask(p, top_k)
+    if top_p is not None:
+        mass = p[keep].sum() if (top_k is not None and order == "top_k_first") else None
+        keep &= top_p_mask(p, top_p, mass)
+    if min_p is not None:
+        keep &= min_p_mask(p, min_p)
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()

@@ -85,7 +85,7 @@ def test_inline_source_has_no_quoted_includes():
     assert "#include <cuda_fp16.h>" in text  # CUDA headers stay with -I
 
 
-SMALL_OP_FAMILIES = ("norm", "activation", "rope", "page", "cascade")
+SMALL_OP_FAMILIES = ("norm", "activation", "rope", "page", "cascade", "sampling")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

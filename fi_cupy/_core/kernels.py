@@ -137,6 +137,7 @@ def ptr(x) -> np.uint64:
 i32, i64, u32, f32, f64 = np.int32, np.int64, np.uint32, np.float32, np.float64
 # struct format of each argument type in its 8-byte slot
 _SLOT = {np.uint64: "Q", np.int64: "q", np.int32: "i4x", np.uint32: "I4x", np.float32: "f4x", np.float64: "d"}
+u64 = np.uint64
 
 
 def struct_arg(fmt: str, *fields) -> bytes:
