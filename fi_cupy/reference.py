@@ -206,7 +206,7 @@ def top_k_mask(p, k: int) -> np.ndarray:
     p = np.asarray(p, np.float64)
     if k <= 0 or k >= p.size:
         return p > 0
-    larger = np.array([(p > x).sum() for x in p])
+    larger = p.size - np.searchsorted(np.sort(p), p, side="right")  # tokens strictly larger
     return (larger < k) & (p > 0)
 
 
@@ -214,7 +214,9 @@ def top_p_mask(p, top_p: float, mass=None) -> np.ndarray:
     """Tokens whose larger tokens hold less than top_p of `mass` (default: the row's mass)."""
     p = np.asarray(p, np.float64)
     mass = p[p > 0].sum() if mass is None else mass
-    above = np.array([p[p > x].sum() for x in p])
+    srt = np.sort(p)
+    suffix = np.concatenate([np.cumsum(srt[::-1])[::-1], [0.0]])  # suffix[j] = sum of srt[j:]
+    above = suffix[np.searchsorted(srt, p, side="right")]  # mass of the tokens strictly larger
     return (above < top_p * mass) & (p > 0)
 
 
