@@ -20,6 +20,9 @@ from .cascade import merge_state, merge_state_in_place, merge_states  # noqa: E4
 from .decode import BatchDecodeWithPagedKVCacheWrapper, single_decode_with_kv_cache  # noqa: E402
 from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, layernorm, rmsnorm  # noqa: E402
 from .page import append_paged_kv_cache, get_batch_indices_positions, get_seq_lens  # noqa: E402
+from .sampling import (  # noqa: E402
+    min_p_sampling_from_probs, sampling_from_logits, sampling_from_probs, softmax, top_k_sampling_from_probs,
+    top_k_top_p_sampling_from_logits, top_k_top_p_sampling_from_probs, top_p_sampling_from_probs)
 from .rope import (  # noqa: E402
     apply_llama31_rope, apply_llama31_rope_inplace, apply_llama31_rope_pos_ids, apply_llama31_rope_pos_ids_inplace,
     apply_rope, apply_rope_inplace, apply_rope_pos_ids, apply_rope_pos_ids_inplace, apply_rope_with_cos_sin_cache,
@@ -36,6 +39,9 @@ __all__ = [
     "apply_llama31_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache", "apply_rope_with_cos_sin_cache_inplace",
     "append_paged_kv_cache", "get_batch_indices_positions", "get_seq_lens",
     "merge_state", "merge_state_in_place", "merge_states",
+    "softmax", "sampling_from_probs", "sampling_from_logits", "top_p_sampling_from_probs",
+    "top_k_sampling_from_probs", "min_p_sampling_from_probs", "top_k_top_p_sampling_from_probs",
+    "top_k_top_p_sampling_from_logits",
     "KernelCompileError",
     "CudaEnvironmentError",
 ]
