@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import copy_bandwidth, print_table, save_json, time_graph, torch_or_none  # noqa: E402
+from common import copy_bandwidth, per_call_us, print_table, save_json, time_graph, torch_or_none  # noqa: E402
 
 import fi_cupy  # noqa: E402
 
@@ -23,19 +22,6 @@ def flashinfer_or_none():
         return flashinfer
     except Exception:  # noqa: BLE001 - absent or broken install
         return None
-
-
-def eager_us(fn, n: int = 200) -> float:
-    """Wall time of one call issued back to back (host overhead included), microseconds."""
-    import torch
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
 
 
 def cases(torch, quick: bool):
@@ -162,7 +148,7 @@ def main():
             gbs = nbytes / sec / 1e9
             row.append(f"{sec * 1e6:.1f} us {gbs:.0f} GB/s {100 * gbs * 1e9 / copy_bw:.0f}%")
             rec[name] = {"us": sec * 1e6, "GBps": gbs, "pct_copy": 100 * gbs * 1e9 / copy_bw}
-        eager = f"{eager_us(impls['fi_cupy']):.1f}" if label.startswith("1x") else ""
+        eager = f"{per_call_us(impls['fi_cupy'], 200, sync=torch.cuda.synchronize):.1f}" if label.startswith("1x") else ""
         row.append(eager)
         rec["fi_cupy_eager_us"] = eager
         rows.append(row)

@@ -55,6 +55,22 @@ def time_graph(fn, calls_per_graph: int = 20, replays: int = 30, warmup: int = 3
     return statistics.median(times)
 
 
+def per_call_us(fn, n: int = 500, warmup: int = 10, sync=None) -> float:
+    """Wall time of one fn() call issued back to back, host overhead included, microseconds. sync
+    (e.g. torch.cuda.synchronize) runs before and after the timed loop, so queued GPU work counts."""
+    import time
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if sync:
+        sync()
+    return (time.perf_counter() - t) / n * 1e6
+
+
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy, bytes read + written per second (the memory ceiling)."""
     src = cupy.ones(nbytes // 4, cupy.float32)

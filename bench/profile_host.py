@@ -4,12 +4,16 @@
 """
 import cProfile
 import pstats
+import sys
 import time
 
 import cupy
 import numpy as np
 
 import fi_cupy
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import per_call_us as per_call  # noqa: E402
 
 
 def main():
@@ -41,12 +45,6 @@ def main():
     torch.cuda.synchronize()
     print(f"wrapper.run (torch, 16x1024): {(time.perf_counter() - t0) / n * 1e6:.0f} us per call, host + GPU")
     from fi_cupy._core import arrays
-
-    def per_call(f, k=500):
-        t = time.perf_counter()
-        for _ in range(k):
-            f()
-        return (time.perf_counter() - t) / k * 1e6
 
     print(f"  describe(torch): {per_call(lambda: arrays.describe(qt, 'q')):.1f} us; "
           f"__dlpack__(): {per_call(lambda: qt.__dlpack__()):.1f} us; "

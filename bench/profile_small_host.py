@@ -5,7 +5,7 @@ cost of each stage of fi_cupy's call path, and cProfile's top entries.
 """
 import cProfile
 import pstats
-import time
+import sys
 
 import torch
 
@@ -14,14 +14,12 @@ from fi_cupy import norm
 from fi_cupy._core import arrays, kernels, streams
 from fi_cupy._core.call import Call
 
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import per_call_us  # noqa: E402
 
-def per_call(f, k=2000):
-    for _ in range(20):
-        f()
-    t = time.perf_counter()
-    for _ in range(k):
-        f()
-    return (time.perf_counter() - t) / k * 1e6
+
+def per_call(f):
+    return per_call_us(f, 2000, warmup=20)
 
 
 def main():

@@ -34,7 +34,7 @@ struct RopeFreqArgs {  // what the frequency modes need (unused fields are ignor
 };
 
 __device__ __forceinline__ float rope_inv_freq(int i, int rotary_dim, int mode, const RopeFreqArgs& a) {
-  double f = exp2(-(double)(2 * i) * a.log2_theta / (double)rotary_dim);
+  const double f = rope_theta_freq(i, rotary_dim, a.log2_theta);
   if (mode == kTheta) return (float)f * a.rcp_scale;
   const double wavelen = 6.283185307179586 / f;
   const double low_wavelen = a.old_context_len / a.low_freq_factor;

@@ -67,7 +67,7 @@ def self_check(have_gpu: bool) -> int:
     import cupy
     from . import reference
     rng = np.random.default_rng(0)
-    hq, hkv, d, n, ps = 32, 8, 128, 4096, 16
+    hq, hkv, d, n = 32, 8, 128, 4096
     q = rng.standard_normal((hq, d)).astype(np.float16)
     k = rng.standard_normal((n, hkv, d)).astype(np.float16)
     v = rng.standard_normal((n, hkv, d)).astype(np.float16)

@@ -102,16 +102,12 @@ def merge_state_in_place(v, s, v_other, s_other, mask=None, stream=None):
         _pair(c, a, sa, b, sb, a, sa, m)
         c.result()
         return None
-    vo_obj, vo = c.new(a.shape, a.dtype, "v")
-    so_obj, so = c.new(a.shape[:2], dt.float32, "s")
     if m is not None:  # rows the mask leaves alone keep the old state: start from a copy
-        import cupy
-        from cupy.cuda import runtime
-        with cupy.cuda.Device(c.device):
-            for src, dst in ((a, vo), (sa, so)):
-                if not src.is_contiguous():
-                    raise ValueError(f"{src.name}: must be contiguous for an immutable (JAX) caller with a mask")
-                runtime.memcpyAsync(dst.ptr, src.ptr, src.nbytes, runtime.memcpyDeviceToDevice, c.stream)
+        why = "for an immutable (JAX) caller with a mask"
+        (vo_obj, vo), (so_obj, so) = c.copy_of(a, why), c.copy_of(sa, why)
+    else:
+        vo_obj, vo = c.new(a.shape, a.dtype, "v")
+        so_obj, so = c.new(a.shape[:2], dt.float32, "s")
     _pair(c, a, sa, b, sb, vo, so, m)
     return c.result(vo_obj, so_obj)
 

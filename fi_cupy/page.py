@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._core import arrays, checks, kernels
+from ._core import arrays, checks, kernels, streams
 from ._core import dtypes as dt
 from ._core.call import Call
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr
@@ -114,14 +114,6 @@ def _index_array(c: Call, x, name: str, dtype=None, length=None):
     return info
 
 
-def _capturing(stream: int) -> bool:
-    from cupy.cuda import runtime
-    try:
-        return bool(runtime.streamIsCapturing(stream))
-    except Exception:  # noqa: BLE001 - an old CuPy without the query: assume not capturing
-        return False
-
-
 def _check_append_indices(bi, pos, indices, indptr, last_page_len, page_size: int, num_pages: int) -> None:
     """Host-side check of an append's indices (device arrays are copied to the host: one sync)."""
     ip = checks.host_int_array("kv_indptr", indptr.obj)
@@ -187,11 +179,11 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
     lp = _index_array(c, kv_last_page_len, "kv_last_page_len", bi.dtype, ip.shape[0] - 1)
     if ip.shape[0] < 1:
         raise ValueError("kv_indptr: must have at least one entry")
-    if check and not _capturing(c.stream):
+    if check and not streams.is_capturing(c.stream):
         _check_append_indices(bi, pos, ix, ip, lp, kv.page_size, kv.num_pages)
     result = None
     if not all(c.writable(i) for i in kv.infos):  # JAX: write into a copy of the cache
-        kv, result = _copy_cache(c, kv, paged_kv_cache)
+        kv, result = _copy_cache(c, kv)
     item = kv.dtype.itemsize
     row_bytes = kv.head_dim * item
     if nnz and kv.num_kv_heads:
@@ -212,17 +204,11 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
     return c.result(*result)  # the new cache: one array, or a (k_cache, v_cache) pair
 
 
-def _copy_cache(c: Call, kv: KVView, paged_kv_cache):
+def _copy_cache(c: Call, kv: KVView):
     """A writable copy of an immutable cache: (view of the copy, new objects to return)."""
-    import cupy
-    from cupy.cuda import runtime
     objs, ptrs = [], []
     for info in kv.infos:
-        if not info.is_contiguous():
-            raise ValueError(f"{info.name}: must be contiguous to append for an immutable (JAX) caller")
-        obj, new = c.new(info.shape, info.dtype, info.name)
-        with cupy.cuda.Device(c.device):
-            runtime.memcpyAsync(new.ptr, info.ptr, info.nbytes, runtime.memcpyDeviceToDevice, c.stream)
+        obj, new = c.copy_of(info, "to append for an immutable (JAX) caller")
         objs.append(obj)
         ptrs.append(new.ptr)
     if len(ptrs) == 2:

@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-from ._core import checks, kernels
+from ._core import checks, kernels, streams
 from ._core import dtypes as dt
 from ._core.call import Call
 from ._core.kernels import KernelSpec, Program, f32, i32, i64, ptr
@@ -63,14 +63,6 @@ def _fn(device: int, index: int):
                                    lambda: (sampling_program(), sampling_program().kernels[index]))
 
 
-def _capturing(stream: int) -> bool:
-    from cupy.cuda import runtime
-    try:
-        return bool(runtime.streamIsCapturing(stream))
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def _host(c: Call, info, name: str) -> np.ndarray:
     import cupy
     with cupy.cuda.Device(c.device), cupy.cuda.ExternalStream(c.stream):
@@ -78,6 +70,11 @@ def _host(c: Call, info, name: str) -> np.ndarray:
         view = cupy.ndarray(info.shape, np.dtype(info.dtype.name), cupy.cuda.MemoryPointer(mem, 0),
                             tuple(s * info.dtype.itemsize for s in info.strides))
         return cupy.asnumpy(view, stream=cupy.cuda.get_current_stream())
+
+
+def _vec(info) -> int:
+    """4 (16-byte loads) when every row of `info` is 16-byte aligned, else 1."""
+    return 4 if info.shape[1] % 4 == 0 and info.ptr % 16 == 0 and info.strides[0] % 4 == 0 else 1
 
 
 def _matrix(c: Call, x, name: str):
@@ -96,7 +93,7 @@ def _rows(c: Call, info, indices):
     checks.dtype_in(ix, (dt.int32,), " (int32 row indices)")
     checks.ndim(ix, 1, "(batch_size,)")
     checks.contiguous(ix)
-    if ix.size and not _capturing(c.stream):
+    if ix.size and not streams.is_capturing(c.stream):
         h = _host(c, ix, "indices")
         if h.min() < 0 or h.max() >= info.shape[0]:
             raise ValueError(f"indices: entries must lie in [0, {info.shape[0]}) (rows of {info.name}), got "
@@ -149,7 +146,7 @@ def _sample_probs(probs, indices, top_k, top_p, min_p, top_k_first, generator, s
         raise ValueError(f"min_p: must lie in [0, 1], got {m_val}")
     if k_val is not None and (isinstance(k_val, bool) or not isinstance(k_val, (int, np.integer))):
         raise TypeError(f"top_k: expected an int or an int32 array, got {k_val!r}")
-    if not _capturing(c.stream):
+    if not streams.is_capturing(c.stream):
         if p_arr is not None:
             h = _host(c, p_arr, "top_p")
             if not np.all((h > 0) & (h <= 1)):
@@ -159,8 +156,7 @@ def _sample_probs(probs, indices, top_k, top_p, min_p, top_k_first, generator, s
     s, o = _seed(generator, seed, offset)
     out_obj, out = c.new((batch,), dt.int32, "samples")
     if batch and vocab:
-        vec = 4 if vocab % 4 == 0 and p.ptr % 16 == 0 and p.strides[0] % 4 == 0 else 1
-        c.launch(_fn(c.device, 0 if vec == 4 else 1), (batch,), (THREADS,), [
+        c.launch(_fn(c.device, 0 if _vec(p) == 4 else 1), (batch,), (THREADS,), [
             ptr(p), i64(p.strides[0]), ptr(ix), i32(vocab), ptr(k_arr), i32(0 if k_val is None else k_val),
             ptr(p_arr), f32(1.0 if p_val is None else p_val), ptr(m_arr), f32(0.0 if m_val is None else m_val),
             i32(1 if top_k_first else 0), np.uint64(s), np.uint64(o), ptr(out)])
@@ -207,7 +203,7 @@ def sampling_from_logits(logits, indices=None, deterministic: bool = True, gener
     c = Call(logits, stream, enable_pdl)
     x = _matrix(c, logits, "logits")
     batch, ix = _rows(c, x, indices)
-    if check_nan and not _capturing(c.stream):
+    if check_nan and not streams.is_capturing(c.stream):
         _check_nan(c, x)
     s, o = _seed(generator, seed, offset)
     out_obj, out = c.new((batch,), dt.int32, "samples")
@@ -227,8 +223,7 @@ def softmax(logits, temperature=None, enable_pdl=None, stream=None):
         raise ValueError(f"temperature: must be > 0, got {t_val}")
     out_obj, o = c.new((batch, vocab), dt.float32, "probs")
     if batch and vocab:
-        vec = 4 if vocab % 4 == 0 and x.ptr % 16 == 0 and x.strides[0] % 4 == 0 else 1
-        c.launch(_fn(c.device, 3 if vec == 4 else 4), (batch,), (THREADS,), [
+        c.launch(_fn(c.device, 3 if _vec(x) == 4 else 4), (batch,), (THREADS,), [
             ptr(x), i64(x.strides[0]), i32(vocab), ptr(t_arr), f32(1.0 if t_val is None else t_val), ptr(o)])
     return c.result(out_obj)
 

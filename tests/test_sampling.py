@@ -10,7 +10,6 @@ from fi_cupy import reference
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
-import fi_cupy  # noqa: E402
 from fi_cupy import sampling  # noqa: E402
 
 N = 40000  # draws: one per row of a batch of identical rows

@@ -7,15 +7,18 @@
 
 namespace fic {
 
+// theta^(-2i / rotary_dim) in double: the unscaled frequency of pair i (rope.cu rescales it too).
+__device__ __forceinline__ double rope_theta_freq(int i, int rotary_dim, double log2_theta) {
+  return exp2(-(double)(2 * i) * log2_theta / (double)rotary_dim);
+}
+
 // inv_freq for the 8 dims [8*lane, 8*lane+8) of a head of size D (once per kernel, in double).
 template <int D>
 __device__ __forceinline__ void rope_freqs(int lane_in_row, float rcp_scale, double log2_theta,
                                            float (&freq)[8]) {
 #pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const int i = (lane_in_row * 8 + e) % (D / 2);
-    freq[e] = (float)exp2(-(double)(2 * i) * log2_theta / (double)D) * rcp_scale;
-  }
+  for (int e = 0; e < 8; ++e)
+    freq[e] = (float)rope_theta_freq((lane_in_row * 8 + e) % (D / 2), D, log2_theta) * rcp_scale;
 }
 
 // sin and cos of an fp32 angle: reduce by 2*pi split in three (Cody-Waite: exact for |a| < 4e5),

@@ -61,6 +61,19 @@ class Call:
         self.infos.append(info)
         return obj, info
 
+    def copy_of(self, info: ArrayInfo, why: str):
+        """(object, ArrayInfo) of a new array holding a copy of contiguous `info`, queued on this
+        call's stream: the writable stand-in for an immutable (JAX) input. `why` ends the error
+        raised for a non-contiguous one."""
+        if not info.is_contiguous():
+            raise ValueError(f"{info.name}: must be contiguous {why}")
+        import cupy
+        from cupy.cuda import runtime
+        obj, new = self.new(info.shape, info.dtype, info.name)
+        with cupy.cuda.Device(self.device):
+            runtime.memcpyAsync(new.ptr, info.ptr, info.nbytes, runtime.memcpyDeviceToDevice, self.stream)
+        return obj, new
+
     def out(self, given, shape, dtype, name: str = "out", layout: str = ""):
         """The output: `given` checked against shape and dtype, else a new array."""
         if given is None:

@@ -218,8 +218,7 @@ def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int 
     gx, gy, gz = (tuple(grid) + (1, 1))[:3]
     bx, by, bz = (tuple(block) + (1, 1))[:3]
     struct.pack_into(_CONFIG_FMT, cbuf, 0, gx, gy, gz, bx, by, bz, smem, stream, attr if pdl else 0, 1 if pdl else 0)
-    if smem > fn.smem_limit:
-        fn.allow_smem(smem)
+    fn.allow_smem(smem)
     lib, launch_ex = _cuda()
     from cupy.cuda import runtime
     if runtime.getDevice() != device:

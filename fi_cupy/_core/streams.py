@@ -33,6 +33,15 @@ def resolve(stream, framework: str, device: int) -> int:
     return handle_of(stream) if stream is not None else current(framework, device)
 
 
+def is_capturing(stream: int) -> bool:
+    """Whether `stream` is capturing a CUDA graph (host syncs and copies must then be skipped)."""
+    from cupy.cuda import runtime
+    try:
+        return bool(runtime.streamIsCapturing(stream))
+    except Exception:  # noqa: BLE001 - an old CuPy without the query: assume not capturing
+        return False
+
+
 def order_after(device: int, producer_stream: int, consumer_stream) -> None:
     """Make `consumer_stream` (a DLPack stream argument: None, 1 = legacy default, 2 = per-thread
     default, or a handle) wait for the work queued so far on `producer_stream`."""
