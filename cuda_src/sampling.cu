@@ -19,7 +19,7 @@
 
 namespace fic {
 
-constexpr int kSampleThreads = 1024;
+constexpr int kSampleThreads = 1024;  // launch bounds say one CTA an SM: up to 64 registers, no spills
 constexpr int kBins = 2048;                    // 11 bits
 constexpr double kMassScale = 1099511627776.0;  // 2^40: fixed-point unit of probability mass
 
@@ -189,7 +189,7 @@ __device__ unsigned int radix_select(const float* row, int n, bool by_mass, unsi
 // top_k <= 0 or >= vocab: no top-k; top_p >= 1: no top-p; min_p <= 0: no min-p. A per-row array, when
 // given, overrides the scalar. top_k_first: top-p applies to the mass of the top-k set.
 template <int VEC>
-__global__ void __launch_bounds__(kSampleThreads) sample_from_probs_kernel(
+__global__ void __launch_bounds__(kSampleThreads, 1) sample_from_probs_kernel(
     const float* probs, long long row_stride, const int* row_indices, int vocab, const int* top_k_arr,
     int top_k_val, const float* top_p_arr, float top_p_val, const float* min_p_arr, float min_p_val,
     int top_k_first, unsigned long long seed, unsigned long long offset, int* out) {
@@ -264,7 +264,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_from_probs_kernel(
 }
 
 // Gumbel-max over logits: argmax_i logit_i - log(E_i).
-__global__ void __launch_bounds__(kSampleThreads) sample_from_logits_kernel(
+__global__ void __launch_bounds__(kSampleThreads, 1) sample_from_logits_kernel(
     const float* logits, long long row_stride, const int* row_indices, int vocab, unsigned long long seed,
     unsigned long long offset, int* out) {
   __shared__ Best scratch[32];
@@ -286,7 +286,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_from_logits_kernel(
 
 // probs = softmax(logits / temperature) per row: an online max/sum pass, then the write pass.
 template <int VEC>
-__global__ void __launch_bounds__(kSampleThreads) softmax_kernel(const float* logits, long long row_stride,
+__global__ void __launch_bounds__(kSampleThreads, 1) softmax_kernel(const float* logits, long long row_stride,
                                                                  int vocab, const float* temp_arr, float temp_val,
                                                                  float* probs) {
   __shared__ float fs[32];
