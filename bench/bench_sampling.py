@@ -15,6 +15,7 @@ from common import copy_bandwidth, print_table, save_json, time_graph, torch_or_
 from fi_cupy import sampling  # noqa: E402
 
 VOCAB = 128256
+SPEC = 4  # drafts a request in the speculative row
 
 
 def torch_top_p(torch, probs, top_p):
@@ -45,17 +46,32 @@ def main():
         logits = torch.randn((b, VOCAB), device="cuda", generator=g) * 3
         probs = torch.softmax(logits, -1)
         read_s = probs.numel() * 4 / copy_bw
+        # speculative: draft and target distributions of SPEC drafts (softmax of random logits)
+        dq = torch.softmax(torch.randn((b, SPEC, VOCAB), device="cuda", generator=g) * 3, -1)
+        tq = torch.softmax(torch.randn((b, SPEC + 1, VOCAB), device="cuda", generator=g) * 3, -1)
+        ids = torch.multinomial(dq.reshape(-1, VOCAB), 1).reshape(b, SPEC).int()
         ops = {
             "softmax": (lambda: sampling.softmax(logits), lambda: fis.softmax(logits) if fis else None),
-            "sampling_from_probs": (lambda: sampling.sampling_from_probs(probs, seed=1), None),
+            "sampling_from_probs": (lambda: sampling.sampling_from_probs(probs, seed=1),
+                                    lambda: fis.sampling_from_probs(probs)),
             "top_p 0.9": (lambda: sampling.top_p_sampling_from_probs(probs, 0.9, seed=1),
                           lambda: fis.top_p_sampling_from_probs(probs, 0.9)),
             "top_k 50": (lambda: sampling.top_k_sampling_from_probs(probs, 50, seed=1),
                          lambda: fis.top_k_sampling_from_probs(probs, 50)),
             "min_p 0.1": (lambda: sampling.min_p_sampling_from_probs(probs, 0.1, seed=1),
                           lambda: fis.min_p_sampling_from_probs(probs, 0.1)),
-            "top_k 50 + top_p 0.9": (lambda: sampling.top_k_top_p_sampling_from_probs(probs, 50, 0.9, seed=1), None),
-            "sampling_from_logits": (lambda: sampling.sampling_from_logits(logits, seed=1), None),
+            "top_k 50 + top_p 0.9": (lambda: sampling.top_k_top_p_sampling_from_probs(probs, 50, 0.9, seed=1),
+                                     lambda: fis.top_k_top_p_sampling_from_probs(probs, 50, 0.9)),
+            "sampling_from_logits": (lambda: sampling.sampling_from_logits(logits, seed=1),
+                                     lambda: fis.sampling_from_logits(logits)),
+            "top_p_renorm_probs 0.9": (lambda: sampling.top_p_renorm_probs(probs, 0.9),
+                                       lambda: fis.top_p_renorm_probs(probs, 0.9)),
+            "top_k_renorm_probs 50": (lambda: sampling.top_k_renorm_probs(probs, 50),
+                                      lambda: fis.top_k_renorm_probs(probs, 50)),
+            "top_k_mask_logits 50": (lambda: sampling.top_k_mask_logits(logits, 50),
+                                     lambda: fis.top_k_mask_logits(logits, 50)),
+            f"chain_speculative n={SPEC}": (lambda: sampling.chain_speculative_sampling(dq, ids, tq, seed=1),
+                                            lambda: fis.chain_speculative_sampling(dq, ids, tq)),
         }
         torch_p = time_graph(lambda: torch_top_p(torch, probs, 0.9)) if b <= 128 else None
         for name, (fn, fi_fn) in ops.items():

@@ -1,17 +1,23 @@
-// Sampling without sorting the vocabulary. One CTA of 1024 threads per output row.
+// Sampling and logits processing without sorting the vocabulary. One CTA of 1024 threads per row.
 //
-// Filters keep the tokens whose probability is at least a threshold value v:
-//   top-k: keep token i if fewer than k tokens have a larger probability (ties at the boundary are kept);
-//   top-p: keep token i if the mass of the tokens with a larger probability is < top_p * mass of the row
-//          (with top_k_first, of the top-k set);
+// Filters keep the tokens whose value is at least a threshold:
+//   top-k: keep token i if fewer than k tokens have a larger value (ties at the boundary are kept);
+//   top-p: keep token i if the tokens with a larger probability hold < top_p * the row's mass
+//          (with top_k_first, of the top-k set's mass);
 //   min-p: keep token i if p_i >= min_p * max_j p_j.
-// The top-k / top-p thresholds come from a radix select on the bit patterns of the probabilities
-// (non-negative floats order like their bits): a histogram of the top 11 bits (counts and fixed-point
-// masses, integer atomics, so the result does not depend on the order of the additions), then the
-// next 11 and the last 10 bits restricted to the boundary bin. The sample is an exponential race over
-// the kept tokens, argmax_i p_i / E_i with E_i ~ Exp(1) from Philox(seed, offset, row, i), which draws
-// token i with probability p_i / (mass kept), in one more pass. From logits the race is the Gumbel-max
-// argmax_i logit_i - log(E_i).
+// Probabilities <= 0 (and NaN) are never kept or drawn.
+//
+// Thresholds (select_kept): one pass builds a 4096-bin histogram of the values' order keys (counts for
+// top-k, truncated masses for top-p: 32-bit shared atomics only), whose crossing bin bounds the threshold
+// from below. A second pass gathers the tokens at or above that bin into shared memory (at most
+// kCandidates); a bitonic sort there gives exact thresholds, and the kept set is a prefix of the sorted
+// list. More candidates than fit: an exact radix select over the row (three more passes).
+//
+// Draws: inverse CDF with one uniform per row. Over sorted candidates, a binary search of their prefix
+// sums. Over the row (stream_sample), each thread sums the weights of the vectors it owns, a block scan
+// lays the threads' sums end to end, and the warp of the thread whose interval holds u * total walks its
+// vectors again to the token. Passes after the first run backwards so that they start on the part of the
+// row the previous pass left in L2.
 #include "common/math.cuh"
 #include "common/vec.cuh"
 #include "common/philox.cuh"
@@ -20,39 +26,799 @@
 namespace fic {
 
 constexpr int kSampleThreads = 1024;  // launch bounds say one CTA an SM: up to 64 registers, no spills
-constexpr int kBins = 2048;                    // 11 bits
-constexpr double kMassScale = 1099511627776.0;  // 2^40: fixed-point unit of probability mass
+constexpr int kBins = 4096;           // histogram bins (12 bits of the order key)
+constexpr int kCandidates = 8192;     // tokens gathered into shared memory for the exact thresholds
+constexpr int kBinTokens = 4096;      // candidates of one bin sorted at a time
+constexpr int kSelectSmemBytes = 162 * 1024;  // dynamic shared memory of the select kernels (sampling.py);
+                                              // sm_80 allows 163 KB a block
 
-__device__ __forceinline__ unsigned long long to_mass(float p) {
-  return p > 0.f ? (unsigned long long)((double)p * kMassScale) : 0ull;
+// ---------------------------------------------------------------------------------------------
+// Values, keys, random numbers
+
+// Unsigned keys that order like the floats (NaN above +inf).
+__device__ __forceinline__ unsigned int order_key(float x) {
+  const unsigned int u = __float_as_uint(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float key_value(unsigned int k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
-// Exp(1) variate of element i of output row r (one Philox call per 4 elements).
-__device__ __forceinline__ float exp_variate(uint4 rnd, int e) {
-  const unsigned int x = e == 0 ? rnd.x : e == 1 ? rnd.y : e == 2 ? rnd.z : rnd.w;
-  return -logf(uniform_open(x));
+// Which values take part: positive probabilities; logits that are not NaN.
+template <bool LOGITS>
+__device__ __forceinline__ bool takes_part(float x) {
+  return LOGITS ? !isnan(x) : x > 0.f;
 }
 
-__device__ __forceinline__ uint4 row_random(unsigned long long seed, unsigned long long offset, int r, int quad) {
-  return philox4x32(make_uint4((unsigned int)quad, (unsigned int)r, (unsigned int)offset, (unsigned int)(offset >> 32)),
+// Histogram bin: 12 bits of the key. Probabilities are positive, so their top key bit is fixed and the
+// bins take 8 exponent and 4 mantissa bits; logits take the sign, 8 exponent and 3 mantissa bits.
+template <bool LOGITS>
+__device__ __forceinline__ int bin_of(unsigned int key) {
+  return LOGITS ? (int)(key >> 20) : (int)((key >> 19) & 0xfffu);
+}
+template <bool LOGITS>
+__device__ __forceinline__ unsigned int bin_floor_key(int bin) {
+  return LOGITS ? (unsigned int)bin << 20 : 0x80000000u | ((unsigned int)bin << 19);
+}
+
+// Philox block (seed, offset, row, counter): four independent 32-bit draws.
+__device__ __forceinline__ uint4 row_random(unsigned long long seed, unsigned long long offset, int r, int ctr) {
+  return philox4x32(make_uint4((unsigned int)ctr, (unsigned int)r, (unsigned int)offset,
+                               (unsigned int)(offset >> 32)),
                     make_uint2((unsigned int)seed, (unsigned int)(seed >> 32)));
 }
 
-// f(i, x) for every element of a row, VEC-wide loads (VEC = 4 needs a 16-byte aligned row of n % 4 == 0).
-template <int VEC, typename F>
-__device__ __forceinline__ void for_each(const float* row, int n, F f) {
-  for (int v = threadIdx.x; v < n / VEC; v += blockDim.x) {
-    Vec<float, VEC> x;
-    x.load(row + v * VEC);
+template <int VEC>
+__device__ __forceinline__ float vsum(const Vec<float, VEC>& x) {
+  float s = x[0];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) f(v * VEC + e, x[e]);
-  }
+  for (int e = 1; e < VEC; ++e) s += x[e];
+  return s;
+}
+
+template <int VEC>
+__device__ __forceinline__ Vec<float, VEC> vzero() {
+  Vec<float, VEC> z;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) z.set(e, 0.f);
+  return z;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Block reductions (blockDim.x == kSampleThreads)
+// Block reductions and scans (every thread of the block gets the result). `scratch` holds 32 values.
 
-struct Best {  // the race's leader: largest key, lowest index on ties
+struct Max { template <typename T> __device__ T operator()(T a, T b) const { return a > b ? a : b; } };
+struct Sum { template <typename T> __device__ T operator()(T a, T b) const { return a + b; } };
+
+template <typename T, typename Op>
+__device__ T block_reduce(T x, Op op, T* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
+  __syncthreads();  // scratch may still be read by a previous call
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = x;
+  __syncthreads();
+  x = scratch[threadIdx.x & 31];  // blockDim.x == 1024: 32 warps
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// Exclusive prefix sum in thread order; *total gets the block's sum.
+template <typename T>
+__device__ T block_exclusive_scan(T x, T* scratch, T* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  T inc = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T y = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += y;
+  }
+  __syncthreads();
+  if (lane == 31) scratch[warp] = inc;
+  __syncthreads();
+  const T w = scratch[lane];
+  T winc = w;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T y = __shfl_up_sync(0xffffffffu, winc, o);
+    if (lane >= o) winc += y;
+  }
+  *total = __shfl_sync(0xffffffffu, winc, 31);
+  return __shfl_sync(0xffffffffu, winc - w, warp) + inc - x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row passes. Thread t owns vectors j * blockDim.x + t; a pass visits them in batches of loads (all
+// in flight before the first use), forwards or backwards (REV). f(v, x, valid) sees every slot of every
+// batch with the same trip count in all threads, so it may use warp collectives.
+
+template <int VEC>
+struct RowIn {
+  const float* p;
+  int nv;  // vectors of VEC floats
+  __device__ __forceinline__ Vec<float, VEC> at(int v) const {
+    Vec<float, VEC> x;
+    x.load(p + (long long)v * VEC);
+    return x;
+  }
+};
+
+template <int VEC, bool REV, typename Load, typename F>
+__device__ __forceinline__ void row_pass(int nv, Load load, F f) {
+  constexpr int U = 4;  // vector loads in flight a thread (more spills the scalar variants on NVRTC 13.0)
+  const int T = blockDim.x, nt = (nv + T - 1) / T;
+  const auto vec_of = [&](int jj) { return (REV ? nt - 1 - jj : jj) * T + (int)threadIdx.x; };
+  for (int j0 = 0; j0 < nt; j0 += U) {
+    Vec<float, VEC> x[U];
+#pragma unroll
+    for (int q = 0; q < U; ++q) {
+      const int v = vec_of(j0 + q);
+      x[q] = (j0 + q < nt && v < nv) ? load(v) : vzero<VEC>();
+    }
+#pragma unroll
+    for (int q = 0; q < U; ++q) {
+      const int v = vec_of(j0 + q);
+      f(v, x[q], j0 + q < nt && v < nv);
+    }
+  }
+}
+
+struct SampleScratch {
+  unsigned long long u64[32];
+  double f64[32];
+  float f32[32];
+  unsigned int u32[32];
+  int i32[32];
+  unsigned long long above;  // crossing_bin's weight above the bin found
+  int result[4];
+};
+
+// Inverse-CDF draw over the row's weights w(v) (non-negative, a Vec per vector), u in [0, 1).
+// Returns the token, or -1 when every weight is 0. Every thread of the block must call it.
+template <int VEC, typename W>
+__device__ int stream_sample(W w, int nv, float u, SampleScratch& sc) {
+  const int T = blockDim.x, nt = (nv + T - 1) / T;
+  float s = 0.f;
+  row_pass<VEC, true>(nv, w, [&](int, const Vec<float, VEC>& x, bool) { s += vsum<VEC>(x); });
+  float total;
+  const float start = block_exclusive_scan(s, sc.f32, &total);
+  const float target = u * total;
+  const int winner = block_reduce((s > 0.f && start <= target) ? (int)threadIdx.x : -1, Max(), sc.i32);
+  if (winner < 0) return -1;
+  if ((int)(threadIdx.x >> 5) == (winner >> 5)) {
+    const int lane = threadIdx.x & 31;
+    float c = __shfl_sync(0xffffffffu, start, winner & 31);
+    int pick = -1, last = -1;
+    float c_last = c;
+    for (int j0 = 0; j0 < nt; j0 += 32) {  // one of the winner's vectors a lane, walked in pass order
+      const int j = nt - 1 - (j0 + lane), v = j * T + winner;
+      const float ts = (j0 + lane < nt && v < nv) ? vsum<VEC>(w(v)) : 0.f;
+      for (int l = 0; l < 32 && j0 + l < nt; ++l) {
+        const float tl = __shfl_sync(0xffffffffu, ts, l);
+        if (pick < 0 && tl > 0.f) {
+          last = j0 + l, c_last = c;
+          if (c + tl > target) pick = last; else c += tl;
+        }
+      }
+    }
+    if (pick < 0) pick = last, c = c_last;  // rounding put the target past the winner's last token
+    if (lane == 0) {
+      const int v = (nt - 1 - pick) * T + winner;
+      const Vec<float, VEC> x = w(v);
+      int e_pick = -1, e_last = 0;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        if (e_pick < 0 && x[e] > 0.f) {
+          e_last = e;
+          if (c + x[e] > target) e_pick = e; else c += x[e];
+        }
+      }
+      sc.result[0] = v * VEC + (e_pick < 0 ? e_last : e_pick);
+    }
+  }
+  __syncthreads();
+  return sc.result[0];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thresholds
+
+struct Filter {
+  int k;        // top-k in use when 0 < k < vocab
+  float p;      // top-p in use when p < 1
+  float min_p;  // min-p in use when > 0
+  bool k_first; // top-p over the top-k set's mass
+  __device__ bool use_k(int vocab) const { return k > 0 && k < vocab; }
+  __device__ bool use_p() const { return p < 1.f; }
+  __device__ bool use_min() const { return min_p > 0.f; }
+};
+
+struct SelectSmem {
+  // Pass 1: tokens and truncated masses a bin. Then, over the candidates only: tokens a bin (hcount)
+  // and exact masses as sums of the significands' low 16 (hmass) and high 8 bits (hmass_hi).
+  unsigned int hcount[kBins];
+  unsigned int hmass[kBins];
+  unsigned int hmass_hi[kBins];
+  union {
+    struct {
+      unsigned long long cand[kCandidates];  // (order key << 32) | ~token, in gather order
+      unsigned long long bin[kBinTokens];    // one bin's candidates, sorted descending
+      float bin_cum[kBinTokens];             // their inclusive prefix sums (probabilities)
+    } c;
+    unsigned long long hist[kBins];          // the exact radix select's histogram
+  } u;
+  SampleScratch sc;
+  int n_cand, n_bin, sorted_bin;
+};
+static_assert(sizeof(SelectSmem) <= kSelectSmemBytes, "sampling.py allocates kSelectSmemBytes");
+
+__device__ __forceinline__ unsigned long long cand_key(unsigned int key, int token) {
+  return ((unsigned long long)key << 32) | (0xffffffffu - (unsigned int)token);
+}
+__device__ __forceinline__ float entry_value(unsigned long long e) { return key_value((unsigned int)(e >> 32)); }
+__device__ __forceinline__ int entry_token(unsigned long long e) { return (int)(0xffffffffu - (unsigned int)e); }
+
+// Scanning the bins from the top, the bin at which the weight of the bins >= it first reaches target
+// (STRICT: first exceeds it); -1 when it never does. get(b) gives bin b's weight; *above_out gets the
+// weight of the bins above the one found. Every thread must call it.
+template <typename T, bool STRICT = false, typename Get>
+__device__ int crossing_bin(int nbins, Get get, T target, T* scratch, int* found, T* above_out) {
+  const int per = (nbins + kSampleThreads - 1) / kSampleThreads;
+  const int b0 = nbins - 1 - (int)threadIdx.x * per;
+  T w = 0;
+  for (int j = 0; j < per; ++j) if (b0 - j >= 0) w += get(b0 - j);
+  T total;
+  T s = block_exclusive_scan(w, scratch, &total);  // weight of the bins above b0
+  if (threadIdx.x == 0) *found = -1;
+  __syncthreads();
+  for (int j = 0; j < per; ++j) {
+    if (b0 - j < 0) break;
+    const T h = get(b0 - j);
+    if (STRICT ? (s <= target && s + h > target) : (s < target && s + h >= target)) {
+      *found = b0 - j;
+      if (above_out != nullptr) *above_out = s;
+    }
+    s += h;
+  }
+  __syncthreads();
+  return *found;
+}
+
+// Bitonic sort of keys[0, n) descending, n a power of two.
+__device__ void sort_desc(unsigned long long* keys, int n) {
+  for (int k = 2; k <= n; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int p = threadIdx.x; p < n / 2; p += blockDim.x) {
+        const int i = ((p & ~(j - 1)) << 1) | (p & (j - 1)), o = i | j;
+        const unsigned long long a = keys[i], b = keys[o];
+        const bool desc = (i & k) == 0;
+        if (desc ? a < b : a > b) keys[i] = b, keys[o] = a;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Exact mass of bin b's candidates: significand sums times the bin's unit 2^(exponent - 150)
+// (denormals: 2^-149). Exact in a double (at most 2^13 terms of 24 bits).
+__device__ __forceinline__ double bin_mass(const SelectSmem& sm, int b) {
+  const int e = max(b >> 4, 1);
+  const double unit = __longlong_as_double((long long)(e - 150 + 1023) << 52);
+  return ((double)sm.hmass_hi[b] * 65536.0 + (double)sm.hmass[b]) * unit;
+}
+
+// Counts and exact masses a bin over the n candidates (masses only for probabilities).
+template <bool LOGITS>
+__device__ void candidate_stats(SelectSmem& sm, int n) {
+  for (int i = threadIdx.x; i < kBins; i += blockDim.x) sm.hcount[i] = 0, sm.hmass[i] = 0, sm.hmass_hi[i] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const unsigned int key = (unsigned int)(sm.u.c.cand[i] >> 32), b = bin_of<LOGITS>(key);
+    atomicAdd(&sm.hcount[b], 1u);
+    if (!LOGITS) {
+      const unsigned int u = key & 0x7fffffffu, sig = (u & 0x7fffffu) | ((u >> 23) ? 0x800000u : 0u);
+      atomicAdd(&sm.hmass[b], sig & 0xffffu);
+      atomicAdd(&sm.hmass_hi[b], sig >> 16);
+    }
+  }
+  sm.sorted_bin = -1;
+  __syncthreads();
+}
+
+// Bin b's candidates into sm.u.c.bin, sorted descending, with prefix sums for probabilities; their
+// count (select_kept has checked that every bin fits). Every thread must call it.
+template <bool LOGITS>
+__device__ int sort_bin(SelectSmem& sm, int n, int b) {
+  if (sm.sorted_bin == b) return sm.n_bin;
+  __syncthreads();
+  if (threadIdx.x == 0) sm.n_bin = 0;
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  for (int i0 = 0; i0 < n; i0 += blockDim.x) {
+    const int i = i0 + threadIdx.x;
+    const unsigned long long e = i < n ? sm.u.c.cand[i] : 0ull;
+    const bool take = i < n && bin_of<LOGITS>((unsigned int)(e >> 32)) == b;
+    const unsigned int m = __ballot_sync(0xffffffffu, take);
+    if (m == 0) continue;
+    int base = 0;
+    if (lane == 0) base = atomicAdd(&sm.n_bin, __popc(m));
+    base = __shfl_sync(0xffffffffu, base, 0) + __popc(m & ((1u << lane) - 1u));
+    if (take && base < kBinTokens) sm.u.c.bin[base] = e;
+  }
+  __syncthreads();
+  const int nb = sm.n_bin;
+  int n2 = 32;
+  while (n2 < nb) n2 <<= 1;
+  for (int i = nb + threadIdx.x; i < n2; i += blockDim.x) sm.u.c.bin[i] = 0ull;  // pads sort last
+  __syncthreads();
+  sort_desc(sm.u.c.bin, n2);
+  if (!LOGITS) {  // prefix sums: a segment a thread, then a block scan
+    const int seg = (nb + kSampleThreads - 1) / kSampleThreads, a = min(nb, (int)threadIdx.x * seg),
+              z = min(nb, a + seg);
+    float s = 0.f;
+    for (int i = a; i < z; ++i) s += entry_value(sm.u.c.bin[i]);
+    float tot;
+    float c = block_exclusive_scan(s, sm.sc.f32, &tot);
+    for (int i = a; i < z; ++i) c += entry_value(sm.u.c.bin[i]), sm.u.c.bin_cum[i] = c;
+  }
+  if (threadIdx.x == 0) sm.sorted_bin = b;
+  __syncthreads();
+  return nb;
+}
+
+// Entries of the sorted bin with value >= v.
+__device__ int bin_count_at_least(const SelectSmem& sm, int nb, float v) {
+  int lo = 0, hi = nb;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (entry_value(sm.u.c.bin[mid]) >= v) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+// The first of bin_cum[0, nb) that is >= x (STRICT: > x); nb when none.
+template <bool STRICT>
+__device__ int bin_first_cum(const SelectSmem& sm, int nb, float x) {
+  int lo = 0, hi = nb;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    const float c = sm.u.c.bin_cum[mid];
+    if (STRICT ? c > x : c >= x) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
+// Fixed-point mass for the exact select: 2^40 units of probability.
+__device__ __forceinline__ unsigned long long fixed_mass(float x) {
+  return (unsigned long long)((double)x * 1099511627776.0);
+}
+
+// The exact threshold key: the largest key t with weight(keys > t) < target <= weight(keys >= t), by
+// count or by fixed-point mass, over the tokens that take part. Three passes: 12, 12 and 8 key bits.
+// With frac > 0 the mass target is frac * (the row's mass), found on the first pass.
+template <int VEC, bool LOGITS>
+__device__ unsigned int radix_select(RowIn<VEC> row, bool by_mass, unsigned long long target, double frac,
+                                     SelectSmem& sm) {
+  unsigned int prefix = 0;
+  for (int level = 0; level < 3; ++level) {
+    const int bits = level < 2 ? 12 : 8, shift = level == 0 ? 20 : level == 1 ? 8 : 0;
+    const int nb = 1 << bits;
+    for (int i = threadIdx.x; i < kBins; i += blockDim.x) sm.u.hist[i] = 0;
+    __syncthreads();
+    row_pass<VEC, false>(row.nv, [&](int v) { return row.at(v); }, [&](int, const Vec<float, VEC>& x, bool ok) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const unsigned int key = order_key(x[e]);
+        if (ok && takes_part<LOGITS>(x[e]) && (level == 0 || (key >> (shift + bits)) == prefix))
+          atomicAdd(&sm.u.hist[(key >> shift) & (nb - 1)], by_mass ? fixed_mass(x[e]) : 1ull);
+      }
+    });
+    __syncthreads();
+    if (level == 0 && frac > 0.0) {
+      unsigned long long part = 0, total;
+      for (int i = threadIdx.x; i < kBins; i += blockDim.x) part += sm.u.hist[i];
+      (void)block_exclusive_scan(part, sm.sc.u64, &total);
+      target = (unsigned long long)(frac * (double)total);
+      if (target == 0) target = 1;
+    }
+    int b = crossing_bin<unsigned long long>(nb, [&](int i) { return sm.u.hist[i]; }, target, sm.sc.u64,
+                                             &sm.sc.result[1], &sm.sc.above);
+    unsigned long long above = sm.sc.above;
+    __syncthreads();
+    if (b < 0) b = 0, above = 0;  // fewer tokens (or less mass) than the target: keep all of them
+    target -= above;
+    prefix = (prefix << bits) | (unsigned int)b;
+  }
+  return prefix;
+}
+
+// What select_kept found: keep the tokens whose value is >= v. With in_smem, every kept token is a
+// candidate in shared memory: bins above bv entirely, and the first n_bv tokens of bin bv (sorted in
+// sm.u.c.bin); `mass` is the kept mass, `above` the mass of the bins above bv (probabilities).
+struct Kept {
+  bool in_smem;
+  float v;
+  int bv, n_bv;
+  double mass, above;
+};
+
+// Kept set of `row` under filter f; mx and total are the row's max and mass (probabilities), unused
+// for logits. Pass 1's histograms are in sm (counts when hist_count, truncated masses when hist_mass).
+template <int VEC, bool LOGITS>
+__device__ Kept select_kept(RowIn<VEC> row, int vocab, Filter f, float mx, float total, SelectSmem& sm,
+                            bool hist_count, bool hist_mass, int mass_shift) {
+  const bool use_k = f.use_k(vocab), use_p = !LOGITS && f.use_p();
+  // Crossing bins: exact for counts; for masses the truncated sums are lower bounds, so the bin found is
+  // at or below the true one and the gathered set still holds every kept token.
+  int c_lo = 0;
+  if (use_k && hist_count)
+    c_lo = max(0, crossing_bin<unsigned int>(kBins, [&](int b) { return sm.hcount[b]; }, (unsigned int)f.k,
+                                             sm.sc.u32, &sm.sc.result[1], (unsigned int*)nullptr));
+  if (use_p && hist_mass && !(use_k && f.k_first)) {
+    // bin b holds exponent b >> 4; its sum counts units of 2^(exponent - 150 + mass_shift)
+    const auto unit = [&](int b) { return __longlong_as_double((long long)((b >> 4) - 150 + mass_shift + 1023) << 52); };
+    const int cp = crossing_bin<double>(
+        kBins, [&](int b) { return (b >> 4) == 0 ? 0.0 : (double)sm.hmass[b] * unit(b); },
+        (double)f.p * (double)total, sm.sc.f64, &sm.sc.result[1], (double*)nullptr);
+    c_lo = max(c_lo, max(cp, 0));
+  }
+  // Gather the candidates (a warp-aggregated slot counter).
+  if (threadIdx.x == 0) sm.n_cand = 0;
+  __syncthreads();
+  const unsigned int lo_key = bin_floor_key<LOGITS>(c_lo);
+  const int lane = threadIdx.x & 31;
+  row_pass<VEC, true>(row.nv, [&](int v) { return row.at(v); }, [&](int v, const Vec<float, VEC>& x, bool ok) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const unsigned int key = order_key(x[e]);
+      const bool take = ok && takes_part<LOGITS>(x[e]) && key >= lo_key;
+      const unsigned int m = __ballot_sync(0xffffffffu, take);
+      if (m == 0) continue;
+      int base = 0;
+      if (lane == 0) base = atomicAdd(&sm.n_cand, __popc(m));
+      base = __shfl_sync(0xffffffffu, base, 0) + __popc(m & ((1u << lane) - 1u));
+      if (take && base < kCandidates) sm.u.c.cand[base] = cand_key(key, v * VEC + e);
+    }
+  });
+  __syncthreads();
+  const int n = sm.n_cand;
+  Kept kept;
+  kept.in_smem = n <= kCandidates;
+  if (kept.in_smem) {
+    candidate_stats<LOGITS>(sm, n);
+    unsigned int fullest = 0;
+    for (int i = threadIdx.x; i < kBins; i += blockDim.x) fullest = max(fullest, sm.hcount[i]);
+    kept.in_smem = block_reduce(fullest, Max(), sm.sc.u32) <= (unsigned int)kBinTokens;  // every bin sorts
+  }
+  if (kept.in_smem) {
+    float v = neg_inf();
+    int bv = -1, n_bv = 0;  // the bin v cuts (sorted in sm.u.c.bin) and its tokens >= v
+    if (use_k) {  // the (k - tokens above)-th token of the bin where the count reaches k
+      const int ck = crossing_bin<unsigned int>(kBins, [&](int b) { return sm.hcount[b]; }, (unsigned int)f.k,
+                                                sm.sc.u32, &sm.sc.result[1], &sm.sc.u32[31]);
+      const unsigned int above = sm.sc.u32[31];
+      __syncthreads();
+      if (ck >= 0) {
+        const int nb = sort_bin<LOGITS>(sm, n, ck);
+        v = entry_value(sm.u.c.bin[f.k - (int)above - 1]);
+        bv = ck, n_bv = bin_count_at_least(sm, nb, v);
+      }
+    }
+    if (use_p) {
+      double base = (double)total;
+      if (use_k && f.k_first) {  // the top-k set's mass: the bins above bv, then bin bv's kept part
+        double s = 0.0;
+        for (int b = threadIdx.x; b < kBins; b += blockDim.x) if (b > bv) s += bin_mass(sm, b);
+        base = block_reduce(s, Sum(), sm.sc.f64) + (bv >= 0 ? (double)sm.u.c.bin_cum[n_bv - 1] : 0.0);
+      }
+      const double target = (double)f.p * base;
+      const int cp = crossing_bin<double>(kBins, [&](int b) { return bin_mass(sm, b); }, target, sm.sc.f64,
+                                          &sm.sc.result[1], &sm.sc.f64[31]);
+      const double above = sm.sc.f64[31];
+      __syncthreads();
+      if (cp >= 0 && cp >= bv) {  // a cut at or above top-k's
+        const int nb = sort_bin<LOGITS>(sm, n, cp);
+        const float tp = entry_value(sm.u.c.bin[min(nb - 1, bin_first_cum<false>(sm, nb, (float)(target - above)))]);
+        if (tp >= v) v = tp, bv = cp, n_bv = bin_count_at_least(sm, nb, tp);
+      }
+    }
+    if (!LOGITS && f.use_min() && f.min_p * mx > v) {
+      v = f.min_p * mx;
+      bv = bin_of<false>(order_key(v));
+      n_bv = bin_count_at_least(sm, sort_bin<LOGITS>(sm, n, bv), v);
+    }
+    kept.v = v;
+    kept.bv = bv;
+    kept.n_bv = n_bv;
+    kept.above = kept.mass = 0.0;
+    if (!LOGITS) {  // the mass of the bins above bv, and the kept mass
+      double s = 0.0;
+      for (int b = threadIdx.x; b < kBins; b += blockDim.x) if (b > bv) s += bin_mass(sm, b);
+      kept.above = block_reduce(s, Sum(), sm.sc.f64);
+      kept.mass = kept.above + (bv >= 0 && n_bv > 0 ? (double)sm.u.c.bin_cum[n_bv - 1] : 0.0);
+    }
+    return kept;
+  }
+  // Too many candidates: exact radix selects over the row.
+  unsigned int v = 0;
+  if (use_k) {
+    v = radix_select<VEC, LOGITS>(row, false, (unsigned long long)f.k, 0.0, sm);
+    if (use_p && f.k_first) {  // top-p over the top-k set's exact mass
+      unsigned long long m = 0, mk;
+      row_pass<VEC, true>(row.nv, [&](int q) { return row.at(q); }, [&](int, const Vec<float, VEC>& x, bool) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) if (takes_part<LOGITS>(x[e]) && order_key(x[e]) >= v) m += fixed_mass(x[e]);
+      });
+      (void)block_exclusive_scan(m, sm.sc.u64, &mk);
+      unsigned long long t = (unsigned long long)((double)f.p * (double)mk);
+      v = max(v, radix_select<VEC, LOGITS>(row, true, t == 0 ? 1ull : t, 0.0, sm));
+    }
+  }
+  if (use_p && !(use_k && f.k_first)) v = max(v, radix_select<VEC, LOGITS>(row, true, 0ull, (double)f.p, sm));
+  kept.v = key_value(v);
+  if (!LOGITS && f.use_min()) kept.v = fmaxf(kept.v, f.min_p * mx);
+  kept.bv = -1;
+  kept.mass = kept.above = 0.0;
+  return kept;
+}
+
+// Inverse-CDF draw from a kept set in shared memory: the bin by a scan of the bins' exact masses from
+// the top, then the token within the bin's sorted tokens. Every thread must call it.
+__device__ int sample_in_smem(SelectSmem& sm, const Kept& kept, float u) {
+  const int n = sm.n_cand;
+  double rem = (double)u * kept.mass;
+  int b = kept.bv, limit;
+  if (rem < kept.above) {
+    b = crossing_bin<double, true>(kBins, [&](int i) { return i > kept.bv ? bin_mass(sm, i) : 0.0; }, rem,
+                                   sm.sc.f64, &sm.sc.result[1], &sm.sc.f64[31]);
+    rem -= sm.sc.f64[31];
+    __syncthreads();
+    if (b < 0) return -1;
+    limit = sort_bin<false>(sm, n, b);
+  } else {
+    rem -= kept.above;
+    if (b < 0) return -1;
+    sort_bin<false>(sm, n, b);
+    limit = kept.n_bv;
+  }
+  if (limit <= 0) return -1;
+  if (threadIdx.x == 0) sm.sc.result[0] = entry_token(sm.u.c.bin[min(limit - 1, bin_first_cum<true>(sm, limit, (float)rem))]);
+  __syncthreads();
+  return sm.sc.result[0];
+}
+
+// Pass 1 over probabilities: max, mass, and the histograms the filter needs.
+template <int VEC>
+__device__ void probs_pass1(RowIn<VEC> row, bool hist_count, bool hist_mass, int mass_shift, SelectSmem& sm,
+                            float* mx_out, float* total_out) {
+  if (hist_count || hist_mass) {
+    for (int i = threadIdx.x; i < kBins; i += blockDim.x) sm.hcount[i] = 0, sm.hmass[i] = 0;
+    __syncthreads();
+  }
+  float mx = 0.f, s = 0.f;
+  row_pass<VEC, false>(row.nv, [&](int v) { return row.at(v); }, [&](int, const Vec<float, VEC>& x, bool) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float y = x[e];
+      if (y > 0.f) {
+        mx = fmaxf(mx, y);
+        s += y;
+        const unsigned int u = __float_as_uint(y);
+        if (hist_count) atomicAdd(&sm.hcount[u >> 19], 1u);
+        if (hist_mass) atomicAdd(&sm.hmass[u >> 19], ((u & 0x7fffffu) | 0x800000u) >> mass_shift);
+      }
+    }
+  });
+  *mx_out = block_reduce(mx, Max(), sm.sc.f32);
+  *total_out = block_reduce(s, Sum(), sm.sc.f32);
+}
+
+// Mass truncation: 24-bit significands shifted right so that a bin's sum (<= vocab terms) fits 32 bits.
+__device__ __forceinline__ int mass_shift_for(int vocab) {
+  int s = 10;
+  while (((long long)vocab << (24 - s)) > 0xffffffffll) ++s;
+  return s;
+}
+
+template <int VEC>
+__device__ __forceinline__ RowIn<VEC> row_of(const float* base, long long row_stride, int row, int vocab) {
+  RowIn<VEC> r;
+  r.p = base + (long long)row * row_stride;
+  r.nv = vocab / VEC;
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+
+// A token per row from probs under the filters. A per-row array, when given, overrides the scalar.
+template <int VEC>
+__global__ void __launch_bounds__(kSampleThreads, 1) sample_from_probs_kernel(
+    const float* probs, long long row_stride, const int* row_indices, int vocab, const int* top_k_arr,
+    int top_k_val, const float* top_p_arr, float top_p_val, const float* min_p_arr, float min_p_val,
+    int top_k_first, unsigned long long seed, unsigned long long offset, int* out) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  SelectSmem& sm = *reinterpret_cast<SelectSmem*>(smem_raw);
+  pdl_begin();
+  const int r = blockIdx.x;
+  const RowIn<VEC> row = row_of<VEC>(probs, row_stride, row_indices != nullptr ? row_indices[r] : r, vocab);
+  Filter f;
+  f.k = top_k_arr != nullptr ? top_k_arr[r] : top_k_val;
+  f.p = top_p_arr != nullptr ? top_p_arr[r] : top_p_val;
+  f.min_p = min_p_arr != nullptr ? min_p_arr[r] : min_p_val;
+  f.k_first = top_k_first != 0;
+  const float u = uniform_co(row_random(seed, offset, r, 0).x);
+  const bool use_k = f.use_k(vocab), use_p = f.use_p();
+  int token;
+  if (!use_k && !use_p && !f.use_min()) {
+    token = stream_sample<VEC>([&](int v) {
+      Vec<float, VEC> x = row.at(v);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) if (!(x[e] > 0.f)) x.set(e, 0.f);
+      return x;
+    }, row.nv, u, sm.sc);
+  } else {
+    const int shift = mass_shift_for(vocab);
+    const bool hc = use_k, hm = use_p && !(use_k && f.k_first);
+    float mx, total;
+    probs_pass1<VEC>(row, hc, hm, shift, sm, &mx, &total);
+    Kept kept;
+    if (use_k || use_p) {
+      kept = select_kept<VEC, false>(row, vocab, f, mx, total, sm, hc, hm, shift);
+    } else {  // min-p alone: a second pass draws over the row
+      kept.in_smem = false;
+      kept.v = f.min_p * mx;
+    }
+    if (kept.in_smem) {
+      token = sample_in_smem(sm, kept, u);
+    } else {
+      const float v = kept.v;
+      token = stream_sample<VEC>([&](int q) {
+        Vec<float, VEC> x = row.at(q);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) if (!(x[e] > 0.f && x[e] >= v)) x.set(e, 0.f);
+        return x;
+      }, row.nv, u, sm.sc);
+    }
+  }
+  if (threadIdx.x == 0) out[r] = token < 0 ? 0 : token;
+}
+
+// Renormalised top-k / top-p probabilities: kept tokens scaled by 1 / (kept mass), the others 0.
+template <int VEC>
+__global__ void __launch_bounds__(kSampleThreads, 1) renorm_probs_kernel(
+    const float* probs, long long row_stride, int vocab, const int* top_k_arr, int top_k_val,
+    const float* top_p_arr, float top_p_val, float* out) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  SelectSmem& sm = *reinterpret_cast<SelectSmem*>(smem_raw);
+  pdl_begin();
+  const int r = blockIdx.x;
+  const RowIn<VEC> row = row_of<VEC>(probs, row_stride, r, vocab);
+  Filter f;
+  f.k = top_k_arr != nullptr ? top_k_arr[r] : top_k_val;
+  f.p = top_p_arr != nullptr ? top_p_arr[r] : top_p_val;
+  f.min_p = 0.f;
+  f.k_first = false;
+  const bool use_k = f.use_k(vocab), use_p = f.use_p();
+  const int shift = mass_shift_for(vocab);
+  float mx, total;
+  probs_pass1<VEC>(row, use_k, use_p, shift, sm, &mx, &total);
+  float v = 0.f, mass = total;
+  if (use_k || use_p) {
+    const Kept kept = select_kept<VEC, false>(row, vocab, f, mx, total, sm, use_k, use_p, shift);
+    v = kept.v;
+    if (kept.in_smem) {
+      mass = (float)kept.mass;
+    } else {
+      float s = 0.f;
+      row_pass<VEC, true>(row.nv, [&](int q) { return row.at(q); }, [&](int, const Vec<float, VEC>& x, bool) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) if (x[e] > 0.f && x[e] >= v) s += x[e];
+      });
+      mass = block_reduce(s, Sum(), sm.sc.f32);
+    }
+  }
+  const float inv = mass > 0.f ? __frcp_rn(mass) : 0.f;
+  float* orow = out + (long long)r * vocab;
+  row_pass<VEC, true>(row.nv, [&](int q) { return row.at(q); }, [&](int q, const Vec<float, VEC>& x, bool ok) {
+    Vec<float, VEC> o;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) o.set(e, (x[e] > 0.f && x[e] >= v) ? x[e] * inv : 0.f);
+    if (ok) o.store(orow + (long long)q * VEC);
+  });
+}
+
+// Logits outside the top-k set set to -inf (NaN logits too); the others copied.
+template <int VEC>
+__global__ void __launch_bounds__(kSampleThreads, 1) mask_logits_kernel(
+    const float* logits, long long row_stride, int vocab, const int* top_k_arr, int top_k_val, float* out) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  SelectSmem& sm = *reinterpret_cast<SelectSmem*>(smem_raw);
+  pdl_begin();
+  const int r = blockIdx.x;
+  const RowIn<VEC> row = row_of<VEC>(logits, row_stride, r, vocab);
+  Filter f;
+  f.k = top_k_arr != nullptr ? top_k_arr[r] : top_k_val;
+  f.p = 1.f;
+  f.min_p = 0.f;
+  f.k_first = false;
+  float v = neg_inf();
+  if (f.use_k(vocab)) {
+    for (int i = threadIdx.x; i < kBins; i += blockDim.x) sm.hcount[i] = 0;
+    __syncthreads();
+    row_pass<VEC, false>(row.nv, [&](int q) { return row.at(q); }, [&](int, const Vec<float, VEC>& x, bool) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) if (!isnan(x[e])) atomicAdd(&sm.hcount[bin_of<true>(order_key(x[e]))], 1u);
+    });
+    __syncthreads();
+    v = select_kept<VEC, true>(row, vocab, f, 0.f, 0.f, sm, true, false, 0).v;
+  }
+  float* orow = out + (long long)r * vocab;
+  const bool all = !f.use_k(vocab);
+  row_pass<VEC, true>(row.nv, [&](int q) { return row.at(q); }, [&](int q, const Vec<float, VEC>& x, bool ok) {
+    Vec<float, VEC> o;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) o.set(e, (all || x[e] >= v) && !isnan(x[e]) ? x[e] : neg_inf());
+    if (ok) o.store(orow + (long long)q * VEC);
+  });
+}
+
+// Chain speculative sampling (Leviathan et al. 2023; Chen et al. 2023), one CTA a request. Draft token i
+// is accepted when u_i * q_i(d_i) < p_i(d_i); at the first rejection j a token is drawn from
+// max(p_j - q_j, 0), and when all are accepted from p_n. out_ids gets the accepted drafts, the drawn
+// token and -1 after it; accepted[r] += drafts that pass on their own, emitted[r] += drafts emitted.
+template <int VEC>
+__global__ void __launch_bounds__(kSampleThreads, 1) chain_speculative_kernel(
+    const float* draft_probs, const int* draft_ids, const float* target_probs, int n_spec, int vocab,
+    unsigned long long seed, unsigned long long offset, int* out_ids, int* accepted, int* emitted) {
+  __shared__ SampleScratch sc;
+  pdl_begin();
+  const int r = blockIdx.x;
+  if (threadIdx.x == 0) {
+    int first_reject = n_spec, n_acc = 0;
+    for (int i = 0; i < n_spec; ++i) {
+      const int d = draft_ids[(long long)r * n_spec + i];
+      bool ok = false;
+      if (d >= 0 && d < vocab) {
+        const float q = draft_probs[((long long)r * n_spec + i) * vocab + d];
+        const float p = target_probs[((long long)r * (n_spec + 1) + i) * vocab + d];
+        ok = uniform_open(row_random(seed, offset, r, i).x) * q < p;
+      }
+      n_acc += ok;
+      if (!ok && first_reject == n_spec) first_reject = i;
+    }
+    sc.result[1] = first_reject;
+    accepted[r] += n_acc;
+    emitted[r] += first_reject;
+  }
+  __syncthreads();
+  const int j = sc.result[1];
+  int* orow = out_ids + (long long)r * (n_spec + 1);
+  for (int i = threadIdx.x; i <= n_spec; i += blockDim.x)
+    if (i < j) orow[i] = draft_ids[(long long)r * n_spec + i]; else if (i > j) orow[i] = -1;
+  const float u = uniform_co(row_random(seed, offset, r, j).y);
+  const RowIn<VEC> p = row_of<VEC>(target_probs, vocab, r * (n_spec + 1) + j, vocab);
+  int token = -1;
+  if (j < n_spec) {
+    const RowIn<VEC> q = row_of<VEC>(draft_probs, vocab, r * n_spec + j, vocab);
+    token = stream_sample<VEC>([&](int v) {
+      Vec<float, VEC> a = p.at(v), b = q.at(v);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) a.set(e, a[e] - b[e] > 0.f ? a[e] - b[e] : 0.f);
+      return a;
+    }, p.nv, u, sc);
+  }
+  if (token < 0)  // all drafts accepted, or p_j <= q_j everywhere (rounding): draw from p_j
+    token = stream_sample<VEC>([&](int v) {
+      Vec<float, VEC> a = p.at(v);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) if (!(a[e] > 0.f)) a.set(e, 0.f);
+      return a;
+    }, p.nv, u, sc);
+  if (threadIdx.x == 0) orow[j] = token < 0 ? 0 : token;
+}
+
+// Gumbel-max over logits: argmax_i logit_i - log(E_i), E_i ~ Exp(1) from Philox(seed, offset, row, i / 4).
+struct Best {  // largest key, lowest index on ties
   float key;
   int idx;
 };
@@ -60,214 +826,11 @@ __device__ __forceinline__ Best better(Best a, Best b) {
   return (b.key > a.key || (b.key == a.key && b.idx < a.idx)) ? b : a;
 }
 
-__device__ Best block_best(Best b, Best* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    Best other = {__shfl_xor_sync(0xffffffffu, b.key, o), __shfl_xor_sync(0xffffffffu, b.idx, o)};
-    b = better(b, other);
-  }
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = b;
-  __syncthreads();
-  b = scratch[threadIdx.x & 31];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    Best other = {__shfl_xor_sync(0xffffffffu, b.key, o), __shfl_xor_sync(0xffffffffu, b.idx, o)};
-    b = better(b, other);
-  }
-  return b;
-}
-
-__device__ float block_max(float x, float* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = x;
-  __syncthreads();
-  x = scratch[threadIdx.x & 31];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
-// Exclusive prefix sum over threads in thread order (every thread gets its own and the total).
-__device__ unsigned long long block_exclusive_scan(unsigned long long x, unsigned long long* scratch,
-                                                   unsigned long long* total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  unsigned long long inc = x;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const unsigned long long y = __shfl_up_sync(0xffffffffu, inc, o);
-    if (lane >= o) inc += y;
-  }
-  __syncthreads();
-  if (lane == 31) scratch[warp] = inc;
-  __syncthreads();
-  unsigned long long w = lane < 32 ? scratch[lane] : 0ull, winc = w;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const unsigned long long y = __shfl_up_sync(0xffffffffu, winc, o);
-    if (lane >= o) winc += y;
-  }
-  const unsigned long long warp_base = __shfl_sync(0xffffffffu, winc - w, warp);
-  *total = __shfl_sync(0xffffffffu, winc, 31);
-  return warp_base + inc - x;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Radix select
-
-struct SampleSmem {
-  unsigned int count0[kBins];          // level-0 histogram (top 11 bits): token counts
-  unsigned long long mass0[kBins];     // and fixed-point masses
-  unsigned long long work[kBins];      // levels 1-2: the weight being selected on
-  unsigned long long scan[32];
-  Best best[32];
-  float fscratch[32];
-  int found_bin;
-  unsigned long long found_above;
-};
-
-// The lowest bin b of h[0, nbins) with sum_{b' > b} h[b'] < target; *above gets that sum.
-// Every thread of the block must call it.
-template <typename H>
-__device__ int find_bin(const H* h, int nbins, unsigned long long target, SampleSmem& sm,
-                        unsigned long long* above) {
-  const int per = nbins / kSampleThreads;  // 1 or 2 bins a thread, highest bins first
-  const int b0 = nbins - 1 - threadIdx.x * per;
-  unsigned long long w = 0;
-  for (int j = 0; j < per; ++j) w += (unsigned long long)h[b0 - j];
-  unsigned long long total;
-  unsigned long long s = block_exclusive_scan(w, sm.scan, &total);  // mass of the bins above b0
-  if (threadIdx.x == 0) sm.found_bin = 0, sm.found_above = 0;
-  __syncthreads();
-  for (int j = 0; j < per; ++j) {
-    const unsigned long long hb = (unsigned long long)h[b0 - j];
-    if (s < target && (b0 - j == 0 || s + hb >= target)) {
-      sm.found_bin = b0 - j;
-      sm.found_above = s;
-    }
-    s += hb;
-  }
-  __syncthreads();
-  *above = sm.found_above;
-  return sm.found_bin;
-}
-
-// The smallest bit pattern v such that the weight (count, or mass) of the tokens with larger values is
-// below target. Levels 1 and 2 re-read the row, counting only the tokens of the boundary bin so far.
-template <int VEC>
-__device__ unsigned int radix_select(const float* row, int n, bool by_mass, unsigned long long target,
-                                     SampleSmem& sm) {
-  unsigned long long above;
-  const int b0 = by_mass ? find_bin(sm.mass0, kBins, target, sm, &above)
-                         : find_bin(sm.count0, kBins, target, sm, &above);
-  target -= above;
-  unsigned int prefix = (unsigned int)b0;
-  int shift = 21;
-  for (int level = 1; level <= 2; ++level) {
-    const int bits = level == 1 ? 11 : 10, nb = 1 << bits, hi_shift = shift;
-    shift -= bits;
-    for (int i = threadIdx.x; i < kBins; i += blockDim.x) sm.work[i] = 0;
-    __syncthreads();
-    for_each<VEC>(row, n, [&](int, float x) {
-      const unsigned int u = __float_as_uint(x);
-      if (x > 0.f && (u >> hi_shift) == prefix)
-        atomicAdd(&sm.work[(u >> shift) & (nb - 1)], by_mass ? to_mass(x) : 1ull);
-    });
-    __syncthreads();
-    const int b = find_bin(sm.work, nb, target, sm, &above);
-    target -= above;
-    prefix = (prefix << bits) | (unsigned int)b;
-  }
-  return prefix;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Kernels
-
-// top_k <= 0 or >= vocab: no top-k; top_p >= 1: no top-p; min_p <= 0: no min-p. A per-row array, when
-// given, overrides the scalar. top_k_first: top-p applies to the mass of the top-k set.
-template <int VEC>
-__global__ void __launch_bounds__(kSampleThreads, 1) sample_from_probs_kernel(
-    const float* probs, long long row_stride, const int* row_indices, int vocab, const int* top_k_arr,
-    int top_k_val, const float* top_p_arr, float top_p_val, const float* min_p_arr, float min_p_val,
-    int top_k_first, unsigned long long seed, unsigned long long offset, int* out) {
-  __shared__ SampleSmem sm;
-  pdl_begin();
-  const int r = blockIdx.x;
-  const int src = row_indices != nullptr ? row_indices[r] : r;
-  const float* row = probs + (long long)src * row_stride;
-  const int k = top_k_arr != nullptr ? top_k_arr[r] : top_k_val;
-  const float top_p = top_p_arr != nullptr ? top_p_arr[r] : top_p_val;
-  const float min_p = min_p_arr != nullptr ? min_p_arr[r] : min_p_val;
-  const bool use_k = k > 0 && k < vocab, use_p = top_p < 1.f, use_min = min_p > 0.f;
-
-  unsigned int v = 0;  // keep tokens whose bits are >= v (and whose probability is > 0)
-  if (use_k || use_p || use_min) {
-    for (int i = threadIdx.x; i < kBins; i += blockDim.x) sm.count0[i] = 0, sm.mass0[i] = 0;
-    __syncthreads();
-    float mx = 0.f;
-    for_each<VEC>(row, vocab, [&](int, float x) {
-      if (x > 0.f) {
-        const int bin = __float_as_uint(x) >> 21;
-        atomicAdd(&sm.count0[bin], 1u);
-        atomicAdd(&sm.mass0[bin], to_mass(x));
-        mx = fmaxf(mx, x);
-      }
-    });
-    mx = block_max(mx, sm.fscratch);
-    __syncthreads();
-    unsigned long long part = 0, kept_mass;
-    for (int i = threadIdx.x; i < kBins; i += blockDim.x) part += sm.mass0[i];
-    (void)block_exclusive_scan(part, sm.scan, &kept_mass);  // the row's mass
-    if (use_k) {
-      const unsigned int vk = radix_select<VEC>(row, vocab, false, (unsigned long long)k, sm);
-      v = max(v, vk);
-      if (top_k_first) {  // mass of the top-k set, exactly: one pass
-        unsigned long long m = 0;
-        for_each<VEC>(row, vocab, [&](int, float x) { if (x > 0.f && __float_as_uint(x) >= vk) m += to_mass(x); });
-        unsigned long long t;
-        (void)block_exclusive_scan(m, sm.scan, &t);
-        kept_mass = t;
-      }
-    }
-    if (use_p) {
-      unsigned long long target = (unsigned long long)((double)top_p * (double)kept_mass);
-      if (target == 0) target = 1;
-      v = max(v, radix_select<VEC>(row, vocab, true, target, sm));
-    }
-    if (use_min) v = max(v, __float_as_uint(min_p * mx));
-  }
-  // The race over the kept tokens.
-  Best best = {-1.f, vocab};
-  for (int q = threadIdx.x; q < (vocab + 3) / 4; q += blockDim.x) {
-    const uint4 rnd = row_random(seed, offset, r, q);
-    float x4[4];
-    if (VEC == 4) {
-      Vec<float, 4> x;
-      x.load(row + q * 4);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) x4[e] = x[e];
-    } else {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) x4[e] = q * 4 + e < vocab ? row[q * 4 + e] : 0.f;
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float x = x4[e];
-      if (x > 0.f && __float_as_uint(x) >= v) best = better(best, Best{x / exp_variate(rnd, e), q * 4 + e});
-    }
-  }
-  best = block_best(best, sm.best);
-  if (threadIdx.x == 0) out[r] = best.idx < vocab ? best.idx : 0;
-}
-
-// Gumbel-max over logits: argmax_i logit_i - log(E_i).
 __global__ void __launch_bounds__(kSampleThreads, 1) sample_from_logits_kernel(
     const float* logits, long long row_stride, const int* row_indices, int vocab, unsigned long long seed,
     unsigned long long offset, int* out) {
-  __shared__ Best scratch[32];
+  __shared__ float keys[32];
+  __shared__ int idxs[32];
   pdl_begin();
   const int r = blockIdx.x;
   const float* row = logits + (long long)(row_indices != nullptr ? row_indices[r] : r) * row_stride;
@@ -277,10 +840,19 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sample_from_logits_kernel(
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = q * 4 + e;
-      if (i < vocab) best = better(best, Best{row[i] - logf(exp_variate(rnd, e)), i});
+      const unsigned int bits = e == 0 ? rnd.x : e == 1 ? rnd.y : e == 2 ? rnd.z : rnd.w;
+      if (i < vocab) best = better(best, Best{row[i] - logf(-logf(uniform_open(bits))), i});
     }
   }
-  best = block_best(best, scratch);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    best = better(best, Best{__shfl_xor_sync(0xffffffffu, best.key, o), __shfl_xor_sync(0xffffffffu, best.idx, o)});
+  if ((threadIdx.x & 31) == 0) keys[threadIdx.x >> 5] = best.key, idxs[threadIdx.x >> 5] = best.idx;
+  __syncthreads();
+  best = Best{keys[threadIdx.x & 31], idxs[threadIdx.x & 31]};
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    best = better(best, Best{__shfl_xor_sync(0xffffffffu, best.key, o), __shfl_xor_sync(0xffffffffu, best.idx, o)});
   if (threadIdx.x == 0) out[r] = best.idx < vocab ? best.idx : 0;
 }
 
@@ -292,35 +864,34 @@ __global__ void __launch_bounds__(kSampleThreads, 1) softmax_kernel(const float*
   __shared__ float fs[32];
   pdl_begin();
   const int r = blockIdx.x;
-  const float* row = logits + (long long)r * row_stride;
+  const RowIn<VEC> row = row_of<VEC>(logits, row_stride, r, vocab);
   const float t = temp_arr != nullptr ? temp_arr[r] : temp_val;
   const float scale = FIC_LOG2E / t;
   float m = neg_inf(), s = 0.f;
-  for_each<VEC>(row, vocab, [&](int, float x) {
-    const float y = x * scale;
-    if (y > m) {
-      s = s * ptx_exp2(m - y) + 1.f;
-      m = y;
-    } else {
-      s += ptx_exp2(y - m);
+  row_pass<VEC, false>(row.nv, [&](int v) { return row.at(v); }, [&](int, const Vec<float, VEC>& x, bool ok) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float y = x[e] * scale;
+      if (!ok) continue;
+      if (y > m) {
+        s = s * ptx_exp2(m - y) + 1.f;
+        m = y;
+      } else {
+        s += ptx_exp2(y - m);
+      }
     }
   });
-  const float gm = block_max(m, fs);
+  const float gm = block_reduce(m, Max(), fs);
   s = m == neg_inf() ? 0.f : s * ptx_exp2(m - gm);
-  s = warp_sum(s);
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) fs[threadIdx.x >> 5] = s;
-  __syncthreads();
-  s = warp_sum(fs[threadIdx.x & 31]);
+  s = block_reduce(s, Sum(), fs);
   const float inv = __frcp_rn(s);
   float* orow = probs + (long long)r * vocab;
-  for (int v = threadIdx.x; v < vocab / VEC; v += blockDim.x) {
-    Vec<float, VEC> x, o;
-    x.load(row + v * VEC);
+  row_pass<VEC, true>(row.nv, [&](int v) { return row.at(v); }, [&](int v, const Vec<float, VEC>& x, bool ok) {
+    Vec<float, VEC> o;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) o.set(e, ptx_exp2(x[e] * scale - gm) * inv);
-    o.store(orow + v * VEC);
-  }
+    if (ok) o.store(orow + (long long)v * VEC);
+  });
 }
 
 }  // namespace fic

@@ -21,8 +21,9 @@ from .decode import BatchDecodeWithPagedKVCacheWrapper, single_decode_with_kv_ca
 from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, layernorm, rmsnorm  # noqa: E402
 from .page import append_paged_kv_cache, get_batch_indices_positions, get_seq_lens  # noqa: E402
 from .sampling import (  # noqa: E402
-    min_p_sampling_from_probs, sampling_from_logits, sampling_from_probs, softmax, top_k_sampling_from_probs,
-    top_k_top_p_sampling_from_logits, top_k_top_p_sampling_from_probs, top_p_sampling_from_probs)
+    chain_speculative_sampling, min_p_sampling_from_probs, sampling_from_logits, sampling_from_probs, softmax,
+    top_k_mask_logits, top_k_renorm_probs, top_k_sampling_from_probs, top_k_top_p_sampling_from_logits,
+    top_k_top_p_sampling_from_probs, top_p_renorm_probs, top_p_sampling_from_probs)
 from .rope import (  # noqa: E402
     apply_llama31_rope, apply_llama31_rope_inplace, apply_llama31_rope_pos_ids, apply_llama31_rope_pos_ids_inplace,
     apply_rope, apply_rope_inplace, apply_rope_pos_ids, apply_rope_pos_ids_inplace, apply_rope_with_cos_sin_cache,
@@ -41,7 +42,8 @@ __all__ = [
     "merge_state", "merge_state_in_place", "merge_states",
     "softmax", "sampling_from_probs", "sampling_from_logits", "top_p_sampling_from_probs",
     "top_k_sampling_from_probs", "min_p_sampling_from_probs", "top_k_top_p_sampling_from_probs",
-    "top_k_top_p_sampling_from_logits",
+    "top_k_top_p_sampling_from_logits", "top_p_renorm_probs", "top_k_renorm_probs", "top_k_mask_logits",
+    "chain_speculative_sampling",
     "KernelCompileError",
     "CudaEnvironmentError",
 ]

@@ -238,3 +238,37 @@ def filtered_distribution(p, top_k=None, top_p=None, min_p=None, order: str = "t
         keep &= min_p_mask(p, min_p)
     q = np.where(keep, p, 0.0)
     return q / q.sum()
+
+
+def top_k_mask_logits(x, k: int) -> np.ndarray:
+    """Logits outside the top-k set (fewer than k larger; NaN never kept) set to -inf."""
+    x = np.asarray(x, np.float64)
+    if k <= 0 or k >= x.size:
+        return np.where(np.isnan(x), -np.inf, x)
+    srt = np.sort(x[~np.isnan(x)])
+    larger = srt.size - np.searchsorted(srt, x, side="right")
+    return np.where((larger < k) & ~np.isnan(x), x, -np.inf)
+
+
+def chain_speculative_distribution(draft_probs, draft_ids, target_probs) -> dict:
+    """Exact law of one request's chain speculative step: {(emitted drafts j, token at j): probability}.
+    Draft i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection j the token
+    follows max(p_j - q_j, 0) renormalised; with all n accepted, p_n."""
+    q = np.asarray(draft_probs, np.float64)
+    p = np.asarray(target_probs, np.float64)
+    n = q.shape[0]
+    law, reach = {}, 1.0  # reach: probability that drafts 0..j-1 were all accepted
+    for j in range(n + 1):
+        if j < n:
+            d = int(draft_ids[j])
+            acc = 1.0 if q[j, d] <= 0 and p[j, d] > 0 else min(1.0, p[j, d] / q[j, d]) if q[j, d] > 0 else 0.0
+            resid = np.maximum(p[j] - q[j], 0.0)
+            resid = resid / resid.sum() if resid.sum() > 0 else p[j] / p[j].sum()
+            for t in np.nonzero(resid)[0]:
+                law[(j, int(t))] = law.get((j, int(t)), 0.0) + reach * (1 - acc) * resid[t]
+            reach *= acc
+        else:
+            bonus = p[n] / p[n].sum()
+            for t in np.nonzero(bonus)[0]:
+                law[(n, int(t))] = law.get((n, int(t)), 0.0) + reach * bonus[t]
+    return law

@@ -46,21 +46,30 @@ class Generator:
 default_generator = Generator()
 
 
+SELECT_SMEM = 162 * 1024  # kSelectSmemBytes: histograms and the sorted candidates of the select kernels
+# (kernel, vectorised template arguments or None for a kernel without one)
+_KERNELS = (("sample_from_probs_kernel", True), ("renorm_probs_kernel", True), ("mask_logits_kernel", True),
+            ("chain_speculative_kernel", True), ("softmax_kernel", True), ("sample_from_logits_kernel", False))
+
+
 def sampling_program() -> Program:
-    return Program("sampling.cu", (KernelSpec("fic::sample_from_probs_kernel", (4,)),
-                                   KernelSpec("fic::sample_from_probs_kernel", (1,)),
-                                   KernelSpec("fic::sample_from_logits_kernel", ()),
-                                   KernelSpec("fic::softmax_kernel", (4,)),
-                                   KernelSpec("fic::softmax_kernel", (1,))))
+    specs = []
+    for name, vec in _KERNELS:
+        specs += [KernelSpec(f"fic::{name}", (v,)) for v in (4, 1)] if vec else [KernelSpec(f"fic::{name}", ())]
+    return Program("sampling.cu", tuple(specs))
 
 
 def all_programs() -> list:
     return [sampling_program()]
 
 
-def _fn(device: int, index: int):
-    return kernels.cached_function(device, ("sampling", index),
-                                   lambda: (sampling_program(), sampling_program().kernels[index]))
+def _fn(device: int, name: str, vec: int = 0):
+    """The loaded kernel `name` (16-byte loads when vec == 4)."""
+    def build():
+        prog = sampling_program()
+        targs = (vec,) if vec else ()
+        return prog, next(k for k in prog.kernels if k.kernel == f"fic::{name}" and k.targs == targs)
+    return kernels.cached_function(device, ("sampling", name, vec), build)
 
 
 def _host(c: Call, info, name: str) -> np.ndarray:
@@ -131,6 +140,20 @@ def _seed(generator, seed, offset) -> tuple:
     return g.draw()
 
 
+def _check_top_p(c: Call, p_arr, p_val) -> None:
+    if p_val is not None and not 0.0 < float(p_val) <= 1.0:
+        raise ValueError(f"top_p: must lie in (0, 1], got {p_val}")
+    if p_arr is not None and not streams.is_capturing(c.stream):
+        h = _host(c, p_arr, "top_p")
+        if not np.all((h > 0) & (h <= 1)):
+            raise ValueError(f"top_p: entries must lie in (0, 1], got {h.min()}..{h.max()}")
+
+
+def _check_top_k(k_val) -> None:
+    if k_val is not None and (isinstance(k_val, bool) or not isinstance(k_val, (int, np.integer))):
+        raise TypeError(f"top_k: expected an int or an int32 array, got {k_val!r}")
+
+
 def _sample_probs(probs, indices, top_k, top_p, min_p, top_k_first, generator, seed, offset, check_nan,
                   enable_pdl, stream):
     c = Call(probs, stream, enable_pdl)
@@ -140,26 +163,19 @@ def _sample_probs(probs, indices, top_k, top_p, min_p, top_k_first, generator, s
     k_arr, k_val = _param(c, top_k, "top_k", batch, "int")
     p_arr, p_val = _param(c, top_p, "top_p", batch, "float")
     m_arr, m_val = _param(c, min_p, "min_p", batch, "float")
-    if p_val is not None and not 0.0 < float(p_val) <= 1.0:
-        raise ValueError(f"top_p: must lie in (0, 1], got {p_val}")
+    _check_top_k(k_val)
+    _check_top_p(c, p_arr, p_val)
     if m_val is not None and not 0.0 <= float(m_val) <= 1.0:
         raise ValueError(f"min_p: must lie in [0, 1], got {m_val}")
-    if k_val is not None and (isinstance(k_val, bool) or not isinstance(k_val, (int, np.integer))):
-        raise TypeError(f"top_k: expected an int or an int32 array, got {k_val!r}")
-    if not streams.is_capturing(c.stream):
-        if p_arr is not None:
-            h = _host(c, p_arr, "top_p")
-            if not np.all((h > 0) & (h <= 1)):
-                raise ValueError(f"top_p: entries must lie in (0, 1], got {h.min()}..{h.max()}")
-        if check_nan:
-            _check_nan(c, p)
+    if check_nan and not streams.is_capturing(c.stream):
+        _check_nan(c, p)
     s, o = _seed(generator, seed, offset)
     out_obj, out = c.new((batch,), dt.int32, "samples")
     if batch and vocab:
-        c.launch(_fn(c.device, 0 if _vec(p) == 4 else 1), (batch,), (THREADS,), [
+        c.launch(_fn(c.device, "sample_from_probs_kernel", _vec(p)), (batch,), (THREADS,), [
             ptr(p), i64(p.strides[0]), ptr(ix), i32(vocab), ptr(k_arr), i32(0 if k_val is None else k_val),
             ptr(p_arr), f32(1.0 if p_val is None else p_val), ptr(m_arr), f32(0.0 if m_val is None else m_val),
-            i32(1 if top_k_first else 0), np.uint64(s), np.uint64(o), ptr(out)])
+            i32(1 if top_k_first else 0), np.uint64(s), np.uint64(o), ptr(out)], smem=SELECT_SMEM)
     return c.result(out_obj)
 
 
@@ -208,7 +224,7 @@ def sampling_from_logits(logits, indices=None, deterministic: bool = True, gener
     s, o = _seed(generator, seed, offset)
     out_obj, out = c.new((batch,), dt.int32, "samples")
     if batch and x.shape[1]:
-        c.launch(_fn(c.device, 2), (batch,), (THREADS,), [
+        c.launch(_fn(c.device, "sample_from_logits_kernel"), (batch,), (THREADS,), [
             ptr(x), i64(x.strides[0]), ptr(ix), i32(x.shape[1]), np.uint64(s), np.uint64(o), ptr(out)])
     return c.result(out_obj)
 
@@ -223,7 +239,7 @@ def softmax(logits, temperature=None, enable_pdl=None, stream=None):
         raise ValueError(f"temperature: must be > 0, got {t_val}")
     out_obj, o = c.new((batch, vocab), dt.float32, "probs")
     if batch and vocab:
-        c.launch(_fn(c.device, 3 if _vec(x) == 4 else 4), (batch,), (THREADS,), [
+        c.launch(_fn(c.device, "softmax_kernel", _vec(x)), (batch,), (THREADS,), [
             ptr(x), i64(x.strides[0]), i32(vocab), ptr(t_arr), f32(1.0 if t_val is None else t_val), ptr(o)])
     return c.result(out_obj)
 
@@ -235,3 +251,98 @@ def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_
     probs = softmax(logits, enable_pdl=enable_pdl, stream=stream)
     return top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices, filter_apply_order, deterministic,
                                            generator, check_nan, seed, offset, enable_pdl, stream)
+
+
+def _renorm(probs, top_k, top_p, enable_pdl, stream):
+    c = Call(probs, stream, enable_pdl)
+    p = _matrix(c, probs, "probs")
+    batch, vocab = p.shape
+    k_arr, k_val = _param(c, top_k, "top_k", batch, "int")
+    p_arr, p_val = _param(c, top_p, "top_p", batch, "float")
+    _check_top_k(k_val)
+    _check_top_p(c, p_arr, p_val)
+    out_obj, o = c.new((batch, vocab), dt.float32, "renorm_probs")
+    if batch and vocab:
+        vec = _vec(p)
+        c.launch(_fn(c.device, "renorm_probs_kernel", vec), (batch,), (THREADS,), [
+            ptr(p), i64(p.strides[0]), i32(vocab), ptr(k_arr), i32(0 if k_val is None else k_val), ptr(p_arr),
+            f32(1.0 if p_val is None else p_val), ptr(o)], smem=SELECT_SMEM)
+    return c.result(out_obj)
+
+
+def top_p_renorm_probs(probs, top_p, enable_pdl=None, stream=None):
+    """probs with the tokens outside the top-p set zeroed and the rest scaled to sum to 1."""
+    return _renorm(probs, None, top_p, enable_pdl, stream)
+
+
+def top_k_renorm_probs(probs, top_k, enable_pdl=None, stream=None):
+    """probs with the tokens outside the top-k set (ties at the boundary kept) zeroed, the rest scaled to
+    sum to 1."""
+    return _renorm(probs, top_k, None, enable_pdl, stream)
+
+
+def top_k_mask_logits(logits, top_k, enable_pdl=None, stream=None):
+    """logits with the tokens outside the top-k set (ties at the boundary kept) set to -inf."""
+    c = Call(logits, stream, enable_pdl)
+    x = _matrix(c, logits, "logits")
+    batch, vocab = x.shape
+    k_arr, k_val = _param(c, top_k, "top_k", batch, "int")
+    _check_top_k(k_val)
+    out_obj, o = c.new((batch, vocab), dt.float32, "masked_logits")
+    if batch and vocab:
+        c.launch(_fn(c.device, "mask_logits_kernel", _vec(x)), (batch,), (THREADS,), [
+            ptr(x), i64(x.strides[0]), i32(vocab), ptr(k_arr), i32(0 if k_val is None else k_val), ptr(o)],
+            smem=SELECT_SMEM)
+    return c.result(out_obj)
+
+
+def _counter(c: Call, given, batch: int, name: str):
+    """(object, ArrayInfo) of an int32 (batch,) counter the kernel adds to: `given` (a copy for an
+    immutable caller's array), or new zeros."""
+    if given is None:
+        return c.zeros((batch,), dt.int32, name)
+    info = c.arg(given, name)
+    checks.dtype_in(info, (dt.int32,), f" ({name})")
+    checks.shape(info, (batch,), "(batch_size,)")
+    checks.contiguous(info)
+    if not c.writable(info):
+        return c.copy_of(info, "(it is copied, JAX arrays being immutable)")
+    return given, info
+
+
+def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe_output_accepted_token_num=None,
+                               maybe_output_emitted_draft_token_num=None, deterministic: bool = True,
+                               generator=None, seed=None, offset=None, enable_pdl=None, stream=None):
+    """Speculative sampling over a chain of drafts (see chain_speculative_kernel in sampling.cu).
+
+    draft_probs (batch, n, vocab) float32, draft_token_ids (batch, n) int32, target_probs
+    (batch, n + 1, vocab) float32, all contiguous. Returns (output_token_ids (batch, n + 1) int32 with
+    -1 after the first rejection, output_accepted_token_num, output_emitted_draft_token_num): the counts
+    are added to the given arrays (updated in place; for JAX, to copies) or to new zeros."""
+    c = Call(draft_probs, stream, enable_pdl)
+    q = c.arg(draft_probs, "draft_probs")
+    ids = c.arg(draft_token_ids, "draft_token_ids")
+    p = c.arg(target_probs, "target_probs")
+    checks.dtype_in(q, (dt.float32,))
+    checks.dtype_in(p, (dt.float32,))
+    checks.dtype_in(ids, (dt.int32,))
+    checks.ndim(q, 3, "(batch_size, num_speculate_tokens, vocab_size)")
+    batch, n, vocab = q.shape
+    checks.shape(ids, (batch, n), "(batch_size, num_speculate_tokens)")
+    checks.shape(p, (batch, n + 1, vocab), "(batch_size, num_speculate_tokens + 1, vocab_size)")
+    for info in (q, ids, p):
+        checks.contiguous(info)
+    if ids.size and not streams.is_capturing(c.stream):
+        h = _host(c, ids, "draft_token_ids")
+        if h.min() < 0 or h.max() >= vocab:
+            raise ValueError(f"draft_token_ids: entries must lie in [0, {vocab}), got {int(h.min())}..{int(h.max())}")
+    acc_obj, acc = _counter(c, maybe_output_accepted_token_num, batch, "maybe_output_accepted_token_num")
+    emi_obj, emi = _counter(c, maybe_output_emitted_draft_token_num, batch, "maybe_output_emitted_draft_token_num")
+    s, o = _seed(generator, seed, offset)
+    out_obj, out = c.new((batch, n + 1), dt.int32, "output_token_ids")
+    if batch and vocab:
+        vec = 4 if vocab % 4 == 0 and q.ptr % 16 == 0 and p.ptr % 16 == 0 else 1
+        c.launch(_fn(c.device, "chain_speculative_kernel", vec), (batch,), (THREADS,), [
+            ptr(q), ptr(ids), ptr(p), i32(n), i32(vocab), np.uint64(s), np.uint64(o), ptr(out), ptr(acc),
+            ptr(emi)])
+    return c.result(out_obj, acc_obj, emi_obj)

@@ -132,3 +132,152 @@ def test_bad_input():
     q[1, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         sampling.sampling_from_probs(q, check_nan=True)
+
+
+def _shared_rows(p):
+    """N draws from one (1, vocab) row through `indices`: a large vocabulary at the memory of one row."""
+    return (torch.as_tensor(np.asarray(p, np.float32)[None], device="cuda"),
+            torch.zeros(N, dtype=torch.int32, device="cuda"))
+
+
+def _embedded(vocab, rest_mass):
+    """P's 10 tokens at spread positions of a vocab, the other tokens sharing rest_mass equally."""
+    rng = np.random.default_rng(vocab)
+    pos = rng.choice(vocab, P.size, replace=False)
+    p = np.full(vocab, rest_mass / (vocab - P.size))
+    p[pos] = P * (1 - rest_mass)
+    return p, pos
+
+
+def _cells(got, pos, vocab):
+    """Counts over P's positions plus one cell for every other token."""
+    where = np.full(vocab, P.size)
+    where[pos] = np.arange(P.size)
+    return np.bincount(where[got], minlength=P.size + 1)
+
+
+@pytest.mark.parametrize("name,kw,ref,rest", [
+    ("sampling_from_probs", {}, {}, 0.01),
+    ("top_p_sampling_from_probs", {"top_p": 0.6}, {"top_p": 0.6}, 0.01),
+    ("top_k_sampling_from_probs", {"top_k": 4}, {"top_k": 4}, 0.01),
+    ("min_p_sampling_from_probs", {"min_p": 0.3}, {"min_p": 0.3}, 0.01),
+    ("top_k_top_p_sampling_from_probs", {"top_k": 5, "top_p": 0.7}, {"top_k": 5, "top_p": 0.7}, 0.01),
+    # Flat tails hold 45% of the mass in ~40k tied tokens: more candidates than shared memory takes,
+    # so the exact radix select decides; ties at the boundary are all kept.
+    ("top_p_sampling_from_probs", {"top_p": 0.9}, {"top_p": 0.9}, 0.45),
+    ("top_k_sampling_from_probs", {"top_k": 12}, {"top_k": 12}, 0.45),
+    ("top_k_top_p_sampling_from_probs", {"top_k": 12, "top_p": 0.9, "filter_apply_order": "joint"},
+     {"top_k": 12, "top_p": 0.9, "order": "joint"}, 0.45),
+])
+def test_chi_square_large_vocab(name, kw, ref, rest):
+    vocab = 40000  # 10 vectors of 4 a thread: the scans, rescans and gathers over many tiles
+    p, pos = _embedded(vocab, rest)
+    q = reference.filtered_distribution(p, **ref)
+    probs, idx = _shared_rows(p)
+    got = getattr(sampling, name)(probs, indices=idx, seed=77, offset=1, **kw).cpu().numpy()
+    assert got.min() >= 0 and got.max() < vocab and np.all(q[got] > 0)
+    qc = np.append(q[pos], q.sum() - q[pos].sum())
+    stat, crit = _chi2_ok(_cells(got, pos, vocab), qc, N)
+    assert stat < crit, f"chi-square {stat:.1f} >= {crit:.1f}"
+
+
+@pytest.mark.parametrize("vocab", [128256, 151936, 1003])
+def test_renorm_probs(vocab):
+    rng = np.random.default_rng(vocab)
+    probs = rng.dirichlet(np.full(vocab, 0.05), size=6).astype(np.float32)
+    probs[5] = 1.0 / vocab  # all tied: ties at the boundary are kept, so nothing is cut
+    pt = torch.as_tensor(probs, device="cuda")
+    pn = probs.astype(np.float64)
+    ks = np.array([1, 50, 1000, 9000, 0, 7], np.int32)
+    ps = np.array([0.05, 0.5, 0.9, 0.99, 1.0, 0.3], np.float32)
+    for name, arg, ref in [
+            ("top_k_renorm_probs", torch.as_tensor(ks, device="cuda"), lambda r: {"top_k": int(ks[r])}),
+            ("top_p_renorm_probs", torch.as_tensor(ps, device="cuda"), lambda r: {"top_p": float(ps[r])}),
+            ("top_k_renorm_probs", 20, lambda r: {"top_k": 20}),
+            ("top_p_renorm_probs", 0.8, lambda r: {"top_p": 0.8})]:
+        got = getattr(sampling, name)(pt, arg).cpu().numpy()
+        for r in range(6):
+            want = reference.filtered_distribution(pn[r], **ref(r))
+            np.testing.assert_allclose(got[r], want, rtol=1e-5, atol=1e-9, err_msg=f"{name} row {r}")
+            assert abs(got[r].sum() - 1) < 1e-4
+
+
+def test_top_k_mask_logits():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 50000)).astype(np.float32) * 5
+    x[1, :] = np.round(x[1, :])  # many ties
+    x[2, 7] = np.nan
+    x[3, :] = -3.0
+    ks = np.array([1, 100, 5000, 20000, 50000], np.int32)
+    got = sampling.top_k_mask_logits(torch.as_tensor(x, device="cuda"),
+                                     torch.as_tensor(ks, device="cuda")).cpu().numpy()
+    for r in range(5):
+        np.testing.assert_array_equal(got[r], reference.top_k_mask_logits(x[r], int(ks[r])).astype(np.float32))
+
+
+def test_chain_speculative_sampling_law():
+    rng = np.random.default_rng(5)
+    vocab, n = 12, 3
+    q = rng.dirichlet(np.ones(vocab), size=n)
+    p = rng.dirichlet(np.ones(vocab), size=n + 1)
+    ids = np.array([int(np.argmax(q[i])) for i in range(n)], np.int32)
+    law = reference.chain_speculative_distribution(q, ids, p)
+    rows = 40000
+    qt = torch.as_tensor(np.tile(q.astype(np.float32), (rows, 1, 1)), device="cuda")
+    pt = torch.as_tensor(np.tile(p.astype(np.float32), (rows, 1, 1)), device="cuda")
+    it = torch.as_tensor(np.tile(ids, (rows, 1)), device="cuda")
+    out, acc, emitted = sampling.chain_speculative_sampling(qt, it, pt, seed=3, offset=0)
+    out, acc, emitted = out.cpu().numpy(), acc.cpu().numpy(), emitted.cpu().numpy()
+    for r in range(0, rows, 997):  # accepted prefix, the drawn token, then -1
+        j = emitted[r]
+        assert np.array_equal(out[r, :j], ids[:j]) and np.all(out[r, j + 1:] == -1) and 0 <= out[r, j] < vocab
+    cells = sorted(law)
+    index = {c: i for i, c in enumerate(cells)}
+    outcome = [index.get((int(j), int(out[r, j])), -1) for r, j in enumerate(emitted)]
+    assert min(outcome) >= 0, "an outcome of probability 0"
+    stat, crit = _chi2_ok(np.bincount(outcome, minlength=len(cells)), np.array([law[c] for c in cells]), rows)
+    assert stat < crit, f"chi-square {stat:.1f} >= {crit:.1f}"
+    # Independent acceptance counts: each draft passes with probability min(1, p/q).
+    rate = sum(min(1.0, p[i, ids[i]] / q[i, ids[i]]) for i in range(n))
+    assert abs(acc.mean() - rate) < 5 * np.sqrt(n * 0.25 / rows)
+
+
+def test_chain_speculative_sampling_edges_and_counters():
+    vocab, n, b = 1000, 4, 3
+    rng = np.random.default_rng(9)
+    q = rng.dirichlet(np.ones(vocab), size=(b, n)).astype(np.float32)
+    ids = rng.integers(0, vocab, (b, n)).astype(np.int32)
+    p = np.concatenate([q, rng.dirichlet(np.ones(vocab), size=(b, 1)).astype(np.float32)], axis=1)
+    p[1, 0, ids[1, 0]] = 0.0  # request 1: draft 0 is always rejected (p renormalised: a residual remains)
+    p[1, 0] /= p[1, 0].sum()
+    acc0 = torch.tensor([10, 20, 30], dtype=torch.int32, device="cuda")
+    emi0 = torch.tensor([1, 1, 1], dtype=torch.int32, device="cuda")
+    out, acc, emi = sampling.chain_speculative_sampling(
+        torch.as_tensor(q, device="cuda"), torch.as_tensor(ids, device="cuda"), torch.as_tensor(p, device="cuda"),
+        acc0, emi0, seed=1)
+    out = out.cpu().numpy()
+    assert acc is acc0 and emi is emi0  # updated in place, as FlashInfer does
+    assert list(emi.cpu().numpy()) == [1 + n, 1, 1 + n] and list(acc.cpu().numpy()) == [10 + n, 20 + n - 1, 30 + n]
+    assert np.array_equal(out[0, :n], ids[0]) and np.array_equal(out[2, :n], ids[2])  # p == q: all accepted
+    assert out[1, 0] != ids[1, 0] and np.all(out[1, 1:] == -1)
+    resid = np.maximum(p[1, 0] - q[1, 0], 0)
+    assert resid[out[1, 0]] > 0
+
+
+def test_new_ops_bad_input():
+    p = torch.rand((4, 64), device="cuda")
+    with pytest.raises(ValueError, match="top_p"):
+        sampling.top_p_renorm_probs(p, 0.0)
+    with pytest.raises(TypeError, match="top_k"):
+        sampling.top_k_renorm_probs(p, 2.5)
+    with pytest.raises(ValueError, match="top_k: expected shape"):
+        sampling.top_k_mask_logits(p, torch.ones(5, dtype=torch.int32, device="cuda"))
+    q = torch.rand((2, 3, 64), device="cuda")
+    ids = torch.zeros((2, 3), dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="target_probs: expected shape"):
+        sampling.chain_speculative_sampling(q, ids, torch.rand((2, 3, 64), device="cuda"))
+    with pytest.raises(ValueError, match="draft_token_ids: entries"):
+        sampling.chain_speculative_sampling(q, ids + 64, torch.rand((2, 4, 64), device="cuda"))
+    with pytest.raises(TypeError, match="maybe_output_accepted_token_num"):
+        sampling.chain_speculative_sampling(q, ids, torch.rand((2, 4, 64), device="cuda"),
+                                            torch.zeros(2, dtype=torch.int64, device="cuda"))

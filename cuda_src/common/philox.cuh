@@ -22,4 +22,9 @@ __device__ __forceinline__ float uniform_open(unsigned int x) {
   return ((float)(x >> 8) + 0.5f) * 5.9604644775390625e-8f;
 }
 
+// A uniform float in [0, 1) from 24 random bits (inverse-CDF targets must stay below the total).
+__device__ __forceinline__ float uniform_co(unsigned int x) {
+  return (float)(x >> 8) * 5.9604644775390625e-8f;
+}
+
 }  // namespace fic

@@ -61,6 +61,14 @@ class Call:
         self.infos.append(info)
         return obj, info
 
+    def zeros(self, shape, dtype, name: str = "out"):
+        """new() filled with zero bytes on this call's stream."""
+        from cupy.cuda import runtime
+        obj, info = self.new(shape, dtype, name)
+        if info.nbytes:
+            runtime.memsetAsync(info.ptr, 0, info.nbytes, self.stream)
+        return obj, info
+
     def copy_of(self, info: ArrayInfo, why: str):
         """(object, ArrayInfo) of a new array holding a copy of contiguous `info`, queued on this
         call's stream: the writable stand-in for an immutable (JAX) input. `why` ends the error
