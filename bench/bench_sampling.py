@@ -29,6 +29,7 @@ def torch_top_p(torch, probs, top_p):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,32,128,512")
+    ap.add_argument("--only", default="", help="comma-separated prefixes of the ops to time")
     args = ap.parse_args()
     torch = torch_or_none()
     if torch is None:
@@ -73,7 +74,10 @@ def main():
             f"chain_speculative n={SPEC}": (lambda: sampling.chain_speculative_sampling(dq, ids, tq, seed=1),
                                             lambda: fis.chain_speculative_sampling(dq, ids, tq)),
         }
-        torch_p = time_graph(lambda: torch_top_p(torch, probs, 0.9)) if b <= 128 else None
+        want_torch = b <= 128 and (not args.only or "top_p" in args.only)
+        torch_p = time_graph(lambda: torch_top_p(torch, probs, 0.9)) if want_torch else None
+        if args.only:
+            ops = {k: v for k, v in ops.items() if any(k.startswith(o) for o in args.only.split(","))}
         for name, (fn, fi_fn) in ops.items():
             t = time_graph(fn)
             fi_t = time_graph(fi_fn) if (fis and fi_fn) else None

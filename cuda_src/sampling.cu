@@ -22,6 +22,7 @@
 #include "common/vec.cuh"
 #include "common/philox.cuh"
 #include "common/pdl.cuh"
+#include "common/cluster.cuh"
 
 namespace fic {
 
@@ -94,12 +95,12 @@ template <typename T, typename Op>
 __device__ T block_reduce(T x, Op op, T* scratch) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
+  const int nw = blockDim.x >> 5;  // a power of two
   __syncthreads();  // scratch may still be read by a previous call
   if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = x;
   __syncthreads();
-  x = scratch[threadIdx.x & 31];  // blockDim.x == 1024: 32 warps
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
+  x = scratch[threadIdx.x & (nw - 1)];  // each group of nw lanes reduces all the warps' values
+  for (int o = nw >> 1; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
 
@@ -116,7 +117,7 @@ __device__ T block_exclusive_scan(T x, T* scratch, T* total) {
   __syncthreads();
   if (lane == 31) scratch[warp] = inc;
   __syncthreads();
-  const T w = scratch[lane];
+  const T w = lane < (int)(blockDim.x >> 5) ? scratch[lane] : T(0);
   T winc = w;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
@@ -892,6 +893,61 @@ __global__ void __launch_bounds__(kSampleThreads, 1) softmax_kernel(const float*
     for (int e = 0; e < VEC; ++e) o.set(e, ptx_exp2(x[e] * scale - gm) * inv);
     if (ok) o.store(orow + (long long)v * VEC);
   });
+}
+
+// The same softmax with the row held on chip, so it is read from DRAM once: a cluster of CTAs per row
+// (sm_90+), each holding ITEMS float4 a thread of its slice in registers. CTA maxima and sums are
+// exchanged through distributed shared memory. Rows of length vocab % 4 == 0 up to
+// cluster * THREADS * ITEMS * 4 (sampling.py picks the shape). CTAs of THREADS threads, 1024 / THREADS of
+// them an SM (64 registers a thread).
+template <int ITEMS, int THREADS>
+__global__ void __launch_bounds__(THREADS, 1024 / THREADS) softmax_cluster_kernel(
+    const float* logits, long long row_stride, int vocab, const float* temp_arr, float temp_val, float* probs) {
+#if FIC_HAS_CLUSTERS
+  __shared__ float scratch[32];
+  __shared__ float shared_max, shared_sum;  // this CTA's, read by the others
+  pdl_begin();
+  const unsigned int rank = cluster_rank(), ncta = cluster_size();
+  const int nv = vocab / 4, first = (int)rank * ITEMS * THREADS + threadIdx.x;
+  {
+    const int r = blockIdx.x / ncta;
+    const float4* row = reinterpret_cast<const float4*>(logits + (long long)r * row_stride);
+    const float t = temp_arr != nullptr ? temp_arr[r] : temp_val;
+    const float scale = FIC_LOG2E / t;
+    float4 x[ITEMS];
+    float m = neg_inf();
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int v = first + i * THREADS;
+      x[i] = v < nv ? __ldcs(row + v) : make_float4(neg_inf(), neg_inf(), neg_inf(), neg_inf());
+      m = fmaxf(m, fmaxf(fmaxf(x[i].x, x[i].y), fmaxf(x[i].z, x[i].w)));
+    }
+    m = block_reduce(m * scale, Max(), scratch);  // scale > 0: max commutes with it
+    if (threadIdx.x == 0) shared_max = m;
+    cluster_sync();
+    for (unsigned int c = 0; c < ncta; ++c) m = fmaxf(m, cluster_load(&shared_max, c));
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      x[i].x = ptx_exp2(x[i].x * scale - m), x[i].y = ptx_exp2(x[i].y * scale - m);
+      x[i].z = ptx_exp2(x[i].z * scale - m), x[i].w = ptx_exp2(x[i].w * scale - m);
+      s += (x[i].x + x[i].y) + (x[i].z + x[i].w);
+    }
+    s = block_reduce(s, Sum(), scratch);
+    if (threadIdx.x == 0) shared_sum = s;
+    cluster_sync();
+    s = 0.f;
+    for (unsigned int c = 0; c < ncta; ++c) s += cluster_load(&shared_sum, c);
+    const float inv = __frcp_rn(s);
+    float4* orow = reinterpret_cast<float4*>(probs + (long long)r * vocab);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int v = first + i * THREADS;
+      if (v < nv) __stcs(orow + v, make_float4(x[i].x * inv, x[i].y * inv, x[i].z * inv, x[i].w * inv));
+    }
+  }
+  cluster_sync();  // no CTA leaves while another may still read its shared memory
+#endif
 }
 
 }  // namespace fic

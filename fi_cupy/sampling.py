@@ -48,6 +48,8 @@ default_generator = Generator()
 
 SELECT_SMEM = 162 * 1024  # kSelectSmemBytes: histograms and the sorted candidates of the select kernels
 # (kernel, vectorised template arguments or None for a kernel without one)
+SOFTMAX_THREADS = (512,)  # CTA sizes of the cluster softmax, the first preferred (256 measured the same)
+SOFTMAX_ITEMS = tuple(range(1, 9))  # float4 a thread
 _KERNELS = (("sample_from_probs_kernel", True), ("renorm_probs_kernel", True), ("mask_logits_kernel", True),
             ("chain_speculative_kernel", True), ("softmax_kernel", True), ("sample_from_logits_kernel", False))
 
@@ -56,6 +58,7 @@ def sampling_program() -> Program:
     specs = []
     for name, vec in _KERNELS:
         specs += [KernelSpec(f"fic::{name}", (v,)) for v in (4, 1)] if vec else [KernelSpec(f"fic::{name}", ())]
+    specs += [KernelSpec("fic::softmax_cluster_kernel", (i, t)) for t in SOFTMAX_THREADS for i in SOFTMAX_ITEMS]
     return Program("sampling.cu", tuple(specs))
 
 
@@ -63,13 +66,27 @@ def all_programs() -> list:
     return [sampling_program()]
 
 
-def _fn(device: int, name: str, vec: int = 0):
-    """The loaded kernel `name` (16-byte loads when vec == 4)."""
+def _fn(device: int, name: str, *targs):
+    """The loaded kernel `name` with template arguments `targs`: VEC, or the cluster softmax's
+    (ITEMS, THREADS); none for a kernel without."""
     def build():
         prog = sampling_program()
-        targs = (vec,) if vec else ()
         return prog, next(k for k in prog.kernels if k.kernel == f"fic::{name}" and k.targs == targs)
-    return kernels.cached_function(device, ("sampling", name, vec), build)
+    return kernels.cached_function(device, ("sampling", name) + targs, build)
+
+
+def softmax_shape(vocab: int, aligned: bool, clusters: bool, threads=SOFTMAX_THREADS):
+    """(float4 a thread, CTAs a cluster, threads a CTA) of the one-read cluster softmax for a row, or
+    None when the row does not suit it (unaligned, no clusters, longer than 16 CTAs hold)."""
+    if not (aligned and clusters) or vocab % 4:
+        return None
+    nv = vocab // 4
+    for t in threads:
+        for cluster in (8, 16):
+            items = -(-nv // (cluster * t))
+            if items <= SOFTMAX_ITEMS[-1]:
+                return items, cluster, t
+    return None
 
 
 def _host(c: Call, info, name: str) -> np.ndarray:
@@ -239,8 +256,14 @@ def softmax(logits, temperature=None, enable_pdl=None, stream=None):
         raise ValueError(f"temperature: must be > 0, got {t_val}")
     out_obj, o = c.new((batch, vocab), dt.float32, "probs")
     if batch and vocab:
-        c.launch(_fn(c.device, "softmax_kernel", _vec(x)), (batch,), (THREADS,), [
-            ptr(x), i64(x.strides[0]), i32(vocab), ptr(t_arr), f32(1.0 if t_val is None else t_val), ptr(o)])
+        args = [ptr(x), i64(x.strides[0]), i32(vocab), ptr(t_arr), f32(1.0 if t_val is None else t_val), ptr(o)]
+        shape = softmax_shape(vocab, _vec(x) == 4, kernels.clusters_supported(c.device), SOFTMAX_THREADS)
+        if shape is None:  # two passes over the row
+            c.launch(_fn(c.device, "softmax_kernel", _vec(x)), (batch,), (THREADS,), args)
+        else:  # a cluster a row
+            items, cluster, threads = shape
+            c.launch(_fn(c.device, "softmax_cluster_kernel", items, threads), (batch * cluster,), (threads,), args,
+                     cluster=cluster)
     return c.result(out_obj)
 
 

@@ -118,34 +118,44 @@ def test_merge_errors(call, match):
 PR = arr("probs", (4, 64), dt.float32)
 DQ = arr("draft_probs", (2, 3, 64), dt.float32)
 IDS = arr("draft_token_ids", (2, 3), dt.int32)
-S = fi_cupy.sampling
+SMP = fi_cupy.sampling
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: S.sampling_from_probs(arr("probs", (4, 64), dt.float16), stream=0), "probs: dtype float16"),
-    (lambda: S.sampling_from_probs(arr("probs", (4, 8, 8), dt.float32), stream=0), "probs: expected 2 dims"),
-    (lambda: S.sampling_from_probs(arr("probs", (4, 64), dt.float32, strides=(128, 2)), stream=0),
+    (lambda: SMP.sampling_from_probs(arr("probs", (4, 64), dt.float16), stream=0), "probs: dtype float16"),
+    (lambda: SMP.sampling_from_probs(arr("probs", (4, 8, 8), dt.float32), stream=0), "probs: expected 2 dims"),
+    (lambda: SMP.sampling_from_probs(arr("probs", (4, 64), dt.float32, strides=(128, 2)), stream=0),
      "probs: the last dim"),
-    (lambda: S.top_p_sampling_from_probs(PR, 1.5, stream=0), "top_p: must lie in"),
-    (lambda: S.top_p_sampling_from_probs(PR, arr("top_p", (4,), dt.float16), stream=0), "top_p: dtype float16"),
-    (lambda: S.top_k_sampling_from_probs(PR, arr("top_k", (3,), dt.int32), stream=0), "top_k: expected shape"),
-    (lambda: S.top_k_sampling_from_probs(PR, 2.5, stream=0), "top_k: expected an int"),
-    (lambda: S.min_p_sampling_from_probs(PR, -0.1, stream=0), "min_p: must lie in"),
-    (lambda: S.top_k_top_p_sampling_from_probs(PR, 5, 0.9, filter_apply_order="bogus", stream=0),
+    (lambda: SMP.top_p_sampling_from_probs(PR, 1.5, stream=0), "top_p: must lie in"),
+    (lambda: SMP.top_p_sampling_from_probs(PR, arr("top_p", (4,), dt.float16), stream=0), "top_p: dtype float16"),
+    (lambda: SMP.top_k_sampling_from_probs(PR, arr("top_k", (3,), dt.int32), stream=0), "top_k: expected shape"),
+    (lambda: SMP.top_k_sampling_from_probs(PR, 2.5, stream=0), "top_k: expected an int"),
+    (lambda: SMP.min_p_sampling_from_probs(PR, -0.1, stream=0), "min_p: must lie in"),
+    (lambda: SMP.top_k_top_p_sampling_from_probs(PR, 5, 0.9, filter_apply_order="bogus", stream=0),
      "filter_apply_order"),
-    (lambda: S.softmax(PR, temperature=0.0, stream=0), "temperature: must be > 0"),
-    (lambda: S.top_k_renorm_probs(PR, arr("top_k", (4,), dt.int64), stream=0), "top_k: dtype int64"),
-    (lambda: S.top_p_renorm_probs(PR, 0.0, stream=0), "top_p: must lie in"),
-    (lambda: S.top_k_mask_logits(arr("logits", (4, 64), dt.bfloat16), 5, stream=0), "logits: dtype bfloat16"),
-    (lambda: S.chain_speculative_sampling(DQ, IDS, arr("target_probs", (2, 3, 64), dt.float32), stream=0),
+    (lambda: SMP.softmax(PR, temperature=0.0, stream=0), "temperature: must be > 0"),
+    (lambda: SMP.top_k_renorm_probs(PR, arr("top_k", (4,), dt.int64), stream=0), "top_k: dtype int64"),
+    (lambda: SMP.top_p_renorm_probs(PR, 0.0, stream=0), "top_p: must lie in"),
+    (lambda: SMP.top_k_mask_logits(arr("logits", (4, 64), dt.bfloat16), 5, stream=0), "logits: dtype bfloat16"),
+    (lambda: SMP.chain_speculative_sampling(DQ, IDS, arr("target_probs", (2, 3, 64), dt.float32), stream=0),
      "target_probs: expected shape"),
-    (lambda: S.chain_speculative_sampling(DQ, arr("draft_token_ids", (2, 3), dt.int64),
+    (lambda: SMP.chain_speculative_sampling(DQ, arr("draft_token_ids", (2, 3), dt.int64),
                                           arr("target_probs", (2, 4, 64), dt.float32), stream=0),
      "draft_token_ids: dtype int64"),
-    (lambda: S.chain_speculative_sampling(arr("draft_probs", (2, 3, 64), dt.float32, strides=(512, 128, 2)), IDS,
+    (lambda: SMP.chain_speculative_sampling(arr("draft_probs", (2, 3, 64), dt.float32, strides=(512, 128, 2)), IDS,
                                           arr("target_probs", (2, 4, 64), dt.float32), stream=0),
      "draft_probs: must be contiguous"),
 ])
 def test_sampling_errors(call, match):
     with pytest.raises((TypeError, ValueError), match=match):
         call()
+
+
+def test_softmax_cluster_shape():
+    """One DRAM read needs the row on chip: 8 CTAs of 512 threads up to 8 float4 each, then 16 CTAs."""
+    shape = fi_cupy.sampling.softmax_shape
+    assert shape(128256, True, True) == (8, 8, 512) and shape(151936, True, True) == (5, 16, 512)
+    assert shape(32000, True, True) == (2, 8, 512) and shape(4, True, True) == (1, 8, 512)
+    assert shape(128256, True, True, (256,)) == (8, 16, 256)  # smaller CTAs: more of them
+    assert shape(16 * 512 * 8 * 4 + 4, True, True) is None  # too long: two passes
+    assert shape(128256, False, True) is None and shape(128256, True, False) is None and shape(1001, True, True) is None

@@ -101,11 +101,11 @@ class Call:
             raise TypeError(f"{info.name}: {info.framework} arrays are immutable and cannot be written in place{hint}")
         return ok
 
-    def launch(self, fn, grid, block, args, smem: int = 0, pdl: bool = True) -> None:
-        """pdl=False for kernels that do not call pdl_begin()."""
+    def launch(self, fn, grid, block, args, smem: int = 0, pdl: bool = True, cluster: int = 0) -> None:
+        """pdl=False for kernels that do not call pdl_begin(); cluster: CTAs a cluster along x."""
         if pdl:
             pdl = kernels.pdl_supported(self.device) if self.pdl is None else bool(self.pdl)
-        kernels.launch(fn, grid, block, args, self.stream, self.device, smem, pdl)
+        kernels.launch(fn, grid, block, args, self.stream, self.device, smem, pdl, cluster)
 
     def result(self, *objs):
         """Deliver outputs in the caller's framework (one object, or a tuple), keeping inputs alive."""

@@ -74,6 +74,7 @@ class Function:
         self.ptr = int(self.fn.ptr)
         self.name = name
         self.smem_limit = 0  # dynamic shared memory checked so far
+        self.big_clusters = False
 
     def allow_smem(self, nbytes: int) -> None:
         """Opt in to `nbytes` of dynamic shared memory where static + dynamic exceeds 48 KB (once)."""
@@ -83,6 +84,13 @@ class Function:
             if static + nbytes > 48 * 1024:
                 driver.funcSetAttribute(self.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
             self.smem_limit = nbytes
+
+    def allow_cluster(self, size: int) -> None:
+        """Opt in to clusters above the portable size of 8 (once)."""
+        if size > 8 and not self.big_clusters:
+            from cupy_backends.cuda.api import driver
+            driver.funcSetAttribute(self.ptr, _NON_PORTABLE_CLUSTER, 1)
+            self.big_clusters = True
 
     def occupancy(self, block: int, smem: int) -> int:
         """Resident CTAs per SM for this block size and dynamic shared memory."""
@@ -147,10 +155,13 @@ def struct_arg(fmt: str, *fields) -> bytes:
 
 
 # cuLaunchKernelEx through ctypes: parameters packed into a per-thread buffer reused for each launch
-# of the same signature (the driver copies them at launch), and the programmatic-dependent-launch
-# attribute when asked for.
+# of the same signature (the driver copies them at launch), and launch attributes when asked for:
+# programmatic dependent launch, thread-block cluster size.
 _tls = threading.local()
 _PDL_ATTR = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_CLUSTER_ATTR = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+_ATTR_BYTES = 72  # CUlaunchAttribute: id, pad, 64-byte value union
+_NON_PORTABLE_CLUSTER = 14  # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
 _CONFIG_FMT = "<7I4xQQI4x"  # CUlaunchConfig: grid, block, smem, stream, attrs, numAttrs
 _libcuda: list = []
 
@@ -196,8 +207,7 @@ def _config():
     cfg = _tls.__dict__.get("config")
     if cfg is None:
         buf = ctypes.create_string_buffer(56)
-        attr = ctypes.create_string_buffer(72)
-        struct.pack_into("<i4xi", attr, 0, _PDL_ATTR, 1)
+        attr = ctypes.create_string_buffer(2 * _ATTR_BYTES)
         cfg = _tls.config = (buf, ctypes.addressof(buf), attr, ctypes.addressof(attr))
     return cfg
 
@@ -207,17 +217,32 @@ def pdl_supported(device: int) -> bool:
     return device_props(device)["cc"] >= 90
 
 
-def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int = 0, pdl: bool = False) -> None:
+def clusters_supported(device: int) -> bool:
+    """Thread-block clusters and distributed shared memory: compute capability 9.0 and later."""
+    return device_props(device)["cc"] >= 90
+
+
+def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int = 0, pdl: bool = False,
+           cluster: int = 0) -> None:
     """Launch `fn` with `args` given as numpy scalars whose types match the kernel's parameters (or
     bytes from struct_arg for a struct parameter). pdl=True lets the kernel start while the previous
-    one on the stream finishes: only for kernels that call pdl_wait() before touching memory."""
+    one on the stream finishes: only for kernels that call pdl_begin() before touching memory.
+    cluster > 0 groups that many consecutive CTAs along x into a cluster (sm_90+)."""
     sig = tuple([a.__class__ if a.__class__ is not bytes else len(a) for a in args])
     buf, params, fmt, _ = _buffers(sig)
     struct.pack_into(fmt, buf, 0, *args)
-    cbuf, cfg, _, attr = _config()
+    cbuf, cfg, abuf, attr = _config()
     gx, gy, gz = (tuple(grid) + (1, 1))[:3]
     bx, by, bz = (tuple(block) + (1, 1))[:3]
-    struct.pack_into(_CONFIG_FMT, cbuf, 0, gx, gy, gz, bx, by, bz, smem, stream, attr if pdl else 0, 1 if pdl else 0)
+    n_attr = 0
+    if pdl:
+        struct.pack_into("<i4xi", abuf, 0, _PDL_ATTR, 1)
+        n_attr = 1
+    if cluster:
+        struct.pack_into("<i4x3I", abuf, n_attr * _ATTR_BYTES, _CLUSTER_ATTR, cluster, 1, 1)
+        n_attr += 1
+        fn.allow_cluster(cluster)
+    struct.pack_into(_CONFIG_FMT, cbuf, 0, gx, gy, gz, bx, by, bz, smem, stream, attr if n_attr else 0, n_attr)
     fn.allow_smem(smem)
     lib, launch_ex = _cuda()
     from cupy.cuda import runtime

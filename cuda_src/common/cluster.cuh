@@ -1,0 +1,39 @@
+// Thread-block clusters (sm_90+): rank, barrier, and reads of another CTA's shared memory (DSMEM).
+// Kernels guard their cluster code with FIC_HAS_CLUSTERS so that the same source compiles for sm_80.
+#pragma once
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FIC_HAS_CLUSTERS 1
+#else
+#define FIC_HAS_CLUSTERS 0
+#endif
+
+namespace fic {
+
+#if FIC_HAS_CLUSTERS
+__device__ __forceinline__ unsigned int cluster_rank() {
+  unsigned int r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ unsigned int cluster_size() {
+  unsigned int n;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+  return n;
+}
+// Every thread of every CTA of the cluster: writes before it are visible to reads after it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// The float at `p` (this CTA's shared memory) in the shared memory of CTA `rank` of the cluster.
+__device__ __forceinline__ float cluster_load(const float* p, unsigned int rank) {
+  const unsigned int local = (unsigned int)__cvta_generic_to_shared(p);
+  unsigned int remote;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+  return v;
+}
+#endif
+
+}  // namespace fic
