@@ -54,24 +54,24 @@ _KERNELS = (("sample_from_probs_kernel", True), ("renorm_probs_kernel", True), (
             ("chain_speculative_kernel", True), ("softmax_kernel", True), ("sample_from_logits_kernel", False))
 
 
-def sampling_program() -> Program:
-    specs = []
-    for name, vec in _KERNELS:
-        specs += [KernelSpec(f"fic::{name}", (v,)) for v in (4, 1)] if vec else [KernelSpec(f"fic::{name}", ())]
-    specs += [KernelSpec("fic::softmax_cluster_kernel", (i, t)) for t in SOFTMAX_THREADS for i in SOFTMAX_ITEMS]
-    return Program("sampling.cu", tuple(specs))
+def kernel_program(name: str, *targs) -> Program:
+    """One NVRTC program a kernel variant, so that a first call compiles only what it runs."""
+    return Program("sampling.cu", (KernelSpec(f"fic::{name}", targs),))
 
 
 def all_programs() -> list:
-    return [sampling_program()]
+    out = []
+    for name, vec in _KERNELS:
+        out += [kernel_program(name, v) for v in (4, 1)] if vec else [kernel_program(name)]
+    return out + [kernel_program("softmax_cluster_kernel", i, t) for t in SOFTMAX_THREADS for i in SOFTMAX_ITEMS]
 
 
 def _fn(device: int, name: str, *targs):
     """The loaded kernel `name` with template arguments `targs`: VEC, or the cluster softmax's
     (ITEMS, THREADS); none for a kernel without."""
     def build():
-        prog = sampling_program()
-        return prog, next(k for k in prog.kernels if k.kernel == f"fic::{name}" and k.targs == targs)
+        prog = kernel_program(name, *targs)
+        return prog, prog.kernels[0]
     return kernels.cached_function(device, ("sampling", name) + targs, build)
 
 
