@@ -234,6 +234,17 @@ struct Filter {
   __device__ bool use_min() const { return min_p > 0.f; }
 };
 
+// Row r's filter: a per-row array, when given, overrides the scalar.
+__device__ __forceinline__ Filter row_filter(int r, const int* k_arr, int k_val, const float* p_arr, float p_val,
+                                             const float* m_arr, float m_val, bool k_first) {
+  Filter f;
+  f.k = k_arr != nullptr ? k_arr[r] : k_val;
+  f.p = p_arr != nullptr ? p_arr[r] : p_val;
+  f.min_p = m_arr != nullptr ? m_arr[r] : m_val;
+  f.k_first = k_first;
+  return f;
+}
+
 struct SelectSmem {
   // Pass 1: tokens and truncated masses a bin. Then, over the candidates only: tokens a bin (hcount)
   // and exact masses as sums of the significands' low 16 (hmass) and high 8 bits (hmass_hi).
@@ -642,11 +653,7 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sample_from_probs_kernel(
   pdl_begin();
   const int r = blockIdx.x;
   const RowIn<VEC> row = row_of<VEC>(probs, row_stride, row_indices != nullptr ? row_indices[r] : r, vocab);
-  Filter f;
-  f.k = top_k_arr != nullptr ? top_k_arr[r] : top_k_val;
-  f.p = top_p_arr != nullptr ? top_p_arr[r] : top_p_val;
-  f.min_p = min_p_arr != nullptr ? min_p_arr[r] : min_p_val;
-  f.k_first = top_k_first != 0;
+  const Filter f = row_filter(r, top_k_arr, top_k_val, top_p_arr, top_p_val, min_p_arr, min_p_val, top_k_first != 0);
   const float u = uniform_co(row_random(seed, offset, r, 0).x);
   const bool use_k = f.use_k(vocab), use_p = f.use_p();
   int token;
@@ -694,11 +701,7 @@ __global__ void __launch_bounds__(kSampleThreads, 1) renorm_probs_kernel(
   pdl_begin();
   const int r = blockIdx.x;
   const RowIn<VEC> row = row_of<VEC>(probs, row_stride, r, vocab);
-  Filter f;
-  f.k = top_k_arr != nullptr ? top_k_arr[r] : top_k_val;
-  f.p = top_p_arr != nullptr ? top_p_arr[r] : top_p_val;
-  f.min_p = 0.f;
-  f.k_first = false;
+  const Filter f = row_filter(r, top_k_arr, top_k_val, top_p_arr, top_p_val, nullptr, 0.f, false);
   const bool use_k = f.use_k(vocab), use_p = f.use_p();
   const int shift = mass_shift_for(vocab);
   float mx, total;
@@ -737,11 +740,7 @@ __global__ void __launch_bounds__(kSampleThreads, 1) mask_logits_kernel(
   pdl_begin();
   const int r = blockIdx.x;
   const RowIn<VEC> row = row_of<VEC>(logits, row_stride, r, vocab);
-  Filter f;
-  f.k = top_k_arr != nullptr ? top_k_arr[r] : top_k_val;
-  f.p = 1.f;
-  f.min_p = 0.f;
-  f.k_first = false;
+  const Filter f = row_filter(r, top_k_arr, top_k_val, nullptr, 1.f, nullptr, 0.f, false);
   float v = neg_inf();
   if (f.use_k(vocab)) {
     for (int i = threadIdx.x; i < kBins; i += blockDim.x) sm.hcount[i] = 0;
