@@ -69,6 +69,9 @@ __device__ __forceinline__ uint4 row_random(unsigned long long seed, unsigned lo
                     make_uint2((unsigned int)seed, (unsigned int)(seed >> 32)));
 }
 
+// 2^e as a double (e within the normal range), built from its exponent bits.
+__device__ __forceinline__ double pow2(int e) { return __longlong_as_double((long long)(e + 1023) << 52); }
+
 template <int VEC>
 __device__ __forceinline__ float vsum(const Vec<float, VEC>& x) {
   float s = x[0];
@@ -172,6 +175,19 @@ struct SampleScratch {
   int i32[32];
   unsigned long long above;  // crossing_bin's weight above the bin found
   int result[4];
+};
+
+// stream_sample's weights: the values of `row` that are positive and >= v, 0 for the others.
+template <int VEC>
+struct KeptWeights {
+  RowIn<VEC> row;
+  float v;
+  __device__ __forceinline__ Vec<float, VEC> operator()(int q) const {
+    Vec<float, VEC> x = row.at(q);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) if (!(x[e] > 0.f && x[e] >= v)) x.set(e, 0.f);
+    return x;
+  }
 };
 
 // Inverse-CDF draw over the row's weights w(v) (non-negative, a Vec per vector), u in [0, 1).
@@ -314,9 +330,14 @@ __device__ void sort_desc(unsigned long long* keys, int n) {
 // Exact mass of bin b's candidates: significand sums times the bin's unit 2^(exponent - 150)
 // (denormals: 2^-149). Exact in a double (at most 2^13 terms of 24 bits).
 __device__ __forceinline__ double bin_mass(const SelectSmem& sm, int b) {
-  const int e = max(b >> 4, 1);
-  const double unit = __longlong_as_double((long long)(e - 150 + 1023) << 52);
-  return ((double)sm.hmass_hi[b] * 65536.0 + (double)sm.hmass[b]) * unit;
+  return ((double)sm.hmass_hi[b] * 65536.0 + (double)sm.hmass[b]) * pow2(max(b >> 4, 1) - 150);
+}
+
+// The exact mass of the candidates in the bins above bv. Every thread must call it.
+__device__ double mass_above(SelectSmem& sm, int bv) {
+  double s = 0.0;
+  for (int b = threadIdx.x; b < kBins; b += blockDim.x) if (b > bv) s += bin_mass(sm, b);
+  return block_reduce(s, Sum(), sm.sc.f64);
 }
 
 // Counts and exact masses a bin over the n candidates (masses only for probabilities).
@@ -467,9 +488,8 @@ __device__ Kept select_kept(RowIn<VEC> row, int vocab, Filter f, float mx, float
                                              sm.sc.u32, &sm.sc.result[1], (unsigned int*)nullptr));
   if (use_p && hist_mass && !(use_k && f.k_first)) {
     // bin b holds exponent b >> 4; its sum counts units of 2^(exponent - 150 + mass_shift)
-    const auto unit = [&](int b) { return __longlong_as_double((long long)((b >> 4) - 150 + mass_shift + 1023) << 52); };
     const int cp = crossing_bin<double>(
-        kBins, [&](int b) { return (b >> 4) == 0 ? 0.0 : (double)sm.hmass[b] * unit(b); },
+        kBins, [&](int b) { return (b >> 4) == 0 ? 0.0 : (double)sm.hmass[b] * pow2((b >> 4) - 150 + mass_shift); },
         (double)f.p * (double)total, sm.sc.f64, &sm.sc.result[1], (double*)nullptr);
     c_lo = max(c_lo, max(cp, 0));
   }
@@ -517,11 +537,8 @@ __device__ Kept select_kept(RowIn<VEC> row, int vocab, Filter f, float mx, float
     }
     if (use_p) {
       double base = (double)total;
-      if (use_k && f.k_first) {  // the top-k set's mass: the bins above bv, then bin bv's kept part
-        double s = 0.0;
-        for (int b = threadIdx.x; b < kBins; b += blockDim.x) if (b > bv) s += bin_mass(sm, b);
-        base = block_reduce(s, Sum(), sm.sc.f64) + (bv >= 0 ? (double)sm.u.c.bin_cum[n_bv - 1] : 0.0);
-      }
+      if (use_k && f.k_first)  // the top-k set's mass: the bins above bv, then bin bv's kept part
+        base = mass_above(sm, bv) + (bv >= 0 ? (double)sm.u.c.bin_cum[n_bv - 1] : 0.0);
       const double target = (double)f.p * base;
       const int cp = crossing_bin<double>(kBins, [&](int b) { return bin_mass(sm, b); }, target, sm.sc.f64,
                                           &sm.sc.result[1], &sm.sc.f64[31]);
@@ -543,9 +560,7 @@ __device__ Kept select_kept(RowIn<VEC> row, int vocab, Filter f, float mx, float
     kept.n_bv = n_bv;
     kept.above = kept.mass = 0.0;
     if (!LOGITS) {  // the mass of the bins above bv, and the kept mass
-      double s = 0.0;
-      for (int b = threadIdx.x; b < kBins; b += blockDim.x) if (b > bv) s += bin_mass(sm, b);
-      kept.above = block_reduce(s, Sum(), sm.sc.f64);
+      kept.above = mass_above(sm, bv);
       kept.mass = kept.above + (bv >= 0 && n_bv > 0 ? (double)sm.u.c.bin_cum[n_bv - 1] : 0.0);
     }
     return kept;
@@ -658,12 +673,7 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sample_from_probs_kernel(
   const bool use_k = f.use_k(vocab), use_p = f.use_p();
   int token;
   if (!use_k && !use_p && !f.use_min()) {
-    token = stream_sample<VEC>([&](int v) {
-      Vec<float, VEC> x = row.at(v);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) if (!(x[e] > 0.f)) x.set(e, 0.f);
-      return x;
-    }, row.nv, u, sm.sc);
+    token = stream_sample<VEC>(KeptWeights<VEC>{row, 0.f}, row.nv, u, sm.sc);
   } else {
     const int shift = mass_shift_for(vocab);
     const bool hc = use_k, hm = use_p && !(use_k && f.k_first);
@@ -679,13 +689,7 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sample_from_probs_kernel(
     if (kept.in_smem) {
       token = sample_in_smem(sm, kept, u);
     } else {
-      const float v = kept.v;
-      token = stream_sample<VEC>([&](int q) {
-        Vec<float, VEC> x = row.at(q);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) if (!(x[e] > 0.f && x[e] >= v)) x.set(e, 0.f);
-        return x;
-      }, row.nv, u, sm.sc);
+      token = stream_sample<VEC>(KeptWeights<VEC>{row, kept.v}, row.nv, u, sm.sc);
     }
   }
   if (threadIdx.x == 0) out[r] = token < 0 ? 0 : token;
@@ -808,12 +812,7 @@ __global__ void __launch_bounds__(kSampleThreads, 1) chain_speculative_kernel(
     }, p.nv, u, sc);
   }
   if (token < 0)  // all drafts accepted, or p_j <= q_j everywhere (rounding): draw from p_j
-    token = stream_sample<VEC>([&](int v) {
-      Vec<float, VEC> a = p.at(v);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) if (!(a[e] > 0.f)) a.set(e, 0.f);
-      return a;
-    }, p.nv, u, sc);
+    token = stream_sample<VEC>(KeptWeights<VEC>{p, 0.f}, p.nv, u, sc);
   if (threadIdx.x == 0) orow[j] = token < 0 ? 0 : token;
 }
 
