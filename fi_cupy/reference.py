@@ -272,3 +272,42 @@ def chain_speculative_distribution(draft_probs, draft_ids, target_probs) -> dict
             for t in np.nonzero(bonus)[0]:
                 law[(n, int(t))] = law.get((n, int(t)), 0.0) + reach * bonus[t]
     return law
+
+
+def prefill_attention(q, k, v, causal: bool = False, window_left: int = -1, custom_mask=None,
+                      logits_soft_cap: float = 0.0, sm_scale: float | None = None, rope: bool = False,
+                      rope_scale: float = 1.0, rope_theta: float = 1e4):
+    """One request. q (Lq, Hq, D), k/v (Lk, Hkv, D), custom_mask bool (Lq, Lk) -> (o (Lq, Hq, D), lse
+    (Lq, Hq) base 2), float64. Query i sits at key position Lk - Lq + i (causal, window and RoPE);
+    a row that sees no key gives o = 0, lse = -inf."""
+    q = np.asarray(q, np.float64)
+    k = np.asarray(k, np.float64)
+    v = np.asarray(v, np.float64)
+    lq, hq, d = q.shape
+    lk, hkv, _ = k.shape
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    qpos = np.arange(lq) + lk - lq
+    if rope:
+        q = rope_llama(q.transpose(1, 0, 2), qpos, rope_scale, rope_theta).transpose(1, 0, 2)
+        k = rope_llama(k.transpose(1, 0, 2), np.arange(lk), rope_scale, rope_theta).transpose(1, 0, 2)
+    kk = np.repeat(k, hq // hkv, axis=1)
+    vv = np.repeat(v, hq // hkv, axis=1)
+    s = np.einsum("qhd,khd->hqk", q, kk) * scale
+    if logits_soft_cap and logits_soft_cap > 0:
+        s = logits_soft_cap * np.tanh(s / logits_soft_cap)
+    keep = np.ones((lq, lk), dtype=bool)
+    j = np.arange(lk)[None, :]
+    if causal:
+        keep &= j <= qpos[:, None]
+    if window_left >= 0:
+        keep &= j >= qpos[:, None] - window_left
+    if custom_mask is not None:
+        keep &= np.asarray(custom_mask, dtype=bool)
+    s = np.where(keep[None], s, -np.inf)
+    m = s.max(axis=2, keepdims=True, initial=-np.inf)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m_safe)
+    den = p.sum(axis=2, keepdims=True)
+    o = np.einsum("hqk,khd->qhd", p / np.where(den > 0, den, 1.0), vv)
+    lse = np.where(den[..., 0] > 0, (m_safe[..., 0] + np.log(np.where(den[..., 0] > 0, den[..., 0], 1.0))), -np.inf)
+    return o, (lse / math.log(2.0)).T

@@ -101,3 +101,66 @@ def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min
         num_partial_rows=int(idx.size),
         quota=quota,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill: work items over (request, KV head, query tile), cut along KV when the tiles alone do not
+# fill the GPU.
+
+PREFILL_MIN_CHUNK = 512  # fewest keys a KV chunk gets: below it, merging partial states costs more
+
+
+@dataclass
+class PrefillSchedule:
+    items: np.ndarray        # int32 (n, 8): request, kv_head, first packed row, partial row or -1, kv begin, kv end, 0, 0
+    merges: np.ndarray       # int32 (m, 8): request, kv_head, first packed row, first partial row, chunks, rows, 0, 0
+    num_partial_rows: int
+
+
+def prefill_tile_cost(qo_len: int, kv_len: int, group: int, rows: int, causal: bool) -> np.ndarray:
+    """Keys each query tile of one request and KV head visits (what the tile costs, roughly)."""
+    packed = qo_len * group
+    starts = np.arange(0, packed, rows)
+    if not causal:
+        return np.full(starts.size, kv_len, dtype=np.int64)
+    last_tok = np.minimum(starts + rows, packed) - 1
+    return np.clip(last_tok // group + (kv_len - qo_len) + 1, 0, kv_len).astype(np.int64)
+
+
+def prefill_schedule(qo_lens, kv_lens, group: int, num_kv_heads: int, rows: int, num_ctas: int,
+                     causal: bool, min_chunk: int = PREFILL_MIN_CHUNK) -> PrefillSchedule:
+    """Items for every (request, KV head, query tile of `rows` packed rows). When those are fewer than
+    num_ctas, the KV range of long requests is cut into chunks (multiples of 64 keys, at least
+    min_chunk) so one wave fills the GPU; a cut tile's chunks write partial rows merged afterwards.
+    Items are ordered longest first, so a CTA that finishes early picks up short work."""
+    qo_lens = np.asarray(qo_lens, dtype=np.int64)
+    kv_lens = np.asarray(kv_lens, dtype=np.int64)
+    tiles = -(-(qo_lens * group) // rows)
+    base = int(tiles.sum()) * num_kv_heads
+    want = max(1, -(-num_ctas // max(base, 1))) if base < num_ctas else 1
+    items, merges, cost, prow = [], [], [], 0
+    for r in range(qo_lens.size):
+        if qo_lens[r] == 0:
+            continue
+        kv = int(kv_lens[r])
+        n_chunks = max(1, min(want, kv // min_chunk))
+        chunk = -(-kv // n_chunks) if n_chunks > 1 else kv
+        chunk = -(-chunk // 64) * 64 if n_chunks > 1 else chunk
+        n_chunks = -(-kv // chunk) if n_chunks > 1 else 1
+        tcost = prefill_tile_cost(int(qo_lens[r]), kv, group, rows, causal)
+        for h in range(num_kv_heads):
+            for t in range(int(tiles[r])):
+                p0 = t * rows
+                if n_chunks == 1:
+                    items.append((r, h, p0, -1, 0, kv, 0, 0))
+                    cost.append(tcost[t])
+                    continue
+                merges.append((r, h, p0, prow, n_chunks, rows, 0, 0))
+                for c in range(n_chunks):
+                    lo, hi = c * chunk, min(kv, (c + 1) * chunk)
+                    items.append((r, h, p0, prow + c * rows, lo, hi, 0, 0))
+                    cost.append(max(0, min(hi, int(tcost[t])) - lo))
+                prow += n_chunks * rows
+    it = np.array(items, dtype=np.int32).reshape(-1, 8)
+    order = np.argsort(-np.asarray(cost, dtype=np.int64), kind="stable")
+    return PrefillSchedule(it[order], np.array(merges, dtype=np.int32).reshape(-1, 8), prow)

@@ -1,0 +1,154 @@
+"""Prefill benchmark (issue 4): TFLOP/s against a bf16 matmul measured in the same run, with torch SDPA
+(flash and cuDNN backends) and FlashInfer when importable, on the same shapes.
+
+Shapes: bf16, head_dim 128. Single prefill: causal L=4096 32/32 heads, causal L=8192 32/8, non-causal
+L=4096 32/32. Batch paged: 16 requests appending 1024 tokens to 1024 cached (32/8 heads, page 16,
+causal). Ragged: 64 requests of random lengths 128..2048 (32/8 heads, causal). FLOPs: 4*Lq*Lkv*H*D
+(2 matmuls), with (2*Lkv - Lq)*Lq/2 in place of Lq*Lkv for causal (the unmasked part only).
+Times: median of CUDA-event timings of CUDA-graph replays after warm-up.
+
+    python bench/bench_prefill.py [--only single|paged|ragged]
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import fi_cupy  # noqa: E402
+from fi_cupy._core import compile as cc, kernels  # noqa: E402
+
+D = 128
+SINGLE = [("single causal L=4096 32/32", 4096, 32, 32, True), ("single causal L=8192 32/8", 8192, 32, 8, True),
+          ("single non-causal L=4096 32/32", 4096, 32, 32, False)]
+
+
+def flops(qo, kv, h, causal):
+    pairs = (2 * kv - qo) * qo / 2 if causal else qo * kv
+    return 4 * pairs * h * D
+
+
+def matmul_tflops(torch):
+    n = 8192
+    a = torch.randn((n, n), device="cuda", dtype=torch.bfloat16)
+    b = torch.randn((n, n), device="cuda", dtype=torch.bfloat16)
+    t = common.time_graph(lambda: torch.matmul(a, b), calls_per_graph=5, replays=10)
+    return 2 * n ** 3 / t / 1e12
+
+
+def single_case(torch, name, L, hq, hkv, causal):
+    q = torch.randn((L, hq, D), device="cuda", dtype=torch.bfloat16)
+    k = torch.randn((L, hkv, D), device="cuda", dtype=torch.bfloat16)
+    v = torch.randn((L, hkv, D), device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    f = flops(L, L, hq, causal)
+    res = {"ours": common.time_graph(lambda: fi_cupy.single_prefill_with_kv_cache(q, k, v, causal=causal, out=out),
+                                     calls_per_graph=3, replays=10)}
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    for label, backend in (("torch flash", SDPBackend.FLASH_ATTENTION), ("torch cuDNN", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            def fn():
+                with sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=hq != hkv)
+            res[label] = common.time_graph(fn, calls_per_graph=3, replays=10)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run this shape is reported as '-'
+            print(f"{label} {name}: {type(e).__name__}: {str(e)[:120]}")
+            res[label] = None
+    try:
+        import flashinfer
+        res["FlashInfer"] = common.time_graph(lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, causal=causal),
+                                              calls_per_graph=3, replays=10)
+    except ImportError:
+        res["FlashInfer"] = None
+    return f, res
+
+
+def paged_case(torch):
+    batch, new, cached, hq, hkv, ps = 16, 1024, 1024, 32, 8, 16
+    kv_len = new + cached
+    pages_per = kv_len // ps
+    cache = torch.randn((batch * pages_per, 2, ps, hkv, D), device="cuda", dtype=torch.bfloat16)
+    indices = np.random.default_rng(0).permutation(batch * pages_per).astype(np.int32)
+    indptr = (np.arange(batch + 1) * pages_per).astype(np.int32)
+    last = np.full(batch, ps, np.int32)
+    qo_indptr = (np.arange(batch + 1) * new).astype(np.int32)
+    q = torch.randn((batch * new, hq, D), device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+    w.plan(qo_indptr, indptr, indices, last, hq, hkv, D, ps, causal=True, q_data_type="bfloat16")
+    res = {"ours": common.time_graph(lambda: w.run(q, cache, out=out), calls_per_graph=5, replays=10)}
+    try:
+        import flashinfer
+        fw = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+        to = lambda a: torch.as_tensor(a, device="cuda")
+        fw.plan(to(qo_indptr), to(indptr), to(indices), to(last), hq, hkv, D, ps, causal=True,
+                q_data_type=torch.bfloat16)
+        res["FlashInfer"] = common.time_graph(lambda: fw.run(q, cache), calls_per_graph=5, replays=10)
+    except ImportError:
+        res["FlashInfer"] = None
+    return batch * flops(new, kv_len, hq, True), res
+
+
+def ragged_case(torch):
+    hq, hkv = 32, 8
+    lens = np.random.default_rng(1).integers(128, 2049, size=64)
+    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    n = int(indptr[-1])
+    q = torch.randn((n, hq, D), device="cuda", dtype=torch.bfloat16)
+    k = torch.randn((n, hkv, D), device="cuda", dtype=torch.bfloat16)
+    v = torch.randn((n, hkv, D), device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+    w.plan(indptr, indptr, hq, hkv, D, causal=True, q_data_type="bfloat16")
+    res = {"ours": common.time_graph(lambda: w.run(q, k, v, out=out), calls_per_graph=5, replays=10)}
+    try:
+        import flashinfer
+        fw = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+        to = lambda a: torch.as_tensor(a, device="cuda")
+        fw.plan(to(indptr), to(indptr), hq, hkv, D, causal=True, q_data_type=torch.bfloat16)
+        res["FlashInfer"] = common.time_graph(lambda: fw.run(q, k, v), calls_per_graph=5, replays=10)
+    except ImportError:
+        res["FlashInfer"] = None
+    return float(sum(flops(int(L), int(L), hq, True) for L in lens)), res
+
+
+def main():
+    torch = common.torch_or_none()
+    if torch is None:
+        sys.exit("bench_prefill.py needs torch with CUDA")
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    props = kernels.device_props(0)
+    print(f"device: {props['name']} ({props['sms']} SMs, {kernels.device_arch(0)}), NVRTC {cc.nvrtc_version()}")
+    mm = matmul_tflops(torch)
+    cases = []
+    if only in (None, "single"):
+        for name, L, hq, hkv, causal in SINGLE:
+            cases.append((name,) + single_case(torch, name, L, hq, hkv, causal))
+            torch.cuda.empty_cache()
+    if only in (None, "paged"):
+        cases.append(("batch paged 16 x (1024 new + 1024 cached) 32/8 p16",) + paged_case(torch))
+    if only in (None, "ragged"):
+        cases.append(("ragged 64 x U[128, 2048] causal 32/8",) + ragged_case(torch))
+    mm = max(mm, matmul_tflops(torch))
+    peers = ["torch flash", "torch cuDNN", "FlashInfer"]
+    tf = lambda f, t: "-" if t is None else f"{f / t / 1e12:.0f}"
+    rows, data = [], []
+    for name, f, res in cases:
+        t = res["ours"]
+        rows.append([name, f"{t * 1e3:.3f}", tf(f, t), f"{100 * f / t / 1e12 / mm:.0f}%"] +
+                    [tf(f, res.get(p)) for p in peers])
+        data.append({"case": name, "ms": t * 1e3, "TFLOPs": f / t / 1e12, "pct_matmul": 100 * f / t / 1e12 / mm,
+                     **{p: (None if res.get(p) is None else f / res[p] / 1e12) for p in peers}})
+    common.print_table(f"prefill bf16 d{D}; bf16 matmul {mm:.0f} TFLOP/s (same run); TFLOP/s, median of graph replays",
+                       ["case", "ms", "TFLOP/s", "of matmul"] + [p + " TFLOP/s" for p in peers], rows)
+    common.save_json("bench_prefill.json", {"device": props["name"], "matmul_TFLOPs": mm, "rows": data})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,526 @@
+// Prefill attention on tensor cores (mma.sync m16n8k16, fp32 accumulation, online softmax in base 2).
+//
+// Rows. Queries of one KV head are "packed": packed row p of a request is query token p / group,
+// query head kv_head * group + p % group, so a GQA group shares every K/V tile it reads. A CTA owns
+// kRows consecutive packed rows of one (request, KV head); warp w owns MT slices of 16 of them.
+//
+// Work. The host plan (fi_cupy/scheduler.py) lists work items: (request, KV head, first packed row,
+// partial row or -1) and a KV range. An item with the whole KV range writes the output directly; an
+// item of a request whose KV range was cut (few query tiles, long context) writes float32 partial
+// states that prefill_merge_kernel combines. CTAs stride over the items (count read on the device),
+// so a CUDA graph replays any re-plan with the same grid.
+//
+// Pipeline. Q stays in shared memory; K and V tiles of kKV keys stream through two stages of
+// cp.async copies (16-byte chunks, XOR-swizzled so ldmatrix is free of bank conflicts): tile t + 1
+// is in flight while tile t is computed. fp8 KV lands raw and is widened to the q dtype in one pass;
+// RoPE on the fly rotates Q as it is loaded and each K tile in shared memory.
+//
+// Masks. Causal (bottom-right aligned: query i sees keys up to kv_len - qo_len + i), sliding window,
+// packed custom mask (little-endian bits, per request at a byte offset) and the KV bounds are applied
+// only to tiles that straddle one of them; the others run without a per-element test.
+#include "common/types.cuh"
+#include "common/math.cuh"
+#include "common/async_copy.cuh"
+#include "common/mma.cuh"
+#include "common/rope.cuh"
+#include "common/pdl.cuh"
+
+namespace fic {
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+template <typename T> struct Is16Bit { static constexpr bool value = false; };
+template <> struct Is16Bit<half_t> { static constexpr bool value = true; };
+template <> struct Is16Bit<bf16_t> { static constexpr bool value = true; };
+
+// D: head dim (a multiple of 64, <= 256). MT: 16-row slices a warp owns. WARPS: warps a CTA.
+template <int D, int MT, int WARPS, typename KVT>
+struct PrefillCfg {
+  static_assert(D % 64 == 0 && D <= 256, "prefill head_dim must be 64, 128, 192 or 256");
+  static constexpr int kThreads = WARPS * 32;
+  static constexpr int kRows = WARPS * MT * 16;      // packed query rows a CTA
+  static constexpr int kKV = D <= 128 ? 64 : 32;     // keys a tile
+  static constexpr int kChunks = D / 8;              // 16-byte chunks of a 16-bit row
+  static constexpr bool kRaw = !Is16Bit<KVT>::value; // fp8: copied raw, widened in shared memory
+  static constexpr int kTile = kKV * D;              // elements of one K or V tile
+  static constexpr int kQBytes = kRows * D * 2;
+  static constexpr int kStageBytes = 2 * kTile * 2;  // K and V, 16-bit
+  static constexpr int kRawStageBytes = 2 * kTile;   // K and V, fp8
+  // 16-bit: Q | 2 stages. fp8: Q | 1 widened stage | 1 raw stage (tile t + 1 lands raw while tile t
+  // is computed from the widened stage).
+  static constexpr int kSmemBytes = kRaw ? kQBytes + kStageBytes + kRawStageBytes : kQBytes + 2 * kStageBytes;
+  static constexpr int kMinBlocks = WARPS == 8 ? 1 : 2;  // 255 registers a thread at most
+};
+
+// Element (row, col) of a [rows][D] 16-bit tile: 16-byte chunks XOR-swizzled by row % 8.
+template <int D>
+__device__ __forceinline__ int swz(int row, int chunk) {
+  return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+__device__ __forceinline__ void widen8(half_t, uint2 raw, uint4& out, bool e5m2) {
+  const unsigned short w[4] = {(unsigned short)raw.x, (unsigned short)(raw.x >> 16), (unsigned short)raw.y,
+                               (unsigned short)(raw.y >> 16)};
+  unsigned int* o = reinterpret_cast<unsigned int*>(&out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i]), e5m2 ? __NV_E5M2 : __NV_E4M3);
+    o[i] = static_cast<unsigned int>(h.x) | (static_cast<unsigned int>(h.y) << 16);
+  }
+}
+__device__ __forceinline__ void widen8(bf16_t, uint2 raw, uint4& out, bool e5m2) {
+  uint4 h;
+  widen8(half_t(), raw, h, e5m2);
+  const unsigned int* hi = reinterpret_cast<const unsigned int*>(&h);
+  unsigned int* o = reinterpret_cast<unsigned int*>(&out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // fp8 values are exact in bf16
+    const float2 f = to_float2(half_t(), hi[i]);
+    o[i] = pack2(bf16_t(), f.x, f.y);
+  }
+}
+
+// Rotate two 8-element halves (dims i and i + D/2) of a 16-bit row in place at position pos.
+template <typename T>
+__device__ __forceinline__ void rope_pair(uint4& lo, uint4& hi, const float (&freq)[8], float pos) {
+  float a[8], b[8];
+  unpack8<T>(lo, a);
+  unpack8<T>(hi, b);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    float s, c;
+    rope_sincos(pos * freq[e], &s, &c);
+    const float x = a[e], y = b[e];
+    a[e] = x * c - y * s;
+    b[e] = y * c + x * s;
+  }
+  lo = make_uint4(pack2(T(), a[0], a[1]), pack2(T(), a[2], a[3]), pack2(T(), a[4], a[5]), pack2(T(), a[6], a[7]));
+  hi = make_uint4(pack2(T(), b[0], b[1]), pack2(T(), b[2], b[3]), pack2(T(), b[4], b[5]), pack2(T(), b[6], b[7]));
+}
+
+// Variant flags (template): logits soft cap, packed custom mask. Each costs registers and code in the
+// inner loop, so kernels without them do not carry them.
+constexpr int kSoftCap = 1, kCustomMask = 2;
+
+template <int D, int MT, int WARPS, typename T, typename KVT, bool PAGED, bool ROPE, int FLAGS>
+__global__ void __launch_bounds__(WARPS * 32, PrefillCfg<D, MT, WARPS, KVT>::kMinBlocks)
+prefill_kernel(const T* __restrict__ q, long long q_stride_n, long long q_stride_h,
+               const KVT* __restrict__ k_base, const KVT* __restrict__ v_base,
+               long long kv_stride_page, long long kv_stride_slot, long long kv_stride_head,
+               const int* __restrict__ qo_indptr, const int* __restrict__ kv_indptr,
+               const int* __restrict__ page_indices, const int* __restrict__ kv_lens,
+               const unsigned char* __restrict__ custom_mask, const long long* __restrict__ mask_offset,
+               const int4* __restrict__ items, const int* __restrict__ num_items,
+               T* __restrict__ out, long long o_stride_n, long long o_stride_h, float* __restrict__ lse,
+               float* __restrict__ part_o, float* __restrict__ part_lse,
+               int num_qo_heads, int group_size, unsigned int page_size, unsigned int page_div_mul,
+               unsigned int page_div_shift, int causal, int window_left, float sm_scale, float soft_cap,
+               float v_scale, float rope_rcp_scale, double rope_log2_theta, int e5m2) {
+  using C = PrefillCfg<D, MT, WARPS, KVT>;
+  constexpr int KV = C::kKV, NT = KV / 8, DT = D / 8, KS = D / 16;
+  constexpr int kThreads = C::kThreads, kChunks = C::kChunks;
+  pdl_begin();
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* q_s = reinterpret_cast<T*>(smem);
+  T* stage_s = reinterpret_cast<T*>(smem + C::kQBytes);  // 16-bit: 2 stages; fp8: the widened stage
+  unsigned char* raw_s = smem + C::kQBytes + C::kStageBytes;   // fp8 only: the raw stage
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, c = lane % 4;
+  const FastDiv page_div = {page_size, page_div_mul, page_div_shift};
+  constexpr bool capped = (FLAGS & kSoftCap) != 0, masked = (FLAGS & kCustomMask) != 0;
+  // exp2 argument scale: logits in base 2. With a soft cap the scores are capped first.
+  const float scale = capped ? FIC_LOG2E : sm_scale * FIC_LOG2E;
+  const float cap_pre = capped ? sm_scale * ptx_rcp(soft_cap) : 0.f;
+
+  float freq[8];  // RoPE: inverse frequencies of the 8 dims of this thread's pair chunk
+  if (ROPE) {
+    const int pc = threadIdx.x % (kChunks / 2);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) freq[e] = (float)rope_theta_freq(pc * 8 + e, D, rope_log2_theta) * rope_rcp_scale;
+  }
+
+  const int n_items = *num_items;
+  for (int it = blockIdx.x; it < n_items; it += gridDim.x) {
+    const int4 ia = items[2 * it], ib = items[2 * it + 1];
+    const int req = ia.x, kv_head = ia.y, p0 = ia.z, prow = ia.w;
+    const int qo_start = qo_indptr[req], qo_len = qo_indptr[req + 1] - qo_start;
+    const int kv_len = kv_lens[req], kv_off = kv_indptr[req];
+    const int packed_len = qo_len * group_size;
+    const int delta = kv_len - qo_len;  // query i sits at key position i + delta
+    const int t_lo = p0 / group_size;
+    const int t_hi = (min(p0 + C::kRows, packed_len) - 1) / group_size;
+    int lo = ib.x, hi = min(ib.y, kv_len);
+    if (causal) hi = min(hi, t_hi + delta + 1);
+    if (window_left >= 0) lo = max(lo, t_lo + delta - window_left);
+    const int n_tiles = hi > lo ? (hi - lo + KV - 1) / KV : 0;
+    const long long head_off = (long long)kv_head * kv_stride_head;
+    const KVT* k_req = k_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
+    const KVT* v_req = v_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
+
+    __syncthreads();  // the previous item's warps are done with shared memory
+    const int tid = (int)opaque(threadIdx.x);  // per-item index math stays inside the item loop
+
+    // Q tile: packed rows p0 .. p0 + kRows (zeros past the request).
+    if (!ROPE) {
+#pragma unroll
+      for (int i = 0; i < C::kRows * kChunks / kThreads; ++i) {
+        const int idx = i * kThreads + tid, row = idx / kChunks, ch = idx % kChunks;
+        const int p = p0 + row;
+        const bool ok = p < packed_len;
+        const int tok = ok ? p / group_size : 0, h = kv_head * group_size + (ok ? p - tok * group_size : 0);
+        cp_async<16>(q_s + swz<D>(row, ch), q + (long long)(qo_start + tok) * q_stride_n + h * q_stride_h + ch * 8, ok);
+      }
+    } else {
+      constexpr int H = kChunks / 2;
+#pragma unroll
+      for (int i = 0; i < C::kRows * H / kThreads; ++i) {
+        const int idx = i * kThreads + tid, row = idx / H, ch = idx % H;
+        const int p = p0 + row;
+        uint4 a = make_uint4(0, 0, 0, 0), b = a;
+        if (p < packed_len) {
+          const int tok = p / group_size, h = kv_head * group_size + p - tok * group_size;
+          const T* src = q + (long long)(qo_start + tok) * q_stride_n + h * q_stride_h + ch * 8;
+          a = *reinterpret_cast<const uint4*>(src);
+          b = *reinterpret_cast<const uint4*>(src + D / 2);
+          rope_pair<T>(a, b, freq, (float)(tok + delta));
+        }
+        *reinterpret_cast<uint4*>(q_s + swz<D>(row, ch)) = a;
+        *reinterpret_cast<uint4*>(q_s + swz<D>(row, ch + H)) = b;
+      }
+    }
+
+    // K/V tile t into its stage: rows lo + t*KV .. (zeros past hi).
+    auto issue = [&](int t) {
+      if (t < n_tiles) {
+        const int j0 = lo + t * KV;
+        constexpr int RC = C::kRaw ? D / 16 : kChunks;  // 16-byte chunks a row
+        constexpr int kStep = kThreads / RC;
+        // Opaque row and stride: the per-row addresses are rebuilt each tile rather than hoisted
+        // out of the KV loop into (spilled) registers.
+        const int ch = tid % RC, row0 = (int)opaque(tid / RC);
+        const int e0 = ch * (C::kRaw ? 16 : 8);
+        const long long slot_stride = ((long long)opaque((unsigned)(kv_stride_slot >> 32)) << 32) |
+                                      opaque((unsigned)kv_stride_slot);
+#pragma unroll
+        for (int i = 0; i < KV / kStep; ++i) {
+          const int row = row0 + i * kStep, j = j0 + row;
+          const bool ok = j < hi;
+          long long off = 0;
+          if (ok) {
+            if (PAGED) {
+              const unsigned pg = page_div.quot(j);
+              off = (long long)page_indices[kv_off + pg] * kv_stride_page + (long long)(j - pg * page_size) * slot_stride;
+            } else {
+              off = (long long)j * slot_stride;
+            }
+          }
+          if (C::kRaw) {
+            unsigned char* st = raw_s;
+            cp_async<16>(st + row * D + e0, k_req + off + e0, ok);
+            cp_async<16>(st + C::kTile + row * D + e0, v_req + off + e0, ok);
+          } else {
+            T* st = stage_s + (t & 1) * 2 * C::kTile;
+            cp_async<16>(st + swz<D>(row, ch), k_req + off + e0, ok);
+            cp_async<16>(st + C::kTile + swz<D>(row, ch), v_req + off + e0, ok);
+          }
+        }
+      }
+      cp_async_commit();
+    };
+    issue(0);
+
+    // Rows this thread's fragments hold: [mt][half] -> query token (clamped for rows past the end).
+    int tok[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int p = p0 + (warp * MT + mt) * 16 + g + 8 * h;
+        tok[mt][h] = min(p, packed_len - 1) / group_size;
+      }
+    const long long mask_base = masked ? mask_offset[req] * 8 : 0;
+
+    float o[MT][DT][4];
+    float m[MT][2], dsum[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      m[mt][0] = m[mt][1] = neg_inf();
+      dsum[mt][0] = dsum[mt][1] = 0.f;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+    }
+
+    for (int t = 0; t < n_tiles; ++t) {
+      cp_async_wait<0>();
+      __syncthreads();  // tile t visible to all; every warp is done with tile t - 1's stage
+      const T* ks;
+      if (C::kRaw) {
+        // Widen (and rotate) the raw stage into the 16-bit stage, then start the next copy.
+        const unsigned char* st = raw_s;
+        T* dst = stage_s;
+        constexpr int H = kChunks / 2;
+        for (int idx = tid; idx < KV * H; idx += kThreads) {
+          const int row = idx / H, ch = idx % H;
+          uint4 a, b, va, vb;
+          widen8(T(), *reinterpret_cast<const uint2*>(st + row * D + ch * 8), a, e5m2);
+          widen8(T(), *reinterpret_cast<const uint2*>(st + row * D + ch * 8 + D / 2), b, e5m2);
+          widen8(T(), *reinterpret_cast<const uint2*>(st + C::kTile + row * D + ch * 8), va, e5m2);
+          widen8(T(), *reinterpret_cast<const uint2*>(st + C::kTile + row * D + ch * 8 + D / 2), vb, e5m2);
+          if (ROPE) rope_pair<T>(a, b, freq, (float)(lo + t * KV + row));
+          *reinterpret_cast<uint4*>(dst + swz<D>(row, ch)) = a;
+          *reinterpret_cast<uint4*>(dst + swz<D>(row, ch + H)) = b;
+          *reinterpret_cast<uint4*>(dst + C::kTile + swz<D>(row, ch)) = va;
+          *reinterpret_cast<uint4*>(dst + C::kTile + swz<D>(row, ch + H)) = vb;
+        }
+        __syncthreads();
+        ks = stage_s;
+        issue(t + 1);
+      } else {
+        issue(t + 1);
+        ks = stage_s + (t & 1) * 2 * C::kTile;
+        if (ROPE) {
+          T* kw = const_cast<T*>(ks);
+          constexpr int H = kChunks / 2;
+          for (int idx = tid; idx < KV * H; idx += kThreads) {
+            const int row = idx / H, ch = idx % H;
+            uint4 a = *reinterpret_cast<const uint4*>(kw + swz<D>(row, ch));
+            uint4 b = *reinterpret_cast<const uint4*>(kw + swz<D>(row, ch + H));
+            rope_pair<T>(a, b, freq, (float)(lo + t * KV + row));
+            *reinterpret_cast<uint4*>(kw + swz<D>(row, ch)) = a;
+            *reinterpret_cast<uint4*>(kw + swz<D>(row, ch + H)) = b;
+          }
+          __syncthreads();
+        }
+      }
+      const T* vs = ks + C::kTile;
+      const int j0 = lo + t * KV;
+
+      // S = Q K^T for this warp's MT x 16 rows and KV keys.
+      float s[MT][NT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+      // Swizzled ldmatrix addresses: chunk (2kk + b) ^ (row & 7) = ((b ^ row & 7) ^ 2kk), so a step
+      // along the head dim is one XOR of the lane's column byte offset (rebuilt each tile, not hoisted).
+      const unsigned r7 = lane & 7;
+      const unsigned q_row = opaque(smem_u32(q_s) + ((warp * MT) * 16 + r7 + ((lane >> 3) & 1) * 8) * (D * 2));
+      const unsigned q_col = opaque((((lane >> 4) ^ r7) << 4));
+      const unsigned k_row = opaque(smem_u32(ks) + (r7 + (lane >> 4) * 8) * (D * 2));
+      const unsigned k_col = opaque(((((lane >> 3) & 1) ^ r7) << 4));
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        unsigned a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], q_row + mt * 16 * D * 2 + (q_col ^ (kk << 5)));
+        const unsigned kc = k_row + (k_col ^ (kk << 5));
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+          unsigned b[4];
+          ldmatrix_x4(b, kc + np * 16 * D * 2);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_16816<T>(s[mt][2 * np], a[mt], b[0], b[1]);
+            mma_16816<T>(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+          }
+        }
+      }
+
+      if (capped) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mt][nt][e] = soft_cap * tanh_inline(s[mt][nt][e] * cap_pre);
+      }
+
+      // Element masks only where the tile straddles a bound.
+      const bool edge = j0 + KV > hi || (causal && j0 + KV - 1 > t_lo + delta) ||
+                        (window_left >= 0 && j0 < t_hi + delta - window_left) || masked;
+      if (edge) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int ti = tok[mt][h], last = causal ? ti + delta : 0x7fffffff;
+            const int first = window_left >= 0 ? ti + delta - window_left : -0x7fffffff;
+            const long long mrow = mask_base + (long long)ti * kv_len;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int j = j0 + nt * 8 + 2 * c + e;
+                bool ok = j < hi && j <= last && j >= first;
+                if (masked && ok) {
+                  const long long bit = mrow + j;
+                  ok = (custom_mask[bit >> 3] >> (bit & 7)) & 1;
+                }
+                if (!ok) s[mt][nt][2 * h + e] = neg_inf();
+              }
+          }
+      }
+
+      // Online softmax: rows g and g + 8 of each slice, a row spread over the 4 lanes of a quad.
+      // New maxima first (rescaling O), then P is made one 16-key step at a time and multiplied into
+      // O at once, so the scores die as P is formed (no P array beside S and O in registers).
+      float ms[MT][2];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float mx = m[mt][h];
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          ms[mt][h] = mx == neg_inf() ? 0.f : mx * scale;
+          const float alpha = ptx_exp2(m[mt][h] * scale - ms[mt][h]);
+          m[mt][h] = mx;
+          dsum[mt][h] *= alpha;
+#pragma unroll
+          for (int dt = 0; dt < DT; ++dt) {
+            o[mt][dt][2 * h] *= alpha;
+            o[mt][dt][2 * h + 1] *= alpha;
+          }
+        }
+      }
+      const unsigned v_row = opaque(smem_u32(vs) + (r7 + ((lane >> 3) & 1) * 8) * (D * 2));
+      const unsigned v_col = opaque((((lane >> 4) ^ r7) << 4));
+#pragma unroll
+      for (int kk = 0; kk < KV / 16; ++kk) {
+        // C fragments of key tiles 2kk, 2kk + 1 -> the A fragment of this k-step (P on the left).
+        unsigned pa[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int e2 = 0; e2 < 2; ++e2)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const float x0 = ptx_exp2(fmaf(s[mt][2 * kk + e2][2 * h], scale, -ms[mt][h]));
+              const float x1 = ptx_exp2(fmaf(s[mt][2 * kk + e2][2 * h + 1], scale, -ms[mt][h]));
+              dsum[mt][h] += x0 + x1;
+              pa[mt][e2 * 2 + h] = pack2(T(), x0, x1);
+            }
+#pragma unroll
+        for (int dp = 0; dp < DT / 2; ++dp) {
+          unsigned b[4];
+          ldmatrix_x4_trans(b, v_row + kk * 16 * D * 2 + (v_col ^ (dp << 5)));
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_16816<T>(o[mt][2 * dp], pa[mt], b[0], b[1]);
+            mma_16816<T>(o[mt][2 * dp + 1], pa[mt], b[2], b[3]);
+          }
+        }
+      }
+    }
+    if (n_tiles == 0) {  // no loop barrier ran: other threads' Q copies may still land in our rows
+      cp_async_wait<0>();
+      __syncthreads();
+    }
+
+    // Epilogue: finish the row sums, normalise, write (directly or as a float32 partial row).
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float d = dsum[mt][h];
+        d += __shfl_xor_sync(0xffffffffu, d, 1);
+        d += __shfl_xor_sync(0xffffffffu, d, 2);
+        const float inv = d > 0.f ? ptx_rcp(d) * v_scale : 0.f;
+        const float l = d > 0.f ? (m[mt][h] * scale + __log2f(d)) : neg_inf();
+        const int r = (warp * MT + mt) * 16 + g + 8 * h, p = p0 + r;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          o[mt][dt][2 * h] *= inv;
+          o[mt][dt][2 * h + 1] *= inv;
+        }
+        if (p < packed_len && c == 0) {
+          if (prow >= 0) {
+            part_lse[prow + r] = l;
+          } else if (lse != nullptr) {
+            const int ti = p / group_size;
+            lse[(long long)(qo_start + ti) * num_qo_heads + kv_head * group_size + p - ti * group_size] = l;
+          }
+        }
+        if (prow >= 0 && p < packed_len) {
+          float* dst = part_o + (long long)(prow + r) * D + 2 * c;
+#pragma unroll
+          for (int dt = 0; dt < DT; ++dt)
+            *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[mt][dt][2 * h], o[mt][dt][2 * h + 1]);
+        }
+      }
+    if (prow < 0) {
+      // Stage this warp's rows in its own Q rows (no other warp reads them), then 16-byte stores.
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = (warp * MT + mt) * 16 + g + 8 * h;
+#pragma unroll
+          for (int dt = 0; dt < DT; ++dt)
+            *reinterpret_cast<unsigned*>(q_s + swz<D>(r, dt) + 2 * c) = pack2(T(), o[mt][dt][2 * h], o[mt][dt][2 * h + 1]);
+        }
+      __syncwarp();
+#pragma unroll
+      for (int i = 0; i < MT * 16 * kChunks / 32; ++i) {
+        const int idx = i * 32 + lane, r = warp * MT * 16 + idx / kChunks, ch = idx % kChunks;
+        const int p = p0 + r;
+        if (p < packed_len) {
+          const int ti = p / group_size, h = kv_head * group_size + p - ti * group_size;
+          *reinterpret_cast<uint4*>(out + (long long)(qo_start + ti) * o_stride_n + h * o_stride_h + ch * 8) =
+              *reinterpret_cast<const uint4*>(q_s + swz<D>(r, ch));
+        }
+      }
+    }
+  }
+}
+
+// Merge the float32 partial states of (request, KV head, query tile)s whose KV range was cut.
+// Item: {request, kv_head, first packed row, first partial row}, {chunks, rows a chunk, -, -}; chunk c
+// of packed row r is partial row base + c * rows + r.
+template <int D, typename T>
+__global__ void __launch_bounds__(128)
+prefill_merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_lse,
+                     const int4* __restrict__ items, const int* __restrict__ num_items,
+                     const int* __restrict__ qo_indptr, T* __restrict__ out, long long o_stride_n,
+                     long long o_stride_h, float* __restrict__ lse, int num_qo_heads, int group_size) {
+  pdl_begin();
+  constexpr int kChunks = D / 8;
+  const int n_items = *num_items;
+  for (int it = blockIdx.x; it < n_items; it += gridDim.x) {
+    const int4 ia = items[2 * it], ib = items[2 * it + 1];
+    const int req = ia.x, kv_head = ia.y, p0 = ia.z, base = ia.w, chunks = ib.x, rows = ib.y;
+    const int qo_start = qo_indptr[req];
+    const int packed_len = (qo_indptr[req + 1] - qo_start) * group_size;
+    const int n_rows = min(rows, packed_len - p0);
+    for (int idx = threadIdx.x; idx < n_rows * kChunks; idx += blockDim.x) {
+      const int r = idx / kChunks, d0 = (idx % kChunks) * 8;
+      float mx = neg_inf();
+      for (int k = 0; k < chunks; ++k) mx = fmaxf(mx, part_lse[base + k * rows + r]);
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, wsum = 0.f;
+      if (mx != neg_inf()) {
+        for (int k = 0; k < chunks; ++k) {
+          const long long pr = base + k * rows + r;
+          const float w = ptx_exp2(part_lse[pr] - mx);
+          float a[8];
+          load8<float>(part_o + pr * D + d0, a);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, a[e], acc[e]);
+          wsum += w;
+        }
+      }
+      const float inv = wsum > 0.f ? ptx_rcp(wsum) : 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] *= inv;
+      const int p = p0 + r, ti = p / group_size, h = kv_head * group_size + p - ti * group_size;
+      store8<T>(out + (long long)(qo_start + ti) * o_stride_n + h * o_stride_h + d0, acc);
+      if (lse != nullptr && d0 == 0)
+        lse[(long long)(qo_start + ti) * num_qo_heads + h] = wsum > 0.f ? mx + __log2f(wsum) : neg_inf();
+    }
+  }
+}
+
+}  // namespace fic

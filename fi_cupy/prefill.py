@@ -1,0 +1,648 @@
+"""Prefill attention on tensor cores: `single_prefill_with_kv_cache`,
+`BatchPrefillWithPagedKVCacheWrapper` and `BatchPrefillWithRaggedKVCacheWrapper` (cuda_src/prefill.cu).
+
+Supported (README "Prefill"): head_dim 64, 128, 256; q fp16/bf16; KV the q dtype, or fp8 (e4m3fn,
+e5m2) on the paged path; any GQA group; NHD and HND; causal (bottom-right aligned: with qo_len <
+kv_len, query i sees keys 0 .. kv_len - qo_len + i), sliding window, custom masks (boolean or
+packed little-endian), logits soft cap, RoPE on the fly (q at kv_len - qo_len + i, k at its index),
+lse in base 2. Rows that see no key (empty KV, a mask hiding everything) give o = 0, lse = -inf.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import scheduler
+from .packbits import packed_indptr, segment_packbits
+from .page import KVView, LAYOUTS, describe_paged_cache
+from ._core import arrays, checks, kernels, streams
+from ._core import dtypes as dt
+from ._core.fastdiv import fastdiv_params
+from ._core.kernels import KernelSpec, Program, f32, f64, i32, i64, ptr, u32
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+Q_DTYPES = (dt.float16, dt.bfloat16)
+FP8 = (dt.float8_e4m3fn, dt.float8_e5m2)
+POS_ENCODINGS = ("NONE", "ROPE_LLAMA")
+SOFT_CAP, CUSTOM_MASK = 1, 2  # variant flags (cuda_src/prefill.cu kSoftCap, kCustomMask)
+_ALIGN = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel variants
+
+
+@dataclass(frozen=True)
+class TileShape:
+    mt: int      # 16-row slices a warp owns
+    warps: int
+
+    @property
+    def rows(self) -> int:
+        return self.warps * self.mt * 16
+
+    @property
+    def threads(self) -> int:
+        return self.warps * 32
+
+
+def tile_shapes(head_dim: int) -> tuple:
+    """(large, small) query tiles: 128 packed rows, or 64 when every request's packed rows fit."""
+    return (TileShape(2, 4), TileShape(1, 4)) if head_dim <= 128 else (TileShape(1, 8), TileShape(1, 4))
+
+
+def pick_tile(head_dim: int, max_packed_rows: int) -> TileShape:
+    large, small = tile_shapes(head_dim)
+    return small if max_packed_rows <= small.rows else large
+
+
+def smem_bytes(head_dim: int, tile: TileShape, kv_dtype: dt.DType) -> int:
+    """PrefillCfg::kSmemBytes: Q tile, and two 16-bit K/V stages (fp8: one widened, one raw)."""
+    kv_tile = 64 if head_dim <= 128 else 32
+    q = tile.rows * head_dim * 2
+    stage = 2 * kv_tile * head_dim * 2
+    return q + stage + (2 * kv_tile * head_dim if kv_dtype in FP8 else stage)
+
+
+def prefill_program(head_dim: int, tile: TileShape, q_dtype: dt.DType, kv_dtype: dt.DType, paged: bool,
+                    rope: bool, flags: int) -> Program:
+    main = KernelSpec("fic::prefill_kernel", (head_dim, tile.mt, tile.warps, q_dtype.cpp, kv_dtype.cpp,
+                                              kernels.cpp_bool(paged), kernels.cpp_bool(rope), flags))
+    return Program("prefill.cu", (main, KernelSpec("fic::prefill_merge_kernel", (head_dim, q_dtype.cpp))))
+
+
+def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
+    """Every instantiation the API can launch (CI compiles them all)."""
+    out = []
+    for d in head_dims:
+        for tile in tile_shapes(d):
+            for q in Q_DTYPES:
+                for paged, kvs in ((True, (q,) + FP8), (False, (q,))):
+                    for kv in kvs:
+                        for rope in (False, True):
+                            for flags in range(4):
+                                out.append(prefill_program(d, tile, q, kv, paged, rope, flags))
+    return out
+
+
+def standard_programs() -> list:
+    """What `python -m fi_cupy precompile` builds: no RoPE, no soft cap, no custom mask."""
+    return [p for p in all_programs() if p.kernels[0].targs[-2] == "false" and p.kernels[0].targs[-1] == 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and plan (host side)
+
+
+@dataclass
+class PrefillParams:
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_dtype: dt.DType
+    kv_dtype: dt.DType
+    causal: bool
+    window_left: int
+    soft_cap: float
+    sm_scale: float
+    rope: bool
+    rope_scale: float
+    rope_theta: float
+    page_size: int = 0  # 0: ragged
+
+    @property
+    def group_size(self) -> int:
+        return self.num_qo_heads // self.num_kv_heads
+
+
+def make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, pos_encoding_mode, window_left,
+                logits_soft_cap, sm_scale, rope_scale, rope_theta, q_data_type, kv_data_type, paged: bool,
+                page_size: int = 0) -> PrefillParams:
+    num_qo_heads = checks.positive_int("num_qo_heads", num_qo_heads)
+    num_kv_heads = checks.positive_int("num_kv_heads", num_kv_heads)
+    checks.heads(num_qo_heads, num_kv_heads)
+    d = checks.positive_int("head_dim_qk", head_dim_qk)
+    checks.head_dim(d, SUPPORTED_HEAD_DIMS, "head_dim_qk")
+    if head_dim_vo is not None and head_dim_vo != d:
+        raise NotImplementedError(f"head_dim_vo: {head_dim_vo} != head_dim_qk {d} is not supported")
+    checks.choice("pos_encoding_mode", pos_encoding_mode, POS_ENCODINGS)
+    q_dtype = dt.as_dtype(q_data_type, "q_data_type")
+    if q_dtype not in Q_DTYPES:
+        raise TypeError(f"q_data_type: {q_dtype} is not supported; expected float16 or bfloat16")
+    kv_dtype = q_dtype if kv_data_type is None else dt.as_dtype(kv_data_type, "kv_data_type")
+    allowed = (q_dtype,) + (FP8 if paged else ())
+    if kv_dtype not in allowed:
+        raise TypeError(f"kv_data_type: {kv_dtype} is not supported with q {q_dtype}"
+                        f"{' on the paged path' if paged else ' (fp8 KV: paged path only)'}; expected "
+                        f"{' or '.join(str(k) for k in allowed)}")
+    if not isinstance(window_left, (int, np.integer)):
+        raise TypeError(f"window_left: expected an int (-1 for no window), got {window_left!r}")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal: expected a bool, got {causal!r}")
+    cap = checks.float_or_none("logits_soft_cap", logits_soft_cap) or 0.0
+    if cap < 0:
+        raise ValueError(f"logits_soft_cap: must be > 0 (or None/0 for none), got {cap}")
+    sm = checks.float_or_none("sm_scale", sm_scale)
+    rs = checks.float_or_none("rope_scale", rope_scale)
+    rt = checks.float_or_none("rope_theta", rope_theta)
+    if rs is not None and rs <= 0 or rt is not None and rt <= 0:
+        raise ValueError(f"rope_scale and rope_theta must be positive, got {rope_scale}, {rope_theta}")
+    return PrefillParams(num_qo_heads, num_kv_heads, d, q_dtype, kv_dtype, bool(causal), int(window_left), cap,
+                         1.0 / math.sqrt(d) if sm is None else sm, pos_encoding_mode == "ROPE_LLAMA",
+                         1.0 if rs is None else rs, 1e4 if rt is None else rt, page_size)
+
+
+@dataclass
+class PrefillPlan:
+    params: PrefillParams
+    batch_size: int
+    total_qo: int
+    tile: TileShape
+    num_items: int
+    num_merges: int
+    num_partial_rows: int
+    max_page: int           # paged: largest page index (-1 if none); ragged: kv_indptr[-1]
+    meta: np.ndarray        # int32 metadata, parts at `offsets` (16-byte aligned)
+    offsets: dict
+    partial_capacity: int   # partial rows the workspace holds
+    grid: int
+    merge_grid: int
+    mask: object = None     # packed custom mask (device array) and its info, or None
+
+    @property
+    def flags(self) -> int:
+        return (SOFT_CAP if self.params.soft_cap > 0 else 0) | (CUSTOM_MASK if self.mask is not None else 0)
+
+    def partial_bytes(self) -> int:
+        rows = self.partial_capacity
+        return _align(rows * self.params.head_dim * 4) + _align(rows * 4)
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.ndarray, kv_lens: np.ndarray,
+                 page_indices: np.ndarray | None, num_ctas: int, mask_offsets: np.ndarray | None,
+                 capacity: dict | None = None) -> tuple:
+    """(PrefillPlan without mask, sizes) for host metadata. kv_indptr: page indptr (paged) or token
+    offsets (ragged). capacity (CUDA graphs): fixed part sizes, so every device address stays put."""
+    batch = qo_indptr.size - 1
+    qo_lens = np.diff(qo_indptr)
+    max_packed = int(qo_lens.max(initial=0)) * params.group_size
+    tile = pick_tile(params.head_dim, max_packed) if capacity is None else capacity["tile"]
+    sch = scheduler.prefill_schedule(qo_lens, kv_lens, params.group_size, params.num_kv_heads, tile.rows,
+                                     num_ctas, params.causal)
+    counts = np.array([sch.items.shape[0], sch.merges.shape[0], 0, 0], dtype=np.int32)
+    idx = page_indices if page_indices is not None else np.zeros(0, np.int32)
+    moff = (mask_offsets if mask_offsets is not None else np.zeros(batch, np.int64)).astype(np.int64)
+    parts = [("counts", counts), ("items", sch.items.ravel()), ("merges", sch.merges.ravel()),
+             ("qo_indptr", qo_indptr), ("kv_indptr", kv_indptr), ("kv_lens", kv_lens),
+             ("mask_offset", moff.view(np.int32)), ("indices", idx)]
+    sizes = {n: a.size for n, a in parts}
+    if capacity is not None:
+        for n, a in parts:
+            if a.size > capacity["sizes"][n]:
+                raise ValueError(f"use_cuda_graph=True: this plan needs {a.size} entries of '{n}' metadata but the "
+                                 f"first plan reserved {capacity['sizes'][n]}; create a new wrapper for larger batches")
+        sizes = capacity["sizes"]
+    offsets, cur = {}, 0
+    for n, _ in parts:
+        offsets[n] = cur
+        cur += (sizes[n] + 3) // 4 * 4
+    meta = np.zeros(cur, dtype=np.int32)
+    for n, a in parts:
+        meta[offsets[n]: offsets[n] + a.size] = a
+    part_cap = sch.num_partial_rows if capacity is None else capacity["partial"]
+    if sch.num_partial_rows > part_cap:
+        raise ValueError("use_cuda_graph=True: this plan cuts more KV ranges than the first plan; create a new "
+                         "wrapper")
+    n_items, n_merges = int(counts[0]), int(counts[1])
+    if capacity is None:
+        grid, merge_grid = max(n_items, 1), max(n_merges, 1)
+    else:
+        grid, merge_grid = capacity["grid"], capacity["merge_grid"]
+    used = idx[: kv_indptr[-1]] if page_indices is not None else idx
+    max_page = int(used.max()) if used.size else -1
+    plan = PrefillPlan(params, batch, int(qo_indptr[-1]), tile, n_items, n_merges, sch.num_partial_rows,
+                       max_page, meta, offsets, part_cap, grid, merge_grid)
+    return plan, {"tile": tile, "sizes": sizes, "partial": part_cap, "grid": grid, "merge_grid": merge_grid}
+
+
+def num_ctas(params: PrefillParams, tile: TileShape, device: int, paged: bool, flags: int) -> int:
+    """One wave of the prefill kernel on `device` (compiles / loads the kernel)."""
+    prog = prefill_program(params.head_dim, tile, params.q_dtype, params.kv_dtype, paged, params.rope, flags)
+    fn = kernels.functions(prog, device)[prog.kernels[0]]
+    occ = fn.occupancy(tile.threads, smem_bytes(params.head_dim, tile, params.kv_dtype))
+    return kernels.device_props(device)["sms"] * max(occ, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch
+
+
+def launch_prefill(plan: PrefillPlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
+                   paged: bool, o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float, stream: int,
+                   always_merge: bool = False) -> None:
+    """Queue the prefill kernel, and the merge of cut KV ranges, on `stream`. No allocation, no sync."""
+    p = plan.params
+    prog = prefill_program(p.head_dim, plan.tile, p.q_dtype, kv.dtype, paged, p.rope, plan.flags)
+    fns = kernels.functions(prog, q.device)
+    main, merge = fns[prog.kernels[0]], fns[prog.kernels[1]]
+    off = {k: meta_ptr + 4 * v for k, v in plan.offsets.items()}
+    part_o = partial_ptr
+    part_lse = partial_ptr + _align(plan.partial_capacity * p.head_dim * 4)
+    _, mul, shift = fastdiv_params(max(p.page_size, 1))
+    pdl = kernels.pdl_supported(q.device)
+    mask_ptr = plan.mask[1].ptr if plan.mask is not None else 0
+    kernels.launch(main, (plan.grid,), (plan.tile.threads,), [
+        ptr(q), i64(q.strides[0]), i64(q.strides[1]),
+        ptr(kv.k_ptr), ptr(kv.v_ptr), i64(kv.stride_page), i64(kv.stride_slot), i64(kv.stride_head),
+        ptr(off["qo_indptr"]), ptr(off["kv_indptr"]), ptr(off["indices"]), ptr(off["kv_lens"]),
+        ptr(mask_ptr), ptr(off["mask_offset"]), ptr(off["items"]), ptr(off["counts"]),
+        ptr(o), i64(o.strides[0]), i64(o.strides[1]), ptr(l_info), ptr(part_o), ptr(part_lse),
+        i32(p.num_qo_heads), i32(p.group_size), u32(max(p.page_size, 1)), u32(mul), u32(shift),
+        i32(int(p.causal)), i32(p.window_left), f32(p.sm_scale * k_scale), f32(p.soft_cap), f32(v_scale),
+        f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)), i32(int(kv.dtype == dt.float8_e5m2)),
+    ], stream, q.device, smem=smem_bytes(p.head_dim, plan.tile, kv.dtype), pdl=pdl)
+    if always_merge or plan.num_merges:
+        kernels.launch(merge, (plan.merge_grid,), (128,), [
+            ptr(part_o), ptr(part_lse), ptr(off["merges"]), ptr(off["counts"] + 4), ptr(off["qo_indptr"]),
+            ptr(o), i64(o.strides[0]), i64(o.strides[1]), ptr(l_info), i32(p.num_qo_heads), i32(p.group_size),
+        ], stream, q.device, pdl=pdl)
+
+
+def _upload(meta: np.ndarray, dst_ptr: int, device: int, stream: int) -> None:
+    import cupy
+    from cupy.cuda import runtime
+    with cupy.cuda.Device(device):
+        runtime.memcpyAsync(dst_ptr, meta.ctypes.data, meta.nbytes, runtime.memcpyHostToDevice, stream)
+
+
+def _check_q(q: arrays.ArrayInfo, p: PrefillParams, total: int) -> None:
+    checks.dtype_in(q, Q_DTYPES)
+    if q.dtype != p.q_dtype:
+        raise TypeError(f"q: dtype {q.dtype} does not match the planned q_data_type {p.q_dtype}")
+    if q.ndim != 3 or q.shape[1:] != (p.num_qo_heads, p.head_dim) or q.shape[0] < total:
+        raise ValueError(f"q: expected shape (n, {p.num_qo_heads}, {p.head_dim}) with n >= qo_indptr[-1] = {total} "
+                         f"(rows past it are left alone: CUDA graphs keep one buffer), got {q.shape}")
+    checks.last_dim_contiguous(q)
+    checks.vector_aligned(q)
+
+
+def _outputs(q: arrays.ArrayInfo, p: PrefillParams, total: int, out, lse, return_lse: bool, stream: int,
+             current_of):
+    o_shape = q.shape
+    out_obj = arrays.empty(q.framework, o_shape, q.dtype, q.device, stream) if out is None else out
+    o = arrays.describe(out_obj, "out", stream, current_of)
+    checks.shape(o, o_shape, "(qo_len, num_qo_heads, head_dim)")
+    checks.dtype_is(o, q.dtype, "q's dtype")
+    checks.last_dim_contiguous(o)
+    checks.vector_aligned(o)
+    if o.framework in ("jax", "tensorflow") and out is not None:
+        raise TypeError(f"out: {o.framework} arrays are immutable and cannot be written")
+    lse_obj, l_info = None, None
+    if return_lse or lse is not None:
+        lse_obj = arrays.empty(q.framework, o_shape[:2], dt.float32, q.device, stream) if lse is None else lse
+        l_info = arrays.describe(lse_obj, "lse", stream, current_of)
+        checks.shape(l_info, o_shape[:2], "(qo_len, num_qo_heads)")
+        checks.dtype_is(l_info, dt.float32, "the lse dtype")
+        checks.contiguous(l_info)
+    checks.same_device(q, o, l_info)
+    return out_obj, o, lse_obj, l_info
+
+
+def _deliver(out_obj, lse_obj, return_lse: bool, framework: str):
+    out_obj = arrays.deliver(out_obj, framework)
+    return (out_obj, arrays.deliver(lse_obj, framework)) if return_lse else out_obj
+
+
+def _scale(name: str, v) -> float:
+    v = checks.float_or_none(name, v)
+    return 1.0 if v is None else v
+
+
+def _prepare_mask(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_lens: np.ndarray, stream,
+                  current_of=None):
+    """(packed mask object, ArrayInfo, byte offsets per request) or None. A boolean mask is packed
+    here (little-endian, per request), as FlashInfer's plan() does."""
+    if custom_mask is None and packed_custom_mask is None:
+        return None
+    sizes = qo_lens.astype(np.int64) * kv_lens.astype(np.int64)
+    bit_indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    byte_indptr = packed_indptr(bit_indptr)
+    if packed_custom_mask is None:
+        info = arrays.describe(custom_mask, "custom_mask", stream, current_of)
+        if info.size != bit_indptr[-1]:
+            raise ValueError(f"custom_mask: expected {bit_indptr[-1]} elements (sum of qo_len * kv_len over the "
+                             f"requests, flattened row-major), got {info.size}")
+        flat = custom_mask.reshape(-1) if info.ndim != 1 else custom_mask
+        packed_custom_mask, _ = segment_packbits(flat, bit_indptr, bitorder="little",
+                                                 stream=stream if current_of is None else None)
+    pm = arrays.describe(packed_custom_mask, "packed_custom_mask", stream, current_of)
+    if pm.dtype != dt.uint8:
+        raise TypeError(f"packed_custom_mask: expected uint8, got {pm.dtype}")
+    checks.contiguous(pm)
+    if pm.size < byte_indptr[-1]:
+        raise ValueError(f"packed_custom_mask: expected {byte_indptr[-1]} bytes (each request's qo_len * kv_len "
+                         f"bits padded to a byte), got {pm.size}")
+    return packed_custom_mask, pm, byte_indptr[:-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrappers
+
+
+class _PrefillWrapper:
+    """Shared by the paged and ragged wrappers: workspace, plan upload, outputs, launch."""
+    _paged = True
+
+    def __init__(self, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False, *args,
+                 backend: str = "auto", jit_args=None, **kwargs):
+        checks.choice("kv_layout", kv_layout, LAYOUTS)
+        if jit_args is not None:
+            raise NotImplementedError("jit_args: custom attention variants are not supported by prefill yet")
+        self.reset_workspace_buffer(float_workspace_buffer)
+        self._kv_layout = kv_layout
+        self._use_cuda_graph = bool(use_cuda_graph)
+        self._capacity = None
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return self._use_cuda_graph
+
+    def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
+        self._ws = arrays.describe(float_workspace_buffer, "float_workspace_buffer")
+        checks.contiguous(self._ws)
+        self._ws_obj = float_workspace_buffer
+        self._plan = None
+        self._capacity = None
+
+    def _finish_plan(self, params, qo_indptr, kv_indptr, kv_lens, page_indices, custom_mask,
+                     packed_custom_mask, stream):
+        s = streams.resolve(stream, self._ws.framework, self._ws.device)
+        qo_lens = np.diff(qo_indptr)
+        mask = _prepare_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens, s)
+        if self._use_cuda_graph and self._capacity is not None:
+            tile = self._capacity["tile"]
+        else:
+            tile = pick_tile(params.head_dim, int(qo_lens.max(initial=0)) * params.group_size)
+        flags = (SOFT_CAP if params.soft_cap > 0 else 0) | (CUSTOM_MASK if mask is not None else 0)
+        ctas = num_ctas(params, tile, self._ws.device, self._paged, flags)
+        cap = self._capacity if self._use_cuda_graph else None
+        plan, capacity = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, page_indices, ctas,
+                                      None if mask is None else mask[2], cap)
+        if self._use_cuda_graph and self._capacity is None:
+            # Room to grow: the grid is one wave and the metadata parts are sized generously.
+            capacity["sizes"] = {k: max(2 * v, 1024) for k, v in capacity["sizes"].items()}
+            capacity["partial"] = max(2 * capacity["partial"], 4 * ctas * tile.rows)
+            capacity["grid"], capacity["merge_grid"] = ctas, ctas
+            self._capacity = capacity
+            plan, _ = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, page_indices, ctas,
+                                   None if mask is None else mask[2], capacity)
+        if mask is not None:
+            plan.mask = (mask[0], mask[1])
+        need = plan.partial_bytes() + plan.meta.nbytes
+        if need > self._ws.nbytes:
+            raise ValueError(f"float_workspace_buffer: {self._ws.nbytes} bytes is too small for this batch; need "
+                             f"{need} bytes")
+        _upload(plan.meta, self._ws.ptr + plan.partial_bytes(), self._ws.device, s)
+        self._plan = plan
+
+    def _run(self, q, kv: KVView, out, lse, return_lse, k_scale, v_scale, s, fw, cur):
+        plan = self._plan
+        p = plan.params
+        qi = arrays.describe(q, "q", s, cur)
+        _check_q(qi, p, plan.total_qo)
+        out_obj, o, lse_obj, l_info = _outputs(qi, p, plan.total_qo, out, lse, return_lse, s, cur)
+        checks.same_device(qi, self._ws, *kv.infos)
+        launch_prefill(plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, self._paged, o, l_info,
+                       _scale("k_scale", k_scale), _scale("v_scale", v_scale), s, self._use_cuda_graph)
+        extra = (plan.mask[1],) if plan.mask is not None else ()
+        arrays.keep_alive(qi.device, s, (qi, o, l_info) + kv.infos + extra)
+        return _deliver(out_obj, lse_obj, return_lse, fw)
+
+    def _begin_run(self, q, stream):
+        if self._plan is None:
+            raise RuntimeError("run() called before plan()")
+        fw = arrays.framework_of(q)
+        s = streams.resolve(stream, fw, self._ws.device)
+        return fw, s, (fw if stream is None else None)
+
+    def end_forward(self) -> None:
+        pass
+
+
+class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
+    """Prefill (or append) attention for a batch of requests over a paged KV cache (FlashInfer's API).
+
+    plan() once per batch: host work (tiles, KV cuts, one copy of the metadata into the workspace);
+    it reads qo_indptr, paged_kv_indptr, paged_kv_indices and paged_kv_last_page_len on the host (pass
+    numpy arrays; device arrays are copied back, one synchronisation). run() once per layer: no host
+    sync, no allocation when `out` (and `lse`) are given; with use_cuda_graph=True every device
+    address and the launch shape stay fixed across re-plans, so a captured graph replays a new plan.
+    """
+    _paged = True
+
+    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
+             num_kv_heads: int, head_dim_qk: int, page_size: int, head_dim_vo: int | None = None,
+             custom_mask=None, packed_custom_mask=None, causal: bool = False, pos_encoding_mode: str = "NONE",
+             use_fp16_qk_reduction: bool = False, sm_scale: float | None = None, window_left: int = -1,
+             logits_soft_cap: float | None = None, rope_scale: float | None = None,
+             rope_theta: float | None = None, q_data_type="float16", kv_data_type=None, non_blocking: bool = True,
+             stream=None, **kwargs) -> None:
+        page_size = checks.positive_int("page_size", page_size)
+        params = make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, pos_encoding_mode,
+                             window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, q_data_type,
+                             kv_data_type, True, page_size)
+        qo = checks.host_int_array("qo_indptr", qo_indptr)
+        ip = checks.host_int_array("paged_kv_indptr", paged_kv_indptr)
+        ix = checks.host_int_array("paged_kv_indices", paged_kv_indices)
+        lp = checks.host_int_array("paged_kv_last_page_len", paged_kv_last_page_len)
+        checks.indptr("qo_indptr", qo)
+        checks.indptr("paged_kv_indptr", ip, qo.size)
+        batch = qo.size - 1
+        if lp.size != batch:
+            raise ValueError(f"paged_kv_last_page_len: expected {batch} entries (batch_size), got {lp.size}")
+        if ix.size < ip[-1]:
+            raise ValueError(f"paged_kv_indices: has {ix.size} entries but paged_kv_indptr[-1] is {ip[-1]}")
+        pages = np.diff(ip)
+        bad = ((pages > 0) & ((lp < 1) | (lp > page_size))) | ((pages == 0) & (lp != 0))
+        if np.any(bad):
+            i = int(np.argmax(bad))
+            raise ValueError(f"paged_kv_last_page_len: request {i} has {pages[i]} pages and last_page_len {lp[i]}; "
+                             f"expected 1..{page_size} (page_size) for a non-empty request, 0 for none")
+        used = ix[: ip[-1]]
+        if used.size and used.min() < 0:
+            raise ValueError(f"paged_kv_indices: page indices must be >= 0, got {int(used.min())}")
+        kv_lens = np.where(pages > 0, (pages - 1) * page_size + lp, 0)
+        if kv_lens.size and kv_lens.max() >= 2 ** 31 or qo[-1] >= 2 ** 31:
+            raise ValueError("lengths must be < 2**31")
+        self._finish_plan(params, qo.astype(np.int32), ip.astype(np.int32), kv_lens.astype(np.int32),
+                          used.astype(np.int32), custom_mask, packed_custom_mask, stream)
+
+    begin_forward = plan
+
+    def run(self, q, paged_kv_cache, *args, k_scale=None, v_scale=None, out=None, lse=None,
+            return_lse: bool = False, enable_pdl=None, window_left=None, stream=None):
+        fw, s, cur = self._begin_run(q, stream)
+        if args:
+            raise TypeError(f"run(): unexpected extra positional arguments ({len(args)})")
+        p = self._plan.params
+        if window_left is not None and window_left != p.window_left:
+            raise ValueError(f"window_left: run() got {window_left} but plan() used {p.window_left}")
+        kv = describe_paged_cache(paged_kv_cache, self._kv_layout, s, current_of=cur)
+        if kv.dtype != p.kv_dtype:
+            raise TypeError(f"paged_kv_cache: dtype {kv.dtype} does not match the planned kv_data_type {p.kv_dtype}")
+        if (kv.page_size, kv.num_kv_heads, kv.head_dim) != (p.page_size, p.num_kv_heads, p.head_dim):
+            raise ValueError(f"paged_kv_cache: (page_size, num_kv_heads, head_dim) = "
+                             f"{(kv.page_size, kv.num_kv_heads, kv.head_dim)} does not match the plan "
+                             f"{(p.page_size, p.num_kv_heads, p.head_dim)}")
+        if self._plan.max_page >= kv.num_pages:
+            raise ValueError(f"paged_kv_indices: page index {self._plan.max_page} is out of range for a cache of "
+                             f"{kv.num_pages} pages")
+        return self._run(q, kv, out, lse, return_lse, k_scale, v_scale, s, fw, cur)
+
+    forward = run
+
+
+class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
+    """Prefill attention for a batch whose K/V are ragged arrays: request i's keys are rows
+    kv_indptr[i] .. kv_indptr[i + 1] of k and v (total_kv, num_kv_heads, head_dim) [NHD] or
+    (num_kv_heads, total_kv, head_dim) [HND]. plan()/run() as for the paged wrapper."""
+    _paged = False
+
+    def plan(self, qo_indptr, kv_indptr, num_qo_heads: int, num_kv_heads: int, head_dim_qk: int,
+             head_dim_vo: int | None = None, custom_mask=None, packed_custom_mask=None, causal: bool = False,
+             pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, window_left: int = -1,
+             logits_soft_cap: float | None = None, sm_scale: float | None = None, rope_scale: float | None = None,
+             rope_theta: float | None = None, q_data_type="float16", kv_data_type=None, non_blocking: bool = True,
+             stream=None, **kwargs) -> None:
+        params = make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, pos_encoding_mode,
+                             window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, q_data_type,
+                             kv_data_type, False)
+        qo = checks.host_int_array("qo_indptr", qo_indptr)
+        kv = checks.host_int_array("kv_indptr", kv_indptr)
+        checks.indptr("qo_indptr", qo)
+        checks.indptr("kv_indptr", kv, qo.size)
+        if qo[-1] >= 2 ** 31 or kv[-1] >= 2 ** 31:
+            raise ValueError("lengths must be < 2**31")
+        self._finish_plan(params, qo.astype(np.int32), kv.astype(np.int32), np.diff(kv).astype(np.int32), None,
+                          custom_mask, packed_custom_mask, stream)
+        self._plan.max_page = int(kv[-1])
+
+    begin_forward = plan
+
+    def run(self, q, k, v, *args, k_scale=None, v_scale=None, out=None, lse=None, return_lse: bool = False,
+            enable_pdl=None, stream=None):
+        fw, s, cur = self._begin_run(q, stream)
+        if args:
+            raise TypeError(f"run(): unexpected extra positional arguments ({len(args)})")
+        kvv = _ragged_view(k, v, self._kv_layout, self._plan.params, s, cur)
+        if kvv.page_size < self._plan.max_page:
+            raise ValueError(f"k: has {kvv.page_size} rows but kv_indptr[-1] is {self._plan.max_page}")
+        return self._run(q, kvv, out, lse, return_lse, k_scale, v_scale, s, fw, cur)
+
+    forward = run
+
+
+def _ragged_view(k, v, kv_layout: str, p: PrefillParams, s: int, cur) -> KVView:
+    """K/V arrays (n, H, D) [NHD] / (H, n, D) [HND] as a KVView (page_size holds n, the rows)."""
+    ki = arrays.describe(k, "k", s, cur)
+    vi = arrays.describe(v, "v", s, cur)
+    layout = "(kv_len, num_kv_heads, head_dim)" if kv_layout == "NHD" else "(num_kv_heads, kv_len, head_dim)"
+    checks.ndim(ki, 3, layout)
+    if vi.shape != ki.shape or vi.dtype != ki.dtype or vi.strides != ki.strides:
+        raise ValueError(f"v: must match k in shape, dtype and strides; got {vi.shape}/{vi.dtype}/{vi.strides} vs "
+                         f"{ki.shape}/{ki.dtype}/{ki.strides}")
+    if ki.dtype != p.kv_dtype:
+        raise TypeError(f"k: dtype {ki.dtype} does not match the planned kv_data_type {p.kv_dtype}")
+    n, h = (ki.shape[0], ki.shape[1]) if kv_layout == "NHD" else (ki.shape[1], ki.shape[0])
+    if (h, ki.shape[2]) != (p.num_kv_heads, p.head_dim):
+        raise ValueError(f"k: (num_kv_heads, head_dim) = {(h, ki.shape[2])} does not match "
+                         f"{(p.num_kv_heads, p.head_dim)}")
+    for i in (ki, vi):
+        checks.last_dim_contiguous(i)
+        checks.vector_aligned(i)
+    checks.same_device(ki, vi)
+    slot_ax, head_ax = (0, 1) if kv_layout == "NHD" else (1, 0)
+    return KVView(ki.ptr, vi.ptr, 0, ki.strides[slot_ax], ki.strides[head_ax], 1, n, h, ki.shape[2], ki.dtype,
+                  ki.device, (ki, vi))
+
+
+# ---------------------------------------------------------------------------------------------
+# Single prefill: plans cached by shape, scratch per (device, stream)
+
+_single_plans: OrderedDict = OrderedDict()
+_SINGLE_PLANS_MAX = 64
+_single_scratch: dict = {}
+
+
+def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=None, causal: bool = False,
+                                 kv_layout: str = "NHD", pos_encoding_mode: str = "NONE",
+                                 use_fp16_qk_reduction: bool = False, sm_scale: float | None = None,
+                                 window_left: int = -1, logits_soft_cap: float | None = None,
+                                 rope_scale: float | None = None, rope_theta: float | None = None,
+                                 return_lse: bool = False, out=None, lse=None, stream=None):
+    """Prefill attention of one request: q (qo_len, num_qo_heads, head_dim) against k, v of shape
+    (kv_len, num_kv_heads, head_dim) [NHD] or (num_kv_heads, kv_len, head_dim) [HND]. custom_mask:
+    boolean (qo_len, kv_len), True = attend; or packed_custom_mask (its packbits, little-endian).
+    Returns o like q, and lse (qo_len, num_qo_heads) in base 2 with return_lse=True."""
+    checks.choice("kv_layout", kv_layout, LAYOUTS)
+    fw = arrays.framework_of(q)
+    dev = int(q.__dlpack_device__()[1]) if hasattr(q, "__dlpack_device__") else 0
+    s = streams.resolve(stream, fw, dev)
+    cur = fw if stream is None else None
+    qi = arrays.describe(q, "q", s, cur)
+    checks.ndim(qi, 3, "(qo_len, num_qo_heads, head_dim)")
+    checks.dtype_in(qi, Q_DTYPES)
+    ki = arrays.describe(k, "k", s, cur)
+    checks.ndim(ki, 3, "(kv_len, num_kv_heads, head_dim)" if kv_layout == "NHD" else "(num_kv_heads, kv_len, head_dim)")
+    kv_len, hkv = (ki.shape[0], ki.shape[1]) if kv_layout == "NHD" else (ki.shape[1], ki.shape[0])
+    if ki.shape[2] != qi.shape[2]:
+        raise ValueError(f"k: head_dim {ki.shape[2]} does not match q's head_dim {qi.shape[2]}")
+    params = make_params(qi.shape[1], hkv, qi.shape[2], None, causal, pos_encoding_mode, window_left,
+                         logits_soft_cap, sm_scale, rope_scale, rope_theta, qi.dtype, ki.dtype, False)
+    kvv = _ragged_view(k, v, kv_layout, params, s, cur)
+    qo_len = qi.shape[0]
+    qo_ip = np.array([0, qo_len], np.int32)
+    kv_ip = np.array([0, kv_len], np.int32)
+    mask = None
+    if custom_mask is not None or packed_custom_mask is not None:
+        if custom_mask is not None:
+            ci = arrays.describe(custom_mask, "custom_mask", s, cur)
+            checks.shape(ci, (qo_len, kv_len), "(qo_len, kv_len)")
+        mask = _prepare_mask(custom_mask, packed_custom_mask, qo_ip[1:], kv_ip[1:], s, cur)
+    key = (dev, qo_len, kv_len, params.num_qo_heads, hkv, params.head_dim, params.causal, params.window_left)
+    got = _single_plans.get(key)
+    if got is None:
+        tile = pick_tile(params.head_dim, qo_len * params.group_size)
+        flags = (SOFT_CAP if params.soft_cap > 0 else 0) | (CUSTOM_MASK if mask is not None else 0)
+        got = plan_prefill(params, qo_ip, kv_ip, kv_ip[1:].copy(), None, num_ctas(params, tile, dev, False, flags),
+                           None if mask is None else mask[2])[0]
+        _single_plans[key] = got
+        if len(_single_plans) > _SINGLE_PLANS_MAX:
+            _single_plans.popitem(last=False)
+    else:
+        _single_plans.move_to_end(key)
+    plan = PrefillPlan(**{**got.__dict__, "params": params, "mask": None if mask is None else mask[:2]})
+    nbytes = plan.partial_bytes() + plan.meta.nbytes
+    skey = (dev, s)
+    buf = _single_scratch.get(skey)
+    if buf is None or buf[1].nbytes < nbytes:
+        obj = arrays.empty(fw if fw == "torch" else "cupy", (max(nbytes, 1 << 20),), dt.uint8, dev, s)
+        buf = (obj, arrays.describe(obj, "scratch"), {})
+        _single_scratch[skey] = buf
+    _, scratch, uploaded = buf
+    meta_ptr = scratch.ptr + plan.partial_bytes()
+    if uploaded.get("key") != (key, plan.partial_bytes()):
+        _upload(plan.meta, meta_ptr, dev, s)
+        uploaded["key"] = (key, plan.partial_bytes())
+    out_obj, o, lse_obj, l_info = _outputs(qi, params, qo_len, out, lse, return_lse, s, cur)
+    launch_prefill(plan, meta_ptr, scratch.ptr, qi, kvv, False, o, l_info, 1.0, 1.0, s)
+    extra = (plan.mask[1],) if plan.mask is not None else ()
+    arrays.keep_alive(qi.device, s, (qi, o, l_info) + kvv.infos + extra)
+    return _deliver(out_obj, lse_obj, return_lse, fw)

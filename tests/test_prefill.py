@@ -1,0 +1,370 @@
+"""Prefill attention on the GPU (torch callers) against a float64 reference.
+
+Accuracy rule (relative, so it holds for every dtype): the kernel's max error against the float64
+reference is at most twice that of the same attention computed naively in the input precision
+(scores, softmax and P V rounded to the input dtype, as torch does them in bf16/fp16). Outputs are
+poisoned with NaN first; every case draws fresh random inputs; page tables are shuffled.
+"""
+import math
+
+import numpy as np
+import pytest
+
+from fi_cupy import reference
+from tolerances import assert_lse_close
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+import fi_cupy  # noqa: E402
+
+DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn,
+      "float8_e5m2": torch.float8_e5m2}
+_seed = [0]
+
+
+def _gen():
+    _seed[0] += 1
+    return torch.Generator(device="cuda").manual_seed(7000 + _seed[0])
+
+
+def _randn(shape, dtype, g, scale=1.0):
+    return (torch.randn(shape, generator=g, device="cuda") * scale).to(DT[dtype])
+
+
+def attention(q, k, v, causal=False, window_left=-1, mask=None, soft_cap=0.0, sm_scale=None, rope=False,
+              dtype=torch.float64):
+    """One request, computed in `dtype` (float64: the reference; the input dtype: the naive baseline).
+    q (Lq, Hq, D), k/v (Lk, Hkv, D); mask bool (Lq, Lk). Returns (o float64, lse base 2 float64)."""
+    lq, hq, d = q.shape
+    lk, hkv, _ = k.shape
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    qpos = torch.arange(lq, device="cuda") + lk - lq
+    if rope:
+        q = torch.as_tensor(reference.rope_llama(q.double().cpu().numpy().transpose(1, 0, 2), qpos.cpu().numpy())
+                            .transpose(1, 0, 2), device="cuda").to(q.dtype if dtype != torch.float64 else dtype)
+        k = torch.as_tensor(reference.rope_llama(k.double().cpu().numpy().transpose(1, 0, 2), np.arange(lk))
+                            .transpose(1, 0, 2), device="cuda").to(k.dtype if dtype != torch.float64 else dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    keep = torch.ones((lq, lk), dtype=torch.bool, device="cuda")
+    j = torch.arange(lk, device="cuda")[None, :]
+    if causal:
+        keep &= j <= qpos[:, None]
+    if window_left >= 0:
+        keep &= j >= qpos[:, None] - window_left
+    if mask is not None:
+        keep &= mask
+    g = hq // hkv
+    outs, lses = [], []
+    for h0 in range(0, hq, 8):  # heads in chunks: bounded memory for long sequences
+        hs = slice(h0, min(hq, h0 + 8))
+        qh = q[:, hs].transpose(0, 1)
+        kh = k.repeat_interleave(g, dim=1)[:, hs].transpose(0, 1)
+        vh = v.repeat_interleave(g, dim=1)[:, hs].transpose(0, 1)
+        s = torch.matmul(qh, kh.transpose(1, 2)) * scale
+        if soft_cap:
+            s = soft_cap * torch.tanh(s / soft_cap)
+        s = s.masked_fill(~keep[None], float("-inf"))
+        p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)  # a row that sees nothing: 0
+        outs.append(torch.matmul(p, vh).transpose(0, 1).double())
+        lse = torch.logsumexp(s.double(), dim=-1) / math.log(2.0)
+        lses.append(lse.transpose(0, 1))
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+
+
+def check(out, q, k, v, lse=None, **kw):
+    """The accuracy rule, the lse, and no NaN."""
+    ref, ref_lse = attention(q, k, v, **kw)
+    naive, _ = attention(q, k, v, dtype=q.dtype, **kw)
+    got = out.double()
+    assert not torch.isnan(got).any(), "NaN in output (unwritten or invalid elements)"
+    err = (got - ref).abs().max().item()
+    base = (naive - ref).abs().max().item()
+    assert err <= 2 * base + 1e-6, f"max error {err:.3g} > 2 x naive {q.dtype} error {base:.3g}"
+    if lse is not None:
+        assert_lse_close(lse.double().cpu().numpy(), ref_lse.cpu().numpy())
+    return err, base
+
+
+def _nan_like(x):
+    return torch.full_like(x, float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Single prefill
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("qo,kv,hq,hkv", [(1, 1, 4, 4), (7, 113, 8, 1), (113, 1023, 8, 2), (1023, 1023, 4, 4),
+                                          (257, 4097, 8, 1)])
+def test_single(d, dtype, causal, qo, kv, hq, hkv):
+    g = _gen()
+    q, k, v = _randn((qo, hq, d), dtype, g), _randn((kv, hkv, d), dtype, g), _randn((kv, hkv, d), dtype, g)
+    out = _nan_like(q)
+    o, lse = fi_cupy.single_prefill_with_kv_cache(q, k, v, causal=causal, return_lse=True, out=out)
+    assert o is out
+    check(o, q, k, v, lse, causal=causal)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_single_options(layout):
+    """Window, soft cap, sm_scale, HND, and a large-magnitude input."""
+    g = _gen()
+    q, k, v = _randn((300, 8, 128), "bfloat16", g, 3.0), _randn((700, 2, 128), "bfloat16", g), \
+        _randn((700, 2, 128), "bfloat16", g)
+    kk, vv = (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+    for kw in ({"causal": True, "window_left": 100}, {"window_left": 37}, {"logits_soft_cap": 30.0},
+               {"causal": True, "logits_soft_cap": 5.0, "sm_scale": 0.3}):
+        o, lse = fi_cupy.single_prefill_with_kv_cache(q, kk, vv, kv_layout=layout, return_lse=True, **kw)
+        ref_kw = {"causal": kw.get("causal", False), "window_left": kw.get("window_left", -1),
+                  "soft_cap": kw.get("logits_soft_cap", 0.0), "sm_scale": kw.get("sm_scale")}
+        check(o, q, k, v, lse, **ref_kw)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_single_custom_mask(packed):
+    g = _gen()
+    qo, kv = 150, 333
+    q, k, v = _randn((qo, 8, 64), "float16", g), _randn((kv, 4, 64), "float16", g), _randn((kv, 4, 64), "float16", g)
+    mask = torch.rand((qo, kv), generator=g, device="cuda") > 0.4
+    mask[5] = False  # a row that sees nothing: o = 0, lse = -inf
+    arg = {"packed_custom_mask": fi_cupy.packbits(mask.reshape(-1), bitorder="little")} if packed else \
+        {"custom_mask": mask}
+    o, lse = fi_cupy.single_prefill_with_kv_cache(q, k, v, return_lse=True, **arg)
+    check(o, q, k, v, lse, mask=mask)
+    assert torch.all(o[5] == 0) and torch.all(torch.isneginf(lse[5]))
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_single_rope(d):
+    g = _gen()
+    q, k, v = _randn((77, 4, d), "bfloat16", g), _randn((200, 2, d), "bfloat16", g), _randn((200, 2, d), "bfloat16", g)
+    o = fi_cupy.single_prefill_with_kv_cache(q, k, v, causal=True, pos_encoding_mode="ROPE_LLAMA")
+    check(o, q, k, v, causal=True, rope=True)
+
+
+def test_split_kv_long_context():
+    """Few query rows on a long context: the KV range is cut over CTAs and merged."""
+    g = _gen()
+    q, k, v = _randn((3, 8, 128), "bfloat16", g), _randn((131072, 1, 128), "bfloat16", g), \
+        _randn((131072, 1, 128), "bfloat16", g)
+    o, lse = fi_cupy.single_prefill_with_kv_cache(q, k, v, causal=True, return_lse=True)
+    check(o, q, k, v, lse, causal=True)
+
+
+def test_long_query():
+    """qo_len 32768 causal (one head pair), checked on every row."""
+    g = _gen()
+    n = 32768
+    q, k, v = _randn((n, 1, 128), "bfloat16", g), _randn((n, 1, 128), "bfloat16", g), _randn((n, 1, 128), "bfloat16", g)
+    o, lse = fi_cupy.single_prefill_with_kv_cache(q, k, v, causal=True, return_lse=True)
+    check(o, q, k, v, lse, causal=True)
+
+
+def test_reference_agrees_with_numpy():
+    """The torch helper above and fi_cupy.reference.prefill_attention compute the same thing."""
+    g = _gen()
+    q, k, v = _randn((9, 4, 64), "float16", g), _randn((20, 2, 64), "float16", g), _randn((20, 2, 64), "float16", g)
+    mask = torch.rand((9, 20), generator=g, device="cuda") > 0.3
+    o, lse = attention(q, k, v, causal=True, window_left=6, mask=mask, soft_cap=7.0, rope=True)
+    ro, rl = reference.prefill_attention(q.double().cpu().numpy(), k.double().cpu().numpy(), v.double().cpu().numpy(),
+                                         causal=True, window_left=6, custom_mask=mask.cpu().numpy(),
+                                         logits_soft_cap=7.0, rope=True)
+    np.testing.assert_allclose(o.cpu().numpy(), ro, atol=1e-12)
+    np.testing.assert_allclose(lse.cpu().numpy(), rl, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch: paged and ragged
+
+
+class Batch:
+    def __init__(self, qo_lens, kv_lens, page_size=16, hq=8, hkv=2, d=128, dtype="bfloat16", kv_dtype=None,
+                 layout="NHD", cache=None):
+        g = _gen()
+        rng = np.random.default_rng(_seed[0])
+        kv_dtype = kv_dtype or dtype
+        self.qo_lens, self.kv_lens, self.ps, self.layout = list(qo_lens), list(kv_lens), page_size, layout
+        self.qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+        npages = [math.ceil(n / page_size) for n in kv_lens]
+        total = sum(npages) + 2 if cache is None else cache.shape[0]
+        perm = rng.permutation(total)
+        self.kv_indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
+        self.indices = perm[: self.kv_indptr[-1]].astype(np.int32)
+        self.last = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, npages)], np.int32)
+        shape = (total, 2, page_size, hkv, d) if layout == "NHD" else (total, 2, hkv, page_size, d)
+        self.cache = torch.randn(shape, generator=g, device="cuda").to(DT[kv_dtype]) if cache is None else cache
+        self.q = _randn((int(self.qo_indptr[-1]), hq, d), dtype, g)
+        self.hkv, self.d = hkv, d
+
+    def kv(self, r):
+        c = self.cache if self.layout == "NHD" else self.cache.transpose(2, 3)
+        pages = torch.as_tensor(self.indices[self.kv_indptr[r]: self.kv_indptr[r + 1]].astype(np.int64), device="cuda")
+        kv = c[pages].transpose(0, 1).reshape(2, -1, self.hkv, self.d)[:, : self.kv_lens[r]]
+        return kv[0], kv[1]
+
+    def check(self, out, lse=None, v_scale=1.0, k_scale=1.0, **kw):
+        for r in range(len(self.qo_lens)):
+            a, b = self.qo_indptr[r], self.qo_indptr[r + 1]
+            if a == b:
+                continue
+            k, v = self.kv(r)
+            q = self.q[a:b]
+            if k.dtype != q.dtype:  # fp8: the reference sees the dequantised values
+                k, v = (k.float() * k_scale).to(q.dtype), (v.float() * v_scale).to(q.dtype)
+            check(out[a:b], q, k, v, None if lse is None else lse[a:b], **kw)
+
+
+def _ws():
+    return torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("page_size", [1, 16, 7])
+def test_batch_paged(layout, causal, page_size):
+    # Mixed: long and short, qo < kv (append), qo 0, kv 0 (qo > 0 with nothing to see).
+    b = Batch([300, 1, 0, 17, 64, 5], [1100, 40, 9, 17, 2000, 0], page_size=page_size, layout=layout)
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), layout)
+    w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 8, 2, 128, page_size, causal=causal, q_data_type="bfloat16")
+    out, lse = _nan_like(b.q), torch.full(b.q.shape[:2], float("nan"), device="cuda")
+    o, l2 = w.run(b.q, b.cache, out=out, lse=lse, return_lse=True)
+    assert o is out and l2 is lse
+    b.check(o, lse, causal=causal)
+    a = b.qo_indptr[5]
+    assert torch.all(o[a:] == 0) and torch.all(torch.isneginf(lse[a:]))
+
+
+@pytest.mark.parametrize("d", [64, 256])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_batch_paged_gqa(d, group):
+    b = Batch([40, 129, 3], [40, 700, 1500], hq=2 * group, hkv=2, d=d, dtype="float16")
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
+    w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 2 * group, 2, d, 16, causal=True, q_data_type="float16")
+    b.check(w.run(b.q, (b.cache[:, 0], b.cache[:, 1])), causal=True)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_batch_paged_fp8(kv_dtype):
+    b = Batch([100, 7], [500, 300], kv_dtype=kv_dtype)
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
+    w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 8, 2, 128, 16, causal=True, q_data_type="bfloat16",
+           kv_data_type=kv_dtype)
+    o1 = w.run(b.q, b.cache)
+    b.check(o1, causal=True)
+    o2 = w.run(b.q, b.cache, k_scale=0.5, v_scale=2.0)  # a scale that is ignored fails here
+    b.check(o2, causal=True, k_scale=0.5, v_scale=2.0)
+    assert not torch.equal(o1, o2)
+
+
+def test_batch_paged_rope_softcap_window():
+    b = Batch([60, 200], [300, 200])
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
+    w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 8, 2, 128, 16, causal=True, pos_encoding_mode="ROPE_LLAMA",
+           logits_soft_cap=20.0, window_left=90, q_data_type="bfloat16")
+    b.check(w.run(b.q, b.cache), causal=True, rope=True, soft_cap=20.0, window_left=90)
+
+
+def test_batch_paged_custom_mask():
+    b = Batch([30, 0, 45], [50, 10, 45])
+    g = _gen()
+    masks = [torch.rand((q, k), generator=g, device="cuda") > 0.5 for q, k in zip(b.qo_lens, b.kv_lens)]
+    flat = torch.cat([m.reshape(-1) for m in masks])
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
+    w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 8, 2, 128, 16, custom_mask=flat, q_data_type="bfloat16")
+    o = w.run(b.q, b.cache)
+    for r, m in enumerate(masks):
+        a, e = b.qo_indptr[r], b.qo_indptr[r + 1]
+        if a < e:
+            k, v = b.kv(r)
+            check(o[a:e], b.q[a:e], k, v, mask=m)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_batch_ragged(layout):
+    g = _gen()
+    qo_lens, kv_lens = [128, 1, 0, 700, 33], [128, 300, 5, 900, 0]
+    qo_ip = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    kv_ip = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+    q = _randn((int(qo_ip[-1]), 16, 64), "float16", g)
+    k, v = _randn((int(kv_ip[-1]), 4, 64), "float16", g), _randn((int(kv_ip[-1]), 4, 64), "float16", g)
+    kk, vv = (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+    w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_ws(), layout)
+    w.plan(qo_ip, kv_ip, 16, 4, 64, causal=True, q_data_type="float16")
+    o, lse = w.run(q, kk, vv, return_lse=True)
+    for r in range(len(qo_lens)):
+        a, e = qo_ip[r], qo_ip[r + 1]
+        if a < e:
+            check(o[a:e], q[a:e], k[kv_ip[r]:kv_ip[r + 1]], v[kv_ip[r]:kv_ip[r + 1]], lse[a:e], causal=True)
+
+
+def test_cuda_graph_replans():
+    """Capture run() once; re-plan other lengths on the same wrapper; a replay gives the new plan's result."""
+    b1 = Batch([200, 50], [600, 50])
+    b2 = Batch([10, 300], [350, 300], cache=b1.cache)  # other lengths, pages of the same cache
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), use_cuda_graph=True)
+    q = torch.empty((400, 8, 128), dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(q)
+
+    def plan(b):
+        w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 8, 2, 128, 16, causal=True, q_data_type="bfloat16")
+
+    plan(b1)
+    q[:250] = b1.q
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        w.run(q, b1.cache, out=out)  # warm-up (compiles, loads)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=s):
+            w.run(q, b1.cache, out=out)
+    torch.cuda.synchronize()
+    for b in (b1, b2):
+        plan(b)
+        q[: b.q.shape[0]] = b.q
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        b.check(out[: b.q.shape[0]], causal=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask packing
+
+
+@pytest.mark.parametrize("bitorder", ["big", "little"])
+def test_packbits_matches_numpy(bitorder):
+    g = _gen()
+    x = torch.rand(1001, generator=g, device="cuda") > 0.5
+    got = fi_cupy.packbits(x, bitorder=bitorder).cpu().numpy()
+    np.testing.assert_array_equal(got, np.packbits(x.cpu().numpy(), bitorder=bitorder))
+    indptr = np.array([0, 5, 5, 300, 1001])
+    packed, new_ip = fi_cupy.segment_packbits(x, indptr, bitorder=bitorder)
+    want = [np.packbits(x.cpu().numpy()[a:b], bitorder=bitorder) for a, b in zip(indptr[:-1], indptr[1:])]
+    np.testing.assert_array_equal(packed.cpu().numpy(), np.concatenate(want))
+    np.testing.assert_array_equal(new_ip.cpu().numpy(), np.concatenate([[0], np.cumsum([w.size for w in want])]))
+
+
+def test_bad_input():
+    g = _gen()
+    q, k = _randn((10, 8, 128), "bfloat16", g), _randn((20, 2, 128), "bfloat16", g)
+    with pytest.raises(ValueError, match="head_dim"):
+        fi_cupy.single_prefill_with_kv_cache(q[..., :96].contiguous(), k[..., :96].contiguous(),
+                                             k[..., :96].contiguous())
+    with pytest.raises(ValueError, match="num_qo_heads"):
+        fi_cupy.single_prefill_with_kv_cache(q[:, :6].contiguous(), _randn((20, 4, 128), "bfloat16", g),
+                                             _randn((20, 4, 128), "bfloat16", g))
+    with pytest.raises(TypeError, match="kv_data_type"):
+        fi_cupy.single_prefill_with_kv_cache(q, k.half(), k.half())
+    with pytest.raises(ValueError, match="custom_mask"):
+        fi_cupy.single_prefill_with_kv_cache(q, k, k, custom_mask=torch.ones((10, 19), dtype=torch.bool, device="cuda"))
+    b = Batch([10], [40])
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
+    with pytest.raises(ValueError, match="paged_kv_indices"):
+        w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 8, 2, 128, 16, q_data_type="bfloat16")
+        w.run(b.q, b.cache[:1])
+    with pytest.raises(ValueError, match="qo_indptr"):
+        w.plan(np.array([0, 5, 3]), np.array([0, 1, 2]), b.indices, np.array([1, 1]), 8, 2, 128, 16)
+    with pytest.raises(RuntimeError, match="before plan"):
+        fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_ws()).run(q, k, k)
