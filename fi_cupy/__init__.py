@@ -18,7 +18,7 @@ from . import activation, cascade, norm, page, rope, sampling  # noqa: E402
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul  # noqa: E402
 from .cascade import merge_state, merge_state_in_place, merge_states  # noqa: E402
 from .decode import BatchDecodeWithPagedKVCacheWrapper, single_decode_with_kv_cache  # noqa: E402
-from .packbits import packbits, segment_packbits  # noqa: E402
+from .quantization import packbits, segment_packbits  # noqa: E402
 from .prefill import (  # noqa: E402
     BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper, single_prefill_with_kv_cache)
 from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, layernorm, rmsnorm  # noqa: E402

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import scheduler
-from .packbits import packed_indptr, segment_packbits
+from .quantization import packed_indptr, segment_packbits
 from .page import KVView, LAYOUTS, describe_paged_cache
 from ._core import arrays, checks, kernels, streams
 from ._core import dtypes as dt

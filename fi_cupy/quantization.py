@@ -1,5 +1,5 @@
-"""Mask packing: `packbits` and `segment_packbits` (cuda_src/packbits.cu), as numpy.packbits does
-it. Prefill takes custom masks packed little-endian: each request's (qo_len, kv_len) boolean mask
+"""Mask packing (FlashInfer keeps these in flashinfer.quantization): `packbits` and `segment_packbits`
+(cuda_src/packbits.cu), as numpy.packbits does it. Prefill takes custom masks packed little-endian: each request's (qo_len, kv_len) boolean mask
 flattened row-major, packed on its own and padded to a whole byte, the requests concatenated."""
 from __future__ import annotations
 
