@@ -41,7 +41,8 @@ struct PrefillCfg {
   static_assert(D % 64 == 0 && D <= 256, "prefill head_dim must be 64, 128, 192 or 256");
   static constexpr int kThreads = WARPS * 32;
   static constexpr int kRows = WARPS * MT * 16;      // packed query rows a CTA
-  static constexpr int kKV = D <= 128 ? 64 : 32;     // keys a tile
+  // keys a tile: 32 where the O accumulators already take 128 registers a thread (D * MT >= 256)
+  static constexpr int kKV = D * MT >= 256 ? 32 : 64;
   static constexpr int kChunks = D / 8;              // 16-byte chunks of a 16-bit row
   static constexpr bool kRaw = !Is16Bit<KVT>::value; // fp8: copied raw, widened in shared memory
   static constexpr int kTile = kKV * D;              // elements of one K or V tile

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import __version__, decode
+from . import __version__, decode, prefill
 from ._core import compile as cc
 from ._core import dtypes as dt
 from ._core import kernels
@@ -94,7 +94,8 @@ def self_check(have_gpu: bool) -> int:
 def precompile(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m fi_cupy precompile")
     ap.add_argument("--arch", action="append", help="e.g. sm_90a (default: each visible GPU's arch)")
-    ap.add_argument("--all", action="store_true", help="every supported head dim, not only 64/128/256")
+    ap.add_argument("--all", action="store_true", help="every supported head dim and variant, not only the "
+                    "standard ones (decode: head dims 64/128/256; prefill: no RoPE, soft cap or custom mask)")
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args(argv)
     archs = args.arch
@@ -102,6 +103,7 @@ def precompile(argv) -> int:
         n, _ = _gpu()
         archs = sorted({kernels.device_arch(i) for i in range(n)}) or ["sm_80", "sm_90a"]
     progs = decode.all_programs(decode.SUPPORTED_HEAD_DIMS if args.all else STANDARD_HEAD_DIMS)
+    progs += prefill.all_programs() if args.all else prefill.standard_programs()
     jobs = [(p, a) for a in archs for p in progs]
     from tqdm import tqdm
     t0 = time.perf_counter()

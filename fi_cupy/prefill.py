@@ -59,12 +59,17 @@ def pick_tile(head_dim: int, max_packed_rows: int) -> TileShape:
     return small if max_packed_rows <= small.rows else large
 
 
+def kv_tile(head_dim: int, tile: TileShape) -> int:
+    """PrefillCfg::kKV: keys a tile; 32 where the O accumulators take 128 registers a thread."""
+    return 32 if head_dim * tile.mt >= 256 else 64
+
+
 def smem_bytes(head_dim: int, tile: TileShape, kv_dtype: dt.DType) -> int:
     """PrefillCfg::kSmemBytes: Q tile, and two 16-bit K/V stages (fp8: one widened, one raw)."""
-    kv_tile = 64 if head_dim <= 128 else 32
+    kv_tile_ = kv_tile(head_dim, tile)
     q = tile.rows * head_dim * 2
-    stage = 2 * kv_tile * head_dim * 2
-    return q + stage + (2 * kv_tile * head_dim if kv_dtype in FP8 else stage)
+    stage = 2 * kv_tile_ * head_dim * 2
+    return q + stage + (2 * kv_tile_ * head_dim if kv_dtype in FP8 else stage)
 
 
 def prefill_program(head_dim: int, tile: TileShape, q_dtype: dt.DType, kv_dtype: dt.DType, paged: bool,
