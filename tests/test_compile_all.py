@@ -101,3 +101,23 @@ def test_every_small_op_instantiation_compiles_without_spills(family, arch):
     assert len(usage) == sum(len(p.kernels) for p in progs)  # every instantiation reported by ptxas
     spills = {k: v for k, v in usage.items() if v["spill_stores"] or v["spill_loads"]}
     assert not spills, f"{family} kernels spilling to local memory on {arch}: {spills}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_prefill_instantiation_compiles_without_spills(arch):
+    """Every prefill variant (head dim x tile x dtypes x paged/ragged x RoPE x soft cap / custom mask),
+    one NVRTC program per (head dim, tile, q dtype) so headers are parsed once."""
+    from fi_cupy import prefill
+    groups = {}
+    for p in prefill.all_programs():
+        groups.setdefault(p.kernels[0].targs[:4], []).extend(k.name_expr for k in p.kernels)
+    jobs = [tuple(dict.fromkeys(v)) for v in groups.values()]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as ex:
+        results = list(ex.map(lambda names: cc.compile_program("prefill.cu", names, arch), jobs))
+    usage = {}
+    for r in results:
+        usage.update(cc.resource_usage(r.log))
+    mains = {k: v for k, v in usage.items() if "prefill_kernel" in k}
+    assert len(mains) == len(prefill.all_programs())
+    spills = {k: v for k, v in usage.items() if v["spill_stores"] or v["spill_loads"]}
+    assert not spills, f"prefill kernels spilling to local memory on {arch}: {spills}"

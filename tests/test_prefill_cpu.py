@@ -1,0 +1,107 @@
+"""Prefill on the CPU: the work schedule (every query tile and key visited once, KV cuts merged),
+tile choice, shared-memory budget, and argument checks that run before any launch."""
+import numpy as np
+import pytest
+
+from fi_cupy import prefill, scheduler
+from fi_cupy._core import dtypes as dt
+
+
+def _coverage(sch, qo_lens, kv_lens, group, hkv, rows):
+    """(request, kv_head, tile) -> sorted list of KV ranges, and the partial rows used."""
+    cover = {}
+    for r, h, p0, prow, lo, hi, _, _ in sch.items:
+        cover.setdefault((r, h, p0), []).append((lo, hi, prow))
+    for key, ranges in cover.items():
+        ranges.sort()
+        r = key[0]
+        assert ranges[0][0] == 0 and ranges[-1][1] == kv_lens[r], f"{key}: KV not covered: {ranges}"
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), f"{key}: gaps/overlaps {ranges}"
+        assert (len(ranges) == 1) == (ranges[0][2] == -1)
+    want = {(r, h, p0) for r in range(len(qo_lens)) for h in range(hkv)
+            for p0 in range(0, qo_lens[r] * group, rows)}
+    assert set(cover) == want
+    return cover
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_schedule_covers_every_tile_once(causal):
+    qo, kv = [300, 0, 1, 64, 5], [1100, 9, 40, 64, 0]
+    sch = scheduler.prefill_schedule(qo, kv, 4, 2, 128, 1000, causal)
+    _coverage(sch, qo, kv, 4, 2, 128)
+
+
+def test_schedule_cuts_long_kv_when_tiles_are_few():
+    qo, kv = [3, 1], [131072, 600]
+    sch = scheduler.prefill_schedule(qo, kv, 8, 1, 64, 264, True)
+    cover = _coverage(sch, qo, kv, 8, 1, 64)
+    chunks = cover[(0, 0, 0)]
+    assert len(chunks) > 1 and all((hi - lo) % 64 == 0 or hi == 131072 for lo, hi, _ in chunks)
+    assert all(hi - lo >= scheduler.PREFILL_MIN_CHUNK for lo, hi, _ in chunks[:-1])
+    # The merge item names the same partial rows the chunks write.
+    (r, h, p0, base, n, rows, _, _), = [m for m in sch.merges if m[0] == 0]
+    assert n == len(chunks) and rows == 64 and [c[2] for c in chunks] == [base + i * rows for i in range(n)]
+    assert sch.num_partial_rows == sum(m[4] * m[5] for m in sch.merges)
+    assert len(cover[(1, 0, 0)]) == 1  # 600 keys: no cut
+
+
+def test_schedule_orders_longest_first():
+    sch = scheduler.prefill_schedule([4096], [4096], 1, 2, 128, 10, True)
+    starts = sch.items[:, 2]
+    assert starts[0] == 4096 - 128 and starts[-1] == 0  # causal: the last tile sees the most keys
+
+
+def test_tiles_and_shared_memory():
+    for d in prefill.SUPPORTED_HEAD_DIMS:
+        for t in prefill.tile_shapes(d):
+            for kv in (dt.bfloat16, dt.float8_e4m3fn):
+                assert prefill.smem_bytes(d, t, kv) <= 163 * 1024  # fits an sm_80 CTA
+    assert prefill.pick_tile(128, 64).rows == 64 and prefill.pick_tile(128, 65).rows == 128
+    assert prefill.pick_tile(128, 4096, soft_cap=True).rows == 64  # large tile + tanh would spill
+    assert prefill.pick_tile(256, 4096).rows == 128
+
+
+def test_params_checks():
+    ok = dict(num_qo_heads=8, num_kv_heads=2, head_dim_qk=128, head_dim_vo=None, causal=True, pos_encoding_mode="NONE",
+              window_left=-1, logits_soft_cap=None, sm_scale=None, rope_scale=None, rope_theta=None,
+              q_data_type="bfloat16", kv_data_type=None, paged=True)
+    p = prefill.make_params(**ok)
+    assert p.group_size == 4 and abs(p.sm_scale - 128 ** -0.5) < 1e-12
+    bad = [({"head_dim_qk": 96}, ValueError, "head_dim"), ({"num_qo_heads": 6, "num_kv_heads": 4}, ValueError, "num_qo_heads"),
+           ({"head_dim_vo": 64}, NotImplementedError, "head_dim_vo"), ({"q_data_type": "float32"}, TypeError, "q_data_type"),
+           ({"kv_data_type": "float8_e4m3fn", "paged": False}, TypeError, "kv_data_type"),
+           ({"pos_encoding_mode": "ALIBI"}, ValueError, "pos_encoding_mode"),
+           ({"logits_soft_cap": -1.0}, ValueError, "logits_soft_cap"), ({"causal": "yes"}, TypeError, "causal"),
+           ({"window_left": 1.5}, TypeError, "window_left")]
+    for change, exc, word in bad:
+        with pytest.raises(exc, match=word):
+            prefill.make_params(**{**ok, **change})
+    assert prefill.make_params(**{**ok, "kv_data_type": "float8_e5m2"}).kv_dtype == dt.float8_e5m2
+
+
+def test_plan_metadata_layout():
+    p = prefill.make_params(8, 2, 128, None, True, "NONE", -1, None, None, None, None, "bfloat16", None, True, 16)
+    qo = np.array([0, 100, 100, 130], np.int32)
+    kv_ip = np.array([0, 7, 8, 10], np.int32)
+    kv_lens = np.array([100, 9, 30], np.int32)
+    idx = np.arange(10, dtype=np.int32)[::-1].copy()
+    plan, cap = prefill.plan_prefill(p, qo, kv_ip, kv_lens, idx, 264, None)
+    m = plan.meta
+    assert all(v % 4 == 0 for v in plan.offsets.values())  # 16-byte aligned parts
+    n = m[plan.offsets["counts"]]
+    items = m[plan.offsets["items"]: plan.offsets["items"] + 8 * n].reshape(-1, 8)
+    assert n == plan.num_items and set(items[:, 0]) == {0, 2}  # request 1 has no queries
+    np.testing.assert_array_equal(m[plan.offsets["qo_indptr"]: plan.offsets["qo_indptr"] + 4], qo)
+    np.testing.assert_array_equal(m[plan.offsets["indices"]: plan.offsets["indices"] + 10], idx)
+    assert plan.max_page == 9 and plan.tile.rows == 128
+    # CUDA graphs: a second plan with the reserved capacity keeps every offset.
+    cap["sizes"] = {k: 2 * v + 8 for k, v in cap["sizes"].items()}
+    a, _ = prefill.plan_prefill(p, qo, kv_ip, kv_lens, idx, 264, None, cap)
+    b, _ = prefill.plan_prefill(p, np.array([0, 5, 6, 7], np.int32), kv_ip, kv_lens, idx, 264, None, cap)
+    assert a.offsets == b.offsets and a.meta.size == b.meta.size and a.grid == b.grid
+
+
+def test_standard_programs_are_the_plain_variants():
+    std = prefill.standard_programs()
+    assert std and all(p.kernels[0].targs[-2] == "false" and p.kernels[0].targs[-1] == 0 for p in std)
+    assert len(prefill.all_programs()) > len(std)
