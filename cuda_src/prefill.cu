@@ -232,15 +232,6 @@ prefill_kernel(const T* __restrict__ q, long long q_stride_n, long long q_stride
     };
     issue(0);
 
-    // Rows this thread's fragments hold: [mt][half] -> query token (clamped for rows past the end).
-    int tok[MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int p = p0 + (warp * MT + mt) * 16 + g + 8 * h;
-        tok[mt][h] = min(p, packed_len - 1) / group_size;
-      }
     const long long mask_base = masked ? mask_offset[req] * 8 : 0;
 
     float o[MT][DT][4];
@@ -346,7 +337,8 @@ prefill_kernel(const T* __restrict__ q, long long q_stride_n, long long q_stride
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const int ti = tok[mt][h], last = causal ? ti + delta : 0x7fffffff;
+            const int p = p0 + (warp * MT + mt) * 16 + g + 8 * h;  // rows past the end: clamped
+            const int ti = min(p, packed_len - 1) / group_size, last = causal ? ti + delta : 0x7fffffff;
             const int first = window_left >= 0 ? ti + delta - window_left : -0x7fffffff;
             const long long mrow = mask_base + (long long)ti * kv_len;
 #pragma unroll
@@ -422,7 +414,12 @@ prefill_kernel(const T* __restrict__ q, long long q_stride_n, long long q_stride
       __syncthreads();
     }
 
-    // Epilogue: finish the row sums, normalise, write (directly or as a float32 partial row).
+    // Epilogue: finish the row sums, normalise, write (directly or as a float32 partial row). The
+    // item's fields are read again (L1) rather than held in registers through the KV loop.
+    {
+    const int4 ie = items[2 * (int)opaque(it)];
+    const int kv_head = ie.y, p0 = ie.z, prow = ie.w;
+    const int qo_start = qo_indptr[ie.x], packed_len = (qo_indptr[ie.x + 1] - qo_start) * group_size;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -475,6 +472,7 @@ prefill_kernel(const T* __restrict__ q, long long q_stride_n, long long q_stride
               *reinterpret_cast<const uint4*>(q_s + swz<D>(r, ch));
         }
       }
+    }
     }
   }
 }

@@ -54,15 +54,15 @@ def tile_shapes(head_dim: int) -> tuple:
     return (TileShape(2, 4), TileShape(1, 4)) if head_dim <= 128 else (TileShape(1, 8), TileShape(1, 4))
 
 
-def pick_tile(head_dim: int, max_packed_rows: int, soft_cap: bool = False) -> TileShape:
-    """The small tile when every request fits it, or where the large one runs out of registers (the
-    soft cap's tanh beside head_dim 128's accumulators would spill)."""
+def pick_tile(head_dim: int, max_packed_rows: int, flags: int = 0) -> TileShape:
+    """The small tile when every request fits it, or where the large one runs out of registers: at
+    head_dim 128 the 128-row tile's accumulators leave no room for a soft cap or a custom mask."""
     large, small = tile_shapes(head_dim)
-    return small if max_packed_rows <= small.rows or not _fits(head_dim, large, soft_cap) else large
+    return small if max_packed_rows <= small.rows or not _fits(head_dim, large, flags) else large
 
 
-def _fits(head_dim: int, tile: TileShape, soft_cap: bool) -> bool:
-    return not (soft_cap and head_dim == 128 and tile.mt == 2)
+def _fits(head_dim: int, tile: TileShape, flags: int) -> bool:
+    return not (flags and head_dim == 128 and tile.mt == 2)
 
 
 def kv_tile(head_dim: int, tile: TileShape) -> int:
@@ -95,7 +95,7 @@ def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
                     for kv in kvs:
                         for rope in (False, True):
                             for flags in range(4):
-                                if _fits(d, tile, bool(flags & SOFT_CAP)):
+                                if _fits(d, tile, flags):
                                     out.append(prefill_program(d, tile, q, kv, paged, rope, flags))
     return out
 
@@ -197,6 +197,10 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def variant_flags(params: PrefillParams, custom_mask: bool) -> int:
+    return (SOFT_CAP if params.soft_cap > 0 else 0) | (CUSTOM_MASK if custom_mask else 0)
+
+
 def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.ndarray, kv_lens: np.ndarray,
                  page_indices: np.ndarray | None, num_ctas: int, mask_offsets: np.ndarray | None,
                  capacity: dict | None = None) -> tuple:
@@ -205,7 +209,8 @@ def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.nda
     batch = qo_indptr.size - 1
     qo_lens = np.diff(qo_indptr)
     max_packed = int(qo_lens.max(initial=0)) * params.group_size
-    tile = pick_tile(params.head_dim, max_packed, params.soft_cap > 0) if capacity is None else capacity["tile"]
+    flags = variant_flags(params, mask_offsets is not None)
+    tile = pick_tile(params.head_dim, max_packed, flags) if capacity is None else capacity["tile"]
     sch = scheduler.prefill_schedule(qo_lens, kv_lens, params.group_size, params.num_kv_heads, tile.rows,
                                      num_ctas, params.causal)
     counts = np.array([sch.items.shape[0], sch.merges.shape[0], 0, 0], dtype=np.int32)
@@ -401,8 +406,9 @@ class _PrefillWrapper:
         if self._use_cuda_graph and self._capacity is not None:
             tile = self._capacity["tile"]
         else:
-            tile = pick_tile(params.head_dim, int(qo_lens.max(initial=0)) * params.group_size, params.soft_cap > 0)
-        flags = (SOFT_CAP if params.soft_cap > 0 else 0) | (CUSTOM_MASK if mask is not None else 0)
+            tile = pick_tile(params.head_dim, int(qo_lens.max(initial=0)) * params.group_size,
+                             variant_flags(params, mask is not None))
+        flags = variant_flags(params, mask is not None)
         ctas = num_ctas(params, tile, self._ws.device, self._paged, flags)
         cap = self._capacity if self._use_cuda_graph else None
         plan, capacity = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, page_indices, ctas,
@@ -631,8 +637,8 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
     key = (dev, qo_len, kv_len, params.num_qo_heads, hkv, params.head_dim, params.causal, params.window_left)
     got = _single_plans.get(key)
     if got is None:
-        tile = pick_tile(params.head_dim, qo_len * params.group_size, params.soft_cap > 0)
-        flags = (SOFT_CAP if params.soft_cap > 0 else 0) | (CUSTOM_MASK if mask is not None else 0)
+        flags = variant_flags(params, mask is not None)
+        tile = pick_tile(params.head_dim, qo_len * params.group_size, flags)
         got = plan_prefill(params, qo_ip, kv_ip, kv_ip[1:].copy(), None, num_ctas(params, tile, dev, False, flags),
                            None if mask is None else mask[2])[0]
         _single_plans[key] = got
