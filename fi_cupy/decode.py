@@ -121,20 +121,10 @@ def make_params(num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mo
     if kv_dtype not in KV_DTYPES[q_dtype]:
         raise TypeError(f"kv_data_type: {kv_dtype} is not supported with q {q_dtype}; expected "
                         f"{' or '.join(str(k) for k in KV_DTYPES[q_dtype])}")
-    if not isinstance(window_left, (int, np.integer)):
-        raise TypeError(f"window_left: expected an int (-1 for no window), got {window_left!r}")
-    cap = checks.float_or_none("logits_soft_cap", logits_soft_cap) or 0.0
-    if cap < 0:
-        raise ValueError(f"logits_soft_cap: must be > 0 (or None/0 for none), got {cap}")
-    sm = checks.float_or_none("sm_scale", sm_scale)
-    rs = checks.float_or_none("rope_scale", rope_scale)
-    rt = checks.float_or_none("rope_theta", rope_theta)
-    if rs is not None and rs <= 0 or rt is not None and rt <= 0:
-        raise ValueError(f"rope_scale and rope_theta must be positive, got {rope_scale}, {rope_theta}")
+    wl, cap, sm, rs, rt = checks.attention_options(head_dim, window_left, logits_soft_cap, sm_scale, rope_scale,
+                                                   rope_theta)
     return DecodeParams(num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype,
-                        pos_encoding_mode == "ROPE_LLAMA", int(window_left), cap,
-                        1.0 / math.sqrt(head_dim) if sm is None else sm,
-                        1.0 if rs is None else rs, 1e4 if rt is None else rt)
+                        pos_encoding_mode == "ROPE_LLAMA", wl, cap, sm, rs, rt)
 
 
 @dataclass

@@ -163,3 +163,20 @@ def rows_of(info: ArrayInfo, what: str = "") -> tuple:
             raise ValueError(f"{info.name}: its leading dims {info.shape[:-1]} with strides {info.strides[:-1]} "
                              f"do not form one strided row axis; make it contiguous")
     return rows, lead[-1][1]
+
+
+def attention_options(head_dim: int, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta) -> tuple:
+    """(window_left, soft cap (0 for none), sm_scale, rope_scale, rope_theta) with FlashInfer's defaults
+    (1/sqrt(head_dim), 1, 1e4), checked: shared by decode and prefill."""
+    if not isinstance(window_left, (int, np.integer)):
+        raise TypeError(f"window_left: expected an int (-1 for no window), got {window_left!r}")
+    cap = float_or_none("logits_soft_cap", logits_soft_cap) or 0.0
+    if cap < 0:
+        raise ValueError(f"logits_soft_cap: must be > 0 (or None/0 for none), got {cap}")
+    sm = float_or_none("sm_scale", sm_scale)
+    rs = float_or_none("rope_scale", rope_scale)
+    rt = float_or_none("rope_theta", rope_theta)
+    if rs is not None and rs <= 0 or rt is not None and rt <= 0:
+        raise ValueError(f"rope_scale and rope_theta must be positive, got {rope_scale}, {rope_theta}")
+    return (int(window_left), cap, 1.0 / math.sqrt(head_dim) if sm is None else sm, 1.0 if rs is None else rs,
+            1e4 if rt is None else rt)
