@@ -54,15 +54,16 @@ def tile_shapes(head_dim: int) -> tuple:
     return (TileShape(2, 4), TileShape(1, 4)) if head_dim <= 128 else (TileShape(1, 8), TileShape(1, 4))
 
 
-def pick_tile(head_dim: int, max_packed_rows: int, flags: int = 0) -> TileShape:
+def pick_tile(head_dim: int, max_packed_rows: int, flags: int = 0, rope: bool = False) -> TileShape:
     """The small tile when every request fits it, or where the large one runs out of registers: at
-    head_dim 128 the 128-row tile's accumulators leave no room for a soft cap or a custom mask."""
+    head_dim 128 the 128-row tile's accumulators leave no room for a soft cap, a custom mask or RoPE
+    (some NVRTC versions spill there)."""
     large, small = tile_shapes(head_dim)
-    return small if max_packed_rows <= small.rows or not _fits(head_dim, large, flags) else large
+    return small if max_packed_rows <= small.rows or not _fits(head_dim, large, flags, rope) else large
 
 
-def _fits(head_dim: int, tile: TileShape, flags: int) -> bool:
-    return not (flags and head_dim == 128 and tile.mt == 2)
+def _fits(head_dim: int, tile: TileShape, flags: int, rope: bool) -> bool:
+    return not ((flags or rope) and head_dim == 128 and tile.mt == 2)
 
 
 def kv_tile(head_dim: int, tile: TileShape) -> int:
@@ -95,7 +96,7 @@ def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
                     for kv in kvs:
                         for rope in (False, True):
                             for flags in range(4):
-                                if _fits(d, tile, flags):
+                                if _fits(d, tile, flags, rope):
                                     out.append(prefill_program(d, tile, q, kv, paged, rope, flags))
     return out
 
@@ -200,7 +201,7 @@ def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.nda
     qo_lens = np.diff(qo_indptr)
     max_packed = int(qo_lens.max(initial=0)) * params.group_size
     flags = variant_flags(params, mask_offsets is not None)
-    tile = pick_tile(params.head_dim, max_packed, flags) if capacity is None else capacity["tile"]
+    tile = pick_tile(params.head_dim, max_packed, flags, params.rope) if capacity is None else capacity["tile"]
     sch = scheduler.prefill_schedule(qo_lens, kv_lens, params.group_size, params.num_kv_heads, tile.rows,
                                      num_ctas, params.causal)
     counts = np.array([sch.items.shape[0], sch.merges.shape[0], 0, 0], dtype=np.int32)
@@ -397,7 +398,7 @@ class _PrefillWrapper:
             tile = self._capacity["tile"]
         else:
             tile = pick_tile(params.head_dim, int(qo_lens.max(initial=0)) * params.group_size,
-                             variant_flags(params, mask is not None))
+                             variant_flags(params, mask is not None), params.rope)
         flags = variant_flags(params, mask is not None)
         ctas = num_ctas(params, tile, self._ws.device, self._paged, flags)
         cap = self._capacity if self._use_cuda_graph else None
@@ -628,7 +629,7 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
     got = _single_plans.get(key)
     if got is None:
         flags = variant_flags(params, mask is not None)
-        tile = pick_tile(params.head_dim, qo_len * params.group_size, flags)
+        tile = pick_tile(params.head_dim, qo_len * params.group_size, flags, params.rope)
         got = plan_prefill(params, qo_ip, kv_ip, kv_ip[1:].copy(), None, num_ctas(params, tile, dev, False, flags),
                            None if mask is None else mask[2])[0]
         _single_plans[key] = got

@@ -59,6 +59,7 @@ def test_tiles_and_shared_memory():
     assert prefill.pick_tile(128, 64).rows == 64 and prefill.pick_tile(128, 65).rows == 128
     assert prefill.pick_tile(128, 4096, prefill.SOFT_CAP).rows == 64  # large tile + tanh would spill
     assert prefill.pick_tile(128, 4096, prefill.CUSTOM_MASK).rows == 64
+    assert prefill.pick_tile(128, 4096, 0, rope=True).rows == 64
     assert prefill.pick_tile(256, 4096).rows == 128
 
 
