@@ -71,6 +71,22 @@ def per_call_us(fn, n: int = 500, warmup: int = 10, sync=None) -> float:
     return (time.perf_counter() - t) / n * 1e6
 
 
+def print_profile(fn, n: int = 500, sync=None, top: int = 18) -> None:
+    """cProfile of n fn() calls (sync after the loop, so queued GPU work counts), top entries by own time."""
+    import cProfile
+    import pstats
+    if sync:
+        sync()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    if sync:
+        sync()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(top)
+
+
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy, bytes read + written per second (the memory ceiling)."""
     src = cupy.ones(nbytes // 4, cupy.float32)

@@ -2,8 +2,6 @@
 
     python bench/profile_host.py
 """
-import cProfile
-import pstats
 import sys
 import time
 
@@ -13,7 +11,7 @@ import numpy as np
 import fi_cupy
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import per_call_us as per_call  # noqa: E402
+from common import per_call_us as per_call, print_profile  # noqa: E402
 
 
 def main():
@@ -50,13 +48,7 @@ def main():
           f"__dlpack__(): {per_call(lambda: qt.__dlpack__()):.1f} us; "
           f"__dlpack_device__(): {per_call(lambda: qt.__dlpack_device__()):.1f} us; "
           f"current stream: {per_call(lambda: torch.cuda.current_stream(0).cuda_stream):.1f} us")
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(n):
-        w.run(qt, cache, out=out)
-    torch.cuda.synchronize()
-    pr.disable()
-    pstats.Stats(pr).sort_stats("tottime").print_stats(18)
+    print_profile(lambda: w.run(qt, cache, out=out), n, torch.cuda.synchronize)
 
 
 if __name__ == "__main__":

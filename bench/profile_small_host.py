@@ -3,8 +3,6 @@ cost of each stage of fi_cupy's call path, and cProfile's top entries.
 
     python bench/profile_small_host.py
 """
-import cProfile
-import pstats
 import sys
 
 import torch
@@ -15,7 +13,7 @@ from fi_cupy._core import arrays, kernels, streams
 from fi_cupy._core.call import Call
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import per_call_us  # noqa: E402
+from common import per_call_us, print_profile  # noqa: E402
 
 
 def per_call(f):
@@ -62,14 +60,7 @@ def main():
     params = next(iter(kernels._tls.params.values()))[1]
     for name, f in stages.items():
         print(f"  {name}: {per_call(f):.1f} us")
-    torch.cuda.synchronize()
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(500):
-        fi_cupy.rmsnorm(x, w, out=o)
-    torch.cuda.synchronize()
-    pr.disable()
-    pstats.Stats(pr).sort_stats("tottime").print_stats(18)
+    print_profile(lambda: fi_cupy.rmsnorm(x, w, out=o), 500, torch.cuda.synchronize)
 
 
 if __name__ == "__main__":

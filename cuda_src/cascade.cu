@@ -10,6 +10,7 @@
 #include "common/types.cuh"
 #include "common/math.cuh"
 #include "common/vec.cuh"
+#include "common/softmax.cuh"
 #include "common/pdl.cuh"
 
 namespace fic {
@@ -65,31 +66,16 @@ __global__ void __launch_bounds__(256) merge_states_n_kernel(
   for (int row = blockIdx.x * blockDim.y + threadIdx.y; row < rows; row += gridDim.x * blockDim.y) {
     const int i = row / heads, h = row - i * heads;
     const float* sp = s + (long long)i * r.s_tok + h * r.s_head;
-    float m = neg_inf();
-    for (int k = 0; k < n; ++k) m = fmaxf(m, sp[k * s_state]);
+    const float m = max_lse(sp, s_state, n);
     for (int c = threadIdx.x * VEC; c < d; c += blockDim.x * VEC) {
-      const T* vp = v + (long long)i * r.v_tok + h * r.v_head + c;
       float acc[VEC];
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
-      float sum = 0.f;
-      if (m != neg_inf()) {
-#pragma unroll 2
-        for (int k = 0; k < n; ++k) {
-          const float w = ptx_exp2(sp[k * s_state] - m);
-          Vec<T, VEC> x;
-          x.load(vp + k * v_state);
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[e] += w * x[e];
-          sum += w;
-        }
-      }
-      const float inv = sum > 0.f ? __frcp_rn(sum) : 0.f;
+      const float lse = merge_states<T, VEC>(v + (long long)i * r.v_tok + h * r.v_head + c, v_state, sp, s_state, n, m,
+                                             acc);
       Vec<T, VEC> o;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) o.set(e, acc[e] * inv);
+      for (int e = 0; e < VEC; ++e) o.set(e, acc[e]);
       o.store(vo + i * ro.v_tok + h * ro.v_head + c);
-      if (c == 0) so[i * ro.s_tok + h * ro.s_head] = m == neg_inf() ? m : m + __log2f(sum);
+      if (c == 0) so[i * ro.s_tok + h * ro.s_head] = lse;
     }
   }
 }

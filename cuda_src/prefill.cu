@@ -20,16 +20,13 @@
 // only to tiles that straddle one of them; the others run without a per-element test.
 #include "common/types.cuh"
 #include "common/math.cuh"
+#include "common/softmax.cuh"
 #include "common/async_copy.cuh"
 #include "common/mma.cuh"
 #include "common/rope.cuh"
 #include "common/pdl.cuh"
 
 namespace fic {
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
 
 template <typename T> struct Is16Bit { static constexpr bool value = false; };
 template <> struct Is16Bit<half_t> { static constexpr bool value = true; };
@@ -61,26 +58,17 @@ __device__ __forceinline__ int swz(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
-__device__ __forceinline__ void widen8(half_t, uint2 raw, uint4& out, bool e5m2) {
-  const unsigned short w[4] = {(unsigned short)raw.x, (unsigned short)(raw.x >> 16), (unsigned short)raw.y,
-                               (unsigned short)(raw.y >> 16)};
+// 8 fp8 elements widened to the 16-bit q dtype (exact: fp8 values are representable in both).
+template <typename T, typename KVT>
+__device__ __forceinline__ uint4 widen8(uint2 raw) {
+  uint4 out;
   unsigned int* o = reinterpret_cast<unsigned int*>(&out);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i]), e5m2 ? __NV_E5M2 : __NV_E4M3);
-    o[i] = static_cast<unsigned int>(h.x) | (static_cast<unsigned int>(h.y) << 16);
+    const float2 f = to_float2(KVT(), static_cast<unsigned short>((i < 2 ? raw.x : raw.y) >> (16 * (i & 1))));
+    o[i] = pack2(T(), f.x, f.y);
   }
-}
-__device__ __forceinline__ void widen8(bf16_t, uint2 raw, uint4& out, bool e5m2) {
-  uint4 h;
-  widen8(half_t(), raw, h, e5m2);
-  const unsigned int* hi = reinterpret_cast<const unsigned int*>(&h);
-  unsigned int* o = reinterpret_cast<unsigned int*>(&out);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {  // fp8 values are exact in bf16
-    const float2 f = to_float2(half_t(), hi[i]);
-    o[i] = pack2(bf16_t(), f.x, f.y);
-  }
+  return out;
 }
 
 // Rotate two 8-element halves (dims i and i + D/2) of a 16-bit row in place at position pos.
@@ -118,7 +106,7 @@ prefill_kernel(const T* __restrict__ q, long long q_stride_n, long long q_stride
                float* __restrict__ part_o, float* __restrict__ part_lse,
                int num_qo_heads, int group_size, unsigned int page_size, unsigned int page_div_mul,
                unsigned int page_div_shift, int causal, int window_left, float sm_scale, float soft_cap,
-               float v_scale, float rope_rcp_scale, double rope_log2_theta, int e5m2) {
+               float v_scale, float rope_rcp_scale, double rope_log2_theta) {
   using C = PrefillCfg<D, MT, WARPS, KVT>;
   constexpr int KV = C::kKV, NT = KV / 8, DT = D / 8, KS = D / 16;
   constexpr int kThreads = C::kThreads, kChunks = C::kChunks;
@@ -255,11 +243,10 @@ prefill_kernel(const T* __restrict__ q, long long q_stride_n, long long q_stride
         constexpr int H = kChunks / 2;
         for (int idx = tid; idx < KV * H; idx += kThreads) {
           const int row = idx / H, ch = idx % H;
-          uint4 a, b, va, vb;
-          widen8(T(), *reinterpret_cast<const uint2*>(st + row * D + ch * 8), a, e5m2);
-          widen8(T(), *reinterpret_cast<const uint2*>(st + row * D + ch * 8 + D / 2), b, e5m2);
-          widen8(T(), *reinterpret_cast<const uint2*>(st + C::kTile + row * D + ch * 8), va, e5m2);
-          widen8(T(), *reinterpret_cast<const uint2*>(st + C::kTile + row * D + ch * 8 + D / 2), vb, e5m2);
+          uint4 a = widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + row * D + ch * 8));
+          uint4 b = widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + row * D + ch * 8 + D / 2));
+          const uint4 va = widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + C::kTile + row * D + ch * 8));
+          const uint4 vb = widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + C::kTile + row * D + ch * 8 + D / 2));
           if (ROPE) rope_pair<T>(a, b, freq, (float)(lo + t * KV + row));
           *reinterpret_cast<uint4*>(dst + swz<D>(row, ch)) = a;
           *reinterpret_cast<uint4*>(dst + swz<D>(row, ch + H)) = b;
@@ -497,27 +484,14 @@ prefill_merge_kernel(const float* __restrict__ part_o, const float* __restrict__
     const int n_rows = min(rows, packed_len - p0);
     for (int idx = threadIdx.x; idx < n_rows * kChunks; idx += blockDim.x) {
       const int r = idx / kChunks, d0 = (idx % kChunks) * 8;
-      float mx = neg_inf();
-      for (int k = 0; k < chunks; ++k) mx = fmaxf(mx, part_lse[base + k * rows + r]);
-      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, wsum = 0.f;
-      if (mx != neg_inf()) {
-        for (int k = 0; k < chunks; ++k) {
-          const long long pr = base + k * rows + r;
-          const float w = ptx_exp2(part_lse[pr] - mx);
-          float a[8];
-          load8<float>(part_o + pr * D + d0, a);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, a[e], acc[e]);
-          wsum += w;
-        }
-      }
-      const float inv = wsum > 0.f ? ptx_rcp(wsum) : 0.f;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] *= inv;
+      const float* s = part_lse + base + r;  // chunk k at s[k * rows]
+      float acc[8];
+      const float l = merge_states<float, 8>(part_o + (long long)(base + r) * D + d0, (long long)rows * D, s, rows,
+                                             chunks, max_lse(s, rows, chunks), acc);
       const int p = p0 + r, ti = p / group_size, h = kv_head * group_size + p - ti * group_size;
       store8<T>(out + (long long)(qo_start + ti) * o_stride_n + h * o_stride_h + d0, acc);
       if (lse != nullptr && d0 == 0)
-        lse[(long long)(qo_start + ti) * num_qo_heads + h] = wsum > 0.f ? mx + __log2f(wsum) : neg_inf();
+        lse[(long long)(qo_start + ti) * num_qo_heads + h] = l;
     }
   }
 }

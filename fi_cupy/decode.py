@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import scheduler
-from .page import KVView, LAYOUTS, describe_paged_cache
+from .page import KVView, LAYOUTS, check_cache_against, describe_kv_pair, describe_paged_cache, page_table_lengths
 from ._core import arrays, checks, kernels, streams
+from ._core.workspace import PlannedWrapper, caller, deliver, scale, single_call_meta, upload
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
 from ._core.kernels import KernelSpec, Program, f32, f64, i32, i64, ptr, u32
@@ -164,25 +165,7 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
                 last_page_len: np.ndarray, num_ctas: int) -> DecodePlan:
     batch = indptr.size - 1
     checks.indptr("indptr", indptr)
-    if last_page_len.size != batch:
-        raise ValueError(f"last_page_len: expected {batch} entries (batch_size), got {last_page_len.size}")
-    if indices.size < indptr[-1]:
-        raise ValueError(f"indices: has {indices.size} entries but indptr[-1] is {indptr[-1]}")
-    pages = np.diff(indptr)
-    ps = params.page_size
-    bad = ((pages > 0) & ((last_page_len < 1) | (last_page_len > ps))) | ((pages == 0) & (last_page_len != 0))
-    if np.any(bad):
-        i = int(np.argmax(bad))
-        raise ValueError(f"last_page_len: request {i} has {pages[i]} pages and last_page_len "
-                         f"{last_page_len[i]}; expected 1..{ps} (page_size) for a non-empty request, 0 for none")
-    used = indices[: indptr[-1]]
-    if used.size and used.min() < 0:
-        raise ValueError(f"indices: page indices must be >= 0, got {int(used.min())}")
-    if indptr[-1] >= 2 ** 31:
-        raise ValueError("indptr[-1] (total pages) must be < 2**31")
-    kv_lens = np.where(pages > 0, (pages - 1) * ps + last_page_len, 0)
-    if kv_lens.size and kv_lens.max() >= 2 ** 31:
-        raise ValueError("a request's kv length must be < 2**31")
+    kv_lens, used = page_table_lengths(indptr, indices, last_page_len, params.page_size)
     wl = params.window_left
     visible = np.maximum(0, kv_lens - 1 - wl) if wl >= 0 else np.zeros_like(kv_lens)
     _, slices = scheduler.decode_heads_per_block(params.group_size)
@@ -209,17 +192,6 @@ def decode_num_ctas(params: DecodeParams, kv_dtype: dt.DType, device: int) -> in
     prog, smem = decode_variant(params, kv_dtype)
     occ = kernels.functions(prog, device)[prog.kernels[0]].occupancy(128, smem)
     return kernels.device_props(device)["sms"] * max(occ, 1)
-
-
-def _check_cache_against(view: KVView, p: DecodeParams, max_page: int, name: str = "paged_kv_cache") -> None:
-    if view.dtype != p.kv_dtype:
-        raise TypeError(f"{name}: dtype {view.dtype} does not match the planned kv_data_type {p.kv_dtype}")
-    if (view.page_size, view.num_kv_heads, view.head_dim) != (p.page_size, p.num_kv_heads, p.head_dim):
-        raise ValueError(f"{name}: (page_size, num_kv_heads, head_dim) = "
-                         f"{(view.page_size, view.num_kv_heads, view.head_dim)} does not match the plan "
-                         f"{(p.page_size, p.num_kv_heads, p.head_dim)}")
-    if max_page >= view.num_pages:
-        raise ValueError(f"indices: page index {max_page} is out of range for a cache of {view.num_pages} pages")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,25 +258,6 @@ def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.A
         ], stream, q.device, pdl=pdl)
 
 
-def _deliver(out_obj, lse_obj, return_lse: bool, framework: str):
-    out_obj = arrays.deliver(out_obj, framework)
-    if not return_lse:
-        return out_obj
-    return out_obj, arrays.deliver(lse_obj, framework)
-
-
-def _upload(meta: np.ndarray, dst_ptr: int, device: int, stream: int) -> None:
-    from cupy.cuda import runtime
-    import cupy
-    with cupy.cuda.Device(device):
-        runtime.memcpyAsync(dst_ptr, meta.ctypes.data, meta.nbytes, runtime.memcpyHostToDevice, stream)
-
-
-def _scale(name: str, v) -> float:
-    v = checks.float_or_none(name, v)
-    return 1.0 if v is None else v
-
-
 def _check_q(q: arrays.ArrayInfo, p: DecodeParams, batch_shape: tuple) -> None:
     checks.dtype_in(q, Q_DTYPES)
     if q.dtype != p.q_dtype:
@@ -319,7 +272,7 @@ def _check_q(q: arrays.ArrayInfo, p: DecodeParams, batch_shape: tuple) -> None:
 # Public API
 
 
-class BatchDecodeWithPagedKVCacheWrapper:
+class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
     """Decode attention for a batch of requests over a paged KV cache (FlashInfer's API).
 
     plan() once per batch (host work: split-KV schedule, one host-to-device copy of the metadata into
@@ -331,28 +284,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
     arrays, which plan() copies to the host (one synchronisation).
     """
 
+    family = "decode"
+
     def __init__(self, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  use_tensor_cores: bool = False, paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None,
                  paged_kv_last_page_len_buffer=None, backend: str = "auto", jit_args=None):
-        checks.choice("kv_layout", kv_layout, LAYOUTS)
-        if jit_args is not None:
-            raise NotImplementedError("jit_args: custom attention variants are not supported by decode yet")
-        self._ws = arrays.describe(float_workspace_buffer, "float_workspace_buffer")
-        checks.contiguous(self._ws)
-        self._ws_obj = float_workspace_buffer
-        self._kv_layout = kv_layout
-        self._use_cuda_graph = use_cuda_graph
-        self._plan: DecodePlan | None = None
-
-    @property
-    def is_cuda_graph_enabled(self) -> bool:
-        return self._use_cuda_graph
-
-    def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
-        self._ws = arrays.describe(float_workspace_buffer, "float_workspace_buffer")
-        checks.contiguous(self._ws)
-        self._ws_obj = float_workspace_buffer
-        self._plan = None
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, jit_args, LAYOUTS)
 
     def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
              page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1,
@@ -378,7 +315,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise ValueError(f"use_cuda_graph=True: the batch size must stay {self._plan.batch_size} across "
                              f"plans (got {plan.batch_size}); create a wrapper per batch size")
         s = streams.resolve(stream, self._ws.framework, self._ws.device)
-        _upload(plan.meta, self._ws.ptr + plan.partial_bytes(), self._ws.device, s)
+        upload(plan.meta, self._ws.ptr + plan.partial_bytes(), self._ws.device, s)
         self._plan = plan
 
     begin_forward = plan
@@ -402,19 +339,16 @@ class BatchDecodeWithPagedKVCacheWrapper:
         qi = arrays.describe(q, "q", s, cur)
         _check_q(qi, p, (plan.batch_size,))
         kv = describe_paged_cache(paged_kv_cache, self._kv_layout, s, current_of=cur)
-        _check_cache_against(kv, p, plan.max_page)
+        check_cache_against(kv, p, plan.max_page)
         out_obj, o, lse_obj, l_info = _outputs(qi, p, out, lse, return_lse, s, (plan.batch_size,), cur)
         checks.same_device(qi, self._ws, *kv.infos)
         launch_decode(plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, o, l_info,
-                      _scale("k_scale", k_scale), _scale("v_scale", v_scale), s, self._use_cuda_graph,
+                      scale("k_scale", k_scale), scale("v_scale", v_scale), s, self._use_cuda_graph,
                       None if enable_pdl is None else bool(enable_pdl))
         arrays.keep_alive(qi.device, s, (qi, o, l_info) + kv.infos)
-        return _deliver(out_obj, lse_obj, return_lse, fw)
+        return deliver(out_obj, lse_obj, return_lse, fw)
 
     forward = run
-
-    def end_forward(self) -> None:
-        pass
 
 
 # Single decode: plans cached by shape (a small LRU: a decode loop grows kv_len every step), scratch
@@ -422,17 +356,6 @@ class BatchDecodeWithPagedKVCacheWrapper:
 _single_plans: OrderedDict = OrderedDict()
 _SINGLE_PLANS_MAX = 64
 _single_scratch: dict = {}
-
-
-def _scratch(device: int, stream: int, nbytes: int, framework: str):
-    key = (device, stream)
-    buf = _single_scratch.get(key)
-    if buf is None or buf[1].nbytes < nbytes:
-        obj = arrays.empty(framework if framework == "torch" else "cupy", (max(nbytes, 1 << 20),),
-                           dt.uint8, device, stream)
-        buf = (obj, arrays.describe(obj, "scratch"), {})
-        _single_scratch[key] = buf
-    return buf
 
 
 def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mode: str = "NONE",
@@ -447,35 +370,20 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     Returns o (num_qo_heads, head_dim), and lse (num_qo_heads,) in base 2 with return_lse=True.
     use_tensor_cores is accepted for compatibility; the same kernel runs either way."""
     checks.choice("kv_layout", kv_layout, LAYOUTS)
-    fw = arrays.framework_of(q)
-    dev = int(q.__dlpack_device__()[1]) if hasattr(q, "__dlpack_device__") else 0
-    s = streams.resolve(stream, fw, dev)
-    cur = fw if stream is None else None
+    fw, dev, s, cur = caller(q, stream)
     qi = arrays.describe(q, "q", s, cur)
-    ki = arrays.describe(k, "k", s, cur)
-    vi = arrays.describe(v, "v", s, cur)
-    checks.same_device(qi, ki, vi)
+    kv, kv_len = describe_kv_pair(k, v, kv_layout, s, cur)
+    checks.same_device(qi, *kv.infos)
     checks.ndim(qi, 2, "(num_qo_heads, head_dim)")
-    layout = "(kv_len, num_kv_heads, head_dim)" if kv_layout == "NHD" else "(num_kv_heads, kv_len, head_dim)"
-    checks.ndim(ki, 3, layout)
-    if vi.shape != ki.shape or vi.dtype != ki.dtype or vi.strides != ki.strides:
-        raise ValueError(f"v: must match k in shape, dtype and strides; got {vi.shape}/{vi.dtype}/{vi.strides} "
-                         f"vs {ki.shape}/{ki.dtype}/{ki.strides}")
-    kv_len, hkv = (ki.shape[0], ki.shape[1]) if kv_layout == "NHD" else (ki.shape[1], ki.shape[0])
-    if ki.shape[2] != qi.shape[1]:
-        raise ValueError(f"k: head_dim {ki.shape[2]} does not match q's head_dim {qi.shape[1]}")
+    hkv = kv.num_kv_heads
+    if kv.head_dim != qi.shape[1]:
+        raise ValueError(f"k: head_dim {kv.head_dim} does not match q's head_dim {qi.shape[1]}")
     checks.dtype_in(qi, Q_DTYPES)
     params = make_params(qi.shape[0], hkv, qi.shape[1], max(kv_len, 1), pos_encoding_mode, window_left,
-                         logits_soft_cap, qi.dtype, ki.dtype, sm_scale, rope_scale, rope_theta)
+                         logits_soft_cap, qi.dtype, kv.dtype, sm_scale, rope_scale, rope_theta)
     if q_scale is not None:
         params.sm_scale *= float(q_scale)
     _check_q(qi, params, ())
-    for i in (ki, vi):
-        checks.last_dim_contiguous(i)
-        checks.vector_aligned(i)
-    slot_ax, head_ax = (0, 1) if kv_layout == "NHD" else (1, 0)
-    kv = KVView(ki.ptr, vi.ptr, 0, ki.strides[slot_ax], ki.strides[head_ax], 1, max(kv_len, 1), hkv,
-                ki.shape[2], ki.dtype, ki.device, (ki, vi))
     key = (dev, kv_len, params.num_qo_heads, hkv, params.head_dim, params.window_left, params.q_dtype,
            params.kv_dtype, params.rope)
     plan = _single_plans.get(key)
@@ -490,14 +398,10 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
         _single_plans.move_to_end(key)
     plan = DecodePlan(params, plan.batch_size, plan.num_ctas, plan.num_partial_rows, plan.max_page,
                       plan.meta, plan.offsets, plan.partial_capacity)
-    _, scratch, uploaded = _scratch(dev, s, plan.partial_bytes() + plan.meta.nbytes, fw)
     # Metadata lives after the partials, as in the wrapper's workspace; uploaded once per shape.
-    meta_ptr = scratch.ptr + plan.partial_bytes()
-    if uploaded.get("key") != key:
-        _upload(plan.meta, meta_ptr, dev, s)
-        uploaded["key"] = key
+    base = single_call_meta(_single_scratch, dev, s, fw, key, plan.meta, plan.partial_bytes())
     out_obj, o, lse_obj, l_info = _outputs(qi, params, out, lse, return_lse, s, (), cur)
-    launch_decode(plan, meta_ptr, scratch.ptr, qi, kv, o, l_info, _scale("k_scale", k_scale),
-                  _scale("v_scale", v_scale), s)
-    arrays.keep_alive(qi.device, s, (qi, ki, vi, o, l_info))
-    return _deliver(out_obj, lse_obj, return_lse, fw)
+    launch_decode(plan, base + plan.partial_bytes(), base, qi, kv, o, l_info, scale("k_scale", k_scale),
+                  scale("v_scale", v_scale), s)
+    arrays.keep_alive(qi.device, s, (qi, o, l_info) + kv.infos)
+    return deliver(out_obj, lse_obj, return_lse, fw)

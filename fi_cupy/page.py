@@ -42,6 +42,65 @@ class KVView:
     infos: tuple
 
 
+def page_table_lengths(indptr: np.ndarray, indices: np.ndarray, last_page_len: np.ndarray, page_size: int,
+                       prefix: str = "") -> tuple:
+    """(kv_lens, used page indices) of a CSR page table, checked (decode's `indptr`, prefill's
+    `paged_kv_indptr`: argument names are prefix + indptr / indices / last_page_len)."""
+    batch = indptr.size - 1
+    if last_page_len.size != batch:
+        raise ValueError(f"{prefix}last_page_len: expected {batch} entries (batch_size), got {last_page_len.size}")
+    if indices.size < indptr[-1]:
+        raise ValueError(f"{prefix}indices: has {indices.size} entries but {prefix}indptr[-1] is {indptr[-1]}")
+    pages = np.diff(indptr)
+    bad = ((pages > 0) & ((last_page_len < 1) | (last_page_len > page_size))) | ((pages == 0) & (last_page_len != 0))
+    if np.any(bad):
+        i = int(np.argmax(bad))
+        raise ValueError(f"{prefix}last_page_len: request {i} has {pages[i]} pages and last_page_len "
+                         f"{last_page_len[i]}; expected 1..{page_size} (page_size) for a non-empty request, 0 for none")
+    used = indices[: indptr[-1]]
+    if used.size and used.min() < 0:
+        raise ValueError(f"{prefix}indices: page indices must be >= 0, got {int(used.min())}")
+    if indptr[-1] >= 2 ** 31:
+        raise ValueError(f"{prefix}indptr[-1] (total pages) must be < 2**31")
+    kv_lens = np.where(pages > 0, (pages - 1) * page_size + last_page_len, 0)
+    if kv_lens.size and kv_lens.max() >= 2 ** 31:
+        raise ValueError("a request's kv length must be < 2**31")
+    return kv_lens, used
+
+
+def check_cache_against(view: KVView, p, max_page: int, indices_name: str = "indices") -> None:
+    """A cache against the planned parameters `p` (kv_dtype, page_size, num_kv_heads, head_dim) and the
+    largest page index the page table uses."""
+    if view.dtype != p.kv_dtype:
+        raise TypeError(f"paged_kv_cache: dtype {view.dtype} does not match the planned kv_data_type {p.kv_dtype}")
+    if (view.page_size, view.num_kv_heads, view.head_dim) != (p.page_size, p.num_kv_heads, p.head_dim):
+        raise ValueError(f"paged_kv_cache: (page_size, num_kv_heads, head_dim) = "
+                         f"{(view.page_size, view.num_kv_heads, view.head_dim)} does not match the plan "
+                         f"{(p.page_size, p.num_kv_heads, p.head_dim)}")
+    if max_page >= view.num_pages:
+        raise ValueError(f"{indices_name}: page index {max_page} is out of range for a cache of {view.num_pages} pages")
+
+
+def describe_kv_pair(k, v, kv_layout: str, stream: int, current_of: str | None = None) -> tuple:
+    """(KVView, n) of one request's K and V: (n, H, D) [NHD] or (H, n, D) [HND] arrays, as a single
+    page of max(n, 1) slots (single decode and prefill, ragged prefill)."""
+    ki = arrays.describe(k, "k", stream, current_of)
+    vi = arrays.describe(v, "v", stream, current_of)
+    checks.ndim(ki, 3, "(kv_len, num_kv_heads, head_dim)" if kv_layout == "NHD" else "(num_kv_heads, kv_len, head_dim)")
+    if vi.shape != ki.shape or vi.dtype != ki.dtype or vi.strides != ki.strides:
+        raise ValueError(f"v: must match k in shape, dtype and strides; got {vi.shape}/{vi.dtype}/{vi.strides} "
+                         f"vs {ki.shape}/{ki.dtype}/{ki.strides}")
+    for i in (ki, vi):
+        checks.last_dim_contiguous(i)
+        checks.vector_aligned(i)
+    checks.same_device(ki, vi)
+    slot_ax, head_ax = (0, 1) if kv_layout == "NHD" else (1, 0)
+    n = ki.shape[slot_ax]
+    view = KVView(ki.ptr, vi.ptr, 0, ki.strides[slot_ax], ki.strides[head_ax], 1, max(n, 1), ki.shape[head_ax],
+                  ki.shape[2], ki.dtype, ki.device, (ki, vi))
+    return view, n
+
+
 def describe_paged_cache(paged_kv_cache, kv_layout: str, stream: int, name: str = "paged_kv_cache",
                          current_of: str | None = None) -> KVView:
     """A 5-D cache (num_pages, 2, page_size, H, D) [NHD] / (num_pages, 2, H, page_size, D) [HND], or a

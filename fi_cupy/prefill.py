@@ -17,8 +17,9 @@ import numpy as np
 
 from . import scheduler
 from .quantization import packed_indptr, segment_packbits
-from .page import KVView, LAYOUTS, describe_paged_cache
+from .page import KVView, LAYOUTS, check_cache_against, describe_kv_pair, describe_paged_cache, page_table_lengths
 from ._core import arrays, checks, kernels, streams
+from ._core.workspace import PlannedWrapper, caller, deliver, scale, single_call_meta, upload
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
 from ._core.kernels import KernelSpec, Program, f32, f64, i32, i64, ptr, u32
@@ -193,15 +194,12 @@ def variant_flags(params: PrefillParams, custom_mask: bool) -> int:
 
 
 def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.ndarray, kv_lens: np.ndarray,
-                 page_indices: np.ndarray | None, num_ctas: int, mask_offsets: np.ndarray | None,
+                 page_indices: np.ndarray | None, tile: TileShape, num_ctas: int, mask_offsets: np.ndarray | None,
                  capacity: dict | None = None) -> tuple:
     """(PrefillPlan without mask, sizes) for host metadata. kv_indptr: page indptr (paged) or token
     offsets (ragged). capacity (CUDA graphs): fixed part sizes, so every device address stays put."""
     batch = qo_indptr.size - 1
     qo_lens = np.diff(qo_indptr)
-    max_packed = int(qo_lens.max(initial=0)) * params.group_size
-    flags = variant_flags(params, mask_offsets is not None)
-    tile = pick_tile(params.head_dim, max_packed, flags, params.rope) if capacity is None else capacity["tile"]
     sch = scheduler.prefill_schedule(qo_lens, kv_lens, params.group_size, params.num_kv_heads, tile.rows,
                                      num_ctas, params.causal)
     counts = np.array([sch.items.shape[0], sch.merges.shape[0], 0, 0], dtype=np.int32)
@@ -237,7 +235,13 @@ def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.nda
     max_page = int(used.max()) if used.size else -1
     plan = PrefillPlan(params, batch, int(qo_indptr[-1]), tile, n_items, n_merges, sch.num_partial_rows,
                        max_page, meta, offsets, part_cap, grid, merge_grid)
-    return plan, {"tile": tile, "sizes": sizes, "partial": part_cap, "grid": grid, "merge_grid": merge_grid}
+    return plan, {"sizes": sizes, "partial": part_cap, "grid": grid, "merge_grid": merge_grid}
+
+
+def plan_tile(params: PrefillParams, qo_lens: np.ndarray, custom_mask: bool) -> tuple:
+    """(tile, variant flags) for a batch: the tile from the longest request's packed rows."""
+    flags = variant_flags(params, custom_mask)
+    return pick_tile(params.head_dim, int(qo_lens.max(initial=0)) * params.group_size, flags, params.rope), flags
 
 
 def num_ctas(params: PrefillParams, tile: TileShape, device: int, paged: bool, flags: int) -> int:
@@ -274,20 +278,13 @@ def launch_prefill(plan: PrefillPlan, meta_ptr: int, partial_ptr: int, q: arrays
         ptr(o), i64(o.strides[0]), i64(o.strides[1]), ptr(l_info), ptr(part_o), ptr(part_lse),
         i32(p.num_qo_heads), i32(p.group_size), u32(max(p.page_size, 1)), u32(mul), u32(shift),
         i32(int(p.causal)), i32(p.window_left), f32(p.sm_scale * k_scale), f32(p.soft_cap), f32(v_scale),
-        f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)), i32(int(kv.dtype == dt.float8_e5m2)),
+        f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)),
     ], stream, q.device, smem=smem_bytes(p.head_dim, plan.tile, kv.dtype), pdl=pdl)
     if always_merge or plan.num_merges:
         kernels.launch(merge, (plan.merge_grid,), (128,), [
             ptr(part_o), ptr(part_lse), ptr(off["merges"]), ptr(off["counts"] + 4), ptr(off["qo_indptr"]),
             ptr(o), i64(o.strides[0]), i64(o.strides[1]), ptr(l_info), i32(p.num_qo_heads), i32(p.group_size),
         ], stream, q.device, pdl=pdl)
-
-
-def _upload(meta: np.ndarray, dst_ptr: int, device: int, stream: int) -> None:
-    import cupy
-    from cupy.cuda import runtime
-    with cupy.cuda.Device(device):
-        runtime.memcpyAsync(dst_ptr, meta.ctypes.data, meta.nbytes, runtime.memcpyHostToDevice, stream)
 
 
 def _check_q(q: arrays.ArrayInfo, p: PrefillParams, total: int) -> None:
@@ -323,16 +320,6 @@ def _outputs(q: arrays.ArrayInfo, p: PrefillParams, total: int, out, lse, return
     return out_obj, o, lse_obj, l_info
 
 
-def _deliver(out_obj, lse_obj, return_lse: bool, framework: str):
-    out_obj = arrays.deliver(out_obj, framework)
-    return (out_obj, arrays.deliver(lse_obj, framework)) if return_lse else out_obj
-
-
-def _scale(name: str, v) -> float:
-    v = checks.float_or_none(name, v)
-    return 1.0 if v is None else v
-
-
 def _prepare_mask(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_lens: np.ndarray, stream,
                   current_of=None):
     """(packed mask object, ArrayInfo, byte offsets per request) or None. A boolean mask is packed
@@ -364,61 +351,45 @@ def _prepare_mask(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_lens:
 # Wrappers
 
 
-class _PrefillWrapper:
-    """Shared by the paged and ragged wrappers: workspace, plan upload, outputs, launch."""
+class _PrefillWrapper(PlannedWrapper):
+    """Shared by the paged and ragged wrappers: plan upload with CUDA-graph capacities, outputs, launch."""
+    family = "prefill"
     _paged = True
 
     def __init__(self, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False, *args,
                  backend: str = "auto", jit_args=None, **kwargs):
-        checks.choice("kv_layout", kv_layout, LAYOUTS)
-        if jit_args is not None:
-            raise NotImplementedError("jit_args: custom attention variants are not supported by prefill yet")
-        self.reset_workspace_buffer(float_workspace_buffer)
-        self._kv_layout = kv_layout
-        self._use_cuda_graph = bool(use_cuda_graph)
-        self._capacity = None
-
-    @property
-    def is_cuda_graph_enabled(self) -> bool:
-        return self._use_cuda_graph
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, jit_args, LAYOUTS)
 
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
-        self._ws = arrays.describe(float_workspace_buffer, "float_workspace_buffer")
-        checks.contiguous(self._ws)
-        self._ws_obj = float_workspace_buffer
-        self._plan = None
-        self._capacity = None
+        super().reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+        self._capacity = None  # CUDA graphs: metadata sizes, grid and tile fixed by the first plan
 
     def _finish_plan(self, params, qo_indptr, kv_indptr, kv_lens, page_indices, custom_mask,
                      packed_custom_mask, stream):
         s = streams.resolve(stream, self._ws.framework, self._ws.device)
         qo_lens = np.diff(qo_indptr)
         mask = _prepare_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens, s)
-        if self._use_cuda_graph and self._capacity is not None:
-            tile = self._capacity["tile"]
-        else:
-            tile = pick_tile(params.head_dim, int(qo_lens.max(initial=0)) * params.group_size,
-                             variant_flags(params, mask is not None), params.rope)
-        flags = variant_flags(params, mask is not None)
-        ctas = num_ctas(params, tile, self._ws.device, self._paged, flags)
+        tile, flags = plan_tile(params, qo_lens, mask is not None)
         cap = self._capacity if self._use_cuda_graph else None
-        plan, capacity = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, page_indices, ctas,
-                                      None if mask is None else mask[2], cap)
-        if self._use_cuda_graph and self._capacity is None:
+        if cap is not None:
+            tile = cap["tile"]
+        ctas = num_ctas(params, tile, self._ws.device, self._paged, flags)
+        offsets = None if mask is None else mask[2]
+        plan, capacity = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, page_indices, tile, ctas, offsets, cap)
+        if self._use_cuda_graph and cap is None:
             # Room to grow: the grid is one wave and the metadata parts are sized generously.
             capacity["sizes"] = {k: max(2 * v, 1024) for k, v in capacity["sizes"].items()}
             capacity["partial"] = max(2 * capacity["partial"], 4 * ctas * tile.rows)
-            capacity["grid"], capacity["merge_grid"] = ctas, ctas
+            capacity["grid"], capacity["merge_grid"], capacity["tile"] = ctas, ctas, tile
             self._capacity = capacity
-            plan, _ = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, page_indices, ctas,
-                                   None if mask is None else mask[2], capacity)
+            plan, _ = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, page_indices, tile, ctas, offsets, capacity)
         if mask is not None:
             plan.mask = (mask[0], mask[1])
         need = plan.partial_bytes() + plan.meta.nbytes
         if need > self._ws.nbytes:
             raise ValueError(f"float_workspace_buffer: {self._ws.nbytes} bytes is too small for this batch; need "
                              f"{need} bytes")
-        _upload(plan.meta, self._ws.ptr + plan.partial_bytes(), self._ws.device, s)
+        upload(plan.meta, self._ws.ptr + plan.partial_bytes(), self._ws.device, s)
         self._plan = plan
 
     def _run(self, q, kv: KVView, out, lse, return_lse, k_scale, v_scale, s, fw, cur):
@@ -429,10 +400,10 @@ class _PrefillWrapper:
         out_obj, o, lse_obj, l_info = _outputs(qi, p, plan.total_qo, out, lse, return_lse, s, cur)
         checks.same_device(qi, self._ws, *kv.infos)
         launch_prefill(plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, self._paged, o, l_info,
-                       _scale("k_scale", k_scale), _scale("v_scale", v_scale), s, self._use_cuda_graph)
+                       scale("k_scale", k_scale), scale("v_scale", v_scale), s, self._use_cuda_graph)
         extra = (plan.mask[1],) if plan.mask is not None else ()
         arrays.keep_alive(qi.device, s, (qi, o, l_info) + kv.infos + extra)
-        return _deliver(out_obj, lse_obj, return_lse, fw)
+        return deliver(out_obj, lse_obj, return_lse, fw)
 
     def _begin_run(self, q, stream):
         if self._plan is None:
@@ -441,8 +412,6 @@ class _PrefillWrapper:
         s = streams.resolve(stream, fw, self._ws.device)
         return fw, s, (fw if stream is None else None)
 
-    def end_forward(self) -> None:
-        pass
 
 
 class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
@@ -473,23 +442,9 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
         lp = checks.host_int_array("paged_kv_last_page_len", paged_kv_last_page_len)
         checks.indptr("qo_indptr", qo)
         checks.indptr("paged_kv_indptr", ip, qo.size)
-        batch = qo.size - 1
-        if lp.size != batch:
-            raise ValueError(f"paged_kv_last_page_len: expected {batch} entries (batch_size), got {lp.size}")
-        if ix.size < ip[-1]:
-            raise ValueError(f"paged_kv_indices: has {ix.size} entries but paged_kv_indptr[-1] is {ip[-1]}")
-        pages = np.diff(ip)
-        bad = ((pages > 0) & ((lp < 1) | (lp > page_size))) | ((pages == 0) & (lp != 0))
-        if np.any(bad):
-            i = int(np.argmax(bad))
-            raise ValueError(f"paged_kv_last_page_len: request {i} has {pages[i]} pages and last_page_len {lp[i]}; "
-                             f"expected 1..{page_size} (page_size) for a non-empty request, 0 for none")
-        used = ix[: ip[-1]]
-        if used.size and used.min() < 0:
-            raise ValueError(f"paged_kv_indices: page indices must be >= 0, got {int(used.min())}")
-        kv_lens = np.where(pages > 0, (pages - 1) * page_size + lp, 0)
-        if kv_lens.size and kv_lens.max() >= 2 ** 31 or qo[-1] >= 2 ** 31:
-            raise ValueError("lengths must be < 2**31")
+        kv_lens, used = page_table_lengths(ip, ix, lp, page_size, "paged_kv_")
+        if qo[-1] >= 2 ** 31:
+            raise ValueError("qo_indptr[-1] (total queries) must be < 2**31")
         self._finish_plan(params, qo.astype(np.int32), ip.astype(np.int32), kv_lens.astype(np.int32),
                           used.astype(np.int32), custom_mask, packed_custom_mask, stream)
 
@@ -504,15 +459,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
         if window_left is not None and window_left != p.window_left:
             raise ValueError(f"window_left: run() got {window_left} but plan() used {p.window_left}")
         kv = describe_paged_cache(paged_kv_cache, self._kv_layout, s, current_of=cur)
-        if kv.dtype != p.kv_dtype:
-            raise TypeError(f"paged_kv_cache: dtype {kv.dtype} does not match the planned kv_data_type {p.kv_dtype}")
-        if (kv.page_size, kv.num_kv_heads, kv.head_dim) != (p.page_size, p.num_kv_heads, p.head_dim):
-            raise ValueError(f"paged_kv_cache: (page_size, num_kv_heads, head_dim) = "
-                             f"{(kv.page_size, kv.num_kv_heads, kv.head_dim)} does not match the plan "
-                             f"{(p.page_size, p.num_kv_heads, p.head_dim)}")
-        if self._plan.max_page >= kv.num_pages:
-            raise ValueError(f"paged_kv_indices: page index {self._plan.max_page} is out of range for a cache of "
-                             f"{kv.num_pages} pages")
+        check_cache_against(kv, p, self._plan.max_page, "paged_kv_indices")
         return self._run(q, kv, out, lse, return_lse, k_scale, v_scale, s, fw, cur)
 
     forward = run
@@ -550,36 +497,27 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
         fw, s, cur = self._begin_run(q, stream)
         if args:
             raise TypeError(f"run(): unexpected extra positional arguments ({len(args)})")
-        kvv = _ragged_view(k, v, self._kv_layout, self._plan.params, s, cur)
-        if kvv.page_size < self._plan.max_page:
-            raise ValueError(f"k: has {kvv.page_size} rows but kv_indptr[-1] is {self._plan.max_page}")
+        kvv, n = _kv_pair(k, v, self._kv_layout, self._plan.params, s, cur)
+        if n < self._plan.max_page:
+            raise ValueError(f"k: has {n} rows but kv_indptr[-1] is {self._plan.max_page}")
         return self._run(q, kvv, out, lse, return_lse, k_scale, v_scale, s, fw, cur)
 
     forward = run
 
 
-def _ragged_view(k, v, kv_layout: str, p: PrefillParams, s: int, cur) -> KVView:
-    """K/V arrays (n, H, D) [NHD] / (H, n, D) [HND] as a KVView (page_size holds n, the rows)."""
-    ki = arrays.describe(k, "k", s, cur)
-    vi = arrays.describe(v, "v", s, cur)
-    layout = "(kv_len, num_kv_heads, head_dim)" if kv_layout == "NHD" else "(num_kv_heads, kv_len, head_dim)"
-    checks.ndim(ki, 3, layout)
-    if vi.shape != ki.shape or vi.dtype != ki.dtype or vi.strides != ki.strides:
-        raise ValueError(f"v: must match k in shape, dtype and strides; got {vi.shape}/{vi.dtype}/{vi.strides} vs "
-                         f"{ki.shape}/{ki.dtype}/{ki.strides}")
-    if ki.dtype != p.kv_dtype:
-        raise TypeError(f"k: dtype {ki.dtype} does not match the planned kv_data_type {p.kv_dtype}")
-    n, h = (ki.shape[0], ki.shape[1]) if kv_layout == "NHD" else (ki.shape[1], ki.shape[0])
-    if (h, ki.shape[2]) != (p.num_kv_heads, p.head_dim):
-        raise ValueError(f"k: (num_kv_heads, head_dim) = {(h, ki.shape[2])} does not match "
+def _kv_pair(k, v, kv_layout: str, p: PrefillParams, s: int, cur) -> tuple:
+    """(KVView, rows) of ragged or single-request K/V, checked against the parameters."""
+    kvv, n = describe_kv_pair(k, v, kv_layout, s, cur)
+    _check_kv_against(kvv, p)
+    return kvv, n
+
+
+def _check_kv_against(kvv: KVView, p: PrefillParams) -> None:
+    if kvv.dtype != p.kv_dtype:
+        raise TypeError(f"k: dtype {kvv.dtype} does not match the planned kv_data_type {p.kv_dtype}")
+    if (kvv.num_kv_heads, kvv.head_dim) != (p.num_kv_heads, p.head_dim):
+        raise ValueError(f"k: (num_kv_heads, head_dim) = {(kvv.num_kv_heads, kvv.head_dim)} does not match "
                          f"{(p.num_kv_heads, p.head_dim)}")
-    for i in (ki, vi):
-        checks.last_dim_contiguous(i)
-        checks.vector_aligned(i)
-    checks.same_device(ki, vi)
-    slot_ax, head_ax = (0, 1) if kv_layout == "NHD" else (1, 0)
-    return KVView(ki.ptr, vi.ptr, 0, ki.strides[slot_ax], ki.strides[head_ax], 1, n, h, ki.shape[2], ki.dtype,
-                  ki.device, (ki, vi))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,21 +539,16 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
     boolean (qo_len, kv_len), True = attend; or packed_custom_mask (its packbits, little-endian).
     Returns o like q, and lse (qo_len, num_qo_heads) in base 2 with return_lse=True."""
     checks.choice("kv_layout", kv_layout, LAYOUTS)
-    fw = arrays.framework_of(q)
-    dev = int(q.__dlpack_device__()[1]) if hasattr(q, "__dlpack_device__") else 0
-    s = streams.resolve(stream, fw, dev)
-    cur = fw if stream is None else None
+    fw, dev, s, cur = caller(q, stream)
     qi = arrays.describe(q, "q", s, cur)
     checks.ndim(qi, 3, "(qo_len, num_qo_heads, head_dim)")
     checks.dtype_in(qi, Q_DTYPES)
-    ki = arrays.describe(k, "k", s, cur)
-    checks.ndim(ki, 3, "(kv_len, num_kv_heads, head_dim)" if kv_layout == "NHD" else "(num_kv_heads, kv_len, head_dim)")
-    kv_len, hkv = (ki.shape[0], ki.shape[1]) if kv_layout == "NHD" else (ki.shape[1], ki.shape[0])
-    if ki.shape[2] != qi.shape[2]:
-        raise ValueError(f"k: head_dim {ki.shape[2]} does not match q's head_dim {qi.shape[2]}")
-    params = make_params(qi.shape[1], hkv, qi.shape[2], None, causal, pos_encoding_mode, window_left,
-                         logits_soft_cap, sm_scale, rope_scale, rope_theta, qi.dtype, ki.dtype, False)
-    kvv = _ragged_view(k, v, kv_layout, params, s, cur)
+    kvv, kv_len = describe_kv_pair(k, v, kv_layout, s, cur)
+    if kvv.head_dim != qi.shape[2]:
+        raise ValueError(f"k: head_dim {kvv.head_dim} does not match q's head_dim {qi.shape[2]}")
+    params = make_params(qi.shape[1], kvv.num_kv_heads, qi.shape[2], None, causal, pos_encoding_mode, window_left,
+                         logits_soft_cap, sm_scale, rope_scale, rope_theta, qi.dtype, kvv.dtype, False)
+    _check_kv_against(kvv, params)
     qo_len = qi.shape[0]
     qo_ip = np.array([0, qo_len], np.int32)
     kv_ip = np.array([0, kv_len], np.int32)
@@ -625,12 +558,12 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
             ci = arrays.describe(custom_mask, "custom_mask", s, cur)
             checks.shape(ci, (qo_len, kv_len), "(qo_len, kv_len)")
         mask = _prepare_mask(custom_mask, packed_custom_mask, qo_ip[1:], kv_ip[1:], s, cur)
-    key = (dev, qo_len, kv_len, params.num_qo_heads, hkv, params.head_dim, params.causal, params.window_left)
+    key = (dev, qo_len, kv_len, params.num_qo_heads, kvv.num_kv_heads, params.head_dim, params.causal,
+           params.window_left)
     got = _single_plans.get(key)
     if got is None:
-        flags = variant_flags(params, mask is not None)
-        tile = pick_tile(params.head_dim, qo_len * params.group_size, flags, params.rope)
-        got = plan_prefill(params, qo_ip, kv_ip, kv_ip[1:].copy(), None, num_ctas(params, tile, dev, False, flags),
+        tile, flags = plan_tile(params, qo_ip[1:], mask is not None)
+        got = plan_prefill(params, qo_ip, kv_ip, kv_ip[1:].copy(), None, tile, num_ctas(params, tile, dev, False, flags),
                            None if mask is None else mask[2])[0]
         _single_plans[key] = got
         if len(_single_plans) > _SINGLE_PLANS_MAX:
@@ -638,20 +571,9 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
     else:
         _single_plans.move_to_end(key)
     plan = PrefillPlan(**{**got.__dict__, "params": params, "mask": None if mask is None else mask[:2]})
-    nbytes = plan.partial_bytes() + plan.meta.nbytes
-    skey = (dev, s)
-    buf = _single_scratch.get(skey)
-    if buf is None or buf[1].nbytes < nbytes:
-        obj = arrays.empty(fw if fw == "torch" else "cupy", (max(nbytes, 1 << 20),), dt.uint8, dev, s)
-        buf = (obj, arrays.describe(obj, "scratch"), {})
-        _single_scratch[skey] = buf
-    _, scratch, uploaded = buf
-    meta_ptr = scratch.ptr + plan.partial_bytes()
-    if uploaded.get("key") != (key, plan.partial_bytes()):
-        _upload(plan.meta, meta_ptr, dev, s)
-        uploaded["key"] = (key, plan.partial_bytes())
+    base = single_call_meta(_single_scratch, dev, s, fw, key, plan.meta, plan.partial_bytes())
     out_obj, o, lse_obj, l_info = _outputs(qi, params, qo_len, out, lse, return_lse, s, cur)
-    launch_prefill(plan, meta_ptr, scratch.ptr, qi, kvv, False, o, l_info, 1.0, 1.0, s)
+    launch_prefill(plan, base + plan.partial_bytes(), base, qi, kvv, False, o, l_info, 1.0, 1.0, s)
     extra = (plan.mask[1],) if plan.mask is not None else ()
     arrays.keep_alive(qi.device, s, (qi, o, l_info) + kvv.infos + extra)
-    return _deliver(out_obj, lse_obj, return_lse, fw)
+    return deliver(out_obj, lse_obj, return_lse, fw)

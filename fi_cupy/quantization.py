@@ -8,6 +8,7 @@ import numpy as np
 from ._core import checks, kernels
 from ._core import dtypes as dt
 from ._core.call import Call
+from ._core.workspace import upload
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr
 
 BITORDERS = ("big", "little")
@@ -40,11 +41,7 @@ def _pack(c: Call, xi, indptr: np.ndarray, bitorder: str, name: str = "x"):
     n_out = int(out_indptr[-1])
     obj, o = c.new((n_out,), dt.uint8, "packed")
     if n_out:
-        meta = np.concatenate([indptr.astype(np.int64), out_indptr])
-        mobj, m = c.new((meta.size,), dt.int64, "indptr")
-        from cupy.cuda import runtime
-        runtime.memcpyAsync(m.ptr, meta.ctypes.data, meta.nbytes, runtime.memcpyHostToDevice, c.stream)
-        runtime.streamSynchronize(c.stream)  # the host copy of meta is released on return
+        _, m = _to_device(c, np.concatenate([indptr.astype(np.int64), out_indptr]), dt.int64)
         prog = packbits_program(bitorder == "little")
         fn = kernels.functions(prog, c.device)[prog.kernels[0]]
         c.launch(fn, (-(-n_out // 256),), (256,),
@@ -67,12 +64,14 @@ def segment_packbits(x, indptr, bitorder: str = "big", stream=None):
     checks.indptr("indptr", ip)
     c = Call(x, stream)
     obj, out_ip = _pack(c, _describe(c, x), ip.astype(np.int64), bitorder)
-    return c.result(obj), c.result(_to_device(c, out_ip.astype(np.int32)))
+    return c.result(obj), c.result(_to_device(c, out_ip.astype(np.int32), dt.int32)[0])
 
 
-def _to_device(c: Call, a: np.ndarray):
+def _to_device(c: Call, a: np.ndarray, dtype: dt.DType):
+    """(object, ArrayInfo) of a new device array holding host array `a` (synchronised: `a` may be
+    released on return)."""
     from cupy.cuda import runtime
-    obj, info = c.new(a.shape, dt.int32, "indptr")
-    runtime.memcpyAsync(info.ptr, a.ctypes.data, a.nbytes, runtime.memcpyHostToDevice, c.stream)
+    obj, info = c.new(a.shape, dtype, "indptr")
+    upload(a, info.ptr, c.device, c.stream)
     runtime.streamSynchronize(c.stream)
-    return obj
+    return obj, info

@@ -87,7 +87,8 @@ def test_plan_metadata_layout():
     kv_ip = np.array([0, 7, 8, 10], np.int32)
     kv_lens = np.array([100, 9, 30], np.int32)
     idx = np.arange(10, dtype=np.int32)[::-1].copy()
-    plan, cap = prefill.plan_prefill(p, qo, kv_ip, kv_lens, idx, 264, None)
+    tile, _ = prefill.plan_tile(p, np.diff(qo), False)
+    plan, cap = prefill.plan_prefill(p, qo, kv_ip, kv_lens, idx, tile, 264, None)
     m = plan.meta
     assert all(v % 4 == 0 for v in plan.offsets.values())  # 16-byte aligned parts
     n = m[plan.offsets["counts"]]
@@ -98,8 +99,8 @@ def test_plan_metadata_layout():
     assert plan.max_page == 9 and plan.tile.rows == 128
     # CUDA graphs: a second plan with the reserved capacity keeps every offset.
     cap["sizes"] = {k: 2 * v + 8 for k, v in cap["sizes"].items()}
-    a, _ = prefill.plan_prefill(p, qo, kv_ip, kv_lens, idx, 264, None, cap)
-    b, _ = prefill.plan_prefill(p, np.array([0, 5, 6, 7], np.int32), kv_ip, kv_lens, idx, 264, None, cap)
+    a, _ = prefill.plan_prefill(p, qo, kv_ip, kv_lens, idx, tile, 264, None, cap)
+    b, _ = prefill.plan_prefill(p, np.array([0, 5, 6, 7], np.int32), kv_ip, kv_lens, idx, tile, 264, None, cap)
     assert a.offsets == b.offsets and a.meta.size == b.meta.size and a.grid == b.grid
 
 

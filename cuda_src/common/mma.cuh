@@ -6,19 +6,13 @@
 
 namespace fic {
 
-// Four 8x8 b16 matrices; lane i gives the shared address of row i % 8 of matrix i / 8.
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* row) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+// Shared-space byte address of a generic pointer into shared memory.
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
-// The same with a shared-space byte address (kernels that compute swizzled addresses themselves).
+// Four 8x8 b16 matrices; lane i gives the shared address of row i % 8 of matrix i / 8 (a byte address,
+// for kernels that compute swizzled addresses themselves, or a pointer).
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned a) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
@@ -26,6 +20,10 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned a) {
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned a) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* row) { ldmatrix_x4(r, smem_u32(row)); }
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) {
+  ldmatrix_x4_trans(r, smem_u32(row));
 }
 
 // x, opaque to the compiler: values derived from it are recomputed where used instead of being

@@ -3,6 +3,7 @@
 // contributes nothing, and merging two empty states stays empty (never NaN).
 #pragma once
 #include "math.cuh"
+#include "vec.cuh"
 
 namespace fic {
 
@@ -37,5 +38,38 @@ struct SoftmaxState {
   __device__ __forceinline__ float lse() const { return (d > 0.f) ? m + __log2f(d) : neg_inf(); }
   __device__ __forceinline__ float inv_d() const { return (d > 0.f) ? __frcp_rn(d) : 0.f; }
 };
+
+// Merging n states given as (values, base-2 lse) pairs, state k at v + k * v_stride and s[k * s_stride]
+// (cascade's merge_states, prefill's KV cuts). max_lse is their largest lse (-inf when all are empty).
+__device__ __forceinline__ float max_lse(const float* s, long long s_stride, int n) {
+  float m = neg_inf();
+  for (int k = 0; k < n; ++k) m = fmaxf(m, s[k * s_stride]);
+  return m;
+}
+
+// out = the N values of the merged state (weights exp2(s_k - m)); returns its lse, -inf when every
+// state is empty (out = 0 then).
+template <typename T, int N>
+__device__ __forceinline__ float merge_states(const T* v, long long v_stride, const float* s, long long s_stride,
+                                              int n, float m, float (&out)[N]) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) out[e] = 0.f;
+  float sum = 0.f;
+  if (m != neg_inf()) {
+#pragma unroll 2
+    for (int k = 0; k < n; ++k) {
+      const float w = ptx_exp2(s[k * s_stride] - m);
+      Vec<T, N> x;
+      x.load(v + k * v_stride);
+#pragma unroll
+      for (int e = 0; e < N; ++e) out[e] += w * x[e];
+      sum += w;
+    }
+  }
+  const float inv = sum > 0.f ? __frcp_rn(sum) : 0.f;
+#pragma unroll
+  for (int e = 0; e < N; ++e) out[e] *= inv;
+  return m == neg_inf() ? m : m + __log2f(sum);
+}
 
 }  // namespace fic

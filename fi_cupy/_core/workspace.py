@@ -1,0 +1,85 @@
+"""What the planned attention families (decode, prefill) share: the wrapper's float workspace, layout
+and CUDA-graph flag; the host-to-device copy of a plan's metadata; per-(device, stream) scratch for
+the single-request calls; scale arguments; outputs handed back in the caller's framework."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import arrays, checks, streams
+from . import dtypes as dt
+from .call import device_of
+
+
+class PlannedWrapper:
+    """Base of the plan/run wrappers: FlashInfer's constructor arguments, the workspace that plan()
+    writes its metadata into, and the plan slot (None until plan())."""
+    family = "attention"
+
+    def __init__(self, float_workspace_buffer, kv_layout: str, use_cuda_graph: bool, jit_args, layouts):
+        checks.choice("kv_layout", kv_layout, layouts)
+        if jit_args is not None:
+            raise NotImplementedError(f"jit_args: custom attention variants are not supported by {self.family} yet")
+        self._kv_layout = kv_layout
+        self._use_cuda_graph = bool(use_cuda_graph)
+        self.reset_workspace_buffer(float_workspace_buffer)
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return self._use_cuda_graph
+
+    def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
+        self._ws = arrays.describe(float_workspace_buffer, "float_workspace_buffer")
+        checks.contiguous(self._ws)
+        self._ws_obj = float_workspace_buffer
+        self._plan = None
+
+    def end_forward(self) -> None:
+        pass
+
+
+def caller(first, stream) -> tuple:
+    """(framework, device, stream handle, current_of) of a single-request call: the framework and
+    device of its first array, the explicit `stream` or that framework's current one; current_of
+    names the framework whose current stream we launch on (None with an explicit stream)."""
+    fw = arrays.framework_of(first)
+    dev = device_of(first)
+    return fw, dev, streams.resolve(stream, fw, dev), (fw if stream is None else None)
+
+
+def upload(host: np.ndarray, dst_ptr: int, device: int, stream: int) -> None:
+    """Copy a host array to device memory at dst_ptr, queued on `stream`."""
+    import cupy
+    from cupy.cuda import runtime
+    with cupy.cuda.Device(device):
+        runtime.memcpyAsync(dst_ptr, host.ctypes.data, host.nbytes, runtime.memcpyHostToDevice, stream)
+
+
+def single_call_meta(cache: dict, device: int, stream: int, framework: str, key, meta: np.ndarray,
+                     meta_offset: int) -> int:
+    """Scratch for a single-request call, cached per (device, stream) in the family's `cache`: a buffer
+    of at least meta_offset + meta.nbytes bytes whose metadata (at meta_offset) is uploaded only when
+    `key` changes. Returns the buffer's address."""
+    need = meta_offset + meta.nbytes
+    buf = cache.get((device, stream))
+    if buf is None or buf[1].nbytes < need:
+        obj = arrays.empty(framework if framework == "torch" else "cupy", (max(need, 1 << 20),), dt.uint8, device,
+                           stream)
+        buf = (obj, arrays.describe(obj, "scratch"), {})
+        cache[(device, stream)] = buf
+    _, scratch, uploaded = buf
+    if uploaded.get("key") != (key, meta_offset):
+        upload(meta, scratch.ptr + meta_offset, device, stream)
+        uploaded["key"] = (key, meta_offset)
+    return scratch.ptr
+
+
+def scale(name: str, v) -> float:
+    """A k_scale / v_scale argument: None means 1."""
+    v = checks.float_or_none(name, v)
+    return 1.0 if v is None else v
+
+
+def deliver(out_obj, lse_obj, return_lse: bool, framework: str):
+    """o, or (o, lse) with return_lse, in the caller's framework."""
+    out_obj = arrays.deliver(out_obj, framework)
+    return (out_obj, arrays.deliver(lse_obj, framework)) if return_lse else out_obj
