@@ -544,6 +544,7 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
     checks.ndim(qi, 3, "(qo_len, num_qo_heads, head_dim)")
     checks.dtype_in(qi, Q_DTYPES)
     kvv, kv_len = describe_kv_pair(k, v, kv_layout, s, cur)
+    checks.same_device(qi, *kvv.infos)
     if kvv.head_dim != qi.shape[2]:
         raise ValueError(f"k: head_dim {kvv.head_dim} does not match q's head_dim {qi.shape[2]}")
     params = make_params(qi.shape[1], kvv.num_kv_heads, qi.shape[2], None, causal, pos_encoding_mode, window_left,
@@ -558,8 +559,9 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
             ci = arrays.describe(custom_mask, "custom_mask", s, cur)
             checks.shape(ci, (qo_len, kv_len), "(qo_len, kv_len)")
         mask = _prepare_mask(custom_mask, packed_custom_mask, qo_ip[1:], kv_ip[1:], s, cur)
+    # The tile (and so the plan) depends on the variant: RoPE, soft cap and custom mask are in the key.
     key = (dev, qo_len, kv_len, params.num_qo_heads, kvv.num_kv_heads, params.head_dim, params.causal,
-           params.window_left)
+           params.window_left, params.rope, variant_flags(params, mask is not None))
     got = _single_plans.get(key)
     if got is None:
         tile, flags = plan_tile(params, qo_ip[1:], mask is not None)
