@@ -69,13 +69,14 @@ __global__ void __launch_bounds__(256) merge_states_n_kernel(
     const float m = max_lse(sp, s_state, n);
     for (int c = threadIdx.x * VEC; c < d; c += blockDim.x * VEC) {
       float acc[VEC];
-      const float lse = merge_states<T, VEC>(v + (long long)i * r.v_tok + h * r.v_head + c, v_state, sp, s_state, n, m,
-                                             acc);
+      const float sum = merge_states<T, VEC>(v + (long long)i * r.v_tok + h * r.v_head + c, v_state, sp, s_state, n,
+                                             m, acc);
+      const float inv = sum > 0.f ? __frcp_rn(sum) : 0.f;
       Vec<T, VEC> o;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) o.set(e, acc[e]);
+      for (int e = 0; e < VEC; ++e) o.set(e, acc[e] * inv);
       o.store(vo + i * ro.v_tok + h * ro.v_head + c);
-      if (c == 0) so[i * ro.s_tok + h * ro.s_head] = lse;
+      if (c == 0) so[i * ro.s_tok + h * ro.s_head] = merged_lse(m, sum);
     }
   }
 }

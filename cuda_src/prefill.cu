@@ -485,13 +485,17 @@ prefill_merge_kernel(const float* __restrict__ part_o, const float* __restrict__
     for (int idx = threadIdx.x; idx < n_rows * kChunks; idx += blockDim.x) {
       const int r = idx / kChunks, d0 = (idx % kChunks) * 8;
       const float* s = part_lse + base + r;  // chunk k at s[k * rows]
+      const float mx = max_lse(s, rows, chunks);
       float acc[8];
-      const float l = merge_states<float, 8>(part_o + (long long)(base + r) * D + d0, (long long)rows * D, s, rows,
-                                             chunks, max_lse(s, rows, chunks), acc);
+      const float wsum = merge_states<float, 8>(part_o + (long long)(base + r) * D + d0, (long long)rows * D, s, rows,
+                                                chunks, mx, acc);
+      const float inv = wsum > 0.f ? ptx_rcp(wsum) : 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] *= inv;
       const int p = p0 + r, ti = p / group_size, h = kv_head * group_size + p - ti * group_size;
       store8<T>(out + (long long)(qo_start + ti) * o_stride_n + h * o_stride_h + d0, acc);
       if (lse != nullptr && d0 == 0)
-        lse[(long long)(qo_start + ti) * num_qo_heads + h] = l;
+        lse[(long long)(qo_start + ti) * num_qo_heads + h] = merged_lse(mx, wsum);
     }
   }
 }

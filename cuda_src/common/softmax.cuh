@@ -47,8 +47,9 @@ __device__ __forceinline__ float max_lse(const float* s, long long s_stride, int
   return m;
 }
 
-// out = the N values of the merged state (weights exp2(s_k - m)); returns its lse, -inf when every
-// state is empty (out = 0 then).
+// out = the N values of the merged state, not yet normalised (weights exp2(s_k - m)); returns the
+// weights' total, 0 when every state is empty (out = 0 then). The caller divides by it (each family
+// picks its reciprocal) and takes the lse from merged_lse.
 template <typename T, int N>
 __device__ __forceinline__ float merge_states(const T* v, long long v_stride, const float* s, long long s_stride,
                                               int n, float m, float (&out)[N]) {
@@ -66,10 +67,10 @@ __device__ __forceinline__ float merge_states(const T* v, long long v_stride, co
       sum += w;
     }
   }
-  const float inv = sum > 0.f ? __frcp_rn(sum) : 0.f;
-#pragma unroll
-  for (int e = 0; e < N; ++e) out[e] *= inv;
-  return m == neg_inf() ? m : m + __log2f(sum);
+  return sum;
 }
+
+// The lse of a merged state: its largest lse m and the total weight relative to it.
+__device__ __forceinline__ float merged_lse(float m, float sum) { return m == neg_inf() ? m : m + __log2f(sum); }
 
 }  // namespace fic
