@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(256) merge_states_n_kernel(
     const float m = max_lse(sp, s_state, n);
     for (int c = threadIdx.x * VEC; c < d; c += blockDim.x * VEC) {
       float acc[VEC];
-      const float sum = merge_states<T, VEC>(v + (long long)i * r.v_tok + h * r.v_head + c, v_state, sp, s_state, n,
+      const float sum = merge_states<T, VEC, 2>(v + (long long)i * r.v_tok + h * r.v_head + c, v_state, sp, s_state, n,
                                              m, acc);
       const float inv = sum > 0.f ? __frcp_rn(sum) : 0.f;
       Vec<T, VEC> o;

@@ -49,15 +49,16 @@ __device__ __forceinline__ float max_lse(const float* s, long long s_stride, int
 
 // out = the N values of the merged state, not yet normalised (weights exp2(s_k - m)); returns the
 // weights' total, 0 when every state is empty (out = 0 then). The caller divides by it (each family
-// picks its reciprocal) and takes the lse from merged_lse.
-template <typename T, int N>
+// picks its reciprocal) and takes the lse from merged_lse. UNROLL: states loaded ahead (cascade's
+// merge over many states takes 2; NVRTC 13.0 spills prefill's float32 merge when it is unrolled).
+template <typename T, int N, int UNROLL = 1>
 __device__ __forceinline__ float merge_states(const T* v, long long v_stride, const float* s, long long s_stride,
                                               int n, float m, float (&out)[N]) {
 #pragma unroll
   for (int e = 0; e < N; ++e) out[e] = 0.f;
   float sum = 0.f;
   if (m != neg_inf()) {
-#pragma unroll 2
+#pragma unroll UNROLL
     for (int k = 0; k < n; ++k) {
       const float w = ptx_exp2(s[k * s_stride] - m);
       Vec<T, N> x;
