@@ -1,9 +1,13 @@
 """Shared test set-up: the `gpu` marker skips with the reason when no CUDA GPU is visible."""
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX beside CuPy/torch
+# examples/fi_llama (the end-to-end example's modules) is imported by its tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 def _gpu_skip_reason():
