@@ -187,11 +187,18 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
                       meta, offsets, part_cap)
 
 
+_num_ctas: dict = {}  # (program, smem, device) -> CTAs in one wave
+
+
 def decode_num_ctas(params: DecodeParams, kv_dtype: dt.DType, device: int) -> int:
-    """One wave of the decode kernel on `device` (compiles / loads the kernel)."""
+    """One wave of the decode kernel on `device` (compiles / loads the kernel; memoised: plan() runs
+    every decode step)."""
     prog, smem = decode_variant(params, kv_dtype)
-    occ = kernels.functions(prog, device)[prog.kernels[0]].occupancy(128, smem)
-    return kernels.device_props(device)["sms"] * max(occ, 1)
+    got = _num_ctas.get((prog, smem, device))
+    if got is None:
+        occ = kernels.functions(prog, device)[prog.kernels[0]].occupancy(128, smem)
+        got = _num_ctas[(prog, smem, device)] = kernels.device_props(device)["sms"] * max(occ, 1)
+    return got
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,19 +45,19 @@ MIN_QUOTA = 64     # fewest tokens a CTA is given: below it, more CTAs only add 
 
 def _pick_quota(cum: np.ndarray, num_ctas: int, min_quota: int) -> int:
     """Tokens per CTA: the smallest even split, or a split aligned to the longest pair when that
-    gives fewer segments per CTA; scored by the most loaded CTA (tokens + SEGMENT_COST a segment)."""
+    gives fewer segments per CTA; scored by the most loaded CTA (tokens + SEGMENT_COST a segment).
+    All candidates are scored at once (plan() runs every decode step: host time counts)."""
     total = int(cum[-1])
     q0 = max(-(-total // num_ctas), min_quota)
-    longest = int(np.diff(cum).max()) if cum.size > 1 else 0
-    cands = {q0} | {-(-longest // k) for k in range(1, 65)}
-    best, best_cost = q0, None
-    for q in sorted(c for c in cands if c >= q0):
-        starts = np.arange(0, total, q)
-        inner = np.searchsorted(cum, starts + q, side="left") - np.searchsorted(cum, starts, side="right")
-        cost = int(np.max(np.minimum(q, total - starts) + SEGMENT_COST * (1 + inner))) if starts.size else 0
-        if best_cost is None or cost < best_cost:
-            best, best_cost = q, cost
-    return best
+    if total == 0:
+        return q0
+    longest = int(np.diff(cum).max())
+    qs = np.unique(np.concatenate([[q0], -(-longest // np.arange(1, 65))]))
+    qs = qs[qs >= q0][:, None]
+    starts = np.arange(-(-total // q0))[None, :] * qs  # CTA starts of each candidate; past total: unused
+    inner = np.searchsorted(cum, starts + qs, side="left") - np.searchsorted(cum, starts, side="right")
+    load = np.where(starts < total, np.minimum(qs, total - starts) + SEGMENT_COST * (1 + inner), 0)
+    return int(qs[np.argmin(load.max(axis=1)), 0])  # ties: the smallest quota
 
 
 def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min_quota: int | None = None) -> DecodeSchedule:

@@ -118,21 +118,29 @@ def test_prefill_logits_match_transformers(case):
         assert np.isfinite(mine).all() and err <= 2 * err_hf, f"{name} len {len(p)}: {err:.4g} vs bf16 {err_hf:.4g}"
 
 
+def _generate(model, prompt, n):
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
 def test_greedy_decode_matches_transformers_generate(case):
-    name, cfg, weights, bf16, _ = case
+    name, cfg, weights, bf16, ref32 = case
     prompts = _prompts((5, 20, 64, 129), cfg.vocab_size, 2)
     eng = _engine(cfg, weights)
     reqs = [eng.add(p, 32) for p in prompts]
     eng.run()
-    exact = 0
+    parted, baseline = [], 0
     for p, r in zip(prompts, reqs):
         assert len(r.output) == 32 and r.finish_reason == "length"
-        ids = torch.tensor([p], device="cuda")
-        with torch.no_grad():
-            hf = bf16.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
-                               pad_token_id=0)[0, len(p):].tolist()
-        exact += _check_tokens(case, p, r.output, hf) is None
-    print(f"{name}: {exact} of {len(prompts)} prompts give transformers' 32 greedy tokens exactly")
+        hf = _generate(bf16, p, 32)
+        parted.append(_check_tokens(case, p, r.output, hf))
+        baseline += hf == _generate(ref32, p, 32)
+    # For scale: how often transformers in bf16 gives its own fp32 model's tokens on these prompts.
+    print(f"{name}: parting steps from transformers bf16 {parted} (None: all 32 equal); transformers bf16 "
+          f"equals its fp32 self on {baseline} of {len(prompts)} prompts")
     assert eng.allocator.num_used == 0  # every finished request gave its pages back
 
 

@@ -287,3 +287,22 @@ def test_step_inputs_page_tables_and_padding():
         padded(d, 1)
     with pytest.raises(ValueError, match="fewer pages"):
         decode_inputs([Request(0, [1] * 4, 3, output=[1], pages=[2])], 4)
+
+
+# -- RoPE table ------------------------------------------------------------------------------------
+
+def test_rope_table_frequencies_match_the_reference():
+    from fi_cupy import reference
+    from fi_llama.rope import cos_sin_cache, inv_freq
+    r = config.RopeConfig(500000.0, "llama3", 8.0, 1.0, 4.0, 8192)
+    np.testing.assert_allclose(inv_freq(r, 128), reference.llama31_inv_freq(128, 500000.0, 8.0, 1.0, 4.0, 8192),
+                               rtol=1e-6)
+    np.testing.assert_allclose(inv_freq(config.RopeConfig(1e4), 64), reference.rope_inv_freq(64, 1e4), rtol=1e-6)
+    np.testing.assert_allclose(inv_freq(config.RopeConfig(1e4, "linear", 4.0), 64),
+                               reference.rope_inv_freq(64, 1e4, 4.0), rtol=1e-6)
+    t = cos_sin_cache(r, 128, 300)
+    assert t.shape == (300, 128) and t.dtype == np.float32
+    ang = 299 * inv_freq(r, 128).astype(np.float64)
+    np.testing.assert_allclose(t[299, :64], np.cos(ang), atol=1e-4)
+    np.testing.assert_allclose(t[299, 64:], np.sin(ang), atol=1e-4)
+    np.testing.assert_array_equal(t[0], np.r_[np.ones(64), np.zeros(64)])

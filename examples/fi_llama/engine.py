@@ -9,11 +9,12 @@ import time
 import numpy as np
 
 import cupy as cp
+import cupyx
 
 import fi_cupy
 from fi_cupy import sampling
 
-from .batch import decode_inputs, prefill_inputs
+from .batch import StepInputs, decode_inputs, prefill_inputs
 from .checkpoint import Weights
 from .config import ModelConfig
 from .model import LlamaModel
@@ -73,9 +74,14 @@ class Engine:
         self.generator = sampling.Generator(seed)
         self.stats = Stats()
         self._ids = itertools.count()
+        self._ids_host = cupyx.empty_pinned((max_batch,), dtype=np.int32)  # sampled ids land here
+        self._ahead = None  # the decode requests whose next step is queued (see step())
 
     def add(self, prompt, max_new_tokens: int) -> Request:
         r = Request(next(self._ids), [int(t) for t in prompt], int(max_new_tokens))
+        if r.worst_kv_len > self.model.max_positions:
+            raise ValueError(f"request: prompt + max_new_tokens - 1 = {r.worst_kv_len} tokens exceed the "
+                             f"{self.model.max_positions} positions of the model's RoPE table")
         bad = [t for t in r.prompt if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
@@ -84,19 +90,28 @@ class Engine:
 
     def step(self) -> list:
         """One scheduler step (a prefill of the admitted requests and/or a decode of the running ones).
-        Returns the requests that finished."""
+        Returns the requests that finished.
+
+        Decode steps overlap host and GPU: while a step runs on the GPU, the host queues the next
+        step's positions and page table and plans its attention, assuming every request goes on; its
+        tokens are this step's samples, copied on the device. The next step launches that at once
+        unless the batch changed (a request finished at EOS, or new ones were admitted)."""
         step = self.scheduler.schedule()
         tokens = []
         if step.prefill:
             t = time.perf_counter()
             logits = self.model.prefill(prefill_inputs(step.prefill, self.page_size))
-            tokens.append(self._sample(logits))
+            tokens.append(self._wait(self._sample(logits)))
             self.stats.prefill_s += time.perf_counter() - t
             self.stats.prefill_tokens += sum(len(r.prompt) for r in step.prefill)
+            self._ahead = None
         if step.decode:
             t = time.perf_counter()
-            logits = self.model.decode(decode_inputs(step.decode, self.page_size))
-            tokens.append(self._sample(logits))
+            if self._ahead != step.decode:
+                self.model.prepare_decode(decode_inputs(step.decode, self.page_size))
+            pending = self._sample(self.model.launch_decode(), stage=True)
+            self._ahead = self._prepare_next(step.decode)
+            tokens.append(self._wait(pending))
             dt = time.perf_counter() - t
             self.stats.decode_s += dt
             self.stats.step_times.append(dt)
@@ -108,10 +123,34 @@ class Engine:
             return []
         return self.scheduler.commit(step, np.concatenate(tokens))
 
-    def _sample(self, logits) -> np.ndarray:
+    def _prepare_next(self, reqs):
+        """Queue the decode step that follows `reqs` if none of them can finish by length now; returns
+        the requests it was prepared for, or None."""
+        if any(len(r.output) + 1 >= r.max_new_tokens for r in reqs):
+            return None
+        for r in reqs:  # after this step's token: kv_len + 1 cached, kv_len + 2 after the next append
+            self.scheduler.reserve(r, r.kv_len + 2)
+        pos = [r.kv_len + 1 for r in reqs]
+        self.model.prepare_decode(StepInputs(np.zeros(len(reqs)), pos, np.arange(len(reqs)), [p + 1 for p in pos],
+                                             [r.pages for r in reqs], self.page_size), tokens=False)
+        return list(reqs)
+
+    def _sample(self, logits, stage: bool = False):
+        """Queue sampling and the copy of the ids to the host; with stage, the ids also become the
+        next decode step's input tokens on the device. Returns what _wait() needs."""
+        b = logits.shape[0]
         with self.model.stream:
             ids = sample(logits, self.params, self.generator)
-            return cp.asnumpy(ids, stream=self.model.stream, blocking=True)
+            if stage:
+                self.model.tokens[:b] = ids
+            ids.get(stream=self.model.stream, out=self._ids_host[:b], blocking=False)
+            done = self.model.stream.record()
+        return done, b
+
+    def _wait(self, pending) -> np.ndarray:
+        done, b = pending
+        done.synchronize()
+        return self._ids_host[:b].copy()
 
     def run(self, on_finish=None) -> list:
         """Steps until every request has finished; returns them in the order they finished."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 import cupy as cp
+import cupyx
 from ml_dtypes import bfloat16
 
 import fi_cupy
@@ -17,8 +18,10 @@ from .batch import StepInputs, padded
 from .blas import gemm
 from .checkpoint import Weights
 from .config import ModelConfig
+from .rope import cos_sin_cache
 
 WORKSPACE_BYTES = 256 << 20  # attention plans and split-KV partials
+MAX_ROPE_POSITIONS = 1 << 17  # a 64 MiB table at head_dim 128
 
 
 def graph_buckets(max_batch: int) -> list:
@@ -32,8 +35,10 @@ def graph_buckets(max_batch: int) -> list:
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: Weights, num_pages: int, page_size: int, max_batch: int,
-                 max_prefill_tokens: int, stream=None):
+                 max_prefill_tokens: int, stream=None, max_positions: int | None = None):
         self.cfg, self.w, self.page_size = cfg, weights, page_size
+        # Positions the RoPE table covers (a request may hold this many tokens).
+        self.max_positions = max_positions or min(cfg.max_position_embeddings, MAX_ROPE_POSITIONS)
         self.max_batch, self.num_pages = max_batch, num_pages
         self.stream = stream or cp.cuda.Stream(non_blocking=True)
         h, d, hq, hkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -54,18 +59,34 @@ class LlamaModel:
             self.kv_indices = cp.zeros(num_pages, **i32)
             self.last_rows = cp.zeros(max_batch, **i32)
             self.workspace = cp.empty(WORKSPACE_BYTES, dtype=cp.uint8)
+            self.cos_sin = cp.asarray(cos_sin_cache(cfg.rope, cfg.head_dim, self.max_positions))
+        staging = 4 * rows + 2 * max_batch + 1 + num_pages
+        self._staging = [cupyx.empty_pinned(staging, dtype=np.int32) for _ in range(2)]
+        self._staged, self._slot = [None, None], 0
         self.prefill_wrapper = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.buckets = graph_buckets(max_batch)
         self._decode = {}  # bucket -> (wrapper, graph or None)
+        self._prepared = None  # (number of requests, bucket) of the decode step prepare_decode() queued
 
     # -- inputs ------------------------------------------------------------------------------------
-    def _upload(self, s: StepInputs) -> None:
-        n, b = s.tokens.size, s.num_requests
-        for dev, host in ((self.tokens[:n], s.tokens), (self.positions[:n], s.positions),
-                          (self.bidx[:n], s.batch_indices), (self.kv_indptr[:b + 1], s.kv_indptr),
-                          (self.kv_last[:b], s.kv_last), (self.kv_indices[:s.kv_indices.size], s.kv_indices)):
+    def _upload(self, s: StepInputs, tokens: bool = True) -> None:
+        """Queue the step's index arrays to the device. Through pinned memory (two buffers, each reused
+        once its copies have run): a copy from pageable memory may wait for the stream to drain, which
+        would stall a host preparing the next step while the GPU runs this one."""
+        parts = [(self.positions, s.positions), (self.bidx, s.batch_indices), (self.kv_indptr, s.kv_indptr),
+                 (self.kv_last, s.kv_last), (self.kv_indices, s.kv_indices)]
+        if tokens:
+            parts.append((self.tokens, s.tokens))
+        slot, self._slot = self._slot, 1 - self._slot
+        if self._staged[slot] is not None:
+            self._staged[slot].synchronize()
+        buf, at = self._staging[slot], 0
+        for dev, host in parts:
+            buf[at:at + host.size] = host
             if host.size:
-                dev.set(host, self.stream)
+                dev.data.copy_from_host_async(buf[at:].ctypes.data, host.nbytes, self.stream)
+            at += host.size
+        self._staged[slot] = self.stream.record()
 
     def _plan_args(self, s: StepInputs) -> tuple:
         c = self.cfg
@@ -73,14 +94,7 @@ class LlamaModel:
 
     # -- the layers --------------------------------------------------------------------------------
     def _rope(self, q, k, pos) -> None:
-        r = self.cfg.rope
-        if r.kind == "llama3":
-            fi_cupy.apply_llama31_rope_pos_ids_inplace(q, k, pos, rope_scale=r.factor, rope_theta=r.theta,
-                                                       low_freq_factor=r.low_freq_factor,
-                                                       high_freq_factor=r.high_freq_factor,
-                                                       old_context_len=r.original_max_position_embeddings)
-        else:
-            fi_cupy.apply_rope_pos_ids_inplace(q, k, pos, rope_scale=r.factor, rope_theta=r.theta)
+        fi_cupy.apply_rope_with_cos_sin_cache_inplace(pos, q, k, self.cfg.head_dim, self.cos_sin, is_neox=True)
 
     def _layers(self, n: int, num_requests: int, attend) -> None:
         """Every layer over the step's n tokens; leaves the final-normed hidden states in self.x[:n]."""
@@ -114,6 +128,7 @@ class LlamaModel:
         request (its last token), or one per token with all_logits."""
         n, b = s.tokens.size, s.num_requests
         c = self.cfg
+        self._prepared = None  # the step buffers are about to be overwritten
         with self.stream:
             self._upload(s)
             qo_indptr = s.qo_indptr
@@ -137,17 +152,34 @@ class LlamaModel:
         """One decode step: a token per request (positions = the request's KV length before it). Runs as
         a CUDA graph of the padded batch size; the padding requests read and write page 0 only.
         Returns float32 logits (num_requests, vocab)."""
+        self.prepare_decode(s, tokens=True)
+        return self.launch_decode()
+
+    def prepare_decode(self, s: StepInputs, tokens: bool = True) -> None:
+        """Queue the step's inputs and plan its attention, without running it. tokens=False leaves
+        self.tokens as it is: the caller has put the step's tokens there on the device (the previous
+        step's samples), so this can run on the host while the previous step still runs on the GPU."""
         b = s.num_requests
         if s.tokens.size != b or b > self.max_batch:
             raise ValueError(f"decode: expected one token per request and at most {self.max_batch} requests")
         bucket = next(x for x in self.buckets if x >= b)
         s = padded(s, bucket)
         with self.stream:
-            self._upload(s)
+            self._upload(s, tokens)
             wrapper, graph = self._decode.get(bucket, (None, None))
             if wrapper is None:
                 wrapper = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_cuda_graph=True)
+                self._decode[bucket] = (wrapper, None)
             wrapper.plan(*self._plan_args(s), q_data_type="bfloat16")
+        self._prepared = (b, bucket)
+
+    def launch_decode(self):
+        """Run the prepared step; returns its float32 logits (num_requests, vocab)."""
+        if self._prepared is None:
+            raise RuntimeError("launch_decode() without prepare_decode()")
+        (b, bucket), self._prepared = self._prepared, None
+        wrapper, graph = self._decode[bucket]
+        with self.stream:
             if graph is None:  # first use: run eagerly (this step's result), then capture for the next ones
                 self._decode_body(wrapper, bucket)
                 self.stream.begin_capture()

@@ -90,6 +90,12 @@ class Scheduler:
             prefill.append(r)
         return Step(prefill, decode)
 
+    def reserve(self, r: Request, kv_tokens: int) -> None:
+        """Pages for kv_tokens tokens of a running request ahead of its step (within its worst case)."""
+        if kv_tokens > r.worst_kv_len:
+            raise ValueError(f"request {r.rid}: {kv_tokens} tokens exceed its worst case {r.worst_kv_len}")
+        self._grow(r, kv_tokens)
+
     def _grow(self, r: Request, kv_tokens: int) -> None:
         extra = pages_for(kv_tokens, self.page_size) - len(r.pages)
         if extra > 0:

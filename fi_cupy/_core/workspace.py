@@ -3,6 +3,8 @@ and CUDA-graph flag; the host-to-device copy of a plan's metadata; per-(device, 
 the single-request calls; scale arguments; outputs handed back in the caller's framework."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import arrays, checks, streams
@@ -46,12 +48,49 @@ def caller(first, stream) -> tuple:
     return fw, dev, streams.resolve(stream, fw, dev), (fw if stream is None else None)
 
 
+class _Staging:
+    """Pinned host buffers that plan metadata is copied from. A copy from pageable memory may wait for
+    the stream to drain (CUDA's API-sync rules), so a plan() for the next step would wait for the
+    step still running on the GPU; from pinned memory it returns at once. A ring of slots, each reused
+    only once the copy out of it has run (an event)."""
+    SLOTS = 4
+
+    def __init__(self):
+        self.bufs = [None] * self.SLOTS
+        self.events = [None] * self.SLOTS
+        self.next = 0
+
+    def copy(self, host: np.ndarray, dst_ptr: int, stream: int) -> None:
+        import cupyx
+        from cupy.cuda import runtime
+        i, self.next = self.next, (self.next + 1) % self.SLOTS
+        if self.events[i] is None:
+            self.events[i] = runtime.eventCreateWithFlags(runtime.eventDisableTiming)
+        else:
+            runtime.eventSynchronize(self.events[i])  # normally long done
+        n = host.nbytes
+        if self.bufs[i] is None or self.bufs[i].nbytes < n:
+            self.bufs[i] = cupyx.empty_pinned(max(n, 1 << 16), dtype=np.uint8)
+        self.bufs[i][:n] = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
+        runtime.memcpyAsync(dst_ptr, self.bufs[i].ctypes.data, n, runtime.memcpyHostToDevice, stream)
+        runtime.eventRecord(self.events[i], stream)
+
+
+_staging: dict = {}  # device -> _Staging
+_staging_lock = threading.Lock()
+
+
 def upload(host: np.ndarray, dst_ptr: int, device: int, stream: int) -> None:
-    """Copy a host array to device memory at dst_ptr, queued on `stream`."""
+    """Copy a host array to device memory at dst_ptr, queued on `stream`, without waiting for the
+    stream (through pinned staging; a direct copy while the stream is being captured)."""
     import cupy
     from cupy.cuda import runtime
     with cupy.cuda.Device(device):
-        runtime.memcpyAsync(dst_ptr, host.ctypes.data, host.nbytes, runtime.memcpyHostToDevice, stream)
+        if streams.is_capturing(stream):
+            runtime.memcpyAsync(dst_ptr, host.ctypes.data, host.nbytes, runtime.memcpyHostToDevice, stream)
+            return
+        with _staging_lock:
+            _staging.setdefault(device, _Staging()).copy(host, dst_ptr, stream)
 
 
 def single_call_meta(cache: dict, device: int, stream: int, framework: str, key, meta: np.ndarray,
