@@ -67,7 +67,8 @@ class Engine:
         if num_pages is None:
             num_pages = kv_pages_for_memory(cfg, page_size, kv_memory_fraction)
         self.cfg, self.page_size, self.params = cfg, page_size, sampling_params
-        self.model = LlamaModel(cfg, weights, num_pages, page_size, max_batch, max_prefill_tokens)
+        self.model = LlamaModel(cfg, weights, num_pages, page_size, max_batch, max_prefill_tokens,
+                                greedy=sampling_params.temperature <= 0)
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(self.allocator, page_size, max_batch, max_prefill_tokens, cfg.eos_token_ids,
                                    ignore_eos)
@@ -137,12 +138,16 @@ class Engine:
 
     def _sample(self, logits, stage: bool = False):
         """Queue sampling and the copy of the ids to the host; with stage, the ids also become the
-        next decode step's input tokens on the device. Returns what _wait() needs."""
+        next decode step's input tokens on the device (a greedy decode step's graph did both).
+        Returns what _wait() needs."""
         b = logits.shape[0]
         with self.model.stream:
-            ids = sample(logits, self.params, self.generator)
-            if stage:
-                self.model.tokens[:b] = ids
+            if stage and self.model.greedy:
+                ids = self.model.tokens[:b]
+            else:
+                ids = sample(logits, self.params, self.generator)
+                if stage:
+                    self.model.tokens[:b] = ids
             ids.get(stream=self.model.stream, out=self._ids_host[:b], blocking=False)
             done = self.model.stream.record()
         return done, b

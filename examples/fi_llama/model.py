@@ -35,8 +35,10 @@ def graph_buckets(max_batch: int) -> list:
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: Weights, num_pages: int, page_size: int, max_batch: int,
-                 max_prefill_tokens: int, stream=None, max_positions: int | None = None):
+                 max_prefill_tokens: int, stream=None, max_positions: int | None = None, greedy: bool = False):
         self.cfg, self.w, self.page_size = cfg, weights, page_size
+        # greedy: a decode step ends with the argmax of its logits, written to self.tokens[:batch]
+        self.greedy = greedy
         # Positions the RoPE table covers (a request may hold this many tokens).
         self.max_positions = max_positions or min(cfg.max_position_embeddings, MAX_ROPE_POSITIONS)
         self.max_batch, self.num_pages = max_batch, num_pages
@@ -58,6 +60,7 @@ class LlamaModel:
             self.kv_indptr, self.kv_last = cp.zeros(max_batch + 1, **i32), cp.zeros(max_batch, **i32)
             self.kv_indices = cp.zeros(num_pages, **i32)
             self.last_rows = cp.zeros(max_batch, **i32)
+            self.argmax = cp.zeros(max_batch, dtype=cp.int64)
             self.workspace = cp.empty(WORKSPACE_BYTES, dtype=cp.uint8)
             self.cos_sin = cp.asarray(cos_sin_cache(cfg.rope, cfg.head_dim, self.max_positions))
         staging = 4 * rows + 2 * max_batch + 1 + num_pages
@@ -147,6 +150,9 @@ class LlamaModel:
     def _decode_body(self, wrapper, bucket: int) -> None:
         self._layers(bucket, bucket, lambda i, q, out: wrapper.run(q, self.cache[i], out=out))
         gemm(self.x[:bucket], self.w.lm_head, self.logits[:bucket])
+        if self.greedy:  # the argmax, already in place as the next step's input tokens
+            cp.argmax(self.logits[:bucket], axis=1, out=self.argmax[:bucket])
+            self.tokens[:bucket] = self.argmax[:bucket]
 
     def decode(self, s: StepInputs):
         """One decode step: a token per request (positions = the request's KV length before it). Runs as
