@@ -306,3 +306,13 @@ def test_rope_table_frequencies_match_the_reference():
     np.testing.assert_allclose(t[299, :64], np.cos(ang), atol=1e-4)
     np.testing.assert_allclose(t[299, 64:], np.sin(ang), atol=1e-4)
     np.testing.assert_array_equal(t[0], np.r_[np.ones(64), np.zeros(64)])
+
+
+def test_decode_inputs_ahead_are_the_step_after():
+    a = Request(0, [5, 6, 7], 8, output=[11, 12], pages=[3, 7])  # 4 tokens cached
+    now, nxt = decode_inputs([a], 4), decode_inputs([a], 4, ahead=True)
+    np.testing.assert_array_equal(now.positions, [4])
+    np.testing.assert_array_equal(now.tokens, [12])
+    np.testing.assert_array_equal(nxt.positions, [5])
+    np.testing.assert_array_equal(nxt.kv_last, [2])
+    np.testing.assert_array_equal(nxt.kv_indices, [3, 7])

@@ -34,11 +34,12 @@ def prefill_inputs(reqs, page_size: int) -> StepInputs:
                       np.repeat(np.arange(len(reqs)), lens), lens, [r.pages for r in reqs], page_size)
 
 
-def decode_inputs(reqs, page_size: int) -> StepInputs:
-    """Each request's newest token, at the position after its cached ones."""
-    pos = [r.kv_len for r in reqs]
-    return StepInputs([r.output[-1] for r in reqs], pos, np.arange(len(reqs)), [p + 1 for p in pos],
-                      [r.pages for r in reqs], page_size)
+def decode_inputs(reqs, page_size: int, ahead: bool = False) -> StepInputs:
+    """Each request's newest token, at the position after its cached ones. ahead: the step after the
+    one in flight (positions one further; its tokens, not yet known on the host, are left 0)."""
+    pos = [r.kv_len + int(ahead) for r in reqs]
+    tokens = np.zeros(len(reqs)) if ahead else [r.output[-1] for r in reqs]
+    return StepInputs(tokens, pos, np.arange(len(reqs)), [p + 1 for p in pos], [r.pages for r in reqs], page_size)
 
 
 def padded(s: StepInputs, bucket: int) -> StepInputs:

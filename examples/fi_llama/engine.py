@@ -14,7 +14,7 @@ import cupyx
 import fi_cupy
 from fi_cupy import sampling
 
-from .batch import StepInputs, decode_inputs, prefill_inputs
+from .batch import decode_inputs, prefill_inputs
 from .checkpoint import Weights
 from .config import ModelConfig
 from .model import LlamaModel
@@ -131,9 +131,7 @@ class Engine:
             return None
         for r in reqs:  # after this step's token: kv_len + 1 cached, kv_len + 2 after the next append
             self.scheduler.reserve(r, r.kv_len + 2)
-        pos = [r.kv_len + 1 for r in reqs]
-        self.model.prepare_decode(StepInputs(np.zeros(len(reqs)), pos, np.arange(len(reqs)), [p + 1 for p in pos],
-                                             [r.pages for r in reqs], self.page_size), tokens=False)
+        self.model.prepare_decode(decode_inputs(reqs, self.page_size, ahead=True), tokens=False)
         return list(reqs)
 
     def _sample(self, logits, stage: bool = False):
