@@ -2,7 +2,10 @@
 read of the probabilities at the copy bandwidth measured in the same run; torch's sort-based top-p
 (sort, cumsum, mask, multinomial) and FlashInfer when importable.
 
-Usage: python bench/bench_sampling.py [--batches 1,32,128,512]
+softmax, which reads the logits and writes the probabilities, also reports its share of the copy
+bandwidth (one read and one write at that bandwidth / its time).
+
+Usage: python bench/bench_sampling.py [--batches 1,32,128,512] [--vocab 128256] [--only softmax,top_p]
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,32,128,512")
     ap.add_argument("--only", default="", help="comma-separated prefixes of the ops to time")
+    ap.add_argument("--vocab", type=int, default=VOCAB)
     args = ap.parse_args()
+    vocab = args.vocab
     torch = torch_or_none()
     if torch is None:
         sys.exit("bench_sampling needs torch to build its inputs")
@@ -44,13 +49,13 @@ def main():
     rows, records = [], []
     for b in [int(x) for x in args.batches.split(",")]:
         g = torch.Generator(device="cuda").manual_seed(b)
-        logits = torch.randn((b, VOCAB), device="cuda", generator=g) * 3
+        logits = torch.randn((b, vocab), device="cuda", generator=g) * 3
         probs = torch.softmax(logits, -1)
         read_s = probs.numel() * 4 / copy_bw
         # speculative: draft and target distributions of SPEC drafts (softmax of random logits)
-        dq = torch.softmax(torch.randn((b, SPEC, VOCAB), device="cuda", generator=g) * 3, -1)
-        tq = torch.softmax(torch.randn((b, SPEC + 1, VOCAB), device="cuda", generator=g) * 3, -1)
-        ids = torch.multinomial(dq.reshape(-1, VOCAB), 1).reshape(b, SPEC).int()
+        dq = torch.softmax(torch.randn((b, SPEC, vocab), device="cuda", generator=g) * 3, -1)
+        tq = torch.softmax(torch.randn((b, SPEC + 1, vocab), device="cuda", generator=g) * 3, -1)
+        ids = torch.multinomial(dq.reshape(-1, vocab), 1).reshape(b, SPEC).int()
         ops = {
             "softmax": (lambda: sampling.softmax(logits), lambda: fis.softmax(logits) if fis else None),
             "sampling_from_probs": (lambda: sampling.sampling_from_probs(probs, seed=1),
@@ -81,14 +86,16 @@ def main():
         for name, (fn, fi_fn) in ops.items():
             t = time_graph(fn)
             fi_t = time_graph(fi_fn) if (fis and fi_fn) else None
-            rows.append([b, name, f"{t * 1e6:.1f}", f"{t / read_s:.2f}x", f"{fi_t * 1e6:.1f}" if fi_t else "-",
+            of_copy = 2 * read_s / t if name == "softmax" else None
+            rows.append([b, name, f"{t * 1e6:.1f}", f"{t / read_s:.2f}x", f"{of_copy:.0%}" if of_copy else "-",
+                         f"{fi_t * 1e6:.1f}" if fi_t else "-",
                          f"{torch_p * 1e6:.0f}" if (torch_p and name.startswith("top_p")) else "-"])
-            records.append({"batch": b, "op": name, "us": t * 1e6, "reads": t / read_s,
+            records.append({"batch": b, "op": name, "us": t * 1e6, "reads": t / read_s, "of_copy": of_copy,
                             "flashinfer_us": fi_t and fi_t * 1e6})
-    print_table(f"Sampling on {dev}, vocab {VOCAB}, float32; one read of the probabilities at the copy "
+    print_table(f"Sampling on {dev}, vocab {vocab}, float32; one read of the probabilities at the copy "
                 f"bandwidth {copy_bw / 1e9:.0f} GB/s (same run); median of CUDA-graph replays",
-                ["batch", "op", "us", "x one read", "FlashInfer us", "torch sort top-p us"], rows)
-    save_json("bench_sampling.json", {"device": dev, "copy_GBps": copy_bw / 1e9, "rows": records})
+                ["batch", "op", "us", "x one read", "of copy", "FlashInfer us", "torch sort top-p us"], rows)
+    save_json("bench_sampling.json", {"device": dev, "vocab": vocab, "copy_GBps": copy_bw / 1e9, "rows": records})
 
 
 if __name__ == "__main__":

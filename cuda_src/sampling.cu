@@ -23,6 +23,7 @@
 #include "common/philox.cuh"
 #include "common/pdl.cuh"
 #include "common/cluster.cuh"
+#include "common/bulk_copy.cuh"
 
 namespace fic {
 
@@ -94,16 +95,21 @@ __device__ __forceinline__ Vec<float, VEC> vzero() {
 struct Max { template <typename T> __device__ T operator()(T a, T b) const { return a > b ? a : b; } };
 struct Sum { template <typename T> __device__ T operator()(T a, T b) const { return a + b; } };
 
+template <typename T>
+__device__ __forceinline__ T shfl_xor(T v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+template <>
+__device__ __forceinline__ float2 shfl_xor(float2 v, int o) { return make_float2(shfl_xor(v.x, o), shfl_xor(v.y, o)); }
+
 template <typename T, typename Op>
 __device__ T block_reduce(T x, Op op, T* scratch) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
+  for (int o = 16; o > 0; o >>= 1) x = op(x, shfl_xor(x, o));
   const int nw = blockDim.x >> 5;  // a power of two
   __syncthreads();  // scratch may still be read by a previous call
   if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = x;
   __syncthreads();
   x = scratch[threadIdx.x & (nw - 1)];  // each group of nw lanes reduces all the warps' values
-  for (int o = nw >> 1; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
+  for (int o = nw >> 1; o > 0; o >>= 1) x = op(x, shfl_xor(x, o));
   return x;
 }
 
@@ -893,58 +899,128 @@ __global__ void __launch_bounds__(kSampleThreads, 1) softmax_kernel(const float*
   });
 }
 
-// The same softmax with the row held on chip, so it is read from DRAM once: a cluster of CTAs per row
-// (sm_90+), each holding ITEMS float4 a thread of its slice in registers. CTA maxima and sums are
-// exchanged through distributed shared memory. Rows of length vocab % 4 == 0 up to
-// cluster * THREADS * ITEMS * 4 (sampling.py picks the shape). CTAs of THREADS threads, 1024 / THREADS of
-// them an SM (64 registers a thread).
-template <int ITEMS, int THREADS>
-__global__ void __launch_bounds__(THREADS, 1024 / THREADS) softmax_cluster_kernel(
-    const float* logits, long long row_stride, int vocab, const float* temp_arr, float temp_val, float* probs) {
+// Reduce `x` over the first THREADS threads of the CTA (a power-of-two number of warps) with named
+// barrier 1, so that other warps need not take part. Like block_reduce, safe to call back to back.
+template <int THREADS, typename T, typename Op>
+__device__ __forceinline__ T consumer_reduce(T x, Op op, T* scratch) {
+  constexpr int kWarps = THREADS / 32;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = op(x, shfl_xor(x, o));
+  asm volatile("bar.sync 1, %0;" ::"n"(THREADS) : "memory");  // scratch may still be read by a previous call
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = x;
+  asm volatile("bar.sync 1, %0;" ::"n"(THREADS) : "memory");
+  x = scratch[threadIdx.x & (kWarps - 1)];
+#pragma unroll
+  for (int o = kWarps >> 1; o > 0; o >>= 1) x = op(x, shfl_xor(x, o));
+  return x;
+}
+
+// softmax streamed through shared memory (sm_90+): persistent clusters of CTAs, each cluster taking
+// rows cluster_id, cluster_id + nclusters, ... in turn. Each CTA owns a slice of `slice` floats (a
+// multiple of 4) of every row. A producer warp (one lane) bulk-copies the slice of each row into a
+// ring of STAGES stages in shared memory and bulk-stores it back once normalised in place; the THREADS
+// consumer threads hold a slice in registers (ITEMS float4 each), take its max and sum of exp, and
+// send that pair to every CTA of the cluster (DSMEM writes plus a remote mbarrier arrival). No thread
+// waits on a store or on a cluster-wide barrier inside the loop, so later rows' copies keep DRAM busy
+// while this row's pairs are exchanged: one read and one write of the row. MIN_CTAS CTAs an SM.
+// Rows of length vocab % 4 == 0, 16-byte aligned; slice <= THREADS * ITEMS * 4 (sampling.py picks
+// it); output contiguous; at most 16 CTAs a cluster.
+template <int THREADS, int ITEMS, int STAGES, int MIN_CTAS>
+__global__ void __launch_bounds__(THREADS + 32, MIN_CTAS) softmax_stream_kernel(
+    const float* logits, long long row_stride, int batch, int vocab, int slice, const float* temp_arr,
+    float temp_val, float* probs) {
 #if FIC_HAS_CLUSTERS
-  __shared__ float scratch[32];
-  __shared__ float shared_max, shared_sum;  // this CTA's, read by the others
-  pdl_begin();
+  extern __shared__ float4 stage_buf[];                // STAGES slices
+  __shared__ unsigned long long landed[STAGES];        // the producer's copy of a slice is in
+  __shared__ unsigned long long normalised[STAGES];    // the consumers have written the result
+  __shared__ unsigned long long exchanged[2];          // every CTA's pair of a row is in, by row parity
+  __shared__ float pair_max[2][16], pair_sum[2][16];   // [row parity][sender rank]
+  __shared__ float scratch[2][32];
   const unsigned int rank = cluster_rank(), ncta = cluster_size();
-  const int nv = vocab / 4, first = (int)rank * ITEMS * THREADS + threadIdx.x;
-  {
-    const int r = blockIdx.x / ncta;
-    const float4* row = reinterpret_cast<const float4*>(logits + (long long)r * row_stride);
-    const float t = temp_arr != nullptr ? temp_arr[r] : temp_val;
-    const float scale = FIC_LOG2E / t;
-    float4 x[ITEMS];
-    float m = neg_inf();
-#pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      const int v = first + i * THREADS;
-      x[i] = v < nv ? __ldcs(row + v) : make_float4(neg_inf(), neg_inf(), neg_inf(), neg_inf());
-      m = fmaxf(m, fmaxf(fmaxf(x[i].x, x[i].y), fmaxf(x[i].z, x[i].w)));
+  const int cluster_id = blockIdx.x / ncta, nclusters = gridDim.x / ncta;
+  const int lo = (int)rank * slice, len = max(0, min(vocab - lo, slice)), n4 = len / 4;
+  const int slice4 = slice / 4;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) mbarrier_init(&landed[s], 1), mbarrier_init(&normalised[s], THREADS);
+    for (int p = 0; p < 2; ++p) mbarrier_init(&exchanged[p], ncta);
+    fence_barrier_init();
+  }
+  cluster_sync();  // every CTA's barriers are initialised before any remote arrival
+  pdl_begin();
+  if (threadIdx.x >= THREADS) {  // the producer warp
+    if (threadIdx.x == THREADS) {
+      auto load_row = [&](int j) {
+        const int r = cluster_id + j * nclusters;
+        if (r >= batch) return;
+        unsigned long long* bar = &landed[j % STAGES];
+        mbarrier_arrive_expect(bar, (unsigned int)len * 4u);
+        if (len)
+          bulk_load(stage_buf + (j % STAGES) * slice4, logits + r * row_stride + lo, (unsigned int)len * 4u, bar);
+      };
+      for (int j = 0; j < STAGES - 1; ++j) load_row(j);
+      for (int j = 0; cluster_id + j * nclusters < batch; ++j) {
+        const int r = cluster_id + j * nclusters;
+        mbarrier_wait(&normalised[j % STAGES], (unsigned int)(j / STAGES) & 1u);
+        if (len)
+          bulk_store(probs + (long long)r * vocab + lo, stage_buf + (j % STAGES) * slice4, (unsigned int)len * 4u);
+        bulk_commit();
+        bulk_wait_read<1>();  // row j - 1's store has left its stage: row j + STAGES - 1 may land there
+        load_row(j + STAGES - 1);
+      }
+      bulk_wait_all();
     }
-    m = block_reduce(m * scale, Max(), scratch);  // scale > 0: max commutes with it
-    if (threadIdx.x == 0) shared_max = m;
-    cluster_sync();
-    for (unsigned int c = 0; c < ncta; ++c) m = fmaxf(m, cluster_load(&shared_max, c));
-    float s = 0.f;
+    __syncwarp();
+  } else {
+    const int lane = threadIdx.x & 31;
+    for (int j = 0; cluster_id + j * nclusters < batch; ++j) {
+      const int r = cluster_id + j * nclusters, par = j & 1;
+      float4* b = stage_buf + (j % STAGES) * slice4;
+      const float scale = FIC_LOG2E / (temp_arr != nullptr ? temp_arr[r] : temp_val);
+      mbarrier_wait(&landed[j % STAGES], (unsigned int)(j / STAGES) & 1u);
+      float4 x[ITEMS];
+      float m = neg_inf();
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      x[i].x = ptx_exp2(x[i].x * scale - m), x[i].y = ptx_exp2(x[i].y * scale - m);
-      x[i].z = ptx_exp2(x[i].z * scale - m), x[i].w = ptx_exp2(x[i].w * scale - m);
-      s += (x[i].x + x[i].y) + (x[i].z + x[i].w);
-    }
-    s = block_reduce(s, Sum(), scratch);
-    if (threadIdx.x == 0) shared_sum = s;
-    cluster_sync();
-    s = 0.f;
-    for (unsigned int c = 0; c < ncta; ++c) s += cluster_load(&shared_sum, c);
-    const float inv = __frcp_rn(s);
-    float4* orow = reinterpret_cast<float4*>(probs + (long long)r * vocab);
+      for (int i = 0; i < ITEMS; ++i) {
+        const int v = threadIdx.x + i * THREADS;
+        x[i] = v < n4 ? b[v] : make_float4(neg_inf(), neg_inf(), neg_inf(), neg_inf());
+        m = fmaxf(m, fmaxf(fmaxf(x[i].x, x[i].y), fmaxf(x[i].z, x[i].w)));
+      }
+      m = consumer_reduce<THREADS>(m * scale, Max(), scratch[0]);  // scale > 0: max commutes with it
+      const float base = m == neg_inf() ? 0.f : m;                 // a slice of -inf (or none) sums to 0
+      float s = 0.f;
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      const int v = first + i * THREADS;
-      if (v < nv) __stcs(orow + v, make_float4(x[i].x * inv, x[i].y * inv, x[i].z * inv, x[i].w * inv));
+      for (int i = 0; i < ITEMS; ++i) {
+        x[i].x = ptx_exp2(x[i].x * scale - base), x[i].y = ptx_exp2(x[i].y * scale - base);
+        x[i].z = ptx_exp2(x[i].z * scale - base), x[i].w = ptx_exp2(x[i].w * scale - base);
+        s += (x[i].x + x[i].y) + (x[i].z + x[i].w);
+      }
+      s = consumer_reduce<THREADS>(s, Sum(), scratch[1]);
+      if (threadIdx.x < ncta) {  // send this CTA's pair to CTA threadIdx.x
+        cluster_store(cluster_addr(&pair_max[par][rank], threadIdx.x), m);
+        cluster_store(cluster_addr(&pair_sum[par][rank], threadIdx.x), s);
+        mbarrier_arrive_remote(cluster_addr(&exchanged[par], threadIdx.x));
+      }
+      mbarrier_wait_cluster(&exchanged[par], (unsigned int)(j >> 1) & 1u);
+      // Each lane < ncta takes one sender's pair; the warp combines them.
+      const float pm = lane < (int)ncta ? pair_max[par][lane] : neg_inf();
+      const float ps = lane < (int)ncta ? pair_sum[par][lane] : 0.f;
+      float gm = pm;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) gm = fmaxf(gm, shfl_xor(gm, o));
+      float gs = ps > 0.f ? ps * ptx_exp2(pm - gm) : 0.f;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) gs += shfl_xor(gs, o);
+      const float f = (m == neg_inf() ? 0.f : ptx_exp2(m - gm)) * __frcp_rn(gs);
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int v = threadIdx.x + i * THREADS;
+        if (v < n4) b[v] = make_float4(x[i].x * f, x[i].y * f, x[i].z * f, x[i].w * f);
+      }
+      fence_async_shared();  // the producer's bulk store reads what these threads wrote
+      mbarrier_arrive(&normalised[j % STAGES]);
     }
   }
-  cluster_sync();  // no CTA leaves while another may still read its shared memory
+  cluster_sync();  // no CTA leaves while a peer may still write its pairs into this one
 #endif
 }
 

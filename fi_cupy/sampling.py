@@ -48,8 +48,6 @@ default_generator = Generator()
 
 SELECT_SMEM = 162 * 1024  # kSelectSmemBytes: histograms and the sorted candidates of the select kernels
 # (kernel, vectorised template arguments or None for a kernel without one)
-SOFTMAX_THREADS = (512,)  # CTA sizes of the cluster softmax, the first preferred (256 measured the same)
-SOFTMAX_ITEMS = tuple(range(1, 9))  # float4 a thread
 _KERNELS = (("sample_from_probs_kernel", True), ("renorm_probs_kernel", True), ("mask_logits_kernel", True),
             ("chain_speculative_kernel", True), ("softmax_kernel", True), ("sample_from_logits_kernel", False))
 
@@ -63,30 +61,43 @@ def all_programs() -> list:
     out = []
     for name, vec in _KERNELS:
         out += [kernel_program(name, v) for v in (4, 1)] if vec else [kernel_program(name)]
-    return out + [kernel_program("softmax_cluster_kernel", i, t) for t in SOFTMAX_THREADS for i in SOFTMAX_ITEMS]
+    return out + [kernel_program("softmax_stream_kernel", STREAM_THREADS, items, STREAM_STAGES, per_sm)
+                  for items, per_sm, _ in STREAM_VARIANTS]
 
 
 def _fn(device: int, name: str, *targs):
-    """The loaded kernel `name` with template arguments `targs`: VEC, or the cluster softmax's
-    (ITEMS, THREADS); none for a kernel without."""
+    """The loaded kernel `name` with template arguments `targs`: VEC, or the streamed softmax's
+    (THREADS, ITEMS, STAGES, MIN_CTAS); none for a kernel without."""
     def build():
         prog = kernel_program(name, *targs)
         return prog, prog.kernels[0]
     return kernels.cached_function(device, ("sampling", name) + targs, build)
 
 
-def softmax_shape(vocab: int, aligned: bool, clusters: bool, threads=SOFTMAX_THREADS):
-    """(float4 a thread, CTAs a cluster, threads a CTA) of the one-read cluster softmax for a row, or
-    None when the row does not suit it (unaligned, no clusters, longer than 16 CTAs hold)."""
+# The streamed softmax (softmax_stream_kernel): CTAs of 512 consumer threads and a producer warp, 3
+# slices of a row in shared memory. Variants (float4 a consumer thread, CTAs an SM, longest slice in
+# floats), the first that holds a row in at most 16 CTAs chosen: two CTAs an SM keep every SM busy
+# (clusters of 16 one-CTA-an-SM leave GPCs part empty); one CTA an SM holds longer slices.
+STREAM_THREADS, STREAM_STAGES = 512, 3
+STREAM_VARIANTS = ((5, 2, 9216), (9, 1, 18432))
+
+
+def softmax_stream_shape(vocab: int, batch: int, sms: int, aligned: bool, clusters: bool):
+    """(CTAs a cluster, floats a CTA's slice, float4 a thread, CTAs an SM) of the streamed softmax, or
+    None where it does not apply (unaligned rows, no clusters, rows longer than 16 slices). The
+    smallest cluster whose slices fit, so that more clusters share the rows; doubled while the batch
+    leaves SMs idle."""
     if not (aligned and clusters) or vocab % 4:
         return None
-    nv = vocab // 4
-    for t in threads:
-        for cluster in (8, 16):
-            items = -(-nv // (cluster * t))
-            if items <= SOFTMAX_ITEMS[-1]:
-                return items, cluster, t
-    return None
+    for items, per_sm, longest in STREAM_VARIANTS:
+        cluster = next((c for c in (1, 2, 4, 8, 16) if -(-vocab // c) <= longest), None)
+        if cluster is not None:
+            break
+    else:
+        return None
+    while cluster < 16 and batch * cluster * 2 <= sms:
+        cluster *= 2
+    return cluster, -(-vocab // (4 * cluster)) * 4, items, per_sm
 
 
 def _host(c: Call, info, name: str) -> np.ndarray:
@@ -257,13 +268,17 @@ def softmax(logits, temperature=None, enable_pdl=None, stream=None):
     out_obj, o = c.new((batch, vocab), dt.float32, "probs")
     if batch and vocab:
         args = [ptr(x), i64(x.strides[0]), i32(vocab), ptr(t_arr), f32(1.0 if t_val is None else t_val), ptr(o)]
-        shape = softmax_shape(vocab, _vec(x) == 4, kernels.clusters_supported(c.device), SOFTMAX_THREADS)
+        shape = softmax_stream_shape(vocab, batch, kernels.device_props(c.device)["sms"], _vec(x) == 4,
+                                     kernels.clusters_supported(c.device))
         if shape is None:  # two passes over the row
             c.launch(_fn(c.device, "softmax_kernel", _vec(x)), (batch,), (THREADS,), args)
-        else:  # a cluster a row
-            items, cluster, threads = shape
-            c.launch(_fn(c.device, "softmax_cluster_kernel", items, threads), (batch * cluster,), (threads,), args,
-                     cluster=cluster)
+        else:  # persistent clusters, each row read once into shared memory
+            cluster, slice_, items, per_sm = shape
+            fn = _fn(c.device, "softmax_stream_kernel", STREAM_THREADS, items, STREAM_STAGES, per_sm)
+            smem = STREAM_STAGES * slice_ * 4
+            n = min(batch, fn.max_active_clusters(cluster, STREAM_THREADS + 32, smem))
+            args = args[:2] + [i32(batch)] + args[2:3] + [i32(slice_)] + args[3:]
+            c.launch(fn, (n * cluster,), (STREAM_THREADS + 32,), args, smem=smem, cluster=cluster)
     return c.result(out_obj)
 
 

@@ -105,16 +105,35 @@ def test_reproducible_and_offsets_differ():
     assert g1.offset == 1
 
 
-@pytest.mark.parametrize("vocab", [1000, 4, 7, 65537 * 4])
+@pytest.mark.parametrize("vocab", [1000, 4, 7, 65537 * 4, 16 * 18432 + 4])
 def test_softmax_temperature_per_row(vocab):
-    """Cluster shapes (1000: most CTAs of the cluster hold nothing; 262148: past 16 CTAs, two passes)
-    and the two-pass kernel (7: unaligned rows)."""
+    """Streamed shapes (1000: most CTAs of the cluster hold nothing; 262148: 16 CTAs a row), the
+    two-pass kernel (7: unaligned rows; 294916: longer than 16 slices)."""
     x = torch.randn((3, vocab), device="cuda") * 4
     t = torch.tensor([0.5, 1.0, 2.0], device="cuda")
     got = sampling.softmax(x, t).cpu().numpy()
     xs = x.cpu().numpy().astype(np.float64) / t.cpu().numpy()[:, None]
     ref = np.exp(xs - xs.max(1, keepdims=True))
     np.testing.assert_allclose(got, ref / ref.sum(1, keepdims=True), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("batch,vocab", [(300, 32000), (203, 128256), (40, 151936)])
+def test_softmax_many_rows_a_cluster_and_masked_slices(batch, vocab):
+    """More rows than resident clusters, so each cluster streams several through its ring of stages;
+    -inf logits, with whole CTA slices of -inf in some rows (their share is 0, never NaN)."""
+    g = torch.Generator(device="cuda").manual_seed(batch)
+    x = torch.randn((batch, vocab), device="cuda", generator=g) * 3
+    x[::3, : vocab // 2] = float("-inf")  # the first CTAs of those rows see nothing but -inf
+    x[1::5, 7::11] = float("-inf")
+    poison = torch.full_like(x, float("nan"))  # freed, so the output most likely reuses its NaN block
+    del poison
+    out = sampling.softmax(x)
+    xs = x.cpu().numpy().astype(np.float64)
+    ref = np.exp(xs - xs.max(1, keepdims=True))
+    ref /= ref.sum(1, keepdims=True)
+    got = out.cpu().numpy()
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-9)
 
 
 def test_bad_input():

@@ -151,11 +151,17 @@ def test_sampling_errors(call, match):
         call()
 
 
-def test_softmax_cluster_shape():
-    """One DRAM read needs the row on chip: 8 CTAs of 512 threads up to 8 float4 each, then 16 CTAs."""
-    shape = fi_cupy.sampling.softmax_shape
-    assert shape(128256, True, True) == (8, 8, 512) and shape(151936, True, True) == (5, 16, 512)
-    assert shape(32000, True, True) == (2, 8, 512) and shape(4, True, True) == (1, 8, 512)
-    assert shape(128256, True, True, (256,)) == (8, 16, 256)  # smaller CTAs: more of them
-    assert shape(16 * 512 * 8 * 4 + 4, True, True) is None  # too long: two passes
-    assert shape(128256, False, True) is None and shape(128256, True, False) is None and shape(1001, True, True) is None
+def test_softmax_stream_shape():
+    """The first variant whose slices hold a row in at most 16 CTAs (two CTAs an SM up to 9216 floats a
+    slice, then one up to 18432), the smallest cluster for it, doubled while the batch leaves SMs idle;
+    None where the two-pass kernel runs instead."""
+    shape = fi_cupy.sampling.softmax_stream_shape
+    assert shape(128256, 128, 132, True, True) == (16, 8016, 5, 2)
+    assert shape(32000, 512, 132, True, True) == (4, 8000, 5, 2) and shape(4, 128, 132, True, True) == (1, 4, 5, 2)
+    assert shape(151936, 128, 132, True, True) == (16, 9496, 9, 1)
+    assert shape(256000, 32, 132, True, True) == (16, 16000, 9, 1)
+    assert shape(32000, 16, 132, True, True) == (8, 4000, 5, 2)  # 16 rows x 8 CTAs: 128 SMs
+    assert shape(9216, 1, 132, True, True) == (16, 576, 5, 2)
+    assert shape(16 * 18432 + 4, 128, 132, True, True) is None  # longer than 16 slices: two passes
+    assert shape(128256, 128, 132, False, True) is None and shape(128256, 128, 132, True, False) is None
+    assert shape(1001, 128, 132, True, True) is None

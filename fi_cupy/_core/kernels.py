@@ -75,6 +75,7 @@ class Function:
         self.name = name
         self.smem_limit = 0  # dynamic shared memory checked so far
         self.big_clusters = False
+        self._clusters: dict = {}  # (cluster, block, smem) -> max_active_clusters
 
     def allow_smem(self, nbytes: int) -> None:
         """Opt in to `nbytes` of dynamic shared memory where static + dynamic exceeds 48 KB (once)."""
@@ -91,6 +92,26 @@ class Function:
             from cupy_backends.cuda.api import driver
             driver.funcSetAttribute(self.ptr, _NON_PORTABLE_CLUSTER, 1)
             self.big_clusters = True
+
+    def max_active_clusters(self, cluster: int, block: int, smem: int) -> int:
+        """Clusters of `cluster` CTAs that the GPU holds at once (cuOccupancyMaxActiveClusters): what a
+        persistent kernel launches. Memoised; at least 1."""
+        key = (cluster, block, smem)
+        memo = self._clusters
+        if key not in memo:
+            self.allow_smem(smem)
+            self.allow_cluster(cluster)
+            cfg = ctypes.create_string_buffer(56)
+            attr = ctypes.create_string_buffer(_ATTR_BYTES)
+            struct.pack_into("<i4x3I", attr, 0, _CLUSTER_ATTR, cluster, 1, 1)
+            struct.pack_into(_CONFIG_FMT, cfg, 0, cluster, 1, 1, block, 1, 1, smem, 0, ctypes.addressof(attr), 1)
+            lib, _ = _cuda()
+            n = ctypes.c_int(0)
+            err = lib.cuOccupancyMaxActiveClusters(ctypes.byref(n), ctypes.c_void_p(self.ptr), cfg)
+            if err:
+                raise RuntimeError(f"cuOccupancyMaxActiveClusters({self.name}, cluster {cluster}): CUDA error {err}")
+            memo[key] = max(1, n.value)
+        return memo[key]
 
     def occupancy(self, block: int, smem: int) -> int:
         """Resident CTAs per SM for this block size and dynamic shared memory."""

@@ -1,0 +1,98 @@
+// Bulk copies (the TMA's 1-D mode, sm_90+) between global and shared memory, and the mbarriers that
+// say when a load has landed. One thread issues a copy of any multiple of 16 bytes (both addresses
+// 16-byte aligned); the SM's threads stay free while it is in flight. Guard uses with FIC_HAS_CLUSTERS
+// (cluster.cuh), which is also the sm_90 test.
+#pragma once
+
+#include "cluster.cuh"
+
+namespace fic {
+
+#if FIC_HAS_CLUSTERS
+__device__ __forceinline__ unsigned int smem_addr(const void* p) {
+  return static_cast<unsigned int>(__cvta_generic_to_shared(p));
+}
+
+// An mbarrier that completes a phase when `count` threads have arrived and the bytes they announced
+// have landed. Call fence_barrier_init() and __syncthreads() before any use.
+__device__ __forceinline__ void mbarrier_init(unsigned long long* bar, unsigned int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+// One arrival that also announces `bytes` still to land on the barrier (0: a plain arrival).
+__device__ __forceinline__ void mbarrier_arrive_expect(unsigned long long* bar, unsigned int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+// Wait until the phase with parity `parity` (0 for the first, then alternating) has completed.
+__device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned int parity) {
+  unsigned int done;
+  do {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// One arrival (release at cluster scope: this thread's earlier writes, remote ones included, are seen
+// by whoever waits on the barrier with mbarrier_wait_cluster).
+__device__ __forceinline__ void mbarrier_arrive(unsigned long long* bar) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+// mbarrier_wait that also sees writes other CTAs of the cluster made before arriving.
+__device__ __forceinline__ void mbarrier_wait_cluster(unsigned long long* bar, unsigned int parity) {
+  unsigned int done;
+  do {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// The shared-memory address of `p` (this CTA's) in CTA `rank` of the cluster.
+__device__ __forceinline__ unsigned int cluster_addr(const void* p, unsigned int rank) {
+  unsigned int remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(p)), "r"(rank));
+  return remote;
+}
+// Write `v` at cluster address `remote` (cluster_addr), then arrive on the barrier at `remote_bar`.
+__device__ __forceinline__ void cluster_store(unsigned int remote, float v) {
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(v) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive_remote(unsigned int remote_bar) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote_bar) : "memory");
+}
+
+// global -> shared, completing on `bar` (announce the bytes with mbarrier_arrive_expect first).
+__device__ __forceinline__ void bulk_load(void* smem, const void* gmem, unsigned int bytes,
+                                          unsigned long long* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_addr(smem)),
+               "l"(gmem), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+// shared -> global, in the current bulk group. Shared memory written by threads must be published to
+// the copy engine first: every writer calls fence_async_shared(), then a barrier, then one thread stores.
+__device__ __forceinline__ void bulk_store(void* gmem, const void* smem, unsigned int bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(gmem), "r"(smem_addr(smem)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// Until at most N of this thread's bulk groups are still reading their shared memory.
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+// Until every bulk group of this thread has completed (its writes performed).
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+#endif
+
+}  // namespace fic
