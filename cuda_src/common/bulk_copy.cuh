@@ -55,16 +55,8 @@ __device__ __forceinline__ void mbarrier_wait_cluster(unsigned long long* bar, u
         : "memory");
   } while (!done);
 }
-// The shared-memory address of `p` (this CTA's) in CTA `rank` of the cluster.
-__device__ __forceinline__ unsigned int cluster_addr(const void* p, unsigned int rank) {
-  unsigned int remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(p)), "r"(rank));
-  return remote;
-}
-// Write `v` at cluster address `remote` (cluster_addr), then arrive on the barrier at `remote_bar`.
-__device__ __forceinline__ void cluster_store(unsigned int remote, float v) {
-  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(v) : "memory");
-}
+// Arrive on the barrier at cluster address `remote_bar` (cluster_addr: another CTA's), releasing this
+// thread's earlier writes to it.
 __device__ __forceinline__ void mbarrier_arrive_remote(unsigned int remote_bar) {
   asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote_bar) : "memory");
 }

@@ -1,4 +1,4 @@
-// Thread-block clusters (sm_90+): rank, barrier, and reads of another CTA's shared memory (DSMEM).
+// Thread-block clusters (sm_90+): rank, barrier, and writes to another CTA's shared memory (DSMEM).
 // Kernels guard their cluster code with FIC_HAS_CLUSTERS so that the same source compiles for sm_80.
 #pragma once
 
@@ -25,14 +25,17 @@ __device__ __forceinline__ unsigned int cluster_size() {
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
-// The float at `p` (this CTA's shared memory) in the shared memory of CTA `rank` of the cluster.
-__device__ __forceinline__ float cluster_load(const float* p, unsigned int rank) {
-  const unsigned int local = (unsigned int)__cvta_generic_to_shared(p);
+// The shared-memory address of `p` (this CTA's) in CTA `rank` of the cluster, for cluster_store and
+// remote mbarrier arrivals.
+__device__ __forceinline__ unsigned int cluster_addr(const void* p, unsigned int rank) {
+  const unsigned int local = static_cast<unsigned int>(__cvta_generic_to_shared(p));
   unsigned int remote;
-  float v;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-  return v;
+  return remote;
+}
+// Write `v` at cluster address `remote` (another CTA's shared memory).
+__device__ __forceinline__ void cluster_store(unsigned int remote, float v) {
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(v) : "memory");
 }
 #endif
 
