@@ -1000,7 +1000,7 @@ __global__ void __launch_bounds__(THREADS + 32, MIN_CTAS) softmax_stream_kernel(
         cluster_store(cluster_addr(&pair_sum[par][rank], threadIdx.x), s);
         mbarrier_arrive_remote(cluster_addr(&exchanged[par], threadIdx.x));
       }
-      mbarrier_wait_cluster(&exchanged[par], (unsigned int)(j >> 1) & 1u);
+      mbarrier_wait<true>(&exchanged[par], (unsigned int)(j >> 1) & 1u);
       // Each lane < ncta takes one sender's pair; the warp combines them.
       const float pm = lane < (int)ncta ? pair_max[par][lane] : neg_inf();
       const float ps = lane < (int)ncta ? pair_sum[par][lane] : 0.f;

@@ -267,17 +267,18 @@ def softmax(logits, temperature=None, enable_pdl=None, stream=None):
         raise ValueError(f"temperature: must be > 0, got {t_val}")
     out_obj, o = c.new((batch, vocab), dt.float32, "probs")
     if batch and vocab:
-        args = [ptr(x), i64(x.strides[0]), i32(vocab), ptr(t_arr), f32(1.0 if t_val is None else t_val), ptr(o)]
+        temp = [ptr(t_arr), f32(1.0 if t_val is None else t_val)]
         shape = softmax_stream_shape(vocab, batch, kernels.device_props(c.device)["sms"], _vec(x) == 4,
                                      kernels.clusters_supported(c.device))
         if shape is None:  # two passes over the row
+            args = [ptr(x), i64(x.strides[0]), i32(vocab)] + temp + [ptr(o)]
             c.launch(_fn(c.device, "softmax_kernel", _vec(x)), (batch,), (THREADS,), args)
         else:  # persistent clusters, each row read once into shared memory
             cluster, slice_, items, per_sm = shape
             fn = _fn(c.device, "softmax_stream_kernel", STREAM_THREADS, items, STREAM_STAGES, per_sm)
             smem = STREAM_STAGES * slice_ * 4
             n = min(batch, fn.max_active_clusters(cluster, STREAM_THREADS + 32, smem))
-            args = args[:2] + [i32(batch)] + args[2:3] + [i32(slice_)] + args[3:]
+            args = [ptr(x), i64(x.strides[0]), i32(batch), i32(vocab), i32(slice_)] + temp + [ptr(o)]
             c.launch(fn, (n * cluster,), (STREAM_THREADS + 32,), args, smem=smem, cluster=cluster)
     return c.result(out_obj)
 

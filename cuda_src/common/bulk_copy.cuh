@@ -26,33 +26,31 @@ __device__ __forceinline__ void mbarrier_arrive_expect(unsigned long long* bar, 
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
                : "memory");
 }
-// Wait until the phase with parity `parity` (0 for the first, then alternating) has completed.
-__device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned int parity) {
-  unsigned int done;
-  do {
-    asm volatile(
-        "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-
 // One arrival (release at cluster scope: this thread's earlier writes, remote ones included, are seen
-// by whoever waits on the barrier with mbarrier_wait_cluster).
+// by whoever waits on the barrier with mbarrier_wait<true>).
 __device__ __forceinline__ void mbarrier_arrive(unsigned long long* bar) {
   asm volatile("mbarrier.arrive.release.cluster.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
-// mbarrier_wait that also sees writes other CTAs of the cluster made before arriving.
-__device__ __forceinline__ void mbarrier_wait_cluster(unsigned long long* bar, unsigned int parity) {
+// Wait until the phase with parity `parity` (0 for the first, then alternating) has completed.
+// CLUSTER: also see the writes that other CTAs of the cluster made before arriving (mbarrier_arrive,
+// mbarrier_arrive_remote).
+template <bool CLUSTER = false>
+__device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned int parity) {
   unsigned int done;
   do {
-    asm volatile(
-        "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n\t"
-        "selp.u32 %0, 1, 0, p;\n\t}"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
+    if (CLUSTER)
+      asm volatile(
+          "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n\t"
+          "selp.u32 %0, 1, 0, p;\n\t}"
+          : "=r"(done)
+          : "r"(smem_addr(bar)), "r"(parity)
+          : "memory");
+    else
+      asm volatile(
+          "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+          : "=r"(done)
+          : "r"(smem_addr(bar)), "r"(parity)
+          : "memory");
   } while (!done);
 }
 // Arrive on the barrier at cluster address `remote_bar` (cluster_addr: another CTA's), releasing this

@@ -103,7 +103,7 @@ class Function:
             self.allow_cluster(cluster)
             cfg = ctypes.create_string_buffer(56)
             attr = ctypes.create_string_buffer(_ATTR_BYTES)
-            struct.pack_into("<i4x3I", attr, 0, _CLUSTER_ATTR, cluster, 1, 1)
+            _pack_cluster_attr(attr, 0, cluster)
             struct.pack_into(_CONFIG_FMT, cfg, 0, cluster, 1, 1, block, 1, 1, smem, 0, ctypes.addressof(attr), 1)
             lib, _ = _cuda()
             n = ctypes.c_int(0)
@@ -187,6 +187,11 @@ _CONFIG_FMT = "<7I4xQQI4x"  # CUlaunchConfig: grid, block, smem, stream, attrs, 
 _libcuda: list = []
 
 
+def _pack_cluster_attr(buf, at: int, cluster: int) -> None:
+    """A CUlaunchAttribute at byte `at` of `buf`: clusters of `cluster` CTAs along x."""
+    struct.pack_into("<i4x3I", buf, at, _CLUSTER_ATTR, cluster, 1, 1)
+
+
 def _cuda():
     if not _libcuda:
         lib = ctypes.CDLL("libcuda.so.1")
@@ -260,7 +265,7 @@ def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int 
         struct.pack_into("<i4xi", abuf, 0, _PDL_ATTR, 1)
         n_attr = 1
     if cluster:
-        struct.pack_into("<i4x3I", abuf, n_attr * _ATTR_BYTES, _CLUSTER_ATTR, cluster, 1, 1)
+        _pack_cluster_attr(abuf, n_attr * _ATTR_BYTES, cluster)
         n_attr += 1
         fn.allow_cluster(cluster)
     struct.pack_into(_CONFIG_FMT, cbuf, 0, gx, gy, gz, bx, by, bz, smem, stream, attr if n_attr else 0, n_attr)
