@@ -1,5 +1,8 @@
-"""Experiment: the streamed softmax's variants (float4 a thread, CTAs an SM) at several shapes vs
-torch.softmax, % of the copy bandwidth."""
+"""Experiment: the ring softmax at several shapes (CTAs a cluster, CTAs an SM) against the one
+sampling.softmax_ring_shape picks and torch.softmax, as % of the copy bandwidth (one read and one
+write of the rows). Prints the clusters each shape keeps resident.
+  python bench/softmax_probe.py [--shapes C@M,...]"""
+import argparse
 import sys
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -8,24 +11,46 @@ from common import copy_bandwidth, time_graph  # noqa: E402
 import torch  # noqa: E402
 
 from fi_cupy import sampling  # noqa: E402
+from fi_cupy._core import kernels  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--shapes", default="3@1,4@1,5@1,8@1,6@2,7@2,8@2", help="forced (cluster)@(CTAs an SM) shapes")
+args = ap.parse_args()
+forced = [tuple(int(v) for v in s.split("@")) for s in args.shapes.split(",") if s]
 
 bw = copy_bandwidth()
-default = sampling.STREAM_VARIANTS
-for vocab, batch in [(128256, 128), (128256, 512), (128256, 32), (128256, 1), (151936, 128), (32000, 512),
-                     (256000, 128)]:
+props = kernels.device_props(0)
+fn = sampling._fn(0, "softmax_ring_kernel", sampling.RING_THREADS, sampling.RING_CHUNK)
+block = sampling.RING_THREADS + 32
+for per_sm in (1, 2):
+    smem = sampling.ring_slots(props, per_sm) * sampling.RING_CHUNK * 4
+    print(f"{per_sm} CTA(s) an SM, {smem} B: resident clusters of 1..16 CTAs",
+          [fn.max_active_clusters(c, block, smem) for c in range(1, 17)], flush=True)
+
+for vocab, batch in [(128256, 128), (128256, 512), (128256, 256), (128256, 64), (128256, 32), (128256, 1),
+                     (151936, 128), (32000, 512), (256000, 128)]:
     x = torch.randn((batch, vocab), device="cuda") * 3
     ideal = 2 * x.numel() * 4 / bw
     ref = torch.softmax(x, -1)
-    for variants in (default, default[1:]):
-        sampling.STREAM_VARIANTS = variants
-        shape = sampling.softmax_stream_shape(vocab, batch, 132, True, True)
-        cl, sl, items, per_sm = shape
-        fn = sampling._fn(0, "softmax_stream_kernel", 512, items, 3, per_sm)
-        k = fn.max_active_clusters(cl, 544, 3 * sl * 4)
-        assert torch.allclose(sampling.softmax(x), ref, rtol=1e-4, atol=1e-9)
+    key = (0, vocab, batch)
+    sampling._ring_plans.pop(key, None)
+    chosen = sampling._ring_plan(0, vocab, batch)
+    rows = []
+    for cluster, per_sm in [(None, None)] + forced:
+        if cluster is None:
+            plan, desc = chosen, "chosen"
+        else:
+            slots = sampling.ring_slots(props, per_sm)
+            slice_ = -(-vocab // (4 * cluster)) * 4
+            if -(-slice_ // sampling.RING_CHUNK) >= slots or batch * cluster < 64:
+                continue
+            k = fn.max_active_clusters(cluster, block, slots * sampling.RING_CHUNK * 4)
+            plan, desc = (fn, cluster, slots, slice_, min(batch, k)), f"{cluster}@{per_sm}"
+        sampling._ring_plans[key] = plan
+        ok = torch.allclose(sampling.softmax(x), ref, rtol=1e-4, atol=1e-9)
         t = time_graph(lambda: sampling.softmax(x))
-        print(f"vocab {vocab} batch {batch} shape {shape} K {k}: {t * 1e6:.1f} us {ideal / t:.0%} of copy",
-              flush=True)
-    sampling.STREAM_VARIANTS = default
+        rows.append(f"{desc}: {t * 1e6:.1f} us {ideal / t:.0%}{'' if ok else ' WRONG'}")
+    sampling._ring_plans[key] = chosen
     t = time_graph(lambda: torch.softmax(x, -1))
-    print(f"  torch.softmax {t * 1e6:.1f} us {ideal / t:.0%} of copy", flush=True)
+    print(f"{batch} x {vocab}: chosen {chosen[1]} CTAs, {chosen[2]} buffers, {chosen[4]} clusters; torch.softmax "
+          f"{t * 1e6:.1f} us {ideal / t:.0%}\n  " + " | ".join(rows), flush=True)

@@ -915,33 +915,40 @@ __device__ __forceinline__ T consumer_reduce(T x, Op op, T* scratch) {
   return x;
 }
 
-// softmax streamed through shared memory (sm_90+): persistent clusters of CTAs, each cluster taking
-// rows cluster_id, cluster_id + nclusters, ... in turn. Each CTA owns a slice of `slice` floats (a
-// multiple of 4) of every row. A producer warp (one lane) bulk-copies the slice of each row into a
-// ring of STAGES stages in shared memory and bulk-stores it back once normalised in place; the THREADS
-// consumer threads hold a slice in registers (ITEMS float4 each), take its max and sum of exp, and
-// send that pair to every CTA of the cluster (DSMEM writes plus a remote mbarrier arrival). No thread
-// waits on a store or on a cluster-wide barrier inside the loop, so later rows' copies keep DRAM busy
-// while this row's pairs are exchanged: one read and one write of the row. MIN_CTAS CTAs an SM.
-// Rows of length vocab % 4 == 0, 16-byte aligned; slice <= THREADS * ITEMS * 4 (sampling.py picks
-// it); output contiguous; at most 16 CTAs a cluster.
-template <int THREADS, int ITEMS, int STAGES, int MIN_CTAS>
-__global__ void __launch_bounds__(THREADS + 32, MIN_CTAS) softmax_stream_kernel(
-    const float* logits, long long row_stride, int batch, int vocab, int slice, const float* temp_arr,
+// softmax streamed through a ring of chunks in shared memory (sm_90+): persistent clusters of CTAs,
+// each cluster taking rows cluster_id, cluster_id + nclusters, ... in turn; each CTA owns a slice of
+// `slice` floats (a multiple of 4) of every row, cut into chunks of CHUNK floats. A producer thread
+// bulk-copies the chunks of this cluster's rows, in order, into a ring of `slots` chunk buffers and
+// refills a buffer as soon as every consumer warp has read it for the last time, so the next row's
+// first chunks land while this row's pairs are exchanged. The THREADS consumer threads keep an online
+// (max, sum of exp) over the chunks as they land, send the CTA's pair to every CTA of the cluster
+// (DSMEM writes plus a remote mbarrier arrival), then normalise each chunk from shared memory
+// straight to global memory: plain stores, so no buffer waits on a write, and buffer releases are
+// CTA-scoped (a cluster-scoped release would wait for those stores). One read and one write of the
+// row. Needs chunks a slice < slots <= kMaxRingSlots; rows of length vocab % 4 == 0, 16-byte
+// aligned; output contiguous; at most 16 CTAs a cluster. One or two CTAs an SM (sampling.py picks).
+constexpr int kMaxRingSlots = 16;
+template <int THREADS, int CHUNK>
+__global__ void __launch_bounds__(THREADS + 32, 2) softmax_ring_kernel(
+    const float* logits, long long row_stride, int batch, int vocab, int slice, int slots, const float* temp_arr,
     float temp_val, float* probs) {
 #if FIC_HAS_CLUSTERS
-  extern __shared__ float4 stage_buf[];                // STAGES slices
-  __shared__ unsigned long long landed[STAGES];        // the producer's copy of a slice is in
-  __shared__ unsigned long long normalised[STAGES];    // the consumers have written the result
-  __shared__ unsigned long long exchanged[2];          // every CTA's pair of a row is in, by row parity
-  __shared__ float pair_max[2][16], pair_sum[2][16];   // [row parity][sender rank]
-  __shared__ float scratch[2][32];
+  constexpr int kChunk4 = CHUNK / 4, kPer = kChunk4 / THREADS;
+  static_assert(kChunk4 % THREADS == 0, "a chunk is a whole number of float4 a consumer thread");
+  extern __shared__ float4 ring[];                      // `slots` chunks
+  __shared__ unsigned long long landed[kMaxRingSlots];  // the producer's copy of a chunk is in
+  __shared__ unsigned long long freed[kMaxRingSlots];   // every consumer warp has read the chunk for the last time
+  __shared__ unsigned long long exchanged[2];           // every CTA's pair of a row is in, by row parity
+  __shared__ float pair_max[2][16], pair_sum[2][16];    // [row parity][sender rank]
+  __shared__ float scratch[2][THREADS / 32];
   const unsigned int rank = cluster_rank(), ncta = cluster_size();
   const int cluster_id = blockIdx.x / ncta, nclusters = gridDim.x / ncta;
-  const int lo = (int)rank * slice, len = max(0, min(vocab - lo, slice)), n4 = len / 4;
-  const int slice4 = slice / 4;
+  const int lo = (int)rank * slice, len = max(0, min(vocab - lo, slice));
+  const int nchunks = (slice + CHUNK - 1) / CHUNK;  // the same in every CTA: rows stay in step
+  const int rows = batch > cluster_id ? (batch - cluster_id + nclusters - 1) / nclusters : 0;
+  auto chunk_len = [&](int c) { return max(0, min(len - c * CHUNK, CHUNK)); };  // floats
   if (threadIdx.x == 0) {
-    for (int s = 0; s < STAGES; ++s) mbarrier_init(&landed[s], 1), mbarrier_init(&normalised[s], THREADS);
+    for (int s = 0; s < slots; ++s) mbarrier_init(&landed[s], 1), mbarrier_init(&freed[s], THREADS / 32);
     for (int p = 0; p < 2; ++p) mbarrier_init(&exchanged[p], ncta);
     fence_barrier_init();
   }
@@ -949,54 +956,61 @@ __global__ void __launch_bounds__(THREADS + 32, MIN_CTAS) softmax_stream_kernel(
   pdl_begin();
   if (threadIdx.x >= THREADS) {  // the producer warp
     if (threadIdx.x == THREADS) {
-      auto load_row = [&](int j) {
-        const int r = cluster_id + j * nclusters;
-        if (r >= batch) return;
-        unsigned long long* bar = &landed[j % STAGES];
-        mbarrier_arrive_expect(bar, (unsigned int)len * 4u);
-        if (len)
-          bulk_load(stage_buf + (j % STAGES) * slice4, logits + r * row_stride + lo, (unsigned int)len * 4u, bar);
-      };
-      for (int j = 0; j < STAGES - 1; ++j) load_row(j);
-      for (int j = 0; cluster_id + j * nclusters < batch; ++j) {
-        const int r = cluster_id + j * nclusters;
-        mbarrier_wait(&normalised[j % STAGES], (unsigned int)(j / STAGES) & 1u);
-        if (len)
-          bulk_store(probs + (long long)r * vocab + lo, stage_buf + (j % STAGES) * slice4, (unsigned int)len * 4u);
-        bulk_commit();
-        bulk_wait_read<1>();  // row j - 1's store has left its stage: row j + STAGES - 1 may land there
-        load_row(j + STAGES - 1);
+      const int total = rows * nchunks;
+      for (int g = 0; g < total; ++g) {  // chunk g: row j, chunk c of the slice
+        const int j = g / nchunks, c = g - j * nchunks, s = g % slots;
+        if (g >= slots) mbarrier_wait(&freed[s], (unsigned int)(g / slots - 1) & 1u);
+        const unsigned int bytes = (unsigned int)chunk_len(c) * 4u;
+        mbarrier_arrive_expect(&landed[s], bytes);
+        if (bytes)
+          bulk_load(ring + s * kChunk4, logits + (cluster_id + (long long)j * nclusters) * row_stride + lo + c * CHUNK,
+                    bytes, &landed[s]);
       }
-      bulk_wait_all();
     }
     __syncwarp();
   } else {
     const int lane = threadIdx.x & 31;
-    for (int j = 0; cluster_id + j * nclusters < batch; ++j) {
-      const int r = cluster_id + j * nclusters, par = j & 1;
-      float4* b = stage_buf + (j % STAGES) * slice4;
-      const float scale = FIC_LOG2E / (temp_arr != nullptr ? temp_arr[r] : temp_val);
-      mbarrier_wait(&landed[j % STAGES], (unsigned int)(j / STAGES) & 1u);
-      float4 x[ITEMS];
-      float m = neg_inf();
+    // Chunk g's float4 into x once it has landed (-inf past the slice's end).
+    auto take = [&](int g, float4(&x)[kPer]) {
+      const float4* b = ring + (g % slots) * kChunk4;
+      const int n4 = chunk_len(g % nchunks) / 4;
+      mbarrier_wait(&landed[g % slots], (unsigned int)(g / slots) & 1u);
 #pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
+      for (int i = 0; i < kPer; ++i) {
         const int v = threadIdx.x + i * THREADS;
         x[i] = v < n4 ? b[v] : make_float4(neg_inf(), neg_inf(), neg_inf(), neg_inf());
-        m = fmaxf(m, fmaxf(fmaxf(x[i].x, x[i].y), fmaxf(x[i].z, x[i].w)));
       }
-      m = consumer_reduce<THREADS>(m * scale, Max(), scratch[0]);  // scale > 0: max commutes with it
-      const float base = m == neg_inf() ? 0.f : m;                 // a slice of -inf (or none) sums to 0
-      float s = 0.f;
+    };
+    // This warp has read chunk g's buffer for the last time: one arrival a warp.
+    auto release = [&](int g) {
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive_cta(&freed[g % slots]);
+    };
+    for (int j = 0; j < rows; ++j) {
+      const int r = cluster_id + j * nclusters, par = j & 1, g0 = j * nchunks;
+      const float scale = FIC_LOG2E / (temp_arr != nullptr ? temp_arr[r] : temp_val);
+      float m = neg_inf(), s = 0.f;  // this thread's online max (scaled, log2 units) and sum of exp2
+      auto accumulate = [&](const float4(&x)[kPer]) {
+        float cm = neg_inf();
 #pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        x[i].x = ptx_exp2(x[i].x * scale - base), x[i].y = ptx_exp2(x[i].y * scale - base);
-        x[i].z = ptx_exp2(x[i].z * scale - base), x[i].w = ptx_exp2(x[i].w * scale - base);
-        s += (x[i].x + x[i].y) + (x[i].z + x[i].w);
+        for (int i = 0; i < kPer; ++i) cm = fmaxf(cm, fmaxf(fmaxf(x[i].x, x[i].y), fmaxf(x[i].z, x[i].w)));
+        cm *= scale;  // scale > 0: max commutes with it
+        if (cm == neg_inf()) return;  // nothing but -inf: adds 0
+        if (cm > m) s = s * ptx_exp2(m - cm), m = cm;
+#pragma unroll
+        for (int i = 0; i < kPer; ++i)
+          s += (ptx_exp2(x[i].x * scale - m) + ptx_exp2(x[i].y * scale - m)) +
+               (ptx_exp2(x[i].z * scale - m) + ptx_exp2(x[i].w * scale - m));
+      };
+      for (int c = 0; c < nchunks; ++c) {
+        float4 x[kPer];
+        take(g0 + c, x);
+        accumulate(x);
       }
-      s = consumer_reduce<THREADS>(s, Sum(), scratch[1]);
+      const float cta_m = consumer_reduce<THREADS>(m, Max(), scratch[0]);
+      s = consumer_reduce<THREADS>(m == neg_inf() ? 0.f : s * ptx_exp2(m - cta_m), Sum(), scratch[1]);
       if (threadIdx.x < ncta) {  // send this CTA's pair to CTA threadIdx.x
-        cluster_store(cluster_addr(&pair_max[par][rank], threadIdx.x), m);
+        cluster_store(cluster_addr(&pair_max[par][rank], threadIdx.x), cta_m);
         cluster_store(cluster_addr(&pair_sum[par][rank], threadIdx.x), s);
         mbarrier_arrive_remote(cluster_addr(&exchanged[par], threadIdx.x));
       }
@@ -1010,14 +1024,25 @@ __global__ void __launch_bounds__(THREADS + 32, MIN_CTAS) softmax_stream_kernel(
       float gs = ps > 0.f ? ps * ptx_exp2(pm - gm) : 0.f;
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) gs += shfl_xor(gs, o);
-      const float f = (m == neg_inf() ? 0.f : ptx_exp2(m - gm)) * __frcp_rn(gs);
+      const float inv = __frcp_rn(gs);
+      float* orow = probs + (long long)r * vocab + lo;
+      auto emit = [&](int c, const float4(&x)[kPer]) {
+        const int n4 = chunk_len(c) / 4;
 #pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        const int v = threadIdx.x + i * THREADS;
-        if (v < n4) b[v] = make_float4(x[i].x * f, x[i].y * f, x[i].z * f, x[i].w * f);
+        for (int i = 0; i < kPer; ++i) {
+          const int v = threadIdx.x + i * THREADS;
+          if (v < n4)
+            __stcs(reinterpret_cast<float4*>(orow + c * CHUNK) + v,
+                   make_float4(ptx_exp2(x[i].x * scale - gm) * inv, ptx_exp2(x[i].y * scale - gm) * inv,
+                               ptx_exp2(x[i].z * scale - gm) * inv, ptx_exp2(x[i].w * scale - gm) * inv));
+        }
+      };
+      for (int c = 0; c < nchunks; ++c) {
+        float4 x[kPer];
+        take(g0 + c, x);  // landed before the max/sum pass: no wait
+        release(g0 + c);
+        emit(c, x);
       }
-      fence_async_shared();  // the producer's bulk store reads what these threads wrote
-      mbarrier_arrive(&normalised[j % STAGES]);
     }
   }
   cluster_sync();  // no CTA leaves while a peer may still write its pairs into this one

@@ -61,43 +61,79 @@ def all_programs() -> list:
     out = []
     for name, vec in _KERNELS:
         out += [kernel_program(name, v) for v in (4, 1)] if vec else [kernel_program(name)]
-    return out + [kernel_program("softmax_stream_kernel", STREAM_THREADS, items, STREAM_STAGES, per_sm)
-                  for items, per_sm, _ in STREAM_VARIANTS]
+    return out + [kernel_program("softmax_ring_kernel", RING_THREADS, RING_CHUNK)]
 
 
 def _fn(device: int, name: str, *targs):
-    """The loaded kernel `name` with template arguments `targs`: VEC, or the streamed softmax's
-    (THREADS, ITEMS, STAGES, MIN_CTAS); none for a kernel without."""
+    """The loaded kernel `name` with template arguments `targs`: VEC, or the ring softmax's
+    (THREADS, CHUNK); none for a kernel without."""
     def build():
         prog = kernel_program(name, *targs)
         return prog, prog.kernels[0]
     return kernels.cached_function(device, ("sampling", name) + targs, build)
 
 
-# The streamed softmax (softmax_stream_kernel): CTAs of 512 consumer threads and a producer warp, 3
-# slices of a row in shared memory. Variants (float4 a consumer thread, CTAs an SM, longest slice in
-# floats), the first that holds a row in at most 16 CTAs chosen: two CTAs an SM keep every SM busy
-# (clusters of 16 one-CTA-an-SM leave GPCs part empty); one CTA an SM holds longer slices.
-STREAM_THREADS, STREAM_STAGES = 512, 3
-STREAM_VARIANTS = ((5, 2, 9216), (9, 1, 18432))
+# The ring softmax (softmax_ring_kernel): CTAs of 512 consumer threads and a producer warp, a ring of
+# 16 KB chunks (8 KB chunks measured 3-5 points slower on the H100) filling shared memory.
+RING_THREADS, RING_CHUNK, RING_MAX_SLOTS = 512, 4096, 16  # RING_MAX_SLOTS: kMaxRingSlots
+RING_STATIC_SMEM = 1024  # the kernel's barriers, pairs and scratch (656 bytes), rounded up
+RING_RESERVED_SMEM = 1024  # what the driver keeps of each CTA's shared memory
+# A row's stall (its last chunk's latency, the pair exchange), as floats of a slice: fitted on the
+# H100 so that the cost below ranks the shapes measured by bench/softmax_probe.py in their order.
+RING_ROW_COST = 4096
 
 
-def softmax_stream_shape(vocab: int, batch: int, sms: int, aligned: bool, clusters: bool):
-    """(CTAs a cluster, floats a CTA's slice, float4 a thread, CTAs an SM) of the streamed softmax, or
-    None where it does not apply (unaligned rows, no clusters, rows longer than 16 slices). The
-    smallest cluster whose slices fit, so that more clusters share the rows; doubled while the batch
-    leaves SMs idle."""
-    if not (aligned and clusters) or vocab % 4:
-        return None
-    for items, per_sm, longest in STREAM_VARIANTS:
-        cluster = next((c for c in (1, 2, 4, 8, 16) if -(-vocab // c) <= longest), None)
-        if cluster is not None:
-            break
-    else:
-        return None
-    while cluster < 16 and batch * cluster * 2 <= sms:
-        cluster *= 2
-    return cluster, -(-vocab // (4 * cluster)) * 4, items, per_sm
+def ring_slots(props: dict, per_sm: int) -> int:
+    """Chunk buffers a CTA holds at per_sm CTAs an SM."""
+    room = props["smem_optin"] if per_sm == 1 else props["smem_sm"] // per_sm - RING_RESERVED_SMEM
+    return max(0, min(RING_MAX_SLOTS, (room - RING_STATIC_SMEM) // (RING_CHUNK * 4)))
+
+
+def softmax_ring_shape(vocab: int, batch: int, slots, resident):
+    """(CTAs a cluster, CTAs an SM, floats a CTA's slice) of the ring softmax, or None when no cluster
+    of at most 16 CTAs holds a row with a buffer to spare. slots(per_sm): chunk buffers a CTA;
+    resident(cluster, per_sm): clusters the GPU holds at once (cuOccupancyMaxActiveClusters, which
+    knows how the SMs split into GPCs). The cheapest by rounds x (a slice's SM time + a row's stall):
+    e.g. on the H100 at 128 x 128256, 32 clusters of 7 at two CTAs an SM take the rows in 4 even
+    rounds where 30 clusters of 4 need 5."""
+    best = None
+    for per_sm in (1, 2):
+        n_slots = slots(per_sm)
+        for cluster in range(1, 17):
+            slice_ = -(-vocab // (4 * cluster)) * 4
+            if -(-slice_ // RING_CHUNK) >= n_slots:
+                continue
+            k = resident(cluster, per_sm)
+            if k <= 0:
+                continue
+            cost = -(-batch // k) * (slice_ * per_sm + RING_ROW_COST)
+            if best is None or cost < best[0]:
+                best = (cost, (cluster, per_sm, slice_))
+    return None if best is None else best[1]
+
+
+_ring_plans: dict = {}
+
+
+def _ring_plan(device: int, vocab: int, batch: int):
+    """(kernel, CTAs a cluster, chunk buffers, slice, clusters to launch) of the ring softmax on
+    `device`, or None (no clusters, or rows too long); memoised, so a decode loop pays for the
+    choice once."""
+    key = (device, vocab, batch)
+    if key not in _ring_plans:
+        plan = None
+        if kernels.clusters_supported(device):
+            props = kernels.device_props(device)
+            fn = _fn(device, "softmax_ring_kernel", RING_THREADS, RING_CHUNK)
+            def resident(cluster, per_sm):
+                smem = ring_slots(props, per_sm) * RING_CHUNK * 4
+                return fn.max_active_clusters(cluster, RING_THREADS + 32, smem) if smem else 0
+            shape = softmax_ring_shape(vocab, batch, lambda per_sm: ring_slots(props, per_sm), resident)
+            if shape is not None:
+                cluster, per_sm, slice_ = shape
+                plan = (fn, cluster, ring_slots(props, per_sm), slice_, min(batch, resident(cluster, per_sm)))
+        _ring_plans[key] = plan
+    return _ring_plans[key]
 
 
 def _host(c: Call, info, name: str) -> np.ndarray:
@@ -268,18 +304,15 @@ def softmax(logits, temperature=None, enable_pdl=None, stream=None):
     out_obj, o = c.new((batch, vocab), dt.float32, "probs")
     if batch and vocab:
         temp = [ptr(t_arr), f32(1.0 if t_val is None else t_val)]
-        shape = softmax_stream_shape(vocab, batch, kernels.device_props(c.device)["sms"], _vec(x) == 4,
-                                     kernels.clusters_supported(c.device))
-        if shape is None:  # two passes over the row
+        plan = _ring_plan(c.device, vocab, batch) if _vec(x) == 4 else None
+        if plan is None:  # two passes over the row
             args = [ptr(x), i64(x.strides[0]), i32(vocab)] + temp + [ptr(o)]
             c.launch(_fn(c.device, "softmax_kernel", _vec(x)), (batch,), (THREADS,), args)
         else:  # persistent clusters, each row read once into shared memory
-            cluster, slice_, items, per_sm = shape
-            fn = _fn(c.device, "softmax_stream_kernel", STREAM_THREADS, items, STREAM_STAGES, per_sm)
-            smem = STREAM_STAGES * slice_ * 4
-            n = min(batch, fn.max_active_clusters(cluster, STREAM_THREADS + 32, smem))
-            args = [ptr(x), i64(x.strides[0]), i32(batch), i32(vocab), i32(slice_)] + temp + [ptr(o)]
-            c.launch(fn, (n * cluster,), (STREAM_THREADS + 32,), args, smem=smem, cluster=cluster)
+            fn, cluster, slots, slice_, nclusters = plan
+            args = [ptr(x), i64(x.strides[0]), i32(batch), i32(vocab), i32(slice_), i32(slots)] + temp + [ptr(o)]
+            c.launch(fn, (nclusters * cluster,), (RING_THREADS + 32,), args, smem=slots * RING_CHUNK * 4,
+                     cluster=cluster)
     return c.result(out_obj)
 
 

@@ -105,10 +105,10 @@ def test_reproducible_and_offsets_differ():
     assert g1.offset == 1
 
 
-@pytest.mark.parametrize("vocab", [1000, 4, 7, 65537 * 4, 16 * 18432 + 4])
+@pytest.mark.parametrize("vocab", [1000, 4, 7, 65537 * 4, 16 * 13 * 4096, 16 * 13 * 4096 + 4])
 def test_softmax_temperature_per_row(vocab):
-    """Streamed shapes (1000: most CTAs of the cluster hold nothing; 262148: 16 CTAs a row), the
-    two-pass kernel (7: unaligned rows; 294916: longer than 16 slices)."""
+    """Ring shapes (1000: 16 CTAs of 64 floats; 262148: slices that end mid-chunk; 851968: 16 CTAs
+    of 13 chunks, the longest row), the two-pass kernel (7: unaligned rows; 851972: longer)."""
     x = torch.randn((3, vocab), device="cuda") * 4
     t = torch.tensor([0.5, 1.0, 2.0], device="cuda")
     got = sampling.softmax(x, t).cpu().numpy()
@@ -119,7 +119,7 @@ def test_softmax_temperature_per_row(vocab):
 
 @pytest.mark.parametrize("batch,vocab", [(300, 32000), (203, 128256), (40, 151936)])
 def test_softmax_many_rows_a_cluster_and_masked_slices(batch, vocab):
-    """More rows than resident clusters, so each cluster streams several through its ring of stages;
+    """More rows than resident clusters, so each cluster streams several through its ring of buffers;
     -inf logits, with whole CTA slices of -inf in some rows (their share is 0, never NaN)."""
     g = torch.Generator(device="cuda").manual_seed(batch)
     x = torch.randn((batch, vocab), device="cuda", generator=g) * 3

@@ -151,17 +151,25 @@ def test_sampling_errors(call, match):
         call()
 
 
-def test_softmax_stream_shape():
-    """The first variant whose slices hold a row in at most 16 CTAs (two CTAs an SM up to 9216 floats a
-    slice, then one up to 18432), the smallest cluster for it, doubled while the batch leaves SMs idle;
-    None where the two-pass kernel runs instead."""
-    shape = fi_cupy.sampling.softmax_stream_shape
-    assert shape(128256, 128, 132, True, True) == (16, 8016, 5, 2)
-    assert shape(32000, 512, 132, True, True) == (4, 8000, 5, 2) and shape(4, 128, 132, True, True) == (1, 4, 5, 2)
-    assert shape(151936, 128, 132, True, True) == (16, 9496, 9, 1)
-    assert shape(256000, 32, 132, True, True) == (16, 16000, 9, 1)
-    assert shape(32000, 16, 132, True, True) == (8, 4000, 5, 2)  # 16 rows x 8 CTAs: 128 SMs
-    assert shape(9216, 1, 132, True, True) == (16, 576, 5, 2)
-    assert shape(16 * 18432 + 4, 128, 132, True, True) is None  # longer than 16 slices: two passes
-    assert shape(128256, 128, 132, False, True) is None and shape(128256, 128, 132, True, False) is None
-    assert shape(1001, 128, 132, True, True) is None
+def test_softmax_ring_shape():
+    """The cheapest (cluster, CTAs an SM) by rounds x (slice + a row's stall), with the resident
+    clusters the H100 reports (GPCs of 14-18 SMs strand SMs for most cluster sizes); only slices
+    that leave a chunk buffer spare; None where the two-pass kernel runs instead."""
+    r1 = [132, 66, 39, 30, 22, 17, 15, 15, 9, 7, 7, 7, 7, 7, 7, 7]
+    r2 = [264, 132, 79, 62, 47, 39, 32, 30, 23, 21, 16, 16, 14, 14, 14, 14]
+    props = {"smem_optin": 232448, "smem_sm": 233472}
+    sampling = fi_cupy.sampling
+    assert sampling.ring_slots(props, 1) == 14 and sampling.ring_slots(props, 2) == 7
+    assert sampling.ring_slots({"smem_optin": 232448, "smem_sm": 0}, 2) == 0
+
+    def shape(vocab, batch):
+        return sampling.softmax_ring_shape(vocab, batch, lambda m: sampling.ring_slots(props, m),
+                                           lambda c, m: (r1 if m == 1 else r2)[c - 1])
+    assert shape(128256, 128) == (7, 2, 18324)  # 32 clusters: 4 even rounds
+    assert shape(128256, 512) == (4, 1, 32064)
+    assert shape(128256, 1) == (16, 1, 8016)  # one row over the most SMs
+    assert shape(32000, 512) == (1, 1, 32000) and shape(4, 128) == (1, 1, 4)
+    assert shape(256000, 128) == (8, 1, 32000)
+    assert shape(16 * 13 * 4096, 3) == (16, 1, 53248)  # 13 chunks of 14 buffers
+    assert shape(16 * 13 * 4096 + 4, 3) is None  # longer: two passes
+    assert sampling.softmax_ring_shape(128256, 128, lambda m: 0, lambda c, m: 1) is None

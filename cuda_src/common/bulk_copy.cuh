@@ -1,6 +1,6 @@
-// Bulk copies (the TMA's 1-D mode, sm_90+) between global and shared memory, and the mbarriers that
-// say when a load has landed. One thread issues a copy of any multiple of 16 bytes (both addresses
-// 16-byte aligned); the SM's threads stay free while it is in flight. Guard uses with FIC_HAS_CLUSTERS
+// Bulk copies (the TMA's 1-D mode, sm_90+) from global to shared memory, and the mbarriers that say
+// when a load has landed or a buffer is free again. One thread issues a copy of any multiple of 16
+// bytes (both addresses 16-byte aligned); the SM's threads stay free while it is in flight. Guard uses with FIC_HAS_CLUSTERS
 // (cluster.cuh), which is also the sm_90 test.
 #pragma once
 
@@ -26,14 +26,14 @@ __device__ __forceinline__ void mbarrier_arrive_expect(unsigned long long* bar, 
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
                : "memory");
 }
-// One arrival (release at cluster scope: this thread's earlier writes, remote ones included, are seen
-// by whoever waits on the barrier with mbarrier_wait<true>).
-__device__ __forceinline__ void mbarrier_arrive(unsigned long long* bar) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+// One arrival releasing at CTA scope only: cheap after global stores, which a cluster-scope release
+// would wait on. For barriers that only this CTA's threads wait on.
+__device__ __forceinline__ void mbarrier_arrive_cta(unsigned long long* bar) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 // Wait until the phase with parity `parity` (0 for the first, then alternating) has completed.
-// CLUSTER: also see the writes that other CTAs of the cluster made before arriving (mbarrier_arrive,
-// mbarrier_arrive_remote).
+// CLUSTER: also see the writes that other CTAs of the cluster made before arriving
+// (mbarrier_arrive_remote).
 template <bool CLUSTER = false>
 __device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned int parity) {
   unsigned int done;
@@ -67,22 +67,6 @@ __device__ __forceinline__ void bulk_load(void* smem, const void* gmem, unsigned
                "l"(gmem), "r"(bytes), "r"(smem_addr(bar))
                : "memory");
 }
-// shared -> global, in the current bulk group. Shared memory written by threads must be published to
-// the copy engine first: every writer calls fence_async_shared(), then a barrier, then one thread stores.
-__device__ __forceinline__ void bulk_store(void* gmem, const void* smem, unsigned int bytes) {
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(gmem), "r"(smem_addr(smem)),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
-// Until at most N of this thread's bulk groups are still reading their shared memory.
-template <int N>
-__device__ __forceinline__ void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
-}
-// Until every bulk group of this thread has completed (its writes performed).
-__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
 #endif
 
 }  // namespace fic

@@ -50,7 +50,8 @@ def device_props(device: int) -> dict:
         p = runtime.getDeviceProperties(device)
         _props[device] = {"cc": p["major"] * 10 + p["minor"], "sms": p["multiProcessorCount"],
                           "name": p["name"].decode() if isinstance(p["name"], bytes) else p["name"],
-                          "smem_optin": p.get("sharedMemPerBlockOptin", 49152)}
+                          "smem_optin": p.get("sharedMemPerBlockOptin", 49152),
+                          "smem_sm": p.get("sharedMemPerMultiprocessor", 0)}
     return _props[device]
 
 
