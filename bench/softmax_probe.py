@@ -41,8 +41,8 @@ for vocab, batch in [(128256, 128), (128256, 512), (128256, 256), (128256, 64), 
             plan, desc = chosen, "chosen"
         else:
             slots = sampling.ring_slots(props, per_sm)
-            slice_ = -(-vocab // (4 * cluster)) * 4
-            if -(-slice_ // sampling.RING_CHUNK) >= slots or batch * cluster < 64:
+            slice_, chunks = sampling.ring_slice(vocab, cluster)
+            if chunks >= slots or batch * cluster < 64:
                 continue
             k = fn.max_active_clusters(cluster, block, slots * sampling.RING_CHUNK * 4)
             plan, desc = (fn, cluster, slots, slice_, min(batch, k)), f"{cluster}@{per_sm}"

@@ -3,12 +3,13 @@
 // it assembles for sm_90a and is rejected for plain sm_90 (tests/test_compile_all.py checks both).
 // A is row-major (M x K) and B is given as N x K (K-major), both staged in shared memory as 8x8
 // "core matrices" (8 rows of 16 bytes) with no swizzle.
+#include "common/smem.cuh"
 #include "common/types.cuh"
 
 namespace fic {
 
 __device__ __forceinline__ unsigned long long smem_desc(const void* p, unsigned lbo, unsigned sbo) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  const unsigned addr = smem_u32(p);
   return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
          ((unsigned long long)(sbo >> 4) << 32);
 }

@@ -89,6 +89,12 @@ def ring_slots(props: dict, per_sm: int) -> int:
     return max(0, min(RING_MAX_SLOTS, (room - RING_STATIC_SMEM) // (RING_CHUNK * 4)))
 
 
+def ring_slice(vocab: int, cluster: int) -> tuple:
+    """(floats a CTA's slice, chunks it takes) when `cluster` CTAs share a row of `vocab` floats."""
+    slice_ = -(-vocab // (4 * cluster)) * 4
+    return slice_, -(-slice_ // RING_CHUNK)
+
+
 def softmax_ring_shape(vocab: int, batch: int, slots, resident):
     """(CTAs a cluster, CTAs an SM, floats a CTA's slice) of the ring softmax, or None when no cluster
     of at most 16 CTAs holds a row with a buffer to spare. slots(per_sm): chunk buffers a CTA;
@@ -100,8 +106,8 @@ def softmax_ring_shape(vocab: int, batch: int, slots, resident):
     for per_sm in (1, 2):
         n_slots = slots(per_sm)
         for cluster in range(1, 17):
-            slice_ = -(-vocab // (4 * cluster)) * 4
-            if -(-slice_ // RING_CHUNK) >= n_slots:
+            slice_, chunks = ring_slice(vocab, cluster)
+            if chunks >= n_slots:
                 continue
             k = resident(cluster, per_sm)
             if k <= 0:

@@ -2,13 +2,14 @@
 // can keep many tiles of a stream in the air. A copy with valid == false writes zeros and reads
 // nothing (src-size 0), which keeps masked rows finite.
 #pragma once
+#include "smem.cuh"
 
 namespace fic {
 
 template <int N>
 __device__ __forceinline__ void cp_async(void* smem, const void* gmem, bool valid) {
   static_assert(N == 4 || N == 8 || N == 16, "cp.async moves 4, 8 or 16 bytes");
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const unsigned s = smem_u32(smem);
   const int src_size = valid ? N : 0;
   if (N == 16) {
     asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size)

@@ -1,6 +1,7 @@
 // Thread-block clusters (sm_90+): rank, barrier, and writes to another CTA's shared memory (DSMEM).
 // Kernels guard their cluster code with FIC_HAS_CLUSTERS so that the same source compiles for sm_80.
 #pragma once
+#include "smem.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define FIC_HAS_CLUSTERS 1
@@ -28,9 +29,8 @@ __device__ __forceinline__ void cluster_sync() {
 // The shared-memory address of `p` (this CTA's) in CTA `rank` of the cluster, for cluster_store and
 // remote mbarrier arrivals.
 __device__ __forceinline__ unsigned int cluster_addr(const void* p, unsigned int rank) {
-  const unsigned int local = static_cast<unsigned int>(__cvta_generic_to_shared(p));
   unsigned int remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_u32(p)), "r"(rank));
   return remote;
 }
 // Write `v` at cluster address `remote` (another CTA's shared memory).

@@ -2,14 +2,10 @@
 // accumulation, and movmatrix (8x8 transpose in registers). Fragment layouts follow the PTX ISA:
 // for lane l, g = l / 4 and c = l % 4; an 8x8 b16 fragment holds row g, columns 2c and 2c + 1.
 #pragma once
+#include "smem.cuh"
 #include "types.cuh"
 
 namespace fic {
-
-// Shared-space byte address of a generic pointer into shared memory.
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
 
 // Four 8x8 b16 matrices; lane i gives the shared address of row i % 8 of matrix i / 8 (a byte address,
 // for kernels that compute swizzled addresses themselves, or a pointer).

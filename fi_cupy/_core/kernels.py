@@ -102,7 +102,7 @@ class Function:
         if key not in memo:
             self.allow_smem(smem)
             self.allow_cluster(cluster)
-            cfg = ctypes.create_string_buffer(56)
+            cfg = ctypes.create_string_buffer(_CONFIG_BYTES)
             attr = ctypes.create_string_buffer(_ATTR_BYTES)
             _pack_cluster_attr(attr, 0, cluster)
             struct.pack_into(_CONFIG_FMT, cfg, 0, cluster, 1, 1, block, 1, 1, smem, 0, ctypes.addressof(attr), 1)
@@ -185,6 +185,7 @@ _CLUSTER_ATTR = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
 _ATTR_BYTES = 72  # CUlaunchAttribute: id, pad, 64-byte value union
 _NON_PORTABLE_CLUSTER = 14  # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
 _CONFIG_FMT = "<7I4xQQI4x"  # CUlaunchConfig: grid, block, smem, stream, attrs, numAttrs
+_CONFIG_BYTES = struct.calcsize(_CONFIG_FMT)  # 56
 _libcuda: list = []
 
 
@@ -233,7 +234,7 @@ def _buffers(sig: tuple):
 def _config():
     cfg = _tls.__dict__.get("config")
     if cfg is None:
-        buf = ctypes.create_string_buffer(56)
+        buf = ctypes.create_string_buffer(_CONFIG_BYTES)
         attr = ctypes.create_string_buffer(2 * _ATTR_BYTES)
         cfg = _tls.config = (buf, ctypes.addressof(buf), attr, ctypes.addressof(attr))
     return cfg
