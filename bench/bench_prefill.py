@@ -5,7 +5,8 @@ Shapes: bf16, head_dim 128. Single prefill: causal L=4096 32/32 heads, causal L=
 L=4096 32/32. Batch paged: 16 requests appending 1024 tokens to 1024 cached (32/8 heads, page 16,
 causal). Ragged: 64 requests of random lengths 128..2048 (32/8 heads, causal). FLOPs: 4*Lq*Lkv*H*D
 (2 matmuls), with (2*Lkv - Lq)*Lq/2 in place of Lq*Lkv for causal (the unmasked part only).
-Times: median of CUDA-event timings of CUDA-graph replays after warm-up.
+Times: median of CUDA-event timings of CUDA-graph replays after warm-up. "ours" is backend="auto" (on
+sm_90a the Hopper kernel, cuda_src/prefill_sm90.cu); "ours fa2" the portable mma.sync kernel.
 
     python bench/bench_prefill.py [--only single|paged|ragged]
 """
@@ -27,6 +28,9 @@ SINGLE = [("single causal L=4096 32/32", 4096, 32, 32, True), ("single causal L=
           ("single non-causal L=4096 32/32", 4096, 32, 32, False)]
 
 
+BACKENDS = ("auto", "fa2")  # ours: the default choice (the Hopper kernel on sm_90a), and the portable kernel
+
+
 def flops(qo, kv, h, causal):
     pairs = (2 * kv - qo) * qo / 2 if causal else qo * kv
     return 4 * pairs * h * D
@@ -46,8 +50,9 @@ def single_case(torch, name, L, hq, hkv, causal):
     v = torch.randn((L, hkv, D), device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
     f = flops(L, L, hq, causal)
-    res = {"ours": common.time_graph(lambda: fi_cupy.single_prefill_with_kv_cache(q, k, v, causal=causal, out=out),
-                                     calls_per_graph=3, replays=10)}
+    res = {b: common.time_graph(lambda: fi_cupy.single_prefill_with_kv_cache(q, k, v, causal=causal, out=out,
+                                                                             backend=b), calls_per_graph=3, replays=10)
+           for b in BACKENDS}
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
@@ -80,9 +85,12 @@ def paged_case(torch):
     qo_indptr = (np.arange(batch + 1) * new).astype(np.int32)
     q = torch.randn((batch * new, hq, D), device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-    w.plan(qo_indptr, indptr, indices, last, hq, hkv, D, ps, causal=True, q_data_type="bfloat16")
-    res = {"ours": common.time_graph(lambda: w.run(q, cache, out=out), calls_per_graph=5, replays=10)}
+    res = {}
+    for b in BACKENDS:
+        w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
+                                                        backend=b)
+        w.plan(qo_indptr, indptr, indices, last, hq, hkv, D, ps, causal=True, q_data_type="bfloat16")
+        res[b] = common.time_graph(lambda: w.run(q, cache, out=out), calls_per_graph=5, replays=10)
     try:
         import flashinfer
         fw = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
@@ -104,9 +112,12 @@ def ragged_case(torch):
     k = torch.randn((n, hkv, D), device="cuda", dtype=torch.bfloat16)
     v = torch.randn((n, hkv, D), device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-    w.plan(indptr, indptr, hq, hkv, D, causal=True, q_data_type="bfloat16")
-    res = {"ours": common.time_graph(lambda: w.run(q, k, v, out=out), calls_per_graph=5, replays=10)}
+    res = {}
+    for b in BACKENDS:
+        w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
+                                                         backend=b)
+        w.plan(indptr, indptr, hq, hkv, D, causal=True, q_data_type="bfloat16")
+        res[b] = common.time_graph(lambda: w.run(q, k, v, out=out), calls_per_graph=5, replays=10)
     try:
         import flashinfer
         fw = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
@@ -136,17 +147,17 @@ def main():
     if only in (None, "ragged"):
         cases.append(("ragged 64 x U[128, 2048] causal 32/8",) + ragged_case(torch))
     mm = max(mm, matmul_tflops(torch))
-    peers = ["torch flash", "torch cuDNN", "FlashInfer"]
+    peers = ["fa2", "torch flash", "torch cuDNN", "FlashInfer"]
     tf = lambda f, t: "-" if t is None else f"{f / t / 1e12:.0f}"
     rows, data = [], []
     for name, f, res in cases:
-        t = res["ours"]
+        t = res["auto"]
         rows.append([name, f"{t * 1e3:.3f}", tf(f, t), f"{100 * f / t / 1e12 / mm:.0f}%"] +
                     [tf(f, res.get(p)) for p in peers])
         data.append({"case": name, "ms": t * 1e3, "TFLOPs": f / t / 1e12, "pct_matmul": 100 * f / t / 1e12 / mm,
                      **{p: (None if res.get(p) is None else f / res[p] / 1e12) for p in peers}})
     common.print_table(f"prefill bf16 d{D}; bf16 matmul {mm:.0f} TFLOP/s (same run); TFLOP/s, median of graph replays",
-                       ["case", "ms", "TFLOP/s", "of matmul"] + [p + " TFLOP/s" for p in peers], rows)
+                       ["case", "ms", "TFLOP/s", "of matmul"] + [("ours " if p == "fa2" else "") + p + " TFLOP/s" for p in peers], rows)
     common.save_json("bench_prefill.json", {"device": props["name"], "matmul_TFLOPs": mm, "rows": data})
 
 

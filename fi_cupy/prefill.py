@@ -40,6 +40,7 @@ _ALIGN = 256
 class TileShape:
     mt: int      # 16-row slices a warp owns
     warps: int
+    sm90: bool = False  # the Hopper kernel (cuda_src/prefill_sm90.cu): two warpgroups, wgmma
 
     @property
     def rows(self) -> int:
@@ -68,23 +69,68 @@ def _fits(head_dim: int, tile: TileShape, flags: int, rope: bool) -> bool:
 
 
 def kv_tile(head_dim: int, tile: TileShape) -> int:
-    """PrefillCfg::kKV: keys a tile; 32 where the O accumulators take 128 registers a thread."""
+    """PrefillCfg::kKV: keys a tile; 32 where the O accumulators take 128 registers a thread.
+    PrefillSm90Cfg::kKV: 128."""
+    if tile.sm90:
+        return 128
     return 32 if head_dim * tile.mt >= 256 else 64
 
 
 def smem_bytes(head_dim: int, tile: TileShape, kv_dtype: dt.DType) -> int:
-    """PrefillCfg::kSmemBytes: Q tile, and two 16-bit K/V stages (fp8: one widened, one raw)."""
+    """PrefillCfg::kSmemBytes: Q tile, and two 16-bit K/V stages (fp8: one widened, one raw).
+    PrefillSm90Cfg::kSmemBytes: Q tile, three K/V stages, their six mbarriers, and 1 KB to align the
+    tiles to 1024 bytes."""
     kv_tile_ = kv_tile(head_dim, tile)
     q = tile.rows * head_dim * 2
     stage = 2 * kv_tile_ * head_dim * 2
+    if tile.sm90:
+        return 1024 + q + 3 * stage + 6 * 8
     return q + stage + (2 * kv_tile_ * head_dim if kv_dtype in FP8 else stage)
+
+
+def _merge_spec(head_dim: int, q_dtype: dt.DType) -> KernelSpec:
+    return KernelSpec("fic::prefill_merge_kernel", (head_dim, q_dtype.cpp))
 
 
 def prefill_program(head_dim: int, tile: TileShape, q_dtype: dt.DType, kv_dtype: dt.DType, paged: bool,
                     rope: bool, flags: int) -> Program:
+    """The main kernel (and, for the portable kernel, the merge kernel in the same module)."""
+    if tile.sm90:
+        return Program("prefill_sm90.cu", (KernelSpec("fic::prefill_sm90_kernel", (
+            head_dim, q_dtype.cpp, kernels.cpp_bool(paged), flags)),))
     main = KernelSpec("fic::prefill_kernel", (head_dim, tile.mt, tile.warps, q_dtype.cpp, kv_dtype.cpp,
                                               kernels.cpp_bool(paged), kernels.cpp_bool(rope), flags))
-    return Program("prefill.cu", (main, KernelSpec("fic::prefill_merge_kernel", (head_dim, q_dtype.cpp))))
+    return Program("prefill.cu", (main, _merge_spec(head_dim, q_dtype)))
+
+
+def merge_program(head_dim: int, q_dtype: dt.DType) -> Program:
+    return Program("prefill.cu", (_merge_spec(head_dim, q_dtype),))
+
+
+# The Hopper kernel: sm_90a, head_dim 64 / 128, K/V in the q dtype, no RoPE on the fly (the others
+# take the portable kernel). BACKENDS follow FlashInfer's names: "fa2" the portable mma.sync kernel,
+# "fa3" the Hopper one, "auto" the Hopper one where it applies and some query tile is over 64 rows.
+SM90_TILE = TileShape(1, 8, True)
+SM90_HEAD_DIMS = (64, 128)
+BACKENDS = ("auto", "fa2", "fa3")
+AUTO_MIN_ROWS = 64  # tests set it to 0 to run the Hopper kernel on every shape it takes
+
+
+def sm90_unsupported(params: "PrefillParams") -> str | None:
+    """Why the Hopper kernel cannot run these parameters (None: it can)."""
+    if params.head_dim not in SM90_HEAD_DIMS:
+        return f"head_dim {params.head_dim} (it takes {', '.join(map(str, SM90_HEAD_DIMS))})"
+    if params.kv_dtype != params.q_dtype:
+        return f"kv_data_type {params.kv_dtype} (it takes K/V in the q dtype)"
+    if params.rope:
+        return "pos_encoding_mode ROPE_LLAMA"
+    return None
+
+
+def sm90_programs() -> list:
+    """Every Hopper instantiation (sm_90a only)."""
+    return [prefill_program(d, SM90_TILE, q, q, paged, False, flags)
+            for d in SM90_HEAD_DIMS for q in Q_DTYPES for paged in (True, False) for flags in range(4)]
 
 
 def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
@@ -238,10 +284,27 @@ def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.nda
     return plan, {"sizes": sizes, "partial": part_cap, "grid": grid, "merge_grid": merge_grid}
 
 
-def plan_tile(params: PrefillParams, qo_lens: np.ndarray, custom_mask: bool) -> tuple:
-    """(tile, variant flags) for a batch: the tile from the longest request's packed rows."""
+def check_backend(backend) -> str:
+    checks.choice("backend", backend, BACKENDS)
+    return backend
+
+
+def plan_tile(params: PrefillParams, qo_lens: np.ndarray, custom_mask: bool, backend: str = "fa2",
+              device: int | None = None) -> tuple:
+    """(tile, variant flags) for a batch: the Hopper tile where `backend` asks for it (or "auto" allows
+    it), else the portable tile from the longest request's packed rows."""
     flags = variant_flags(params, custom_mask)
-    return pick_tile(params.head_dim, int(qo_lens.max(initial=0)) * params.group_size, flags, params.rope), flags
+    rows = int(qo_lens.max(initial=0)) * params.group_size
+    if backend != "fa2":
+        why = sm90_unsupported(params)
+        arch = kernels.device_arch(device) if device is not None else None
+        if why is None and arch != "sm_90a":
+            why = f"this device ({arch}; it needs sm_90a)"
+        if backend == "fa3" and why is not None:
+            raise ValueError(f"backend: 'fa3' (the Hopper kernel) does not support {why}; use 'fa2' or 'auto'")
+        if why is None and (backend == "fa3" or rows > AUTO_MIN_ROWS):
+            return SM90_TILE, flags
+    return pick_tile(params.head_dim, rows, flags, params.rope), flags
 
 
 def num_ctas(params: PrefillParams, tile: TileShape, device: int, paged: bool, flags: int) -> int:
@@ -262,8 +325,9 @@ def launch_prefill(plan: PrefillPlan, meta_ptr: int, partial_ptr: int, q: arrays
     """Queue the prefill kernel, and the merge of cut KV ranges, on `stream`. No allocation, no sync."""
     p = plan.params
     prog = prefill_program(p.head_dim, plan.tile, p.q_dtype, kv.dtype, paged, p.rope, plan.flags)
-    fns = kernels.functions(prog, q.device)
-    main, merge = fns[prog.kernels[0]], fns[prog.kernels[1]]
+    main = kernels.functions(prog, q.device)[prog.kernels[0]]
+    mprog = prog if len(prog.kernels) > 1 else merge_program(p.head_dim, p.q_dtype)
+    merge = kernels.functions(mprog, q.device)[mprog.kernels[-1]]
     off = {k: meta_ptr + 4 * v for k, v in plan.offsets.items()}
     part_o = partial_ptr
     part_lse = partial_ptr + _align(plan.partial_capacity * p.head_dim * 4)
@@ -358,6 +422,7 @@ class _PrefillWrapper(PlannedWrapper):
 
     def __init__(self, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False, *args,
                  backend: str = "auto", jit_args=None, **kwargs):
+        self._backend = check_backend(backend)
         super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, jit_args, LAYOUTS)
 
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
@@ -369,7 +434,7 @@ class _PrefillWrapper(PlannedWrapper):
         s = streams.resolve(stream, self._ws.framework, self._ws.device)
         qo_lens = np.diff(qo_indptr)
         mask = _prepare_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens, s)
-        tile, flags = plan_tile(params, qo_lens, mask is not None)
+        tile, flags = plan_tile(params, qo_lens, mask is not None, self._backend, self._ws.device)
         cap = self._capacity if self._use_cuda_graph else None
         if cap is not None:
             tile = cap["tile"]
@@ -533,12 +598,15 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
                                  use_fp16_qk_reduction: bool = False, sm_scale: float | None = None,
                                  window_left: int = -1, logits_soft_cap: float | None = None,
                                  rope_scale: float | None = None, rope_theta: float | None = None,
-                                 return_lse: bool = False, out=None, lse=None, stream=None):
+                                 return_lse: bool = False, out=None, lse=None, backend: str = "auto",
+                                 stream=None):
     """Prefill attention of one request: q (qo_len, num_qo_heads, head_dim) against k, v of shape
     (kv_len, num_kv_heads, head_dim) [NHD] or (num_kv_heads, kv_len, head_dim) [HND]. custom_mask:
     boolean (qo_len, kv_len), True = attend; or packed_custom_mask (its packbits, little-endian).
-    Returns o like q, and lse (qo_len, num_qo_heads) in base 2 with return_lse=True."""
+    Returns o like q, and lse (qo_len, num_qo_heads) in base 2 with return_lse=True. backend: "auto",
+    "fa2" (portable kernel) or "fa3" (Hopper kernel), as FlashInfer names them."""
     checks.choice("kv_layout", kv_layout, LAYOUTS)
+    check_backend(backend)
     fw, dev, s, cur = caller(q, stream)
     qi = arrays.describe(q, "q", s, cur)
     checks.ndim(qi, 3, "(qo_len, num_qo_heads, head_dim)")
@@ -559,12 +627,12 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
             ci = arrays.describe(custom_mask, "custom_mask", s, cur)
             checks.shape(ci, (qo_len, kv_len), "(qo_len, kv_len)")
         mask = _prepare_mask(custom_mask, packed_custom_mask, qo_ip[1:], kv_ip[1:], s, cur)
-    # The tile (and so the plan) depends on the variant: RoPE, soft cap and custom mask are in the key.
+    # The plan depends on the tile (backend, variant) and the variant: both are in the key.
+    tile, flags = plan_tile(params, qo_ip[1:], mask is not None, backend, dev)
     key = (dev, qo_len, kv_len, params.num_qo_heads, kvv.num_kv_heads, params.head_dim, params.causal,
-           params.window_left, params.rope, variant_flags(params, mask is not None))
+           params.window_left, params.rope, flags, tile)
     got = _single_plans.get(key)
     if got is None:
-        tile, flags = plan_tile(params, qo_ip[1:], mask is not None)
         got = plan_prefill(params, qo_ip, kv_ip, kv_ip[1:].copy(), None, tile, num_ctas(params, tile, dev, False, flags),
                            None if mask is None else mask[2])[0]
         _single_plans[key] = got

@@ -85,6 +85,18 @@ def check(out, q, k, v, lse=None, **kw):
     return err, base
 
 
+@pytest.fixture(autouse=True, params=["fa2", "fa3"])
+def prefill_kernel(request, monkeypatch):
+    """Every test runs on both kernels: "fa2" the portable one, "fa3" the Hopper one wherever it
+    applies (backend "auto" with no minimum tile: other variants still take the portable kernel)."""
+    from fi_cupy import prefill
+    from fi_cupy._core import kernels
+    if request.param == "fa3" and kernels.device_arch(0) != "sm_90a":
+        pytest.skip("the Hopper prefill kernel needs an sm_90a GPU")
+    monkeypatch.setattr(prefill, "AUTO_MIN_ROWS", 0 if request.param == "fa3" else 1 << 62)
+    return request.param
+
+
 def _nan_like(x):
     return torch.full_like(x, float("nan"))
 

@@ -108,3 +108,25 @@ def test_standard_programs_are_the_plain_variants():
     std = prefill.standard_programs()
     assert std and all(p.kernels[0].targs[-2] == "false" and p.kernels[0].targs[-1] == 0 for p in std)
     assert len(prefill.all_programs()) > len(std)
+
+
+def test_backend_choice():
+    """backend="fa3" (the Hopper kernel) names what it cannot take; "fa2" always takes the portable
+    kernel; "auto" falls back to it off sm_90a; unknown names are refused."""
+    p = prefill.make_params(8, 2, 128, None, True, "NONE", -1, None, None, None, None, "bfloat16", None, True, 16)
+    qo = np.array([4096])
+    with pytest.raises(ValueError, match="sm_90a"):
+        prefill.plan_tile(p, qo, False, "fa3", None)
+    assert not prefill.plan_tile(p, qo, False, "auto", None)[0].sm90
+    assert not prefill.plan_tile(p, qo, False, "fa2", None)[0].sm90
+    rope = prefill.make_params(8, 2, 128, None, True, "ROPE_LLAMA", -1, None, None, None, None, "bfloat16", None,
+                               True, 16)
+    assert "ROPE_LLAMA" in prefill.sm90_unsupported(rope)
+    d256 = prefill.make_params(8, 2, 256, None, True, "NONE", -1, None, None, None, None, "bfloat16", None, True, 16)
+    assert "head_dim 256" in prefill.sm90_unsupported(d256)
+    fp8 = prefill.make_params(8, 2, 128, None, True, "NONE", -1, None, None, None, None, "bfloat16", "float8_e4m3fn",
+                              True, 16)
+    assert "kv_data_type" in prefill.sm90_unsupported(fp8)
+    assert prefill.sm90_unsupported(p) is None
+    with pytest.raises(ValueError, match="backend"):
+        prefill.check_backend("fa4")

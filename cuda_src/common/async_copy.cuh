@@ -28,4 +28,10 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// Arrive on the shared-memory mbarrier `bar` once every cp.async this thread issued before has landed.
+// noinc: the arrival counts towards the barrier's expected count (one per thread a phase).
+__device__ __forceinline__ void cp_async_arrive_noinc(unsigned long long* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+
 }  // namespace fic

@@ -1,0 +1,326 @@
+// Prefill attention on Hopper (sm_90a): warpgroup MMA (wgmma), fp32 accumulation, online softmax in
+// base 2. The second variant of cuda_src/prefill.cu behind the same API, work items and merge kernel
+// (prefill.cu's header explains rows, items, masks and partial states); fi_cupy/prefill.py picks it
+// on sm_90a for 16-bit K/V without RoPE.
+//
+// A CTA is two warpgroups over 128 packed query rows (64 each). Q stays in shared memory; K and V
+// tiles of kKV keys stream through three stages of cp.async copies, stored 128-byte swizzled as
+// wgmma reads them (common/wgmma.cuh). Per tile each warpgroup computes S = Q K^T (both operands
+// from shared memory), masks and the online softmax in registers, then O += P V with P from
+// registers (V read transposed from shared memory). The accumulators have mma.sync's m16n8 layout,
+// so the masks, softmax and epilogue follow prefill.cu's with one 16-row slice a warp.
+//
+// No CTA-wide barrier in the loop: each stage has a "full" mbarrier (every thread's copies into it
+// landed: cp.async arrivals) and an "empty" one (all 8 warps done reading it), and each warp loads
+// and stages its own Q rows. So the two warpgroups drift apart and one's softmax overlaps the
+// other's MMAs. Stages and mbarrier phases follow a tile count that runs on across items.
+#include "common/types.cuh"
+#include "common/math.cuh"
+#include "common/vec.cuh"
+#include "common/async_copy.cuh"
+#include "common/bulk_copy.cuh"
+#include "common/mma.cuh"
+#include "common/wgmma.cuh"
+#include "common/pdl.cuh"
+
+namespace fic {
+
+template <int D>
+struct PrefillSm90Cfg {
+  static_assert(D == 64 || D == 128, "the wgmma prefill takes head_dim 64 or 128");
+  static constexpr int kThreads = 256;               // two warpgroups
+  static constexpr int kRows = 128;                  // packed query rows a CTA, 64 a warpgroup
+  static constexpr int kKV = 128;                    // keys a tile
+  static constexpr int kStages = 3;
+  static constexpr int kQBytes = kRows * D * 2;
+  static constexpr int kTileBytes = kKV * D * 2;     // one K or V tile
+  static constexpr int kStageBytes = 2 * kTileBytes;
+  // Q | stages | full[kStages], empty[kStages] mbarriers; + slack to align the tiles to 1024 bytes.
+  static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
+  static constexpr int kSmemBytes = 1024 + kBarOffset + 2 * kStages * 8;
+};
+
+constexpr int kSm90SoftCap = 1, kSm90CustomMask = 2;  // as prefill.cu's kSoftCap, kCustomMask
+
+template <int D, typename T, bool PAGED, int FLAGS>
+__global__ void __launch_bounds__(256, 1)
+prefill_sm90_kernel(const T* __restrict__ q, long long q_stride_n, long long q_stride_h,
+                    const T* __restrict__ k_base, const T* __restrict__ v_base,
+                    long long kv_stride_page, long long kv_stride_slot, long long kv_stride_head,
+                    const int* __restrict__ qo_indptr, const int* __restrict__ kv_indptr,
+                    const int* __restrict__ page_indices, const int* __restrict__ kv_lens,
+                    const unsigned char* __restrict__ custom_mask, const long long* __restrict__ mask_offset,
+                    const int4* __restrict__ items, const int* __restrict__ num_items,
+                    T* __restrict__ out, long long o_stride_n, long long o_stride_h, float* __restrict__ lse,
+                    float* __restrict__ part_o, float* __restrict__ part_lse,
+                    int num_qo_heads, int group_size, unsigned int page_size, unsigned int page_div_mul,
+                    unsigned int page_div_shift, int causal, int window_left, float sm_scale, float soft_cap,
+                    float v_scale, float rope_rcp_scale, double rope_log2_theta) {
+  using C = PrefillSm90Cfg<D>;
+  constexpr int KV = C::kKV, NB = KV / 8, DB = D / 8, KS = D / 16, kChunks = D / 8, kThreads = C::kThreads;
+  pdl_begin();
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // The 128-byte swizzle is a function of address bits 4-9: tiles start 1024-byte aligned.
+  unsigned char* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
+  const int g = lane / 4, c = lane % 4;
+  const FastDiv page_div = {page_size, page_div_mul, page_div_shift};
+  constexpr bool capped = (FLAGS & kSm90SoftCap) != 0, masked = (FLAGS & kSm90CustomMask) != 0;
+  const float scale = capped ? FIC_LOG2E : sm_scale * FIC_LOG2E;
+  const float cap_pre = capped ? sm_scale * ptx_rcp(soft_cap) : 0.f;
+
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + C::kBarOffset);
+  unsigned long long* empty = full + C::kStages;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < C::kStages; ++i) {
+      mbarrier_init(full + i, kThreads);  // one cp.async arrival a thread
+      mbarrier_init(empty + i, kThreads / 32);  // one arrival a warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+  unsigned gt = 0;  // tiles of earlier items (the pipeline position)
+
+  const int n_items = *num_items;
+  for (int it = blockIdx.x; it < n_items; it += gridDim.x) {
+    const int4 ia = items[2 * it], ib = items[2 * it + 1];
+    const int req = ia.x, kv_head = ia.y, p0 = ia.z;
+    const int qo_start = qo_indptr[req], qo_len = qo_indptr[req + 1] - qo_start;
+    const int kv_len = kv_lens[req], kv_off = kv_indptr[req];
+    const int packed_len = qo_len * group_size;
+    const int delta = kv_len - qo_len;  // query i sits at key position i + delta
+    const int t_lo = p0 / group_size;
+    const int t_hi = (min(p0 + C::kRows, packed_len) - 1) / group_size;
+    int lo = ib.x, hi = min(ib.y, kv_len);
+    if (causal) hi = min(hi, t_hi + delta + 1);
+    if (window_left >= 0) lo = max(lo, t_lo + delta - window_left);
+    const int n_tiles = hi > lo ? (hi - lo + KV - 1) / KV : 0;
+    const long long head_off = (long long)kv_head * kv_stride_head;
+    const T* k_req = k_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
+    const T* v_req = v_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
+
+    __syncwarp();  // the warp's lanes are done with its Q rows (the previous epilogue staged O there)
+    const int tid = (int)opaque(threadIdx.x);
+
+    // This warp's 16 rows of the Q tile: packed rows p0 + 16 warp .. (zeros past the request).
+#pragma unroll
+    for (int i = 0; i < 16 * kChunks / 32; ++i) {
+      const int idx = i * 32 + lane, row = warp * 16 + idx / kChunks, ch = idx % kChunks;
+      const int p = p0 + row;
+      const bool ok = p < packed_len;
+      const int tok = ok ? p / group_size : 0, h = kv_head * group_size + (ok ? p - tok * group_size : 0);
+      cp_async<16>(smem + sw128_offset<C::kRows>(row, ch),
+                   q + (long long)(qo_start + tok) * q_stride_n + h * q_stride_h + ch * 8, ok);
+    }
+
+    // K/V tile t: this warpgroup's half of its rows (lo + t*KV ..; zeros past hi) into stage
+    // (gt + t) % kStages, once every warp has released the stage's previous tile.
+    auto issue = [&](int t) {
+      if (t >= n_tiles) return;
+      const unsigned n = gt + t, stage = n % C::kStages;
+      if (n >= C::kStages) mbarrier_wait(empty + stage, (n / C::kStages - 1) & 1);
+      const int j0 = lo + t * KV;
+      constexpr int kStep = 128 / kChunks;
+      const int ch = tid % kChunks, row0 = wg * (KV / 2) + (int)opaque((tid % 128) / kChunks);
+      const long long slot_stride = ((long long)opaque((unsigned)(kv_stride_slot >> 32)) << 32) |
+                                    opaque((unsigned)kv_stride_slot);
+      unsigned char* st = smem + C::kQBytes + stage * C::kStageBytes;
+#pragma unroll
+      for (int i = 0; i < KV / 2 / kStep; ++i) {
+        const int row = row0 + i * kStep, j = j0 + row;
+        const bool ok = j < hi;
+        long long off = 0;
+        if (ok) {
+          if (PAGED) {
+            const unsigned pg = page_div.quot(j);
+            off = (long long)page_indices[kv_off + pg] * kv_stride_page + (long long)(j - pg * page_size) * slot_stride;
+          } else {
+            off = (long long)j * slot_stride;
+          }
+        }
+        const unsigned so = sw128_offset<KV>(row, ch);
+        cp_async<16>(st + so, k_req + off + ch * 8, ok);
+        cp_async<16>(st + C::kTileBytes + so, v_req + off + ch * 8, ok);
+      }
+      cp_async_arrive_noinc(full + stage);
+    };
+    issue(0);
+    issue(1);
+
+    const long long mask_base = masked ? mask_offset[req] * 8 : 0;
+    // This thread's rows (tile-relative): r0 and r0 + 8.
+    const int r0 = warp * 16 + g;
+
+    float o[DB][4];
+    float m[2], dsum[2];
+    m[0] = m[1] = neg_inf();
+    dsum[0] = dsum[1] = 0.f;
+#pragma unroll
+    for (int dt = 0; dt < DB; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+
+    for (int t = 0; t < n_tiles; ++t) {
+      const unsigned n = gt + t, stage = n % C::kStages;
+      mbarrier_wait(full + stage, (n / C::kStages) & 1);
+      fence_proxy_async();  // the landed copies (generic proxy) visible to wgmma (the async proxy)
+      const unsigned q_addr = smem_u32(smem) + wg * 64 * 128;
+      const unsigned k_addr = smem_u32(smem) + C::kQBytes + stage * C::kStageBytes;
+      const unsigned v_addr = k_addr + C::kTileBytes;
+      const int j0 = lo + t * KV;
+
+      // S = Q K^T: 64 rows x KV keys a warpgroup.
+      float s[NB][4];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        const unsigned koff = (kk & 3) * 32;  // 16 columns = 32 bytes into the slab
+        const unsigned long long da = wgmma_desc(q_addr + (kk >> 2) * (C::kRows * 128) + koff, 0, 1024);
+        const unsigned long long db = wgmma_desc(k_addr + (kk >> 2) * (KV * 128) + koff, 0, 1024);
+        if (kk == 0) wgmma_ss<KV, 0, T>(s, da, db);
+        else wgmma_ss<KV, 1, T>(s, da, db);
+      }
+      wgmma_commit();
+      issue(t + 2);  // while the tensor cores work on S
+      wgmma_wait<0>();
+      wgmma_hold(s);
+
+      if (capped) {
+#pragma unroll
+        for (int nt = 0; nt < NB; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[nt][e] = soft_cap * tanh_inline(s[nt][e] * cap_pre);
+      }
+
+      // Element masks only where the tile straddles a bound.
+      const bool edge = j0 + KV > hi || (causal && j0 + KV - 1 > t_lo + delta) ||
+                        (window_left >= 0 && j0 < t_hi + delta - window_left) || masked;
+      if (edge) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int p = p0 + r0 + 8 * h;  // rows past the end: clamped
+          const int ti = min(p, packed_len - 1) / group_size, last = causal ? ti + delta : 0x7fffffff;
+          const int first = window_left >= 0 ? ti + delta - window_left : -0x7fffffff;
+          const long long mrow = mask_base + (long long)ti * kv_len;
+#pragma unroll
+          for (int nt = 0; nt < NB; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int j = j0 + nt * 8 + 2 * c + e;
+              bool ok = j < hi && j <= last && j >= first;
+              if (masked && ok) {
+                const long long bit = mrow + j;
+                ok = (custom_mask[bit >> 3] >> (bit & 7)) & 1;
+              }
+              if (!ok) s[nt][2 * h + e] = neg_inf();
+            }
+        }
+      }
+
+      // Online softmax: rows g and g + 8 of the warp's slice, a row over the 4 lanes of a quad.
+      float ms[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx = m[h];
+#pragma unroll
+        for (int nt = 0; nt < NB; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        ms[h] = mx == neg_inf() ? 0.f : mx * scale;
+        const float alpha = ptx_exp2(m[h] * scale - ms[h]);
+        m[h] = mx;
+        dsum[h] *= alpha;
+#pragma unroll
+        for (int dt = 0; dt < DB; ++dt) {
+          o[dt][2 * h] *= alpha;
+          o[dt][2 * h + 1] *= alpha;
+        }
+      }
+      // P as the A fragments of the KV / 16 k steps of O += P V.
+      unsigned pa[KV / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < KV / 16; ++kk)
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float x0 = ptx_exp2(fmaf(s[2 * kk + e2][2 * h], scale, -ms[h]));
+            const float x1 = ptx_exp2(fmaf(s[2 * kk + e2][2 * h + 1], scale, -ms[h]));
+            dsum[h] += x0 + x1;
+            pa[kk][e2 * 2 + h] = pack2(T(), x0, x1);
+          }
+      wgmma_hold(o);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < KV / 16; ++kk)
+        wgmma_rs_t<D, T>(o, pa[kk], wgmma_desc(v_addr + kk * 2048, KV * 128, 1024));
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_hold(o);
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive_cta(empty + stage);  // this warp is done with the stage
+    }
+    gt += n_tiles;
+    if (n_tiles == 0) {  // no full barrier waited on: the warp's Q copies may still be in flight
+      cp_async_wait<0>();
+      __syncwarp();
+    }
+
+    // Epilogue: finish the row sums, normalise, write (directly or as a float32 partial row).
+    {
+    const int4 ie = items[2 * (int)opaque(it)];
+    const int kv_head = ie.y, p0 = ie.z, prow = ie.w;
+    const int qo_start = qo_indptr[ie.x], packed_len = (qo_indptr[ie.x + 1] - qo_start) * group_size;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float d = dsum[h];
+      d += __shfl_xor_sync(0xffffffffu, d, 1);
+      d += __shfl_xor_sync(0xffffffffu, d, 2);
+      const float inv = d > 0.f ? ptx_rcp(d) * v_scale : 0.f;
+      const float l = d > 0.f ? (m[h] * scale + __log2f(d)) : neg_inf();
+      const int r = r0 + 8 * h, p = p0 + r;
+#pragma unroll
+      for (int dt = 0; dt < DB; ++dt) {
+        o[dt][2 * h] *= inv;
+        o[dt][2 * h + 1] *= inv;
+      }
+      if (p < packed_len && c == 0) {
+        if (prow >= 0) {
+          part_lse[prow + r] = l;
+        } else if (lse != nullptr) {
+          const int ti = p / group_size;
+          lse[(long long)(qo_start + ti) * num_qo_heads + kv_head * group_size + p - ti * group_size] = l;
+        }
+      }
+      if (prow >= 0 && p < packed_len) {
+        float* dst = part_o + (long long)(prow + r) * D + 2 * c;
+#pragma unroll
+        for (int dt = 0; dt < DB; ++dt)
+          *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[dt][2 * h], o[dt][2 * h + 1]);
+      }
+    }
+    if (prow < 0) {
+      // Stage this warp's 16 rows in its own Q rows (read by no other warp), then 16-byte stores.
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = r0 + 8 * h;
+#pragma unroll
+        for (int dt = 0; dt < DB; ++dt)
+          *reinterpret_cast<unsigned*>(smem + sw128_offset<C::kRows>(r, dt) + 4 * c) =
+              pack2(T(), o[dt][2 * h], o[dt][2 * h + 1]);
+      }
+      __syncwarp();
+#pragma unroll
+      for (int i = 0; i < 16 * kChunks / 32; ++i) {
+        const int idx = i * 32 + lane, r = warp * 16 + idx / kChunks, ch = idx % kChunks;
+        const int p = p0 + r;
+        if (p < packed_len) {
+          const int ti = p / group_size, h = kv_head * group_size + p - ti * group_size;
+          *reinterpret_cast<uint4*>(out + (long long)(qo_start + ti) * o_stride_n + h * o_stride_h + ch * 8) =
+              *reinterpret_cast<const uint4*>(smem + sw128_offset<C::kRows>(r, ch));
+        }
+      }
+    }
+    }
+  }
+}
+
+}  // namespace fic
