@@ -128,11 +128,13 @@ def prefill_tile_cost(qo_len: int, kv_len: int, group: int, rows: int, causal: b
 
 
 def prefill_schedule(qo_lens, kv_lens, group: int, num_kv_heads: int, rows: int, num_ctas: int,
-                     causal: bool, min_chunk: int = PREFILL_MIN_CHUNK) -> PrefillSchedule:
+                     causal: bool, min_chunk: int = PREFILL_MIN_CHUNK, snake: bool = False) -> PrefillSchedule:
     """Items for every (request, KV head, query tile of `rows` packed rows). When those are fewer than
     num_ctas, the KV range of long requests is cut into chunks (multiples of 64 keys, at least
     min_chunk) so one wave fills the GPU; a cut tile's chunks write partial rows merged afterwards.
-    Items are ordered longest first, so a CTA that finishes early picks up short work."""
+    Items are ordered longest first, so a CTA that finishes early picks up short work. snake (for a
+    persistent grid of num_ctas CTAs, CTA b taking items b, b + num_ctas, ...): each round of
+    num_ctas items is dealt in reverse when its number is odd, so long and short shares alternate."""
     qo_lens = np.asarray(qo_lens, dtype=np.int64)
     kv_lens = np.asarray(kv_lens, dtype=np.int64)
     tiles = -(-(qo_lens * group) // rows)
@@ -163,4 +165,11 @@ def prefill_schedule(qo_lens, kv_lens, group: int, num_kv_heads: int, rows: int,
                 prow += n_chunks * rows
     it = np.array(items, dtype=np.int32).reshape(-1, 8)
     order = np.argsort(-np.asarray(cost, dtype=np.int64), kind="stable")
-    return PrefillSchedule(it[order], np.array(merges, dtype=np.int32).reshape(-1, 8), prow)
+    if not snake:
+        return PrefillSchedule(it[order], np.array(merges, dtype=np.int32).reshape(-1, 8), prow)
+    rank = np.arange(order.size)
+    rnd, pos = rank // num_ctas, rank % num_ctas
+    reverse = (rnd % 2 == 1) & (rnd < order.size // num_ctas)  # a last partial round stays in order
+    dealt = np.empty_like(order)
+    dealt[rnd * num_ctas + np.where(reverse, num_ctas - 1 - pos, pos)] = order
+    return PrefillSchedule(it[dealt], np.array(merges, dtype=np.int32).reshape(-1, 8), prow)
