@@ -10,13 +10,10 @@
 // registers (V read transposed from shared memory). The accumulators have mma.sync's m16n8 layout,
 // so the masks, softmax and epilogue follow prefill.cu's with one 16-row slice a warp.
 //
-// Persistent CTAs stride over the items. No CTA-wide barrier in the loop: each stage has a "full"
-// mbarrier (every thread's copies into it landed: cp.async arrivals) and an "empty" one (all 8
-// warps done reading it), so the two warpgroups drift apart and one's softmax overlaps the other's
-// MMAs. The loads run kStages - 1 tiles ahead across item boundaries (the next item's first tiles
-// land while this one finishes), and each warp loads the next item's Q rows as soon as its
-// warpgroup's last S of this item is done (q_full, one mbarrier a warpgroup); the output is stored
-// from registers.
+// No CTA-wide barrier in the loop: each stage has a "full" mbarrier (every thread's copies into it
+// landed: cp.async arrivals) and an "empty" one (all 8 warps done reading it), and each warp loads
+// and stages its own Q rows. So the two warpgroups drift apart and one's softmax overlaps the
+// other's MMAs. Stages and mbarrier phases follow a tile count that runs on across items.
 #include "common/types.cuh"
 #include "common/math.cuh"
 #include "common/vec.cuh"
@@ -38,32 +35,12 @@ struct PrefillSm90Cfg {
   static constexpr int kQBytes = kRows * D * 2;
   static constexpr int kTileBytes = kKV * D * 2;     // one K or V tile
   static constexpr int kStageBytes = 2 * kTileBytes;
-  // Q | stages | full[kStages], empty[kStages], q_full[2] mbarriers; + slack to align tiles to 1 KB.
+  // Q | stages | full[kStages], empty[kStages] mbarriers; + slack to align the tiles to 1024 bytes.
   static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
-  static constexpr int kSmemBytes = 1024 + kBarOffset + (2 * kStages + 2) * 8;
+  static constexpr int kSmemBytes = 1024 + kBarOffset + 2 * kStages * 8;
 };
 
 constexpr int kSm90SoftCap = 1, kSm90CustomMask = 2;  // as prefill.cu's kSoftCap, kCustomMask
-
-// The KV range an item visits: [lo, hi) after the causal and window bounds, in n_tiles tiles.
-struct Sm90Span {
-  int lo, hi, n_tiles;
-};
-
-template <int KV, int ROWS>
-__device__ __forceinline__ Sm90Span sm90_span(int4 ia, int4 ib, const int* qo_indptr, const int* kv_lens,
-                                              int group_size, int causal, int window_left) {
-  const int qo_len = qo_indptr[ia.x + 1] - qo_indptr[ia.x], kv_len = kv_lens[ia.x];
-  const int packed_len = qo_len * group_size, delta = kv_len - qo_len;
-  const int t_lo = ia.z / group_size, t_hi = (min(ia.z + ROWS, packed_len) - 1) / group_size;
-  Sm90Span sp;
-  sp.lo = ib.x;
-  sp.hi = min(ib.y, kv_len);
-  if (causal) sp.hi = min(sp.hi, t_hi + delta + 1);
-  if (window_left >= 0) sp.lo = max(sp.lo, t_lo + delta - window_left);
-  sp.n_tiles = sp.hi > sp.lo ? (sp.hi - sp.lo + KV - 1) / KV : 0;
-  return sp;
-}
 
 template <int D, typename T, bool PAGED, int FLAGS>
 __global__ void __launch_bounds__(256, 1)
@@ -94,108 +71,99 @@ prefill_sm90_kernel(const T* __restrict__ q, long long q_stride_n, long long q_s
 
   unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + C::kBarOffset);
   unsigned long long* empty = full + C::kStages;
-  unsigned long long* q_full = empty + C::kStages;  // one a warpgroup: its 64 Q rows landed
   if (threadIdx.x == 0) {
     for (int i = 0; i < C::kStages; ++i) {
-      mbarrier_init(full + i, kThreads);        // one cp.async arrival a thread
+      mbarrier_init(full + i, kThreads);  // one cp.async arrival a thread
       mbarrier_init(empty + i, kThreads / 32);  // one arrival a warp
     }
-    mbarrier_init(q_full, 128);
-    mbarrier_init(q_full + 1, 128);
     fence_barrier_init();
   }
   __syncthreads();
-  const int n_items = *num_items;
+  unsigned gt = 0;  // tiles of earlier items (the pipeline position)
 
-  // This warp's 16 rows of item it's Q tile (zeros past the request), then an arrival on q_full.
-  auto load_q = [&](int it) {
-    if (it >= n_items) return;
-    const int4 ia = items[2 * it];
-    const int qo_start = qo_indptr[ia.x], packed_len = (qo_indptr[ia.x + 1] - qo_start) * group_size;
+  const int n_items = *num_items;
+  for (int it = blockIdx.x; it < n_items; it += gridDim.x) {
+    const int4 ia = items[2 * it], ib = items[2 * it + 1];
+    const int req = ia.x, kv_head = ia.y, p0 = ia.z;
+    const int qo_start = qo_indptr[req], qo_len = qo_indptr[req + 1] - qo_start;
+    const int kv_len = kv_lens[req], kv_off = kv_indptr[req];
+    const int packed_len = qo_len * group_size;
+    const int delta = kv_len - qo_len;  // query i sits at key position i + delta
+    const int t_lo = p0 / group_size;
+    const int t_hi = (min(p0 + C::kRows, packed_len) - 1) / group_size;
+    int lo = ib.x, hi = min(ib.y, kv_len);
+    if (causal) hi = min(hi, t_hi + delta + 1);
+    if (window_left >= 0) lo = max(lo, t_lo + delta - window_left);
+    const int n_tiles = hi > lo ? (hi - lo + KV - 1) / KV : 0;
+    const long long head_off = (long long)kv_head * kv_stride_head;
+    const T* k_req = k_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
+    const T* v_req = v_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
+
+    __syncwarp();  // the warp's lanes are done with its Q rows (the previous epilogue staged O there)
+    const int tid = (int)opaque(threadIdx.x);
+
+    // This warp's 16 rows of the Q tile: packed rows p0 + 16 warp .. (zeros past the request).
 #pragma unroll
     for (int i = 0; i < 16 * kChunks / 32; ++i) {
       const int idx = i * 32 + lane, row = warp * 16 + idx / kChunks, ch = idx % kChunks;
-      const int p = ia.z + row;
+      const int p = p0 + row;
       const bool ok = p < packed_len;
-      const int tok = ok ? p / group_size : 0, h = ia.y * group_size + (ok ? p - tok * group_size : 0);
+      const int tok = ok ? p / group_size : 0, h = kv_head * group_size + (ok ? p - tok * group_size : 0);
       cp_async<16>(smem + sw128_offset<C::kRows>(row, ch),
                    q + (long long)(qo_start + tok) * q_stride_n + h * q_stride_h + ch * 8, ok);
     }
-    cp_async_arrive_noinc(q_full + wg);
-  };
 
-  // The loader: K/V tiles in the order the CTA computes them, across its items, kStages - 1 tiles
-  // ahead. Tile number n goes to stage n % kStages once every warp has released the stage's previous
-  // tile; each warpgroup copies half of its rows.
-  int l_it = blockIdx.x, l_t = 0, l_kv_off = 0;
-  long long l_head_off = 0;
-  Sm90Span ls = {0, 0, 0};
-  unsigned l_n = 0;
-  auto l_seek = [&]() {  // from item l_it on, the first with tiles
-    for (; l_it < n_items; l_it += gridDim.x) {
-      const int4 ia = items[2 * l_it], ib = items[2 * l_it + 1];
-      ls = sm90_span<KV, C::kRows>(ia, ib, qo_indptr, kv_lens, group_size, causal, window_left);
-      if (ls.n_tiles > 0) {
-        l_kv_off = kv_indptr[ia.x];
-        l_head_off = (long long)ia.y * kv_stride_head;
-        return;
-      }
-    }
-  };
-  auto l_issue = [&]() {
-    if (l_it >= n_items) return;
-    const unsigned stage = l_n % C::kStages;
-    if (l_n >= C::kStages) mbarrier_wait(empty + stage, (l_n / C::kStages - 1) & 1);
-    const int j0 = ls.lo + l_t * KV;
-    constexpr int kStep = 128 / kChunks;
-    const int tid = (int)opaque(threadIdx.x);
-    const int ch = tid % kChunks, row0 = wg * (KV / 2) + (int)opaque((tid % 128) / kChunks);
-    const long long slot_stride = ((long long)opaque((unsigned)(kv_stride_slot >> 32)) << 32) |
-                                  opaque((unsigned)kv_stride_slot);
-    const long long base = l_head_off + (PAGED ? 0 : (long long)l_kv_off * slot_stride);
-    unsigned char* st = smem + C::kQBytes + stage * C::kStageBytes;
+    // K/V tile t: this warpgroup's half of its rows (lo + t*KV ..; zeros past hi) into stage
+    // (gt + t) % kStages, once every warp has released the stage's previous tile. Paged: the page
+    // numbers of a tile's rows are loaded one tile ahead (load_pages), so no copy waits on them.
+    constexpr int kStep = 128 / kChunks, kPasses = KV / 2 / kStep;
+    int pid[PAGED ? kPasses : 1];
+    auto load_pages = [&](int t) {
+      if (!PAGED || t >= n_tiles) return;
+      const int row0 = wg * (KV / 2) + (int)opaque((tid % 128) / kChunks);
 #pragma unroll
-    for (int i = 0; i < KV / 2 / kStep; ++i) {
-      const int row = row0 + i * kStep, j = j0 + row;
-      const bool ok = j < ls.hi;
-      long long off = base;
-      if (ok) {
-        if (PAGED) {
-          const unsigned pg = page_div.quot(j);
-          off += (long long)page_indices[l_kv_off + pg] * kv_stride_page + (long long)(j - pg * page_size) * slot_stride;
-        } else {
-          off += (long long)j * slot_stride;
+      for (int i = 0; i < kPasses; ++i) {
+        const int j = lo + t * KV + row0 + i * kStep;
+        pid[PAGED ? i : 0] = j < hi ? page_indices[kv_off + page_div.quot(j)] : 0;
+      }
+    };
+    auto issue = [&](int t) {
+      if (t >= n_tiles) return;
+      const unsigned n = gt + t, stage = n % C::kStages;
+      if (n >= C::kStages) mbarrier_wait(empty + stage, (n / C::kStages - 1) & 1);
+      const int j0 = lo + t * KV;
+      const int ch = tid % kChunks, row0 = wg * (KV / 2) + (int)opaque((tid % 128) / kChunks);
+      const long long slot_stride = ((long long)opaque((unsigned)(kv_stride_slot >> 32)) << 32) |
+                                    opaque((unsigned)kv_stride_slot);
+      unsigned char* st = smem + C::kQBytes + stage * C::kStageBytes;
+#pragma unroll
+      for (int i = 0; i < kPasses; ++i) {
+        const int row = row0 + i * kStep, j = j0 + row;
+        const bool ok = j < hi;
+        long long off = 0;
+        if (ok) {
+          if (PAGED) {
+            const unsigned pg = page_div.quot(j);
+            off = (long long)pid[PAGED ? i : 0] * kv_stride_page + (long long)(j - pg * page_size) * slot_stride;
+          } else {
+            off = (long long)j * slot_stride;
+          }
         }
+        const unsigned so = sw128_offset<KV>(row, ch);
+        cp_async<16>(st + so, k_req + off + ch * 8, ok);
+        cp_async<16>(st + C::kTileBytes + so, v_req + off + ch * 8, ok);
       }
-      const unsigned so = sw128_offset<KV>(row, ch);
-      cp_async<16>(st + so, k_base + off + ch * 8, ok);
-      cp_async<16>(st + C::kTileBytes + so, v_base + off + ch * 8, ok);
-    }
-    cp_async_arrive_noinc(full + stage);
-    ++l_n;
-    if (++l_t == ls.n_tiles) {
-      l_t = 0;
-      l_it += gridDim.x;
-      l_seek();
-    }
-  };
+      cp_async_arrive_noinc(full + stage);
+    };
+    load_pages(0);
+    issue(0);
+    load_pages(1);
+    issue(1);
+    load_pages(2);
 
-  load_q(blockIdx.x);
-  l_seek();
-#pragma unroll
-  for (int i = 0; i < C::kStages - 1; ++i) l_issue();
-
-  unsigned n = 0;  // tiles computed so far (the loader's numbering)
-  int ci = 0;      // items of this CTA so far (q_full's phase)
-  for (int it = blockIdx.x; it < n_items; it += gridDim.x, ++ci) {
-    const int4 ia = items[2 * it], ib = items[2 * it + 1];
-    const Sm90Span sp = sm90_span<KV, C::kRows>(ia, ib, qo_indptr, kv_lens, group_size, causal, window_left);
-    const int req = ia.x, p0 = ia.z;
-    const int qo_len = qo_indptr[req + 1] - qo_indptr[req], kv_len = kv_lens[req];
-    const int packed_len = qo_len * group_size, delta = kv_len - qo_len;
-    const int t_lo = p0 / group_size, t_hi = (min(p0 + C::kRows, packed_len) - 1) / group_size;
     const long long mask_base = masked ? mask_offset[req] * 8 : 0;
-    const int r0 = warp * 16 + g;  // this thread's rows (tile-relative): r0 and r0 + 8
+    // This thread's rows (tile-relative): r0 and r0 + 8.
+    const int r0 = warp * 16 + g;
 
     float o[DB][4];
     float m[2], dsum[2];
@@ -203,17 +171,15 @@ prefill_sm90_kernel(const T* __restrict__ q, long long q_stride_n, long long q_s
     dsum[0] = dsum[1] = 0.f;
 #pragma unroll
     for (int dt = 0; dt < DB; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
-    mbarrier_wait(q_full + wg, ci & 1);
-    if (sp.n_tiles == 0) load_q(it + gridDim.x);  // this item reads no Q: the next one may load
 
-    for (int t = 0; t < sp.n_tiles; ++t, ++n) {
-      const unsigned stage = n % C::kStages;
+    for (int t = 0; t < n_tiles; ++t) {
+      const unsigned n = gt + t, stage = n % C::kStages;
       mbarrier_wait(full + stage, (n / C::kStages) & 1);
       fence_proxy_async();  // the landed copies (generic proxy) visible to wgmma (the async proxy)
       const unsigned q_addr = smem_u32(smem) + wg * 64 * 128;
       const unsigned k_addr = smem_u32(smem) + C::kQBytes + stage * C::kStageBytes;
       const unsigned v_addr = k_addr + C::kTileBytes;
-      const int j0 = sp.lo + t * KV;
+      const int j0 = lo + t * KV;
 
       // S = Q K^T: 64 rows x KV keys a warpgroup.
       float s[NB][4];
@@ -227,11 +193,10 @@ prefill_sm90_kernel(const T* __restrict__ q, long long q_stride_n, long long q_s
         else wgmma_ss<KV, 1, T>(s, da, db);
       }
       wgmma_commit();
-      l_issue();  // while the tensor cores work on S
+      issue(t + 2);  // while the tensor cores work on S
+      load_pages(t + 3);
       wgmma_wait<0>();
       wgmma_hold(s);
-      // The item's last S read this warpgroup's Q: the next item's rows may land there now.
-      if (t == sp.n_tiles - 1) load_q(it + gridDim.x);
 
       if (capped) {
 #pragma unroll
@@ -241,7 +206,7 @@ prefill_sm90_kernel(const T* __restrict__ q, long long q_stride_n, long long q_s
       }
 
       // Element masks only where the tile straddles a bound.
-      const bool edge = j0 + KV > sp.hi || (causal && j0 + KV - 1 > t_lo + delta) ||
+      const bool edge = j0 + KV > hi || (causal && j0 + KV - 1 > t_lo + delta) ||
                         (window_left >= 0 && j0 < t_hi + delta - window_left) || masked;
       if (edge) {
 #pragma unroll
@@ -255,7 +220,7 @@ prefill_sm90_kernel(const T* __restrict__ q, long long q_stride_n, long long q_s
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const int j = j0 + nt * 8 + 2 * c + e;
-              bool ok = j < sp.hi && j <= last && j >= first;
+              bool ok = j < hi && j <= last && j >= first;
               if (masked && ok) {
                 const long long bit = mrow + j;
                 ok = (custom_mask[bit >> 3] >> (bit & 7)) & 1;
@@ -308,11 +273,17 @@ prefill_sm90_kernel(const T* __restrict__ q, long long q_stride_n, long long q_s
       __syncwarp();
       if (lane == 0) mbarrier_arrive_cta(empty + stage);  // this warp is done with the stage
     }
+    gt += n_tiles;
+    if (n_tiles == 0) {  // no full barrier waited on: the warp's Q copies may still be in flight
+      cp_async_wait<0>();
+      __syncwarp();
+    }
 
-    // Epilogue: finish the row sums, normalise, write straight from registers (the Q rows may
-    // already hold the next item's queries): the output rows, or float32 partial rows.
+    // Epilogue: finish the row sums, normalise, write (directly or as a float32 partial row).
+    {
     const int4 ie = items[2 * (int)opaque(it)];
-    const int kv_head = ie.y, prow = ie.w, qo_start = qo_indptr[ie.x];
+    const int kv_head = ie.y, p0 = ie.z, prow = ie.w;
+    const int qo_start = qo_indptr[ie.x], packed_len = (qo_indptr[ie.x + 1] - qo_start) * group_size;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float d = dsum[h];
@@ -321,23 +292,48 @@ prefill_sm90_kernel(const T* __restrict__ q, long long q_stride_n, long long q_s
       const float inv = d > 0.f ? ptx_rcp(d) * v_scale : 0.f;
       const float l = d > 0.f ? (m[h] * scale + __log2f(d)) : neg_inf();
       const int r = r0 + 8 * h, p = p0 + r;
-      if (p >= packed_len) continue;
-      const int ti = p / group_size, head = kv_head * group_size + p - ti * group_size;
-      if (c == 0) {
-        if (prow >= 0) part_lse[prow + r] = l;
-        else if (lse != nullptr) lse[(long long)(qo_start + ti) * num_qo_heads + head] = l;
+#pragma unroll
+      for (int dt = 0; dt < DB; ++dt) {
+        o[dt][2 * h] *= inv;
+        o[dt][2 * h + 1] *= inv;
       }
-      if (prow >= 0) {
+      if (p < packed_len && c == 0) {
+        if (prow >= 0) {
+          part_lse[prow + r] = l;
+        } else if (lse != nullptr) {
+          const int ti = p / group_size;
+          lse[(long long)(qo_start + ti) * num_qo_heads + kv_head * group_size + p - ti * group_size] = l;
+        }
+      }
+      if (prow >= 0 && p < packed_len) {
         float* dst = part_o + (long long)(prow + r) * D + 2 * c;
 #pragma unroll
         for (int dt = 0; dt < DB; ++dt)
-          *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
-      } else {
-        T* dst = out + (long long)(qo_start + ti) * o_stride_n + head * o_stride_h + 2 * c;
+          *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[dt][2 * h], o[dt][2 * h + 1]);
+      }
+    }
+    if (prow < 0) {
+      // Stage this warp's 16 rows in its own Q rows (read by no other warp), then 16-byte stores.
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = r0 + 8 * h;
 #pragma unroll
         for (int dt = 0; dt < DB; ++dt)
-          *reinterpret_cast<unsigned*>(dst + dt * 8) = pack2(T(), o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
+          *reinterpret_cast<unsigned*>(smem + sw128_offset<C::kRows>(r, dt) + 4 * c) =
+              pack2(T(), o[dt][2 * h], o[dt][2 * h + 1]);
       }
+      __syncwarp();
+#pragma unroll
+      for (int i = 0; i < 16 * kChunks / 32; ++i) {
+        const int idx = i * 32 + lane, r = warp * 16 + idx / kChunks, ch = idx % kChunks;
+        const int p = p0 + r;
+        if (p < packed_len) {
+          const int ti = p / group_size, h = kv_head * group_size + p - ti * group_size;
+          *reinterpret_cast<uint4*>(out + (long long)(qo_start + ti) * o_stride_n + h * o_stride_h + ch * 8) =
+              *reinterpret_cast<const uint4*>(smem + sw128_offset<C::kRows>(r, ch));
+        }
+      }
+    }
     }
   }
 }

@@ -78,13 +78,13 @@ def kv_tile(head_dim: int, tile: TileShape) -> int:
 
 def smem_bytes(head_dim: int, tile: TileShape, kv_dtype: dt.DType) -> int:
     """PrefillCfg::kSmemBytes: Q tile, and two 16-bit K/V stages (fp8: one widened, one raw).
-    PrefillSm90Cfg::kSmemBytes: Q tile, three K/V stages, eight mbarriers, and 1 KB to align the
+    PrefillSm90Cfg::kSmemBytes: Q tile, three K/V stages, their six mbarriers, and 1 KB to align the
     tiles to 1024 bytes."""
     kv_tile_ = kv_tile(head_dim, tile)
     q = tile.rows * head_dim * 2
     stage = 2 * kv_tile_ * head_dim * 2
     if tile.sm90:
-        return 1024 + q + 3 * stage + 8 * 8
+        return 1024 + q + 3 * stage + 6 * 8
     return q + stage + (2 * kv_tile_ * head_dim if kv_dtype in FP8 else stage)
 
 
@@ -246,9 +246,9 @@ def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.nda
     offsets (ragged). capacity (CUDA graphs): fixed part sizes, so every device address stays put."""
     batch = qo_indptr.size - 1
     qo_lens = np.diff(qo_indptr)
-    persistent = tile.sm90 or capacity is not None  # else one CTA an item
+    # CUDA graphs keep one persistent grid of num_ctas CTAs (else a CTA an item): deal it in a snake.
     sch = scheduler.prefill_schedule(qo_lens, kv_lens, params.group_size, params.num_kv_heads, tile.rows,
-                                     num_ctas, params.causal, snake=persistent)
+                                     num_ctas, params.causal, snake=capacity is not None)
     counts = np.array([sch.items.shape[0], sch.merges.shape[0], 0, 0], dtype=np.int32)
     idx = page_indices if page_indices is not None else np.zeros(0, np.int32)
     moff = (mask_offsets if mask_offsets is not None else np.zeros(batch, np.int64)).astype(np.int64)
@@ -275,10 +275,8 @@ def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.nda
                          "wrapper")
     n_items, n_merges = int(counts[0]), int(counts[1])
     if capacity is None:
-        # The Hopper kernel is persistent (it streams K/V across its items); the portable one takes an
-        # item a CTA, which the hardware hands out longest first as SMs free up.
-        grid = max(min(n_items, num_ctas) if tile.sm90 else n_items, 1)
-        merge_grid = max(n_merges, 1)
+        # An item a CTA: the hardware hands them out longest first as SMs free up.
+        grid, merge_grid = max(n_items, 1), max(n_merges, 1)
     else:
         grid, merge_grid = capacity["grid"], capacity["merge_grid"]
     used = idx[: kv_indptr[-1]] if page_indices is not None else idx
