@@ -21,6 +21,7 @@
 #include "common/types.cuh"
 #include "common/math.cuh"
 #include "common/softmax.cuh"
+#include "common/prefill_tile.cuh"
 #include "common/async_copy.cuh"
 #include "common/mma.cuh"
 #include "common/rope.cuh"
@@ -132,18 +133,10 @@ prefill_kernel(const T* __restrict__ q, long long q_stride_n, long long q_stride
 
   const int n_items = *num_items;
   for (int it = blockIdx.x; it < n_items; it += gridDim.x) {
-    const int4 ia = items[2 * it], ib = items[2 * it + 1];
-    const int req = ia.x, kv_head = ia.y, p0 = ia.z, prow = ia.w;
-    const int qo_start = qo_indptr[req], qo_len = qo_indptr[req + 1] - qo_start;
-    const int kv_len = kv_lens[req], kv_off = kv_indptr[req];
-    const int packed_len = qo_len * group_size;
-    const int delta = kv_len - qo_len;  // query i sits at key position i + delta
-    const int t_lo = p0 / group_size;
-    const int t_hi = (min(p0 + C::kRows, packed_len) - 1) / group_size;
-    int lo = ib.x, hi = min(ib.y, kv_len);
-    if (causal) hi = min(hi, t_hi + delta + 1);
-    if (window_left >= 0) lo = max(lo, t_lo + delta - window_left);
-    const int n_tiles = hi > lo ? (hi - lo + KV - 1) / KV : 0;
+    const PrefillItem w = PrefillItem::load<C::kRows, KV>(items, it, qo_indptr, kv_indptr, kv_lens, group_size,
+                                                         causal, window_left);
+    const int kv_head = w.kv_head, p0 = w.p0, qo_start = w.qo_start, packed_len = w.packed_len;
+    const int kv_off = w.kv_off, delta = w.delta, lo = w.lo, hi = w.hi, n_tiles = w.n_tiles;
     const long long head_off = (long long)kv_head * kv_stride_head;
     const KVT* k_req = k_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
     const KVT* v_req = v_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
@@ -220,7 +213,7 @@ prefill_kernel(const T* __restrict__ q, long long q_stride_n, long long q_stride
     };
     issue(0);
 
-    const long long mask_base = masked ? mask_offset[req] * 8 : 0;
+    const long long mask_base = masked ? mask_offset[w.req] * 8 : 0;
 
     float o[MT][DT][4];
     float m[MT][2], dsum[MT][2];
@@ -307,83 +300,26 @@ prefill_kernel(const T* __restrict__ q, long long q_stride_n, long long q_stride
         }
       }
 
-      if (capped) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[mt][nt][e] = soft_cap * tanh_inline(s[mt][nt][e] * cap_pre);
-      }
+      if (capped) cap_scores(s, soft_cap, cap_pre);
 
       // Element masks only where the tile straddles a bound.
-      const bool edge = j0 + KV > hi || (causal && j0 + KV - 1 > t_lo + delta) ||
-                        (window_left >= 0 && j0 < t_hi + delta - window_left) || masked;
-      if (edge) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int p = p0 + (warp * MT + mt) * 16 + g + 8 * h;  // rows past the end: clamped
-            const int ti = min(p, packed_len - 1) / group_size, last = causal ? ti + delta : 0x7fffffff;
-            const int first = window_left >= 0 ? ti + delta - window_left : -0x7fffffff;
-            const long long mrow = mask_base + (long long)ti * kv_len;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const int j = j0 + nt * 8 + 2 * c + e;
-                bool ok = j < hi && j <= last && j >= first;
-                if (masked && ok) {
-                  const long long bit = mrow + j;
-                  ok = (custom_mask[bit >> 3] >> (bit & 7)) & 1;
-                }
-                if (!ok) s[mt][nt][2 * h + e] = neg_inf();
-              }
-          }
-      }
+      const bool edge = w.edge<KV>(j0, causal, window_left, masked);
+      if (edge)
+        mask_scores<MT, NT, masked>(s, w, group_size, causal, window_left, mask_base, p0 + warp * MT * 16, j0, g, c,
+                                    custom_mask);
 
       // Online softmax: rows g and g + 8 of each slice, a row spread over the 4 lanes of a quad.
       // New maxima first (rescaling O), then P is made one 16-key step at a time and multiplied into
       // O at once, so the scores die as P is formed (no P array beside S and O in registers).
       float ms[MT][2];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float mx = m[mt][h];
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          ms[mt][h] = mx == neg_inf() ? 0.f : mx * scale;
-          const float alpha = ptx_exp2(m[mt][h] * scale - ms[mt][h]);
-          m[mt][h] = mx;
-          dsum[mt][h] *= alpha;
-#pragma unroll
-          for (int dt = 0; dt < DT; ++dt) {
-            o[mt][dt][2 * h] *= alpha;
-            o[mt][dt][2 * h + 1] *= alpha;
-          }
-        }
-      }
+      softmax_rescale(s, m, dsum, o, ms, scale);
       const unsigned v_row = opaque(smem_u32(vs) + (r7 + ((lane >> 3) & 1) * 8) * (D * 2));
       const unsigned v_col = opaque((((lane >> 4) ^ r7) << 4));
 #pragma unroll
       for (int kk = 0; kk < KV / 16; ++kk) {
         // C fragments of key tiles 2kk, 2kk + 1 -> the A fragment of this k-step (P on the left).
         unsigned pa[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int e2 = 0; e2 < 2; ++e2)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const float x0 = ptx_exp2(fmaf(s[mt][2 * kk + e2][2 * h], scale, -ms[mt][h]));
-              const float x1 = ptx_exp2(fmaf(s[mt][2 * kk + e2][2 * h + 1], scale, -ms[mt][h]));
-              dsum[mt][h] += x0 + x1;
-              pa[mt][e2 * 2 + h] = pack2(T(), x0, x1);
-            }
+        make_p<T>(pa, s, kk, ms, dsum, scale);
 #pragma unroll
         for (int dp = 0; dp < DT / 2; ++dp) {
           unsigned b[4];
@@ -402,64 +338,17 @@ prefill_kernel(const T* __restrict__ q, long long q_stride_n, long long q_stride
     }
 
     // Epilogue: finish the row sums, normalise, write (directly or as a float32 partial row). The
-    // item's fields are read again (L1) rather than held in registers through the KV loop.
+    // item's fields are read again (L1) rather than held in registers through the KV loop; a direct
+    // item's rows are staged in the warp's own Q rows (no other warp reads them).
     {
     const int4 ie = items[2 * (int)opaque(it)];
-    const int kv_head = ie.y, p0 = ie.z, prow = ie.w;
-    const int qo_start = qo_indptr[ie.x], packed_len = (qo_indptr[ie.x + 1] - qo_start) * group_size;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float d = dsum[mt][h];
-        d += __shfl_xor_sync(0xffffffffu, d, 1);
-        d += __shfl_xor_sync(0xffffffffu, d, 2);
-        const float inv = d > 0.f ? ptx_rcp(d) * v_scale : 0.f;
-        const float l = d > 0.f ? (m[mt][h] * scale + __log2f(d)) : neg_inf();
-        const int r = (warp * MT + mt) * 16 + g + 8 * h, p = p0 + r;
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-          o[mt][dt][2 * h] *= inv;
-          o[mt][dt][2 * h + 1] *= inv;
-        }
-        if (p < packed_len && c == 0) {
-          if (prow >= 0) {
-            part_lse[prow + r] = l;
-          } else if (lse != nullptr) {
-            const int ti = p / group_size;
-            lse[(long long)(qo_start + ti) * num_qo_heads + kv_head * group_size + p - ti * group_size] = l;
-          }
-        }
-        if (prow >= 0 && p < packed_len) {
-          float* dst = part_o + (long long)(prow + r) * D + 2 * c;
-#pragma unroll
-          for (int dt = 0; dt < DT; ++dt)
-            *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[mt][dt][2 * h], o[mt][dt][2 * h + 1]);
-        }
-      }
-    if (prow < 0) {
-      // Stage this warp's rows in its own Q rows (no other warp reads them), then 16-byte stores.
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = (warp * MT + mt) * 16 + g + 8 * h;
-#pragma unroll
-          for (int dt = 0; dt < DT; ++dt)
-            *reinterpret_cast<unsigned*>(q_s + swz<D>(r, dt) + 2 * c) = pack2(T(), o[mt][dt][2 * h], o[mt][dt][2 * h + 1]);
-        }
-      __syncwarp();
-#pragma unroll
-      for (int i = 0; i < MT * 16 * kChunks / 32; ++i) {
-        const int idx = i * 32 + lane, r = warp * MT * 16 + idx / kChunks, ch = idx % kChunks;
-        const int p = p0 + r;
-        if (p < packed_len) {
-          const int ti = p / group_size, h = kv_head * group_size + p - ti * group_size;
-          *reinterpret_cast<uint4*>(out + (long long)(qo_start + ti) * o_stride_n + h * o_stride_h + ch * 8) =
-              *reinterpret_cast<const uint4*>(q_s + swz<D>(r, ch));
-        }
-      }
-    }
+    const int qo_start = qo_indptr[ie.x];
+    const RowSink sink = {ie.z, (qo_indptr[ie.x + 1] - qo_start) * group_size, group_size, ie.y, qo_start,
+                          num_qo_heads, ie.w, lse, part_o, part_lse};
+    finish_rows<D>(o, m, dsum, scale, v_scale, warp * MT * 16, g, c, sink);
+    if (sink.prow < 0)
+      store_rows<D>(o, reinterpret_cast<unsigned char*>(q_s), [](int r, int ch) { return 2 * swz<D>(r, ch); },
+                    warp * MT * 16, lane, out, o_stride_n, o_stride_h, sink);
     }
   }
 }

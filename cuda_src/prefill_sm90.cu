@@ -16,11 +16,11 @@
 // other's MMAs. Stages and mbarrier phases follow a tile count that runs on across items.
 #include "common/types.cuh"
 #include "common/math.cuh"
-#include "common/vec.cuh"
 #include "common/async_copy.cuh"
 #include "common/bulk_copy.cuh"
 #include "common/mma.cuh"
 #include "common/wgmma.cuh"
+#include "common/prefill_tile.cuh"
 #include "common/pdl.cuh"
 
 namespace fic {
@@ -83,18 +83,10 @@ prefill_sm90_kernel(const T* __restrict__ q, long long q_stride_n, long long q_s
 
   const int n_items = *num_items;
   for (int it = blockIdx.x; it < n_items; it += gridDim.x) {
-    const int4 ia = items[2 * it], ib = items[2 * it + 1];
-    const int req = ia.x, kv_head = ia.y, p0 = ia.z;
-    const int qo_start = qo_indptr[req], qo_len = qo_indptr[req + 1] - qo_start;
-    const int kv_len = kv_lens[req], kv_off = kv_indptr[req];
-    const int packed_len = qo_len * group_size;
-    const int delta = kv_len - qo_len;  // query i sits at key position i + delta
-    const int t_lo = p0 / group_size;
-    const int t_hi = (min(p0 + C::kRows, packed_len) - 1) / group_size;
-    int lo = ib.x, hi = min(ib.y, kv_len);
-    if (causal) hi = min(hi, t_hi + delta + 1);
-    if (window_left >= 0) lo = max(lo, t_lo + delta - window_left);
-    const int n_tiles = hi > lo ? (hi - lo + KV - 1) / KV : 0;
+    const PrefillItem w = PrefillItem::load<C::kRows, KV>(items, it, qo_indptr, kv_indptr, kv_lens, group_size,
+                                                         causal, window_left);
+    const int kv_head = w.kv_head, p0 = w.p0, qo_start = w.qo_start, packed_len = w.packed_len;
+    const int kv_off = w.kv_off, lo = w.lo, hi = w.hi, n_tiles = w.n_tiles;
     const long long head_off = (long long)kv_head * kv_stride_head;
     const T* k_req = k_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
     const T* v_req = v_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
@@ -161,16 +153,15 @@ prefill_sm90_kernel(const T* __restrict__ q, long long q_stride_n, long long q_s
     issue(1);
     load_pages(2);
 
-    const long long mask_base = masked ? mask_offset[req] * 8 : 0;
-    // This thread's rows (tile-relative): r0 and r0 + 8.
-    const int r0 = warp * 16 + g;
+    const long long mask_base = masked ? mask_offset[w.req] * 8 : 0;
 
-    float o[DB][4];
-    float m[2], dsum[2];
-    m[0] = m[1] = neg_inf();
-    dsum[0] = dsum[1] = 0.f;
+    // One 16-row slice a warp (MT = 1 in common/prefill_tile.cuh's terms).
+    float o[1][DB][4];
+    float m[1][2], dsum[1][2];
+    m[0][0] = m[0][1] = neg_inf();
+    dsum[0][0] = dsum[0][1] = 0.f;
 #pragma unroll
-    for (int dt = 0; dt < DB; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+    for (int dt = 0; dt < DB; ++dt) o[0][dt][0] = o[0][dt][1] = o[0][dt][2] = o[0][dt][3] = 0.f;
 
     for (int t = 0; t < n_tiles; ++t) {
       const unsigned n = gt + t, stage = n % C::kStages;
@@ -182,94 +173,42 @@ prefill_sm90_kernel(const T* __restrict__ q, long long q_stride_n, long long q_s
       const int j0 = lo + t * KV;
 
       // S = Q K^T: 64 rows x KV keys a warpgroup.
-      float s[NB][4];
+      float s[1][NB][4];
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < KS; ++kk) {
         const unsigned koff = (kk & 3) * 32;  // 16 columns = 32 bytes into the slab
         const unsigned long long da = wgmma_desc(q_addr + (kk >> 2) * (C::kRows * 128) + koff, 0, 1024);
         const unsigned long long db = wgmma_desc(k_addr + (kk >> 2) * (KV * 128) + koff, 0, 1024);
-        if (kk == 0) wgmma_ss<KV, 0, T>(s, da, db);
-        else wgmma_ss<KV, 1, T>(s, da, db);
+        if (kk == 0) wgmma_ss<KV, 0, T>(s[0], da, db);
+        else wgmma_ss<KV, 1, T>(s[0], da, db);
       }
       wgmma_commit();
       issue(t + 2);  // while the tensor cores work on S
       load_pages(t + 3);
       wgmma_wait<0>();
-      wgmma_hold(s);
+      wgmma_hold(s[0]);
 
-      if (capped) {
-#pragma unroll
-        for (int nt = 0; nt < NB; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[nt][e] = soft_cap * tanh_inline(s[nt][e] * cap_pre);
-      }
-
+      if (capped) cap_scores(s, soft_cap, cap_pre);
       // Element masks only where the tile straddles a bound.
-      const bool edge = j0 + KV > hi || (causal && j0 + KV - 1 > t_lo + delta) ||
-                        (window_left >= 0 && j0 < t_hi + delta - window_left) || masked;
-      if (edge) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int p = p0 + r0 + 8 * h;  // rows past the end: clamped
-          const int ti = min(p, packed_len - 1) / group_size, last = causal ? ti + delta : 0x7fffffff;
-          const int first = window_left >= 0 ? ti + delta - window_left : -0x7fffffff;
-          const long long mrow = mask_base + (long long)ti * kv_len;
-#pragma unroll
-          for (int nt = 0; nt < NB; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int j = j0 + nt * 8 + 2 * c + e;
-              bool ok = j < hi && j <= last && j >= first;
-              if (masked && ok) {
-                const long long bit = mrow + j;
-                ok = (custom_mask[bit >> 3] >> (bit & 7)) & 1;
-              }
-              if (!ok) s[nt][2 * h + e] = neg_inf();
-            }
-        }
-      }
+      const bool edge = w.edge<KV>(j0, causal, window_left, masked);
+      if (edge) mask_scores<1, NB, masked>(s, w, group_size, causal, window_left, mask_base, p0 + warp * 16, j0, g, c,
+                                           custom_mask);
 
-      // Online softmax: rows g and g + 8 of the warp's slice, a row over the 4 lanes of a quad.
-      float ms[2];
+      // Online softmax, then P as the A fragments of the KV / 16 k steps of O += P V.
+      float ms[1][2];
+      softmax_rescale(s, m, dsum, o, ms, scale);
+      unsigned pa[KV / 16][1][4];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float mx = m[h];
-#pragma unroll
-        for (int nt = 0; nt < NB; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        ms[h] = mx == neg_inf() ? 0.f : mx * scale;
-        const float alpha = ptx_exp2(m[h] * scale - ms[h]);
-        m[h] = mx;
-        dsum[h] *= alpha;
-#pragma unroll
-        for (int dt = 0; dt < DB; ++dt) {
-          o[dt][2 * h] *= alpha;
-          o[dt][2 * h + 1] *= alpha;
-        }
-      }
-      // P as the A fragments of the KV / 16 k steps of O += P V.
-      unsigned pa[KV / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < KV / 16; ++kk)
-#pragma unroll
-        for (int e2 = 0; e2 < 2; ++e2)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float x0 = ptx_exp2(fmaf(s[2 * kk + e2][2 * h], scale, -ms[h]));
-            const float x1 = ptx_exp2(fmaf(s[2 * kk + e2][2 * h + 1], scale, -ms[h]));
-            dsum[h] += x0 + x1;
-            pa[kk][e2 * 2 + h] = pack2(T(), x0, x1);
-          }
-      wgmma_hold(o);
+      for (int kk = 0; kk < KV / 16; ++kk) make_p<T>(pa[kk], s, kk, ms, dsum, scale);
+      wgmma_hold(o[0]);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < KV / 16; ++kk)
-        wgmma_rs_t<D, T>(o, pa[kk], wgmma_desc(v_addr + kk * 2048, KV * 128, 1024));
+        wgmma_rs_t<D, T>(o[0], pa[kk][0], wgmma_desc(v_addr + kk * 2048, KV * 128, 1024));
       wgmma_commit();
       wgmma_wait<0>();
-      wgmma_hold(o);
+      wgmma_hold(o[0]);
       __syncwarp();
       if (lane == 0) mbarrier_arrive_cta(empty + stage);  // this warp is done with the stage
     }
@@ -279,62 +218,15 @@ prefill_sm90_kernel(const T* __restrict__ q, long long q_stride_n, long long q_s
       __syncwarp();
     }
 
-    // Epilogue: finish the row sums, normalise, write (directly or as a float32 partial row).
-    {
+    // Epilogue: finish the row sums, normalise, write (directly, staged in the warp's own Q rows, or
+    // as float32 partial rows).
     const int4 ie = items[2 * (int)opaque(it)];
-    const int kv_head = ie.y, p0 = ie.z, prow = ie.w;
-    const int qo_start = qo_indptr[ie.x], packed_len = (qo_indptr[ie.x + 1] - qo_start) * group_size;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float d = dsum[h];
-      d += __shfl_xor_sync(0xffffffffu, d, 1);
-      d += __shfl_xor_sync(0xffffffffu, d, 2);
-      const float inv = d > 0.f ? ptx_rcp(d) * v_scale : 0.f;
-      const float l = d > 0.f ? (m[h] * scale + __log2f(d)) : neg_inf();
-      const int r = r0 + 8 * h, p = p0 + r;
-#pragma unroll
-      for (int dt = 0; dt < DB; ++dt) {
-        o[dt][2 * h] *= inv;
-        o[dt][2 * h + 1] *= inv;
-      }
-      if (p < packed_len && c == 0) {
-        if (prow >= 0) {
-          part_lse[prow + r] = l;
-        } else if (lse != nullptr) {
-          const int ti = p / group_size;
-          lse[(long long)(qo_start + ti) * num_qo_heads + kv_head * group_size + p - ti * group_size] = l;
-        }
-      }
-      if (prow >= 0 && p < packed_len) {
-        float* dst = part_o + (long long)(prow + r) * D + 2 * c;
-#pragma unroll
-        for (int dt = 0; dt < DB; ++dt)
-          *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[dt][2 * h], o[dt][2 * h + 1]);
-      }
-    }
-    if (prow < 0) {
-      // Stage this warp's 16 rows in its own Q rows (read by no other warp), then 16-byte stores.
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = r0 + 8 * h;
-#pragma unroll
-        for (int dt = 0; dt < DB; ++dt)
-          *reinterpret_cast<unsigned*>(smem + sw128_offset<C::kRows>(r, dt) + 4 * c) =
-              pack2(T(), o[dt][2 * h], o[dt][2 * h + 1]);
-      }
-      __syncwarp();
-#pragma unroll
-      for (int i = 0; i < 16 * kChunks / 32; ++i) {
-        const int idx = i * 32 + lane, r = warp * 16 + idx / kChunks, ch = idx % kChunks;
-        const int p = p0 + r;
-        if (p < packed_len) {
-          const int ti = p / group_size, h = kv_head * group_size + p - ti * group_size;
-          *reinterpret_cast<uint4*>(out + (long long)(qo_start + ti) * o_stride_n + h * o_stride_h + ch * 8) =
-              *reinterpret_cast<const uint4*>(smem + sw128_offset<C::kRows>(r, ch));
-        }
-      }
-    }
-    }
+    const RowSink sink = {ie.z, packed_len, group_size, ie.y, qo_indptr[ie.x], num_qo_heads, ie.w, lse, part_o,
+                          part_lse};
+    finish_rows<D>(o, m, dsum, scale, v_scale, warp * 16, g, c, sink);
+    if (sink.prow < 0)
+      store_rows<D>(o, smem, [](int r, int ch) { return sw128_offset<C::kRows>(r, ch); }, warp * 16, lane, out,
+                    o_stride_n, o_stride_h, sink);
   }
 }
 

@@ -121,3 +121,21 @@ def test_every_prefill_instantiation_compiles_without_spills(arch):
     assert len(mains) == len(prefill.all_programs())
     spills = {k: v for k, v in usage.items() if v["spill_stores"] or v["spill_loads"]}
     assert not spills, f"prefill kernels spilling to local memory on {arch}: {spills}"
+
+
+def test_every_hopper_prefill_instantiation_compiles_without_spills():
+    """The wgmma prefill kernel (backend "fa3"): every variant for sm_90a, no spills."""
+    from fi_cupy import prefill
+    progs = prefill.sm90_programs()
+    groups = {}
+    for p in progs:
+        groups.setdefault(p.kernels[0].targs[:2], []).extend(k.name_expr for k in p.kernels)
+    jobs = [tuple(dict.fromkeys(v)) for v in groups.values()]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as ex:
+        results = list(ex.map(lambda names: cc.compile_program("prefill_sm90.cu", names, "sm_90a"), jobs))
+    usage = {}
+    for r in results:
+        usage.update(cc.resource_usage(r.log))
+    assert len(usage) == len(progs)
+    spills = {k: v for k, v in usage.items() if v["spill_stores"] or v["spill_loads"]}
+    assert not spills, f"Hopper prefill kernels spilling to local memory: {spills}"

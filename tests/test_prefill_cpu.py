@@ -56,6 +56,8 @@ def test_tiles_and_shared_memory():
         for t in prefill.tile_shapes(d):
             for kv in (dt.bfloat16, dt.float8_e4m3fn):
                 assert prefill.smem_bytes(d, t, kv) <= 163 * 1024  # fits an sm_80 CTA
+    for d in prefill.SM90_HEAD_DIMS:
+        assert prefill.smem_bytes(d, prefill.SM90_TILE, dt.bfloat16) <= 227 * 1024  # fits an sm_90 CTA
     assert prefill.pick_tile(128, 64).rows == 64 and prefill.pick_tile(128, 65).rows == 128
     assert prefill.pick_tile(128, 4096, prefill.SOFT_CAP).rows == 64  # large tile + tanh would spill
     assert prefill.pick_tile(128, 4096, prefill.CUSTOM_MASK).rows == 64

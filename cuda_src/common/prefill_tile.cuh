@@ -1,0 +1,225 @@
+// Score-tile steps shared by the prefill kernels (cuda_src/prefill.cu on mma.sync, prefill_sm90.cu on
+// wgmma). A warp holds MT slices of 16 query rows; both accumulators have the m16n8 layout: lane
+// (g = lane / 4, c = lane % 4) holds rows g and g + 8 of a slice, columns 8n + 2c and 8n + 2c + 1 of
+// block n. Scores are in base 2 after `scale`; packed row p is query token p / group_size, head
+// kv_head * group_size + p % group_size (prefill.cu's header).
+#pragma once
+#include "math.cuh"
+#include "vec.cuh"
+
+namespace fic {
+
+// A work item (fi_cupy/scheduler.py): {request, KV head, first packed row, partial row or -1}, {KV
+// begin, KV end, -, -}, with its request's geometry and the KV range it visits: [lo, hi) after the
+// causal and window bounds of its ROWS packed rows, in n_tiles tiles of KV keys.
+struct PrefillItem {
+  int req, kv_head, p0, qo_start, packed_len, kv_len, kv_off;
+  int delta;       // kv_len - qo_len: query i sits at key position i + delta
+  int t_lo, t_hi;  // the first and last query token of the rows
+  int lo, hi, n_tiles;
+
+  template <int ROWS, int KV>
+  __device__ __forceinline__ static PrefillItem load(const int4* items, int it, const int* qo_indptr,
+                                                     const int* kv_indptr, const int* kv_lens, int group_size,
+                                                     int causal, int window_left) {
+    const int4 ia = items[2 * it], ib = items[2 * it + 1];
+    PrefillItem w;
+    w.req = ia.x;
+    w.kv_head = ia.y;
+    w.p0 = ia.z;
+    w.qo_start = qo_indptr[w.req];
+    const int qo_len = qo_indptr[w.req + 1] - w.qo_start;
+    w.kv_len = kv_lens[w.req];
+    w.kv_off = kv_indptr[w.req];
+    w.packed_len = qo_len * group_size;
+    w.delta = w.kv_len - qo_len;
+    w.t_lo = w.p0 / group_size;
+    w.t_hi = (min(w.p0 + ROWS, w.packed_len) - 1) / group_size;
+    w.lo = ib.x;
+    w.hi = min(ib.y, w.kv_len);
+    if (causal) w.hi = min(w.hi, w.t_hi + w.delta + 1);
+    if (window_left >= 0) w.lo = max(w.lo, w.t_lo + w.delta - window_left);
+    w.n_tiles = w.hi > w.lo ? (w.hi - w.lo + KV - 1) / KV : 0;
+    return w;
+  }
+
+  // Whether the tile of KV keys from j0 straddles a bound: only those take element masks.
+  template <int KV>
+  __device__ __forceinline__ bool edge(int j0, int causal, int window_left, bool masked) const {
+    return j0 + KV > hi || (causal && j0 + KV - 1 > t_lo + delta) ||
+           (window_left >= 0 && j0 < t_hi + delta - window_left) || masked;
+  }
+};
+
+// Logits soft cap: s = cap * tanh(s * sm_scale / cap) (cap_pre = sm_scale / cap).
+template <int MT, int NT>
+__device__ __forceinline__ void cap_scores(float (&s)[MT][NT][4], float soft_cap, float cap_pre) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[mt][nt][e] = soft_cap * tanh_inline(s[mt][nt][e] * cap_pre);
+}
+
+// -inf where a score is masked: key j of the tile (j0 + 8n + 2c + e) past the item's hi, after the
+// query's causal position, before its window, or cleared in the custom mask (the request's bits from
+// mask_base). p_first: the packed row of the warp's first slice.
+template <int MT, int NT, bool MASKED>
+__device__ __forceinline__ void mask_scores(float (&s)[MT][NT][4], const PrefillItem& b, int group_size, int causal,
+                                            int window_left, long long mask_base, int p_first, int j0, int g, int c,
+                                            const unsigned char* custom_mask) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int p = p_first + mt * 16 + g + 8 * h;  // rows past the end: clamped
+      const int ti = min(p, b.packed_len - 1) / group_size, last = causal ? ti + b.delta : 0x7fffffff;
+      const int first = window_left >= 0 ? ti + b.delta - window_left : -0x7fffffff;
+      const long long mrow = mask_base + (long long)ti * b.kv_len;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = j0 + nt * 8 + 2 * c + e;
+          bool ok = j < b.hi && j <= last && j >= first;
+          if (MASKED && ok) {
+            const long long bit = mrow + j;
+            ok = (custom_mask[bit >> 3] >> (bit & 7)) & 1;
+          }
+          if (!ok) s[mt][nt][2 * h + e] = neg_inf();
+        }
+    }
+}
+
+// Online softmax, first half: the rows' new maxima m (over the quad's 4 lanes), sums and O rescaled
+// to them; ms = the scaled maxima that P is taken against (0 for a row that saw nothing yet).
+template <int MT, int NT, int DT>
+__device__ __forceinline__ void softmax_rescale(const float (&s)[MT][NT][4], float (&m)[MT][2],
+                                                float (&dsum)[MT][2], float (&o)[MT][DT][4], float (&ms)[MT][2],
+                                                float scale) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = m[mt][h];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      ms[mt][h] = mx == neg_inf() ? 0.f : mx * scale;
+      const float alpha = ptx_exp2(m[mt][h] * scale - ms[mt][h]);
+      m[mt][h] = mx;
+      dsum[mt][h] *= alpha;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        o[mt][dt][2 * h] *= alpha;
+        o[mt][dt][2 * h + 1] *= alpha;
+      }
+    }
+  }
+}
+
+// Online softmax, second half for one 16-key step kk: P = exp2(s * scale - ms) of key blocks 2kk and
+// 2kk + 1, added to the row sums and packed as the m16n8k16 A fragment (P on the left of P V).
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void make_p(unsigned (&pa)[MT][4], const float (&s)[MT][NT][4], int kk,
+                                       const float (&ms)[MT][2], float (&dsum)[MT][2], float scale) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float x0 = ptx_exp2(fmaf(s[mt][2 * kk + e2][2 * h], scale, -ms[mt][h]));
+        const float x1 = ptx_exp2(fmaf(s[mt][2 * kk + e2][2 * h + 1], scale, -ms[mt][h]));
+        dsum[mt][h] += x0 + x1;
+        pa[mt][e2 * 2 + h] = pack2(T(), x0, x1);
+      }
+}
+
+// Where the finished rows go: the output (prow < 0) or float32 partial rows from prow on.
+struct RowSink {
+  int p0;          // the tile's first packed row
+  int packed_len;
+  int group_size;
+  int kv_head;
+  int qo_start;    // the request's first query token
+  int num_qo_heads;
+  int prow;        // first partial row, or -1
+  float* lse;      // the output lse (may be null)
+  float* part_o;
+  float* part_lse;
+};
+
+// Epilogue, first half: the row sums over the quad, O normalised (times v_scale), lse in base 2
+// (-inf for a row that saw no key: o = 0 then) to the output or the partial rows, and partial O
+// rows. The caller then writes a direct item's O rows (staged through shared memory).
+template <int D, int MT, int DT>
+__device__ __forceinline__ void finish_rows(float (&o)[MT][DT][4], const float (&m)[MT][2], const float (&dsum)[MT][2],
+                                            float scale, float v_scale, int r_first, int g, int c,
+                                            const RowSink& k) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float d = dsum[mt][h];
+      d += __shfl_xor_sync(0xffffffffu, d, 1);
+      d += __shfl_xor_sync(0xffffffffu, d, 2);
+      const float inv = d > 0.f ? ptx_rcp(d) * v_scale : 0.f;
+      const float l = d > 0.f ? (m[mt][h] * scale + __log2f(d)) : neg_inf();
+      const int r = r_first + mt * 16 + g + 8 * h, p = k.p0 + r;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        o[mt][dt][2 * h] *= inv;
+        o[mt][dt][2 * h + 1] *= inv;
+      }
+      if (p < k.packed_len && c == 0) {
+        if (k.prow >= 0) {
+          k.part_lse[k.prow + r] = l;
+        } else if (k.lse != nullptr) {
+          const int ti = p / k.group_size;
+          k.lse[(long long)(k.qo_start + ti) * k.num_qo_heads + k.kv_head * k.group_size + p - ti * k.group_size] = l;
+        }
+      }
+      if (k.prow >= 0 && p < k.packed_len) {
+        float* dst = k.part_o + (long long)(k.prow + r) * D + 2 * c;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+          *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[mt][dt][2 * h], o[mt][dt][2 * h + 1]);
+      }
+    }
+}
+
+// Epilogue, second half (direct items): the warp's MT x 16 rows staged as 16-bit values in its own
+// rows of a shared tile (offset(row, chunk): byte offset of 16-byte chunk `chunk` of a row, in the
+// kernel's swizzle), then written out in 16-byte stores.
+template <int D, int MT, int DT, typename T, typename Offset>
+__device__ __forceinline__ void store_rows(const float (&o)[MT][DT][4], unsigned char* tile, Offset offset,
+                                           int r_first, int lane, T* out, long long o_stride_n, long long o_stride_h,
+                                           const RowSink& k) {
+  constexpr int kChunks = D / 8;
+  const int g = lane / 4, c = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = r_first + mt * 16 + g + 8 * h;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt)
+        *reinterpret_cast<unsigned*>(tile + offset(r, dt) + 4 * c) = pack2(T(), o[mt][dt][2 * h], o[mt][dt][2 * h + 1]);
+    }
+  __syncwarp();
+#pragma unroll
+  for (int i = 0; i < MT * 16 * kChunks / 32; ++i) {
+    const int idx = i * 32 + lane, r = r_first + idx / kChunks, ch = idx % kChunks;
+    const int p = k.p0 + r;
+    if (p < k.packed_len) {
+      const int ti = p / k.group_size, h = k.kv_head * k.group_size + p - ti * k.group_size;
+      *reinterpret_cast<uint4*>(out + (long long)(k.qo_start + ti) * o_stride_n + h * o_stride_h + ch * 8) =
+          *reinterpret_cast<const uint4*>(tile + offset(r, ch));
+    }
+  }
+}
+
+}  // namespace fic
