@@ -90,10 +90,6 @@ __device__ __forceinline__ void rope_pair(uint4& lo, uint4& hi, const float (&fr
   hi = make_uint4(pack2(T(), b[0], b[1]), pack2(T(), b[2], b[3]), pack2(T(), b[4], b[5]), pack2(T(), b[6], b[7]));
 }
 
-// Variant flags (template): logits soft cap, packed custom mask. Each costs registers and code in the
-// inner loop, so kernels without them do not carry them.
-constexpr int kSoftCap = 1, kCustomMask = 2;
-
 template <int D, int MT, int WARPS, typename T, typename KVT, bool PAGED, bool ROPE, int FLAGS>
 __global__ void __launch_bounds__(WARPS * 32, PrefillCfg<D, MT, WARPS, KVT>::kMinBlocks)
 prefill_kernel(const T* __restrict__ q, long long q_stride_n, long long q_stride_h,

@@ -12,8 +12,8 @@
 //
 // No CTA-wide barrier in the loop: each stage has a "full" mbarrier (every thread's copies into it
 // landed: cp.async arrivals) and an "empty" one (all 8 warps done reading it), and each warp loads
-// and stages its own Q rows. So the two warpgroups drift apart and one's softmax overlaps the
-// other's MMAs. Stages and mbarrier phases follow a tile count that runs on across items.
+// and stages its own Q rows, so the two warpgroups only wait for each other over a stage. Stages and
+// mbarrier phases follow a tile count that runs on across items.
 #include "common/types.cuh"
 #include "common/math.cuh"
 #include "common/async_copy.cuh"
@@ -37,10 +37,9 @@ struct PrefillSm90Cfg {
   static constexpr int kStageBytes = 2 * kTileBytes;
   // Q | stages | full[kStages], empty[kStages] mbarriers; + slack to align the tiles to 1024 bytes.
   static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
-  static constexpr int kSmemBytes = 1024 + kBarOffset + 2 * kStages * 8;
+  static constexpr int kSmemBytes = 1024 + kBarOffset + 2 * kStages * 8;  // fi_cupy/prefill.py smem_bytes
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA may have");
 };
-
-constexpr int kSm90SoftCap = 1, kSm90CustomMask = 2;  // as prefill.cu's kSoftCap, kCustomMask
 
 template <int D, typename T, bool PAGED, int FLAGS>
 __global__ void __launch_bounds__(256, 1)
@@ -65,7 +64,7 @@ prefill_sm90_kernel(const T* __restrict__ q, long long q_stride_n, long long q_s
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
   const int g = lane / 4, c = lane % 4;
   const FastDiv page_div = {page_size, page_div_mul, page_div_shift};
-  constexpr bool capped = (FLAGS & kSm90SoftCap) != 0, masked = (FLAGS & kSm90CustomMask) != 0;
+  constexpr bool capped = (FLAGS & kSoftCap) != 0, masked = (FLAGS & kCustomMask) != 0;
   const float scale = capped ? FIC_LOG2E : sm_scale * FIC_LOG2E;
   const float cap_pre = capped ? sm_scale * ptx_rcp(soft_cap) : 0.f;
 
@@ -180,8 +179,7 @@ prefill_sm90_kernel(const T* __restrict__ q, long long q_stride_n, long long q_s
         const unsigned koff = (kk & 3) * 32;  // 16 columns = 32 bytes into the slab
         const unsigned long long da = wgmma_desc(q_addr + (kk >> 2) * (C::kRows * 128) + koff, 0, 1024);
         const unsigned long long db = wgmma_desc(k_addr + (kk >> 2) * (KV * 128) + koff, 0, 1024);
-        if (kk == 0) wgmma_ss<KV, 0, T>(s[0], da, db);
-        else wgmma_ss<KV, 1, T>(s[0], da, db);
+        wgmma_ss<KV, T>(s[0], da, db, kk > 0);
       }
       wgmma_commit();
       issue(t + 2);  // while the tensor cores work on S

@@ -28,7 +28,7 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 Q_DTYPES = (dt.float16, dt.bfloat16)
 FP8 = (dt.float8_e4m3fn, dt.float8_e5m2)
 POS_ENCODINGS = ("NONE", "ROPE_LLAMA")
-SOFT_CAP, CUSTOM_MASK = 1, 2  # variant flags (cuda_src/prefill.cu kSoftCap, kCustomMask)
+SOFT_CAP, CUSTOM_MASK = 1, 2  # variant flags (cuda_src/common/prefill_tile.cuh kSoftCap, kCustomMask)
 _ALIGN = 256
 
 

@@ -165,11 +165,10 @@ def prefill_schedule(qo_lens, kv_lens, group: int, num_kv_heads: int, rows: int,
                 prow += n_chunks * rows
     it = np.array(items, dtype=np.int32).reshape(-1, 8)
     order = np.argsort(-np.asarray(cost, dtype=np.int64), kind="stable")
-    if not snake:
-        return PrefillSchedule(it[order], np.array(merges, dtype=np.int32).reshape(-1, 8), prow)
-    rank = np.arange(order.size)
-    rnd, pos = rank // num_ctas, rank % num_ctas
-    reverse = (rnd % 2 == 1) & (rnd < order.size // num_ctas)  # a last partial round stays in order
-    dealt = np.empty_like(order)
-    dealt[rnd * num_ctas + np.where(reverse, num_ctas - 1 - pos, pos)] = order
-    return PrefillSchedule(it[dealt], np.array(merges, dtype=np.int32).reshape(-1, 8), prow)
+    if snake:
+        rnd, pos = np.divmod(np.arange(order.size), num_ctas)
+        reverse = (rnd % 2 == 1) & (rnd < order.size // num_ctas)  # a last partial round stays in order
+        dealt = np.empty_like(order)
+        dealt[rnd * num_ctas + np.where(reverse, num_ctas - 1 - pos, pos)] = order
+        order = dealt
+    return PrefillSchedule(it[order], np.array(merges, dtype=np.int32).reshape(-1, 8), prow)

@@ -9,6 +9,10 @@
 
 namespace fic {
 
+// Variant flags (template argument FLAGS of both kernels): logits soft cap, packed custom mask. Each
+// costs registers and code in the inner loop, so kernels without them do not carry them.
+constexpr int kSoftCap = 1, kCustomMask = 2;
+
 // A work item (fi_cupy/scheduler.py): {request, KV head, first packed row, partial row or -1}, {KV
 // begin, KV end, -, -}, with its request's geometry and the KV range it visits: [lo, hi) after the
 // causal and window bounds of its ROWS packed rows, in n_tiles tiles of KV keys.
