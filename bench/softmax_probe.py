@@ -1,7 +1,7 @@
 """Experiment: the ring softmax at several shapes (CTAs a cluster, CTAs an SM) against the one
 sampling.softmax_ring_shape picks and torch.softmax, as % of the copy bandwidth (one read and one
 write of the rows). Prints the clusters each shape keeps resident.
-  python bench/softmax_probe.py [--shapes C@M,...]"""
+  python bench/softmax_probe.py [--shapes C@M,...] [--cases VOCABxBATCH,...]"""
 import argparse
 import sys
 
@@ -15,6 +15,8 @@ from fi_cupy._core import kernels  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--shapes", default="3@1,4@1,5@1,8@1,6@2,7@2,8@2", help="forced (cluster)@(CTAs an SM) shapes")
+ap.add_argument("--cases", default="128256x128,128256x512,128256x256,128256x64,128256x32,128256x1,"
+                "151936x128,32000x512,256000x128", help="vocab x batch")
 args = ap.parse_args()
 forced = [tuple(int(v) for v in s.split("@")) for s in args.shapes.split(",") if s]
 
@@ -27,8 +29,7 @@ for per_sm in (1, 2):
     print(f"{per_sm} CTA(s) an SM, {smem} B: resident clusters of 1..16 CTAs",
           [fn.max_active_clusters(c, block, smem) for c in range(1, 17)], flush=True)
 
-for vocab, batch in [(128256, 128), (128256, 512), (128256, 256), (128256, 64), (128256, 32), (128256, 1),
-                     (151936, 128), (32000, 512), (256000, 128)]:
+for vocab, batch in [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]:
     x = torch.randn((batch, vocab), device="cuda") * 3
     ideal = 2 * x.numel() * 4 / bw
     ref = torch.softmax(x, -1)

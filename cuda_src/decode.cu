@@ -525,20 +525,27 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
 }
 
 // Merge the partial states of each (request, head block) cut over several CTAs: for each head,
-// out = sum_r 2^lse_r o_r / sum_r 2^lse_r over the pair's rows merge_indptr[p] .. merge_indptr[p + 1].
-// Grid (pairs, GB); pairs with fewer than two rows were written directly and exit. The 128 threads
-// are (row group, 8-dim chunk): every row group sums its rows with U loads in flight, so a merge of
-// tens of rows takes a few memory round trips.
+// out = sum_r 2^lse_r o_r / sum_r 2^lse_r over rows merge_indptr[i] .. merge_indptr[i + 1] of the
+// cut pair merge_pairs[i]. Grid (cut pairs, GB): only the cut pairs, so a batch of thousands of
+// pairs does not launch thousands of CTAs that exit (a CUDA graph launches the plan's capacity, and
+// the padded merge_indptr gives the CTAs past the cut pairs no rows). The 128 threads are (row
+// group, 8-dim chunk): every row group sums its rows with U loads in flight, so a merge of tens of
+// rows takes a few memory round trips.
+// (The minimum of 8 CTAs an SM is for ptxas: left free, NVRTC 13.0 gives sm_80 32 registers and a spill.)
 template <int D, int GB, typename OT>
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(128, 8)
 merge_states_kernel(const float* __restrict__ part_o, const float* __restrict__ part_lse,
-                    const int* __restrict__ merge_indptr, OT* __restrict__ out, long long o_stride_b,
-                    long long o_stride_h, float* __restrict__ lse, int num_qo_heads, int group_size,
-                    int head_blocks) {
+                    const int* __restrict__ merge_pairs, const int* __restrict__ merge_indptr,
+                    OT* __restrict__ out, long long o_stride_b, long long o_stride_h, float* __restrict__ lse,
+                    int num_qo_heads, int group_size, int head_blocks) {
   constexpr int kChunks = NextPow2<D / 8>::value, kGroups = 128 / kChunks, U = 4;
-  pdl_begin();  // launched early, the merge waits here for the decode kernel's partial states
-  const int pair = blockIdx.x, h = blockIdx.y;
-  const int row0 = merge_indptr[pair], row1 = merge_indptr[pair + 1];
+  // Launched early, the merge waits here for the decode kernel's partial states. Every CTA waits,
+  // even one with nothing to merge, so that this grid's end implies the decode kernel's (the next
+  // kernel's wait covers only this one).
+  pdl_begin();
+  const int h = blockIdx.y;
+  const int row0 = merge_indptr[blockIdx.x], row1 = merge_indptr[blockIdx.x + 1];
+  const int pair = merge_pairs[blockIdx.x];  // past the cut pairs: 0, a valid pair with no rows here
   const int slices = (group_size + GB - 1) / GB;
   const int request = pair / head_blocks, hb = pair % head_blocks;
   const int kv_head = hb / slices, head0 = (hb % slices) * GB;

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -137,7 +137,7 @@ class DecodePlan:
     params: DecodeParams
     batch_size: int
     num_ctas: int
-    num_partial_rows: int
+    num_merges: int          # pairs cut over several CTAs, merged by the second kernel
     max_page: int            # largest page index used (-1 if none)
     meta: np.ndarray         # int32 metadata, parts at `offsets`
     offsets: dict            # name -> int32 element offset within meta
@@ -146,10 +146,6 @@ class DecodePlan:
     @property
     def heads_per_block(self) -> tuple:
         return scheduler.decode_heads_per_block(self.params.group_size)
-
-    @property
-    def num_pairs(self) -> int:
-        return self.batch_size * self.num_kv_heads_blocks
 
     @property
     def num_kv_heads_blocks(self) -> int:
@@ -171,11 +167,14 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
     _, slices = scheduler.decode_heads_per_block(params.group_size)
     head_blocks = params.num_kv_heads * slices
     sch = scheduler.decode_schedule(kv_lens, visible, head_blocks, num_ctas)
-    seg_cap, part_cap = scheduler.DecodeSchedule.capacity(batch, head_blocks, num_ctas)
+    seg_cap, part_cap, merge_cap = scheduler.DecodeSchedule.capacity(batch, head_blocks, num_ctas)
+    # merge_indptr is padded with its last entry, so the merge CTAs past the cut pairs find no rows.
+    merge_indptr = np.full(merge_cap + 1, sch.merge_indptr[-1], np.int32)
+    merge_indptr[:sch.merge_indptr.size] = sch.merge_indptr
     parts = [("segments", sch.segments.ravel(), 4 * seg_cap), ("segment_partial", sch.segment_partial, seg_cap),
              ("cta_indptr", sch.cta_indptr, num_ctas + 1), ("page_indptr", indptr, batch + 1),
-             ("kv_lens", kv_lens, batch), ("merge_indptr", sch.merge_indptr, batch * head_blocks + 1),
-             ("indices", used, used.size)]
+             ("kv_lens", kv_lens, batch), ("merge_pairs", sch.merge_pairs, merge_cap),
+             ("merge_indptr", merge_indptr, merge_cap + 1), ("indices", used, used.size)]
     offsets, cur = {}, 0
     for name, a, cap in parts:
         offsets[name] = cur
@@ -183,7 +182,7 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
     meta = np.zeros(cur, dtype=np.int32)
     for name, a, _ in parts:
         meta[offsets[name]: offsets[name] + a.size] = a
-    return DecodePlan(params, batch, num_ctas, sch.num_partial_rows, int(used.max()) if used.size else -1,
+    return DecodePlan(params, batch, num_ctas, sch.merge_pairs.size, int(used.max()) if used.size else -1,
                       meta, offsets, part_cap)
 
 
@@ -258,9 +257,11 @@ def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.A
         i32(p.num_qo_heads), i32(p.group_size), i32(slices), u32(p.page_size), u32(mul), u32(shift),
         f32(q_scale), f32(p.soft_cap), f32(v_scale), f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)),
     ], stream, q.device, smem=smem, pdl=pdl)
-    if always_merge or plan.num_partial_rows:
-        kernels.launch(merge, (plan.num_pairs, gb), (128,), [
-            ptr(part_o), ptr(part_lse), ptr(off["merge_indptr"]), ptr(o), i64(o_sb), i64(os_[-2]),
+    if always_merge or plan.num_merges:  # a CUDA graph keeps the grid for every cut pair a plan can have
+        n = plan.num_ctas if always_merge else plan.num_merges
+        kernels.launch(merge, (n, gb), (128,), [
+            ptr(part_o), ptr(part_lse), ptr(off["merge_pairs"]), ptr(off["merge_indptr"]), ptr(o), i64(o_sb),
+            i64(os_[-2]),
             ptr(l_info), i32(p.num_qo_heads), i32(p.group_size), i32(plan.num_kv_heads_blocks),
         ], stream, q.device, pdl=pdl)
 
@@ -403,8 +404,7 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
             _single_plans.popitem(last=False)
     else:
         _single_plans.move_to_end(key)
-    plan = DecodePlan(params, plan.batch_size, plan.num_ctas, plan.num_partial_rows, plan.max_page,
-                      plan.meta, plan.offsets, plan.partial_capacity)
+    plan = replace(plan, params=params)
     # Metadata lives after the partials, as in the wrapper's workspace; uploaded once per shape.
     base = single_call_meta(_single_scratch, dev, s, fw, key, plan.meta, plan.partial_bytes())
     out_obj, o, lse_obj, l_info = _outputs(qi, params, out, lse, return_lse, s, (), cur)

@@ -29,35 +29,41 @@ class DecodeSchedule:
     segments: np.ndarray         # int32 (n, 4): request, head block, token start, token end
     segment_partial: np.ndarray  # int32 (n,): partial row, or -1 when the pair is written directly
     cta_indptr: np.ndarray       # int32 (num_ctas + 1,): segments of CTA b
-    merge_indptr: np.ndarray     # int32 (pairs + 1,): partial rows of pair p (request * head_blocks + hb)
+    merge_pairs: np.ndarray      # int32 (m,): the pairs (request * head_blocks + hb) cut over several CTAs
+    merge_indptr: np.ndarray     # int32 (m + 1,): partial rows of merge_pairs[i]
     num_partial_rows: int
     quota: int                   # tokens per CTA
 
     @staticmethod
     def capacity(batch_size: int, head_blocks: int, num_ctas: int) -> tuple:
-        """(max segments, max partial rows): bounds that depend on the batch size only."""
-        return batch_size * head_blocks + num_ctas, 2 * num_ctas
+        """(max segments, max partial rows, max cut pairs): bounds that depend on the batch size only.
+        A pair is cut only where a quota boundary falls inside it: at most num_ctas - 1 of them."""
+        return batch_size * head_blocks + num_ctas, 2 * num_ctas, num_ctas
 
 
 SEGMENT_COST = 32  # a segment's fixed cost (query load, pipeline fill, epilogue) in tokens
+MERGE_COST = 128   # a plan that cuts pairs: partial states, the merge launch and its wait, in tokens
 MIN_QUOTA = 64     # fewest tokens a CTA is given: below it, more CTAs only add partial states to merge
 
 
 def _pick_quota(cum: np.ndarray, num_ctas: int, min_quota: int) -> int:
-    """Tokens per CTA: the smallest even split, or a split aligned to the longest pair when that
-    gives fewer segments per CTA; scored by the most loaded CTA (tokens + SEGMENT_COST a segment).
-    All candidates are scored at once (plan() runs every decode step: host time counts)."""
+    """Tokens per CTA: the smallest even split, a split aligned to the longest pair (a fraction of
+    it, or whole pairs so that nothing is cut and nothing merges); scored by the most loaded CTA
+    (tokens + SEGMENT_COST a segment) plus MERGE_COST when some pair is cut. All candidates are
+    scored at once (plan() runs every decode step: host time counts)."""
     total = int(cum[-1])
     q0 = max(-(-total // num_ctas), min_quota)
     if total == 0:
         return q0
     longest = int(np.diff(cum).max())
-    qs = np.unique(np.concatenate([[q0], -(-longest // np.arange(1, 65))]))
+    whole = -(-q0 // longest) * longest  # the fewest whole longest pairs that fit the wave
+    qs = np.unique(np.concatenate([[q0, whole], -(-longest // np.arange(1, 65))]))
     qs = qs[qs >= q0][:, None]
     starts = np.arange(-(-total // q0))[None, :] * qs  # CTA starts of each candidate; past total: unused
     inner = np.searchsorted(cum, starts + qs, side="left") - np.searchsorted(cum, starts, side="right")
     load = np.where(starts < total, np.minimum(qs, total - starts) + SEGMENT_COST * (1 + inner), 0)
-    return int(qs[np.argmin(load.max(axis=1)), 0])  # ties: the smallest quota
+    cuts = ((starts < total) & ~np.isin(starts, cum)).any(axis=1)  # a CTA starts inside a pair
+    return int(qs[np.argmin(load.max(axis=1) + MERGE_COST * cuts), 0])  # ties: the smallest quota
 
 
 def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min_quota: int | None = None) -> DecodeSchedule:
@@ -92,12 +98,13 @@ def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min
     idx = np.flatnonzero(split)
     idx = idx[np.lexsort((start[idx], pair[idx]))]
     partial[idx] = np.arange(idx.size)
-    merge_counts = np.where(n_per_pair > 1, n_per_pair, 0)
+    cut = np.flatnonzero(n_per_pair > 1)
     return DecodeSchedule(
         segments=np.stack([req, pair % head_blocks, start, end], axis=1).astype(np.int32),
         segment_partial=partial.astype(np.int32),
         cta_indptr=np.searchsorted(cta, np.arange(num_ctas + 1), side="left").astype(np.int32),
-        merge_indptr=np.concatenate([[0], np.cumsum(merge_counts)]).astype(np.int32),
+        merge_pairs=cut.astype(np.int32),
+        merge_indptr=np.concatenate([[0], np.cumsum(n_per_pair[cut])]).astype(np.int32),
         num_partial_rows=int(idx.size),
         quota=quota,
     )

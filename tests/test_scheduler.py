@@ -11,8 +11,8 @@ def _check_schedule(kv_lens, visible, head_blocks, num_ctas, sch):
     pairs = batch * head_blocks
     seg = sch.segments
     n = seg.shape[0]
-    seg_cap, part_cap = scheduler.DecodeSchedule.capacity(batch, head_blocks, num_ctas)
-    assert n <= seg_cap and sch.num_partial_rows <= part_cap
+    seg_cap, part_cap, merge_cap = scheduler.DecodeSchedule.capacity(batch, head_blocks, num_ctas)
+    assert n <= seg_cap and sch.num_partial_rows <= part_cap and sch.merge_pairs.size <= merge_cap
     assert sch.cta_indptr[0] == 0 and sch.cta_indptr[-1] == n and np.all(np.diff(sch.cta_indptr) >= 0)
     by_pair = {}
     for i, (r, hb, s0, e0) in enumerate(seg.tolist()):
@@ -28,10 +28,12 @@ def _check_schedule(kv_lens, visible, head_blocks, num_ctas, sch):
         rows = [x[2] for x in segs]
         mi = sch.merge_indptr
         if len(segs) == 1:
-            assert rows == [-1] and mi[p + 1] == mi[p]
+            assert rows == [-1] and p not in sch.merge_pairs
         else:
-            assert rows == list(range(mi[p], mi[p + 1]))  # contiguous, in token order
-    assert sch.merge_indptr[-1] == sch.num_partial_rows
+            i = int(np.flatnonzero(sch.merge_pairs == p)[0])
+            assert rows == list(range(mi[i], mi[i + 1]))  # contiguous, in token order
+    assert np.all(np.diff(sch.merge_pairs) > 0) and sch.merge_indptr.size == sch.merge_pairs.size + 1
+    assert sch.merge_indptr[0] == 0 and sch.merge_indptr[-1] == sch.num_partial_rows
     # balance: every CTA gets at most one quota of tokens
     load = [int((seg[a:b, 3] - seg[a:b, 2]).sum()) for a, b in zip(sch.cta_indptr[:-1], sch.cta_indptr[1:])]
     total = int(sum(max(0, l - v) for l, v in zip(kv_lens, visible))) * head_blocks
@@ -55,6 +57,16 @@ def test_schedule_window_only_visible_tokens():
     sch = scheduler.decode_schedule(kv, vis, 8, 396)
     _check_schedule(kv, vis, 8, 396, sch)
     assert sch.segments[:, 2].min() >= 0 and (sch.segments[sch.segments[:, 0] == 0, 2] >= 32768 - 1000).all()
+
+
+@pytest.mark.parametrize("batch,kv_len,num_ctas", [(512, 512, 528), (128, 1024, 528), (64, 2048, 528)])
+def test_uniform_batch_cuts_no_pair_when_whole_pairs_fill_the_wave(batch, kv_len, num_ctas):
+    """Whole pairs a CTA cost a few idle CTAs but no partial states and no merge launch (measured
+    faster on the H100: bench/decode_probe.py)."""
+    kv = np.full(batch, kv_len)
+    sch = scheduler.decode_schedule(kv, np.zeros_like(kv), 8, num_ctas)
+    _check_schedule(kv, np.zeros_like(kv), 8, num_ctas, sch)
+    assert sch.quota % kv_len == 0 and sch.merge_pairs.size == 0 and sch.num_partial_rows == 0
 
 
 def test_long_single_request_is_spread_over_all_ctas():
@@ -126,6 +138,19 @@ def test_replan_same_batch_keeps_every_device_offset():
     a = plan_decode(p, np.array([0, 2, 3]), np.arange(3), np.array([5, 9]), num_ctas=396)
     b = plan_decode(p, np.array([0, 700, 701]), np.arange(701), np.array([16, 1]), num_ctas=396)
     assert a.offsets == b.offsets and a.partial_bytes() == b.partial_bytes()
+
+
+def test_plan_pads_merge_indptr_to_capacity():
+    """A CUDA graph launches a merge CTA for every cut pair a plan can have: those past the cut
+    pairs must find an empty row range."""
+    p = _params()
+    plan = plan_decode(p, np.array([0, 2048]), np.arange(2048), np.array([16]), num_ctas=396)
+    assert plan.num_merges == 8  # one request, 8 KV heads, each cut over many CTAs
+    off = plan.offsets
+    mp = plan.meta[off["merge_pairs"]: off["merge_pairs"] + 8]
+    mi = plan.meta[off["merge_indptr"]: off["merge_indptr"] + 396 + 1]
+    assert mp.tolist() == list(range(8))
+    assert mi[0] == 0 and np.all(np.diff(mi[:9]) >= 2) and np.all(mi[8:] == mi[8])
 
 
 def test_quota_aligns_with_uniform_lengths():
