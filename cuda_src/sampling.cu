@@ -927,10 +927,14 @@ __device__ __forceinline__ T consumer_reduce(T x, Op op, T* scratch) {
 // CTA-scoped (a cluster-scoped release would wait for those stores). One read and one write of the
 // row. Needs chunks a slice < slots <= kMaxRingSlots; rows of length vocab % 4 == 0, 16-byte
 // aligned; output contiguous; at most 16 CTAs a cluster. One or two CTAs an SM (sampling.py picks).
+// window > 0 keeps at most that many of a CTA's copies in flight (a copy waits for the one `window`
+// before it to land): the memory system then serves the CTAs' chunks in turn rather than one CTA's
+// whole burst after another's, which kept clusters of one CTA an SM 2-3 points below (H100).
 constexpr int kMaxRingSlots = 16;
 template <int THREADS, int CHUNK>
 __global__ void __launch_bounds__(THREADS + 32, 2) softmax_ring_kernel(
-    const float* logits, long long row_stride, int batch, int vocab, int slice, int slots, const float* temp_arr,
+    const float* logits, long long row_stride, int batch, int vocab, int slice, int slots, int window,
+    const float* temp_arr,
     float temp_val, float* probs) {
 #if FIC_HAS_CLUSTERS
   constexpr int kChunk4 = CHUNK / 4, kPer = kChunk4 / THREADS;
@@ -960,6 +964,8 @@ __global__ void __launch_bounds__(THREADS + 32, 2) softmax_ring_kernel(
       for (int g = 0; g < total; ++g) {  // chunk g: row j, chunk c of the slice
         const int j = g / nchunks, c = g - j * nchunks, s = g % slots;
         if (g >= slots) mbarrier_wait(&freed[s], (unsigned int)(g / slots - 1) & 1u);
+        if (window > 0 && g >= window)  // window < slots: that barrier is not yet re-armed
+          mbarrier_wait(&landed[(g - window) % slots], (unsigned int)((g - window) / slots) & 1u);
         const unsigned int bytes = (unsigned int)chunk_len(c) * 4u;
         mbarrier_arrive_expect(&landed[s], bytes);
         if (bytes)

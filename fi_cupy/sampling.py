@@ -81,6 +81,14 @@ RING_RESERVED_SMEM = 1024  # what the driver keeps of each CTA's shared memory
 # A row's stall (its last chunk's latency, the pair exchange), as floats of a slice: fitted on the
 # H100 so that the cost below ranks the shapes measured by bench/softmax_probe.py in their order.
 RING_ROW_COST = 4096
+# Copies a CTA keeps in flight when it has the SM to itself (0: as many as buffers are free): 2 took
+# batch 256 / 512 at 128256 from 82 / 87% of copy to 85 / 90% on the H100; with two CTAs an SM any
+# limit measured slower (bench/NOTES.md).
+RING_WINDOW_ALONE = 2
+
+
+def ring_window(per_sm: int) -> int:
+    return RING_WINDOW_ALONE if per_sm == 1 else 0
 
 
 def ring_slots(props: dict, per_sm: int) -> int:
@@ -122,7 +130,7 @@ _ring_plans: dict = {}
 
 
 def _ring_plan(device: int, vocab: int, batch: int):
-    """(kernel, CTAs a cluster, chunk buffers, slice, clusters to launch) of the ring softmax on
+    """(kernel, CTAs a cluster, chunk buffers, slice, clusters to launch, copies in flight) of the ring softmax on
     `device`, or None (no clusters, or rows too long); memoised, so a decode loop pays for the
     choice once."""
     key = (device, vocab, batch)
@@ -137,7 +145,8 @@ def _ring_plan(device: int, vocab: int, batch: int):
             shape = softmax_ring_shape(vocab, batch, lambda per_sm: ring_slots(props, per_sm), resident)
             if shape is not None:
                 cluster, per_sm, slice_ = shape
-                plan = (fn, cluster, ring_slots(props, per_sm), slice_, min(batch, resident(cluster, per_sm)))
+                plan = (fn, cluster, ring_slots(props, per_sm), slice_, min(batch, resident(cluster, per_sm)),
+                        ring_window(per_sm))
         _ring_plans[key] = plan
     return _ring_plans[key]
 
@@ -315,8 +324,9 @@ def softmax(logits, temperature=None, enable_pdl=None, stream=None):
             args = [ptr(x), i64(x.strides[0]), i32(vocab)] + temp + [ptr(o)]
             c.launch(_fn(c.device, "softmax_kernel", _vec(x)), (batch,), (THREADS,), args)
         else:  # persistent clusters, each row read once into shared memory
-            fn, cluster, slots, slice_, nclusters = plan
-            args = [ptr(x), i64(x.strides[0]), i32(batch), i32(vocab), i32(slice_), i32(slots)] + temp + [ptr(o)]
+            fn, cluster, slots, slice_, nclusters, window = plan
+            args = [ptr(x), i64(x.strides[0]), i32(batch), i32(vocab), i32(slice_), i32(slots), i32(window)] + \
+                temp + [ptr(o)]
             c.launch(fn, (nclusters * cluster,), (RING_THREADS + 32,), args, smem=slots * RING_CHUNK * 4,
                      cluster=cluster)
     return c.result(out_obj)

@@ -136,6 +136,21 @@ def test_softmax_many_rows_a_cluster_and_masked_slices(batch, vocab):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("window", [0, 1, 2, 3])
+def test_softmax_ring_copies_in_flight(monkeypatch, window):
+    """The ring kernel with at most `window` copies in flight a CTA (0: as many as buffers allow)."""
+    batch, vocab = 70, 128256
+    plan = sampling._ring_plan(0, vocab, batch)
+    if plan is None:
+        pytest.skip("the ring softmax needs thread-block clusters (sm_90+)")
+    monkeypatch.setitem(sampling._ring_plans, (0, vocab, batch), plan[:5] + (window,))
+    x = torch.randn((batch, vocab), device="cuda") * 3
+    xs = x.cpu().numpy().astype(np.float64)
+    ref = np.exp(xs - xs.max(1, keepdims=True))
+    np.testing.assert_allclose(sampling.softmax(x).cpu().numpy(), ref / ref.sum(1, keepdims=True),
+                               rtol=1e-4, atol=1e-9)
+
+
 def test_bad_input():
     p = torch.rand((4, 10), device="cuda")
     with pytest.raises(ValueError, match="top_p"):
