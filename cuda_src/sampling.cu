@@ -934,8 +934,7 @@ constexpr int kMaxRingSlots = 16;
 template <int THREADS, int CHUNK>
 __global__ void __launch_bounds__(THREADS + 32, 2) softmax_ring_kernel(
     const float* logits, long long row_stride, int batch, int vocab, int slice, int slots, int window,
-    const float* temp_arr,
-    float temp_val, float* probs) {
+    const float* temp_arr, float temp_val, float* probs) {
 #if FIC_HAS_CLUSTERS
   constexpr int kChunk4 = CHUNK / 4, kPer = kChunk4 / THREADS;
   static_assert(kChunk4 % THREADS == 0, "a chunk is a whole number of float4 a consumer thread");

@@ -130,9 +130,9 @@ _ring_plans: dict = {}
 
 
 def _ring_plan(device: int, vocab: int, batch: int):
-    """(kernel, CTAs a cluster, chunk buffers, slice, clusters to launch, copies in flight) of the ring softmax on
-    `device`, or None (no clusters, or rows too long); memoised, so a decode loop pays for the
-    choice once."""
+    """(kernel, CTAs a cluster, chunk buffers, slice, clusters to launch, copies in flight) of the
+    ring softmax on `device`, or None (no clusters, or rows too long); memoised, so a decode loop
+    pays for the choice once."""
     key = (device, vocab, batch)
     if key not in _ring_plans:
         plan = None
