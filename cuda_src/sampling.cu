@@ -986,8 +986,10 @@ __global__ void __launch_bounds__(THREADS + 32, 2) softmax_ring_kernel(
         x[i] = v < n4 ? b[v] : make_float4(neg_inf(), neg_inf(), neg_inf(), neg_inf());
       }
     };
-    // This warp has read chunk g's buffer for the last time: one arrival a warp.
+    // This warp has read chunk g's buffer for the last time: one arrival a warp. Each thread's
+    // reads are fenced from the bulk copy that will refill the buffer (another proxy).
     auto release = [&](int g) {
+      fence_proxy_async();
       __syncwarp();
       if (lane == 0) mbarrier_arrive_cta(&freed[g % slots]);
     };
