@@ -46,7 +46,8 @@ for vocab, batch in [tuple(int(v) for v in c.split("x")) for c in args.cases.spl
             if chunks >= slots or batch * cluster < 64:
                 continue
             k = fn.max_active_clusters(cluster, block, slots * sampling.RING_CHUNK * 4)
-            plan, desc = (fn, cluster, slots, slice_, min(batch, k), sampling.ring_window(per_sm)), f"{cluster}@{per_sm}"
+            plan = (fn, cluster, slots, slice_, min(batch, k), sampling.ring_window(per_sm))
+            desc = f"{cluster}@{per_sm}"
         sampling._ring_plans[key] = plan
         ok = torch.allclose(sampling.softmax(x), ref, rtol=1e-4, atol=1e-9)
         t = time_graph(lambda: sampling.softmax(x))

@@ -148,6 +148,11 @@ class DecodePlan:
         return scheduler.decode_heads_per_block(self.params.group_size)
 
     @property
+    def merge_capacity(self) -> int:
+        """Cut pairs a plan of this batch size can have: the merge_indptr entries plan() pads to."""
+        return scheduler.DecodeSchedule.capacity(self.batch_size, self.num_kv_heads_blocks, self.num_ctas)[2]
+
+    @property
     def num_kv_heads_blocks(self) -> int:
         return self.params.num_kv_heads * self.heads_per_block[1]
 
@@ -258,7 +263,7 @@ def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.A
         f32(q_scale), f32(p.soft_cap), f32(v_scale), f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)),
     ], stream, q.device, smem=smem, pdl=pdl)
     if always_merge or plan.num_merges:  # a CUDA graph keeps the grid for every cut pair a plan can have
-        n = plan.num_ctas if always_merge else plan.num_merges
+        n = plan.merge_capacity if always_merge else plan.num_merges
         kernels.launch(merge, (n, gb), (128,), [
             ptr(part_o), ptr(part_lse), ptr(off["merge_pairs"]), ptr(off["merge_indptr"]), ptr(o), i64(o_sb),
             i64(os_[-2]),

@@ -201,6 +201,15 @@ def append_paged_kv(cache_k, cache_v, key, value, batch_indices, positions, kv_i
 # Sampling filters (one row; ties at a boundary are kept, as the kernels keep them)
 
 
+def softmax(logits, temperature=None) -> np.ndarray:
+    """Softmax over the last axis of logits / temperature (a scalar, or one value a row)."""
+    x = np.asarray(logits, np.float64)
+    if temperature is not None:
+        x = x / np.reshape(np.asarray(temperature, np.float64), (-1, 1))
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
 def top_k_mask(p, k: int) -> np.ndarray:
     """Tokens with fewer than k tokens of larger probability (k <= 0 or >= len: all)."""
     p = np.asarray(p, np.float64)

@@ -39,3 +39,16 @@ def test_rope_matches_hf_rotate_half():
     emb = np.concatenate([ang, ang], -1)
     rot = np.concatenate([-x[:, 16:], x[:, :16]], -1)
     np.testing.assert_allclose(reference.rope_llama(x, pos), x * np.cos(emb) + rot * np.sin(emb), rtol=1e-12)
+
+
+def test_softmax_reference_against_the_formula_with_temperatures():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 50)) * 4
+    t = np.array([0.5, 1.0, 2.0])
+    got = reference.softmax(x, t)
+    for r in range(3):
+        e = np.exp(x[r] / t[r])
+        np.testing.assert_allclose(got[r], e / e.sum(), rtol=1e-12)
+    np.testing.assert_allclose(reference.softmax(x, 2.0), reference.softmax(x / 2.0), rtol=1e-12)
+    masked = np.where(np.arange(50) < 25, -np.inf, x)  # -inf logits get 0, the rest still sum to 1
+    assert np.all(reference.softmax(masked)[:, :25] == 0) and np.allclose(reference.softmax(masked).sum(1), 1)

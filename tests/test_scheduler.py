@@ -146,6 +146,7 @@ def test_plan_pads_merge_indptr_to_capacity():
     p = _params()
     plan = plan_decode(p, np.array([0, 2048]), np.arange(2048), np.array([16]), num_ctas=396)
     assert plan.num_merges == 8  # one request, 8 KV heads, each cut over many CTAs
+    assert plan.merge_capacity == 396  # the grid a CUDA-graph run launches
     off = plan.offsets
     mp = plan.meta[off["merge_pairs"]: off["merge_pairs"] + 8]
     mi = plan.meta[off["merge_indptr"]: off["merge_indptr"] + 396 + 1]
