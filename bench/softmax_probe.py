@@ -22,12 +22,11 @@ forced = [tuple(int(v) for v in s.split("@")) for s in args.shapes.split(",") if
 
 bw = copy_bandwidth()
 props = kernels.device_props(0)
-fn = sampling._fn(0, "softmax_ring_kernel", sampling.RING_THREADS, sampling.RING_CHUNK)
 block = sampling.RING_THREADS + 32
 for per_sm in (1, 2):
     smem = sampling.ring_slots(props, per_sm) * sampling.RING_CHUNK * 4
     print(f"{per_sm} CTA(s) an SM, {smem} B: resident clusters of 1..16 CTAs",
-          [fn.max_active_clusters(c, block, smem) for c in range(1, 17)], flush=True)
+          [sampling.ring_fn(0, per_sm).max_active_clusters(c, block, smem) for c in range(1, 17)], flush=True)
 
 for vocab, batch in [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]:
     x = torch.randn((batch, vocab), device="cuda") * 3
@@ -43,8 +42,9 @@ for vocab, batch in [tuple(int(v) for v in c.split("x")) for c in args.cases.spl
         else:
             slots = sampling.ring_slots(props, per_sm)
             slice_, chunks = sampling.ring_slice(vocab, cluster)
-            if chunks >= slots or batch * cluster < 64:
+            if chunks - sampling.ring_hold(per_sm) >= slots or batch * cluster < 64:
                 continue
+            fn = sampling.ring_fn(0, per_sm)
             k = fn.max_active_clusters(cluster, block, slots * sampling.RING_CHUNK * 4)
             plan = (fn, cluster, slots, slice_, min(batch, k), sampling.ring_window(per_sm))
             desc = f"{cluster}@{per_sm}"

@@ -925,14 +925,19 @@ __device__ __forceinline__ T consumer_reduce(T x, Op op, T* scratch) {
 // (DSMEM writes plus a remote mbarrier arrival), then normalise each chunk from shared memory
 // straight to global memory: plain stores, so no buffer waits on a write, and buffer releases are
 // CTA-scoped (a cluster-scoped release would wait for those stores). One read and one write of the
-// row. Needs chunks a slice < slots <= kMaxRingSlots; rows of length vocab % 4 == 0, 16-byte
-// aligned; output contiguous; at most 16 CTAs a cluster. One or two CTAs an SM (sampling.py picks).
+// row. HOLD > 0 (one CTA an SM, whose register file is then free): each thread keeps its share of
+// a row's first HOLD chunks in registers from the max/sum pass to the write pass, so their buffers
+// are refilled at once and a slice may be longer than the ring; without it a CTA's whole slice sits
+// in the ring through the pair exchange. The write pass takes the buffered chunks before the held
+// ones, so the next row's copies start with the first stores. Needs chunks a slice - HOLD < slots
+// <= kMaxRingSlots; rows of length vocab % 4 == 0, 16-byte aligned; output contiguous; at most 16
+// CTAs a cluster. One CTA an SM (HOLD > 0) or two (HOLD == 0); sampling.py picks.
 // window > 0 keeps at most that many of a CTA's copies in flight (a copy waits for the one `window`
 // before it to land): the memory system then serves the CTAs' chunks in turn rather than one CTA's
 // whole burst after another's, which kept clusters of one CTA an SM 2-3 points below (H100).
 constexpr int kMaxRingSlots = 16;
-template <int THREADS, int CHUNK>
-__global__ void __launch_bounds__(THREADS + 32, 2) softmax_ring_kernel(
+template <int THREADS, int CHUNK, int HOLD>
+__global__ void __launch_bounds__(THREADS + 32, HOLD > 0 ? 1 : 2) softmax_ring_kernel(
     const float* logits, long long row_stride, int batch, int vocab, int slice, int slots, int window,
     const float* temp_arr, float temp_val, float* probs) {
 #if FIC_HAS_CLUSTERS
@@ -955,7 +960,10 @@ __global__ void __launch_bounds__(THREADS + 32, 2) softmax_ring_kernel(
     for (int p = 0; p < 2; ++p) mbarrier_init(&exchanged[p], ncta);
     fence_barrier_init();
   }
-  cluster_sync();  // every CTA's barriers are initialised before any remote arrival
+  // Copies need only this CTA's barriers; remote arrivals need every peer's, so the cluster barrier
+  // is split: the producer starts at once, the consumers wait before their first row.
+  cluster_arrive();
+  __syncthreads();
   pdl_begin();
   if (threadIdx.x >= THREADS) {  // the producer warp
     if (threadIdx.x == THREADS) {
@@ -973,7 +981,9 @@ __global__ void __launch_bounds__(THREADS + 32, 2) softmax_ring_kernel(
       }
     }
     __syncwarp();
+    cluster_wait();
   } else {
+    cluster_wait();  // every peer's barriers are initialised before this CTA's first remote arrival
     const int lane = threadIdx.x & 31;
     // Chunk g's float4 into x once it has landed (-inf past the slice's end).
     auto take = [&](int g, float4(&x)[kPer]) {
@@ -1009,7 +1019,15 @@ __global__ void __launch_bounds__(THREADS + 32, 2) softmax_ring_kernel(
           s += (ptx_exp2(x[i].x * scale - m) + ptx_exp2(x[i].y * scale - m)) +
                (ptx_exp2(x[i].z * scale - m) + ptx_exp2(x[i].w * scale - m));
       };
-      for (int c = 0; c < nchunks; ++c) {
+      float4 held[HOLD > 0 ? HOLD : 1][kPer];  // chunks 0 .. HOLD - 1, their buffers already released
+#pragma unroll
+      for (int c = 0; c < HOLD; ++c)
+        if (c < nchunks) {
+          take(g0 + c, held[c]);
+          release(g0 + c);
+          accumulate(held[c]);
+        }
+      for (int c = HOLD; c < nchunks; ++c) {
         float4 x[kPer];
         take(g0 + c, x);
         accumulate(x);
@@ -1044,12 +1062,15 @@ __global__ void __launch_bounds__(THREADS + 32, 2) softmax_ring_kernel(
                                ptx_exp2(x[i].z * scale - gm) * inv, ptx_exp2(x[i].w * scale - gm) * inv));
         }
       };
-      for (int c = 0; c < nchunks; ++c) {
+      for (int c = HOLD; c < nchunks; ++c) {  // the buffered chunks first: their refills start sooner
         float4 x[kPer];
         take(g0 + c, x);  // landed before the max/sum pass: no wait
         release(g0 + c);
         emit(c, x);
       }
+#pragma unroll
+      for (int c = 0; c < HOLD; ++c)
+        if (c < nchunks) emit(c, held[c]);
     }
   }
   cluster_sync();  // no CTA leaves while a peer may still write its pairs into this one

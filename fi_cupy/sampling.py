@@ -61,12 +61,11 @@ def all_programs() -> list:
     out = []
     for name, vec in _KERNELS:
         out += [kernel_program(name, v) for v in (4, 1)] if vec else [kernel_program(name)]
-    return out + [kernel_program("softmax_ring_kernel", RING_THREADS, RING_CHUNK)]
+    return out + [ring_program()]
 
 
 def _fn(device: int, name: str, *targs):
-    """The loaded kernel `name` with template arguments `targs`: VEC, or the ring softmax's
-    (THREADS, CHUNK); none for a kernel without."""
+    """The loaded kernel `name` with template arguments `targs` (VEC), none for a kernel without."""
     def build():
         prog = kernel_program(name, *targs)
         return prog, prog.kernels[0]
@@ -85,10 +84,39 @@ RING_ROW_COST = 4096
 # batch 256 / 512 at 128256 from 82 / 87% of copy to 85 / 90% on the H100; with two CTAs an SM any
 # limit measured slower (bench/NOTES.md).
 RING_WINDOW_ALONE = 2
+# Chunks a thread keeps in registers when its CTA has the SM to itself (the kernel's HOLD): 7 chunks
+# of 8 registers fit under the 96 that 17 warps leave a thread (an SM sub-partition holds 5 of them).
+# Slices may then be longer than the ring, which lets 66 clusters of 2 take 128 x 128256 in 2 rounds
+# (H100: 51.4-51.8 us, 85% of copy, against 55.6 us for 7@2); HOLD also made every shape of one CTA
+# an SM measured 0-3% faster (bench/NOTES.md).
+RING_HOLD_ALONE = 7
+# A shape whose slice needs the held chunks to fit is taken for at most this many rounds: beyond it
+# the steady state decides, and there the shapes that fit the ring measured faster (H100, 512 x
+# 128256: 4@1 194.9 us, 2@1 197.9).
+RING_HOLD_MAX_ROUNDS = 4
 
 
 def ring_window(per_sm: int) -> int:
     return RING_WINDOW_ALONE if per_sm == 1 else 0
+
+
+def ring_hold(per_sm: int) -> int:
+    return RING_HOLD_ALONE if per_sm == 1 else 0
+
+
+def ring_program() -> Program:
+    """The ring softmax for one CTA an SM and for two, in one program: a plan asks both kernels how
+    many clusters stay resident, so they compile together."""
+    return Program("sampling.cu", tuple(KernelSpec("fic::softmax_ring_kernel", (RING_THREADS, RING_CHUNK, ring_hold(m)))
+                                        for m in (1, 2)))
+
+
+def ring_fn(device: int, per_sm: int):
+    """The ring softmax kernel for per_sm (1 or 2) CTAs an SM."""
+    def build():
+        prog = ring_program()
+        return prog, prog.kernels[per_sm - 1]
+    return kernels.cached_function(device, ("sampling", "softmax_ring_kernel", per_sm), build)
 
 
 def ring_slots(props: dict, per_sm: int) -> int:
@@ -105,22 +133,25 @@ def ring_slice(vocab: int, cluster: int) -> tuple:
 
 def softmax_ring_shape(vocab: int, batch: int, slots, resident):
     """(CTAs a cluster, CTAs an SM, floats a CTA's slice) of the ring softmax, or None when no cluster
-    of at most 16 CTAs holds a row with a buffer to spare. slots(per_sm): chunk buffers a CTA;
-    resident(cluster, per_sm): clusters the GPU holds at once (cuOccupancyMaxActiveClusters, which
-    knows how the SMs split into GPCs). The cheapest by rounds x (a slice's SM time + a row's stall):
-    e.g. on the H100 at 128 x 128256, 32 clusters of 7 at two CTAs an SM take the rows in 4 even
-    rounds where 30 clusters of 4 need 5."""
+    of at most 16 CTAs holds a row with a buffer to spare (beyond the chunks held in registers).
+    slots(per_sm): chunk buffers a CTA; resident(cluster, per_sm): clusters the GPU holds at once
+    (cuOccupancyMaxActiveClusters, which knows how the SMs split into GPCs). The cheapest by rounds x
+    (a slice's SM time + a row's stall): e.g. on the H100 at 128 x 128256, 66 clusters of 2 take the
+    rows in 2 rounds where 32 clusters of 7 at two CTAs an SM need 4."""
     best = None
     for per_sm in (1, 2):
-        n_slots = slots(per_sm)
+        n_slots, hold = slots(per_sm), ring_hold(per_sm)
         for cluster in range(1, 17):
             slice_, chunks = ring_slice(vocab, cluster)
-            if chunks >= n_slots:
+            if chunks - hold >= n_slots:
                 continue
             k = resident(cluster, per_sm)
             if k <= 0:
                 continue
-            cost = -(-batch // k) * (slice_ * per_sm + RING_ROW_COST)
+            rounds = -(-batch // k)
+            if chunks >= n_slots and rounds > RING_HOLD_MAX_ROUNDS:
+                continue
+            cost = rounds * (slice_ * per_sm + RING_ROW_COST)
             if best is None or cost < best[0]:
                 best = (cost, (cluster, per_sm, slice_))
     return None if best is None else best[1]
@@ -138,15 +169,14 @@ def _ring_plan(device: int, vocab: int, batch: int):
         plan = None
         if kernels.clusters_supported(device):
             props = kernels.device_props(device)
-            fn = _fn(device, "softmax_ring_kernel", RING_THREADS, RING_CHUNK)
             def resident(cluster, per_sm):
                 smem = ring_slots(props, per_sm) * RING_CHUNK * 4
-                return fn.max_active_clusters(cluster, RING_THREADS + 32, smem) if smem else 0
+                return ring_fn(device, per_sm).max_active_clusters(cluster, RING_THREADS + 32, smem) if smem else 0
             shape = softmax_ring_shape(vocab, batch, lambda per_sm: ring_slots(props, per_sm), resident)
             if shape is not None:
                 cluster, per_sm, slice_ = shape
-                plan = (fn, cluster, ring_slots(props, per_sm), slice_, min(batch, resident(cluster, per_sm)),
-                        ring_window(per_sm))
+                plan = (ring_fn(device, per_sm), cluster, ring_slots(props, per_sm), slice_,
+                        min(batch, resident(cluster, per_sm)), ring_window(per_sm))
         _ring_plans[key] = plan
     return _ring_plans[key]
 

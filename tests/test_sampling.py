@@ -11,6 +11,7 @@ from fi_cupy import reference
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 from fi_cupy import sampling  # noqa: E402
+from fi_cupy._core import kernels  # noqa: E402
 
 N = 40000  # draws: one per row of a batch of identical rows
 
@@ -103,10 +104,11 @@ def test_reproducible_and_offsets_differ():
     assert g1.offset == 1
 
 
-@pytest.mark.parametrize("vocab", [1000, 4, 7, 65537 * 4, 16 * 13 * 4096, 16 * 13 * 4096 + 4])
+@pytest.mark.parametrize("vocab", [1000, 4, 7, 65537 * 4, 16 * 13 * 4096, 16 * 20 * 4096, 16 * 20 * 4096 + 4])
 def test_softmax_temperature_per_row(vocab):
     """Ring shapes (1000: 16 CTAs of 64 floats; 262148: slices that end mid-chunk; 851968: 16 CTAs
-    of 13 chunks, the longest row), the two-pass kernel (7: unaligned rows; 851972: longer)."""
+    of 13 chunks; 1310720: 16 CTAs of 20 chunks, 7 of them held in registers, the longest row), the
+    two-pass kernel (7: unaligned rows; 1310724: longer)."""
     x = torch.randn((3, vocab), device="cuda") * 4
     t = torch.tensor([0.5, 1.0, 2.0], device="cuda")
     got = sampling.softmax(x, t).cpu().numpy()
@@ -128,23 +130,37 @@ def test_softmax_many_rows_a_cluster_and_masked_slices(batch, vocab):
     np.testing.assert_allclose(got, reference.softmax(x.cpu().numpy()), rtol=1e-4, atol=1e-9)
 
 
-@pytest.mark.parametrize("window", [0, 1, 2, 3])
-def test_softmax_ring_copies_in_flight(monkeypatch, window):
-    """The ring kernel with at most `window` copies in flight a CTA (0: as many as buffers allow)."""
-    batch, vocab = 70, 128256
-    plan = sampling._ring_plan(0, vocab, batch)
-    if plan is None:
+def _force_ring(monkeypatch, batch, vocab, cluster, per_sm, window=None):
+    """Make softmax at (batch, vocab) run the ring kernel as `cluster` CTAs at per_sm CTAs an SM."""
+    if sampling._ring_plan(0, vocab, batch) is None:
         pytest.skip("the ring softmax needs thread-block clusters (sm_90+)")
-    monkeypatch.setitem(sampling._ring_plans, (0, vocab, batch), plan[:5] + (window,))
+    props = kernels.device_props(0)
+    slots, (slice_, chunks) = sampling.ring_slots(props, per_sm), sampling.ring_slice(vocab, cluster)
+    assert chunks - sampling.ring_hold(per_sm) < slots
+    fn = sampling.ring_fn(0, per_sm)
+    k = fn.max_active_clusters(cluster, sampling.RING_THREADS + 32, slots * sampling.RING_CHUNK * 4)
+    window = sampling.ring_window(per_sm) if window is None else window
+    monkeypatch.setitem(sampling._ring_plans, (0, vocab, batch), (fn, cluster, slots, slice_, min(batch, k), window))
+
+
+@pytest.mark.parametrize("window", [0, 1, 2, 3])
+@pytest.mark.parametrize("cluster,per_sm", [(7, 2), (2, 1)])
+def test_softmax_ring_copies_in_flight(monkeypatch, window, cluster, per_sm):
+    """The ring kernel with at most `window` copies in flight a CTA (0: as many as buffers allow); 2@1
+    holds 7 of its 16 chunks in registers, with more rows than resident clusters."""
+    batch, vocab = 70, 128256
+    _force_ring(monkeypatch, batch, vocab, cluster, per_sm, window)
     x = torch.randn((batch, vocab), device="cuda") * 3
     np.testing.assert_allclose(sampling.softmax(x).cpu().numpy(), reference.softmax(x.cpu().numpy()),
                                rtol=1e-4, atol=1e-9)
 
 
-def test_softmax_ring_buffer_reuse_stress():
+@pytest.mark.parametrize("cluster,per_sm", [(7, 2), (2, 1)])
+def test_softmax_ring_buffer_reuse_stress(monkeypatch, cluster, per_sm):
     """The ring refills a buffer by bulk copy once every warp has read it: without a proxy fence
-    between the reads and the refill, about one run in 1000 at this shape read a refilled float4
-    (the first of a chunk). 2000 runs, checked on the GPU without a host sync in the loop."""
+    between the reads and the refill, about one run in 1000 at this shape (7@2) read a refilled
+    float4 (the first of a chunk). 2000 runs, checked on the GPU without a host sync in the loop."""
+    _force_ring(monkeypatch, 64, 151936, cluster, per_sm)
     x = torch.randn((64, 151936), device="cuda") * 3
     ref = torch.softmax(x.double(), -1).float()
     bad = torch.zeros((), dtype=torch.int32, device="cuda")

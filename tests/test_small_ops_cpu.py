@@ -154,7 +154,8 @@ def test_sampling_errors(call, match):
 def test_softmax_ring_shape():
     """The cheapest (cluster, CTAs an SM) by rounds x (slice + a row's stall), with the resident
     clusters the H100 reports (GPCs of 14-18 SMs strand SMs for most cluster sizes); only slices
-    that leave a chunk buffer spare; None where the two-pass kernel runs instead."""
+    that leave a chunk buffer spare beyond the chunks held in registers (7 at one CTA an SM), and a
+    slice longer than the ring for at most 4 rounds; None where the two-pass kernel runs instead."""
     r1 = [132, 66, 39, 30, 22, 17, 15, 15, 9, 7, 7, 7, 7, 7, 7, 7]
     r2 = [264, 132, 79, 62, 47, 39, 32, 30, 23, 21, 16, 16, 14, 14, 14, 14]
     props = {"smem_optin": 232448, "smem_sm": 233472}
@@ -165,11 +166,13 @@ def test_softmax_ring_shape():
     def shape(vocab, batch):
         return sampling.softmax_ring_shape(vocab, batch, lambda m: sampling.ring_slots(props, m),
                                            lambda c, m: (r1 if m == 1 else r2)[c - 1])
-    assert shape(128256, 128) == (7, 2, 18324)  # 32 clusters: 4 even rounds
-    assert shape(128256, 512) == (4, 1, 32064)
+    assert shape(128256, 128) == (2, 1, 64128)  # 66 clusters: 2 rounds, 16 chunks a slice in 14 buffers
+    assert shape(128256, 32) == (7, 2, 18324)  # 32 clusters of 7: one round
+    assert shape(128256, 512) == (4, 1, 32064)  # 2@1 would take 8 rounds
     assert shape(128256, 1) == (16, 1, 8016)  # one row over the most SMs
     assert shape(32000, 512) == (1, 1, 32000) and shape(4, 128) == (1, 1, 4)
     assert shape(256000, 128) == (8, 1, 32000)
     assert shape(16 * 13 * 4096, 3) == (16, 1, 53248)  # 13 chunks of 14 buffers
-    assert shape(16 * 13 * 4096 + 4, 3) is None  # longer: two passes
+    assert shape(16 * 20 * 4096, 3) == (16, 1, 81920)  # 20 chunks: 7 held, 13 of 14 buffers
+    assert shape(16 * 20 * 4096 + 4, 3) is None  # longer: two passes
     assert sampling.softmax_ring_shape(128256, 128, lambda m: 0, lambda c, m: 1) is None

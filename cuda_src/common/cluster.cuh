@@ -22,9 +22,19 @@ __device__ __forceinline__ unsigned int cluster_size() {
   asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
   return n;
 }
+// The cluster barrier in two halves, for work that needs no peer between them: every thread of
+// every CTA arrives, then each thread's wait returns once all have arrived, and writes before any
+// arrival are visible to reads after the wait.
+__device__ __forceinline__ void cluster_arrive() {
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
 // Every thread of every CTA of the cluster: writes before it are visible to reads after it.
 __device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  cluster_arrive();
+  cluster_wait();
 }
 // The shared-memory address of `p` (this CTA's) in CTA `rank` of the cluster, for cluster_store and
 // remote mbarrier arrivals.
