@@ -87,8 +87,8 @@ RING_WINDOW_ALONE = 2
 # Chunks a thread keeps in registers when its CTA has the SM to itself (the kernel's HOLD): 7 chunks
 # of 8 registers fit under the 96 that 17 warps leave a thread (an SM sub-partition holds 5 of them).
 # Slices may then be longer than the ring, which lets 66 clusters of 2 take 128 x 128256 in 2 rounds
-# (H100: 51.4-51.8 us, 85% of copy, against 55.6 us for 7@2); HOLD also made every shape of one CTA
-# an SM measured 0-3% faster (bench/NOTES.md).
+# (H100: 50.7-51.3 us, 86-87% of copy, against 55.5 us for 7@2); HOLD also made every shape of one
+# CTA an SM measured 0-3% faster (bench/NOTES.md).
 RING_HOLD_ALONE = 7
 # A shape whose slice needs the held chunks to fit is taken for at most this many rounds: beyond it
 # the steady state decides, and there the shapes that fit the ring measured faster (H100, 512 x
