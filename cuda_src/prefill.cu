@@ -92,18 +92,7 @@ __device__ __forceinline__ void rope_pair(uint4& lo, uint4& hi, const float (&fr
 
 template <int D, int MT, int WARPS, typename T, typename KVT, bool PAGED, bool ROPE, int FLAGS>
 __global__ void __launch_bounds__(WARPS * 32, PrefillCfg<D, MT, WARPS, KVT>::kMinBlocks)
-prefill_kernel(const T* __restrict__ q, long long q_stride_n, long long q_stride_h,
-               const KVT* __restrict__ k_base, const KVT* __restrict__ v_base,
-               long long kv_stride_page, long long kv_stride_slot, long long kv_stride_head,
-               const int* __restrict__ qo_indptr, const int* __restrict__ kv_indptr,
-               const int* __restrict__ page_indices, const int* __restrict__ kv_lens,
-               const unsigned char* __restrict__ custom_mask, const long long* __restrict__ mask_offset,
-               const int4* __restrict__ items, const int* __restrict__ num_items,
-               T* __restrict__ out, long long o_stride_n, long long o_stride_h, float* __restrict__ lse,
-               float* __restrict__ part_o, float* __restrict__ part_lse,
-               int num_qo_heads, int group_size, unsigned int page_size, unsigned int page_div_mul,
-               unsigned int page_div_shift, int causal, int window_left, float sm_scale, float soft_cap,
-               float v_scale, float rope_rcp_scale, double rope_log2_theta) {
+prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
   using C = PrefillCfg<D, MT, WARPS, KVT>;
   constexpr int KV = C::kKV, NT = KV / 8, DT = D / 8, KS = D / 16;
   constexpr int kThreads = C::kThreads, kChunks = C::kChunks;

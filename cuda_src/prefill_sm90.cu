@@ -43,18 +43,7 @@ struct PrefillSm90Cfg {
 
 template <int D, typename T, bool PAGED, int FLAGS>
 __global__ void __launch_bounds__(256, 1)
-prefill_sm90_kernel(const T* __restrict__ q, long long q_stride_n, long long q_stride_h,
-                    const T* __restrict__ k_base, const T* __restrict__ v_base,
-                    long long kv_stride_page, long long kv_stride_slot, long long kv_stride_head,
-                    const int* __restrict__ qo_indptr, const int* __restrict__ kv_indptr,
-                    const int* __restrict__ page_indices, const int* __restrict__ kv_lens,
-                    const unsigned char* __restrict__ custom_mask, const long long* __restrict__ mask_offset,
-                    const int4* __restrict__ items, const int* __restrict__ num_items,
-                    T* __restrict__ out, long long o_stride_n, long long o_stride_h, float* __restrict__ lse,
-                    float* __restrict__ part_o, float* __restrict__ part_lse,
-                    int num_qo_heads, int group_size, unsigned int page_size, unsigned int page_div_mul,
-                    unsigned int page_div_shift, int causal, int window_left, float sm_scale, float soft_cap,
-                    float v_scale, float rope_rcp_scale, double rope_log2_theta) {
+prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T)) {
   using C = PrefillSm90Cfg<D>;
   constexpr int KV = C::kKV, NB = KV / 8, DB = D / 8, KS = D / 16, kChunks = D / 8, kThreads = C::kThreads;
   pdl_begin();

@@ -9,6 +9,19 @@
 
 namespace fic {
 
+// The launch arguments of both prefill kernels, in the order fi_cupy/prefill.py's launch_prefill
+// packs them: one ABI, so the two kernels cannot drift apart. T: q / out dtype; KVT: K/V dtype.
+#define FIC_PREFILL_PARAMS(T, KVT)                                                                            \
+  const T *__restrict__ q, long long q_stride_n, long long q_stride_h, const KVT *__restrict__ k_base,          \
+      const KVT *__restrict__ v_base, long long kv_stride_page, long long kv_stride_slot, long long kv_stride_head, \
+      const int *__restrict__ qo_indptr, const int *__restrict__ kv_indptr, const int *__restrict__ page_indices,  \
+      const int *__restrict__ kv_lens, const unsigned char *__restrict__ custom_mask,                            \
+      const long long *__restrict__ mask_offset, const int4 *__restrict__ items, const int *__restrict__ num_items, \
+      T *__restrict__ out, long long o_stride_n, long long o_stride_h, float *__restrict__ lse,                   \
+      float *__restrict__ part_o, float *__restrict__ part_lse, int num_qo_heads, int group_size,               \
+      unsigned int page_size, unsigned int page_div_mul, unsigned int page_div_shift, int causal, int window_left, \
+      float sm_scale, float soft_cap, float v_scale, float rope_rcp_scale, double rope_log2_theta
+
 // Variant flags (template argument FLAGS of both kernels): logits soft cap, packed custom mask. Each
 // costs registers and code in the inner loop, so kernels without them do not carry them.
 constexpr int kSoftCap = 1, kCustomMask = 2;
