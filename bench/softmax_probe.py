@@ -22,11 +22,10 @@ forced = [tuple(int(v) for v in s.split("@")) for s in args.shapes.split(",") if
 
 bw = copy_bandwidth()
 props = kernels.device_props(0)
-block = sampling.RING_THREADS + 32
 for per_sm in (1, 2):
     smem = sampling.ring_slots(props, per_sm) * sampling.RING_CHUNK * 4
     print(f"{per_sm} CTA(s) an SM, {smem} B: resident clusters of 1..16 CTAs",
-          [sampling.ring_fn(0, per_sm).max_active_clusters(c, block, smem) for c in range(1, 17)], flush=True)
+          [sampling.ring_resident(0, c, per_sm) for c in range(1, 17)], flush=True)
 
 for vocab, batch in [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]:
     x = torch.randn((batch, vocab), device="cuda") * 3
@@ -40,13 +39,10 @@ for vocab, batch in [tuple(int(v) for v in c.split("x")) for c in args.cases.spl
         if cluster is None:
             plan, desc = chosen, "chosen"
         else:
-            slots = sampling.ring_slots(props, per_sm)
-            slice_, chunks = sampling.ring_slice(vocab, cluster)
-            if chunks - sampling.ring_hold(per_sm) >= slots or batch * cluster < 64:
+            chunks = sampling.ring_slice(vocab, cluster)[1]
+            if chunks - sampling.ring_hold(per_sm) >= sampling.ring_slots(props, per_sm) or batch * cluster < 64:
                 continue
-            fn = sampling.ring_fn(0, per_sm)
-            k = fn.max_active_clusters(cluster, block, slots * sampling.RING_CHUNK * 4)
-            plan = (fn, cluster, slots, slice_, min(batch, k), sampling.ring_window(per_sm))
+            plan = sampling.ring_plan(0, vocab, batch, cluster, per_sm)
             desc = f"{cluster}@{per_sm}"
         sampling._ring_plans[key] = plan
         ok = torch.allclose(sampling.softmax(x), ref, rtol=1e-4, atol=1e-9)

@@ -157,6 +157,20 @@ def softmax_ring_shape(vocab: int, batch: int, slots, resident):
     return None if best is None else best[1]
 
 
+def ring_resident(device: int, cluster: int, per_sm: int) -> int:
+    """Clusters of `cluster` CTAs at per_sm CTAs an SM that `device` holds at once (0: no buffers)."""
+    smem = ring_slots(kernels.device_props(device), per_sm) * RING_CHUNK * 4
+    return ring_fn(device, per_sm).max_active_clusters(cluster, RING_THREADS + 32, smem) if smem else 0
+
+
+def ring_plan(device: int, vocab: int, batch: int, cluster: int, per_sm: int, window: int | None = None) -> tuple:
+    """The plan tuple (see _ring_plan) for rows of `vocab` over clusters of `cluster` CTAs at per_sm
+    CTAs an SM; window: copies in flight (default ring_window(per_sm))."""
+    return (ring_fn(device, per_sm), cluster, ring_slots(kernels.device_props(device), per_sm),
+            ring_slice(vocab, cluster)[0], min(batch, ring_resident(device, cluster, per_sm)),
+            ring_window(per_sm) if window is None else window)
+
+
 _ring_plans: dict = {}
 
 
@@ -169,14 +183,10 @@ def _ring_plan(device: int, vocab: int, batch: int):
         plan = None
         if kernels.clusters_supported(device):
             props = kernels.device_props(device)
-            def resident(cluster, per_sm):
-                smem = ring_slots(props, per_sm) * RING_CHUNK * 4
-                return ring_fn(device, per_sm).max_active_clusters(cluster, RING_THREADS + 32, smem) if smem else 0
-            shape = softmax_ring_shape(vocab, batch, lambda per_sm: ring_slots(props, per_sm), resident)
+            shape = softmax_ring_shape(vocab, batch, lambda per_sm: ring_slots(props, per_sm),
+                                       lambda cluster, per_sm: ring_resident(device, cluster, per_sm))
             if shape is not None:
-                cluster, per_sm, slice_ = shape
-                plan = (ring_fn(device, per_sm), cluster, ring_slots(props, per_sm), slice_,
-                        min(batch, resident(cluster, per_sm)), ring_window(per_sm))
+                plan = ring_plan(device, vocab, batch, shape[0], shape[1])
         _ring_plans[key] = plan
     return _ring_plans[key]
 

@@ -134,13 +134,10 @@ def _force_ring(monkeypatch, batch, vocab, cluster, per_sm, window=None):
     """Make softmax at (batch, vocab) run the ring kernel as `cluster` CTAs at per_sm CTAs an SM."""
     if sampling._ring_plan(0, vocab, batch) is None:
         pytest.skip("the ring softmax needs thread-block clusters (sm_90+)")
-    props = kernels.device_props(0)
-    slots, (slice_, chunks) = sampling.ring_slots(props, per_sm), sampling.ring_slice(vocab, cluster)
-    assert chunks - sampling.ring_hold(per_sm) < slots
-    fn = sampling.ring_fn(0, per_sm)
-    k = fn.max_active_clusters(cluster, sampling.RING_THREADS + 32, slots * sampling.RING_CHUNK * 4)
-    window = sampling.ring_window(per_sm) if window is None else window
-    monkeypatch.setitem(sampling._ring_plans, (0, vocab, batch), (fn, cluster, slots, slice_, min(batch, k), window))
+    slots = sampling.ring_slots(kernels.device_props(0), per_sm)
+    assert sampling.ring_slice(vocab, cluster)[1] - sampling.ring_hold(per_sm) < slots
+    plan = sampling.ring_plan(0, vocab, batch, cluster, per_sm, window)
+    monkeypatch.setitem(sampling._ring_plans, (0, vocab, batch), plan)
 
 
 @pytest.mark.parametrize("window", [0, 1, 2, 3])
