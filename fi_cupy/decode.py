@@ -266,8 +266,7 @@ def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.A
         n = plan.merge_capacity if always_merge else plan.num_merges
         kernels.launch(merge, (n, gb), (128,), [
             ptr(part_o), ptr(part_lse), ptr(off["merge_pairs"]), ptr(off["merge_indptr"]), ptr(o), i64(o_sb),
-            i64(os_[-2]),
-            ptr(l_info), i32(p.num_qo_heads), i32(p.group_size), i32(plan.num_kv_heads_blocks),
+            i64(os_[-2]), ptr(l_info), i32(p.num_qo_heads), i32(p.group_size), i32(plan.num_kv_heads_blocks),
         ], stream, q.device, pdl=pdl)
 
 
