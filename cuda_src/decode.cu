@@ -27,6 +27,15 @@ constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
 constexpr int kWarpPipelineBytes = 12288;  // 48 KB a CTA: 4 CTAs (16 warps) per SM
 
+// One warp's block of the end-of-segment merge (acc [GB][D], then [GB][m, d]) in floats, padded to
+// 16 bytes: write_segment reads it with 16-byte loads, so every warp's block must start aligned
+// (GB * (D + 2) alone is odd x 2 floats at GB = 1, which misaligned warps 1 and 3).
+template <int D, int GB>
+struct MergeBlock {
+  static constexpr int kFloats = (GB * (D + 2) + 3) / 4 * 4;
+  static constexpr int kBytes = kDecodeWarps * kFloats * 4;  // all warps
+};
+
 template <int D, int GB, typename KVT>
 struct DecodeCfg {
   static_assert(D % 16 == 0 && D >= 16 && D <= 256, "head_dim must be a multiple of 16 in [16, 256]");
@@ -39,7 +48,7 @@ struct DecodeCfg {
   static constexpr int kStageBytes = kRowsPerLane * 32 * int(sizeof(Raw)) * 2;  // K and V
   static constexpr int kStages = kWarpPipelineBytes / kStageBytes;
   static constexpr int kPipelineBytes = kDecodeWarps * kWarpPipelineBytes;
-  static constexpr int kMergeBytes = kDecodeWarps * GB * (D + 2) * 4;
+  static constexpr int kMergeBytes = MergeBlock<D, GB>::kBytes;
   // fi_cupy/decode.py: decode_smem_bytes() computes the same number for the launch.
   static constexpr int kSmemBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
 };
@@ -272,7 +281,7 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
 
     // Merge the warps through shared memory (the pipeline buffers, now idle).
     __syncthreads();
-    constexpr int ws = GB * (D + 2);
+    constexpr int ws = MergeBlock<D, GB>::kFloats;
     float* sm = reinterpret_cast<float*>(smem);
     if (row == 0 && active_lane) {
       float* blk = sm + warp * ws;
@@ -313,7 +322,7 @@ struct DecodeTcCfg {
 template <int D, int GB>
 struct DecodeTcSmem {
   static constexpr int kPipeline = kDecodeWarps * DecodeTcCfg<D>::kWarpBytes;
-  static constexpr int kMerge = kDecodeWarps * GB * (D + 2) * 4;
+  static constexpr int kMerge = MergeBlock<D, GB>::kBytes;
   // fi_cupy/decode.py: decode_smem_bytes() computes the same number for the launch.
   static constexpr int value = kPipeline > kMerge ? kPipeline : kMerge;
   static constexpr int kPerSm = 233472 / (value + 1024);             // 228 KB an SM, 1 KB reserved a CTA

@@ -200,8 +200,8 @@ prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T)) {
       if (lane == 0) mbarrier_arrive_cta(empty + stage);  // this warp is done with the stage
     }
     gt += n_tiles;
-    if (n_tiles == 0) {  // no full barrier waited on: the warp's Q copies may still be in flight
-      cp_async_wait<0>();
+    if (n_tiles == 0) {  // no full barrier waited on: the warp's Q copies (in no group) may still be in flight
+      cp_async_wait_all();
       __syncwarp();
     }
 

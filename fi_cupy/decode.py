@@ -38,19 +38,24 @@ def uses_tensor_cores(q_dtype: dt.DType, kv_dtype: dt.DType, rope: bool) -> bool
 
 def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dtype: dt.DType,
                    rope: bool) -> Program:
-    if uses_tensor_cores(q_dtype, kv_dtype, rope):
+    tc = uses_tensor_cores(q_dtype, kv_dtype, rope)
+    if tc:
         main = KernelSpec("fic::batch_decode_tc_kernel", (head_dim, heads_per_block, q_dtype.cpp))
+        smem = f"fic::DecodeTcSmem<{head_dim}, {heads_per_block}>::value"
     else:
         main = KernelSpec("fic::batch_decode_kernel",
                           (head_dim, heads_per_block, q_dtype.cpp, kv_dtype.cpp, kernels.cpp_bool(rope)))
-    return Program("decode.cu", (main, KernelSpec("fic::merge_states_kernel", (head_dim, heads_per_block, q_dtype.cpp))))
+        smem = f"fic::DecodeCfg<{head_dim}, {heads_per_block}, {kv_dtype.cpp}>::kSmemBytes"
+    return Program("decode.cu", (main, KernelSpec("fic::merge_states_kernel", (head_dim, heads_per_block, q_dtype.cpp))),
+                   ((smem, decode_smem_bytes(head_dim, heads_per_block, tc)),))
 
 
 def decode_smem_bytes(head_dim: int, heads_per_block: int, tensor_cores: bool) -> int:
-    """Dynamic shared memory of the decode kernels (DecodeCfg / DecodeTcSmem in cuda_src/decode.cu):
-    4 warps of cp.async pipeline (12 KB each; tensor cores: at least 3 stages of 16 padded K and V rows,
-    24 KB or more), reused for the final merge of the warps."""
-    merge = 4 * heads_per_block * (head_dim + 2) * 4
+    """Dynamic shared memory of the decode kernels (DecodeCfg / DecodeTcSmem in cuda_src/decode.cu,
+    checked against them at compile time): 4 warps of cp.async pipeline (12 KB each; tensor cores: at
+    least 3 stages of 16 padded K and V rows, 24 KB or more), reused for the final merge of the warps
+    (MergeBlock: a warp's block padded to 16 bytes)."""
+    merge = 4 * ((heads_per_block * (head_dim + 2) + 3) // 4 * 4) * 4
     if not tensor_cores:
         return max(4 * 12288, merge)
     stage = 2 * 16 * (head_dim + 8) * 2

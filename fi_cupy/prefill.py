@@ -94,13 +94,19 @@ def _merge_spec(head_dim: int, q_dtype: dt.DType) -> KernelSpec:
 
 def prefill_program(head_dim: int, tile: TileShape, q_dtype: dt.DType, kv_dtype: dt.DType, paged: bool,
                     rope: bool, flags: int) -> Program:
-    """The main kernel (and, for the portable kernel, the merge kernel in the same module)."""
+    """The main kernel (and, for the portable kernel, the merge kernel in the same module), with the
+    launch's shared memory and KV tile checked against the kernel's constants at compile time."""
+    smem, kv = smem_bytes(head_dim, tile, kv_dtype), kv_tile(head_dim, tile)
     if tile.sm90:
+        cfg = f"fic::PrefillSm90Cfg<{head_dim}>"
         return Program("prefill_sm90.cu", (KernelSpec("fic::prefill_sm90_kernel", (
-            head_dim, q_dtype.cpp, kernels.cpp_bool(paged), flags)),))
+            head_dim, q_dtype.cpp, kernels.cpp_bool(paged), flags)),),
+            ((f"{cfg}::kSmemBytes", smem), (f"{cfg}::kKV", kv)))
     main = KernelSpec("fic::prefill_kernel", (head_dim, tile.mt, tile.warps, q_dtype.cpp, kv_dtype.cpp,
                                               kernels.cpp_bool(paged), kernels.cpp_bool(rope), flags))
-    return Program("prefill.cu", (main, _merge_spec(head_dim, q_dtype)))
+    cfg = f"fic::PrefillCfg<{head_dim}, {tile.mt}, {tile.warps}, {kv_dtype.cpp}>"
+    return Program("prefill.cu", (main, _merge_spec(head_dim, q_dtype)),
+                   ((f"{cfg}::kSmemBytes", smem), (f"{cfg}::kKV", kv), (f"{cfg}::kRows", tile.rows)))
 
 
 def merge_program(head_dim: int, q_dtype: dt.DType) -> Program:

@@ -28,6 +28,10 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// Every cp.async this thread issued has landed, committed to a group or not (wait_group alone skips
+// copies not yet committed: a kernel that issued some outside its pipeline's groups needs this).
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
 // Arrive on the shared-memory mbarrier `bar` once every cp.async this thread issued before has landed.
 // noinc: the arrival counts towards the barrier's expected count (one per thread a phase).
 __device__ __forceinline__ void cp_async_arrive_noinc(unsigned long long* bar) {

@@ -215,9 +215,18 @@ _compile_locks: dict = {}
 _locks_guard = threading.Lock()
 
 
-def compile_program(filename: str, name_exprs: tuple, arch: str, options: tuple = ()) -> Compiled:
-    """Compile cuda_src/<filename> for `arch`, instantiating `name_exprs`; cached on disk."""
+def static_asserts(asserts) -> str:
+    """C++ static_asserts that each (constant expression, value) pair agrees: a size computed in
+    Python is checked against the kernel's constant at compile time."""
+    return "".join(f'\nstatic_assert(({e}) == {int(v)}, "fi_cupy: the Python side computes {int(v)} for {e}");'
+                   for e, v in asserts)
+
+
+def compile_program(filename: str, name_exprs: tuple, arch: str, options: tuple = (), asserts: tuple = ()) -> Compiled:
+    """Compile cuda_src/<filename> for `arch`, instantiating `name_exprs`, with static_asserts for
+    `asserts` ((expression, value) pairs, see static_asserts); cached on disk."""
     source, files = inline_source(filename)
+    source += static_asserts(asserts)
     opts = _BASE_OPTIONS + (f"-arch={arch}",) + tuple(options)
     ver = nvrtc_version()
     key = hashlib.sha256(json.dumps([source, list(name_exprs), list(opts), arch, list(ver), __version__])

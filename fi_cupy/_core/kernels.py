@@ -29,9 +29,13 @@ class KernelSpec:
 class Program:
     filename: str           # family file in cuda_src/
     kernels: tuple          # KernelSpec, ...
+    # (C++ constant expression, value) pairs: sizes the launch computes in Python (shared memory,
+    # tiles), checked against the kernel's own constants by a static_assert in the same compile.
+    asserts: tuple = ()
 
     def compile(self, arch: str) -> cc.Compiled:
-        return cc.compile_program(self.filename, tuple(k.name_expr for k in self.kernels), arch)
+        return cc.compile_program(self.filename, tuple(k.name_expr for k in self.kernels), arch,
+                                  asserts=self.asserts)
 
 
 def cpp_bool(b: bool) -> str:
