@@ -70,8 +70,24 @@ class TextCodec:
         return self.tok.decode(ids) if self.tok is not None else " ".join(map(str, ids))
 
 
+def no_gpu_reason() -> str | None:
+    """Why no CUDA GPU can be used, in CuPy's words shortened to a line; None when one is visible."""
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return None
+        return "device count 0"
+    except Exception as e:  # noqa: BLE001 - CuPy raises several types without a driver or a device
+        text = str(e).strip().splitlines()
+        return (text[0] if text else type(e).__name__)[:160]
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    why = no_gpu_reason()
+    if why is not None:  # one line, not a traceback from deep inside CuPy
+        print(f"llama_decode.py: no CUDA GPU visible ({why}); this example runs on one", file=sys.stderr)
+        return 2
     import cupy as cp
     from fi_llama import checkpoint
     from fi_llama.engine import Engine, SamplingParams

@@ -1,6 +1,7 @@
-"""`python -m fi_cupy`: environment report and a short self-check.
+"""`python -m fi_cupy`: environment report and a short self-check (exit status 2 without a GPU: the
+report says so in its last line, after the parts that need none).
 `python -m fi_cupy precompile [--arch sm_90a] [--all]`: compile the standard kernel configurations
-ahead of time into the disk cache, with a progress bar.
+ahead of time into the disk cache, with a progress bar (no GPU needed).
 """
 from __future__ import annotations
 
@@ -21,12 +22,19 @@ STANDARD_HEAD_DIMS = (64, 128, 256)
 
 
 def _gpu():
-    """(device count, error text)."""
+    """(device count, why none is visible: CuPy's reason in short)."""
     try:
         import cupy
-        return cupy.cuda.runtime.getDeviceCount(), None
-    except Exception as e:  # noqa: BLE001
-        return 0, f"{type(e).__name__}: {e}"
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001 - CuPy raises several types without a driver or a device
+        text = str(e).strip().splitlines()
+        return 0, (text[0] if text else type(e).__name__)[:160]
+    return n, None if n else "device count 0"
+
+
+def no_gpu_line(why: str, what: str) -> str:
+    """The one line printed instead of a traceback where a GPU is needed and none is visible."""
+    return f"fi_cupy: no CUDA GPU visible ({why}); {what}"
 
 
 def report() -> int:
@@ -47,11 +55,13 @@ def report() -> int:
             p = kernels.device_props(i)
             print(f"GPU {i}: {p['name']}, compute capability {p['cc'] // 10}.{p['cc'] % 10}, {p['sms']} SMs, "
                   f"kernels built for {kernels.device_arch(i)}")
-    else:
-        print(f"GPU: none visible ({err})")
     entries, size = cc.cache_stats()
     print(f"kernel cache: {cc.cache_dir()} ({entries} entries, {size / 1e6:.1f} MB)")
-    return self_check(n > 0)
+    status = self_check(n > 0)
+    if not n:
+        print(no_gpu_line(err, "the self-check compiled its kernel but cannot run it"), file=sys.stderr)
+        return 2
+    return status
 
 
 def self_check(have_gpu: bool) -> int:
@@ -62,7 +72,6 @@ def self_check(have_gpu: bool) -> int:
             c = prog.compile(arch)
             how = "from cache" if c.from_cache else "compiled"
             print(f"self-check: decode kernel {how} for {arch} in {time.perf_counter() - t0:.2f} s")
-        print("self-check: GPU execution skipped (no GPU visible)")
         return 0
     import cupy
     from . import reference
@@ -91,13 +100,15 @@ def self_check(have_gpu: bool) -> int:
     return 0 if ok else 1
 
 
-def precompile(argv) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fi_cupy precompile")
-    ap.add_argument("--arch", action="append", help="e.g. sm_90a (default: each visible GPU's arch)")
+def _precompile_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--arch", action="append", help="e.g. sm_90a, repeatable (default: each visible GPU's "
+                    "arch; with no GPU: sm_80 and sm_90a)")
     ap.add_argument("--all", action="store_true", help="every supported head dim and variant, not only the "
                     "standard ones (decode: head dims 64/128/256; prefill: no RoPE, soft cap or custom mask)")
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
-    args = ap.parse_args(argv)
+
+
+def precompile(args) -> int:
     archs = args.arch
     if not archs:
         n, _ = _gpu()
@@ -122,13 +133,14 @@ def precompile(argv) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "precompile":
-        return precompile(argv[1:])
-    if argv:
-        print(__doc__)
-        return 2
-    return report()
+    ap = argparse.ArgumentParser(prog="python -m fi_cupy", description="Without a command: the environment "
+                                 "report (GPU, driver, CuPy, NVRTC, kernel cache) and a self-check, decode "
+                                 "against its reference, timed; exit status 2 when no GPU is visible.")
+    sub = ap.add_subparsers(dest="command", metavar="{precompile}")
+    _precompile_args(sub.add_parser("precompile", help="compile the standard kernels ahead of time into the "
+                                    "disk cache (no GPU needed)"))
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    return precompile(args) if args.command == "precompile" else report()
 
 
 if __name__ == "__main__":
