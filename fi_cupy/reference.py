@@ -3,6 +3,10 @@
 Conventions follow FlashInfer: lse is base 2; the default sm_scale is 1/sqrt(head_dim); a soft cap
 gives cap * tanh(sm_scale * q.k / cap); RoPE is the Llama "rotate half" form with inv_freq and the
 angle computed in float32, as Hugging Face's LlamaRotaryEmbedding does.
+
+The attention references (rope_llama, decode_attention, prefill_attention, merge_state(s)) also take
+CuPy arrays: given one, they compute in float64 on its GPU and return CuPy arrays (the fuzz suite
+checks long cases that way). CuPy is imported only then, so these run on machines without it.
 """
 from __future__ import annotations
 
@@ -10,17 +14,30 @@ import math
 
 import numpy as np
 
+_CHUNK = 1 << 22  # prefill score elements (heads x rows x keys) computed at once: 32 MB of float64
+
+
+def _xp(*arrays):
+    """The array module of the inputs: cupy when any of them is a CuPy array, else numpy."""
+    for a in arrays:
+        if type(a).__module__.split(".")[0] == "cupy":
+            import cupy
+            return cupy
+    return np
+
 
 def rope_llama(x: np.ndarray, pos: np.ndarray, rope_scale: float = 1.0, rope_theta: float = 1e4) -> np.ndarray:
     """x (..., n, D) rotated at positions pos (n,): float32 angles, float64 sin/cos and products."""
+    xp = _xp(x, pos)
     d = x.shape[-1]
+    # inv_freq on the host in both cases: a GPU float32 pow may differ from the host's by an ulp.
     inv_freq = (1.0 / (np.float32(rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))))
-    inv_freq = inv_freq.astype(np.float32) / np.float32(rope_scale)
-    ang = (np.asarray(pos, dtype=np.float32)[:, None] * inv_freq[None, :]).astype(np.float64)
-    cos = np.concatenate([np.cos(ang), np.cos(ang)], axis=-1)
-    sin = np.concatenate([np.sin(ang), np.sin(ang)], axis=-1)
-    x = np.asarray(x, dtype=np.float64)
-    rot = np.concatenate([-x[..., d // 2:], x[..., : d // 2]], axis=-1)
+    inv_freq = xp.asarray(inv_freq.astype(np.float32) / np.float32(rope_scale))
+    ang = (xp.asarray(pos, dtype=xp.float32)[:, None] * inv_freq[None, :]).astype(xp.float64)
+    cos = xp.concatenate([xp.cos(ang), xp.cos(ang)], axis=-1)
+    sin = xp.concatenate([xp.sin(ang), xp.sin(ang)], axis=-1)
+    x = xp.asarray(x, dtype=xp.float64)
+    rot = xp.concatenate([-x[..., d // 2:], x[..., : d // 2]], axis=-1)
     return x * cos + rot * sin
 
 
@@ -30,31 +47,31 @@ def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, sm_scale: floa
                      v_scale: float = 1.0):
     """One decode step. q (Hq, D), k/v (L, Hkv, D) -> (o (Hq, D), lse (Hq,) base 2), float64.
     An empty (or fully windowed-out) context gives o = 0 and lse = -inf."""
-    q = np.asarray(q, np.float64)
-    k = np.asarray(k, np.float64) * k_scale
-    v = np.asarray(v, np.float64) * v_scale
+    xp = _xp(q, k, v)
+    q = xp.asarray(q, xp.float64)
+    k = xp.asarray(k, xp.float64) * k_scale
+    v = xp.asarray(v, xp.float64) * v_scale
     hq, d = q.shape
     n, hkv, _ = k.shape
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     if rope:
-        q = rope_llama(q[None], np.array([n - 1]), rope_scale, rope_theta)[0] if n else q
-        k = rope_llama(k.transpose(1, 0, 2), np.arange(n), rope_scale, rope_theta).transpose(1, 0, 2)
+        q = rope_llama(q[None], xp.array([n - 1]), rope_scale, rope_theta)[0] if n else q
+        k = rope_llama(k.transpose(1, 0, 2), xp.arange(n), rope_scale, rope_theta).transpose(1, 0, 2)
     start = max(0, n - 1 - window_left) if window_left >= 0 else 0
-    o = np.zeros((hq, d))
-    lse = np.full(hq, -np.inf)
+    o = xp.zeros((hq, d))
+    lse = xp.full(hq, -xp.inf)
     if n - start <= 0:
         return o, lse
-    kk = np.repeat(k[start:], g, axis=1)  # (L', Hq, D)
-    vv = np.repeat(v[start:], g, axis=1)
-    s = np.einsum("hd,lhd->hl", q, kk) * scale
+    # Query head h reads KV head h // g: the group's heads as one matrix against its KV head.
+    s = xp.matmul(q.reshape(hkv, g, d), k[start:].transpose(1, 2, 0)) * scale  # (Hkv, g, L')
     if logits_soft_cap and logits_soft_cap > 0:
-        s = logits_soft_cap * np.tanh(s / logits_soft_cap)
-    m = s.max(axis=1, keepdims=True)
-    p = np.exp(s - m)
-    den = p.sum(axis=1, keepdims=True)
-    o = np.einsum("hl,lhd->hd", p / den, vv)
-    lse = (m[:, 0] + np.log(den[:, 0])) / math.log(2.0)
+        s = logits_soft_cap * xp.tanh(s / logits_soft_cap)
+    m = s.max(axis=2, keepdims=True)
+    p = xp.exp(s - m)
+    den = p.sum(axis=2, keepdims=True)
+    o = xp.matmul(p / den, v[start:].transpose(1, 0, 2)).reshape(hq, d)
+    lse = ((m + xp.log(den)) / math.log(2.0)).reshape(hq)
     return o, lse
 
 
@@ -166,21 +183,24 @@ def ragged_positions(indptr, offsets) -> np.ndarray:
 def merge_states(v, s):
     """v (seq, n, heads, D), s (seq, n, heads) base-2 lse -> (v (seq, heads, D), s (seq, heads));
     empty states (s = -inf) weigh 0; all empty gives v = 0, s = -inf."""
-    v = np.asarray(v, np.float64)
-    s = np.asarray(s, np.float64)
+    xp = _xp(v, s)
+    v = xp.asarray(v, xp.float64)
+    s = xp.asarray(s, xp.float64)
     m = s.max(axis=1, keepdims=True)
-    finite = np.isfinite(m)
+    finite = xp.isfinite(m)
     with np.errstate(invalid="ignore"):  # -inf - -inf in rows whose states are all empty
-        w = np.where(finite, np.exp2(np.where(finite, s - m, 0.0)), 0.0)
-    w = np.where(np.isneginf(s), 0.0, w)
+        w = xp.where(finite, xp.exp2(xp.where(finite, s - m, 0.0)), 0.0)
+    w = xp.where(xp.isneginf(s), 0.0, w)
     tot = w.sum(axis=1)
-    vo = np.einsum("snh,snhd->shd", w, v) / np.where(tot > 0, tot, 1.0)[..., None]
-    so = np.where(tot > 0, m[:, 0] + np.log2(np.where(tot > 0, tot, 1.0)), -np.inf)
+    vo = (w[..., None] * v).sum(axis=1) / xp.where(tot > 0, tot, 1.0)[..., None]
+    so = xp.where(tot > 0, m[:, 0] + xp.log2(xp.where(tot > 0, tot, 1.0)), -xp.inf)
     return vo, so
 
 
 def merge_state(va, sa, vb, sb):
-    return merge_states(np.stack([va, vb], axis=1), np.stack([sa, sb], axis=1))
+    xp = _xp(va, sa, vb, sb)
+    return merge_states(xp.stack([xp.asarray(va), xp.asarray(vb)], axis=1),
+                        xp.stack([xp.asarray(sa), xp.asarray(sb)], axis=1))
 
 
 def append_paged_kv(cache_k, cache_v, key, value, batch_indices, positions, kv_indices, kv_indptr,
@@ -289,34 +309,51 @@ def prefill_attention(q, k, v, causal: bool = False, window_left: int = -1, cust
     """One request. q (Lq, Hq, D), k/v (Lk, Hkv, D), custom_mask bool (Lq, Lk) -> (o (Lq, Hq, D), lse
     (Lq, Hq) base 2), float64. Query i sits at key position Lk - Lq + i (causal, window and RoPE);
     a row that sees no key gives o = 0, lse = -inf."""
-    q = np.asarray(q, np.float64)
-    k = np.asarray(k, np.float64)
-    v = np.asarray(v, np.float64)
+    xp = _xp(q, k, v, custom_mask)
+    q = xp.asarray(q, xp.float64)
+    k = xp.asarray(k, xp.float64)
+    v = xp.asarray(v, xp.float64)
     lq, hq, d = q.shape
     lk, hkv, _ = k.shape
+    g = hq // hkv
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    qpos = np.arange(lq) + lk - lq
+    qpos = xp.arange(lq) + lk - lq
     if rope:
         q = rope_llama(q.transpose(1, 0, 2), qpos, rope_scale, rope_theta).transpose(1, 0, 2)
-        k = rope_llama(k.transpose(1, 0, 2), np.arange(lk), rope_scale, rope_theta).transpose(1, 0, 2)
-    kk = np.repeat(k, hq // hkv, axis=1)
-    vv = np.repeat(v, hq // hkv, axis=1)
-    s = np.einsum("qhd,khd->hqk", q, kk) * scale
-    if logits_soft_cap and logits_soft_cap > 0:
-        s = logits_soft_cap * np.tanh(s / logits_soft_cap)
-    keep = np.ones((lq, lk), dtype=bool)
-    j = np.arange(lk)[None, :]
+        k = rope_llama(k.transpose(1, 0, 2), xp.arange(lk), rope_scale, rope_theta).transpose(1, 0, 2)
+    keep = xp.ones((lq, lk), dtype=bool)
+    j = xp.arange(lk)[None, :]
     if causal:
         keep &= j <= qpos[:, None]
     if window_left >= 0:
         keep &= j >= qpos[:, None] - window_left
     if custom_mask is not None:
-        keep &= np.asarray(custom_mask, dtype=bool)
-    s = np.where(keep[None], s, -np.inf)
-    m = s.max(axis=2, keepdims=True, initial=-np.inf)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m_safe)
-    den = p.sum(axis=2, keepdims=True)
-    o = np.einsum("hqk,khd->qhd", p / np.where(den > 0, den, 1.0), vv)
-    lse = np.where(den[..., 0] > 0, (m_safe[..., 0] + np.log(np.where(den[..., 0] > 0, den[..., 0], 1.0))), -np.inf)
-    return o, (lse / math.log(2.0)).T
+        keep &= xp.asarray(custom_mask, dtype=bool)
+    o = xp.zeros((lq, hq, d))
+    lse = xp.full((lq, hq), -xp.inf)
+    if lq == 0 or lk == 0:
+        return o, lse
+    qh = q.transpose(1, 0, 2)  # (Hq, Lq, D)
+    kt = k.transpose(1, 2, 0)  # (Hkv, D, Lk)
+    vh = v.transpose(1, 0, 2)  # (Hkv, Lk, D)
+    # Blocks of query rows and heads, so the float64 scores stay within _CHUNK elements.
+    rstep = max(1, min(lq, _CHUNK // lk))
+    hstep = max(1, _CHUNK // (rstep * lk))
+    for r0 in range(0, lq, rstep):
+        rows = slice(r0, min(lq, r0 + rstep))
+        for h0 in range(0, hq, hstep):
+            heads = xp.arange(h0, min(hq, h0 + hstep))
+            s = xp.matmul(qh[heads, rows], kt[heads // g]) * scale  # (h, r, Lk)
+            if logits_soft_cap and logits_soft_cap > 0:
+                s = logits_soft_cap * xp.tanh(s / logits_soft_cap)
+            s = xp.where(keep[None, rows], s, -xp.inf)
+            m = s.max(axis=2, keepdims=True)
+            m_safe = xp.where(xp.isfinite(m), m, 0.0)
+            p = xp.exp(s - m_safe)
+            den = p.sum(axis=2, keepdims=True)
+            oh = xp.matmul(p / xp.where(den > 0, den, 1.0), vh[heads // g])  # (h, r, D)
+            o[rows, h0:h0 + heads.size] = oh.transpose(1, 0, 2)
+            den = den[..., 0]
+            lh = xp.where(den > 0, m_safe[..., 0] + xp.log(xp.where(den > 0, den, 1.0)), -xp.inf)
+            lse[rows, h0:h0 + heads.size] = lh.T
+    return o, lse / math.log(2.0)

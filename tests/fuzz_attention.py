@@ -1,0 +1,782 @@
+"""Attention families of the differential fuzz suite (test_fuzz.py runs them): batch and single
+decode, paged / ragged / single prefill, and the attention-state merges. Each case is a random valid
+configuration checked against fi_cupy.reference, computed in float64 on the GPU (CuPy arrays).
+
+A case is two steps. draw_<family>(rng) -> config: pure (numpy only), every choice made there, so
+the distribution can be inspected without a GPU (`python tests/fuzz_attention.py` prints it). Then
+check_<family>(config) builds every array from config["data_seed"] alone and checks the result: a
+config reproduces its case by itself.
+
+Rules: decode and the merges as tolerances.py (assert_close, assert_lse_close); prefill as
+test_prefill.py (per request, the max error at most twice that of the same attention computed
+naively in the input dtype; OUT_TOL element-wise is accepted too, for requests so small that the
+naive computation happens to be almost exact). Everywhere: no NaN, and a row that sees no key gives
+o = 0 and lse = -inf exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import cupy
+import numpy as np
+import pytest
+import torch
+
+import fi_cupy
+from fi_cupy import reference
+from tolerances import OUT_TOL, assert_close, assert_lse_close
+
+DEVICE = "cuda"
+Q_DTYPES = ("float16", "bfloat16")
+FP8 = ("float8_e4m3fn", "float8_e5m2")
+GROUPS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)
+GROUP_P = (0.3,) + (0.7 / 9,) * 9  # group size 1 (MHA) often: a crash there slipped through before
+NOTABLE_PAGE_SIZES = (1, 2, 3, 4, 5, 7, 8, 12, 15, 16, 17, 31, 32, 33, 48, 63, 64)
+MAX_LEN = 5000
+WORKSPACE_BYTES = 256 << 20
+# Bounds on one case (elements), so the float64 references stay quick: a batch over them loses
+# requests from its end; a lone request over them has its lengths halved.
+KV_ELEMS = 1 << 24     # sum over requests of kv_len * num_kv_heads * head_dim
+OUT_ELEMS = 1 << 22    # queries * num_qo_heads * head_dim
+SCORE_ELEMS = 1 << 24  # prefill: sum over requests of qo_len * kv_len * num_qo_heads
+MERGE_ELEMS = 1 << 22  # merges: seq_len * num_states * num_heads * head_dim
+
+
+def _torch_dtype(name: str):
+    return getattr(torch, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing (numpy only)
+
+
+def _pick(rng, options, p=None):
+    return options[int(rng.choice(len(options), p=p))]
+
+
+def _log_int(rng, lo: int, hi: int) -> int:
+    """An integer in [lo, hi] (lo >= 1), log-uniform: small values common, large ones present."""
+    return int(min(hi, math.floor(math.exp(rng.uniform(math.log(lo), math.log(hi + 1))))))
+
+
+def _log_float(rng, lo: float, hi: float) -> float:
+    return float(round(math.exp(rng.uniform(math.log(lo), math.log(hi))), 4))
+
+
+def _length(rng, longest: int) -> int:
+    """0 and 1 often, else log-uniform in 2..longest."""
+    u = rng.random()
+    return 0 if u < 0.07 else 1 if u < 0.14 else _log_int(rng, 2, max(longest, 2))
+
+
+def _heads(rng) -> tuple:
+    """(num_qo_heads, num_kv_heads)."""
+    group = GROUPS[int(rng.choice(len(GROUPS), p=GROUP_P))]
+    hkv = int(rng.integers(1, 9))
+    return group * hkv, hkv
+
+
+def _page_size(rng) -> int:
+    return _pick(rng, NOTABLE_PAGE_SIZES) if rng.random() < 0.5 else int(rng.integers(1, 65))
+
+
+def _storage(rng, kinds: tuple, align: int = 8) -> list:
+    """[kind, before, after]: how an array sits in memory. "contiguous", or a view into a larger
+    allocation padded along one axis ("page", "head", "token"; "dim": the last axis, padded by
+    multiples of `align` elements, the vector alignment the API asks for), or "interleaved" (k and
+    v as [..., 0, :] and [..., 1, :] of one allocation)."""
+    kind = _pick(rng, ("contiguous",) + kinds)
+    if kind in ("contiguous", "interleaved"):
+        return [kind, 0, 0]
+    if kind == "dim":
+        return [kind, align * int(rng.integers(0, 3)), align * int(rng.integers(1, 3))]
+    before = int(rng.integers(0, 3))
+    return [kind, before, int(rng.integers(0 if before else 1, 3))]
+
+
+def _window(rng, longest: int) -> int:
+    u = rng.random()
+    if u < 0.55:
+        return -1
+    if u < 0.65:
+        return 0
+    if u < 0.8:
+        return int(rng.integers(1, 17))
+    return _log_int(rng, 1, 2 * max(longest, 1))
+
+
+def _options(rng, head_dim: int, longest: int, rope: bool) -> dict:
+    """Options shared by decode and prefill (None: the API's default)."""
+    return {
+        "window_left": _window(rng, longest),
+        "logits_soft_cap": float(round(rng.uniform(1.0, 50.0), 3)) if rng.random() < 0.3 else None,
+        "sm_scale": _log_float(rng, 0.25, 4.0) / math.sqrt(head_dim) if rng.random() < 0.3 else None,
+        "rope_scale": _log_float(rng, 0.25, 8.0) if rope and rng.random() < 0.5 else None,
+        "rope_theta": _pick(rng, (1e3, 5e5, 1e6, 2.5e4)) if rope and rng.random() < 0.5 else None,
+    }
+
+
+def _scales(rng, fp8: bool) -> dict:
+    """k_scale / v_scale: fp8 KV nearly always (random, not 1); 16-bit KV sometimes."""
+    if rng.random() < (0.9 if fp8 else 0.15):
+        return {"k_scale": _log_float(rng, 0.25, 4.0), "v_scale": _log_float(rng, 0.25, 4.0)}
+    return {"k_scale": None, "v_scale": None}
+
+
+def _outputs(rng) -> dict:
+    return {"return_lse": bool(rng.random() < 0.6), "out_given": bool(rng.random() < 0.5),
+            "lse_given": bool(rng.random() < 0.3)}
+
+
+def _fit_decode(kv_lens: list, hq: int, hkv: int, d: int) -> list:
+    keep, kv_total = [], 0
+    for n in kv_lens:
+        if keep and (kv_total + n) * hkv * d > KV_ELEMS or (len(keep) + 1) * hq * d > OUT_ELEMS:
+            break
+        keep.append(n)
+        kv_total += n
+    while keep[0] * hkv * d > KV_ELEMS:
+        keep[0] //= 2
+    return keep
+
+
+def _fit_prefill(qo_lens: list, kv_lens: list, hq: int, hkv: int, d: int) -> tuple:
+    def cost(qo, kv):
+        return np.array([qo * max(kv, 1) * hq, qo * hq * d, kv * hkv * d])
+
+    caps = np.array([SCORE_ELEMS, OUT_ELEMS, KV_ELEMS])
+    qs, ks, total = [], [], np.zeros(3, np.int64)
+    for qo, kv in zip(qo_lens, kv_lens):
+        if qs and np.any(total + cost(qo, kv) > caps):
+            break
+        qs.append(qo)
+        ks.append(kv)
+        total += cost(qo, kv)
+    while np.any(cost(qs[0], ks[0]) > caps):
+        if qs[0] >= ks[0]:
+            qs[0] //= 2
+        else:
+            ks[0] //= 2
+    return qs, ks
+
+
+def _paged_choices(rng, batch: int, align: int = 8) -> dict:
+    """A paged cache: page size, 5-D array or (k, v) pair (views of one 5-D array, or two arrays),
+    storage, spare pages in the shuffled table, and index arrays on the host or the device."""
+    return {"page_size": _page_size(rng), "cache": _pick(rng, ("5d", "tuple_views", "tuple_pair")),
+            "kv_storage": _storage(rng, ("page", "head", "dim"), align),
+            "spare_pages": int(rng.integers(0, 2 * batch + 4)), "index_on_device": bool(rng.random() < 0.5)}
+
+
+def draw_decode(rng, single: bool = False) -> dict:
+    q_dtype = _pick(rng, Q_DTYPES)
+    kv_dtype = _pick(rng, (q_dtype,) + FP8, p=[0.5, 0.25, 0.25])
+    rope = bool(rng.random() < 0.25)
+    d = 16 * int(rng.integers(1, 17))
+    hq, hkv = _heads(rng)
+    longest = _log_int(rng, 8, MAX_LEN)
+    long_kv = bool(rng.random() < 0.2)  # few long requests: cut over CTAs, then merged
+    batch = 1 if single else _log_int(rng, 1, 4 if long_kv else 300)
+    kv_lens = [_log_int(rng, 256, MAX_LEN) if long_kv else _length(rng, longest) for _ in range(batch)]
+    kv_lens = _fit_decode(kv_lens, hq, hkv, d)
+    cfg = {"q_dtype": q_dtype, "kv_dtype": kv_dtype, "long_kv": long_kv,
+           "kernel": "tensor_cores" if kv_dtype == q_dtype and not rope else "cuda_cores",
+           "head_dim": d, "num_qo_heads": hq, "num_kv_heads": hkv, "group_size": hq // hkv,
+           "pos_encoding_mode": "ROPE_LLAMA" if rope else "NONE", "layout": _pick(rng, ("NHD", "HND")),
+           **_options(rng, d, longest, rope), **_scales(rng, kv_dtype in FP8), **_outputs(rng),
+           "q_storage": _storage(rng, ("head", "dim")), "q_amp": _pick(rng, (1.0, 3.0), p=[0.8, 0.2])}
+    if single:
+        cfg.update(kv_len=kv_lens[0], kv_storage=_storage(rng, ("token", "head", "dim", "interleaved")),
+                   q_scale=_log_float(rng, 0.5, 2.0) if rng.random() < 0.2 else None)
+    else:
+        cfg.update(kv_lens=kv_lens, **_paged_choices(rng, len(kv_lens)), use_cuda_graph=bool(rng.random() < 0.15))
+    cfg["data_seed"] = int(rng.integers(2 ** 62))
+    return cfg
+
+
+def draw_prefill(rng, kind: str) -> dict:
+    """kind: "paged", "ragged" or "single"."""
+    backend = _pick(rng, ("fa2", "fa3", "auto"), p=[0.4, 0.3, 0.3])
+    q_dtype = _pick(rng, Q_DTYPES)
+    if backend == "fa3":  # the Hopper kernel's space: head_dim 64/128, K/V in the q dtype, no RoPE
+        d, kv_dtype, rope = _pick(rng, (64, 128)), q_dtype, False
+    else:
+        d, rope = _pick(rng, (64, 128, 256)), bool(rng.random() < 0.2)
+        kv_dtype = _pick(rng, (q_dtype,) + FP8, p=[0.6, 0.2, 0.2]) if kind == "paged" else q_dtype
+    hq, hkv = _heads(rng)
+    long_kv = bool(rng.random() < 0.2)  # few query tiles on long contexts: KV split + merge
+    batch = 1 if kind == "single" else _log_int(rng, 1, 4 if long_kv else 128)
+    if long_kv:
+        qo_lens = [_log_int(rng, 1, 64) for _ in range(batch)]
+        kv_lens = [_log_int(rng, 1024, MAX_LEN) for _ in range(batch)]
+    else:
+        lq, lk = _log_int(rng, 8, MAX_LEN), _log_int(rng, 8, MAX_LEN)
+        qo_lens = [_length(rng, lq) for _ in range(batch)]
+        kv_lens = [_length(rng, lk) for _ in range(batch)]
+    qo_lens, kv_lens = _fit_prefill(qo_lens, kv_lens, hq, hkv, d)
+    # mask: "none", or a random custom mask ("bool" or "packed"); "causal_vs_mask" plans the batch
+    # with causal=True and again with the equivalent custom mask: both must match the reference.
+    mask = _pick(rng, ("none", "bool", "packed", "causal_vs_mask"), p=[0.55, 0.15, 0.15, 0.15])
+    cfg = {"backend": backend, "q_dtype": q_dtype, "kv_dtype": kv_dtype, "head_dim": d, "num_qo_heads": hq,
+           "num_kv_heads": hkv, "group_size": hq // hkv, "qo_lens": qo_lens, "kv_lens": kv_lens, "long_kv": long_kv,
+           "mask": mask, "causal": mask == "causal_vs_mask" or (mask == "none" and bool(rng.random() < 0.5)),
+           "mask_kind": _pick(rng, ("bool", "packed")) if mask == "causal_vs_mask" else mask,
+           "mask_density": float(round(rng.uniform(0.0, 1.0), 3)), "mask_dead_rows": bool(rng.random() < 0.3),
+           "pos_encoding_mode": "ROPE_LLAMA" if rope else "NONE",
+           **_options(rng, d, max(max(kv_lens), 1), rope), **_outputs(rng),
+           "q_storage": _storage(rng, ("head", "dim")), "q_amp": _pick(rng, (1.0, 3.0), p=[0.8, 0.2])}
+    if kind == "paged":
+        # fp8 K/V: prefill copies 16 values at a time, so the API asks for 16-element alignment
+        cfg.update(layout=_pick(rng, ("NHD", "HND")), **_paged_choices(rng, len(kv_lens), 16 if kv_dtype in FP8 else 8),
+                   **_scales(rng, kv_dtype in FP8))
+    else:
+        cfg.update(layout=_pick(rng, ("NHD", "HND")),
+                   kv_storage=_storage(rng, ("token", "head", "dim", "interleaved")))
+        if kind == "ragged":
+            cfg.update(index_on_device=bool(rng.random() < 0.5), **_scales(rng, False))
+        else:
+            cfg.update(k_scale=None, v_scale=None)
+    if kind != "single":
+        # q_extra_rows: q (and out) longer than qo_indptr[-1]; run() must leave those rows alone
+        cfg.update(use_cuda_graph=bool(rng.random() < 0.2),
+                   q_extra_rows=int(rng.integers(1, 17)) if rng.random() < 0.15 else 0)
+    cfg["data_seed"] = int(rng.integers(2 ** 62))
+    return cfg
+
+
+def draw_cascade(rng) -> dict:
+    op = _pick(rng, ("merge_state", "merge_state_in_place", "merge_states"))
+    d = 8 * int(rng.integers(1, 33)) if rng.random() < 0.6 else int(rng.integers(1, 301))
+    heads = _log_int(rng, 1, 64)
+    states = _log_int(rng, 1, 16) if op == "merge_states" else 2
+    seq = 0 if rng.random() < 0.03 else _log_int(rng, 1, 4096)
+    seq = max(0, min(seq, MERGE_ELEMS // (states * heads * d)))
+    v_storage = _pick(rng, (["contiguous", 0, 0], ["token", 0, 1], ["head", 1, 1], ["dim", 0, 0]))
+    if v_storage[0] == "dim":  # any offset and padding: the kernel picks its vector width from them
+        v_storage = ["dim", int(rng.integers(0, 4)), int(rng.integers(1, 9))]
+    return {"op": op, "dtype": _pick(rng, ("float16", "bfloat16", "float32")), "seq_len": seq, "num_heads": heads,
+            "head_dim": d, "num_states": states, "v_storage": v_storage,
+            "s_storage": _pick(rng, ("contiguous", "head_padded", "transposed")),
+            "lse_amp": _pick(rng, (1.0, 4.0, 16.0)), "empty_frac": float(round(rng.uniform(0.0, 0.5), 3)),
+            "all_empty_rows": bool(rng.random() < 0.5),
+            "mask": _pick(rng, (None, "bool", "uint8", "int8")) if op == "merge_state_in_place" else None,
+            "data_seed": int(rng.integers(2 ** 62))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building arrays (from config["data_seed"])
+
+
+def _gens(cfg: dict) -> tuple:
+    return (torch.Generator(device=DEVICE).manual_seed(cfg["data_seed"]), np.random.default_rng(cfg["data_seed"]))
+
+
+def _randn(shape, dtype: str, g, amp: float = 1.0):
+    return (torch.randn(tuple(shape), generator=g, device=DEVICE) * amp).to(_torch_dtype(dtype))
+
+
+def _view(shape, storage, axes: dict, dtype: str, g, amp: float = 1.0):
+    """Random values of `shape` laid out as `storage` asks: a view into a larger allocation padded
+    along axis axes[kind] (before, after elements), or a contiguous array."""
+    kind, before, after = storage
+    if kind not in axes:
+        return _randn(shape, dtype, g, amp)
+    ax = axes[kind]
+    full = list(shape)
+    full[ax] += before + after
+    idx = [slice(None)] * len(shape)
+    idx[ax] = slice(before, before + shape[ax])
+    return _randn(full, dtype, g, amp)[tuple(idx)]
+
+
+def _kv_views(shape, storage, axes: dict, dtype: str, g):
+    """(k, v) of one shape and the same strides (the API requires it)."""
+    if storage[0] == "interleaved":
+        both = _randn(tuple(shape[:-1]) + (2, shape[-1]), dtype, g)
+        return both[..., 0, :], both[..., 1, :]
+    return _view(shape, storage, axes, dtype, g), _view(shape, storage, axes, dtype, g)
+
+
+def _f64(x):
+    """A torch tensor as a float64 CuPy array (fp8 / bf16 widen in torch first)."""
+    if x.numel() == 0:  # no DLPack round trip for empty arrays (their data pointer may be null)
+        return cupy.zeros(tuple(x.shape))
+    return cupy.from_dlpack(x.double().contiguous())
+
+
+def _cupy_bool(x):
+    """A torch bool tensor as a CuPy bool array."""
+    if x.numel() == 0:
+        return cupy.zeros(tuple(x.shape), dtype=bool)
+    return cupy.from_dlpack(x.to(torch.uint8)).astype(bool)
+
+
+def _torch_of(x, dtype):
+    """A float64 CuPy array as a torch tensor of `dtype`."""
+    if x.size == 0:
+        return torch.zeros(x.shape, dtype=dtype, device=DEVICE)
+    return torch.from_dlpack(cupy.ascontiguousarray(x)).to(dtype)
+
+
+def _nan(shape):
+    return torch.full(tuple(shape), float("nan"), device=DEVICE)
+
+
+class PagedKV:
+    """A paged cache as the config asks (layout, 5-D or (k, v) pair, storage), its shuffled page
+    table with spare pages, and every request's K/V rows in float64 for the reference."""
+
+    def __init__(self, cfg: dict, kv_lens: list, g, rng):
+        ps, hkv, d, layout = cfg["page_size"], cfg["num_kv_heads"], cfg["head_dim"], cfg["layout"]
+        npages = [-(-n // ps) for n in kv_lens]
+        used = sum(npages)
+        total = max(used + cfg["spare_pages"], 1)  # at least one page, even when every request is empty
+        self.indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
+        self.indices = rng.permutation(total)[:used].astype(np.int32)
+        self.last_page_len = np.array([n - (p - 1) * ps if p else 0 for n, p in zip(kv_lens, npages)], np.int32)
+        self.kv_lens, self.ps, self.hkv, self.d = kv_lens, ps, hkv, d
+        inner = (ps, hkv, d) if layout == "NHD" else (hkv, ps, d)
+        head = 2 if layout == "NHD" else 1
+        if cfg["cache"] == "tuple_pair":
+            axes = {"page": 0, "head": head, "dim": 3}
+            k, v = _kv_views((total,) + inner, cfg["kv_storage"], axes, cfg["kv_dtype"], g)
+            self.arg = (k, v)
+        else:
+            axes = {"page": 0, "head": head + 1, "dim": 4}
+            cache = _view((total, 2) + inner, cfg["kv_storage"], axes, cfg["kv_dtype"], g)
+            k, v = cache[:, 0], cache[:, 1]
+            self.arg = cache if cfg["cache"] == "5d" else (k, v)
+        self.k, self.v = (k, v) if layout == "NHD" else (k.transpose(1, 2), v.transpose(1, 2))  # (P, ps, H, D)
+
+    def index_arrays(self, on_device: bool) -> tuple:
+        arrays = (self.indptr, self.indices, self.last_page_len)
+        return tuple(torch.as_tensor(a, device=DEVICE) for a in arrays) if on_device else arrays
+
+    def rows_f64(self) -> tuple:
+        """(k, v) float64 CuPy (pages in table order x page_size, H, D): request r's rows start at
+        indptr[r] * page_size."""
+        idx = torch.as_tensor(self.indices.astype(np.int64), device=DEVICE)
+        return tuple(_f64(x.double()[idx].reshape(-1, self.hkv, self.d)) for x in (self.k, self.v))
+
+    def request_rows(self, r: int) -> slice:
+        a = int(self.indptr[r]) * self.ps
+        return slice(a, a + self.kv_lens[r])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_dead_rows(out, ref_lse, what: str) -> None:
+    """Every (row, head) that sees no key (reference lse -inf) must give o = 0 exactly."""
+    dead = np.isneginf(ref_lse)
+    assert np.all(out[dead] == 0), f"{what}: rows that see no key are not exactly 0"
+
+
+def _check_decode_like(o, lse, ref_o, ref_lse, dtype: str, what: str) -> None:
+    out, ro, rl = o.double().cpu().numpy(), cupy.asnumpy(ref_o), cupy.asnumpy(ref_lse)
+    assert_close(out, ro, dtype, what)
+    _check_dead_rows(out, rl, what)
+    if lse is not None:
+        assert_lse_close(lse.double().cpu().numpy(), rl, f"{what} lse")
+
+
+def _returned(res, cfg: dict, out, lse) -> tuple:
+    """(o, lse to check) from a call's return value; given out / lse must come back as themselves."""
+    o, lse_back = res if cfg["return_lse"] else (res, None)
+    assert isinstance(o, torch.Tensor), f"returned {type(o).__name__}, not a torch tensor"
+    if out is not None:
+        assert o is out, "out= given but another tensor was returned"
+    if lse is not None and lse_back is not None:
+        assert lse_back is lse, "lse= given but another tensor was returned"
+    return o, (lse_back if lse_back is not None else lse)
+
+
+def _decode_ref_kw(cfg: dict) -> dict:
+    return {"window_left": cfg["window_left"], "logits_soft_cap": cfg["logits_soft_cap"] or 0.0,
+            "sm_scale": cfg["sm_scale"], "rope": cfg["pos_encoding_mode"] == "ROPE_LLAMA",
+            "rope_scale": cfg["rope_scale"] or 1.0, "rope_theta": cfg["rope_theta"] or 1e4,
+            "k_scale": cfg["k_scale"] or 1.0, "v_scale": cfg["v_scale"] or 1.0}
+
+
+def _api_kw(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("pos_encoding_mode", "window_left", "logits_soft_cap", "sm_scale", "rope_scale",
+                                "rope_theta")}
+
+
+def check_decode(cfg: dict) -> None:
+    g, rng = _gens(cfg)
+    hq, hkv, d, lens = cfg["num_qo_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["kv_lens"]
+    paged = PagedKV(cfg, lens, g, rng)
+    q = _view((len(lens), hq, d), cfg["q_storage"], {"head": 1, "dim": 2}, cfg["q_dtype"], g, cfg["q_amp"])
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE),
+                                                   cfg["layout"], use_cuda_graph=cfg["use_cuda_graph"])
+    w.plan(*paged.index_arrays(cfg["index_on_device"]), hq, hkv, d, cfg["page_size"], q_data_type=cfg["q_dtype"],
+           kv_data_type=cfg["kv_dtype"], **_api_kw(cfg))
+    out = _nan(q.shape).to(q.dtype) if cfg["out_given"] else None
+    lse = _nan((len(lens), hq)) if cfg["lse_given"] else None
+    res = w.run(q, paged.arg, k_scale=cfg["k_scale"], v_scale=cfg["v_scale"], out=out, lse=lse,
+                return_lse=cfg["return_lse"])
+    o, lse = _returned(res, cfg, out, lse)
+    qc = _f64(q)
+    kc, vc = paged.rows_f64()
+    kw = _decode_ref_kw(cfg)
+    refs = [reference.decode_attention(qc[r], kc[paged.request_rows(r)], vc[paged.request_rows(r)], **kw)
+            for r in range(len(lens))]
+    _check_decode_like(o, lse, cupy.stack([a for a, _ in refs]), cupy.stack([b for _, b in refs]), cfg["q_dtype"],
+                       "decode")
+
+
+def check_single_decode(cfg: dict) -> None:
+    g, _ = _gens(cfg)
+    hq, hkv, d, n = cfg["num_qo_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["kv_len"]
+    nhd = cfg["layout"] == "NHD"
+    shape = (n, hkv, d) if nhd else (hkv, n, d)
+    k, v = _kv_views(shape, cfg["kv_storage"], {"token": 0 if nhd else 1, "head": 1 if nhd else 0, "dim": 2},
+                     cfg["kv_dtype"], g)
+    q = _view((hq, d), cfg["q_storage"], {"head": 0, "dim": 1}, cfg["q_dtype"], g, cfg["q_amp"])
+    out = _nan(q.shape).to(q.dtype) if cfg["out_given"] else None
+    lse = _nan((hq,)) if cfg["lse_given"] else None
+    res = fi_cupy.single_decode_with_kv_cache(q, k, v, kv_layout=cfg["layout"], q_scale=cfg["q_scale"],
+                                              k_scale=cfg["k_scale"], v_scale=cfg["v_scale"],
+                                              return_lse=cfg["return_lse"], out=out, lse=lse, **_api_kw(cfg))
+    o, lse = _returned(res, cfg, out, lse)
+    kw = _decode_ref_kw(cfg)
+    if cfg["q_scale"] is not None:
+        kw["sm_scale"] = (cfg["sm_scale"] or 1.0 / math.sqrt(d)) * cfg["q_scale"]
+    kc, vc = (_f64(x if nhd else x.transpose(0, 1)) for x in (k, v))
+    ref_o, ref_lse = reference.decode_attention(_f64(q), kc, vc, **kw)
+    _check_decode_like(o, lse, ref_o, ref_lse, cfg["q_dtype"], "single_decode")
+
+
+def _masks(cfg: dict, g) -> list:
+    """Each request's (qo_len, kv_len) bool mask (torch), or None without a custom mask."""
+    if cfg["mask"] == "none":
+        return None
+    out = []
+    for qo, kv in zip(cfg["qo_lens"], cfg["kv_lens"]):
+        if cfg["mask"] == "causal_vs_mask":
+            m = torch.tril(torch.ones((qo, kv), dtype=torch.bool, device=DEVICE), diagonal=kv - qo)
+        else:
+            m = torch.rand((qo, kv), generator=g, device=DEVICE) < cfg["mask_density"]
+            if cfg["mask_dead_rows"]:
+                m[torch.rand((qo,), generator=g, device=DEVICE) < 0.2] = False
+        out.append(m)
+    return out
+
+
+def _mask_kwargs(cfg: dict, masks: list, single: bool) -> dict:
+    """plan() / single_prefill arguments of a custom mask: bool, or packed little-endian."""
+    if single:
+        flat = masks[0].reshape(-1)
+        if cfg["mask_kind"] == "bool":
+            return {"custom_mask": masks[0]}
+        return {"packed_custom_mask": fi_cupy.packbits(flat, bitorder="little")}
+    flat = torch.cat([m.reshape(-1) for m in masks])
+    if cfg["mask_kind"] == "bool":
+        return {"custom_mask": flat}
+    bit_indptr = np.concatenate([[0], np.cumsum([m.numel() for m in masks])]).astype(np.int64)
+    packed, _ = fi_cupy.segment_packbits(flat, bit_indptr, bitorder="little")
+    return {"packed_custom_mask": packed}
+
+
+def _keep(lq: int, lk: int, cfg: dict, mask):
+    """The reference's visibility rule in torch, for the naive baseline."""
+    qpos = torch.arange(lq, device=DEVICE) + lk - lq
+    j = torch.arange(lk, device=DEVICE)[None, :]
+    keep = torch.ones((lq, lk), dtype=torch.bool, device=DEVICE)
+    if cfg["causal"]:
+        keep &= j <= qpos[:, None]
+    if cfg["window_left"] >= 0:
+        keep &= j >= qpos[:, None] - cfg["window_left"]
+    if mask is not None:
+        keep &= mask
+    return keep
+
+
+def _rotated_in(dtype, q64, k64, cfg: dict) -> tuple:
+    """(q, k) of one request rotated by RoPE in float64 and rounded to `dtype`, as float64 CuPy."""
+    lq, lk = q64.shape[0], k64.shape[0]
+    rs, rt = cfg["rope_scale"] or 1.0, cfg["rope_theta"] or 1e4
+    q = reference.rope_llama(q64.transpose(1, 0, 2), cupy.arange(lq) + lk - lq, rs, rt).transpose(1, 0, 2)
+    k = reference.rope_llama(k64.transpose(1, 0, 2), cupy.arange(lk), rs, rt).transpose(1, 0, 2)
+    return _f64(_torch_of(q, dtype)), _f64(_torch_of(k, dtype))
+
+
+def _naive(q, k, v, keep, cfg: dict):
+    """The same attention computed in the input dtype (scores, softmax and P V rounded to it, as
+    torch does them): the error baseline of test_prefill.py's rule (RoPE already applied)."""
+    lq, hq, d = q.shape
+    g = hq // k.shape[1]
+    scale = cfg["sm_scale"] or 1.0 / math.sqrt(d)
+    kh = k.repeat_interleave(g, dim=1).permute(1, 2, 0)  # (Hq, D, Lk)
+    vh = v.repeat_interleave(g, dim=1).transpose(0, 1)   # (Hq, Lk, D)
+    s = torch.matmul(q.transpose(0, 1), kh) * scale
+    cap = cfg["logits_soft_cap"]
+    if cap:
+        s = cap * torch.tanh(s / cap)
+    s = s.masked_fill(~keep[None], float("-inf"))
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)  # a row that sees nothing: 0
+    return torch.matmul(p, vh).transpose(0, 1)
+
+
+def _check_prefill_request(o, ref_o, naive, dtype: str, what: str) -> None:
+    """test_prefill.py's rule on one request (CuPy float64 arrays): max error <= 2 x the naive
+    error, or within OUT_TOL element-wise."""
+    assert not bool(cupy.isnan(o).any()), f"{what}: NaN in output (unwritten or invalid elements)"
+    diff = cupy.abs(o - ref_o)
+    err, base = float(diff.max()), float(cupy.abs(naive - ref_o).max())
+    if err <= 2 * base + 1e-6:
+        return
+    atol, rtol = OUT_TOL[dtype]
+    bad = int((diff > atol + rtol * cupy.abs(ref_o)).sum())
+    assert bad == 0, (f"{what}: max error {err:.3g} > 2 x naive {dtype} error {base:.3g}, and {bad} elements "
+                      f"are outside OUT_TOL (atol {atol}, rtol {rtol})")
+
+
+def _prefill_kv(cfg: dict, g, rng, kind: str) -> tuple:
+    """K/V of a prefill case: (what run() takes, the PagedKV or None, request r -> its (k, v) rows
+    as float64 CuPy (kv_len, H, D)), from the paged cache or the requests' concatenated rows."""
+    hkv, d, kv_lens = cfg["num_kv_heads"], cfg["head_dim"], cfg["kv_lens"]
+    if kind == "paged":
+        paged = PagedKV(cfg, kv_lens, g, rng)
+        kc, vc = paged.rows_f64()
+        return paged.arg, paged, lambda r: (kc[paged.request_rows(r)], vc[paged.request_rows(r)])
+    nhd = cfg["layout"] == "NHD"
+    n = sum(kv_lens)
+    shape = (n, hkv, d) if nhd else (hkv, n, d)
+    k, v = _kv_views(shape, cfg["kv_storage"], {"token": 0 if nhd else 1, "head": 1 if nhd else 0, "dim": 2},
+                     cfg["kv_dtype"], g)
+    kc, vc = (_f64(x if nhd else x.transpose(0, 1)) for x in (k, v))
+    starts = np.concatenate([[0], np.cumsum(kv_lens)])
+    rows = [slice(int(starts[r]), int(starts[r + 1])) for r in range(len(kv_lens))]
+    return (k, v), None, lambda r: (kc[rows[r]], vc[rows[r]])
+
+
+def _run_prefill(cfg: dict, kind: str, kv_arg, qo_indptr, q, masks, causal: bool, paged=None):
+    """One plan + run (or a single_prefill call) as the config asks; returns (o, lse)."""
+    hq, hkv, d = cfg["num_qo_heads"], cfg["num_kv_heads"], cfg["head_dim"]
+    mask_kw = {} if masks is None else _mask_kwargs(cfg, masks, kind == "single")
+    out = _nan(q.shape).to(q.dtype) if cfg["out_given"] else None
+    lse = _nan(q.shape[:2]) if cfg["lse_given"] else None
+    opts = _api_kw(cfg)
+    if kind == "single":
+        k, v = kv_arg
+        res = fi_cupy.single_prefill_with_kv_cache(q, k, v, causal=causal, kv_layout=cfg["layout"],
+                                                   return_lse=cfg["return_lse"], out=out, lse=lse,
+                                                   backend=cfg["backend"], **mask_kw, **opts)
+        return _returned(res, cfg, out, lse)
+    ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE)
+    qo_ip = torch.as_tensor(qo_indptr, device=DEVICE) if cfg.get("index_on_device") else qo_indptr
+    common = dict(causal=causal, q_data_type=cfg["q_dtype"], kv_data_type=cfg["kv_dtype"], **mask_kw, **opts)
+    scales = {"k_scale": cfg["k_scale"], "v_scale": cfg["v_scale"]}
+    if kind == "paged":
+        w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(ws, cfg["layout"], cfg["use_cuda_graph"],
+                                                        backend=cfg["backend"])
+        w.plan(qo_ip, *paged.index_arrays(cfg["index_on_device"]), hq, hkv, d, cfg["page_size"], **common)
+        res = w.run(q, kv_arg, out=out, lse=lse, return_lse=cfg["return_lse"], **scales)
+    else:
+        kv_ip = np.concatenate([[0], np.cumsum(cfg["kv_lens"])]).astype(np.int32)
+        kv_ip = torch.as_tensor(kv_ip, device=DEVICE) if cfg["index_on_device"] else kv_ip
+        w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(ws, cfg["layout"], cfg["use_cuda_graph"],
+                                                         backend=cfg["backend"])
+        w.plan(qo_ip, kv_ip, hq, hkv, d, **common)
+        res = w.run(q, *kv_arg, out=out, lse=lse, return_lse=cfg["return_lse"], **scales)
+    o, lse = _returned(res, cfg, out, lse)
+    if out is not None and q.shape[0] > qo_indptr[-1]:  # rows past qo_indptr[-1] are left alone
+        assert bool(torch.isnan(o[int(qo_indptr[-1]):]).all()), f"{kind}: rows past qo_indptr[-1] were written"
+    return o, lse
+
+
+def check_prefill(cfg: dict, kind: str) -> None:
+    if cfg["backend"] == "fa3" and DEVICE == "cuda" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("backend fa3 (the Hopper prefill kernel) needs an sm_90a GPU")
+    g, rng = _gens(cfg)
+    hq, d, qo_lens = cfg["num_qo_heads"], cfg["head_dim"], cfg["qo_lens"]
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    total = int(qo_indptr[-1])
+    kv_arg, paged, kv_f64 = _prefill_kv(cfg, g, rng, kind)
+    q = _view((total + cfg.get("q_extra_rows", 0), hq, d), cfg["q_storage"], {"head": 1, "dim": 2}, cfg["q_dtype"],
+              g, cfg["q_amp"])
+    masks = _masks(cfg, g)
+    runs = {"custom mask" if masks is not None else "causal" if cfg["causal"] else "no mask":
+            _run_prefill(cfg, kind, kv_arg, qo_indptr, q, masks, cfg["causal"] and masks is None, paged)}
+    if cfg["mask"] == "causal_vs_mask":
+        runs["causal"] = _run_prefill(cfg, kind, kv_arg, qo_indptr, q, None, True, paged)
+    # Reference and naive baseline, request by request (float64 CuPy / input dtype torch).
+    ks, vs = cfg["k_scale"] or 1.0, cfg["v_scale"] or 1.0
+    rope = cfg["pos_encoding_mode"] == "ROPE_LLAMA"
+    ref_kw = {"causal": cfg["causal"], "window_left": cfg["window_left"],
+              "logits_soft_cap": cfg["logits_soft_cap"] or 0.0, "sm_scale": cfg["sm_scale"]}
+    ref_lse = np.full((total, hq), -np.inf)
+    outs = {name: (_f64(o[:total]), lse) for name, (o, lse) in runs.items()}
+    for r, (a, b) in enumerate(zip(qo_indptr[:-1], qo_indptr[1:])):
+        if a == b:
+            continue
+        q64 = _f64(q[a:b])
+        k64, v64 = kv_f64(r)
+        if rope:  # the kernels rotate Q and K in the 16-bit q dtype (as FlashInfer's prefill does):
+            q64, k64 = _rotated_in(q.dtype, q64, k64, cfg)  # the references see those rounded values
+        k64, v64 = k64 * ks, v64 * vs  # fp8 (or scaled) K/V: the reference sees the dequantised values
+        m = None if masks is None else _cupy_bool(masks[r])
+        ro, rl = reference.prefill_attention(q64, k64, v64, custom_mask=m, **ref_kw)
+        ref_lse[a:b] = cupy.asnumpy(rl)
+        kt, vt = (_torch_of(x, q.dtype) for x in (k64, v64))  # naive: dequantised to the q dtype
+        keep = _keep(b - a, k64.shape[0], cfg, None if masks is None else masks[r])
+        naive = _f64(_naive(_torch_of(q64, q.dtype), kt, vt, keep, cfg))
+        for name, (oc, _) in outs.items():
+            _check_prefill_request(oc[a:b], ro, naive, cfg["q_dtype"], f"{kind} ({name}) request {r}")
+    for name, (o, lse) in runs.items():
+        _check_dead_rows(o[:total].double().cpu().numpy(), ref_lse, f"{kind} ({name})")
+        if lse is not None:
+            assert_lse_close(lse[:total].double().cpu().numpy(), ref_lse, f"{kind} ({name}) lse")
+
+
+def _lse(shape, cfg: dict, g, dead=None):
+    """float32 base-2 lse states, some empty (-inf), laid out as cfg["s_storage"] asks."""
+    s = torch.randn(tuple(shape), generator=g, device=DEVICE) * cfg["lse_amp"]
+    s[torch.rand(tuple(shape), generator=g, device=DEVICE) < cfg["empty_frac"]] = float("-inf")
+    if dead is not None:
+        s[dead] = float("-inf")
+    layout = cfg["s_storage"]
+    if layout == "head_padded":
+        big = torch.zeros(tuple(shape[:-1]) + (shape[-1] + 3,), device=DEVICE)
+        big[..., 1:1 + shape[-1]] = s
+        return big[..., 1:1 + shape[-1]]
+    if layout == "transposed":
+        return s.transpose(0, -1).contiguous().transpose(0, -1)
+    return s
+
+
+def check_cascade(cfg: dict) -> None:
+    g, _ = _gens(cfg)
+    seq, h, d, n, dt = cfg["seq_len"], cfg["num_heads"], cfg["head_dim"], cfg["num_states"], cfg["dtype"]
+    dead = torch.rand((seq, h), generator=g, device=DEVICE) < 0.1 if cfg["all_empty_rows"] else None
+    if cfg["op"] == "merge_states":
+        v = _view((seq, n, h, d), cfg["v_storage"], {"token": 0, "head": 2, "dim": 3}, dt, g)
+        s = _lse((seq, n, h), cfg, g, None if dead is None else dead[:, None, :].expand(seq, n, h))
+        vm, sm = fi_cupy.merge_states(v, s)
+        ref_v, ref_s = reference.merge_states(_f64(v), _f64(s))
+    else:
+        axes = {"token": 0, "head": 1, "dim": 2}
+        va, vb = _view((seq, h, d), cfg["v_storage"], axes, dt, g), _view((seq, h, d), cfg["v_storage"], axes, dt, g)
+        sa, sb = _lse((seq, h), cfg, g, dead), _lse((seq, h), cfg, g, dead)
+        ref_v, ref_s = reference.merge_state(_f64(va), _f64(sa), _f64(vb), _f64(sb))
+        if cfg["op"] == "merge_state":
+            vm, sm = fi_cupy.merge_state(va, sa, vb, sb)
+        else:
+            v0, s0 = va.clone(), sa.clone()
+            mask = None
+            if cfg["mask"] is not None:
+                mask = (torch.rand((seq,), generator=g, device=DEVICE) < 0.5).to(_torch_dtype(cfg["mask"]))
+            assert fi_cupy.merge_state_in_place(va, sa, vb, sb, mask=mask) is None
+            vm, sm = va, sa
+            if mask is not None:  # rows the mask leaves alone keep their state bit for bit; check the rest
+                on = mask.bool()
+                assert torch.equal(vm[~on], v0[~on]) and torch.equal(sm[~on], s0[~on]), \
+                    "merge_state_in_place changed rows its mask leaves alone"
+                on_c = _cupy_bool(on)
+                vm, sm, ref_v, ref_s = vm[on], sm[on], ref_v[on_c], ref_s[on_c]
+    _check_decode_like(vm, sm, ref_v, ref_s, dt, cfg["op"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Families
+
+
+def _case(draw, check):
+    def case(rng, report):
+        cfg = draw(rng)
+        report(cfg)
+        try:
+            check(cfg)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nconfig: {cfg}") from e
+    return case
+
+
+# Relative weights (test_fuzz.py normalises them together with fuzz_ops.py's): attention gets most.
+FAMILIES = {
+    "decode": (30, _case(draw_decode, check_decode)),
+    "single_decode": (8, _case(lambda rng: draw_decode(rng, single=True), check_single_decode)),
+    "prefill_paged": (22, _case(lambda rng: draw_prefill(rng, "paged"), lambda c: check_prefill(c, "paged"))),
+    "prefill_ragged": (14, _case(lambda rng: draw_prefill(rng, "ragged"), lambda c: check_prefill(c, "ragged"))),
+    "single_prefill": (10, _case(lambda rng: draw_prefill(rng, "single"), lambda c: check_prefill(c, "single"))),
+    "cascade": (6, _case(draw_cascade, check_cascade)),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The drawn distribution, without a GPU: `python tests/fuzz_attention.py [cases per family]`
+
+
+def _split_estimate(cfg: dict, kind: str) -> bool:
+    """Whether the plan likely cuts some KV range over CTAs (assumes an H200: 132 SMs; decode 2
+    CTAs a SM, prefill 1; prefill tiles of 128 packed rows, 64 when every request fits them)."""
+    from fi_cupy import scheduler
+    g = cfg["group_size"]
+    if kind == "decode":
+        lens = np.array(cfg["kv_lens"] if "kv_lens" in cfg else [cfg["kv_len"]])
+        wl = cfg["window_left"]
+        vis = np.maximum(0, lens - 1 - wl) if wl >= 0 else np.zeros_like(lens)
+        blocks = cfg["num_kv_heads"] * scheduler.decode_heads_per_block(g)[1]
+        return scheduler.decode_schedule(lens, vis, blocks, 264).merge_pairs.size > 0
+    rows = 64 if max(cfg["qo_lens"]) * g <= 64 else 128
+    return scheduler.prefill_schedule(cfg["qo_lens"], cfg["kv_lens"], g, cfg["num_kv_heads"], rows, 132,
+                                      cfg["causal"]).merges.size > 0
+
+
+def _distribution(n: int) -> None:
+    from collections import Counter
+
+    def show(name, values):
+        c = Counter(values)
+        print(f"  {name}: " + ", ".join(f"{k} {100 * v / len(values):.0f}%" for k, v in sorted(c.items(), key=str)))
+
+    def page_kind(ps):
+        return "1" if ps == 1 else "pow2" if ps & (ps - 1) == 0 else "other"
+
+    for fam in ("decode", "single_decode", "prefill_paged", "prefill_ragged", "single_prefill", "cascade"):
+        kind = {"prefill_paged": "paged", "prefill_ragged": "ragged", "single_prefill": "single"}.get(fam)
+        draw = {"decode": draw_decode, "single_decode": lambda r: draw_decode(r, single=True),
+                "cascade": draw_cascade}.get(fam) or (lambda r, k=kind: draw_prefill(r, k))
+        cfgs = [draw(np.random.default_rng(10 ** 9 + i)) for i in range(n)]
+        print(f"{fam} ({n} draws)")
+        if fam == "cascade":
+            show("op", [c["op"] for c in cfgs])
+            show("dtype", [c["dtype"] for c in cfgs])
+            show("v storage", [c["v_storage"][0] for c in cfgs])
+            continue
+        show("group size", [c["group_size"] for c in cfgs])
+        show("kv dtype", [c["kv_dtype"][:11] for c in cfgs])
+        if "kv_lens" in cfgs[0] or "kv_len" in cfgs[0]:
+            lens = [n for c in cfgs for n in (c["kv_lens"] if "kv_lens" in c else [c["kv_len"]])]
+            show("kv_len", ["0" if x == 0 else "1" if x == 1 else "2-64" if x <= 64 else "65-1023" if x < 1024 else
+                            ">=1024" for x in lens])
+        if fam.startswith("decode") or fam == "single_decode":
+            show("kernel", [c["kernel"] for c in cfgs])
+            show("head_dim", [c["head_dim"] for c in cfgs])
+            show("split-KV (estimate)", [_split_estimate(c, "decode") for c in cfgs])
+        else:
+            show("backend", [c["backend"] for c in cfgs])
+            show("head_dim", [c["head_dim"] for c in cfgs])
+            show("mask", [c["mask"] if c["mask"] != "none" else "causal" if c["causal"] else "none" for c in cfgs])
+            req = [(q, k) for c in cfgs for q, k in zip(c["qo_lens"], c["kv_lens"])]
+            show("request", ["qo 0" if q == 0 else "kv 0" if k == 0 else "qo > kv" if q > k else "qo <= kv"
+                             for q, k in req])
+            show("split-KV (estimate)", [_split_estimate(c, "prefill") for c in cfgs])
+        if "page_size" in cfgs[0]:
+            show("page size", [page_kind(c["page_size"]) for c in cfgs])
+            show("cache", [c["cache"] + "/" + c["kv_storage"][0] for c in cfgs])
+            show("indices on device", [c["index_on_device"] for c in cfgs])
+        if "kv_lens" in cfgs[0]:
+            show("batch", ["1" if len(c["kv_lens"]) == 1 else "2-16" if len(c["kv_lens"]) <= 16 else ">16"
+                           for c in cfgs])
+        show("rope", [c["pos_encoding_mode"] for c in cfgs])
+        show("window_left", ["-1" if c["window_left"] < 0 else "0" if c["window_left"] == 0 else ">0" for c in cfgs])
+        show("soft cap", [c["logits_soft_cap"] is not None for c in cfgs])
+
+
+if __name__ == "__main__":
+    import sys
+    _distribution(int(sys.argv[1]) if len(sys.argv) > 1 else 2000)

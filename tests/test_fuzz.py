@@ -1,0 +1,74 @@
+"""Differential fuzz suite (GPU): random *valid* configurations drawn from the whole supported space
+of every op family, each compared against fi_cupy.reference with the tolerance rules of tolerances.py.
+
+One pytest item a case, `test_fuzz[<family>-<seed>]`. A case draws everything (configuration and
+data) from its seed alone, so one failure reproduces with one command, whatever ran before it:
+
+    FI_CUPY_FUZZ_REPRO=<family>:<seed> pytest tests/test_fuzz.py
+
+Knobs (environment): FI_CUPY_FUZZ_CASES (default 3000: about two minutes on an H200 with
+`-n 8`), FI_CUPY_FUZZ_SEED (the base seed, default 0: case i has seed base * 10**6 + i),
+FI_CUPY_FUZZ_FAMILIES (a comma list: only these families). Every case prints its family, seed and
+configuration before it launches (pytest shows it for a failing case; `-s` shows all). After each
+case the device is synchronised: a sticky CUDA error (illegal address, misaligned access) stops the
+whole run, naming the case that caused it, instead of failing every case after it.
+
+The families live in fuzz_attention.py (decode, prefill single / paged / ragged, cascade) and
+fuzz_ops.py (page append, norms, activations, RoPE, sampling filters and renorms); each exports
+FAMILIES = {name: (weight, case)} where case(rng, report) draws a configuration from the numpy
+Generator rng, calls report(config) before its first launch, runs and checks it.
+"""
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+
+import fuzz_attention  # noqa: E402
+import fuzz_ops  # noqa: E402
+
+FAMILIES = {**fuzz_attention.FAMILIES, **fuzz_ops.FAMILIES}
+
+
+def _cases() -> list:
+    repro = os.environ.get("FI_CUPY_FUZZ_REPRO")
+    if repro:
+        family, seed = repro.rsplit(":", 1)
+        if family not in FAMILIES:
+            raise ValueError(f"FI_CUPY_FUZZ_REPRO: unknown family {family!r}; expected one of {sorted(FAMILIES)}")
+        return [(family, int(seed))]
+    n = int(os.environ.get("FI_CUPY_FUZZ_CASES", "3000"))
+    base = int(os.environ.get("FI_CUPY_FUZZ_SEED", "0"))
+    only = os.environ.get("FI_CUPY_FUZZ_FAMILIES")
+    names = sorted(FAMILIES) if not only else [f.strip() for f in only.split(",") if f.strip()]
+    unknown = [f for f in names if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"FI_CUPY_FUZZ_FAMILIES: unknown {unknown}; expected some of {sorted(FAMILIES)}")
+    weights = np.array([FAMILIES[f][0] for f in names], dtype=np.float64)
+    # Families by weight, interleaved, from the base seed alone (a case's seed does not depend on
+    # which families the run takes: seed = base * 10**6 + i).
+    pick = np.random.default_rng(base).choice(len(names), size=n, p=weights / weights.sum())
+    return [(names[k], base * 10 ** 6 + i) for i, k in enumerate(pick)]
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("family,seed", CASES, ids=[f"{f}-{s}" for f, s in CASES])
+def test_fuzz(family, seed):
+    config = {}
+
+    def report(cfg: dict) -> None:
+        config.update(cfg)
+        print(f"fuzz case: FI_CUPY_FUZZ_REPRO={family}:{seed} {cfg}", flush=True)
+
+    case = FAMILIES[family][1]
+    try:
+        case(np.random.default_rng(seed), report)
+    finally:
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError as e:  # sticky: every later CUDA call in this process would fail too
+            pytest.exit(f"sticky CUDA error after FI_CUPY_FUZZ_REPRO={family}:{seed} {config}: {e}", returncode=3)
