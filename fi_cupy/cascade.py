@@ -76,7 +76,7 @@ def _pair(c: Call, a, sa, b, sb, vo, so, mask) -> None:
 
 def merge_state(v_a, s_a, v_b, s_b, stream=None):
     """Merge two attention states; returns (v_merged, s_merged)."""
-    c = Call(v_a, stream)
+    c = Call(v_a, stream, name="v_a")
     a, sa = _state(c, v_a, s_a, "v_a", "s_a")
     b, sb = _state(c, v_b, s_b, "v_b", "s_b")
     _same(a, b)
@@ -89,7 +89,7 @@ def merge_state(v_a, s_a, v_b, s_b, stream=None):
 def merge_state_in_place(v, s, v_other, s_other, mask=None, stream=None):
     """v, s <- merge((v, s), (v_other, s_other)) where mask (seq_len,) bool is True (everywhere
     without a mask). Returns None; JAX callers get the merged (v, s) as new arrays."""
-    c = Call(v, stream)
+    c = Call(v, stream, name="v")
     a, sa = _state(c, v, s, "v", "s")
     b, sb = _state(c, v_other, s_other, "v_other", "s_other")
     _same(a, b)
@@ -99,6 +99,8 @@ def merge_state_in_place(v, s, v_other, s_other, mask=None, stream=None):
         checks.shape(m, (a.shape[0],), "(seq_len,)")
         checks.contiguous(m)
     if c.writable(a) and c.writable(sa):
+        checks.no_overlap(a)
+        checks.no_overlap(sa)
         _pair(c, a, sa, b, sb, a, sa, m)
         c.result()
         return None
@@ -115,7 +117,7 @@ def merge_state_in_place(v, s, v_other, s_other, mask=None, stream=None):
 def merge_states(v, s, stream=None):
     """Merge num_states states per (token, head): v (seq_len, num_states, num_heads, head_dim),
     s (seq_len, num_states, num_heads) -> (v_merged (seq_len, num_heads, head_dim), s_merged)."""
-    c = Call(v, stream)
+    c = Call(v, stream, name="v")
     vi, si = _state(c, v, s, "v", "s", states_axis=True)
     seq, n, heads, d = vi.shape
     vo_obj, vo = c.new((seq, heads, d), vi.dtype, "v_merged")

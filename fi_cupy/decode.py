@@ -167,11 +167,18 @@ class DecodePlan:
         return _align(rows * gb * self.params.head_dim * 4) + _align(rows * gb * 4)
 
 
-def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
-                last_page_len: np.ndarray, num_ctas: int) -> DecodePlan:
-    batch = indptr.size - 1
+def check_page_table(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
+                     last_page_len: np.ndarray) -> tuple:
+    """(kv_lens, used page indices) of a checked page table."""
     checks.indptr("indptr", indptr)
-    kv_lens, used = page_table_lengths(indptr, indices, last_page_len, params.page_size)
+    return page_table_lengths(indptr, indices, last_page_len, params.page_size)
+
+
+def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
+                last_page_len: np.ndarray, num_ctas: int, lengths: tuple | None = None) -> DecodePlan:
+    """lengths: check_page_table's result when the caller has checked the table already."""
+    batch = indptr.size - 1
+    kv_lens, used = lengths or check_page_table(params, indptr, indices, last_page_len)
     wl = params.window_left
     visible = np.maximum(0, kv_lens - 1 - wl) if wl >= 0 else np.zeros_like(kv_lens)
     _, slices = scheduler.decode_heads_per_block(params.group_size)
@@ -227,6 +234,8 @@ def _outputs(q: arrays.ArrayInfo, p: DecodeParams, out, lse, return_lse: bool, s
     checks.dtype_is(o, q.dtype, "q's dtype")
     checks.last_dim_contiguous(o)
     checks.vector_aligned(o)
+    if out is not None:
+        checks.no_overlap(o)
     lse_obj, l_info = None, None
     if return_lse or lse is not None:
         l_shape = batch_shape + (p.num_qo_heads,)
@@ -321,8 +330,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         ip = checks.host_int_array("indptr", indptr)
         ix = checks.host_int_array("indices", indices)
         lp = checks.host_int_array("last_page_len", last_page_len)
+        lengths = check_page_table(params, ip, ix, lp)  # before any device work (the kernel's first load)
         num_ctas = decode_num_ctas(params, params.kv_dtype, self._ws.device)
-        plan = plan_decode(params, ip, ix, lp, num_ctas)
+        plan = plan_decode(params, ip, ix, lp, num_ctas, lengths)
         need = plan.partial_bytes() + plan.meta.nbytes
         if need > self._ws.nbytes:
             raise ValueError(f"float_workspace_buffer: {self._ws.nbytes} bytes is too small for this batch; "
@@ -396,11 +406,13 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     if kv.head_dim != qi.shape[1]:
         raise ValueError(f"k: head_dim {kv.head_dim} does not match q's head_dim {qi.shape[1]}")
     checks.dtype_in(qi, Q_DTYPES)
+    checks.dtype_in(kv.infos[0], KV_DTYPES[qi.dtype], f" with q {qi.dtype}")
     params = make_params(qi.shape[0], hkv, qi.shape[1], max(kv_len, 1), pos_encoding_mode, window_left,
                          logits_soft_cap, qi.dtype, kv.dtype, sm_scale, rope_scale, rope_theta)
     if q_scale is not None:
-        params.sm_scale *= float(q_scale)
+        params.sm_scale *= checks.float_arg("q_scale", q_scale)
     _check_q(qi, params, ())
+    out_obj, o, lse_obj, l_info = _outputs(qi, params, out, lse, return_lse, s, (), cur)
     key = (dev, kv_len, params.num_qo_heads, hkv, params.head_dim, params.window_left, params.q_dtype,
            params.kv_dtype, params.rope)
     plan = _single_plans.get(key)
@@ -416,7 +428,6 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     plan = replace(plan, params=params)
     # Metadata lives after the partials, as in the wrapper's workspace; uploaded once per shape.
     base = single_call_meta(_single_scratch, dev, s, fw, key, plan.meta, plan.partial_bytes())
-    out_obj, o, lse_obj, l_info = _outputs(qi, params, out, lse, return_lse, s, (), cur)
     launch_decode(plan, base + plan.partial_bytes(), base, qi, kv, o, l_info, scale("k_scale", k_scale),
                   scale("v_scale", v_scale), s)
     arrays.keep_alive(qi.device, s, (qi, o, l_info) + kv.infos)

@@ -59,12 +59,14 @@ def _norm(mode: str, input, weight, bias, eps, out, residual, stream, enable_pdl
     w = c.arg(weight, "weight" if mode != "layer" else "gemma")
     checks.dtype_in(w, dict.fromkeys((x.dtype, dt.float32)), f" with input {x.dtype}")
     checks.shape(w, (hidden,), "(hidden_size,) matching input's last dim")
+    checks.last_dim_contiguous(w)
     b = None
     if mode == "layer":
         b = c.arg(bias, "beta")
         checks.dtype_is(b, w.dtype, "gemma's dtype")
         checks.shape(b, (hidden,), "(hidden_size,) matching input's last dim")
-    eps = float(eps)
+        checks.last_dim_contiguous(b)
+    eps = checks.float_arg("eps", eps)
     r = None
     if residual is not None:
         r = c.arg(residual, "residual")
@@ -72,6 +74,8 @@ def _norm(mode: str, input, weight, bias, eps, out, residual, stream, enable_pdl
         checks.shape(r, x.shape, "matching input")
         _, r_stride = checks.rows_of(r)
         if c.writable(x) and c.writable(r):
+            checks.no_overlap(x)
+            checks.no_overlap(r)
             out_obj, o, r_out_obj, ro = input, x, residual, r
         else:  # immutable (JAX): new arrays for both results
             out_obj, o = c.new(x.shape, x.dtype, "input")

@@ -213,7 +213,7 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
     synchronisation; skipped automatically while a CUDA graph is being captured). With check=False the
     kernel still skips rows whose indices fall outside the page table, so nothing is written outside the
     cache. Returns None; JAX callers (immutable arrays) get a new cache with the rows written."""
-    c = Call(append_key, stream)
+    c = Call(append_key, stream, name="append_key")
     k = c.arg(append_key, "append_key")
     v = c.arg(append_value, "append_value")
     checks.ndim(k, 3, "(nnz, num_kv_heads, head_dim)")
@@ -224,6 +224,8 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
         checks.last_dim_contiguous(x)
     kv = describe_paged_cache(paged_kv_cache, kv_layout, c.stream, current_of=c._current)
     c.infos.extend(kv.infos)
+    for info in kv.infos:
+        checks.no_overlap(info)
     if kv.dtype != k.dtype:
         raise TypeError(f"append_key: dtype {k.dtype} does not match the cache's {kv.dtype} (quantise before "
                         f"appending to an fp8 cache)")
@@ -235,9 +237,9 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
     pos = _index_array(c, positions, "positions", bi.dtype, nnz)
     ix = _index_array(c, kv_indices, "kv_indices", bi.dtype)
     ip = _index_array(c, kv_indptr, "kv_indptr", bi.dtype)
-    lp = _index_array(c, kv_last_page_len, "kv_last_page_len", bi.dtype, ip.shape[0] - 1)
     if ip.shape[0] < 1:
         raise ValueError("kv_indptr: must have at least one entry")
+    lp = _index_array(c, kv_last_page_len, "kv_last_page_len", bi.dtype, ip.shape[0] - 1)
     if check and not streams.is_capturing(c.stream):
         _check_append_indices(bi, pos, ix, ip, lp, kv.page_size, kv.num_pages)
     result = None
@@ -281,7 +283,7 @@ def _copy_cache(c: Call, kv: KVView):
 
 def get_seq_lens(kv_indptr, kv_last_page_len, page_size: int, stream=None):
     """Length of each request: max(pages - 1, 0) * page_size + kv_last_page_len (int32, batch_size)."""
-    c = Call(kv_indptr, stream)
+    c = Call(kv_indptr, stream, name="kv_indptr")
     page_size = checks.positive_int("page_size", page_size)
     ip = _index_array(c, kv_indptr, "kv_indptr")
     batch = ip.shape[0] - 1
@@ -300,7 +302,7 @@ def get_batch_indices_positions(append_indptr, seq_lens, nnz: int, stream=None):
     """(batch_indices, positions), int32 (nnz,): the request of each appended token and its position,
     seq_lens[b] - (append_indptr[b + 1] - append_indptr[b]) + its index within the request's append.
     Tokens past append_indptr[-1] get -1 in both."""
-    c = Call(append_indptr, stream)
+    c = Call(append_indptr, stream, name="append_indptr")
     if isinstance(nnz, bool) or not isinstance(nnz, (int, np.integer)) or nnz < 0:
         raise ValueError(f"nnz: expected a non-negative integer, got {nnz!r}")
     ip = _index_array(c, append_indptr, "append_indptr")

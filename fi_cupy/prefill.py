@@ -6,6 +6,7 @@ e5m2) on the paged path; any GQA group; NHD and HND; causal (bottom-right aligne
 kv_len, query i sees keys 0 .. kv_len - qo_len + i), sliding window, custom masks (boolean or
 packed little-endian), logits soft cap, RoPE on the fly (q at kv_len - qo_len + i, k at its index),
 lse in base 2. Rows that see no key (empty KV, a mask hiding everything) give o = 0, lse = -inf.
+A custom mask replaces the causal mask, as in FlashInfer (causal=True is then ignored).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import scheduler
-from .quantization import packed_indptr, segment_packbits
+from .quantization import MASK_DTYPES, packed_indptr, segment_packbits
 from .page import KVView, LAYOUTS, check_cache_against, describe_kv_pair, describe_paged_cache, page_table_lengths
 from ._core import arrays, checks, kernels, streams
 from ._core.workspace import PlannedWrapper, caller, deliver, scale, single_call_meta, upload
@@ -186,7 +187,9 @@ class PrefillParams:
 
 def make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, pos_encoding_mode, window_left,
                 logits_soft_cap, sm_scale, rope_scale, rope_theta, q_data_type, kv_data_type, paged: bool,
-                page_size: int = 0) -> PrefillParams:
+                page_size: int = 0, has_mask: bool = False) -> PrefillParams:
+    """The checked per-batch constants. As in FlashInfer, a custom mask replaces the causal mask (mask
+    mode CUSTOM): `causal` is ignored when one is given (has_mask)."""
     num_qo_heads = checks.positive_int("num_qo_heads", num_qo_heads)
     num_kv_heads = checks.positive_int("num_kv_heads", num_kv_heads)
     checks.heads(num_qo_heads, num_kv_heads)
@@ -207,7 +210,7 @@ def make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, po
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal: expected a bool, got {causal!r}")
     wl, cap, sm, rs, rt = checks.attention_options(d, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
-    return PrefillParams(num_qo_heads, num_kv_heads, d, q_dtype, kv_dtype, bool(causal), wl, cap, sm,
+    return PrefillParams(num_qo_heads, num_kv_heads, d, q_dtype, kv_dtype, bool(causal) and not has_mask, wl, cap, sm,
                          pos_encoding_mode == "ROPE_LLAMA", rs, rt, page_size)
 
 
@@ -305,9 +308,10 @@ def plan_tile(params: PrefillParams, qo_lens: np.ndarray, custom_mask: bool, bac
     rows = int(qo_lens.max(initial=0)) * params.group_size
     if backend != "fa2":
         why = sm90_unsupported(params)
-        arch = kernels.device_arch(device) if device is not None else None
-        if why is None and arch != "sm_90a":
-            why = f"this device ({arch}; it needs sm_90a)"
+        if why is None:
+            arch = kernels.device_arch(device) if device is not None else None
+            if arch != "sm_90a":
+                why = f"this device ({arch}; it needs sm_90a)"
         if backend == "fa3" and why is not None:
             raise ValueError(f"backend: 'fa3' (the Hopper kernel) does not support {why}; use 'fa2' or 'auto'")
         if why is None and (backend == "fa3" or rows > AUTO_MIN_ROWS):
@@ -379,6 +383,8 @@ def _outputs(q: arrays.ArrayInfo, p: PrefillParams, total: int, out, lse, return
     checks.dtype_is(o, q.dtype, "q's dtype")
     checks.last_dim_contiguous(o)
     checks.vector_aligned(o)
+    if out is not None:
+        checks.no_overlap(o)
     if o.framework in ("jax", "tensorflow") and out is not None:
         raise TypeError(f"out: {o.framework} arrays are immutable and cannot be written")
     lse_obj, l_info = None, None
@@ -403,10 +409,11 @@ def _prepare_mask(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_lens:
     byte_indptr = packed_indptr(bit_indptr)
     if packed_custom_mask is None:
         info = arrays.describe(custom_mask, "custom_mask", stream, current_of)
+        checks.dtype_in(info, MASK_DTYPES)
         if info.size != bit_indptr[-1]:
             raise ValueError(f"custom_mask: expected {bit_indptr[-1]} elements (sum of qo_len * kv_len over the "
                              f"requests, flattened row-major), got {info.size}")
-        flat = custom_mask.reshape(-1) if info.ndim != 1 else custom_mask
+        flat = custom_mask.reshape(-1) if info.ndim != 1 or not info.is_contiguous() else custom_mask
         packed_custom_mask, _ = segment_packbits(flat, bit_indptr, bitorder="little",
                                                  stream=stream if current_of is None else None)
     pm = arrays.describe(packed_custom_mask, "packed_custom_mask", stream, current_of)
@@ -441,8 +448,10 @@ class _PrefillWrapper(PlannedWrapper):
                      packed_custom_mask, stream):
         s = streams.resolve(stream, self._ws.framework, self._ws.device)
         qo_lens = np.diff(qo_indptr)
+        # The tile before the mask: a backend that cannot run the plan is refused before packing (a launch).
+        tile, flags = plan_tile(params, qo_lens, custom_mask is not None or packed_custom_mask is not None,
+                                self._backend, self._ws.device)
         mask = _prepare_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens, s)
-        tile, flags = plan_tile(params, qo_lens, mask is not None, self._backend, self._ws.device)
         cap = self._capacity if self._use_cuda_graph else None
         if cap is not None:
             tile = cap["tile"]
@@ -508,7 +517,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
         page_size = checks.positive_int("page_size", page_size)
         params = make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, pos_encoding_mode,
                              window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, q_data_type,
-                             kv_data_type, True, page_size)
+                             kv_data_type, True, page_size,
+                             has_mask=custom_mask is not None or packed_custom_mask is not None)
         qo = checks.host_int_array("qo_indptr", qo_indptr)
         ip = checks.host_int_array("paged_kv_indptr", paged_kv_indptr)
         ix = checks.host_int_array("paged_kv_indices", paged_kv_indices)
@@ -533,6 +543,9 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
             raise ValueError(f"window_left: run() got {window_left} but plan() used {p.window_left}")
         kv = describe_paged_cache(paged_kv_cache, self._kv_layout, s, current_of=cur)
         check_cache_against(kv, p, self._plan.max_page, "paged_kv_indices")
+        if kv.dtype in FP8:  # the portable kernel copies 16 fp8 values (16 bytes) at a time
+            for info in kv.infos:
+                checks.vector_aligned(info, 16)
         return self._run(q, kv, out, lse, return_lse, k_scale, v_scale, s, fw, cur)
 
     forward = run
@@ -552,7 +565,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
              stream=None, **kwargs) -> None:
         params = make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, pos_encoding_mode,
                              window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, q_data_type,
-                             kv_data_type, False)
+                             kv_data_type, False, has_mask=custom_mask is not None or packed_custom_mask is not None)
         qo = checks.host_int_array("qo_indptr", qo_indptr)
         kv = checks.host_int_array("kv_indptr", kv_indptr)
         checks.indptr("qo_indptr", qo)
@@ -623,20 +636,27 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
     checks.same_device(qi, *kvv.infos)
     if kvv.head_dim != qi.shape[2]:
         raise ValueError(f"k: head_dim {kvv.head_dim} does not match q's head_dim {qi.shape[2]}")
+    checks.dtype_is(kvv.infos[0], qi.dtype, "q's dtype, the only kv_data_type of single prefill (fp8 K/V: the paged "
+                                            "wrapper)")
+    has_mask = custom_mask is not None or packed_custom_mask is not None
     params = make_params(qi.shape[1], kvv.num_kv_heads, qi.shape[2], None, causal, pos_encoding_mode, window_left,
-                         logits_soft_cap, sm_scale, rope_scale, rope_theta, qi.dtype, kvv.dtype, False)
+                         logits_soft_cap, sm_scale, rope_scale, rope_theta, qi.dtype, kvv.dtype, False,
+                         has_mask=has_mask)
     _check_kv_against(kvv, params)
+    _check_q(qi, params, qi.shape[0])
+    out_obj, o, lse_obj, l_info = _outputs(qi, params, qi.shape[0], out, lse, return_lse, s, cur)
     qo_len = qi.shape[0]
     qo_ip = np.array([0, qo_len], np.int32)
     kv_ip = np.array([0, kv_len], np.int32)
+    # The plan depends on the tile (backend, variant) and the variant: both are in the key. The tile
+    # first: a backend that cannot run these parameters is refused before the mask is packed (a launch).
+    tile, flags = plan_tile(params, qo_ip[1:], has_mask, backend, dev)
     mask = None
-    if custom_mask is not None or packed_custom_mask is not None:
+    if has_mask:
         if custom_mask is not None:
             ci = arrays.describe(custom_mask, "custom_mask", s, cur)
             checks.shape(ci, (qo_len, kv_len), "(qo_len, kv_len)")
         mask = _prepare_mask(custom_mask, packed_custom_mask, qo_ip[1:], kv_ip[1:], s, cur)
-    # The plan depends on the tile (backend, variant) and the variant: both are in the key.
-    tile, flags = plan_tile(params, qo_ip[1:], mask is not None, backend, dev)
     key = (dev, qo_len, kv_len, params.num_qo_heads, kvv.num_kv_heads, params.head_dim, params.causal,
            params.window_left, params.rope, flags, tile)
     got = _single_plans.get(key)
@@ -650,7 +670,6 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
         _single_plans.move_to_end(key)
     plan = PrefillPlan(**{**got.__dict__, "params": params, "mask": None if mask is None else mask[:2]})
     base = single_call_meta(_single_scratch, dev, s, fw, key, plan.meta, plan.partial_bytes())
-    out_obj, o, lse_obj, l_info = _outputs(qi, params, qo_len, out, lse, return_lse, s, cur)
     launch_prefill(plan, base + plan.partial_bytes(), base, qi, kvv, False, o, l_info, 1.0, 1.0, s)
     extra = (plan.mask[1],) if plan.mask is not None else ()
     arrays.keep_alive(qi.device, s, (qi, o, l_info) + kvv.infos + extra)

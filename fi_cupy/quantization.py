@@ -51,7 +51,7 @@ def _pack(c: Call, xi, indptr: np.ndarray, bitorder: str, name: str = "x"):
 
 def packbits(x, bitorder: str = "big", stream=None):
     """Pack a 1-D boolean array into uint8 (numpy.packbits(x, bitorder=...)), on x's device."""
-    c = Call(x, stream)
+    c = Call(x, stream, name="x")
     xi = _describe(c, x)
     obj, _ = _pack(c, xi, np.array([0, xi.shape[0]], dtype=np.int64), bitorder)
     return c.result(obj)
@@ -62,7 +62,7 @@ def segment_packbits(x, indptr, bitorder: str = "big", stream=None):
     new_indptr) with new_indptr the segments' byte offsets, both in x's framework."""
     ip = checks.host_int_array("indptr", indptr)
     checks.indptr("indptr", ip)
-    c = Call(x, stream)
+    c = Call(x, stream, name="x")
     obj, out_ip = _pack(c, _describe(c, x), ip.astype(np.int64), bitorder)
     return c.result(obj), c.result(_to_device(c, out_ip.astype(np.int32), dt.int32)[0])
 

@@ -251,7 +251,8 @@ def _check_nan(c: Call, info) -> None:
 
 def _seed(generator, seed, offset) -> tuple:
     if seed is not None:
-        return int(seed) % 2 ** 64, int(offset or 0) % 2 ** 64
+        off = 0 if offset is None else checks.int_arg("offset", offset)
+        return checks.int_arg("seed", seed) % 2 ** 64, off % 2 ** 64
     g = generator if generator is not None else default_generator
     if not isinstance(g, Generator):
         raise TypeError(f"generator: expected a fi_cupy.sampling.Generator (or pass seed= and offset=), got "
@@ -275,7 +276,7 @@ def _check_top_k(k_val) -> None:
 
 def _sample_probs(probs, indices, top_k, top_p, min_p, top_k_first, generator, seed, offset, check_nan,
                   enable_pdl, stream):
-    c = Call(probs, stream, enable_pdl)
+    c = Call(probs, stream, enable_pdl, "probs")
     p = _matrix(c, probs, "probs")
     batch, ix = _rows(c, p, indices)
     vocab = p.shape[1]
@@ -335,7 +336,7 @@ def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_ap
 def sampling_from_logits(logits, indices=None, deterministic: bool = True, generator=None, check_nan: bool = False,
                          seed=None, offset=None, enable_pdl=None, stream=None):
     """A token per row drawn from softmax(logits), by Gumbel-max in one pass (no softmax written)."""
-    c = Call(logits, stream, enable_pdl)
+    c = Call(logits, stream, enable_pdl, "logits")
     x = _matrix(c, logits, "logits")
     batch, ix = _rows(c, x, indices)
     if check_nan and not streams.is_capturing(c.stream):
@@ -350,7 +351,7 @@ def sampling_from_logits(logits, indices=None, deterministic: bool = True, gener
 
 def softmax(logits, temperature=None, enable_pdl=None, stream=None):
     """softmax(logits / temperature) per row, float32; temperature a scalar or a (batch,) float32 array."""
-    c = Call(logits, stream, enable_pdl)
+    c = Call(logits, stream, enable_pdl, "logits")
     x = _matrix(c, logits, "logits")
     batch, vocab = x.shape
     t_arr, t_val = _param(c, temperature, "temperature", batch, "float")
@@ -382,7 +383,7 @@ def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_
 
 
 def _renorm(probs, top_k, top_p, enable_pdl, stream):
-    c = Call(probs, stream, enable_pdl)
+    c = Call(probs, stream, enable_pdl, "probs")
     p = _matrix(c, probs, "probs")
     batch, vocab = p.shape
     k_arr, k_val = _param(c, top_k, "top_k", batch, "int")
@@ -411,7 +412,7 @@ def top_k_renorm_probs(probs, top_k, enable_pdl=None, stream=None):
 
 def top_k_mask_logits(logits, top_k, enable_pdl=None, stream=None):
     """logits with the tokens outside the top-k set (ties at the boundary kept) set to -inf."""
-    c = Call(logits, stream, enable_pdl)
+    c = Call(logits, stream, enable_pdl, "logits")
     x = _matrix(c, logits, "logits")
     batch, vocab = x.shape
     k_arr, k_val = _param(c, top_k, "top_k", batch, "int")
@@ -447,7 +448,7 @@ def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe
     (batch, n + 1, vocab) float32, all contiguous. Returns (output_token_ids (batch, n + 1) int32 with
     -1 after the first rejection, output_accepted_token_num, output_emitted_draft_token_num): the counts
     are added to the given arrays (updated in place; for JAX, to copies) or to new zeros."""
-    c = Call(draft_probs, stream, enable_pdl)
+    c = Call(draft_probs, stream, enable_pdl, "draft_probs")
     q = c.arg(draft_probs, "draft_probs")
     ids = c.arg(draft_token_ids, "draft_token_ids")
     p = c.arg(target_probs, "target_probs")

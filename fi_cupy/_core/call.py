@@ -18,7 +18,7 @@ from .arrays import ArrayInfo
 IMMUTABLE = ("jax", "tensorflow")  # frameworks whose arrays must never be written
 
 
-def device_of(x) -> int:
+def device_of(x, name: str = "array") -> int:
     if isinstance(x, ArrayInfo):
         return x.device
     fw = type(x).__module__.split(".")[0]
@@ -28,15 +28,15 @@ def device_of(x) -> int:
         return x.device.id
     if hasattr(x, "__dlpack_device__"):
         return int(x.__dlpack_device__()[1])
-    raise TypeError(f"expected an array that supports DLPack (torch, JAX, CuPy, ...), got {type(x).__name__}")
+    raise TypeError(f"{name}: expected an array that supports DLPack (torch, JAX, CuPy, ...), got {type(x).__name__}")
 
 
 class Call:
     __slots__ = ("framework", "device", "stream", "_current", "infos", "pdl")
 
-    def __init__(self, first, stream=None, enable_pdl=None):
+    def __init__(self, first, stream=None, enable_pdl=None, name: str = "input"):
         self.framework = arrays.framework_of(first)
-        self.device = device_of(first)
+        self.device = device_of(first, name)
         self.stream = streams.resolve(stream, self.framework, self.device)
         # Arrays of the framework whose current stream we launch on need no extra ordering.
         self._current = self.framework if stream is None else None
@@ -90,6 +90,7 @@ class Call:
         checks.shape(info, tuple(shape), layout)
         if info.dtype != dtype:
             raise TypeError(f"{name}: dtype {info.dtype} does not match the expected {dtype}")
+        checks.no_overlap(info)
         self.writable(info, True)
         return given, info
 

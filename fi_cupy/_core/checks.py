@@ -51,12 +51,29 @@ def contiguous(info: ArrayInfo) -> None:
         raise ValueError(f"{info.name}: must be contiguous, got shape {info.shape} strides {info.strides}")
 
 
-def vector_aligned(info: ArrayInfo, elems: int = 8) -> None:
-    """Kernels move `elems` elements per access along the last dim: base and row strides must allow it."""
-    nbytes = elems * info.dtype.itemsize
+def no_overlap(info: ArrayInfo) -> None:
+    """An array a kernel writes: no two elements may share an address (an expanded, stride-0 view
+    would make the writes race). Sufficient test: sorted by stride, each dim steps past the extent
+    of the dims inside it, which every slice or transpose of a non-overlapping array satisfies."""
+    extent = 1
+    for s, n in sorted(zip(info.strides, info.shape)):
+        if n > 1:
+            if s < extent and 0 not in info.shape:  # an empty array has nothing to write
+                raise ValueError(f"{info.name}: is written, so its elements must not overlap; got shape "
+                                 f"{info.shape} strides {info.strides} (an expanded or stride-0 view?); pass a "
+                                 f"contiguous array")
+            extent += s * (n - 1)
+
+
+def pointer_aligned(info: ArrayInfo, nbytes: int) -> None:
     if info.size and info.ptr % nbytes:
         raise ValueError(f"{info.name}: data pointer must be {nbytes}-byte aligned (got address "
                          f"{info.ptr:#x}); pass a freshly allocated or contiguous array")
+
+
+def vector_aligned(info: ArrayInfo, elems: int = 8) -> None:
+    """Kernels move `elems` elements per access along the last dim: base and row strides must allow it."""
+    pointer_aligned(info, elems * info.dtype.itemsize)
     bad = [s for n, s in zip(info.shape[:-1], info.strides[:-1]) if n > 1 and s % elems]
     if bad:
         raise ValueError(f"{info.name}: strides must be multiples of {elems} elements for vector loads, "
@@ -131,6 +148,25 @@ def float_or_none(name: str, v):
         return float(v)
     except (TypeError, ValueError):
         raise TypeError(f"{name}: expected a float or None, got {type(v).__name__}") from None
+
+
+def float_arg(name: str, v) -> float:
+    if v is None:
+        raise TypeError(f"{name}: expected a float, got None")
+    return float_or_none(name, v)
+
+
+def int_arg(name: str, v) -> int:
+    """A scalar integer argument (an int, or a one-element array: read on the host). Arrays of
+    several values (per-row device values, which FlashInfer also takes) are not supported."""
+    if isinstance(v, (bool, float, str)) or v is None:
+        raise TypeError(f"{name}: expected an int, got {v!r}")
+    try:
+        return int(v)
+    except (TypeError, ValueError, RuntimeError):
+        if hasattr(v, "__dlpack__") or isinstance(v, np.ndarray):
+            raise NotImplementedError(f"{name}: arrays of several values are not supported; pass an int") from None
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}") from None
 
 
 def vector_width(infos, length: int, max_bytes: int = 16) -> int:

@@ -32,6 +32,7 @@ class PlannedWrapper:
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
         self._ws = arrays.describe(float_workspace_buffer, "float_workspace_buffer")
         checks.contiguous(self._ws)
+        checks.pointer_aligned(self._ws, 16)  # partial states and int4 metadata are read 16 bytes at a time
         self._ws_obj = float_workspace_buffer
         self._plan = None
 
@@ -39,12 +40,12 @@ class PlannedWrapper:
         pass
 
 
-def caller(first, stream) -> tuple:
+def caller(first, stream, name: str = "q") -> tuple:
     """(framework, device, stream handle, current_of) of a single-request call: the framework and
     device of its first array, the explicit `stream` or that framework's current one; current_of
     names the framework whose current stream we launch on (None with an explicit stream)."""
     fw = arrays.framework_of(first)
-    dev = device_of(first)
+    dev = device_of(first, name)
     return fw, dev, streams.resolve(stream, fw, dev), (fw if stream is None else None)
 
 
