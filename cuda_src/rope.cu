@@ -25,6 +25,7 @@ namespace fic {
 enum RopePos { kPosIds = 0, kIndptr = 1 };
 enum RopeFreq { kTheta = 0, kLlama31 = 1, kCache = 2 };
 constexpr int kHeadChunk = 8;
+constexpr int kRopeMaxThreads = 256;  // the launch bound: a CTA's x * y threads
 constexpr int kMaxHalfRotary = 512;  // rotary_dim / 2 of the shared inv_freq table
 
 struct RopeFreqArgs {  // what the frequency modes need (unused fields are ignored)
@@ -63,7 +64,7 @@ struct RopeTensor {  // one of q / k: input and output with (token, head) stride
 };
 
 template <typename T, typename I, int VEC, bool INTERLEAVE, int POS, int FREQ>
-__global__ void __launch_bounds__(256) rope_kernel(
+__global__ void __launch_bounds__(kRopeMaxThreads) rope_kernel(
     const T* q, T* q_out, RopeTensor qs, int num_q_heads, const T* k, T* k_out, RopeTensor ks, int num_k_heads,
     const I* pos_ids, const I* indptr, const I* offsets, int batch, const float* cos_sin, long long cs_stride,
     long long max_pos, RopeFreqArgs fa, long long nnz, int head_dim, int rotary_dim) {
@@ -78,7 +79,9 @@ __global__ void __launch_bounds__(256) rope_kernel(
   const long long t = (long long)blockIdx.x * blockDim.y + threadIdx.y;
   if (t >= nnz) return;
   const int rot_items = INTERLEAVE ? rotary_dim / VEC : half / VEC;
-  const int lane = threadIdx.x;
+  // A lane a vector: rotated ones, then (out of place) the pass-through ones past rotary_dim. Rows wider
+  // than kRopeMaxThreads vectors (vector width 1) take several CTAs along z.
+  const int lane = blockIdx.z * blockDim.x + threadIdx.x;
   const int h0 = blockIdx.y * kHeadChunk;
   const int total_heads = num_q_heads + num_k_heads;
 

@@ -23,13 +23,16 @@ FREQ = {"theta": 0, "llama31": 1, "cache": 2}
 HEAD_CHUNK = 8       # kHeadChunk in rope.cu
 MAX_ROTARY_DIM = 1024  # 2 * kMaxHalfRotary in rope.cu
 CTA_THREADS = 128
+MAX_THREADS = 256  # kRopeMaxThreads in rope.cu (its launch bound): wider rows take more CTAs along z
 
 
 def rope_program(dtype: dt.DType, index: dt.DType, pos: str, freq: str) -> Program:
     """Every (vector width, interleave) variant of one (dtype, index dtype, position and frequency mode)."""
     return Program("rope.cu", tuple(
         KernelSpec("fic::rope_kernel", (dtype.cpp, index.cpp, vec, kernels.cpp_bool(il), POS[pos], FREQ[freq]))
-        for vec in _widths(dtype) for il in (False, True) if not (il and vec == 1)))
+        for vec in _widths(dtype) for il in (False, True) if not (il and vec == 1)),
+        (("fic::kHeadChunk", HEAD_CHUNK), ("fic::kMaxHalfRotary", MAX_ROTARY_DIM // 2),
+         ("fic::kRopeMaxThreads", MAX_THREADS)))
 
 
 def _widths(d: dt.DType) -> tuple:
@@ -69,7 +72,7 @@ def _index(c: Call, x, name: str, length: int):
 def _rope(q, k, *, inplace: bool, pos_ids=None, indptr=None, offsets=None, rotary_dim=None, interleave=False,
           freq: str = "theta", rope_scale=1.0, rope_theta=1e4, low_freq_factor=1.0, high_freq_factor=4.0,
           old_context_len=8192, cos_sin_cache=None, head_size=None, stream=None):
-    c = Call(q, stream)
+    c = Call(q, stream, name="q" if head_size is None else "query")
     qi, hq, d, q_tok, q_head = _heads_view(c, q, "q" if head_size is None else "query", head_size)
     ki, hk, dk, k_tok, k_head = _heads_view(c, k, "k" if head_size is None else "key", head_size)
     if ki.dtype != qi.dtype or dk != d or ki.shape[0] != qi.shape[0]:
@@ -77,7 +80,7 @@ def _rope(q, k, *, inplace: bool, pos_ids=None, indptr=None, offsets=None, rotar
                          f"{ki.shape[0]}, {dk} vs {qi.dtype}, {qi.shape[0]}, {d}")
     nnz = qi.shape[0]
     rd = d if rotary_dim is None else checks.positive_int("rotary_dim", rotary_dim)
-    if rd > d or rd % 2 or rd > MAX_ROTARY_DIM:
+    if freq != "cache" and (rd > d or rd % 2 or rd > MAX_ROTARY_DIM):  # the cache's width is checked below
         raise ValueError(f"rotary_dim: must be even and at most head_dim ({d}) and {MAX_ROTARY_DIM}, got {rd}")
     # Positions.
     batch, pi, ipi, ofi = 0, None, None, None
@@ -117,6 +120,8 @@ def _rope(q, k, *, inplace: bool, pos_ids=None, indptr=None, offsets=None, rotar
                     math.log2(theta))
     # Outputs.
     if inplace and c.writable(qi) and c.writable(ki):
+        checks.no_overlap(qi)
+        checks.no_overlap(ki)
         qo_obj, qo, ko_obj, ko = None, qi, None, ki
     else:
         qo_obj, qo = c.new(qi.shape, qi.dtype, "q_rope")
@@ -136,9 +141,10 @@ def _rope(q, k, *, inplace: bool, pos_ids=None, indptr=None, offsets=None, rotar
                                          "fic::rope_kernel", (qi.dtype.cpp, index.cpp, vec, kernels.cpp_bool(interleave),
                                                               POS[pos_mode], FREQ[freq]))))
         rot = (rd if interleave else rd // 2) // vec
-        bx = rot + ((d - rd) // vec if out_of_place else 0)
+        lanes = rot + ((d - rd) // vec if out_of_place else 0)
+        bx = min(lanes, MAX_THREADS)
         by = max(1, CTA_THREADS // bx)
-        grid = (-(-nnz // by), -(-(hq + hk) // HEAD_CHUNK))
+        grid = (-(-nnz // by), -(-(hq + hk) // HEAD_CHUNK), -(-lanes // bx))
         c.launch(fn, grid, (bx, by), [
             ptr(qi), ptr(qo), struct_arg("qqqq", q_tok, q_head, qo_tok, qo_head), i32(hq),
             ptr(ki), ptr(ko), struct_arg("qqqq", k_tok, k_head, ko_tok, ko_head), i32(hk),

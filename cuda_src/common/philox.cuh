@@ -17,9 +17,11 @@ __device__ __forceinline__ uint4 philox4x32(uint4 c, uint2 k) {
   return c;
 }
 
-// A uniform float in the open interval (0, 1) from 24 random bits.
+// A uniform float in the open interval (0, 1) from 23 random bits: (k + 0.5) / 2^23 is exact in float32
+// (24 significant bits), so the largest value is 1 - 2^-24. With 24 bits, (2^24 - 1) + 0.5 rounded to
+// 2^24 and returned 1.0: a Gumbel key of +inf that made one uniformly drawn token win a row.
 __device__ __forceinline__ float uniform_open(unsigned int x) {
-  return ((float)(x >> 8) + 0.5f) * 5.9604644775390625e-8f;
+  return ((float)(x >> 9) + 0.5f) * 1.1920928955078125e-7f;
 }
 
 // A uniform float in [0, 1) from 24 random bits (inverse-CDF targets must stay below the total).
