@@ -2,6 +2,28 @@
 
 Every case draws fresh random inputs, shuffles the page table, and poisons out/lse with NaN so an
 unwritten element fails. Framework (CuPy, JAX) callers are in test_frameworks.py.
+
+Coverage of test_path_grid (one item per path x group x page size; the minor axes rotate across
+items). Derived from fi_cupy/decode.py (uses_tensor_cores, decode_variant) and fi_cupy/scheduler.py
+(decode_heads_per_block, decode_schedule); every item asserts the kernel, GB and merge it names:
+
+  axis     value                        reaches
+  path     tc: KV in the q dtype        batch_decode_tc_kernel<D, GB, T> (mma.sync, 16 tokens a warp)
+           fp8: e4m3 / e5m2 KV          batch_decode_kernel<D, GB, QT, KVT, false> (CUDA cores)
+           rope: ROPE_LLAMA, 16-bit KV  batch_decode_kernel<D, GB, QT, QT, true> (CUDA cores)
+  group    1 (4 qo / 4 kv heads)        GB = 1 (the group size issue 19's decode crash needed)
+           4 (8 / 2)                    GB = 4
+           6 (12 / 2)                   GB = 8, two of its heads masked
+           8 (16 / 2)                   GB = 8
+  page     1, 7, 8, 16                  every path and group meets every page size
+  lens     split [2999, 1, 0, 17, ..]   a pair cut over CTAs: merge_states_kernel<D, GB, T> runs
+           whole [97, 0, 97, ..]        equal lengths, whole pairs a CTA: no merge
+           tiny  [0, 1, 3, 0, 2, 9]     all in one CTA's quota: no merge
+  rotated  head_dim 64 / 128 / 256, q fp16 / bf16, NHD / HND, 5-D cache / (k, v) pair
+
+Lengths 0 (o = 0, lse = -inf), 1, and non-multiples of a CTA's step (CUDA cores: 4 warps x
+32 / next_pow2(D / 8) rows x 4 (GB 8: 2) tokens, 32 at d128; tensor cores: 64 tokens).
+Each (path, group) meets "split" at two page sizes and "whole" and "tiny" at one each.
 """
 import math
 
@@ -337,6 +359,109 @@ def test_wgmma_probe_runs():
     bits = lambda x: (x.view(np.uint32) >> 16).astype(np.uint16)  # exact: small integers
     d = probe.wgmma_matmul(bits(a), bits(b))
     np.testing.assert_array_equal(d, a @ b.T)
+
+
+# ---------------------------------------------------------------------------------------------
+# Coverage grid: every kernel path x group size x page size (table in the module docstring).
+
+GRID_HEADS = {1: (4, 4), 4: (8, 2), 6: (12, 2), 8: (16, 2)}  # group -> (num_qo_heads, num_kv_heads)
+GRID_GB = {1: 1, 4: 4, 6: 8, 8: 8}  # heads per block the scheduler must pick for the group
+GRID_PAGES = (1, 7, 8, 16)
+GRID_LENS = {"split": [2999, 1, 0, 17, 130, 64], "whole": [97, 0, 97, 97, 0, 97, 97], "tiny": [0, 1, 3, 0, 2, 9]}
+GRID_KERNEL = {"tc": "fic::batch_decode_tc_kernel", "fp8": "fic::batch_decode_kernel",
+               "rope": "fic::batch_decode_kernel"}
+
+
+def _path_grid() -> list:
+    cases = []
+    for pi, path in enumerate(GRID_KERNEL):
+        for gi, group in enumerate(GRID_HEADS):
+            for si, page_size in enumerate(GRID_PAGES):
+                i = len(cases)
+                lens = ("split", "whole", "split", "tiny")[(pi + gi + si) % 4]
+                d = (64, 128, 256)[i % 3]
+                q_dt = ("bfloat16", "float16")[i // 3 % 2]
+                kv_dt = ("float8_e4m3fn", "float8_e5m2")[i // 2 % 2] if path == "fp8" else q_dt
+                layout = ("NHD", "HND")[i % 2]
+                as_tuple = i % 5 == 4
+                case = (path, group, page_size, lens, d, q_dt, kv_dt, layout, as_tuple)
+                dts = q_dt if kv_dt == q_dt else f"{q_dt}-{kv_dt}"
+                cases.append(pytest.param(*case, id=f"{path}-g{group}-p{page_size}-{lens}-d{d}-{dts}-{layout}"
+                                                    f"{'-kv_pair' if as_tuple else ''}"))
+    return cases
+
+
+@pytest.mark.parametrize("path,group,page_size,lens,d,q_dt,kv_dt,layout,as_tuple", _path_grid())
+def test_path_grid(path, group, page_size, lens, d, q_dt, kv_dt, layout, as_tuple):
+    hq, hkv = GRID_HEADS[group]
+    b = PagedBatch(GRID_LENS[lens], page_size=page_size, hq=hq, hkv=hkv, d=d, q_dt=q_dt, kv_dt=kv_dt,
+                   layout=layout, as_tuple=as_tuple)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), layout)
+    out, lse = check_batch(b, pos_encoding_mode="ROPE_LLAMA" if path == "rope" else "NONE", wrapper=w)
+    # The path this item names, so the grid cannot drift to one kernel unnoticed.
+    p = w._plan.params
+    assert fi_cupy.decode.uses_tensor_cores(p.q_dtype, p.kv_dtype, p.rope) == (path == "tc")
+    assert fi_cupy.decode.decode_variant(p, p.kv_dtype)[0].kernels[0].kernel == GRID_KERNEL[path]
+    assert w._plan.heads_per_block == (GRID_GB[group], 1)
+    assert (w._plan.num_merges > 0) == (lens == "split"), f"num_merges {w._plan.num_merges}"
+    empty = np.array(b.kv_lens) == 0
+    assert np.all(out[empty] == 0) and np.all(np.isneginf(lse[empty]))
+
+
+def test_path_grid_covers_every_path_group_and_page():
+    """The grid itself: each (path, group, page size) once; the merge at every (path, group)."""
+    cells = [tuple(c.values[:4]) for c in _path_grid()]
+    want = {(p, g, s) for p in GRID_KERNEL for g in GRID_HEADS for s in GRID_PAGES}
+    assert sorted(c[:3] for c in cells) == sorted(want)
+    assert {(p, g) for p, g, _, lens in cells if lens == "split"} == {(p, g) for p, g, _ in want}
+    assert {c[3] for c in cells} == set(GRID_LENS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regression (issue 19): batch_decode_kernel (fp8 KV or RoPE) at group size 1 read its warps' merge
+# blocks, GB * (D + 2) floats each, with 16-byte loads: warps 1 and 3 were misaligned at GB = 1
+# (CUDA_ERROR_MISALIGNED_ADDRESS, sticky). The tests before never ran group size 1 on that kernel.
+
+
+@pytest.mark.parametrize("kv_dt,rope,d,page_size", [
+    ("float8_e4m3fn", False, 128, 16),  # the report: batch 12, kv_len 97, 4 / 4 heads, fp16 q, NHD
+    ("float8_e5m2", False, 128, 16),
+    ("float8_e4m3fn", False, 256, 1),
+    ("float8_e4m3fn", False, 128, 8),
+    ("float16", True, 128, 16),  # RoPE on the fly with fp16 KV crashed the same way
+    ("float16", True, 256, 8),
+    ("float16", True, 128, 1),
+    ("float8_e5m2", True, 64, 16),
+])
+def test_regression_group1_cuda_core_kernel(kv_dt, rope, d, page_size):
+    b = PagedBatch([97] * 12, page_size=page_size, hq=4, hkv=4, d=d, q_dt="float16", kv_dt=kv_dt)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD")
+    mode = "ROPE_LLAMA" if rope else "NONE"
+    dev = {"device": "cuda", "dtype": torch.int32}  # as the report passed them: int32 CUDA tensors
+    w.plan(torch.as_tensor(b.indptr, **dev), torch.as_tensor(b.indices, **dev), torch.as_tensor(b.last_page_len, **dev),
+           4, 4, d, page_size, pos_encoding_mode=mode, q_data_type=torch.float16, kv_data_type=TORCH_DT[kv_dt])
+    assert not fi_cupy.decode.uses_tensor_cores(w._plan.params.q_dtype, w._plan.params.kv_dtype, rope)
+    assert w._plan.heads_per_block == (1, 1)
+    o, lse = w.run(b.q, b.cache, return_lse=True)
+    torch.cuda.synchronize()  # a misaligned access raises here
+    ro, rl = b.reference(rope=rope)
+    assert_close(o.double().cpu().numpy(), ro, "float16")
+    assert_lse_close(lse.double().cpu().numpy(), rl)
+
+
+@pytest.mark.parametrize("kv_dt,rope", [("float8_e4m3fn", False), ("float16", True)])
+def test_regression_group1_cuda_core_single_decode(kv_dt, rope):
+    g, _ = _gen()
+    k = torch.randn((97, 4, 128), generator=g, device="cuda").to(TORCH_DT[kv_dt])
+    v = torch.randn((97, 4, 128), generator=g, device="cuda").to(TORCH_DT[kv_dt])
+    q = torch.randn((4, 128), generator=g, device="cuda").half()
+    o, lse = fi_cupy.single_decode_with_kv_cache(q, k, v, pos_encoding_mode="ROPE_LLAMA" if rope else "NONE",
+                                                 return_lse=True)
+    torch.cuda.synchronize()
+    ro, rl = reference.decode_attention(q.double().cpu().numpy(), k.double().cpu().numpy(),
+                                        v.double().cpu().numpy(), rope=rope)
+    assert_close(o.double().cpu().numpy(), ro, "float16")
+    assert_lse_close(lse.double().cpu().numpy(), rl)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,34 @@
 Accuracy rule (relative, so it holds for every dtype): the kernel's max error against the float64
 reference is at most twice that of the same attention computed naively in the input precision
 (scores, softmax and P V rounded to the input dtype, as torch does them in bf16/fp16). Outputs are
-poisoned with NaN first; every case draws fresh random inputs; page tables are shuffled.
+poisoned with NaN first; every case draws fresh random inputs; page tables are shuffled. Every test runs
+on both kernels (the prefill_kernel fixture).
+
+Coverage of test_path_grid (one item per KV source x group x length shape, on each backend; head_dim,
+mask, dtype and layout rotate). Derived from fi_cupy/prefill.py (plan_tile, pick_tile, tile_shapes,
+kv_tile, AUTO_MIN_ROWS) and scheduler.prefill_schedule; every item asserts the tile and merge it
+should reach (GRID_FA2_TILES, GRID_FA3_TILE), and test_path_grid_covers_every_path_group_and_source
+checks that the grid reaches every path at every group and source:
+
+  axis     value                          reaches
+  backend  fa3 (d 64 / 128, K/V in the    prefill_sm90_kernel<D, T, PAGED, FLAGS>: 128 packed rows,
+           q dtype, no RoPE)              128-key tiles (a d256 item skips: fa2 runs the same case)
+           fa2                            prefill_kernel<D, MT, WARPS, QT, KVT, PAGED, ROPE, FLAGS>, by shape:
+  shape    small: packed rows <= 64       MT=1 x 4 warps (64 rows), 64 keys a KV tile (d64, d128), 32 (d256)
+           large: 200 x group rows        d64: MT=2 x 4 (128 rows, 64 keys); d128: MT=2 x 4 (128 rows,
+                                          32 keys), with a custom mask MT=1 x 4 (64 rows, 64 keys);
+                                          d256: MT=1 x 8 (128 rows, 32 keys)
+           split: kv 2500 and 1100 under  few work items, so the KV range is cut in chunks of >= 512 keys:
+           few queries                    prefill_merge_kernel<D, T> (plan num_merges > 0); the tile as
+                                          small / large by its packed rows
+  source   paged (page 1, 7, 8, 16), ragged, single (the shape's first request)
+  group    1 (2 qo / 2 kv heads), 4 (8 / 2), 8 (16 / 2); packed row = token x group + head
+  mask     causal (bottom-right) or a random custom mask with a row that sees nothing, rotating (large
+           d128 stays causal: a mask takes the 64-row tile there)
+
+Every shape has qo_len 0 and kv_len 0 requests, qo_len > kv_len (causal rows that see no key; at qo 200
+over kv 50 whole 128-row items see none), and lengths off every tile (64 / 128 rows, 32 / 64 / 128
+keys). test_fp8_paged_grid: fp8 K/V (fa2 only) at groups 1, 4, 8 x page sizes 1, 8, 16.
 """
 import math
 
@@ -11,7 +38,7 @@ import numpy as np
 import pytest
 
 from fi_cupy import reference
-from tolerances import assert_lse_close
+from tolerances import OUT_TOL, assert_lse_close
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
@@ -146,6 +173,22 @@ def test_single_custom_mask(packed):
     o, lse = fi_cupy.single_prefill_with_kv_cache(q, k, v, return_lse=True, **arg)
     check(o, q, k, v, lse, mask=mask)
     assert torch.all(o[5] == 0) and torch.all(torch.isneginf(lse[5]))
+
+
+def test_custom_mask_replaces_causal():
+    """As in FlashInfer (mask mode CUSTOM), a custom mask replaces the causal mask: causal=True is
+    ignored when one is given (single prefill and the ragged wrapper). All-ones masks with qo < kv:
+    every key is seen, which the causal mask would have hidden from the first rows."""
+    g = _gen()
+    qo, kv = 40, 100
+    q, k, v = _randn((qo, 8, 64), "float16", g), _randn((kv, 2, 64), "float16", g), _randn((kv, 2, 64), "float16", g)
+    mask = torch.rand((qo, kv), generator=g, device="cuda") > 0.3
+    o = fi_cupy.single_prefill_with_kv_cache(q, k, v, custom_mask=mask, causal=True)
+    check(o, q, k, v, mask=mask)
+    w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(torch.empty(32 << 20, dtype=torch.uint8, device="cuda"))
+    w.plan(np.array([0, qo], np.int32), np.array([0, kv], np.int32), 8, 2, 64, custom_mask=mask.reshape(-1),
+           causal=True, q_data_type="float16")
+    check(w.run(q, k, v), q, k, v, mask=mask)
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
@@ -339,6 +382,272 @@ def test_cuda_graph_replans():
         graph.replay()
         torch.cuda.synchronize()
         b.check(out[: b.q.shape[0]], causal=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Coverage grid: every kernel path x group size x KV source (table in the module docstring).
+
+GRID_GROUPS = {1: (2, 2), 4: (8, 2), 8: (16, 2)}  # group -> (num_qo_heads, num_kv_heads)
+GRID_SOURCES = ("paged1", "paged7", "paged8", "paged16", "ragged", "single")
+GRID_SHAPES = ("small", "large", "split")
+# prefill_kernel's (MT, warps, keys a KV tile) by head_dim and tile; prefill_sm90_kernel's.
+GRID_FA2_TILES = {(64, "small"): (1, 4, 64), (64, "large"): (2, 4, 64),
+                  (128, "small"): (1, 4, 64), (128, "large"): (2, 4, 32),
+                  (256, "small"): (1, 4, 32), (256, "large"): (1, 8, 32)}
+GRID_FA3_TILE = (1, 8, 128)
+
+
+def _grid_lens(shape: str, group: int) -> tuple:
+    """(qo_lens, kv_lens): qo 0 and kv 0 requests, qo_len > kv_len, lengths off every tile."""
+    cap = 64 // group  # query tokens whose packed rows just fill the 64-row tile
+    return {"small": ([cap, 0, 1, 3, cap - 1], [cap // 2, 5, 0, 70, 129]),
+            "large": ([200, 0, 1, 130, 5, 40], [50, 9, 0, 300, 1, 17]),
+            "split": ([20, 0, 3, 1], [2500, 40, 1100, 0])}[shape]
+
+
+def _grid_path(backend: str, d: int, packed_rows: int, masked: bool) -> tuple:
+    """(path name, (MT, warps, keys a KV tile)) a grid item must reach: the fixture's backend "fa3"
+    where the Hopper kernel applies (every grid item has K/V in the q dtype and no RoPE)."""
+    if backend == "fa3" and d in (64, 128):
+        return "sm90", GRID_FA3_TILE
+    tile = "small" if packed_rows <= 64 or (masked and d == 128) else "large"
+    return f"fa2-{tile}", GRID_FA2_TILES[(d, tile)]
+
+
+def _prefill_grid() -> list:
+    cases = []
+    for si, source in enumerate(GRID_SOURCES):
+        for gi, group in enumerate(GRID_GROUPS):
+            for hi, shape in enumerate(GRID_SHAPES):
+                i, turn = len(cases), si + gi + hi
+                d = (64, 128)[i % 2] if shape == "split" else (64, 128, 256)[turn % 3]  # split: both backends
+                masked = turn % 2 == 1 and not (shape == "large" and d == 128)
+                dtype = ("float16", "bfloat16")[i // 2 % 2]
+                layout = ("NHD", "HND")[i // 3 % 2]
+                cases.append(pytest.param(source, group, shape, d, dtype, layout, masked,
+                                          id=f"{source}-g{group}-{shape}-d{d}-{'mask' if masked else 'causal'}"
+                                             f"-{dtype}-{layout}"))
+    return cases
+
+
+def _dead_rows(qo_len: int, kv_len: int, causal: bool, mask) -> torch.Tensor:
+    """Query rows of one request that see no key (o = 0, lse = -inf on every head)."""
+    dead = torch.full((qo_len,), kv_len == 0, device="cuda")
+    if causal:
+        dead |= torch.arange(qo_len, device="cuda") < qo_len - kv_len
+    if mask is not None:
+        dead |= ~mask.any(dim=1)
+    return dead
+
+
+def _check_requests(out, lse, q, qo_indptr, kv_of, causal: bool, masks) -> None:
+    """Each request against the reference, and its rows that see no key exactly 0 / -inf."""
+    for r in range(qo_indptr.size - 1):
+        a, e = int(qo_indptr[r]), int(qo_indptr[r + 1])
+        if a == e:
+            continue
+        k, v = kv_of(r)
+        m = None if masks is None else masks[r]
+        check(out[a:e], q[a:e], k, v, lse[a:e], causal=causal, mask=m)
+        dead = _dead_rows(e - a, k.shape[0], causal, m)
+        assert torch.all(out[a:e][dead] == 0) and torch.all(torch.isneginf(lse[a:e][dead])), f"request {r}"
+
+
+@pytest.mark.parametrize("source,group,shape,d,dtype,layout,masked", _prefill_grid())
+def test_path_grid(source, group, shape, d, dtype, layout, masked, prefill_kernel):
+    from fi_cupy import prefill
+    if prefill_kernel == "fa3" and d not in prefill.SM90_HEAD_DIMS:
+        pytest.skip(f"fa3 takes head_dim {prefill.SM90_HEAD_DIMS}: the fa2 item runs this case")
+    hq, hkv = GRID_GROUPS[group]
+    qo_lens, kv_lens = _grid_lens(shape, group)
+    if source == "single":
+        qo_lens, kv_lens = qo_lens[:1], kv_lens[:1]
+    g = _gen()
+    masks = None
+    if masked:
+        masks = [torch.rand((a, b), generator=g, device="cuda") > 0.5 for a, b in zip(qo_lens, kv_lens)]
+        for m in masks:
+            m[:1] = False  # a row that sees nothing
+    flat = None if masks is None else torch.cat([m.reshape(-1) for m in masks])
+    causal = not masked
+    qo_ip = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    if source.startswith("paged"):
+        ps = int(source[len("paged"):])
+        b = Batch(qo_lens, kv_lens, page_size=ps, hq=hq, hkv=hkv, d=d, dtype=dtype, layout=layout)
+        q, kv_of = b.q, b.kv
+        w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), layout)
+        w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, hq, hkv, d, ps, causal=causal, custom_mask=flat,
+               q_data_type=dtype)
+        call = lambda out, lse: w.run(q, b.cache, out=out, lse=lse, return_lse=True)  # noqa: E731
+    else:
+        kv_ip = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+        q = _randn((int(qo_ip[-1]), hq, d), dtype, g)
+        k, v = _randn((int(kv_ip[-1]), hkv, d), dtype, g), _randn((int(kv_ip[-1]), hkv, d), dtype, g)
+        kk, vv = (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+        kv_of = lambda r: (k[kv_ip[r]:kv_ip[r + 1]], v[kv_ip[r]:kv_ip[r + 1]])  # noqa: E731
+        if source == "ragged":
+            w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_ws(), layout)
+            w.plan(qo_ip, kv_ip, hq, hkv, d, causal=causal, custom_mask=flat, q_data_type=dtype)
+            call = lambda out, lse: w.run(q, kk, vv, out=out, lse=lse, return_lse=True)  # noqa: E731
+        else:
+            call = lambda out, lse: fi_cupy.single_prefill_with_kv_cache(  # noqa: E731
+                q, kk, vv, custom_mask=flat if masks is None else masks[0], causal=causal, kv_layout=layout,
+                return_lse=True, out=out, lse=lse)
+    out, lse = _nan_like(q), torch.full(q.shape[:2], float("nan"), device="cuda")
+    o, l2 = call(out, lse)
+    assert o is out and l2 is lse
+    # The path this item names, so the grid cannot drift to one kernel unnoticed.
+    plan = next(reversed(prefill._single_plans.values())) if source == "single" else w._plan
+    name, want = _grid_path(prefill_kernel, d, max(qo_lens) * group, masked)
+    assert (plan.tile.mt, plan.tile.warps, prefill.kv_tile(d, plan.tile)) == want and plan.tile.sm90 == (name == "sm90")
+    assert (plan.num_merges > 0) == (shape == "split"), f"num_merges {plan.num_merges}"
+    _check_requests(out, lse, q, qo_ip, kv_of, causal, masks)
+
+
+def test_path_grid_covers_every_path_group_and_source(prefill_kernel):
+    """The grid itself: every path of each backend at every group and KV source, with and without
+    a custom mask; every fa2 tile of every head_dim."""
+    if prefill_kernel == "fa3":
+        pytest.skip("checks the cells of both backends at once")
+    reached, fa2_tiles = set(), set()
+    for c in _prefill_grid():
+        source, group, shape, d, _, _, masked = c.values
+        rows = max(_grid_lens(shape, group)[0]) * group
+        for backend in ("fa2", "fa3") if d in (64, 128) else ("fa2",):
+            name, tile = _grid_path(backend, d, rows, masked)
+            reached |= {(backend, name, group, source), (backend, name, group, masked)}
+            if shape == "split":
+                reached |= {(backend, "merge", group, source), (backend, "merge", group, masked)}
+            if backend == "fa2":
+                fa2_tiles.add((d, tile))
+    paths = {"fa2": ("fa2-small", "fa2-large", "merge"), "fa3": ("sm90", "merge")}
+    want = {(b, p, g, x) for b in paths for p in paths[b] for g in GRID_GROUPS for x in GRID_SOURCES + (False, True)}
+    assert not want - reached, sorted(map(str, want - reached))
+    assert fa2_tiles == {(d, tile) for (d, _), tile in GRID_FA2_TILES.items()}
+
+
+@pytest.mark.parametrize("group", list(GRID_GROUPS))
+@pytest.mark.parametrize("page_size", [1, 8, 16])
+def test_fp8_paged_grid(group, page_size, prefill_kernel):
+    """fp8 K/V (portable kernel only) at every group and page size: small and large tiles, d 64 / 128 / 256."""
+    if prefill_kernel == "fa3":
+        pytest.skip("fa3 takes K/V in the q dtype only: the fa2 item runs this case")
+    from fi_cupy import prefill
+    i = list(GRID_GROUPS).index(group) + (1, 8, 16).index(page_size)
+    shape, d = ("small", "large")[i % 2], (64, 128, 256)[i % 3]
+    kv_dtype = ("float8_e4m3fn", "float8_e5m2")[page_size % 2]
+    hq, hkv = GRID_GROUPS[group]
+    qo_lens, kv_lens = _grid_lens(shape, group)
+    b = Batch(qo_lens, kv_lens, page_size=page_size, hq=hq, hkv=hkv, d=d, kv_dtype=kv_dtype)
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
+    w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, hq, hkv, d, page_size, causal=True, q_data_type="bfloat16",
+           kv_data_type=kv_dtype)
+    _, want = _grid_path("fa2", d, max(qo_lens) * group, False)
+    assert (w._plan.tile.mt, w._plan.tile.warps, prefill.kv_tile(d, w._plan.tile)) == want
+    out, lse = _nan_like(b.q), torch.full(b.q.shape[:2], float("nan"), device="cuda")
+    w.run(b.q, b.cache, out=out, lse=lse, return_lse=True, k_scale=0.5, v_scale=2.0)
+    b.check(out, lse, causal=True, k_scale=0.5, v_scale=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regression (issue 19): on the Hopper kernel, a work item of 128 packed rows that sees no key at all
+# (n_tiles == 0: causal rows before kv_len - qo_len, or kv_len 0) returned Q's values instead of 0:
+# its Q copies (cp.async, in no group) were not waited on before the epilogue staged O over them. The
+# contract on every path: such rows give o = 0 and lse = -inf, as the equivalent custom mask does.
+
+
+def _causal_as_mask(qo_len: int, kv_len: int) -> torch.Tensor:
+    return torch.tril(torch.ones((qo_len, kv_len), dtype=torch.bool, device="cuda"), diagonal=kv_len - qo_len)
+
+
+def _check_causal_equals_mask(causal, masked, q, qo_lens, kv_of, dtype):
+    """Both runs: rows that see no key exactly 0 / -inf, all rows alike; the first, middle and last
+    requests against the reference."""
+    (oc, lc), (om, lm) = causal, masked
+    qo_ip = np.concatenate([[0], np.cumsum(qo_lens)])
+    for o, lse in (oc, lc), (om, lm):
+        for r in range(len(qo_lens)):
+            a, e = int(qo_ip[r]), int(qo_ip[r + 1])
+            dead = _dead_rows(e - a, kv_of(r)[0].shape[0], True, None)
+            assert torch.all(o[a:e][dead] == 0), f"request {r}: a row that sees no key must give o = 0"
+            assert torch.all(torch.isneginf(lse[a:e][dead])), f"request {r}: ... and lse = -inf"
+    for x in (oc, lc, om, lm):
+        assert not torch.isnan(x).any(), "NaN (unwritten or invalid elements)"
+    atol, rtol = OUT_TOL[dtype]  # compared on the GPU: a batch of 128 x 127 rows is 66 M elements
+    err = (oc.double() - om.double()).abs()
+    assert torch.all(err <= atol + rtol * om.double().abs()), f"causal vs custom mask: max err {err.max().item():.3g}"
+    assert_lse_close(lc.double().cpu().numpy(), lm.double().cpu().numpy(), "lse: causal vs custom mask")
+    n = len(qo_lens)
+    for r in sorted({0, n // 2, n - 1}):
+        a, e = int(qo_ip[r]), int(qo_ip[r + 1])
+        k, v = kv_of(r)
+        check(oc[a:e], q[a:e], k, v, lc[a:e], causal=True)
+
+
+def _expect_tile(plan, backend, d):
+    assert plan.tile.sm90 == (backend == "fa3" and d in (64, 128))
+
+
+@pytest.mark.parametrize("batch,qo_len,kv_len,d", [
+    (16, 577, 97, 128),  # the reports: 32 qo / 4 kv heads, fp16
+    (128, 127, 97, 128),
+    (12, 127, 54, 128),  # passed before the fix (no 128-row item without keys), kept as a control
+    (16, 577, 97, 64),
+    (16, 577, (97, 0), 128),  # every other request has no keys at all
+    (16, 577, 97, 256),
+])
+def test_regression_rows_seeing_no_key_ragged(batch, qo_len, kv_len, d, prefill_kernel):
+    if prefill_kernel == "fa3" and d == 256:
+        pytest.skip("fa3 takes head_dim 64 / 128: the fa2 item runs this case")
+    g = _gen()
+    qo_lens = [qo_len] * batch
+    kv_lens = [kv_len[r % 2] if isinstance(kv_len, tuple) else kv_len for r in range(batch)]
+    qo_ip = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    kv_ip = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+    q = _randn((int(qo_ip[-1]), 32, d), "float16", g)
+    k, v = _randn((int(kv_ip[-1]), 4, d), "float16", g), _randn((int(kv_ip[-1]), 4, d), "float16", g)
+    mask = torch.cat([_causal_as_mask(a, b).reshape(-1) for a, b in zip(qo_lens, kv_lens)])
+    w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_ws())
+    runs = []
+    for kw in ({"causal": True}, {"custom_mask": mask}):
+        w.plan(qo_ip, kv_ip, 32, 4, d, q_data_type="float16", **kw)
+        _expect_tile(w._plan, prefill_kernel, d)
+        out, lse = _nan_like(q), torch.full(q.shape[:2], float("nan"), device="cuda")
+        runs.append(w.run(q, k, v, out=out, lse=lse, return_lse=True))
+    _check_causal_equals_mask(*runs, q, qo_lens, lambda r: (k[kv_ip[r]:kv_ip[r + 1]], v[kv_ip[r]:kv_ip[r + 1]]),
+                              "float16")
+
+
+@pytest.mark.parametrize("page_size,d", [(16, 128), (8, 128), (1, 128), (16, 64), (16, 256)])
+def test_regression_rows_seeing_no_key_paged(page_size, d, prefill_kernel):
+    if prefill_kernel == "fa3" and d == 256:
+        pytest.skip("fa3 takes head_dim 64 / 128: the fa2 item runs this case")
+    qo_lens, kv_lens = [577] * 16, [97] * 16
+    b = Batch(qo_lens, kv_lens, page_size=page_size, hq=32, hkv=4, d=d, dtype="float16")
+    mask = torch.cat([_causal_as_mask(577, 97).reshape(-1)] * 16)
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
+    runs = []
+    for kw in ({"causal": True}, {"custom_mask": mask}):
+        w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 32, 4, d, page_size, q_data_type="float16", **kw)
+        _expect_tile(w._plan, prefill_kernel, d)
+        out, lse = _nan_like(b.q), torch.full(b.q.shape[:2], float("nan"), device="cuda")
+        runs.append(w.run(b.q, b.cache, out=out, lse=lse, return_lse=True))
+    _check_causal_equals_mask(*runs, b.q, qo_lens, b.kv, "float16")
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_regression_rows_seeing_no_key_single(d, prefill_kernel):
+    from fi_cupy import prefill
+    if prefill_kernel == "fa3" and d == 256:
+        pytest.skip("fa3 takes head_dim 64 / 128: the fa2 item runs this case")
+    g = _gen()
+    q = _randn((577, 32, d), "float16", g)
+    k, v = _randn((97, 4, d), "float16", g), _randn((97, 4, d), "float16", g)
+    runs = []
+    for kw in ({"causal": True}, {"custom_mask": _causal_as_mask(577, 97)}):
+        runs.append(fi_cupy.single_prefill_with_kv_cache(q, k, v, return_lse=True, **kw))
+        _expect_tile(next(reversed(prefill._single_plans.values())), prefill_kernel, d)
+    _check_causal_equals_mask(*runs, q, [577], lambda r: (k, v), "float16")
 
 
 # ---------------------------------------------------------------------------------------------
