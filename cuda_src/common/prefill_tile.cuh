@@ -217,6 +217,9 @@ __device__ __forceinline__ void store_rows(const float (&o)[MT][DT][4], unsigned
                                            const RowSink& k) {
   constexpr int kChunks = D / 8;
   const int g = lane / 4, c = lane % 4;
+  // The rows are the warp's Q rows: every lane's last ldmatrix of them is done before any lane writes
+  // (the mma.sync after it is no memory fence between lanes; racecheck flagged the hazard).
+  __syncwarp();
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
