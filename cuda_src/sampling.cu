@@ -463,7 +463,10 @@ __device__ unsigned int radix_select(RowIn<VEC> row, bool by_mass, unsigned long
                                              &sm.sc.result[1], &sm.sc.above);
     unsigned long long above = sm.sc.above;
     __syncthreads();
-    if (b < 0) b = 0, above = 0;  // fewer tokens (or less mass) than the target: keep all of them
+    // Fewer tokens (or less mass) than the target: keep all of them. The lowest key that takes part is
+    // -inf's; the key prefix 0 the later levels would build is a NaN's, and x >= NaN keeps nothing.
+    if (b < 0 && level == 0) return order_key(neg_inf());
+    if (b < 0) b = 0, above = 0;  // not reached: a level below the first refines the bin found above
     target -= above;
     prefix = (prefix << bits) | (unsigned int)b;
   }
@@ -755,9 +758,10 @@ __global__ void __launch_bounds__(kSampleThreads, 1) mask_logits_kernel(
   if (f.use_k(vocab)) {
     for (int i = threadIdx.x; i < kBins; i += blockDim.x) sm.hcount[i] = 0;
     __syncthreads();
-    row_pass<VEC, false>(row.nv, [&](int q) { return row.at(q); }, [&](int, const Vec<float, VEC>& x, bool) {
+    row_pass<VEC, false>(row.nv, [&](int q) { return row.at(q); }, [&](int, const Vec<float, VEC>& x, bool ok) {
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) if (!isnan(x[e])) atomicAdd(&sm.hcount[bin_of<true>(order_key(x[e]))], 1u);
+      for (int e = 0; e < VEC; ++e)  // only loaded slots: the others hold zeros, not logits
+        if (ok && !isnan(x[e])) atomicAdd(&sm.hcount[bin_of<true>(order_key(x[e]))], 1u);
     });
     __syncthreads();
     v = select_kept<VEC, true>(row, vocab, f, 0.f, 0.f, sm, true, false, 0).v;
@@ -881,7 +885,7 @@ __global__ void __launch_bounds__(kSampleThreads, 1) softmax_kernel(const float*
       if (y > m) {
         s = s * ptx_exp2(m - y) + 1.f;
         m = y;
-      } else {
+      } else if (y != neg_inf()) {  // -inf adds 0; while m is -inf too, exp2(y - m) would be NaN
         s += ptx_exp2(y - m);
       }
     }

@@ -333,3 +333,174 @@ def test_new_ops_bad_input():
     with pytest.raises(TypeError, match="maybe_output_accepted_token_num"):
         sampling.chain_speculative_sampling(q, ids, torch.rand((2, 4, 64), device="cuda"),
                                             torch.zeros(2, dtype=torch.int64, device="cuda"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions found by the fuzz suite (tests/fuzz_ops.py): -inf logits, small vocabularies, low floors
+
+
+def _strided(x, pad=3, off=1):
+    """x in rows `vocab + pad` floats apart from `off` (NaN around): 4-byte aligned rows, so VEC 1."""
+    base = torch.full((x.shape[0], x.shape[1] + pad), float("nan"), device="cuda")
+    base[:, off:off + x.shape[1]] = x
+    return base[:, off:off + x.shape[1]]
+
+
+def _partly_inf(batch, vocab, seed):
+    """Rows partly -inf as the fuzz suite masks them (a share of 5..95% of each row, the last token kept
+    finite), and rows whose first 4096 tokens (every thread's first slots on the two-pass kernel, a
+    ring CTA's first, held chunk) or first half (a ring cluster's first CTAs' whole slices) are -inf."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn((batch, vocab), device="cuda", generator=g) * 4
+    share = torch.linspace(0.05, 0.95, batch, device="cuda")[:, None]
+    x = torch.where(torch.rand((batch, vocab), device="cuda", generator=g) < share, float("-inf"), x)
+    x[0, :4096] = float("-inf")
+    x[1, : vocab // 2] = float("-inf")
+    x[:, -1] = 1.0  # never a whole row
+    return x
+
+
+@pytest.mark.parametrize("temperature", ["none", "scalar", "per_row"])
+@pytest.mark.parametrize("path", ["two_pass_vec1", "two_pass_strided", "two_pass_long", "two_pass_vec4",
+                                  "ring_7@2", "ring_2@1"])
+def test_softmax_rows_partly_inf(monkeypatch, path, temperature):
+    """A thread whose first logits were -inf added exp2(-inf - -inf) = NaN to its sum on the two-pass
+    kernel, and the whole row came out NaN (fuzz: vocab 1529 to 151937, VEC 1). Each path: vec1 (odd
+    vocab), strided rows, a long row (149 slots a thread), vec4 (the ring plan forced off), and the ring
+    at 7 CTAs of 2 an SM and 2 CTAs of 1 an SM (7 chunks held in registers)."""
+    batch, vocab = 6, {"two_pass_vec1": 1529, "two_pass_strided": 4096, "two_pass_long": 151937,
+                       "two_pass_vec4": 32000}.get(path, 128256)
+    if path == "two_pass_vec4":
+        monkeypatch.setitem(sampling._ring_plans, (0, vocab, batch), None)
+    elif path.startswith("ring"):
+        cluster, per_sm = map(int, path[5:].split("@"))
+        _force_ring(monkeypatch, batch, vocab, cluster, per_sm)
+    x = _partly_inf(batch, vocab, seed=len(path))
+    t, t_ref = {"none": (None, None), "scalar": (0.6, np.full(batch, 0.6)),
+                "per_row": (torch.linspace(0.2, 2.0, batch, device="cuda"), None)}[temperature]
+    if temperature == "per_row":
+        t_ref = t.cpu().numpy()
+    got = sampling.softmax(_strided(x) if path == "two_pass_strided" else x, t).cpu().numpy()
+    assert not np.isnan(got).any(), f"NaN in rows {np.flatnonzero(np.isnan(got).any(1)).tolist()}"
+    np.testing.assert_allclose(got, reference.softmax(x.cpu().numpy(), t_ref), rtol=1e-4, atol=1e-9)
+
+
+def _check_mask(got, x, ks):
+    got, x = got.cpu().numpy(), x.cpu().numpy()
+    for r in range(x.shape[0]):
+        want = reference.top_k_mask_logits(x[r], int(ks[r])).astype(np.float32)
+        bad = got[r] != want
+        assert not bad.any(), f"row {r} (top_k {int(ks[r])}): {int(bad.sum())} of {x.shape[1]} logits differ"
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("vocab", [7, 8, 9])
+def test_top_k_mask_logits_small_vocab(vocab, strided):
+    """With fewer logits >= 0 than k, the count pass also counted the zeros its unloaded slots hold (a
+    vocab of 7 to 9 leaves most of the 1024 threads without a token), so the k-th largest seemed to be
+    0, fewer than k candidates were gathered and nothing was masked (fuzz: vocab 8 top_k 6, 9 / 8,
+    7 / 5). Every k from 0 to vocab, per row; rows mixed, all negative, partly -inf; VEC 4 at vocab 8."""
+    g = torch.Generator(device="cuda").manual_seed(vocab)
+    rows = 3 * (vocab + 1)
+    x = torch.randn((rows, vocab), device="cuda", generator=g) * 2
+    x[vocab + 1:2 * (vocab + 1)] = -x[vocab + 1:2 * (vocab + 1)].abs() - 0.5
+    x[2 * (vocab + 1):, ::3] = float("-inf")
+    ks = torch.arange(rows, device="cuda", dtype=torch.int32) % (vocab + 1)
+    xs = _strided(x) if strided else x
+    _check_mask(sampling.top_k_mask_logits(xs, ks), x, ks.cpu().numpy())
+    _check_mask(sampling.top_k_mask_logits(xs, vocab - 2), x, np.full(rows, vocab - 2))
+    row = torch.tensor([[-1.5, 0.5, -0.25, 2.0, -3.0, 1.0, -0.75, -2.0, 0.125][:vocab]], device="cuda")
+    _check_mask(sampling.top_k_mask_logits(row, vocab - 2), row, [vocab - 2])
+
+
+@pytest.mark.parametrize("vocab,k,low,shares", [
+    (1024, 40, -3e4, (0.05, 0.5, 0.8, 0.93, 0.94, 0.95, 0.99)),
+    (4732, 2685, float("-inf"), (0.0, 0.1, 0.2, 0.3, 0.4, 0.7, 0.99)),
+    (1075, 740, float("-inf"), (0.0, 0.05, 0.1, 0.2, 0.25, 0.5, 0.99)),
+    (50000, 4100, -3e4, (0.05, 0.5, 0.85, 0.87, 0.89, 0.9, 0.99))])
+def test_top_k_mask_logits_masked_rows(vocab, k, low, shares):
+    """Rows with a share of their logits at -3e4 or -inf, as the fuzz suite builds them; most shares
+    leave fewer than k logits >= 0 but at least k finite ones, where the count pass's zeros masked
+    nothing (fuzz: vocab 1024 top_k 40 with -3e4 floors; 4732 / 2685 and 1075 / 740 with -inf). Odd
+    rows rounded (ties); 50000 / 4100 at 99%: the k-th largest is the floor, tied over more tokens
+    than shared memory sorts (the exact radix select)."""
+    batch = len(shares)
+    g = torch.Generator(device="cuda").manual_seed(vocab + k)
+    x = torch.randn((batch, vocab), device="cuda", generator=g) * 2.5
+    x[1::2] = torch.round(x[1::2])
+    share = torch.tensor(shares, device="cuda")[:, None]
+    x = torch.where(torch.rand((batch, vocab), device="cuda", generator=g) < share, low, x)
+    x[:, vocab // 3] = 1.0
+    ks = np.full(batch, k)
+    _check_mask(sampling.top_k_mask_logits(x, k), x, ks)
+    _check_mask(sampling.top_k_mask_logits(_strided(x), k), x, ks)
+
+
+def test_top_k_mask_logits_k_above_the_non_nan_count():
+    """k between the row's non-NaN count and vocab, with more candidates than shared memory takes: the
+    radix select found no bin, built the key prefix 0 (a NaN's) and masked every logit."""
+    vocab = 20000
+    g = torch.Generator(device="cuda").manual_seed(20)
+    x = torch.randn((4, vocab), device="cuda", generator=g) * 3
+    x[:, 100:110] = float("nan")  # 19990 numbers a row
+    ks = torch.tensor([vocab - 1, vocab - 5, vocab - 10, vocab - 11], device="cuda", dtype=torch.int32)
+    _check_mask(sampling.top_k_mask_logits(x, ks), x, ks.cpu().numpy())
+
+
+def test_top_k_renorm_and_sample_with_fewer_positives_than_k():
+    """Probabilities: ~12000 positive tokens (more than the 8192 candidates shared memory takes) and
+    top_k 15000: the radix select's NaN threshold kept nothing, so renorm wrote zeros and the sampler
+    returned token 0, of probability 0."""
+    vocab, k = 20000, 15000
+    rng = np.random.default_rng(12)
+    p = rng.random((4, vocab)).astype(np.float32)
+    p[:, rng.random(vocab) < 0.4] = 0.0
+    p[:, 0] = 0.0
+    p /= p.sum(1, keepdims=True)
+    pt = torch.as_tensor(p, device="cuda")
+    got = sampling.top_k_renorm_probs(pt, k).cpu().numpy()
+    for r in range(4):
+        want = reference.filtered_distribution(p[r].astype(np.float64), top_k=k)
+        np.testing.assert_allclose(got[r], want, rtol=1e-5, atol=1e-9, err_msg=f"row {r}")
+    tok = sampling.top_k_sampling_from_probs(pt, k, seed=5).cpu().numpy()
+    assert np.all(p[np.arange(4), tok] > 0), f"drew tokens of probability 0: {tok.tolist()}"
+
+
+@pytest.mark.parametrize("order", ["top_k_first", "joint"])
+def test_top_k_top_p_sampling_from_logits_with_inf_chi_square(order):
+    """P's logits at 10 spread tokens of a vocab of 1001 (VEC 1), every other logit -inf: the
+    softmax came out NaN, so every draw returned token 0 (fuzz: vocab 19609, 'drew tokens of
+    probability 0'). N draws of the one row through indices, against the filtered distribution."""
+    vocab = 1001
+    pos = np.random.default_rng(1).choice(vocab, P.size, replace=False)
+    logits = np.full((1, vocab), -np.inf, np.float32)
+    with np.errstate(divide="ignore"):
+        logits[0, pos] = np.log(P)  # P[2] = 0: -inf
+    p = np.zeros(vocab)
+    p[pos] = P
+    q = reference.filtered_distribution(p, top_k=5, top_p=0.7, order=order)
+    got = sampling.top_k_top_p_sampling_from_logits(
+        torch.as_tensor(logits, device="cuda"), 5, 0.7, indices=torch.zeros(N, dtype=torch.int32, device="cuda"),
+        filter_apply_order=order, seed=21, offset=3).cpu().numpy()
+    assert np.all(q[got] > 0), f"drew tokens outside the filtered support: {np.unique(got[q[got] <= 0]).tolist()}"
+    stat, crit = _chi2_ok(_cells(got, pos, vocab), np.append(q[pos], 0.0), N)
+    assert stat < crit, f"chi-square {stat:.1f} >= {crit:.1f}"
+
+
+def test_samplers_from_logits_partly_inf_strided():
+    """The fuzz case's shape: vocab 19609, strided rows partly -inf, top_k 113, top_p 0.928 (joint and
+    top_k_first); and Gumbel-max sampling_from_logits on the same rows. No token has a -inf logit, and
+    each lies in the reference's top-k set."""
+    batch, vocab, k, top_p = 7, 19609, 113, 0.928
+    x = _partly_inf(batch, vocab, seed=1618)
+    xs, x64 = _strided(x, pad=2, off=1), x.double().cpu().numpy()
+    probs = reference.softmax(x64)
+    draws = {"gumbel": sampling.sampling_from_logits(xs, seed=3, offset=1)}
+    for order in ("joint", "top_k_first"):
+        draws[order] = sampling.top_k_top_p_sampling_from_logits(xs, k, top_p, filter_apply_order=order, seed=3,
+                                                                 offset=1)
+    for name, tok in draws.items():
+        tok = tok.cpu().numpy()
+        assert np.all(np.isfinite(x64[np.arange(batch), tok])), f"{name}: drew -inf logits: {tok.tolist()}"
+        if name != "gumbel":
+            assert all(reference.top_k_mask(probs[r], k)[tok[r]] for r in range(batch)), name
