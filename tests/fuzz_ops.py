@@ -17,7 +17,7 @@ import torch
 
 import fi_cupy
 from fi_cupy import reference, sampling
-from tolerances import assert_close
+from tolerances import OUT_TOL, assert_close
 
 DEVICE = "cuda"  # the CPU dry run of these draws and checks swaps in "cpu"
 FLOATS = ("float16", "bfloat16", "float32")
@@ -213,7 +213,21 @@ def run_norm(cfg: dict) -> None:
         got = fi_cupy.layernorm(x, w, b, eps)
         _check(tuple(got.shape) == tuple(x.shape) and got.dtype == x.dtype, f"output {got.shape} {got.dtype}")
         _same(x_base, x_keep, "input")
-        assert_close(_f64(got), reference.layernorm(_f64(x), _f64(w), _f64(b), eps), dtype, "layernorm")
+        x64, w64 = _f64(x), _f64(w)
+        want = reference.layernorm(x64, w64, _f64(b), eps)
+        if dtype == "float32":
+            # A float32 mean carries an error of about ulp(|mean|), which x - mean turns into |mean| * 2^-23
+            # / std of the output: far from 0 and with a small spread (hidden 2, say) that exceeds the fixed
+            # tolerance whatever the kernel does. Allow it, on top of the dtype's rule.
+            mean = x64.mean(axis=-1, keepdims=True)
+            cond = np.abs(mean) / np.sqrt(x64.var(axis=-1, keepdims=True) + eps) * np.abs(w64)
+            err = np.abs(_f64(got) - want)
+            atol, rtol = OUT_TOL[dtype]
+            ok = err <= atol + rtol * np.abs(want) + 4 * 2.0 ** -23 * cond
+            _check(bool(ok.all()), f"layernorm: {int((~ok).sum())} of {ok.size} elements off; max abs err "
+                                   f"{err.max(initial=0.0):.3g}")
+            return
+        assert_close(_f64(got), want, dtype, "layernorm")
         return
     if "fused" not in op:
         out_base = out = None
@@ -881,7 +895,9 @@ def run_sampler(cfg: dict) -> None:
     # Probabilities the filters see: from the logits path, its own softmax (checked by the softmax case).
     probs = sampling.softmax(data) if from_logits else data
     picked = _f64(probs[torch.as_tensor(src, device=DEVICE), torch.as_tensor(t, device=DEVICE)])
-    _check(np.all(picked > 0), f"drew tokens of probability 0 (output rows {np.flatnonzero(picked <= 0)[:8]})")
+    bad = ~(picked > 0)  # NaN too (a NaN softmax row): `picked <= 0` named no row for it
+    _check(not bad.any(), f"drew tokens of probability 0 or NaN (output rows {np.flatnonzero(bad)[:8].tolist()}, "
+                          f"probabilities {picked[bad][:8].tolist()})")
     idx = _sample_rows(rows_out, SAMPLING_REF // vocab, cfg["seed"])
     P = _f64(probs[torch.as_tensor(src[idx], device=DEVICE)])
     for j, row in enumerate(idx):
