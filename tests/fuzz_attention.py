@@ -702,25 +702,13 @@ def check_cascade(cfg: dict) -> None:
 # Families
 
 
-def _case(draw, check):
-    def case(rng, report):
-        cfg = draw(rng)
-        report(cfg)
-        try:
-            check(cfg)
-        except AssertionError as e:
-            raise AssertionError(f"{e}\nconfig: {cfg}") from e
-    return case
-
-
-# Relative weights (test_fuzz.py normalises them together with fuzz_ops.py's): attention gets most.
 FAMILIES = {
-    "decode": (30, _case(draw_decode, check_decode)),
-    "single_decode": (8, _case(lambda rng: draw_decode(rng, single=True), check_single_decode)),
-    "prefill_paged": (22, _case(lambda rng: draw_prefill(rng, "paged"), lambda c: check_prefill(c, "paged"))),
-    "prefill_ragged": (14, _case(lambda rng: draw_prefill(rng, "ragged"), lambda c: check_prefill(c, "ragged"))),
-    "single_prefill": (10, _case(lambda rng: draw_prefill(rng, "single"), lambda c: check_prefill(c, "single"))),
-    "cascade": (6, _case(draw_cascade, check_cascade)),
+    "decode": (30, draw_decode, check_decode),
+    "single_decode": (8, lambda rng: draw_decode(rng, single=True), check_single_decode),
+    "prefill_paged": (22, lambda rng: draw_prefill(rng, "paged"), lambda c: check_prefill(c, "paged")),
+    "prefill_ragged": (14, lambda rng: draw_prefill(rng, "ragged"), lambda c: check_prefill(c, "ragged")),
+    "single_prefill": (10, lambda rng: draw_prefill(rng, "single"), lambda c: check_prefill(c, "single")),
+    "cascade": (6, draw_cascade, check_cascade),
 }
 
 

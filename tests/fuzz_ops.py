@@ -1,5 +1,5 @@
 """Differential fuzz cases of the small-op families, run by tests/test_fuzz.py: paged-KV append, norms,
-gated activations, RoPE and sampling. FAMILIES = {name: (weight, case)}.
+gated activations, RoPE and sampling. FAMILIES = {name: (weight, draw, check)}.
 
 A case draws a random *valid* configuration from the whole supported space with a pure function of
 the numpy Generator (draw_*: dry-run them on the CPU to see the distribution), reports it, then runs
@@ -158,19 +158,6 @@ def _sample_rows(n: int, budget: int, seed: int) -> np.ndarray:
         return np.arange(n)
     pick = np.random.default_rng(seed).choice(n, size=max(1, budget), replace=False)
     return np.unique(np.concatenate([[0, n - 1], pick]))
-
-
-def _family(draw, run):
-    """case(rng, report): draw, report, run; a failed check names the configuration."""
-    def case(rng, report):
-        cfg = draw(rng)
-        report(cfg)
-        try:
-            run(cfg)
-        except AssertionError as e:
-            raise AssertionError(f"{cfg['op']}: {e}\n  config: {cfg}") from e
-    case.draw = draw
-    return case
 
 
 # ---------------------------------------------------------------------------------------------
@@ -984,11 +971,11 @@ def run_sampling(cfg: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 FAMILIES = {  # weights on the scale of fuzz_attention's (which sum to 90): these are ~37% of a run
-    "page_append": (10, _family(draw_page_append, run_page_append)),
-    "norm": (10, _family(draw_norm, run_norm)),
-    "activation": (7, _family(draw_activation, run_activation)),
-    "rope": (10, _family(draw_rope, run_rope)),
-    "sampling": (15, _family(draw_sampling, run_sampling)),
+    "page_append": (10, draw_page_append, run_page_append),
+    "norm": (10, draw_norm, run_norm),
+    "activation": (7, draw_activation, run_activation),
+    "rope": (10, draw_rope, run_rope),
+    "sampling": (15, draw_sampling, run_sampling),
 }
 
 
@@ -1011,8 +998,8 @@ def _distribution(n: int) -> None:
         lo, hi = edges[i], edges[i + 1] - 1 if i + 1 < len(edges) else None
         return i, str(lo) if lo == hi else f"{lo}-{'' if hi is None else hi}"
 
-    for fam, (_, case) in FAMILIES.items():
-        cfgs = [case.draw(np.random.default_rng(10 ** 9 + i)) for i in range(n)]
+    for fam, (_, draw, _) in FAMILIES.items():
+        cfgs = [draw(np.random.default_rng(10 ** 9 + i)) for i in range(n)]
         print(f"{fam} ({n} draws)")
         show("op", [c["op"] for c in cfgs])
         show("dtype", [c["dtype"] for c in cfgs if "dtype" in c])

@@ -15,8 +15,9 @@ whole run, naming the case that caused it, instead of failing every case after i
 
 The families live in fuzz_attention.py (decode, prefill single / paged / ragged, cascade) and
 fuzz_ops.py (page append, norms, activations, RoPE, sampling filters and renorms); each exports
-FAMILIES = {name: (weight, case)} where case(rng, report) draws a configuration from the numpy
-Generator rng, calls report(config) before its first launch, runs and checks it.
+FAMILIES = {name: (weight, draw, check)}: draw(rng) returns a configuration (a dict, every choice in
+it, data seeds included) drawn from the numpy Generator rng alone; check(config) builds the inputs from
+it, runs fi_cupy and compares against the reference, raising AssertionError.
 """
 import os
 
@@ -58,17 +59,16 @@ CASES = _cases()
 
 @pytest.mark.parametrize("family,seed", CASES, ids=[f"{f}-{s}" for f, s in CASES])
 def test_fuzz(family, seed):
-    config = {}
-
-    def report(cfg: dict) -> None:
-        config.update(cfg)
-        print(f"fuzz case: FI_CUPY_FUZZ_REPRO={family}:{seed} {cfg}", flush=True)
-
-    case = FAMILIES[family][1]
+    _, draw, check = FAMILIES[family]
+    config = draw(np.random.default_rng(seed))
+    case = f"FI_CUPY_FUZZ_REPRO={family}:{seed} {config}"
+    print(f"fuzz case: {case}", flush=True)  # before the first launch
     try:
-        case(np.random.default_rng(seed), report)
+        check(config)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n  config: {case}") from e
     finally:
         try:
             torch.cuda.synchronize()
         except RuntimeError as e:  # sticky: every later CUDA call in this process would fail too
-            pytest.exit(f"sticky CUDA error after FI_CUPY_FUZZ_REPRO={family}:{seed} {config}: {e}", returncode=3)
+            pytest.exit(f"sticky CUDA error after {case}: {e}", returncode=3)
