@@ -65,6 +65,12 @@ def _seed(rng) -> int:
     return int(rng.integers(2 ** 62))
 
 
+def _draw_out(rng, cfg: dict) -> None:
+    """The out= argument of an op that takes one: none, a new contiguous array, or rows with a stride."""
+    cfg["out"] = _pick(rng, ("none", "given", "strided"))
+    cfg["out_pad"], cfg["out_off"] = _pad(rng, force=True) if cfg["out"] == "strided" else (0, 0)
+
+
 def _pad(rng, p: float = 0.4, force: bool = False) -> tuple:
     """(pad, offset): extra elements a row of the allocation has, and where the view starts in it."""
     if not (force or _chance(rng, p)):
@@ -182,8 +188,7 @@ def draw_norm(rng) -> dict:
     if "fused" in op:
         cfg["res_pad"], cfg["res_off"] = _pad(rng)
     elif op != "layernorm":
-        cfg["out"] = _pick(rng, ("none", "given", "strided"))
-        cfg["out_pad"], cfg["out_off"] = _pad(rng, force=True) if cfg["out"] == "strided" else (0, 0)
+        _draw_out(rng, cfg)
     cfg["seed"] = _seed(rng)
     return cfg
 
@@ -262,8 +267,7 @@ def draw_activation(rng) -> dict:
         lead = _lead(rng, (0.1, 0.6, 0.2, 0.1), ACT_ELEMS // (2 * d))
     cfg = dict(op=ACTS[act], dtype=_pick(rng, FLOATS), d=d, lead=lead, scale=_log_float(rng, 0.1, 8))
     cfg["pad"], cfg["off"] = _pad(rng)
-    cfg["out"] = _pick(rng, ("none", "given", "strided"))
-    cfg["out_pad"], cfg["out_off"] = _pad(rng, force=True) if cfg["out"] == "strided" else (0, 0)
+    _draw_out(rng, cfg)
     cfg["seed"] = _seed(rng)
     return cfg
 
