@@ -16,6 +16,14 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import per_call_us, print_profile  # noqa: E402
 
 
+def norm_args(xi):
+    """norm_kernel's arguments (fi_cupy/norm.py's launch) for one contiguous bf16 row of 4096, in place."""
+    k = kernels
+    return [k.ptr(xi), k.i64(4096), k.i64(0), k.ptr(None), k.i64(0), k.i64(0), k.ptr(None), k.i64(0), k.i64(0),
+            k.ptr(xi), k.ptr(None), k.ptr(xi), k.i64(4096), k.i64(0), k.i32(1), k.u32(1), k.u32(1), k.u32(0),
+            k.i32(4096), k.f32(1e-6)]
+
+
 def per_call(f):
     return per_call_us(f, 2000, warmup=20)
 
@@ -41,20 +49,14 @@ def main():
         "functions(program)": lambda: kernels.functions(prog, 0),
         "hash(program)": lambda: hash(prog),
         "torch.empty": lambda: torch.empty((1, 4096), dtype=torch.bfloat16, device="cuda:0"),
-        "launch (13 args)": lambda: kernels.launch(fn, (1,), (512,), [
-            kernels.ptr(xi), kernels.i64(4096), kernels.ptr(None), kernels.i64(0), kernels.ptr(None),
-            kernels.i64(0), kernels.ptr(xi), kernels.ptr(None), kernels.ptr(xi), kernels.i64(4096),
-            kernels.i32(1), kernels.i32(4096), kernels.f32(1e-6)], s, 0),
+        "launch (20 args)": lambda: kernels.launch(fn, (1,), (512,), norm_args(xi), s, 0),
         "keep_alive": lambda: arrays.keep_alive(0, s, [xi]),
         "runtime.getDevice": lambda: runtime.getDevice(),
         "cuLaunchKernelEx alone": lambda: raw(cfg, fn.ptr, params, None),
     }
     del args
     from cupy.cuda import runtime
-    kernels.launch(fn, (1,), (512,), [kernels.ptr(xi), kernels.i64(4096), kernels.ptr(None), kernels.i64(0),
-                                      kernels.ptr(None), kernels.i64(0), kernels.ptr(xi), kernels.ptr(None),
-                                      kernels.ptr(xi), kernels.i64(4096), kernels.i32(1), kernels.i32(4096),
-                                      kernels.f32(1e-6)], s, 0)
+    kernels.launch(fn, (1,), (512,), norm_args(xi), s, 0)
     raw = kernels._cuda()[1]
     cfg = kernels._config()[1]
     params = next(iter(kernels._tls.params.values()))[1]

@@ -1,13 +1,19 @@
 // Row norms: RMSNorm (Llama), Gemma RMSNorm (weight + 1), LayerNorm, each optionally fused with the
 // residual add that precedes it in a transformer block (residual += input; input = norm(residual)).
 //
-// A team of blockDim.x threads normalises one row; a CTA holds blockDim.y rows. Each thread owns
+// A team of blockDim.x threads normalises one row; a CTA holds blockDim.y rows. Row r of each array
+// lies at (r / heads) * stride0 + (r % heads) * stride1 (its own two strides): leading dims that do not
+// collapse into one axis, e.g. per-head q/k views (tokens, heads, head_dim) sliced out of a fused qkv
+// buffer (Qwen3 / Gemma 3 qk-norm). The division runs only when heads > 1. Each thread owns
 // VEC-element vectors of its row. With ITEMS > 0 the row is held in registers (ITEMS vectors per
 // thread, raw storage type) so memory sees one read and one write per element; ITEMS == 0 is the
 // fallback for rows longer than 512 * 8 vectors, which reads the row again from global memory (L2).
 // All arithmetic is float32. The fused add rounds the sum to the storage type before normalising it,
 // as model code does (the residual stream is stored in that type).
+// In place (out == in; the fused add writes res_out == res and out == in) is safe: a thread writes only
+// elements it has already read itself, in program order, and no other thread reads them.
 #include "common/types.cuh"
+#include "common/math.cuh"
 #include "common/vec.cuh"
 #include "common/pdl.cuh"
 
@@ -52,15 +58,29 @@ __device__ __forceinline__ void norm_store(const Vec<T, VEC>& a, const W* weight
 // Register-held rows use teams of at most 512 threads (128 registers a thread); the fallback 1024.
 template <typename T, typename W, int VEC, int ITEMS, int MODE, bool ADD>
 __global__ void __launch_bounds__(ITEMS == 0 ? 1024 : 512, 1) norm_kernel(
-    const T* in, long long in_stride, const T* res, long long res_stride, T* res_out,
-    long long res_out_stride, const W* weight, const W* bias, T* out, long long out_stride, int rows,
+    const T* in, long long in_s0, long long in_s1, const T* res, long long res_s0, long long res_s1,
+    T* res_out, long long res_out_s0, long long res_out_s1, const W* weight, const W* bias, T* out,
+    long long out_s0, long long out_s1, int rows, unsigned heads, unsigned heads_mul, unsigned heads_shift,
     int hidden, float eps) {
   __shared__ float scratch[32 * 32];
   pdl_begin();
   const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
   const bool live = row < rows;  // dead rows still join the reductions' barriers
   const int nvec = hidden / VEC;
-  const long long oi = row * in_stride, orr = row * res_stride, oro = row * res_out_stride;
+  long long oi, orr, oro, oo;
+  if (heads > 1) {  // two row axes (tokens, heads); rows < 2^31, the range FastDiv is exact on
+    const FastDiv head_div = {heads, heads_mul, heads_shift};
+    const long long t = head_div.quot((unsigned)row), h = row - t * heads;
+    oi = t * in_s0 + h * in_s1;
+    orr = t * res_s0 + h * res_s1;
+    oro = t * res_out_s0 + h * res_out_s1;
+    oo = t * out_s0 + h * out_s1;
+  } else {  // one row axis: the plain 2-D path
+    oi = row * in_s0;
+    orr = row * res_s0;
+    oro = row * res_out_s0;
+    oo = row * out_s0;
+  }
   const float inv_h = 1.f / (float)hidden;
   float mean = 0.f, rstd;
   if (ITEMS > 0) {
@@ -94,7 +114,7 @@ __global__ void __launch_bounds__(ITEMS == 0 ? 1024 : 512, 1) norm_kernel(
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
       const int c = (threadIdx.x + k * blockDim.x) * VEC;
-      if (live && c < hidden) norm_store<T, W, VEC, MODE>(v[k], weight, bias, c, mean, rstd, out + row * out_stride + c);
+      if (live && c < hidden) norm_store<T, W, VEC, MODE>(v[k], weight, bias, c, mean, rstd, out + oo + c);
     }
   } else {
     // Long rows: pass 1 reads (and writes the fused sum), later passes read again, mostly from L2.
@@ -122,7 +142,7 @@ __global__ void __launch_bounds__(ITEMS == 0 ? 1024 : 512, 1) norm_kernel(
     for (int p = threadIdx.x; live && p < nvec; p += blockDim.x) {
       Vec<T, VEC> a;
       a.load(src + os + p * VEC);
-      norm_store<T, W, VEC, MODE>(a, weight, bias, p * VEC, mean, rstd, out + row * out_stride + p * VEC);
+      norm_store<T, W, VEC, MODE>(a, weight, bias, p * VEC, mean, rstd, out + oo + p * VEC);
     }
   }
 }

@@ -1,17 +1,23 @@
 """Norms: rmsnorm, fused_add_rmsnorm, gemma_rmsnorm, gemma_fused_add_rmsnorm, layernorm
 (cuda_src/norm.cu). FlashInfer's names, arguments and defaults.
 
-Inputs are rows of the last dim (any leading shape that forms one strided row axis, e.g. a stride on
-the token axis); the last dim must be contiguous. Dtypes float16, bfloat16, float32; weight in the
+Inputs are rows of the last dim, which must be contiguous. The leading dims may have any strides that
+collapse into at most two row axes (see row_layout): a stride on the token axis, or a 3-D per-head view
+(tokens, heads, head_dim) sliced out of a fused qkv buffer, as Qwen3 / Gemma 3 normalise q and k
+(FlashInfer's rmsnorm on 3-D input). The output has the input's shape; `out` may be the input itself
+(in place) or another view with strides of its own. Dtypes float16, bfloat16, float32; weight in the
 input dtype or float32. The fused functions update `input` and `residual` in place and return None,
 except for JAX callers (immutable arrays), who get the new `(input, residual)` back.
 """
 from __future__ import annotations
 
+import math
+
 from ._core import checks, kernels
 from ._core import dtypes as dt
 from ._core.call import Call
-from ._core.kernels import KernelSpec, Program, f32, i32, i64, ptr
+from ._core.fastdiv import fastdiv_params
+from ._core.kernels import KernelSpec, Program, f32, i32, i64, ptr, u32
 
 DTYPES = (dt.float16, dt.bfloat16, dt.float32)
 MODES = {"rms": 0, "gemma": 1, "layer": 2}
@@ -19,6 +25,7 @@ ITEMS = (1, 2, 4, 8)          # vectors a thread holds in registers; 0 = long-ro
 REG_TEAM = 512                # most threads of a register-held row (launch bounds in norm.cu)
 LOOP_TEAM = 1024              # threads of a row too long for registers
 ROW_THREADS = 128             # threads of a CTA when rows are short (several rows a CTA)
+MAX_ROWS = 2 ** 31 - 1        # the kernel counts rows in int (and FastDiv is exact below 2^31)
 
 
 def norm_program(dtype: dt.DType, wdtype: dt.DType, vec: int, mode: str, add: bool) -> Program:
@@ -46,6 +53,56 @@ def all_programs() -> list:
     return out
 
 
+def row_layout(infos) -> tuple:
+    """How the kernel addresses the rows (of the last dim) of arrays of one shape: (rows, heads,
+    strides), row r of infos[k] at (r // heads) * s0 + (r % heads) * s1 for (s0, s1) = strides[k]
+    ((0, 0) for None). The leading dims collapse where every array allows it (size-1 dims drop; a dim
+    merges into the next when its stride is the next one's stride times that one's size) into at most
+    two axes, tokens and heads; heads is 1 when one axis remains, the plain 2-D path."""
+    live = [i for i in infos if i is not None]
+    shape = live[0].shape
+    for i in live:
+        if i.ndim == 0:
+            raise ValueError(f"{i.name}: expected at least 1 dim (rows of the last dim), got a scalar")
+        checks.last_dim_contiguous(i)
+    rows = math.prod(shape[:-1])
+    if rows == 0:  # nothing to address: producers give empty arrays arbitrary strides
+        return 0, 1, [(0, 0)] * len(infos)
+    if rows > MAX_ROWS:
+        raise ValueError(f"{live[0].name}: {rows} rows (leading dims {shape[:-1]}) exceed the {MAX_ROWS} supported")
+    axes = _row_axes(shape, live)
+    if len(axes) > 2:
+        for i in live:  # name an array that cannot be read this way alone, else one that cannot with input
+            if len(_row_axes(shape, [i])) > 2:
+                raise ValueError(f"{i.name}: its leading dims {shape[:-1]} with strides {i.strides[:-1]} do not "
+                                 f"collapse into at most two strided row axes (tokens, heads); make it contiguous")
+        i = next((i for i in live[1:] if len(_row_axes(shape, [live[0], i])) > 2), live[-1])
+        raise ValueError(f"{i.name}: its strides {i.strides[:-1]} and {live[0].name}'s {live[0].strides[:-1]} over "
+                         f"leading dims {shape[:-1]} do not collapse together into at most two strided row axes "
+                         f"(tokens, heads); make {i.name} contiguous or give it {live[0].name}'s strides")
+    none = [0] * len(live)
+    if len(axes) == 2:
+        (_, s0), (heads, s1) = axes
+    else:  # one row axis (s1 unused) or a single row
+        heads, s0, s1 = 1, axes[0][1] if axes else none, none
+    it = iter(zip(s0, s1))
+    return rows, heads, [(0, 0) if i is None else next(it) for i in infos]
+
+
+def _row_axes(shape: tuple, infos) -> list:
+    """[(size, [stride of each info])] of the leading dims of `shape` after collapsing (row_layout)."""
+    axes = []
+    for d, n in enumerate(shape[:-1]):
+        if n == 1:
+            continue
+        strides = [i.strides[d] for i in infos]
+        if axes and all(so == n * s for so, s in zip(axes[-1][1], strides)):
+            axes[-1] = (axes[-1][0] * n, strides)
+        else:
+            axes.append((n, strides))
+    return axes
+
+
 def _widths(d: dt.DType) -> tuple:
     return tuple(w for w in (8, 4, 2, 1) if w * d.itemsize <= 16)
 
@@ -54,7 +111,7 @@ def _norm(mode: str, input, weight, bias, eps, out, residual, stream, enable_pdl
     c = Call(input, stream, enable_pdl)
     x = c.arg(input, "input")
     checks.dtype_in(x, DTYPES)
-    rows, x_stride = checks.rows_of(x)
+    row_layout([x])  # input's own layout first, so its errors come before those of other arguments
     hidden = x.shape[-1]
     w = c.arg(weight, "weight" if mode != "layer" else "gemma")
     checks.dtype_in(w, dict.fromkeys((x.dtype, dt.float32)), f" with input {x.dtype}")
@@ -72,7 +129,6 @@ def _norm(mode: str, input, weight, bias, eps, out, residual, stream, enable_pdl
         r = c.arg(residual, "residual")
         checks.dtype_is(r, x.dtype, "input's dtype")
         checks.shape(r, x.shape, "matching input")
-        _, r_stride = checks.rows_of(r)
         if c.writable(x) and c.writable(r):
             checks.no_overlap(x)
             checks.no_overlap(r)
@@ -81,10 +137,10 @@ def _norm(mode: str, input, weight, bias, eps, out, residual, stream, enable_pdl
             out_obj, o = c.new(x.shape, x.dtype, "input")
             r_out_obj, ro = c.new(x.shape, x.dtype, "residual")
     else:
+        # out may be input itself (in place): each thread writes only what it has read (norm.cu)
         out_obj, o = c.out(out, x.shape, x.dtype, "out", "matching input")
-        r_stride, r_out_obj, ro = 0, None, None
-    _, o_stride = checks.rows_of(o)
-    _, ro_stride = checks.rows_of(ro) if ro is not None else (0, 0)
+        r_out_obj, ro = None, None
+    rows, heads, strides = row_layout([x, r, ro, o])
     if rows and hidden:
         vec = checks.vector_width([x, w, b, r, o, ro], hidden)
         items, team, rpc = launch_shape(hidden, vec)
@@ -94,9 +150,11 @@ def _norm(mode: str, input, weight, bias, eps, out, residual, stream, enable_pdl
             prog = norm_program(x.dtype, w.dtype, vec, mode, add)
             return prog, prog.kernels[((0,) + ITEMS).index(items)]
         fn = kernels.cached_function(c.device, ("norm", x.dtype.name, w.dtype.name, vec, mode, add, items), build)
+        _, mul, shift = fastdiv_params(heads)
+        (xs0, xs1), (rs0, rs1), (ros0, ros1), (os0, os1) = strides
         c.launch(fn, (-(-rows // rpc),), (team, rpc), [
-            ptr(x), i64(x_stride), ptr(r), i64(r_stride), ptr(ro), i64(ro_stride), ptr(w), ptr(b),
-            ptr(o), i64(o_stride), i32(rows), i32(hidden), f32(eps)])
+            ptr(x), i64(xs0), i64(xs1), ptr(r), i64(rs0), i64(rs1), ptr(ro), i64(ros0), i64(ros1), ptr(w), ptr(b),
+            ptr(o), i64(os0), i64(os1), i32(rows), u32(heads), u32(mul), u32(shift), i32(hidden), f32(eps)])
     if residual is None:
         return c.result(out_obj)
     if out_obj is input:
