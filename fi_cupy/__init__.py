@@ -17,7 +17,9 @@ from ._core.compile import CudaEnvironmentError, KernelCompileError  # noqa: E40
 from . import activation, cascade, norm, page, rope, sampling  # noqa: E402
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul  # noqa: E402
 from .cascade import merge_state, merge_state_in_place, merge_states  # noqa: E402
-from .decode import BatchDecodeWithPagedKVCacheWrapper, single_decode_with_kv_cache  # noqa: E402
+from .decode import (  # noqa: E402
+    BatchDecodeWithPagedKVCacheWrapper, CUDAGraphBatchDecodeWithPagedKVCacheWrapper, fast_decode_plan,
+    single_decode_with_kv_cache)
 from .quantization import packbits, segment_packbits  # noqa: E402
 from .prefill import (  # noqa: E402
     BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper, single_prefill_with_kv_cache)
@@ -34,7 +36,7 @@ from .rope import (  # noqa: E402
 
 __all__ = [
     "__version__",
-    "BatchDecodeWithPagedKVCacheWrapper",
+    "BatchDecodeWithPagedKVCacheWrapper", "CUDAGraphBatchDecodeWithPagedKVCacheWrapper", "fast_decode_plan",
     "single_decode_with_kv_cache",
     "BatchPrefillWithPagedKVCacheWrapper", "BatchPrefillWithRaggedKVCacheWrapper", "single_prefill_with_kv_cache",
     "packbits", "segment_packbits",

@@ -9,6 +9,7 @@ KV the q dtype or fp8 (e4m3fn, e5m2); any page size; any GQA group; NHD and HND;
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -16,9 +17,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import scheduler
-from .page import KVView, LAYOUTS, check_cache_against, describe_kv_pair, describe_paged_cache, page_table_lengths
+from .page import (KVView, LAYOUTS, check_cache_against, describe_kv_pair, describe_paged_cache,
+                   page_table_from_block_tables, page_table_lengths)
 from ._core import arrays, checks, kernels, streams
-from ._core.workspace import PlannedWrapper, caller, deliver, scale, single_call_meta, upload
+from ._core.workspace import (PlannedWrapper, backend_arg, caller, deliver, device_copy, kv_split, output_dtype,
+                              scale, single_call_meta, upload)
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
 from ._core.kernels import KernelSpec, Program, f32, f64, i32, i64, ptr, u32
@@ -27,6 +30,7 @@ SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
 Q_DTYPES = (dt.float16, dt.bfloat16)
 KV_DTYPES = {q: (q, dt.float8_e4m3fn, dt.float8_e5m2) for q in Q_DTYPES}
 POS_ENCODINGS = ("NONE", "ROPE_LLAMA")
+DECODE_BACKENDS = ("auto", "fa2")  # FlashInfer's names; both run our kernels
 _ALIGN = 256
 
 
@@ -138,24 +142,25 @@ class DecodePlan:
     """Host-side schedule plus the int32 metadata block that run() reads on the device.
 
     Every offset in `meta` and the partial-state region depend on the batch size, the heads and the
-    device only (capacities, not the current lengths); the page indices go last."""
+    device only (capacities, not the current lengths), unless a fixed split needs more; the page
+    indices go last. indices_ptr: where the kernel reads the page indices when they are not in
+    `meta` (a device array of the caller's: fast_decode_plan, or the CUDA-graph indices buffer)."""
     params: DecodeParams
     batch_size: int
     num_ctas: int
     num_merges: int          # pairs cut over several CTAs, merged by the second kernel
-    max_page: int            # largest page index used (-1 if none)
+    max_page: int            # largest page index used (-1 if none or unchecked)
     meta: np.ndarray         # int32 metadata, parts at `offsets`
     offsets: dict            # name -> int32 element offset within meta
     partial_capacity: int    # partial rows the workspace region holds
+    segment_capacity: int    # segments the metadata holds
+    merge_capacity: int      # cut pairs the metadata holds: the merge grid a CUDA graph launches
+    indices_ptr: int = 0     # 0: the indices are in meta
+    keep: tuple = ()         # arrays the plan reads on the device (kept alive with it)
 
     @property
     def heads_per_block(self) -> tuple:
         return scheduler.decode_heads_per_block(self.params.group_size)
-
-    @property
-    def merge_capacity(self) -> int:
-        """Cut pairs a plan of this batch size can have: the merge_indptr entries plan() pads to."""
-        return scheduler.DecodeSchedule.capacity(self.batch_size, self.num_kv_heads_blocks, self.num_ctas)[2]
 
     @property
     def num_kv_heads_blocks(self) -> int:
@@ -174,20 +179,34 @@ def check_page_table(params: DecodeParams, indptr: np.ndarray, indices: np.ndarr
     return page_table_lengths(indptr, indices, last_page_len, params.page_size)
 
 
-def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
-                last_page_len: np.ndarray, num_ctas: int, lengths: tuple | None = None) -> DecodePlan:
-    """lengths: check_page_table's result when the caller has checked the table already."""
+def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray | None,
+                last_page_len: np.ndarray, num_ctas: int, lengths: tuple | None = None, split: int | None = None,
+                fixed_capacity: tuple | None = None) -> DecodePlan:
+    """lengths: check_page_table's result when the caller has checked the table already (with
+    indices None: the kernel reads them from a device array, outside meta). split: see
+    scheduler.decode_schedule. fixed_capacity (CUDA graphs): the (segments, partial rows, cut pairs)
+    capacities every plan of the wrapper keeps; a split that needs more is refused."""
     batch = indptr.size - 1
     kv_lens, used = lengths or check_page_table(params, indptr, indices, last_page_len)
     wl = params.window_left
     visible = np.maximum(0, kv_lens - 1 - wl) if wl >= 0 else np.zeros_like(kv_lens)
     _, slices = scheduler.decode_heads_per_block(params.group_size)
     head_blocks = params.num_kv_heads * slices
-    sch = scheduler.decode_schedule(kv_lens, visible, head_blocks, num_ctas)
-    seg_cap, part_cap, merge_cap = scheduler.DecodeSchedule.capacity(batch, head_blocks, num_ctas)
+    sch = scheduler.decode_schedule(kv_lens, visible, head_blocks, num_ctas, split=split)
+    need = (sch.segments.shape[0], sch.num_partial_rows, sch.merge_pairs.size)
+    if fixed_capacity is not None:
+        caps = fixed_capacity
+        if any(n > c for n, c in zip(need, caps)):
+            raise ValueError(f"fixed_split_size: use_cuda_graph=True keeps the metadata sizes of the first plan, "
+                             f"(segments, partial rows, cut pairs) = {caps}; this plan needs {need}: use a larger "
+                             f"fixed_split_size, or a wrapper a configuration")
+    else:
+        caps = tuple(max(n, c) for n, c in zip(need, scheduler.DecodeSchedule.capacity(batch, head_blocks, num_ctas)))
+    seg_cap, part_cap, merge_cap = caps
     # merge_indptr is padded with its last entry, so the merge CTAs past the cut pairs find no rows.
     merge_indptr = np.full(merge_cap + 1, sch.merge_indptr[-1], np.int32)
     merge_indptr[:sch.merge_indptr.size] = sch.merge_indptr
+    used = np.zeros(0, np.int32) if used is None else used
     parts = [("segments", sch.segments.ravel(), 4 * seg_cap), ("segment_partial", sch.segment_partial, seg_cap),
              ("cta_indptr", sch.cta_indptr, num_ctas + 1), ("page_indptr", indptr, batch + 1),
              ("kv_lens", kv_lens, batch), ("merge_pairs", sch.merge_pairs, merge_cap),
@@ -200,7 +219,7 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
     for name, a, _ in parts:
         meta[offsets[name]: offsets[name] + a.size] = a
     return DecodePlan(params, batch, num_ctas, sch.merge_pairs.size, int(used.max()) if used.size else -1,
-                      meta, offsets, part_cap)
+                      meta, offsets, part_cap, seg_cap, merge_cap)
 
 
 _num_ctas: dict = {}  # (program, smem, device) -> CTAs in one wave
@@ -270,7 +289,7 @@ def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.A
     kernels.launch(dec, (plan.num_ctas,), (128,), [
         ptr(q), i64(q_sb), i64(qs[-2]),
         ptr(kv.k_ptr), ptr(kv.v_ptr), i64(kv.stride_page), i64(kv.stride_slot), i64(kv.stride_head),
-        ptr(off["page_indptr"]), ptr(off["indices"]), ptr(off["kv_lens"]), ptr(off["cta_indptr"]),
+        ptr(off["page_indptr"]), ptr(plan.indices_ptr or off["indices"]), ptr(off["kv_lens"]), ptr(off["cta_indptr"]),
         ptr(off["segments"]), ptr(off["segment_partial"]),
         ptr(o), i64(o_sb), i64(os_[-2]), ptr(l_info), ptr(part_o), ptr(part_lse),
         i32(p.num_qo_heads), i32(p.group_size), i32(slices), u32(p.page_size), u32(mul), u32(shift),
@@ -307,7 +326,11 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
     device address and the launch shape, so a captured graph replays the new plan.
 
     plan() reads indptr, indices and last_page_len on the host: pass host (numpy) arrays, or device
-    arrays, which plan() copies to the host (one synchronisation).
+    arrays, which plan() copies to the host (one synchronisation); `fast_decode_plan` leaves device
+    indices on the device. Beyond FlashInfer: every head_dim multiple of 16 up to 256, any page size,
+    and q_len_per_req > 1 (multi-token decode, run on the prefill kernel) without use_tensor_cores.
+    use_tensor_cores is accepted and reported; the kernel is chosen by the dtypes (tensor cores for
+    16-bit KV of the q dtype without RoPE, CUDA cores otherwise), which is faster either way.
     """
 
     family = "decode"
@@ -315,50 +338,272 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
     def __init__(self, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  use_tensor_cores: bool = False, paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None,
                  paged_kv_last_page_len_buffer=None, backend: str = "auto", jit_args=None):
+        self._backend = backend_arg(backend, DECODE_BACKENDS)
+        self._use_tensor_cores = checks.flag("use_tensor_cores", use_tensor_cores)
         super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, jit_args, LAYOUTS)
+        # CUDA graphs: FlashInfer's kernels read these buffers, which plan() fills; ours read the
+        # workspace, except the indices (the kernel reads the indices buffer, so an engine may write
+        # the page indices there itself before fast_decode_plan). plan() fills all three, as FlashInfer.
+        self._buffers = {}
+        for name, buf in (("paged_kv_indptr_buffer", paged_kv_indptr_buffer),
+                          ("paged_kv_indices_buffer", paged_kv_indices_buffer),
+                          ("paged_kv_last_page_len_buffer", paged_kv_last_page_len_buffer)):
+            if buf is not None:
+                info = arrays.describe(buf, name)
+                checks.dtype_is(info, dt.int32, "int32 (FlashInfer's index dtype)")
+                checks.ndim(info, 1, "(n,)")
+                checks.contiguous(info)
+                checks.same_device(info, self._ws)
+                self._buffers[name] = info
+        lp = self._buffers.get("paged_kv_last_page_len_buffer")
+        self._fixed_batch = lp.shape[0] if (lp is not None and self._use_cuda_graph) else None
+        self._multi = None      # the prefill wrapper that runs q_len_per_req > 1
+        self._q_len = 1         # q_len_per_req of the current plan
+        self._graph_caps = None  # CUDA graphs: the metadata capacities of the first plan
+        self._last_plan = None  # (plan function, tables, keyword arguments): forward() re-plans from it
+
+    @property
+    def use_tensor_cores(self) -> bool:
+        return self._use_tensor_cores
+
+    def resolved_backend(self) -> str:
+        """The backend plan() runs: always FlashInfer's "fa2" family (our portable kernels)."""
+        return "fa2"
+
+    def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:
+        """Nothing to prewarm: the kernels take the cache's strides at run time, for any layout."""
+        checks.choice("variant", variant, ("independent",))
+
+    def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
+        super().reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+        self._graph_caps = None
+        if getattr(self, "_multi", None) is not None:
+            self._multi.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
 
     def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
              page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1,
-             logits_soft_cap: float | None = None, q_data_type="float16", kv_data_type=None,
+             logits_soft_cap: float | None = None, q_data_type="float16", kv_data_type=None, o_data_type=None,
              data_type=None, sm_scale: float | None = None, rope_scale: float | None = None,
-             rope_theta: float | None = None, non_blocking: bool = True, stream=None) -> None:
-        if data_type is not None and kv_data_type is None:
-            kv_data_type = data_type
-        params = make_params(num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode,
-                             window_left, logits_soft_cap, q_data_type, kv_data_type, sm_scale,
-                             rope_scale, rope_theta)
-        ip = checks.host_int_array("indptr", indptr)
-        ix = checks.host_int_array("indices", indices)
-        lp = checks.host_int_array("last_page_len", last_page_len)
-        lengths = check_page_table(params, ip, ix, lp)  # before any device work (the kernel's first load)
-        num_ctas = decode_num_ctas(params, params.kv_dtype, self._ws.device)
-        plan = plan_decode(params, ip, ix, lp, num_ctas, lengths)
-        need = plan.partial_bytes() + plan.meta.nbytes
-        if need > self._ws.nbytes:
-            raise ValueError(f"float_workspace_buffer: {self._ws.nbytes} bytes is too small for this batch; "
-                             f"need {need} bytes")
-        if self._use_cuda_graph and self._plan is not None and \
-                self._plan.batch_size != plan.batch_size:
-            raise ValueError(f"use_cuda_graph=True: the batch size must stay {self._plan.batch_size} across "
-                             f"plans (got {plan.batch_size}); create a wrapper per batch size")
-        s = streams.resolve(stream, self._ws.framework, self._ws.device)
-        upload(plan.meta, self._ws.ptr + plan.partial_bytes(), self._ws.device, s)
-        self._plan = plan
+             rope_theta: float | None = None, non_blocking: bool = True, block_tables=None, seq_lens=None,
+             fixed_split_size: int | None = None, disable_split_kv: bool = False, q_len_per_req: int = 1, *,
+             window_right: int | None = None, is_causal: bool | None = None, stream=None) -> None:
+        """Plan a batch: request b owns pages indices[indptr[b]:indptr[b + 1]], the last one holding
+        last_page_len[b] tokens (or block_tables + seq_lens, FlashInfer's trtllm-gen form).
+        Positional arguments after page_size follow FlashInfer's legacy order. data_type: the KV
+        dtype when kv_data_type is None. o_data_type: None or q's dtype. disable_split_kv=True or a
+        fixed_split_size (pages) make each request's output bit-identical whatever the batch.
+        q_len_per_req > 1: each request has that many queries (q is (batch * q_len_per_req, heads,
+        head_dim)), causal within the request unless is_causal=False. window_right: decode queries
+        see no key to their right, so only -1 / 0 (no effect) are accepted."""
+        kw = dict(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
+                  pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
+                  q_data_type=q_data_type, kv_data_type=kv_data_type, o_data_type=o_data_type, data_type=data_type,
+                  sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta, non_blocking=non_blocking,
+                  block_tables=block_tables, seq_lens=seq_lens, fixed_split_size=fixed_split_size,
+                  disable_split_kv=disable_split_kv, q_len_per_req=q_len_per_req, window_right=window_right,
+                  is_causal=is_causal, stream=stream)
+        self._plan_impl((indptr, indices, last_page_len), kw, fast=False)
 
     begin_forward = plan
 
-    def run(self, q, paged_kv_cache, *args, q_rope_offset=None, k_scale=None, v_scale=None, out=None,
-            lse=None, return_lse: bool = False, enable_pdl=None, window_left=None, sinks=None, stream=None):
-        plan = self._plan
-        if plan is None:
-            raise RuntimeError("run() called before plan()")
+    def workspace_size(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                       page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1,
+                       logits_soft_cap: float | None = None, q_data_type="float16", kv_data_type=None,
+                       o_data_type=None, data_type=None, sm_scale: float | None = None,
+                       rope_scale: float | None = None, rope_theta: float | None = None, block_tables=None,
+                       seq_lens=None, fixed_split_size: int | None = None, disable_split_kv: bool = False,
+                       q_len_per_req: int = 1) -> tuple:
+        """(float workspace bytes, int workspace bytes) that plan() with these arguments needs; the int
+        workspace is unused (0). Nothing is planned or written."""
+        kw = dict(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
+                  pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
+                  q_data_type=q_data_type, kv_data_type=kv_data_type, o_data_type=o_data_type, data_type=data_type,
+                  sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta, non_blocking=True,
+                  block_tables=block_tables, seq_lens=seq_lens, fixed_split_size=fixed_split_size,
+                  disable_split_kv=disable_split_kv, q_len_per_req=q_len_per_req, window_right=None,
+                  is_causal=None, stream=None)
+        return self._plan_impl((indptr, indices, last_page_len), kw, fast=False, dry=True), 0
+
+    def _plan_impl(self, tables: tuple, kw: dict, fast: bool, indptr_host=None, dry: bool = False):
+        """plan() and fast_decode_plan(): fast leaves device indices where they are (unchecked) and
+        takes indptr from indptr_host. dry: return the workspace bytes needed, plan nothing."""
+        indptr, indices, last_page_len = tables
+        params = make_params(kw["num_qo_heads"], kw["num_kv_heads"], kw["head_dim"], kw["page_size"],
+                             kw["pos_encoding_mode"], kw["window_left"], kw["logits_soft_cap"], kw["q_data_type"],
+                             kw["kv_data_type"] if kw["kv_data_type"] is not None else kw["data_type"],
+                             kw["sm_scale"], kw["rope_scale"], kw["rope_theta"])
+        output_dtype(kw["o_data_type"], params.q_dtype)
+        checks.unsupported("window_right", kw["window_right"], (None, -1, 0))
+        q_len = checks.positive_int("q_len_per_req", kw["q_len_per_req"])
+        causal = True if kw["is_causal"] is None else checks.flag("is_causal", kw["is_causal"])
+        split = kv_split(kw["fixed_split_size"], kw["disable_split_kv"], params.page_size)
+        non_blocking = checks.flag("non_blocking", kw["non_blocking"])
+        ip, ix, lp, dev_ix = self._tables(params, indptr, indices, last_page_len, kw["block_tables"], kw["seq_lens"],
+                                          fast and q_len == 1, indptr_host)
+        if self._fixed_batch is not None and ip.size - 1 != self._fixed_batch:
+            raise ValueError(f"use_cuda_graph=True: the batch size is fixed at {self._fixed_batch} (the length of "
+                             f"paged_kv_last_page_len_buffer); got {ip.size - 1}")
+        if self._use_cuda_graph and not dry and self._q_len_fixed(q_len):
+            raise ValueError(f"q_len_per_req: use_cuda_graph=True keeps the q_len_per_req of the first plan "
+                             f"({self._q_len}); got {q_len}; create a wrapper per q_len_per_req")
+        if not dry:
+            self._last_plan = (tables, kw, fast, indptr_host)
+        if q_len > 1:
+            return self._plan_multi(params, ip, ix, lp, q_len, causal, kw, non_blocking, dry, fast)
+        lengths = page_table_lengths(ip, ix, lp, params.page_size)  # before any device work
+        num_ctas = decode_num_ctas(params, params.kv_dtype, self._ws.device)
+        variant = (decode_variant(params, params.kv_dtype), num_ctas)
+        if self._graph_caps is not None and self._graph_caps[0] != variant and not dry:
+            self._graph_caps = None  # another kernel: a graph captured before must be captured again anyway
+        plan = plan_decode(params, ip, ix, lp, num_ctas, lengths, split, self._graph_caps and self._graph_caps[1])
+        if self._use_cuda_graph and self._graph_caps is None and not dry:
+            caps = (plan.segment_capacity, plan.partial_capacity, plan.merge_capacity)
+            if split:  # room for a fixed split that grows with the lengths (the others fit the default)
+                caps = tuple(2 * c for c in caps)
+                plan = plan_decode(params, ip, ix, lp, num_ctas, lengths, split, caps)
+            self._graph_caps = (variant, caps)
+        need = plan.partial_bytes() + plan.meta.nbytes
+        if dry:
+            return need
+        if need > self._ws.nbytes:
+            raise ValueError(f"float_workspace_buffer: {self._ws.nbytes} bytes is too small for this batch; "
+                             f"need {need} bytes")
+        if self._use_cuda_graph and self._plan is not None and self._plan.batch_size != plan.batch_size:
+            raise ValueError(f"use_cuda_graph=True: the batch size must stay {self._plan.batch_size} across "
+                             f"plans (got {plan.batch_size}); create a wrapper per batch size")
+        s = streams.resolve(kw["stream"], self._ws.framework, self._ws.device)
+        plan = self._place_indices(plan, ix, dev_ix, s)
+        upload(plan.meta, self._ws.ptr + plan.partial_bytes(), self._ws.device, s)
+        if self._use_cuda_graph and not fast:  # fast_decode_plan leaves the buffers to the engine, as FlashInfer
+            self._fill_buffers(ip, lp, s)
+        self._finish(plan, 1, s, non_blocking)
+
+    def _override(self, **opts) -> None:
+        """forward(): FlashInfer's legacy call sets these options for this and later runs."""
+        if self._last_plan is None:
+            raise RuntimeError("forward() called before plan()")
+        tables, kw, fast, indptr_host = self._last_plan
+        if any(kw[k] != v for k, v in opts.items()):
+            self._plan_impl(tables, {**kw, **opts}, fast, indptr_host)
+
+    def _q_len_fixed(self, q_len: int) -> bool:
+        """Whether a CUDA-graph wrapper already planned with another q_len_per_req."""
+        return (self._plan is not None or self._q_len > 1) and q_len != self._q_len
+
+    def _finish(self, plan, q_len: int, s: int, non_blocking: bool) -> None:
+        self._plan, self._q_len = plan, q_len
+        if not non_blocking and not streams.is_capturing(s):
+            from cupy.cuda import runtime
+            runtime.streamSynchronize(s)  # FlashInfer's non_blocking=False: the copies have landed
+
+    def _tables(self, params, indptr, indices, last_page_len, block_tables, seq_lens, fast: bool, indptr_host):
+        """(indptr, indices or None, last_page_len) on the host, and the device indices the kernel reads
+        instead (fast_decode_plan: an int32 device array, or None)."""
+        page = params.page_size
+        if block_tables is not None or (indptr is None and seq_lens is not None):
+            if block_tables is None:
+                raise ValueError("block_tables: required with seq_lens when indptr is None")
+            ip, ix, lp = page_table_from_block_tables(block_tables, seq_lens, page)
+            return ip, ix, lp, None
+        ip = checks.host_int_array("indptr", indptr if indptr_host is None else indptr_host)
+        checks.indptr("indptr", ip)
+        if fast and page == 1 and not isinstance(last_page_len, np.ndarray):
+            lp = (np.diff(ip) > 0).astype(np.int64)  # page size 1: a non-empty request's last page is full
+        else:
+            lp = checks.host_int_array("last_page_len", last_page_len)
+        dev_ix = None
+        if fast and hasattr(indices, "__dlpack_device__") and int(indices.__dlpack_device__()[0]) != 1:
+            info = arrays.describe(indices, "indices")
+            if info.dtype == dt.int32 and info.ndim == 1 and info.is_contiguous() and \
+                    (not self._use_cuda_graph or "paged_kv_indices_buffer" in self._buffers):
+                if info.shape[0] < ip[-1]:
+                    raise ValueError(f"indices: has {info.shape[0]} entries but indptr[-1] is {ip[-1]}")
+                dev_ix = info
+        ix = None if dev_ix is not None else checks.host_int_array("indices", indices)
+        if seq_lens is not None:
+            want = checks.host_int_array("seq_lens", seq_lens)
+            got = page_table_lengths(ip, None, lp, page)[0]
+            if want.shape != got.shape or np.any(want != got):
+                raise ValueError("seq_lens: does not match the lengths that indptr and last_page_len give")
+        return ip, ix, lp, dev_ix
+
+    def _place_indices(self, plan: DecodePlan, ix, dev_ix, s: int) -> DecodePlan:
+        """Where the kernel reads the page indices: the CUDA-graph indices buffer (filled here), the
+        caller's device array (fast_decode_plan), or the metadata block."""
+        buf = self._buffers.get("paged_kv_indices_buffer") if self._use_cuda_graph else None
+        n = int(plan.meta[plan.offsets["page_indptr"] + plan.batch_size])
+        if buf is not None:
+            if n > buf.shape[0]:
+                raise ValueError(f"paged_kv_indices_buffer: holds {buf.shape[0]} page indices; this plan uses {n}")
+            if dev_ix is not None:
+                device_copy(dev_ix, buf, 4 * n, s)
+            elif n:
+                upload(np.ascontiguousarray(ix[:n], dtype=np.int32), buf.ptr, self._ws.device, s)
+            return replace(plan, indices_ptr=buf.ptr, keep=(buf,))
+        if dev_ix is not None:
+            return replace(plan, indices_ptr=dev_ix.ptr, keep=(dev_ix,))
+        return plan
+
+    def _fill_buffers(self, ip: np.ndarray, lp: np.ndarray, s: int) -> None:
+        """FlashInfer's plan() writes indptr and last_page_len into the CUDA-graph buffers: so do we."""
+        for name, a in (("paged_kv_indptr_buffer", ip), ("paged_kv_last_page_len_buffer", lp)):
+            buf = self._buffers.get(name)
+            if buf is not None and a.size:
+                if a.size > buf.shape[0]:
+                    raise ValueError(f"{name}: holds {buf.shape[0]} entries; this plan writes {a.size}")
+                upload(a.astype(np.int32), buf.ptr, self._ws.device, s)
+
+    def _plan_multi(self, params: DecodeParams, ip, ix, lp, q_len: int, causal: bool, kw: dict, non_blocking: bool,
+                    dry: bool, fast: bool):
+        """q_len_per_req > 1 runs the paged prefill kernel: request b's queries are rows
+        b * q_len .. (b + 1) * q_len of q, the last q_len positions of its KV."""
+        from . import prefill
+        if params.head_dim not in prefill.SUPPORTED_HEAD_DIMS:
+            raise NotImplementedError(f"q_len_per_req: {q_len} runs the prefill kernel, which takes head_dim "
+                                      f"{', '.join(map(str, prefill.SUPPORTED_HEAD_DIMS))}; got {params.head_dim}")
+        if self._multi is None:
+            self._multi = prefill.BatchPrefillWithPagedKVCacheWrapper(self._ws_obj, self._kv_layout,
+                                                                      self._use_cuda_graph)
+        args = (np.arange(ip.size) * q_len, ip, ix, lp, params.num_qo_heads, params.num_kv_heads, params.head_dim,
+                params.page_size)
+        opts = dict(causal=causal, pos_encoding_mode="ROPE_LLAMA" if params.rope else "NONE",
+                    sm_scale=params.sm_scale, window_left=params.window_left, logits_soft_cap=params.soft_cap or None,
+                    rope_scale=params.rope_scale, rope_theta=params.rope_theta, q_data_type=params.q_dtype,
+                    kv_data_type=params.kv_dtype, fixed_split_size=kw["fixed_split_size"],
+                    disable_split_kv=kw["disable_split_kv"])
+        if dry:
+            return self._multi.workspace_size(*args, **opts)[0]
+        self._multi.plan(*args, **opts, stream=kw["stream"])
+        s = streams.resolve(kw["stream"], self._ws.framework, self._ws.device)
+        if self._use_cuda_graph and not fast:
+            self._fill_buffers(ip, lp, s)
+        self._finish(None, q_len, s, non_blocking)
+
+    def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
+            return_lse: bool = False, enable_pdl=None, window_left=None, sinks=None, q_len_per_req=None,
+            skip_softmax_threshold_scale_factor=None, kv_cache_sf=None, stream=None):
+        """o (batch_size, num_qo_heads, head_dim) in q's dtype, and lse (batch_size, num_qo_heads) in
+        base 2 with return_lse=True. q_scale, k_scale, v_scale: floats (None: 1) that scale the
+        logits (q, k) and the output (v), for fp8 caches."""
         if args:
             raise TypeError(f"run(): unexpected extra positional arguments ({len(args)}); decode has no "
                             "custom-variant arguments")
-        if q_rope_offset is not None or sinks is not None:
-            raise NotImplementedError("q_rope_offset and sinks are not supported by decode")
+        checks.unsupported("sinks", sinks)
+        checks.unsupported("skip_softmax_threshold_scale_factor", skip_softmax_threshold_scale_factor)
+        checks.unsupported("kv_cache_sf", kv_cache_sf)
+        if self._plan is None and self._q_len == 1:
+            raise RuntimeError("run() called before plan()")
+        if q_len_per_req is not None and q_len_per_req != self._q_len:
+            raise ValueError(f"q_len_per_req: run() got {q_len_per_req} but plan() used {self._q_len}")
+        qk_scale = scale("q_scale", q_scale) * scale("k_scale", k_scale)  # both scale the logits
+        if self._q_len > 1:
+            return self._multi.run(q, paged_kv_cache, k_scale=qk_scale, v_scale=v_scale, out=out, lse=lse,
+                                   return_lse=return_lse, enable_pdl=enable_pdl, window_left=window_left,
+                                   stream=stream)
+        plan = self._plan
         if window_left is not None and window_left != plan.params.window_left:
-            raise ValueError(f"window_left: run() got {window_left} but plan() used {plan.params.window_left}")
+            raise NotImplementedError(f"window_left: run() got {window_left} but plan() used "
+                                      f"{plan.params.window_left}; the window is part of the plan's schedule")
         p = plan.params
         fw = arrays.framework_of(q)
         s = streams.resolve(stream, fw, self._ws.device)
@@ -370,12 +615,67 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         out_obj, o, lse_obj, l_info = _outputs(qi, p, out, lse, return_lse, s, (plan.batch_size,), cur)
         checks.same_device(qi, self._ws, *kv.infos)
         launch_decode(plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, o, l_info,
-                      scale("k_scale", k_scale), scale("v_scale", v_scale), s, self._use_cuda_graph,
+                      qk_scale, scale("v_scale", v_scale), s, self._use_cuda_graph,
                       None if enable_pdl is None else bool(enable_pdl))
-        arrays.keep_alive(qi.device, s, (qi, o, l_info) + kv.infos)
+        arrays.keep_alive(qi.device, s, (qi, o, l_info) + kv.infos + plan.keep)
         return deliver(out_obj, lse_obj, return_lse, fw)
 
-    forward = run
+    run_return_lse = functools.partialmethod(run, return_lse=True)
+
+    def forward(self, q, paged_kv_cache, pos_encoding_mode: str = "NONE", q_scale=None, k_scale=None, v_scale=None,
+                window_left: int = -1, logits_soft_cap: float | None = None, sm_scale: float | None = None,
+                rope_scale: float | None = None, rope_theta: float | None = None):
+        """FlashInfer's legacy call: its attention options replace the plan's (re-planned when they
+        differ), then run()."""
+        self._override(pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
+                       sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)
+        return self.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
+
+    def forward_return_lse(self, q, paged_kv_cache, pos_encoding_mode: str = "NONE", q_scale=None, k_scale=None,
+                           v_scale=None, window_left: int = -1, logits_soft_cap: float | None = None,
+                           sm_scale: float | None = None, rope_scale: float | None = None,
+                           rope_theta: float | None = None):
+        """forward() returning (o, lse)."""
+        self._override(pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
+                       sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)
+        return self.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, return_lse=True)
+
+
+class CUDAGraphBatchDecodeWithPagedKVCacheWrapper(BatchDecodeWithPagedKVCacheWrapper):
+    """FlashInfer's CUDA-graph decode wrapper: use_cuda_graph=True with the index buffers that fix
+    the batch size (len(last_page_len_buffer)) and the most pages (len(indices_buffer))."""
+
+    def __init__(self, workspace_buffer, indptr_buffer, indices_buffer, last_page_len_buffer, kv_layout: str = "NHD",
+                 use_tensor_cores: bool = False):
+        super().__init__(workspace_buffer, kv_layout, True, use_tensor_cores, indptr_buffer, indices_buffer,
+                         last_page_len_buffer)
+
+
+def fast_decode_plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                     page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1,
+                     logits_soft_cap: float | None = None, q_data_type=None, kv_data_type=None, data_type=None,
+                     sm_scale: float | None = None, rope_scale: float | None = None, rope_theta: float | None = None,
+                     non_blocking: bool = True, fixed_split_size: int | None = None, disable_split_kv: bool = False,
+                     q_len_per_req: int = 1, global_override_indptr_cpu=None) -> None:
+    """FlashInfer's cheaper re-plan of a decode wrapper (`self`), as SGLang calls it between CUDA-graph
+    replays: the same plan as plan(), but device `indices` (int32) stay on the device and are not
+    checked (the kernel reads them, or a copy in the wrapper's indices buffer, as FlashInfer's does:
+    a page index past the cache is the caller's error, as there), indptr is read from
+    global_override_indptr_cpu when given (no device-to-host copy), and with page_size 1 a device
+    last_page_len is not read (a non-empty request's last page is full)."""
+    if data_type is not None:
+        q_data_type = data_type if q_data_type is None else q_data_type
+        kv_data_type = data_type if kv_data_type is None else kv_data_type
+    kw = dict(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
+              pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
+              q_data_type="float16" if q_data_type is None else q_data_type, kv_data_type=kv_data_type,
+              o_data_type=None, data_type=None, sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta,
+              non_blocking=non_blocking, block_tables=None, seq_lens=None, fixed_split_size=fixed_split_size,
+              disable_split_kv=disable_split_kv, q_len_per_req=q_len_per_req, window_right=None, is_causal=None,
+              stream=None)
+    if not isinstance(self, BatchDecodeWithPagedKVCacheWrapper):
+        raise TypeError(f"self: expected a BatchDecodeWithPagedKVCacheWrapper, got {type(self).__name__}")
+    self._plan_impl((indptr, indices, last_page_len), kw, fast=True, indptr_host=global_override_indptr_cpu)
 
 
 # Single decode: plans cached by shape (a small LRU: a decode loop grows kv_len every step), scratch

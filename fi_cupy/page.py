@@ -42,14 +42,15 @@ class KVView:
     infos: tuple
 
 
-def page_table_lengths(indptr: np.ndarray, indices: np.ndarray, last_page_len: np.ndarray, page_size: int,
+def page_table_lengths(indptr: np.ndarray, indices: np.ndarray | None, last_page_len: np.ndarray, page_size: int,
                        prefix: str = "") -> tuple:
     """(kv_lens, used page indices) of a CSR page table, checked (decode's `indptr`, prefill's
-    `paged_kv_indptr`: argument names are prefix + indptr / indices / last_page_len)."""
+    `paged_kv_indptr`: argument names are prefix + indptr / indices / last_page_len). indices None:
+    they stay on the device, unchecked (fast_decode_plan); used is then None."""
     batch = indptr.size - 1
     if last_page_len.size != batch:
         raise ValueError(f"{prefix}last_page_len: expected {batch} entries (batch_size), got {last_page_len.size}")
-    if indices.size < indptr[-1]:
+    if indices is not None and indices.size < indptr[-1]:
         raise ValueError(f"{prefix}indices: has {indices.size} entries but {prefix}indptr[-1] is {indptr[-1]}")
     pages = np.diff(indptr)
     bad = ((pages > 0) & ((last_page_len < 1) | (last_page_len > page_size))) | ((pages == 0) & (last_page_len != 0))
@@ -57,8 +58,8 @@ def page_table_lengths(indptr: np.ndarray, indices: np.ndarray, last_page_len: n
         i = int(np.argmax(bad))
         raise ValueError(f"{prefix}last_page_len: request {i} has {pages[i]} pages and last_page_len "
                          f"{last_page_len[i]}; expected 1..{page_size} (page_size) for a non-empty request, 0 for none")
-    used = indices[: indptr[-1]]
-    if used.size and used.min() < 0:
+    used = None if indices is None else indices[: indptr[-1]]
+    if used is not None and used.size and used.min() < 0:
         raise ValueError(f"{prefix}indices: page indices must be >= 0, got {int(used.min())}")
     if indptr[-1] >= 2 ** 31:
         raise ValueError(f"{prefix}indptr[-1] (total pages) must be < 2**31")
@@ -66,6 +67,27 @@ def page_table_lengths(indptr: np.ndarray, indices: np.ndarray, last_page_len: n
     if kv_lens.size and kv_lens.max() >= 2 ** 31:
         raise ValueError("a request's kv length must be < 2**31")
     return kv_lens, used
+
+
+def page_table_from_block_tables(block_tables, seq_lens, page_size: int) -> tuple:
+    """(indptr, indices, last_page_len) host arrays of the CSR page table that FlashInfer's
+    block_tables (batch, max_pages) + seq_lens (batch,) form describes (the trtllm-gen style
+    arguments): request b owns block_tables[b, :ceil(seq_lens[b] / page_size)]."""
+    lens = checks.host_int_array("seq_lens", seq_lens)
+    bt = checks.host_int_array("block_tables", block_tables, ndim=2)
+    if bt.shape[0] != lens.size:
+        raise ValueError(f"block_tables: expected {lens.size} rows (one a request of seq_lens), got {bt.shape[0]}")
+    if lens.size and lens.min() < 0:
+        raise ValueError(f"seq_lens: lengths must be >= 0, got {int(lens.min())}")
+    pages = -(-lens // page_size)
+    if pages.size and pages.max() > bt.shape[1]:
+        b = int(np.argmax(pages > bt.shape[1]))
+        raise ValueError(f"block_tables: request {b} needs {pages[b]} pages for seq_lens {lens[b]} at page_size "
+                         f"{page_size} but block_tables has {bt.shape[1]} columns")
+    indptr = np.concatenate([[0], np.cumsum(pages)])
+    indices = bt[np.arange(bt.shape[1])[None, :] < pages[:, None]]  # row-major: request by request
+    last = np.where(pages > 0, lens - (pages - 1) * page_size, 0)
+    return indptr, indices, last
 
 
 def check_cache_against(view: KVView, p, max_page: int, indices_name: str = "indices") -> None:
@@ -298,10 +320,12 @@ def get_seq_lens(kv_indptr, kv_last_page_len, page_size: int, stream=None):
     return c.result(out_obj)
 
 
-def get_batch_indices_positions(append_indptr, seq_lens, nnz: int, stream=None):
+def get_batch_indices_positions(append_indptr, seq_lens, nnz: int, batch_indices=None, positions=None,
+                                stream=None):
     """(batch_indices, positions), int32 (nnz,): the request of each appended token and its position,
     seq_lens[b] - (append_indptr[b + 1] - append_indptr[b]) + its index within the request's append.
-    Tokens past append_indptr[-1] get -1 in both."""
+    Tokens past append_indptr[-1] get -1 in both. batch_indices / positions: int32 (nnz,) arrays to
+    write into (FlashInfer's preallocated outputs), else new ones."""
     c = Call(append_indptr, stream, name="append_indptr")
     if isinstance(nnz, bool) or not isinstance(nnz, (int, np.integer)) or nnz < 0:
         raise ValueError(f"nnz: expected a non-negative integer, got {nnz!r}")
@@ -310,8 +334,10 @@ def get_batch_indices_positions(append_indptr, seq_lens, nnz: int, stream=None):
     if batch < 1:
         raise ValueError(f"append_indptr: expected batch_size + 1 >= 2 entries, got {ip.shape[0]}")
     sl = _index_array(c, seq_lens, "seq_lens", ip.dtype, batch)
-    b_obj, b = c.new((int(nnz),), dt.int32, "batch_indices")
-    p_obj, p = c.new((int(nnz),), dt.int32, "positions")
+    b_obj, b = c.out(batch_indices, (int(nnz),), dt.int32, "batch_indices", "(nnz,)")
+    p_obj, p = c.out(positions, (int(nnz),), dt.int32, "positions", "(nnz,)")
+    checks.contiguous(b)
+    checks.contiguous(p)
     if nnz:
         fn = kernels.functions(index_program(ip.dtype), c.device)
         c.launch(list(fn.values())[1], (-(-int(nnz) // THREADS),), (THREADS,),

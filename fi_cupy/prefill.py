@@ -10,6 +10,7 @@ A custom mask replaces the causal mask, as in FlashInfer (causal=True is then ig
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -18,9 +19,11 @@ import numpy as np
 
 from . import scheduler
 from .quantization import MASK_DTYPES, packed_indptr, segment_packbits
-from .page import KVView, LAYOUTS, check_cache_against, describe_kv_pair, describe_paged_cache, page_table_lengths
+from .page import (KVView, LAYOUTS, check_cache_against, describe_kv_pair, describe_paged_cache,
+                   page_table_from_block_tables, page_table_lengths)
 from ._core import arrays, checks, kernels, streams
-from ._core.workspace import PlannedWrapper, caller, deliver, scale, single_call_meta, upload
+from ._core.workspace import (PlannedWrapper, backend_arg, caller, deliver, device_copy, kv_split, output_dtype, scale,
+                              single_call_meta, upload)
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
 from ._core.kernels import KernelSpec, Program, f32, f64, i32, i64, ptr, u32
@@ -250,14 +253,14 @@ def variant_flags(params: PrefillParams, custom_mask: bool) -> int:
 
 def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.ndarray, kv_lens: np.ndarray,
                  page_indices: np.ndarray | None, tile: TileShape, num_ctas: int, mask_offsets: np.ndarray | None,
-                 capacity: dict | None = None) -> tuple:
+                 capacity: dict | None = None, split: int | None = None) -> tuple:
     """(PrefillPlan without mask, sizes) for host metadata. kv_indptr: page indptr (paged) or token
     offsets (ragged). capacity (CUDA graphs): fixed part sizes, so every device address stays put."""
     batch = qo_indptr.size - 1
     qo_lens = np.diff(qo_indptr)
     # CUDA graphs keep one persistent grid of num_ctas CTAs (else a CTA an item): deal it in a snake.
     sch = scheduler.prefill_schedule(qo_lens, kv_lens, params.group_size, params.num_kv_heads, tile.rows,
-                                     num_ctas, params.causal, snake=capacity is not None)
+                                     num_ctas, params.causal, snake=capacity is not None, split=split)
     counts = np.array([sch.items.shape[0], sch.merges.shape[0], 0, 0], dtype=np.int32)
     idx = page_indices if page_indices is not None else np.zeros(0, np.int32)
     moff = (mask_offsets if mask_offsets is not None else np.zeros(batch, np.int64)).astype(np.int64)
@@ -296,16 +299,18 @@ def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.nda
 
 
 def check_backend(backend) -> str:
-    checks.choice("backend", backend, BACKENDS)
-    return backend
+    return backend_arg(backend, BACKENDS)
 
 
 def plan_tile(params: PrefillParams, qo_lens: np.ndarray, custom_mask: bool, backend: str = "fa2",
-              device: int | None = None) -> tuple:
+              device: int | None = None, batch_invariant: bool = False) -> tuple:
     """(tile, variant flags) for a batch: the Hopper tile where `backend` asks for it (or "auto" allows
-    it), else the portable tile from the longest request's packed rows."""
+    it), else the portable tile from the longest request's packed rows. batch_invariant (a split-KV
+    option given): a tile that does not depend on the other requests (the large one)."""
     flags = variant_flags(params, custom_mask)
     rows = int(qo_lens.max(initial=0)) * params.group_size
+    if batch_invariant:
+        rows = 1 << 30
     if backend != "fa2":
         why = sm90_unsupported(params)
         if why is None:
@@ -399,15 +404,26 @@ def _outputs(q: arrays.ArrayInfo, p: PrefillParams, total: int, out, lse, return
 
 
 def _prepare_mask(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_lens: np.ndarray, stream,
-                  current_of=None):
-    """(packed mask object, ArrayInfo, byte offsets per request) or None. A boolean mask is packed
-    here (little-endian, per request), as FlashInfer's plan() does."""
+                  current_of=None, target=None, device: int = 0):
+    """(packed mask object, ArrayInfo, byte offsets per request, byte indptr) or None. A boolean mask is
+    packed here (little-endian, per request), as FlashInfer's plan() does: on the device, or on the
+    host for a numpy mask (multi-item scoring builds one). target: a uint8 device buffer (CUDA graphs'
+    custom_mask_buf) the packed mask is copied into, so the kernel reads a fixed address."""
     if custom_mask is None and packed_custom_mask is None:
         return None
     sizes = qo_lens.astype(np.int64) * kv_lens.astype(np.int64)
     bit_indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     byte_indptr = packed_indptr(bit_indptr)
-    if packed_custom_mask is None:
+    if packed_custom_mask is None and isinstance(custom_mask, np.ndarray):
+        flat = custom_mask.reshape(-1)
+        if flat.size != bit_indptr[-1]:
+            raise ValueError(f"custom_mask: expected {bit_indptr[-1]} elements (sum of qo_len * kv_len over the "
+                             f"requests, flattened row-major), got {flat.size}")
+        host = np.concatenate([np.packbits(flat[bit_indptr[i]:bit_indptr[i + 1]].astype(bool), bitorder="little")
+                               for i in range(sizes.size)] or [np.zeros(0, np.uint8)])
+        packed_custom_mask = arrays.empty("cupy", (max(host.size, 1),), dt.uint8, device, stream)
+        upload(host, arrays.describe(packed_custom_mask).ptr, device, stream)
+    elif packed_custom_mask is None:
         info = arrays.describe(custom_mask, "custom_mask", stream, current_of)
         checks.dtype_in(info, MASK_DTYPES)
         if info.size != bit_indptr[-1]:
@@ -423,56 +439,165 @@ def _prepare_mask(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_lens:
     if pm.size < byte_indptr[-1]:
         raise ValueError(f"packed_custom_mask: expected {byte_indptr[-1]} bytes (each request's qo_len * kv_len "
                          f"bits padded to a byte), got {pm.size}")
-    return packed_custom_mask, pm, byte_indptr[:-1]
+    if target is not None:
+        if target.size < byte_indptr[-1]:
+            raise ValueError(f"custom_mask_buf: holds {target.size} bytes; this plan's packed mask has "
+                             f"{byte_indptr[-1]}")
+        device_copy(pm, target, int(byte_indptr[-1]), stream)
+        return target.obj, target, byte_indptr[:-1], byte_indptr
+    return packed_custom_mask, pm, byte_indptr[:-1], byte_indptr
 
 
 # ---------------------------------------------------------------------------------------------
 # Wrappers
 
 
+_PLAN_OPTIONS = ("causal", "pos_encoding_mode", "use_fp16_qk_reduction", "window_left", "logits_soft_cap",
+                 "sm_scale", "rope_scale", "rope_theta")  # what FlashInfer's legacy forward() may override
+
+
 class _PrefillWrapper(PlannedWrapper):
-    """Shared by the paged and ragged wrappers: plan upload with CUDA-graph capacities, outputs, launch."""
+    """Shared by the paged and ragged wrappers: FlashInfer's constructor, plan() options, CUDA-graph
+    capacities and buffers, outputs, launch, and the legacy forward() calls."""
     family = "prefill"
     _paged = True
+    _table_buffers: tuple = ()  # FlashInfer's index buffers, in the order plan() fills them
 
-    def __init__(self, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False, *args,
-                 backend: str = "auto", jit_args=None, **kwargs):
+    def __init__(self, float_workspace_buffer, kv_layout: str, use_cuda_graph: bool, buffers: dict, backend: str,
+                 jit_args, jit_kwargs, variant_owns_mask):
         self._backend = check_backend(backend)
+        checks.unsupported("jit_kwargs", jit_kwargs)
+        checks.unsupported("variant_owns_mask", variant_owns_mask, (False,))
         super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, jit_args, LAYOUTS)
+        # CUDA graphs: FlashInfer's kernels read these buffers and plan() fills them; plan() fills them
+        # too, and the kernel reads the packed custom mask from custom_mask_buf (a fixed address).
+        self._buffers = {}
+        for name, buf in buffers.items():
+            if buf is not None:
+                info = arrays.describe(buf, name)
+                checks.dtype_is(info, dt.uint8 if name == "custom_mask_buf" else dt.int32,
+                                "uint8" if name == "custom_mask_buf" else "int32 (FlashInfer's index dtype)")
+                checks.ndim(info, 1, "(n,)")
+                checks.contiguous(info)
+                checks.same_device(info, self._ws)
+                self._buffers[name] = info
+        self._last_plan = None  # (tables, keyword arguments): forward() re-plans from them
 
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
         super().reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
         self._capacity = None  # CUDA graphs: metadata sizes, grid and tile fixed by the first plan
 
+    def resolved_backend(self) -> str:
+        """The backend the last plan runs: "fa3" (the Hopper kernel) or "fa2"; before a plan, the one
+        asked for."""
+        if self._plan is None:
+            return self._backend
+        return "fa3" if self._plan.tile.sm90 else "fa2"
+
+    def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:
+        """Nothing to prewarm: the kernels take the cache's strides at run time, for any layout."""
+        checks.choice("variant", variant, ("independent",))
+
+    def _options(self, kw: dict, has_mask: bool) -> tuple:
+        """(params, split) of plan()'s keyword arguments, checked; the options we cannot honour refused."""
+        params = make_params(kw["num_qo_heads"], kw["num_kv_heads"], kw["head_dim_qk"], kw["head_dim_vo"],
+                             kw["causal"], kw["pos_encoding_mode"], kw["window_left"], kw["logits_soft_cap"],
+                             kw["sm_scale"], kw["rope_scale"], kw["rope_theta"], kw["q_data_type"], kw["kv_data_type"],
+                             self._paged, kw.get("page_size", 0), has_mask=has_mask)
+        checks.flag("use_fp16_qk_reduction", kw["use_fp16_qk_reduction"])  # a permission: we reduce in float32
+        checks.flag("non_blocking", kw["non_blocking"])
+        output_dtype(kw["o_data_type"], params.q_dtype)
+        return params, kv_split(kw["fixed_split_size"], kw["disable_split_kv"], max(params.page_size, 1))
+
+    def _check_lengths(self, kw: dict, qo: np.ndarray, kv_lens: np.ndarray) -> None:
+        """FlashInfer's cuDNN / trtllm-gen length arguments, where given, must agree with the indptrs."""
+        for name, want in (("seq_lens_q", np.diff(qo)), ("seq_lens", kv_lens)):
+            if kw.get(name) is not None:
+                got = checks.host_int_array(name, kw[name])
+                if got.shape != want.shape or np.any(got != want):
+                    raise ValueError(f"{name}: {got.tolist()[:8]} does not match the lengths the indptrs give "
+                                     f"{want.tolist()[:8]}")
+        for name, want, what in (("max_token_per_sequence", np.diff(qo), "query"),
+                                 ("max_sequence_kv", kv_lens, "KV")):
+            if kw.get(name) is not None and want.size and checks.int_arg(name, kw[name]) < want.max():
+                raise ValueError(f"{name}: {kw[name]} is below the longest {what} length {int(want.max())}")
+        if kw.get("uniform_q_len") is not None:
+            u = checks.int_arg("uniform_q_len", kw["uniform_q_len"])
+            if np.any(np.diff(qo) != u):
+                raise ValueError(f"uniform_q_len: {u}, but the query lengths are {np.diff(qo).tolist()[:8]}")
+
+    def _mask_args(self, kw: dict, qo: np.ndarray, kv_lens: np.ndarray):
+        """custom_mask, with FlashInfer's multi-item-scoring arguments turned into one (see multi_item)."""
+        if kw["prefix_len_ptr"] is None and kw["token_pos_in_items_ptr"] is None:
+            checks.unsupported("max_item_len_ptr", kw["max_item_len_ptr"])
+            return kw["custom_mask"]
+        if kw["custom_mask"] is not None or kw["packed_custom_mask"] is not None:
+            raise ValueError("custom_mask: cannot be combined with the multi-item-scoring arguments (prefix_len_ptr, "
+                             "token_pos_in_items_ptr), which define the mask")
+        if kw["prefix_len_ptr"] is None or kw["token_pos_in_items_ptr"] is None:
+            raise ValueError("prefix_len_ptr and token_pos_in_items_ptr: multi-item scoring needs both")
+        from .multi_item import multi_item_mask
+        prefix = checks.host_int_array("prefix_len_ptr", kw["prefix_len_ptr"])
+        pos = checks.host_int_array("token_pos_in_items_ptr", kw["token_pos_in_items_ptr"])
+        # max_item_len_ptr: a hint for FlashInfer's kernel (key tiles it may skip), checked, not needed here.
+        most = None if kw["max_item_len_ptr"] is None else checks.host_int_array("max_item_len_ptr",
+                                                                                  kw["max_item_len_ptr"])
+        return multi_item_mask(np.diff(qo), kv_lens, prefix, pos,
+                               checks.int_arg("token_pos_in_items_len", kw["token_pos_in_items_len"]),
+                               max_item_lens=most)
+
     def _finish_plan(self, params, qo_indptr, kv_indptr, kv_lens, page_indices, custom_mask,
-                     packed_custom_mask, stream):
+                     packed_custom_mask, stream, split=None, dry: bool = False):
         s = streams.resolve(stream, self._ws.framework, self._ws.device)
         qo_lens = np.diff(qo_indptr)
         # The tile before the mask: a backend that cannot run the plan is refused before packing (a launch).
         tile, flags = plan_tile(params, qo_lens, custom_mask is not None or packed_custom_mask is not None,
-                                self._backend, self._ws.device)
-        mask = _prepare_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens, s)
+                                self._backend, self._ws.device, batch_invariant=split is not None)
         cap = self._capacity if self._use_cuda_graph else None
         if cap is not None:
             tile = cap["tile"]
+        mask = _prepare_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens, s,
+                             target=None if dry or not self._use_cuda_graph else self._buffers.get("custom_mask_buf"),
+                             device=self._ws.device)
         ctas = num_ctas(params, tile, self._ws.device, self._paged, flags)
         offsets = None if mask is None else mask[2]
-        plan, capacity = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, page_indices, tile, ctas, offsets, cap)
+        plan, capacity = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, page_indices, tile, ctas, offsets, cap,
+                                      split)
         if self._use_cuda_graph and cap is None:
             # Room to grow: the grid is one wave and the metadata parts are sized generously.
             capacity["sizes"] = {k: max(2 * v, 1024) for k, v in capacity["sizes"].items()}
             capacity["partial"] = max(2 * capacity["partial"], 4 * ctas * tile.rows)
             capacity["grid"], capacity["merge_grid"], capacity["tile"] = ctas, ctas, tile
-            self._capacity = capacity
-            plan, _ = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, page_indices, tile, ctas, offsets, capacity)
+            plan, _ = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, page_indices, tile, ctas, offsets, capacity,
+                                   split)
+            if not dry:
+                self._capacity = capacity
         if mask is not None:
             plan.mask = (mask[0], mask[1])
         need = plan.partial_bytes() + plan.meta.nbytes
+        if dry:
+            return need
         if need > self._ws.nbytes:
             raise ValueError(f"float_workspace_buffer: {self._ws.nbytes} bytes is too small for this batch; need "
                              f"{need} bytes")
         upload(plan.meta, self._ws.ptr + plan.partial_bytes(), self._ws.device, s)
+        if self._use_cuda_graph:
+            last_page = None if page_indices is None else \
+                np.where(np.diff(kv_indptr) > 0, kv_lens - (np.diff(kv_indptr) - 1) * max(params.page_size, 1), 0)
+            tables = dict(zip(self._table_buffers, (qo_indptr, kv_indptr, page_indices, last_page)))
+            if mask is not None:
+                tables["mask_indptr_buf"] = mask[3]
+            self._fill_buffers(tables, s)
         self._plan = plan
+
+    def _fill_buffers(self, tables: dict, s: int) -> None:
+        """FlashInfer's plan() writes its index arrays into the CUDA-graph buffers: so do we."""
+        for name, a in tables.items():
+            buf = self._buffers.get(name)
+            if buf is not None and a is not None and a.size:
+                if a.size > buf.shape[0]:
+                    raise ValueError(f"{name}: holds {buf.shape[0]} entries; this plan writes {a.size}")
+                upload(np.ascontiguousarray(a, dtype=np.int32), buf.ptr, self._ws.device, s)
 
     def _run(self, q, kv: KVView, out, lse, return_lse, k_scale, v_scale, s, fw, cur):
         plan = self._plan
@@ -482,18 +607,32 @@ class _PrefillWrapper(PlannedWrapper):
         out_obj, o, lse_obj, l_info = _outputs(qi, p, plan.total_qo, out, lse, return_lse, s, cur)
         checks.same_device(qi, self._ws, *kv.infos)
         launch_prefill(plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, self._paged, o, l_info,
-                       scale("k_scale", k_scale), scale("v_scale", v_scale), s, self._use_cuda_graph)
+                       k_scale, scale("v_scale", v_scale), s, self._use_cuda_graph)
         extra = (plan.mask[1],) if plan.mask is not None else ()
         arrays.keep_alive(qi.device, s, (qi, o, l_info) + kv.infos + extra)
         return deliver(out_obj, lse_obj, return_lse, fw)
 
-    def _begin_run(self, q, stream):
+    def _begin_run(self, q, stream, args, q_scale, k_scale, lse_base, lse_layout, kv_cache_sf):
+        """(framework, stream, current_of, logits scale) of a run(), its FlashInfer options checked."""
+        if args:
+            raise TypeError(f"run(): unexpected extra positional arguments ({len(args)}); prefill has no "
+                            "custom-variant arguments")
+        checks.unsupported("lse_base", lse_base, ("log2",))
+        checks.unsupported("lse_layout", lse_layout, ("NH",))
+        checks.unsupported("kv_cache_sf", kv_cache_sf)
         if self._plan is None:
             raise RuntimeError("run() called before plan()")
         fw = arrays.framework_of(q)
         s = streams.resolve(stream, fw, self._ws.device)
-        return fw, s, (fw if stream is None else None)
+        return fw, s, (fw if stream is None else None), scale("q_scale", q_scale) * scale("k_scale", k_scale)
 
+    def _override(self, opts: dict) -> None:
+        """forward(): FlashInfer's legacy call sets these options for this and later runs."""
+        if self._last_plan is None:
+            raise RuntimeError("forward() called before plan()")
+        tables, kw = self._last_plan
+        if any(kw[k] != v for k, v in opts.items()):
+            self._plan_impl(tables, {**kw, **opts})
 
 
 class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
@@ -506,49 +645,127 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
     address and the launch shape stay fixed across re-plans, so a captured graph replays a new plan.
     """
     _paged = True
+    _table_buffers = ("qo_indptr_buf", "paged_kv_indptr_buf", "paged_kv_indices_buf", "paged_kv_last_page_len_buf")
+
+    def __init__(self, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 qo_indptr_buf=None, paged_kv_indptr_buf=None, paged_kv_indices_buf=None,
+                 paged_kv_last_page_len_buf=None, custom_mask_buf=None, mask_indptr_buf=None, backend: str = "auto",
+                 jit_args=None, jit_kwargs=None, variant_owns_mask: bool = False):
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, dict(
+            qo_indptr_buf=qo_indptr_buf, paged_kv_indptr_buf=paged_kv_indptr_buf,
+            paged_kv_indices_buf=paged_kv_indices_buf, paged_kv_last_page_len_buf=paged_kv_last_page_len_buf,
+            custom_mask_buf=custom_mask_buf, mask_indptr_buf=mask_indptr_buf), backend, jit_args, jit_kwargs,
+            variant_owns_mask)
 
     def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
              num_kv_heads: int, head_dim_qk: int, page_size: int, head_dim_vo: int | None = None,
              custom_mask=None, packed_custom_mask=None, causal: bool = False, pos_encoding_mode: str = "NONE",
              use_fp16_qk_reduction: bool = False, sm_scale: float | None = None, window_left: int = -1,
              logits_soft_cap: float | None = None, rope_scale: float | None = None,
-             rope_theta: float | None = None, q_data_type="float16", kv_data_type=None, non_blocking: bool = True,
-             stream=None, **kwargs) -> None:
-        page_size = checks.positive_int("page_size", page_size)
-        params = make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, pos_encoding_mode,
-                             window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, q_data_type,
-                             kv_data_type, True, page_size,
-                             has_mask=custom_mask is not None or packed_custom_mask is not None)
-        qo = checks.host_int_array("qo_indptr", qo_indptr)
-        ip = checks.host_int_array("paged_kv_indptr", paged_kv_indptr)
-        ix = checks.host_int_array("paged_kv_indices", paged_kv_indices)
-        lp = checks.host_int_array("paged_kv_last_page_len", paged_kv_last_page_len)
-        checks.indptr("qo_indptr", qo)
-        checks.indptr("paged_kv_indptr", ip, qo.size)
-        kv_lens, used = page_table_lengths(ip, ix, lp, page_size, "paged_kv_")
-        if qo[-1] >= 2 ** 31:
-            raise ValueError("qo_indptr[-1] (total queries) must be < 2**31")
-        self._finish_plan(params, qo.astype(np.int32), ip.astype(np.int32), kv_lens.astype(np.int32),
-                          used.astype(np.int32), custom_mask, packed_custom_mask, stream)
+             rope_theta: float | None = None, q_data_type="float16", kv_data_type=None, o_data_type=None,
+             non_blocking: bool = True, prefix_len_ptr=None, token_pos_in_items_ptr=None,
+             token_pos_in_items_len: int = 0, max_item_len_ptr=None, seq_lens=None, seq_lens_q=None,
+             block_tables=None, max_token_per_sequence: int | None = None, max_sequence_kv: int | None = None,
+             fixed_split_size: int | None = None, disable_split_kv: bool = False, uniform_q_len: int | None = None,
+             *, stream=None) -> None:
+        """Plan a batch: request b's queries are rows qo_indptr[b] .. qo_indptr[b + 1] of q, its KV the
+        pages paged_kv_indices[paged_kv_indptr[b]:paged_kv_indptr[b + 1]] (or block_tables + seq_lens),
+        the last holding paged_kv_last_page_len[b] tokens. causal is bottom-right aligned. A custom mask
+        (boolean, flattened per request) or FlashInfer's multi-item-scoring arguments replace causal.
+        disable_split_kv / fixed_split_size (pages): outputs bit-identical whatever the batch.
+        use_fp16_qk_reduction is a permission we do not use (float32 throughout)."""
+        kw = dict(locals())
+        del kw["self"]
+        tables = tuple(kw.pop(k) for k in ("qo_indptr", "paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len"))
+        self._plan_impl(tables, kw)
 
     begin_forward = plan
 
-    def run(self, q, paged_kv_cache, *args, k_scale=None, v_scale=None, out=None, lse=None,
-            return_lse: bool = False, enable_pdl=None, window_left=None, stream=None):
-        fw, s, cur = self._begin_run(q, stream)
-        if args:
-            raise TypeError(f"run(): unexpected extra positional arguments ({len(args)})")
+    def workspace_size(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
+                       num_kv_heads: int, head_dim_qk: int, page_size: int, head_dim_vo: int | None = None,
+                       custom_mask=None, packed_custom_mask=None, causal: bool = False, pos_encoding_mode: str = "NONE",
+                       use_fp16_qk_reduction: bool = False, sm_scale: float | None = None, window_left: int = -1,
+                       logits_soft_cap: float | None = None, rope_scale: float | None = None,
+                       rope_theta: float | None = None, q_data_type="float16", kv_data_type=None, o_data_type=None,
+                       prefix_len_ptr=None, token_pos_in_items_ptr=None, token_pos_in_items_len: int = 0,
+                       max_item_len_ptr=None, seq_lens=None, seq_lens_q=None, block_tables=None,
+                       max_token_per_sequence: int | None = None, max_sequence_kv: int | None = None,
+                       fixed_split_size: int | None = None, disable_split_kv: bool = False,
+                       uniform_q_len: int | None = None) -> tuple:
+        """(float workspace bytes, int workspace bytes) that plan() with these arguments needs; the int
+        workspace is unused (0). Nothing is planned or written."""
+        kw = dict(locals(), non_blocking=True, stream=None)
+        del kw["self"]
+        tables = tuple(kw.pop(k) for k in ("qo_indptr", "paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len"))
+        return self._plan_impl(tables, kw, dry=True), 0
+
+    def _plan_impl(self, tables: tuple, kw: dict, dry: bool = False):
+        qo_indptr, indptr, indices, last_page_len = tables
+        page_size = kw["page_size"] = checks.positive_int("page_size", kw["page_size"])
+        qo = checks.host_int_array("qo_indptr", qo_indptr)
+        checks.indptr("qo_indptr", qo)
+        if kw["block_tables"] is not None and indptr is None:
+            ip, ix, lp = page_table_from_block_tables(kw["block_tables"], kw["seq_lens"], page_size)
+        else:
+            checks.unsupported("block_tables", kw["block_tables"])  # with indptr given: one page table, not two
+            ip = checks.host_int_array("paged_kv_indptr", indptr)
+            ix = checks.host_int_array("paged_kv_indices", indices)
+            lp = checks.host_int_array("paged_kv_last_page_len", last_page_len)
+        checks.indptr("paged_kv_indptr", ip, qo.size)
+        kv_lens, used = page_table_lengths(ip, ix, lp, page_size, "paged_kv_")
+        self._check_lengths(kw, qo, kv_lens)
+        if qo[-1] >= 2 ** 31:
+            raise ValueError("qo_indptr[-1] (total queries) must be < 2**31")
+        custom_mask = self._mask_args(kw, qo, kv_lens)
+        params, split = self._options(kw, custom_mask is not None or kw["packed_custom_mask"] is not None)
+        if not dry:
+            self._last_plan = (tables, kw)
+        return self._finish_plan(params, qo.astype(np.int32), ip.astype(np.int32), kv_lens.astype(np.int32),
+                                 used.astype(np.int32), custom_mask, kw["packed_custom_mask"], kw["stream"], split,
+                                 dry)
+
+    def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
+            return_lse: bool = False, lse_base: str = "log2", lse_layout: str = "NH", enable_pdl=None,
+            window_left=None, sinks=None, kv_cache_sf=None, skip_softmax_threshold_scale_factor=None,
+            use_fp16_softmax=None, uses_spcompress=None, stream=None):
+        """o like q (rows past qo_indptr[-1] are left alone), and lse (rows, num_qo_heads) in base 2
+        with return_lse=True. q_scale, k_scale scale the logits and v_scale the output (fp8 caches)."""
+        checks.unsupported("sinks", sinks)
+        checks.unsupported("skip_softmax_threshold_scale_factor", skip_softmax_threshold_scale_factor)
+        checks.unsupported("use_fp16_softmax", use_fp16_softmax, (None, False))
+        checks.unsupported("uses_spcompress", uses_spcompress, (None, False))
+        fw, s, cur, qk_scale = self._begin_run(q, stream, args, q_scale, k_scale, lse_base, lse_layout, kv_cache_sf)
         p = self._plan.params
         if window_left is not None and window_left != p.window_left:
-            raise ValueError(f"window_left: run() got {window_left} but plan() used {p.window_left}")
+            raise NotImplementedError(f"window_left: run() got {window_left} but plan() used {p.window_left}; the "
+                                      f"window is part of the plan's schedule")
         kv = describe_paged_cache(paged_kv_cache, self._kv_layout, s, current_of=cur)
         check_cache_against(kv, p, self._plan.max_page, "paged_kv_indices")
         if kv.dtype in FP8:  # the portable kernel copies 16 fp8 values (16 bytes) at a time
             for info in kv.infos:
                 checks.vector_aligned(info, 16)
-        return self._run(q, kv, out, lse, return_lse, k_scale, v_scale, s, fw, cur)
+        return self._run(q, kv, out, lse, return_lse, qk_scale, v_scale, s, fw, cur)
 
-    forward = run
+    run_return_lse = functools.partialmethod(run, return_lse=True)
+
+    def forward(self, q, paged_kv_cache, causal: bool = False, pos_encoding_mode: str = "NONE",
+                use_fp16_qk_reduction: bool = False, k_scale=None, v_scale=None, window_left: int = -1,
+                logits_soft_cap: float | None = None, sm_scale: float | None = None, rope_scale: float | None = None,
+                rope_theta: float | None = None):
+        """FlashInfer's legacy call: its attention options replace the plan's (re-planned when they
+        differ), then run()."""
+        opts = dict(locals())
+        self._override({k: opts[k] for k in _PLAN_OPTIONS})
+        return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale)
+
+    def forward_return_lse(self, q, paged_kv_cache, causal: bool = False, pos_encoding_mode: str = "NONE",
+                           use_fp16_qk_reduction: bool = False, k_scale=None, v_scale=None, window_left: int = -1,
+                           logits_soft_cap: float | None = None, sm_scale: float | None = None,
+                           rope_scale: float | None = None, rope_theta: float | None = None):
+        """forward() returning (o, lse)."""
+        opts = dict(locals())
+        self._override({k: opts[k] for k in _PLAN_OPTIONS})
+        return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale, return_lse=True)
 
 
 class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
@@ -556,39 +773,89 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
     kv_indptr[i] .. kv_indptr[i + 1] of k and v (total_kv, num_kv_heads, head_dim) [NHD] or
     (num_kv_heads, total_kv, head_dim) [HND]. plan()/run() as for the paged wrapper."""
     _paged = False
+    _table_buffers = ("qo_indptr_buf", "kv_indptr_buf")
+
+    def __init__(self, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 qo_indptr_buf=None, kv_indptr_buf=None, custom_mask_buf=None, mask_indptr_buf=None,
+                 backend: str = "auto", jit_args=None, jit_kwargs=None, variant_owns_mask: bool = False):
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, dict(
+            qo_indptr_buf=qo_indptr_buf, kv_indptr_buf=kv_indptr_buf, custom_mask_buf=custom_mask_buf,
+            mask_indptr_buf=mask_indptr_buf), backend, jit_args, jit_kwargs, variant_owns_mask)
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads: int, num_kv_heads: int, head_dim_qk: int,
              head_dim_vo: int | None = None, custom_mask=None, packed_custom_mask=None, causal: bool = False,
              pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, window_left: int = -1,
              logits_soft_cap: float | None = None, sm_scale: float | None = None, rope_scale: float | None = None,
-             rope_theta: float | None = None, q_data_type="float16", kv_data_type=None, non_blocking: bool = True,
-             stream=None, **kwargs) -> None:
-        params = make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, pos_encoding_mode,
-                             window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, q_data_type,
-                             kv_data_type, False, has_mask=custom_mask is not None or packed_custom_mask is not None)
-        qo = checks.host_int_array("qo_indptr", qo_indptr)
-        kv = checks.host_int_array("kv_indptr", kv_indptr)
-        checks.indptr("qo_indptr", qo)
-        checks.indptr("kv_indptr", kv, qo.size)
-        if qo[-1] >= 2 ** 31 or kv[-1] >= 2 ** 31:
-            raise ValueError("lengths must be < 2**31")
-        self._finish_plan(params, qo.astype(np.int32), kv.astype(np.int32), np.diff(kv).astype(np.int32), None,
-                          custom_mask, packed_custom_mask, stream)
-        self._plan.max_page = int(kv[-1])
+             rope_theta: float | None = None, q_data_type="float16", kv_data_type=None, o_data_type=None,
+             non_blocking: bool = True, prefix_len_ptr=None, token_pos_in_items_ptr=None,
+             token_pos_in_items_len: int = 0, max_item_len_ptr=None, fixed_split_size: int | None = None,
+             disable_split_kv: bool = False, seq_lens=None, seq_lens_q=None, max_token_per_sequence: int | None = None,
+             max_sequence_kv: int | None = None, v_indptr=None, o_indptr=None, uniform_q_len: int | None = None,
+             *, stream=None) -> None:
+        """Plan a batch: request b's queries are rows qo_indptr[b] .. qo_indptr[b + 1] of q, its keys and
+        values rows kv_indptr[b] .. kv_indptr[b + 1] of k and v. Options as the paged wrapper's;
+        fixed_split_size counts keys (a page is one key here). v_indptr / o_indptr: only kv_indptr /
+        qo_indptr themselves (V and O laid out as K and Q)."""
+        kw = dict(locals())
+        del kw["self"]
+        tables = (kw.pop("qo_indptr"), kw.pop("kv_indptr"))
+        self._plan_impl(tables, kw)
 
     begin_forward = plan
 
-    def run(self, q, k, v, *args, k_scale=None, v_scale=None, out=None, lse=None, return_lse: bool = False,
-            enable_pdl=None, stream=None):
-        fw, s, cur = self._begin_run(q, stream)
-        if args:
-            raise TypeError(f"run(): unexpected extra positional arguments ({len(args)})")
+    def _plan_impl(self, tables: tuple, kw: dict, dry: bool = False):
+        qo = checks.host_int_array("qo_indptr", tables[0])
+        kv = checks.host_int_array("kv_indptr", tables[1])
+        checks.indptr("qo_indptr", qo)
+        checks.indptr("kv_indptr", kv, qo.size)
+        for name, same, like in (("v_indptr", kv, "kv_indptr"), ("o_indptr", qo, "qo_indptr")):
+            if kw[name] is not None:
+                other = checks.host_int_array(name, kw[name])
+                if other.shape != same.shape or np.any(other != same):
+                    raise NotImplementedError(f"{name}: only equal to {like} is supported (a separate layout)")
+        if qo[-1] >= 2 ** 31 or kv[-1] >= 2 ** 31:
+            raise ValueError("lengths must be < 2**31")
+        kv_lens = np.diff(kv)
+        self._check_lengths(kw, qo, kv_lens)
+        custom_mask = self._mask_args(kw, qo, kv_lens)
+        params, split = self._options(kw, custom_mask is not None or kw["packed_custom_mask"] is not None)
+        if not dry:
+            self._last_plan = (tables, kw)
+        need = self._finish_plan(params, qo.astype(np.int32), kv.astype(np.int32), kv_lens.astype(np.int32), None,
+                                 custom_mask, kw["packed_custom_mask"], kw["stream"], split, dry)
+        if dry:
+            return need
+        self._plan.max_page = int(kv[-1])
+
+    def run(self, q, k, v, *args, q_scale=None, k_scale=None, v_scale=None, o_scale=None, out=None, lse=None,
+            return_lse: bool = False, lse_base: str = "log2", lse_layout: str = "NH", enable_pdl=None,
+            kv_cache_sf=None, stream=None):
+        """o like q, and lse (rows, num_qo_heads) in base 2 with return_lse=True."""
+        checks.unsupported("o_scale", o_scale, (None, 1.0))
+        fw, s, cur, qk_scale = self._begin_run(q, stream, args, q_scale, k_scale, lse_base, lse_layout, kv_cache_sf)
         kvv, n = _kv_pair(k, v, self._kv_layout, self._plan.params, s, cur)
         if n < self._plan.max_page:
             raise ValueError(f"k: has {n} rows but kv_indptr[-1] is {self._plan.max_page}")
-        return self._run(q, kvv, out, lse, return_lse, k_scale, v_scale, s, fw, cur)
+        return self._run(q, kvv, out, lse, return_lse, qk_scale, v_scale, s, fw, cur)
 
-    forward = run
+    run_return_lse = functools.partialmethod(run, return_lse=True)
+
+    def forward(self, q, k, v, causal: bool = False, pos_encoding_mode: str = "NONE",
+                use_fp16_qk_reduction: bool = False, window_left: int = -1, logits_soft_cap: float | None = None,
+                sm_scale: float | None = None, rope_scale: float | None = None, rope_theta: float | None = None):
+        """FlashInfer's legacy call: its attention options replace the plan's, then run()."""
+        opts = dict(locals())
+        self._override({k_: opts[k_] for k_ in _PLAN_OPTIONS})
+        return self.run(q, k, v)
+
+    def forward_return_lse(self, q, k, v, causal: bool = False, pos_encoding_mode: str = "NONE",
+                           use_fp16_qk_reduction: bool = False, window_left: int = -1,
+                           logits_soft_cap: float | None = None, sm_scale: float | None = None,
+                           rope_scale: float | None = None, rope_theta: float | None = None):
+        """forward() returning (o, lse)."""
+        opts = dict(locals())
+        self._override({k_: opts[k_] for k_ in _PLAN_OPTIONS})
+        return self.run(q, k, v, return_lse=True)
 
 
 def _kv_pair(k, v, kv_layout: str, p: PrefillParams, s: int, cur) -> tuple:
@@ -614,24 +881,29 @@ _SINGLE_PLANS_MAX = 64
 _single_scratch: dict = {}
 
 
-def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=None, causal: bool = False,
-                                 kv_layout: str = "NHD", pos_encoding_mode: str = "NONE",
-                                 use_fp16_qk_reduction: bool = False, sm_scale: float | None = None,
-                                 window_left: int = -1, logits_soft_cap: float | None = None,
-                                 rope_scale: float | None = None, rope_theta: float | None = None,
-                                 return_lse: bool = False, out=None, lse=None, backend: str = "auto",
-                                 stream=None):
+def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=None, o_dtype=None, custom_mask=None,
+                                 packed_custom_mask=None, causal: bool = False, kv_layout: str = "NHD",
+                                 pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+                                 sm_scale: float | None = None, window_left: int = -1,
+                                 logits_soft_cap: float | None = None, rope_scale: float | None = None,
+                                 rope_theta: float | None = None, backend: str = "auto", return_lse: bool = False,
+                                 kv_cache_sf=None, k_scale=None, v_scale=None, *, out=None, lse=None, stream=None):
     """Prefill attention of one request: q (qo_len, num_qo_heads, head_dim) against k, v of shape
     (kv_len, num_kv_heads, head_dim) [NHD] or (num_kv_heads, kv_len, head_dim) [HND]. custom_mask:
     boolean (qo_len, kv_len), True = attend; or packed_custom_mask (its packbits, little-endian).
     Returns o like q, and lse (qo_len, num_qo_heads) in base 2 with return_lse=True. backend: "auto",
-    "fa2" (portable kernel) or "fa3" (Hopper kernel), as FlashInfer names them."""
+    "fa2" (portable kernel) or "fa3" (Hopper kernel), as FlashInfer names them. k_scale / v_scale:
+    floats scaling the logits / the output. FlashInfer's per-head fp8 scales (scale_q, scale_k,
+    scale_v), o_dtype other than q's and kv_cache_sf are not supported."""
+    for name, val in (("scale_q", scale_q), ("scale_k", scale_k), ("scale_v", scale_v), ("kv_cache_sf", kv_cache_sf)):
+        checks.unsupported(name, val)
     checks.choice("kv_layout", kv_layout, LAYOUTS)
     check_backend(backend)
     fw, dev, s, cur = caller(q, stream)
     qi = arrays.describe(q, "q", s, cur)
     checks.ndim(qi, 3, "(qo_len, num_qo_heads, head_dim)")
     checks.dtype_in(qi, Q_DTYPES)
+    output_dtype(o_dtype, qi.dtype, "o_dtype")
     kvv, kv_len = describe_kv_pair(k, v, kv_layout, s, cur)
     checks.same_device(qi, *kvv.infos)
     if kvv.head_dim != qi.shape[2]:
@@ -656,7 +928,7 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
         if custom_mask is not None:
             ci = arrays.describe(custom_mask, "custom_mask", s, cur)
             checks.shape(ci, (qo_len, kv_len), "(qo_len, kv_len)")
-        mask = _prepare_mask(custom_mask, packed_custom_mask, qo_ip[1:], kv_ip[1:], s, cur)
+        mask = _prepare_mask(custom_mask, packed_custom_mask, qo_ip[1:], kv_ip[1:], s, cur, device=dev)
     key = (dev, qo_len, kv_len, params.num_qo_heads, kvv.num_kv_heads, params.head_dim, params.causal,
            params.window_left, params.rope, flags, tile)
     got = _single_plans.get(key)
@@ -670,7 +942,8 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
         _single_plans.move_to_end(key)
     plan = PrefillPlan(**{**got.__dict__, "params": params, "mask": None if mask is None else mask[:2]})
     base = single_call_meta(_single_scratch, dev, s, fw, key, plan.meta, plan.partial_bytes())
-    launch_prefill(plan, base + plan.partial_bytes(), base, qi, kvv, False, o, l_info, 1.0, 1.0, s)
+    launch_prefill(plan, base + plan.partial_bytes(), base, qi, kvv, False, o, l_info, scale("k_scale", k_scale),
+                   scale("v_scale", v_scale), s)
     extra = (plan.mask[1],) if plan.mask is not None else ()
     arrays.keep_alive(qi.device, s, (qi, o, l_info) + kvv.infos + extra)
     return deliver(out_obj, lse_obj, return_lse, fw)

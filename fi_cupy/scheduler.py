@@ -66,7 +66,13 @@ def _pick_quota(cum: np.ndarray, num_ctas: int, min_quota: int) -> int:
     return int(qs[np.argmin(load.max(axis=1) + MERGE_COST * cuts), 0])  # ties: the smallest quota
 
 
-def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min_quota: int | None = None) -> DecodeSchedule:
+def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min_quota: int | None = None,
+                    split: int | None = None) -> DecodeSchedule:
+    """split: None cuts the token space into equal CTA quotas (_pick_quota). 0 (FlashInfer's
+    disable_split_kv) never cuts a pair; k > 0 (fixed_split_size, in tokens) cuts every pair at multiples
+    of k keys from its first visible key. With a split given, where a pair is cut depends on that
+    request alone, so a request's output is bit-identical whatever the batch around it (the merge
+    adds its chunks in token order); the chunks are dealt to CTAs in order, balanced by tokens."""
     kv_lens = np.asarray(kv_lens, dtype=np.int64)
     vis = np.minimum(np.asarray(visible_start, dtype=np.int64), kv_lens)
     batch = kv_lens.size
@@ -74,12 +80,24 @@ def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min
     pair_len = np.repeat(kv_lens - vis, head_blocks)
     cum = np.concatenate([[0], np.cumsum(pair_len)])
     total = int(cum[-1])
-    quota = _pick_quota(cum, num_ctas, MIN_QUOTA if min_quota is None else min_quota)
-    # Non-empty segments: the pair boundaries and the CTA quota boundaries cut the token space.
-    bounds = np.unique(np.concatenate([cum, np.arange(quota, total, quota)]))
-    lo, hi = bounds[:-1], bounds[1:]
-    pair = np.searchsorted(cum, lo, side="right") - 1
-    cta = np.minimum(lo // quota, num_ctas - 1)
+    if split is None:
+        quota = _pick_quota(cum, num_ctas, MIN_QUOTA if min_quota is None else min_quota)
+        # Non-empty segments: the pair boundaries and the CTA quota boundaries cut the token space.
+        bounds = np.unique(np.concatenate([cum, np.arange(quota, total, quota)]))
+        lo, hi = bounds[:-1], bounds[1:]
+        pair = np.searchsorted(cum, lo, side="right") - 1
+        cta = np.minimum(lo // quota, num_ctas - 1)
+    else:
+        if split < 0:
+            raise ValueError(f"split: expected None, 0 or a positive token count, got {split}")
+        chunks = np.where(pair_len > 0, -(-pair_len // split) if split else 1, 0)
+        pair = np.repeat(np.arange(pairs), chunks)
+        first = np.concatenate([[0], np.cumsum(chunks)])[:-1]
+        j = np.arange(pair.size) - np.repeat(first, chunks)  # chunk number within its pair
+        lo = cum[pair] + (j * split if split else 0)
+        hi = np.minimum(lo + split, cum[pair + 1]) if split else cum[pair + 1]
+        quota = max(-(-total // num_ctas), 1)
+        cta = np.minimum((lo + hi) // 2 // quota, num_ctas - 1)  # by the chunk's middle token
     # Empty pairs (kv_len 0 or nothing visible) still write o = 0, lse = -inf: spread over the CTAs.
     empty = np.flatnonzero(pair_len == 0)
     pair = np.concatenate([pair, empty])
@@ -92,10 +110,9 @@ def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min
     start = vis[req] + (lo - cum[pair])
     end = vis[req] + (hi - cum[pair])
     n_per_pair = np.bincount(pair, minlength=pairs)
-    split = n_per_pair[pair] > 1
     # Partial rows: contiguous per pair, in token order.
     partial = np.full(pair.size, -1, dtype=np.int64)
-    idx = np.flatnonzero(split)
+    idx = np.flatnonzero(n_per_pair[pair] > 1)
     idx = idx[np.lexsort((start[idx], pair[idx]))]
     partial[idx] = np.arange(idx.size)
     cut = np.flatnonzero(n_per_pair > 1)
@@ -135,13 +152,16 @@ def prefill_tile_cost(qo_len: int, kv_len: int, group: int, rows: int, causal: b
 
 
 def prefill_schedule(qo_lens, kv_lens, group: int, num_kv_heads: int, rows: int, num_ctas: int,
-                     causal: bool, min_chunk: int = PREFILL_MIN_CHUNK, snake: bool = False) -> PrefillSchedule:
+                     causal: bool, min_chunk: int = PREFILL_MIN_CHUNK, snake: bool = False,
+                     split: int | None = None) -> PrefillSchedule:
     """Items for every (request, KV head, query tile of `rows` packed rows). When those are fewer than
     num_ctas, the KV range of long requests is cut into chunks (multiples of 64 keys, at least
     min_chunk) so one wave fills the GPU; a cut tile's chunks write partial rows merged afterwards.
     Items are ordered longest first, so a CTA that finishes early picks up short work. snake (for a
     persistent grid of num_ctas CTAs, CTA b taking items b, b + num_ctas, ...): each round of
-    num_ctas items is dealt in reverse when its number is odd, so long and short shares alternate."""
+    num_ctas items is dealt in reverse when its number is odd, so long and short shares alternate.
+    split (FlashInfer's split-KV options, as decode_schedule's): 0 never cuts; k > 0 cuts every
+    request's KV into chunks of k keys rounded up to 64: where a request is cut depends on it alone."""
     qo_lens = np.asarray(qo_lens, dtype=np.int64)
     kv_lens = np.asarray(kv_lens, dtype=np.int64)
     tiles = -(-(qo_lens * group) // rows)
@@ -152,8 +172,12 @@ def prefill_schedule(qo_lens, kv_lens, group: int, num_kv_heads: int, rows: int,
         if qo_lens[r] == 0:
             continue
         kv = int(kv_lens[r])
-        n_chunks = max(1, min(want, kv // min_chunk))
-        chunk = -(-kv // n_chunks) if n_chunks > 1 else kv
+        if split is None:
+            n_chunks = max(1, min(want, kv // min_chunk))
+            chunk = -(-kv // n_chunks) if n_chunks > 1 else kv
+        else:
+            chunk = -(-split // 64) * 64 if split else kv
+            n_chunks = max(1, -(-kv // chunk)) if split else 1
         chunk = -(-chunk // 64) * 64 if n_chunks > 1 else chunk
         n_chunks = -(-kv // chunk) if n_chunks > 1 else 1
         tcost = prefill_tile_cost(int(qo_lens[r]), kv, group, rows, causal)

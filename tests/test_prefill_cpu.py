@@ -143,3 +143,19 @@ def test_schedule_snake_balances_a_persistent_grid():
         per_cta = np.bincount(np.arange(cost.size) % 132, weights=cost, minlength=132)
         return per_cta.max() / per_cta.mean()
     assert worst(True) < worst(False) and worst(True) < 1.04  # 1.125 striding, 1.031 snake
+
+
+@pytest.mark.parametrize("split", [0, 100])
+def test_prefill_split_options_cut_a_request_the_same_whatever_the_batch(split):
+    qo, kv = [300, 7, 1, 2000, 64], [3000, 7, 900, 2000, 64]
+    full = scheduler.prefill_schedule(qo, kv, 4, 2, 128, 1000, True, split=split)
+    alone = scheduler.prefill_schedule(qo[:1], kv[:1], 4, 2, 128, 1000, True, split=split)
+
+    def ranges(sch):
+        return sorted((h, p0, lo, hi) for r, h, p0, _, lo, hi, _, _ in sch.items.tolist() if r == 0)
+    assert ranges(full) == ranges(alone)
+    chunks = {(lo, hi) for _, _, lo, hi in ranges(full)}
+    if split == 0:
+        assert chunks == {(0, 3000)} and full.merges.shape[0] == 0
+    else:
+        assert sorted(chunks) == [(c, min(c + 128, 3000)) for c in range(0, 3000, 128)]  # 100 rounded up to 64s

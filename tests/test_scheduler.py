@@ -158,3 +158,38 @@ def test_quota_aligns_with_uniform_lengths():
     """16 x 4096 tokens over 528 CTAs: 1024-token quotas give each CTA one segment."""
     sch = scheduler.decode_schedule(np.full(16, 4096), np.zeros(16), 8, 528)
     assert sch.quota == 1024 and np.all(np.diff(sch.cta_indptr) <= 1)
+
+
+def _request_segments(sch, r):
+    seg = sch.segments[sch.segments[:, 0] == r]
+    return sorted(map(tuple, seg[:, 1:].tolist()))
+
+
+@pytest.mark.parametrize("split", [0, 128, 1000])
+def test_split_options_cut_a_request_the_same_whatever_the_batch(split):
+    """disable_split_kv (0) / fixed_split_size (tokens): a request's segments, hence its output, depend
+    on it alone; every token is covered once; 0 never cuts."""
+    kv = np.array([5000, 3, 900, 0, 17, 4000, 1, 260] * 3)
+    head_blocks, num_ctas = 8, 264
+    full = scheduler.decode_schedule(kv, np.zeros_like(kv), head_blocks, num_ctas, split=split)
+    alone = scheduler.decode_schedule(kv[:1], np.zeros(1, np.int64), head_blocks, num_ctas, split=split)
+    assert _request_segments(full, 0) == _request_segments(alone, 0)
+    for r, n in enumerate(kv.tolist()):
+        for hb in range(head_blocks):
+            segs = [s for s in _request_segments(full, r) if s[0] == hb]
+            bounds = [s[1] for s in segs] + [segs[-1][2]]
+            assert bounds[0] == 0 and bounds[-1] == n
+            want = [0] if split == 0 or n == 0 else list(range(0, n, split))
+            assert bounds[:-1] == want
+    assert np.all(np.diff(full.cta_indptr) >= 0) and full.cta_indptr[-1] == full.segments.shape[0]
+    if split == 0:
+        assert full.merge_pairs.size == 0 and np.all(full.segment_partial == -1)
+
+
+def test_plan_decode_grows_capacity_for_a_fixed_split_and_refuses_past_a_fixed_one():
+    p = make_params(32, 8, 128, 16, "NONE", -1, None, "bfloat16", None, None, None, None)
+    ip, ix, lp = np.array([0, 256]), np.arange(256), np.array([16])
+    plan = plan_decode(p, ip, ix, lp, num_ctas=132, split=16)  # 256 chunks a head block: past the default caps
+    assert plan.segment_capacity >= 256 * 2 and plan.merge_capacity >= 2
+    with pytest.raises(ValueError, match="fixed_split_size: use_cuda_graph=True keeps"):
+        plan_decode(p, ip, ix, lp, num_ctas=132, split=16, fixed_capacity=(10, 10, 10))

@@ -104,17 +104,17 @@ def choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
 
 
-def host_int_array(name: str, x) -> np.ndarray:
-    """A 1-D integer array as host int64 numpy. Device arrays are copied to the host (a sync):
-    callers document where that happens."""
+def host_int_array(name: str, x, ndim: int = 1) -> np.ndarray:
+    """An integer array of `ndim` dims as host int64 numpy. Device arrays are copied to the host (a
+    sync): callers document where that happens."""
     if isinstance(x, np.ndarray):
         a = x
     elif hasattr(x, "__dlpack_device__") and int(x.__dlpack_device__()[0]) != 1:
         a = _device_to_host(x, name)
     else:
         a = np.asarray(x)
-    if a.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-D array, got shape {a.shape}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
     if a.size and not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{name}: expected an integer array, got dtype {a.dtype}")
     return a.astype(np.int64, copy=False)
@@ -124,7 +124,7 @@ def _device_to_host(x, name: str) -> np.ndarray:
     import cupy
     from .arrays import describe
     info = describe(x, name)
-    dtype_in(info, (dt.int32, dt.int64))
+    dtype_in(info, (dt.int32, dt.int64, dt.int16, dt.uint16, dt.uint32))
     with cupy.cuda.Device(info.device):
         return cupy.asnumpy(cupy.from_dlpack(x))
 
@@ -216,3 +216,17 @@ def attention_options(head_dim: int, window_left, logits_soft_cap, sm_scale, rop
         raise ValueError(f"rope_scale and rope_theta must be positive, got {rope_scale}, {rope_theta}")
     return (int(window_left), cap, 1.0 / math.sqrt(head_dim) if sm is None else sm, 1.0 if rs is None else rs,
             1e4 if rt is None else rt)
+
+
+def unsupported(name: str, value, neutral=(None,)) -> None:
+    """A FlashInfer argument we accept but cannot honour: NotImplementedError unless it has one of its
+    neutral values (the default, or one that asks for nothing)."""
+    if not any(value is n or (n is not None and not hasattr(value, "__dlpack__") and value == n) for n in neutral):
+        shown = type(value).__name__ if hasattr(value, "__dlpack__") else repr(value)
+        raise NotImplementedError(f"{name}: {shown} is not supported (only {' or '.join(map(repr, neutral))})")
+
+
+def flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return bool(value)

@@ -34,10 +34,15 @@ float8_e5m2 = DType("float8_e5m2", 12, 8, "fic::e5m2_t")
 int32 = DType("int32", 0, 32, "int")
 int64 = DType("int64", 0, 64, "long long")
 int8 = DType("int8", 0, 8, "signed char")
+int16 = DType("int16", 0, 16, "short")
 uint8 = DType("uint8", 1, 8, "unsigned char")
+uint16 = DType("uint16", 1, 16, "unsigned short")
+uint32 = DType("uint32", 1, 32, "unsigned int")
+uint64 = DType("uint64", 1, 64, "unsigned long long")
 bool_ = DType("bool", 6, 8, "bool")
 
-ALL = (float16, bfloat16, float32, float64, float8_e4m3fn, float8_e5m2, int32, int64, int8, uint8, bool_)
+ALL = (float16, bfloat16, float32, float64, float8_e4m3fn, float8_e5m2, int32, int64, int8, int16, uint8, uint16,
+       uint32, uint64, bool_)
 _BY_CODE = {(d.code, d.bits): d for d in ALL}
 _BY_CODE[(8, 8)] = float8_e4m3fn  # kDLFloat8_e4m3 as some producers label e4m3fn
 _BY_NAME = {d.name: d for d in ALL}

@@ -123,3 +123,43 @@ def deliver(out_obj, lse_obj, return_lse: bool, framework: str):
     """o, or (o, lse) with return_lse, in the caller's framework."""
     out_obj = arrays.deliver(out_obj, framework)
     return (out_obj, arrays.deliver(lse_obj, framework)) if return_lse else out_obj
+
+
+def kv_split(fixed_split_size, disable_split_kv, page_size: int) -> int | None:
+    """FlashInfer's split-KV options as scheduler.decode_schedule's `split` (and prefill's): None
+    (split as the heuristics choose), 0 (disable_split_kv: never split a request's KV) or a chunk of
+    fixed_split_size pages in tokens. Either makes a request's output independent of the batch around
+    it. disable_split_kv wins over fixed_split_size; -1 is FlashInfer's "no fixed size"."""
+    if checks.flag("disable_split_kv", disable_split_kv):
+        return 0
+    if fixed_split_size is None or (isinstance(fixed_split_size, (int, np.integer)) and fixed_split_size == -1):
+        return None
+    return checks.positive_int("fixed_split_size", fixed_split_size) * page_size
+
+
+def output_dtype(o_data_type, q_dtype: dt.DType, name: str = "o_data_type") -> None:
+    """o_data_type: None or q's dtype (the kernels write the output in q's dtype)."""
+    if o_data_type is not None and dt.as_dtype(o_data_type, name) != q_dtype:
+        raise NotImplementedError(f"{name}: {dt.as_dtype(o_data_type, name)} is not supported; the output has q's "
+                                  f"dtype ({q_dtype}); pass None")
+
+
+FLASHINFER_BACKENDS = ("auto", "fa2", "fa3", "trtllm-gen", "cute-dsl", "cudnn", "cutlass", "xqa")
+
+
+def backend_arg(backend, supported: tuple, known: tuple = FLASHINFER_BACKENDS) -> str:
+    """A FlashInfer backend name: one we run, NotImplementedError for FlashInfer's others."""
+    if backend in supported:
+        return backend
+    if backend in known:
+        raise NotImplementedError(f"backend: {backend!r} is not supported here (only {', '.join(map(repr, supported))})")
+    raise ValueError(f"backend: {backend!r} is not one of {', '.join(map(repr, known))}")
+
+
+def device_copy(src: arrays.ArrayInfo, dst: arrays.ArrayInfo, nbytes: int, stream: int) -> None:
+    """Queue a device-to-device copy of nbytes from src to dst on `stream` (skipped when they alias)."""
+    if nbytes and src.ptr != dst.ptr:
+        import cupy
+        from cupy.cuda import runtime
+        with cupy.cuda.Device(dst.device):
+            runtime.memcpyAsync(dst.ptr, src.ptr, nbytes, runtime.memcpyDeviceToDevice, stream)
