@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -20,8 +19,8 @@ from . import scheduler
 from .page import (KVView, LAYOUTS, check_cache_against, describe_kv_pair, describe_paged_cache,
                    page_table_from_block_tables, page_table_lengths)
 from ._core import arrays, checks, kernels, streams
-from ._core.workspace import (PlannedWrapper, backend_arg, caller, deliver, device_copy, kv_split, output_dtype,
-                              scale, single_call_meta, upload)
+from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_outputs, backend_arg, caller, deliver,
+                              device_copy, kv_split, output_dtype, pack_meta, scale, single_call_meta, upload)
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
 from ._core.kernels import KernelSpec, Program, f32, f64, i32, i64, ptr, u32
@@ -31,7 +30,6 @@ Q_DTYPES = (dt.float16, dt.bfloat16)
 KV_DTYPES = {q: (q, dt.float8_e4m3fn, dt.float8_e5m2) for q in Q_DTYPES}
 POS_ENCODINGS = ("NONE", "ROPE_LLAMA")
 DECODE_BACKENDS = ("auto", "fa2")  # FlashInfer's names; both run our kernels
-_ALIGN = 256
 
 
 def uses_tensor_cores(q_dtype: dt.DType, kv_dtype: dt.DType, rope: bool) -> bool:
@@ -84,10 +82,6 @@ def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
                     for rope in (False, True):
                         out.append(decode_program(d, gb, q, kv, rope))
     return out
-
-
-def _align(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +163,7 @@ class DecodePlan:
     def partial_bytes(self) -> int:
         gb = self.heads_per_block[0]
         rows = self.partial_capacity
-        return _align(rows * gb * self.params.head_dim * 4) + _align(rows * gb * 4)
+        return align(rows * gb * self.params.head_dim * 4) + align(rows * gb * 4)
 
 
 def check_page_table(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
@@ -207,17 +201,11 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray | 
     merge_indptr = np.full(merge_cap + 1, sch.merge_indptr[-1], np.int32)
     merge_indptr[:sch.merge_indptr.size] = sch.merge_indptr
     used = np.zeros(0, np.int32) if used is None else used
-    parts = [("segments", sch.segments.ravel(), 4 * seg_cap), ("segment_partial", sch.segment_partial, seg_cap),
-             ("cta_indptr", sch.cta_indptr, num_ctas + 1), ("page_indptr", indptr, batch + 1),
-             ("kv_lens", kv_lens, batch), ("merge_pairs", sch.merge_pairs, merge_cap),
-             ("merge_indptr", merge_indptr, merge_cap + 1), ("indices", used, used.size)]
-    offsets, cur = {}, 0
-    for name, a, cap in parts:
-        offsets[name] = cur
-        cur += (cap + 3) // 4 * 4  # every part 16-byte aligned
-    meta = np.zeros(cur, dtype=np.int32)
-    for name, a, _ in parts:
-        meta[offsets[name]: offsets[name] + a.size] = a
+    meta, offsets = pack_meta([
+        ("segments", sch.segments.ravel(), 4 * seg_cap), ("segment_partial", sch.segment_partial, seg_cap),
+        ("cta_indptr", sch.cta_indptr, num_ctas + 1), ("page_indptr", indptr, batch + 1), ("kv_lens", kv_lens, batch),
+        ("merge_pairs", sch.merge_pairs, merge_cap), ("merge_indptr", merge_indptr, merge_cap + 1),
+        ("indices", used, used.size)])
     return DecodePlan(params, batch, num_ctas, sch.merge_pairs.size, int(used.max()) if used.size else -1,
                       meta, offsets, part_cap, seg_cap, merge_cap)
 
@@ -240,33 +228,6 @@ def decode_num_ctas(params: DecodeParams, kv_dtype: dt.DType, device: int) -> in
 # Launch
 
 
-def _outputs(q: arrays.ArrayInfo, p: DecodeParams, out, lse, return_lse: bool, stream: int,
-             batch_shape: tuple, current_of: str | None):
-    """The output array (given or new, in q's framework) and the lse array (or None)."""
-    o_shape = batch_shape + (p.num_qo_heads, p.head_dim)
-    if out is None:
-        out_obj = arrays.empty(q.framework, o_shape, q.dtype, q.device, stream)
-    else:
-        out_obj = out
-    o = arrays.describe(out_obj, "out", stream, current_of)
-    checks.shape(o, o_shape, "(batch_size, num_qo_heads, head_dim)" if batch_shape else "(num_qo_heads, head_dim)")
-    checks.dtype_is(o, q.dtype, "q's dtype")
-    checks.last_dim_contiguous(o)
-    checks.vector_aligned(o)
-    if out is not None:
-        checks.no_overlap(o)
-    lse_obj, l_info = None, None
-    if return_lse or lse is not None:
-        l_shape = batch_shape + (p.num_qo_heads,)
-        lse_obj = arrays.empty(q.framework, l_shape, dt.float32, q.device, stream) if lse is None else lse
-        l_info = arrays.describe(lse_obj, "lse", stream, current_of)
-        checks.shape(l_info, l_shape, "(batch_size, num_qo_heads)" if batch_shape else "(num_qo_heads,)")
-        checks.dtype_is(l_info, dt.float32, "the lse dtype")
-        checks.contiguous(l_info)
-    checks.same_device(q, o, l_info)
-    return out_obj, o, lse_obj, l_info
-
-
 def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
                   o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float, stream: int,
                   always_merge: bool = False, pdl: bool | None = None) -> None:
@@ -281,7 +242,7 @@ def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.A
     dec, merge = kernels.functions(prog, q.device).values()
     off = {k: meta_ptr + 4 * v for k, v in plan.offsets.items()}
     part_o = partial_ptr
-    part_lse = partial_ptr + _align(plan.partial_capacity * gb * p.head_dim * 4)
+    part_lse = partial_ptr + align(plan.partial_capacity * gb * p.head_dim * 4)
     _, mul, shift = fastdiv_params(p.page_size)
     q_scale = p.sm_scale * k_scale * (1.0 if p.soft_cap > 0 else 1.4426950408889634)
     qs, os_ = q.strides, o.strides
@@ -612,7 +573,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         _check_q(qi, p, (plan.batch_size,))
         kv = describe_paged_cache(paged_kv_cache, self._kv_layout, s, current_of=cur)
         check_cache_against(kv, p, plan.max_page)
-        out_obj, o, lse_obj, l_info = _outputs(qi, p, out, lse, return_lse, s, (plan.batch_size,), cur)
+        out_obj, o, lse_obj, l_info = attention_outputs(qi, out, lse, return_lse, s, cur,
+                                                        "(batch_size, num_qo_heads, head_dim)",
+                                                        "(batch_size, num_qo_heads)")
         checks.same_device(qi, self._ws, *kv.infos)
         launch_decode(plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, o, l_info,
                       qk_scale, scale("v_scale", v_scale), s, self._use_cuda_graph,
@@ -680,8 +643,7 @@ def fast_decode_plan(self, indptr, indices, last_page_len, num_qo_heads: int, nu
 
 # Single decode: plans cached by shape (a small LRU: a decode loop grows kv_len every step), scratch
 # (metadata + partials) cached per (device, stream).
-_single_plans: OrderedDict = OrderedDict()
-_SINGLE_PLANS_MAX = 64
+_single_plans = PlanCache()
 _single_scratch: dict = {}
 
 
@@ -712,19 +674,12 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     if q_scale is not None:
         params.sm_scale *= checks.float_arg("q_scale", q_scale)
     _check_q(qi, params, ())
-    out_obj, o, lse_obj, l_info = _outputs(qi, params, out, lse, return_lse, s, (), cur)
+    out_obj, o, lse_obj, l_info = attention_outputs(qi, out, lse, return_lse, s, cur, "(num_qo_heads, head_dim)",
+                                                    "(num_qo_heads,)")
     key = (dev, kv_len, params.num_qo_heads, hkv, params.head_dim, params.window_left, params.q_dtype,
            params.kv_dtype, params.rope)
-    plan = _single_plans.get(key)
-    if plan is None:
-        one = np.array([0, 1 if kv_len else 0])
-        plan = plan_decode(params, one, np.zeros(1, np.int64), np.array([kv_len]),
-                           decode_num_ctas(params, params.kv_dtype, dev))
-        _single_plans[key] = plan
-        if len(_single_plans) > _SINGLE_PLANS_MAX:
-            _single_plans.popitem(last=False)
-    else:
-        _single_plans.move_to_end(key)
+    plan = _single_plans.get(key, lambda: plan_decode(params, np.array([0, 1 if kv_len else 0]), np.zeros(1, np.int64),
+                                                       np.array([kv_len]), decode_num_ctas(params, params.kv_dtype, dev)))
     plan = replace(plan, params=params)
     # Metadata lives after the partials, as in the wrapper's workspace; uploaded once per shape.
     base = single_call_meta(_single_scratch, dev, s, fw, key, plan.meta, plan.partial_bytes())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +21,8 @@ from .quantization import MASK_DTYPES, packed_indptr, segment_packbits
 from .page import (KVView, LAYOUTS, check_cache_against, describe_kv_pair, describe_paged_cache,
                    page_table_from_block_tables, page_table_lengths)
 from ._core import arrays, checks, kernels, streams
-from ._core.workspace import (PlannedWrapper, backend_arg, caller, deliver, device_copy, kv_split, output_dtype, scale,
-                              single_call_meta, upload)
+from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_outputs, backend_arg, caller, deliver,
+                              device_copy, kv_split, output_dtype, pack_meta, scale, single_call_meta, upload)
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
 from ._core.kernels import KernelSpec, Program, f32, f64, i32, i64, ptr, u32
@@ -33,7 +32,6 @@ Q_DTYPES = (dt.float16, dt.bfloat16)
 FP8 = (dt.float8_e4m3fn, dt.float8_e5m2)
 POS_ENCODINGS = ("NONE", "ROPE_LLAMA")
 SOFT_CAP, CUSTOM_MASK = 1, 2  # variant flags (cuda_src/common/prefill_tile.cuh kSoftCap, kCustomMask)
-_ALIGN = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,11 +238,7 @@ class PrefillPlan:
 
     def partial_bytes(self) -> int:
         rows = self.partial_capacity
-        return _align(rows * self.params.head_dim * 4) + _align(rows * 4)
-
-
-def _align(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+        return align(rows * self.params.head_dim * 4) + align(rows * 4)
 
 
 def variant_flags(params: PrefillParams, custom_mask: bool) -> int:
@@ -274,13 +268,7 @@ def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.nda
                 raise ValueError(f"use_cuda_graph=True: this plan needs {a.size} entries of '{n}' metadata but the "
                                  f"first plan reserved {capacity['sizes'][n]}; create a new wrapper for larger batches")
         sizes = capacity["sizes"]
-    offsets, cur = {}, 0
-    for n, _ in parts:
-        offsets[n] = cur
-        cur += (sizes[n] + 3) // 4 * 4
-    meta = np.zeros(cur, dtype=np.int32)
-    for n, a in parts:
-        meta[offsets[n]: offsets[n] + a.size] = a
+    meta, offsets = pack_meta([(n, a, sizes[n]) for n, a in parts])
     part_cap = sch.num_partial_rows if capacity is None else capacity["partial"]
     if sch.num_partial_rows > part_cap:
         raise ValueError("use_cuda_graph=True: this plan cuts more KV ranges than the first plan; create a new "
@@ -347,7 +335,7 @@ def launch_prefill(plan: PrefillPlan, meta_ptr: int, partial_ptr: int, q: arrays
     merge = kernels.functions(mprog, q.device)[mprog.kernels[-1]]
     off = {k: meta_ptr + 4 * v for k, v in plan.offsets.items()}
     part_o = partial_ptr
-    part_lse = partial_ptr + _align(plan.partial_capacity * p.head_dim * 4)
+    part_lse = partial_ptr + align(plan.partial_capacity * p.head_dim * 4)
     _, mul, shift = fastdiv_params(max(p.page_size, 1))
     pdl = kernels.pdl_supported(q.device)
     mask_ptr = plan.mask[1].ptr if plan.mask is not None else 0
@@ -377,30 +365,6 @@ def _check_q(q: arrays.ArrayInfo, p: PrefillParams, total: int) -> None:
                          f"(rows past it are left alone: CUDA graphs keep one buffer), got {q.shape}")
     checks.last_dim_contiguous(q)
     checks.vector_aligned(q)
-
-
-def _outputs(q: arrays.ArrayInfo, p: PrefillParams, total: int, out, lse, return_lse: bool, stream: int,
-             current_of):
-    o_shape = q.shape
-    out_obj = arrays.empty(q.framework, o_shape, q.dtype, q.device, stream) if out is None else out
-    o = arrays.describe(out_obj, "out", stream, current_of)
-    checks.shape(o, o_shape, "(qo_len, num_qo_heads, head_dim)")
-    checks.dtype_is(o, q.dtype, "q's dtype")
-    checks.last_dim_contiguous(o)
-    checks.vector_aligned(o)
-    if out is not None:
-        checks.no_overlap(o)
-    if o.framework in ("jax", "tensorflow") and out is not None:
-        raise TypeError(f"out: {o.framework} arrays are immutable and cannot be written")
-    lse_obj, l_info = None, None
-    if return_lse or lse is not None:
-        lse_obj = arrays.empty(q.framework, o_shape[:2], dt.float32, q.device, stream) if lse is None else lse
-        l_info = arrays.describe(lse_obj, "lse", stream, current_of)
-        checks.shape(l_info, o_shape[:2], "(qo_len, num_qo_heads)")
-        checks.dtype_is(l_info, dt.float32, "the lse dtype")
-        checks.contiguous(l_info)
-    checks.same_device(q, o, l_info)
-    return out_obj, o, lse_obj, l_info
 
 
 def _prepare_mask(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_lens: np.ndarray, stream,
@@ -604,7 +568,8 @@ class _PrefillWrapper(PlannedWrapper):
         p = plan.params
         qi = arrays.describe(q, "q", s, cur)
         _check_q(qi, p, plan.total_qo)
-        out_obj, o, lse_obj, l_info = _outputs(qi, p, plan.total_qo, out, lse, return_lse, s, cur)
+        out_obj, o, lse_obj, l_info = attention_outputs(qi, out, lse, return_lse, s, cur,
+                                                        "(qo_len, num_qo_heads, head_dim)", "(qo_len, num_qo_heads)")
         checks.same_device(qi, self._ws, *kv.infos)
         launch_prefill(plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, self._paged, o, l_info,
                        k_scale, scale("v_scale", v_scale), s, self._use_cuda_graph)
@@ -876,8 +841,7 @@ def _check_kv_against(kvv: KVView, p: PrefillParams) -> None:
 # ---------------------------------------------------------------------------------------------
 # Single prefill: plans cached by shape, scratch per (device, stream)
 
-_single_plans: OrderedDict = OrderedDict()
-_SINGLE_PLANS_MAX = 64
+_single_plans = PlanCache()
 _single_scratch: dict = {}
 
 
@@ -916,7 +880,8 @@ def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=No
                          has_mask=has_mask)
     _check_kv_against(kvv, params)
     _check_q(qi, params, qi.shape[0])
-    out_obj, o, lse_obj, l_info = _outputs(qi, params, qi.shape[0], out, lse, return_lse, s, cur)
+    out_obj, o, lse_obj, l_info = attention_outputs(qi, out, lse, return_lse, s, cur, "(qo_len, num_qo_heads, head_dim)",
+                                                    "(qo_len, num_qo_heads)")
     qo_len = qi.shape[0]
     qo_ip = np.array([0, qo_len], np.int32)
     kv_ip = np.array([0, kv_len], np.int32)
@@ -925,21 +890,18 @@ def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=No
     tile, flags = plan_tile(params, qo_ip[1:], has_mask, backend, dev)
     mask = None
     if has_mask:
-        if custom_mask is not None:
-            ci = arrays.describe(custom_mask, "custom_mask", s, cur)
-            checks.shape(ci, (qo_len, kv_len), "(qo_len, kv_len)")
+        if custom_mask is not None:  # a host (numpy) mask is packed on the host
+            ci = custom_mask if isinstance(custom_mask, np.ndarray) else arrays.describe(custom_mask, "custom_mask", s,
+                                                                                         cur)
+            if tuple(ci.shape) != (qo_len, kv_len):
+                raise ValueError(f"custom_mask: expected shape {(qo_len, kv_len)} (qo_len, kv_len), got "
+                                 f"{tuple(ci.shape)}")
         mask = _prepare_mask(custom_mask, packed_custom_mask, qo_ip[1:], kv_ip[1:], s, cur, device=dev)
     key = (dev, qo_len, kv_len, params.num_qo_heads, kvv.num_kv_heads, params.head_dim, params.causal,
            params.window_left, params.rope, flags, tile)
-    got = _single_plans.get(key)
-    if got is None:
-        got = plan_prefill(params, qo_ip, kv_ip, kv_ip[1:].copy(), None, tile, num_ctas(params, tile, dev, False, flags),
-                           None if mask is None else mask[2])[0]
-        _single_plans[key] = got
-        if len(_single_plans) > _SINGLE_PLANS_MAX:
-            _single_plans.popitem(last=False)
-    else:
-        _single_plans.move_to_end(key)
+    got = _single_plans.get(key, lambda: plan_prefill(params, qo_ip, kv_ip, kv_ip[1:].copy(), None, tile,
+                                                      num_ctas(params, tile, dev, False, flags),
+                                                      None if mask is None else mask[2])[0])
     plan = PrefillPlan(**{**got.__dict__, "params": params, "mask": None if mask is None else mask[:2]})
     base = single_call_meta(_single_scratch, dev, s, fw, key, plan.meta, plan.partial_bytes())
     launch_prefill(plan, base + plan.partial_bytes(), base, qi, kvv, False, o, l_info, scale("k_scale", k_scale),

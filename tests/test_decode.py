@@ -234,7 +234,7 @@ def test_single_decode_growing_length_keeps_a_bounded_plan_cache():
     q = torch.randn((8, 64), generator=g, device="cuda").half()
     for n in range(100, 200):  # a decode loop: one more token each step
         o = fi_cupy.single_decode_with_kv_cache(q, k[:n], k[:n])
-    assert len(dec._single_plans) <= dec._SINGLE_PLANS_MAX
+    assert len(dec._single_plans) <= dec._single_plans.size
     ro, _ = reference.decode_attention(q.double().cpu().numpy(), k[:199].double().cpu().numpy(),
                                        k[:199].double().cpu().numpy())
     assert_close(o.double().cpu().numpy(), ro, "float16")

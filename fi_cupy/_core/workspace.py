@@ -4,12 +4,85 @@ the single-request calls; scale arguments; outputs handed back in the caller's f
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 
 import numpy as np
 
 from . import arrays, checks, streams
 from . import dtypes as dt
-from .call import device_of
+from .call import IMMUTABLE, device_of
+
+ALIGN = 256  # bytes: the partial-state regions of a workspace start on this boundary
+
+
+def align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def pack_meta(parts) -> tuple:
+    """(int32 metadata block, {name: element offset}) of parts [(name, int values, capacity)]: each part
+    at its offset, padded to its capacity and to 16 bytes (the kernels read int4 vectors)."""
+    offsets, cur = {}, 0
+    for name, _, cap in parts:
+        offsets[name] = cur
+        cur += (cap + 3) // 4 * 4
+    meta = np.zeros(cur, dtype=np.int32)
+    for name, a, _ in parts:
+        meta[offsets[name]: offsets[name] + a.size] = a
+    return meta, offsets
+
+
+class PlanCache:
+    """The plans of single-request calls, by shape key: a small LRU (a decode loop grows kv_len every
+    step, so an unbounded cache would grow with it)."""
+
+    def __init__(self, size: int = 64):
+        self.size, self._plans = size, OrderedDict()
+
+    def get(self, key, make):
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = make()
+            if len(self._plans) > self.size:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def values(self):
+        return self._plans.values()
+
+
+def attention_outputs(q: arrays.ArrayInfo, out, lse, return_lse: bool, stream: int, current_of, o_layout: str,
+                      l_layout: str) -> tuple:
+    """(out object, its ArrayInfo, lse object or None, its ArrayInfo or None) of an attention call: `out`
+    (q's shape and dtype, last dim contiguous, 16-byte aligned rows) and `lse` (q's shape less head_dim,
+    float32, contiguous) checked, or new arrays in q's framework. Immutable (JAX) arrays cannot be `out`."""
+    out_obj = arrays.empty(q.framework, q.shape, q.dtype, q.device, stream) if out is None else out
+    o = arrays.describe(out_obj, "out", stream, current_of)
+    checks.shape(o, q.shape, o_layout)
+    checks.dtype_is(o, q.dtype, "q's dtype")
+    checks.last_dim_contiguous(o)
+    checks.vector_aligned(o)
+    if out is not None:
+        checks.no_overlap(o)
+        if o.framework in IMMUTABLE:
+            raise TypeError(f"out: {o.framework} arrays are immutable and cannot be written; leave out=None")
+    lse_obj, l_info = None, None
+    if return_lse or lse is not None:
+        l_shape = q.shape[:-1]
+        lse_obj = arrays.empty(q.framework, l_shape, dt.float32, q.device, stream) if lse is None else lse
+        l_info = arrays.describe(lse_obj, "lse", stream, current_of)
+        checks.shape(l_info, l_shape, l_layout)
+        checks.dtype_is(l_info, dt.float32, "the lse dtype")
+        checks.contiguous(l_info)
+        if lse is not None and l_info.framework in IMMUTABLE:
+            raise TypeError(f"lse: {l_info.framework} arrays are immutable and cannot be written; leave lse=None")
+    checks.same_device(q, o, l_info)
+    return out_obj, o, lse_obj, l_info
 
 
 class PlannedWrapper:
