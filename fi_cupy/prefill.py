@@ -446,6 +446,7 @@ class _PrefillWrapper(PlannedWrapper):
                 checks.same_device(info, self._ws)
                 self._buffers[name] = info
         self._last_plan = None  # (tables, keyword arguments): forward() re-plans from them
+        self._mask_store = None  # CUDA graphs without custom_mask_buf: the packed mask's fixed home
 
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
         super().reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
@@ -520,8 +521,9 @@ class _PrefillWrapper(PlannedWrapper):
         cap = self._capacity if self._use_cuda_graph else None
         if cap is not None:
             tile = cap["tile"]
-        mask = _prepare_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens, s,
-                             target=None if dry or not self._use_cuda_graph else self._buffers.get("custom_mask_buf"),
+        has_mask = custom_mask is not None or packed_custom_mask is not None
+        target = self._mask_target(qo_lens, kv_lens, s) if has_mask and self._use_cuda_graph and not dry else None
+        mask = _prepare_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens, s, target=target,
                              device=self._ws.device)
         ctas = num_ctas(params, tile, self._ws.device, self._paged, flags)
         offsets = None if mask is None else mask[2]
@@ -553,6 +555,23 @@ class _PrefillWrapper(PlannedWrapper):
                 tables["mask_indptr_buf"] = mask[3]
             self._fill_buffers(tables, s)
         self._plan = plan
+
+    def _mask_target(self, qo_lens: np.ndarray, kv_lens: np.ndarray, s: int):
+        """CUDA graphs: where the packed mask goes, at an address that stays put across plans (a captured
+        run reads it there): FlashInfer's custom_mask_buf, or a buffer of ours sized by the first masked
+        plan, with room to grow."""
+        buf = self._buffers.get("custom_mask_buf")
+        if buf is not None:
+            return buf
+        need = int(packed_indptr(np.concatenate([[0], np.cumsum(qo_lens.astype(np.int64) * kv_lens)]))[-1])
+        if self._mask_store is None:
+            obj = arrays.empty("cupy", (max(2 * need, 1 << 16),), dt.uint8, self._ws.device, s)
+            self._mask_store = arrays.describe(obj, "custom_mask (the wrapper's copy)")
+        elif need > self._mask_store.size:
+            raise ValueError(f"custom_mask: use_cuda_graph=True keeps the mask buffer of the first masked plan "
+                             f"({self._mask_store.size} bytes packed); this one needs {need}: pass a larger "
+                             f"custom_mask_buf, or create a new wrapper")
+        return self._mask_store
 
     def _fill_buffers(self, tables: dict, s: int) -> None:
         """FlashInfer's plan() writes its index arrays into the CUDA-graph buffers: so do we."""

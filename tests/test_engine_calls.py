@@ -291,6 +291,22 @@ def test_spec_decode_verify_with_a_tree_mask():
     cache = Cache(lens, page, hkv, d)
     qo = np.concatenate([[0], np.cumsum(drafts)]).astype(np.int32)
     q = torch.randn((qo[-1], hq, d), generator=g, device="cuda").to(torch.bfloat16)
+    masks = _tree_masks(rng, prefix, drafts)
+    flat = torch.as_tensor(np.concatenate([m.ravel() for m in masks]), device="cuda")
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
+    for causal in (False, True):
+        w.plan(qo, cache.indptr, cache.indices, cache.last, hq, hkv, d, page, custom_mask=flat, causal=causal,
+               q_data_type="bfloat16")
+        out = torch.full_like(q, float("nan"))
+        w.run(q, cache.data, out=out)
+        qf = _f64(q)
+        for r in range(len(lens)):
+            ro, _ = reference.prefill_attention(qf[qo[r]:qo[r + 1]], *cache.kv(r), custom_mask=masks[r])
+            assert_close(_f64(out[qo[r]:qo[r + 1]]), ro, "bfloat16")
+
+
+def _tree_masks(rng, prefix, drafts):
+    """Per request: the drafts see the whole prefix and their ancestors in a random tree (and themselves)."""
     masks = []
     for p, n in zip(prefix, drafts):
         parent = [-1] + [int(rng.integers(0, j)) for j in range(1, n)]
@@ -301,15 +317,47 @@ def test_spec_decode_verify_with_a_tree_mask():
                 tree[j, a] = True
                 a = parent[a]
         masks.append(np.concatenate([np.ones((n, p), bool), tree], axis=1))
-    flat = torch.as_tensor(np.concatenate([m.ravel() for m in masks]), device="cuda")
-    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
-    for causal in (False, True):
-        w.plan(qo, cache.indptr, cache.indices, cache.last, hq, hkv, d, page, custom_mask=flat, causal=causal,
-               q_data_type="bfloat16")
-        out = torch.full_like(q, float("nan"))
+    return masks
+
+
+@pytest.mark.parametrize("mask_buf", [False, True])
+def test_spec_decode_verify_under_a_cuda_graph(mask_buf):
+    """SGLang's target verify runs in a CUDA graph: a paged prefill wrapper with use_cuda_graph=True
+    and a custom mask, re-planned with another tree (same batch) between replays; the mask lives at a
+    fixed address (custom_mask_buf, or the wrapper's own buffer)."""
+    drafts, hq, hkv, d, page = [4, 4, 4], 16, 4, 128, 16
+    rng, g = _rng()
+    qo = np.concatenate([[0], np.cumsum(drafts)]).astype(np.int32)
+    cache = Cache([300, 40, 1000], page, hkv, d, spare=200)
+    bufs = dict(custom_mask_buf=torch.zeros(1 << 16, dtype=torch.uint8, device="cuda"),
+                mask_indptr_buf=torch.zeros(4, dtype=torch.int32, device="cuda")) if mask_buf else {}
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), "NHD", use_cuda_graph=True, **bufs)
+    q = torch.randn((qo[-1], hq, d), generator=g, device="cuda").to(torch.bfloat16)
+    out = torch.empty_like(q)
+
+    def plan(prefix):
+        cache.set_lens([p + n for p, n in zip(prefix, drafts)])
+        masks = _tree_masks(rng, prefix, drafts)
+        w.plan(qo, cache.indptr, cache.indices, cache.last, hq, hkv, d, page, q_data_type="bfloat16",
+               custom_mask=torch.as_tensor(np.concatenate([m.ravel() for m in masks]), device="cuda"))
+        return masks
+
+    masks = plan([296, 36, 996])
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
         w.run(q, cache.data, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.run(q, cache.data, out=out)
+    for prefix in ([297, 37, 997], [300, 200, 5]):
+        masks = plan(prefix)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
         qf = _f64(q)
-        for r in range(len(lens)):
+        for r in range(len(drafts)):
             ro, _ = reference.prefill_attention(qf[qo[r]:qo[r + 1]], *cache.kv(r), custom_mask=masks[r])
             assert_close(_f64(out[qo[r]:qo[r + 1]]), ro, "bfloat16")
 
