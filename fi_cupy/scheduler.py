@@ -167,39 +167,52 @@ def prefill_schedule(qo_lens, kv_lens, group: int, num_kv_heads: int, rows: int,
     tiles = -(-(qo_lens * group) // rows)
     base = int(tiles.sum()) * num_kv_heads
     want = max(1, -(-num_ctas // max(base, 1))) if base < num_ctas else 1
-    items, merges, cost, prow = [], [], [], 0
-    for r in range(qo_lens.size):
-        if qo_lens[r] == 0:
-            continue
-        kv = int(kv_lens[r])
-        if split is None:
-            n_chunks = max(1, min(want, kv // min_chunk))
-            chunk = -(-kv // n_chunks) if n_chunks > 1 else kv
-        else:
-            chunk = -(-split // 64) * 64 if split else kv
-            n_chunks = max(1, -(-kv // chunk)) if split else 1
-        chunk = -(-chunk // 64) * 64 if n_chunks > 1 else chunk
-        n_chunks = -(-kv // chunk) if n_chunks > 1 else 1
-        tcost = prefill_tile_cost(int(qo_lens[r]), kv, group, rows, causal)
-        for h in range(num_kv_heads):
-            for t in range(int(tiles[r])):
-                p0 = t * rows
-                if n_chunks == 1:
-                    items.append((r, h, p0, -1, 0, kv, 0, 0))
-                    cost.append(tcost[t])
-                    continue
-                merges.append((r, h, p0, prow, n_chunks, rows, 0, 0))
-                for c in range(n_chunks):
-                    lo, hi = c * chunk, min(kv, (c + 1) * chunk)
-                    items.append((r, h, p0, prow + c * rows, lo, hi, 0, 0))
-                    cost.append(max(0, min(hi, int(tcost[t])) - lo))
-                prow += n_chunks * rows
-    it = np.array(items, dtype=np.int32).reshape(-1, 8)
-    order = np.argsort(-np.asarray(cost, dtype=np.int64), kind="stable")
+    # KV chunks a request: n_chunks of `chunk` keys (multiples of 64 when cut).
+    if split is None:
+        n_chunks = np.maximum(1, np.minimum(want, kv_lens // min_chunk))
+        chunk = np.where(n_chunks > 1, -(-kv_lens // n_chunks), kv_lens)
+    else:
+        chunk = np.full_like(kv_lens, -(-split // 64) * 64) if split else kv_lens
+        n_chunks = np.maximum(1, -(-kv_lens // np.maximum(chunk, 1))) if split else np.ones_like(kv_lens)
+    cut = n_chunks > 1
+    chunk = np.where(cut, -(-chunk // 64) * 64, chunk)
+    n_chunks = np.where(cut, -(-kv_lens // np.maximum(chunk, 1)), 1)
+    # Query tiles in loop order: request, KV head, tile.
+    per_req = tiles * num_kv_heads
+    r = np.repeat(np.arange(qo_lens.size), per_req)
+    w = np.arange(r.size) - np.repeat(np.cumsum(per_req) - per_req, per_req)
+    h, t = w // np.maximum(tiles[r], 1), w % np.maximum(tiles[r], 1)
+    p0 = t * rows
+    packed = qo_lens[r] * group
+    if causal:
+        last_tok = np.minimum(p0 + rows, packed) - 1
+        tcost = np.clip(last_tok // group + (kv_lens[r] - qo_lens[r]) + 1, 0, kv_lens[r])
+    else:
+        tcost = kv_lens[r]
+    # A cut tile writes n_chunks partial rows blocks, in tile order.
+    tile_cut = cut[r]
+    tile_rows = np.where(tile_cut, n_chunks[r] * rows, 0)
+    prow = np.cumsum(tile_rows) - tile_rows
+    nc = n_chunks[r]
+    ti = np.repeat(np.arange(r.size), nc)  # the tile of each item
+    c = np.arange(ti.size) - np.repeat(np.cumsum(nc) - nc, nc)
+    kv_i = kv_lens[r][ti]
+    ck = chunk[r][ti]
+    lo = np.where(tile_cut[ti], c * ck, 0)
+    hi = np.where(tile_cut[ti], np.minimum(kv_i, (c + 1) * ck), kv_i)
+    part = np.where(tile_cut[ti], prow[ti] + c * rows, -1)
+    zero = np.zeros_like(lo)
+    it = np.stack([r[ti], h[ti], p0[ti], part, lo, hi, zero, zero], axis=1).astype(np.int32).reshape(-1, 8)
+    cost = np.where(tile_cut[ti], np.maximum(0, np.minimum(hi, tcost[ti]) - lo), tcost[ti])
+    mt = np.flatnonzero(tile_cut)
+    zm = np.zeros_like(mt)
+    merges = np.stack([r[mt], h[mt], p0[mt], prow[mt], nc[mt], np.full_like(mt, rows), zm, zm], axis=1)
+    prow_total = int(tile_rows.sum())
+    order = np.argsort(-cost.astype(np.int64), kind="stable")
     if snake:
         rnd, pos = np.divmod(np.arange(order.size), num_ctas)
         reverse = (rnd % 2 == 1) & (rnd < order.size // num_ctas)  # a last partial round stays in order
         dealt = np.empty_like(order)
         dealt[rnd * num_ctas + np.where(reverse, num_ctas - 1 - pos, pos)] = order
         order = dealt
-    return PrefillSchedule(it[order], np.array(merges, dtype=np.int32).reshape(-1, 8), prow)
+    return PrefillSchedule(it[order], merges.astype(np.int32).reshape(-1, 8), prow_total)
