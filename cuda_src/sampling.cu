@@ -18,6 +18,11 @@
 // lays the threads' sums end to end, and the warp of the thread whose interval holds u * total walks its
 // vectors again to the token. Passes after the first run backwards so that they start on the part of the
 // row the previous pass left in L2.
+//
+// Inputs: float32, float16 or bfloat16 rows (the kernels' T), converted to float32 as they load, so every
+// pass computes in float32 and float32 rows take the code they always did. Per-row parameters (top_k,
+// top_p, min_p, temperature) come as a Param: a scalar, or an array of the caller's dtype read once a row.
+// Row indices and draft ids are int32 or int64; sampled ids are written as int32 or int64.
 #include "common/math.cuh"
 #include "common/vec.cuh"
 #include "common/philox.cuh"
@@ -72,6 +77,64 @@ __device__ __forceinline__ uint4 row_random(unsigned long long seed, unsigned lo
 
 // 2^e as a double (e within the normal range), built from its exponent bits.
 __device__ __forceinline__ double pow2(int e) { return __longlong_as_double((long long)(e + 1023) << 52); }
+
+// A scalar or per-row parameter. code: the array's dtype (sampling.py PARAM_CODES); val: the scalar.
+struct Param {
+  const void* arr;  // nullptr: every row takes val
+  double val;
+  int code;
+};
+enum ParamCode { kI32 = 0, kI64 = 1, kF16 = 2, kBF16 = 3, kF32 = 4, kF64 = 5, kI8 = 6, kU8 = 7, kI16 = 8, kU16 = 9,
+                 kU32 = 10, kU64 = 11 };
+
+__device__ __forceinline__ double param_at(const Param& a, int r) {
+  if (a.arr == nullptr) return a.val;
+  switch (a.code) {
+    case kI32: return (double)static_cast<const int*>(a.arr)[r];
+    case kI64: return (double)static_cast<const long long*>(a.arr)[r];
+    case kF16: return (double)__half2float(static_cast<const half_t*>(a.arr)[r]);
+    case kBF16: return (double)__bfloat162float(static_cast<const bf16_t*>(a.arr)[r]);
+    case kF64: return static_cast<const double*>(a.arr)[r];
+    case kI8: return (double)static_cast<const signed char*>(a.arr)[r];
+    case kU8: return (double)static_cast<const unsigned char*>(a.arr)[r];
+    case kI16: return (double)static_cast<const short*>(a.arr)[r];
+    case kU16: return (double)static_cast<const unsigned short*>(a.arr)[r];
+    case kU32: return (double)static_cast<const unsigned int*>(a.arr)[r];
+    case kU64: return (double)static_cast<const unsigned long long*>(a.arr)[r];
+    default: return (double)static_cast<const float*>(a.arr)[r];
+  }
+}
+// Counts (top_k) from float arrays truncate toward zero, as torch's .int(); NaN is 0, the rest clamped to int.
+__device__ __forceinline__ int param_int(const Param& a, int r) {
+  const double v = param_at(a, r);
+  return v != v ? 0 : (int)fmin(fmax(trunc(v), -2147483648.0), 2147483647.0);
+}
+__device__ __forceinline__ float param_float(const Param& a, int r) { return (float)param_at(a, r); }
+
+// Philox seed and offset: scalars, or per-row arrays (stride 1) or one value for all rows (stride 0).
+struct Rng {
+  const unsigned long long* seed_arr;
+  const unsigned long long* offset_arr;
+  unsigned long long seed, offset;
+  int seed_stride, offset_stride;
+};
+struct RowRng {
+  unsigned long long seed, offset;
+};
+__device__ __forceinline__ RowRng row_rng(const Rng& g, int r) {
+  RowRng o;
+  o.seed = g.seed_arr != nullptr ? g.seed_arr[(long long)r * g.seed_stride] : g.seed;
+  o.offset = g.offset_arr != nullptr ? g.offset_arr[(long long)r * g.offset_stride] : g.offset;
+  return o;
+}
+
+// Entry r of an int32 (is64 == 0) or int64 array of ids.
+__device__ __forceinline__ long long id_at(const void* ids, int is64, long long r) {
+  return is64 ? static_cast<const long long*>(ids)[r] : (long long)static_cast<const int*>(ids)[r];
+}
+__device__ __forceinline__ void store_id(void* out, int is64, long long r, int token) {
+  if (is64) static_cast<long long*>(out)[r] = token; else static_cast<int*>(out)[r] = token;
+}
 
 template <int VEC>
 __device__ __forceinline__ float vsum(const Vec<float, VEC>& x) {
@@ -142,15 +205,32 @@ __device__ T block_exclusive_scan(T x, T* scratch, T* total) {
 // in flight before the first use), forwards or backwards (REV). f(v, x, valid) sees every slot of every
 // batch with the same trip count in all threads, so it may use warp collectives.
 
-template <int VEC>
-struct RowIn {
-  const float* p;
-  int nv;  // vectors of VEC floats
-  __device__ __forceinline__ Vec<float, VEC> at(int v) const {
+// VEC elements of T at p as floats (16-bit types convert exactly; float32 is a plain load).
+template <typename T, int VEC>
+struct FloatLoad {
+  static __device__ __forceinline__ Vec<float, VEC> at(const T* p) {
+    Vec<T, VEC> raw;
+    raw.load(p);
     Vec<float, VEC> x;
-    x.load(p + (long long)v * VEC);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) x.set(e, raw[e]);
     return x;
   }
+};
+template <int VEC>
+struct FloatLoad<float, VEC> {
+  static __device__ __forceinline__ Vec<float, VEC> at(const float* p) {
+    Vec<float, VEC> x;
+    x.load(p);
+    return x;
+  }
+};
+
+template <typename T, int VEC>
+struct RowIn {
+  const T* p;
+  int nv;  // vectors of VEC elements
+  __device__ __forceinline__ Vec<float, VEC> at(int v) const { return FloatLoad<T, VEC>::at(p + (long long)v * VEC); }
 };
 
 template <int VEC, bool REV, typename Load, typename F>
@@ -184,9 +264,9 @@ struct SampleScratch {
 };
 
 // stream_sample's weights: the values of `row` that are positive and >= v, 0 for the others.
-template <int VEC>
+template <typename T, int VEC>
 struct KeptWeights {
-  RowIn<VEC> row;
+  RowIn<T, VEC> row;
   float v;
   __device__ __forceinline__ Vec<float, VEC> operator()(int q) const {
     Vec<float, VEC> x = row.at(q);
@@ -257,12 +337,11 @@ struct Filter {
 };
 
 // Row r's filter: a per-row array, when given, overrides the scalar.
-__device__ __forceinline__ Filter row_filter(int r, const int* k_arr, int k_val, const float* p_arr, float p_val,
-                                             const float* m_arr, float m_val, bool k_first) {
+__device__ __forceinline__ Filter row_filter(int r, const Param& k, const Param& p, const Param& m, bool k_first) {
   Filter f;
-  f.k = k_arr != nullptr ? k_arr[r] : k_val;
-  f.p = p_arr != nullptr ? p_arr[r] : p_val;
-  f.min_p = m_arr != nullptr ? m_arr[r] : m_val;
+  f.k = param_int(k, r);
+  f.p = param_float(p, r);
+  f.min_p = param_float(m, r);
   f.k_first = k_first;
   return f;
 }
@@ -434,8 +513,8 @@ __device__ __forceinline__ unsigned long long fixed_mass(float x) {
 // The exact threshold key: the largest key t with weight(keys > t) < target <= weight(keys >= t), by
 // count or by fixed-point mass, over the tokens that take part. Three passes: 12, 12 and 8 key bits.
 // With frac > 0 the mass target is frac * (the row's mass), found on the first pass.
-template <int VEC, bool LOGITS>
-__device__ unsigned int radix_select(RowIn<VEC> row, bool by_mass, unsigned long long target, double frac,
+template <typename T, int VEC, bool LOGITS>
+__device__ unsigned int radix_select(RowIn<T, VEC> row, bool by_mass, unsigned long long target, double frac,
                                      SelectSmem& sm) {
   unsigned int prefix = 0;
   for (int level = 0; level < 3; ++level) {
@@ -485,8 +564,8 @@ struct Kept {
 
 // Kept set of `row` under filter f; mx and total are the row's max and mass (probabilities), unused
 // for logits. Pass 1's histograms are in sm (counts when hist_count, truncated masses when hist_mass).
-template <int VEC, bool LOGITS>
-__device__ Kept select_kept(RowIn<VEC> row, int vocab, Filter f, float mx, float total, SelectSmem& sm,
+template <typename T, int VEC, bool LOGITS>
+__device__ Kept select_kept(RowIn<T, VEC> row, int vocab, Filter f, float mx, float total, SelectSmem& sm,
                             bool hist_count, bool hist_mass, int mass_shift) {
   const bool use_k = f.use_k(vocab), use_p = !LOGITS && f.use_p();
   // Crossing bins: exact for counts; for masses the truncated sums are lower bounds, so the bin found is
@@ -577,7 +656,7 @@ __device__ Kept select_kept(RowIn<VEC> row, int vocab, Filter f, float mx, float
   // Too many candidates: exact radix selects over the row.
   unsigned int v = 0;
   if (use_k) {
-    v = radix_select<VEC, LOGITS>(row, false, (unsigned long long)f.k, 0.0, sm);
+    v = radix_select<T, VEC, LOGITS>(row, false, (unsigned long long)f.k, 0.0, sm);
     if (use_p && f.k_first) {  // top-p over the top-k set's exact mass
       unsigned long long m = 0, mk;
       row_pass<VEC, true>(row.nv, [&](int q) { return row.at(q); }, [&](int, const Vec<float, VEC>& x, bool) {
@@ -586,10 +665,10 @@ __device__ Kept select_kept(RowIn<VEC> row, int vocab, Filter f, float mx, float
       });
       (void)block_exclusive_scan(m, sm.sc.u64, &mk);
       unsigned long long t = (unsigned long long)((double)f.p * (double)mk);
-      v = max(v, radix_select<VEC, LOGITS>(row, true, t == 0 ? 1ull : t, 0.0, sm));
+      v = max(v, radix_select<T, VEC, LOGITS>(row, true, t == 0 ? 1ull : t, 0.0, sm));
     }
   }
-  if (use_p && !(use_k && f.k_first)) v = max(v, radix_select<VEC, LOGITS>(row, true, 0ull, (double)f.p, sm));
+  if (use_p && !(use_k && f.k_first)) v = max(v, radix_select<T, VEC, LOGITS>(row, true, 0ull, (double)f.p, sm));
   kept.v = key_value(v);
   if (!LOGITS && f.use_min()) kept.v = fmaxf(kept.v, f.min_p * mx);
   kept.bv = -1;
@@ -623,8 +702,8 @@ __device__ int sample_in_smem(SelectSmem& sm, const Kept& kept, float u) {
 }
 
 // Pass 1 over probabilities: max, mass, and the histograms the filter needs.
-template <int VEC>
-__device__ void probs_pass1(RowIn<VEC> row, bool hist_count, bool hist_mass, int mass_shift, SelectSmem& sm,
+template <typename T, int VEC>
+__device__ void probs_pass1(RowIn<T, VEC> row, bool hist_count, bool hist_mass, int mass_shift, SelectSmem& sm,
                             float* mx_out, float* total_out) {
   if (hist_count || hist_mass) {
     for (int i = threadIdx.x; i < kBins; i += blockDim.x) sm.hcount[i] = 0, sm.hmass[i] = 0;
@@ -655,9 +734,9 @@ __device__ __forceinline__ int mass_shift_for(int vocab) {
   return s;
 }
 
-template <int VEC>
-__device__ __forceinline__ RowIn<VEC> row_of(const float* base, long long row_stride, int row, int vocab) {
-  RowIn<VEC> r;
+template <typename T, int VEC>
+__device__ __forceinline__ RowIn<T, VEC> row_of(const T* base, long long row_stride, long long row, int vocab) {
+  RowIn<T, VEC> r;
   r.p = base + (long long)row * row_stride;
   r.nv = vocab / VEC;
   return r;
@@ -667,30 +746,33 @@ __device__ __forceinline__ RowIn<VEC> row_of(const float* base, long long row_st
 // Kernels
 
 // A token per row from probs under the filters. A per-row array, when given, overrides the scalar.
-template <int VEC>
+// out (int32, or int64 when out64) gets the token, 0 for a row with nothing to draw (no probability
+// > 0); valid (when not null) says which rows had something to draw.
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kSampleThreads, 1) sample_from_probs_kernel(
-    const float* probs, long long row_stride, const int* row_indices, int vocab, const int* top_k_arr,
-    int top_k_val, const float* top_p_arr, float top_p_val, const float* min_p_arr, float min_p_val,
-    int top_k_first, unsigned long long seed, unsigned long long offset, int* out) {
+    const T* probs, long long row_stride, const void* row_indices, int idx64, int vocab, Param top_k, Param top_p,
+    Param min_p, int top_k_first, Rng rng, void* out, int out64, bool* valid) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   SelectSmem& sm = *reinterpret_cast<SelectSmem*>(smem_raw);
   pdl_begin();
   const int r = blockIdx.x;
-  const RowIn<VEC> row = row_of<VEC>(probs, row_stride, row_indices != nullptr ? row_indices[r] : r, vocab);
-  const Filter f = row_filter(r, top_k_arr, top_k_val, top_p_arr, top_p_val, min_p_arr, min_p_val, top_k_first != 0);
-  const float u = uniform_co(row_random(seed, offset, r, 0).x);
+  const RowIn<T, VEC> row = row_of<T, VEC>(probs, row_stride, row_indices != nullptr ? id_at(row_indices, idx64, r) : r,
+                                           vocab);
+  const Filter f = row_filter(r, top_k, top_p, min_p, top_k_first != 0);
+  const RowRng g = row_rng(rng, r);
+  const float u = uniform_co(row_random(g.seed, g.offset, r, 0).x);
   const bool use_k = f.use_k(vocab), use_p = f.use_p();
   int token;
   if (!use_k && !use_p && !f.use_min()) {
-    token = stream_sample<VEC>(KeptWeights<VEC>{row, 0.f}, row.nv, u, sm.sc);
+    token = stream_sample<VEC>(KeptWeights<T, VEC>{row, 0.f}, row.nv, u, sm.sc);
   } else {
     const int shift = mass_shift_for(vocab);
     const bool hc = use_k, hm = use_p && !(use_k && f.k_first);
     float mx, total;
-    probs_pass1<VEC>(row, hc, hm, shift, sm, &mx, &total);
+    probs_pass1<T, VEC>(row, hc, hm, shift, sm, &mx, &total);
     Kept kept;
     if (use_k || use_p) {
-      kept = select_kept<VEC, false>(row, vocab, f, mx, total, sm, hc, hm, shift);
+      kept = select_kept<T, VEC, false>(row, vocab, f, mx, total, sm, hc, hm, shift);
     } else {  // min-p alone: a second pass draws over the row
       kept.in_smem = false;
       kept.v = f.min_p * mx;
@@ -698,30 +780,34 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sample_from_probs_kernel(
     if (kept.in_smem) {
       token = sample_in_smem(sm, kept, u);
     } else {
-      token = stream_sample<VEC>(KeptWeights<VEC>{row, kept.v}, row.nv, u, sm.sc);
+      token = stream_sample<VEC>(KeptWeights<T, VEC>{row, kept.v}, row.nv, u, sm.sc);
     }
   }
-  if (threadIdx.x == 0) out[r] = token < 0 ? 0 : token;
+  if (threadIdx.x == 0) {
+    store_id(out, out64, r, token < 0 ? 0 : token);
+    if (valid != nullptr) valid[r] = token >= 0;
+  }
 }
 
-// Renormalised top-k / top-p probabilities: kept tokens scaled by 1 / (kept mass), the others 0.
-template <int VEC>
+// Renormalised top-k / top-p probabilities: kept tokens scaled by 1 / (kept mass), the others 0; written as
+// TO (FlashInfer: top-k keeps the input dtype, top-p writes float32).
+template <typename T, typename TO, int VEC>
 __global__ void __launch_bounds__(kSampleThreads, 1) renorm_probs_kernel(
-    const float* probs, long long row_stride, int vocab, const int* top_k_arr, int top_k_val,
-    const float* top_p_arr, float top_p_val, float* out) {
+    const T* probs, long long row_stride, int vocab, Param top_k, Param top_p, TO* out) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   SelectSmem& sm = *reinterpret_cast<SelectSmem*>(smem_raw);
   pdl_begin();
   const int r = blockIdx.x;
-  const RowIn<VEC> row = row_of<VEC>(probs, row_stride, r, vocab);
-  const Filter f = row_filter(r, top_k_arr, top_k_val, top_p_arr, top_p_val, nullptr, 0.f, false);
+  const RowIn<T, VEC> row = row_of<T, VEC>(probs, row_stride, r, vocab);
+  const Param none = {nullptr, 0.0, 0};
+  const Filter f = row_filter(r, top_k, top_p, none, false);
   const bool use_k = f.use_k(vocab), use_p = f.use_p();
   const int shift = mass_shift_for(vocab);
   float mx, total;
-  probs_pass1<VEC>(row, use_k, use_p, shift, sm, &mx, &total);
+  probs_pass1<T, VEC>(row, use_k, use_p, shift, sm, &mx, &total);
   float v = 0.f, mass = total;
   if (use_k || use_p) {
-    const Kept kept = select_kept<VEC, false>(row, vocab, f, mx, total, sm, use_k, use_p, shift);
+    const Kept kept = select_kept<T, VEC, false>(row, vocab, f, mx, total, sm, use_k, use_p, shift);
     v = kept.v;
     if (kept.in_smem) {
       mass = (float)kept.mass;
@@ -735,25 +821,26 @@ __global__ void __launch_bounds__(kSampleThreads, 1) renorm_probs_kernel(
     }
   }
   const float inv = mass > 0.f ? __frcp_rn(mass) : 0.f;
-  float* orow = out + (long long)r * vocab;
+  TO* orow = out + (long long)r * vocab;
   row_pass<VEC, true>(row.nv, [&](int q) { return row.at(q); }, [&](int q, const Vec<float, VEC>& x, bool ok) {
-    Vec<float, VEC> o;
+    Vec<TO, VEC> o;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) o.set(e, (x[e] > 0.f && x[e] >= v) ? x[e] * inv : 0.f);
     if (ok) o.store(orow + (long long)q * VEC);
   });
 }
 
-// Logits outside the top-k set set to -inf (NaN logits too); the others copied.
-template <int VEC>
+// Logits outside the top-k set set to -inf (NaN logits too); the others copied (exactly, in T).
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kSampleThreads, 1) mask_logits_kernel(
-    const float* logits, long long row_stride, int vocab, const int* top_k_arr, int top_k_val, float* out) {
+    const T* logits, long long row_stride, int vocab, Param top_k, T* out) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   SelectSmem& sm = *reinterpret_cast<SelectSmem*>(smem_raw);
   pdl_begin();
   const int r = blockIdx.x;
-  const RowIn<VEC> row = row_of<VEC>(logits, row_stride, r, vocab);
-  const Filter f = row_filter(r, top_k_arr, top_k_val, nullptr, 1.f, nullptr, 0.f, false);
+  const RowIn<T, VEC> row = row_of<T, VEC>(logits, row_stride, r, vocab);
+  const Param p_none = {nullptr, 1.0, 0}, m_none = {nullptr, 0.0, 0};
+  const Filter f = row_filter(r, top_k, p_none, m_none, false);
   float v = neg_inf();
   if (f.use_k(vocab)) {
     for (int i = threadIdx.x; i < kBins; i += blockDim.x) sm.hcount[i] = 0;
@@ -764,12 +851,12 @@ __global__ void __launch_bounds__(kSampleThreads, 1) mask_logits_kernel(
         if (ok && !isnan(x[e])) atomicAdd(&sm.hcount[bin_of<true>(order_key(x[e]))], 1u);
     });
     __syncthreads();
-    v = select_kept<VEC, true>(row, vocab, f, 0.f, 0.f, sm, true, false, 0).v;
+    v = select_kept<T, VEC, true>(row, vocab, f, 0.f, 0.f, sm, true, false, 0).v;
   }
-  float* orow = out + (long long)r * vocab;
+  T* orow = out + (long long)r * vocab;
   const bool all = !f.use_k(vocab);
   row_pass<VEC, true>(row.nv, [&](int q) { return row.at(q); }, [&](int q, const Vec<float, VEC>& x, bool ok) {
-    Vec<float, VEC> o;
+    Vec<T, VEC> o;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) o.set(e, (all || x[e] >= v) && !isnan(x[e]) ? x[e] : neg_inf());
     if (ok) o.store(orow + (long long)q * VEC);
@@ -780,22 +867,24 @@ __global__ void __launch_bounds__(kSampleThreads, 1) mask_logits_kernel(
 // is accepted when u_i * q_i(d_i) < p_i(d_i); at the first rejection j a token is drawn from
 // max(p_j - q_j, 0), and when all are accepted from p_n. out_ids gets the accepted drafts, the drawn
 // token and -1 after it; accepted[r] += drafts that pass on their own, emitted[r] += drafts emitted.
-template <int VEC>
+// draft_ids: int32, or int64 when ids64.
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kSampleThreads, 1) chain_speculative_kernel(
-    const float* draft_probs, const int* draft_ids, const float* target_probs, int n_spec, int vocab,
-    unsigned long long seed, unsigned long long offset, int* out_ids, int* accepted, int* emitted) {
+    const T* draft_probs, const void* draft_ids, int ids64, const T* target_probs, int n_spec, int vocab, Rng rng,
+    int* out_ids, int* accepted, int* emitted) {
   __shared__ SampleScratch sc;
   pdl_begin();
   const int r = blockIdx.x;
+  const RowRng g = row_rng(rng, r);
   if (threadIdx.x == 0) {
     int first_reject = n_spec, n_acc = 0;
     for (int i = 0; i < n_spec; ++i) {
-      const int d = draft_ids[(long long)r * n_spec + i];
+      const long long d = id_at(draft_ids, ids64, (long long)r * n_spec + i);
       bool ok = false;
       if (d >= 0 && d < vocab) {
-        const float q = draft_probs[((long long)r * n_spec + i) * vocab + d];
-        const float p = target_probs[((long long)r * (n_spec + 1) + i) * vocab + d];
-        ok = uniform_open(row_random(seed, offset, r, i).x) * q < p;
+        const float q = to_float(draft_probs[((long long)r * n_spec + i) * vocab + d]);
+        const float p = to_float(target_probs[((long long)r * (n_spec + 1) + i) * vocab + d]);
+        ok = uniform_open(row_random(g.seed, g.offset, r, i).x) * q < p;
       }
       n_acc += ok;
       if (!ok && first_reject == n_spec) first_reject = i;
@@ -808,12 +897,12 @@ __global__ void __launch_bounds__(kSampleThreads, 1) chain_speculative_kernel(
   const int j = sc.result[1];
   int* orow = out_ids + (long long)r * (n_spec + 1);
   for (int i = threadIdx.x; i <= n_spec; i += blockDim.x)
-    if (i < j) orow[i] = draft_ids[(long long)r * n_spec + i]; else if (i > j) orow[i] = -1;
-  const float u = uniform_co(row_random(seed, offset, r, j).y);
-  const RowIn<VEC> p = row_of<VEC>(target_probs, vocab, r * (n_spec + 1) + j, vocab);
+    if (i < j) orow[i] = (int)id_at(draft_ids, ids64, (long long)r * n_spec + i); else if (i > j) orow[i] = -1;
+  const float u = uniform_co(row_random(g.seed, g.offset, r, j).y);
+  const RowIn<T, VEC> p = row_of<T, VEC>(target_probs, vocab, (long long)r * (n_spec + 1) + j, vocab);
   int token = -1;
   if (j < n_spec) {
-    const RowIn<VEC> q = row_of<VEC>(draft_probs, vocab, r * n_spec + j, vocab);
+    const RowIn<T, VEC> q = row_of<T, VEC>(draft_probs, vocab, (long long)r * n_spec + j, vocab);
     token = stream_sample<VEC>([&](int v) {
       Vec<float, VEC> a = p.at(v), b = q.at(v);
 #pragma unroll
@@ -822,7 +911,7 @@ __global__ void __launch_bounds__(kSampleThreads, 1) chain_speculative_kernel(
     }, p.nv, u, sc);
   }
   if (token < 0)  // all drafts accepted, or p_j <= q_j everywhere (rounding): draw from p_j
-    token = stream_sample<VEC>(KeptWeights<VEC>{p, 0.f}, p.nv, u, sc);
+    token = stream_sample<VEC>(KeptWeights<T, VEC>{p, 0.f}, p.nv, u, sc);
   if (threadIdx.x == 0) orow[j] = token < 0 ? 0 : token;
 }
 
@@ -835,22 +924,24 @@ __device__ __forceinline__ Best better(Best a, Best b) {
   return (b.key > a.key || (b.key == a.key && b.idx < a.idx)) ? b : a;
 }
 
+template <typename T>
 __global__ void __launch_bounds__(kSampleThreads, 1) sample_from_logits_kernel(
-    const float* logits, long long row_stride, const int* row_indices, int vocab, unsigned long long seed,
-    unsigned long long offset, int* out) {
+    const T* logits, long long row_stride, const void* row_indices, int idx64, int vocab, Rng rng, void* out,
+    int out64) {
   __shared__ float keys[32];
   __shared__ int idxs[32];
   pdl_begin();
   const int r = blockIdx.x;
-  const float* row = logits + (long long)(row_indices != nullptr ? row_indices[r] : r) * row_stride;
+  const T* row = logits + (row_indices != nullptr ? id_at(row_indices, idx64, r) : (long long)r) * row_stride;
+  const RowRng g = row_rng(rng, r);
   Best best = {neg_inf(), vocab};
   for (int q = threadIdx.x; q < (vocab + 3) / 4; q += blockDim.x) {
-    const uint4 rnd = row_random(seed, offset, r, q);
+    const uint4 rnd = row_random(g.seed, g.offset, r, q);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = q * 4 + e;
       const unsigned int bits = e == 0 ? rnd.x : e == 1 ? rnd.y : e == 2 ? rnd.z : rnd.w;
-      if (i < vocab) best = better(best, Best{row[i] - logf(-logf(uniform_open(bits))), i});
+      if (i < vocab) best = better(best, Best{to_float(row[i]) - logf(-logf(uniform_open(bits))), i});
     }
   }
 #pragma unroll
@@ -862,19 +953,18 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sample_from_logits_kernel(
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1)
     best = better(best, Best{__shfl_xor_sync(0xffffffffu, best.key, o), __shfl_xor_sync(0xffffffffu, best.idx, o)});
-  if (threadIdx.x == 0) out[r] = best.idx < vocab ? best.idx : 0;
+  if (threadIdx.x == 0) store_id(out, out64, r, best.idx < vocab ? best.idx : 0);
 }
 
-// probs = softmax(logits / temperature) per row: an online max/sum pass, then the write pass.
-template <int VEC>
-__global__ void __launch_bounds__(kSampleThreads, 1) softmax_kernel(const float* logits, long long row_stride,
-                                                                 int vocab, const float* temp_arr, float temp_val,
-                                                                 float* probs) {
+// probs = softmax(logits / temperature) per row, float32: an online max/sum pass, then the write pass.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kSampleThreads, 1) softmax_kernel(const T* logits, long long row_stride, int vocab,
+                                                                 Param temperature, float* probs) {
   __shared__ float fs[32];
   pdl_begin();
   const int r = blockIdx.x;
-  const RowIn<VEC> row = row_of<VEC>(logits, row_stride, r, vocab);
-  const float t = temp_arr != nullptr ? temp_arr[r] : temp_val;
+  const RowIn<T, VEC> row = row_of<T, VEC>(logits, row_stride, r, vocab);
+  const float t = param_float(temperature, r);
   const float scale = FIC_LOG2E / t;
   float m = neg_inf(), s = 0.f;
   row_pass<VEC, false>(row.nv, [&](int v) { return row.at(v); }, [&](int, const Vec<float, VEC>& x, bool ok) {
@@ -935,7 +1025,8 @@ __device__ __forceinline__ T consumer_reduce(T x, Op op, T* scratch) {
 // in the ring through the pair exchange. The write pass takes the buffered chunks before the held
 // ones, so the next row's copies start with the first stores. Needs chunks a slice - HOLD < slots
 // <= kMaxRingSlots; rows of length vocab % 4 == 0, 16-byte aligned; output contiguous; at most 16
-// CTAs a cluster. One CTA an SM (HOLD > 0) or two (HOLD == 0); sampling.py picks.
+// CTAs a cluster. One CTA an SM (HOLD > 0) or two (HOLD == 0); sampling.py picks. float32 logits only
+// (16-bit rows take softmax_kernel).
 // window > 0 keeps at most that many of a CTA's copies in flight (a copy waits for the one `window`
 // before it to land): the memory system then serves the CTAs' chunks in turn rather than one CTA's
 // whole burst after another's, which kept clusters of one CTA an SM 2-3 points below (H100).
@@ -943,7 +1034,7 @@ constexpr int kMaxRingSlots = 16;
 template <int THREADS, int CHUNK, int HOLD>
 __global__ void __launch_bounds__(THREADS + 32, HOLD > 0 ? 1 : 2) softmax_ring_kernel(
     const float* logits, long long row_stride, int batch, int vocab, int slice, int slots, int window,
-    const float* temp_arr, float temp_val, float* probs) {
+    Param temperature, float* probs) {
 #if FIC_HAS_CLUSTERS
   constexpr int kChunk4 = CHUNK / 4, kPer = kChunk4 / THREADS;
   static_assert(kChunk4 % THREADS == 0, "a chunk is a whole number of float4 a consumer thread");
@@ -1009,7 +1100,7 @@ __global__ void __launch_bounds__(THREADS + 32, HOLD > 0 ? 1 : 2) softmax_ring_k
     };
     for (int j = 0; j < rows; ++j) {
       const int r = cluster_id + j * nclusters, par = j & 1, g0 = j * nchunks;
-      const float scale = FIC_LOG2E / (temp_arr != nullptr ? temp_arr[r] : temp_val);
+      const float scale = FIC_LOG2E / param_float(temperature, r);
       float m = neg_inf(), s = 0.f;  // this thread's online max (scaled, log2 units) and sum of exp2
       auto accumulate = [&](const float4(&x)[kPer]) {
         float cm = neg_inf();

@@ -1,28 +1,55 @@
 """Sampling without sorting (cuda_src/sampling.cu): FlashInfer's fi.sampling API.
 
-probs / logits: (batch, vocab) float32 with a contiguous last dim. Randomness: Philox keyed by
-(seed, offset) and counted by (output row, token), so the same seed and offset give the same tokens
-in every framework. FlashInfer takes a torch generator; here `generator=` takes a
-fi_cupy.sampling.Generator (the default one is seeded from the OS), or pass `seed=` and `offset=`
-explicitly. Each call takes one offset from the generator. Filters (see sampling.cu): top-k keeps
-the tokens with fewer than k larger ones (ties at the boundary kept); top-p those whose larger
-tokens hold less than top_p of the mass; min-p those with p >= min_p * max p. Per-row parameters are
-1-D arrays of length batch. Returns int32 token ids (batch,) in the caller's framework.
+probs / logits: (batch, vocab) float32, float16 or bfloat16 with a contiguous last dim (a stride on the
+batch axis is fine); the kernels compute in float32. Outputs as FlashInfer's: token ids int32, or the
+dtype of `indices` (int32 / int64) when given; softmax and top_p_renorm_probs float32;
+top_k_renorm_probs and top_k_mask_logits the input dtype.
+
+Filters (see sampling.cu): top-k keeps the tokens with fewer than k larger ones (ties at the boundary
+kept); top-p those whose larger tokens hold less than top_p of the mass; min-p those with
+p >= min_p * max p. top_k / top_p / min_p / temperature: a Python or numpy scalar, or a 1-D device array
+of length batch of any integer or float dtype, read by the kernel (float arrays of top_k truncate toward
+zero, as torch's .int()).
+
+Randomness: Philox keyed by (seed, offset) and counted by (output row, token), so the same seed and
+offset give the same tokens in every framework; the output row feeds the counter, so a row's tokens
+depend on its position, not on the other rows (as FlashInfer documents for its per-row seeds). seed and
+offset: ints, or int64 / uint64 device arrays of length 1 or batch (per-row values, CUDA-graph safe);
+offset defaults to 0 when seed is given (FlashInfer would then use the generator and ignore seed); an
+offset without seed is ignored, as in FlashInfer. Without seed, the generator gives them: a CUDA
+torch.Generator as FlashInfer's get_seed_and_offset reads it (its Philox seed and offset, the offset
+advanced by the call's rounded increment); a CPU one has no offset, so two 63-bit values are drawn from
+it instead. generator=None: torch callers use torch's default CUDA generator of the device, as
+FlashInfer; others fi_cupy.sampling.default_generator (a Generator seeded from the OS; each call takes
+the next offset).
+deterministic / is_deterministic are accepted: every kernel here is deterministic whatever they say.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 
 import numpy as np
 
-from ._core import checks, kernels, streams
+from ._core import arrays, checks, kernels, streams
 from ._core import dtypes as dt
 from ._core.call import Call
-from ._core.kernels import KernelSpec, Program, f32, i32, i64, ptr
+from ._core.kernels import KernelSpec, Program, i32, i64, ptr, struct_arg
 
 THREADS = 1024  # kSampleThreads
 FILTER_ORDERS = ("top_k_first", "joint")
+IN_DTYPES = (dt.float32, dt.float16, dt.bfloat16)  # probs, logits, draft / target probs
+# Per-row parameter arrays: their dtype as the kernels' ParamCode.
+PARAM_CODES = {dt.int32: 0, dt.int64: 1, dt.float16: 2, dt.bfloat16: 3, dt.float32: 4, dt.float64: 5, dt.int8: 6,
+               dt.uint8: 7}
+PARAM_CODES.update({getattr(dt, n): c for n, c in (("int16", 8), ("uint16", 9), ("uint32", 10), ("uint64", 11))
+                    if hasattr(dt, n)})  # where _core.dtypes knows them
+# (input, output) dtypes of renorm_probs_kernel: top-k keeps the input dtype, top-p writes float32.
+RENORM_TYPES = ((dt.float32, dt.float32), (dt.float16, dt.float16), (dt.bfloat16, dt.bfloat16),
+                (dt.float16, dt.float32), (dt.bfloat16, dt.float32))
+VECS = (4, 1)  # elements a load: 4 (8 or 16 bytes) when every row is aligned to it, else 1
 
 
 class Generator:
@@ -44,12 +71,36 @@ class Generator:
 
 
 default_generator = Generator()
+_torch_lock = threading.Lock()  # a torch generator's state is read, advanced and written back as one step
 
 
 SELECT_SMEM = 162 * 1024  # kSelectSmemBytes: histograms and the sorted candidates of the select kernels
-# (kernel, vectorised template arguments or None for a kernel without one)
-_KERNELS = (("sample_from_probs_kernel", True), ("renorm_probs_kernel", True), ("mask_logits_kernel", True),
-            ("chain_speculative_kernel", True), ("softmax_kernel", True), ("sample_from_logits_kernel", False))
+
+
+def _covering_first(targs: list) -> list:
+    """targs reordered so that the first few hold every value of every position (greedily): the default
+    compile test takes the first programs that bring a new template argument value."""
+    out, seen, rest = [], set(), list(targs)
+    while rest:
+        best = max(rest, key=lambda t: len(set(enumerate(t)) - seen))
+        rest.remove(best)
+        out.append(best)
+        seen |= set(enumerate(best))
+    return out
+
+
+def _variants() -> dict:
+    """kernel -> the template arguments of every instantiation the API launches."""
+    ts = [d.cpp for d in IN_DTYPES]
+    by_type = _covering_first([(t, v) for t in ts for v in VECS])
+    return {
+        "sample_from_probs_kernel": by_type,
+        "renorm_probs_kernel": _covering_first([(a.cpp, b.cpp, v) for a, b in RENORM_TYPES for v in VECS]),
+        "mask_logits_kernel": by_type,
+        "chain_speculative_kernel": by_type,
+        "softmax_kernel": by_type,
+        "sample_from_logits_kernel": [(t,) for t in ts],
+    }
 
 
 def kernel_program(name: str, *targs) -> Program:
@@ -58,14 +109,11 @@ def kernel_program(name: str, *targs) -> Program:
 
 
 def all_programs() -> list:
-    out = []
-    for name, vec in _KERNELS:
-        out += [kernel_program(name, v) for v in (4, 1)] if vec else [kernel_program(name)]
-    return out + [ring_program()]
+    return [kernel_program(name, *t) for name, ts in _variants().items() for t in ts] + [ring_program()]
 
 
 def _fn(device: int, name: str, *targs):
-    """The loaded kernel `name` with template arguments `targs` (VEC), none for a kernel without."""
+    """The loaded kernel `name` with template arguments `targs` (C++ text: element types, VEC)."""
     def build():
         prog = kernel_program(name, *targs)
         return prog, prog.kernels[0]
@@ -191,26 +239,65 @@ def _ring_plan(device: int, vocab: int, batch: int):
     return _ring_plans[key]
 
 
-def _host(c: Call, info, name: str) -> np.ndarray:
+# ---------------------------------------------------------------------------------------------
+# Host-side reads (checks only: each one syncs, and none runs while a CUDA graph is captured)
+
+
+@contextlib.contextmanager
+def _cupy_on(c: Call):
+    """CuPy on this call's device and stream."""
     import cupy
     with cupy.cuda.Device(c.device), cupy.cuda.ExternalStream(c.stream):
-        mem = cupy.cuda.UnownedMemory(info.ptr, info.nbytes, info.obj, c.device)
-        view = cupy.ndarray(info.shape, np.dtype(info.dtype.name), cupy.cuda.MemoryPointer(mem, 0),
-                            tuple(s * info.dtype.itemsize for s in info.strides))
-        return cupy.asnumpy(view, stream=cupy.cuda.get_current_stream())
+        yield cupy
 
 
-def _vec(info) -> int:
-    """4 (16-byte loads) when every row of `info` is 16-byte aligned, else 1."""
-    return 4 if info.shape[1] % 4 == 0 and info.ptr % 16 == 0 and info.strides[0] % 4 == 0 else 1
+def _view(cupy, info):
+    """A CuPy view of `info` (bfloat16, which CuPy lacks, as its uint16 bits)."""
+    mem = cupy.cuda.UnownedMemory(info.ptr, max(1, info.nbytes), info.obj, info.device)
+    np_dtype = np.uint16 if info.dtype is dt.bfloat16 else np.dtype(info.dtype.name)
+    return cupy.ndarray(info.shape, np_dtype, cupy.cuda.MemoryPointer(mem, 0), info.byte_strides)
+
+
+def _as_float32(cupy, view, info):
+    """The values of a float view as float32 (bfloat16 bits widened: exact)."""
+    if info.dtype is dt.bfloat16:
+        return (view.astype(cupy.uint32) << 16).view(cupy.float32)
+    return view.astype(cupy.float32)
+
+
+def _host(c: Call, info) -> np.ndarray:
+    """`info` copied to the host (bfloat16 as float32)."""
+    with _cupy_on(c) as cupy:
+        v = _view(cupy, info)
+        return cupy.asnumpy(_as_float32(cupy, v, info) if info.dtype is dt.bfloat16 else v,
+                            stream=cupy.cuda.get_current_stream())
+
+
+def _check_nan(c: Call, info) -> None:
+    """check_nan=True: reduced on the device, one flag read back."""
+    with _cupy_on(c) as cupy:
+        v = _view(cupy, info)
+        bad = ((v & 0x7fff) > 0x7f80).any() if info.dtype is dt.bfloat16 else cupy.isnan(v).any()
+        if bool(bad):
+            raise ValueError(f"{info.name}: contains NaN (check_nan=True)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
 
 
 def _matrix(c: Call, x, name: str):
     info = c.arg(x, name)
-    checks.dtype_in(info, (dt.float32,))
+    checks.dtype_in(info, IN_DTYPES)
     checks.ndim(info, 2, "(batch_size, vocab_size)")
     checks.last_dim_contiguous(info)
     return info
+
+
+def _vec(info) -> int:
+    """4 when every row of `info` starts on a 4-element boundary and vocab % 4 == 0, else 1."""
+    return 4 if info.shape[1] % 4 == 0 and info.ptr % (4 * info.dtype.itemsize) == 0 and info.strides[0] % 4 == 0 \
+        else 1
 
 
 def _rows(c: Call, info, indices):
@@ -218,119 +305,236 @@ def _rows(c: Call, info, indices):
     if indices is None:
         return info.shape[0], None
     ix = c.arg(indices, "indices")
-    checks.dtype_in(ix, (dt.int32,), " (int32 row indices)")
+    checks.dtype_in(ix, (dt.int32, dt.int64), " (row indices)")
     checks.ndim(ix, 1, "(batch_size,)")
     checks.contiguous(ix)
     if ix.size and not streams.is_capturing(c.stream):
-        h = _host(c, ix, "indices")
+        h = _host(c, ix)
         if h.min() < 0 or h.max() >= info.shape[0]:
             raise ValueError(f"indices: entries must lie in [0, {info.shape[0]}) (rows of {info.name}), got "
                              f"{int(h.min())}..{int(h.max())}")
     return ix.shape[0], ix
 
 
-def _param(c: Call, value, name: str, batch: int, kind: str):
-    """(array ArrayInfo or None, scalar) for a scalar or per-row parameter."""
+def _is_scalar(value) -> bool:
+    return isinstance(value, (int, float, np.number)) or (isinstance(value, np.ndarray) and value.ndim == 0)
+
+
+def _param(c: Call, value, name: str, batch: int, kind: str, default):
+    """(kernel Param, array ArrayInfo or None, scalar or None) of a scalar or per-row parameter: an int
+    (kind "int") or a number, or a (batch,) device array of any dtype in PARAM_CODES. None: `default`."""
     if value is None:
-        return None, None
-    if np.isscalar(value) or (isinstance(value, np.ndarray) and value.ndim == 0):
-        return None, value.item() if isinstance(value, np.generic) else value
+        return struct_arg("Qdi", 0, float(default), 0), None, None
+    v = value.item() if isinstance(value, (np.generic, np.ndarray)) and value.ndim == 0 else value
+    if isinstance(v, (bool, str)):
+        raise TypeError(f"{name}: expected a number or a 1-D array of length batch_size, got {value!r}")
+    if _is_scalar(value):
+        if kind == "int" and not isinstance(v, int):
+            raise TypeError(f"{name}: expected an int or a 1-D array of length batch_size, got {value!r}")
+        return struct_arg("Qdi", 0, float(v), 0), None, v
     info = c.arg(value, name)
-    want = dt.int32 if kind == "int" else dt.float32
-    checks.dtype_in(info, (want,), f" (per-row {name})")
+    checks.dtype_in(info, tuple(PARAM_CODES), f" (per-row {name})")
     checks.shape(info, (batch,), "(batch_size,)")
     checks.contiguous(info)
-    return info, None
-
-
-def _check_nan(c: Call, info) -> None:
-    h = _host(c, info, info.name)
-    if np.isnan(h).any():
-        raise ValueError(f"{info.name}: contains NaN (check_nan=True)")
-
-
-def _seed(generator, seed, offset) -> tuple:
-    if seed is not None:
-        off = 0 if offset is None else checks.int_arg("offset", offset)
-        return checks.int_arg("seed", seed) % 2 ** 64, off % 2 ** 64
-    g = generator if generator is not None else default_generator
-    if not isinstance(g, Generator):
-        raise TypeError(f"generator: expected a fi_cupy.sampling.Generator (or pass seed= and offset=), got "
-                        f"{type(g).__name__}")
-    return g.draw()
+    return struct_arg("Qdi", info.ptr, 0.0, PARAM_CODES[info.dtype]), info, None
 
 
 def _check_top_p(c: Call, p_arr, p_val) -> None:
     if p_val is not None and not 0.0 < float(p_val) <= 1.0:
         raise ValueError(f"top_p: must lie in (0, 1], got {p_val}")
-    if p_arr is not None and not streams.is_capturing(c.stream):
-        h = _host(c, p_arr, "top_p")
+    if p_arr is not None and p_arr.size and not streams.is_capturing(c.stream):
+        h = _host(c, p_arr)
         if not np.all((h > 0) & (h <= 1)):
             raise ValueError(f"top_p: entries must lie in (0, 1], got {h.min()}..{h.max()}")
 
 
-def _check_top_k(k_val) -> None:
-    if k_val is not None and (isinstance(k_val, bool) or not isinstance(k_val, (int, np.integer))):
-        raise TypeError(f"top_k: expected an int or an int32 array, got {k_val!r}")
+def _check_min_p(m_val) -> None:
+    if m_val is not None and not 0.0 <= float(m_val) <= 1.0:
+        raise ValueError(f"min_p: must lie in [0, 1], got {m_val}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds and offsets
+
+
+def _is_torch_generator(g) -> bool:
+    torch = sys.modules.get("torch")  # a caller with a torch generator has imported torch
+    return torch is not None and isinstance(g, torch.Generator)
+
+
+def get_seed_and_offset(increment: int, generator=None, device=None) -> tuple:
+    """(seed, offset) for a call from a torch.Generator, advancing it (FlashInfer's function of that name;
+    increment: FlashInfer's count for the call, e.g. batch * 32 for the top-k / top-p samplers, batch *
+    vocab for sampling_from_logits). generator=None: torch's default CUDA generator
+    of `device` (a torch.device or an index; None: the current one). A CUDA generator's state is its
+    (Philox seed, offset): the offset grows by the increment rounded up to a multiple of 4 and is
+    written back, and the new offset is returned, as in FlashInfer. A CPU generator has no offset
+    (FlashInfer cannot read one): two 63-bit values are drawn from it instead, so manual_seed() still
+    reproduces the tokens and each call advances it. A fi_cupy Generator gives its next offset."""
+    if isinstance(generator, Generator):
+        return generator.draw()
+    import torch
+    if generator is None:
+        index = device if device is None or isinstance(device, int) else torch.device(device).index
+        generator = _torch_default_generator(torch.cuda.current_device() if index is None else index)
+    if not _is_torch_generator(generator):
+        raise TypeError(f"generator: expected a torch.Generator or a fi_cupy.sampling.Generator, got "
+                        f"{type(generator).__name__}")
+    increment = checks.int_arg("increment", increment)
+    with _torch_lock:
+        if generator.device.type != "cuda":
+            seed, offset = torch.empty(2, dtype=torch.int64).random_(generator=generator).tolist()
+            return seed, offset
+        seed, offset = generator.get_state().view(torch.int64).tolist()
+        offset += (increment + 3) // 4 * 4
+        generator.set_state(torch.tensor([seed, offset], dtype=torch.int64).view(torch.uint8))
+    return seed % 2 ** 64, offset % 2 ** 64
+
+
+def _torch_default_generator(device: int):
+    import torch
+    torch.cuda.init()
+    return torch.cuda.default_generators[device]
+
+
+def _draw(c: Call, generator, increment: int) -> tuple:
+    g = generator
+    if g is None:
+        if c.framework == "torch":  # FlashInfer: torch's default CUDA generator of the device
+            return get_seed_and_offset(increment, None, c.device)
+        g = default_generator
+    if isinstance(g, Generator):
+        return g.draw()
+    if _is_torch_generator(g):
+        return get_seed_and_offset(increment, g)
+    raise TypeError(f"generator: expected a torch.Generator or a fi_cupy.sampling.Generator (or pass seed= and "
+                    f"offset=), got {type(g).__name__}")
+
+
+def _int64_bits(x):
+    """A uint64 array as int64 of the same bits: the kernels read either as unsigned 64-bit values."""
+    if str(getattr(x, "dtype", "")).endswith("uint64") and hasattr(x, "view"):
+        if arrays.framework_of(x) == "torch":
+            import torch
+            return x.view(torch.int64)
+        return x.view(np.int64)
+    return x
+
+
+def _seed_part(c: Call, value, name: str, batch: int) -> tuple:
+    """(ArrayInfo or None, stride, scalar) of seed or offset: an int, or an int64 / uint64 device array
+    of length 1 (every row) or batch (one value a row)."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    is_array = isinstance(value, arrays.ArrayInfo) or hasattr(value, "__dlpack__")
+    if not is_array or getattr(value, "ndim", 1) == 0:  # an int (or a 0-d array)
+        return None, 0, checks.int_arg(name, value) % 2 ** 64
+    info = c.arg(_int64_bits(value), name)
+    checks.dtype_in(info, (dt.int64,) + ((dt.uint64,) if hasattr(dt, "uint64") else ()), f" (per-row {name})")
+    checks.ndim(info, 1, "(batch_size,) or (1,)")
+    if info.shape[0] not in (1, batch):
+        raise ValueError(f"{name}: expected length 1 or batch_size ({batch}), got {info.shape[0]}")
+    checks.contiguous(info)
+    return info, 0 if info.shape[0] == 1 else 1, 0
+
+
+def _rng(c: Call, generator, seed, offset, batch: int, increment: int) -> bytes:
+    """The kernels' Rng: explicit seed and offset (offset 0 when only seed is given), else drawn from the
+    generator with FlashInfer's increment for the call (an offset without a seed is ignored, as there)."""
+    if seed is None:
+        s, o = _draw(c, generator, increment)
+        return struct_arg("QQQQii", 0, 0, s, o, 0, 0)
+    s_arr, s_stride, s = _seed_part(c, seed, "seed", batch)
+    o_arr, o_stride, o = _seed_part(c, 0 if offset is None else offset, "offset", batch)
+    return struct_arg("QQQQii", int(ptr(s_arr)), int(ptr(o_arr)), s, o, s_stride, o_stride)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers
+
+
+def _samples(c: Call, batch: int, vocab: int, ix, return_valid: bool):
+    """(samples object, ArrayInfo, valid object or None, ArrayInfo or None): int32 ids, or the dtype of
+    the row indices (FlashInfer); zeros (and valid False) when there is no vocabulary to draw from."""
+    make = c.new if vocab else c.zeros
+    out_obj, out = make((batch,), dt.int32 if ix is None else ix.dtype, "samples")
+    v_obj, v = make((batch,), dt.bool_, "valid") if return_valid else (None, None)
+    return out_obj, out, v_obj, v
 
 
 def _sample_probs(probs, indices, top_k, top_p, min_p, top_k_first, generator, seed, offset, check_nan,
-                  enable_pdl, stream):
+                  return_valid, enable_pdl, stream, increment_per_row):
     c = Call(probs, stream, enable_pdl, "probs")
     p = _matrix(c, probs, "probs")
     batch, ix = _rows(c, p, indices)
     vocab = p.shape[1]
-    k_arr, k_val = _param(c, top_k, "top_k", batch, "int")
-    p_arr, p_val = _param(c, top_p, "top_p", batch, "float")
-    m_arr, m_val = _param(c, min_p, "min_p", batch, "float")
-    _check_top_k(k_val)
+    k_par, _, _ = _param(c, top_k, "top_k", batch, "int", 0)
+    p_par, p_arr, p_val = _param(c, top_p, "top_p", batch, "float", 1.0)
+    m_par, _, m_val = _param(c, min_p, "min_p", batch, "float", 0.0)
     _check_top_p(c, p_arr, p_val)
-    if m_val is not None and not 0.0 <= float(m_val) <= 1.0:
-        raise ValueError(f"min_p: must lie in [0, 1], got {m_val}")
+    _check_min_p(m_val)
     if check_nan and not streams.is_capturing(c.stream):
         _check_nan(c, p)
-    s, o = _seed(generator, seed, offset)
-    out_obj, out = c.new((batch,), dt.int32, "samples")
+    rng = _rng(c, generator, seed, offset, batch, batch * increment_per_row)
+    out_obj, out, v_obj, v = _samples(c, batch, vocab, ix, return_valid)
     if batch and vocab:
-        c.launch(_fn(c.device, "sample_from_probs_kernel", _vec(p)), (batch,), (THREADS,), [
-            ptr(p), i64(p.strides[0]), ptr(ix), i32(vocab), ptr(k_arr), i32(0 if k_val is None else k_val),
-            ptr(p_arr), f32(1.0 if p_val is None else p_val), ptr(m_arr), f32(0.0 if m_val is None else m_val),
-            i32(1 if top_k_first else 0), np.uint64(s), np.uint64(o), ptr(out)], smem=SELECT_SMEM)
-    return c.result(out_obj)
+        vec = _vec(p)
+        c.launch(_fn(c.device, "sample_from_probs_kernel", p.dtype.cpp, vec), (batch,), (THREADS,), [
+            ptr(p), i64(p.strides[0]), ptr(ix), i32(ix is not None and ix.dtype is dt.int64), i32(vocab), k_par,
+            p_par, m_par, i32(1 if top_k_first else 0), rng, ptr(out), i32(out.dtype is dt.int64), ptr(v)],
+            smem=SELECT_SMEM)
+    return c.result(out_obj, v_obj) if return_valid else c.result(out_obj)
+
+
+_VALID_DOC = """return_valid=True returns (samples, valid): valid (bool) is False for the rows with nothing to draw
+    (no probability > 0: all zeros, negative or NaN), whose sample is 0, as FlashInfer. There are no
+    rejection rounds here to run out, so every row with positive mass is valid."""
 
 
 def sampling_from_probs(probs, indices=None, deterministic: bool = True, generator=None, check_nan: bool = False,
-                        seed=None, offset=None, enable_pdl=None, stream=None):
-    """A token per row drawn from probs (not necessarily normalised)."""
-    return _sample_probs(probs, indices, None, None, None, False, generator, seed, offset, check_nan, enable_pdl,
-                         stream)
+                        seed=None, offset=None, return_valid: bool = False, enable_pdl=None, stream=None):
+    """A token per row drawn from probs (not necessarily normalised). """
+    return _sample_probs(probs, indices, None, None, None, False, generator, seed, offset, check_nan, return_valid,
+                         enable_pdl, stream, 1)
 
 
 def top_p_sampling_from_probs(probs, top_p, indices=None, deterministic: bool = True, generator=None,
-                              check_nan: bool = False, seed=None, offset=None, enable_pdl=None, stream=None):
-    return _sample_probs(probs, indices, None, top_p, None, False, generator, seed, offset, check_nan, enable_pdl,
-                         stream)
+                              check_nan: bool = False, seed=None, offset=None, return_valid: bool = False,
+                              enable_pdl=None, stream=None):
+    """A token per row from the smallest set of the largest probabilities holding top_p of the mass."""
+    return _sample_probs(probs, indices, None, top_p, None, False, generator, seed, offset, check_nan, return_valid,
+                         enable_pdl, stream, 32)
 
 
 def top_k_sampling_from_probs(probs, top_k, indices=None, deterministic: bool = True, generator=None,
-                              check_nan: bool = False, seed=None, offset=None, enable_pdl=None, stream=None):
-    return _sample_probs(probs, indices, top_k, None, None, False, generator, seed, offset, check_nan, enable_pdl,
-                         stream)
+                              check_nan: bool = False, seed=None, offset=None, return_valid: bool = False,
+                              enable_pdl=None, stream=None):
+    """A token per row from its top_k largest probabilities (top_k <= 0 or >= vocab: all)."""
+    return _sample_probs(probs, indices, top_k, None, None, False, generator, seed, offset, check_nan, return_valid,
+                         enable_pdl, stream, 32)
 
 
 def min_p_sampling_from_probs(probs, min_p, indices=None, deterministic: bool = True, generator=None,
-                              check_nan: bool = False, seed=None, offset=None, enable_pdl=None, stream=None):
-    return _sample_probs(probs, indices, None, None, min_p, False, generator, seed, offset, check_nan, enable_pdl,
-                         stream)
+                              check_nan: bool = False, seed=None, offset=None, return_valid: bool = False,
+                              enable_pdl=None, stream=None):
+    """A token per row from the probabilities >= min_p * the row's largest."""
+    return _sample_probs(probs, indices, None, None, min_p, False, generator, seed, offset, check_nan, return_valid,
+                         enable_pdl, stream, 1)
 
 
 def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_apply_order: str = "top_k_first",
                                     deterministic: bool = True, generator=None, check_nan: bool = False, seed=None,
-                                    offset=None, enable_pdl=None, stream=None):
+                                    offset=None, return_valid: bool = False, enable_pdl=None, stream=None):
     """top_k_first: top-p over the renormalised top-k set; joint: both filters on the original probs."""
     checks.choice("filter_apply_order", filter_apply_order, FILTER_ORDERS)
     return _sample_probs(probs, indices, top_k, top_p, None, filter_apply_order == "top_k_first", generator, seed,
-                         offset, check_nan, enable_pdl, stream)
+                         offset, check_nan, return_valid, enable_pdl, stream, 32)
+
+
+for _f in (sampling_from_probs, top_p_sampling_from_probs, top_k_sampling_from_probs, min_p_sampling_from_probs,
+           top_k_top_p_sampling_from_probs):
+    _f.__doc__ += "\n\n    " + _VALID_DOC
+del _f
 
 
 def sampling_from_logits(logits, indices=None, deterministic: bool = True, generator=None, check_nan: bool = False,
@@ -339,35 +543,39 @@ def sampling_from_logits(logits, indices=None, deterministic: bool = True, gener
     c = Call(logits, stream, enable_pdl, "logits")
     x = _matrix(c, logits, "logits")
     batch, ix = _rows(c, x, indices)
+    vocab = x.shape[1]
     if check_nan and not streams.is_capturing(c.stream):
         _check_nan(c, x)
-    s, o = _seed(generator, seed, offset)
-    out_obj, out = c.new((batch,), dt.int32, "samples")
-    if batch and x.shape[1]:
-        c.launch(_fn(c.device, "sample_from_logits_kernel"), (batch,), (THREADS,), [
-            ptr(x), i64(x.strides[0]), ptr(ix), i32(x.shape[1]), np.uint64(s), np.uint64(o), ptr(out)])
+    rng = _rng(c, generator, seed, offset, batch, batch * vocab)
+    out_obj, out, _, _ = _samples(c, batch, vocab, ix, False)
+    if batch and vocab:
+        c.launch(_fn(c.device, "sample_from_logits_kernel", x.dtype.cpp), (batch,), (THREADS,), [
+            ptr(x), i64(x.strides[0]), ptr(ix), i32(ix is not None and ix.dtype is dt.int64), i32(vocab), rng,
+            ptr(out), i32(out.dtype is dt.int64)])
     return c.result(out_obj)
 
 
 def softmax(logits, temperature=None, enable_pdl=None, stream=None):
-    """softmax(logits / temperature) per row, float32; temperature a scalar or a (batch,) float32 array."""
+    """softmax(logits / temperature) per row, float32 (as FlashInfer, whatever the logits' dtype);
+    temperature a number or a (batch,) array of any dtype in PARAM_CODES."""
     c = Call(logits, stream, enable_pdl, "logits")
     x = _matrix(c, logits, "logits")
     batch, vocab = x.shape
-    t_arr, t_val = _param(c, temperature, "temperature", batch, "float")
+    t_par, _, t_val = _param(c, temperature, "temperature", batch, "float", 1.0)
     if t_val is not None and not float(t_val) > 0:
         raise ValueError(f"temperature: must be > 0, got {t_val}")
     out_obj, o = c.new((batch, vocab), dt.float32, "probs")
     if batch and vocab:
-        temp = [ptr(t_arr), f32(1.0 if t_val is None else t_val)]
-        plan = _ring_plan(c.device, vocab, batch) if _vec(x) == 4 else None
+        vec = _vec(x)
+        # the ring reads float32 rows by bulk copy; 16-bit rows take the two-pass kernel
+        plan = _ring_plan(c.device, vocab, batch) if vec == 4 and x.dtype is dt.float32 else None
         if plan is None:  # two passes over the row
-            args = [ptr(x), i64(x.strides[0]), i32(vocab)] + temp + [ptr(o)]
-            c.launch(_fn(c.device, "softmax_kernel", _vec(x)), (batch,), (THREADS,), args)
+            c.launch(_fn(c.device, "softmax_kernel", x.dtype.cpp, vec), (batch,), (THREADS,),
+                     [ptr(x), i64(x.strides[0]), i32(vocab), t_par, ptr(o)])
         else:  # persistent clusters, each row read once into shared memory
             fn, cluster, slots, slice_, nclusters, window = plan
-            args = [ptr(x), i64(x.strides[0]), i32(batch), i32(vocab), i32(slice_), i32(slots), i32(window)] + \
-                temp + [ptr(o)]
+            args = [ptr(x), i64(x.strides[0]), i32(batch), i32(vocab), i32(slice_), i32(slots), i32(window), t_par,
+                    ptr(o)]
             c.launch(fn, (nclusters * cluster,), (RING_THREADS + 32,), args, smem=slots * RING_CHUNK * 4,
                      cluster=cluster)
     return c.result(out_obj)
@@ -376,53 +584,61 @@ def softmax(logits, temperature=None, enable_pdl=None, stream=None):
 def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order: str = "top_k_first",
                                      deterministic: bool = True, generator=None, check_nan: bool = False,
                                      seed=None, offset=None, enable_pdl=None, stream=None):
-    """softmax, then top_k_top_p_sampling_from_probs."""
+    """softmax (float32), then top_k_top_p_sampling_from_probs."""
+    checks.choice("filter_apply_order", filter_apply_order, FILTER_ORDERS)
     probs = softmax(logits, enable_pdl=enable_pdl, stream=stream)
     return top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices, filter_apply_order, deterministic,
-                                           generator, check_nan, seed, offset, enable_pdl, stream)
+                                           generator, check_nan, seed, offset, False, enable_pdl, stream)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits processing
 
 
 def _renorm(probs, top_k, top_p, enable_pdl, stream):
     c = Call(probs, stream, enable_pdl, "probs")
     p = _matrix(c, probs, "probs")
     batch, vocab = p.shape
-    k_arr, k_val = _param(c, top_k, "top_k", batch, "int")
-    p_arr, p_val = _param(c, top_p, "top_p", batch, "float")
-    _check_top_k(k_val)
+    k_par, _, _ = _param(c, top_k, "top_k", batch, "int", 0)
+    p_par, p_arr, p_val = _param(c, top_p, "top_p", batch, "float", 1.0)
     _check_top_p(c, p_arr, p_val)
-    out_obj, o = c.new((batch, vocab), dt.float32, "renorm_probs")
+    out_dt = p.dtype if top_p is None else dt.float32  # FlashInfer: top-k keeps the dtype, top-p is float32
+    out_obj, o = c.new((batch, vocab), out_dt, "renorm_probs")
     if batch and vocab:
         vec = _vec(p)
-        c.launch(_fn(c.device, "renorm_probs_kernel", vec), (batch,), (THREADS,), [
-            ptr(p), i64(p.strides[0]), i32(vocab), ptr(k_arr), i32(0 if k_val is None else k_val), ptr(p_arr),
-            f32(1.0 if p_val is None else p_val), ptr(o)], smem=SELECT_SMEM)
+        c.launch(_fn(c.device, "renorm_probs_kernel", p.dtype.cpp, out_dt.cpp, vec), (batch,), (THREADS,), [
+            ptr(p), i64(p.strides[0]), i32(vocab), k_par, p_par, ptr(o)], smem=SELECT_SMEM)
     return c.result(out_obj)
 
 
-def top_p_renorm_probs(probs, top_p, enable_pdl=None, stream=None):
-    """probs with the tokens outside the top-p set zeroed and the rest scaled to sum to 1."""
+def top_p_renorm_probs(probs, top_p, is_deterministic: bool = False, enable_pdl=None, stream=None):
+    """probs with the tokens outside the top-p set zeroed and the rest scaled to sum to 1, as float32
+    (FlashInfer's output dtype). Deterministic whatever is_deterministic says."""
     return _renorm(probs, None, top_p, enable_pdl, stream)
 
 
-def top_k_renorm_probs(probs, top_k, enable_pdl=None, stream=None):
+def top_k_renorm_probs(probs, top_k, is_deterministic: bool = False, enable_pdl=None, stream=None):
     """probs with the tokens outside the top-k set (ties at the boundary kept) zeroed, the rest scaled to
-    sum to 1."""
+    sum to 1, in the input dtype. Deterministic whatever is_deterministic says."""
     return _renorm(probs, top_k, None, enable_pdl, stream)
 
 
 def top_k_mask_logits(logits, top_k, enable_pdl=None, stream=None):
-    """logits with the tokens outside the top-k set (ties at the boundary kept) set to -inf."""
+    """logits with the tokens outside the top-k set (ties at the boundary kept) set to -inf, in the input
+    dtype (the kept logits copied exactly)."""
     c = Call(logits, stream, enable_pdl, "logits")
     x = _matrix(c, logits, "logits")
     batch, vocab = x.shape
-    k_arr, k_val = _param(c, top_k, "top_k", batch, "int")
-    _check_top_k(k_val)
-    out_obj, o = c.new((batch, vocab), dt.float32, "masked_logits")
+    k_par, _, _ = _param(c, top_k, "top_k", batch, "int", 0)
+    out_obj, o = c.new((batch, vocab), x.dtype, "masked_logits")
     if batch and vocab:
-        c.launch(_fn(c.device, "mask_logits_kernel", _vec(x)), (batch,), (THREADS,), [
-            ptr(x), i64(x.strides[0]), i32(vocab), ptr(k_arr), i32(0 if k_val is None else k_val), ptr(o)],
-            smem=SELECT_SMEM)
+        c.launch(_fn(c.device, "mask_logits_kernel", x.dtype.cpp, _vec(x)), (batch,), (THREADS,), [
+            ptr(x), i64(x.strides[0]), i32(vocab), k_par, ptr(o)], smem=SELECT_SMEM)
     return c.result(out_obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speculative sampling
 
 
 def _counter(c: Call, given, batch: int, name: str):
@@ -439,22 +655,31 @@ def _counter(c: Call, given, batch: int, name: str):
     return given, info
 
 
+def _float32_copy(c: Call, info):
+    """A float32 copy of `info`, converted on this call's stream (CuPy's pool keeps the memory for that
+    stream, so nothing reuses it before the launch has read it)."""
+    with _cupy_on(c) as cupy:
+        x = cupy.ascontiguousarray(_as_float32(cupy, _view(cupy, info), info))
+    return arrays.describe(x, info.name)
+
+
 def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe_output_accepted_token_num=None,
                                maybe_output_emitted_draft_token_num=None, deterministic: bool = True,
                                generator=None, seed=None, offset=None, enable_pdl=None, stream=None):
     """Speculative sampling over a chain of drafts (see chain_speculative_kernel in sampling.cu).
 
-    draft_probs (batch, n, vocab) float32, draft_token_ids (batch, n) int32, target_probs
-    (batch, n + 1, vocab) float32, all contiguous. Returns (output_token_ids (batch, n + 1) int32 with
-    -1 after the first rejection, output_accepted_token_num, output_emitted_draft_token_num): the counts
-    are added to the given arrays (updated in place; for JAX, to copies) or to new zeros."""
+    draft_probs (batch, n, vocab) and target_probs (batch, n + 1, vocab) float32, float16 or bfloat16
+    (two different dtypes are both converted to a float32 copy first), draft_token_ids (batch, n) int32
+    or int64, all contiguous. Returns (output_token_ids (batch, n + 1) int32 with -1 after the first
+    rejection, output_accepted_token_num, output_emitted_draft_token_num): the counts (int32) are added
+    to the given arrays (updated in place; for JAX, to copies) or to new zeros."""
     c = Call(draft_probs, stream, enable_pdl, "draft_probs")
     q = c.arg(draft_probs, "draft_probs")
     ids = c.arg(draft_token_ids, "draft_token_ids")
     p = c.arg(target_probs, "target_probs")
-    checks.dtype_in(q, (dt.float32,))
-    checks.dtype_in(p, (dt.float32,))
-    checks.dtype_in(ids, (dt.int32,))
+    checks.dtype_in(q, IN_DTYPES)
+    checks.dtype_in(p, IN_DTYPES)
+    checks.dtype_in(ids, (dt.int32, dt.int64))
     checks.ndim(q, 3, "(batch_size, num_speculate_tokens, vocab_size)")
     batch, n, vocab = q.shape
     checks.shape(ids, (batch, n), "(batch_size, num_speculate_tokens)")
@@ -462,16 +687,20 @@ def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe
     for info in (q, ids, p):
         checks.contiguous(info)
     if ids.size and not streams.is_capturing(c.stream):
-        h = _host(c, ids, "draft_token_ids")
+        h = _host(c, ids)
         if h.min() < 0 or h.max() >= vocab:
             raise ValueError(f"draft_token_ids: entries must lie in [0, {vocab}), got {int(h.min())}..{int(h.max())}")
+    rng = _rng(c, generator, seed, offset, batch, batch * (n + 1))
     acc_obj, acc = _counter(c, maybe_output_accepted_token_num, batch, "maybe_output_accepted_token_num")
     emi_obj, emi = _counter(c, maybe_output_emitted_draft_token_num, batch, "maybe_output_emitted_draft_token_num")
-    s, o = _seed(generator, seed, offset)
-    out_obj, out = c.new((batch, n + 1), dt.int32, "output_token_ids")
+    # no vocabulary (only possible without drafts): the drawn token is 0
+    out_obj, out = (c.new if vocab else c.zeros)((batch, n + 1), dt.int32, "output_token_ids")
     if batch and vocab:
-        vec = 4 if vocab % 4 == 0 and q.ptr % 16 == 0 and p.ptr % 16 == 0 else 1
-        c.launch(_fn(c.device, "chain_speculative_kernel", vec), (batch,), (THREADS,), [
-            ptr(q), ptr(ids), ptr(p), i32(n), i32(vocab), np.uint64(s), np.uint64(o), ptr(out), ptr(acc),
+        if q.dtype is not p.dtype:  # the kernel reads one dtype
+            q, p = _float32_copy(c, q), _float32_copy(c, p)
+        a = 4 * q.dtype.itemsize
+        vec = 4 if vocab % 4 == 0 and q.ptr % a == 0 and p.ptr % a == 0 else 1
+        c.launch(_fn(c.device, "chain_speculative_kernel", q.dtype.cpp, vec), (batch,), (THREADS,), [
+            ptr(q), ptr(ids), i32(ids.dtype is dt.int64), ptr(p), i32(n), i32(vocab), rng, ptr(out), ptr(acc),
             ptr(emi)])
     return c.result(out_obj, acc_obj, emi_obj)

@@ -608,6 +608,12 @@ VOCAB_EDGES = (2, 3, 4, 5, 7, 8, 1023, 1024, 1025, 4096)
 PROB_KINDS = ("peaked", "sparse", "ties", "flat", "onehot")
 SAMPLING_ELEMS = 1 << 21  # batch * vocab at most
 SAMPLING_REF = 1 << 17    # elements checked against the numpy reference (a sample of the rows)
+# Per-row parameter arrays: the dtypes each parameter is drawn in (any integer or float dtype is taken;
+# top_p / min_p / temperature values live in (0, 1] or (0, 4], so only float dtypes hold them).
+TOP_K_DTYPES = ("int32", "int64", "float32", "float64", "float16", "bfloat16")
+FLOAT_PARAM_DTYPES = ("float32", "float16", "bfloat16", "float64")
+RNG_FORMS = ("seed", "generator", "torch_generator", "per_row")
+INT_MAX = 2 ** 31 - 1
 
 
 def _vocab(rng) -> int:
@@ -628,19 +634,33 @@ def _min_p(rng) -> float:
     return _f32(_pick(rng, (0.0, 1.0, 1e-4)) if _chance(rng, 0.2) else rng.uniform(0.0, 1.0))
 
 
+def _draw_param_form(rng, cfg: dict, name: str, per_row: bool, value) -> None:
+    """cfg[name]: "per_row" (an array of dtype cfg[name + "_dtype"]) or a scalar, passed as a Python or a
+    numpy scalar (cfg[name + "_form"])."""
+    if per_row:
+        cfg[name] = "per_row"
+        cfg[name + "_dtype"] = _pick(rng, TOP_K_DTYPES if name == "top_k" else FLOAT_PARAM_DTYPES)
+    else:
+        cfg[name] = value
+        cfg[name + "_form"] = _pick(rng, ("python", "numpy"))
+
+
 def draw_sampling(rng) -> dict:
     names = tuple(SAMPLING_OPS)
     w = np.array([SAMPLING_OPS[n] for n in names])
     op = names[int(rng.choice(len(names), p=w / w.sum()))]
     vocab = _vocab(rng)
+    dtype = _pick(rng, FLOATS)
     if op == "chain_speculative_sampling":
         n = 0 if _chance(rng, 0.05) else _log_int(rng, 1, 8)
         batch = _log_int(rng, 1, max(1, min(64, SAMPLING_ELEMS // ((2 * n + 1) * vocab))))
-        return dict(op=op, vocab=vocab, batch=batch, n=n, kind=_pick(rng, PROB_KINDS),
-                    relation=_pick(rng, ("independent", "equal", "zero_at_draft")),
-                    ids=_pick(rng, ("from_draft", "uniform")), counters=_chance(rng, 0.5), seed=_seed(rng))
+        return dict(op=op, vocab=vocab, batch=batch, n=n, kind=_pick(rng, PROB_KINDS), dtype=dtype,
+                    target_dtype=_pick(rng, FLOATS) if _chance(rng, 0.2) else dtype,
+                    ids_dtype=_pick(rng, INDEX_DTYPES), relation=_pick(rng, ("independent", "equal", "zero_at_draft")),
+                    ids=_pick(rng, ("from_draft", "uniform")), counters=_chance(rng, 0.5),
+                    rng=_pick(rng, RNG_FORMS), seed=_seed(rng))
     batch = _count(rng, max(1, min(300, SAMPLING_ELEMS // vocab)), p_zero=0.03, p_one=0.15)
-    cfg = dict(op=op, vocab=vocab, batch=batch)
+    cfg = dict(op=op, vocab=vocab, batch=batch, dtype=dtype)
     cfg["pad"], cfg["off"] = _pad(rng, 0.3)
     if "logits" in op or op == "softmax":
         # masked: some logits -inf, or finite but so low that their float64 probability is 0
@@ -652,20 +672,23 @@ def draw_sampling(rng) -> dict:
     if op == "softmax":
         cfg["temperature"] = _pick(rng, ("none", "scalar", "per_row"))
         cfg["temp_value"] = _f32(_log_float(rng, 0.1, 4))
+        cfg["temperature_dtype"] = _pick(rng, FLOAT_PARAM_DTYPES)
     per_row = _chance(rng, 0.35)
     if "top_k" in op:
-        cfg["top_k"] = "per_row" if per_row else _top_k(rng, vocab)
+        _draw_param_form(rng, cfg, "top_k", per_row, _top_k(rng, vocab))
     if "top_p" in op:
-        cfg["top_p"] = "per_row" if per_row else _top_p(rng)
+        _draw_param_form(rng, cfg, "top_p", per_row, _top_p(rng))
     if "min_p" in op:
-        cfg["min_p"] = "per_row" if per_row else _min_p(rng)
+        _draw_param_form(rng, cfg, "min_p", per_row, _min_p(rng))
     if "top_k_top_p" in op:
         cfg["order"] = _pick(rng, ("top_k_first", "joint"))
     if "sampling" in op:
         cfg["rows_out"] = _log_int(rng, 1, 300) if batch and _chance(rng, 0.25) else None  # indices=
-        cfg["rng"] = _pick(rng, ("seed", "generator"))
+        cfg["index_dtype"] = _pick(rng, INDEX_DTYPES)
+        cfg["rng"] = _pick(rng, RNG_FORMS)
         cfg["philox"] = [int(rng.integers(2 ** 63)), int(rng.integers(2 ** 40))]
         cfg["check_nan"] = _chance(rng, 0.2)  # the host-side NaN scan (no NaN here: it must pass)
+        cfg["return_valid"] = op.endswith("_probs") and _chance(rng, 0.3)
     cfg["seed"] = _seed(rng)
     return cfg
 
@@ -694,15 +717,27 @@ def _probs(g, shape, kind: str, temp: float):
     return torch.where(p < 1e-30, torch.zeros_like(p), p)
 
 
+def _as_read(values, dtype: str, name: str) -> list:
+    """Per-row values as the kernel reads them from an array of `dtype`: rounded to it; counts truncated
+    toward zero and clamped to int32 (NaN: 0), as in sampling.cu's param_int."""
+    v = _f64(_dev(values, dtype))
+    if name != "top_k":
+        return v.tolist()
+    return [0 if np.isnan(x) else int(np.clip(np.trunc(x), -INT_MAX - 1, INT_MAX)) for x in v]
+
+
 def _param_values(rng, cfg: dict, name: str, rows: int):
     """(argument for the call, per-row float/int values for the reference)."""
     value = cfg[name]
     if value != "per_row":
+        if cfg.get(name + "_form") == "numpy":
+            return (np.int64(value) if name == "top_k" else np.float32(value)), [value] * rows
         return value, [value] * rows
     vocab = cfg["vocab"]
     draw = {"top_k": lambda: _top_k(rng, vocab), "top_p": lambda: _top_p(rng), "min_p": lambda: _min_p(rng)}[name]
     vals = [draw() for _ in range(rows)]
-    return _dev(vals, "int32" if name == "top_k" else "float32"), vals
+    dtype = cfg[name + "_dtype"]
+    return _dev(vals, dtype), _as_read(vals, dtype, name)
 
 
 def _support(p, top_k=None, top_p=None, min_p=None, order="top_k_first", slack=0.0) -> np.ndarray:
@@ -743,10 +778,11 @@ def _logits(g, cfg: dict, rows: int):
 
 
 def _matrix(g, cfg: dict, x):
-    """x placed in rows `vocab + pad` apart (a stride on the batch axis)."""
+    """x in the case's dtype, placed in rows `vocab + pad` apart (a stride on the batch axis)."""
+    x = x.to(_tdt(cfg["dtype"]))
     if not cfg["pad"]:
         return x
-    base = torch.zeros((x.shape[0], cfg["vocab"] + cfg["pad"]), device=DEVICE)
+    base = torch.zeros((x.shape[0], cfg["vocab"] + cfg["pad"]), device=DEVICE, dtype=x.dtype)
     base[:, cfg["off"]:cfg["off"] + cfg["vocab"]] = x
     return base[:, cfg["off"]:cfg["off"] + cfg["vocab"]]
 
@@ -766,8 +802,8 @@ def run_softmax(cfg: dict) -> None:
     if cfg["temperature"] == "scalar":
         temp, t_ref = cfg["temp_value"], np.full(batch, cfg["temp_value"])
     elif cfg["temperature"] == "per_row":
-        t_ref = np.array([_f32(_log_float(r, 0.1, 4)) for _ in range(batch)])
-        temp = _dev(t_ref, "float32")
+        temp = _dev([_f32(_log_float(r, 0.1, 4)) for _ in range(batch)], cfg["temperature_dtype"])
+        t_ref = _f64(temp)  # the values as the kernel reads them
     got = sampling.softmax(x, temp)
     _check(tuple(got.shape) == (batch, vocab) and got.dtype == torch.float32, f"output {got.shape} {got.dtype}")
     if not batch:
@@ -780,6 +816,9 @@ def run_softmax(cfg: dict) -> None:
                                rtol=_softmax_tol(x64, t_ref[idx], want), atol=1e-9, err_msg="softmax")
 
 
+OUT_ROUNDING = {"float32": 0.0, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}  # relative, round to nearest
+
+
 def run_renorm(cfg: dict) -> None:
     g, r = _gen(cfg["seed"]), np.random.default_rng(cfg["seed"])
     op, batch, vocab = cfg["op"], cfg["batch"], cfg["vocab"]
@@ -790,25 +829,30 @@ def run_renorm(cfg: dict) -> None:
     name = "top_k" if op == "top_k_renorm_probs" else "top_p"
     arg, vals = _param_values(r, cfg, name, batch)
     got = getattr(sampling, op)(p, arg)
-    _check(tuple(got.shape) == (batch, vocab) and got.dtype == torch.float32, f"output {got.shape} {got.dtype}")
+    out_dt = cfg["dtype"] if name == "top_k" else "float32"  # FlashInfer: top-p renorm returns float32
+    _check(tuple(got.shape) == (batch, vocab) and got.dtype == _tdt(out_dt), f"output {got.shape} {got.dtype}")
     if not batch:
         return
     _check(not bool(torch.isnan(got).any()), "NaN in the output")
     idx = _sample_rows(batch, SAMPLING_REF // vocab, cfg["seed"])
     sel = torch.as_tensor(idx, device=DEVICE)
     P, G = _f64(p[sel]), _f64(got[sel])
-    rtol = 1e-5 + 4 * 2.0 ** -24 * (vocab / 1024 + 16)
+    rtol = 1e-5 + 4 * 2.0 ** -24 * (vocab / 1024 + 16) + 2 * OUT_ROUNDING[out_dt]
+    atol = 2.0 ** -24 if out_dt == "float16" else 1e-9  # float16 subnormals are 2^-24 apart
     for j, row in enumerate(idx):
         kw = {name: vals[row]}
         eps = _slack(vocab, P[j].sum())
         must, may = _support(P[j], slack=-eps, **kw), _support(P[j], slack=eps, **kw)
         kept = G[j] > 0
-        _check(not np.any(must & ~kept), f"row {row} ({kw}): dropped {int((must & ~kept).sum())} tokens the "
-                                         f"reference keeps")
+        # tokens that round to 0 in the output dtype even at the smallest kept mass cannot show as kept
+        seen = _round_to(P[j] / max(P[j][may].sum(), 1e-300), out_dt) > 0
+        _check(not np.any(must & seen & ~kept), f"row {row} ({kw}): dropped {int((must & seen & ~kept).sum())} "
+                                                f"tokens the reference keeps")
         _check(not np.any(kept & ~may), f"row {row} ({kw}): kept {int((kept & ~may).sum())} tokens the reference "
                                         f"drops")
+        kept |= must & ~seen
         want = np.where(kept, P[j], 0.0) / np.where(kept, P[j], 0.0).sum()
-        np.testing.assert_allclose(G[j], want, rtol=rtol, atol=1e-9, err_msg=f"row {row} ({kw})")
+        np.testing.assert_allclose(G[j], want, rtol=rtol, atol=atol, err_msg=f"row {row} ({kw})")
 
 
 def run_mask_logits(cfg: dict) -> None:
@@ -817,7 +861,7 @@ def run_mask_logits(cfg: dict) -> None:
     x = _matrix(g, cfg, _logits(g, cfg, batch))
     arg, vals = _param_values(r, cfg, "top_k", batch)
     got = sampling.top_k_mask_logits(x, arg)
-    _check(tuple(got.shape) == (batch, vocab) and got.dtype == torch.float32, f"output {got.shape} {got.dtype}")
+    _check(tuple(got.shape) == (batch, vocab) and got.dtype == x.dtype, f"output {got.shape} {got.dtype}")
     idx = _sample_rows(batch, SAMPLING_REF // vocab, cfg["seed"])
     sel = torch.as_tensor(idx, device=DEVICE)
     X, G = _f64(x[sel]), _f64(got[sel])
@@ -832,6 +876,37 @@ SAMPLER_PARAMS = {  # op: the filters it takes, in its positional order
     "sampling_from_probs": (), "top_k_sampling_from_probs": ("top_k",), "top_p_sampling_from_probs": ("top_p",),
     "min_p_sampling_from_probs": ("min_p",), "top_k_top_p_sampling_from_probs": ("top_k", "top_p"),
     "sampling_from_logits": (), "top_k_top_p_sampling_from_logits": ("top_k", "top_p")}
+
+
+def _rng_kw(cfg: dict, rows: int) -> dict:
+    """The call's randomness, made afresh (a generator's state advances): explicit seed and offset, a
+    fi_cupy Generator, a torch generator on the data's device (both seeded from cfg's Philox seed), or
+    per-row seed / offset arrays (int64 or uint64, length `rows` or 1) drawn from it."""
+    seed, offset = cfg["philox"]
+    form = cfg["rng"]
+    if form == "seed":
+        return dict(seed=seed, offset=offset)
+    if form == "generator":
+        return dict(generator=sampling.Generator(seed))
+    if form == "torch_generator":
+        g = torch.Generator(device=DEVICE)
+        g.manual_seed(seed)
+        return dict(generator=g)
+    nr = np.random.default_rng(seed)
+    n = 1 if nr.random() < 0.2 else rows
+    s = torch.as_tensor(nr.integers(-2 ** 63, 2 ** 63, n, dtype=np.int64), device=DEVICE)
+    o = torch.as_tensor(nr.integers(0, 2 ** 40, n, dtype=np.int64), device=DEVICE)
+    if nr.random() < 0.3:
+        s = s.view(torch.uint64)
+    return dict(seed=s, offset=o)
+
+
+def _row_alone(kw: dict, row: int) -> dict:
+    """The scalar seed and offset that output row `row` of a per-row call takes."""
+    def at(a):
+        a = a.view(torch.int64) if a.dtype != torch.int64 else a
+        return int(a[row if a.numel() > 1 else 0]) % 2 ** 64
+    return dict(seed=at(kw["seed"]), offset=at(kw["offset"]))
 
 
 def run_sampler(cfg: dict) -> None:
@@ -853,22 +928,33 @@ def run_sampler(cfg: dict) -> None:
     for name in params:
         a, vals[name] = _param_values(r, cfg, name, rows_out)
         args.append(a)
-    kw = {"indices": _dev(src, "int32")} if cfg["rows_out"] is not None else {}
+    kw = {"indices": _dev(src, cfg["index_dtype"])} if cfg["rows_out"] is not None else {}
+    out_dt = cfg["index_dtype"] if cfg["rows_out"] is not None else "int32"  # FlashInfer: the indices' dtype
     if cfg["check_nan"]:
         kw["check_nan"] = True
     if "order" in cfg:
         kw["filter_apply_order"] = cfg["order"]
-    seed, offset = cfg["philox"]
+    if cfg.get("return_valid"):
+        kw["return_valid"] = True
+    rng_kw = _rng_kw(cfg, rows_out)
 
-    def draw():
-        rng_kw = dict(seed=seed, offset=offset) if cfg["rng"] == "seed" else dict(generator=sampling.Generator(seed))
-        return getattr(sampling, op)(data, *args, **kw, **rng_kw)
+    def draw(**rng):
+        got = getattr(sampling, op)(data, *args, **kw, **(rng or _rng_kw(cfg, rows_out)))
+        return got if cfg.get("return_valid") else (got, None)
 
-    tok = draw()
-    _check(tuple(tok.shape) == (rows_out,) and tok.dtype == torch.int32, f"tokens {tok.shape} {tok.dtype}")
-    _check(torch.equal(draw(), tok), "the same seed and offset drew other tokens")
+    tok, valid = draw(**rng_kw)
+    _check(tuple(tok.shape) == (rows_out,) and tok.dtype == _tdt(out_dt), f"tokens {tok.shape} {tok.dtype}")
+    _check(torch.equal(draw()[0], tok), "the same seed and offset drew other tokens")
+    if valid is not None:  # every row here has positive mass
+        _check(valid.dtype == torch.bool and tuple(valid.shape) == (rows_out,), f"valid {valid.shape} {valid.dtype}")
+        _check(bool(valid.all()), f"rows with positive mass not valid: {torch.nonzero(~valid)[:8].flatten().tolist()}")
     if not rows_out:
         return
+    if cfg["rng"] == "per_row":  # a row's token depends on its own seed and offset (and position) only
+        row = int(r.integers(rows_out))
+        alone, _ = draw(**_row_alone(rng_kw, row))
+        _check(int(alone[row]) == int(tok[row]), f"output row {row}: per-row seed and offset drew {int(tok[row])}, "
+                                                  f"the same values as scalars {int(alone[row])}")
     t = tok.cpu().numpy().astype(np.int64)
     _check(t.min() >= 0 and t.max() < vocab, f"token ids {t.min()}..{t.max()} outside [0, {vocab})")
     if op == "sampling_from_logits":
@@ -916,24 +1002,27 @@ def run_chain(cfg: dict) -> None:
     elif n and cfg["relation"] == "zero_at_draft":  # draft 0 has target probability 0: rejected
         p[torch.arange(batch, device=DEVICE), 0, ids[:, 0].long()] = 0.0
         p[:, 0] = torch.where(p[:, 0].sum(-1, keepdim=True) > 0, p[:, 0], torch.full_like(p[:, 0], 1.0 / vocab))
+    q, p = q.to(_tdt(cfg["dtype"])), p.to(_tdt(cfg["target_dtype"]))  # two dtypes: converted to float32 first
+    ids = ids.to(_tdt(cfg["ids_dtype"]))
     acc0 = emi0 = None
     init_acc = init_emi = np.zeros(batch, np.int64)
     if cfg["counters"]:
         acc0 = torch.randint(0, 100, (batch,), generator=g, device=DEVICE, dtype=torch.int32)
         emi0 = torch.randint(0, 100, (batch,), generator=g, device=DEVICE, dtype=torch.int32)
         init_acc, init_emi = acc0.cpu().numpy().astype(np.int64), emi0.cpu().numpy().astype(np.int64)
-    seed = cfg["seed"] % 2 ** 63
-    out, acc, emi = sampling.chain_speculative_sampling(q, ids, p, acc0, emi0, seed=seed, offset=7)
+    rng = cfg.get("rng", "seed")
+    cfg_rng = dict(cfg, philox=[cfg["seed"] % 2 ** 63, 7], rng=rng)
+    out, acc, emi = sampling.chain_speculative_sampling(q, ids, p, acc0, emi0, **_rng_kw(cfg_rng, batch))
     _check(tuple(out.shape) == (batch, n + 1) and out.dtype == torch.int32, f"output_token_ids {out.shape} {out.dtype}")
     for name, got, given in (("accepted", acc, acc0), ("emitted", emi, emi0)):
         _check(tuple(got.shape) == (batch,) and got.dtype == torch.int32, f"{name} {got.shape} {got.dtype}")
         _check(given is None or got is given, f"{name}: the given counter was not the array returned")
-    again, _, _ = sampling.chain_speculative_sampling(q, ids, p, seed=seed, offset=7)
+    again, _, _ = sampling.chain_speculative_sampling(q, ids, p, **_rng_kw(cfg_rng, batch))
     _check(torch.equal(again, out), "the same seed and offset gave other tokens")
     O, I = out.cpu().numpy(), ids.cpu().numpy().astype(np.int64)
     d_acc, d_emi = acc.cpu().numpy() - init_acc, emi.cpu().numpy() - init_emi
-    Q = q.cpu().numpy()
-    Pn = p.cpu().numpy()
+    Q = q.float().cpu().numpy()  # the values the kernel reads, in float32
+    Pn = p.float().cpu().numpy()
     for b in range(batch):
         j = int(d_emi[b])
         _check(0 <= j <= n, f"request {b}: emitted {j} drafts of {n}")
@@ -1036,6 +1125,12 @@ def _distribution(n: int) -> None:
             show("batch", [size(c["batch"], (0, 1, 2, 9, 65, 301)) for c in cfgs])
             show("top_k", [c["top_k"] if c["top_k"] in (1, "per_row") else ">= vocab" if c["top_k"] >= c["vocab"]
                            else "other" for c in cfgs if "top_k" in c])
+            show("per-row parameter dtype", [c[k + "_dtype"] for c in cfgs for k in ("top_k", "top_p", "min_p")
+                                             if c.get(k) == "per_row"])
+            show("randomness", [c["rng"] for c in cfgs if "rng" in c])
+            show("indices dtype", [c["index_dtype"] for c in cfgs if c.get("rows_out") is not None])
+            show("return_valid", [c["return_valid"] for c in cfgs if "return_valid" in c])
+            show("chain target dtype differs", [c["target_dtype"] != c["dtype"] for c in cfgs if "target_dtype" in c])
 
 
 if __name__ == "__main__":

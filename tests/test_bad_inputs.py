@@ -371,12 +371,12 @@ CPU_CASES = {
     "top_p_zero": Case(lambda: sampling.top_p_renorm_probs(PROBS, 0.0, stream=0), ValueError, "top_p",
                        r"\(0, 1\], got 0.0"),
     "top_p_nan": Case(lambda: sampling.top_p_sampling_from_probs(PROBS, float("nan"), stream=0), ValueError, "top_p"),
-    "top_p_array_float16": Case(lambda: sampling.top_p_sampling_from_probs(PROBS, S((4,), F16), stream=0), TypeError,
-                                "top_p", "float16 is not supported"),
+    "top_p_array_bool": Case(lambda: sampling.top_p_sampling_from_probs(PROBS, S((4,), dt.bool_), stream=0), TypeError,
+                             "top_p", "bool"),
     "top_k_array_of_another_length": Case(lambda: sampling.top_k_sampling_from_probs(PROBS, S((3,), I32), stream=0),
                                           ValueError, "top_k", r"expected shape \(4\)"),
-    "top_k_array_int64": Case(lambda: sampling.top_k_renorm_probs(PROBS, S((4,), I64), stream=0), TypeError, "top_k",
-                              "int64 is not supported"),
+    "top_k_array_fp8": Case(lambda: sampling.top_k_renorm_probs(PROBS, S((4,), E4M3), stream=0), TypeError, "top_k",
+                            "float8_e4m3fn"),
     "top_k_float": Case(lambda: sampling.top_k_mask_logits(PROBS, 2.5, stream=0), TypeError, "top_k", "2.5"),
     "min_p_negative": Case(lambda: sampling.min_p_sampling_from_probs(PROBS, -0.1, stream=0), ValueError, "min_p",
                            r"\[0, 1\]"),
@@ -387,7 +387,7 @@ CPU_CASES = {
                                                                                         filter_apply_order="x",
                                                                                         stream=0),
                                        ValueError, "filter_apply_order"),
-    "probs_float16": Case(lambda: sampling.sampling_from_probs(S((4, 100), F16), stream=0), TypeError, "probs"),
+    "probs_float64": Case(lambda: sampling.sampling_from_probs(S((4, 100), dt.float64), stream=0), TypeError, "probs"),
     "probs_3d": Case(lambda: sampling.sampling_from_probs(S((4, 2, 50), F32), stream=0), ValueError, "probs",
                      "expected 2 dims"),
     "indices_2d": Case(lambda: sampling.sampling_from_probs(PROBS, indices=S((2, 2), I32), stream=0), ValueError,
@@ -399,8 +399,8 @@ CPU_CASES = {
                                        "target_probs", r"expected shape \(2, 4, 100\)"),
     "speculative_draft_ids_of_another_shape": Case(lambda: speculative(draft_token_ids=S((2, 2), I32)), ValueError,
                                                    "draft_token_ids", r"expected shape \(2, 3\)"),
-    "speculative_draft_ids_int64": Case(lambda: speculative(draft_token_ids=S((2, 3), I64)), TypeError,
-                                        "draft_token_ids", "int64 is not supported"),
+    "speculative_draft_ids_float32": Case(lambda: speculative(draft_token_ids=S((2, 3), F32)), TypeError,
+                                          "draft_token_ids", "float32"),
     # Mask packing.
     "packbits_bitorder_unknown": Case(lambda: fi_cupy.packbits(S((16,), dt.bool_), bitorder="middle", stream=0),
                                       ValueError, "bitorder"),
@@ -1092,9 +1092,9 @@ def sampling_top_k_array_of_another_length():
     sampling.top_k_sampling_from_probs(_probs(), _cuda([5, 5, 5]))
 
 
-@gpu_case(NotImplementedError, "seed", "arrays of several values", valid_sampling)
-def sampling_seed_per_row_device_array():
-    sampling.sampling_from_probs(_probs(), seed=_cuda([1, 2, 3, 4], "int64"))
+@gpu_case(ValueError, "seed", r"expected length 1 or batch_size \(4\), got 3", valid_sampling)
+def sampling_seed_array_of_another_length():
+    sampling.sampling_from_probs(_probs(), seed=_cuda([1, 2, 3], "int64"))
 
 
 @gpu_case(ValueError, "probs", "CUDA device, got one on CPU", valid_sampling)
