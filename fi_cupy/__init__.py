@@ -7,16 +7,22 @@ __version__ = "0.1.0"
 
 try:
     import cupy  # noqa: F401
-except ImportError as _e:  # pragma: no cover - exercised only without CuPy
+except ImportError as _e:  # pragma: no cover - exercised only without CuPy (tests/test_messages.py)
+    _what = ("fi_cupy needs CuPy" if _e.name == "cupy" else f"CuPy could not be imported ({_e})")
     raise ImportError(
-        "fi_cupy needs CuPy. Install it with the extra matching your CUDA driver: "
-        "pip install 'fi_cupy[cuda13]' (CUDA 13.x) or 'fi_cupy[cuda12]' (CUDA 12.x)."
+        f"{_what}. Install it with the extra for your CUDA driver (`nvidia-smi` prints its 'CUDA Version': "
+        "13.x -> cuda13, 12.x -> cuda12), which also brings NVRTC and the CUDA headers.\n"
+        "  from a source checkout (the folder with pyproject.toml): pip install '.[cuda13]'  (or '.[cuda12]')\n"
+        "  from a package index, once fi_cupy is published there:   pip install 'fi_cupy[cuda13]'  "
+        "(or 'fi_cupy[cuda12]')"
     ) from _e
 
 from ._core.compile import CudaEnvironmentError, KernelCompileError  # noqa: E402
 from . import activation, cascade, norm, page, rope, sampling  # noqa: E402
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul  # noqa: E402
-from .cascade import merge_state, merge_state_in_place, merge_states  # noqa: E402
+from .cascade import (  # noqa: E402
+    BatchDecodeWithSharedPrefixPagedKVCacheWrapper, BatchPrefillWithSharedPrefixPagedKVCacheWrapper,
+    MultiLevelCascadeAttentionWrapper, merge_state, merge_state_in_place, merge_states)
 from .decode import (  # noqa: E402
     BatchDecodeWithPagedKVCacheWrapper, CUDAGraphBatchDecodeWithPagedKVCacheWrapper, fast_decode_plan,
     single_decode_with_kv_cache)
@@ -47,6 +53,8 @@ __all__ = [
     "apply_llama31_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache", "apply_rope_with_cos_sin_cache_inplace",
     "append_paged_kv_cache", "get_batch_indices_positions", "get_seq_lens",
     "merge_state", "merge_state_in_place", "merge_states",
+    "MultiLevelCascadeAttentionWrapper", "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
+    "BatchPrefillWithSharedPrefixPagedKVCacheWrapper",
     "softmax", "sampling_from_probs", "sampling_from_logits", "top_p_sampling_from_probs",
     "top_k_sampling_from_probs", "min_p_sampling_from_probs", "top_k_top_p_sampling_from_probs",
     "top_k_top_p_sampling_from_logits", "top_p_renorm_probs", "top_k_renorm_probs", "top_k_mask_logits",

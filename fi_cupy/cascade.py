@@ -1,4 +1,7 @@
-"""Attention-state merge: merge_state, merge_state_in_place, merge_states (cuda_src/cascade.cu).
+"""Cascade attention: the attention-state merges merge_state, merge_state_in_place, merge_states
+(cuda_src/cascade.cu), and FlashInfer's cascade wrappers built on them and on the prefill / decode
+wrappers: MultiLevelCascadeAttentionWrapper, BatchDecodeWithSharedPrefixPagedKVCacheWrapper and
+BatchPrefillWithSharedPrefixPagedKVCacheWrapper (see "Cascade attention wrappers" below).
 
 A state is (v, s): v (seq_len, num_heads, head_dim) in float16 / bfloat16 / float32, and s
 (seq_len, num_heads) float32, the log-sum-exp of the logits in base 2 (what decode and prefill return
@@ -9,10 +12,17 @@ merged (v, s) back as new arrays.
 """
 from __future__ import annotations
 
-from ._core import checks, kernels
+import dataclasses
+import re
+
+import numpy as np
+
+from ._core import arrays, checks, kernels, streams
 from ._core import dtypes as dt
 from ._core.call import Call
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr, struct_arg
+from ._core.workspace import ALIGN, attention_outputs, deliver, upload
+from .page import describe_paged_cache, page_table_lengths
 
 DTYPES = (dt.float16, dt.bfloat16, dt.float32)
 THREADS = 256
@@ -131,3 +141,460 @@ def merge_states(v, s, stream=None):
             ptr(vi), ptr(si), _ref(vi, si), i64(vi.strides[1]), i64(si.strides[1]), i32(n), ptr(vo), ptr(so),
             _ref(vo, so), i32(rows), i32(heads), i32(d)])
     return c.result(vo_obj, so_obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cascade attention wrappers (FlashInfer's flashinfer/cascade.py API)
+#
+# A query's KV is the concatenation of one segment a level (level 0 the outermost shared prefix, the
+# last level the request's own tokens). Each level is a batch prefill over that level's page table,
+# whose qo_indptr groups the queries of all requests sharing a segment as ONE request: the prefill
+# kernel then reads the segment once for all of them, as one long query on tensor cores. The levels'
+# partial states (o, base-2 lse) are merged in place. As in FlashInfer, only the last level is causal
+# (bottom-right aligned within that level); the shared levels are seen whole by every query.
+
+_TABLES = ("qo_indptr_arr", "paged_kv_indptr_arr", "paged_kv_indices_arr", "paged_kv_last_page_len")
+# The level wrapper's argument names, and ours for level i (its errors are renamed to ours).
+_LEVEL_NAMES = {"qo_indptr": "qo_indptr_arr[{i}]", "paged_kv_indptr": "paged_kv_indptr_arr[{i}]",
+                "paged_kv_indices": "paged_kv_indices_arr[{i}]",
+                "paged_kv_last_page_len": "paged_kv_last_page_len[{i}]", "head_dim_qk": "head_dim"}
+
+
+def _device_array(framework: str, shape, dtype: dt.DType, device: int, stream: int):
+    """(object, ArrayInfo) of new device memory: the wrappers' scratch (CPU tests replace this)."""
+    obj = arrays.empty(framework, shape, dtype, device, stream)
+    return obj, arrays.describe(obj, "scratch")
+
+
+def _rows(info, n: int):
+    """The first n rows of an array (a view at the ArrayInfo level: no framework call, no copy)."""
+    return info if info.shape[0] == n else dataclasses.replace(info, shape=(n,) + tuple(info.shape[1:]))
+
+
+def _merge_into(c: Call, o, lse, o_other, lse_other, mask) -> None:
+    """(o, lse) <- merge((o, lse), (o_other, lse_other)) on c's stream, where mask (rows,) is nonzero."""
+    _pair(c, o, lse, o_other, lse_other, o, lse, mask)
+
+
+def _arr_arg(name: str, value, n: int, allow_none: bool = False):
+    """A per-level list argument: a list (or tuple) of n items."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of {n} arrays (one a level), got {type(value).__name__}")
+    if len(value) != n:
+        raise ValueError(f"{name}: expected {n} arrays (num_levels), got {len(value)}")
+    return list(value)
+
+
+def _level_error(e: Exception, i: int) -> Exception:
+    """A level wrapper's error, its argument renamed to ours (paged_kv_indptr -> paged_kv_indptr_arr[i])."""
+    msg = str(e)
+    m = re.match(r"(\w+)(?!\w)", msg)
+    if m and m.group(1) in _LEVEL_NAMES:
+        return _renamed(e, {m.group(1): _LEVEL_NAMES[m.group(1)].format(i=i)})
+    if m and m.group(1) == "float_workspace_buffer":
+        return type(e)(f"float_workspace_buffer: level {i}'s share of the buffer{msg[m.end():]}; the buffer is split "
+                       f"evenly between the levels: pass a larger one")
+    return e
+
+
+def _slices(ws: arrays.ArrayInfo, n: int) -> list:
+    """n disjoint slices of the workspace (uint8 ArrayInfo views), each starting on a 256-byte boundary."""
+    lead = -ws.ptr % ALIGN
+    size = max(0, ws.nbytes - lead) // n // ALIGN * ALIGN
+    return [dataclasses.replace(ws, name="float_workspace_buffer", ptr=ws.ptr + lead + i * size, shape=(size,),
+                                strides=(1,), dtype=dt.uint8) for i in range(n)]
+
+
+@dataclasses.dataclass
+class _Scratch:
+    """Per-run scratch of a multi-level plan: one level's (o, lse) and the merged lse when the caller
+    wants none; `mask` (CUDA graphs) marks the rows below the current plan's total queries."""
+    key: tuple
+    rows: int
+    objs: tuple
+    o: object
+    lse_level: object
+    lse_acc: object
+    mask: object = None
+
+
+class MultiLevelCascadeAttentionWrapper:
+    """FlashInfer's multi-level cascade attention over one paged KV cache (one page table a level).
+
+    plan() once per batch: level i is a BatchPrefillWithPagedKVCacheWrapper over qo_indptr_arr[i] and
+    its page table (give the queries of all requests sharing a level-i segment one request there, e.g.
+    qo_indptr [0, total_q] for a prefix shared by all: the segment is read once for all of them).
+    Every level's qo_indptr ends at the same total. causal applies to the last level only, as in
+    FlashInfer (a query sees every shared level whole). run(): each level's (o, lse), merged; no host
+    sync, and no allocation when `out` (and `lse`, with return_lse) are given; with use_cuda_graph=True
+    every address and launch shape stays fixed across re-plans (the first plan fixes the most queries).
+
+    The float workspace is split into num_levels equal slices (256-byte aligned), one a level: each
+    level's plan writes its metadata into its own workspace, so levels sharing one would overwrite
+    each other's plans. Beyond FlashInfer, run() takes k_scale / v_scale (fp8 caches), out, lse,
+    return_lse, enable_pdl and stream as the prefill wrapper's run() does.
+    """
+
+    def __init__(self, num_levels, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 qo_indptr_buf_arr=None, paged_kv_indptr_buf_arr=None, paged_kv_indices_buf_arr=None,
+                 paged_kv_last_page_len_buf_arr=None):
+        from . import prefill  # looked up per wrapper (the CPU tests put recorders in its place)
+        self._num_levels = checks.positive_int("num_levels", num_levels)
+        self._use_cuda_graph = checks.flag("use_cuda_graph", use_cuda_graph)
+        self._kv_layout = kv_layout
+        bufs = [_arr_arg(name, b, self._num_levels, allow_none=True) or [None] * self._num_levels
+                for name, b in (("qo_indptr_buf_arr", qo_indptr_buf_arr),
+                                ("paged_kv_indptr_buf_arr", paged_kv_indptr_buf_arr),
+                                ("paged_kv_indices_buf_arr", paged_kv_indices_buf_arr),
+                                ("paged_kv_last_page_len_buf_arr", paged_kv_last_page_len_buf_arr))]
+        self._ws = arrays.describe(float_workspace_buffer, "float_workspace_buffer")
+        checks.contiguous(self._ws)
+        self._ws_obj = float_workspace_buffer
+        self._wrappers = []
+        for i, (ws, b) in enumerate(zip(_slices(self._ws, self._num_levels), zip(*bufs))):
+            try:
+                self._wrappers.append(prefill.BatchPrefillWithPagedKVCacheWrapper(
+                    ws, kv_layout, self._use_cuda_graph, qo_indptr_buf=b[0], paged_kv_indptr_buf=b[1],
+                    paged_kv_indices_buf=b[2], paged_kv_last_page_len_buf=b[3]))
+            except (TypeError, ValueError) as e:
+                raise _renamed(e, {n: f"{n}_arr[{i}]" for n in ("qo_indptr_buf", "paged_kv_indptr_buf",
+                                                                 "paged_kv_indices_buf",
+                                                                 "paged_kv_last_page_len_buf")}) from e
+        self._total = None      # queries of the current plan (None: no plan)
+        self._max_page = -1     # largest page index any level reads
+        self._scratch = None
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return self._use_cuda_graph
+
+    def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffers=None) -> None:
+        """A new float workspace, split again between the levels (the plans are dropped).
+        int_workspace_buffers: accepted for FlashInfer (a list, one a level), unused."""
+        ints = _arr_arg("int_workspace_buffers", int_workspace_buffers, self._num_levels, allow_none=True)
+        ints = ints or [None] * self._num_levels
+        ws = arrays.describe(float_workspace_buffer, "float_workspace_buffer")
+        checks.contiguous(ws)
+        for w, part, iw in zip(self._wrappers, _slices(ws, self._num_levels), ints):
+            w.reset_workspace_buffer(part, iw)
+        self._ws, self._ws_obj = ws, float_workspace_buffer
+        self._total, self._scratch = None, None
+
+    def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:
+        """Nothing to prewarm: the kernels take the cache's strides at run time."""
+        for w in self._wrappers:
+            w.prewarm_paged_kv_stride_variant(variant)
+
+    def plan(self, qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len,
+             num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, causal: bool = False,
+             pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, sm_scale: float | None = None,
+             window_left: int = -1, logits_soft_cap: float | None = None, rope_scale: float | None = None,
+             rope_theta: float | None = None, q_data_type="float16", kv_data_type=None, *, stream=None) -> None:
+        """Plan every level: level i's queries are grouped by qo_indptr_arr[i], its KV pages are
+        paged_kv_indices_arr[i][paged_kv_indptr_arr[i][r]:paged_kv_indptr_arr[i][r + 1]] for its
+        request r, the last holding paged_kv_last_page_len[i][r] tokens. The tables are read on the
+        host (pass numpy arrays; device arrays are copied, one synchronisation each). Attention options
+        apply to every level as in FlashInfer (positions and windows count within a level), causal to
+        the last level only."""
+        n = self._num_levels
+        tables = [_arr_arg(name, a, n) for name, a in zip(_TABLES, (qo_indptr_arr, paged_kv_indptr_arr,
+                                                                    paged_kv_indices_arr, paged_kv_last_page_len))]
+        causal = checks.flag("causal", causal)
+        host = [[checks.host_int_array(f"{name}[{i}]", a) for i, a in enumerate(t)] for name, t in zip(_TABLES, tables)]
+        qos, ips, ixs, lps = host
+        page_size = checks.positive_int("page_size", page_size)
+        # Every level's tables before any level is planned (a plan does device work).
+        for i in range(n):
+            checks.indptr(f"qo_indptr_arr[{i}]", qos[i])
+            checks.indptr(f"paged_kv_indptr_arr[{i}]", ips[i], qos[i].size)
+            try:
+                page_table_lengths(ips[i], ixs[i], lps[i], page_size, "paged_kv_")
+            except ValueError as e:
+                raise _level_error(e, i) from e
+        total = int(qos[-1][-1])
+        for i in range(n - 1):
+            if qos[i][-1] != total:
+                raise ValueError(f"qo_indptr_arr[{i}]: ends at {int(qos[i][-1])} but qo_indptr_arr[{n - 1}] ends at "
+                                 f"{total}; every level covers all the queries (qo_indptr[-1] = total queries)")
+        key = (num_qo_heads, head_dim, dt.as_dtype(q_data_type, "q_data_type"))
+        self._check_scratch(total, key)
+        self._total = None  # no valid plan until every level has one
+        for i, w in enumerate(self._wrappers):
+            try:
+                w.plan(qos[i], ips[i], ixs[i], lps[i], num_qo_heads, num_kv_heads, head_dim, page_size,
+                       causal=causal and i == n - 1, pos_encoding_mode=pos_encoding_mode,
+                       use_fp16_qk_reduction=use_fp16_qk_reduction, sm_scale=sm_scale, window_left=window_left,
+                       logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta,
+                       q_data_type=q_data_type, kv_data_type=kv_data_type, stream=stream)
+            except (TypeError, ValueError, NotImplementedError) as e:
+                raise _level_error(e, i) from e
+        self._prepare_scratch(total, key, streams.resolve(stream, self._ws.framework, self._ws.device))
+        used = [ix[: ip[-1]] for ix, ip in zip(ixs, ips)]
+        self._max_page = max((int(u.max()) for u in used if u.size), default=-1)
+        self._total = total
+
+    begin_forward = plan
+
+    def _check_scratch(self, total: int, key: tuple) -> None:
+        """CUDA graphs: the first plan's scratch stays (a captured run keeps its addresses)."""
+        sc = self._scratch
+        if self._use_cuda_graph and sc is not None:
+            if sc.key != key:
+                raise ValueError(f"num_qo_heads: use_cuda_graph=True keeps the (num_qo_heads, head_dim, q_data_type) "
+                                 f"of the first plan {sc.key}; got {key}; create a new wrapper")
+            if total > sc.rows:
+                raise ValueError(f"qo_indptr_arr: use_cuda_graph=True keeps the query rows of the first plan "
+                                 f"({sc.rows}); this plan has {total}; create a new wrapper for larger batches")
+
+    def _prepare_scratch(self, total: int, key: tuple, s: int) -> None:
+        """One level's (o, lse) and the merged lse, for `total` query rows (key: heads, head_dim, q
+        dtype). CUDA graphs: fixed by the first plan, a row mask marking the current plan's rows;
+        otherwise they grow when a plan needs more."""
+        sc = self._scratch
+        if sc is None or (not self._use_cuda_graph and (sc.key != key or sc.rows < total)):
+            rows, (heads, head_dim, q_dtype) = max(total, 1), key
+            fw = "torch" if self._ws.framework == "torch" else "cupy"
+            dev = self._ws.device
+            o = _device_array(fw, (rows, int(heads), int(head_dim)), q_dtype, dev, s)
+            ll = _device_array(fw, (rows, int(heads)), dt.float32, dev, s)
+            la = _device_array(fw, (rows, int(heads)), dt.float32, dev, s)
+            mask = _device_array("cupy", (rows,), dt.uint8, dev, s) if self._use_cuda_graph else (None, None)
+            sc = self._scratch = _Scratch(key, rows, (o[0], ll[0], la[0], mask[0]), o[1], ll[1], la[1], mask[1])
+        if sc.mask is not None:  # rows past this plan's queries are left alone by the merges
+            self._mask_host = (np.arange(sc.rows) < total).astype(np.uint8)
+            upload(self._mask_host, sc.mask.ptr, self._ws.device, s)
+
+    def run(self, q, paged_kv_cache, *, k_scale=None, v_scale=None, out=None, lse=None, return_lse: bool = False,
+            enable_pdl=None, stream=None):
+        """o (total_q, num_qo_heads, head_dim) in q's dtype (and lse (total_q, num_qo_heads), base 2, with
+        return_lse=True) of attention over every level's KV. q may have more rows than the plan's
+        queries (CUDA graphs keep one buffer): rows past them are left alone."""
+        if self._total is None:
+            raise RuntimeError("run() called before plan()")
+        return_lse = checks.flag("return_lse", return_lse)
+        fw = arrays.framework_of(q)
+        dev = self._ws.device
+        s = streams.resolve(stream, fw, dev)
+        cur = fw if stream is None else None
+        qi = arrays.describe(q, "q", s, cur)
+        checks.ndim(qi, 3, "(total_q, num_qo_heads, head_dim)")
+        if qi.shape[0] < self._total:
+            raise ValueError(f"q: has {qi.shape[0]} rows but the plan has {self._total} queries (qo_indptr[-1])")
+        sc = self._scratch
+        # Rows merged: the plan's queries; under CUDA graphs every row the scratch holds (a fixed launch
+        # shape), the mask leaving those past the current plan alone.
+        n = min(sc.rows, qi.shape[0]) if self._use_cuda_graph else self._total
+        view = describe_paged_cache(paged_kv_cache, self._kv_layout, s, current_of=cur)
+        if self._max_page >= view.num_pages:
+            raise ValueError(f"paged_kv_indices_arr: page index {self._max_page} is out of range for a cache of "
+                             f"{view.num_pages} pages")
+        kv = view.infos[0] if len(view.infos) == 1 else tuple(view.infos)  # described once for every level
+        out_obj, o, lse_obj, l_info = attention_outputs(qi, out, lse, return_lse, s, cur,
+                                                        "(total_q, num_qo_heads, head_dim)", "(total_q, num_qo_heads)")
+        qv, ov = _rows(qi, n), _rows(o, n)
+        lv = _rows(l_info if l_info is not None else sc.lse_acc, n)
+        opts = dict(k_scale=k_scale, v_scale=v_scale, enable_pdl=enable_pdl, stream=s)
+        self._wrappers[-1].run(qv, kv, out=ov, lse=lv, **opts)
+        if self._num_levels > 1:
+            c = Call(qv, s, enable_pdl, name="q")
+            so, sl = _rows(sc.o, n), _rows(sc.lse_level, n)
+            mask = None if sc.mask is None else _rows(sc.mask, n)
+            for w in self._wrappers[:-1]:  # FlashInfer's order: the last level, then the others merged in
+                w.run(qv, kv, out=so, lse=sl, **opts)
+                _merge_into(c, ov, lv, so, sl, mask)
+        arrays.keep_alive(dev, s, (qi, o, l_info) + tuple(view.infos))
+        return deliver(out_obj, lse_obj, return_lse, fw)
+
+    forward = run
+
+
+# ---------------------------------------------------------------------------------------------
+# FlashInfer's two-level forms: the shared prefix as contiguous k_shared / v_shared (one single
+# prefill of every query against it, non-causal: the prefix is read once), the unique part through
+# the paged decode / prefill wrapper, the two states merged.
+
+_16BIT = (dt.float16, dt.bfloat16)
+
+
+def _check_shared(k_shared, v_shared, kv_layout: str, q_dtype: dt.DType, num_kv_heads: int, head_dim: int) -> None:
+    """k_shared / v_shared against the plan, under their own names (before any launch)."""
+    ki, vi = arrays.describe(k_shared, "k_shared"), arrays.describe(v_shared, "v_shared")
+    layout = "(shared_prefix_len, num_kv_heads, head_dim)" if kv_layout == "NHD" else \
+        "(num_kv_heads, shared_prefix_len, head_dim)"
+    checks.ndim(ki, 3, layout)
+    if vi.shape != ki.shape or vi.dtype != ki.dtype:
+        raise ValueError(f"v_shared: must match k_shared in shape and dtype; got {vi.shape}/{vi.dtype} vs "
+                         f"{ki.shape}/{ki.dtype}")
+    heads = ki.shape[1] if kv_layout == "NHD" else ki.shape[0]
+    if (heads, ki.shape[2]) != (num_kv_heads, head_dim):
+        raise ValueError(f"k_shared: (num_kv_heads, head_dim) = {(heads, ki.shape[2])} does not match the plan "
+                         f"{(num_kv_heads, head_dim)} (layout {layout})")
+    checks.dtype_is(ki, q_dtype, "q's dtype (the shared prefix is read by single prefill, which takes K/V in the q "
+                                 "dtype)")
+
+
+def _renamed(e: Exception, names: dict) -> Exception:
+    """An inner wrapper's error with its argument renamed to the one our caller passed."""
+    m = re.match(r"(\w+)(?!\w)", str(e))
+    if m and m.group(1) in names:
+        return type(e)(names[m.group(1)] + str(e)[m.end():])
+    return e
+
+
+def _q_dtype(q) -> dt.DType:
+    qi = arrays.describe(q, "q")
+    checks.dtype_in(qi, _16BIT)
+    return qi.dtype
+
+
+def _cache_dtype(cache, name: str) -> dt.DType:
+    first = cache[0] if isinstance(cache, (tuple, list)) and cache else cache
+    return arrays.describe(first, name).dtype
+
+
+def _merged(o, lse, o_other, lse_other):
+    """o after merging (o_other, lse_other) into (o, lse); JAX callers get a new array."""
+    got = merge_state_in_place(o, lse, o_other, lse_other)
+    return o if got is None else got[0]
+
+
+class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
+    """Decode with a shared prefix (FlashInfer's two-level form; MultiLevelCascadeAttentionWrapper is
+    the general one): every request's KV is k_shared / v_shared followed by its own pages.
+    begin_forward() plans the unique part; forward(q, k_shared, v_shared, unique_kv_cache) runs the
+    batch's queries as one request against the prefix (single prefill, tensor cores, the prefix read
+    once), the batch decode over the unique pages, and merges the two.
+
+    data_type is the unique cache's dtype; q is taken to be float16 (FlashInfer's default), or
+    data_type itself when it is bfloat16. forward() re-plans when q or the cache has other dtypes."""
+
+    def __init__(self, float_workspace_buffer, kv_layout: str = "NHD"):
+        from . import decode
+        self._decode = decode.BatchDecodeWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
+        self._kv_layout = kv_layout
+        self._args = None  # begin_forward's tables and sizes (host), for re-plans
+        self._dtypes = None  # (q dtype, kv dtype) of the current plan
+
+    def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
+        self._decode.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+        self._dtypes = None
+
+    def begin_forward(self, unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len, num_qo_heads: int,
+                      num_kv_heads: int, head_dim: int, page_size: int, data_type="float16") -> None:
+        """Plan the unique part: request r owns pages unique_kv_indices[unique_kv_indptr[r]:
+        unique_kv_indptr[r + 1]] (none: only the prefix), the last holding unique_kv_last_page_len[r]
+        tokens (0 for a request without pages). Tables are read on the host."""
+        kv = dt.as_dtype(data_type, "data_type")
+        tables = (checks.host_int_array("unique_kv_indptr", unique_kv_indptr),
+                  checks.host_int_array("unique_kv_indices", unique_kv_indices),
+                  checks.host_int_array("unique_kv_last_page_len", unique_kv_last_page_len))
+        self._args = (tables, (num_qo_heads, num_kv_heads, head_dim, page_size))
+        self._dtypes = None
+        self._plan(kv if kv in _16BIT else dt.float16, kv)
+
+    def _plan(self, q_dtype: dt.DType, kv_dtype: dt.DType, kv_name: str = "data_type") -> None:
+        tables, sizes = self._args
+        try:
+            self._decode.plan(*tables, *sizes, pos_encoding_mode="NONE", q_data_type=q_dtype, kv_data_type=kv_dtype)
+        except (TypeError, ValueError) as e:
+            raise _renamed(e, {"indptr": "unique_kv_indptr", "indices": "unique_kv_indices",
+                               "last_page_len": "unique_kv_last_page_len", "kv_data_type": kv_name}) from e
+        self._dtypes = (q_dtype, kv_dtype)
+
+    def forward(self, q, k_shared, v_shared, unique_kv_cache):
+        """o (batch_size, num_qo_heads, head_dim): attention of each request's query over the shared
+        prefix (k_shared, v_shared: (shared_prefix_len, num_kv_heads, head_dim) [NHD] or (num_kv_heads,
+        shared_prefix_len, head_dim) [HND], the q dtype) and its unique pages in unique_kv_cache."""
+        if self._args is None:
+            raise RuntimeError("forward() called before begin_forward()")
+        want = (_q_dtype(q), _cache_dtype(unique_kv_cache, "unique_kv_cache"))
+        if want != self._dtypes:
+            self._plan(*want, kv_name="unique_kv_cache")
+        _, (_, num_kv_heads, head_dim, _) = self._args
+        _check_shared(k_shared, v_shared, self._kv_layout, want[0], num_kv_heads, head_dim)
+        from .prefill import single_prefill_with_kv_cache
+        # The batch's queries as one request against the prefix: the prefix is read once for all.
+        o, lse = single_prefill_with_kv_cache(q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout,
+                                              pos_encoding_mode="NONE", return_lse=True)
+        o_u, lse_u = self._decode.run(q, unique_kv_cache, return_lse=True)
+        return _merged(o, lse, o_u, lse_u)
+
+    def end_forward(self) -> None:
+        pass
+
+
+class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
+    """Prefill / append with a shared prefix (FlashInfer's two-level form; MultiLevelCascadeAttention-
+    Wrapper is the general one): every request's KV is k_shared / v_shared followed by its own pages.
+    forward() runs all the queries as one request against the prefix (non-causal: the prefix is before
+    every query; read once), the batch prefill over the unique pages (causal there when causal=True,
+    bottom-right aligned within the unique part, as in FlashInfer), and merges the two.
+
+    begin_forward() plans with q float16 (FlashInfer's default); forward() re-plans when q or the cache
+    has other dtypes (bfloat16, an fp8 unique cache) or its options differ from the plan's."""
+
+    def __init__(self, float_workspace_buffer, kv_layout: str = "NHD"):
+        from . import prefill
+        self._prefill = prefill.BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
+        self._kv_layout = kv_layout
+        self._args = None
+        self._opts = None  # the options and dtypes of the current plan
+
+    def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
+        self._prefill.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+        self._opts = None
+
+    def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:
+        self._prefill.prewarm_paged_kv_stride_variant(variant)
+
+    def begin_forward(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
+                      num_kv_heads: int, head_dim: int, page_size: int) -> None:
+        """Plan the unique part: request r's queries are rows qo_indptr[r] .. qo_indptr[r + 1] of q, its
+        unique KV the pages paged_kv_indices[paged_kv_indptr[r]:paged_kv_indptr[r + 1]], the last holding
+        paged_kv_last_page_len[r] tokens. Tables are read on the host."""
+        tables = tuple(checks.host_int_array(n, a) for n, a in (
+            ("qo_indptr", qo_indptr), ("paged_kv_indptr", paged_kv_indptr), ("paged_kv_indices", paged_kv_indices),
+            ("paged_kv_last_page_len", paged_kv_last_page_len)))
+        self._args = (tables, (num_qo_heads, num_kv_heads, head_dim, page_size))
+        self._opts = None
+        self._plan((False, False, None, None, None, dt.float16, None))
+
+    def _plan(self, opts: tuple) -> None:
+        tables, sizes = self._args
+        causal, fp16_qk, sm_scale, rope_scale, rope_theta, q_dtype, kv_dtype = opts
+        try:
+            self._prefill.plan(*tables, *sizes, causal=causal, use_fp16_qk_reduction=fp16_qk, sm_scale=sm_scale,
+                               rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_dtype,
+                               kv_data_type=kv_dtype)
+        except (TypeError, ValueError) as e:
+            raise _renamed(e, {"kv_data_type": "unique_kv_cache", "head_dim_qk": "head_dim"}) from e
+        self._opts = opts
+
+    def forward(self, q, k_shared, v_shared, unique_kv_cache, causal: bool = False,
+                use_fp16_qk_reduction: bool = False, sm_scale: float | None = None, rope_scale: float | None = None,
+                rope_theta: float | None = None):
+        """o (qo_indptr[-1], num_qo_heads, head_dim): attention of every query over the shared prefix
+        (k_shared, v_shared as in the decode form, the q dtype) and its request's unique pages."""
+        if self._args is None:
+            raise RuntimeError("forward() called before begin_forward()")
+        causal = checks.flag("causal", causal)
+        use_fp16_qk_reduction = checks.flag("use_fp16_qk_reduction", use_fp16_qk_reduction)
+        q_dtype = _q_dtype(q)
+        opts = (causal, use_fp16_qk_reduction, sm_scale, rope_scale, rope_theta, q_dtype,
+                _cache_dtype(unique_kv_cache, "unique_kv_cache"))
+        if opts != self._opts:
+            self._plan(opts)
+        _, (_, num_kv_heads, head_dim, _) = self._args
+        _check_shared(k_shared, v_shared, self._kv_layout, q_dtype, num_kv_heads, head_dim)
+        from .prefill import single_prefill_with_kv_cache
+        o, lse = single_prefill_with_kv_cache(q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout,
+                                              pos_encoding_mode="NONE", use_fp16_qk_reduction=use_fp16_qk_reduction,
+                                              sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta,
+                                              return_lse=True)
+        o_u, lse_u = self._prefill.run(q, unique_kv_cache, return_lse=True)
+        return _merged(o, lse, o_u, lse_u)
+
+    def end_forward(self) -> None:
+        pass

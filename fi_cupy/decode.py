@@ -407,8 +407,6 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         if self._use_cuda_graph and not dry and self._q_len_fixed(q_len):
             raise ValueError(f"q_len_per_req: use_cuda_graph=True keeps the q_len_per_req of the first plan "
                              f"({self._q_len}); got {q_len}; create a wrapper per q_len_per_req")
-        if not dry:
-            self._last_plan = (tables, kw, fast, indptr_host)
         if q_len > 1:
             return self._plan_multi(params, ip, ix, lp, q_len, causal, kw, non_blocking, dry, fast)
         lengths = page_table_lengths(ip, ix, lp, params.page_size)  # before any device work
@@ -438,6 +436,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         if self._use_cuda_graph and not fast:  # fast_decode_plan leaves the buffers to the engine, as FlashInfer
             self._fill_buffers(ip, lp, s)
         self._finish(plan, 1, s, non_blocking)
+        self._last_plan = (tables, kw, fast, indptr_host)
 
     def _override(self, **opts) -> None:
         """forward(): FlashInfer's legacy call sets these options for this and later runs."""
@@ -539,6 +538,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         if self._use_cuda_graph and not fast:
             self._fill_buffers(ip, lp, s)
         self._finish(None, q_len, s, non_blocking)
+        self._last_plan = ((ip, ix, lp), kw, False, None)
 
     def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
             return_lse: bool = False, enable_pdl=None, window_left=None, sinks=None, q_len_per_req=None,

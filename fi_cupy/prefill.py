@@ -702,11 +702,12 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
             raise ValueError("qo_indptr[-1] (total queries) must be < 2**31")
         custom_mask = self._mask_args(kw, qo, kv_lens)
         params, split = self._options(kw, custom_mask is not None or kw["packed_custom_mask"] is not None)
-        if not dry:
-            self._last_plan = (tables, kw)
-        return self._finish_plan(params, qo.astype(np.int32), ip.astype(np.int32), kv_lens.astype(np.int32),
+        need = self._finish_plan(params, qo.astype(np.int32), ip.astype(np.int32), kv_lens.astype(np.int32),
                                  used.astype(np.int32), custom_mask, kw["packed_custom_mask"], kw["stream"], split,
                                  dry)
+        if dry:
+            return need
+        self._last_plan = (tables, kw)
 
     def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
             return_lse: bool = False, lse_base: str = "log2", lse_layout: str = "NH", enable_pdl=None,
@@ -803,13 +804,12 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
         self._check_lengths(kw, qo, kv_lens)
         custom_mask = self._mask_args(kw, qo, kv_lens)
         params, split = self._options(kw, custom_mask is not None or kw["packed_custom_mask"] is not None)
-        if not dry:
-            self._last_plan = (tables, kw)
         need = self._finish_plan(params, qo.astype(np.int32), kv.astype(np.int32), kv_lens.astype(np.int32), None,
                                  custom_mask, kw["packed_custom_mask"], kw["stream"], split, dry)
         if dry:
             return need
         self._plan.max_page = int(kv[-1])
+        self._last_plan = (tables, kw)
 
     def run(self, q, k, v, *args, q_scale=None, k_scale=None, v_scale=None, o_scale=None, out=None, lse=None,
             return_lse: bool = False, lse_base: str = "log2", lse_layout: str = "NH", enable_pdl=None,
