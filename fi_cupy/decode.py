@@ -356,13 +356,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         q_len_per_req > 1: each request has that many queries (q is (batch * q_len_per_req, heads,
         head_dim)), causal within the request unless is_causal=False. window_right: decode queries
         see no key to their right, so only -1 / 0 (no effect) are accepted."""
-        kw = dict(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
-                  pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
-                  q_data_type=q_data_type, kv_data_type=kv_data_type, o_data_type=o_data_type, data_type=data_type,
-                  sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta, non_blocking=non_blocking,
-                  block_tables=block_tables, seq_lens=seq_lens, fixed_split_size=fixed_split_size,
-                  disable_split_kv=disable_split_kv, q_len_per_req=q_len_per_req, window_right=window_right,
-                  is_causal=is_causal, stream=stream)
+        kw = dict(locals())  # the keyword arguments, as _plan_impl and forward()'s re-plan read them
+        for k in ("self", "indptr", "indices", "last_page_len"):
+            del kw[k]
         self._plan_impl((indptr, indices, last_page_len), kw, fast=False)
 
     begin_forward = plan
@@ -376,13 +372,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
                        q_len_per_req: int = 1) -> tuple:
         """(float workspace bytes, int workspace bytes) that plan() with these arguments needs; the int
         workspace is unused (0). Nothing is planned or written."""
-        kw = dict(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
-                  pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
-                  q_data_type=q_data_type, kv_data_type=kv_data_type, o_data_type=o_data_type, data_type=data_type,
-                  sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta, non_blocking=True,
-                  block_tables=block_tables, seq_lens=seq_lens, fixed_split_size=fixed_split_size,
-                  disable_split_kv=disable_split_kv, q_len_per_req=q_len_per_req, window_right=None,
-                  is_causal=None, stream=None)
+        kw = dict(locals(), non_blocking=True, window_right=None, is_causal=None, stream=None)
+        for k in ("self", "indptr", "indices", "last_page_len"):
+            del kw[k]
         return self._plan_impl((indptr, indices, last_page_len), kw, fast=False, dry=True), 0
 
     def _plan_impl(self, tables: tuple, kw: dict, fast: bool, indptr_host=None, dry: bool = False):

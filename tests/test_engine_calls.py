@@ -79,6 +79,19 @@ class Cache:
         return kv[0], kv[1]
 
 
+def _capture(call):
+    """A CUDA graph of call(), after one warm-up run on a side stream (torch's capture recipe)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph
+
+
 def _decode_ref(cache, q, **kw):
     qf = _f64(q)
     outs = [reference.decode_attention(qf[r], *cache.kv(r), **kw) for r in range(len(cache.lens))]
@@ -119,14 +132,7 @@ def test_sglang_cuda_graph_decode_with_fast_decode_plan():
         out.fill_(float("nan"))
 
     step([7, 300, 1, 64, 1000, 33], fast=False)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        w.run(q, cache.arg, out=out)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        w.run(q, cache.arg, out=out)
+    graph = _capture(lambda: w.run(q, cache.arg, out=out))
     for lens in ([8, 301, 2, 65, 1001, 34], [2000, 1, 1, 1, 1, 90], [0, 17, 3000, 5, 0, 900]):
         step(lens)
         graph.replay()
@@ -343,14 +349,7 @@ def test_spec_decode_verify_under_a_cuda_graph(mask_buf):
         return masks
 
     masks = plan([296, 36, 996])
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        w.run(q, cache.data, out=out)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        w.run(q, cache.data, out=out)
+    graph = _capture(lambda: w.run(q, cache.data, out=out))
     for prefix in ([297, 37, 997], [300, 200, 5]):
         masks = plan(prefix)
         out.fill_(float("nan"))
