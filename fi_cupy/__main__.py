@@ -1,12 +1,14 @@
 """`python -m fi_cupy`: environment report and a short self-check (exit status 2 without a GPU: the
 report says so in its last line, after the parts that need none).
-`python -m fi_cupy precompile [--arch sm_90a] [--all]`: compile the standard kernel configurations
+`python -m fi_cupy precompile [--arch sm_90a] [--all] [-j N]`: compile the standard kernel configurations
 ahead of time into the disk cache, with a progress bar (no GPU needed).
+Installed as the `fi_cupy` command too (pyproject's console script); `--help` explains each option.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,20 +18,9 @@ import numpy as np
 from . import __version__, decode, prefill
 from ._core import compile as cc
 from ._core import dtypes as dt
-from ._core import kernels
+from ._core import kernels, streams
 
 STANDARD_HEAD_DIMS = (64, 128, 256)
-
-
-def _gpu():
-    """(device count, why none is visible: CuPy's reason in short)."""
-    try:
-        import cupy
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # noqa: BLE001 - CuPy raises several types without a driver or a device
-        text = str(e).strip().splitlines()
-        return 0, (text[0] if text else type(e).__name__)[:160]
-    return n, None if n else "device count 0"
 
 
 def no_gpu_line(why: str, what: str) -> str:
@@ -46,7 +37,7 @@ def report() -> int:
     except cc.CudaEnvironmentError as e:
         print(f"NVRTC/headers: NOT FOUND: {e}")
         return 1
-    n, err = _gpu()
+    n, err = streams.gpu_count()
     if n:
         from cupy.cuda import runtime
         drv = runtime.driverGetVersion()
@@ -100,18 +91,37 @@ def self_check(have_gpu: bool) -> int:
     return 0 if ok else 1
 
 
+def _arch(text: str) -> str:
+    if not re.fullmatch(r"(sm|compute)_\d{2,3}[af]?", text):
+        raise argparse.ArgumentTypeError(f"expected an NVRTC target such as sm_80, sm_90a or compute_90, got {text!r}")
+    return text
+
+
+def _jobs(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of threads, got {text!r}")
+    return n
+
+
 def _precompile_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--arch", action="append", help="e.g. sm_90a, repeatable (default: each visible GPU's "
-                    "arch; with no GPU: sm_80 and sm_90a)")
+    ap.add_argument("--arch", action="append", type=_arch, metavar="ARCH",
+                    help="the GPU target to compile for, e.g. sm_80 (Ampere), sm_89 (Ada), sm_90a (Hopper); "
+                    "repeatable (default: each visible GPU's target; with no GPU: sm_80 and sm_90a)")
     ap.add_argument("--all", action="store_true", help="every supported head dim and variant, not only the "
                     "standard ones (decode: head dims 64/128/256; prefill: no RoPE, soft cap or custom mask)")
-    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("-j", "--jobs", type=_jobs, default=os.cpu_count() or 2, metavar="N",
+                    help="compile N kernel programs at a time, in threads (NVRTC runs them in parallel; "
+                    "default: the number of CPUs, %(default)s here)")
 
 
 def precompile(args) -> int:
     archs = args.arch
     if not archs:
-        n, _ = _gpu()
+        n, _ = streams.gpu_count()
         archs = sorted({kernels.device_arch(i) for i in range(n)}) or ["sm_80", "sm_90a"]
     progs = decode.all_programs(decode.SUPPORTED_HEAD_DIMS if args.all else STANDARD_HEAD_DIMS)
     progs += prefill.all_programs() if args.all else prefill.standard_programs()
@@ -132,14 +142,48 @@ def precompile(args) -> int:
     return 0
 
 
+COMMANDS = ("precompile",)
+_ENVIRONMENT = """environment:
+  FI_CUPY_CACHE_DIR     the kernel cache folder
+                        (default: $XDG_CACHE_HOME/fi_cupy, else ~/.cache/fi_cupy)
+  FI_CUPY_CUDA_INCLUDE  the folder with cuda_fp16.h, cuda_bf16.h and cuda_fp8.h when
+                        neither the cuda12/cuda13 extra nor a CUDA toolkit provides it
+  FI_CUPY_LOG=1         print each kernel compile
+"""
+
+
+def _prog() -> str:
+    # Installed as the `fi_cupy` command too (a console script): name the one the user typed.
+    name = os.path.basename(sys.argv[0] or "")
+    return "fi_cupy" if name in ("fi_cupy", "fi_cupy.exe") else "python -m fi_cupy"
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=_prog(), usage="%(prog)s [-h] [command [options]]", epilog=_ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Without a command: the environment report (GPU, driver, CuPy, NVRTC, kernel\n"
+        "cache) and a self-check, decode against its reference, timed. Exit status 2 when\n"
+        "no GPU is visible (the parts that need none still run), 1 when NVRTC is missing\n"
+        "or the self-check fails.")
+    sub = ap.add_subparsers(dest="command", metavar="command", title="commands", prog=ap.prog,
+                            help="one of the below, or none for the environment report")
+    p = sub.add_parser("precompile", help="compile the standard kernels ahead of time into the disk cache "
+                       "(no GPU needed)", description="Compile the standard kernel configurations (or, with "
+                       "--all, every one) into the disk cache ahead of time, with a progress bar, so the "
+                       "first calls need not wait for NVRTC. No GPU needed.")
+    _precompile_args(p)
+    return ap
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fi_cupy", description="Without a command: the environment "
-                                 "report (GPU, driver, CuPy, NVRTC, kernel cache) and a self-check, decode "
-                                 "against its reference, timed; exit status 2 when no GPU is visible.")
-    sub = ap.add_subparsers(dest="command", metavar="{precompile}")
-    _precompile_args(sub.add_parser("precompile", help="compile the standard kernels ahead of time into the "
-                                    "disk cache (no GPU needed)"))
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    ap = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # argparse's own "invalid choice: ... (choose from ...)" reads as an option error; say what it is.
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        ap.error(f"unknown command {argv[0]!r}; expected one of: {', '.join(COMMANDS)} "
+                 "(or none, for the environment report)")
+    args = ap.parse_args(argv)
     return precompile(args) if args.command == "precompile" else report()
 
 

@@ -1,7 +1,9 @@
 """`python -m fi_cupy`: the report and self-check on a GPU, or its non-GPU parts and one line saying
-there is no GPU (exit status 2); --help; precompile fills the cache with a progress bar, GPU or not.
+there is no GPU (exit status 2); --help explains every option, an unknown command says so; precompile
+fills the cache with a progress bar, GPU or not.
 examples/llama_decode.py without a GPU: one line, exit status 2."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,12 +48,53 @@ def test_report_and_self_check(tmp_path):
 
 
 def test_help_needs_no_gpu(tmp_path):
-    for args in (["--help"], ["precompile", "--help"]):
-        r = _run(args, tmp_path)
-        assert r.returncode == 0 and "usage: python -m fi_cupy" in r.stdout and "precompile" in r.stdout, \
-            r.stdout + r.stderr
-    r = _run(["no-such-command"], tmp_path)
-    assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
+    r = _run(["--help"], tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m fi_cupy [-h] [command [options]]"), \
+        r.stdout + r.stderr
+    for needle in ("environment report", "Exit status 2 when\nno GPU is visible", "precompile", "FI_CUPY_CACHE_DIR",
+                   "FI_CUPY_CUDA_INCLUDE", "FI_CUPY_LOG"):
+        assert needle in r.stdout, r.stdout
+    r = _run(["precompile", "--help"], tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m fi_cupy precompile [-h] [--arch ARCH] [--all] "
+                                                     "[-j N]"), r.stdout + r.stderr
+    text = " ".join(r.stdout.split())
+    for needle in ("--arch ARCH the GPU target to compile for", "--all every supported head dim",
+                   "-j N, --jobs N compile N kernel programs at a time"):
+        assert needle in text, r.stdout
+
+
+def test_every_option_is_explained():
+    ap = cli.parser()
+    subs = [a for a in ap._actions if a.__class__.__name__ == "_SubParsersAction"]
+    parsers = [ap] + [p for s in subs for p in s.choices.values()]
+    assert [p.prog.split()[-1] for p in parsers[1:]] == list(cli.COMMANDS)
+    for p in parsers:
+        for a in p._actions:
+            assert a.help and a.help.strip(), f"{p.prog}: {a.option_strings or a.dest} has no help text"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["bogus"], "python -m fi_cupy: error: unknown command 'bogus'; expected one of: precompile (or none, for the "
+                "environment report)"),
+    (["precompile", "-j", "0"], "error: argument -j/--jobs: expected a positive number of threads, got '0'"),
+    (["precompile", "--arch", "90"], "error: argument --arch: expected an NVRTC target such as sm_80, sm_90a or "
+                                     "compute_90, got '90'"),
+])
+def test_bad_command_line_says_what_is_wrong(tmp_path, args, says):
+    r = _run(args, tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert r.stderr.startswith("usage: python -m fi_cupy") and r.stderr.strip().endswith(says), r.stderr
+
+
+def test_console_script_names_itself(tmp_path):
+    """pyproject's `fi_cupy` command (installed beside this Python) is the same command under its own name."""
+    script = shutil.which("fi_cupy", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the fi_cupy command is not installed beside this Python (pip install . installs it)")
+    r = _run([script, "--help"], tmp_path, module=False)  # a Python script: run with this interpreter
+    assert r.returncode == 0 and r.stdout.startswith("usage: fi_cupy [-h] [command [options]]"), r.stdout + r.stderr
+    r = _run([script, "bogus"], tmp_path, module=False)
+    assert r.returncode == 2 and "fi_cupy: error: unknown command 'bogus'" in r.stderr, r.stderr
 
 
 def test_precompile_one_arch(tmp_path, monkeypatch, capsys):

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import dtypes as dt
+from . import streams
 
 # ---------------------------------------------------------------------------------------------
 # DLPack C structures (dlpack.h, unversioned "dltensor" capsule)
@@ -57,6 +58,29 @@ KDL_CPU, KDL_CUDA, KDL_CUDA_HOST, KDL_CUDA_MANAGED = 1, 2, 3, 13
 _DEVICE_NAMES = {1: "CPU", 2: "CUDA", 3: "CUDA host (pinned)", 4: "OpenCL", 7: "Vulkan", 8: "Metal",
                  10: "ROCm", 13: "CUDA managed"}
 _CAPSULE_NAME = b"dltensor"
+
+
+class HostArrayError(TypeError, ValueError):
+    """A host (CPU) array where a device array is needed. A TypeError (the wrong kind of array); also a
+    ValueError, which this case raised before, so callers catching that still do."""
+
+
+_HOST_KIND = {"numpy": "a host numpy array", "torch": "a torch CPU tensor", "jax": "a JAX CPU array"}
+
+
+def check_on_cuda(name: str, x, dev_type: int) -> None:
+    """Raise for an array whose DLPack device type is not CUDA (or CUDA managed memory), naming `name`:
+    HostArrayError, saying how to move it, for host memory; ValueError for any other device."""
+    if dev_type in (KDL_CUDA, KDL_CUDA_MANAGED):
+        return
+    where = _DEVICE_NAMES.get(dev_type, f"device type {dev_type}")
+    if dev_type in (KDL_CPU, KDL_CUDA_HOST):
+        fw = framework_of(x)
+        kind = _HOST_KIND.get(fw, "a host array")
+        raise HostArrayError(f"{name}: expected an array on a CUDA device, got one on {where} ({kind}); move it "
+                             "to the GPU first: cupy.asarray(x), torch.as_tensor(x, device='cuda') or "
+                             "jax.device_put(x)")
+    raise ValueError(f"{name}: expected an array on a CUDA device, got one on {where}")
 
 
 def framework_of(x) -> str:
@@ -170,11 +194,12 @@ def _framework_dtype(d, name: str) -> dt.DType:
 def _describe_torch(x, name: str, stream_handle: int | None) -> ArrayInfo:
     dev = x.device
     if dev.type != "cuda":
+        if dev.type == "cpu":
+            check_on_cuda(name, x, KDL_CPU)
         raise ValueError(f"{name}: expected an array on a CUDA device, got one on {dev.type.upper()}")
     idx = dev.index if dev.index is not None else 0
     if stream_handle is not None:
         import torch
-        from . import streams
         streams.order_after(idx, int(torch.cuda.current_stream(idx).cuda_stream), stream_handle)
     shape = tuple(x.shape)
     return ArrayInfo(name, x.data_ptr(), shape, _checked_strides(name, shape, tuple(x.stride())),
@@ -185,7 +210,6 @@ def _describe_cupy(x, name: str, stream_handle: int | None) -> ArrayInfo:
     import cupy
     idx = x.device.id
     if stream_handle is not None:
-        from . import streams
         with cupy.cuda.Device(idx):
             streams.order_after(idx, int(cupy.cuda.get_current_stream().ptr), stream_handle)
     item = x.dtype.itemsize
@@ -202,10 +226,7 @@ def describe_dlpack(x, name: str, stream_handle: int | None = None) -> ArrayInfo
         raise TypeError(f"{name}: expected an array that supports DLPack (torch, JAX, CuPy, ...), "
                         f"got {type(x).__name__}")
     dev_type, dev_id = x.__dlpack_device__()
-    dev_type = int(dev_type)
-    if dev_type not in (KDL_CUDA, KDL_CUDA_MANAGED):
-        raise ValueError(f"{name}: expected an array on a CUDA device, got one on "
-                         f"{_DEVICE_NAMES.get(dev_type, f'device type {dev_type}')}")
+    check_on_cuda(name, x, int(dev_type))
     fw = framework_of(x)
     view_dtype = None
     try:
@@ -263,6 +284,7 @@ class DeviceBuffer:
     """
 
     def __init__(self, shape, dtype: dt.DType, device: int, stream_handle: int):
+        streams.require_gpu()
         import cupy
         self.shape, self.dtype, self.device, self.stream_handle = tuple(shape), dtype, device, stream_handle
         nbytes = max(1, int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize)
@@ -274,7 +296,6 @@ class DeviceBuffer:
         return (KDL_CUDA, self.device)
 
     def __dlpack__(self, stream=None, max_version=None, dl_device=None, copy=None):
-        from . import streams
         streams.order_after(self.device, self.stream_handle, stream)
         ndim = len(self.shape)
         shape_arr = (ctypes.c_int64 * max(ndim, 1))(*self.shape)
@@ -300,6 +321,7 @@ def empty(framework: str, shape, dtype: dt.DType, device: int, stream_handle: in
     """A new uninitialised output for a caller of `framework`: a torch tensor for torch callers,
     else a DeviceBuffer that `deliver()` hands to the caller's framework once the kernel is queued
     (so the consumer's stream is ordered after the kernel, not before it)."""
+    streams.require_gpu()  # the first CUDA call of a call with an explicit stream and no ordering to do
     shape = tuple(int(s) for s in shape)
     if framework == "torch":
         import torch

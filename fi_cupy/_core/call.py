@@ -19,15 +19,21 @@ IMMUTABLE = ("jax", "tensorflow")  # frameworks whose arrays must never be writt
 
 
 def device_of(x, name: str = "array") -> int:
+    """The CUDA device of a call's first array. A host array is refused here, before the stream is
+    resolved (a CUDA call that would fail first on a machine without a GPU)."""
     if isinstance(x, ArrayInfo):
         return x.device
     fw = type(x).__module__.split(".")[0]
     if fw == "torch" and hasattr(x, "device"):
+        if x.device.type != "cuda":
+            arrays.describe(x, name)  # raises, naming what the device is and, for host memory, what to do
         return x.device.index or 0
     if fw == "cupy" and hasattr(x, "device"):
         return x.device.id
     if hasattr(x, "__dlpack_device__"):
-        return int(x.__dlpack_device__()[1])
+        dev_type, dev_id = x.__dlpack_device__()
+        arrays.check_on_cuda(name, x, int(dev_type))
+        return int(dev_id)
     raise TypeError(f"{name}: expected an array that supports DLPack (torch, JAX, CuPy, ...), got {type(x).__name__}")
 
 

@@ -123,6 +123,8 @@ def host_int_array(name: str, x, ndim: int = 1) -> np.ndarray:
 def _device_to_host(x, name: str) -> np.ndarray:
     import cupy
     from .arrays import describe
+    from .streams import require_gpu
+    require_gpu()
     info = describe(x, name)
     dtype_in(info, (dt.int32, dt.int64, dt.int16, dt.uint16, dt.uint32))
     with cupy.cuda.Device(info.device):

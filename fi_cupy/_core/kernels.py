@@ -51,6 +51,8 @@ _props: dict = {}
 def device_props(device: int) -> dict:
     if device not in _props:
         from cupy.cuda import runtime
+        from .streams import require_gpu
+        require_gpu()  # no GPU: one clear error, not CuPy's driver message
         p = runtime.getDeviceProperties(device)
         _props[device] = {"cc": p["major"] * 10 + p["minor"], "sms": p["multiProcessorCount"],
                           "name": p["name"].decode() if isinstance(p["name"], bytes) else p["name"],

@@ -3,8 +3,72 @@
 torch callers: torch.cuda.current_stream(device); CuPy callers: cupy.cuda.get_current_stream();
 JAX and others: CuPy's current stream (JAX orders its own work through the DLPack stream argument).
 Handles are raw cudaStream_t integers; 0 is the legacy default stream.
+
+No CUDA GPU: require_gpu() raises one CudaEnvironmentError saying why (no driver, a driver older than
+CuPy's runtime, no device) where CuPy would raise cudaErrorInsufficientDriver from deep inside, which
+suggests a driver upgrade even with no driver. current(), order_after() and arrays.empty() call it
+first: one of them is a call's first CUDA call, unless stream= is explicit and nothing needs ordering
+or allocating (then argument checks run with no GPU: CPU tests describe stand-in arrays on stream 0).
 """
 from __future__ import annotations
+
+import os
+
+from .compile import CudaEnvironmentError
+
+_gpu_seen: list = []  # non-empty once a GPU was found: later calls skip the query (a few ns, not ~1 us)
+_INSUFFICIENT_DRIVER, _NO_DEVICE = 35, 100  # cudaError_t codes
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def _why_no_gpu(e: Exception) -> str:
+    """CuPy's exception from the device query, in short, with what it looked for."""
+    status = getattr(e, "status", None)
+    try:
+        from cupy.cuda import runtime
+        rt = _cuda_version(runtime.runtimeGetVersion())
+        drv = runtime.driverGetVersion()
+    except Exception:  # noqa: BLE001 - without a usable runtime there is nothing more to say
+        rt, drv = None, None
+    if status == _INSUFFICIENT_DRIVER and drv == 0:
+        return f"CuPy's CUDA {rt} runtime found no NVIDIA driver"
+    if status == _INSUFFICIENT_DRIVER and drv:
+        # The usual cause is the cuda13 extra on a CUDA 12 driver, not an old driver to upgrade.
+        major = drv // 1000
+        hint = f"; install fi_cupy's cuda{major} extra to match it" if major in (12, 13) else ""
+        return f"the NVIDIA driver supports CUDA {_cuda_version(drv)}, older than CuPy's CUDA {rt} runtime{hint}"
+    if status == _NO_DEVICE:
+        vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return "the NVIDIA driver found no CUDA device" + ("" if vis is None else f" (CUDA_VISIBLE_DEVICES={vis!r})")
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:160]
+
+
+def gpu_count() -> tuple:
+    """(number of CUDA GPUs CuPy sees, why there is none: a short reason, None when there is one)."""
+    try:
+        from cupy.cuda import runtime
+        n = runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001 - CuPy raises several types without a driver or a device
+        return 0, _why_no_gpu(e)
+    if n:
+        return n, None
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return 0, "device count 0" + ("" if vis is None else f", CUDA_VISIBLE_DEVICES={vis!r}")
+
+
+def require_gpu() -> None:
+    """Raise CudaEnvironmentError, saying why, unless CuPy sees a CUDA GPU."""
+    if _gpu_seen:
+        return
+    n, why = gpu_count()
+    if not n:
+        raise CudaEnvironmentError(f"no CUDA GPU visible ({why}); fi_cupy runs its kernels on an NVIDIA GPU "
+                                   "(compute capability 8.0 or newer) that `nvidia-smi` lists")
+    _gpu_seen.append(n)
 
 
 def handle_of(stream) -> int:
@@ -21,6 +85,8 @@ def handle_of(stream) -> int:
 
 
 def current(framework: str, device: int) -> int:
+    if not _gpu_seen:  # the first CUDA call of a call on the caller's current stream (most calls)
+        require_gpu()
     if framework == "torch":
         import torch
         return int(torch.cuda.current_stream(device).cuda_stream)
@@ -45,6 +111,8 @@ def is_capturing(stream: int) -> bool:
 def order_after(device: int, producer_stream: int, consumer_stream) -> None:
     """Make `consumer_stream` (a DLPack stream argument: None, 1 = legacy default, 2 = per-thread
     default, or a handle) wait for the work queued so far on `producer_stream`."""
+    if not _gpu_seen:  # the first CUDA call of a torch call on an explicit stream
+        require_gpu()
     import cupy
     from cupy.cuda import runtime
     with cupy.cuda.Device(device):
