@@ -24,6 +24,7 @@ from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_output
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
 from ._core.kernels import KernelSpec, Program, f32, f64, i32, i64, ptr, u32
+from ._core.docs import RUN_RETURNS, document
 
 SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
 Q_DTYPES = (dt.float16, dt.bfloat16)
@@ -278,6 +279,7 @@ def _check_q(q: arrays.ArrayInfo, p: DecodeParams, batch_shape: tuple) -> None:
 # Public API
 
 
+@document()
 class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
     """Decode attention for a batch of requests over a paged KV cache (FlashInfer's API).
 
@@ -325,22 +327,28 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
 
     @property
     def use_tensor_cores(self) -> bool:
+        """The use_tensor_cores the wrapper was made with (the kernel choice does not depend on it)."""
         return self._use_tensor_cores
 
+    @document(returns="backend : str\n    \"fa2\".")
     def resolved_backend(self) -> str:
         """The backend plan() runs: always FlashInfer's "fa2" family (our portable kernels)."""
         return "fa2"
 
+    @document()
     def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:
         """Nothing to prewarm: the kernels take the cache's strides at run time, for any layout."""
         checks.choice("variant", variant, ("independent",))
 
+    @document()
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
+        """Use another workspace from now on; the current plan is dropped (plan again)."""
         super().reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
         self._graph_caps = None
         if getattr(self, "_multi", None) is not None:
             self._multi.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
 
+    @document()
     def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
              page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1,
              logits_soft_cap: float | None = None, q_data_type="float16", kv_data_type=None, o_data_type=None,
@@ -363,6 +371,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
 
     begin_forward = plan
 
+    @document(returns="need : (int, int)\n    (float workspace bytes, int workspace bytes): the int workspace is unused (0).")
     def workspace_size(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                        page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1,
                        logits_soft_cap: float | None = None, q_data_type="float16", kv_data_type=None,
@@ -532,6 +541,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         self._finish(None, q_len, s, non_blocking)
         self._last_plan = ((ip, ix, lp), kw, False, None)
 
+    @document(returns=RUN_RETURNS)
     def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
             return_lse: bool = False, enable_pdl=None, window_left=None, sinks=None, q_len_per_req=None,
             skip_softmax_threshold_scale_factor=None, kv_cache_sf=None, stream=None):
@@ -577,6 +587,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
 
     run_return_lse = functools.partialmethod(run, return_lse=True)
 
+    @document(returns="o : array\n    The attention output, q's shape and dtype.")
     def forward(self, q, paged_kv_cache, pos_encoding_mode: str = "NONE", q_scale=None, k_scale=None, v_scale=None,
                 window_left: int = -1, logits_soft_cap: float | None = None, sm_scale: float | None = None,
                 rope_scale: float | None = None, rope_theta: float | None = None):
@@ -586,6 +597,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
                        sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)
         return self.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
 
+    @document(returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
     def forward_return_lse(self, q, paged_kv_cache, pos_encoding_mode: str = "NONE", q_scale=None, k_scale=None,
                            v_scale=None, window_left: int = -1, logits_soft_cap: float | None = None,
                            sm_scale: float | None = None, rope_scale: float | None = None,
@@ -596,6 +608,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         return self.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, return_lse=True)
 
 
+@document()
 class CUDAGraphBatchDecodeWithPagedKVCacheWrapper(BatchDecodeWithPagedKVCacheWrapper):
     """FlashInfer's CUDA-graph decode wrapper: use_cuda_graph=True with the index buffers that fix
     the batch size (len(last_page_len_buffer)) and the most pages (len(indices_buffer))."""
@@ -606,6 +619,7 @@ class CUDAGraphBatchDecodeWithPagedKVCacheWrapper(BatchDecodeWithPagedKVCacheWra
                          last_page_len_buffer)
 
 
+@document(skip=())
 def fast_decode_plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                      page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1,
                      logits_soft_cap: float | None = None, q_data_type=None, kv_data_type=None, data_type=None,
@@ -639,6 +653,7 @@ _single_plans = PlanCache()
 _single_scratch: dict = {}
 
 
+@document(returns="o : array\n    (num_qo_heads, head_dim), q's dtype.\nlse : float32 array\n    Only with return_lse=True: (o, lse), lse (num_qo_heads,) in base 2.")
 def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mode: str = "NONE",
                                 use_tensor_cores: bool = False, q_scale: float | None = None,
                                 k_scale: float | None = None, v_scale: float | None = None,

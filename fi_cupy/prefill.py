@@ -26,6 +26,7 @@ from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_output
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
 from ._core.kernels import KernelSpec, Program, f32, f64, i32, i64, ptr, u32
+from ._core.docs import RUN_RETURNS, document
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 Q_DTYPES = (dt.float16, dt.bfloat16)
@@ -448,10 +449,13 @@ class _PrefillWrapper(PlannedWrapper):
         self._last_plan = None  # (tables, keyword arguments): forward() re-plans from them
         self._mask_store = None  # CUDA graphs without custom_mask_buf: the packed mask's fixed home
 
+    @document()
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
+        """Use another workspace from now on; the current plan is dropped (plan again)."""
         super().reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
         self._capacity = None  # CUDA graphs: metadata sizes, grid and tile fixed by the first plan
 
+    @document(returns="backend : str\n    \"fa3\" or \"fa2\".")
     def resolved_backend(self) -> str:
         """The backend the last plan runs: "fa3" (the Hopper kernel) or "fa2"; before a plan, the one
         asked for."""
@@ -459,6 +463,7 @@ class _PrefillWrapper(PlannedWrapper):
             return self._backend
         return "fa3" if self._plan.tile.sm90 else "fa2"
 
+    @document()
     def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:
         """Nothing to prewarm: the kernels take the cache's strides at run time, for any layout."""
         checks.choice("variant", variant, ("independent",))
@@ -619,6 +624,7 @@ class _PrefillWrapper(PlannedWrapper):
             self._plan_impl(tables, {**kw, **opts})
 
 
+@document()
 class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
     """Prefill (or append) attention for a batch of requests over a paged KV cache (FlashInfer's API).
 
@@ -641,6 +647,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
             custom_mask_buf=custom_mask_buf, mask_indptr_buf=mask_indptr_buf), backend, jit_args, jit_kwargs,
             variant_owns_mask)
 
+    @document()
     def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
              num_kv_heads: int, head_dim_qk: int, page_size: int, head_dim_vo: int | None = None,
              custom_mask=None, packed_custom_mask=None, causal: bool = False, pos_encoding_mode: str = "NONE",
@@ -665,6 +672,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
 
     begin_forward = plan
 
+    @document(returns="need : (int, int)\n    (float workspace bytes, int workspace bytes): the int workspace is unused (0).")
     def workspace_size(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
                        num_kv_heads: int, head_dim_qk: int, page_size: int, head_dim_vo: int | None = None,
                        custom_mask=None, packed_custom_mask=None, causal: bool = False, pos_encoding_mode: str = "NONE",
@@ -709,6 +717,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
             return need
         self._last_plan = (tables, kw)
 
+    @document(returns=RUN_RETURNS)
     def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
             return_lse: bool = False, lse_base: str = "log2", lse_layout: str = "NH", enable_pdl=None,
             window_left=None, sinks=None, kv_cache_sf=None, skip_softmax_threshold_scale_factor=None,
@@ -733,6 +742,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
 
     run_return_lse = functools.partialmethod(run, return_lse=True)
 
+    @document(returns="o : array\n    The attention output, q's shape and dtype.")
     def forward(self, q, paged_kv_cache, causal: bool = False, pos_encoding_mode: str = "NONE",
                 use_fp16_qk_reduction: bool = False, k_scale=None, v_scale=None, window_left: int = -1,
                 logits_soft_cap: float | None = None, sm_scale: float | None = None, rope_scale: float | None = None,
@@ -743,6 +753,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
         self._override({k: opts[k] for k in _PLAN_OPTIONS})
         return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale)
 
+    @document(returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
     def forward_return_lse(self, q, paged_kv_cache, causal: bool = False, pos_encoding_mode: str = "NONE",
                            use_fp16_qk_reduction: bool = False, k_scale=None, v_scale=None, window_left: int = -1,
                            logits_soft_cap: float | None = None, sm_scale: float | None = None,
@@ -753,6 +764,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
         return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale, return_lse=True)
 
 
+@document()
 class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
     """Prefill attention for a batch whose K/V are ragged arrays: request i's keys are rows
     kv_indptr[i] .. kv_indptr[i + 1] of k and v (total_kv, num_kv_heads, head_dim) [NHD] or
@@ -767,6 +779,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
             qo_indptr_buf=qo_indptr_buf, kv_indptr_buf=kv_indptr_buf, custom_mask_buf=custom_mask_buf,
             mask_indptr_buf=mask_indptr_buf), backend, jit_args, jit_kwargs, variant_owns_mask)
 
+    @document()
     def plan(self, qo_indptr, kv_indptr, num_qo_heads: int, num_kv_heads: int, head_dim_qk: int,
              head_dim_vo: int | None = None, custom_mask=None, packed_custom_mask=None, causal: bool = False,
              pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, window_left: int = -1,
@@ -811,6 +824,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
         self._plan.max_page = int(kv[-1])
         self._last_plan = (tables, kw)
 
+    @document(returns=RUN_RETURNS)
     def run(self, q, k, v, *args, q_scale=None, k_scale=None, v_scale=None, o_scale=None, out=None, lse=None,
             return_lse: bool = False, lse_base: str = "log2", lse_layout: str = "NH", enable_pdl=None,
             kv_cache_sf=None, stream=None):
@@ -824,6 +838,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
 
     run_return_lse = functools.partialmethod(run, return_lse=True)
 
+    @document(returns="o : array\n    The attention output, q's shape and dtype.")
     def forward(self, q, k, v, causal: bool = False, pos_encoding_mode: str = "NONE",
                 use_fp16_qk_reduction: bool = False, window_left: int = -1, logits_soft_cap: float | None = None,
                 sm_scale: float | None = None, rope_scale: float | None = None, rope_theta: float | None = None):
@@ -832,6 +847,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
         self._override({k_: opts[k_] for k_ in _PLAN_OPTIONS})
         return self.run(q, k, v)
 
+    @document(returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
     def forward_return_lse(self, q, k, v, causal: bool = False, pos_encoding_mode: str = "NONE",
                            use_fp16_qk_reduction: bool = False, window_left: int = -1,
                            logits_soft_cap: float | None = None, sm_scale: float | None = None,
@@ -864,6 +880,7 @@ _single_plans = PlanCache()
 _single_scratch: dict = {}
 
 
+@document(returns="o : array\n    q's shape and dtype.\nlse : float32 array\n    Only with return_lse=True: (o, lse), lse (qo_len, num_qo_heads) in base 2.")
 def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=None, o_dtype=None, custom_mask=None,
                                  packed_custom_mask=None, causal: bool = False, kv_layout: str = "NHD",
                                  pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,

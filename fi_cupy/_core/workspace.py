@@ -11,6 +11,7 @@ import numpy as np
 from . import arrays, checks, streams
 from . import dtypes as dt
 from .call import IMMUTABLE, device_of
+from .docs import document
 
 ALIGN = 256  # bytes: the partial-state regions of a workspace start on this boundary
 
@@ -100,9 +101,12 @@ class PlannedWrapper:
 
     @property
     def is_cuda_graph_enabled(self) -> bool:
+        """Whether the wrapper was made with use_cuda_graph=True."""
         return self._use_cuda_graph
 
+    @document()
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
+        """Use another workspace from now on; the current plan is dropped (plan again)."""
         self._ws = arrays.describe(float_workspace_buffer, "float_workspace_buffer")
         checks.contiguous(self._ws)
         checks.pointer_aligned(self._ws, 16)  # partial states and int4 metadata are read 16 bytes at a time
@@ -110,7 +114,7 @@ class PlannedWrapper:
         self._plan = None
 
     def end_forward(self) -> None:
-        pass
+        """FlashInfer's legacy call after forward(): nothing to release."""
 
 
 def caller(first, stream, name: str = "q") -> tuple:
