@@ -85,7 +85,45 @@ def _pair(c: Call, a, sa, b, sb, vo, so, mask) -> None:
 
 
 def merge_state(v_a, s_a, v_b, s_b, stream=None):
-    """Merge two attention states; returns (v_merged, s_merged)."""
+    """Merge two attention states: the attention over the union of two KV segments.
+
+    ``(v_a, s_a)`` is attention over segment A, ``(v_b, s_b)`` over segment B (the same queries); the
+    result is attention over A and B together.
+
+    Parameters
+    ----------
+    v_a : array
+        ``(seq_len, num_heads, head_dim)``, the output of attention over segment A: float16, bfloat16
+        or float32, on a CUDA device (torch, JAX, CuPy or any DLPack producer). The head dim must be
+        contiguous; the token and head strides are free.
+    s_a : array
+        ``(seq_len, num_heads)`` float32: the log-sum-exp of the attention logits in base 2, as
+        decode and prefill return it with ``return_lse=True``; -inf marks an empty state. Any strides.
+    v_b : array
+        ``(seq_len, num_heads, head_dim)``, the output over segment B: v_a's shape and dtype. The head
+        dim must be contiguous; the token and head strides are free.
+    s_b : array
+        ``(seq_len, num_heads)`` float32: the log-sum-exp of the attention logits in base 2, as
+        decode and prefill return it with ``return_lse=True``; -inf marks an empty state. Any strides.
+    stream : int, stream object or None, default None
+        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
+        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
+        fi_cupy's addition to FlashInfer's signature.
+
+    Returns
+    -------
+    v_merged : array
+        ``(seq_len, num_heads, head_dim)`` in v_a's dtype: a new array in the caller's framework.
+    s_merged : array
+        ``(seq_len, num_heads)`` float32, base 2.
+
+    Notes
+    -----
+    With ``w_x = 2 ** s_x``: ``v = (w_a * v_a + w_b * v_b) / (w_a + w_b)`` and ``s = log2(w_a + w_b)``,
+    in float32 and shifted by the larger lse. A state with ``s = -inf`` weighs nothing; merging two
+    empty states gives ``v = 0`` and ``s = -inf``. ``seq_len * num_heads`` must stay below ``2**31``.
+    fi_cupy also takes float32 states, any strides, JAX arrays and ``stream``.
+    """
     c = Call(v_a, stream, name="v_a")
     a, sa = _state(c, v_a, s_a, "v_a", "s_a")
     b, sb = _state(c, v_b, s_b, "v_b", "s_b")
@@ -97,8 +135,49 @@ def merge_state(v_a, s_a, v_b, s_b, stream=None):
 
 
 def merge_state_in_place(v, s, v_other, s_other, mask=None, stream=None):
-    """v, s <- merge((v, s), (v_other, s_other)) where mask (seq_len,) bool is True (everywhere
-    without a mask). Returns None; JAX callers get the merged (v, s) as new arrays."""
+    """Merge another attention state into ``(v, s)``, in place, where ``mask`` allows.
+
+    ``(v, s)`` becomes the merge of itself with ``(v_other, s_other)`` (see merge_state) on every token
+    whose mask entry is true; the other tokens keep their state.
+
+    Parameters
+    ----------
+    v : array
+        ``(seq_len, num_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
+        CuPy or any DLPack producer); updated in place, so no two elements may share memory. The head dim
+        must be contiguous; the token and head strides are free.
+    s : array
+        ``(seq_len, num_heads)`` float32: the log-sum-exp of the attention logits in base 2 (as decode
+        and prefill return it with ``return_lse=True``; -inf marks an empty state), updated in place.
+        Any strides.
+    v_other : array
+        ``(seq_len, num_heads, head_dim)``: v's shape and dtype. The head dim must be contiguous; the
+        token and head strides are free.
+    s_other : array
+        ``(seq_len, num_heads)`` float32: the log-sum-exp of the attention logits in base 2, as
+        decode and prefill return it with ``return_lse=True``; -inf marks an empty state. Any strides.
+    mask : array, optional
+        ``(seq_len,)`` bool, uint8 or int8, contiguous: merge the tokens whose entry is nonzero (CUDA
+        graphs replay one launch over a fixed number of rows and mask the ones past the batch). None:
+        every token.
+    stream : int, stream object or None, default None
+        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
+        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
+        fi_cupy's addition to FlashInfer's signature.
+
+    Returns
+    -------
+    None or tuple of array
+        None: v and s were updated in place. JAX callers (immutable arrays) get the merged
+        ``(v, s)`` as new arrays instead (the tokens the mask leaves alone copied from v and s).
+
+    Notes
+    -----
+    With ``w_x = 2 ** s_x``: ``v = (w_a * v_a + w_b * v_b) / (w_a + w_b)`` and ``s = log2(w_a + w_b)``,
+    in float32 and shifted by the larger lse. A state with ``s = -inf`` weighs nothing; merging two
+    empty states gives ``v = 0`` and ``s = -inf``. ``seq_len * num_heads`` must stay below ``2**31``.
+    fi_cupy also takes float32 states, any strides, JAX arrays and ``stream``.
+    """
     c = Call(v, stream, name="v")
     a, sa = _state(c, v, s, "v", "s")
     b, sb = _state(c, v_other, s_other, "v_other", "s_other")
@@ -125,8 +204,39 @@ def merge_state_in_place(v, s, v_other, s_other, mask=None, stream=None):
 
 
 def merge_states(v, s, stream=None):
-    """Merge num_states states per (token, head): v (seq_len, num_states, num_heads, head_dim),
-    s (seq_len, num_states, num_heads) -> (v_merged (seq_len, num_heads, head_dim), s_merged)."""
+    """Merge ``num_states`` attention states of each token: attention over the union of their segments.
+
+    State j of token t, ``(v[t, j], s[t, j])``, is attention over one KV segment; the result is
+    attention over all of them.
+
+    Parameters
+    ----------
+    v : array
+        ``(seq_len, num_states, num_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device
+        (torch, JAX, CuPy or any DLPack producer). The head dim must be contiguous; the other strides
+        are free.
+    s : array
+        ``(seq_len, num_states, num_heads)`` float32: each state's log-sum-exp in base 2 (-inf: empty).
+        Any strides.
+    stream : int, stream object or None, default None
+        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
+        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
+        fi_cupy's addition to FlashInfer's signature.
+
+    Returns
+    -------
+    v_merged : array
+        ``(seq_len, num_heads, head_dim)`` in v's dtype: a new array in the caller's framework.
+    s_merged : array
+        ``(seq_len, num_heads)`` float32, base 2.
+
+    Notes
+    -----
+    ``v = sum_j 2 ** s_j * v_j / sum_j 2 ** s_j`` and ``s = log2(sum_j 2 ** s_j)``, in float32; empty
+    states (``s = -inf``) weigh nothing, and a token whose states are all empty gets ``v = 0``,
+    ``s = -inf``. ``seq_len * num_heads`` must stay below ``2**31``. fi_cupy also takes float32 states,
+    any strides, JAX arrays and ``stream``.
+    """
     c = Call(v, stream, name="v")
     vi, si = _state(c, v, s, "v", "s", states_axis=True)
     seq, n, heads, d = vi.shape
@@ -240,6 +350,36 @@ class MultiLevelCascadeAttentionWrapper:
     def __init__(self, num_levels, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  qo_indptr_buf_arr=None, paged_kv_indptr_buf_arr=None, paged_kv_indices_buf_arr=None,
                  paged_kv_last_page_len_buf_arr=None):
+        """Create the wrapper and its num_levels batch prefill wrappers.
+
+        Parameters
+        ----------
+        num_levels : int
+            The number of levels (positive): level 0 the outermost shared prefix, the last level each
+            request's own tokens.
+        float_workspace_buffer : array
+            Workspace on the CUDA device of the inputs (torch, CuPy or any DLPack producer), any dtype,
+            contiguous: split into num_levels equal 256-byte aligned slices, one a level, each
+            holding that level's plan metadata and partial states. FlashInfer recommends 128 MB; a plan
+            that does not fit a level's slice raises ValueError saying so.
+        kv_layout : str, default "NHD"
+            ``"NHD"`` (pages of ``(page_size, num_kv_heads, head_dim)``) or ``"HND"`` (``(num_kv_heads,
+            page_size, head_dim)``).
+        use_cuda_graph : bool, default False
+            Keep every device address and launch shape fixed across plans, so that a CUDA graph
+            captured around run() replays later plans. The first plan fixes the most queries and the
+            (num_qo_heads, head_dim, q_data_type); a larger batch needs a new wrapper.
+        qo_indptr_buf_arr : list of array, optional
+            One int32 1-D contiguous device array a level (on the workspace's device); with
+            use_cuda_graph=True plan() copies that level's qo_indptr into it, as FlashInfer's plan()
+            does (our kernels read the workspace, so these are for the caller's own use).
+        paged_kv_indptr_buf_arr : list of array, optional
+            As qo_indptr_buf_arr, for each level's paged_kv_indptr.
+        paged_kv_indices_buf_arr : list of array, optional
+            As qo_indptr_buf_arr, for each level's paged_kv_indices.
+        paged_kv_last_page_len_buf_arr : list of array, optional
+            As qo_indptr_buf_arr, for each level's paged_kv_last_page_len.
+        """
         from . import prefill  # looked up per wrapper (the CPU tests put recorders in its place)
         self._num_levels = checks.positive_int("num_levels", num_levels)
         self._use_cuda_graph = checks.flag("use_cuda_graph", use_cuda_graph)
@@ -268,11 +408,22 @@ class MultiLevelCascadeAttentionWrapper:
 
     @property
     def is_cuda_graph_enabled(self) -> bool:
+        """Whether the wrapper was created with ``use_cuda_graph=True``."""
         return self._use_cuda_graph
 
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffers=None) -> None:
-        """A new float workspace, split again between the levels (the plans are dropped).
-        int_workspace_buffers: accepted for FlashInfer (a list, one a level), unused."""
+        """Give the wrapper a new float workspace, split again between the levels; the plans are dropped.
+
+        Parameters
+        ----------
+        float_workspace_buffer : array
+            Workspace on the CUDA device of the inputs (torch, CuPy or any DLPack producer), any dtype,
+            contiguous.
+        int_workspace_buffers : list of array, optional
+            FlashInfer's integer workspaces, one a level: checked to be a list of num_levels items,
+            otherwise unused (the plans live in the float workspace). FlashInfer requires them; here
+            they may be left out.
+        """
         ints = _arr_arg("int_workspace_buffers", int_workspace_buffers, self._num_levels, allow_none=True)
         ints = ints or [None] * self._num_levels
         ws = arrays.describe(float_workspace_buffer, "float_workspace_buffer")
@@ -283,7 +434,13 @@ class MultiLevelCascadeAttentionWrapper:
         self._total, self._scratch = None, None
 
     def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:
-        """Nothing to prewarm: the kernels take the cache's strides at run time."""
+        """Nothing to prewarm: the kernels take the cache's strides at run time.
+
+        Parameters
+        ----------
+        variant : str, default "independent"
+            FlashInfer's stride variant; only ``"independent"`` is accepted (ValueError otherwise).
+        """
         for w in self._wrappers:
             w.prewarm_paged_kv_stride_variant(variant)
 
@@ -292,12 +449,70 @@ class MultiLevelCascadeAttentionWrapper:
              pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, sm_scale: float | None = None,
              window_left: int = -1, logits_soft_cap: float | None = None, rope_scale: float | None = None,
              rope_theta: float | None = None, q_data_type="float16", kv_data_type=None, *, stream=None) -> None:
-        """Plan every level: level i's queries are grouped by qo_indptr_arr[i], its KV pages are
-        paged_kv_indices_arr[i][paged_kv_indptr_arr[i][r]:paged_kv_indptr_arr[i][r + 1]] for its
-        request r, the last holding paged_kv_last_page_len[i][r] tokens. The tables are read on the
-        host (pass numpy arrays; device arrays are copied, one synchronisation each). Attention options
-        apply to every level as in FlashInfer (positions and windows count within a level), causal to
-        the last level only."""
+        """Plan every level for a batch; the plan serves every layer's run() until the next plan().
+
+        Level i is a batch prefill of the queries grouped by ``qo_indptr_arr[i]`` over the pages of
+        that level's page table: give the queries of all requests sharing a level-i segment one
+        request there (e.g. ``qo_indptr_arr[0] = [0, total_q]`` for a prefix shared by all), so the
+        segment is read once for all of them. The tables are read on the host.
+
+        Parameters
+        ----------
+        qo_indptr_arr : list of array
+            One ``(batch_size_i + 1,)`` integer array a level: request r of level i holds query rows
+            ``qo_indptr_arr[i][r]`` to ``qo_indptr_arr[i][r + 1]``. Each starts at 0, is non-decreasing
+            and ends at the same total number of queries (q's rows). Read on the host: pass numpy
+            arrays (a device array is copied back, one synchronisation each).
+        paged_kv_indptr_arr : list of array
+            One ``(batch_size_i + 1,)`` integer array a level: request r of level i owns pages
+            ``paged_kv_indices_arr[i][paged_kv_indptr_arr[i][r]:paged_kv_indptr_arr[i][r + 1]]``.
+        paged_kv_indices_arr : list of array
+            One integer array a level of at least ``paged_kv_indptr_arr[i][-1]`` page indices (>= 0,
+            below the cache's num_pages at run time).
+        paged_kv_last_page_len : list of array
+            One ``(batch_size_i,)`` integer array a level: the tokens in each request's last page, in
+            ``[1, page_size]`` (0 for a request without pages).
+        num_qo_heads : int
+            Query heads; a multiple of num_kv_heads.
+        num_kv_heads : int
+            Key / value heads.
+        head_dim : int
+            64, 128 or 256 (the prefill kernel's head dims).
+        page_size : int
+            Tokens a page holds (positive).
+        causal : bool, default False
+            Causal mask on the last level only (bottom-right aligned within it), as in FlashInfer: a
+            query sees every shared level whole.
+        pos_encoding_mode : str, default "NONE"
+            ``"NONE"``, or ``"ROPE_LLAMA"`` to rotate q and k in the kernel (positions count within a
+            level). FlashInfer's ``"ALIBI"`` raises ValueError.
+        use_fp16_qk_reduction : bool, default False
+            Accepted; the kernels always accumulate in float32.
+        sm_scale : float, optional
+            Scale of the logits; None: ``1 / sqrt(head_dim)``.
+        window_left : int, default -1
+            Sliding window: a query sees no key more than window_left positions before its own
+            (positions counted within a level); -1 for none.
+        logits_soft_cap : float, optional
+            Soft cap ``cap * tanh(logit / cap)`` (positive); None or 0: none.
+        rope_scale : float, optional
+            ROPE_LLAMA's position interpolation factor; None: 1.
+        rope_theta : float, optional
+            ROPE_LLAMA's frequency base; None: 1e4.
+        q_data_type : str or dtype, default "float16"
+            float16 or bfloat16: a name, or a torch, numpy or JAX dtype.
+        kv_data_type : str or dtype, optional
+            The cache's dtype: q_data_type (None), float8_e4m3fn or float8_e5m2.
+        stream : int, stream object or None, default None
+            The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any
+            object with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's
+            for JAX). fi_cupy's addition to FlashInfer's signature.
+
+        Notes
+        -----
+        Every level's tables are checked before any level is planned, and a bad entry raises naming
+        the level, e.g. ``paged_kv_indptr_arr[1]``. ``stream`` is fi_cupy's addition.
+        """
         n = self._num_levels
         tables = [_arr_arg(name, a, n) for name, a in zip(_TABLES, (qo_indptr_arr, paged_kv_indptr_arr,
                                                                     paged_kv_indices_arr, paged_kv_last_page_len))]
@@ -368,9 +583,50 @@ class MultiLevelCascadeAttentionWrapper:
 
     def run(self, q, paged_kv_cache, *, k_scale=None, v_scale=None, out=None, lse=None, return_lse: bool = False,
             enable_pdl=None, stream=None):
-        """o (total_q, num_qo_heads, head_dim) in q's dtype (and lse (total_q, num_qo_heads), base 2, with
-        return_lse=True) of attention over every level's KV. q may have more rows than the plan's
-        queries (CUDA graphs keep one buffer): rows past them are left alone."""
+        """Attention of q over every level's KV: each level's (o, lse) merged into one output.
+
+        No host synchronisation; no allocation when ``out`` (and ``lse``, with return_lse) are given.
+
+        Parameters
+        ----------
+        q : array
+            ``(n, num_qo_heads, head_dim)`` in the planned q_data_type, ``n >= qo_indptr[-1]`` (rows past
+            the plan's queries are left alone: a CUDA graph keeps one buffer). The head dim contiguous,
+            the data pointer and the other strides multiples of 8 elements.
+        paged_kv_cache : array or tuple of array
+            The KV cache of every level: one 5-D array ``(num_pages, 2, page_size, num_kv_heads,
+            head_dim)`` for ``kv_layout="NHD"`` or ``(num_pages, 2, num_kv_heads, page_size, head_dim)``
+            for ``"HND"`` (``[:, 0]`` the keys, ``[:, 1]`` the values), or a ``(k_cache, v_cache)`` pair of
+            4-D arrays. In the planned kv_data_type, with the planned page_size, num_kv_heads and
+            head_dim; every page index of every level below num_pages. The head dim contiguous, the data
+            pointer and the other strides multiples of 8 elements (16 for fp8).
+        k_scale : float, optional
+            Multiplies the logits (an fp8 cache's key scale); None: 1. fi_cupy's addition.
+        v_scale : float, optional
+            Multiplies the output (an fp8 cache's value scale); None: 1. fi_cupy's addition.
+        out : array, optional
+            Where to write o: q's shape and dtype, head dim contiguous, rows 16-byte aligned; not a JAX
+            array. None: a new array. fi_cupy's addition.
+        lse : array, optional
+            Where to write the merged lse: ``(n, num_qo_heads)`` float32, contiguous; written whenever
+            given. Not a JAX array. fi_cupy's addition.
+        return_lse : bool, default False
+            Also return the lse. fi_cupy's addition.
+        enable_pdl : bool or None, default None
+            Programmatic dependent launch: a kernel may start while the previous one on the stream
+            finishes. None: on where the GPU supports it (compute capability 9.0 and newer).
+        stream : int, stream object or None, default None
+            The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any
+            object with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's
+            for JAX). fi_cupy's addition to FlashInfer's signature.
+
+        Returns
+        -------
+        o : array or tuple of array
+            ``(n, num_qo_heads, head_dim)`` in q's dtype (``out`` when given), in q's framework; with
+            ``return_lse=True``, ``(o, lse)`` with lse ``(n, num_qo_heads)`` float32, the log-sum-exp of
+            the logits in base 2.
+        """
         if self._total is None:
             raise RuntimeError("run() called before plan()")
         return_lse = checks.flag("return_lse", return_lse)
@@ -461,16 +717,34 @@ def _merged(o, lse, o_other, lse_other):
 
 
 class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
-    """Decode with a shared prefix (FlashInfer's two-level form; MultiLevelCascadeAttentionWrapper is
-    the general one): every request's KV is k_shared / v_shared followed by its own pages.
-    begin_forward() plans the unique part; forward(q, k_shared, v_shared, unique_kv_cache) runs the
-    batch's queries as one request against the prefix (single prefill, tensor cores, the prefix read
-    once), the batch decode over the unique pages, and merges the two.
+    """Batch decode whose requests share a prefix: FlashInfer's two-level cascade form.
 
-    data_type is the unique cache's dtype; q is taken to be float16 (FlashInfer's default), or
-    data_type itself when it is bfloat16. forward() re-plans when q or the cache has other dtypes."""
+    Every request's KV is the shared prefix (k_shared / v_shared, contiguous arrays) followed by its own
+    pages of a paged cache. forward() runs the batch's queries as one request against the prefix (the
+    single prefill kernel on tensor cores: the prefix is read once for the whole batch), the batch
+    decode over each request's own pages, and merges the two states. MultiLevelCascadeAttentionWrapper
+    is the general form (FlashInfer plans to deprecate this one in its favour).
+
+    Notes
+    -----
+    begin_forward()'s data_type is the unique cache's dtype; q is taken to be float16 (FlashInfer's
+    default), or bfloat16 when data_type is. forward() plans again when q or the cache come in other
+    dtypes, so any of float16 / bfloat16 q with a cache in q's dtype or fp8 (e4m3fn, e5m2) runs. head_dim
+    is 64, 128 or 256 (the prefix's prefill kernel).
+    """
 
     def __init__(self, float_workspace_buffer, kv_layout: str = "NHD"):
+        """Create the wrapper and the batch decode wrapper it plans the unique part on.
+
+        Parameters
+        ----------
+        float_workspace_buffer : array
+            Workspace on the CUDA device of the inputs (torch, CuPy or any DLPack producer), any dtype,
+            contiguous, 16-byte aligned: the plan's metadata and partial states. FlashInfer
+            recommends 128 MB.
+        kv_layout : str, default "NHD"
+            ``"NHD"`` or ``"HND"``: the axis order of k_shared / v_shared and of the cache's pages.
+        """
         from . import decode
         self._decode = decode.BatchDecodeWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
         self._kv_layout = kv_layout
@@ -478,14 +752,48 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
         self._dtypes = None  # (q dtype, kv dtype) of the current plan
 
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
+        """Give the wrapper a new float workspace (the next forward() plans again).
+
+        Parameters
+        ----------
+        float_workspace_buffer : array
+            Workspace on the CUDA device of the inputs (torch, CuPy or any DLPack producer), any dtype,
+            contiguous, 16-byte aligned.
+        int_workspace_buffer : array, optional
+            FlashInfer's integer workspace: unused (the plan lives in the float workspace). FlashInfer
+            requires it; here it may be left out.
+        """
         self._decode.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
         self._dtypes = None
 
     def begin_forward(self, unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len, num_qo_heads: int,
                       num_kv_heads: int, head_dim: int, page_size: int, data_type="float16") -> None:
-        """Plan the unique part: request r owns pages unique_kv_indices[unique_kv_indptr[r]:
-        unique_kv_indptr[r + 1]] (none: only the prefix), the last holding unique_kv_last_page_len[r]
-        tokens (0 for a request without pages). Tables are read on the host."""
+        """Plan the unique part of a batch: each request's own pages (the prefix needs no plan).
+
+        Parameters
+        ----------
+        unique_kv_indptr : array
+            ``(batch_size + 1,)`` integer array: request r owns pages
+            ``unique_kv_indices[unique_kv_indptr[r]:unique_kv_indptr[r + 1]]`` (none: only the prefix).
+            Read on the host: pass numpy arrays (device arrays are copied back, one synchronisation
+            each), as for the two below.
+        unique_kv_indices : array
+            At least ``unique_kv_indptr[-1]`` page indices (>= 0).
+        unique_kv_last_page_len : array
+            ``(batch_size,)``: the tokens in each request's last page, in ``[1, page_size]`` (0 for a
+            request without pages).
+        num_qo_heads : int
+            Query heads; a multiple of num_kv_heads.
+        num_kv_heads : int
+            Key / value heads.
+        head_dim : int
+            64, 128 or 256.
+        page_size : int
+            Tokens a page holds (positive).
+        data_type : str or dtype, default "float16"
+            The unique cache's dtype: float16, bfloat16, float8_e4m3fn or float8_e5m2 (a name, or a
+            torch, numpy or JAX dtype).
+        """
         kv = dt.as_dtype(data_type, "data_type")
         tables = (checks.host_int_array("unique_kv_indptr", unique_kv_indptr),
                   checks.host_int_array("unique_kv_indices", unique_kv_indices),
@@ -504,9 +812,30 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
         self._dtypes = (q_dtype, kv_dtype)
 
     def forward(self, q, k_shared, v_shared, unique_kv_cache):
-        """o (batch_size, num_qo_heads, head_dim): attention of each request's query over the shared
-        prefix (k_shared, v_shared: (shared_prefix_len, num_kv_heads, head_dim) [NHD] or (num_kv_heads,
-        shared_prefix_len, head_dim) [HND], the q dtype) and its unique pages in unique_kv_cache."""
+        """Decode attention of each request's query over the shared prefix and its own pages.
+
+        Parameters
+        ----------
+        q : array
+            ``(batch_size, num_qo_heads, head_dim)``, float16 or bfloat16: one query a request.
+        k_shared : array
+            The shared prefix's keys: ``(shared_prefix_len, num_kv_heads, head_dim)`` for
+            ``kv_layout="NHD"`` or ``(num_kv_heads, shared_prefix_len, head_dim)`` for ``"HND"``, in q's
+            dtype (the prefix runs on the prefill kernel, which takes K/V in the q dtype). The head dim
+            contiguous, the data pointer and the other strides multiples of 8 elements.
+        v_shared : array
+            The shared prefix's values: k_shared's shape, dtype and strides.
+        unique_kv_cache : array or tuple of array
+            The requests' own pages: one 5-D array ``(num_pages, 2, page_size, num_kv_heads, head_dim)``
+            [NHD] / ``(num_pages, 2, num_kv_heads, page_size, head_dim)`` [HND], or a ``(k_cache,
+            v_cache)`` pair of 4-D arrays, with the planned page_size, num_kv_heads and head_dim, every
+            planned page index below num_pages.
+
+        Returns
+        -------
+        array
+            ``(batch_size, num_qo_heads, head_dim)`` in q's dtype: a new array in q's framework.
+        """
         if self._args is None:
             raise RuntimeError("forward() called before begin_forward()")
         want = (_q_dtype(q), _cache_dtype(unique_kv_cache, "unique_kv_cache"))
@@ -522,20 +851,39 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
         return _merged(o, lse, o_u, lse_u)
 
     def end_forward(self) -> None:
+        """Nothing to release (FlashInfer's deprecated call, kept for its callers)."""
         pass
 
 
 class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
-    """Prefill / append with a shared prefix (FlashInfer's two-level form; MultiLevelCascadeAttention-
-    Wrapper is the general one): every request's KV is k_shared / v_shared followed by its own pages.
-    forward() runs all the queries as one request against the prefix (non-causal: the prefix is before
-    every query; read once), the batch prefill over the unique pages (causal there when causal=True,
-    bottom-right aligned within the unique part, as in FlashInfer), and merges the two.
+    """Batch prefill / append whose requests share a prefix: FlashInfer's two-level cascade form.
 
-    begin_forward() plans with q float16 (FlashInfer's default); forward() re-plans when q or the cache
-    has other dtypes (bfloat16, an fp8 unique cache) or its options differ from the plan's."""
+    Every request's KV is the shared prefix (k_shared / v_shared, contiguous arrays) followed by its own
+    pages of a paged cache. forward() runs all the queries as one request against the prefix (single
+    prefill, non-causal since the prefix precedes every query; the prefix is read once), the batch
+    prefill over each request's own pages (causal there with causal=True, bottom-right aligned within
+    the unique part, as in FlashInfer), and merges the two states. MultiLevelCascadeAttentionWrapper is
+    the general form (FlashInfer plans to deprecate this one in its favour).
+
+    Notes
+    -----
+    begin_forward() plans for float16 q (FlashInfer's default); forward() plans again when q or the
+    cache come in other dtypes (bfloat16, an fp8 unique cache) or its options differ from the plan's.
+    head_dim is 64, 128 or 256.
+    """
 
     def __init__(self, float_workspace_buffer, kv_layout: str = "NHD"):
+        """Create the wrapper and the batch prefill wrapper it plans the unique part on.
+
+        Parameters
+        ----------
+        float_workspace_buffer : array
+            Workspace on the CUDA device of the inputs (torch, CuPy or any DLPack producer), any dtype,
+            contiguous, 16-byte aligned: the plan's metadata and partial states. FlashInfer
+            recommends 128 MB.
+        kv_layout : str, default "NHD"
+            ``"NHD"`` or ``"HND"``: the axis order of k_shared / v_shared and of the cache's pages.
+        """
         from . import prefill
         self._prefill = prefill.BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
         self._kv_layout = kv_layout
@@ -543,17 +891,57 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
         self._opts = None  # the options and dtypes of the current plan
 
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
+        """Give the wrapper a new float workspace (the next forward() plans again).
+
+        Parameters
+        ----------
+        float_workspace_buffer : array
+            Workspace on the CUDA device of the inputs (torch, CuPy or any DLPack producer), any dtype,
+            contiguous, 16-byte aligned.
+        int_workspace_buffer : array, optional
+            FlashInfer's integer workspace: unused (the plan lives in the float workspace). FlashInfer
+            requires it; here it may be left out.
+        """
         self._prefill.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
         self._opts = None
 
     def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:
+        """Nothing to prewarm: the kernels take the cache's strides at run time.
+
+        Parameters
+        ----------
+        variant : str, default "independent"
+            FlashInfer's stride variant; only ``"independent"`` is accepted (ValueError otherwise).
+        """
         self._prefill.prewarm_paged_kv_stride_variant(variant)
 
     def begin_forward(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
                       num_kv_heads: int, head_dim: int, page_size: int) -> None:
-        """Plan the unique part: request r's queries are rows qo_indptr[r] .. qo_indptr[r + 1] of q, its
-        unique KV the pages paged_kv_indices[paged_kv_indptr[r]:paged_kv_indptr[r + 1]], the last holding
-        paged_kv_last_page_len[r] tokens. Tables are read on the host."""
+        """Plan the unique part of a batch: each request's queries and own pages.
+
+        Parameters
+        ----------
+        qo_indptr : array
+            ``(batch_size + 1,)`` integer array: request r's queries are rows ``qo_indptr[r]`` to
+            ``qo_indptr[r + 1]`` of q. Read on the host: pass numpy arrays (device arrays are copied
+            back, one synchronisation each), as for the three below.
+        paged_kv_indptr : array
+            ``(batch_size + 1,)``: request r owns pages
+            ``paged_kv_indices[paged_kv_indptr[r]:paged_kv_indptr[r + 1]]``.
+        paged_kv_indices : array
+            At least ``paged_kv_indptr[-1]`` page indices (>= 0).
+        paged_kv_last_page_len : array
+            ``(batch_size,)``: the tokens in each request's last page, in ``[1, page_size]`` (0 for a
+            request without pages).
+        num_qo_heads : int
+            Query heads; a multiple of num_kv_heads.
+        num_kv_heads : int
+            Key / value heads.
+        head_dim : int
+            64, 128 or 256.
+        page_size : int
+            Tokens a page holds (positive).
+        """
         tables = tuple(checks.host_int_array(n, a) for n, a in (
             ("qo_indptr", qo_indptr), ("paged_kv_indptr", paged_kv_indptr), ("paged_kv_indices", paged_kv_indices),
             ("paged_kv_last_page_len", paged_kv_last_page_len)))
@@ -575,8 +963,43 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
     def forward(self, q, k_shared, v_shared, unique_kv_cache, causal: bool = False,
                 use_fp16_qk_reduction: bool = False, sm_scale: float | None = None, rope_scale: float | None = None,
                 rope_theta: float | None = None):
-        """o (qo_indptr[-1], num_qo_heads, head_dim): attention of every query over the shared prefix
-        (k_shared, v_shared as in the decode form, the q dtype) and its request's unique pages."""
+        """Prefill attention of every query over the shared prefix and its request's own pages.
+
+        Parameters
+        ----------
+        q : array
+            ``(qo_indptr[-1], num_qo_heads, head_dim)``, float16 or bfloat16; the head dim contiguous,
+            the data pointer and the other strides multiples of 8 elements.
+        k_shared : array
+            The shared prefix's keys: ``(shared_prefix_len, num_kv_heads, head_dim)`` for
+            ``kv_layout="NHD"`` or ``(num_kv_heads, shared_prefix_len, head_dim)`` for ``"HND"``, in q's
+            dtype (the prefix runs on the prefill kernel, which takes K/V in the q dtype). The head dim
+            contiguous, the data pointer and the other strides multiples of 8 elements.
+        v_shared : array
+            The shared prefix's values: k_shared's shape, dtype and strides.
+        unique_kv_cache : array or tuple of array
+            The requests' own pages: one 5-D array ``(num_pages, 2, page_size, num_kv_heads, head_dim)``
+            [NHD] / ``(num_pages, 2, num_kv_heads, page_size, head_dim)`` [HND], or a ``(k_cache,
+            v_cache)`` pair of 4-D arrays, with the planned page_size, num_kv_heads and head_dim, every
+            planned page index below num_pages.
+        causal : bool, default False
+            Causal mask over the unique part (bottom-right aligned within it); the prefix is always seen
+            whole.
+        use_fp16_qk_reduction : bool, default False
+            Accepted; the kernels always accumulate in float32.
+        sm_scale : float, optional
+            Scale of the logits; None: ``1 / sqrt(head_dim)``.
+        rope_scale : float, optional
+            Checked (positive) and passed on, but without effect: no RoPE is applied here, as in
+            FlashInfer, whose forward() also runs with pos_encoding_mode "NONE".
+        rope_theta : float, optional
+            As rope_scale: checked, without effect.
+
+        Returns
+        -------
+        array
+            ``(qo_indptr[-1], num_qo_heads, head_dim)`` in q's dtype: a new array in q's framework.
+        """
         if self._args is None:
             raise RuntimeError("forward() called before begin_forward()")
         causal = checks.flag("causal", causal)
@@ -597,4 +1020,5 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
         return _merged(o, lse, o_u, lse_u)
 
     def end_forward(self) -> None:
+        """Nothing to release (FlashInfer's deprecated call, kept for its callers)."""
         pass

@@ -9,7 +9,6 @@ KV the q dtype or fp8 (e4m3fn, e5m2); any page size; any GQA group; NHD and HND;
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -24,7 +23,7 @@ from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_output
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
 from ._core.kernels import KernelSpec, Program, f32, f64, i32, i64, ptr, u32
-from ._core.docs import RUN_RETURNS, document
+from ._core.docs import RUN_OPTIONS, RUN_RETURNS, document
 
 SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
 Q_DTYPES = (dt.float16, dt.bfloat16)
@@ -279,7 +278,7 @@ def _check_q(q: arrays.ArrayInfo, p: DecodeParams, batch_shape: tuple) -> None:
 # Public API
 
 
-@document()
+@document("Decode attention for a batch of requests over a paged KV cache (FlashInfer's API).")
 class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
     """Decode attention for a batch of requests over a paged KV cache (FlashInfer's API).
 
@@ -330,17 +329,17 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         """The use_tensor_cores the wrapper was made with (the kernel choice does not depend on it)."""
         return self._use_tensor_cores
 
-    @document(returns="backend : str\n    \"fa2\".")
+    @document('The backend the plan runs.', returns="backend : str\n    \"fa2\".")
     def resolved_backend(self) -> str:
         """The backend plan() runs: always FlashInfer's "fa2" family (our portable kernels)."""
         return "fa2"
 
-    @document()
+    @document("Accepted for FlashInfer's API; nothing to prewarm.")
     def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:
         """Nothing to prewarm: the kernels take the cache's strides at run time, for any layout."""
         checks.choice("variant", variant, ("independent",))
 
-    @document()
+    @document('Use another workspace buffer.')
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
         """Use another workspace from now on; the current plan is dropped (plan again)."""
         super().reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
@@ -348,7 +347,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         if getattr(self, "_multi", None) is not None:
             self._multi.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
 
-    @document()
+    @document('Plan a decode batch (host work, one copy of the schedule into the workspace).')
     def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
              page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1,
              logits_soft_cap: float | None = None, q_data_type="float16", kv_data_type=None, o_data_type=None,
@@ -371,7 +370,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
 
     begin_forward = plan
 
-    @document(returns="need : (int, int)\n    (float workspace bytes, int workspace bytes): the int workspace is unused (0).")
+    @document('The workspace bytes plan() would need for these arguments.', returns="need : (int, int)\n    (float workspace bytes, int workspace bytes): the int workspace is unused (0).")
     def workspace_size(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                        page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1,
                        logits_soft_cap: float | None = None, q_data_type="float16", kv_data_type=None,
@@ -541,7 +540,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         self._finish(None, q_len, s, non_blocking)
         self._last_plan = ((ip, ix, lp), kw, False, None)
 
-    @document(returns=RUN_RETURNS)
+    @document('Decode attention of the planned batch.', returns=RUN_RETURNS, params=RUN_OPTIONS)
     def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
             return_lse: bool = False, enable_pdl=None, window_left=None, sinks=None, q_len_per_req=None,
             skip_softmax_threshold_scale_factor=None, kv_cache_sf=None, stream=None):
@@ -585,9 +584,12 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         arrays.keep_alive(qi.device, s, (qi, o, l_info) + kv.infos + plan.keep)
         return deliver(out_obj, lse_obj, return_lse, fw)
 
-    run_return_lse = functools.partialmethod(run, return_lse=True)
+    @document("run() with return_lse=True.", returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
+    def run_return_lse(self, q, paged_kv_cache, *args, **kwargs):
+        """FlashInfer's name for run(..., return_lse=True); the keywords are run()'s."""
+        return self.run(q, paged_kv_cache, *args, return_lse=True, **kwargs)
 
-    @document(returns="o : array\n    The attention output, q's shape and dtype.")
+    @document("FlashInfer's legacy call: its options replace the plan's, then run().", returns="o : array\n    The attention output, q's shape and dtype.")
     def forward(self, q, paged_kv_cache, pos_encoding_mode: str = "NONE", q_scale=None, k_scale=None, v_scale=None,
                 window_left: int = -1, logits_soft_cap: float | None = None, sm_scale: float | None = None,
                 rope_scale: float | None = None, rope_theta: float | None = None):
@@ -597,7 +599,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
                        sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)
         return self.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
 
-    @document(returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
+    @document('forward() that also returns the log-sum-exp.', returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
     def forward_return_lse(self, q, paged_kv_cache, pos_encoding_mode: str = "NONE", q_scale=None, k_scale=None,
                            v_scale=None, window_left: int = -1, logits_soft_cap: float | None = None,
                            sm_scale: float | None = None, rope_scale: float | None = None,
@@ -608,7 +610,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         return self.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, return_lse=True)
 
 
-@document()
+@document("FlashInfer's CUDA-graph decode wrapper (use_cuda_graph=True with fixed index buffers).")
 class CUDAGraphBatchDecodeWithPagedKVCacheWrapper(BatchDecodeWithPagedKVCacheWrapper):
     """FlashInfer's CUDA-graph decode wrapper: use_cuda_graph=True with the index buffers that fix
     the batch size (len(last_page_len_buffer)) and the most pages (len(indices_buffer))."""
@@ -619,7 +621,7 @@ class CUDAGraphBatchDecodeWithPagedKVCacheWrapper(BatchDecodeWithPagedKVCacheWra
                          last_page_len_buffer)
 
 
-@document(skip=())
+@document("Re-plan a decode wrapper cheaply between CUDA-graph replays (FlashInfer's fast_decode_plan).", skip=(), params={'q_data_type': 'str or dtype, optional\n    float16 or bfloat16; None: data_type, else float16.'})
 def fast_decode_plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                      page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1,
                      logits_soft_cap: float | None = None, q_data_type=None, kv_data_type=None, data_type=None,
@@ -653,7 +655,7 @@ _single_plans = PlanCache()
 _single_scratch: dict = {}
 
 
-@document(returns="o : array\n    (num_qo_heads, head_dim), q's dtype.\nlse : float32 array\n    Only with return_lse=True: (o, lse), lse (num_qo_heads,) in base 2.")
+@document("Decode attention of one query token against one request's K and V.", returns="o : array\n    (num_qo_heads, head_dim), q's dtype.\nlse : float32 array\n    Only with return_lse=True: (o, lse), lse (num_qo_heads,) in base 2.")
 def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mode: str = "NONE",
                                 use_tensor_cores: bool = False, q_scale: float | None = None,
                                 k_scale: float | None = None, v_scale: float | None = None,

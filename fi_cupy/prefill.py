@@ -10,7 +10,6 @@ A custom mask replaces the causal mask, as in FlashInfer (causal=True is then ig
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_output
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
 from ._core.kernels import KernelSpec, Program, f32, f64, i32, i64, ptr, u32
-from ._core.docs import RUN_RETURNS, document
+from ._core.docs import RUN_OPTIONS, RUN_RETURNS, document
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 Q_DTYPES = (dt.float16, dt.bfloat16)
@@ -449,13 +448,13 @@ class _PrefillWrapper(PlannedWrapper):
         self._last_plan = None  # (tables, keyword arguments): forward() re-plans from them
         self._mask_store = None  # CUDA graphs without custom_mask_buf: the packed mask's fixed home
 
-    @document()
+    @document('Use another workspace buffer.')
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
         """Use another workspace from now on; the current plan is dropped (plan again)."""
         super().reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
         self._capacity = None  # CUDA graphs: metadata sizes, grid and tile fixed by the first plan
 
-    @document(returns="backend : str\n    \"fa3\" or \"fa2\".")
+    @document('The backend the last plan runs.', returns="backend : str\n    \"fa3\" or \"fa2\".")
     def resolved_backend(self) -> str:
         """The backend the last plan runs: "fa3" (the Hopper kernel) or "fa2"; before a plan, the one
         asked for."""
@@ -463,7 +462,7 @@ class _PrefillWrapper(PlannedWrapper):
             return self._backend
         return "fa3" if self._plan.tile.sm90 else "fa2"
 
-    @document()
+    @document("Accepted for FlashInfer's API; nothing to prewarm.")
     def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:
         """Nothing to prewarm: the kernels take the cache's strides at run time, for any layout."""
         checks.choice("variant", variant, ("independent",))
@@ -624,7 +623,7 @@ class _PrefillWrapper(PlannedWrapper):
             self._plan_impl(tables, {**kw, **opts})
 
 
-@document()
+@document("Prefill (or append) attention for a batch over a paged KV cache (FlashInfer's API).")
 class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
     """Prefill (or append) attention for a batch of requests over a paged KV cache (FlashInfer's API).
 
@@ -647,7 +646,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
             custom_mask_buf=custom_mask_buf, mask_indptr_buf=mask_indptr_buf), backend, jit_args, jit_kwargs,
             variant_owns_mask)
 
-    @document()
+    @document('Plan a prefill batch over a paged KV cache.')
     def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
              num_kv_heads: int, head_dim_qk: int, page_size: int, head_dim_vo: int | None = None,
              custom_mask=None, packed_custom_mask=None, causal: bool = False, pos_encoding_mode: str = "NONE",
@@ -672,7 +671,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
 
     begin_forward = plan
 
-    @document(returns="need : (int, int)\n    (float workspace bytes, int workspace bytes): the int workspace is unused (0).")
+    @document('The workspace bytes plan() would need for these arguments.', returns="need : (int, int)\n    (float workspace bytes, int workspace bytes): the int workspace is unused (0).")
     def workspace_size(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
                        num_kv_heads: int, head_dim_qk: int, page_size: int, head_dim_vo: int | None = None,
                        custom_mask=None, packed_custom_mask=None, causal: bool = False, pos_encoding_mode: str = "NONE",
@@ -717,7 +716,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
             return need
         self._last_plan = (tables, kw)
 
-    @document(returns=RUN_RETURNS)
+    @document('Prefill attention of the planned batch.', returns=RUN_RETURNS, params=RUN_OPTIONS)
     def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
             return_lse: bool = False, lse_base: str = "log2", lse_layout: str = "NH", enable_pdl=None,
             window_left=None, sinks=None, kv_cache_sf=None, skip_softmax_threshold_scale_factor=None,
@@ -740,9 +739,12 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
                 checks.vector_aligned(info, 16)
         return self._run(q, kv, out, lse, return_lse, qk_scale, v_scale, s, fw, cur)
 
-    run_return_lse = functools.partialmethod(run, return_lse=True)
+    @document("run() with return_lse=True.", returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
+    def run_return_lse(self, q, paged_kv_cache, *args, **kwargs):
+        """FlashInfer's name for run(..., return_lse=True); the keywords are run()'s."""
+        return self.run(q, paged_kv_cache, *args, return_lse=True, **kwargs)
 
-    @document(returns="o : array\n    The attention output, q's shape and dtype.")
+    @document("FlashInfer's legacy call: its options replace the plan's, then run().", returns="o : array\n    The attention output, q's shape and dtype.")
     def forward(self, q, paged_kv_cache, causal: bool = False, pos_encoding_mode: str = "NONE",
                 use_fp16_qk_reduction: bool = False, k_scale=None, v_scale=None, window_left: int = -1,
                 logits_soft_cap: float | None = None, sm_scale: float | None = None, rope_scale: float | None = None,
@@ -753,7 +755,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
         self._override({k: opts[k] for k in _PLAN_OPTIONS})
         return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale)
 
-    @document(returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
+    @document('forward() that also returns the log-sum-exp.', returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
     def forward_return_lse(self, q, paged_kv_cache, causal: bool = False, pos_encoding_mode: str = "NONE",
                            use_fp16_qk_reduction: bool = False, k_scale=None, v_scale=None, window_left: int = -1,
                            logits_soft_cap: float | None = None, sm_scale: float | None = None,
@@ -764,7 +766,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
         return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale, return_lse=True)
 
 
-@document()
+@document("Prefill attention for a batch whose K/V are ragged arrays (FlashInfer's API).")
 class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
     """Prefill attention for a batch whose K/V are ragged arrays: request i's keys are rows
     kv_indptr[i] .. kv_indptr[i + 1] of k and v (total_kv, num_kv_heads, head_dim) [NHD] or
@@ -779,7 +781,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
             qo_indptr_buf=qo_indptr_buf, kv_indptr_buf=kv_indptr_buf, custom_mask_buf=custom_mask_buf,
             mask_indptr_buf=mask_indptr_buf), backend, jit_args, jit_kwargs, variant_owns_mask)
 
-    @document()
+    @document('Plan a prefill batch over ragged K/V.')
     def plan(self, qo_indptr, kv_indptr, num_qo_heads: int, num_kv_heads: int, head_dim_qk: int,
              head_dim_vo: int | None = None, custom_mask=None, packed_custom_mask=None, causal: bool = False,
              pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, window_left: int = -1,
@@ -824,7 +826,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
         self._plan.max_page = int(kv[-1])
         self._last_plan = (tables, kw)
 
-    @document(returns=RUN_RETURNS)
+    @document('Prefill attention of the planned batch.', returns=RUN_RETURNS)
     def run(self, q, k, v, *args, q_scale=None, k_scale=None, v_scale=None, o_scale=None, out=None, lse=None,
             return_lse: bool = False, lse_base: str = "log2", lse_layout: str = "NH", enable_pdl=None,
             kv_cache_sf=None, stream=None):
@@ -836,9 +838,12 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
             raise ValueError(f"k: has {n} rows but kv_indptr[-1] is {self._plan.max_page}")
         return self._run(q, kvv, out, lse, return_lse, qk_scale, v_scale, s, fw, cur)
 
-    run_return_lse = functools.partialmethod(run, return_lse=True)
+    @document("run() with return_lse=True.", returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
+    def run_return_lse(self, q, k, v, *args, **kwargs):
+        """FlashInfer's name for run(..., return_lse=True); the keywords are run()'s."""
+        return self.run(q, k, v, *args, return_lse=True, **kwargs)
 
-    @document(returns="o : array\n    The attention output, q's shape and dtype.")
+    @document("FlashInfer's legacy call: its options replace the plan's, then run().", returns="o : array\n    The attention output, q's shape and dtype.")
     def forward(self, q, k, v, causal: bool = False, pos_encoding_mode: str = "NONE",
                 use_fp16_qk_reduction: bool = False, window_left: int = -1, logits_soft_cap: float | None = None,
                 sm_scale: float | None = None, rope_scale: float | None = None, rope_theta: float | None = None):
@@ -847,7 +852,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
         self._override({k_: opts[k_] for k_ in _PLAN_OPTIONS})
         return self.run(q, k, v)
 
-    @document(returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
+    @document('forward() that also returns the log-sum-exp.', returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
     def forward_return_lse(self, q, k, v, causal: bool = False, pos_encoding_mode: str = "NONE",
                            use_fp16_qk_reduction: bool = False, window_left: int = -1,
                            logits_soft_cap: float | None = None, sm_scale: float | None = None,
@@ -880,7 +885,7 @@ _single_plans = PlanCache()
 _single_scratch: dict = {}
 
 
-@document(returns="o : array\n    q's shape and dtype.\nlse : float32 array\n    Only with return_lse=True: (o, lse), lse (qo_len, num_qo_heads) in base 2.")
+@document('Prefill attention of one request.', returns="o : array\n    q's shape and dtype.\nlse : float32 array\n    Only with return_lse=True: (o, lse), lse (qo_len, num_qo_heads) in base 2.")
 def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=None, o_dtype=None, custom_mask=None,
                                  packed_custom_mask=None, causal: bool = False, kv_layout: str = "NHD",
                                  pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,

@@ -1,6 +1,7 @@
 """Mask packing (FlashInfer keeps these in flashinfer.quantization): `packbits` and `segment_packbits`
-(cuda_src/packbits.cu), as numpy.packbits does it. Prefill takes custom masks packed little-endian: each request's (qo_len, kv_len) boolean mask
-flattened row-major, packed on its own and padded to a whole byte, the requests concatenated."""
+(cuda_src/packbits.cu), as numpy.packbits does it. Prefill takes custom masks packed little-endian: each
+request's (qo_len, kv_len) boolean mask flattened row-major, packed on its own and padded to a whole byte,
+the requests concatenated."""
 from __future__ import annotations
 
 import numpy as np
@@ -50,7 +51,33 @@ def _pack(c: Call, xi, indptr: np.ndarray, bitorder: str, name: str = "x"):
 
 
 def packbits(x, bitorder: str = "big", stream=None):
-    """Pack a 1-D boolean array into uint8 (numpy.packbits(x, bitorder=...)), on x's device."""
+    """Pack a 1-D boolean array into bits of a uint8 array, as ``numpy.packbits`` does.
+
+    Elements ``8j .. 8j + 7`` become byte j; the last byte is padded with zero bits.
+
+    Parameters
+    ----------
+    x : array
+        ``(n,)`` bool, uint8 or int8 (nonzero is 1), contiguous, on a CUDA device (torch, JAX, CuPy or
+        any DLPack producer).
+    bitorder : str, default "big"
+        ``"big"``: the first element goes to the most significant bit of its byte (numpy's default);
+        ``"little"``: to the least significant (the order prefill's packed_custom_mask uses).
+    stream : int, stream object or None, default None
+        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
+        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
+        fi_cupy's addition to FlashInfer's signature.
+
+    Returns
+    -------
+    array
+        ``(ceil(n / 8),)`` uint8: a new array in x's framework.
+
+    Notes
+    -----
+    The call uploads its segment offsets and waits for the stream once (a host synchronisation):
+    pack masks at plan time, not on a hot path. ``stream`` is fi_cupy's addition.
+    """
     c = Call(x, stream, name="x")
     xi = _describe(c, x)
     obj, _ = _pack(c, xi, np.array([0, xi.shape[0]], dtype=np.int64), bitorder)
@@ -58,8 +85,42 @@ def packbits(x, bitorder: str = "big", stream=None):
 
 
 def segment_packbits(x, indptr, bitorder: str = "big", stream=None):
-    """Pack each segment x[indptr[i]:indptr[i + 1]] on its own (padded to a byte). Returns (packed,
-    new_indptr) with new_indptr the segments' byte offsets, both in x's framework."""
+    """Pack each segment of a 1-D boolean array on its own, as ``numpy.packbits`` does.
+
+    Segment i, ``x[indptr[i]:indptr[i + 1]]``, becomes bytes ``new_indptr[i]`` to ``new_indptr[i + 1]``
+    of the output, its last byte padded with zero bits: that is how prefill's custom masks are packed,
+    one request at a time.
+
+    Parameters
+    ----------
+    x : array
+        ``(indptr[-1],)`` bool, uint8 or int8 (nonzero is 1), contiguous, on a CUDA device (torch, JAX,
+        CuPy or any DLPack producer).
+    indptr : array
+        ``(num_segments + 1,)`` integer offsets of the segments in x: starting at 0, non-decreasing,
+        ``indptr[-1] = len(x)``. Read on the host: pass a numpy array (a device array is copied back,
+        one synchronisation).
+    bitorder : str, default "big"
+        ``"big"``: the first element goes to the most significant bit of its byte (numpy's default);
+        ``"little"``: to the least significant (the order prefill's packed_custom_mask uses).
+    stream : int, stream object or None, default None
+        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
+        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
+        fi_cupy's addition to FlashInfer's signature.
+
+    Returns
+    -------
+    packed : array
+        ``(new_indptr[-1],)`` uint8: a new array in x's framework.
+    new_indptr : array
+        ``(num_segments + 1,)`` int32 device array (x's framework): the byte offsets of the packed
+        segments, ``new_indptr[i + 1] - new_indptr[i] = ceil((indptr[i + 1] - indptr[i]) / 8)``.
+
+    Notes
+    -----
+    The call uploads the offsets and waits for the stream once (a host synchronisation). new_indptr is
+    int32 whatever indptr's dtype. ``stream`` is fi_cupy's addition.
+    """
     ip = checks.host_int_array("indptr", indptr)
     checks.indptr("indptr", ip)
     c = Call(x, stream, name="x")

@@ -157,33 +157,282 @@ def _rope(q, k, *, inplace: bool, pos_ids=None, indptr=None, offsets=None, rotar
 
 
 def apply_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4, stream=None):
-    """RoPE of a ragged batch (token i of request b at offsets[b] + i); returns (q_rope, k_rope)."""
+    """Rotary position embedding of a ragged batch of queries and keys, out of place.
+
+    Token i of request b (rows ``indptr[b]`` to ``indptr[b + 1]``) sits at position ``offsets[b] + i``;
+    cos / sin are computed in the kernel.
+
+    Parameters
+    ----------
+    q : array
+        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
+        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
+        free (e.g. a view of a fused qkv buffer).
+    k : array
+        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
+        strides as for q.
+    indptr : array
+        ``(batch_size + 1,)`` int32 or int64 device array, contiguous, ``batch_size >= 1``: request b's
+        tokens are rows ``indptr[b]`` to ``indptr[b + 1]`` of q and k (``indptr[-1] = nnz``).
+    offsets : array
+        ``(batch_size,)`` in indptr's dtype, contiguous: the position of each request's first token;
+        token i of request b is rotated at position ``offsets[b] + i``.
+    rotary_dim : int, optional
+        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
+        others pass through unchanged. None (the default): the whole head_dim, which must then be even
+        and at most 1024.
+    interleave : bool, default False
+        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
+        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
+        must then be aligned to two elements.
+    rope_scale : float, default 1
+        Linear position interpolation: the frequencies are divided by it (positive).
+    rope_theta : float, default 1e4
+        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` (positive).
+    stream : int, stream object or None, default None
+        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
+        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
+        fi_cupy's addition to FlashInfer's signature.
+
+    Returns
+    -------
+    q_rope : array
+        A new array of q's shape and dtype (contiguous), in the caller's framework.
+    k_rope : array
+        A new array of k's shape and dtype (contiguous).
+
+    Notes
+    -----
+    ``inv_freq_i = rope_theta ** (-2i / rotary_dim) / rope_scale`` is computed in float64 and rounded
+    to float32; the angle ``position * inv_freq_i`` is a float32 product and its sin / cos are taken in
+    float32, as Hugging Face's LlamaRotaryEmbedding computes them. fi_cupy also takes float32 q / k,
+    JAX arrays and ``stream``.
+    """
     return _rope(q, k, inplace=False, indptr=indptr, offsets=offsets, rotary_dim=rotary_dim, interleave=interleave,
                  rope_scale=rope_scale, rope_theta=rope_theta, stream=stream)
 
 
 def apply_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4,
                        stream=None):
-    """apply_rope written into q and k (JAX: returns the new pair)."""
+    """Rotary position embedding of a ragged batch of queries and keys, in place.
+
+    Token i of request b (rows ``indptr[b]`` to ``indptr[b + 1]``) sits at position ``offsets[b] + i``;
+    cos / sin are computed in the kernel.
+
+    Parameters
+    ----------
+    q : array
+        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
+        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
+        free (e.g. a view of a fused qkv buffer).
+    k : array
+        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
+        strides as for q.
+    indptr : array
+        ``(batch_size + 1,)`` int32 or int64 device array, contiguous, ``batch_size >= 1``: request b's
+        tokens are rows ``indptr[b]`` to ``indptr[b + 1]`` of q and k (``indptr[-1] = nnz``).
+    offsets : array
+        ``(batch_size,)`` in indptr's dtype, contiguous: the position of each request's first token;
+        token i of request b is rotated at position ``offsets[b] + i``.
+    rotary_dim : int, optional
+        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
+        others pass through unchanged. None (the default): the whole head_dim, which must then be even
+        and at most 1024.
+    interleave : bool, default False
+        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
+        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
+        must then be aligned to two elements.
+    rope_scale : float, default 1
+        Linear position interpolation: the frequencies are divided by it (positive).
+    rope_theta : float, default 1e4
+        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` (positive).
+    stream : int, stream object or None, default None
+        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
+        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
+        fi_cupy's addition to FlashInfer's signature.
+
+    Returns
+    -------
+    None or tuple of array
+        None: q and k were rotated in place. JAX callers (immutable arrays) get new
+        ``(q_rope, k_rope)`` instead, the inputs untouched.
+
+    Notes
+    -----
+    ``inv_freq_i = rope_theta ** (-2i / rotary_dim) / rope_scale`` is computed in float64 and rounded
+    to float32; the angle ``position * inv_freq_i`` is a float32 product and its sin / cos are taken in
+    float32, as Hugging Face's LlamaRotaryEmbedding computes them. q and k are written in place, so
+    neither may have elements that share memory. fi_cupy also takes float32 q / k, JAX arrays (the
+    rotated pair is returned) and ``stream``.
+    """
     return _rope(q, k, inplace=True, indptr=indptr, offsets=offsets, rotary_dim=rotary_dim, interleave=interleave,
                  rope_scale=rope_scale, rope_theta=rope_theta, stream=stream)
 
 
 def apply_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4, stream=None):
-    """RoPE at explicit positions pos_ids (nnz,); returns (q_rope, k_rope)."""
+    """Rotary position embedding of queries and keys at explicit positions, out of place.
+
+    Token t sits at position ``pos_ids[t]``; cos / sin are computed in the kernel.
+
+    Parameters
+    ----------
+    q : array
+        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
+        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
+        free (e.g. a view of a fused qkv buffer).
+    k : array
+        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
+        strides as for q.
+    pos_ids : array
+        ``(nnz,)`` int32 or int64 device array, contiguous: the position of each token.
+    rotary_dim : int, optional
+        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
+        others pass through unchanged. None (the default): the whole head_dim, which must then be even
+        and at most 1024.
+    interleave : bool, default False
+        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
+        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
+        must then be aligned to two elements.
+    rope_scale : float, default 1
+        Linear position interpolation: the frequencies are divided by it (positive).
+    rope_theta : float, default 1e4
+        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` (positive).
+    stream : int, stream object or None, default None
+        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
+        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
+        fi_cupy's addition to FlashInfer's signature.
+
+    Returns
+    -------
+    q_rope : array
+        A new array of q's shape and dtype (contiguous), in the caller's framework.
+    k_rope : array
+        A new array of k's shape and dtype (contiguous).
+
+    Notes
+    -----
+    ``inv_freq_i = rope_theta ** (-2i / rotary_dim) / rope_scale`` is computed in float64 and rounded
+    to float32; the angle ``position * inv_freq_i`` is a float32 product and its sin / cos are taken in
+    float32, as Hugging Face's LlamaRotaryEmbedding computes them. fi_cupy also takes float32 q / k,
+    JAX arrays and ``stream``.
+    """
     return _rope(q, k, inplace=False, pos_ids=pos_ids, rotary_dim=rotary_dim, interleave=interleave,
                  rope_scale=rope_scale, rope_theta=rope_theta, stream=stream)
 
 
 def apply_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4,
                                stream=None):
+    """Rotary position embedding of queries and keys at explicit positions, in place.
+
+    Token t sits at position ``pos_ids[t]``; cos / sin are computed in the kernel.
+
+    Parameters
+    ----------
+    q : array
+        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
+        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
+        free (e.g. a view of a fused qkv buffer).
+    k : array
+        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
+        strides as for q.
+    pos_ids : array
+        ``(nnz,)`` int32 or int64 device array, contiguous: the position of each token.
+    rotary_dim : int, optional
+        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
+        others pass through unchanged. None (the default): the whole head_dim, which must then be even
+        and at most 1024.
+    interleave : bool, default False
+        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
+        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
+        must then be aligned to two elements.
+    rope_scale : float, default 1
+        Linear position interpolation: the frequencies are divided by it (positive).
+    rope_theta : float, default 1e4
+        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` (positive).
+    stream : int, stream object or None, default None
+        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
+        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
+        fi_cupy's addition to FlashInfer's signature.
+
+    Returns
+    -------
+    None or tuple of array
+        None: q and k were rotated in place. JAX callers (immutable arrays) get new
+        ``(q_rope, k_rope)`` instead, the inputs untouched.
+
+    Notes
+    -----
+    ``inv_freq_i = rope_theta ** (-2i / rotary_dim) / rope_scale`` is computed in float64 and rounded
+    to float32; the angle ``position * inv_freq_i`` is a float32 product and its sin / cos are taken in
+    float32, as Hugging Face's LlamaRotaryEmbedding computes them. q and k are written in place, so
+    neither may have elements that share memory. fi_cupy also takes float32 q / k, JAX arrays (the
+    rotated pair is returned) and ``stream``.
+    """
     return _rope(q, k, inplace=True, pos_ids=pos_ids, rotary_dim=rotary_dim, interleave=interleave,
                  rope_scale=rope_scale, rope_theta=rope_theta, stream=stream)
 
 
 def apply_llama31_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8, rope_theta=5e5,
                        low_freq_factor=1, high_freq_factor=4, old_context_len=8192, stream=None):
-    """Llama 3.1 RoPE (frequencies rescaled by rope_scale as the factor) of a ragged batch."""
+    """Llama 3.1 rotary embedding of a ragged batch of queries and keys, out of place.
+
+    Token i of request b (rows ``indptr[b]`` to ``indptr[b + 1]``) sits at position ``offsets[b] + i``;
+    the frequencies are rescaled as Llama 3.1 does for long context, and cos / sin computed in the kernel.
+
+    Parameters
+    ----------
+    q : array
+        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
+        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
+        free (e.g. a view of a fused qkv buffer).
+    k : array
+        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
+        strides as for q.
+    indptr : array
+        ``(batch_size + 1,)`` int32 or int64 device array, contiguous, ``batch_size >= 1``: request b's
+        tokens are rows ``indptr[b]`` to ``indptr[b + 1]`` of q and k (``indptr[-1] = nnz``).
+    offsets : array
+        ``(batch_size,)`` in indptr's dtype, contiguous: the position of each request's first token;
+        token i of request b is rotated at position ``offsets[b] + i``.
+    rotary_dim : int, optional
+        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
+        others pass through unchanged. None (the default): the whole head_dim, which must then be even
+        and at most 1024.
+    interleave : bool, default False
+        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
+        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
+        must then be aligned to two elements.
+    rope_scale : float, default 8
+        Llama 3.1's ``factor``: low frequencies are divided by it, high ones kept, the band between
+        blended (positive). Positions are not divided.
+    rope_theta : float, default 5e5
+        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` before the rescaling (positive).
+    low_freq_factor : float, default 1
+        Llama 3.1's ``low_freq_factor``: frequencies whose wavelength exceeds
+        ``old_context_len / low_freq_factor`` are divided by ``rope_scale``.
+    high_freq_factor : float, default 4
+        Llama 3.1's ``high_freq_factor``: frequencies whose wavelength is below
+        ``old_context_len / high_freq_factor`` are kept. Must differ from low_freq_factor.
+    old_context_len : int, default 8192
+        Llama 3.1's ``original_max_position_embeddings``, the context length the model was trained on.
+    stream : int, stream object or None, default None
+        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
+        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
+        fi_cupy's addition to FlashInfer's signature.
+
+    Returns
+    -------
+    q_rope : array
+        A new array of q's shape and dtype (contiguous), in the caller's framework.
+    k_rope : array
+        A new array of k's shape and dtype (contiguous).
+
+    Notes
+    -----
+    The frequencies are Hugging Face's Llama 3 rescaling of ``rope_theta ** (-2i / rotary_dim)``,
+    computed in float64 and rounded to float32; the angle is a float32 product of position and
+    frequency, its sin / cos in float32. fi_cupy also takes float32 q / k, JAX arrays and ``stream``.
+    """
     return _rope(q, k, inplace=False, indptr=indptr, offsets=offsets, rotary_dim=rotary_dim, interleave=interleave,
                  freq="llama31", rope_scale=rope_scale, rope_theta=rope_theta, low_freq_factor=low_freq_factor,
                  high_freq_factor=high_freq_factor, old_context_len=old_context_len, stream=stream)
@@ -192,6 +441,66 @@ def apply_llama31_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False,
 def apply_llama31_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8,
                                rope_theta=5e5, low_freq_factor=1, high_freq_factor=4, old_context_len=8192,
                                stream=None):
+    """Llama 3.1 rotary embedding of a ragged batch of queries and keys, in place.
+
+    Token i of request b (rows ``indptr[b]`` to ``indptr[b + 1]``) sits at position ``offsets[b] + i``;
+    the frequencies are rescaled as Llama 3.1 does for long context, and cos / sin computed in the kernel.
+
+    Parameters
+    ----------
+    q : array
+        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
+        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
+        free (e.g. a view of a fused qkv buffer).
+    k : array
+        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
+        strides as for q.
+    indptr : array
+        ``(batch_size + 1,)`` int32 or int64 device array, contiguous, ``batch_size >= 1``: request b's
+        tokens are rows ``indptr[b]`` to ``indptr[b + 1]`` of q and k (``indptr[-1] = nnz``).
+    offsets : array
+        ``(batch_size,)`` in indptr's dtype, contiguous: the position of each request's first token;
+        token i of request b is rotated at position ``offsets[b] + i``.
+    rotary_dim : int, optional
+        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
+        others pass through unchanged. None (the default): the whole head_dim, which must then be even
+        and at most 1024.
+    interleave : bool, default False
+        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
+        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
+        must then be aligned to two elements.
+    rope_scale : float, default 8
+        Llama 3.1's ``factor``: low frequencies are divided by it, high ones kept, the band between
+        blended (positive). Positions are not divided.
+    rope_theta : float, default 5e5
+        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` before the rescaling (positive).
+    low_freq_factor : float, default 1
+        Llama 3.1's ``low_freq_factor``: frequencies whose wavelength exceeds
+        ``old_context_len / low_freq_factor`` are divided by ``rope_scale``.
+    high_freq_factor : float, default 4
+        Llama 3.1's ``high_freq_factor``: frequencies whose wavelength is below
+        ``old_context_len / high_freq_factor`` are kept. Must differ from low_freq_factor.
+    old_context_len : int, default 8192
+        Llama 3.1's ``original_max_position_embeddings``, the context length the model was trained on.
+    stream : int, stream object or None, default None
+        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
+        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
+        fi_cupy's addition to FlashInfer's signature.
+
+    Returns
+    -------
+    None or tuple of array
+        None: q and k were rotated in place. JAX callers (immutable arrays) get new
+        ``(q_rope, k_rope)`` instead, the inputs untouched.
+
+    Notes
+    -----
+    The frequencies are Hugging Face's Llama 3 rescaling of ``rope_theta ** (-2i / rotary_dim)``,
+    computed in float64 and rounded to float32; the angle is a float32 product of position and
+    frequency, its sin / cos in float32. q and k are written in place, so neither may have elements that
+    share memory. fi_cupy also takes float32 q / k, JAX arrays (the rotated pair is returned) and
+    ``stream``.
+    """
     return _rope(q, k, inplace=True, indptr=indptr, offsets=offsets, rotary_dim=rotary_dim, interleave=interleave,
                  freq="llama31", rope_scale=rope_scale, rope_theta=rope_theta, low_freq_factor=low_freq_factor,
                  high_freq_factor=high_freq_factor, old_context_len=old_context_len, stream=stream)
@@ -199,6 +508,61 @@ def apply_llama31_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleav
 
 def apply_llama31_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8, rope_theta=5e5,
                                low_freq_factor=1, high_freq_factor=4, old_context_len=8192, stream=None):
+    """Llama 3.1 rotary embedding of queries and keys at explicit positions, out of place.
+
+    Token t sits at position ``pos_ids[t]``; the frequencies are rescaled as Llama 3.1 does for long
+    context, and cos / sin computed in the kernel.
+
+    Parameters
+    ----------
+    q : array
+        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
+        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
+        free (e.g. a view of a fused qkv buffer).
+    k : array
+        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
+        strides as for q.
+    pos_ids : array
+        ``(nnz,)`` int32 or int64 device array, contiguous: the position of each token.
+    rotary_dim : int, optional
+        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
+        others pass through unchanged. None (the default): the whole head_dim, which must then be even
+        and at most 1024.
+    interleave : bool, default False
+        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
+        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
+        must then be aligned to two elements.
+    rope_scale : float, default 8
+        Llama 3.1's ``factor``: low frequencies are divided by it, high ones kept, the band between
+        blended (positive). Positions are not divided.
+    rope_theta : float, default 5e5
+        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` before the rescaling (positive).
+    low_freq_factor : float, default 1
+        Llama 3.1's ``low_freq_factor``: frequencies whose wavelength exceeds
+        ``old_context_len / low_freq_factor`` are divided by ``rope_scale``.
+    high_freq_factor : float, default 4
+        Llama 3.1's ``high_freq_factor``: frequencies whose wavelength is below
+        ``old_context_len / high_freq_factor`` are kept. Must differ from low_freq_factor.
+    old_context_len : int, default 8192
+        Llama 3.1's ``original_max_position_embeddings``, the context length the model was trained on.
+    stream : int, stream object or None, default None
+        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
+        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
+        fi_cupy's addition to FlashInfer's signature.
+
+    Returns
+    -------
+    q_rope : array
+        A new array of q's shape and dtype (contiguous), in the caller's framework.
+    k_rope : array
+        A new array of k's shape and dtype (contiguous).
+
+    Notes
+    -----
+    The frequencies are Hugging Face's Llama 3 rescaling of ``rope_theta ** (-2i / rotary_dim)``,
+    computed in float64 and rounded to float32; the angle is a float32 product of position and
+    frequency, its sin / cos in float32. fi_cupy also takes float32 q / k, JAX arrays and ``stream``.
+    """
     return _rope(q, k, inplace=False, pos_ids=pos_ids, rotary_dim=rotary_dim, interleave=interleave,
                  freq="llama31", rope_scale=rope_scale, rope_theta=rope_theta, low_freq_factor=low_freq_factor,
                  high_freq_factor=high_freq_factor, old_context_len=old_context_len, stream=stream)
@@ -207,19 +571,158 @@ def apply_llama31_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False,
 def apply_llama31_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8,
                                        rope_theta=5e5, low_freq_factor=1, high_freq_factor=4, old_context_len=8192,
                                        stream=None):
+    """Llama 3.1 rotary embedding of queries and keys at explicit positions, in place.
+
+    Token t sits at position ``pos_ids[t]``; the frequencies are rescaled as Llama 3.1 does for long
+    context, and cos / sin computed in the kernel.
+
+    Parameters
+    ----------
+    q : array
+        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
+        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
+        free (e.g. a view of a fused qkv buffer).
+    k : array
+        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
+        strides as for q.
+    pos_ids : array
+        ``(nnz,)`` int32 or int64 device array, contiguous: the position of each token.
+    rotary_dim : int, optional
+        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
+        others pass through unchanged. None (the default): the whole head_dim, which must then be even
+        and at most 1024.
+    interleave : bool, default False
+        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
+        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
+        must then be aligned to two elements.
+    rope_scale : float, default 8
+        Llama 3.1's ``factor``: low frequencies are divided by it, high ones kept, the band between
+        blended (positive). Positions are not divided.
+    rope_theta : float, default 5e5
+        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` before the rescaling (positive).
+    low_freq_factor : float, default 1
+        Llama 3.1's ``low_freq_factor``: frequencies whose wavelength exceeds
+        ``old_context_len / low_freq_factor`` are divided by ``rope_scale``.
+    high_freq_factor : float, default 4
+        Llama 3.1's ``high_freq_factor``: frequencies whose wavelength is below
+        ``old_context_len / high_freq_factor`` are kept. Must differ from low_freq_factor.
+    old_context_len : int, default 8192
+        Llama 3.1's ``original_max_position_embeddings``, the context length the model was trained on.
+    stream : int, stream object or None, default None
+        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
+        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
+        fi_cupy's addition to FlashInfer's signature.
+
+    Returns
+    -------
+    None or tuple of array
+        None: q and k were rotated in place. JAX callers (immutable arrays) get new
+        ``(q_rope, k_rope)`` instead, the inputs untouched.
+
+    Notes
+    -----
+    The frequencies are Hugging Face's Llama 3 rescaling of ``rope_theta ** (-2i / rotary_dim)``,
+    computed in float64 and rounded to float32; the angle is a float32 product of position and
+    frequency, its sin / cos in float32. q and k are written in place, so neither may have elements that
+    share memory. fi_cupy also takes float32 q / k, JAX arrays (the rotated pair is returned) and
+    ``stream``.
+    """
     return _rope(q, k, inplace=True, pos_ids=pos_ids, rotary_dim=rotary_dim, interleave=interleave,
                  freq="llama31", rope_scale=rope_scale, rope_theta=rope_theta, low_freq_factor=low_freq_factor,
                  high_freq_factor=high_freq_factor, old_context_len=old_context_len, stream=stream)
 
 
 def apply_rope_with_cos_sin_cache(positions, query, key, head_size, cos_sin_cache, is_neox=True, stream=None):
-    """RoPE from a float32 cache (max_position, rotary_dim) = [cos | sin]; query (nnz, heads * head_size)
-    or (nnz, heads, head_size). is_neox=True is the rotate-half form. Returns (query_out, key_out)."""
+    """Rotary position embedding of queries and keys from a cos / sin cache, out of place.
+
+    The SGLang / vLLM form: cos and sin come from a precomputed table indexed by position.
+
+    Parameters
+    ----------
+    positions : array
+        ``(nnz,)`` int32 or int64 device array, contiguous: the position of each token, a row of
+        cos_sin_cache.
+    query : array
+        ``(nnz, num_q_heads * head_size)`` (vLLM / SGLang's layout) or ``(nnz, num_q_heads, head_size)``;
+        float16, bfloat16 or float32, on a CUDA device. The last dim must be contiguous; the token stride
+        (and the head stride of the 3-D form) is free.
+    key : array
+        ``(nnz, num_k_heads * head_size)`` or ``(nnz, num_k_heads, head_size)``: query's dtype and nnz (the
+        number of heads may differ); strides as for query.
+    head_size : int
+        The head dim: it divides the last dim of 2-D query / key, or equals it for 3-D ones.
+    cos_sin_cache : array
+        ``(max_position, rotary_dim)`` float32, last dim contiguous: row p holds ``cos(p * f_i)`` for
+        ``i < rotary_dim // 2``, then ``sin(p * f_i)``. rotary_dim (even, at most head_size) is taken from
+        its width: the first rotary_dim dims of each head are rotated, the rest pass through.
+    is_neox : bool, default True
+        True: "rotate half" (GPT-NeoX, Llama), dim ``j`` paired with ``j + rotary_dim // 2``. False: GPT-J
+        style, dims ``2i`` and ``2i + 1`` (q and k aligned to two elements).
+    stream : int, stream object or None, default None
+        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
+        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
+        fi_cupy's addition to FlashInfer's signature.
+
+    Returns
+    -------
+    query_out : array
+        A new array of query's shape and dtype (contiguous), in the caller's framework.
+    key_out : array
+        A new array of key's shape and dtype (contiguous).
+
+    Notes
+    -----
+    A position outside ``[0, max_position)`` gives NaN in that token's rotated dims rather than a read
+    outside the cache. fi_cupy also takes float32 query / key, JAX arrays and ``stream``.
+    """
     return _rope(query, key, inplace=False, pos_ids=positions, interleave=not is_neox, freq="cache",
                  cos_sin_cache=cos_sin_cache, head_size=checks.positive_int("head_size", head_size), stream=stream)
 
 
 def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size, cos_sin_cache, is_neox=True,
                                           stream=None):
+    """Rotary position embedding of queries and keys from a cos / sin cache, in place.
+
+    The SGLang / vLLM form: cos and sin come from a precomputed table indexed by position.
+
+    Parameters
+    ----------
+    positions : array
+        ``(nnz,)`` int32 or int64 device array, contiguous: the position of each token, a row of
+        cos_sin_cache.
+    query : array
+        ``(nnz, num_q_heads * head_size)`` (vLLM / SGLang's layout) or ``(nnz, num_q_heads, head_size)``;
+        float16, bfloat16 or float32, on a CUDA device. The last dim must be contiguous; the token stride
+        (and the head stride of the 3-D form) is free.
+    key : array
+        ``(nnz, num_k_heads * head_size)`` or ``(nnz, num_k_heads, head_size)``: query's dtype and nnz (the
+        number of heads may differ); strides as for query.
+    head_size : int
+        The head dim: it divides the last dim of 2-D query / key, or equals it for 3-D ones.
+    cos_sin_cache : array
+        ``(max_position, rotary_dim)`` float32, last dim contiguous: row p holds ``cos(p * f_i)`` for
+        ``i < rotary_dim // 2``, then ``sin(p * f_i)``. rotary_dim (even, at most head_size) is taken from
+        its width: the first rotary_dim dims of each head are rotated, the rest pass through.
+    is_neox : bool, default True
+        True: "rotate half" (GPT-NeoX, Llama), dim ``j`` paired with ``j + rotary_dim // 2``. False: GPT-J
+        style, dims ``2i`` and ``2i + 1`` (q and k aligned to two elements).
+    stream : int, stream object or None, default None
+        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
+        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
+        fi_cupy's addition to FlashInfer's signature.
+
+    Returns
+    -------
+    None or tuple of array
+        None: query and key were rotated in place. JAX callers (immutable arrays) get new
+        ``(query_out, key_out)`` instead, the inputs untouched.
+
+    Notes
+    -----
+    A position outside ``[0, max_position)`` gives NaN in that token's rotated dims rather than a read
+    outside the cache. query and key are written in place, so neither may have elements that share
+    memory. fi_cupy also takes float32 query / key, JAX arrays (the rotated pair is returned) and
+    ``stream``.
+    """
     return _rope(query, key, inplace=True, pos_ids=positions, interleave=not is_neox, freq="cache",
                  cos_sin_cache=cos_sin_cache, head_size=checks.positive_int("head_size", head_size), stream=stream)

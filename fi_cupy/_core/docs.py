@@ -156,23 +156,32 @@ RUN_RETURNS = ("o : array\n    The attention output, q's shape and dtype (out wh
                "lse : float32 array\n    Only with return_lse=True: (o, lse), lse of shape q.shape[:-1], base 2.")
 
 
-def document(returns: str | None = None, notes: str | None = None, skip: tuple = ("self",)):
-    """Decorator: keep fn's own docstring as its summary and description, then append numpydoc sections:
-    Parameters (every parameter of fn's signature, from GLOSSARY, in order; `skip` left out), Returns
-    and Notes. On a class, the parameters are its constructor's."""
+def document(summary: str, returns: str | None = None, skip: tuple = ("self",), params: dict | None = None):
+    """Decorator: fn.__doc__ = the one-line `summary`, fn's own docstring as the extended description,
+    then numpydoc Parameters (every parameter of fn's signature, in order, from `params` or GLOSSARY;
+    `skip` left out) and Returns. On a class, the parameters are its constructor's."""
     def apply(fn):
-        lines = [inspect.cleandoc(fn.__doc__ or ""), "", "Parameters", "----------"]
+        lines = [summary.strip(), ""]
+        if fn.__doc__:
+            lines += [inspect.cleandoc(fn.__doc__), ""]
+        lines += ["Parameters", "----------"]
         for name, p in inspect.signature(fn).parameters.items():
             if name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
-            if name not in GLOSSARY:
+            entry = (params or {}).get(name, GLOSSARY.get(name))
+            if entry is None:
                 raise KeyError(f"{fn.__qualname__}: parameter {name!r} is not in fi_cupy._core.docs.GLOSSARY")
-            head, _, body = GLOSSARY[name].partition("\n")
+            head, _, body = entry.partition("\n")
             lines += [f"{name} : {head}", body]
         if returns:
             lines += ["", "Returns", "-------", returns]
-        if notes:
-            lines += ["", "Notes", "-----", inspect.cleandoc(notes)]
         fn.__doc__ = "\n".join(lines) + "\n"
         return fn
     return apply
+
+
+RUN_OPTIONS = {  # run()'s per-call forms of plan options (default None: the plan's)
+    "window_left": "int, optional\n    Only None or the planned window_left: the window is part of the plan's "
+                   "schedule (another value raises NotImplementedError).",
+    "q_len_per_req": "int, optional\n    None or the planned q_len_per_req (checked).",
+}

@@ -104,7 +104,7 @@ class PlannedWrapper:
         """Whether the wrapper was made with use_cuda_graph=True."""
         return self._use_cuda_graph
 
-    @document()
+    @document('Use another workspace buffer.')
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
         """Use another workspace from now on; the current plan is dropped (plan again)."""
         self._ws = arrays.describe(float_workspace_buffer, "float_workspace_buffer")
