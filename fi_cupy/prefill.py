@@ -386,7 +386,7 @@ def _prepare_mask(custom_mask, packed_custom_mask, qo_lens: np.ndarray, kv_lens:
         host = np.concatenate([np.packbits(flat[bit_indptr[i]:bit_indptr[i + 1]].astype(bool), bitorder="little")
                                for i in range(sizes.size)] or [np.zeros(0, np.uint8)])
         packed_custom_mask = arrays.empty("cupy", (max(host.size, 1),), dt.uint8, device, stream)
-        upload(host, arrays.describe(packed_custom_mask).ptr, device, stream)
+        upload(host, arrays.describe(packed_custom_mask, "custom_mask (packed)").ptr, device, stream)
     elif packed_custom_mask is None:
         info = arrays.describe(custom_mask, "custom_mask", stream, current_of)
         checks.dtype_in(info, MASK_DTYPES)

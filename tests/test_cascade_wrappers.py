@@ -459,7 +459,8 @@ def test_multilevel(levels, causal, group, page_size):
     qo = rng.integers(1, 6, batch).tolist()
     qo[0] = 1  # a decode request
     unique = [q + int(rng.integers(0, 80)) for q in qo]
-    b = CascadeBatch(_shared_spec(levels, batch, group + page_size), unique, qo, page_size, hq=2 * group, hkv=2)
+    b = CascadeBatch(_shared_spec(levels, batch, group + page_size), unique, qo, page_size, hq=2 * group, hkv=2,
+                     kv_dtype=dtype)
     w, q = _run_multilevel(b, causal, dtype)
     out = torch_nan_like(q)
     o = w.run(q, b.cache, out=out)
@@ -643,8 +644,8 @@ def _planned_decode_shared():
 
 
 def _unplanned_ml():
-    b = CascadeBatch([[(50, 3)]], [4, 0, 9], [1, 2, 1], 16, hq=8, hkv=2, d=64)
-    return fi_cupy.MultiLevelCascadeAttentionWrapper(2, _workspace(4096)), b
+    b = CascadeBatch([[(50, 40)]], [4, 0, 9, 1] * 10, [1, 2, 1, 1] * 10, 16, hq=8, hkv=2, d=64)
+    return fi_cupy.MultiLevelCascadeAttentionWrapper(2, _workspace(4096)), b  # 80 work items: > 2 KB a level
 
 
 # name: (set-up, the bad call on what set-up returns, exception, argument named first, text it contains)
