@@ -651,7 +651,7 @@ def _unplanned_ml():
 # name: (set-up, the bad call on what set-up returns, exception, argument named first, text it contains)
 GPU_CASES = {
     "ml_plan_workspace_too_small": (_unplanned_ml, lambda w, b: w.plan(*b.plan_args(), 8, 2, 64, 16),
-                                    ValueError, "float_workspace_buffer", "level 0's share"),
+                                    ValueError, "float_workspace_buffer", "level 1's share"),
     "ml_run_q_short": (_planned_ml, lambda w, b, q: w.run(q[:3], b.cache), ValueError, "q", "has 3 rows"),
     "ml_run_q_other_dtype": (_planned_ml, lambda w, b, q: w.run(q.half(), b.cache), TypeError, "q", "float16"),
     "ml_run_cache_too_few_pages": (_planned_ml, lambda w, b, q: w.run(q, b.cache[:2]), ValueError,
