@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._core import checks, kernels
 from ._core import dtypes as dt
 from ._core.call import Call
+from ._core.docs import KERNEL_GLOSSARY, document
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr
 
 DTYPES = (dt.float16, dt.bfloat16, dt.float32)
@@ -45,112 +46,55 @@ def _act_and_mul(act: str, input, out, stream, enable_pdl=None):
     return c.result(out_obj)
 
 
-def silu_and_mul(input, out=None, enable_pdl=None, stream=None):
-    """Fused SiLU and multiply, the gated MLP activation of Llama-style models.
+# Each parameter's entry, once for the module (docs.document writes the Parameters sections).
+_PARAMS = {**KERNEL_GLOSSARY,
+           "input": ("array\n"
+                     "    ``(..., 2 * d)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX, CuPy or any\n"
+                     "    DLPack producer). The last dim must be contiguous and even; the leading dims may have any\n"
+                     "    strides that collapse into one strided row axis (e.g. a stride on the token axis)."),
+           "out": ("array, optional\n"
+                   "    Where to write the result: ``(..., d)`` in input's dtype, last dim contiguous, its leading\n"
+                   "    dims one strided row axis, no two elements sharing memory. Not a JAX array (immutable).\n"
+                   "    None: a new array."),
+           "stream": ("int, stream object or None, default None\n"
+                      "    The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any\n"
+                      "    object with ``__cuda_stream__``. None: the current stream of the caller's framework\n"
+                      "    (CuPy's for JAX).")}
 
-    ``out = silu(input[..., :d]) * input[..., d:]`` with ``d = input.shape[-1] // 2``: the first half of
+_GATED = ("array\n"
+          "    ``(..., d)`` in input's dtype: ``out`` when given, else a new array of the caller's framework.")
+
+
+@document("Fused SiLU and multiply, the gated MLP activation of Llama-style models.", returns=_GATED,
+          glossary=_PARAMS,
+          notes=("``silu(x) = x * sigmoid(x)``. Arithmetic in float32, rounded once to the output dtype. ``stream``\n"
+                 "is fi_cupy's addition to FlashInfer's signature."))
+def silu_and_mul(input, out=None, enable_pdl=None, stream=None):
+    """``out = silu(input[..., :d]) * input[..., d:]`` with ``d = input.shape[-1] // 2``: the first half of
     the last dim is the gate, the second half the up projection (FlashInfer's layout, as a fused gate_up
     GEMM writes it).
-
-    Parameters
-    ----------
-    input : array
-        ``(..., 2 * d)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX, CuPy or any DLPack
-        producer). The last dim must be contiguous and even; the leading dims may have any strides
-        that collapse into one strided row axis (e.g. a stride on the token axis).
-    out : array, optional
-        Where to write the result: ``(..., d)`` in input's dtype, last dim contiguous, its leading dims
-        one strided row axis, no two elements sharing memory. Not a JAX array (immutable). None: a new
-        array.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-
-    Returns
-    -------
-    array
-        ``(..., d)`` in input's dtype: ``out`` when given, else a new array of the caller's framework.
-
-    Notes
-    -----
-    ``silu(x) = x * sigmoid(x)``. Arithmetic in float32, rounded once to the output dtype. ``stream`` is
-    fi_cupy's addition to FlashInfer's signature.
     """
     return _act_and_mul("silu", input, out, stream, enable_pdl)
 
 
+@document("Fused GELU (exact, erf form) and multiply.", returns=_GATED, glossary=_PARAMS,
+          notes=("``gelu(x) = 0.5 * x * (1 + erf(x / sqrt(2)))``. Arithmetic in float32, rounded once to the output\n"
+                 "dtype. ``stream`` is fi_cupy's addition to FlashInfer's signature."))
 def gelu_and_mul(input, out=None, enable_pdl=None, stream=None):
-    """Fused GELU (exact, erf form) and multiply.
-
-    ``out = gelu(input[..., :d]) * input[..., d:]`` with ``d = input.shape[-1] // 2``: the first half of
+    """``out = gelu(input[..., :d]) * input[..., d:]`` with ``d = input.shape[-1] // 2``: the first half of
     the last dim is the gate, the second half the up projection (FlashInfer's layout, as a fused gate_up
     GEMM writes it).
-
-    Parameters
-    ----------
-    input : array
-        ``(..., 2 * d)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX, CuPy or any DLPack
-        producer). The last dim must be contiguous and even; the leading dims may have any strides
-        that collapse into one strided row axis (e.g. a stride on the token axis).
-    out : array, optional
-        Where to write the result: ``(..., d)`` in input's dtype, last dim contiguous, its leading dims
-        one strided row axis, no two elements sharing memory. Not a JAX array (immutable). None: a new
-        array.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-
-    Returns
-    -------
-    array
-        ``(..., d)`` in input's dtype: ``out`` when given, else a new array of the caller's framework.
-
-    Notes
-    -----
-    ``gelu(x) = 0.5 * x * (1 + erf(x / sqrt(2)))``. Arithmetic in float32, rounded once to the output
-    dtype. ``stream`` is fi_cupy's addition to FlashInfer's signature.
     """
     return _act_and_mul("gelu", input, out, stream, enable_pdl)
 
 
+@document("Fused GELU (tanh approximation) and multiply, as Gemma's MLP uses it.", returns=_GATED, glossary=_PARAMS,
+          notes=("``gelu_tanh(x) = 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3)))``. Arithmetic in\n"
+                 "float32, rounded once to the output dtype. ``stream`` is fi_cupy's addition to FlashInfer's\n"
+                 "signature."))
 def gelu_tanh_and_mul(input, out=None, enable_pdl=None, stream=None):
-    """Fused GELU (tanh approximation) and multiply, as Gemma's MLP uses it.
-
-    ``out = gelu_tanh(input[..., :d]) * input[..., d:]`` with ``d = input.shape[-1] // 2``: the first half of
+    """``out = gelu_tanh(input[..., :d]) * input[..., d:]`` with ``d = input.shape[-1] // 2``: the first half of
     the last dim is the gate, the second half the up projection (FlashInfer's layout, as a fused gate_up
     GEMM writes it).
-
-    Parameters
-    ----------
-    input : array
-        ``(..., 2 * d)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX, CuPy or any DLPack
-        producer). The last dim must be contiguous and even; the leading dims may have any strides
-        that collapse into one strided row axis (e.g. a stride on the token axis).
-    out : array, optional
-        Where to write the result: ``(..., d)`` in input's dtype, last dim contiguous, its leading dims
-        one strided row axis, no two elements sharing memory. Not a JAX array (immutable). None: a new
-        array.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-
-    Returns
-    -------
-    array
-        ``(..., d)`` in input's dtype: ``out`` when given, else a new array of the caller's framework.
-
-    Notes
-    -----
-    ``gelu_tanh(x) = 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3)))``. Arithmetic in float32,
-    rounded once to the output dtype. ``stream`` is fi_cupy's addition to FlashInfer's signature.
     """
     return _act_and_mul("gelu_tanh", input, out, stream, enable_pdl)

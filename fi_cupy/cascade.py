@@ -20,6 +20,7 @@ import numpy as np
 from ._core import arrays, checks, kernels, streams
 from ._core import dtypes as dt
 from ._core.call import Call
+from ._core.docs import KERNEL_GLOSSARY, document
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr, struct_arg
 from ._core.workspace import ALIGN, attention_outputs, deliver, upload
 from .page import describe_paged_cache, page_table_lengths
@@ -84,45 +85,211 @@ def _pair(c: Call, a, sa, b, sb, vo, so, mask) -> None:
             ptr(mask), i32(rows), i32(a.shape[1]), i32(d)])
 
 
+# Each parameter's entry, once for the module (docs.document writes the Parameters sections).
+_PARAMS = {**KERNEL_GLOSSARY,
+           "v_a": ("array\n"
+                   "    ``(seq_len, num_heads, head_dim)``, the output of attention over segment A: float16,\n"
+                   "    bfloat16 or float32, on a CUDA device (torch, JAX, CuPy or any DLPack producer). The head\n"
+                   "    dim must be contiguous; the token and head strides are free."),
+           "s_a": ("array\n"
+                   "    ``(seq_len, num_heads)`` float32: the log-sum-exp of the attention logits in base 2, as\n"
+                   "    decode and prefill return it with ``return_lse=True``; -inf marks an empty state. Any\n"
+                   "    strides."),
+           "v_b": ("array\n"
+                   "    ``(seq_len, num_heads, head_dim)``, the output over segment B: v_a's shape and dtype. The\n"
+                   "    head dim must be contiguous; the token and head strides are free."),
+           "s_b": ("array\n"
+                   "    ``(seq_len, num_heads)`` float32: the log-sum-exp of the attention logits in base 2, as\n"
+                   "    decode and prefill return it with ``return_lse=True``; -inf marks an empty state. Any\n"
+                   "    strides."),
+           "v": ("array\n"
+                 "    ``(seq_len, num_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch,\n"
+                 "    JAX, CuPy or any DLPack producer); updated in place, so no two elements may share memory. The\n"
+                 "    head dim must be contiguous; the token and head strides are free."),
+           "s": ("array\n"
+                 "    ``(seq_len, num_heads)`` float32: the log-sum-exp of the attention logits in base 2 (as\n"
+                 "    decode and prefill return it with ``return_lse=True``; -inf marks an empty state), updated in\n"
+                 "    place. Any strides."),
+           "v_other": ("array\n"
+                       "    ``(seq_len, num_heads, head_dim)``: v's shape and dtype. The head dim must be\n"
+                       "    contiguous; the token and head strides are free."),
+           "s_other": ("array\n"
+                       "    ``(seq_len, num_heads)`` float32: the log-sum-exp of the attention logits in base 2, as\n"
+                       "    decode and prefill return it with ``return_lse=True``; -inf marks an empty state. Any\n"
+                       "    strides."),
+           "mask": ("array, optional\n"
+                    "    ``(seq_len,)`` bool, uint8 or int8, contiguous: merge the tokens whose entry is nonzero\n"
+                    "    (CUDA graphs replay one launch over a fixed number of rows and mask the ones past the\n"
+                    "    batch). None: every token."),
+           "num_levels": ("int\n"
+                          "    The number of levels (positive): level 0 the outermost shared prefix, the last level\n"
+                          "    each request's own tokens."),
+           "float_workspace_buffer": ("array\n"
+                                      "    Workspace on the CUDA device of the inputs (torch, CuPy or any DLPack\n"
+                                      "    producer), any dtype, contiguous, 16-byte aligned: the plan's metadata\n"
+                                      "    and partial states. FlashInfer recommends 128 MB."),
+           "kv_layout": ("str, default \"NHD\"\n"
+                         "    ``\"NHD\"`` or ``\"HND\"``: the axis order of k_shared / v_shared and of the cache's\n"
+                         "    pages."),
+           "use_cuda_graph": ("bool, default False\n"
+                              "    Keep every device address and launch shape fixed across plans, so that a CUDA\n"
+                              "    graph captured around run() replays later plans. The first plan fixes the most\n"
+                              "    queries and the (num_qo_heads, head_dim, q_data_type); a larger batch needs a\n"
+                              "    new wrapper."),
+           "qo_indptr_buf_arr": ("list of array, optional\n"
+                                 "    One int32 1-D contiguous device array a level (on the workspace's device);\n"
+                                 "    with use_cuda_graph=True plan() copies that level's qo_indptr into it, as\n"
+                                 "    FlashInfer's plan() does (our kernels read the workspace, so these are for\n"
+                                 "    the caller's own use)."),
+           "paged_kv_indptr_buf_arr": ("list of array, optional\n"
+                                       "    As qo_indptr_buf_arr, for each level's paged_kv_indptr."),
+           "paged_kv_indices_buf_arr": ("list of array, optional\n"
+                                        "    As qo_indptr_buf_arr, for each level's paged_kv_indices."),
+           "paged_kv_last_page_len_buf_arr": ("list of array, optional\n"
+                                              "    As qo_indptr_buf_arr, for each level's paged_kv_last_page_len."),
+           "int_workspace_buffers": ("list of array, optional\n"
+                                     "    FlashInfer's integer workspaces, one a level: checked to be a list of\n"
+                                     "    num_levels items, otherwise unused (the plans live in the float\n"
+                                     "    workspace). FlashInfer requires them; here they may be left out."),
+           "variant": ("str, default \"independent\"\n"
+                       "    FlashInfer's stride variant; only ``\"independent\"`` is accepted (ValueError\n"
+                       "    otherwise)."),
+           "qo_indptr_arr": ("list of array\n"
+                             "    One ``(batch_size_i + 1,)`` integer array a level: request r of level i holds\n"
+                             "    query rows ``qo_indptr_arr[i][r]`` to ``qo_indptr_arr[i][r + 1]``. Each starts at\n"
+                             "    0, is non-decreasing and ends at the same total number of queries (q's rows).\n"
+                             "    Read on the host: pass numpy arrays (a device array is copied back, one\n"
+                             "    synchronisation each)."),
+           "paged_kv_indptr_arr": ("list of array\n"
+                                   "    One ``(batch_size_i + 1,)`` integer array a level: request r of level i\n"
+                                   "    owns pages\n"
+                                   "    ``paged_kv_indices_arr[i][paged_kv_indptr_arr[i][r]:paged_kv_indptr_arr[i][r\n"
+                                   "    + 1]]``."),
+           "paged_kv_indices_arr": ("list of array\n"
+                                    "    One integer array a level of at least ``paged_kv_indptr_arr[i][-1]`` page\n"
+                                    "    indices (>= 0, below the cache's num_pages at run time)."),
+           "paged_kv_last_page_len": ("list of array\n"
+                                      "    One ``(batch_size_i,)`` integer array a level: the tokens in each\n"
+                                      "    request's last page, in ``[1, page_size]`` (0 for a request without\n"
+                                      "    pages)."),
+           "num_qo_heads": ("int\n"
+                            "    Query heads; a multiple of num_kv_heads."),
+           "num_kv_heads": ("int\n"
+                            "    Key / value heads."),
+           "head_dim": ("int\n"
+                        "    64, 128 or 256."),
+           "page_size": ("int\n"
+                         "    Tokens a page holds (positive)."),
+           "causal": ("bool, default False\n"
+                      "    Causal mask on the last level only (bottom-right aligned within it), as in FlashInfer: a\n"
+                      "    query sees every shared level whole."),
+           "pos_encoding_mode": ("str, default \"NONE\"\n"
+                                 "    ``\"NONE\"``, or ``\"ROPE_LLAMA\"`` to rotate q and k in the kernel (positions\n"
+                                 "    count within a level). FlashInfer's ``\"ALIBI\"`` raises ValueError."),
+           "use_fp16_qk_reduction": ("bool, default False\n"
+                                     "    Accepted; the kernels always accumulate in float32."),
+           "sm_scale": ("float, optional\n"
+                        "    Scale of the logits; None: ``1 / sqrt(head_dim)``."),
+           "window_left": ("int, default -1\n"
+                           "    Sliding window: a query sees no key more than window_left positions before its own\n"
+                           "    (positions counted within a level); -1 for none."),
+           "logits_soft_cap": ("float, optional\n"
+                               "    Soft cap ``cap * tanh(logit / cap)`` (positive); None or 0: none."),
+           "rope_scale": ("float, optional\n"
+                          "    ROPE_LLAMA's position interpolation factor; None: 1."),
+           "rope_theta": ("float, optional\n"
+                          "    ROPE_LLAMA's frequency base; None: 1e4."),
+           "q_data_type": ("str or dtype, default \"float16\"\n"
+                           "    float16 or bfloat16: a name, or a torch, numpy or JAX dtype."),
+           "kv_data_type": ("str or dtype, optional\n"
+                            "    The cache's dtype: q_data_type (None), float8_e4m3fn or float8_e5m2."),
+           "q": ("array\n"
+                 "    ``(n, num_qo_heads, head_dim)`` in the planned q_data_type, ``n >= qo_indptr[-1]`` (rows past\n"
+                 "    the plan's queries are left alone: a CUDA graph keeps one buffer). The head dim contiguous,\n"
+                 "    the data pointer and the other strides multiples of 8 elements."),
+           "paged_kv_cache": ("array or tuple of array\n"
+                              "    The KV cache of every level: one 5-D array ``(num_pages, 2, page_size,\n"
+                              "    num_kv_heads, head_dim)`` for ``kv_layout=\"NHD\"`` or ``(num_pages, 2,\n"
+                              "    num_kv_heads, page_size, head_dim)`` for ``\"HND\"`` (``[:, 0]`` the keys, ``[:,\n"
+                              "    1]`` the values), or a ``(k_cache, v_cache)`` pair of 4-D arrays. In the\n"
+                              "    planned kv_data_type, with the planned page_size, num_kv_heads and head_dim;\n"
+                              "    every page index of every level below num_pages. The head dim contiguous, the\n"
+                              "    data pointer and the other strides multiples of 8 elements (16 for fp8)."),
+           "k_scale": ("float, optional\n"
+                       "    Multiplies the logits (an fp8 cache's key scale); None: 1. fi_cupy's addition."),
+           "v_scale": ("float, optional\n"
+                       "    Multiplies the output (an fp8 cache's value scale); None: 1. fi_cupy's addition."),
+           "out": ("array, optional\n"
+                   "    Where to write o: q's shape and dtype, head dim contiguous, rows 16-byte aligned; not a JAX\n"
+                   "    array. None: a new array. fi_cupy's addition."),
+           "lse": ("array, optional\n"
+                   "    Where to write the merged lse: ``(n, num_qo_heads)`` float32, contiguous; written whenever\n"
+                   "    given. Not a JAX array. fi_cupy's addition."),
+           "return_lse": ("bool, default False\n"
+                          "    Also return the lse. fi_cupy's addition."),
+           "enable_pdl": ("bool or None, default None\n"
+                          "    Programmatic dependent launch: a kernel may start while the previous one on the\n"
+                          "    stream finishes. None: on where the GPU supports it (compute capability 9.0 and\n"
+                          "    newer)."),
+           "int_workspace_buffer": ("array, optional\n"
+                                    "    FlashInfer's integer workspace: unused (the plan lives in the float\n"
+                                    "    workspace). FlashInfer requires it; here it may be left out."),
+           "unique_kv_indptr": ("array\n"
+                                "    ``(batch_size + 1,)`` integer array: request r owns pages\n"
+                                "    ``unique_kv_indices[unique_kv_indptr[r]:unique_kv_indptr[r + 1]]`` (none: only\n"
+                                "    the prefix). Read on the host: pass numpy arrays (device arrays are copied\n"
+                                "    back, one synchronisation each), as for the two below."),
+           "unique_kv_indices": ("array\n"
+                                 "    At least ``unique_kv_indptr[-1]`` page indices (>= 0)."),
+           "unique_kv_last_page_len": ("array\n"
+                                       "    ``(batch_size,)``: the tokens in each request's last page, in ``[1,\n"
+                                       "    page_size]`` (0 for a request without pages)."),
+           "data_type": ("str or dtype, default \"float16\"\n"
+                         "    The unique cache's dtype: float16, bfloat16, float8_e4m3fn or float8_e5m2 (a name,\n"
+                         "    or a torch, numpy or JAX dtype)."),
+           "k_shared": ("array\n"
+                        "    The shared prefix's keys: ``(shared_prefix_len, num_kv_heads, head_dim)`` for\n"
+                        "    ``kv_layout=\"NHD\"`` or ``(num_kv_heads, shared_prefix_len, head_dim)`` for\n"
+                        "    ``\"HND\"``, in q's dtype (the prefix runs on the prefill kernel, which takes K/V in\n"
+                        "    the q dtype). The head dim contiguous, the data pointer and the other strides\n"
+                        "    multiples of 8 elements."),
+           "v_shared": ("array\n"
+                        "    The shared prefix's values: k_shared's shape, dtype and strides."),
+           "unique_kv_cache": ("array or tuple of array\n"
+                               "    The requests' own pages: one 5-D array ``(num_pages, 2, page_size,\n"
+                               "    num_kv_heads, head_dim)`` [NHD] / ``(num_pages, 2, num_kv_heads, page_size,\n"
+                               "    head_dim)`` [HND], or a ``(k_cache, v_cache)`` pair of 4-D arrays, with the\n"
+                               "    planned page_size, num_kv_heads and head_dim, every planned page index below\n"
+                               "    num_pages."),
+           "qo_indptr": ("array\n"
+                         "    ``(batch_size + 1,)`` integer array: request r's queries are rows ``qo_indptr[r]`` to\n"
+                         "    ``qo_indptr[r + 1]`` of q. Read on the host: pass numpy arrays (device arrays are\n"
+                         "    copied back, one synchronisation each), as for the three below."),
+           "paged_kv_indptr": ("array\n"
+                               "    ``(batch_size + 1,)``: request r owns pages\n"
+                               "    ``paged_kv_indices[paged_kv_indptr[r]:paged_kv_indptr[r + 1]]``."),
+           "paged_kv_indices": ("array\n"
+                                "    At least ``paged_kv_indptr[-1]`` page indices (>= 0).")}
+
+_MERGE_NOTES = ("With ``w_x = 2 ** s_x``: ``v = (w_a * v_a + w_b * v_b) / (w_a + w_b)`` and ``s = log2(w_a +\n"
+                "w_b)``, in float32 and shifted by the larger lse. A state with ``s = -inf`` weighs nothing;\n"
+                "merging two empty states gives ``v = 0`` and ``s = -inf``. ``seq_len * num_heads`` must stay below\n"
+                "``2**31``. fi_cupy also takes float32 states, any strides, JAX arrays and ``stream``.")
+
+_SHARED_PREFIX_RESET = {"float_workspace_buffer": ("array\n"
+                                                   "    Workspace on the CUDA device of the inputs (torch, CuPy or\n"
+                                                   "    any DLPack producer), any dtype, contiguous, 16-byte\n"
+                                                   "    aligned.")}
+
+
+@document("Merge two attention states: the attention over the union of two KV segments.",
+          returns=("v_merged : array\n"
+                   "    ``(seq_len, num_heads, head_dim)`` in v_a's dtype: a new array in the caller's framework.\n"
+                   "s_merged : array\n"
+                   "    ``(seq_len, num_heads)`` float32, base 2."), glossary=_PARAMS, notes=_MERGE_NOTES)
 def merge_state(v_a, s_a, v_b, s_b, stream=None):
-    """Merge two attention states: the attention over the union of two KV segments.
-
-    ``(v_a, s_a)`` is attention over segment A, ``(v_b, s_b)`` over segment B (the same queries); the
+    """``(v_a, s_a)`` is attention over segment A, ``(v_b, s_b)`` over segment B (the same queries); the
     result is attention over A and B together.
-
-    Parameters
-    ----------
-    v_a : array
-        ``(seq_len, num_heads, head_dim)``, the output of attention over segment A: float16, bfloat16
-        or float32, on a CUDA device (torch, JAX, CuPy or any DLPack producer). The head dim must be
-        contiguous; the token and head strides are free.
-    s_a : array
-        ``(seq_len, num_heads)`` float32: the log-sum-exp of the attention logits in base 2, as
-        decode and prefill return it with ``return_lse=True``; -inf marks an empty state. Any strides.
-    v_b : array
-        ``(seq_len, num_heads, head_dim)``, the output over segment B: v_a's shape and dtype. The head
-        dim must be contiguous; the token and head strides are free.
-    s_b : array
-        ``(seq_len, num_heads)`` float32: the log-sum-exp of the attention logits in base 2, as
-        decode and prefill return it with ``return_lse=True``; -inf marks an empty state. Any strides.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    v_merged : array
-        ``(seq_len, num_heads, head_dim)`` in v_a's dtype: a new array in the caller's framework.
-    s_merged : array
-        ``(seq_len, num_heads)`` float32, base 2.
-
-    Notes
-    -----
-    With ``w_x = 2 ** s_x``: ``v = (w_a * v_a + w_b * v_b) / (w_a + w_b)`` and ``s = log2(w_a + w_b)``,
-    in float32 and shifted by the larger lse. A state with ``s = -inf`` weighs nothing; merging two
-    empty states gives ``v = 0`` and ``s = -inf``. ``seq_len * num_heads`` must stay below ``2**31``.
-    fi_cupy also takes float32 states, any strides, JAX arrays and ``stream``.
     """
     c = Call(v_a, stream, name="v_a")
     a, sa = _state(c, v_a, s_a, "v_a", "s_a")
@@ -134,49 +301,14 @@ def merge_state(v_a, s_a, v_b, s_b, stream=None):
     return c.result(vo_obj, so_obj)
 
 
+@document("Merge another attention state into ``(v, s)``, in place, where ``mask`` allows.",
+          returns=("None or tuple of array\n"
+                   "    None: v and s were updated in place. JAX callers (immutable arrays) get the merged ``(v,\n"
+                   "    s)`` as new arrays instead (the tokens the mask leaves alone copied from v and s)."),
+          glossary=_PARAMS, notes=_MERGE_NOTES)
 def merge_state_in_place(v, s, v_other, s_other, mask=None, stream=None):
-    """Merge another attention state into ``(v, s)``, in place, where ``mask`` allows.
-
-    ``(v, s)`` becomes the merge of itself with ``(v_other, s_other)`` (see merge_state) on every token
+    """``(v, s)`` becomes the merge of itself with ``(v_other, s_other)`` (see merge_state) on every token
     whose mask entry is true; the other tokens keep their state.
-
-    Parameters
-    ----------
-    v : array
-        ``(seq_len, num_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
-        CuPy or any DLPack producer); updated in place, so no two elements may share memory. The head dim
-        must be contiguous; the token and head strides are free.
-    s : array
-        ``(seq_len, num_heads)`` float32: the log-sum-exp of the attention logits in base 2 (as decode
-        and prefill return it with ``return_lse=True``; -inf marks an empty state), updated in place.
-        Any strides.
-    v_other : array
-        ``(seq_len, num_heads, head_dim)``: v's shape and dtype. The head dim must be contiguous; the
-        token and head strides are free.
-    s_other : array
-        ``(seq_len, num_heads)`` float32: the log-sum-exp of the attention logits in base 2, as
-        decode and prefill return it with ``return_lse=True``; -inf marks an empty state. Any strides.
-    mask : array, optional
-        ``(seq_len,)`` bool, uint8 or int8, contiguous: merge the tokens whose entry is nonzero (CUDA
-        graphs replay one launch over a fixed number of rows and mask the ones past the batch). None:
-        every token.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    None or tuple of array
-        None: v and s were updated in place. JAX callers (immutable arrays) get the merged
-        ``(v, s)`` as new arrays instead (the tokens the mask leaves alone copied from v and s).
-
-    Notes
-    -----
-    With ``w_x = 2 ** s_x``: ``v = (w_a * v_a + w_b * v_b) / (w_a + w_b)`` and ``s = log2(w_a + w_b)``,
-    in float32 and shifted by the larger lse. A state with ``s = -inf`` weighs nothing; merging two
-    empty states gives ``v = 0`` and ``s = -inf``. ``seq_len * num_heads`` must stay below ``2**31``.
-    fi_cupy also takes float32 states, any strides, JAX arrays and ``stream``.
     """
     c = Call(v, stream, name="v")
     a, sa = _state(c, v, s, "v", "s")
@@ -203,39 +335,25 @@ def merge_state_in_place(v, s, v_other, s_other, mask=None, stream=None):
     return c.result(vo_obj, so_obj)
 
 
+@document("Merge ``num_states`` attention states of each token: attention over the union of their segments.",
+          returns=("v_merged : array\n"
+                   "    ``(seq_len, num_heads, head_dim)`` in v's dtype: a new array in the caller's framework.\n"
+                   "s_merged : array\n"
+                   "    ``(seq_len, num_heads)`` float32, base 2."), glossary=_PARAMS,
+          params={"v": ("array\n"
+                        "    ``(seq_len, num_states, num_heads, head_dim)``, float16, bfloat16 or float32, on a\n"
+                        "    CUDA device (torch, JAX, CuPy or any DLPack producer). The head dim must be\n"
+                        "    contiguous; the other strides are free."),
+                  "s": ("array\n"
+                        "    ``(seq_len, num_states, num_heads)`` float32: each state's log-sum-exp in base 2\n"
+                        "    (-inf: empty). Any strides.")},
+          notes=("``v = sum_j 2 ** s_j * v_j / sum_j 2 ** s_j`` and ``s = log2(sum_j 2 ** s_j)``, in float32; empty\n"
+                 "states (``s = -inf``) weigh nothing, and a token whose states are all empty gets ``v = 0``, ``s =\n"
+                 "-inf``. ``seq_len * num_heads`` must stay below ``2**31``. fi_cupy also takes float32 states, any\n"
+                 "strides, JAX arrays and ``stream``."))
 def merge_states(v, s, stream=None):
-    """Merge ``num_states`` attention states of each token: attention over the union of their segments.
-
-    State j of token t, ``(v[t, j], s[t, j])``, is attention over one KV segment; the result is
+    """State j of token t, ``(v[t, j], s[t, j])``, is attention over one KV segment; the result is
     attention over all of them.
-
-    Parameters
-    ----------
-    v : array
-        ``(seq_len, num_states, num_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device
-        (torch, JAX, CuPy or any DLPack producer). The head dim must be contiguous; the other strides
-        are free.
-    s : array
-        ``(seq_len, num_states, num_heads)`` float32: each state's log-sum-exp in base 2 (-inf: empty).
-        Any strides.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    v_merged : array
-        ``(seq_len, num_heads, head_dim)`` in v's dtype: a new array in the caller's framework.
-    s_merged : array
-        ``(seq_len, num_heads)`` float32, base 2.
-
-    Notes
-    -----
-    ``v = sum_j 2 ** s_j * v_j / sum_j 2 ** s_j`` and ``s = log2(sum_j 2 ** s_j)``, in float32; empty
-    states (``s = -inf``) weigh nothing, and a token whose states are all empty gets ``v = 0``,
-    ``s = -inf``. ``seq_len * num_heads`` must stay below ``2**31``. fi_cupy also takes float32 states,
-    any strides, JAX arrays and ``stream``.
     """
     c = Call(v, stream, name="v")
     vi, si = _state(c, v, s, "v", "s", states_axis=True)
@@ -347,39 +465,20 @@ class MultiLevelCascadeAttentionWrapper:
     return_lse, enable_pdl and stream as the prefill wrapper's run() does.
     """
 
+    @document("Create the wrapper and its num_levels batch prefill wrappers.", glossary=_PARAMS,
+              params={"float_workspace_buffer": ("array\n"
+                                                 "    Workspace on the CUDA device of the inputs (torch, CuPy or\n"
+                                                 "    any DLPack producer), any dtype, contiguous: split into\n"
+                                                 "    num_levels equal 256-byte aligned slices, one a level, each\n"
+                                                 "    holding that level's plan metadata and partial states.\n"
+                                                 "    FlashInfer recommends 128 MB; a plan that does not fit a\n"
+                                                 "    level's slice raises ValueError saying so."),
+                      "kv_layout": ("str, default \"NHD\"\n"
+                                    "    ``\"NHD\"`` (pages of ``(page_size, num_kv_heads, head_dim)``) or\n"
+                                    "    ``\"HND\"`` (``(num_kv_heads, page_size, head_dim)``).")})
     def __init__(self, num_levels, float_workspace_buffer, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  qo_indptr_buf_arr=None, paged_kv_indptr_buf_arr=None, paged_kv_indices_buf_arr=None,
                  paged_kv_last_page_len_buf_arr=None):
-        """Create the wrapper and its num_levels batch prefill wrappers.
-
-        Parameters
-        ----------
-        num_levels : int
-            The number of levels (positive): level 0 the outermost shared prefix, the last level each
-            request's own tokens.
-        float_workspace_buffer : array
-            Workspace on the CUDA device of the inputs (torch, CuPy or any DLPack producer), any dtype,
-            contiguous: split into num_levels equal 256-byte aligned slices, one a level, each
-            holding that level's plan metadata and partial states. FlashInfer recommends 128 MB; a plan
-            that does not fit a level's slice raises ValueError saying so.
-        kv_layout : str, default "NHD"
-            ``"NHD"`` (pages of ``(page_size, num_kv_heads, head_dim)``) or ``"HND"`` (``(num_kv_heads,
-            page_size, head_dim)``).
-        use_cuda_graph : bool, default False
-            Keep every device address and launch shape fixed across plans, so that a CUDA graph
-            captured around run() replays later plans. The first plan fixes the most queries and the
-            (num_qo_heads, head_dim, q_data_type); a larger batch needs a new wrapper.
-        qo_indptr_buf_arr : list of array, optional
-            One int32 1-D contiguous device array a level (on the workspace's device); with
-            use_cuda_graph=True plan() copies that level's qo_indptr into it, as FlashInfer's plan()
-            does (our kernels read the workspace, so these are for the caller's own use).
-        paged_kv_indptr_buf_arr : list of array, optional
-            As qo_indptr_buf_arr, for each level's paged_kv_indptr.
-        paged_kv_indices_buf_arr : list of array, optional
-            As qo_indptr_buf_arr, for each level's paged_kv_indices.
-        paged_kv_last_page_len_buf_arr : list of array, optional
-            As qo_indptr_buf_arr, for each level's paged_kv_last_page_len.
-        """
         from . import prefill  # looked up per wrapper (the CPU tests put recorders in its place)
         self._num_levels = checks.positive_int("num_levels", num_levels)
         self._use_cuda_graph = checks.flag("use_cuda_graph", use_cuda_graph)
@@ -411,19 +510,12 @@ class MultiLevelCascadeAttentionWrapper:
         """Whether the wrapper was created with ``use_cuda_graph=True``."""
         return self._use_cuda_graph
 
+    @document("Give the wrapper a new float workspace, split again between the levels; the plans are dropped.",
+              glossary=_PARAMS,
+              params={"float_workspace_buffer": ("array\n"
+                                                 "    Workspace on the CUDA device of the inputs (torch, CuPy or\n"
+                                                 "    any DLPack producer), any dtype, contiguous.")})
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffers=None) -> None:
-        """Give the wrapper a new float workspace, split again between the levels; the plans are dropped.
-
-        Parameters
-        ----------
-        float_workspace_buffer : array
-            Workspace on the CUDA device of the inputs (torch, CuPy or any DLPack producer), any dtype,
-            contiguous.
-        int_workspace_buffers : list of array, optional
-            FlashInfer's integer workspaces, one a level: checked to be a list of num_levels items,
-            otherwise unused (the plans live in the float workspace). FlashInfer requires them; here
-            they may be left out.
-        """
         ints = _arr_arg("int_workspace_buffers", int_workspace_buffers, self._num_levels, allow_none=True)
         ints = ints or [None] * self._num_levels
         ws = arrays.describe(float_workspace_buffer, "float_workspace_buffer")
@@ -433,85 +525,26 @@ class MultiLevelCascadeAttentionWrapper:
         self._ws, self._ws_obj = ws, float_workspace_buffer
         self._total, self._scratch = None, None
 
+    @document("Nothing to prewarm: the kernels take the cache's strides at run time.", glossary=_PARAMS)
     def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:
-        """Nothing to prewarm: the kernels take the cache's strides at run time.
-
-        Parameters
-        ----------
-        variant : str, default "independent"
-            FlashInfer's stride variant; only ``"independent"`` is accepted (ValueError otherwise).
-        """
         for w in self._wrappers:
             w.prewarm_paged_kv_stride_variant(variant)
 
+    @document("Plan every level for a batch; the plan serves every layer's run() until the next plan().",
+              glossary=_PARAMS,
+              params={"head_dim": ("int\n"
+                                   "    64, 128 or 256 (the prefill kernel's head dims).")},
+              notes=("Every level's tables are checked before any level is planned, and a bad entry raises naming\n"
+                     "the level, e.g. ``paged_kv_indptr_arr[1]``. ``stream`` is fi_cupy's addition."))
     def plan(self, qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len,
              num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, causal: bool = False,
              pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, sm_scale: float | None = None,
              window_left: int = -1, logits_soft_cap: float | None = None, rope_scale: float | None = None,
              rope_theta: float | None = None, q_data_type="float16", kv_data_type=None, *, stream=None) -> None:
-        """Plan every level for a batch; the plan serves every layer's run() until the next plan().
-
-        Level i is a batch prefill of the queries grouped by ``qo_indptr_arr[i]`` over the pages of
+        """Level i is a batch prefill of the queries grouped by ``qo_indptr_arr[i]`` over the pages of
         that level's page table: give the queries of all requests sharing a level-i segment one
         request there (e.g. ``qo_indptr_arr[0] = [0, total_q]`` for a prefix shared by all), so the
         segment is read once for all of them. The tables are read on the host.
-
-        Parameters
-        ----------
-        qo_indptr_arr : list of array
-            One ``(batch_size_i + 1,)`` integer array a level: request r of level i holds query rows
-            ``qo_indptr_arr[i][r]`` to ``qo_indptr_arr[i][r + 1]``. Each starts at 0, is non-decreasing
-            and ends at the same total number of queries (q's rows). Read on the host: pass numpy
-            arrays (a device array is copied back, one synchronisation each).
-        paged_kv_indptr_arr : list of array
-            One ``(batch_size_i + 1,)`` integer array a level: request r of level i owns pages
-            ``paged_kv_indices_arr[i][paged_kv_indptr_arr[i][r]:paged_kv_indptr_arr[i][r + 1]]``.
-        paged_kv_indices_arr : list of array
-            One integer array a level of at least ``paged_kv_indptr_arr[i][-1]`` page indices (>= 0,
-            below the cache's num_pages at run time).
-        paged_kv_last_page_len : list of array
-            One ``(batch_size_i,)`` integer array a level: the tokens in each request's last page, in
-            ``[1, page_size]`` (0 for a request without pages).
-        num_qo_heads : int
-            Query heads; a multiple of num_kv_heads.
-        num_kv_heads : int
-            Key / value heads.
-        head_dim : int
-            64, 128 or 256 (the prefill kernel's head dims).
-        page_size : int
-            Tokens a page holds (positive).
-        causal : bool, default False
-            Causal mask on the last level only (bottom-right aligned within it), as in FlashInfer: a
-            query sees every shared level whole.
-        pos_encoding_mode : str, default "NONE"
-            ``"NONE"``, or ``"ROPE_LLAMA"`` to rotate q and k in the kernel (positions count within a
-            level). FlashInfer's ``"ALIBI"`` raises ValueError.
-        use_fp16_qk_reduction : bool, default False
-            Accepted; the kernels always accumulate in float32.
-        sm_scale : float, optional
-            Scale of the logits; None: ``1 / sqrt(head_dim)``.
-        window_left : int, default -1
-            Sliding window: a query sees no key more than window_left positions before its own
-            (positions counted within a level); -1 for none.
-        logits_soft_cap : float, optional
-            Soft cap ``cap * tanh(logit / cap)`` (positive); None or 0: none.
-        rope_scale : float, optional
-            ROPE_LLAMA's position interpolation factor; None: 1.
-        rope_theta : float, optional
-            ROPE_LLAMA's frequency base; None: 1e4.
-        q_data_type : str or dtype, default "float16"
-            float16 or bfloat16: a name, or a torch, numpy or JAX dtype.
-        kv_data_type : str or dtype, optional
-            The cache's dtype: q_data_type (None), float8_e4m3fn or float8_e5m2.
-        stream : int, stream object or None, default None
-            The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any
-            object with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's
-            for JAX). fi_cupy's addition to FlashInfer's signature.
-
-        Notes
-        -----
-        Every level's tables are checked before any level is planned, and a bad entry raises naming
-        the level, e.g. ``paged_kv_indptr_arr[1]``. ``stream`` is fi_cupy's addition.
         """
         n = self._num_levels
         tables = [_arr_arg(name, a, n) for name, a in zip(_TABLES, (qo_indptr_arr, paged_kv_indptr_arr,
@@ -581,52 +614,14 @@ class MultiLevelCascadeAttentionWrapper:
             self._mask_host = (np.arange(sc.rows) < total).astype(np.uint8)
             upload(self._mask_host, sc.mask.ptr, self._ws.device, s)
 
+    @document("Attention of q over every level's KV: each level's (o, lse) merged into one output.",
+              returns=("o : array or tuple of array\n"
+                       "    ``(n, num_qo_heads, head_dim)`` in q's dtype (``out`` when given), in q's framework;\n"
+                       "    with ``return_lse=True``, ``(o, lse)`` with lse ``(n, num_qo_heads)`` float32, the\n"
+                       "    log-sum-exp of the logits in base 2."), glossary=_PARAMS)
     def run(self, q, paged_kv_cache, *, k_scale=None, v_scale=None, out=None, lse=None, return_lse: bool = False,
             enable_pdl=None, stream=None):
-        """Attention of q over every level's KV: each level's (o, lse) merged into one output.
-
-        No host synchronisation; no allocation when ``out`` (and ``lse``, with return_lse) are given.
-
-        Parameters
-        ----------
-        q : array
-            ``(n, num_qo_heads, head_dim)`` in the planned q_data_type, ``n >= qo_indptr[-1]`` (rows past
-            the plan's queries are left alone: a CUDA graph keeps one buffer). The head dim contiguous,
-            the data pointer and the other strides multiples of 8 elements.
-        paged_kv_cache : array or tuple of array
-            The KV cache of every level: one 5-D array ``(num_pages, 2, page_size, num_kv_heads,
-            head_dim)`` for ``kv_layout="NHD"`` or ``(num_pages, 2, num_kv_heads, page_size, head_dim)``
-            for ``"HND"`` (``[:, 0]`` the keys, ``[:, 1]`` the values), or a ``(k_cache, v_cache)`` pair of
-            4-D arrays. In the planned kv_data_type, with the planned page_size, num_kv_heads and
-            head_dim; every page index of every level below num_pages. The head dim contiguous, the data
-            pointer and the other strides multiples of 8 elements (16 for fp8).
-        k_scale : float, optional
-            Multiplies the logits (an fp8 cache's key scale); None: 1. fi_cupy's addition.
-        v_scale : float, optional
-            Multiplies the output (an fp8 cache's value scale); None: 1. fi_cupy's addition.
-        out : array, optional
-            Where to write o: q's shape and dtype, head dim contiguous, rows 16-byte aligned; not a JAX
-            array. None: a new array. fi_cupy's addition.
-        lse : array, optional
-            Where to write the merged lse: ``(n, num_qo_heads)`` float32, contiguous; written whenever
-            given. Not a JAX array. fi_cupy's addition.
-        return_lse : bool, default False
-            Also return the lse. fi_cupy's addition.
-        enable_pdl : bool or None, default None
-            Programmatic dependent launch: a kernel may start while the previous one on the stream
-            finishes. None: on where the GPU supports it (compute capability 9.0 and newer).
-        stream : int, stream object or None, default None
-            The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any
-            object with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's
-            for JAX). fi_cupy's addition to FlashInfer's signature.
-
-        Returns
-        -------
-        o : array or tuple of array
-            ``(n, num_qo_heads, head_dim)`` in q's dtype (``out`` when given), in q's framework; with
-            ``return_lse=True``, ``(o, lse)`` with lse ``(n, num_qo_heads)`` float32, the log-sum-exp of
-            the logits in base 2.
-        """
+        """No host synchronisation; no allocation when ``out`` (and ``lse``, with return_lse) are given."""
         if self._total is None:
             raise RuntimeError("run() called before plan()")
         return_lse = checks.flag("return_lse", return_lse)
@@ -733,67 +728,24 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
     is 64, 128 or 256 (the prefix's prefill kernel).
     """
 
+    @document("Create the wrapper and the batch decode wrapper it plans the unique part on.", glossary=_PARAMS)
     def __init__(self, float_workspace_buffer, kv_layout: str = "NHD"):
-        """Create the wrapper and the batch decode wrapper it plans the unique part on.
-
-        Parameters
-        ----------
-        float_workspace_buffer : array
-            Workspace on the CUDA device of the inputs (torch, CuPy or any DLPack producer), any dtype,
-            contiguous, 16-byte aligned: the plan's metadata and partial states. FlashInfer
-            recommends 128 MB.
-        kv_layout : str, default "NHD"
-            ``"NHD"`` or ``"HND"``: the axis order of k_shared / v_shared and of the cache's pages.
-        """
         from . import decode
         self._decode = decode.BatchDecodeWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
         self._kv_layout = kv_layout
         self._args = None  # begin_forward's tables and sizes (host), for re-plans
         self._dtypes = None  # (q dtype, kv dtype) of the current plan
 
+    @document("Give the wrapper a new float workspace (the next forward() plans again).", glossary=_PARAMS,
+              params=_SHARED_PREFIX_RESET)
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
-        """Give the wrapper a new float workspace (the next forward() plans again).
-
-        Parameters
-        ----------
-        float_workspace_buffer : array
-            Workspace on the CUDA device of the inputs (torch, CuPy or any DLPack producer), any dtype,
-            contiguous, 16-byte aligned.
-        int_workspace_buffer : array, optional
-            FlashInfer's integer workspace: unused (the plan lives in the float workspace). FlashInfer
-            requires it; here it may be left out.
-        """
         self._decode.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
         self._dtypes = None
 
+    @document("Plan the unique part of a batch: each request's own pages (the prefix needs no plan).",
+              glossary=_PARAMS)
     def begin_forward(self, unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len, num_qo_heads: int,
                       num_kv_heads: int, head_dim: int, page_size: int, data_type="float16") -> None:
-        """Plan the unique part of a batch: each request's own pages (the prefix needs no plan).
-
-        Parameters
-        ----------
-        unique_kv_indptr : array
-            ``(batch_size + 1,)`` integer array: request r owns pages
-            ``unique_kv_indices[unique_kv_indptr[r]:unique_kv_indptr[r + 1]]`` (none: only the prefix).
-            Read on the host: pass numpy arrays (device arrays are copied back, one synchronisation
-            each), as for the two below.
-        unique_kv_indices : array
-            At least ``unique_kv_indptr[-1]`` page indices (>= 0).
-        unique_kv_last_page_len : array
-            ``(batch_size,)``: the tokens in each request's last page, in ``[1, page_size]`` (0 for a
-            request without pages).
-        num_qo_heads : int
-            Query heads; a multiple of num_kv_heads.
-        num_kv_heads : int
-            Key / value heads.
-        head_dim : int
-            64, 128 or 256.
-        page_size : int
-            Tokens a page holds (positive).
-        data_type : str or dtype, default "float16"
-            The unique cache's dtype: float16, bfloat16, float8_e4m3fn or float8_e5m2 (a name, or a
-            torch, numpy or JAX dtype).
-        """
         kv = dt.as_dtype(data_type, "data_type")
         tables = (checks.host_int_array("unique_kv_indptr", unique_kv_indptr),
                   checks.host_int_array("unique_kv_indices", unique_kv_indices),
@@ -811,31 +763,14 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
                                "last_page_len": "unique_kv_last_page_len", "kv_data_type": kv_name}) from e
         self._dtypes = (q_dtype, kv_dtype)
 
+    @document("Decode attention of each request's query over the shared prefix and its own pages.",
+              returns=("array\n"
+                       "    ``(batch_size, num_qo_heads, head_dim)`` in q's dtype: a new array in q's framework."),
+              glossary=_PARAMS,
+              params={"q": ("array\n"
+                            "    ``(batch_size, num_qo_heads, head_dim)``, float16 or bfloat16: one query a\n"
+                            "    request.")})
     def forward(self, q, k_shared, v_shared, unique_kv_cache):
-        """Decode attention of each request's query over the shared prefix and its own pages.
-
-        Parameters
-        ----------
-        q : array
-            ``(batch_size, num_qo_heads, head_dim)``, float16 or bfloat16: one query a request.
-        k_shared : array
-            The shared prefix's keys: ``(shared_prefix_len, num_kv_heads, head_dim)`` for
-            ``kv_layout="NHD"`` or ``(num_kv_heads, shared_prefix_len, head_dim)`` for ``"HND"``, in q's
-            dtype (the prefix runs on the prefill kernel, which takes K/V in the q dtype). The head dim
-            contiguous, the data pointer and the other strides multiples of 8 elements.
-        v_shared : array
-            The shared prefix's values: k_shared's shape, dtype and strides.
-        unique_kv_cache : array or tuple of array
-            The requests' own pages: one 5-D array ``(num_pages, 2, page_size, num_kv_heads, head_dim)``
-            [NHD] / ``(num_pages, 2, num_kv_heads, page_size, head_dim)`` [HND], or a ``(k_cache,
-            v_cache)`` pair of 4-D arrays, with the planned page_size, num_kv_heads and head_dim, every
-            planned page index below num_pages.
-
-        Returns
-        -------
-        array
-            ``(batch_size, num_qo_heads, head_dim)`` in q's dtype: a new array in q's framework.
-        """
         if self._args is None:
             raise RuntimeError("forward() called before begin_forward()")
         want = (_q_dtype(q), _cache_dtype(unique_kv_cache, "unique_kv_cache"))
@@ -872,76 +807,30 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
     head_dim is 64, 128 or 256.
     """
 
+    @document("Create the wrapper and the batch prefill wrapper it plans the unique part on.", glossary=_PARAMS)
     def __init__(self, float_workspace_buffer, kv_layout: str = "NHD"):
-        """Create the wrapper and the batch prefill wrapper it plans the unique part on.
-
-        Parameters
-        ----------
-        float_workspace_buffer : array
-            Workspace on the CUDA device of the inputs (torch, CuPy or any DLPack producer), any dtype,
-            contiguous, 16-byte aligned: the plan's metadata and partial states. FlashInfer
-            recommends 128 MB.
-        kv_layout : str, default "NHD"
-            ``"NHD"`` or ``"HND"``: the axis order of k_shared / v_shared and of the cache's pages.
-        """
         from . import prefill
         self._prefill = prefill.BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
         self._kv_layout = kv_layout
         self._args = None
         self._opts = None  # the options and dtypes of the current plan
 
+    @document("Give the wrapper a new float workspace (the next forward() plans again).", glossary=_PARAMS,
+              params=_SHARED_PREFIX_RESET)
     def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
-        """Give the wrapper a new float workspace (the next forward() plans again).
-
-        Parameters
-        ----------
-        float_workspace_buffer : array
-            Workspace on the CUDA device of the inputs (torch, CuPy or any DLPack producer), any dtype,
-            contiguous, 16-byte aligned.
-        int_workspace_buffer : array, optional
-            FlashInfer's integer workspace: unused (the plan lives in the float workspace). FlashInfer
-            requires it; here it may be left out.
-        """
         self._prefill.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
         self._opts = None
 
+    @document("Nothing to prewarm: the kernels take the cache's strides at run time.", glossary=_PARAMS)
     def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:
-        """Nothing to prewarm: the kernels take the cache's strides at run time.
-
-        Parameters
-        ----------
-        variant : str, default "independent"
-            FlashInfer's stride variant; only ``"independent"`` is accepted (ValueError otherwise).
-        """
         self._prefill.prewarm_paged_kv_stride_variant(variant)
 
+    @document("Plan the unique part of a batch: each request's queries and own pages.", glossary=_PARAMS,
+              params={"paged_kv_last_page_len": ("array\n"
+                                                 "    ``(batch_size,)``: the tokens in each request's last page, in\n"
+                                                 "    ``[1, page_size]`` (0 for a request without pages).")})
     def begin_forward(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
                       num_kv_heads: int, head_dim: int, page_size: int) -> None:
-        """Plan the unique part of a batch: each request's queries and own pages.
-
-        Parameters
-        ----------
-        qo_indptr : array
-            ``(batch_size + 1,)`` integer array: request r's queries are rows ``qo_indptr[r]`` to
-            ``qo_indptr[r + 1]`` of q. Read on the host: pass numpy arrays (device arrays are copied
-            back, one synchronisation each), as for the three below.
-        paged_kv_indptr : array
-            ``(batch_size + 1,)``: request r owns pages
-            ``paged_kv_indices[paged_kv_indptr[r]:paged_kv_indptr[r + 1]]``.
-        paged_kv_indices : array
-            At least ``paged_kv_indptr[-1]`` page indices (>= 0).
-        paged_kv_last_page_len : array
-            ``(batch_size,)``: the tokens in each request's last page, in ``[1, page_size]`` (0 for a
-            request without pages).
-        num_qo_heads : int
-            Query heads; a multiple of num_kv_heads.
-        num_kv_heads : int
-            Key / value heads.
-        head_dim : int
-            64, 128 or 256.
-        page_size : int
-            Tokens a page holds (positive).
-        """
         tables = tuple(checks.host_int_array(n, a) for n, a in (
             ("qo_indptr", qo_indptr), ("paged_kv_indptr", paged_kv_indptr), ("paged_kv_indices", paged_kv_indices),
             ("paged_kv_last_page_len", paged_kv_last_page_len)))
@@ -960,46 +849,25 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
             raise _renamed(e, {"kv_data_type": "unique_kv_cache", "head_dim_qk": "head_dim"}) from e
         self._opts = opts
 
+    @document("Prefill attention of every query over the shared prefix and its request's own pages.",
+              returns=("array\n"
+                       "    ``(qo_indptr[-1], num_qo_heads, head_dim)`` in q's dtype: a new array in q's framework."),
+              glossary=_PARAMS,
+              params={"q": ("array\n"
+                            "    ``(qo_indptr[-1], num_qo_heads, head_dim)``, float16 or bfloat16; the head dim\n"
+                            "    contiguous, the data pointer and the other strides multiples of 8 elements."),
+                      "causal": ("bool, default False\n"
+                                 "    Causal mask over the unique part (bottom-right aligned within it); the prefix\n"
+                                 "    is always seen whole."),
+                      "rope_scale": ("float, optional\n"
+                                     "    Checked (positive) and passed on, but without effect: no RoPE is\n"
+                                     "    applied here, as in FlashInfer, whose forward() also runs with\n"
+                                     "    pos_encoding_mode \"NONE\"."),
+                      "rope_theta": ("float, optional\n"
+                                     "    As rope_scale: checked, without effect.")})
     def forward(self, q, k_shared, v_shared, unique_kv_cache, causal: bool = False,
                 use_fp16_qk_reduction: bool = False, sm_scale: float | None = None, rope_scale: float | None = None,
                 rope_theta: float | None = None):
-        """Prefill attention of every query over the shared prefix and its request's own pages.
-
-        Parameters
-        ----------
-        q : array
-            ``(qo_indptr[-1], num_qo_heads, head_dim)``, float16 or bfloat16; the head dim contiguous,
-            the data pointer and the other strides multiples of 8 elements.
-        k_shared : array
-            The shared prefix's keys: ``(shared_prefix_len, num_kv_heads, head_dim)`` for
-            ``kv_layout="NHD"`` or ``(num_kv_heads, shared_prefix_len, head_dim)`` for ``"HND"``, in q's
-            dtype (the prefix runs on the prefill kernel, which takes K/V in the q dtype). The head dim
-            contiguous, the data pointer and the other strides multiples of 8 elements.
-        v_shared : array
-            The shared prefix's values: k_shared's shape, dtype and strides.
-        unique_kv_cache : array or tuple of array
-            The requests' own pages: one 5-D array ``(num_pages, 2, page_size, num_kv_heads, head_dim)``
-            [NHD] / ``(num_pages, 2, num_kv_heads, page_size, head_dim)`` [HND], or a ``(k_cache,
-            v_cache)`` pair of 4-D arrays, with the planned page_size, num_kv_heads and head_dim, every
-            planned page index below num_pages.
-        causal : bool, default False
-            Causal mask over the unique part (bottom-right aligned within it); the prefix is always seen
-            whole.
-        use_fp16_qk_reduction : bool, default False
-            Accepted; the kernels always accumulate in float32.
-        sm_scale : float, optional
-            Scale of the logits; None: ``1 / sqrt(head_dim)``.
-        rope_scale : float, optional
-            Checked (positive) and passed on, but without effect: no RoPE is applied here, as in
-            FlashInfer, whose forward() also runs with pos_encoding_mode "NONE".
-        rope_theta : float, optional
-            As rope_scale: checked, without effect.
-
-        Returns
-        -------
-        array
-            ``(qo_indptr[-1], num_qo_heads, head_dim)`` in q's dtype: a new array in q's framework.
-        """
         if self._args is None:
             raise RuntimeError("forward() called before begin_forward()")
         causal = checks.flag("causal", causal)

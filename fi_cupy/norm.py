@@ -16,6 +16,7 @@ import math
 from ._core import checks, kernels
 from ._core import dtypes as dt
 from ._core.call import Call
+from ._core.docs import KERNEL_GLOSSARY, document
 from ._core.fastdiv import fastdiv_params
 from ._core.kernels import KernelSpec, Program, f32, i32, i64, ptr, u32
 
@@ -163,225 +164,109 @@ def _norm(mode: str, input, weight, bias, eps, out, residual, stream, enable_pdl
     return c.result(out_obj, r_out_obj)
 
 
+# Each parameter's entry, once for the module (docs.document writes the Parameters sections).
+_PARAMS = {**KERNEL_GLOSSARY,
+           "input": ("array\n"
+                     "    ``(..., hidden_size)``, e.g. ``(batch_size, hidden_size)`` or a per-head ``(num_tokens,\n"
+                     "    num_heads, head_dim)``; float16, bfloat16 or float32, on a CUDA device (torch, JAX, CuPy\n"
+                     "    or any DLPack producer). Each row of the last dim is normalised on its own. The last dim\n"
+                     "    must be contiguous; the leading dims may have any strides that collapse into at most two\n"
+                     "    strided row axes (a stride on the token axis, or a per-head view of q or k sliced out of\n"
+                     "    a fused qkv buffer)."),
+           "weight": ("array\n"
+                      "    ``(hidden_size,)``, the scale, multiplied into the normalised row; in input's dtype or\n"
+                      "    float32, contiguous."),
+           "eps": ("float, default 1e-6\n"
+                   "    Added to the mean square before the reciprocal square root."),
+           "out": ("array, optional\n"
+                   "    Where to write the result: input's shape and dtype, last dim contiguous. It may be\n"
+                   "    ``input`` itself (in place) or another view with strides of its own, provided its leading\n"
+                   "    dims collapse together with input's into at most two strided row axes. Not a JAX array\n"
+                   "    (immutable). None: a new array."),
+           "residual": ("array\n"
+                        "    The residual stream, input's shape and dtype (strides of its own, collapsing together\n"
+                        "    with input's into at most two row axes). Updated in place to ``residual + input``,\n"
+                        "    rounded to its dtype."),
+           "gemma": ("array\n"
+                     "    ``(hidden_size,)``, the scale (FlashInfer's name for gamma); in input's dtype or float32,\n"
+                     "    contiguous."),
+           "beta": ("array\n"
+                    "    ``(hidden_size,)``, the shift, in gemma's dtype, contiguous.")}
+
+_NORMED = ("array\n"
+           "    input's shape and dtype: ``out`` when given (``input`` itself for ``out=input``), else a new array\n"
+           "    of the caller's framework.")
+
+_FUSED_ADD_RETURNS = ("None or tuple of array\n"
+                      "    None: ``input`` and ``residual`` were written in place. JAX callers (immutable arrays)\n"
+                      "    get ``(normed, new_residual)`` instead: new arrays of input's shape and dtype, the\n"
+                      "    inputs untouched.")
+
+_IN_PLACE_INPUT = {"input": ("array\n"
+                             "    ``(..., hidden_size)``, e.g. ``(batch_size, hidden_size)`` or a per-head\n"
+                             "    ``(num_tokens, num_heads, head_dim)``; float16, bfloat16 or float32, on a CUDA\n"
+                             "    device (torch, JAX, CuPy or any DLPack producer). Each row of the last dim is\n"
+                             "    normalised on its own, and input is overwritten with the result. The last dim\n"
+                             "    must be contiguous; the leading dims may have any strides that collapse into at\n"
+                             "    most two strided row axes (a stride on the token axis, or a per-head view of q or\n"
+                             "    k sliced out of a fused qkv buffer).")}
+
+_GEMMA_WEIGHT = {"weight": ("array\n"
+                            "    ``(hidden_size,)``, the scale, applied as ``1 + weight`` (Gemma stores the offset\n"
+                            "    from 1); in input's dtype or float32, contiguous.")}
+
+
+@document("Root mean square normalisation (Llama's RMSNorm), row by row.", returns=_NORMED, glossary=_PARAMS,
+          notes=("Arithmetic in float32 (the mean square included), rounded once to input's dtype. fi_cupy also\n"
+                 "takes input with two strided row axes (Qwen3-style qk-norm on per-head views of a fused qkv\n"
+                 "buffer, in place with ``out=input``), any hidden size, JAX arrays (``out`` aside) and ``stream``."))
 def rmsnorm(input, weight, eps: float = 1e-6, out=None, enable_pdl=None, stream=None):
-    """Root mean square normalisation (Llama's RMSNorm), row by row.
-
-    ``out = input / sqrt(mean(input**2, axis=-1) + eps) * weight``.
-
-    Parameters
-    ----------
-    input : array
-        ``(..., hidden_size)``, e.g. ``(batch_size, hidden_size)`` or a per-head ``(num_tokens, num_heads,
-        head_dim)``; float16, bfloat16 or float32, on a CUDA device (torch, JAX, CuPy or any DLPack
-        producer). Each row of the last dim is normalised on its own. The last dim must be contiguous;
-        the leading dims may have any strides that collapse into at most two strided row axes (a stride
-        on the token axis, or a per-head view of q or k sliced out of a fused qkv buffer).
-    weight : array
-        ``(hidden_size,)``, the scale, multiplied into the normalised row; in input's dtype or float32,
-        contiguous.
-    eps : float, default 1e-6
-        Added to the mean square before the reciprocal square root.
-    out : array, optional
-        Where to write the result: input's shape and dtype, last dim contiguous. It may be ``input``
-        itself (in place) or another view with strides of its own, provided its leading dims collapse
-        together with input's into at most two strided row axes. Not a JAX array (immutable). None: a
-        new array.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    array
-        input's shape and dtype: ``out`` when given (``input`` itself for ``out=input``), else a new array
-        of the caller's framework.
-
-    Notes
-    -----
-    Arithmetic in float32 (the mean square included), rounded once to input's dtype. fi_cupy also takes
-    input with two strided row axes (Qwen3-style qk-norm on per-head views of a fused qkv buffer, in place
-    with ``out=input``), any hidden size, JAX arrays (``out`` aside) and ``stream``.
-    """
+    """``out = input / sqrt(mean(input**2, axis=-1) + eps) * weight``."""
     return _norm("rms", input, weight, None, eps, out, None, stream, enable_pdl)
 
 
+@document("Fused residual add and RMSNorm, in place: ``residual += input; input = rmsnorm(residual)``.",
+          returns=_FUSED_ADD_RETURNS, glossary=_PARAMS, params=_IN_PLACE_INPUT,
+          notes=("Arithmetic in float32. ``input`` and ``residual`` are written, so neither may have elements that\n"
+                 "share memory (an expanded view). ``stream`` is fi_cupy's addition; the JAX return is fi_cupy's\n"
+                 "(FlashInfer takes torch tensors only)."))
 def fused_add_rmsnorm(input, residual, weight, eps: float = 1e-6, enable_pdl=None, stream=None):
-    """Fused residual add and RMSNorm, in place: ``residual += input; input = rmsnorm(residual)``.
-
-    The sum is rounded to residual's dtype and that stored value is normalised, as model code that keeps
+    """The sum is rounded to residual's dtype and that stored value is normalised, as model code that keeps
     the residual stream in the activation dtype does.
-
-    Parameters
-    ----------
-    input : array
-        ``(..., hidden_size)``, e.g. ``(batch_size, hidden_size)`` or a per-head ``(num_tokens, num_heads,
-        head_dim)``; float16, bfloat16 or float32, on a CUDA device (torch, JAX, CuPy or any DLPack
-        producer). Each row of the last dim is normalised on its own, and input is overwritten with the
-        result. The last dim must be contiguous; the leading dims may have any strides that collapse into
-        at most two strided row axes (a stride on the token axis, or a per-head view of q or k sliced out
-        of a fused qkv buffer).
-    residual : array
-        The residual stream, input's shape and dtype (strides of its own, collapsing together with
-        input's into at most two row axes). Updated in place to ``residual + input``, rounded to its
-        dtype.
-    weight : array
-        ``(hidden_size,)``, the scale, multiplied into the normalised row; in input's dtype or float32,
-        contiguous.
-    eps : float, default 1e-6
-        Added to the mean square before the reciprocal square root.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    None or tuple of array
-        None: ``input`` and ``residual`` were written in place. JAX callers (immutable arrays) get
-        ``(normed, new_residual)`` instead: new arrays of input's shape and dtype, the inputs untouched.
-
-    Notes
-    -----
-    Arithmetic in float32. ``input`` and ``residual`` are written, so neither may have elements that
-    share memory (an expanded view). ``stream`` is fi_cupy's addition; the JAX return is fi_cupy's
-    (FlashInfer takes torch tensors only).
     """
     return _norm("rms", input, weight, None, eps, None, residual, stream, enable_pdl)
 
 
+@document("Gemma's RMSNorm, row by row: the weight is applied as ``1 + weight``.", returns=_NORMED, glossary=_PARAMS,
+          params=_GEMMA_WEIGHT,
+          notes=("Arithmetic in float32, ``1 + weight`` included, rounded once to input's dtype. fi_cupy also takes\n"
+                 "input with two strided row axes (Gemma 3's qk-norm on per-head views, in place with\n"
+                 "``out=input``), any hidden size, JAX arrays (``out`` aside) and ``stream``."))
 def gemma_rmsnorm(input, weight, eps: float = 1e-6, out=None, enable_pdl=None, stream=None):
-    """Gemma's RMSNorm, row by row: the weight is applied as ``1 + weight``.
-
-    ``out = input / sqrt(mean(input**2, axis=-1) + eps) * (1 + weight)``.
-
-    Parameters
-    ----------
-    input : array
-        ``(..., hidden_size)``, e.g. ``(batch_size, hidden_size)`` or a per-head ``(num_tokens, num_heads,
-        head_dim)``; float16, bfloat16 or float32, on a CUDA device (torch, JAX, CuPy or any DLPack
-        producer). Each row of the last dim is normalised on its own. The last dim must be contiguous;
-        the leading dims may have any strides that collapse into at most two strided row axes (a stride
-        on the token axis, or a per-head view of q or k sliced out of a fused qkv buffer).
-    weight : array
-        ``(hidden_size,)``, the scale, applied as ``1 + weight`` (Gemma stores the offset from 1); in
-        input's dtype or float32, contiguous.
-    eps : float, default 1e-6
-        Added to the mean square before the reciprocal square root.
-    out : array, optional
-        Where to write the result: input's shape and dtype, last dim contiguous. It may be ``input``
-        itself (in place) or another view with strides of its own, provided its leading dims collapse
-        together with input's into at most two strided row axes. Not a JAX array (immutable). None: a
-        new array.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    array
-        input's shape and dtype: ``out`` when given (``input`` itself for ``out=input``), else a new array
-        of the caller's framework.
-
-    Notes
-    -----
-    Arithmetic in float32, ``1 + weight`` included, rounded once to input's dtype. fi_cupy also takes
-    input with two strided row axes (Gemma 3's qk-norm on per-head views, in place with ``out=input``),
-    any hidden size, JAX arrays (``out`` aside) and ``stream``.
-    """
+    """``out = input / sqrt(mean(input**2, axis=-1) + eps) * (1 + weight)``."""
     return _norm("gemma", input, weight, None, eps, out, None, stream, enable_pdl)
 
 
+@document("Fused residual add and Gemma RMSNorm, in place: ``residual += input; input = norm(residual)``.",
+          returns=_FUSED_ADD_RETURNS, glossary=_PARAMS, params={**_IN_PLACE_INPUT, **_GEMMA_WEIGHT},
+          notes=("Arithmetic in float32. ``input`` and ``residual`` are written, so neither may have elements that\n"
+                 "share memory. ``stream`` is fi_cupy's addition; the JAX return is fi_cupy's."))
 def gemma_fused_add_rmsnorm(input, residual, weight, eps: float = 1e-6, enable_pdl=None, stream=None):
-    """Fused residual add and Gemma RMSNorm, in place: ``residual += input; input = norm(residual)``.
-
-    ``norm`` is gemma_rmsnorm (the weight applied as ``1 + weight``). The sum is rounded to residual's
+    """``norm`` is gemma_rmsnorm (the weight applied as ``1 + weight``). The sum is rounded to residual's
     dtype and that stored value is normalised.
-
-    Parameters
-    ----------
-    input : array
-        ``(..., hidden_size)``, e.g. ``(batch_size, hidden_size)`` or a per-head ``(num_tokens, num_heads,
-        head_dim)``; float16, bfloat16 or float32, on a CUDA device (torch, JAX, CuPy or any DLPack
-        producer). Each row of the last dim is normalised on its own, and input is overwritten with the
-        result. The last dim must be contiguous; the leading dims may have any strides that collapse into
-        at most two strided row axes (a stride on the token axis, or a per-head view of q or k sliced out
-        of a fused qkv buffer).
-    residual : array
-        The residual stream, input's shape and dtype (strides of its own, collapsing together with
-        input's into at most two row axes). Updated in place to ``residual + input``, rounded to its
-        dtype.
-    weight : array
-        ``(hidden_size,)``, the scale, applied as ``1 + weight`` (Gemma stores the offset from 1); in
-        input's dtype or float32, contiguous.
-    eps : float, default 1e-6
-        Added to the mean square before the reciprocal square root.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    None or tuple of array
-        None: ``input`` and ``residual`` were written in place. JAX callers (immutable arrays) get
-        ``(normed, new_residual)`` instead: new arrays of input's shape and dtype, the inputs untouched.
-
-    Notes
-    -----
-    Arithmetic in float32. ``input`` and ``residual`` are written, so neither may have elements that
-    share memory. ``stream`` is fi_cupy's addition; the JAX return is fi_cupy's.
     """
     return _norm("gemma", input, weight, None, eps, None, residual, stream, enable_pdl)
 
 
+@document("Layer normalisation, row by row: ``(input - mean) / sqrt(var + eps) * gemma + beta``.",
+          returns=("array\n"
+                   "    A new array of input's shape and dtype, in the caller's framework."), glossary=_PARAMS,
+          params={"eps": ("float, default 1e-6\n"
+                          "    Added to the variance before the reciprocal square root.")},
+          notes=("Arithmetic in float32: the mean first, then the variance of the differences from it (two passes,\n"
+                 "not ``E[x**2] - mean**2``), rounded once to input's dtype. FlashInfer's layernorm takes bfloat16\n"
+                 "input with float32 gemma / beta; here float16, bfloat16 or float32 input, gemma / beta in its\n"
+                 "dtype or float32, and ``stream``."))
 def layernorm(input, gemma, beta, eps: float = 1e-6, stream=None):
-    """Layer normalisation, row by row: ``(input - mean) / sqrt(var + eps) * gemma + beta``.
-
-    ``var`` is the biased variance (divided by hidden_size), as ``torch.nn.LayerNorm`` computes it.
-
-    Parameters
-    ----------
-    input : array
-        ``(..., hidden_size)``, e.g. ``(batch_size, hidden_size)`` or a per-head ``(num_tokens, num_heads,
-        head_dim)``; float16, bfloat16 or float32, on a CUDA device (torch, JAX, CuPy or any DLPack
-        producer). Each row of the last dim is normalised on its own. The last dim must be contiguous;
-        the leading dims may have any strides that collapse into at most two strided row axes (a stride
-        on the token axis, or a per-head view of q or k sliced out of a fused qkv buffer).
-    gemma : array
-        ``(hidden_size,)``, the scale (FlashInfer's name for gamma); in input's dtype or float32,
-        contiguous.
-    beta : array
-        ``(hidden_size,)``, the shift, in gemma's dtype, contiguous.
-    eps : float, default 1e-6
-        Added to the variance before the reciprocal square root.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    array
-        A new array of input's shape and dtype, in the caller's framework.
-
-    Notes
-    -----
-    Arithmetic in float32: the mean first, then the variance of the differences from it (two passes, not
-    ``E[x**2] - mean**2``), rounded once to input's dtype. FlashInfer's layernorm takes bfloat16 input with float32 gemma / beta; here float16,
-    bfloat16 or float32 input, gemma / beta in its dtype or float32, and ``stream``.
-    """
+    """``var`` is the biased variance (divided by hidden_size), as ``torch.nn.LayerNorm`` computes it."""
     return _norm("layer", input, gemma, beta, eps, None, None, stream)

@@ -15,6 +15,7 @@ import numpy as np
 from ._core import arrays, checks, kernels, streams
 from ._core import dtypes as dt
 from ._core.call import Call
+from ._core.docs import KERNEL_GLOSSARY, document
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr
 
 LAYOUTS = ("NHD", "HND")
@@ -226,71 +227,77 @@ def _check_append_indices(bi, pos, indices, indptr, last_page_len, page_size: in
                              f"[0, {int(limit[j])}) (the request's length from kv_indptr and kv_last_page_len)")
 
 
+# Each parameter's entry, once for the module (docs.document writes the Parameters sections).
+_PARAMS = {**KERNEL_GLOSSARY,
+           "append_key": ("array\n"
+                          "    ``(nnz, num_kv_heads, head_dim)``, in the cache's dtype (float16, bfloat16, float32,\n"
+                          "    float8_e4m3fn or float8_e5m2: rows are copied as bytes, so quantise before appending\n"
+                          "    to an fp8 cache), on a CUDA device (torch, JAX, CuPy or any DLPack producer). The\n"
+                          "    head dim must be contiguous; the token and head strides are free."),
+           "append_value": ("array\n"
+                            "    Like append_key: same shape and dtype."),
+           "batch_indices": ("array\n"
+                             "    ``(nnz,)`` int32 or int64 device array, contiguous: the request of each token.\n"
+                             "    The five index arrays share one dtype."),
+           "positions": ("array\n"
+                         "    ``(nnz,)`` in batch_indices' dtype, contiguous: each token's position within its\n"
+                         "    request, in ``[0, seq_len)`` where ``seq_len = (pages - 1) * page_size +\n"
+                         "    kv_last_page_len[b]``."),
+           "paged_kv_cache": ("array or tuple of array\n"
+                              "    The cache, written in place: one 5-D array ``(num_pages, 2, page_size,\n"
+                              "    num_kv_heads, head_dim)`` for ``kv_layout=\"NHD\"`` or ``(num_pages, 2,\n"
+                              "    num_kv_heads, page_size, head_dim)`` for ``\"HND\"`` (``[:, 0]`` the keys, ``[:,\n"
+                              "    1]`` the values), or a ``(k_cache, v_cache)`` pair of 4-D arrays ``(num_pages,\n"
+                              "    page_size, num_kv_heads, head_dim)`` [NHD] / ``(num_pages, num_kv_heads,\n"
+                              "    page_size, head_dim)`` [HND] with equal shapes, strides and dtypes. The head\n"
+                              "    dim contiguous; the data pointer and the page, slot and head strides multiples\n"
+                              "    of 8 elements; no two elements sharing memory."),
+           "kv_indices": ("array\n"
+                          "    ``(>= kv_indptr[-1],)`` in batch_indices' dtype, contiguous: the page indices of all\n"
+                          "    requests, request by request, each in ``[0, num_pages)``."),
+           "kv_indptr": ("array\n"
+                         "    ``(batch_size + 1,)`` in batch_indices' dtype, contiguous: request b owns pages\n"
+                         "    ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``."),
+           "kv_last_page_len": ("array\n"
+                                "    ``(batch_size,)`` in batch_indices' dtype, contiguous: the tokens in each\n"
+                                "    request's last page, in ``[1, page_size]`` (0 for a request without pages)."),
+           "kv_layout": ("str, default \"NHD\"\n"
+                         "    ``\"NHD\"`` or ``\"HND\"``: the order of the slot and head axes of a page (see\n"
+                         "    paged_kv_cache)."),
+           "check": ("bool, default True\n"
+                     "    Read the five index arrays on the host and raise ValueError for any entry outside the\n"
+                     "    page table or the cache (device arrays are copied: one synchronisation). Skipped while\n"
+                     "    the stream is being captured into a CUDA graph. With False (or under capture) the kernel\n"
+                     "    still skips tokens whose indices fall outside the page table or the cache: nothing is\n"
+                     "    written outside the cache. fi_cupy's addition."),
+           "page_size": ("int\n"
+                         "    Tokens a page holds (positive)."),
+           "append_indptr": ("array\n"
+                             "    ``(batch_size + 1,)`` int32 or int64 device array, contiguous, ``batch_size >=\n"
+                             "    1``: request b's appended tokens are rows ``append_indptr[b]`` to\n"
+                             "    ``append_indptr[b + 1]``."),
+           "seq_lens": ("array\n"
+                        "    ``(batch_size,)`` in append_indptr's dtype, contiguous: each request's length after\n"
+                        "    the append (get_seq_lens of the updated page table)."),
+           "nnz": ("int\n"
+                   "    The number of outputs, normally ``append_indptr[-1]`` (non-negative). Entries past\n"
+                   "    ``append_indptr[-1]`` get -1 in both outputs.")}
+
+
+@document("Append the keys and values of new tokens to a paged KV cache, in place.",
+          returns=("None or array or tuple of array\n"
+                   "    None: the cache was written in place. JAX callers (immutable arrays) get a new cache with\n"
+                   "    the rows written, in paged_kv_cache's form (one array, or a ``(k_cache, v_cache)`` pair): a\n"
+                   "    full copy of the cache each call, so keep append loops in torch or CuPy."), glossary=_PARAMS,
+          notes=("Beyond FlashInfer: the index checks (``check``) and the kernel's own bounds (a bad index never\n"
+                 "writes outside the cache, where FlashInfer's kernel writes wherever the index points), JAX arrays\n"
+                 "and ``stream``."))
 def append_paged_kv_cache(append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices,
                           kv_indptr, kv_last_page_len, kv_layout: str = "NHD", check: bool = True, stream=None):
-    """Append the keys and values of new tokens to a paged KV cache, in place.
-
-    Token i (row i of append_key / append_value) goes to request ``batch_indices[i]`` at position
+    """Token i (row i of append_key / append_value) goes to request ``batch_indices[i]`` at position
     ``positions[i]``: page ``kv_indices[kv_indptr[b] + p // page_size]``, slot ``p % page_size``. The page
     table must already count the appended tokens (kv_indptr, kv_indices and kv_last_page_len as after
     the append); get_batch_indices_positions gives batch_indices and positions.
-
-    Parameters
-    ----------
-    append_key : array
-        ``(nnz, num_kv_heads, head_dim)``, in the cache's dtype (float16, bfloat16, float32,
-        float8_e4m3fn or float8_e5m2: rows are copied as bytes, so quantise before appending to an fp8
-        cache), on a CUDA device (torch, JAX, CuPy or any DLPack producer). The head dim must be
-        contiguous; the token and head strides are free.
-    append_value : array
-        Like append_key: same shape and dtype.
-    batch_indices : array
-        ``(nnz,)`` int32 or int64 device array, contiguous: the request of each token. The five index
-        arrays share one dtype.
-    positions : array
-        ``(nnz,)`` in batch_indices' dtype, contiguous: each token's position within its request, in
-        ``[0, seq_len)`` where ``seq_len = (pages - 1) * page_size + kv_last_page_len[b]``.
-    paged_kv_cache : array or tuple of array
-        The cache, written in place: one 5-D array ``(num_pages, 2, page_size, num_kv_heads, head_dim)``
-        for ``kv_layout="NHD"`` or ``(num_pages, 2, num_kv_heads, page_size, head_dim)`` for ``"HND"``
-        (``[:, 0]`` the keys, ``[:, 1]`` the values), or a ``(k_cache, v_cache)`` pair of 4-D arrays
-        ``(num_pages, page_size, num_kv_heads, head_dim)`` [NHD] / ``(num_pages, num_kv_heads, page_size,
-        head_dim)`` [HND] with equal shapes, strides and dtypes. The head dim contiguous; the data pointer
-        and the page, slot and head strides multiples of 8 elements; no two elements sharing memory.
-    kv_indices : array
-        ``(>= kv_indptr[-1],)`` in batch_indices' dtype, contiguous: the page indices of all requests,
-        request by request, each in ``[0, num_pages)``.
-    kv_indptr : array
-        ``(batch_size + 1,)`` in batch_indices' dtype, contiguous: request b owns pages
-        ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``.
-    kv_last_page_len : array
-        ``(batch_size,)`` in batch_indices' dtype, contiguous: the tokens in each request's last page,
-        in ``[1, page_size]`` (0 for a request without pages).
-    kv_layout : str, default "NHD"
-        ``"NHD"`` or ``"HND"``: the order of the slot and head axes of a page (see paged_kv_cache).
-    check : bool, default True
-        Read the five index arrays on the host and raise ValueError for any entry outside the page
-        table or the cache (device arrays are copied: one synchronisation). Skipped while the stream
-        is being captured into a CUDA graph. With False (or under capture) the kernel still skips
-        tokens whose indices fall outside the page table or the cache: nothing is written outside
-        the cache. fi_cupy's addition.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    None or array or tuple of array
-        None: the cache was written in place. JAX callers (immutable arrays) get a new cache with the
-        rows written, in paged_kv_cache's form (one array, or a ``(k_cache, v_cache)`` pair): a full
-        copy of the cache each call, so keep append loops in torch or CuPy.
-
-    Notes
-    -----
-    Beyond FlashInfer: the index checks (``check``) and the kernel's own bounds (a bad index never
-    writes outside the cache, where FlashInfer's kernel writes wherever the index points), JAX arrays
-    and ``stream``.
     """
     c = Call(append_key, stream, name="append_key")
     k = c.arg(append_key, "append_key")
@@ -360,31 +367,18 @@ def _copy_cache(c: Call, kv: KVView):
     return view, tuple(objs)
 
 
+@document("The length of each request of a paged KV cache, from its page table.",
+          returns=("array\n"
+                   "    ``(batch_size,)`` int32: a new array in the caller's framework."), glossary=_PARAMS,
+          params={"kv_indptr": ("array\n"
+                                "    ``(batch_size + 1,)`` int32 or int64 device array, contiguous: request b owns\n"
+                                "    ``kv_indptr[b + 1] - kv_indptr[b]`` pages."),
+                  "kv_last_page_len": ("array\n"
+                                       "    ``(batch_size,)`` in kv_indptr's dtype, contiguous: the tokens in each\n"
+                                       "    request's last page (0 for a request without pages).")})
 def get_seq_lens(kv_indptr, kv_last_page_len, page_size: int, stream=None):
-    """The length of each request of a paged KV cache, from its page table.
-
-    ``seq_lens[b] = max(pages_b - 1, 0) * page_size + kv_last_page_len[b]`` with
+    """``seq_lens[b] = max(pages_b - 1, 0) * page_size + kv_last_page_len[b]`` with
     ``pages_b = kv_indptr[b + 1] - kv_indptr[b]``.
-
-    Parameters
-    ----------
-    kv_indptr : array
-        ``(batch_size + 1,)`` int32 or int64 device array, contiguous: request b owns
-        ``kv_indptr[b + 1] - kv_indptr[b]`` pages.
-    kv_last_page_len : array
-        ``(batch_size,)`` in kv_indptr's dtype, contiguous: the tokens in each request's last page (0 for
-        a request without pages).
-    page_size : int
-        Tokens a page holds (positive).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    array
-        ``(batch_size,)`` int32: a new array in the caller's framework.
     """
     c = Call(kv_indptr, stream, name="kv_indptr")
     page_size = checks.positive_int("page_size", page_size)
@@ -401,41 +395,23 @@ def get_seq_lens(kv_indptr, kv_last_page_len, page_size: int, stream=None):
     return c.result(out_obj)
 
 
+@document("The request and position of each appended token, for append_paged_kv_cache.",
+          returns=("batch_indices : array\n"
+                   "    ``(nnz,)`` int32: the request of each token (the given array, or a new one).\n"
+                   "positions : array\n"
+                   "    ``(nnz,)`` int32: the position of each token within its request."), glossary=_PARAMS,
+          params={"batch_indices": ("array, optional\n"
+                                    "    ``(nnz,)`` int32, contiguous: written instead of a new array (not a JAX\n"
+                                    "    array)."),
+                  "positions": ("array, optional\n"
+                                "    ``(nnz,)`` int32, contiguous: written instead of a new array (not a JAX\n"
+                                "    array).")})
 def get_batch_indices_positions(append_indptr, seq_lens, nnz: int, batch_indices=None, positions=None,
                                 stream=None):
-    """The request and position of each appended token, for append_paged_kv_cache.
-
-    For the tokens of request b (rows ``append_indptr[b]`` to ``append_indptr[b + 1]``):
+    """For the tokens of request b (rows ``append_indptr[b]`` to ``append_indptr[b + 1]``):
     ``batch_indices = b`` and ``positions = seq_lens[b] - append_len[b] + i`` for the request's i-th
     appended token, ``append_len[b] = append_indptr[b + 1] - append_indptr[b]``: the appended tokens are
     the last ones of each request.
-
-    Parameters
-    ----------
-    append_indptr : array
-        ``(batch_size + 1,)`` int32 or int64 device array, contiguous, ``batch_size >= 1``: request b's
-        appended tokens are rows ``append_indptr[b]`` to ``append_indptr[b + 1]``.
-    seq_lens : array
-        ``(batch_size,)`` in append_indptr's dtype, contiguous: each request's length after the append
-        (get_seq_lens of the updated page table).
-    nnz : int
-        The number of outputs, normally ``append_indptr[-1]`` (non-negative). Entries past
-        ``append_indptr[-1]`` get -1 in both outputs.
-    batch_indices : array, optional
-        ``(nnz,)`` int32, contiguous: written instead of a new array (not a JAX array).
-    positions : array, optional
-        ``(nnz,)`` int32, contiguous: written instead of a new array (not a JAX array).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    batch_indices : array
-        ``(nnz,)`` int32: the request of each token (the given array, or a new one).
-    positions : array
-        ``(nnz,)`` int32: the position of each token within its request.
     """
     c = Call(append_indptr, stream, name="append_indptr")
     if isinstance(nnz, bool) or not isinstance(nnz, (int, np.integer)) or nnz < 0:

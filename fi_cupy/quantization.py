@@ -9,6 +9,7 @@ import numpy as np
 from ._core import checks, kernels
 from ._core import dtypes as dt
 from ._core.call import Call
+from ._core.docs import KERNEL_GLOSSARY, document
 from ._core.workspace import upload
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr
 
@@ -50,76 +51,50 @@ def _pack(c: Call, xi, indptr: np.ndarray, bitorder: str, name: str = "x"):
     return obj, out_indptr
 
 
+# Each parameter's entry, once for the module (docs.document writes the Parameters sections).
+_PARAMS = {**KERNEL_GLOSSARY,
+           "x": ("array\n"
+                 "    ``(n,)`` bool, uint8 or int8 (nonzero is 1), contiguous, on a CUDA device (torch, JAX, CuPy\n"
+                 "    or any DLPack producer)."),
+           "bitorder": ("str, default \"big\"\n"
+                        "    ``\"big\"``: the first element goes to the most significant bit of its byte (numpy's\n"
+                        "    default); ``\"little\"``: to the least significant (the order prefill's\n"
+                        "    packed_custom_mask uses)."),
+           "indptr": ("array\n"
+                      "    ``(num_segments + 1,)`` integer offsets of the segments in x: starting at 0,\n"
+                      "    non-decreasing, ``indptr[-1] = len(x)``. Read on the host: pass a numpy array (a device\n"
+                      "    array is copied back, one synchronisation).")}
+
+
+@document("Pack a 1-D boolean array into bits of a uint8 array, as ``numpy.packbits`` does.",
+          returns=("array\n"
+                   "    ``(ceil(n / 8),)`` uint8: a new array in x's framework."), glossary=_PARAMS,
+          notes=("The call uploads its segment offsets and waits for the stream once (a host synchronisation): pack\n"
+                 "masks at plan time, not on a hot path. ``stream`` is fi_cupy's addition."))
 def packbits(x, bitorder: str = "big", stream=None):
-    """Pack a 1-D boolean array into bits of a uint8 array, as ``numpy.packbits`` does.
-
-    Elements ``8j .. 8j + 7`` become byte j; the last byte is padded with zero bits.
-
-    Parameters
-    ----------
-    x : array
-        ``(n,)`` bool, uint8 or int8 (nonzero is 1), contiguous, on a CUDA device (torch, JAX, CuPy or
-        any DLPack producer).
-    bitorder : str, default "big"
-        ``"big"``: the first element goes to the most significant bit of its byte (numpy's default);
-        ``"little"``: to the least significant (the order prefill's packed_custom_mask uses).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    array
-        ``(ceil(n / 8),)`` uint8: a new array in x's framework.
-
-    Notes
-    -----
-    The call uploads its segment offsets and waits for the stream once (a host synchronisation):
-    pack masks at plan time, not on a hot path. ``stream`` is fi_cupy's addition.
-    """
+    """Elements ``8j .. 8j + 7`` become byte j; the last byte is padded with zero bits."""
     c = Call(x, stream, name="x")
     xi = _describe(c, x)
     obj, _ = _pack(c, xi, np.array([0, xi.shape[0]], dtype=np.int64), bitorder)
     return c.result(obj)
 
 
+@document("Pack each segment of a 1-D boolean array on its own, as ``numpy.packbits`` does.",
+          returns=("packed : array\n"
+                   "    ``(new_indptr[-1],)`` uint8: a new array in x's framework.\n"
+                   "new_indptr : array\n"
+                   "    ``(num_segments + 1,)`` int32 device array (x's framework): the byte offsets of the packed\n"
+                   "    segments, ``new_indptr[i + 1] - new_indptr[i] = ceil((indptr[i + 1] - indptr[i]) / 8)``."),
+          glossary=_PARAMS,
+          params={"x": ("array\n"
+                        "    ``(indptr[-1],)`` bool, uint8 or int8 (nonzero is 1), contiguous, on a CUDA device\n"
+                        "    (torch, JAX, CuPy or any DLPack producer).")},
+          notes=("The call uploads the offsets and waits for the stream once (a host synchronisation). new_indptr\n"
+                 "is int32 whatever indptr's dtype. ``stream`` is fi_cupy's addition."))
 def segment_packbits(x, indptr, bitorder: str = "big", stream=None):
-    """Pack each segment of a 1-D boolean array on its own, as ``numpy.packbits`` does.
-
-    Segment i, ``x[indptr[i]:indptr[i + 1]]``, becomes bytes ``new_indptr[i]`` to ``new_indptr[i + 1]``
+    """Segment i, ``x[indptr[i]:indptr[i + 1]]``, becomes bytes ``new_indptr[i]`` to ``new_indptr[i + 1]``
     of the output, its last byte padded with zero bits: that is how prefill's custom masks are packed,
     one request at a time.
-
-    Parameters
-    ----------
-    x : array
-        ``(indptr[-1],)`` bool, uint8 or int8 (nonzero is 1), contiguous, on a CUDA device (torch, JAX,
-        CuPy or any DLPack producer).
-    indptr : array
-        ``(num_segments + 1,)`` integer offsets of the segments in x: starting at 0, non-decreasing,
-        ``indptr[-1] = len(x)``. Read on the host: pass a numpy array (a device array is copied back,
-        one synchronisation).
-    bitorder : str, default "big"
-        ``"big"``: the first element goes to the most significant bit of its byte (numpy's default);
-        ``"little"``: to the least significant (the order prefill's packed_custom_mask uses).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    packed : array
-        ``(new_indptr[-1],)`` uint8: a new array in x's framework.
-    new_indptr : array
-        ``(num_segments + 1,)`` int32 device array (x's framework): the byte offsets of the packed
-        segments, ``new_indptr[i + 1] - new_indptr[i] = ceil((indptr[i + 1] - indptr[i]) / 8)``.
-
-    Notes
-    -----
-    The call uploads the offsets and waits for the stream once (a host synchronisation). new_indptr is
-    int32 whatever indptr's dtype. ``stream`` is fi_cupy's addition.
     """
     ip = checks.host_int_array("indptr", indptr)
     checks.indptr("indptr", ip)

@@ -14,6 +14,7 @@ import math
 from ._core import checks, kernels
 from ._core import dtypes as dt
 from ._core.call import Call
+from ._core.docs import KERNEL_GLOSSARY, document
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr, struct_arg
 
 DTYPES = (dt.float16, dt.bfloat16, dt.float32)
@@ -156,573 +157,217 @@ def _rope(q, k, *, inplace: bool, pos_ids=None, indptr=None, offsets=None, rotar
     return c.result(qo_obj, ko_obj)
 
 
+# Each parameter's entry, once for the module (docs.document writes the Parameters sections).
+_PARAMS = {**KERNEL_GLOSSARY,
+           "q": ("array\n"
+                 "    ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch,\n"
+                 "    JAX, CuPy or any DLPack producer). The head dim must be contiguous; the token and head\n"
+                 "    strides are free (e.g. a view of a fused qkv buffer)."),
+           "k": ("array\n"
+                 "    ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may\n"
+                 "    differ); strides as for q."),
+           "indptr": ("array\n"
+                      "    ``(batch_size + 1,)`` int32 or int64 device array, contiguous, ``batch_size >= 1``:\n"
+                      "    request b's tokens are rows ``indptr[b]`` to ``indptr[b + 1]`` of q and k (``indptr[-1]\n"
+                      "    = nnz``)."),
+           "offsets": ("array\n"
+                       "    ``(batch_size,)`` in indptr's dtype, contiguous: the position of each request's first\n"
+                       "    token; token i of request b is rotated at position ``offsets[b] + i``."),
+           "rotary_dim": ("int, optional\n"
+                          "    Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and\n"
+                          "    1024); the others pass through unchanged. None (the default): the whole head_dim,\n"
+                          "    which must then be even and at most 1024."),
+           "interleave": ("bool, default False\n"
+                          "    How dims pair up for rotation. False: \"rotate half\" (Llama, GPT-NeoX), dim ``j``\n"
+                          "    with ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and\n"
+                          "    k (and their strides) must then be aligned to two elements."),
+           "rope_scale": ("float, default 1\n"
+                          "    Linear position interpolation: the frequencies are divided by it (positive)."),
+           "rope_theta": ("float, default 1e4\n"
+                          "    The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` (positive)."),
+           "pos_ids": ("array\n"
+                       "    ``(nnz,)`` int32 or int64 device array, contiguous: the position of each token."),
+           "low_freq_factor": ("float, default 1\n"
+                               "    Llama 3.1's ``low_freq_factor``: frequencies whose wavelength exceeds\n"
+                               "    ``old_context_len / low_freq_factor`` are divided by ``rope_scale``."),
+           "high_freq_factor": ("float, default 4\n"
+                                "    Llama 3.1's ``high_freq_factor``: frequencies whose wavelength is below\n"
+                                "    ``old_context_len / high_freq_factor`` are kept. Must differ from\n"
+                                "    low_freq_factor."),
+           "old_context_len": ("int, default 8192\n"
+                               "    Llama 3.1's ``original_max_position_embeddings``, the context length the model\n"
+                               "    was trained on."),
+           "positions": ("array\n"
+                         "    ``(nnz,)`` int32 or int64 device array, contiguous: the position of each token, a row\n"
+                         "    of cos_sin_cache."),
+           "query": ("array\n"
+                     "    ``(nnz, num_q_heads * head_size)`` (vLLM / SGLang's layout) or ``(nnz, num_q_heads,\n"
+                     "    head_size)``; float16, bfloat16 or float32, on a CUDA device. The last dim must be\n"
+                     "    contiguous; the token stride (and the head stride of the 3-D form) is free."),
+           "key": ("array\n"
+                   "    ``(nnz, num_k_heads * head_size)`` or ``(nnz, num_k_heads, head_size)``: query's dtype and\n"
+                   "    nnz (the number of heads may differ); strides as for query."),
+           "head_size": ("int\n"
+                         "    The head dim: it divides the last dim of 2-D query / key, or equals it for 3-D ones."),
+           "cos_sin_cache": ("array\n"
+                             "    ``(max_position, rotary_dim)`` float32, last dim contiguous: row p holds ``cos(p\n"
+                             "    * f_i)`` for ``i < rotary_dim // 2``, then ``sin(p * f_i)``. rotary_dim (even, at\n"
+                             "    most head_size) is taken from its width: the first rotary_dim dims of each head\n"
+                             "    are rotated, the rest pass through."),
+           "is_neox": ("bool, default True\n"
+                       "    True: \"rotate half\" (GPT-NeoX, Llama), dim ``j`` paired with ``j + rotary_dim // 2``.\n"
+                       "    False: GPT-J style, dims ``2i`` and ``2i + 1`` (q and k aligned to two elements).")}
+
+_ROTATED = ("q_rope : array\n"
+            "    A new array of q's shape and dtype (contiguous), in the caller's framework.\n"
+            "k_rope : array\n"
+            "    A new array of k's shape and dtype (contiguous).")
+
+_IN_PLACE = ("None or tuple of array\n"
+             "    None: q and k were rotated in place. JAX callers (immutable arrays) get new ``(q_rope, k_rope)``\n"
+             "    instead, the inputs untouched.")
+
+_ROPE_NOTES = ("``inv_freq_i = rope_theta ** (-2i / rotary_dim) / rope_scale`` is computed in float64 and rounded\n"
+               "to float32; the angle ``position * inv_freq_i`` is a float32 product and its sin / cos are taken in\n"
+               "float32, as Hugging Face's LlamaRotaryEmbedding computes them. fi_cupy also takes float32 q / k,\n"
+               "JAX arrays and ``stream``.")
+
+_ROPE_INPLACE_NOTES = ("``inv_freq_i = rope_theta ** (-2i / rotary_dim) / rope_scale`` is computed in float64 and\n"
+                       "rounded to float32; the angle ``position * inv_freq_i`` is a float32 product and its sin /\n"
+                       "cos are taken in float32, as Hugging Face's LlamaRotaryEmbedding computes them. q and k are\n"
+                       "written in place, so neither may have elements that share memory. fi_cupy also takes\n"
+                       "float32 q / k, JAX arrays (the rotated pair is returned) and ``stream``.")
+
+_LLAMA31_NOTES = ("The frequencies are Hugging Face's Llama 3 rescaling of ``rope_theta ** (-2i / rotary_dim)``,\n"
+                  "computed in float64 and rounded to float32; the angle is a float32 product of position and\n"
+                  "frequency, its sin / cos in float32. fi_cupy also takes float32 q / k, JAX arrays and\n"
+                  "``stream``.")
+
+_LLAMA31_INPLACE_NOTES = ("The frequencies are Hugging Face's Llama 3 rescaling of ``rope_theta ** (-2i /\n"
+                          "rotary_dim)``, computed in float64 and rounded to float32; the angle is a float32\n"
+                          "product of position and frequency, its sin / cos in float32. q and k are written in\n"
+                          "place, so neither may have elements that share memory. fi_cupy also takes float32 q / k,\n"
+                          "JAX arrays (the rotated pair is returned) and ``stream``.")
+
+_LLAMA31_PARAMS = {"rope_scale": ("float, default 8\n"
+                                  "    Llama 3.1's ``factor``: low frequencies are divided by it, high ones kept,\n"
+                                  "    the band between blended (positive). Positions are not divided."),
+                   "rope_theta": ("float, default 5e5\n"
+                                  "    The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` before the\n"
+                                  "    rescaling (positive).")}
+
+
+@document("Rotary position embedding of a ragged batch of queries and keys, out of place.", returns=_ROTATED,
+          glossary=_PARAMS, notes=_ROPE_NOTES)
 def apply_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4, stream=None):
-    """Rotary position embedding of a ragged batch of queries and keys, out of place.
-
-    Token i of request b (rows ``indptr[b]`` to ``indptr[b + 1]``) sits at position ``offsets[b] + i``;
+    """Token i of request b (rows ``indptr[b]`` to ``indptr[b + 1]``) sits at position ``offsets[b] + i``;
     cos / sin are computed in the kernel.
-
-    Parameters
-    ----------
-    q : array
-        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
-        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
-        free (e.g. a view of a fused qkv buffer).
-    k : array
-        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
-        strides as for q.
-    indptr : array
-        ``(batch_size + 1,)`` int32 or int64 device array, contiguous, ``batch_size >= 1``: request b's
-        tokens are rows ``indptr[b]`` to ``indptr[b + 1]`` of q and k (``indptr[-1] = nnz``).
-    offsets : array
-        ``(batch_size,)`` in indptr's dtype, contiguous: the position of each request's first token;
-        token i of request b is rotated at position ``offsets[b] + i``.
-    rotary_dim : int, optional
-        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
-        others pass through unchanged. None (the default): the whole head_dim, which must then be even
-        and at most 1024.
-    interleave : bool, default False
-        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
-        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
-        must then be aligned to two elements.
-    rope_scale : float, default 1
-        Linear position interpolation: the frequencies are divided by it (positive).
-    rope_theta : float, default 1e4
-        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` (positive).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    q_rope : array
-        A new array of q's shape and dtype (contiguous), in the caller's framework.
-    k_rope : array
-        A new array of k's shape and dtype (contiguous).
-
-    Notes
-    -----
-    ``inv_freq_i = rope_theta ** (-2i / rotary_dim) / rope_scale`` is computed in float64 and rounded
-    to float32; the angle ``position * inv_freq_i`` is a float32 product and its sin / cos are taken in
-    float32, as Hugging Face's LlamaRotaryEmbedding computes them. fi_cupy also takes float32 q / k,
-    JAX arrays and ``stream``.
     """
     return _rope(q, k, inplace=False, indptr=indptr, offsets=offsets, rotary_dim=rotary_dim, interleave=interleave,
                  rope_scale=rope_scale, rope_theta=rope_theta, stream=stream)
 
 
+@document("Rotary position embedding of a ragged batch of queries and keys, in place.", returns=_IN_PLACE,
+          glossary=_PARAMS, notes=_ROPE_INPLACE_NOTES)
 def apply_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4,
                        stream=None):
-    """Rotary position embedding of a ragged batch of queries and keys, in place.
-
-    Token i of request b (rows ``indptr[b]`` to ``indptr[b + 1]``) sits at position ``offsets[b] + i``;
+    """Token i of request b (rows ``indptr[b]`` to ``indptr[b + 1]``) sits at position ``offsets[b] + i``;
     cos / sin are computed in the kernel.
-
-    Parameters
-    ----------
-    q : array
-        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
-        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
-        free (e.g. a view of a fused qkv buffer).
-    k : array
-        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
-        strides as for q.
-    indptr : array
-        ``(batch_size + 1,)`` int32 or int64 device array, contiguous, ``batch_size >= 1``: request b's
-        tokens are rows ``indptr[b]`` to ``indptr[b + 1]`` of q and k (``indptr[-1] = nnz``).
-    offsets : array
-        ``(batch_size,)`` in indptr's dtype, contiguous: the position of each request's first token;
-        token i of request b is rotated at position ``offsets[b] + i``.
-    rotary_dim : int, optional
-        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
-        others pass through unchanged. None (the default): the whole head_dim, which must then be even
-        and at most 1024.
-    interleave : bool, default False
-        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
-        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
-        must then be aligned to two elements.
-    rope_scale : float, default 1
-        Linear position interpolation: the frequencies are divided by it (positive).
-    rope_theta : float, default 1e4
-        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` (positive).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    None or tuple of array
-        None: q and k were rotated in place. JAX callers (immutable arrays) get new
-        ``(q_rope, k_rope)`` instead, the inputs untouched.
-
-    Notes
-    -----
-    ``inv_freq_i = rope_theta ** (-2i / rotary_dim) / rope_scale`` is computed in float64 and rounded
-    to float32; the angle ``position * inv_freq_i`` is a float32 product and its sin / cos are taken in
-    float32, as Hugging Face's LlamaRotaryEmbedding computes them. q and k are written in place, so
-    neither may have elements that share memory. fi_cupy also takes float32 q / k, JAX arrays (the
-    rotated pair is returned) and ``stream``.
     """
     return _rope(q, k, inplace=True, indptr=indptr, offsets=offsets, rotary_dim=rotary_dim, interleave=interleave,
                  rope_scale=rope_scale, rope_theta=rope_theta, stream=stream)
 
 
+@document("Rotary position embedding of queries and keys at explicit positions, out of place.", returns=_ROTATED,
+          glossary=_PARAMS, notes=_ROPE_NOTES)
 def apply_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4, stream=None):
-    """Rotary position embedding of queries and keys at explicit positions, out of place.
-
-    Token t sits at position ``pos_ids[t]``; cos / sin are computed in the kernel.
-
-    Parameters
-    ----------
-    q : array
-        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
-        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
-        free (e.g. a view of a fused qkv buffer).
-    k : array
-        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
-        strides as for q.
-    pos_ids : array
-        ``(nnz,)`` int32 or int64 device array, contiguous: the position of each token.
-    rotary_dim : int, optional
-        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
-        others pass through unchanged. None (the default): the whole head_dim, which must then be even
-        and at most 1024.
-    interleave : bool, default False
-        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
-        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
-        must then be aligned to two elements.
-    rope_scale : float, default 1
-        Linear position interpolation: the frequencies are divided by it (positive).
-    rope_theta : float, default 1e4
-        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` (positive).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    q_rope : array
-        A new array of q's shape and dtype (contiguous), in the caller's framework.
-    k_rope : array
-        A new array of k's shape and dtype (contiguous).
-
-    Notes
-    -----
-    ``inv_freq_i = rope_theta ** (-2i / rotary_dim) / rope_scale`` is computed in float64 and rounded
-    to float32; the angle ``position * inv_freq_i`` is a float32 product and its sin / cos are taken in
-    float32, as Hugging Face's LlamaRotaryEmbedding computes them. fi_cupy also takes float32 q / k,
-    JAX arrays and ``stream``.
-    """
+    """Token t sits at position ``pos_ids[t]``; cos / sin are computed in the kernel."""
     return _rope(q, k, inplace=False, pos_ids=pos_ids, rotary_dim=rotary_dim, interleave=interleave,
                  rope_scale=rope_scale, rope_theta=rope_theta, stream=stream)
 
 
+@document("Rotary position embedding of queries and keys at explicit positions, in place.", returns=_IN_PLACE,
+          glossary=_PARAMS, notes=_ROPE_INPLACE_NOTES)
 def apply_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4,
                                stream=None):
-    """Rotary position embedding of queries and keys at explicit positions, in place.
-
-    Token t sits at position ``pos_ids[t]``; cos / sin are computed in the kernel.
-
-    Parameters
-    ----------
-    q : array
-        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
-        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
-        free (e.g. a view of a fused qkv buffer).
-    k : array
-        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
-        strides as for q.
-    pos_ids : array
-        ``(nnz,)`` int32 or int64 device array, contiguous: the position of each token.
-    rotary_dim : int, optional
-        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
-        others pass through unchanged. None (the default): the whole head_dim, which must then be even
-        and at most 1024.
-    interleave : bool, default False
-        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
-        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
-        must then be aligned to two elements.
-    rope_scale : float, default 1
-        Linear position interpolation: the frequencies are divided by it (positive).
-    rope_theta : float, default 1e4
-        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` (positive).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    None or tuple of array
-        None: q and k were rotated in place. JAX callers (immutable arrays) get new
-        ``(q_rope, k_rope)`` instead, the inputs untouched.
-
-    Notes
-    -----
-    ``inv_freq_i = rope_theta ** (-2i / rotary_dim) / rope_scale`` is computed in float64 and rounded
-    to float32; the angle ``position * inv_freq_i`` is a float32 product and its sin / cos are taken in
-    float32, as Hugging Face's LlamaRotaryEmbedding computes them. q and k are written in place, so
-    neither may have elements that share memory. fi_cupy also takes float32 q / k, JAX arrays (the
-    rotated pair is returned) and ``stream``.
-    """
+    """Token t sits at position ``pos_ids[t]``; cos / sin are computed in the kernel."""
     return _rope(q, k, inplace=True, pos_ids=pos_ids, rotary_dim=rotary_dim, interleave=interleave,
                  rope_scale=rope_scale, rope_theta=rope_theta, stream=stream)
 
 
+@document("Llama 3.1 rotary embedding of a ragged batch of queries and keys, out of place.", returns=_ROTATED,
+          glossary=_PARAMS, params=_LLAMA31_PARAMS, notes=_LLAMA31_NOTES)
 def apply_llama31_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8, rope_theta=5e5,
                        low_freq_factor=1, high_freq_factor=4, old_context_len=8192, stream=None):
-    """Llama 3.1 rotary embedding of a ragged batch of queries and keys, out of place.
-
-    Token i of request b (rows ``indptr[b]`` to ``indptr[b + 1]``) sits at position ``offsets[b] + i``;
+    """Token i of request b (rows ``indptr[b]`` to ``indptr[b + 1]``) sits at position ``offsets[b] + i``;
     the frequencies are rescaled as Llama 3.1 does for long context, and cos / sin computed in the kernel.
-
-    Parameters
-    ----------
-    q : array
-        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
-        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
-        free (e.g. a view of a fused qkv buffer).
-    k : array
-        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
-        strides as for q.
-    indptr : array
-        ``(batch_size + 1,)`` int32 or int64 device array, contiguous, ``batch_size >= 1``: request b's
-        tokens are rows ``indptr[b]`` to ``indptr[b + 1]`` of q and k (``indptr[-1] = nnz``).
-    offsets : array
-        ``(batch_size,)`` in indptr's dtype, contiguous: the position of each request's first token;
-        token i of request b is rotated at position ``offsets[b] + i``.
-    rotary_dim : int, optional
-        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
-        others pass through unchanged. None (the default): the whole head_dim, which must then be even
-        and at most 1024.
-    interleave : bool, default False
-        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
-        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
-        must then be aligned to two elements.
-    rope_scale : float, default 8
-        Llama 3.1's ``factor``: low frequencies are divided by it, high ones kept, the band between
-        blended (positive). Positions are not divided.
-    rope_theta : float, default 5e5
-        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` before the rescaling (positive).
-    low_freq_factor : float, default 1
-        Llama 3.1's ``low_freq_factor``: frequencies whose wavelength exceeds
-        ``old_context_len / low_freq_factor`` are divided by ``rope_scale``.
-    high_freq_factor : float, default 4
-        Llama 3.1's ``high_freq_factor``: frequencies whose wavelength is below
-        ``old_context_len / high_freq_factor`` are kept. Must differ from low_freq_factor.
-    old_context_len : int, default 8192
-        Llama 3.1's ``original_max_position_embeddings``, the context length the model was trained on.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    q_rope : array
-        A new array of q's shape and dtype (contiguous), in the caller's framework.
-    k_rope : array
-        A new array of k's shape and dtype (contiguous).
-
-    Notes
-    -----
-    The frequencies are Hugging Face's Llama 3 rescaling of ``rope_theta ** (-2i / rotary_dim)``,
-    computed in float64 and rounded to float32; the angle is a float32 product of position and
-    frequency, its sin / cos in float32. fi_cupy also takes float32 q / k, JAX arrays and ``stream``.
     """
     return _rope(q, k, inplace=False, indptr=indptr, offsets=offsets, rotary_dim=rotary_dim, interleave=interleave,
                  freq="llama31", rope_scale=rope_scale, rope_theta=rope_theta, low_freq_factor=low_freq_factor,
                  high_freq_factor=high_freq_factor, old_context_len=old_context_len, stream=stream)
 
 
+@document("Llama 3.1 rotary embedding of a ragged batch of queries and keys, in place.", returns=_IN_PLACE,
+          glossary=_PARAMS, params=_LLAMA31_PARAMS, notes=_LLAMA31_INPLACE_NOTES)
 def apply_llama31_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8,
                                rope_theta=5e5, low_freq_factor=1, high_freq_factor=4, old_context_len=8192,
                                stream=None):
-    """Llama 3.1 rotary embedding of a ragged batch of queries and keys, in place.
-
-    Token i of request b (rows ``indptr[b]`` to ``indptr[b + 1]``) sits at position ``offsets[b] + i``;
+    """Token i of request b (rows ``indptr[b]`` to ``indptr[b + 1]``) sits at position ``offsets[b] + i``;
     the frequencies are rescaled as Llama 3.1 does for long context, and cos / sin computed in the kernel.
-
-    Parameters
-    ----------
-    q : array
-        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
-        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
-        free (e.g. a view of a fused qkv buffer).
-    k : array
-        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
-        strides as for q.
-    indptr : array
-        ``(batch_size + 1,)`` int32 or int64 device array, contiguous, ``batch_size >= 1``: request b's
-        tokens are rows ``indptr[b]`` to ``indptr[b + 1]`` of q and k (``indptr[-1] = nnz``).
-    offsets : array
-        ``(batch_size,)`` in indptr's dtype, contiguous: the position of each request's first token;
-        token i of request b is rotated at position ``offsets[b] + i``.
-    rotary_dim : int, optional
-        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
-        others pass through unchanged. None (the default): the whole head_dim, which must then be even
-        and at most 1024.
-    interleave : bool, default False
-        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
-        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
-        must then be aligned to two elements.
-    rope_scale : float, default 8
-        Llama 3.1's ``factor``: low frequencies are divided by it, high ones kept, the band between
-        blended (positive). Positions are not divided.
-    rope_theta : float, default 5e5
-        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` before the rescaling (positive).
-    low_freq_factor : float, default 1
-        Llama 3.1's ``low_freq_factor``: frequencies whose wavelength exceeds
-        ``old_context_len / low_freq_factor`` are divided by ``rope_scale``.
-    high_freq_factor : float, default 4
-        Llama 3.1's ``high_freq_factor``: frequencies whose wavelength is below
-        ``old_context_len / high_freq_factor`` are kept. Must differ from low_freq_factor.
-    old_context_len : int, default 8192
-        Llama 3.1's ``original_max_position_embeddings``, the context length the model was trained on.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    None or tuple of array
-        None: q and k were rotated in place. JAX callers (immutable arrays) get new
-        ``(q_rope, k_rope)`` instead, the inputs untouched.
-
-    Notes
-    -----
-    The frequencies are Hugging Face's Llama 3 rescaling of ``rope_theta ** (-2i / rotary_dim)``,
-    computed in float64 and rounded to float32; the angle is a float32 product of position and
-    frequency, its sin / cos in float32. q and k are written in place, so neither may have elements that
-    share memory. fi_cupy also takes float32 q / k, JAX arrays (the rotated pair is returned) and
-    ``stream``.
     """
     return _rope(q, k, inplace=True, indptr=indptr, offsets=offsets, rotary_dim=rotary_dim, interleave=interleave,
                  freq="llama31", rope_scale=rope_scale, rope_theta=rope_theta, low_freq_factor=low_freq_factor,
                  high_freq_factor=high_freq_factor, old_context_len=old_context_len, stream=stream)
 
 
+@document("Llama 3.1 rotary embedding of queries and keys at explicit positions, out of place.", returns=_ROTATED,
+          glossary=_PARAMS, params=_LLAMA31_PARAMS, notes=_LLAMA31_NOTES)
 def apply_llama31_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8, rope_theta=5e5,
                                low_freq_factor=1, high_freq_factor=4, old_context_len=8192, stream=None):
-    """Llama 3.1 rotary embedding of queries and keys at explicit positions, out of place.
-
-    Token t sits at position ``pos_ids[t]``; the frequencies are rescaled as Llama 3.1 does for long
+    """Token t sits at position ``pos_ids[t]``; the frequencies are rescaled as Llama 3.1 does for long
     context, and cos / sin computed in the kernel.
-
-    Parameters
-    ----------
-    q : array
-        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
-        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
-        free (e.g. a view of a fused qkv buffer).
-    k : array
-        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
-        strides as for q.
-    pos_ids : array
-        ``(nnz,)`` int32 or int64 device array, contiguous: the position of each token.
-    rotary_dim : int, optional
-        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
-        others pass through unchanged. None (the default): the whole head_dim, which must then be even
-        and at most 1024.
-    interleave : bool, default False
-        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
-        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
-        must then be aligned to two elements.
-    rope_scale : float, default 8
-        Llama 3.1's ``factor``: low frequencies are divided by it, high ones kept, the band between
-        blended (positive). Positions are not divided.
-    rope_theta : float, default 5e5
-        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` before the rescaling (positive).
-    low_freq_factor : float, default 1
-        Llama 3.1's ``low_freq_factor``: frequencies whose wavelength exceeds
-        ``old_context_len / low_freq_factor`` are divided by ``rope_scale``.
-    high_freq_factor : float, default 4
-        Llama 3.1's ``high_freq_factor``: frequencies whose wavelength is below
-        ``old_context_len / high_freq_factor`` are kept. Must differ from low_freq_factor.
-    old_context_len : int, default 8192
-        Llama 3.1's ``original_max_position_embeddings``, the context length the model was trained on.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    q_rope : array
-        A new array of q's shape and dtype (contiguous), in the caller's framework.
-    k_rope : array
-        A new array of k's shape and dtype (contiguous).
-
-    Notes
-    -----
-    The frequencies are Hugging Face's Llama 3 rescaling of ``rope_theta ** (-2i / rotary_dim)``,
-    computed in float64 and rounded to float32; the angle is a float32 product of position and
-    frequency, its sin / cos in float32. fi_cupy also takes float32 q / k, JAX arrays and ``stream``.
     """
     return _rope(q, k, inplace=False, pos_ids=pos_ids, rotary_dim=rotary_dim, interleave=interleave,
                  freq="llama31", rope_scale=rope_scale, rope_theta=rope_theta, low_freq_factor=low_freq_factor,
                  high_freq_factor=high_freq_factor, old_context_len=old_context_len, stream=stream)
 
 
+@document("Llama 3.1 rotary embedding of queries and keys at explicit positions, in place.", returns=_IN_PLACE,
+          glossary=_PARAMS, params=_LLAMA31_PARAMS, notes=_LLAMA31_INPLACE_NOTES)
 def apply_llama31_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8,
                                        rope_theta=5e5, low_freq_factor=1, high_freq_factor=4, old_context_len=8192,
                                        stream=None):
-    """Llama 3.1 rotary embedding of queries and keys at explicit positions, in place.
-
-    Token t sits at position ``pos_ids[t]``; the frequencies are rescaled as Llama 3.1 does for long
+    """Token t sits at position ``pos_ids[t]``; the frequencies are rescaled as Llama 3.1 does for long
     context, and cos / sin computed in the kernel.
-
-    Parameters
-    ----------
-    q : array
-        ``(nnz, num_qo_heads, head_dim)``, float16, bfloat16 or float32, on a CUDA device (torch, JAX,
-        CuPy or any DLPack producer). The head dim must be contiguous; the token and head strides are
-        free (e.g. a view of a fused qkv buffer).
-    k : array
-        ``(nnz, num_kv_heads, head_dim)``: q's dtype, nnz and head_dim (the number of heads may differ);
-        strides as for q.
-    pos_ids : array
-        ``(nnz,)`` int32 or int64 device array, contiguous: the position of each token.
-    rotary_dim : int, optional
-        Rotate only the first ``rotary_dim`` dims of each head (even, at most head_dim and 1024); the
-        others pass through unchanged. None (the default): the whole head_dim, which must then be even
-        and at most 1024.
-    interleave : bool, default False
-        How dims pair up for rotation. False: "rotate half" (Llama, GPT-NeoX), dim ``j`` with
-        ``j + rotary_dim // 2``. True: GPT-J style, dims ``2i`` and ``2i + 1``; q and k (and their strides)
-        must then be aligned to two elements.
-    rope_scale : float, default 8
-        Llama 3.1's ``factor``: low frequencies are divided by it, high ones kept, the band between
-        blended (positive). Positions are not divided.
-    rope_theta : float, default 5e5
-        The base of the frequencies ``rope_theta ** (-2i / rotary_dim)`` before the rescaling (positive).
-    low_freq_factor : float, default 1
-        Llama 3.1's ``low_freq_factor``: frequencies whose wavelength exceeds
-        ``old_context_len / low_freq_factor`` are divided by ``rope_scale``.
-    high_freq_factor : float, default 4
-        Llama 3.1's ``high_freq_factor``: frequencies whose wavelength is below
-        ``old_context_len / high_freq_factor`` are kept. Must differ from low_freq_factor.
-    old_context_len : int, default 8192
-        Llama 3.1's ``original_max_position_embeddings``, the context length the model was trained on.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    None or tuple of array
-        None: q and k were rotated in place. JAX callers (immutable arrays) get new
-        ``(q_rope, k_rope)`` instead, the inputs untouched.
-
-    Notes
-    -----
-    The frequencies are Hugging Face's Llama 3 rescaling of ``rope_theta ** (-2i / rotary_dim)``,
-    computed in float64 and rounded to float32; the angle is a float32 product of position and
-    frequency, its sin / cos in float32. q and k are written in place, so neither may have elements that
-    share memory. fi_cupy also takes float32 q / k, JAX arrays (the rotated pair is returned) and
-    ``stream``.
     """
     return _rope(q, k, inplace=True, pos_ids=pos_ids, rotary_dim=rotary_dim, interleave=interleave,
                  freq="llama31", rope_scale=rope_scale, rope_theta=rope_theta, low_freq_factor=low_freq_factor,
                  high_freq_factor=high_freq_factor, old_context_len=old_context_len, stream=stream)
 
 
+@document("Rotary position embedding of queries and keys from a cos / sin cache, out of place.",
+          returns=("query_out : array\n"
+                   "    A new array of query's shape and dtype (contiguous), in the caller's framework.\n"
+                   "key_out : array\n"
+                   "    A new array of key's shape and dtype (contiguous)."), glossary=_PARAMS,
+          notes=("A position outside ``[0, max_position)`` gives NaN in that token's rotated dims rather than a\n"
+                 "read outside the cache. fi_cupy also takes float32 query / key, JAX arrays and ``stream``."))
 def apply_rope_with_cos_sin_cache(positions, query, key, head_size, cos_sin_cache, is_neox=True, stream=None):
-    """Rotary position embedding of queries and keys from a cos / sin cache, out of place.
-
-    The SGLang / vLLM form: cos and sin come from a precomputed table indexed by position.
-
-    Parameters
-    ----------
-    positions : array
-        ``(nnz,)`` int32 or int64 device array, contiguous: the position of each token, a row of
-        cos_sin_cache.
-    query : array
-        ``(nnz, num_q_heads * head_size)`` (vLLM / SGLang's layout) or ``(nnz, num_q_heads, head_size)``;
-        float16, bfloat16 or float32, on a CUDA device. The last dim must be contiguous; the token stride
-        (and the head stride of the 3-D form) is free.
-    key : array
-        ``(nnz, num_k_heads * head_size)`` or ``(nnz, num_k_heads, head_size)``: query's dtype and nnz (the
-        number of heads may differ); strides as for query.
-    head_size : int
-        The head dim: it divides the last dim of 2-D query / key, or equals it for 3-D ones.
-    cos_sin_cache : array
-        ``(max_position, rotary_dim)`` float32, last dim contiguous: row p holds ``cos(p * f_i)`` for
-        ``i < rotary_dim // 2``, then ``sin(p * f_i)``. rotary_dim (even, at most head_size) is taken from
-        its width: the first rotary_dim dims of each head are rotated, the rest pass through.
-    is_neox : bool, default True
-        True: "rotate half" (GPT-NeoX, Llama), dim ``j`` paired with ``j + rotary_dim // 2``. False: GPT-J
-        style, dims ``2i`` and ``2i + 1`` (q and k aligned to two elements).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    query_out : array
-        A new array of query's shape and dtype (contiguous), in the caller's framework.
-    key_out : array
-        A new array of key's shape and dtype (contiguous).
-
-    Notes
-    -----
-    A position outside ``[0, max_position)`` gives NaN in that token's rotated dims rather than a read
-    outside the cache. fi_cupy also takes float32 query / key, JAX arrays and ``stream``.
-    """
+    """The SGLang / vLLM form: cos and sin come from a precomputed table indexed by position."""
     return _rope(query, key, inplace=False, pos_ids=positions, interleave=not is_neox, freq="cache",
                  cos_sin_cache=cos_sin_cache, head_size=checks.positive_int("head_size", head_size), stream=stream)
 
 
+@document("Rotary position embedding of queries and keys from a cos / sin cache, in place.",
+          returns=("None or tuple of array\n"
+                   "    None: query and key were rotated in place. JAX callers (immutable arrays) get new\n"
+                   "    ``(query_out, key_out)`` instead, the inputs untouched."), glossary=_PARAMS,
+          notes=("A position outside ``[0, max_position)`` gives NaN in that token's rotated dims rather than a\n"
+                 "read outside the cache. query and key are written in place, so neither may have elements that\n"
+                 "share memory. fi_cupy also takes float32 query / key, JAX arrays (the rotated pair is returned)\n"
+                 "and ``stream``."))
 def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size, cos_sin_cache, is_neox=True,
                                           stream=None):
-    """Rotary position embedding of queries and keys from a cos / sin cache, in place.
-
-    The SGLang / vLLM form: cos and sin come from a precomputed table indexed by position.
-
-    Parameters
-    ----------
-    positions : array
-        ``(nnz,)`` int32 or int64 device array, contiguous: the position of each token, a row of
-        cos_sin_cache.
-    query : array
-        ``(nnz, num_q_heads * head_size)`` (vLLM / SGLang's layout) or ``(nnz, num_q_heads, head_size)``;
-        float16, bfloat16 or float32, on a CUDA device. The last dim must be contiguous; the token stride
-        (and the head stride of the 3-D form) is free.
-    key : array
-        ``(nnz, num_k_heads * head_size)`` or ``(nnz, num_k_heads, head_size)``: query's dtype and nnz (the
-        number of heads may differ); strides as for query.
-    head_size : int
-        The head dim: it divides the last dim of 2-D query / key, or equals it for 3-D ones.
-    cos_sin_cache : array
-        ``(max_position, rotary_dim)`` float32, last dim contiguous: row p holds ``cos(p * f_i)`` for
-        ``i < rotary_dim // 2``, then ``sin(p * f_i)``. rotary_dim (even, at most head_size) is taken from
-        its width: the first rotary_dim dims of each head are rotated, the rest pass through.
-    is_neox : bool, default True
-        True: "rotate half" (GPT-NeoX, Llama), dim ``j`` paired with ``j + rotary_dim // 2``. False: GPT-J
-        style, dims ``2i`` and ``2i + 1`` (q and k aligned to two elements).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    None or tuple of array
-        None: query and key were rotated in place. JAX callers (immutable arrays) get new
-        ``(query_out, key_out)`` instead, the inputs untouched.
-
-    Notes
-    -----
-    A position outside ``[0, max_position)`` gives NaN in that token's rotated dims rather than a read
-    outside the cache. query and key are written in place, so neither may have elements that share
-    memory. fi_cupy also takes float32 query / key, JAX arrays (the rotated pair is returned) and
-    ``stream``.
-    """
+    """The SGLang / vLLM form: cos and sin come from a precomputed table indexed by position."""
     return _rope(query, key, inplace=True, pos_ids=positions, interleave=not is_neox, freq="cache",
                  cos_sin_cache=cos_sin_cache, head_size=checks.positive_int("head_size", head_size), stream=stream)

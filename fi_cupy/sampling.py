@@ -36,6 +36,7 @@ import numpy as np
 from ._core import arrays, checks, kernels, streams
 from ._core import dtypes as dt
 from ._core.call import Call
+from ._core.docs import KERNEL_GLOSSARY, document
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr, struct_arg
 
 THREADS = 1024  # kSampleThreads
@@ -486,436 +487,203 @@ def _sample_probs(probs, indices, top_k, top_p, min_p, top_k_first, generator, s
     return c.result(out_obj, v_obj) if return_valid else c.result(out_obj)
 
 
+# Each parameter's entry, once for the module (docs.document writes the Parameters sections).
+_PARAMS = {**KERNEL_GLOSSARY,
+           "probs": ("array\n"
+                     "    ``(batch_size, vocab_size)`` probabilities, float32, float16 or bfloat16, on a CUDA\n"
+                     "    device (torch, JAX, CuPy or any DLPack producer); last dim contiguous, a stride on the\n"
+                     "    batch axis is fine. Rows need not be normalised: a token is drawn in proportion to its\n"
+                     "    entry; entries <= 0 and NaN are never drawn. With ``indices``, ``(num_rows,\n"
+                     "    vocab_size)``: the rows indices picks."),
+           "indices": ("array, optional\n"
+                       "    ``(batch_size,)`` int32 or int64, contiguous: output i is drawn from row ``indices[i]``\n"
+                       "    of probs (several outputs may share a row); the token ids then come in indices' dtype.\n"
+                       "    Its entries are checked on the host (one synchronisation) unless a CUDA graph is being\n"
+                       "    captured. None: output i from row i, ids int32."),
+           "deterministic": ("bool, default True\n"
+                             "    Accepted for FlashInfer: every kernel here is deterministic whatever it says."),
+           "generator": ("torch.Generator or fi_cupy.sampling.Generator, optional\n"
+                         "    Where seed and offset come from when ``seed`` is None. A CUDA torch.Generator is read\n"
+                         "    and advanced as FlashInfer's get_seed_and_offset does (its Philox offset grows by the\n"
+                         "    call's increment, rounded up to 4); a CPU one gives two 63-bit draws. None: torch's\n"
+                         "    default CUDA generator of the device for torch callers,\n"
+                         "    ``fi_cupy.sampling.default_generator`` (seeded from the OS, the next offset each\n"
+                         "    call) for the others."),
+           "check_nan": ("bool, default False\n"
+                         "    Raise ValueError when probs contains NaN (a reduction on the device and one\n"
+                         "    synchronisation; skipped while a CUDA graph is being captured)."),
+           "seed": ("int or array, optional\n"
+                    "    Philox seed: an int, or an int64 / uint64 device array of length 1 (every row) or\n"
+                    "    batch_size (one seed a row; a CUDA graph replays with the values the array holds then).\n"
+                    "    None: seed and offset come from ``generator``. Update seed or offset between calls for new\n"
+                    "    draws."),
+           "offset": ("int or array, optional\n"
+                      "    Philox offset, in the same forms as seed; 0 when seed is given without it. Ignored\n"
+                      "    without seed, as in FlashInfer."),
+           "return_valid": ("bool, default False\n"
+                            "    Also return ``valid``, False for the rows with nothing to draw."),
+           "enable_pdl": ("bool or None, default None\n"
+                          "    Programmatic dependent launch: the kernel may start while the previous one on the\n"
+                          "    stream finishes. None: on where the GPU supports it (compute capability 9.0 and\n"
+                          "    newer). fi_cupy's addition to FlashInfer's signature."),
+           "top_p": ("float or array\n"
+                     "    Keep the tokens whose larger tokens hold less than top_p of the row's mass: the smallest\n"
+                     "    set of the largest probabilities whose mass reaches top_p. In ``(0, 1]``: a number for\n"
+                     "    every row, or a ``(batch_size,)`` device array of any float or integer dtype (its range\n"
+                     "    checked on the host, one synchronisation, unless a CUDA graph is being captured)."),
+           "top_k": ("int or array\n"
+                     "    Keep the tokens with fewer than top_k larger probabilities (ties at the boundary all\n"
+                     "    kept); ``top_k <= 0`` or ``>= vocab_size`` keeps every token. An int for every row, or a\n"
+                     "    ``(batch_size,)`` device array of any integer or float dtype, read by the kernel (floats\n"
+                     "    truncate toward zero)."),
+           "min_p": ("float or array\n"
+                     "    Keep the tokens with ``p >= min_p * max(p)`` of their row. A number in ``[0, 1]`` for\n"
+                     "    every row, or a ``(batch_size,)`` device array of any float or integer dtype."),
+           "filter_apply_order": ("str, default \"top_k_first\"\n"
+                                  "    ``\"top_k_first\"``: top-p over the top-k set renormalised (its mass the\n"
+                                  "    top-k set's); ``\"joint\"``: both filters on the original row, the kept set\n"
+                                  "    their intersection."),
+           "logits": ("array\n"
+                      "    ``(batch_size, vocab_size)`` logits, float32, float16 or bfloat16, on a CUDA device\n"
+                      "    (torch, JAX, CuPy or any DLPack producer); last dim contiguous, a stride on the batch\n"
+                      "    axis is fine. NaN logits are never drawn. With ``indices``, ``(num_rows, vocab_size)``:\n"
+                      "    the rows indices picks."),
+           "temperature": ("float or array, optional\n"
+                           "    Divides the logits: a positive number for every row, or a ``(batch_size,)`` device\n"
+                           "    array of any float or integer dtype, read by the kernel. None: 1."),
+           "is_deterministic": ("bool, default False\n"
+                                "    Accepted for FlashInfer: the kernel is deterministic whatever it says."),
+           "draft_probs": ("array\n"
+                           "    ``(batch_size, num_speculate_tokens, vocab_size)``: the draft model's probabilities\n"
+                           "    of each draft token's position; float32, float16 or bfloat16, contiguous, on a CUDA\n"
+                           "    device (torch, JAX, CuPy or any DLPack producer)."),
+           "draft_token_ids": ("array\n"
+                               "    ``(batch_size, num_speculate_tokens)`` int32 or int64, contiguous: the draft\n"
+                               "    tokens, each in ``[0, vocab_size)`` (checked on the host, one synchronisation,\n"
+                               "    unless a CUDA graph is being captured)."),
+           "target_probs": ("array\n"
+                            "    ``(batch_size, num_speculate_tokens + 1, vocab_size)``: the target model's\n"
+                            "    probabilities at each draft position and one past the last; float32, float16 or\n"
+                            "    bfloat16 (when its dtype differs from draft_probs', both are converted to float32\n"
+                            "    copies first), contiguous."),
+           "maybe_output_accepted_token_num": ("array, optional\n"
+                                               "    ``(batch_size,)`` int32, contiguous: each request's count of\n"
+                                               "    drafts that pass their acceptance test, each taken on its own\n"
+                                               "    (without stopping at the first rejection), is added to it in\n"
+                                               "    place (for JAX, to a copy). None: counted from zero in a new\n"
+                                               "    array."),
+           "maybe_output_emitted_draft_token_num": ("array, optional\n"
+                                                    "    ``(batch_size,)`` int32, contiguous: each request's count\n"
+                                                    "    of emitted drafts (those before the first rejection; the\n"
+                                                    "    bonus or replacement token not counted) is added to it, as\n"
+                                                    "    above.")}
+
+_SAMPLED = ("samples : array\n"
+            "    ``(batch_size,)`` token ids: int32, or indices' dtype when indices is given. A row with nothing to\n"
+            "    draw (no entry > 0) gives 0.\n"
+            "valid : array\n"
+            "    Only with ``return_valid=True``: ``(batch_size,)`` bool, False for the rows with nothing to draw.")
+
+_TOKEN_IDS = ("array\n"
+              "    ``(batch_size,)`` token ids: int32, or indices' dtype when indices is given.")
+
+_PHILOX_NOTES = ("Random numbers come from Philox keyed by (seed, offset) and counted by (output row, token), so\n"
+                 "the same seed and offset give the same tokens in every framework, and a row's token depends on\n"
+                 "its position in the batch, not on the other rows. There are no rejection rounds to run out (one\n"
+                 "exact draw a row, without sorting), so every row with positive mass is valid. Differences from\n"
+                 "FlashInfer: seed without offset uses offset 0 (FlashInfer would take both from the generator),\n"
+                 "fi_cupy Generators, JAX / CuPy arrays, ``enable_pdl`` and ``stream``.")
+
+_DIFFERENCES = "Differences from FlashInfer: JAX / CuPy arrays, ``enable_pdl`` and ``stream``."
+
+_LOGITS_INDICES = {"indices": ("array, optional\n"
+                               "    ``(batch_size,)`` int32 or int64, contiguous: output i is drawn from row\n"
+                               "    ``indices[i]`` of logits (several outputs may share a row); the token ids then\n"
+                               "    come in indices' dtype. Its entries are checked on the host (one\n"
+                               "    synchronisation) unless a CUDA graph is being captured. None: output i from row\n"
+                               "    i, ids int32.")}
+
+_LOGITS_TOP_K = {"top_k": ("int or array\n"
+                           "    Keep the tokens with fewer than top_k larger logits (ties at the boundary all\n"
+                           "    kept); ``top_k <= 0`` or ``>= vocab_size`` keeps every token. An int for every row,\n"
+                           "    or a ``(batch_size,)`` device array of any integer or float dtype, read by the\n"
+                           "    kernel (floats truncate toward zero).")}
+
+_RENORM_PARAMS = {"probs": ("array\n"
+                            "    ``(batch_size, vocab_size)`` probabilities, float32, float16 or bfloat16, on a\n"
+                            "    CUDA device (torch, JAX, CuPy or any DLPack producer); last dim contiguous, a\n"
+                            "    stride on the batch axis is fine. Entries <= 0 and NaN are never kept.")}
+
+
+@document("Draw one token a row from probabilities, without filtering.", returns=_SAMPLED, glossary=_PARAMS,
+          notes=_PHILOX_NOTES)
 def sampling_from_probs(probs, indices=None, deterministic: bool = True, generator=None, check_nan: bool = False,
                         seed=None, offset=None, return_valid: bool = False, enable_pdl=None, stream=None):
-    """Draw one token a row from probabilities, without filtering.
-
-    Token j of a row is drawn with probability ``probs[j] / sum(probs)`` over its positive entries.
-
-    Parameters
-    ----------
-    probs : array
-        ``(batch_size, vocab_size)`` probabilities, float32, float16 or bfloat16, on a CUDA device
-        (torch, JAX, CuPy or any DLPack producer); last dim contiguous, a stride on the batch axis is
-        fine. Rows need not be normalised: a token is drawn in proportion to its entry; entries <= 0
-        and NaN are never drawn. With ``indices``, ``(num_rows, vocab_size)``: the rows indices picks.
-    indices : array, optional
-        ``(batch_size,)`` int32 or int64, contiguous: output i is drawn from row ``indices[i]`` of
-        probs (several outputs may share a row); the token ids then come in indices' dtype. Its entries
-        are checked on the host (one synchronisation) unless a CUDA graph is being captured. None:
-        output i from row i, ids int32.
-    deterministic : bool, default True
-        Accepted for FlashInfer: every kernel here is deterministic whatever it says.
-    generator : torch.Generator or fi_cupy.sampling.Generator, optional
-        Where seed and offset come from when ``seed`` is None. A CUDA torch.Generator is read and
-        advanced as FlashInfer's get_seed_and_offset does (its Philox offset grows by the call's
-        increment, rounded up to 4); a CPU one gives two 63-bit draws. None: torch's default CUDA
-        generator of the device for torch callers, ``fi_cupy.sampling.default_generator`` (seeded
-        from the OS, the next offset each call) for the others.
-    check_nan : bool, default False
-        Raise ValueError when probs contains NaN (a reduction on the device and one synchronisation;
-        skipped while a CUDA graph is being captured).
-    seed : int or array, optional
-        Philox seed: an int, or an int64 / uint64 device array of length 1 (every row) or batch_size
-        (one seed a row; a CUDA graph replays with the values the array holds then). None: seed and
-        offset come from ``generator``. Update seed or offset between calls for new draws.
-    offset : int or array, optional
-        Philox offset, in the same forms as seed; 0 when seed is given without it. Ignored without
-        seed, as in FlashInfer.
-    return_valid : bool, default False
-        Also return ``valid``, False for the rows with nothing to draw.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer). fi_cupy's
-        addition to FlashInfer's signature.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    samples : array
-        ``(batch_size,)`` token ids: int32, or indices' dtype when indices is given. A row with nothing
-        to draw (no entry > 0) gives 0.
-    valid : array
-        Only with ``return_valid=True``: ``(batch_size,)`` bool, False for the rows with nothing to draw.
-
-    Notes
-    -----
-    Random numbers come from Philox keyed by (seed, offset) and counted by (output row, token), so
-    the same seed and offset give the same tokens in every framework, and a row's token depends on
-    its position in the batch, not on the other rows. There are no rejection rounds to run out (one
-    exact draw a row, without sorting), so every row with positive mass is valid. Differences from
-    FlashInfer: seed without offset uses offset 0 (FlashInfer would take both from the generator),
-    fi_cupy Generators, JAX / CuPy arrays, ``enable_pdl`` and ``stream``.
-    """
+    """Token j of a row is drawn with probability ``probs[j] / sum(probs)`` over its positive entries."""
     return _sample_probs(probs, indices, None, None, None, False, generator, seed, offset, check_nan, return_valid,
                          enable_pdl, stream, 1)
 
 
+@document("Draw one token a row from its top-p (nucleus) set.", returns=_SAMPLED, glossary=_PARAMS,
+          notes=_PHILOX_NOTES)
 def top_p_sampling_from_probs(probs, top_p, indices=None, deterministic: bool = True, generator=None,
                               check_nan: bool = False, seed=None, offset=None, return_valid: bool = False,
                               enable_pdl=None, stream=None):
-    """Draw one token a row from its top-p (nucleus) set.
-
-    The draw is in proportion to the kept probabilities, renormalised.
-
-    Parameters
-    ----------
-    probs : array
-        ``(batch_size, vocab_size)`` probabilities, float32, float16 or bfloat16, on a CUDA device
-        (torch, JAX, CuPy or any DLPack producer); last dim contiguous, a stride on the batch axis is
-        fine. Rows need not be normalised: a token is drawn in proportion to its entry; entries <= 0
-        and NaN are never drawn. With ``indices``, ``(num_rows, vocab_size)``: the rows indices picks.
-    top_p : float or array
-        Keep the tokens whose larger tokens hold less than top_p of the row's mass: the smallest
-        set of the largest probabilities whose mass reaches top_p. In ``(0, 1]``: a number for every
-        row, or a ``(batch_size,)`` device array of any float or integer dtype (its range checked on
-        the host, one synchronisation, unless a CUDA graph is being captured).
-    indices : array, optional
-        ``(batch_size,)`` int32 or int64, contiguous: output i is drawn from row ``indices[i]`` of
-        probs (several outputs may share a row); the token ids then come in indices' dtype. Its entries
-        are checked on the host (one synchronisation) unless a CUDA graph is being captured. None:
-        output i from row i, ids int32.
-    deterministic : bool, default True
-        Accepted for FlashInfer: every kernel here is deterministic whatever it says.
-    generator : torch.Generator or fi_cupy.sampling.Generator, optional
-        Where seed and offset come from when ``seed`` is None. A CUDA torch.Generator is read and
-        advanced as FlashInfer's get_seed_and_offset does (its Philox offset grows by the call's
-        increment, rounded up to 4); a CPU one gives two 63-bit draws. None: torch's default CUDA
-        generator of the device for torch callers, ``fi_cupy.sampling.default_generator`` (seeded
-        from the OS, the next offset each call) for the others.
-    check_nan : bool, default False
-        Raise ValueError when probs contains NaN (a reduction on the device and one synchronisation;
-        skipped while a CUDA graph is being captured).
-    seed : int or array, optional
-        Philox seed: an int, or an int64 / uint64 device array of length 1 (every row) or batch_size
-        (one seed a row; a CUDA graph replays with the values the array holds then). None: seed and
-        offset come from ``generator``. Update seed or offset between calls for new draws.
-    offset : int or array, optional
-        Philox offset, in the same forms as seed; 0 when seed is given without it. Ignored without
-        seed, as in FlashInfer.
-    return_valid : bool, default False
-        Also return ``valid``, False for the rows with nothing to draw.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer). fi_cupy's
-        addition to FlashInfer's signature.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    samples : array
-        ``(batch_size,)`` token ids: int32, or indices' dtype when indices is given. A row with nothing
-        to draw (no entry > 0) gives 0.
-    valid : array
-        Only with ``return_valid=True``: ``(batch_size,)`` bool, False for the rows with nothing to draw.
-
-    Notes
-    -----
-    Random numbers come from Philox keyed by (seed, offset) and counted by (output row, token), so
-    the same seed and offset give the same tokens in every framework, and a row's token depends on
-    its position in the batch, not on the other rows. There are no rejection rounds to run out (one
-    exact draw a row, without sorting), so every row with positive mass is valid. Differences from
-    FlashInfer: seed without offset uses offset 0 (FlashInfer would take both from the generator),
-    fi_cupy Generators, JAX / CuPy arrays, ``enable_pdl`` and ``stream``.
-    """
+    """The draw is in proportion to the kept probabilities, renormalised."""
     return _sample_probs(probs, indices, None, top_p, None, False, generator, seed, offset, check_nan, return_valid,
                          enable_pdl, stream, 32)
 
 
+@document("Draw one token a row from its top-k set.", returns=_SAMPLED, glossary=_PARAMS, notes=_PHILOX_NOTES)
 def top_k_sampling_from_probs(probs, top_k, indices=None, deterministic: bool = True, generator=None,
                               check_nan: bool = False, seed=None, offset=None, return_valid: bool = False,
                               enable_pdl=None, stream=None):
-    """Draw one token a row from its top-k set.
-
-    The draw is in proportion to the kept probabilities, renormalised.
-
-    Parameters
-    ----------
-    probs : array
-        ``(batch_size, vocab_size)`` probabilities, float32, float16 or bfloat16, on a CUDA device
-        (torch, JAX, CuPy or any DLPack producer); last dim contiguous, a stride on the batch axis is
-        fine. Rows need not be normalised: a token is drawn in proportion to its entry; entries <= 0
-        and NaN are never drawn. With ``indices``, ``(num_rows, vocab_size)``: the rows indices picks.
-    top_k : int or array
-        Keep the tokens with fewer than top_k larger probabilities (ties at the boundary all kept);
-        ``top_k <= 0`` or ``>= vocab_size`` keeps every token. An int for every row, or a
-        ``(batch_size,)`` device array of any integer or float dtype, read by the kernel (floats
-        truncate toward zero).
-    indices : array, optional
-        ``(batch_size,)`` int32 or int64, contiguous: output i is drawn from row ``indices[i]`` of
-        probs (several outputs may share a row); the token ids then come in indices' dtype. Its entries
-        are checked on the host (one synchronisation) unless a CUDA graph is being captured. None:
-        output i from row i, ids int32.
-    deterministic : bool, default True
-        Accepted for FlashInfer: every kernel here is deterministic whatever it says.
-    generator : torch.Generator or fi_cupy.sampling.Generator, optional
-        Where seed and offset come from when ``seed`` is None. A CUDA torch.Generator is read and
-        advanced as FlashInfer's get_seed_and_offset does (its Philox offset grows by the call's
-        increment, rounded up to 4); a CPU one gives two 63-bit draws. None: torch's default CUDA
-        generator of the device for torch callers, ``fi_cupy.sampling.default_generator`` (seeded
-        from the OS, the next offset each call) for the others.
-    check_nan : bool, default False
-        Raise ValueError when probs contains NaN (a reduction on the device and one synchronisation;
-        skipped while a CUDA graph is being captured).
-    seed : int or array, optional
-        Philox seed: an int, or an int64 / uint64 device array of length 1 (every row) or batch_size
-        (one seed a row; a CUDA graph replays with the values the array holds then). None: seed and
-        offset come from ``generator``. Update seed or offset between calls for new draws.
-    offset : int or array, optional
-        Philox offset, in the same forms as seed; 0 when seed is given without it. Ignored without
-        seed, as in FlashInfer.
-    return_valid : bool, default False
-        Also return ``valid``, False for the rows with nothing to draw.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer). fi_cupy's
-        addition to FlashInfer's signature.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    samples : array
-        ``(batch_size,)`` token ids: int32, or indices' dtype when indices is given. A row with nothing
-        to draw (no entry > 0) gives 0.
-    valid : array
-        Only with ``return_valid=True``: ``(batch_size,)`` bool, False for the rows with nothing to draw.
-
-    Notes
-    -----
-    Random numbers come from Philox keyed by (seed, offset) and counted by (output row, token), so
-    the same seed and offset give the same tokens in every framework, and a row's token depends on
-    its position in the batch, not on the other rows. There are no rejection rounds to run out (one
-    exact draw a row, without sorting), so every row with positive mass is valid. Differences from
-    FlashInfer: seed without offset uses offset 0 (FlashInfer would take both from the generator),
-    fi_cupy Generators, JAX / CuPy arrays, ``enable_pdl`` and ``stream``.
-    """
+    """The draw is in proportion to the kept probabilities, renormalised."""
     return _sample_probs(probs, indices, top_k, None, None, False, generator, seed, offset, check_nan, return_valid,
                          enable_pdl, stream, 32)
 
 
+@document("Draw one token a row from its min-p set.", returns=_SAMPLED, glossary=_PARAMS, notes=_PHILOX_NOTES)
 def min_p_sampling_from_probs(probs, min_p, indices=None, deterministic: bool = True, generator=None,
                               check_nan: bool = False, seed=None, offset=None, return_valid: bool = False,
                               enable_pdl=None, stream=None):
-    """Draw one token a row from its min-p set.
-
-    The draw is in proportion to the kept probabilities, renormalised.
-
-    Parameters
-    ----------
-    probs : array
-        ``(batch_size, vocab_size)`` probabilities, float32, float16 or bfloat16, on a CUDA device
-        (torch, JAX, CuPy or any DLPack producer); last dim contiguous, a stride on the batch axis is
-        fine. Rows need not be normalised: a token is drawn in proportion to its entry; entries <= 0
-        and NaN are never drawn. With ``indices``, ``(num_rows, vocab_size)``: the rows indices picks.
-    min_p : float or array
-        Keep the tokens with ``p >= min_p * max(p)`` of their row. A number in ``[0, 1]`` for every row,
-        or a ``(batch_size,)`` device array of any float or integer dtype.
-    indices : array, optional
-        ``(batch_size,)`` int32 or int64, contiguous: output i is drawn from row ``indices[i]`` of
-        probs (several outputs may share a row); the token ids then come in indices' dtype. Its entries
-        are checked on the host (one synchronisation) unless a CUDA graph is being captured. None:
-        output i from row i, ids int32.
-    deterministic : bool, default True
-        Accepted for FlashInfer: every kernel here is deterministic whatever it says.
-    generator : torch.Generator or fi_cupy.sampling.Generator, optional
-        Where seed and offset come from when ``seed`` is None. A CUDA torch.Generator is read and
-        advanced as FlashInfer's get_seed_and_offset does (its Philox offset grows by the call's
-        increment, rounded up to 4); a CPU one gives two 63-bit draws. None: torch's default CUDA
-        generator of the device for torch callers, ``fi_cupy.sampling.default_generator`` (seeded
-        from the OS, the next offset each call) for the others.
-    check_nan : bool, default False
-        Raise ValueError when probs contains NaN (a reduction on the device and one synchronisation;
-        skipped while a CUDA graph is being captured).
-    seed : int or array, optional
-        Philox seed: an int, or an int64 / uint64 device array of length 1 (every row) or batch_size
-        (one seed a row; a CUDA graph replays with the values the array holds then). None: seed and
-        offset come from ``generator``. Update seed or offset between calls for new draws.
-    offset : int or array, optional
-        Philox offset, in the same forms as seed; 0 when seed is given without it. Ignored without
-        seed, as in FlashInfer.
-    return_valid : bool, default False
-        Also return ``valid``, False for the rows with nothing to draw.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer). fi_cupy's
-        addition to FlashInfer's signature.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    samples : array
-        ``(batch_size,)`` token ids: int32, or indices' dtype when indices is given. A row with nothing
-        to draw (no entry > 0) gives 0.
-    valid : array
-        Only with ``return_valid=True``: ``(batch_size,)`` bool, False for the rows with nothing to draw.
-
-    Notes
-    -----
-    Random numbers come from Philox keyed by (seed, offset) and counted by (output row, token), so
-    the same seed and offset give the same tokens in every framework, and a row's token depends on
-    its position in the batch, not on the other rows. There are no rejection rounds to run out (one
-    exact draw a row, without sorting), so every row with positive mass is valid. Differences from
-    FlashInfer: seed without offset uses offset 0 (FlashInfer would take both from the generator),
-    fi_cupy Generators, JAX / CuPy arrays, ``enable_pdl`` and ``stream``.
-    """
+    """The draw is in proportion to the kept probabilities, renormalised."""
     return _sample_probs(probs, indices, None, None, min_p, False, generator, seed, offset, check_nan, return_valid,
                          enable_pdl, stream, 1)
 
 
+@document("Draw one token a row after both the top-k and the top-p filter.", returns=_SAMPLED, glossary=_PARAMS,
+          params={"top_p": ("float or array\n"
+                            "    Keep the tokens whose larger tokens hold less than top_p of the row's mass (with\n"
+                            "    filter_apply_order=\"top_k_first\", of the top-k set's mass): the smallest set of\n"
+                            "    the largest probabilities whose mass reaches top_p. In ``(0, 1]``: a number for\n"
+                            "    every row, or a ``(batch_size,)`` device array of any float or integer dtype\n"
+                            "    (its range checked on the host, one synchronisation, unless a CUDA graph is\n"
+                            "    being captured).")}, notes=_PHILOX_NOTES)
 def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_apply_order: str = "top_k_first",
                                     deterministic: bool = True, generator=None, check_nan: bool = False, seed=None,
                                     offset=None, return_valid: bool = False, enable_pdl=None, stream=None):
-    """Draw one token a row after both the top-k and the top-p filter.
-
-    The draw is in proportion to the kept probabilities, renormalised.
-
-    Parameters
-    ----------
-    probs : array
-        ``(batch_size, vocab_size)`` probabilities, float32, float16 or bfloat16, on a CUDA device
-        (torch, JAX, CuPy or any DLPack producer); last dim contiguous, a stride on the batch axis is
-        fine. Rows need not be normalised: a token is drawn in proportion to its entry; entries <= 0
-        and NaN are never drawn. With ``indices``, ``(num_rows, vocab_size)``: the rows indices picks.
-    top_k : int or array
-        Keep the tokens with fewer than top_k larger probabilities (ties at the boundary all kept);
-        ``top_k <= 0`` or ``>= vocab_size`` keeps every token. An int for every row, or a
-        ``(batch_size,)`` device array of any integer or float dtype, read by the kernel (floats
-        truncate toward zero).
-    top_p : float or array
-        Keep the tokens whose larger tokens hold less than top_p of the row's mass (with
-        filter_apply_order="top_k_first", of the top-k set's mass): the smallest set of the largest
-        probabilities whose mass reaches top_p. In ``(0, 1]``: a number for every row, or a
-        ``(batch_size,)`` device array of any float or integer dtype (its range checked on the host,
-        one synchronisation, unless a CUDA graph is being captured).
-    indices : array, optional
-        ``(batch_size,)`` int32 or int64, contiguous: output i is drawn from row ``indices[i]`` of
-        probs (several outputs may share a row); the token ids then come in indices' dtype. Its entries
-        are checked on the host (one synchronisation) unless a CUDA graph is being captured. None:
-        output i from row i, ids int32.
-    filter_apply_order : str, default "top_k_first"
-        ``"top_k_first"``: top-p over the top-k set renormalised (its mass the top-k set's);
-        ``"joint"``: both filters on the original row, the kept set their intersection.
-    deterministic : bool, default True
-        Accepted for FlashInfer: every kernel here is deterministic whatever it says.
-    generator : torch.Generator or fi_cupy.sampling.Generator, optional
-        Where seed and offset come from when ``seed`` is None. A CUDA torch.Generator is read and
-        advanced as FlashInfer's get_seed_and_offset does (its Philox offset grows by the call's
-        increment, rounded up to 4); a CPU one gives two 63-bit draws. None: torch's default CUDA
-        generator of the device for torch callers, ``fi_cupy.sampling.default_generator`` (seeded
-        from the OS, the next offset each call) for the others.
-    check_nan : bool, default False
-        Raise ValueError when probs contains NaN (a reduction on the device and one synchronisation;
-        skipped while a CUDA graph is being captured).
-    seed : int or array, optional
-        Philox seed: an int, or an int64 / uint64 device array of length 1 (every row) or batch_size
-        (one seed a row; a CUDA graph replays with the values the array holds then). None: seed and
-        offset come from ``generator``. Update seed or offset between calls for new draws.
-    offset : int or array, optional
-        Philox offset, in the same forms as seed; 0 when seed is given without it. Ignored without
-        seed, as in FlashInfer.
-    return_valid : bool, default False
-        Also return ``valid``, False for the rows with nothing to draw.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer). fi_cupy's
-        addition to FlashInfer's signature.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    samples : array
-        ``(batch_size,)`` token ids: int32, or indices' dtype when indices is given. A row with nothing
-        to draw (no entry > 0) gives 0.
-    valid : array
-        Only with ``return_valid=True``: ``(batch_size,)`` bool, False for the rows with nothing to draw.
-
-    Notes
-    -----
-    Random numbers come from Philox keyed by (seed, offset) and counted by (output row, token), so
-    the same seed and offset give the same tokens in every framework, and a row's token depends on
-    its position in the batch, not on the other rows. There are no rejection rounds to run out (one
-    exact draw a row, without sorting), so every row with positive mass is valid. Differences from
-    FlashInfer: seed without offset uses offset 0 (FlashInfer would take both from the generator),
-    fi_cupy Generators, JAX / CuPy arrays, ``enable_pdl`` and ``stream``.
-    """
+    """The draw is in proportion to the kept probabilities, renormalised."""
     checks.choice("filter_apply_order", filter_apply_order, FILTER_ORDERS)
     return _sample_probs(probs, indices, top_k, top_p, None, filter_apply_order == "top_k_first", generator, seed,
                          offset, check_nan, return_valid, enable_pdl, stream, 32)
 
 
+@document("Draw one token a row from ``softmax(logits)``, in one pass over the logits.", returns=_TOKEN_IDS,
+          glossary=_PARAMS,
+          params={**_LOGITS_INDICES,
+                  "check_nan": ("bool, default False\n"
+                                "    Raise ValueError when logits contains NaN (a reduction on the device and one\n"
+                                "    synchronisation; skipped while a CUDA graph is being captured).")},
+          notes=("Random numbers come from Philox keyed by (seed, offset) and counted by (output row, token), so\n"
+                 "the same seed and offset give the same tokens in every framework, and a row's token depends on\n"
+                 "its position in the batch, not on the other rows. The generator is advanced by FlashInfer's\n"
+                 "increment for this call, ``batch_size * vocab_size``. Differences from FlashInfer: seed without\n"
+                 "offset uses offset 0, fi_cupy Generators, JAX / CuPy arrays, ``enable_pdl`` and ``stream``."))
 def sampling_from_logits(logits, indices=None, deterministic: bool = True, generator=None, check_nan: bool = False,
                          seed=None, offset=None, enable_pdl=None, stream=None):
-    """Draw one token a row from ``softmax(logits)``, in one pass over the logits.
-
-    The draw is the Gumbel-max trick (``argmax(logits + Gumbel noise)``), whose law is exactly the
+    """The draw is the Gumbel-max trick (``argmax(logits + Gumbel noise)``), whose law is exactly the
     softmax: no probabilities are written.
-
-    Parameters
-    ----------
-    logits : array
-        ``(batch_size, vocab_size)`` logits, float32, float16 or bfloat16, on a CUDA device (torch, JAX,
-        CuPy or any DLPack producer); last dim contiguous, a stride on the batch axis is fine. NaN
-        logits are never drawn. With ``indices``, ``(num_rows, vocab_size)``: the rows indices picks.
-    indices : array, optional
-        ``(batch_size,)`` int32 or int64, contiguous: output i is drawn from row ``indices[i]`` of
-        logits (several outputs may share a row); the token ids then come in indices' dtype. Its entries
-        are checked on the host (one synchronisation) unless a CUDA graph is being captured. None:
-        output i from row i, ids int32.
-    deterministic : bool, default True
-        Accepted for FlashInfer: every kernel here is deterministic whatever it says.
-    generator : torch.Generator or fi_cupy.sampling.Generator, optional
-        Where seed and offset come from when ``seed`` is None. A CUDA torch.Generator is read and
-        advanced as FlashInfer's get_seed_and_offset does (its Philox offset grows by the call's
-        increment, rounded up to 4); a CPU one gives two 63-bit draws. None: torch's default CUDA
-        generator of the device for torch callers, ``fi_cupy.sampling.default_generator`` (seeded
-        from the OS, the next offset each call) for the others.
-    check_nan : bool, default False
-        Raise ValueError when logits contains NaN (a reduction on the device and one synchronisation;
-        skipped while a CUDA graph is being captured).
-    seed : int or array, optional
-        Philox seed: an int, or an int64 / uint64 device array of length 1 (every row) or batch_size
-        (one seed a row; a CUDA graph replays with the values the array holds then). None: seed and
-        offset come from ``generator``. Update seed or offset between calls for new draws.
-    offset : int or array, optional
-        Philox offset, in the same forms as seed; 0 when seed is given without it. Ignored without
-        seed, as in FlashInfer.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer). fi_cupy's
-        addition to FlashInfer's signature.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    array
-        ``(batch_size,)`` token ids: int32, or indices' dtype when indices is given.
-
-    Notes
-    -----
-    Random numbers come from Philox keyed by (seed, offset) and counted by (output row, token), so
-    the same seed and offset give the same tokens in every framework, and a row's token depends on
-    its position in the batch, not on the other rows. The generator is advanced by
-    FlashInfer's increment for this call, ``batch_size * vocab_size``. Differences from FlashInfer:
-    seed without offset uses offset 0, fi_cupy Generators, JAX / CuPy arrays, ``enable_pdl`` and
-    ``stream``.
     """
     c = Call(logits, stream, enable_pdl, "logits")
     x = _matrix(c, logits, "logits")
@@ -932,37 +700,19 @@ def sampling_from_logits(logits, indices=None, deterministic: bool = True, gener
     return c.result(out_obj)
 
 
+@document("Row softmax of ``logits / temperature``, in float32.",
+          returns=("array\n"
+                   "    ``(batch_size, vocab_size)`` float32 probabilities, whatever the logits' dtype (as\n"
+                   "    FlashInfer): a new array in the caller's framework."), glossary=_PARAMS,
+          params={"logits": ("array\n"
+                             "    ``(batch_size, vocab_size)``, float32, float16 or bfloat16, on a CUDA device\n"
+                             "    (torch, JAX, CuPy or any DLPack producer); last dim contiguous, a stride on the\n"
+                             "    batch axis is fine."),
+                  "enable_pdl": KERNEL_GLOSSARY["enable_pdl"]},
+          notes=("On compute capability 9.0 and newer, float32 logits whose rows are 16-byte aligned (vocab_size a\n"
+                 "multiple of 4) are read once, through shared memory (thread-block clusters); other inputs take\n"
+                 "two passes over each row. Differences from FlashInfer: JAX / CuPy arrays and ``stream``."))
 def softmax(logits, temperature=None, enable_pdl=None, stream=None):
-    """Row softmax of ``logits / temperature``, in float32.
-
-    Parameters
-    ----------
-    logits : array
-        ``(batch_size, vocab_size)``, float32, float16 or bfloat16, on a CUDA device (torch, JAX, CuPy
-        or any DLPack producer); last dim contiguous, a stride on the batch axis is fine.
-    temperature : float or array, optional
-        Divides the logits: a positive number for every row, or a ``(batch_size,)`` device array of
-        any float or integer dtype, read by the kernel. None: 1.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer).
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    array
-        ``(batch_size, vocab_size)`` float32 probabilities, whatever the logits' dtype (as FlashInfer):
-        a new array in the caller's framework.
-
-    Notes
-    -----
-    On compute capability 9.0 and newer, float32 logits whose rows are 16-byte aligned (vocab_size a
-    multiple of 4) are read once, through shared memory (thread-block clusters); other inputs take two
-    passes over each row. Differences from FlashInfer: JAX / CuPy arrays and ``stream``.
-    """
     c = Call(logits, stream, enable_pdl, "logits")
     x = _matrix(c, logits, "logits")
     batch, vocab = x.shape
@@ -986,78 +736,32 @@ def softmax(logits, temperature=None, enable_pdl=None, stream=None):
     return c.result(out_obj)
 
 
+@document("Softmax of the logits, then one token a row after the top-k and top-p filters.", returns=_TOKEN_IDS,
+          glossary=_PARAMS,
+          params={**_LOGITS_TOP_K, **_LOGITS_INDICES,
+                  "top_p": ("float or array\n"
+                            "    Keep the tokens whose larger tokens hold less than top_p of the row's\n"
+                            "    probability mass (with filter_apply_order=\"top_k_first\", of the top-k set's):\n"
+                            "    the smallest set of the largest probabilities whose mass reaches top_p. In ``(0,\n"
+                            "    1]``: a number for every row, or a ``(batch_size,)`` device array of any float\n"
+                            "    or integer dtype (its range checked on the host, one synchronisation, unless a\n"
+                            "    CUDA graph is being captured)."),
+                  "filter_apply_order": ("str, default \"top_k_first\"\n"
+                                         "    ``\"top_k_first\"``: top-p over the top-k set renormalised;\n"
+                                         "    ``\"joint\"``: both filters on the original row, the kept set their\n"
+                                         "    intersection."),
+                  "check_nan": ("bool, default False\n"
+                                "    Raise ValueError when the softmax of logits contains NaN (a reduction on the\n"
+                                "    device and one synchronisation; skipped while a CUDA graph is being captured).")},
+          notes=("Random numbers come from Philox keyed by (seed, offset) and counted by (output row, token), so\n"
+                 "the same seed and offset give the same tokens in every framework, and a row's token depends on\n"
+                 "its position in the batch, not on the other rows. Differences from FlashInfer: seed without\n"
+                 "offset uses offset 0, fi_cupy Generators, JAX / CuPy arrays, ``enable_pdl`` and ``stream``."))
 def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order: str = "top_k_first",
                                      deterministic: bool = True, generator=None, check_nan: bool = False,
                                      seed=None, offset=None, enable_pdl=None, stream=None):
-    """Softmax of the logits, then one token a row after the top-k and top-p filters.
-
-    The same as ``top_k_top_p_sampling_from_probs(softmax(logits), ...)``: the float32 probabilities
+    """The same as ``top_k_top_p_sampling_from_probs(softmax(logits), ...)``: the float32 probabilities
     are written to a temporary array first.
-
-    Parameters
-    ----------
-    logits : array
-        ``(batch_size, vocab_size)`` logits, float32, float16 or bfloat16, on a CUDA device (torch, JAX,
-        CuPy or any DLPack producer); last dim contiguous, a stride on the batch axis is fine. NaN
-        logits are never drawn. With ``indices``, ``(num_rows, vocab_size)``: the rows indices picks.
-    top_k : int or array
-        Keep the tokens with fewer than top_k larger logits (ties at the boundary all kept);
-        ``top_k <= 0`` or ``>= vocab_size`` keeps every token. An int for every row, or a
-        ``(batch_size,)`` device array of any integer or float dtype, read by the kernel (floats
-        truncate toward zero).
-    top_p : float or array
-        Keep the tokens whose larger tokens hold less than top_p of the row's probability mass (with
-        filter_apply_order="top_k_first", of the top-k set's): the smallest set of the largest
-        probabilities whose mass reaches top_p. In ``(0, 1]``: a number for every row, or a
-        ``(batch_size,)`` device array of any float or integer dtype (its range checked on the host,
-        one synchronisation, unless a CUDA graph is being captured).
-    indices : array, optional
-        ``(batch_size,)`` int32 or int64, contiguous: output i is drawn from row ``indices[i]`` of
-        logits (several outputs may share a row); the token ids then come in indices' dtype. Its entries
-        are checked on the host (one synchronisation) unless a CUDA graph is being captured. None:
-        output i from row i, ids int32.
-    filter_apply_order : str, default "top_k_first"
-        ``"top_k_first"``: top-p over the top-k set renormalised; ``"joint"``: both filters on the
-        original row, the kept set their intersection.
-    deterministic : bool, default True
-        Accepted for FlashInfer: every kernel here is deterministic whatever it says.
-    generator : torch.Generator or fi_cupy.sampling.Generator, optional
-        Where seed and offset come from when ``seed`` is None. A CUDA torch.Generator is read and
-        advanced as FlashInfer's get_seed_and_offset does (its Philox offset grows by the call's
-        increment, rounded up to 4); a CPU one gives two 63-bit draws. None: torch's default CUDA
-        generator of the device for torch callers, ``fi_cupy.sampling.default_generator`` (seeded
-        from the OS, the next offset each call) for the others.
-    check_nan : bool, default False
-        Raise ValueError when the softmax of logits contains NaN (a reduction on the device and one synchronisation;
-        skipped while a CUDA graph is being captured).
-    seed : int or array, optional
-        Philox seed: an int, or an int64 / uint64 device array of length 1 (every row) or batch_size
-        (one seed a row; a CUDA graph replays with the values the array holds then). None: seed and
-        offset come from ``generator``. Update seed or offset between calls for new draws.
-    offset : int or array, optional
-        Philox offset, in the same forms as seed; 0 when seed is given without it. Ignored without
-        seed, as in FlashInfer.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer). fi_cupy's
-        addition to FlashInfer's signature.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    array
-        ``(batch_size,)`` token ids: int32, or indices' dtype when indices is given.
-
-    Notes
-    -----
-    Random numbers come from Philox keyed by (seed, offset) and counted by (output row, token), so
-    the same seed and offset give the same tokens in every framework, and a row's token depends on
-    its position in the batch, not on the other rows. Differences from FlashInfer:
-    seed without offset uses offset 0, fi_cupy Generators, JAX / CuPy arrays, ``enable_pdl`` and
-    ``stream``.
     """
     checks.choice("filter_apply_order", filter_apply_order, FILTER_ORDERS)
     probs = softmax(logits, enable_pdl=enable_pdl, stream=stream)
@@ -1085,115 +789,34 @@ def _renorm(probs, top_k, top_p, enable_pdl, stream):
     return c.result(out_obj)
 
 
+@document("Keep each row's top-p set, renormalised: the other probabilities become 0.",
+          returns=("array\n"
+                   "    ``(batch_size, vocab_size)`` float32 (FlashInfer's output dtype, whatever probs' dtype):\n"
+                   "    the kept entries scaled to sum to 1. A new array in the caller's framework."),
+          glossary=_PARAMS, params=_RENORM_PARAMS, notes=_DIFFERENCES)
 def top_p_renorm_probs(probs, top_p, is_deterministic: bool = False, enable_pdl=None, stream=None):
-    """Keep each row's top-p set, renormalised: the other probabilities become 0.
-
-    Parameters
-    ----------
-    probs : array
-        ``(batch_size, vocab_size)`` probabilities, float32, float16 or bfloat16, on a CUDA device
-        (torch, JAX, CuPy or any DLPack producer); last dim contiguous, a stride on the batch axis is
-        fine. Entries <= 0 and NaN are never kept.
-    top_p : float or array
-        Keep the tokens whose larger tokens hold less than top_p of the row's mass: the smallest
-        set of the largest probabilities whose mass reaches top_p. In ``(0, 1]``: a number for every
-        row, or a ``(batch_size,)`` device array of any float or integer dtype (its range checked on
-        the host, one synchronisation, unless a CUDA graph is being captured).
-    is_deterministic : bool, default False
-        Accepted for FlashInfer: the kernel is deterministic whatever it says.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer). fi_cupy's
-        addition to FlashInfer's signature.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    array
-        ``(batch_size, vocab_size)`` float32 (FlashInfer's output dtype, whatever probs' dtype): the kept
-        entries scaled to sum to 1. A new array in the caller's framework.
-
-    Notes
-    -----
-    Differences from FlashInfer: JAX / CuPy arrays, ``enable_pdl`` and ``stream``.
-    """
     return _renorm(probs, None, top_p, enable_pdl, stream)
 
 
+@document("Keep each row's top-k set, renormalised: the other probabilities become 0.",
+          returns=("array\n"
+                   "    ``(batch_size, vocab_size)`` in probs' dtype (as FlashInfer): the kept entries scaled to\n"
+                   "    sum to 1. A new array in the caller's framework."), glossary=_PARAMS, params=_RENORM_PARAMS,
+          notes=_DIFFERENCES)
 def top_k_renorm_probs(probs, top_k, is_deterministic: bool = False, enable_pdl=None, stream=None):
-    """Keep each row's top-k set, renormalised: the other probabilities become 0.
-
-    Parameters
-    ----------
-    probs : array
-        ``(batch_size, vocab_size)`` probabilities, float32, float16 or bfloat16, on a CUDA device
-        (torch, JAX, CuPy or any DLPack producer); last dim contiguous, a stride on the batch axis is
-        fine. Entries <= 0 and NaN are never kept.
-    top_k : int or array
-        Keep the tokens with fewer than top_k larger probabilities (ties at the boundary all kept);
-        ``top_k <= 0`` or ``>= vocab_size`` keeps every token. An int for every row, or a
-        ``(batch_size,)`` device array of any integer or float dtype, read by the kernel (floats
-        truncate toward zero).
-    is_deterministic : bool, default False
-        Accepted for FlashInfer: the kernel is deterministic whatever it says.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer). fi_cupy's
-        addition to FlashInfer's signature.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    array
-        ``(batch_size, vocab_size)`` in probs' dtype (as FlashInfer): the kept entries scaled to sum to
-        1. A new array in the caller's framework.
-
-    Notes
-    -----
-    Differences from FlashInfer: JAX / CuPy arrays, ``enable_pdl`` and ``stream``.
-    """
     return _renorm(probs, top_k, None, enable_pdl, stream)
 
 
+@document("Set every logit outside its row's top-k set to -inf.",
+          returns=("array\n"
+                   "    ``(batch_size, vocab_size)`` in logits' dtype: the kept logits copied exactly, the others\n"
+                   "    -inf. A new array in the caller's framework."), glossary=_PARAMS,
+          params={**_LOGITS_TOP_K,
+                  "logits": ("array\n"
+                             "    ``(batch_size, vocab_size)``, float32, float16 or bfloat16, on a CUDA device\n"
+                             "    (torch, JAX, CuPy or any DLPack producer); last dim contiguous, a stride on the\n"
+                             "    batch axis is fine. NaN logits are never kept.")}, notes=_DIFFERENCES)
 def top_k_mask_logits(logits, top_k, enable_pdl=None, stream=None):
-    """Set every logit outside its row's top-k set to -inf.
-
-    Parameters
-    ----------
-    logits : array
-        ``(batch_size, vocab_size)``, float32, float16 or bfloat16, on a CUDA device (torch, JAX, CuPy
-        or any DLPack producer); last dim contiguous, a stride on the batch axis is fine. NaN logits
-        are never kept.
-    top_k : int or array
-        Keep the tokens with fewer than top_k larger logits (ties at the boundary all kept);
-        ``top_k <= 0`` or ``>= vocab_size`` keeps every token. An int for every row, or a
-        ``(batch_size,)`` device array of any integer or float dtype, read by the kernel (floats
-        truncate toward zero).
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer). fi_cupy's
-        addition to FlashInfer's signature.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    array
-        ``(batch_size, vocab_size)`` in logits' dtype: the kept logits copied exactly, the others -inf.
-        A new array in the caller's framework.
-
-    Notes
-    -----
-    Differences from FlashInfer: JAX / CuPy arrays, ``enable_pdl`` and ``stream``.
-    """
     c = Call(logits, stream, enable_pdl, "logits")
     x = _matrix(c, logits, "logits")
     batch, vocab = x.shape
@@ -1231,81 +854,37 @@ def _float32_copy(c: Call, info):
     return arrays.describe(x, info.name)
 
 
+@document("Speculative sampling over a chain of draft tokens (Leviathan et al., Chen et al.).",
+          returns=("output_token_ids : array\n"
+                   "    ``(batch_size, num_speculate_tokens + 1)`` int32: the accepted drafts, then the token drawn\n"
+                   "    at the first rejection (or the bonus token), then -1.\n"
+                   "output_accepted_token_num : array\n"
+                   "    ``(batch_size,)`` int32: maybe_output_accepted_token_num after the addition (the given\n"
+                   "    array, a new one, or for JAX a new copy).\n"
+                   "output_emitted_draft_token_num : array\n"
+                   "    ``(batch_size,)`` int32: maybe_output_emitted_draft_token_num after the addition."),
+          glossary=_PARAMS,
+          params={"generator": ("torch.Generator or fi_cupy.sampling.Generator, optional\n"
+                                "    Where seed and offset come from when ``seed`` is None. A CUDA torch.Generator\n"
+                                "    is read and advanced as FlashInfer's get_seed_and_offset does (its Philox\n"
+                                "    offset grows by the call's increment, ``batch_size * (num_speculate_tokens +\n"
+                                "    1)``, rounded up to 4); a CPU one gives two 63-bit draws. None: torch's\n"
+                                "    default CUDA generator of the device for torch callers,\n"
+                                "    ``fi_cupy.sampling.default_generator`` (seeded from the OS, the next offset\n"
+                                "    each call) for the others.")},
+          notes=("Random numbers come from Philox keyed by (seed, offset) and counted by (output row, token), so\n"
+                 "the same seed and offset give the same tokens in every framework, and a row's token depends on\n"
+                 "its position in the batch, not on the other rows. Differences from FlashInfer: seed without\n"
+                 "offset uses offset 0, fi_cupy Generators, JAX / CuPy arrays (the counters added to copies),\n"
+                 "``enable_pdl`` and ``stream``."))
 def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe_output_accepted_token_num=None,
                                maybe_output_emitted_draft_token_num=None, deterministic: bool = True,
                                generator=None, seed=None, offset=None, enable_pdl=None, stream=None):
-    """Speculative sampling over a chain of draft tokens (Leviathan et al., Chen et al.).
-
-    Draft i of a request is accepted when ``u * q_i(d_i) < p_i(d_i)`` for a uniform u (q the draft
+    """Draft i of a request is accepted when ``u * q_i(d_i) < p_i(d_i)`` for a uniform u (q the draft
     model's probabilities, p the target's). At the first rejection j the output token is drawn from
     ``max(p_j - q_j, 0)`` renormalised (from p_j when that is all zero) and the rest are -1; when all
     drafts are accepted a bonus token is drawn from the last target row. The emitted tokens then
     follow the target model's law exactly.
-
-    Parameters
-    ----------
-    draft_probs : array
-        ``(batch_size, num_speculate_tokens, vocab_size)``: the draft model's probabilities of each
-        draft token's position; float32, float16 or bfloat16, contiguous, on a CUDA device (torch,
-        JAX, CuPy or any DLPack producer).
-    draft_token_ids : array
-        ``(batch_size, num_speculate_tokens)`` int32 or int64, contiguous: the draft tokens, each in
-        ``[0, vocab_size)`` (checked on the host, one synchronisation, unless a CUDA graph is being
-        captured).
-    target_probs : array
-        ``(batch_size, num_speculate_tokens + 1, vocab_size)``: the target model's probabilities at
-        each draft position and one past the last; float32, float16 or bfloat16 (when its dtype differs
-        from draft_probs', both are converted to float32 copies first), contiguous.
-    maybe_output_accepted_token_num : array, optional
-        ``(batch_size,)`` int32, contiguous: each request's count of drafts that pass their acceptance
-        test, each taken on its own (without stopping at the first rejection), is added to it in
-        place (for JAX, to a copy). None: counted from zero in a new array.
-    maybe_output_emitted_draft_token_num : array, optional
-        ``(batch_size,)`` int32, contiguous: each request's count of emitted drafts (those before the
-        first rejection; the bonus or replacement token not counted) is added to it, as above.
-    deterministic : bool, default True
-        Accepted for FlashInfer: every kernel here is deterministic whatever it says.
-    generator : torch.Generator or fi_cupy.sampling.Generator, optional
-        Where seed and offset come from when ``seed`` is None. A CUDA torch.Generator is read and
-        advanced as FlashInfer's get_seed_and_offset does (its Philox offset grows by the call's
-        increment, ``batch_size * (num_speculate_tokens + 1)``, rounded up to 4); a CPU one gives two
-        63-bit draws. None: torch's default CUDA generator of the device for torch callers,
-        ``fi_cupy.sampling.default_generator`` (seeded from the OS, the next offset each call) for the
-        others.
-    seed : int or array, optional
-        Philox seed: an int, or an int64 / uint64 device array of length 1 (every row) or batch_size
-        (one seed a row; a CUDA graph replays with the values the array holds then). None: seed and
-        offset come from ``generator``. Update seed or offset between calls for new draws.
-    offset : int or array, optional
-        Philox offset, in the same forms as seed; 0 when seed is given without it. Ignored without
-        seed, as in FlashInfer.
-    enable_pdl : bool or None, default None
-        Programmatic dependent launch: the kernel may start while the previous one on the stream
-        finishes. None: on where the GPU supports it (compute capability 9.0 and newer). fi_cupy's
-        addition to FlashInfer's signature.
-    stream : int, stream object or None, default None
-        The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object
-        with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).
-        fi_cupy's addition to FlashInfer's signature.
-
-    Returns
-    -------
-    output_token_ids : array
-        ``(batch_size, num_speculate_tokens + 1)`` int32: the accepted drafts, then the token drawn at
-        the first rejection (or the bonus token), then -1.
-    output_accepted_token_num : array
-        ``(batch_size,)`` int32: maybe_output_accepted_token_num after the addition (the given array, a
-        new one, or for JAX a new copy).
-    output_emitted_draft_token_num : array
-        ``(batch_size,)`` int32: maybe_output_emitted_draft_token_num after the addition.
-
-    Notes
-    -----
-    Random numbers come from Philox keyed by (seed, offset) and counted by (output row, token), so
-    the same seed and offset give the same tokens in every framework, and a row's token depends on
-    its position in the batch, not on the other rows. Differences from FlashInfer:
-    seed without offset uses offset 0, fi_cupy Generators, JAX / CuPy arrays (the counters added to
-    copies), ``enable_pdl`` and ``stream``.
     """
     c = Call(draft_probs, stream, enable_pdl, "draft_probs")
     q = c.arg(draft_probs, "draft_probs")

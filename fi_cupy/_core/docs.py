@@ -156,10 +156,14 @@ RUN_RETURNS = ("o : array\n    The attention output, q's shape and dtype (out wh
                "lse : float32 array\n    Only with return_lse=True: (o, lse), lse of shape q.shape[:-1], base 2.")
 
 
-def document(summary: str, returns: str | None = None, skip: tuple = ("self",), params: dict | None = None):
+def document(summary: str, returns: str | None = None, skip: tuple = ("self",), params: dict | None = None,
+             glossary: dict | None = None, notes: str | None = None):
     """Decorator: fn.__doc__ = the one-line `summary`, fn's own docstring as the extended description,
-    then numpydoc Parameters (every parameter of fn's signature, in order, from `params` or GLOSSARY;
-    `skip` left out) and Returns. On a class, the parameters are its constructor's."""
+    then numpydoc Parameters (every parameter of fn's signature, in order, looked up in `params`, then in
+    `glossary` (default GLOSSARY); `skip` left out), Returns and Notes. On a class, the parameters are
+    its constructor's. An entry is "type line\\n    description lines"."""
+    glossary = GLOSSARY if glossary is None else glossary
+
     def apply(fn):
         lines = [summary.strip(), ""]
         if fn.__doc__:
@@ -168,16 +172,31 @@ def document(summary: str, returns: str | None = None, skip: tuple = ("self",), 
         for name, p in inspect.signature(fn).parameters.items():
             if name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
-            entry = (params or {}).get(name, GLOSSARY.get(name))
+            entry = (params or {}).get(name, glossary.get(name))
             if entry is None:
-                raise KeyError(f"{fn.__qualname__}: parameter {name!r} is not in fi_cupy._core.docs.GLOSSARY")
+                where = "fi_cupy._core.docs.GLOSSARY" if glossary is GLOSSARY else "its glossary"
+                raise KeyError(f"{fn.__qualname__}: parameter {name!r} is not in {where}")
             head, _, body = entry.partition("\n")
             lines += [f"{name} : {head}", body]
         if returns:
             lines += ["", "Returns", "-------", returns]
+        if notes:
+            lines += ["", "Notes", "-----", notes]
         fn.__doc__ = "\n".join(lines) + "\n"
         return fn
     return apply
+
+
+# The functional kernels' (norm, rope, sampling, ...) launch options, in their modules' glossaries.
+KERNEL_GLOSSARY = {
+    "enable_pdl": ("bool or None, default None\n"
+                   "    Programmatic dependent launch: the kernel may start while the previous one on the stream\n"
+                   "    finishes. None: on where the GPU supports it (compute capability 9.0 and newer)."),
+    "stream": ("int, stream object or None, default None\n"
+               "    The CUDA stream to launch on: a ``cudaStream_t`` handle, a torch or CuPy stream, or any object\n"
+               "    with ``__cuda_stream__``. None: the current stream of the caller's framework (CuPy's for JAX).\n"
+               "    fi_cupy's addition to FlashInfer's signature."),
+}
 
 
 RUN_OPTIONS = {  # run()'s per-call forms of plan options (default None: the plan's)
