@@ -48,15 +48,17 @@ def _rows(p):
 P = np.array([0.02, 0.3, 0.0, 0.05, 0.15, 0.01, 0.22, 0.04, 0.11, 0.1], np.float64)
 
 
-@pytest.mark.parametrize("name,kw,ref", [
+CHI_CASES = [  # (sampler, its filter arguments, the reference's filters)
     ("sampling_from_probs", {}, {}),
     ("top_k_sampling_from_probs", {"top_k": 4}, {"top_k": 4}),
     ("top_p_sampling_from_probs", {"top_p": 0.6}, {"top_p": 0.6}),
     ("min_p_sampling_from_probs", {"min_p": 0.3}, {"min_p": 0.3}),
     ("top_k_top_p_sampling_from_probs", {"top_k": 5, "top_p": 0.7}, {"top_k": 5, "top_p": 0.7}),
     ("top_k_top_p_sampling_from_probs", {"top_k": 5, "top_p": 0.7, "filter_apply_order": "joint"},
-     {"top_k": 5, "top_p": 0.7, "order": "joint"}),
-])
+     {"top_k": 5, "top_p": 0.7, "order": "joint"})]
+
+
+@pytest.mark.parametrize("name,kw,ref", CHI_CASES)
 @gpu
 def test_chi_square(name, kw, ref):
     q = reference.filtered_distribution(P, **ref)
@@ -857,14 +859,6 @@ def test_imports_without_torch_and_vec_widths():
 # GPU: float16 / bfloat16 inputs, int64 ids, parameter dtypes, generators, per-row seeds, return_valid
 
 HALF = ("float16", "bfloat16")
-CHI_CASES = [
-    ("sampling_from_probs", {}, {}),
-    ("top_k_sampling_from_probs", {"top_k": 4}, {"top_k": 4}),
-    ("top_p_sampling_from_probs", {"top_p": 0.6}, {"top_p": 0.6}),
-    ("min_p_sampling_from_probs", {"min_p": 0.3}, {"min_p": 0.3}),
-    ("top_k_top_p_sampling_from_probs", {"top_k": 5, "top_p": 0.7}, {"top_k": 5, "top_p": 0.7}),
-    ("top_k_top_p_sampling_from_probs", {"top_k": 5, "top_p": 0.7, "filter_apply_order": "joint"},
-     {"top_k": 5, "top_p": 0.7, "order": "joint"})]
 SAMPLERS = [  # (function, filter arguments, the reference's filters)
     ("sampling_from_probs", (), {}), ("top_k_sampling_from_probs", (20,), {"top_k": 20}),
     ("top_p_sampling_from_probs", (0.75,), {"top_p": 0.75}), ("min_p_sampling_from_probs", (0.125,), {"min_p": 0.125}),
