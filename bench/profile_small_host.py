@@ -1,5 +1,6 @@
 """Host-side cost of one small-op call (rmsnorm on one token, torch caller): wall time per call, the
-cost of each stage of fi_cupy's call path, and cProfile's top entries.
+cost of each stage of fi_cupy's call path (the per-signature fast path and the full path it replays),
+and cProfile's top entries.
 
     python bench/profile_small_host.py
 """
@@ -9,19 +10,10 @@ import torch
 
 import fi_cupy
 from fi_cupy import norm
-from fi_cupy._core import arrays, kernels, streams
-from fi_cupy._core.call import Call
+from fi_cupy._core import fastpath, streams
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import per_call_us, print_profile  # noqa: E402
-
-
-def norm_args(xi):
-    """norm_kernel's arguments (fi_cupy/norm.py's launch) for one contiguous bf16 row of 4096, in place."""
-    k = kernels
-    return [k.ptr(xi), k.i64(4096), k.i64(0), k.ptr(None), k.i64(0), k.i64(0), k.ptr(None), k.i64(0), k.i64(0),
-            k.ptr(xi), k.ptr(None), k.ptr(xi), k.i64(4096), k.i64(0), k.i32(1), k.u32(1), k.u32(1), k.u32(0),
-            k.i32(4096), k.f32(1e-6)]
 
 
 def per_call(f):
@@ -37,29 +29,15 @@ def main():
     print(f"rmsnorm(out=): {per_call(lambda: fi_cupy.rmsnorm(x, w, out=o)):.1f} us per call (host-bound loop)")
     print(f"rmsnorm(): {per_call(lambda: fi_cupy.rmsnorm(x, w)):.1f} us per call")
     print(f"torch rms_norm: {per_call(lambda: torch.nn.functional.rms_norm(x, (4096,), w, 1e-6)):.1f} us per call")
-    prog = norm.norm_program(norm.DTYPES[1], norm.DTYPES[1], 8, "rms", False)
-    fn = kernels.functions(prog, 0)[prog.kernels[1]]
-    s = streams.current("torch", 0)
-    xi = arrays.describe(x, "x")
-    args = [kernels.ptr(xi)] * 1
+    recipe = next(iter(norm._SIGS._recipes.values()))
     stages = {
-        "Call(x)": lambda: Call(x),
-        "current stream": lambda: streams.current("torch", 0),
-        "describe(torch)": lambda: arrays.describe(x, "x", s, "torch"),
-        "functions(program)": lambda: kernels.functions(prog, 0),
-        "hash(program)": lambda: hash(prog),
+        "fastpath.key_of (5 arrays)": lambda: fastpath.key_of((x, w, None, None, o), ("rms", 1e-6, None)),
+        "torch current stream (raw)": lambda: streams.torch_current(0),
         "torch.empty": lambda: torch.empty((1, 4096), dtype=torch.bfloat16, device="cuda:0"),
-        "launch (20 args)": lambda: kernels.launch(fn, (1,), (512,), norm_args(xi), s, 0),
-        "keep_alive": lambda: arrays.keep_alive(0, s, [xi]),
-        "runtime.getDevice": lambda: runtime.getDevice(),
-        "cuLaunchKernelEx alone": lambda: raw(cfg, fn.ptr, params, None),
+        "recipe.replay": lambda: recipe.replay((x, w, None, None, o), [x.data_ptr(), w.data_ptr(), 0, 0,
+                                                                       o.data_ptr()]),
+        "full path (no replay)": lambda: norm._norm_call("rms", x, w, None, 1e-6, o, None, None),
     }
-    del args
-    from cupy.cuda import runtime
-    kernels.launch(fn, (1,), (512,), norm_args(xi), s, 0)
-    raw = kernels._cuda()[1]
-    cfg = kernels._config()[1]
-    params = next(iter(kernels._tls.params.values()))[1]
     for name, f in stages.items():
         print(f"  {name}: {per_call(f):.1f} us")
     print_profile(lambda: fi_cupy.rmsnorm(x, w, out=o), 500, torch.cuda.synchronize)

@@ -21,14 +21,17 @@ from ._core import arrays, checks, kernels, streams
 from ._core import dtypes as dt
 from ._core.call import Call
 from ._core.docs import KERNEL_GLOSSARY, document
+from ._core.fastpath import Signatures
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr, struct_arg
-from ._core.workspace import ALIGN, attention_outputs, deliver, upload
+from ._core.workspace import ALIGN, attention_outputs, attention_result, upload
 from .page import describe_paged_cache, page_table_lengths
 
 DTYPES = (dt.float16, dt.bfloat16, dt.float32)
 THREADS = 256
 WAVES = 32  # CTAs per SM of the grid-stride loop (8 gave 83% of copy on H100, 32 gave 92%)
 
+
+_SIGS = Signatures()  # recorded merge calls by signature: an eager call of a known signature only launches
 
 def merge_program(dtype: dt.DType, vec: int) -> Program:
     return Program("cascade.cu", (KernelSpec("fic::merge_state_kernel", (dtype.cpp, vec)),
@@ -291,6 +294,10 @@ def merge_state(v_a, s_a, v_b, s_b, stream=None):
     """``(v_a, s_a)`` is attention over segment A, ``(v_b, s_b)`` over segment B (the same queries); the
     result is attention over A and B together.
     """
+    return _SIGS((v_a, s_a, v_b, s_b), ("merge_state",), stream, lambda: _merge_state(v_a, s_a, v_b, s_b, stream))
+
+
+def _merge_state(v_a, s_a, v_b, s_b, stream):
     c = Call(v_a, stream, name="v_a")
     a, sa = _state(c, v_a, s_a, "v_a", "s_a")
     b, sb = _state(c, v_b, s_b, "v_b", "s_b")
@@ -310,6 +317,11 @@ def merge_state_in_place(v, s, v_other, s_other, mask=None, stream=None):
     """``(v, s)`` becomes the merge of itself with ``(v_other, s_other)`` (see merge_state) on every token
     whose mask entry is true; the other tokens keep their state.
     """
+    return _SIGS((v, s, v_other, s_other, mask), ("merge_state_in_place",), stream,
+                 lambda: _merge_state_in_place(v, s, v_other, s_other, mask, stream))
+
+
+def _merge_state_in_place(v, s, v_other, s_other, mask, stream):
     c = Call(v, stream, name="v")
     a, sa = _state(c, v, s, "v", "s")
     b, sb = _state(c, v_other, s_other, "v_other", "s_other")
@@ -355,6 +367,10 @@ def merge_states(v, s, stream=None):
     """State j of token t, ``(v[t, j], s[t, j])``, is attention over one KV segment; the result is
     attention over all of them.
     """
+    return _SIGS((v, s), ("merge_states",), stream, lambda: _merge_states(v, s, stream))
+
+
+def _merge_states(v, s, stream):
     c = Call(v, stream, name="v")
     vi, si = _state(c, v, s, "v", "s", states_axis=True)
     seq, n, heads, d = vi.shape
@@ -625,11 +641,9 @@ class MultiLevelCascadeAttentionWrapper:
         if self._total is None:
             raise RuntimeError("run() called before plan()")
         return_lse = checks.flag("return_lse", return_lse)
-        fw = arrays.framework_of(q)
-        dev = self._ws.device
-        s = streams.resolve(stream, fw, dev)
-        cur = fw if stream is None else None
-        qi = arrays.describe(q, "q", s, cur)
+        c = Call(q, stream, enable_pdl, name="q")
+        s = c.stream
+        qi = c.arg(q, "q")
         checks.ndim(qi, 3, "(total_q, num_qo_heads, head_dim)")
         if qi.shape[0] < self._total:
             raise ValueError(f"q: has {qi.shape[0]} rows but the plan has {self._total} queries (qo_indptr[-1])")
@@ -637,26 +651,25 @@ class MultiLevelCascadeAttentionWrapper:
         # Rows merged: the plan's queries; under CUDA graphs every row the scratch holds (a fixed launch
         # shape), the mask leaving those past the current plan alone.
         n = min(sc.rows, qi.shape[0]) if self._use_cuda_graph else self._total
-        view = describe_paged_cache(paged_kv_cache, self._kv_layout, s, current_of=cur)
+        view = describe_paged_cache(c, paged_kv_cache, self._kv_layout)
         if self._max_page >= view.num_pages:
             raise ValueError(f"paged_kv_indices_arr: page index {self._max_page} is out of range for a cache of "
                              f"{view.num_pages} pages")
         kv = view.infos[0] if len(view.infos) == 1 else tuple(view.infos)  # described once for every level
-        out_obj, o, lse_obj, l_info = attention_outputs(qi, out, lse, return_lse, s, cur,
+        out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse,
                                                         "(total_q, num_qo_heads, head_dim)", "(total_q, num_qo_heads)")
         qv, ov = _rows(qi, n), _rows(o, n)
         lv = _rows(l_info if l_info is not None else sc.lse_acc, n)
         opts = dict(k_scale=k_scale, v_scale=v_scale, enable_pdl=enable_pdl, stream=s)
         self._wrappers[-1].run(qv, kv, out=ov, lse=lv, **opts)
         if self._num_levels > 1:
-            c = Call(qv, s, enable_pdl, name="q")
+            merge = Call(qv, s, enable_pdl, name="q")
             so, sl = _rows(sc.o, n), _rows(sc.lse_level, n)
             mask = None if sc.mask is None else _rows(sc.mask, n)
             for w in self._wrappers[:-1]:  # FlashInfer's order: the last level, then the others merged in
                 w.run(qv, kv, out=so, lse=sl, **opts)
-                _merge_into(c, ov, lv, so, sl, mask)
-        arrays.keep_alive(dev, s, (qi, o, l_info) + tuple(view.infos))
-        return deliver(out_obj, lse_obj, return_lse, fw)
+                _merge_into(merge, ov, lv, so, sl, mask)
+        return attention_result(c, out_obj, lse_obj, return_lse)
 
     forward = run
 

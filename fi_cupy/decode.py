@@ -15,10 +15,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import scheduler
-from .page import (KVView, LAYOUTS, check_cache_against, describe_kv_pair, describe_paged_cache,
+from .page import (KVView, LAYOUTS, cache_parts, check_cache_against, describe_kv_pair, describe_paged_cache,
                    page_table_from_block_tables, page_table_lengths)
 from ._core import arrays, checks, kernels, streams
-from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_outputs, backend_arg, caller, deliver,
+from ._core.call import Call
+from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_outputs, attention_result, backend_arg,
                               device_copy, kv_split, output_dtype, pack_meta, scale, single_call_meta, upload)
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
@@ -228,40 +229,40 @@ def decode_num_ctas(params: DecodeParams, kv_dtype: dt.DType, device: int) -> in
 # Launch
 
 
-def launch_decode(plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
-                  o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float, stream: int,
-                  always_merge: bool = False, pdl: bool | None = None) -> None:
-    """Queue the decode kernel, and the merge of cut pairs, on `stream`. No allocation, no sync.
-    always_merge keeps the launch sequence fixed whatever the plan (CUDA graphs). pdl (None: where
-    the GPU has it) launches both with programmatic dependent launch."""
-    if pdl is None:
-        pdl = kernels.pdl_supported(q.device)
+def launch_decode(c: Call, plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
+                  o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float, always_merge: bool = False) -> None:
+    """Queue the decode kernel, and the merge of cut pairs, on Call `c` (its stream and programmatic
+    dependent launch setting). No allocation, no sync. meta_ptr / partial_ptr: the plan's metadata and
+    partial states, fixed while the plan is. always_merge keeps the launch sequence fixed whatever the
+    plan (CUDA graphs)."""
     p = plan.params
     gb, slices = plan.heads_per_block
     prog, smem = decode_variant(p, kv.dtype)
     dec, merge = kernels.functions(prog, q.device).values()
-    off = {k: meta_ptr + 4 * v for k, v in plan.offsets.items()}
-    part_o = partial_ptr
-    part_lse = partial_ptr + align(plan.partial_capacity * gb * p.head_dim * 4)
+    meta = ptr(meta_ptr, stable=True)
+    off = {k: ptr(meta, 4 * v) for k, v in plan.offsets.items()}
+    part_o = ptr(partial_ptr, stable=True)
+    part_lse = ptr(part_o, align(plan.partial_capacity * gb * p.head_dim * 4))
     _, mul, shift = fastdiv_params(p.page_size)
     q_scale = p.sm_scale * k_scale * (1.0 if p.soft_cap > 0 else 1.4426950408889634)
     qs, os_ = q.strides, o.strides
     q_sb, o_sb = (qs[-3] if q.ndim == 3 else 0), (os_[-3] if o.ndim == 3 else 0)
-    kernels.launch(dec, (plan.num_ctas,), (128,), [
+    c.launch(dec, (plan.num_ctas,), (128,), [
         ptr(q), i64(q_sb), i64(qs[-2]),
         ptr(kv.k_ptr), ptr(kv.v_ptr), i64(kv.stride_page), i64(kv.stride_slot), i64(kv.stride_head),
-        ptr(off["page_indptr"]), ptr(plan.indices_ptr or off["indices"]), ptr(off["kv_lens"]), ptr(off["cta_indptr"]),
+        ptr(off["page_indptr"]), ptr(plan.indices_ptr, stable=True) if plan.indices_ptr else off["indices"],
+        ptr(off["kv_lens"]), ptr(off["cta_indptr"]),
         ptr(off["segments"]), ptr(off["segment_partial"]),
         ptr(o), i64(o_sb), i64(os_[-2]), ptr(l_info), ptr(part_o), ptr(part_lse),
         i32(p.num_qo_heads), i32(p.group_size), i32(slices), u32(p.page_size), u32(mul), u32(shift),
         f32(q_scale), f32(p.soft_cap), f32(v_scale), f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)),
-    ], stream, q.device, smem=smem, pdl=pdl)
+    ], smem=smem)
     if always_merge or plan.num_merges:  # a CUDA graph keeps the grid for every cut pair a plan can have
         n = plan.merge_capacity if always_merge else plan.num_merges
-        kernels.launch(merge, (n, gb), (128,), [
-            ptr(part_o), ptr(part_lse), ptr(off["merge_pairs"]), ptr(off["merge_indptr"]), ptr(o), i64(o_sb),
+        c.launch(merge, (n, gb), (128,), [
+            part_o, part_lse, off["merge_pairs"], off["merge_indptr"], ptr(o), i64(o_sb),
             i64(os_[-2]), ptr(l_info), i32(p.num_qo_heads), i32(p.group_size), i32(plan.num_kv_heads_blocks),
-        ], stream, q.device, pdl=pdl)
+        ])
 
 
 def _check_q(q: arrays.ArrayInfo, p: DecodeParams, batch_shape: tuple) -> None:
@@ -562,27 +563,30 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
             return self._multi.run(q, paged_kv_cache, k_scale=qk_scale, v_scale=v_scale, out=out, lse=lse,
                                    return_lse=return_lse, enable_pdl=enable_pdl, window_left=window_left,
                                    stream=stream)
-        plan = self._plan
-        if window_left is not None and window_left != plan.params.window_left:
+        p = self._plan.params
+        if window_left is not None and window_left != p.window_left:
             raise NotImplementedError(f"window_left: run() got {window_left} but plan() used "
-                                      f"{plan.params.window_left}; the window is part of the plan's schedule")
+                                      f"{p.window_left}; the window is part of the plan's schedule")
+        vs = scale("v_scale", v_scale)
+        return self._sigs((q, *cache_parts(paged_kv_cache), out, lse), (qk_scale, vs, return_lse, enable_pdl), stream,
+                          lambda: self._run(q, paged_kv_cache, out, lse, return_lse, qk_scale, vs, enable_pdl, stream))
+
+    def _run(self, q, paged_kv_cache, out, lse, return_lse, qk_scale, v_scale, enable_pdl, stream):
+        plan = self._plan
         p = plan.params
-        fw = arrays.framework_of(q)
-        s = streams.resolve(stream, fw, self._ws.device)
-        cur = fw if stream is None else None
-        qi = arrays.describe(q, "q", s, cur)
+        c = Call(q, stream, enable_pdl, "q")
+        qi = c.arg(q, "q")
         _check_q(qi, p, (plan.batch_size,))
-        kv = describe_paged_cache(paged_kv_cache, self._kv_layout, s, current_of=cur)
+        kv = describe_paged_cache(c, paged_kv_cache, self._kv_layout)
         check_cache_against(kv, p, plan.max_page)
-        out_obj, o, lse_obj, l_info = attention_outputs(qi, out, lse, return_lse, s, cur,
+        out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse,
                                                         "(batch_size, num_qo_heads, head_dim)",
                                                         "(batch_size, num_qo_heads)")
-        checks.same_device(qi, self._ws, *kv.infos)
-        launch_decode(plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, o, l_info,
-                      qk_scale, scale("v_scale", v_scale), s, self._use_cuda_graph,
-                      None if enable_pdl is None else bool(enable_pdl))
-        arrays.keep_alive(qi.device, s, (qi, o, l_info) + kv.infos + plan.keep)
-        return deliver(out_obj, lse_obj, return_lse, fw)
+        checks.same_device(qi, self._ws)
+        launch_decode(c, plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, o, l_info, qk_scale,
+                      v_scale, self._use_cuda_graph)
+        c.infos.extend(plan.keep)
+        return attention_result(c, out_obj, lse_obj, return_lse)
 
     @document("run() with return_lse=True.", returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
     def run_return_lse(self, q, paged_kv_cache, *args, **kwargs):
@@ -668,10 +672,9 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     Returns o (num_qo_heads, head_dim), and lse (num_qo_heads,) in base 2 with return_lse=True.
     use_tensor_cores is accepted for compatibility; the same kernel runs either way."""
     checks.choice("kv_layout", kv_layout, LAYOUTS)
-    fw, dev, s, cur = caller(q, stream)
-    qi = arrays.describe(q, "q", s, cur)
-    kv, kv_len = describe_kv_pair(k, v, kv_layout, s, cur)
-    checks.same_device(qi, *kv.infos)
+    c = Call(q, stream, name="q")
+    qi = c.arg(q, "q")
+    kv, kv_len = describe_kv_pair(c, k, v, kv_layout)
     checks.ndim(qi, 2, "(num_qo_heads, head_dim)")
     hkv = kv.num_kv_heads
     if kv.head_dim != qi.shape[1]:
@@ -683,16 +686,16 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     if q_scale is not None:
         params.sm_scale *= checks.float_arg("q_scale", q_scale)
     _check_q(qi, params, ())
-    out_obj, o, lse_obj, l_info = attention_outputs(qi, out, lse, return_lse, s, cur, "(num_qo_heads, head_dim)",
+    out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse, "(num_qo_heads, head_dim)",
                                                     "(num_qo_heads,)")
+    dev = c.device
     key = (dev, kv_len, params.num_qo_heads, hkv, params.head_dim, params.window_left, params.q_dtype,
            params.kv_dtype, params.rope)
     plan = _single_plans.get(key, lambda: plan_decode(params, np.array([0, 1 if kv_len else 0]), np.zeros(1, np.int64),
                                                        np.array([kv_len]), decode_num_ctas(params, params.kv_dtype, dev)))
     plan = replace(plan, params=params)
     # Metadata lives after the partials, as in the wrapper's workspace; uploaded once per shape.
-    base = single_call_meta(_single_scratch, dev, s, fw, key, plan.meta, plan.partial_bytes())
-    launch_decode(plan, base + plan.partial_bytes(), base, qi, kv, o, l_info, scale("k_scale", k_scale),
-                  scale("v_scale", v_scale), s)
-    arrays.keep_alive(qi.device, s, (qi, o, l_info) + kv.infos)
-    return deliver(out_obj, lse_obj, return_lse, fw)
+    base = single_call_meta(_single_scratch, dev, c.stream, c.framework, key, plan.meta, plan.partial_bytes())
+    launch_decode(c, plan, base + plan.partial_bytes(), base, qi, kv, o, l_info, scale("k_scale", k_scale),
+                  scale("v_scale", v_scale))
+    return attention_result(c, out_obj, lse_obj, return_lse)

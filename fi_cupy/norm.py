@@ -17,6 +17,7 @@ from ._core import checks, kernels
 from ._core import dtypes as dt
 from ._core.call import Call
 from ._core.docs import KERNEL_GLOSSARY, document
+from ._core.fastpath import Signatures
 from ._core.fastdiv import fastdiv_params
 from ._core.kernels import KernelSpec, Program, f32, i32, i64, ptr, u32
 
@@ -108,7 +109,15 @@ def _widths(d: dt.DType) -> tuple:
     return tuple(w for w in (8, 4, 2, 1) if w * d.itemsize <= 16)
 
 
+_SIGS = Signatures()  # recorded calls by signature: an eager call of a known signature only launches
+
+
 def _norm(mode: str, input, weight, bias, eps, out, residual, stream, enable_pdl=None):
+    return _SIGS((input, weight, bias, residual, out), (mode, eps, enable_pdl), stream,
+                 lambda: _norm_call(mode, input, weight, bias, eps, out, residual, stream, enable_pdl))
+
+
+def _norm_call(mode: str, input, weight, bias, eps, out, residual, stream, enable_pdl=None):
     c = Call(input, stream, enable_pdl)
     x = c.arg(input, "input")
     checks.dtype_in(x, DTYPES)

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._core import arrays, checks, kernels, streams
+from ._core import checks, kernels, streams
 from ._core import dtypes as dt
 from ._core.call import Call
 from ._core.docs import KERNEL_GLOSSARY, document
+from ._core.fastpath import Signatures
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr
 
 LAYOUTS = ("NHD", "HND")
@@ -23,8 +24,7 @@ INDEX_DTYPES = (dt.int32, dt.int64)
 CACHE_DTYPES = (dt.float16, dt.bfloat16, dt.float32, dt.float8_e4m3fn, dt.float8_e5m2)
 THREADS = 256
 MAX_GRID = 2 ** 31 - 1  # one CTA per appended token
-
-
+_SIGS = Signatures()  # recorded calls by signature: an eager call of a known signature only launches
 
 
 @dataclass
@@ -104,11 +104,18 @@ def check_cache_against(view: KVView, p, max_page: int, indices_name: str = "ind
         raise ValueError(f"{indices_name}: page index {max_page} is out of range for a cache of {view.num_pages} pages")
 
 
-def describe_kv_pair(k, v, kv_layout: str, stream: int, current_of: str | None = None) -> tuple:
-    """(KVView, n) of one request's K and V: (n, H, D) [NHD] or (H, n, D) [HND] arrays, as a single
-    page of max(n, 1) slots (single decode and prefill, ragged prefill)."""
-    ki = arrays.describe(k, "k", stream, current_of)
-    vi = arrays.describe(v, "v", stream, current_of)
+def cache_parts(paged_kv_cache) -> tuple:
+    """(k_cache, v_cache) of a tuple cache, (cache, None) of a 5-D one: the arrays of a call's signature."""
+    if isinstance(paged_kv_cache, (tuple, list)) and len(paged_kv_cache) == 2:
+        return tuple(paged_kv_cache)
+    return paged_kv_cache, None
+
+
+def describe_kv_pair(c, k, v, kv_layout: str) -> tuple:
+    """(KVView, n) of one request's K and V, arguments of Call `c`: (n, H, D) [NHD] or (H, n, D) [HND]
+    arrays, as a single page of max(n, 1) slots (single decode and prefill, ragged prefill)."""
+    ki = c.arg(k, "k")
+    vi = c.arg(v, "v")
     checks.ndim(ki, 3, "(kv_len, num_kv_heads, head_dim)" if kv_layout == "NHD" else "(num_kv_heads, kv_len, head_dim)")
     if vi.shape != ki.shape or vi.dtype != ki.dtype or vi.strides != ki.strides:
         raise ValueError(f"v: must match k in shape, dtype and strides; got {vi.shape}/{vi.dtype}/{vi.strides} "
@@ -119,15 +126,14 @@ def describe_kv_pair(k, v, kv_layout: str, stream: int, current_of: str | None =
     checks.same_device(ki, vi)
     slot_ax, head_ax = (0, 1) if kv_layout == "NHD" else (1, 0)
     n = ki.shape[slot_ax]
-    view = KVView(ki.ptr, vi.ptr, 0, ki.strides[slot_ax], ki.strides[head_ax], 1, max(n, 1), ki.shape[head_ax],
+    view = KVView(ptr(ki), ptr(vi), 0, ki.strides[slot_ax], ki.strides[head_ax], 1, max(n, 1), ki.shape[head_ax],
                   ki.shape[2], ki.dtype, ki.device, (ki, vi))
     return view, n
 
 
-def describe_paged_cache(paged_kv_cache, kv_layout: str, stream: int, name: str = "paged_kv_cache",
-                         current_of: str | None = None) -> KVView:
+def describe_paged_cache(c, paged_kv_cache, kv_layout: str, name: str = "paged_kv_cache") -> KVView:
     """A 5-D cache (num_pages, 2, page_size, H, D) [NHD] / (num_pages, 2, H, page_size, D) [HND], or a
-    (k_cache, v_cache) pair of 4-D arrays."""
+    (k_cache, v_cache) pair of 4-D arrays, an argument of Call `c`."""
     checks.choice("kv_layout", kv_layout, LAYOUTS)
     slot_dim, head_dim_ax = (1, 2) if kv_layout == "NHD" else (2, 1)
     layout = "(num_pages, page_size, num_kv_heads, head_dim)" if kv_layout == "NHD" else \
@@ -135,31 +141,32 @@ def describe_paged_cache(paged_kv_cache, kv_layout: str, stream: int, name: str 
     if isinstance(paged_kv_cache, (tuple, list)):
         if len(paged_kv_cache) != 2:
             raise ValueError(f"{name}: a tuple must be (k_cache, v_cache), got {len(paged_kv_cache)} items")
-        k = arrays.describe(paged_kv_cache[0], f"{name}[0] (k_cache)", stream, current_of)
-        v = arrays.describe(paged_kv_cache[1], f"{name}[1] (v_cache)", stream, current_of)
+        k = c.arg(paged_kv_cache[0], f"{name}[0] (k_cache)")
+        v = c.arg(paged_kv_cache[1], f"{name}[1] (v_cache)")
         checks.ndim(k, 4, f"{layout} for kv_layout={kv_layout}")
         if v.shape != k.shape or v.strides != k.strides or v.dtype != k.dtype:
             raise ValueError(f"{name}: k_cache and v_cache must have the same shape, strides and dtype; got "
                              f"{k.shape}/{k.strides}/{k.dtype} and {v.shape}/{v.strides}/{v.dtype}")
         checks.same_device(k, v)
         s = k.strides
-        view = KVView(k.ptr, v.ptr, s[0], s[1 + slot_dim - 1], s[1 + head_dim_ax - 1], k.shape[0],
+        view = KVView(ptr(k), ptr(v), s[0], s[1 + slot_dim - 1], s[1 + head_dim_ax - 1], k.shape[0],
                       k.shape[slot_dim], k.shape[head_dim_ax], k.shape[3], k.dtype, k.device, (k, v))
         for i in (k, v):
             checks.last_dim_contiguous(i)
             checks.vector_aligned(i)
         return view
-    c = arrays.describe(paged_kv_cache, name, stream, current_of)
+    kv = c.arg(paged_kv_cache, name)
     five = "(num_pages, 2, page_size, num_kv_heads, head_dim)" if kv_layout == "NHD" else \
         "(num_pages, 2, num_kv_heads, page_size, head_dim)"
-    if c.ndim != 5 or c.shape[1] != 2:
+    if kv.ndim != 5 or kv.shape[1] != 2:
         raise ValueError(f"{name}: expected shape {five} for kv_layout={kv_layout}, or a (k_cache, v_cache) "
-                         f"tuple; got shape {c.shape}")
-    checks.last_dim_contiguous(c)
-    checks.vector_aligned(c)
-    s = c.strides
-    return KVView(c.ptr, c.ptr + s[1] * c.dtype.itemsize, s[0], s[1 + slot_dim], s[1 + head_dim_ax],
-                  c.shape[0], c.shape[1 + slot_dim], c.shape[1 + head_dim_ax], c.shape[4], c.dtype, c.device, (c,))
+                         f"tuple; got shape {kv.shape}")
+    checks.last_dim_contiguous(kv)
+    checks.vector_aligned(kv)
+    s = kv.strides
+    return KVView(ptr(kv), ptr(kv, s[1] * kv.dtype.itemsize), s[0], s[1 + slot_dim], s[1 + head_dim_ax],
+                  kv.shape[0], kv.shape[1 + slot_dim], kv.shape[1 + head_dim_ax], kv.shape[4], kv.dtype, kv.device,
+                  (kv,))
 
 
 def append_program(index: dt.DType, vec_bytes: int) -> Program:
@@ -299,6 +306,16 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
     table must already count the appended tokens (kv_indptr, kv_indices and kv_last_page_len as after
     the append); get_batch_indices_positions gives batch_indices and positions.
     """
+    args = (append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr,
+            kv_last_page_len, kv_layout, check, stream)
+    if check:  # the index checks read the indices on the host: every call runs them
+        return _append(*args)
+    return _SIGS((append_key, append_value, batch_indices, positions, *cache_parts(paged_kv_cache), kv_indices,
+                  kv_indptr, kv_last_page_len), ("append", kv_layout), stream, lambda: _append(*args))
+
+
+def _append(append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr,
+            kv_last_page_len, kv_layout, check, stream):
     c = Call(append_key, stream, name="append_key")
     k = c.arg(append_key, "append_key")
     v = c.arg(append_value, "append_value")
@@ -308,8 +325,7 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
                          f"{k.shape}/{k.dtype}")
     for x in (k, v):
         checks.last_dim_contiguous(x)
-    kv = describe_paged_cache(paged_kv_cache, kv_layout, c.stream, current_of=c._current)
-    c.infos.extend(kv.infos)
+    kv = describe_paged_cache(c, paged_kv_cache, kv_layout)
     for info in kv.infos:
         checks.no_overlap(info)
     if kv.dtype != k.dtype:
@@ -380,6 +396,11 @@ def get_seq_lens(kv_indptr, kv_last_page_len, page_size: int, stream=None):
     """``seq_lens[b] = max(pages_b - 1, 0) * page_size + kv_last_page_len[b]`` with
     ``pages_b = kv_indptr[b + 1] - kv_indptr[b]``.
     """
+    return _SIGS((kv_indptr, kv_last_page_len), ("seq_lens", page_size), stream,
+                 lambda: _seq_lens(kv_indptr, kv_last_page_len, page_size, stream))
+
+
+def _seq_lens(kv_indptr, kv_last_page_len, page_size, stream):
     c = Call(kv_indptr, stream, name="kv_indptr")
     page_size = checks.positive_int("page_size", page_size)
     ip = _index_array(c, kv_indptr, "kv_indptr")
@@ -413,6 +434,11 @@ def get_batch_indices_positions(append_indptr, seq_lens, nnz: int, batch_indices
     appended token, ``append_len[b] = append_indptr[b + 1] - append_indptr[b]``: the appended tokens are
     the last ones of each request.
     """
+    return _SIGS((append_indptr, seq_lens, batch_indices, positions), ("positions", nnz), stream,
+                 lambda: _batch_positions(append_indptr, seq_lens, nnz, batch_indices, positions, stream))
+
+
+def _batch_positions(append_indptr, seq_lens, nnz, batch_indices, positions, stream):
     c = Call(append_indptr, stream, name="append_indptr")
     if isinstance(nnz, bool) or not isinstance(nnz, (int, np.integer)) or nnz < 0:
         raise ValueError(f"nnz: expected a non-negative integer, got {nnz!r}")

@@ -17,10 +17,11 @@ import numpy as np
 
 from . import scheduler
 from .quantization import MASK_DTYPES, packed_indptr, segment_packbits
-from .page import (KVView, LAYOUTS, check_cache_against, describe_kv_pair, describe_paged_cache,
+from .page import (KVView, LAYOUTS, cache_parts, check_cache_against, describe_kv_pair, describe_paged_cache,
                    page_table_from_block_tables, page_table_lengths)
 from ._core import arrays, checks, kernels, streams
-from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_outputs, backend_arg, caller, deliver,
+from ._core.call import Call
+from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_outputs, attention_result, backend_arg,
                               device_copy, kv_split, output_dtype, pack_meta, scale, single_call_meta, upload)
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
@@ -324,22 +325,23 @@ def num_ctas(params: PrefillParams, tile: TileShape, device: int, paged: bool, f
 # Launch
 
 
-def launch_prefill(plan: PrefillPlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
-                   paged: bool, o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float, stream: int,
+def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
+                   paged: bool, o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float,
                    always_merge: bool = False) -> None:
-    """Queue the prefill kernel, and the merge of cut KV ranges, on `stream`. No allocation, no sync."""
+    """Queue the prefill kernel, and the merge of cut KV ranges, on Call `c`. No allocation, no sync.
+    meta_ptr / partial_ptr: the plan's metadata and partial states, fixed while the plan is."""
     p = plan.params
     prog = prefill_program(p.head_dim, plan.tile, p.q_dtype, kv.dtype, paged, p.rope, plan.flags)
     main = kernels.functions(prog, q.device)[prog.kernels[0]]
     mprog = prog if len(prog.kernels) > 1 else merge_program(p.head_dim, p.q_dtype)
     merge = kernels.functions(mprog, q.device)[mprog.kernels[-1]]
-    off = {k: meta_ptr + 4 * v for k, v in plan.offsets.items()}
-    part_o = partial_ptr
-    part_lse = partial_ptr + align(plan.partial_capacity * p.head_dim * 4)
+    meta = ptr(meta_ptr, stable=True)
+    off = {k: ptr(meta, 4 * v) for k, v in plan.offsets.items()}
+    part_o = ptr(partial_ptr, stable=True)
+    part_lse = ptr(part_o, align(plan.partial_capacity * p.head_dim * 4))
     _, mul, shift = fastdiv_params(max(p.page_size, 1))
-    pdl = kernels.pdl_supported(q.device)
-    mask_ptr = plan.mask[1].ptr if plan.mask is not None else 0
-    kernels.launch(main, (plan.grid,), (plan.tile.threads,), [
+    mask_ptr = ptr(plan.mask[1].ptr, stable=True) if plan.mask is not None else None
+    c.launch(main, (plan.grid,), (plan.tile.threads,), [
         ptr(q), i64(q.strides[0]), i64(q.strides[1]),
         ptr(kv.k_ptr), ptr(kv.v_ptr), i64(kv.stride_page), i64(kv.stride_slot), i64(kv.stride_head),
         ptr(off["qo_indptr"]), ptr(off["kv_indptr"]), ptr(off["indices"]), ptr(off["kv_lens"]),
@@ -348,12 +350,12 @@ def launch_prefill(plan: PrefillPlan, meta_ptr: int, partial_ptr: int, q: arrays
         i32(p.num_qo_heads), i32(p.group_size), u32(max(p.page_size, 1)), u32(mul), u32(shift),
         i32(int(p.causal)), i32(p.window_left), f32(p.sm_scale * k_scale), f32(p.soft_cap), f32(v_scale),
         f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)),
-    ], stream, q.device, smem=smem_bytes(p.head_dim, plan.tile, kv.dtype), pdl=pdl)
+    ], smem=smem_bytes(p.head_dim, plan.tile, kv.dtype))
     if always_merge or plan.num_merges:
-        kernels.launch(merge, (plan.merge_grid,), (128,), [
-            ptr(part_o), ptr(part_lse), ptr(off["merges"]), ptr(off["counts"] + 4), ptr(off["qo_indptr"]),
+        c.launch(merge, (plan.merge_grid,), (128,), [
+            part_o, part_lse, off["merges"], ptr(off["counts"], 4), off["qo_indptr"],
             ptr(o), i64(o.strides[0]), i64(o.strides[1]), ptr(l_info), i32(p.num_qo_heads), i32(p.group_size),
-        ], stream, q.device, pdl=pdl)
+        ])
 
 
 def _check_q(q: arrays.ArrayInfo, p: PrefillParams, total: int) -> None:
@@ -586,22 +588,32 @@ class _PrefillWrapper(PlannedWrapper):
                     raise ValueError(f"{name}: holds {buf.shape[0]} entries; this plan writes {a.size}")
                 upload(np.ascontiguousarray(a, dtype=np.int32), buf.ptr, self._ws.device, s)
 
-    def _run(self, q, kv: KVView, out, lse, return_lse, k_scale, v_scale, s, fw, cur):
+    def _signature_run(self, q, kv_arrays: tuple, describe_kv, out, lse, return_lse, k_scale, v_scale, enable_pdl,
+                       stream):
+        """run()'s one call path: a recorded call of this signature (fastpath.Signatures), else _run.
+        kv_arrays: the K/V arrays of the call; describe_kv(c) their checked KVView on Call c."""
+        vs = scale("v_scale", v_scale)
+        return self._sigs((q, *kv_arrays, out, lse), (k_scale, vs, return_lse, enable_pdl), stream,
+                          lambda: self._run(q, describe_kv, out, lse, return_lse, k_scale, vs, enable_pdl, stream))
+
+    def _run(self, q, describe_kv, out, lse, return_lse, k_scale, v_scale, enable_pdl, stream):
         plan = self._plan
         p = plan.params
-        qi = arrays.describe(q, "q", s, cur)
+        c = Call(q, stream, enable_pdl, "q")
+        kv = describe_kv(c)
+        qi = c.arg(q, "q")
         _check_q(qi, p, plan.total_qo)
-        out_obj, o, lse_obj, l_info = attention_outputs(qi, out, lse, return_lse, s, cur,
+        out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse,
                                                         "(qo_len, num_qo_heads, head_dim)", "(qo_len, num_qo_heads)")
-        checks.same_device(qi, self._ws, *kv.infos)
-        launch_prefill(plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, self._paged, o, l_info,
-                       k_scale, scale("v_scale", v_scale), s, self._use_cuda_graph)
-        extra = (plan.mask[1],) if plan.mask is not None else ()
-        arrays.keep_alive(qi.device, s, (qi, o, l_info) + kv.infos + extra)
-        return deliver(out_obj, lse_obj, return_lse, fw)
+        checks.same_device(qi, self._ws)
+        launch_prefill(c, plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, self._paged, o, l_info,
+                       k_scale, v_scale, self._use_cuda_graph)
+        if plan.mask is not None:
+            c.infos.append(plan.mask[1])
+        return attention_result(c, out_obj, lse_obj, return_lse)
 
-    def _begin_run(self, q, stream, args, q_scale, k_scale, lse_base, lse_layout, kv_cache_sf):
-        """(framework, stream, current_of, logits scale) of a run(), its FlashInfer options checked."""
+    def _begin_run(self, args, q_scale, k_scale, lse_base, lse_layout, kv_cache_sf) -> float:
+        """The logits scale of a run(), its FlashInfer options checked."""
         if args:
             raise TypeError(f"run(): unexpected extra positional arguments ({len(args)}); prefill has no "
                             "custom-variant arguments")
@@ -610,9 +622,7 @@ class _PrefillWrapper(PlannedWrapper):
         checks.unsupported("kv_cache_sf", kv_cache_sf)
         if self._plan is None:
             raise RuntimeError("run() called before plan()")
-        fw = arrays.framework_of(q)
-        s = streams.resolve(stream, fw, self._ws.device)
-        return fw, s, (fw if stream is None else None), scale("q_scale", q_scale) * scale("k_scale", k_scale)
+        return scale("q_scale", q_scale) * scale("k_scale", k_scale)
 
     def _override(self, opts: dict) -> None:
         """forward(): FlashInfer's legacy call sets these options for this and later runs."""
@@ -727,17 +737,21 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
         checks.unsupported("skip_softmax_threshold_scale_factor", skip_softmax_threshold_scale_factor)
         checks.unsupported("use_fp16_softmax", use_fp16_softmax, (None, False))
         checks.unsupported("uses_spcompress", uses_spcompress, (None, False))
-        fw, s, cur, qk_scale = self._begin_run(q, stream, args, q_scale, k_scale, lse_base, lse_layout, kv_cache_sf)
+        qk_scale = self._begin_run(args, q_scale, k_scale, lse_base, lse_layout, kv_cache_sf)
         p = self._plan.params
         if window_left is not None and window_left != p.window_left:
             raise NotImplementedError(f"window_left: run() got {window_left} but plan() used {p.window_left}; the "
                                       f"window is part of the plan's schedule")
-        kv = describe_paged_cache(paged_kv_cache, self._kv_layout, s, current_of=cur)
-        check_cache_against(kv, p, self._plan.max_page, "paged_kv_indices")
+        return self._signature_run(q, cache_parts(paged_kv_cache), lambda c: self._paged_view(c, paged_kv_cache), out,
+                                   lse, return_lse, qk_scale, v_scale, enable_pdl, stream)
+
+    def _paged_view(self, c: Call, paged_kv_cache) -> KVView:
+        kv = describe_paged_cache(c, paged_kv_cache, self._kv_layout)
+        check_cache_against(kv, self._plan.params, self._plan.max_page, "paged_kv_indices")
         if kv.dtype in FP8:  # the portable kernel copies 16 fp8 values (16 bytes) at a time
             for info in kv.infos:
                 checks.vector_aligned(info, 16)
-        return self._run(q, kv, out, lse, return_lse, qk_scale, v_scale, s, fw, cur)
+        return kv
 
     @document("run() with return_lse=True.", returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
     def run_return_lse(self, q, paged_kv_cache, *args, **kwargs):
@@ -832,11 +846,15 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
             kv_cache_sf=None, stream=None):
         """o like q, and lse (rows, num_qo_heads) in base 2 with return_lse=True."""
         checks.unsupported("o_scale", o_scale, (None, 1.0))
-        fw, s, cur, qk_scale = self._begin_run(q, stream, args, q_scale, k_scale, lse_base, lse_layout, kv_cache_sf)
-        kvv, n = _kv_pair(k, v, self._kv_layout, self._plan.params, s, cur)
+        qk_scale = self._begin_run(args, q_scale, k_scale, lse_base, lse_layout, kv_cache_sf)
+        return self._signature_run(q, (k, v), lambda c: self._ragged_view(c, k, v), out, lse, return_lse, qk_scale,
+                                   v_scale, enable_pdl, stream)
+
+    def _ragged_view(self, c: Call, k, v) -> KVView:
+        kvv, n = _kv_pair(c, k, v, self._kv_layout, self._plan.params)
         if n < self._plan.max_page:
             raise ValueError(f"k: has {n} rows but kv_indptr[-1] is {self._plan.max_page}")
-        return self._run(q, kvv, out, lse, return_lse, qk_scale, v_scale, s, fw, cur)
+        return kvv
 
     @document("run() with return_lse=True.", returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
     def run_return_lse(self, q, k, v, *args, **kwargs):
@@ -863,9 +881,9 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
         return self.run(q, k, v, return_lse=True)
 
 
-def _kv_pair(k, v, kv_layout: str, p: PrefillParams, s: int, cur) -> tuple:
-    """(KVView, rows) of ragged or single-request K/V, checked against the parameters."""
-    kvv, n = describe_kv_pair(k, v, kv_layout, s, cur)
+def _kv_pair(c: Call, k, v, kv_layout: str, p: PrefillParams) -> tuple:
+    """(KVView, rows) of ragged or single-request K/V on Call c, checked against the parameters."""
+    kvv, n = describe_kv_pair(c, k, v, kv_layout)
     _check_kv_against(kvv, p)
     return kvv, n
 
@@ -904,13 +922,13 @@ def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=No
         checks.unsupported(name, val)
     checks.choice("kv_layout", kv_layout, LAYOUTS)
     check_backend(backend)
-    fw, dev, s, cur = caller(q, stream)
-    qi = arrays.describe(q, "q", s, cur)
+    c = Call(q, stream, name="q")
+    dev, s, cur = c.device, c.stream, (c.framework if stream is None else None)
+    qi = c.arg(q, "q")
     checks.ndim(qi, 3, "(qo_len, num_qo_heads, head_dim)")
     checks.dtype_in(qi, Q_DTYPES)
     output_dtype(o_dtype, qi.dtype, "o_dtype")
-    kvv, kv_len = describe_kv_pair(k, v, kv_layout, s, cur)
-    checks.same_device(qi, *kvv.infos)
+    kvv, kv_len = describe_kv_pair(c, k, v, kv_layout)
     if kvv.head_dim != qi.shape[2]:
         raise ValueError(f"k: head_dim {kvv.head_dim} does not match q's head_dim {qi.shape[2]}")
     checks.dtype_is(kvv.infos[0], qi.dtype, "q's dtype, the only kv_data_type of single prefill (fp8 K/V: the paged "
@@ -921,7 +939,7 @@ def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=No
                          has_mask=has_mask)
     _check_kv_against(kvv, params)
     _check_q(qi, params, qi.shape[0])
-    out_obj, o, lse_obj, l_info = attention_outputs(qi, out, lse, return_lse, s, cur, "(qo_len, num_qo_heads, head_dim)",
+    out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse, "(qo_len, num_qo_heads, head_dim)",
                                                     "(qo_len, num_qo_heads)")
     qo_len = qi.shape[0]
     qo_ip = np.array([0, qo_len], np.int32)
@@ -944,9 +962,9 @@ def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=No
                                                       num_ctas(params, tile, dev, False, flags),
                                                       None if mask is None else mask[2])[0])
     plan = PrefillPlan(**{**got.__dict__, "params": params, "mask": None if mask is None else mask[:2]})
-    base = single_call_meta(_single_scratch, dev, s, fw, key, plan.meta, plan.partial_bytes())
-    launch_prefill(plan, base + plan.partial_bytes(), base, qi, kvv, False, o, l_info, scale("k_scale", k_scale),
-                   scale("v_scale", v_scale), s)
-    extra = (plan.mask[1],) if plan.mask is not None else ()
-    arrays.keep_alive(qi.device, s, (qi, o, l_info) + kvv.infos + extra)
-    return deliver(out_obj, lse_obj, return_lse, fw)
+    base = single_call_meta(_single_scratch, dev, s, c.framework, key, plan.meta, plan.partial_bytes())
+    launch_prefill(c, plan, base + plan.partial_bytes(), base, qi, kvv, False, o, l_info, scale("k_scale", k_scale),
+                   scale("v_scale", v_scale))
+    if plan.mask is not None:
+        c.infos.append(plan.mask[1])
+    return attention_result(c, out_obj, lse_obj, return_lse)

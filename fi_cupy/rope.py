@@ -15,6 +15,7 @@ from ._core import checks, kernels
 from ._core import dtypes as dt
 from ._core.call import Call
 from ._core.docs import KERNEL_GLOSSARY, document
+from ._core.fastpath import Signatures
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr, struct_arg
 
 DTYPES = (dt.float16, dt.bfloat16, dt.float32)
@@ -70,9 +71,22 @@ def _index(c: Call, x, name: str, length: int):
     return info
 
 
+_SIGS = Signatures()  # recorded calls by signature: an eager call of a known signature only launches
+
+
 def _rope(q, k, *, inplace: bool, pos_ids=None, indptr=None, offsets=None, rotary_dim=None, interleave=False,
           freq: str = "theta", rope_scale=1.0, rope_theta=1e4, low_freq_factor=1.0, high_freq_factor=4.0,
           old_context_len=8192, cos_sin_cache=None, head_size=None, stream=None):
+    opts = dict(inplace=inplace, rotary_dim=rotary_dim, interleave=interleave, freq=freq, rope_scale=rope_scale,
+                rope_theta=rope_theta, low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
+                old_context_len=old_context_len, head_size=head_size)
+    return _SIGS((q, k, pos_ids, indptr, offsets, cos_sin_cache), tuple(opts.values()), stream, lambda: _rope_call(
+        q, k, pos_ids=pos_ids, indptr=indptr, offsets=offsets, cos_sin_cache=cos_sin_cache, stream=stream, **opts))
+
+
+def _rope_call(q, k, *, inplace: bool, pos_ids=None, indptr=None, offsets=None, rotary_dim=None, interleave=False,
+               freq: str = "theta", rope_scale=1.0, rope_theta=1e4, low_freq_factor=1.0, high_freq_factor=4.0,
+               old_context_len=8192, cos_sin_cache=None, head_size=None, stream=None):
     c = Call(q, stream, name="q" if head_size is None else "query")
     qi, hq, d, q_tok, q_head = _heads_view(c, q, "q" if head_size is None else "query", head_size)
     ki, hk, dk, k_tok, k_head = _heads_view(c, k, "k" if head_size is None else "key", head_size)

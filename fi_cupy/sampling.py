@@ -37,7 +37,8 @@ from ._core import arrays, checks, kernels, streams
 from ._core import dtypes as dt
 from ._core.call import Call
 from ._core.docs import KERNEL_GLOSSARY, document
-from ._core.kernels import KernelSpec, Program, i32, i64, ptr, struct_arg
+from ._core.fastpath import Signatures, split
+from ._core.kernels import KernelSpec, Program, fresh_arg, i32, i64, ptr, struct_arg
 
 THREADS = 1024  # kSampleThreads
 FILTER_ORDERS = ("top_k_first", "joint")
@@ -76,6 +77,9 @@ _torch_lock = threading.Lock()  # a torch generator's state is read, advanced an
 
 
 SELECT_SMEM = 162 * 1024  # kSelectSmemBytes: histograms and the sorted candidates of the select kernels
+
+
+_SIGS = Signatures()  # recorded calls by signature: an eager call of a known signature only launches
 
 
 def _covering_first(targs: list) -> list:
@@ -246,7 +250,9 @@ def _ring_plan(device: int, vocab: int, batch: int):
 
 @contextlib.contextmanager
 def _cupy_on(c: Call):
-    """CuPy on this call's device and stream."""
+    """CuPy on this call's device and stream (a host read, or work a recorded call could not replay)."""
+    if c.rec is not None:
+        c.rec.refuse("works through CuPy")
     import cupy
     with cupy.cuda.Device(c.device), cupy.cuda.ExternalStream(c.stream):
         yield cupy
@@ -337,7 +343,7 @@ def _param(c: Call, value, name: str, batch: int, kind: str, default):
     checks.dtype_in(info, tuple(PARAM_CODES), f" (per-row {name})")
     checks.shape(info, (batch,), "(batch_size,)")
     checks.contiguous(info)
-    return struct_arg("Qdi", info.ptr, 0.0, PARAM_CODES[info.dtype]), info, None
+    return struct_arg("Qdi", ptr(info), 0.0, PARAM_CODES[info.dtype]), info, None
 
 
 def _check_top_p(c: Call, p_arr, p_val) -> None:
@@ -398,11 +404,11 @@ def _torch_default_generator(device: int):
     return torch.cuda.default_generators[device]
 
 
-def _draw(c: Call, generator, increment: int) -> tuple:
+def _draw(framework: str, device: int, generator, increment: int) -> tuple:
     g = generator
     if g is None:
-        if c.framework == "torch":  # FlashInfer: torch's default CUDA generator of the device
-            return get_seed_and_offset(increment, None, c.device)
+        if framework == "torch":  # FlashInfer: torch's default CUDA generator of the device
+            return get_seed_and_offset(increment, None, device)
         g = default_generator
     if isinstance(g, Generator):
         return g.draw()
@@ -442,12 +448,16 @@ def _seed_part(c: Call, value, name: str, batch: int) -> tuple:
 def _rng(c: Call, generator, seed, offset, batch: int, increment: int) -> bytes:
     """The kernels' Rng: explicit seed and offset (offset 0 when only seed is given), else drawn from the
     generator with FlashInfer's increment for the call (an offset without a seed is ignored, as there)."""
-    if seed is None:
-        s, o = _draw(c, generator, increment)
-        return struct_arg("QQQQii", 0, 0, s, o, 0, 0)
+    if seed is None:  # drawn again by each replay of a recorded call (fastpath)
+        fw, dev = c.framework, c.device
+
+        def draw():
+            s, o = _draw(fw, dev, generator, increment)
+            return struct_arg("QQQQii", 0, 0, s, o, 0, 0)
+        return fresh_arg(draw)
     s_arr, s_stride, s = _seed_part(c, seed, "seed", batch)
     o_arr, o_stride, o = _seed_part(c, 0 if offset is None else offset, "offset", batch)
-    return struct_arg("QQQQii", int(ptr(s_arr)), int(ptr(o_arr)), s, o, s_stride, o_stride)
+    return struct_arg("QQQQii", ptr(s_arr), ptr(o_arr), s, o, s_stride, o_stride)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,6 +475,15 @@ def _samples(c: Call, batch: int, vocab: int, ix, return_valid: bool):
 
 def _sample_probs(probs, indices, top_k, top_p, min_p, top_k_first, generator, seed, offset, check_nan,
                   return_valid, enable_pdl, stream, increment_per_row):
+    arr, sca = split(top_k, top_p, min_p, seed, offset)
+    return _SIGS((probs, indices) + arr, ("probs", top_k_first, generator, check_nan, return_valid, enable_pdl,
+                                          increment_per_row) + sca, stream,
+                 lambda: _sample_probs_call(probs, indices, top_k, top_p, min_p, top_k_first, generator, seed, offset,
+                                            check_nan, return_valid, enable_pdl, stream, increment_per_row))
+
+
+def _sample_probs_call(probs, indices, top_k, top_p, min_p, top_k_first, generator, seed, offset, check_nan,
+                       return_valid, enable_pdl, stream, increment_per_row):
     c = Call(probs, stream, enable_pdl, "probs")
     p = _matrix(c, probs, "probs")
     batch, ix = _rows(c, p, indices)
@@ -685,6 +704,12 @@ def sampling_from_logits(logits, indices=None, deterministic: bool = True, gener
     """The draw is the Gumbel-max trick (``argmax(logits + Gumbel noise)``), whose law is exactly the
     softmax: no probabilities are written.
     """
+    arr, sca = split(seed, offset)
+    return _SIGS((logits, indices) + arr, ("logits", generator, check_nan, enable_pdl) + sca, stream,
+                 lambda: _sample_logits(logits, indices, generator, check_nan, seed, offset, enable_pdl, stream))
+
+
+def _sample_logits(logits, indices, generator, check_nan, seed, offset, enable_pdl, stream):
     c = Call(logits, stream, enable_pdl, "logits")
     x = _matrix(c, logits, "logits")
     batch, ix = _rows(c, x, indices)
@@ -713,6 +738,12 @@ def sampling_from_logits(logits, indices=None, deterministic: bool = True, gener
                  "multiple of 4) are read once, through shared memory (thread-block clusters); other inputs take\n"
                  "two passes over each row. Differences from FlashInfer: JAX / CuPy arrays and ``stream``."))
 def softmax(logits, temperature=None, enable_pdl=None, stream=None):
+    arr, sca = split(temperature)
+    return _SIGS((logits,) + arr, ("softmax", enable_pdl) + sca, stream,
+                 lambda: _softmax(logits, temperature, enable_pdl, stream))
+
+
+def _softmax(logits, temperature, enable_pdl, stream):
     c = Call(logits, stream, enable_pdl, "logits")
     x = _matrix(c, logits, "logits")
     batch, vocab = x.shape
@@ -774,6 +805,12 @@ def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_
 
 
 def _renorm(probs, top_k, top_p, enable_pdl, stream):
+    arr, sca = split(top_k, top_p)
+    return _SIGS((probs,) + arr, ("renorm", enable_pdl) + sca, stream,
+                 lambda: _renorm_call(probs, top_k, top_p, enable_pdl, stream))
+
+
+def _renorm_call(probs, top_k, top_p, enable_pdl, stream):
     c = Call(probs, stream, enable_pdl, "probs")
     p = _matrix(c, probs, "probs")
     batch, vocab = p.shape
@@ -817,6 +854,12 @@ def top_k_renorm_probs(probs, top_k, is_deterministic: bool = False, enable_pdl=
                              "    (torch, JAX, CuPy or any DLPack producer); last dim contiguous, a stride on the\n"
                              "    batch axis is fine. NaN logits are never kept.")}, notes=_DIFFERENCES)
 def top_k_mask_logits(logits, top_k, enable_pdl=None, stream=None):
+    arr, sca = split(top_k)
+    return _SIGS((logits,) + arr, ("mask_logits", enable_pdl) + sca, stream,
+                 lambda: _mask_logits(logits, top_k, enable_pdl, stream))
+
+
+def _mask_logits(logits, top_k, enable_pdl, stream):
     c = Call(logits, stream, enable_pdl, "logits")
     x = _matrix(c, logits, "logits")
     batch, vocab = x.shape

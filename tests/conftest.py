@@ -37,3 +37,16 @@ def _isolated_kernel_cache(tmp_path_factory):
     if "FI_CUPY_CACHE_DIR" not in os.environ:
         os.environ["FI_CUPY_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernel_cache"))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_signatures():
+    """Each test starts with no recorded calls (fi_cupy/_core/fastpath.py): a test that patches what a full
+    call decides (a launch, a plan) must not meet a recording of an earlier test's call."""
+    try:
+        from fi_cupy._core import fastpath
+    except ImportError:
+        yield
+        return
+    fastpath.clear_all()
+    yield

@@ -199,8 +199,7 @@ def _describe_torch(x, name: str, stream_handle: int | None) -> ArrayInfo:
         raise ValueError(f"{name}: expected an array on a CUDA device, got one on {dev.type.upper()}")
     idx = dev.index if dev.index is not None else 0
     if stream_handle is not None:
-        import torch
-        streams.order_after(idx, int(torch.cuda.current_stream(idx).cuda_stream), stream_handle)
+        streams.order_after(idx, streams.torch_current(idx), stream_handle)
     shape = tuple(x.shape)
     return ArrayInfo(name, x.data_ptr(), shape, _checked_strides(name, shape, tuple(x.stride())),
                      _framework_dtype(x.dtype, name), idx, "torch", x)

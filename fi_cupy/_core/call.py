@@ -9,10 +9,13 @@ in the caller's framework; launches; results delivered and inputs kept alive.
     return c.result(obj)               # caller's framework, zero-copy
 
 Immutable producers (JAX): `c.writable(x)` is False, and in-place functions return new arrays.
+
+Ops wrapped in a fastpath.Signatures have their first call of each signature recorded here (the
+arrays read, outputs made, launches, memsets) and later calls of it replayed without this class.
 """
 from __future__ import annotations
 
-from . import arrays, checks, kernels, streams
+from . import arrays, checks, fastpath, kernels, streams
 from .arrays import ArrayInfo
 
 IMMUTABLE = ("jax", "tensorflow")  # frameworks whose arrays must never be written
@@ -38,7 +41,7 @@ def device_of(x, name: str = "array") -> int:
 
 
 class Call:
-    __slots__ = ("framework", "device", "stream", "_current", "infos", "pdl")
+    __slots__ = ("framework", "device", "stream", "_current", "infos", "pdl", "rec")
 
     def __init__(self, first, stream=None, enable_pdl=None, name: str = "input"):
         self.framework = arrays.framework_of(first)
@@ -49,6 +52,8 @@ class Call:
         self.infos: list = []
         # Programmatic dependent launch: FlashInfer's enable_pdl; None = wherever the GPU has it.
         self.pdl = enable_pdl
+        rec = fastpath.recorder()  # the signature call being recorded, if any
+        self.rec = rec if rec is not None and rec.attach(self) else None
 
     def arg(self, x, name: str) -> ArrayInfo | None:
         """Describe an input (None passes through), on this call's device."""
@@ -58,6 +63,8 @@ class Call:
         if info.device != self.device:
             raise ValueError(f"{name}: is on cuda:{info.device} but the other arrays are on cuda:{self.device}")
         self.infos.append(info)
+        if self.rec is not None:
+            self.rec.arg(x, info)
         return info
 
     def new(self, shape, dtype, name: str = "out"):
@@ -65,6 +72,8 @@ class Call:
         obj = arrays.empty(self.framework, shape, dtype, self.device, self.stream)
         info = arrays.describe(obj, name, self.stream, self._current)
         self.infos.append(info)
+        if self.rec is not None:
+            self.rec.new(obj, info)
         return obj, info
 
     def zeros(self, shape, dtype, name: str = "out"):
@@ -73,6 +82,8 @@ class Call:
         obj, info = self.new(shape, dtype, name)
         if info.nbytes:
             runtime.memsetAsync(info.ptr, 0, info.nbytes, self.stream)
+            if self.rec is not None:
+                self.rec.memset(info, info.nbytes)
         return obj, info
 
     def copy_of(self, info: ArrayInfo, why: str):
@@ -83,6 +94,8 @@ class Call:
             raise ValueError(f"{info.name}: must be contiguous {why}")
         import cupy
         from cupy.cuda import runtime
+        if self.rec is not None:
+            self.rec.refuse("copies an immutable input")
         obj, new = self.new(info.shape, info.dtype, info.name)
         with cupy.cuda.Device(self.device):
             runtime.memcpyAsync(new.ptr, info.ptr, info.nbytes, runtime.memcpyDeviceToDevice, self.stream)
@@ -112,10 +125,15 @@ class Call:
         """pdl=False for kernels that do not call pdl_begin(); cluster: CTAs a cluster along x."""
         if pdl:
             pdl = kernels.pdl_supported(self.device) if self.pdl is None else bool(self.pdl)
-        kernels.launch(fn, grid, block, args, self.stream, self.device, smem, pdl, cluster)
+        prepared = kernels.launch(fn, grid, block, args, self.stream, self.device, smem, pdl, cluster)
+        if self.rec is not None:
+            self.rec.launch(prepared, args)
 
     def result(self, *objs):
         """Deliver outputs in the caller's framework (one object, or a tuple), keeping inputs alive."""
         arrays.keep_alive(self.device, self.stream, self.infos)
         got = tuple(None if o is None else arrays.deliver(o, self.framework) for o in objs)
+        if self.rec is not None:
+            for o, g in zip(objs, got):
+                self.rec.delivered(o, g)
         return got[0] if len(got) == 1 else got

@@ -163,23 +163,70 @@ def cached_function(device: int, key: tuple, build) -> Function:
 # Arguments and launch
 
 
-def ptr(x) -> np.uint64:
-    """Pointer argument from an ArrayInfo, an int address, or None (nullptr)."""
+class DevPtr(int):
+    """A device-address kernel argument that knows where it points: `src`, the ArrayInfo it points
+    into (at byte `off`), or None for an address known only as a number. A launch recorded for the
+    per-signature fast path (call.Signatures) re-reads `src`'s pointer on the next call; an address
+    with no src makes the recording unusable unless `stable` (it stays valid while the key holds:
+    a plan's workspace, a module's scratch)."""
+    src = None
+    off = 0
+    stable = False
+
+
+NULL = DevPtr(0)
+
+
+def ptr(x, off: int = 0, stable: bool = False) -> DevPtr:
+    """Pointer argument from an ArrayInfo (plus `off` bytes), an int address, or None (nullptr).
+    stable: an int address that does not change while the calling op's signature holds."""
     if x is None:
-        return np.uint64(0)
-    return np.uint64(x if isinstance(x, int) else x.ptr)
+        return NULL
+    if isinstance(x, int):
+        if isinstance(x, DevPtr) and not off:
+            return x
+        p = DevPtr(x + off)
+        if isinstance(x, DevPtr):
+            p.src, p.off, p.stable = x.src, x.off + off, x.stable
+        else:
+            p.stable = stable
+        return p
+    p = DevPtr(x.ptr + off)
+    p.src, p.off = x, off
+    return p
 
 
 i32, i64, u32, f32, f64 = np.int32, np.int64, np.uint32, np.float32, np.float64
 # struct format of each argument type in its 8-byte slot
-_SLOT = {np.uint64: "Q", np.int64: "q", np.int32: "i4x", np.uint32: "I4x", np.float32: "f4x", np.float64: "d"}
+_SLOT = {DevPtr: "Q", np.uint64: "Q", np.int64: "q", np.int32: "i4x", np.uint32: "I4x", np.float32: "f4x", np.float64: "d"}
 u64 = np.uint64
 
 
-def struct_arg(fmt: str, *fields) -> bytes:
+class StructArg(bytes):
+    """A struct parameter's bytes (struct_arg); ptrs: the device addresses packed in it, which a recorded
+    launch cannot re-read (call.Signatures refuses to record it)."""
+    ptrs = ()
+
+
+class FreshArg(StructArg):
+    """A struct parameter drawn anew for every call (a random seed and offset): `redraw()` gives the bytes
+    for the next call, which a recorded launch asks for at each replay."""
+    redraw = None
+
+
+def fresh_arg(redraw) -> FreshArg:
+    """The struct parameter `redraw()` gives now, redrawn by each replay of a recorded call."""
+    b = FreshArg(redraw())
+    b.ptrs, b.redraw = b.ptrs, redraw
+    return b
+
+
+def struct_arg(fmt: str, *fields) -> StructArg:
     """A kernel parameter that is a C++ struct, packed with struct format `fmt` (little-endian, no
     padding added: order the fields so that each is naturally aligned, as the C++ struct is)."""
-    return struct.pack("<" + fmt, *fields)
+    b = StructArg(struct.pack("<" + fmt, *fields))
+    b.ptrs = tuple(f for f in fields if isinstance(f, DevPtr) and f)
+    return b
 
 
 # cuLaunchKernelEx through ctypes: parameters packed into a per-thread buffer reused for each launch
@@ -238,11 +285,11 @@ def _buffers(sig: tuple):
 
 
 def _config():
+    """(CUlaunchConfig buffer, its address) of this thread."""
     cfg = _tls.__dict__.get("config")
     if cfg is None:
         buf = ctypes.create_string_buffer(_CONFIG_BYTES)
-        attr = ctypes.create_string_buffer(2 * _ATTR_BYTES)
-        cfg = _tls.config = (buf, ctypes.addressof(buf), attr, ctypes.addressof(attr))
+        cfg = _tls.config = (buf, ctypes.addressof(buf))
     return cfg
 
 
@@ -256,38 +303,66 @@ def clusters_supported(device: int) -> bool:
     return device_props(device)["cc"] >= 90
 
 
+class Prepared:
+    """One launch with everything fixed but the argument values and the stream: kernel, grid, block,
+    shared memory, launch attributes, the argument signature. launch() makes one per call; the
+    per-signature fast path (call.Signatures) keeps it and replays it with new pointers."""
+    __slots__ = ("fn", "fnptr", "sig", "head", "attr", "attr_addr", "n_attr", "device")
+
+    def __init__(self, fn: Function, grid, block, sig: tuple, device: int, smem: int = 0, pdl: bool = False,
+                 cluster: int = 0):
+        self.fn, self.fnptr, self.sig, self.device = fn, fn.ptr, sig, device
+        gx, gy, gz = (tuple(grid) + (1, 1))[:3]
+        bx, by, bz = (tuple(block) + (1, 1))[:3]
+        self.head = (gx, gy, gz, bx, by, bz, smem)
+        n_attr = 0
+        self.attr = ctypes.create_string_buffer(2 * _ATTR_BYTES)  # read by the driver at each launch
+        if pdl:
+            struct.pack_into("<i4xi", self.attr, 0, _PDL_ATTR, 1)
+            n_attr = 1
+        if cluster:
+            _pack_cluster_attr(self.attr, n_attr * _ATTR_BYTES, cluster)
+            n_attr += 1
+            fn.allow_cluster(cluster)
+        self.attr_addr = ctypes.addressof(self.attr) if n_attr else 0
+        self.n_attr = n_attr
+        fn.allow_smem(smem)
+
+    def __call__(self, values, stream: int) -> None:
+        """Launch with `values` (one per argument of sig: ints, floats, bytes) on `stream`."""
+        buf, params, fmt, _ = _buffers(self.sig)
+        struct.pack_into(fmt, buf, 0, *values)
+        cbuf, cfg = _config()
+        struct.pack_into(_CONFIG_FMT, cbuf, 0, *self.head, stream, self.attr_addr, self.n_attr)
+        lib, launch_ex = _cuda()
+        from cupy.cuda import runtime
+        if runtime.getDevice() != self.device:
+            import cupy
+            with cupy.cuda.Device(self.device):
+                err = launch_ex(cfg, self.fnptr, params, None)
+        else:
+            err = launch_ex(cfg, self.fnptr, params, None)
+        if err:
+            msg = ctypes.c_char_p()
+            lib.cuGetErrorString(err, ctypes.byref(msg))
+            gx, gy, gz, bx, by, bz, smem = self.head
+            raise RuntimeError(f"launch of {self.fn.name} failed: CUDA error {err} "
+                               f"({(msg.value or b'unknown').decode()}), grid {(gx, gy, gz)}, block {(bx, by, bz)}, "
+                               f"smem {smem}")
+
+
+def signature_of(args) -> tuple:
+    """The argument signature of a launch: each argument's numpy scalar type, DevPtr, or a struct's size."""
+    return tuple([len(a) if isinstance(a, bytes) else a.__class__ for a in args])
+
+
 def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int = 0, pdl: bool = False,
-           cluster: int = 0) -> None:
-    """Launch `fn` with `args` given as numpy scalars whose types match the kernel's parameters (or
-    bytes from struct_arg for a struct parameter). pdl=True lets the kernel start while the previous
-    one on the stream finishes: only for kernels that call pdl_begin() before touching memory.
-    cluster > 0 groups that many consecutive CTAs along x into a cluster (sm_90+)."""
-    sig = tuple([a.__class__ if a.__class__ is not bytes else len(a) for a in args])
-    buf, params, fmt, _ = _buffers(sig)
-    struct.pack_into(fmt, buf, 0, *args)
-    cbuf, cfg, abuf, attr = _config()
-    gx, gy, gz = (tuple(grid) + (1, 1))[:3]
-    bx, by, bz = (tuple(block) + (1, 1))[:3]
-    n_attr = 0
-    if pdl:
-        struct.pack_into("<i4xi", abuf, 0, _PDL_ATTR, 1)
-        n_attr = 1
-    if cluster:
-        _pack_cluster_attr(abuf, n_attr * _ATTR_BYTES, cluster)
-        n_attr += 1
-        fn.allow_cluster(cluster)
-    struct.pack_into(_CONFIG_FMT, cbuf, 0, gx, gy, gz, bx, by, bz, smem, stream, attr if n_attr else 0, n_attr)
-    fn.allow_smem(smem)
-    lib, launch_ex = _cuda()
-    from cupy.cuda import runtime
-    if runtime.getDevice() != device:
-        import cupy
-        with cupy.cuda.Device(device):
-            err = launch_ex(cfg, fn.ptr, params, None)
-    else:
-        err = launch_ex(cfg, fn.ptr, params, None)
-    if err:
-        msg = ctypes.c_char_p()
-        lib.cuGetErrorString(err, ctypes.byref(msg))
-        raise RuntimeError(f"launch of {fn.name} failed: CUDA error {err} "
-                           f"({(msg.value or b'unknown').decode()}), grid {grid}, block {block}, smem {smem}")
+           cluster: int = 0) -> Prepared:
+    """Launch `fn` with `args` given as numpy scalars whose types match the kernel's parameters, DevPtr
+    pointers (ptr()), or bytes from struct_arg for a struct parameter. pdl=True lets the kernel start
+    while the previous one on the stream finishes: only for kernels that call pdl_begin() before
+    touching memory. cluster > 0 groups that many consecutive CTAs along x into a cluster (sm_90+).
+    Returns the Prepared launch (a recording keeps it)."""
+    p = Prepared(fn, grid, block, signature_of(args), device, smem, pdl, cluster)
+    p(args, stream)
+    return p

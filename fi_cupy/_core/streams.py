@@ -88,11 +88,36 @@ def current(framework: str, device: int) -> int:
     if not _gpu_seen:  # the first CUDA call of a call on the caller's current stream (most calls)
         require_gpu()
     if framework == "torch":
-        import torch
-        return int(torch.cuda.current_stream(device).cuda_stream)
+        return torch_current(device)
+    return cupy_current(device)
+
+
+def _torch_current_fn():
+    """torch's raw current-stream query (~0.1 us; torch.cuda.current_stream builds a Stream, ~2 us),
+    else the public one."""
+    import torch
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw if raw is not None else (lambda d: int(torch.cuda.current_stream(d).cuda_stream))
+
+
+_torch_stream: list = []
+
+
+def torch_current(device: int) -> int:
+    """cudaStream_t of torch's current stream on `device`."""
+    if not _torch_stream:
+        _torch_stream.append(_torch_current_fn())
+    return _torch_stream[0](device)
+
+
+def cupy_current(device: int) -> int:
+    """cudaStream_t of CuPy's current stream on `device` (CuPy keeps one per device and thread)."""
     import cupy
+    from cupy.cuda import runtime
+    if runtime.getDevice() == device:
+        return cupy.cuda.get_current_stream().ptr
     with cupy.cuda.Device(device):
-        return int(cupy.cuda.get_current_stream().ptr)
+        return cupy.cuda.get_current_stream().ptr
 
 
 def resolve(stream, framework: str, device: int) -> int:

@@ -10,8 +10,9 @@ import numpy as np
 
 from . import arrays, checks, streams
 from . import dtypes as dt
-from .call import IMMUTABLE, device_of
+from .call import IMMUTABLE
 from .docs import document
+from .fastpath import Signatures
 
 ALIGN = 256  # bytes: the partial-state regions of a workspace start on this boundary
 
@@ -57,13 +58,12 @@ class PlanCache:
         return self._plans.values()
 
 
-def attention_outputs(q: arrays.ArrayInfo, out, lse, return_lse: bool, stream: int, current_of, o_layout: str,
-                      l_layout: str) -> tuple:
-    """(out object, its ArrayInfo, lse object or None, its ArrayInfo or None) of an attention call: `out`
-    (q's shape and dtype, last dim contiguous, 16-byte aligned rows) and `lse` (q's shape less head_dim,
-    float32, contiguous) checked, or new arrays in q's framework. Immutable (JAX) arrays cannot be `out`."""
-    out_obj = arrays.empty(q.framework, q.shape, q.dtype, q.device, stream) if out is None else out
-    o = arrays.describe(out_obj, "out", stream, current_of)
+def attention_outputs(c, q: arrays.ArrayInfo, out, lse, return_lse: bool, o_layout: str, l_layout: str) -> tuple:
+    """(out object, its ArrayInfo, lse object or None, its ArrayInfo or None) of an attention call on Call
+    `c`: `out` (q's shape and dtype, last dim contiguous, 16-byte aligned rows) and `lse` (q's shape less
+    head_dim, float32, contiguous) checked, or new arrays in q's framework. Immutable (JAX) arrays cannot
+    be `out`."""
+    out_obj, o = c.new(q.shape, q.dtype, "out") if out is None else (out, c.arg(out, "out"))
     checks.shape(o, q.shape, o_layout)
     checks.dtype_is(o, q.dtype, "q's dtype")
     checks.last_dim_contiguous(o)
@@ -75,15 +75,18 @@ def attention_outputs(q: arrays.ArrayInfo, out, lse, return_lse: bool, stream: i
     lse_obj, l_info = None, None
     if return_lse or lse is not None:
         l_shape = q.shape[:-1]
-        lse_obj = arrays.empty(q.framework, l_shape, dt.float32, q.device, stream) if lse is None else lse
-        l_info = arrays.describe(lse_obj, "lse", stream, current_of)
+        lse_obj, l_info = c.new(l_shape, dt.float32, "lse") if lse is None else (lse, c.arg(lse, "lse"))
         checks.shape(l_info, l_shape, l_layout)
         checks.dtype_is(l_info, dt.float32, "the lse dtype")
         checks.contiguous(l_info)
         if lse is not None and l_info.framework in IMMUTABLE:
             raise TypeError(f"lse: {l_info.framework} arrays are immutable and cannot be written; leave lse=None")
-    checks.same_device(q, o, l_info)
     return out_obj, o, lse_obj, l_info
+
+
+def attention_result(c, out_obj, lse_obj, return_lse: bool):
+    """o, or (o, lse) with return_lse, delivered in the caller's framework by Call `c`."""
+    return c.result(out_obj, lse_obj) if return_lse else c.result(out_obj)
 
 
 class PlannedWrapper:
@@ -113,17 +116,20 @@ class PlannedWrapper:
         self._ws_obj = float_workspace_buffer
         self._plan = None
 
+    @property
+    def _plan(self):
+        """The current plan (None until plan())."""
+        return self._current_plan
+
+    @_plan.setter
+    def _plan(self, plan) -> None:
+        # run()'s recorded calls (fastpath.Signatures) hold the plan's grid and workspace addresses:
+        # each plan starts with none.
+        self._current_plan = plan
+        self._sigs = Signatures()
+
     def end_forward(self) -> None:
         """FlashInfer's legacy call after forward(): nothing to release."""
-
-
-def caller(first, stream, name: str = "q") -> tuple:
-    """(framework, device, stream handle, current_of) of a single-request call: the framework and
-    device of its first array, the explicit `stream` or that framework's current one; current_of
-    names the framework whose current stream we launch on (None with an explicit stream)."""
-    fw = arrays.framework_of(first)
-    dev = device_of(first, name)
-    return fw, dev, streams.resolve(stream, fw, dev), (fw if stream is None else None)
 
 
 class _Staging:
@@ -194,12 +200,6 @@ def scale(name: str, v) -> float:
     """A k_scale / v_scale argument: None means 1."""
     v = checks.float_or_none(name, v)
     return 1.0 if v is None else v
-
-
-def deliver(out_obj, lse_obj, return_lse: bool, framework: str):
-    """o, or (o, lse) with return_lse, in the caller's framework."""
-    out_obj = arrays.deliver(out_obj, framework)
-    return (out_obj, arrays.deliver(lse_obj, framework)) if return_lse else out_obj
 
 
 def kv_split(fixed_split_size, disable_split_kv, page_size: int) -> int | None:

@@ -1,0 +1,97 @@
+"""Host cost of plan() without the GPU (issue 21): decode.plan_decode (page-table check, split-KV schedule,
+metadata) and the paged prefill plan's host part (page_table_lengths, plan_tile, plan_prefill: what
+BatchPrefillWithPagedKVCacheWrapper.plan() does before its upload), at batch 1, 16, 128, 512.
+
+Shapes as bench/bench_host.py's plan rows: kv 1024 tokens a request, page 16, 32/8 heads, head_dim 128;
+prefill: 16 new tokens a request, causal. Decode gets num_ctas = 132 x 4 (H100 SMs x resident CTAs);
+prefill gets 132 x the CTAs of its tile that fit an SM's shared memory. Median of N single calls, in us.
+
+Usage: python bench/bench_plan_cpu.py [--calls N] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import print_table, save_json  # noqa: E402
+
+from fi_cupy import decode, prefill  # noqa: E402
+from fi_cupy.page import page_table_lengths  # noqa: E402
+
+BATCHES = (1, 16, 128, 512)
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+KV_LEN, QO_LEN = 1024, 16
+SMS = 132
+DECODE_CTAS = SMS * 4
+SMEM_PER_SM = 227 * 1024
+
+
+def decode_tables(batch: int) -> tuple:
+    """(indptr, indices, last_page_len) of `batch` requests of KV_LEN tokens, pages shuffled."""
+    pages = KV_LEN // PAGE
+    return (np.arange(batch + 1) * pages, np.random.default_rng(batch).permutation(batch * pages),
+            np.full(batch, PAGE))
+
+
+def decode_call(batch: int):
+    params = decode.make_params(HQ, HKV, D, PAGE, "NONE", -1, None, "float16", None, None, None, None)
+    indptr, indices, last = decode_tables(batch)
+    return lambda: decode.plan_decode(params, indptr, indices, last, num_ctas=DECODE_CTAS)
+
+
+def prefill_call(batch: int):
+    params = prefill.make_params(HQ, HKV, D, None, True, "NONE", -1, None, None, None, None, "float16", None,
+                                 paged=True, page_size=PAGE)
+    indptr, indices, last = decode_tables(batch)
+    qo_indptr = np.arange(batch + 1) * QO_LEN
+
+    def host_plan():
+        # What _plan_impl and _finish_plan compute on the host, in their order (int32 casts included).
+        kv_lens, used = page_table_lengths(indptr, indices, last, PAGE, "paged_kv_")
+        qo, ip, kv, ix = (a.astype(np.int32) for a in (qo_indptr, indptr, kv_lens, used))
+        tile, _ = prefill.plan_tile(params, np.diff(qo), False, "fa2")
+        ctas = SMS * max(1, SMEM_PER_SM // prefill.smem_bytes(D, tile, params.kv_dtype))
+        return prefill.plan_prefill(params, qo, ip, kv, ix, tile, ctas, None)
+    return host_plan
+
+
+def median_us(fn, calls: int, warmup: int = 20) -> float:
+    """Median wall time of single fn() calls, microseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calls", type=int, default=300, help="timed calls a cell (median taken)")
+    ap.add_argument("--json", help="also write the figures here ($OUT/bench_plan_cpu.json where OUT is set)")
+    args = ap.parse_args()
+    rows = []
+    for batch in BATCHES:
+        rows.append({"batch": batch,
+                     "plan_decode_us": round(median_us(decode_call(batch), args.calls), 1),
+                     "prefill_host_us": round(median_us(prefill_call(batch), args.calls), 1)})
+    print_table(f"plan() host part, median of {args.calls} calls, us (decode num_ctas {DECODE_CTAS})",
+                ["batch", "plan_decode", "prefill host"],
+                [[r["batch"], r["plan_decode_us"], r["prefill_host_us"]] for r in rows])
+    save_json("bench_plan_cpu.json", rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""The per-signature fast path of the one call path (call.Call).
+
+An op's call is decided by its signature: the type, shape, strides, dtype, device and 16-byte alignment
+of each array argument, and the values of the other arguments. The first call of a signature runs the op
+in full (checks, kernel lookup, grid, argument packing) while a Recorder watches its Call: the arrays it
+reads, the outputs it makes, the launches and memsets it queues, what it returns. A later call of the
+same signature replays that: it reads the new pointers and the caller's current stream, makes the
+outputs, patches the pointer arguments and launches. Every check that passed depends only on the
+signature, so none is skipped that could fail; what the checks read beyond it (index ranges on the
+host, the contents of any array) would make a signature unfit, and the ops that do such reads are not
+wrapped.
+
+    _SIGS = Signatures()
+    def op(x, w, eps=1e-6, out=None, stream=None):
+        return _SIGS((x, w, out), (eps,), stream, lambda: _op(x, w, eps, out, stream))
+
+Only torch tensors and CuPy arrays on the caller's current stream (stream=None) take the fast path:
+their memory is ordered with that stream, so nothing is held alive or synchronised. Anything else, or a
+recording that saw something it cannot replay (a pointer that does not come from a signature array, a
+second Call, an op inside the op), runs the full path every time.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+
+from . import arrays, streams
+from .kernels import DevPtr, FreshArg
+
+MISS = object()
+TORCH, CUPY = 1, 2
+_tls = threading.local()
+_kinds: dict = {}  # array type -> TORCH, CUPY or 0 (no fast path)
+
+
+def _kind_of(t) -> int:
+    mod = t.__module__.split(".")[0]
+    kind = TORCH if mod == "torch" and hasattr(t, "data_ptr") else CUPY if (mod == "cupy" and
+                                                                           t.__name__ == "ndarray") else 0
+    _kinds[t] = kind
+    return kind
+
+
+def key_of(arrays_, scalars):
+    """(key, kind, device, pointers) of a call whose arrays are all torch tensors or all CuPy arrays (None
+    entries allowed), else None. The key holds each array's shape, strides, dtype, device and pointer
+    modulo 16 (vector widths follow alignment), and `scalars`."""
+    parts = [scalars]
+    ptrs = []
+    kind = 0
+    device = -1
+    for a in arrays_:
+        if a is None:
+            parts.append(None)
+            ptrs.append(0)
+            continue
+        t = type(a)
+        k = _kinds.get(t)
+        if k is None:
+            k = _kind_of(t)
+        if not k or (kind and k != kind):
+            return None
+        kind = k
+        if k == TORCH:
+            p = a.data_ptr()
+            d = a.get_device()
+            parts.append((a.shape, a.stride(), a.dtype, d, p & 15))
+        else:
+            p = a.data.ptr
+            d = a.device.id
+            parts.append((a.shape, a.strides, a.dtype, d, p & 15))
+        if device < 0:
+            device = d
+        ptrs.append(p)
+    if not kind or device < 0:
+        return None
+    parts.append(kind)
+    return tuple(parts), kind, device, ptrs
+
+
+def split(*values) -> tuple:
+    """(arrays, scalars) of arguments that are either a device array or a number: each value goes to one
+    side, None to the other (a per-row parameter given as an array is part of the signature's arrays)."""
+    arrays_ = tuple(v if hasattr(v, "__dlpack__") else None for v in values)
+    return arrays_, tuple(None if a is not None else v for a, v in zip(arrays_, values))
+
+
+class Recorder:
+    """Watches one Call of a signature's first call and turns it into a Recipe (None when unfit)."""
+
+    def __init__(self, arrays_, kind: int):
+        self.arrays, self.kind = arrays_, kind
+        self.call = None
+        self.why = ""        # why the call cannot be replayed ("" while it can)
+        self.sources = {}    # id(ArrayInfo) -> index in arrays (>= 0) or -1 - index of a new output
+        self.news = []       # (shape, dtype, object) of each new output
+        self.steps = []      # (Prepared, values, slots, fresh) launches; (None, source, nbytes, ()) memsets
+        self.results = None  # (single, specs): what the op returns, each array by source
+        self.delivered_as = {}  # id(delivered output) -> -1 - index of the new output
+
+    def refuse(self, why: str) -> None:
+        self.why = self.why or why
+
+    def attach(self, call) -> bool:
+        if self.call is None:
+            self.call = call
+            return True
+        self.refuse("a second Call")
+        return False
+
+    def arg(self, x, info) -> None:
+        for k, a in enumerate(self.arrays):
+            if a is x:
+                self.sources[id(info)] = k
+                return
+        self.refuse(f"{info.name}: not an array of the signature")
+
+    def new(self, obj, info) -> None:
+        self.sources[id(info)] = -1 - len(self.news)
+        self.news.append((info.shape, info.dtype, obj))
+
+    def launch(self, prepared, args) -> None:
+        if prepared is None:  # a launch that did not go through kernels.launch (a test's stand-in)
+            self.refuse("a launch without a Prepared")
+        values, slots, fresh = [], [], []
+        for i, a in enumerate(args):
+            if isinstance(a, FreshArg):
+                fresh.append((i, a.redraw))
+            if isinstance(a, DevPtr):
+                src = self.sources.get(id(a.src)) if a.src is not None else None
+                if src is not None:
+                    slots.append((i, src, a.off))
+                elif a and not a.stable:
+                    self.refuse(f"argument {i}: an address outside the signature's arrays")
+                values.append(int(a))
+            elif isinstance(a, bytes):
+                if getattr(a, "ptrs", ()):
+                    self.refuse(f"argument {i}: a struct holding addresses")
+                values.append(bytes(a))
+            else:
+                values.append(a.item())
+        self.steps.append((prepared, values, tuple(slots), tuple(fresh)))
+
+    def memset(self, info, nbytes: int) -> None:
+        src = self.sources.get(id(info))
+        if src is None:
+            self.refuse(f"{info.name}: memset of an array outside the signature")
+        self.steps.append((None, src, nbytes, ()))
+
+    def delivered(self, obj, got) -> None:
+        """Call.result delivered new output `obj` to the caller as `got`."""
+        for j, n in enumerate(self.news):
+            if n[2] is obj:
+                self.delivered_as[id(got)] = -1 - j
+
+    def returned(self, value) -> None:
+        """The op returned `value`: None, an array, or a tuple of arrays and None."""
+        single = not isinstance(value, tuple)
+        specs = []
+        for o in ((value,) if single else value):
+            k = None if o is None else next((k for k, a in enumerate(self.arrays) if a is o),
+                                            self.delivered_as.get(id(o)))
+            if o is not None and k is None:
+                self.refuse("returns something other than its arrays and outputs")
+            specs.append(k)
+        self.results = (single, tuple(specs))
+
+    def recipe(self):
+        if self.why or self.call is None or self.results is None:
+            return None
+        c = self.call
+        return Recipe(self.kind, c.device, c.framework, tuple((s, d) for s, d, _ in self.news), tuple(self.steps),
+                      self.results)
+
+
+class Recipe:
+    """A recorded call: outputs to make, launches and memsets with their pointer slots, what to return."""
+    __slots__ = ("kind", "device", "framework", "news", "steps", "results")
+
+    def __init__(self, kind, device, framework, news, steps, results):
+        self.kind, self.device, self.framework = kind, device, framework
+        self.news, self.steps, self.results = news, steps, results
+
+    def replay(self, caller_arrays, ptrs):
+        """The op's return value for a call with these arrays and their pointers (MISS: run it in full)."""
+        from cupy.cuda import runtime
+        dev = self.device
+        if runtime.getDevice() != dev:  # the full path switches devices; rare enough to leave to it
+            return MISS
+        stream = streams.torch_current(dev) if self.kind == TORCH else streams.cupy_current(dev)
+        outs = []
+        for shape, dtype in self.news:
+            o = arrays.empty(self.framework, shape, dtype, dev, stream)
+            outs.append(o)
+            ptrs.append(o.data_ptr() if self.kind == TORCH and hasattr(o, "data_ptr") else
+                        o.ptr if isinstance(o, arrays.DeviceBuffer) else o.data.ptr)
+        n_in = len(ptrs) - len(outs)
+        for prepared, values, slots, fresh in self.steps:
+            if prepared is None:  # memset of (source, nbytes)
+                runtime.memsetAsync(ptrs[values if values >= 0 else n_in - 1 - values], 0, slots, stream)
+                continue
+            if slots or fresh:
+                values = values.copy()
+                for i, src, off in slots:
+                    values[i] = ptrs[src if src >= 0 else n_in - 1 - src] + off
+                for i, redraw in fresh:
+                    values[i] = bytes(redraw())
+            prepared(values, stream)
+        single, specs = self.results
+        got = tuple(None if k is None else caller_arrays[k] if k >= 0 else
+                    arrays.deliver(outs[-1 - k], self.framework) for k in specs)
+        return got[0] if single else got
+
+
+_all = weakref.WeakSet()  # every Signatures, for clear_all
+
+
+def clear_all() -> None:
+    """Forget every recorded call (tests that patch what a full call decides start from here)."""
+    for sigs in list(_all):
+        sigs.clear()
+
+
+def recorder():
+    """The Recorder of the signature call in progress on this thread, if any."""
+    return getattr(_tls, "rec", None)
+
+
+class Signatures:
+    """One op's recorded calls, by signature (at most `size`; the cache is emptied when full: a workload
+    cycles through few signatures)."""
+
+    def __init__(self, size: int = 256):
+        self._recipes: dict = {}
+        self.size = size
+        _all.add(self)
+
+    def __call__(self, arrays_, scalars, stream, slow):
+        """The op's result: a replay of this signature's recording, else slow() (recorded when fit)."""
+        outer = getattr(_tls, "rec", None)
+        if outer is not None:  # an op inside an op being recorded: the outer call cannot be replayed
+            outer.refuse("calls another op")
+        got = key_of(arrays_, scalars) if stream is None else None
+        if got is None:
+            return self._run(slow, None, outer)
+        key, kind, device, ptrs = got
+        try:
+            r = self._recipes.get(key)
+        except TypeError:  # an unhashable argument: no signature
+            return self._run(slow, None, outer)
+        if r is not None:
+            got = r.replay(arrays_, ptrs)
+            return got if got is not MISS else self._run(slow, None, outer)
+        rec = Recorder(arrays_, kind)
+        res = self._run(slow, rec, outer)
+        rec.returned(res)
+        recipe = rec.recipe()
+        if recipe is not None:
+            if len(self._recipes) >= self.size:
+                self._recipes.clear()
+            self._recipes[key] = recipe
+        return res
+
+    @staticmethod
+    def _run(slow, rec, outer):
+        _tls.rec = rec
+        try:
+            return slow()
+        finally:
+            _tls.rec = outer
+
+    def clear(self) -> None:
+        self._recipes.clear()
+
+    def __len__(self) -> int:
+        return len(self._recipes)

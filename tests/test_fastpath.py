@@ -1,0 +1,284 @@
+"""The per-signature fast path (fi_cupy/_core/fastpath.py): a call of a known signature replays the recorded
+launches; changing one property of the signature at a time (dtype, strides, alignment, out=, stream, a scalar,
+a re-plan) must be noticed, and every result matches the reference. CuPy arrays throughout; torch only where a
+test says so (importorskip inside the test). CPU tests at the end."""
+import numpy as np
+import pytest
+
+import fi_cupy
+from fi_cupy import activation, norm, reference
+from fi_cupy._core import fastpath, kernels
+from fi_cupy._core.arrays import ArrayInfo, contiguous_strides
+from fi_cupy._core import dtypes as dt
+from tolerances import assert_close
+
+gpu = pytest.mark.gpu
+
+
+def _cp():
+    import cupy
+    return cupy
+
+
+def _rand(shape, dtype="float16", seed=0):
+    cp = _cp()
+    return cp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
+
+
+def _host(x):
+    return _cp().asnumpy(x).astype(np.float64)
+
+
+def _poisoned(shape, dtype="float16"):
+    return _cp().full(shape, np.nan, dtype=dtype)
+
+
+def _rms_ref(x, w, eps=1e-6):
+    return reference.rmsnorm(_host(x), _host(w), eps)
+
+
+@gpu
+def test_rmsnorm_replays_and_notices_each_signature_change():
+    norm._SIGS.clear()
+    x, w = _rand((3, 256)), _rand((256,), seed=1)
+    for _ in range(3):  # recorded once, then replayed
+        out = _poisoned((3, 256))
+        got = fi_cupy.rmsnorm(x, w, out=out)
+        assert got is out
+        assert_close(_host(out), _rms_ref(x, w), "float16")
+    assert len(norm._SIGS) == 1
+    # dtype
+    x32, w32 = x.astype("float32"), w.astype("float32")
+    assert_close(_host(fi_cupy.rmsnorm(x32, w32)), _rms_ref(x32, w32), "float32")
+    # strides: every other row of a larger array
+    big = _rand((6, 256), seed=2)
+    assert_close(_host(fi_cupy.rmsnorm(big[::2], w)), _rms_ref(big[::2], w), "float16")
+    # alignment: rows that start 2 bytes into a buffer (vector width 1 instead of 8)
+    base = _rand((3 * 257 + 1,), seed=3)
+    odd = base[1:].reshape(3, 257)[:, :256]
+    assert odd.data.ptr % 16 != 0
+    assert_close(_host(fi_cupy.rmsnorm(odd, w)), _rms_ref(odd, w), "float16")
+    # out=None (a new output each call, distinct from the last)
+    a, b = fi_cupy.rmsnorm(x, w), fi_cupy.rmsnorm(x, w)
+    assert a.data.ptr != b.data.ptr
+    assert_close(_host(b), _rms_ref(x, w), "float16")
+    # in place (out is input)
+    y = x.copy()
+    fi_cupy.rmsnorm(y, w, out=y)
+    assert_close(_host(y), _rms_ref(x, w), "float16")
+    # a scalar: eps
+    assert_close(_host(fi_cupy.rmsnorm(x, w, eps=0.5)), _rms_ref(x, w, 0.5), "float16")
+    # new inputs of a known signature: the replay reads the new pointers
+    x2 = _rand((3, 256), seed=9)
+    assert_close(_host(fi_cupy.rmsnorm(x2, w)), _rms_ref(x2, w), "float16")
+    assert len(norm._SIGS) == 7
+
+
+@gpu
+def test_explicit_stream_takes_the_full_path_on_that_stream():
+    cp = _cp()
+    norm._SIGS.clear()
+    x, w = _rand((2, 128)), _rand((128,), seed=1)
+    s = cp.cuda.Stream(non_blocking=True)
+    out = fi_cupy.rmsnorm(x, w, stream=s)
+    s.synchronize()
+    assert_close(_host(out), _rms_ref(x, w), "float16")
+    assert len(norm._SIGS) == 0
+    with s:  # the current stream of CuPy: the fast path launches there
+        out = _poisoned((2, 128))
+        fi_cupy.rmsnorm(x, w, out=out)
+        fi_cupy.rmsnorm(x, w, out=out)
+    s.synchronize()
+    assert_close(_host(out), _rms_ref(x, w), "float16")
+
+
+@gpu
+def test_fused_add_rmsnorm_replay_updates_both_in_place():
+    norm._SIGS.clear()
+    for seed in range(3):
+        x, r, w = _rand((4, 512), seed=seed), _rand((4, 512), seed=seed + 10), _rand((512,), seed=7)
+        want_r = _host(x) + _host(r)
+        assert fi_cupy.fused_add_rmsnorm(x, r, w) is None
+        assert_close(_host(r), want_r, "float16")
+        assert_close(_host(x), reference.rmsnorm(_host(r), _host(w)), "float16")
+    assert len(norm._SIGS) == 1
+
+
+@gpu
+def test_a_failing_call_is_never_recorded():
+    norm._SIGS.clear()
+    x, w = _rand((2, 128)), _rand((64,), seed=1)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="weight"):
+            fi_cupy.rmsnorm(x, w)
+    assert len(norm._SIGS) == 0
+
+
+@gpu
+def test_silu_and_mul_replay():
+    activation._SIGS.clear()
+    for seed in range(3):
+        x = _rand((5, 2 * 96), seed=seed)
+        out = _poisoned((5, 96))
+        fi_cupy.silu_and_mul(x, out=out)
+        assert_close(_host(out), reference.act_and_mul(_host(x), "silu"), "float16")
+    assert len(activation._SIGS) == 1
+
+
+def _paged_decode_case(lens, page=16, hq=8, hkv=2, d=64, seed=0):
+    rng = np.random.default_rng(seed)
+    pages = [(n + page - 1) // page for n in lens]
+    indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
+    total = int(indptr[-1]) + 2
+    indices = rng.permutation(total)[: indptr[-1]].astype(np.int32)
+    last = np.array([(n - 1) % page + 1 if n else 0 for n in lens], np.int32)
+    cache = _rand((total, 2, page, hkv, d), seed=seed + 1)
+    return indptr, indices, last, cache
+
+
+def _decode_ref(q, cache, indptr, indices, lens, page):
+    qh, ch = _host(q), _host(cache)
+    outs = []
+    for b, n in enumerate(lens):
+        rows = np.concatenate([ch[p] for p in indices[indptr[b]:indptr[b + 1]]], axis=1)[:, :n] if n else \
+            np.zeros((2, 0) + ch.shape[3:])
+        outs.append(reference.decode_attention(qh[b], rows[0], rows[1])[0])
+    return np.stack(outs)
+
+
+@gpu
+def test_decode_run_replays_within_a_plan_and_forgets_at_the_next():
+    cp = _cp()
+    page, hq, hkv, d = 16, 8, 2, 64
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(cp.zeros(32 << 20, cp.uint8))
+    for lens in ([40, 1, 17], [100, 33, 0]):
+        indptr, indices, last, cache = _paged_decode_case(lens, page, hq, hkv, d, seed=len(lens) + lens[0])
+        w.plan(indptr, indices, last, hq, hkv, d, page, q_data_type="float16")
+        assert len(w._sigs) == 0
+        for seed in range(3):
+            q = _rand((3, hq, d), seed=seed)
+            out = _poisoned((3, hq, d))
+            w.run(q, cache, out=out)
+            assert_close(_host(out), _decode_ref(q, cache, indptr, indices, lens, page), "float16")
+        assert len(w._sigs) == 1
+        o, lse = w.run(q, cache, return_lse=True)  # another signature: lse returned
+        assert lse.shape == (3, hq) and len(w._sigs) == 2
+        assert_close(_host(o), _decode_ref(q, cache, indptr, indices, lens, page), "float16")
+
+
+@gpu
+def test_paged_prefill_run_replays():
+    cp = _cp()
+    page, hq, hkv, d = 8, 4, 1, 64
+    lens, new = [20, 9], [5, 9]
+    indptr, indices, last, cache = _paged_decode_case(lens, page, hq, hkv, d, seed=5)
+    qo = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(cp.zeros(32 << 20, cp.uint8))
+    w.plan(qo, indptr, indices, last, hq, hkv, d, page, causal=True, q_data_type="float16")
+    ch = _host(cache)
+    for seed in range(3):
+        q = _rand((int(qo[-1]), hq, d), seed=seed)
+        out = w.run(q, cache)
+        for b, n in enumerate(lens):
+            rows = np.concatenate([ch[p] for p in indices[indptr[b]:indptr[b + 1]]], axis=1)[:, :n]
+            want = reference.prefill_attention(_host(q)[qo[b]:qo[b + 1]], rows[0], rows[1], causal=True)[0]
+            assert_close(_host(out)[qo[b]:qo[b + 1]], want, "float16")
+    assert len(w._sigs) == 1
+
+
+@gpu
+def test_torch_caller_replays():
+    torch = pytest.importorskip("torch")
+    norm._SIGS.clear()
+    w = torch.randn(256, device="cuda", dtype=torch.bfloat16)
+    for seed in range(3):
+        x = torch.randn((4, 256), generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
+        out = torch.full_like(x, float("nan"))
+        fi_cupy.rmsnorm(x, w, out=out)
+        want = reference.rmsnorm(x.double().cpu().numpy(), w.double().cpu().numpy())
+        assert_close(out.double().cpu().numpy(), want, "bfloat16")
+    assert len(norm._SIGS) == 1
+
+
+@gpu
+def test_sampling_replay_draws_fresh_random_numbers():
+    """A replayed sampling call takes the generator's next offset, as the full path does: the tokens of
+    calls 0..5 equal those of explicit (seed, offset) calls with offsets 0..5."""
+    from fi_cupy import sampling
+    probs = _cp().asarray(np.random.default_rng(0).dirichlet(np.full(64, 0.3), size=32).astype(np.float32))
+    g = sampling.Generator(seed=1234)
+    got = [_cp().asnumpy(fi_cupy.sampling_from_probs(probs, generator=g)) for _ in range(6)]
+    assert len(sampling._SIGS) == 1
+    want = [_cp().asnumpy(fi_cupy.sampling_from_probs(probs, seed=1234, offset=o)) for o in range(6)]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert len({a.tobytes() for a in got}) > 1  # the draws differ from call to call
+
+
+@gpu
+def test_sampling_per_row_parameter_arrays_are_not_replayed_stale():
+    """top_p given as a device array: its pointer sits inside a struct parameter, so the call is never
+    recorded (and its values are checked on the host every call)."""
+    from fi_cupy import sampling
+    cp = _cp()
+    probs = cp.asarray(np.random.default_rng(1).dirichlet(np.full(64, 0.3), size=4).astype(np.float32))
+    for top_p in (0.5, 1.0):
+        out = fi_cupy.top_p_renorm_probs(probs, cp.full((4,), top_p, cp.float32))
+        want = fi_cupy.top_p_renorm_probs(probs, top_p)
+        np.testing.assert_allclose(cp.asnumpy(out), cp.asnumpy(want), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="top_p"):
+        fi_cupy.top_p_renorm_probs(probs, cp.full((4,), 1.5, cp.float32))
+    assert len(sampling._SIGS) == 2  # the two scalar-top_p signatures only
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CPU: the recorder's rules
+
+
+def _info(name="x", ptr=1 << 20):
+    return ArrayInfo(name, ptr, (4,), contiguous_strides((4,)), dt.float16, 0, "cupy")
+
+
+class _Prepared:
+    pass
+
+
+def test_recorder_maps_pointers_to_their_arrays():
+    x, y = object(), object()
+    rec = fastpath.Recorder((x, y), fastpath.CUPY)
+    xi, yi = _info("x", 4096), _info("y", 8192)
+    rec.arg(x, xi)
+    rec.arg(y, yi)
+    rec.launch(_Prepared(), [kernels.ptr(xi), kernels.ptr(yi, 8), kernels.ptr(None), kernels.i32(3)])
+    (_, values, slots), = rec.steps
+    assert slots == ((0, 0, 0), (1, 1, 8))
+    assert values[2:] == [0, 3] and rec.why == ""
+
+
+@pytest.mark.parametrize("arg, why", [
+    (lambda xi: kernels.ptr(12345), "outside"),                          # a bare address
+    (lambda xi: kernels.ptr(_info("z", 999)), "outside"),               # an array not in the signature
+    (lambda xi: kernels.struct_arg("Q", kernels.ptr(xi)), "struct"),    # an address inside a struct
+])
+def test_recorder_refuses_what_it_cannot_replay(arg, why):
+    x = object()
+    rec = fastpath.Recorder((x,), fastpath.CUPY)
+    xi = _info()
+    rec.arg(x, xi)
+    rec.launch(_Prepared(), [arg(xi)])
+    assert why in rec.why
+
+
+def test_stable_addresses_are_recorded_as_constants():
+    x = object()
+    rec = fastpath.Recorder((x,), fastpath.CUPY)
+    rec.arg(x, _info())
+    meta = kernels.ptr(1 << 30, stable=True)
+    rec.launch(_Prepared(), [kernels.ptr(meta, 64)])
+    (_, values, slots), = rec.steps
+    assert values == [(1 << 30) + 64] and slots == () and rec.why == ""
+
+
+def test_key_of_takes_only_torch_or_cupy_arrays():
+    assert fastpath.key_of((np.zeros(3),), ()) is None
+    assert fastpath.key_of((None,), ()) is None
