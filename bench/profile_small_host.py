@@ -28,6 +28,8 @@ def main():
     torch.cuda.synchronize()
     print(f"rmsnorm(out=): {per_call(lambda: fi_cupy.rmsnorm(x, w, out=o)):.1f} us per call (host-bound loop)")
     print(f"rmsnorm(): {per_call(lambda: fi_cupy.rmsnorm(x, w)):.1f} us per call")
+    print(f"gemma_rmsnorm(out=): {per_call(lambda: fi_cupy.gemma_rmsnorm(x, w, out=o)):.1f} us per call")
+    print(f"silu_and_mul(out=): {per_call(lambda: fi_cupy.silu_and_mul(x, out=o[:, :2048])):.1f} us per call")
     print(f"torch rms_norm: {per_call(lambda: torch.nn.functional.rms_norm(x, (4096,), w, 1e-6)):.1f} us per call")
     recipe = next(iter(norm._SIGS._recipes.values()))
     stages = {

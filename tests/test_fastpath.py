@@ -71,7 +71,8 @@ def test_rmsnorm_replays_and_notices_each_signature_change():
     # new inputs of a known signature: the replay reads the new pointers
     x2 = _rand((3, 256), seed=9)
     assert_close(_host(fi_cupy.rmsnorm(x2, w)), _rms_ref(x2, w), "float16")
-    assert len(norm._SIGS) == 7
+    # in place shares the signature of (x, w, out=other): the pointer slots follow their arrays, not values
+    assert len(norm._SIGS) == 6
 
 
 @gpu
@@ -250,8 +251,8 @@ def test_recorder_maps_pointers_to_their_arrays():
     rec.arg(x, xi)
     rec.arg(y, yi)
     rec.launch(_Prepared(), [kernels.ptr(xi), kernels.ptr(yi, 8), kernels.ptr(None), kernels.i32(3)])
-    (_, values, slots), = rec.steps
-    assert slots == ((0, 0, 0), (1, 1, 8))
+    (_, values, slots, fresh), = rec.steps
+    assert slots == ((0, 0, 0), (1, 1, 8)) and fresh == ()
     assert values[2:] == [0, 3] and rec.why == ""
 
 
@@ -275,8 +276,19 @@ def test_stable_addresses_are_recorded_as_constants():
     rec.arg(x, _info())
     meta = kernels.ptr(1 << 30, stable=True)
     rec.launch(_Prepared(), [kernels.ptr(meta, 64)])
-    (_, values, slots), = rec.steps
+    (_, values, slots, _), = rec.steps
     assert values == [(1 << 30) + 64] and slots == () and rec.why == ""
+
+
+def test_random_structs_are_redrawn_at_each_replay():
+    x = object()
+    rec = fastpath.Recorder((x,), fastpath.CUPY)
+    draws = iter(range(10))
+    arg = kernels.fresh_arg(lambda: kernels.struct_arg("Q", next(draws)))
+    rec.launch(_Prepared(), [arg])
+    (_, values, _, fresh), = rec.steps
+    assert values == [bytes(8)] and len(fresh) == 1
+    assert fresh[0][1]() == (1).to_bytes(8, "little") and rec.why == ""
 
 
 def test_key_of_takes_only_torch_or_cupy_arrays():

@@ -6,7 +6,6 @@ CPU (no launch): parameter and seed forms, generator state handling, FlashInfer'
 import inspect
 import math
 import struct
-import types
 
 import numpy as np
 import pytest
@@ -706,17 +705,15 @@ def test_generator_choice(monkeypatch):
             type(self).state = s.clone()
 
     monkeypatch.setattr(sampling, "_torch_default_generator", lambda d: asked.append(d) or Default())
-    torch_caller = types.SimpleNamespace(framework="torch", device=3)
-    assert sampling._draw(torch_caller, None, 10) == (77, 12) and asked == [3]
-    assert sampling._draw(torch_caller, None, 1) == (77, 16) and asked == [3, 3]
-    cupy_caller = types.SimpleNamespace(framework="cupy", device=0)
+    assert sampling._draw("torch", 3, None, 10) == (77, 12) and asked == [3]
+    assert sampling._draw("torch", 3, None, 1) == (77, 16) and asked == [3, 3]
     before = sampling.default_generator.offset
-    seed, off = sampling._draw(cupy_caller, None, 10)
+    seed, off = sampling._draw("cupy", 0, None, 10)
     assert (seed, off) == (sampling.default_generator.seed, before) and sampling.default_generator.offset == before + 1
     assert asked == [3, 3]  # not consulted for a non-torch caller
-    assert sampling._draw(cupy_caller, sampling.Generator(4), 10) == (4, 0)
+    assert sampling._draw("cupy", 0, sampling.Generator(4), 10) == (4, 0)
     with pytest.raises(TypeError, match="generator: expected a torch.Generator or a fi_cupy.sampling.Generator"):
-        sampling._draw(cupy_caller, object(), 10)
+        sampling._draw("cupy", 0, object(), 10)
 
 
 class _Stop(Exception):

@@ -316,6 +316,20 @@ class DeviceBuffer:
 _CUPY_NATIVE = ("float16", "float32", "float64", "int32", "int64", "int8", "uint8", "bool")
 
 
+def cupy_dtype(dtype: dt.DType):
+    """The dtype CuPy makes `dtype`'s arrays with, or None: its own dtypes, and bfloat16 through ml_dtypes
+    where that is installed (CuPy 14 holds bfloat16 arrays then)."""
+    if dtype.name in _CUPY_NATIVE:
+        return dtype.name
+    if dtype.name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            return None
+        return ml_dtypes.bfloat16
+    return None
+
+
 def empty(framework: str, shape, dtype: dt.DType, device: int, stream_handle: int):
     """A new uninitialised output for a caller of `framework`: a torch tensor for torch callers,
     else a DeviceBuffer that `deliver()` hands to the caller's framework once the kernel is queued
@@ -325,10 +339,11 @@ def empty(framework: str, shape, dtype: dt.DType, device: int, stream_handle: in
     if framework == "torch":
         import torch
         return torch.empty(shape, dtype=getattr(torch, dtype.name), device=f"cuda:{device}")
-    if framework == "cupy" and dtype.name in _CUPY_NATIVE:
+    cdt = cupy_dtype(dtype) if framework == "cupy" else None
+    if cdt is not None:
         import cupy
         with cupy.cuda.Device(device):
-            return cupy.empty(shape, dtype=dtype.name)
+            return cupy.empty(shape, dtype=cdt)
     return DeviceBuffer(shape, dtype, device, stream_handle)
 
 

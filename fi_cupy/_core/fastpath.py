@@ -25,7 +25,7 @@ import threading
 import weakref
 
 from . import arrays, streams
-from .kernels import DevPtr, FreshArg
+from .kernels import DevPtr, FreshArg, _runtime
 
 MISS = object()
 TORCH, CUPY = 1, 2
@@ -179,21 +179,21 @@ class Recipe:
 
     def __init__(self, kind, device, framework, news, steps, results):
         self.kind, self.device, self.framework = kind, device, framework
-        self.news, self.steps, self.results = news, steps, results
+        self.news = tuple(_maker(framework, shape, dtype, device) for shape, dtype in news)
+        self.steps, self.results = steps, results
 
     def replay(self, caller_arrays, ptrs):
         """The op's return value for a call with these arrays and their pointers (MISS: run it in full)."""
-        from cupy.cuda import runtime
+        runtime = _runtime()
         dev = self.device
         if runtime.getDevice() != dev:  # the full path switches devices; rare enough to leave to it
             return MISS
         stream = streams.torch_current(dev) if self.kind == TORCH else streams.cupy_current(dev)
         outs = []
-        for shape, dtype in self.news:
-            o = arrays.empty(self.framework, shape, dtype, dev, stream)
+        for make, address in self.news:
+            o = make(stream)
             outs.append(o)
-            ptrs.append(o.data_ptr() if self.kind == TORCH and hasattr(o, "data_ptr") else
-                        o.ptr if isinstance(o, arrays.DeviceBuffer) else o.data.ptr)
+            ptrs.append(address(o))
         n_in = len(ptrs) - len(outs)
         for prepared, values, slots, fresh in self.steps:
             if prepared is None:  # memset of (source, nbytes)
@@ -219,6 +219,33 @@ def clear_all() -> None:
     """Forget every recorded call (tests that patch what a full call decides start from here)."""
     for sigs in list(_all):
         sigs.clear()
+
+
+def _maker(framework: str, shape, dtype, device: int) -> tuple:
+    """(make(stream) -> a new output like arrays.empty's, its address) with the framework's arguments
+    resolved once: a replay then costs the allocation alone."""
+    shape = tuple(int(n) for n in shape)
+    if framework == "torch":
+        import torch
+        tdt, tdev = getattr(torch, dtype.name), torch.device("cuda", device)
+        return (lambda stream: torch.empty(shape, dtype=tdt, device=tdev)), _torch_address
+    cdt = arrays.cupy_dtype(dtype) if framework == "cupy" else None
+    if cdt is not None:
+        import cupy
+        return (lambda stream: cupy.empty(shape, dtype=cdt)), _cupy_address  # replay checked the device
+    return (lambda stream: arrays.DeviceBuffer(shape, dtype, device, stream)), _buffer_address
+
+
+def _torch_address(t) -> int:
+    return t.data_ptr()
+
+
+def _cupy_address(a) -> int:
+    return a.data.ptr
+
+
+def _buffer_address(b) -> int:
+    return b.ptr
 
 
 def recorder():

@@ -239,6 +239,7 @@ _ATTR_BYTES = 72  # CUlaunchAttribute: id, pad, 64-byte value union
 _NON_PORTABLE_CLUSTER = 14  # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
 _CONFIG_FMT = "<7I4xQQI4x"  # CUlaunchConfig: grid, block, smem, stream, attrs, numAttrs
 _CONFIG_BYTES = struct.calcsize(_CONFIG_FMT)  # 56
+_CONFIG_STREAM_AT = struct.calcsize("<7I4x")  # the stream's offset in CUlaunchConfig
 _libcuda: list = []
 
 
@@ -284,15 +285,6 @@ def _buffers(sig: tuple):
     return got
 
 
-def _config():
-    """(CUlaunchConfig buffer, its address) of this thread."""
-    cfg = _tls.__dict__.get("config")
-    if cfg is None:
-        buf = ctypes.create_string_buffer(_CONFIG_BYTES)
-        cfg = _tls.config = (buf, ctypes.addressof(buf))
-    return cfg
-
-
 def pdl_supported(device: int) -> bool:
     """Programmatic dependent launch (griddepcontrol): compute capability 9.0 and later."""
     return device_props(device)["cc"] >= 90
@@ -307,7 +299,7 @@ class Prepared:
     """One launch with everything fixed but the argument values and the stream: kernel, grid, block,
     shared memory, launch attributes, the argument signature. launch() makes one per call; the
     per-signature fast path (call.Signatures) keeps it and replays it with new pointers."""
-    __slots__ = ("fn", "fnptr", "sig", "head", "attr", "attr_addr", "n_attr", "device")
+    __slots__ = ("fn", "fnptr", "sig", "head", "attr", "attr_addr", "n_attr", "device", "local")
 
     def __init__(self, fn: Function, grid, block, sig: tuple, device: int, smem: int = 0, pdl: bool = False,
                  cluster: int = 0):
@@ -326,17 +318,30 @@ class Prepared:
             fn.allow_cluster(cluster)
         self.attr_addr = ctypes.addressof(self.attr) if n_attr else 0
         self.n_attr = n_attr
+        self.local = threading.local()  # this thread's packed config (all but the stream fixed)
         fn.allow_smem(smem)
+
+    def _thread_state(self) -> list:
+        """[param buffer, format, kernelParams address, config buffer, config address, stream packed in it]."""
+        buf, params, fmt, _ = _buffers(self.sig)
+        cbuf = ctypes.create_string_buffer(_CONFIG_BYTES)
+        struct.pack_into(_CONFIG_FMT, cbuf, 0, *self.head, 0, self.attr_addr, self.n_attr)
+        st = self.local.st = [buf, fmt, params, cbuf, ctypes.addressof(cbuf), 0]
+        return st
 
     def __call__(self, values, stream: int) -> None:
         """Launch with `values` (one per argument of sig: ints, floats, bytes) on `stream`."""
-        buf, params, fmt, _ = _buffers(self.sig)
+        try:
+            st = self.local.st
+        except AttributeError:
+            st = self._thread_state()
+        buf, fmt, params, cbuf, cfg, packed = st
         struct.pack_into(fmt, buf, 0, *values)
-        cbuf, cfg = _config()
-        struct.pack_into(_CONFIG_FMT, cbuf, 0, *self.head, stream, self.attr_addr, self.n_attr)
-        lib, launch_ex = _cuda()
-        from cupy.cuda import runtime
-        if runtime.getDevice() != self.device:
+        if stream != packed:
+            struct.pack_into("<Q", cbuf, _CONFIG_STREAM_AT, stream)
+            st[5] = stream
+        lib, launch_ex = _libcuda[0] if _libcuda else _cuda()
+        if _runtime().getDevice() != self.device:
             import cupy
             with cupy.cuda.Device(self.device):
                 err = launch_ex(cfg, self.fnptr, params, None)
@@ -349,6 +354,17 @@ class Prepared:
             raise RuntimeError(f"launch of {self.fn.name} failed: CUDA error {err} "
                                f"({(msg.value or b'unknown').decode()}), grid {(gx, gy, gz)}, block {(bx, by, bz)}, "
                                f"smem {smem}")
+
+
+_rt: list = []
+
+
+def _runtime():
+    """cupy.cuda.runtime, imported once (an import statement costs about a microsecond a call)."""
+    if not _rt:
+        from cupy.cuda import runtime
+        _rt.append(runtime)
+    return _rt[0]
 
 
 def signature_of(args) -> tuple:
