@@ -340,7 +340,9 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
 
 // Merge the float32 partial states of (request, KV head, query tile)s whose KV range was cut.
 // Item: {request, kv_head, first packed row, first partial row}, {chunks, rows a chunk, -, -}; chunk c
-// of packed row r is partial row base + c * rows + r.
+// of packed row r is partial row base + c * rows + r. blockIdx.x strides over the items and blockIdx.y
+// over a tile's (row, 8 dims) pieces: a few cut tiles still spread over many SMs (one CTA a tile read
+// their partials at a fraction of the bandwidth).
 template <int D, typename T>
 __global__ void __launch_bounds__(128)
 prefill_merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_lse,
@@ -356,7 +358,7 @@ prefill_merge_kernel(const float* __restrict__ part_o, const float* __restrict__
     const int qo_start = qo_indptr[req];
     const int packed_len = (qo_indptr[req + 1] - qo_start) * group_size;
     const int n_rows = min(rows, packed_len - p0);
-    for (int idx = threadIdx.x; idx < n_rows * kChunks; idx += blockDim.x) {
+    for (int idx = blockIdx.y * blockDim.x + threadIdx.x; idx < n_rows * kChunks; idx += gridDim.y * blockDim.x) {
       const int r = idx / kChunks, d0 = (idx % kChunks) * 8;
       const float* s = part_lse + base + r;  // chunk k at s[k * rows]
       const float mx = max_lse(s, rows, chunks);

@@ -578,7 +578,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         qi = c.arg(q, "q")
         _check_q(qi, p, (plan.batch_size,))
         kv = describe_paged_cache(c, paged_kv_cache, self._kv_layout)
-        check_cache_against(kv, p, plan.max_page)
+        kv = check_cache_against(kv, p, plan.max_page)
         out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse,
                                                         "(batch_size, num_qo_heads, head_dim)",
                                                         "(batch_size, num_qo_heads)")

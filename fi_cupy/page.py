@@ -8,7 +8,7 @@ page kv_indices[kv_indptr[b] + p // page_size], slot p % page_size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -53,9 +53,10 @@ def page_table_lengths(indptr: np.ndarray, indices: np.ndarray | None, last_page
         raise ValueError(f"{prefix}last_page_len: expected {batch} entries (batch_size), got {last_page_len.size}")
     if indices is not None and indices.size < indptr[-1]:
         raise ValueError(f"{prefix}indices: has {indices.size} entries but {prefix}indptr[-1] is {indptr[-1]}")
-    pages = np.diff(indptr)
-    bad = ((pages > 0) & ((last_page_len < 1) | (last_page_len > page_size))) | ((pages == 0) & (last_page_len != 0))
-    if np.any(bad):
+    pages = indptr[1:] - indptr[:-1]
+    every_request_has_pages = batch > 0 and bool(pages.min() > 0)
+    if not _last_pages_ok(pages, last_page_len, page_size, every_request_has_pages):
+        bad = _bad_last_pages(pages, last_page_len, page_size)
         i = int(np.argmax(bad))
         raise ValueError(f"{prefix}last_page_len: request {i} has {pages[i]} pages and last_page_len "
                          f"{last_page_len[i]}; expected 1..{page_size} (page_size) for a non-empty request, 0 for none")
@@ -64,10 +65,25 @@ def page_table_lengths(indptr: np.ndarray, indices: np.ndarray | None, last_page
         raise ValueError(f"{prefix}indices: page indices must be >= 0, got {int(used.min())}")
     if indptr[-1] >= 2 ** 31:
         raise ValueError(f"{prefix}indptr[-1] (total pages) must be < 2**31")
-    kv_lens = np.where(pages > 0, (pages - 1) * page_size + last_page_len, 0)
+    kv_lens = (pages - 1) * page_size + last_page_len
+    if not every_request_has_pages:
+        kv_lens = np.where(pages > 0, kv_lens, 0)
     if kv_lens.size and kv_lens.max() >= 2 ** 31:
         raise ValueError("a request's kv length must be < 2**31")
     return kv_lens, used
+
+
+def _last_pages_ok(pages: np.ndarray, last_page_len: np.ndarray, page_size: int, every_request_has_pages: bool) -> bool:
+    """Whether every last_page_len fits its request: two reductions where every request has pages (a
+    decode batch), the element-wise rule otherwise."""
+    if every_request_has_pages:
+        return bool(last_page_len.min() >= 1 and last_page_len.max() <= page_size)
+    return not _bad_last_pages(pages, last_page_len, page_size).any()
+
+
+def _bad_last_pages(pages: np.ndarray, last_page_len: np.ndarray, page_size: int) -> np.ndarray:
+    """Requests whose last_page_len is not 1..page_size (with pages) or 0 (without)."""
+    return ((pages > 0) & ((last_page_len < 1) | (last_page_len > page_size))) | ((pages == 0) & (last_page_len != 0))
 
 
 def page_table_from_block_tables(block_tables, seq_lens, page_size: int) -> tuple:
@@ -93,15 +109,21 @@ def page_table_from_block_tables(block_tables, seq_lens, page_size: int) -> tupl
 
 def check_cache_against(view: KVView, p, max_page: int, indices_name: str = "indices") -> None:
     """A cache against the planned parameters `p` (kv_dtype, page_size, num_kv_heads, head_dim) and the
-    largest page index the page table uses."""
+    largest page index the page table uses. Returns the view to launch with: a uint8 cache planned as
+    float8 (CuPy has no float8 dtype, so its callers hand over the bytes) is read as the planned dtype."""
+    if view.dtype == dt.uint8 and p.kv_dtype.itemsize == 1 and p.kv_dtype != dt.uint8:
+        view = replace(view, dtype=p.kv_dtype)
     if view.dtype != p.kv_dtype:
-        raise TypeError(f"paged_kv_cache: dtype {view.dtype} does not match the planned kv_data_type {p.kv_dtype}")
+        raise TypeError(f"paged_kv_cache: dtype {view.dtype} does not match the planned kv_data_type {p.kv_dtype}"
+                        + (" (a uint8 cache holds float8 bytes: plan with kv_data_type='float8_e4m3fn' or "
+                           "'float8_e5m2')" if view.dtype == dt.uint8 else ""))
     if (view.page_size, view.num_kv_heads, view.head_dim) != (p.page_size, p.num_kv_heads, p.head_dim):
         raise ValueError(f"paged_kv_cache: (page_size, num_kv_heads, head_dim) = "
                          f"{(view.page_size, view.num_kv_heads, view.head_dim)} does not match the plan "
                          f"{(p.page_size, p.num_kv_heads, p.head_dim)}")
     if max_page >= view.num_pages:
         raise ValueError(f"{indices_name}: page index {max_page} is out of range for a cache of {view.num_pages} pages")
+    return view
 
 
 def cache_parts(paged_kv_cache) -> tuple:

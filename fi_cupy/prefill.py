@@ -352,7 +352,8 @@ def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, 
         f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)),
     ], smem=smem_bytes(p.head_dim, plan.tile, kv.dtype))
     if always_merge or plan.num_merges:
-        c.launch(merge, (plan.merge_grid,), (128,), [
+        # a CTA of 128 threads per 128 (row, 8 dims) pieces of a tile (prefill_merge_kernel's blockIdx.y)
+        c.launch(merge, (plan.merge_grid, -(-plan.tile.rows * (p.head_dim // 8) // 128)), (128,), [
             part_o, part_lse, off["merges"], ptr(off["counts"], 4), off["qo_indptr"],
             ptr(o), i64(o.strides[0]), i64(o.strides[1]), ptr(l_info), i32(p.num_qo_heads), i32(p.group_size),
         ])
@@ -747,7 +748,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
 
     def _paged_view(self, c: Call, paged_kv_cache) -> KVView:
         kv = describe_paged_cache(c, paged_kv_cache, self._kv_layout)
-        check_cache_against(kv, self._plan.params, self._plan.max_page, "paged_kv_indices")
+        kv = check_cache_against(kv, self._plan.params, self._plan.max_page, "paged_kv_indices")
         if kv.dtype in FP8:  # the portable kernel copies 16 fp8 values (16 bytes) at a time
             for info in kv.infos:
                 checks.vector_aligned(info, 16)

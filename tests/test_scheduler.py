@@ -193,3 +193,78 @@ def test_plan_decode_grows_capacity_for_a_fixed_split_and_refuses_past_a_fixed_o
     assert plan.segment_capacity >= 256 * 2 and plan.merge_capacity >= 2
     with pytest.raises(ValueError, match="fixed_split_size: use_cuda_graph=True keeps"):
         plan_decode(p, ip, ix, lp, num_ctas=132, split=16, fixed_capacity=(10, 10, 10))
+
+
+def _brute_quota(kv_lens, head_blocks, num_ctas, min_quota=scheduler.MIN_QUOTA):
+    """_pick_quota's rule written out CTA by CTA: every candidate quota scored by its most loaded CTA
+    (tokens + SEGMENT_COST a segment, a boundary inside a CTA starting a segment) plus MERGE_COST where
+    a CTA starts inside a pair; ties go to the smallest quota."""
+    bounds = np.concatenate([[0], np.cumsum(np.repeat(kv_lens, head_blocks))]).tolist()
+    total = bounds[-1]
+    q0 = max(-(-total // num_ctas), min_quota)
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    cands = sorted({q for q in [q0, -(-q0 // longest) * longest] + [-(-longest // k) for k in range(1, 65)]
+                    if q >= q0})
+    best = None
+    for q in cands:
+        starts = range(0, total, q)
+        load = max(min(q, total - s) + scheduler.SEGMENT_COST * (1 + sum(s < b < s + q for b in bounds))
+                   for s in starts)
+        score = load + scheduler.MERGE_COST * any(s not in bounds for s in starts)
+        if best is None or score < best[0]:
+            best = (score, q)
+    return best[1]
+
+
+@pytest.mark.parametrize("kv_lens,head_blocks,num_ctas", [
+    ([1024] * 16, 8, 528), ([8192], 8, 528), ([5, 0, 300, 0, 7000, 64], 3, 132), ([1, 1, 1], 1, 132),
+    ([4096, 100, 100, 100], 2, 264), ([0, 0, 40000, 0], 4, 1056), ([3000] * 40, 1, 132), ([65] * 7, 16, 300)])
+def test_pick_quota_matches_the_rule_cta_by_cta(kv_lens, head_blocks, num_ctas):
+    cum = np.concatenate([[0], np.cumsum(np.repeat(kv_lens, head_blocks))])
+    assert scheduler._pick_quota(cum, num_ctas, scheduler.MIN_QUOTA) == _brute_quota(kv_lens, head_blocks, num_ctas)
+
+
+@pytest.mark.parametrize("split", [None, 0, 50])
+def test_segments_are_in_cta_pair_token_order_with_empty_pairs(split):
+    """Empty pairs (kv_len 0, or a window that leaves nothing visible) sit on CTA pair % num_ctas, in
+    (CTA, pair, token) order with the rest; partial rows stay contiguous per pair, in token order."""
+    kv = np.array([0, 700, 0, 0, 5000, 1, 0, 2600, 0])
+    vis = np.array([0, 0, 0, 0, 4990, 1, 0, 100, 0])  # request 5: nothing visible
+    head_blocks, num_ctas = 3, 132
+    sch = scheduler.decode_schedule(kv, vis, head_blocks, num_ctas, split=split)
+    if split is None:  # coverage and balance by quota (a fixed split balances chunks, not quotas)
+        _check_schedule(kv, vis, head_blocks, num_ctas, sch)
+    cta = np.repeat(np.arange(num_ctas), np.diff(sch.cta_indptr))
+    seg = sch.segments
+    keys = list(zip(cta.tolist(), (seg[:, 0] * head_blocks + seg[:, 1]).tolist(), seg[:, 2].tolist()))
+    assert keys == sorted(keys)
+    for c, p, _ in (k for k, s in zip(keys, seg) if s[2] == s[3]):
+        assert c == p % num_ctas
+
+
+def test_page_table_lengths_with_and_without_empty_requests():
+    from fi_cupy.page import page_table_lengths
+    kv, used = page_table_lengths(np.array([0, 2, 2, 5]), np.arange(6), np.array([5, 0, 16]), 16)
+    assert kv.tolist() == [21, 0, 48] and used.tolist() == [0, 1, 2, 3, 4]
+    kv, _ = page_table_lengths(np.array([0, 1, 3]), None, np.array([16, 1]), 16)
+    assert kv.tolist() == [16, 17]
+    assert page_table_lengths(np.array([0]), np.zeros(0, np.int64), np.zeros(0, np.int64), 16)[0].size == 0
+    with pytest.raises(ValueError, match="request 1 has 0 pages and last_page_len 3"):
+        page_table_lengths(np.array([0, 2, 2]), np.arange(2), np.array([5, 3]), 16)
+    with pytest.raises(ValueError, match="request 1 has 1 pages and last_page_len 0"):
+        page_table_lengths(np.array([0, 2, 3]), np.arange(3), np.array([5, 0]), 16)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_prefill_uncut_batch_gives_a_whole_kv_item_a_tile(causal):
+    """As many query tiles as CTAs: nothing is cut, one item a tile over the whole KV range, longest first."""
+    qo, kv = [300, 0, 17, 64, 1], [1100, 9, 40, 64, 0]
+    sch = scheduler.prefill_schedule(qo, kv, 4, 2, 64, 4, causal)
+    assert sch.merges.shape == (0, 8) and sch.merges.dtype == np.int32 and sch.num_partial_rows == 0
+    items = sch.items
+    assert items.dtype == np.int32 and sorted(map(tuple, items[:, :3].tolist())) == sorted(
+        (r, h, p0) for r in range(5) for h in range(2) for p0 in range(0, qo[r] * 4, 64))
+    assert np.all(items[:, 3] == -1) and np.all(items[:, 4] == 0) and np.all(items[:, 6:] == 0)
+    assert items[:, 5].tolist() == [kv[r] for r in items[:, 0]]
+    cost = [scheduler.prefill_tile_cost(qo[r], kv[r], 4, 64, causal)[p0 // 64] for r, _, p0 in items[:, :3].tolist()]
+    assert cost == sorted(cost, reverse=True)
