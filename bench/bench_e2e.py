@@ -169,6 +169,7 @@ def main() -> None:
     print(f"\nprefill, {a.prefill_requests} x {a.prompt_len}: {prefill:,.0f} tokens/s"
           + (f"; transformers {h['prefill_tok_s']:,.0f} tokens/s ({prefill / h['prefill_tok_s']:.1f}x)" if h else ""))
     common.save_json("bench_e2e.json", {"device": dev, "copy_Bps": bw, "decode": rows, "prefill_tok_s": prefill,
+                                        "prefill_requests": a.prefill_requests,
                                         "transformers": {str(k): v for k, v in hf.items()}})
 
 

@@ -91,7 +91,8 @@ def main():
                          f"{fi_t * 1e6:.1f}" if fi_t else "-",
                          f"{torch_p * 1e6:.0f}" if (torch_p and name.startswith("top_p")) else "-"])
             records.append({"batch": b, "op": name, "us": t * 1e6, "reads": t / read_s, "of_copy": of_copy,
-                            "flashinfer_us": fi_t and fi_t * 1e6})
+                            "flashinfer_us": fi_t and fi_t * 1e6,
+                            "torch_sort_top_p_us": torch_p * 1e6 if (torch_p and name.startswith("top_p")) else None})
     print_table(f"Sampling on {dev}, vocab {vocab}, float32; one read of the probabilities at the copy "
                 f"bandwidth {copy_bw / 1e9:.0f} GB/s (same run); median of CUDA-graph replays",
                 ["batch", "op", "us", "x one read", "of copy", "FlashInfer us", "torch sort top-p us"], rows)

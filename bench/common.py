@@ -1,12 +1,15 @@
 """Benchmark helpers: CUDA-event timing of CUDA-graph replays, ceilings measured in the same run,
-tables. Decimal units (1 GB/s = 1e9 B/s)."""
+tables, JSON. Decimal units (1 GB/s = 1e9 B/s)."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import statistics
 
 import cupy
+
+from fi_cupy._core.streams import as_cupy
 
 
 def torch_or_none():
@@ -42,7 +45,7 @@ def time_graph(fn, calls_per_graph: int = 20, replays: int = 30, warmup: int = 3
                 fn()
             g = s.end_capture()
         launch, stream_ptr = (lambda: g.launch(s)), s.ptr
-    stream = cupy.cuda.ExternalStream(stream_ptr)
+    stream = as_cupy(stream_ptr)
     times = []
     for i in range(replays + warmup):
         a, b = cupy.cuda.Event(), cupy.cuda.Event()
@@ -116,7 +119,11 @@ def print_table(title: str, header: list, rows: list) -> None:
 
 
 def save_json(name: str, data) -> None:
+    """data as JSON into $OUT or $FI_CUPY_BENCH_DIR (nothing when neither is set); a dict gets the run's
+    "date" (local time, ISO 8601) unless it has one, for the titles of bench/plot.py's charts."""
     out = os.environ.get("OUT") or os.environ.get("FI_CUPY_BENCH_DIR")
     if out:
+        if isinstance(data, dict) and "date" not in data:
+            data = {**data, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         with open(os.path.join(out, name), "w") as f:
             json.dump(data, f, indent=1)

@@ -254,7 +254,7 @@ def _cupy_on(c: Call):
     if c.rec is not None:
         c.rec.refuse("works through CuPy")
     import cupy
-    with cupy.cuda.Device(c.device), cupy.cuda.ExternalStream(c.stream):
+    with cupy.cuda.Device(c.device), streams.as_cupy(c.stream):
         yield cupy
 
 

@@ -7,6 +7,11 @@ the distribution can be inspected without a GPU (`python tests/fuzz_attention.py
 check_<family>(config) builds every array from config["data_seed"] alone and checks the result: a
 config reproduces its case by itself.
 
+Inputs are CuPy arrays (CuPy callers): bfloat16 as ml_dtypes.bfloat16, float8 K/V as their bytes
+(uint8), which the paged wrappers read as the planned kv_data_type. single_decode_with_kv_cache takes
+float8 from k/v's own dtype, which CuPy lacks: those cases call it as a torch caller (the same memory
+through DLPack), and are drawn only where torch with CUDA is importable.
+
 Rules: decode and the merges as tolerances.py (assert_close, assert_lse_close); prefill as
 test_prefill.py (per request, the max error at most twice that of the same attention computed
 naively in the input dtype; OUT_TOL element-wise is accepted too, for requests so small that the
@@ -20,13 +25,19 @@ import math
 import cupy
 import numpy as np
 import pytest
-import torch
 
 import fi_cupy
 from fi_cupy import reference
+from gpu_arrays import BF16, cast, empty, host_dtype, nan_like
 from tolerances import OUT_TOL, assert_close, assert_lse_close
 
-DEVICE = "cuda"
+try:
+    import torch
+except ImportError:
+    torch = None
+# torch callers (float8 single decode) are drawn only here: torch built with CUDA
+TORCH = torch is not None and torch.cuda.is_available()
+
 Q_DTYPES = ("float16", "bfloat16")
 FP8 = ("float8_e4m3fn", "float8_e5m2")
 GROUPS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)
@@ -40,10 +51,6 @@ KV_ELEMS = 1 << 24     # sum over requests of kv_len * num_kv_heads * head_dim
 OUT_ELEMS = 1 << 22    # queries * num_qo_heads * head_dim
 SCORE_ELEMS = 1 << 24  # prefill: sum over requests of qo_len * kv_len * num_qo_heads
 MERGE_ELEMS = 1 << 22  # merges: seq_len * num_states * num_heads * head_dim
-
-
-def _torch_dtype(name: str):
-    return getattr(torch, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +178,10 @@ def _paged_choices(rng, batch: int, align: int = 8) -> dict:
 def draw_decode(rng, single: bool = False) -> dict:
     q_dtype = _pick(rng, Q_DTYPES)
     kv_dtype = _pick(rng, (q_dtype,) + FP8, p=[0.5, 0.25, 0.25])
+    if single and kv_dtype in FP8 and not TORCH:
+        # single_decode_with_kv_cache reads float8 from k/v's own dtype (no kv_data_type to plan with),
+        # which CuPy has not: float8 single decode is a torch caller, drawn only where torch is importable
+        kv_dtype = q_dtype
     rope = bool(rng.random() < 0.25)
     d = 16 * int(rng.integers(1, 17))
     hq, hkv = _heads(rng)
@@ -268,11 +279,12 @@ def draw_cascade(rng) -> dict:
 
 
 def _gens(cfg: dict) -> tuple:
-    return (torch.Generator(device=DEVICE).manual_seed(cfg["data_seed"]), np.random.default_rng(cfg["data_seed"]))
+    return cupy.random.default_rng(cfg["data_seed"]), np.random.default_rng(cfg["data_seed"])
 
 
 def _randn(shape, dtype: str, g, amp: float = 1.0):
-    return (torch.randn(tuple(shape), generator=g, device=DEVICE) * amp).to(_torch_dtype(dtype))
+    """Normal values as `dtype` (float8: their bytes, uint8)."""
+    return cast(g.standard_normal(tuple(shape), dtype=cupy.float32) * np.float32(amp), dtype)
 
 
 def _view(shape, storage, axes: dict, dtype: str, g, amp: float = 1.0):
@@ -297,29 +309,71 @@ def _kv_views(shape, storage, axes: dict, dtype: str, g):
     return _view(shape, storage, axes, dtype, g), _view(shape, storage, axes, dtype, g)
 
 
-def _f64(x):
-    """A torch tensor as a float64 CuPy array (fp8 / bf16 widen in torch first)."""
-    if x.numel() == 0:  # no DLPack round trip for empty arrays (their data pointer may be null)
-        return cupy.zeros(tuple(x.shape))
-    return cupy.from_dlpack(x.double().contiguous())
+_FP8_VALUES = {}
 
 
-def _cupy_bool(x):
-    """A torch bool tensor as a CuPy bool array."""
-    if x.numel() == 0:
-        return cupy.zeros(tuple(x.shape), dtype=bool)
-    return cupy.from_dlpack(x.to(torch.uint8)).astype(bool)
+def _f64(x, dtype: str | None = None):
+    """A CuPy array (any layout) as a float64 CuPy array; `dtype` names the float8 type of uint8 bytes.
+    No arithmetic on bfloat16 (CuPy may have none): its bits are widened as integers."""
+    if dtype in FP8:  # the 256 byte values looked up in a table
+        if dtype not in _FP8_VALUES:
+            _FP8_VALUES[dtype] = cupy.asarray(np.arange(256, dtype=np.uint8).view(host_dtype(dtype)).astype(np.float64))
+        return _FP8_VALUES[dtype][x.astype(cupy.int32)]
+    if x.dtype == BF16:
+        return (x.view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32).astype(cupy.float64)
+    return x.astype(cupy.float64)
 
 
-def _torch_of(x, dtype):
-    """A float64 CuPy array as a torch tensor of `dtype`."""
-    if x.size == 0:
-        return torch.zeros(x.shape, dtype=dtype, device=DEVICE)
-    return torch.from_dlpack(cupy.ascontiguousarray(x)).to(dtype)
+def _round32(x, dtype: str):
+    """A float32 CuPy array rounded to `dtype` (to nearest even), kept in float32."""
+    if dtype == "float16":
+        return x.astype(cupy.float16).astype(cupy.float32)
+    if dtype == "bfloat16":
+        return (cast(x, "bfloat16").view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32)
+    return x
 
 
-def _nan(shape):
-    return torch.full(tuple(shape), float("nan"), device=DEVICE)
+def _round64(x, dtype: str):
+    """A float64 CuPy array rounded to `dtype` (through float32, as the kernels round their float32
+    results), as float64."""
+    return _round32(x.astype(cupy.float32), dtype).astype(cupy.float64)
+
+
+def _bits(x):
+    """x viewed as unsigned integers of its item size: copies and bit-exact compares without float
+    arithmetic on bfloat16."""
+    return x.view({1: cupy.uint8, 2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}[x.dtype.itemsize])
+
+
+def _clone(x):
+    """A contiguous copy of x (any dtype: copied as bits)."""
+    return _bits(x).copy().view(x.dtype)
+
+
+def _nan(shape, dtype: str = "float32"):
+    return nan_like(empty(tuple(shape), dtype))
+
+
+def _to_torch(x, dtype: str):
+    """A CuPy array (any layout) as a torch tensor of `dtype` on the same memory (DLPack; bfloat16 and
+    float8 through integers of their size)."""
+    if x.size == 0:  # no DLPack for empty arrays (their data pointer may be null)
+        return torch.empty_strided(x.shape, [s // x.itemsize for s in x.strides], dtype=getattr(torch, dtype),
+                                   device="cuda")
+    if dtype == "bfloat16":
+        return torch.from_dlpack(x.view(cupy.int16)).view(torch.bfloat16)
+    if dtype in FP8:
+        return torch.from_dlpack(x).view(getattr(torch, dtype))
+    return torch.from_dlpack(x)
+
+
+def _from_torch(t):
+    """A torch tensor (not float8) as a CuPy array on the same memory (bfloat16: ml_dtypes)."""
+    if t.dtype == torch.bfloat16:
+        return _from_torch(t.view(torch.int16)).view(BF16)
+    if t.numel() == 0:
+        return cupy.empty(tuple(t.shape), dtype=str(t.dtype).replace("torch.", ""))
+    return cupy.from_dlpack(t)
 
 
 class PagedKV:
@@ -334,7 +388,7 @@ class PagedKV:
         self.indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
         self.indices = rng.permutation(total)[:used].astype(np.int32)
         self.last_page_len = np.array([n - (p - 1) * ps if p else 0 for n, p in zip(kv_lens, npages)], np.int32)
-        self.kv_lens, self.ps, self.hkv, self.d = kv_lens, ps, hkv, d
+        self.kv_lens, self.ps, self.hkv, self.d, self.dtype = kv_lens, ps, hkv, d, cfg["kv_dtype"]
         inner = (ps, hkv, d) if layout == "NHD" else (hkv, ps, d)
         head = 2 if layout == "NHD" else 1
         if cfg["cache"] == "tuple_pair":
@@ -346,17 +400,18 @@ class PagedKV:
             cache = _view((total, 2) + inner, cfg["kv_storage"], axes, cfg["kv_dtype"], g)
             k, v = cache[:, 0], cache[:, 1]
             self.arg = cache if cfg["cache"] == "5d" else (k, v)
-        self.k, self.v = (k, v) if layout == "NHD" else (k.transpose(1, 2), v.transpose(1, 2))  # (P, ps, H, D)
+        hnd = (0, 2, 1, 3)
+        self.k, self.v = (k, v) if layout == "NHD" else (k.transpose(hnd), v.transpose(hnd))  # (P, ps, H, D)
 
     def index_arrays(self, on_device: bool) -> tuple:
         arrays = (self.indptr, self.indices, self.last_page_len)
-        return tuple(torch.as_tensor(a, device=DEVICE) for a in arrays) if on_device else arrays
+        return tuple(cupy.asarray(a) for a in arrays) if on_device else arrays
 
     def rows_f64(self) -> tuple:
         """(k, v) float64 CuPy (pages in table order x page_size, H, D): request r's rows start at
         indptr[r] * page_size."""
-        idx = torch.as_tensor(self.indices.astype(np.int64), device=DEVICE)
-        return tuple(_f64(x.double()[idx].reshape(-1, self.hkv, self.d)) for x in (self.k, self.v))
+        idx = cupy.asarray(self.indices.astype(np.int64))
+        return tuple(_f64(x, self.dtype)[idx].reshape(-1, self.hkv, self.d) for x in (self.k, self.v))
 
     def request_rows(self, r: int) -> slice:
         a = int(self.indptr[r]) * self.ps
@@ -374,21 +429,22 @@ def _check_dead_rows(out, ref_lse, what: str) -> None:
 
 
 def _check_decode_like(o, lse, ref_o, ref_lse, dtype: str, what: str) -> None:
-    out, ro, rl = o.double().cpu().numpy(), cupy.asnumpy(ref_o), cupy.asnumpy(ref_lse)
+    out, ro, rl = cupy.asnumpy(_f64(o)), cupy.asnumpy(ref_o), cupy.asnumpy(ref_lse)
     assert_close(out, ro, dtype, what)
     _check_dead_rows(out, rl, what)
     if lse is not None:
-        assert_lse_close(lse.double().cpu().numpy(), rl, f"{what} lse")
+        assert_lse_close(cupy.asnumpy(lse).astype(np.float64), rl, f"{what} lse")
 
 
-def _returned(res, cfg: dict, out, lse) -> tuple:
-    """(o, lse to check) from a call's return value; given out / lse must come back as themselves."""
+def _returned(res, cfg: dict, out, lse, kind=cupy.ndarray) -> tuple:
+    """(o, lse to check) from a call's return value, arrays of the caller's framework (`kind`); given
+    out / lse must come back as themselves."""
     o, lse_back = res if cfg["return_lse"] else (res, None)
-    assert isinstance(o, torch.Tensor), f"returned {type(o).__name__}, not a torch tensor"
+    assert isinstance(o, kind), f"returned {type(o).__name__}, not a {kind.__module__}.{kind.__name__}"
     if out is not None:
-        assert o is out, "out= given but another tensor was returned"
+        assert o is out, "out= given but another array was returned"
     if lse is not None and lse_back is not None:
-        assert lse_back is lse, "lse= given but another tensor was returned"
+        assert lse_back is lse, "lse= given but another array was returned"
     return o, (lse_back if lse_back is not None else lse)
 
 
@@ -409,11 +465,12 @@ def check_decode(cfg: dict) -> None:
     hq, hkv, d, lens = cfg["num_qo_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["kv_lens"]
     paged = PagedKV(cfg, lens, g, rng)
     q = _view((len(lens), hq, d), cfg["q_storage"], {"head": 1, "dim": 2}, cfg["q_dtype"], g, cfg["q_amp"])
-    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE),
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8),
                                                    cfg["layout"], use_cuda_graph=cfg["use_cuda_graph"])
+    # a float8 cache is its bytes (uint8): the wrapper reads it as the planned kv_data_type
     w.plan(*paged.index_arrays(cfg["index_on_device"]), hq, hkv, d, cfg["page_size"], q_data_type=cfg["q_dtype"],
            kv_data_type=cfg["kv_dtype"], **_api_kw(cfg))
-    out = _nan(q.shape).to(q.dtype) if cfg["out_given"] else None
+    out = _nan(q.shape, cfg["q_dtype"]) if cfg["out_given"] else None
     lse = _nan((len(lens), hq)) if cfg["lse_given"] else None
     res = w.run(q, paged.arg, k_scale=cfg["k_scale"], v_scale=cfg["v_scale"], out=out, lse=lse,
                 return_lse=cfg["return_lse"])
@@ -435,32 +492,43 @@ def check_single_decode(cfg: dict) -> None:
     k, v = _kv_views(shape, cfg["kv_storage"], {"token": 0 if nhd else 1, "head": 1 if nhd else 0, "dim": 2},
                      cfg["kv_dtype"], g)
     q = _view((hq, d), cfg["q_storage"], {"head": 0, "dim": 1}, cfg["q_dtype"], g, cfg["q_amp"])
-    out = _nan(q.shape).to(q.dtype) if cfg["out_given"] else None
+    out = _nan(q.shape, cfg["q_dtype"]) if cfg["out_given"] else None
     lse = _nan((hq,)) if cfg["lse_given"] else None
-    res = fi_cupy.single_decode_with_kv_cache(q, k, v, kv_layout=cfg["layout"], q_scale=cfg["q_scale"],
+    # float8 k/v: this API takes float8 from the arrays' own dtype, which CuPy has not; the case is a
+    # torch caller (drawn only where torch is importable) on the same memory
+    torch_call = cfg["kv_dtype"] in FP8
+    if torch_call:
+        args = [_to_torch(q, cfg["q_dtype"]), _to_torch(k, cfg["kv_dtype"]), _to_torch(v, cfg["kv_dtype"])]
+        out_t = None if out is None else _to_torch(out, cfg["q_dtype"])
+        lse_t = None if lse is None else _to_torch(lse, "float32")
+    else:
+        args, out_t, lse_t = [q, k, v], out, lse
+    res = fi_cupy.single_decode_with_kv_cache(*args, kv_layout=cfg["layout"], q_scale=cfg["q_scale"],
                                               k_scale=cfg["k_scale"], v_scale=cfg["v_scale"],
-                                              return_lse=cfg["return_lse"], out=out, lse=lse, **_api_kw(cfg))
-    o, lse = _returned(res, cfg, out, lse)
+                                              return_lse=cfg["return_lse"], out=out_t, lse=lse_t, **_api_kw(cfg))
+    o, lse = _returned(res, cfg, out_t, lse_t, torch.Tensor if torch_call else cupy.ndarray)
+    if torch_call:
+        o, lse = _from_torch(o), None if lse is None else _from_torch(lse)
     kw = _decode_ref_kw(cfg)
     if cfg["q_scale"] is not None:
         kw["sm_scale"] = (cfg["sm_scale"] or 1.0 / math.sqrt(d)) * cfg["q_scale"]
-    kc, vc = (_f64(x if nhd else x.transpose(0, 1)) for x in (k, v))
+    kc, vc = (_f64(x if nhd else x.transpose(1, 0, 2), cfg["kv_dtype"]) for x in (k, v))
     ref_o, ref_lse = reference.decode_attention(_f64(q), kc, vc, **kw)
     _check_decode_like(o, lse, ref_o, ref_lse, cfg["q_dtype"], "single_decode")
 
 
 def _masks(cfg: dict, g) -> list:
-    """Each request's (qo_len, kv_len) bool mask (torch), or None without a custom mask."""
+    """Each request's (qo_len, kv_len) bool mask (CuPy), or None without a custom mask."""
     if cfg["mask"] == "none":
         return None
     out = []
     for qo, kv in zip(cfg["qo_lens"], cfg["kv_lens"]):
-        if cfg["mask"] == "causal_vs_mask":
-            m = torch.tril(torch.ones((qo, kv), dtype=torch.bool, device=DEVICE), diagonal=kv - qo)
+        if cfg["mask"] == "causal_vs_mask":  # key j visible to row i when j <= i + kv - qo
+            m = cupy.arange(kv)[None, :] <= cupy.arange(qo)[:, None] + (kv - qo)
         else:
-            m = torch.rand((qo, kv), generator=g, device=DEVICE) < cfg["mask_density"]
+            m = g.random((qo, kv), dtype=cupy.float32) < cfg["mask_density"]
             if cfg["mask_dead_rows"]:
-                m[torch.rand((qo,), generator=g, device=DEVICE) < 0.2] = False
+                m &= ~(g.random(qo, dtype=cupy.float32) < 0.2)[:, None]
         out.append(m)
     return out
 
@@ -472,19 +540,19 @@ def _mask_kwargs(cfg: dict, masks: list, single: bool) -> dict:
         if cfg["mask_kind"] == "bool":
             return {"custom_mask": masks[0]}
         return {"packed_custom_mask": fi_cupy.packbits(flat, bitorder="little")}
-    flat = torch.cat([m.reshape(-1) for m in masks])
+    flat = cupy.concatenate([m.reshape(-1) for m in masks])
     if cfg["mask_kind"] == "bool":
         return {"custom_mask": flat}
-    bit_indptr = np.concatenate([[0], np.cumsum([m.numel() for m in masks])]).astype(np.int64)
+    bit_indptr = np.concatenate([[0], np.cumsum([m.size for m in masks])]).astype(np.int64)
     packed, _ = fi_cupy.segment_packbits(flat, bit_indptr, bitorder="little")
     return {"packed_custom_mask": packed}
 
 
 def _keep(lq: int, lk: int, cfg: dict, mask):
-    """The reference's visibility rule in torch, for the naive baseline."""
-    qpos = torch.arange(lq, device=DEVICE) + lk - lq
-    j = torch.arange(lk, device=DEVICE)[None, :]
-    keep = torch.ones((lq, lk), dtype=torch.bool, device=DEVICE)
+    """The reference's visibility rule (CuPy bool (lq, lk)), for the naive baseline."""
+    qpos = cupy.arange(lq) + lk - lq
+    j = cupy.arange(lk)[None, :]
+    keep = cupy.ones((lq, lk), dtype=bool)
     if cfg["causal"]:
         keep &= j <= qpos[:, None]
     if cfg["window_left"] >= 0:
@@ -494,31 +562,43 @@ def _keep(lq: int, lk: int, cfg: dict, mask):
     return keep
 
 
-def _rotated_in(dtype, q64, k64, cfg: dict) -> tuple:
+def _rotated_in(dtype: str, q64, k64, cfg: dict) -> tuple:
     """(q, k) of one request rotated by RoPE in float64 and rounded to `dtype`, as float64 CuPy."""
     lq, lk = q64.shape[0], k64.shape[0]
     rs, rt = cfg["rope_scale"] or 1.0, cfg["rope_theta"] or 1e4
     q = reference.rope_llama(q64.transpose(1, 0, 2), cupy.arange(lq) + lk - lq, rs, rt).transpose(1, 0, 2)
     k = reference.rope_llama(k64.transpose(1, 0, 2), cupy.arange(lk), rs, rt).transpose(1, 0, 2)
-    return _f64(_torch_of(q, dtype)), _f64(_torch_of(k, dtype))
+    return _round64(q, dtype), _round64(k, dtype)
 
 
-def _naive(q, k, v, keep, cfg: dict):
-    """The same attention computed in the input dtype (scores, softmax and P V rounded to it, as
-    torch does them): the error baseline of test_prefill.py's rule (RoPE already applied)."""
+def _naive(q, k, v, keep, cfg: dict, dtype: str):
+    """The same attention computed in the input dtype: float64 CuPy q, k, v holding values of `dtype`;
+    scores, softmax and P V computed in float32 and rounded to `dtype` after each step, as torch's
+    16-bit matmul / softmax / elementwise ops do. The error baseline of test_prefill.py's rule (RoPE
+    already applied). Returns (o float64 (Lq, Hq, D), base-2 lse float64 (Lq, Hq))."""
     lq, hq, d = q.shape
+    if k.shape[0] == 0:  # no keys: o = 0, lse = -inf
+        return cupy.zeros((lq, hq, d)), cupy.full((lq, hq), -cupy.inf)
     g = hq // k.shape[1]
     scale = cfg["sm_scale"] or 1.0 / math.sqrt(d)
-    kh = k.repeat_interleave(g, dim=1).permute(1, 2, 0)  # (Hq, D, Lk)
-    vh = v.repeat_interleave(g, dim=1).transpose(0, 1)   # (Hq, Lk, D)
-    s = torch.matmul(q.transpose(0, 1), kh) * scale
+    q, k, v = (x.astype(cupy.float32) for x in (q, k, v))  # exact: the values are of `dtype`
+    kh = cupy.repeat(k, g, axis=1).transpose(1, 2, 0)  # (Hq, D, Lk)
+    vh = cupy.repeat(v, g, axis=1).transpose(1, 0, 2)  # (Hq, Lk, D)
+    s = _round32(cupy.matmul(q.transpose(1, 0, 2), kh), dtype)
+    s = _round32(s * np.float32(scale), dtype)
     cap = cfg["logits_soft_cap"]
     if cap:
-        s = cap * torch.tanh(s / cap)
-    s = s.masked_fill(~keep[None], float("-inf"))
-    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)  # a row that sees nothing: 0
-    lse = torch.logsumexp(s.double(), dim=-1).transpose(0, 1) / math.log(2.0)  # base 2, (Lq, Hq)
-    return torch.matmul(p, vh).transpose(0, 1), lse
+        s = _round32(np.float32(cap) * _round32(cupy.tanh(_round32(s / np.float32(cap), dtype)), dtype), dtype)
+    s = cupy.where(keep[None], s, -cupy.inf)
+    m = s.max(axis=-1, keepdims=True)
+    m = cupy.where(cupy.isfinite(m), m, 0)
+    e = cupy.exp(s - m)  # -inf (hidden) -> 0
+    den = e.sum(axis=-1, keepdims=True)
+    p = _round32(cupy.where(den > 0, e / cupy.where(den > 0, den, 1), 0), dtype)  # a row that sees nothing: 0
+    den64 = cupy.exp(s.astype(cupy.float64) - m).sum(axis=-1)
+    lse = cupy.where(den64 > 0, m[..., 0] + cupy.log(cupy.where(den64 > 0, den64, 1)), -cupy.inf) / math.log(2.0)
+    o = _round32(cupy.matmul(p, vh), dtype)
+    return o.transpose(1, 0, 2).astype(cupy.float64), lse.transpose(1, 0)  # (Lq, Hq, D), base 2 (Lq, Hq)
 
 
 def _check_prefill_request(o, ref_o, naive, dtype: str, what: str) -> None:
@@ -548,7 +628,7 @@ def _prefill_kv(cfg: dict, g, rng, kind: str) -> tuple:
     shape = (n, hkv, d) if nhd else (hkv, n, d)
     k, v = _kv_views(shape, cfg["kv_storage"], {"token": 0 if nhd else 1, "head": 1 if nhd else 0, "dim": 2},
                      cfg["kv_dtype"], g)
-    kc, vc = (_f64(x if nhd else x.transpose(0, 1)) for x in (k, v))
+    kc, vc = (_f64(x if nhd else x.transpose(1, 0, 2), cfg["kv_dtype"]) for x in (k, v))
     starts = np.concatenate([[0], np.cumsum(kv_lens)])
     rows = [slice(int(starts[r]), int(starts[r + 1])) for r in range(len(kv_lens))]
     return (k, v), None, lambda r: (kc[rows[r]], vc[rows[r]])
@@ -558,7 +638,7 @@ def _run_prefill(cfg: dict, kind: str, kv_arg, qo_indptr, q, masks, causal: bool
     """One plan + run (or a single_prefill call) as the config asks; returns (o, lse)."""
     hq, hkv, d = cfg["num_qo_heads"], cfg["num_kv_heads"], cfg["head_dim"]
     mask_kw = {} if masks is None else _mask_kwargs(cfg, masks, kind == "single")
-    out = _nan(q.shape).to(q.dtype) if cfg["out_given"] else None
+    out = _nan(q.shape, cfg["q_dtype"]) if cfg["out_given"] else None
     lse = _nan(q.shape[:2]) if cfg["lse_given"] else None
     opts = _api_kw(cfg)
     if kind == "single":
@@ -567,30 +647,31 @@ def _run_prefill(cfg: dict, kind: str, kv_arg, qo_indptr, q, masks, causal: bool
                                                    return_lse=cfg["return_lse"], out=out, lse=lse,
                                                    backend=cfg["backend"], **mask_kw, **opts)
         return _returned(res, cfg, out, lse)
-    ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE)
-    qo_ip = torch.as_tensor(qo_indptr, device=DEVICE) if cfg.get("index_on_device") else qo_indptr
+    ws = cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8)
+    qo_ip = cupy.asarray(qo_indptr) if cfg.get("index_on_device") else qo_indptr
     common = dict(causal=causal, q_data_type=cfg["q_dtype"], kv_data_type=cfg["kv_dtype"], **mask_kw, **opts)
     scales = {"k_scale": cfg["k_scale"], "v_scale": cfg["v_scale"]}
     if kind == "paged":
         w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(ws, cfg["layout"], cfg["use_cuda_graph"],
                                                         backend=cfg["backend"])
+        # a float8 cache is its bytes (uint8): the wrapper reads it as the planned kv_data_type
         w.plan(qo_ip, *paged.index_arrays(cfg["index_on_device"]), hq, hkv, d, cfg["page_size"], **common)
         res = w.run(q, kv_arg, out=out, lse=lse, return_lse=cfg["return_lse"], **scales)
     else:
         kv_ip = np.concatenate([[0], np.cumsum(cfg["kv_lens"])]).astype(np.int32)
-        kv_ip = torch.as_tensor(kv_ip, device=DEVICE) if cfg["index_on_device"] else kv_ip
+        kv_ip = cupy.asarray(kv_ip) if cfg["index_on_device"] else kv_ip
         w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(ws, cfg["layout"], cfg["use_cuda_graph"],
                                                          backend=cfg["backend"])
         w.plan(qo_ip, kv_ip, hq, hkv, d, **common)
         res = w.run(q, *kv_arg, out=out, lse=lse, return_lse=cfg["return_lse"], **scales)
     o, lse = _returned(res, cfg, out, lse)
     if out is not None and q.shape[0] > qo_indptr[-1]:  # rows past qo_indptr[-1] are left alone
-        assert bool(torch.isnan(o[int(qo_indptr[-1]):]).all()), f"{kind}: rows past qo_indptr[-1] were written"
+        assert bool(cupy.isnan(_f64(o[int(qo_indptr[-1]):])).all()), f"{kind}: rows past qo_indptr[-1] were written"
     return o, lse
 
 
 def check_prefill(cfg: dict, kind: str) -> None:
-    if cfg["backend"] == "fa3" and DEVICE == "cuda" and torch.cuda.get_device_capability() != (9, 0):
+    if cfg["backend"] == "fa3" and cupy.cuda.Device().compute_capability != "90":
         pytest.skip("backend fa3 (the Hopper prefill kernel) needs an sm_90a GPU")
     g, rng = _gens(cfg)
     hq, d, qo_lens = cfg["num_qo_heads"], cfg["head_dim"], cfg["qo_lens"]
@@ -604,7 +685,7 @@ def check_prefill(cfg: dict, kind: str) -> None:
             _run_prefill(cfg, kind, kv_arg, qo_indptr, q, masks, cfg["causal"] and masks is None, paged)}
     if cfg["mask"] == "causal_vs_mask":
         runs["causal"] = _run_prefill(cfg, kind, kv_arg, qo_indptr, q, None, True, paged)
-    # Reference and naive baseline, request by request (float64 CuPy / input dtype torch).
+    # Reference and naive baseline, request by request (float64 / rounded to the input dtype, CuPy).
     ks, vs = cfg["k_scale"] or 1.0, cfg["v_scale"] or 1.0
     rope = cfg["pos_encoding_mode"] == "ROPE_LLAMA"
     ref_kw = {"causal": cfg["causal"], "window_left": cfg["window_left"],
@@ -618,26 +699,25 @@ def check_prefill(cfg: dict, kind: str) -> None:
         q64 = _f64(q[a:b])
         k64, v64 = kv_f64(r)
         if rope:  # the kernels rotate Q and K in the 16-bit q dtype (as FlashInfer's prefill does):
-            q64, k64 = _rotated_in(q.dtype, q64, k64, cfg)  # the references see those rounded values
+            q64, k64 = _rotated_in(cfg["q_dtype"], q64, k64, cfg)  # the references see those rounded values
         k64, v64 = k64 * ks, v64 * vs  # fp8 (or scaled) K/V: the reference sees the dequantised values
-        m = None if masks is None else _cupy_bool(masks[r])
+        m = None if masks is None else masks[r]
         ro, rl = reference.prefill_attention(q64, k64, v64, custom_mask=m, **ref_kw)
         ref_lse[a:b] = cupy.asnumpy(rl)
-        kt, vt = (_torch_of(x, q.dtype) for x in (k64, v64))  # naive: dequantised to the q dtype
-        keep = _keep(b - a, k64.shape[0], cfg, None if masks is None else masks[r])
-        naive, naive_lse = _naive(_torch_of(q64, q.dtype), kt, vt, keep, cfg)
-        naive = _f64(naive)
+        qt, kt, vt = (_round64(x, cfg["q_dtype"]) for x in (q64, k64, v64))  # naive: dequantised to the q dtype
+        keep = _keep(b - a, k64.shape[0], cfg, m)
+        naive, naive_lse = _naive(qt, kt, vt, keep, cfg, cfg["q_dtype"])
         if rope:
-            nl, rl_np = naive_lse.cpu().numpy(), ref_lse[a:b]
+            nl, rl_np = cupy.asnumpy(naive_lse), ref_lse[a:b]
             fin = np.isfinite(rl_np)
             lse_tol[a:b] = 2 * float(np.abs(nl[fin] - rl_np[fin]).max(initial=0.0))
         for name, (oc, _) in outs.items():
             _check_prefill_request(oc[a:b], ro, naive, cfg["q_dtype"], f"{kind} ({name}) request {r}")
     for name, (o, lse) in runs.items():
-        _check_dead_rows(o[:total].double().cpu().numpy(), ref_lse, f"{kind} ({name})")
+        _check_dead_rows(cupy.asnumpy(outs[name][0]), ref_lse, f"{kind} ({name})")
         if lse is None:
             continue
-        got = lse[:total].double().cpu().numpy()
+        got = cupy.asnumpy(lse[:total]).astype(np.float64)
         if rope:
             # The fp32 angles of the kernel and of the reference may round a rotated element to
             # neighbouring 16-bit values: the lse is held to the accuracy rule of the outputs (twice the
@@ -652,27 +732,28 @@ def check_prefill(cfg: dict, kind: str) -> None:
 
 def _lse(shape, cfg: dict, g, dead=None):
     """float32 base-2 lse states, some empty (-inf), laid out as cfg["s_storage"] asks."""
-    s = torch.randn(tuple(shape), generator=g, device=DEVICE) * cfg["lse_amp"]
-    s[torch.rand(tuple(shape), generator=g, device=DEVICE) < cfg["empty_frac"]] = float("-inf")
+    shape = tuple(shape)
+    s = g.standard_normal(shape, dtype=cupy.float32) * np.float32(cfg["lse_amp"])
+    s = cupy.where(g.random(shape, dtype=cupy.float32) < cfg["empty_frac"], -cupy.inf, s)
     if dead is not None:
-        s[dead] = float("-inf")
+        s = cupy.where(dead, -cupy.inf, s)
     layout = cfg["s_storage"]
     if layout == "head_padded":
-        big = torch.zeros(tuple(shape[:-1]) + (shape[-1] + 3,), device=DEVICE)
+        big = cupy.zeros(shape[:-1] + (shape[-1] + 3,), dtype=cupy.float32)
         big[..., 1:1 + shape[-1]] = s
         return big[..., 1:1 + shape[-1]]
-    if layout == "transposed":
-        return s.transpose(0, -1).contiguous().transpose(0, -1)
+    if layout == "transposed":  # the first and last axes' strides swapped
+        return cupy.ascontiguousarray(cupy.swapaxes(s, 0, -1)).swapaxes(0, -1)
     return s
 
 
 def check_cascade(cfg: dict) -> None:
     g, _ = _gens(cfg)
     seq, h, d, n, dt = cfg["seq_len"], cfg["num_heads"], cfg["head_dim"], cfg["num_states"], cfg["dtype"]
-    dead = torch.rand((seq, h), generator=g, device=DEVICE) < 0.1 if cfg["all_empty_rows"] else None
+    dead = g.random((seq, h), dtype=cupy.float32) < 0.1 if cfg["all_empty_rows"] else None
     if cfg["op"] == "merge_states":
         v = _view((seq, n, h, d), cfg["v_storage"], {"token": 0, "head": 2, "dim": 3}, dt, g)
-        s = _lse((seq, n, h), cfg, g, None if dead is None else dead[:, None, :].expand(seq, n, h))
+        s = _lse((seq, n, h), cfg, g, None if dead is None else dead[:, None, :])
         vm, sm = fi_cupy.merge_states(v, s)
         ref_v, ref_s = reference.merge_states(_f64(v), _f64(s))
     else:
@@ -683,18 +764,18 @@ def check_cascade(cfg: dict) -> None:
         if cfg["op"] == "merge_state":
             vm, sm = fi_cupy.merge_state(va, sa, vb, sb)
         else:
-            v0, s0 = va.clone(), sa.clone()
+            v0, s0 = _clone(va), _clone(sa)
             mask = None
             if cfg["mask"] is not None:
-                mask = (torch.rand((seq,), generator=g, device=DEVICE) < 0.5).to(_torch_dtype(cfg["mask"]))
+                mask = (g.random(seq, dtype=cupy.float32) < 0.5).astype(cfg["mask"])
             assert fi_cupy.merge_state_in_place(va, sa, vb, sb, mask=mask) is None
             vm, sm = va, sa
             if mask is not None:  # rows the mask leaves alone keep their state bit for bit; check the rest
-                on = mask.bool()
-                assert torch.equal(vm[~on], v0[~on]) and torch.equal(sm[~on], s0[~on]), \
+                on = mask.astype(bool)
+                assert cupy.array_equal(_bits(vm)[~on], _bits(v0)[~on]) and \
+                    cupy.array_equal(_bits(sm)[~on], _bits(s0)[~on]), \
                     "merge_state_in_place changed rows its mask leaves alone"
-                on_c = _cupy_bool(on)
-                vm, sm, ref_v, ref_s = vm[on], sm[on], ref_v[on_c], ref_s[on_c]
+                vm, sm, ref_v, ref_s = _f64(vm)[on], sm[on], ref_v[on], ref_s[on]
     _check_decode_like(vm, sm, ref_v, ref_s, dt, cfg["op"])
 
 

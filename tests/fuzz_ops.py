@@ -9,18 +9,31 @@ taken through out= are poisoned with NaN; what a call must not write (padding ar
 other pages, the inputs of out-of-place calls) is compared before and after. Sizes are log-uniform
 and capped so that a case costs a few ms: the numpy references run on small data, or on a sample of
 the rows of a large output (the rest is checked for unwritten NaN).
+
+Inputs are CuPy arrays (CuPy callers; bfloat16 as ml_dtypes.bfloat16, never computed on). Torch
+enters in two places only, where torch with CUDA is importable: the sampling randomness form
+"torch_generator" (drawn only there), and float8 page appends, whose API takes float8 from the
+arrays' own dtype: a torch caller there, elsewhere the same bytes as uint8 CuPy arrays (the append is
+a byte copy either way).
 """
 import math
 
+import cupy
 import numpy as np
-import torch
 
 import fi_cupy
 from fi_cupy import reference, sampling
+from gpu_arrays import BF16, cast, dtype_name, empty, f64, host_dtype, nan_like
 from tolerances import OUT_TOL, assert_close
 
-DEVICE = "cuda"  # the CPU dry run of these draws and checks swaps in "cpu"
+try:
+    import torch
+except ImportError:
+    torch = None
+# the torch callers here (a torch.Generator, float8 appends) need torch built with CUDA
+TORCH = torch is not None and torch.cuda.is_available()
 FLOATS = ("float16", "bfloat16", "float32")
+FP8 = ("float8_e4m3fn", "float8_e5m2")
 INDEX_DTYPES = ("int32", "int64")
 
 
@@ -97,30 +110,64 @@ def _eps(rng) -> float:
 # Device data and checks
 
 
-def _tdt(name: str):
-    return getattr(torch, name)
-
-
 def _gen(seed: int):
-    g = torch.Generator(device=DEVICE)
-    g.manual_seed(seed)
-    return g
+    return cupy.random.default_rng(seed)
 
 
 def _randn(g, shape, dtype="float32", scale=1.0, shift=0.0):
-    return (torch.randn(tuple(shape), generator=g, device=DEVICE) * scale + shift).to(_tdt(dtype))
+    """Normal values as `dtype` (float8: their bytes, uint8)."""
+    return cast(g.standard_normal(tuple(shape), dtype=cupy.float32) * np.float32(scale) + np.float32(shift), dtype)
 
 
 def _nan(shape, dtype):
-    return torch.full(tuple(shape), float("nan"), dtype=_tdt(dtype), device=DEVICE)
+    return nan_like(empty(tuple(shape), dtype))
 
 
 def _dev(a, dtype: str):
-    return torch.as_tensor(np.asarray(a), device=DEVICE).to(_tdt(dtype))
+    """Host values as a CuPy array of `dtype`, a float (bfloat16: ml_dtypes) or an integer type."""
+    a = np.asarray(a)
+    with np.errstate(over="ignore"):  # counts past float16's range become inf, as any cast makes them
+        return cupy.asarray(a.astype(host_dtype(dtype) if dtype in FLOATS + ("float64",) else dtype))
 
 
-def _f64(t) -> np.ndarray:
-    return t.detach().double().cpu().numpy()
+def _f64(x) -> np.ndarray:
+    """A CuPy array (any layout, any float or integer dtype) as float64 numpy."""
+    return f64(x)
+
+
+def _f64_dev(x):
+    """A CuPy array as float64 CuPy (bfloat16 widened through its bits: no bfloat16 arithmetic)."""
+    if x.dtype == BF16:
+        return (x.view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32).astype(cupy.float64)
+    return x.astype(cupy.float64)
+
+
+def _bits(x):
+    """x viewed as unsigned integers of its item size: copies, gathers and bit-exact compares without
+    float operations on bfloat16."""
+    return x.view({1: cupy.uint8, 2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}[x.dtype.itemsize])
+
+
+def _clone(x):
+    """A contiguous copy of x (copied as bits)."""
+    return _bits(x).copy().view(x.dtype)
+
+
+def _take(x, rows):
+    """Rows `rows` (host ints) of the 2-D x, gathered as bits (any dtype)."""
+    return _bits(x)[cupy.asarray(np.asarray(rows, np.int64))].view(x.dtype)
+
+
+def _at(x, rows, cols) -> np.ndarray:
+    """x[rows[i], cols[i]] (host int arrays) as float64 numpy."""
+    idx = (cupy.asarray(np.asarray(rows, np.int64)), cupy.asarray(np.asarray(cols, np.int64)))
+    return _f64(_bits(x)[idx].view(x.dtype))
+
+
+def _has_nan(x) -> bool:
+    if x.dtype == BF16:
+        return bool(((x.view(cupy.uint16) & 0x7FFF) > 0x7F80).any())
+    return bool(cupy.isnan(x).any())
 
 
 def _rows(g, lead, width: int, pad: int, off: int, dtype: str, scale=1.0, shift=0.0):
@@ -134,9 +181,9 @@ def _nan_rows(lead, width: int, pad: int, off: int, dtype: str):
     return base, base[..., off:off + width]
 
 
-def _outside(base, off: int, width: int):
-    """The elements of `base` around its view [..., off:off + width] (the padding)."""
-    return torch.cat([base[..., :off].reshape(-1), base[..., off + width:].reshape(-1)])
+def _outside(base, off: int, width: int) -> list:
+    """The parts of `base` around its view [..., off:off + width] (the padding)."""
+    return [base[..., :off], base[..., off + width:]]
 
 
 def _check(cond, msg: str) -> None:
@@ -145,16 +192,34 @@ def _check(cond, msg: str) -> None:
 
 
 def _same(after, before, what: str) -> None:
-    _check(torch.equal(after, before), f"{what}: changed, but the call must not write it")
+    """after == before bit for bit (arrays, or lists of arrays)."""
+    pairs = zip(after, before) if isinstance(after, list) else [(after, before)]
+    _check(all(cupy.array_equal(_bits(a), _bits(b)) for a, b in pairs), f"{what}: changed, but the call must not "
+                                                                          f"write it")
 
 
 def _still_nan(x, what: str) -> None:
-    _check(bool(torch.isnan(x).all()), f"{what}: written, but the call must not write it")
+    """Every element NaN (an array, or a list of arrays)."""
+    _check(all(bool(np.isnan(_f64(p)).all()) for p in (x if isinstance(x, list) else [x])),
+           f"{what}: written, but the call must not write it")
 
 
 def _round_to(a: np.ndarray, dtype: str) -> np.ndarray:
     """float64 values rounded to `dtype` (via float32: exact for the sum of two values of dtype)."""
-    return torch.from_numpy(np.ascontiguousarray(a)).to(torch.float32).to(_tdt(dtype)).double().numpy()
+    return np.asarray(a, np.float32).astype(host_dtype(dtype)).astype(np.float64)
+
+
+def _to_torch(x, dtype: str):
+    """A CuPy array (any layout) as a torch tensor of `dtype` on the same memory (DLPack; float8 and
+    bfloat16 through integers of their size)."""
+    if x.size == 0:  # no DLPack for empty arrays (their data pointer may be null)
+        return torch.empty_strided(x.shape, [s // x.itemsize for s in x.strides], dtype=getattr(torch, dtype),
+                                   device="cuda")
+    if dtype == "bfloat16":
+        return torch.from_dlpack(x.view(cupy.int16)).view(torch.bfloat16)
+    if dtype in FP8:
+        return torch.from_dlpack(x).view(getattr(torch, dtype))
+    return torch.from_dlpack(x)
 
 
 def _sample_rows(n: int, budget: int, seed: int) -> np.ndarray:
@@ -199,7 +264,7 @@ def run_norm(cfg: dict) -> None:
     gemma = op.startswith("gemma")
     x_base, x = _rows(g, lead, hidden, cfg["pad"], cfg["off"], dtype, cfg["scale"], cfg["shift"])
     w = _randn(g, (hidden,), cfg["wdtype"])
-    x_keep = x_base.clone()
+    x_keep = _clone(x_base)
     if op == "layernorm":
         b = _randn(g, (hidden,), cfg["wdtype"])
         got = fi_cupy.layernorm(x, w, b, eps)
@@ -234,7 +299,7 @@ def run_norm(cfg: dict) -> None:
         assert_close(_f64(got), reference.rmsnorm(_f64(x), _f64(w), eps, gemma), dtype, op)
         return
     r_base, r = _rows(g, lead, hidden, cfg["res_pad"], cfg["res_off"], dtype, cfg["scale"])
-    r_keep = r_base.clone()
+    r_keep = _clone(r_base)
     x0, r0 = _f64(x), _f64(r)
     fn = fi_cupy.gemma_fused_add_rmsnorm if gemma else fi_cupy.fused_add_rmsnorm
     _check(fn(x, r, w, eps=eps) is None, "returned a value (expected None: it works in place)")
@@ -277,7 +342,7 @@ def run_activation(cfg: dict) -> None:
     op, dtype, d, lead = cfg["op"], cfg["dtype"], cfg["d"], cfg["lead"]
     act = next(a for a, name in ACTS.items() if name == op)
     x_base, x = _rows(g, lead, 2 * d, cfg["pad"], cfg["off"], dtype, cfg["scale"])
-    x_keep = x_base.clone()
+    x_keep = _clone(x_base)
     out_base = out = None
     if cfg["out"] != "none":
         out_base, out = _nan_rows(lead, d, cfg["out_pad"], cfg["out_off"], dtype)
@@ -290,11 +355,12 @@ def run_activation(cfg: dict) -> None:
     rows = math.prod(lead)
     if not rows:
         return
-    x2, got2 = x.reshape(rows, 2 * d), got.reshape(rows, d)
-    _check(not bool(torch.isnan(got2).any()), "NaN in the output (elements left unwritten)")
+    # rows as 2-D arrays (reshaped as bits: a copy, if one is needed, is no bfloat16 operation)
+    x2, got2 = (_bits(a).reshape(rows, -1).view(a.dtype) for a in (x, got))
+    _check(not _has_nan(got2), "NaN in the output (elements left unwritten)")
     budget = (1 << 15 if act == "gelu" else ACT_REF) // (2 * d)
-    idx = torch.as_tensor(_sample_rows(rows, budget, cfg["seed"]), device=DEVICE)
-    assert_close(_f64(got2[idx]), reference.act_and_mul(_f64(x2[idx]), act), dtype, op)
+    idx = _sample_rows(rows, budget, cfg["seed"])
+    assert_close(_f64(_take(got2, idx)), reference.act_and_mul(_f64(_take(x2, idx)), act), dtype, op)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +453,7 @@ def _rope_inputs(g, cfg: dict):
     else:
         q = _randn(g, (nnz, hq * d) if flat else (nnz, hq, d), dtype)
         k = _randn(g, (nnz, hk * d) if flat else (nnz, hk, d), dtype)
-    return q, k, [(r, r.clone()) for r in keep]
+    return q, k, [(r, _clone(r)) for r in keep]
 
 
 def _rope_positions(nprng, cfg: dict) -> tuple:
@@ -415,16 +481,16 @@ def run_rope(cfg: dict) -> None:
     api, dtype, d, rd, hq, hk, nnz = (cfg[k] for k in ("op", "dtype", "head_dim", "rotary_dim", "hq", "hk", "nnz"))
     inplace, cache = api.endswith("_inplace"), "cos_sin" in api
     q, k, untouched = _rope_inputs(g, cfg)
-    q_keep, k_keep = q.clone(), k.clone()
+    q_keep, k_keep = _clone(q), _clone(k)
     pos, indptr, offsets = _rope_positions(nprng, cfg)
     idt = cfg["index_dtype"]
     fn = getattr(fi_cupy, api)
     if cache:
-        cs_base = torch.rand((cfg["cache_len"], rd + cfg["cache_pad"]), generator=g, device=DEVICE) * 2 - 1
+        cs_base = g.random((cfg["cache_len"], rd + cfg["cache_pad"]), dtype=cupy.float32) * 2 - 1
         cs = cs_base[:, :rd]
         pos_t = _dev(pos, idt)
         got = fn(pos_t, q, k, d, cs, is_neox=not cfg["interleave"])
-        cs_rows = cs[pos_t.long()].cpu().numpy()  # the cache rows of the tokens (reference.rope's cos_sin)
+        cs_rows = cupy.asnumpy(cs[pos_t.astype(cupy.int64)])  # the cache rows of the tokens (reference.rope's cos_sin)
         ref_pos, inv = np.arange(nnz), None
     else:
         kw = dict(interleave=cfg["interleave"], rope_scale=cfg["rope_scale"], rope_theta=cfg["rope_theta"])
@@ -527,8 +593,8 @@ def _append_cache(g, cfg: dict, num_pages: int):
 
 
 def _u8(t) -> np.ndarray:
-    """The bytes of a contiguous tensor, numpy uint8 (last dim in bytes)."""
-    return t.contiguous().view(torch.uint8).cpu().numpy()
+    """The bytes of an array (any layout, copied contiguous), numpy uint8 (last dim in bytes)."""
+    return cupy.asnumpy(cupy.ascontiguousarray(_bits(t))).view(np.uint8)
 
 
 def run_page_append(cfg: dict) -> None:
@@ -546,17 +612,17 @@ def run_page_append(cfg: dict) -> None:
     # Which (request, position) each appended token goes to.
     if cfg["source"] == "helper":
         seq_lens = fi_cupy.get_seq_lens(ip_t, last_t, ps)
-        _check(seq_lens.dtype == torch.int32 and np.array_equal(seq_lens.cpu().numpy(), kv_lens),
-               f"get_seq_lens: {seq_lens.cpu().numpy()[:16]} ({seq_lens.dtype}), expected {kv_lens[:16]}")
+        _check(seq_lens.dtype == np.int32 and np.array_equal(cupy.asnumpy(seq_lens), kv_lens),
+               f"get_seq_lens: {cupy.asnumpy(seq_lens)[:16]} ({seq_lens.dtype}), expected {kv_lens[:16]}")
         app_indptr = _dev(np.concatenate([[0], np.cumsum(new)]), idt)
-        bi, pos = fi_cupy.get_batch_indices_positions(app_indptr, seq_lens.to(_tdt(idt)), nnz + cfg["helper_extra"])
+        bi, pos = fi_cupy.get_batch_indices_positions(app_indptr, seq_lens.astype(idt), nnz + cfg["helper_extra"])
         exp_b = np.concatenate([np.repeat(np.arange(cfg["batch"]), new), np.full(cfg["helper_extra"], -1)])
         exp_p = np.concatenate([np.arange(o, o + n) for o, n in zip(old, new)] + [np.full(cfg["helper_extra"], -1)])
         for name, got, want in (("batch_indices", bi, exp_b), ("positions", pos, exp_p)):
-            _check(got.dtype == torch.int32 and np.array_equal(got.cpu().numpy(), want),
+            _check(got.dtype == np.int32 and np.array_equal(cupy.asnumpy(got), want),
                    f"get_batch_indices_positions: {name} differ from the expected (first of {want.size}: {want[:8]})")
         bi_h, pos_h = exp_b[:nnz], exp_p[:nnz]
-        bi, pos = bi[:nnz].to(_tdt(idt)), pos[:nnz].to(_tdt(idt))
+        bi, pos = bi[:nnz].astype(idt), pos[:nnz].astype(idt)
     else:  # any free positions of each request, in any order (rewrites of cached tokens included)
         bi_h = np.repeat(np.arange(cfg["batch"]), new)
         pos_h = np.concatenate([r.choice(n_all, size=n, replace=False) for n_all, n in zip(kv_lens, new)]
@@ -572,11 +638,20 @@ def run_page_append(cfg: dict) -> None:
     else:
         key, value = _randn(g, (nnz, h, d), cfg["dtype"]), _randn(g, (nnz, h, d), cfg["dtype"])
     before = [_u8(b) for b in bases]
-    ret = fi_cupy.append_paged_kv_cache(key, value, bi, pos, cache_arg, ix_t, ip_t, last_t, kv_layout=layout,
-                                        check=cfg["check"])
+    args = [key, value, bi, pos, cache_arg, ix_t, ip_t, last_t]
+    if cfg["dtype"] in FP8 and TORCH:
+        # append_paged_kv_cache takes float8 from the arrays' own dtype, which CuPy has not: where torch
+        # is importable the float8 case is a torch caller (the same memory); elsewhere it appends the
+        # bytes as uint8 arrays (the same byte copy)
+        def fp8(x):
+            return _to_torch(x, cfg["dtype"])
+        cache_t = tuple(map(fp8, cache_arg)) if isinstance(cache_arg, tuple) else fp8(cache_arg)
+        bi_t, pos_t, ix, ip, last_p = (_to_torch(x, idt) for x in (bi, pos, ix_t, ip_t, last_t))
+        args = [fp8(key), fp8(value), bi_t, pos_t, cache_t, ix, ip, last_p]
+    ret = fi_cupy.append_paged_kv_cache(*args, kv_layout=layout, check=cfg["check"])
     _check(ret is None, "returned a value (expected None: it writes the cache in place)")
     # Expected bytes: the old allocation with the reference's rows written into the cache's part.
-    item = bases[0].element_size()
+    item = bases[0].itemsize  # float8: bytes (uint8)
     expect = [b.copy() for b in before]
     if len(bases) == 2:
         regions = [expect[0][first:, ..., :d * item], expect[1][first:, ..., :d * item]]
@@ -614,6 +689,16 @@ TOP_K_DTYPES = ("int32", "int64", "float32", "float64", "float16", "bfloat16")
 FLOAT_PARAM_DTYPES = ("float32", "float16", "bfloat16", "float64")
 RNG_FORMS = ("seed", "generator", "torch_generator", "per_row")
 INT_MAX = 2 ** 31 - 1
+
+
+def _rng_form(rng) -> str:
+    """One of RNG_FORMS. "torch_generator" (a torch.Generator seeding a CuPy caller's call) needs torch
+    with CUDA: without it, one of the others takes its place, drawn from a stream of its own, so the
+    rest of the case is drawn as where torch is importable."""
+    form = _pick(rng, RNG_FORMS)
+    if form == "torch_generator" and not TORCH:
+        form = _pick(rng.spawn(1)[0], tuple(f for f in RNG_FORMS if f != "torch_generator"))
+    return form
 
 
 def _vocab(rng) -> int:
@@ -658,7 +743,7 @@ def draw_sampling(rng) -> dict:
                     target_dtype=_pick(rng, FLOATS) if _chance(rng, 0.2) else dtype,
                     ids_dtype=_pick(rng, INDEX_DTYPES), relation=_pick(rng, ("independent", "equal", "zero_at_draft")),
                     ids=_pick(rng, ("from_draft", "uniform")), counters=_chance(rng, 0.5),
-                    rng=_pick(rng, RNG_FORMS), seed=_seed(rng))
+                    rng=_rng_form(rng), seed=_seed(rng))
     batch = _count(rng, max(1, min(300, SAMPLING_ELEMS // vocab)), p_zero=0.03, p_one=0.15)
     cfg = dict(op=op, vocab=vocab, batch=batch, dtype=dtype)
     cfg["pad"], cfg["off"] = _pad(rng, 0.3)
@@ -685,7 +770,7 @@ def draw_sampling(rng) -> dict:
     if "sampling" in op:
         cfg["rows_out"] = _log_int(rng, 1, 300) if batch and _chance(rng, 0.25) else None  # indices=
         cfg["index_dtype"] = _pick(rng, INDEX_DTYPES)
-        cfg["rng"] = _pick(rng, RNG_FORMS)
+        cfg["rng"] = _rng_form(rng)
         cfg["philox"] = [int(rng.integers(2 ** 63)), int(rng.integers(2 ** 40))]
         cfg["check_nan"] = _chance(rng, 0.2)  # the host-side NaN scan (no NaN here: it must pass)
         cfg["return_valid"] = op.endswith("_probs") and _chance(rng, 0.3)
@@ -697,24 +782,30 @@ def _probs(g, shape, kind: str, temp: float):
     """Probability rows of `kind` (float32, each with a positive entry; no denormals)."""
     vocab = shape[-1]
     rows = math.prod(shape[:-1])
+    shape = tuple(shape)
     if kind == "flat":
-        p = torch.ones(shape, device=DEVICE)
+        p = cupy.ones(shape, dtype=cupy.float32)
     elif kind == "onehot":
-        p = torch.zeros((rows, vocab), device=DEVICE)
-        p[torch.arange(rows, device=DEVICE), torch.randint(vocab, (rows,), generator=g, device=DEVICE)] = 1.0
+        p = cupy.zeros((rows, vocab), dtype=cupy.float32)
+        p[cupy.arange(rows), g.integers(vocab, size=rows)] = 1.0
     elif kind == "ties":
-        p = torch.randint(1, 6, shape, generator=g, device=DEVICE).float()
+        p = g.integers(1, 6, size=shape).astype(cupy.float32)
     else:
-        p = torch.softmax(torch.randn(shape, generator=g, device=DEVICE) * temp, -1)
+        p = _softmax32(g.standard_normal(shape, dtype=cupy.float32) * np.float32(temp))
         if kind == "sparse":  # exact zeros, a random share of the row
-            keep = torch.rand(shape, generator=g, device=DEVICE) < torch.rand(shape[:-1] + (1,), generator=g,
-                                                                             device=DEVICE)
+            keep = g.random(shape, dtype=cupy.float32) < g.random(shape[:-1] + (1,), dtype=cupy.float32)
             keep = keep.reshape(rows, vocab)
-            keep[torch.arange(rows, device=DEVICE), torch.randint(vocab, (rows,), generator=g, device=DEVICE)] = True
+            keep[cupy.arange(rows), g.integers(vocab, size=rows)] = True
             p = p * keep.reshape(shape)
     p = p.reshape(shape)
-    p = p / p.sum(-1, keepdim=True)
-    return torch.where(p < 1e-30, torch.zeros_like(p), p)
+    p = p / p.sum(-1, keepdims=True)
+    return cupy.where(p < 1e-30, cupy.float32(0), p)
+
+
+def _softmax32(x):
+    """Softmax over the last axis in float32."""
+    e = cupy.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
 
 
 def _as_read(values, dtype: str, name: str) -> list:
@@ -764,27 +855,28 @@ def _slack(vocab: int, mass: float) -> float:
 
 def _logits(g, cfg: dict, rows: int):
     vocab = cfg["vocab"]
-    x = torch.randn((rows, vocab), generator=g, device=DEVICE) * cfg["scale"]
+    x = g.standard_normal((rows, vocab), dtype=cupy.float32) * np.float32(cfg["scale"])
     if cfg.get("ties"):
-        x = torch.round(x)
+        x = cupy.rint(x)  # half to even, as torch.round
     if cfg["masked"] != "none" and rows:  # a random share of each row masked, never a whole row
         low = float("-inf") if cfg["masked"] == "-inf" else -3e4
-        share = torch.rand((rows, 1), generator=g, device=DEVICE)
-        x = torch.where(torch.rand((rows, vocab), generator=g, device=DEVICE) < share, low, x)
-        x[torch.arange(rows, device=DEVICE), torch.randint(vocab, (rows,), generator=g, device=DEVICE)] = 1.0
+        share = g.random((rows, 1), dtype=cupy.float32)
+        x = cupy.where(g.random((rows, vocab), dtype=cupy.float32) < share, cupy.float32(low), x)
+        x[cupy.arange(rows), g.integers(vocab, size=rows)] = 1.0
     if cfg.get("nan") and rows:
-        x = torch.where(torch.rand((rows, vocab), generator=g, device=DEVICE) < 0.01, float("nan"), x)
+        x = cupy.where(g.random((rows, vocab), dtype=cupy.float32) < 0.01, cupy.float32(np.nan), x)
     return x
 
 
 def _matrix(g, cfg: dict, x):
     """x in the case's dtype, placed in rows `vocab + pad` apart (a stride on the batch axis)."""
-    x = x.to(_tdt(cfg["dtype"]))
+    x = cast(x, cfg["dtype"])
     if not cfg["pad"]:
         return x
-    base = torch.zeros((x.shape[0], cfg["vocab"] + cfg["pad"]), device=DEVICE, dtype=x.dtype)
-    base[:, cfg["off"]:cfg["off"] + cfg["vocab"]] = x
-    return base[:, cfg["off"]:cfg["off"] + cfg["vocab"]]
+    bits = _bits(x)  # placed as bits: no bfloat16 operation
+    base = cupy.zeros((x.shape[0], cfg["vocab"] + cfg["pad"]), dtype=bits.dtype)
+    base[:, cfg["off"]:cfg["off"] + cfg["vocab"]] = bits
+    return base.view(x.dtype)[:, cfg["off"]:cfg["off"] + cfg["vocab"]]
 
 
 def _softmax_tol(x64: np.ndarray, temp, want: np.ndarray) -> float:
@@ -805,18 +897,24 @@ def run_softmax(cfg: dict) -> None:
         temp = _dev([_f32(_log_float(r, 0.1, 4)) for _ in range(batch)], cfg["temperature_dtype"])
         t_ref = _f64(temp)  # the values as the kernel reads them
     got = sampling.softmax(x, temp)
-    _check(tuple(got.shape) == (batch, vocab) and got.dtype == torch.float32, f"output {got.shape} {got.dtype}")
+    _check(tuple(got.shape) == (batch, vocab) and got.dtype == np.float32, f"output {got.shape} {got.dtype}")
     if not batch:
         return
-    _check(not bool(torch.isnan(got).any()), "NaN in the output")
+    _check(not _has_nan(got), "NaN in the output")
     idx = _sample_rows(batch, SAMPLING_REF // vocab, cfg["seed"])
-    x64 = _f64(x[torch.as_tensor(idx, device=DEVICE)])
+    x64 = _f64(_take(x, idx))
     want = reference.softmax(x64, t_ref[idx])
-    np.testing.assert_allclose(_f64(got[torch.as_tensor(idx, device=DEVICE)]), want,
+    np.testing.assert_allclose(_f64(_take(got, idx)), want,
                                rtol=_softmax_tol(x64, t_ref[idx], want), atol=1e-9, err_msg="softmax")
 
 
 OUT_ROUNDING = {"float32": 0.0, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}  # relative, round to nearest
+
+
+def _row_mass(g, batch: int):
+    """(batch, 1) float32 factors log-uniform in [0.01, 4): rows of unnormalised probabilities."""
+    lo, hi = math.log(0.01), math.log(4)
+    return cupy.exp(g.random((batch, 1), dtype=cupy.float32) * np.float32(hi - lo) + np.float32(lo))
 
 
 def run_renorm(cfg: dict) -> None:
@@ -824,19 +922,18 @@ def run_renorm(cfg: dict) -> None:
     op, batch, vocab = cfg["op"], cfg["batch"], cfg["vocab"]
     p = _probs(g, (batch, vocab), cfg["kind"], cfg["temp"])
     if cfg["unnormalised"] and batch:
-        p = p * torch.exp(torch.empty((batch, 1), device=DEVICE).uniform_(math.log(0.01), math.log(4), generator=g))
+        p = p * _row_mass(g, batch)
     p = _matrix(g, cfg, p)
     name = "top_k" if op == "top_k_renorm_probs" else "top_p"
     arg, vals = _param_values(r, cfg, name, batch)
     got = getattr(sampling, op)(p, arg)
     out_dt = cfg["dtype"] if name == "top_k" else "float32"  # FlashInfer: top-p renorm returns float32
-    _check(tuple(got.shape) == (batch, vocab) and got.dtype == _tdt(out_dt), f"output {got.shape} {got.dtype}")
+    _check(tuple(got.shape) == (batch, vocab) and dtype_name(got) == out_dt, f"output {got.shape} {got.dtype}")
     if not batch:
         return
-    _check(not bool(torch.isnan(got).any()), "NaN in the output")
+    _check(not _has_nan(got), "NaN in the output")
     idx = _sample_rows(batch, SAMPLING_REF // vocab, cfg["seed"])
-    sel = torch.as_tensor(idx, device=DEVICE)
-    P, G = _f64(p[sel]), _f64(got[sel])
+    P, G = _f64(_take(p, idx)), _f64(_take(got, idx))
     rtol = 1e-5 + 4 * 2.0 ** -24 * (vocab / 1024 + 16) + 2 * OUT_ROUNDING[out_dt]
     atol = 2.0 ** -24 if out_dt == "float16" else 1e-9  # float16 subnormals are 2^-24 apart
     for j, row in enumerate(idx):
@@ -863,8 +960,7 @@ def run_mask_logits(cfg: dict) -> None:
     got = sampling.top_k_mask_logits(x, arg)
     _check(tuple(got.shape) == (batch, vocab) and got.dtype == x.dtype, f"output {got.shape} {got.dtype}")
     idx = _sample_rows(batch, SAMPLING_REF // vocab, cfg["seed"])
-    sel = torch.as_tensor(idx, device=DEVICE)
-    X, G = _f64(x[sel]), _f64(got[sel])
+    X, G = _f64(_take(x, idx)), _f64(_take(got, idx))
     for j, row in enumerate(idx):
         want = reference.top_k_mask_logits(X[j], vals[row])
         bad = G[j] != want
@@ -888,24 +984,24 @@ def _rng_kw(cfg: dict, rows: int) -> dict:
         return dict(seed=seed, offset=offset)
     if form == "generator":
         return dict(generator=sampling.Generator(seed))
-    if form == "torch_generator":
-        g = torch.Generator(device=DEVICE)
+    if form == "torch_generator":  # drawn only where torch with CUDA is importable (see _rng_form)
+        g = torch.Generator(device="cuda")
         g.manual_seed(seed)
         return dict(generator=g)
     nr = np.random.default_rng(seed)
     n = 1 if nr.random() < 0.2 else rows
-    s = torch.as_tensor(nr.integers(-2 ** 63, 2 ** 63, n, dtype=np.int64), device=DEVICE)
-    o = torch.as_tensor(nr.integers(0, 2 ** 40, n, dtype=np.int64), device=DEVICE)
+    s = cupy.asarray(nr.integers(-2 ** 63, 2 ** 63, n, dtype=np.int64))
+    o = cupy.asarray(nr.integers(0, 2 ** 40, n, dtype=np.int64))
     if nr.random() < 0.3:
-        s = s.view(torch.uint64)
+        s = s.view(cupy.uint64)
     return dict(seed=s, offset=o)
 
 
 def _row_alone(kw: dict, row: int) -> dict:
     """The scalar seed and offset that output row `row` of a per-row call takes."""
     def at(a):
-        a = a.view(torch.int64) if a.dtype != torch.int64 else a
-        return int(a[row if a.numel() > 1 else 0]) % 2 ** 64
+        a = a.view(cupy.int64) if a.dtype != np.int64 else a
+        return int(a[row if a.size > 1 else 0]) % 2 ** 64
     return dict(seed=at(kw["seed"]), offset=at(kw["offset"]))
 
 
@@ -918,8 +1014,7 @@ def run_sampler(cfg: dict) -> None:
     else:
         data = _probs(g, (batch, vocab), cfg["kind"], cfg["temp"])
         if cfg["unnormalised"] and batch:
-            data = data * torch.exp(torch.empty((batch, 1), device=DEVICE).uniform_(math.log(0.01), math.log(4),
-                                                                                     generator=g))
+            data = data * _row_mass(g, batch)
     data = _matrix(g, cfg, data)
     rows_out = cfg["rows_out"] if cfg["rows_out"] is not None else batch
     src = r.integers(0, batch, rows_out) if cfg["rows_out"] is not None else np.arange(batch)
@@ -943,11 +1038,11 @@ def run_sampler(cfg: dict) -> None:
         return got if cfg.get("return_valid") else (got, None)
 
     tok, valid = draw(**rng_kw)
-    _check(tuple(tok.shape) == (rows_out,) and tok.dtype == _tdt(out_dt), f"tokens {tok.shape} {tok.dtype}")
-    _check(torch.equal(draw()[0], tok), "the same seed and offset drew other tokens")
+    _check(tuple(tok.shape) == (rows_out,) and dtype_name(tok) == out_dt, f"tokens {tok.shape} {tok.dtype}")
+    _check(cupy.array_equal(draw()[0], tok), "the same seed and offset drew other tokens")
     if valid is not None:  # every row here has positive mass
-        _check(valid.dtype == torch.bool and tuple(valid.shape) == (rows_out,), f"valid {valid.shape} {valid.dtype}")
-        _check(bool(valid.all()), f"rows with positive mass not valid: {torch.nonzero(~valid)[:8].flatten().tolist()}")
+        _check(valid.dtype == np.bool_ and tuple(valid.shape) == (rows_out,), f"valid {valid.shape} {valid.dtype}")
+        _check(bool(valid.all()), f"rows with positive mass not valid: {cupy.flatnonzero(~valid)[:8].tolist()}")
     if not rows_out:
         return
     if cfg["rng"] == "per_row":  # a row's token depends on its own seed and offset (and position) only
@@ -955,28 +1050,27 @@ def run_sampler(cfg: dict) -> None:
         alone, _ = draw(**_row_alone(rng_kw, row))
         _check(int(alone[row]) == int(tok[row]), f"output row {row}: per-row seed and offset drew {int(tok[row])}, "
                                                   f"the same values as scalars {int(alone[row])}")
-    t = tok.cpu().numpy().astype(np.int64)
+    t = cupy.asnumpy(tok).astype(np.int64)
     _check(t.min() >= 0 and t.max() < vocab, f"token ids {t.min()}..{t.max()} outside [0, {vocab})")
     if op == "sampling_from_logits":
         # support: the tokens of float64 probability > 0, i.e. logits above -inf and above max - 700
-        rows = data[torch.as_tensor(src, device=DEVICE)].double()
-        picked = rows[torch.arange(rows_out, device=DEVICE), torch.as_tensor(t, device=DEVICE)]
-        low = (picked < rows.max(-1).values - 700).cpu().numpy()
+        x64, src_d = _f64_dev(data), cupy.asarray(src)
+        low = cupy.asnumpy(x64[src_d, cupy.asarray(t)] < x64.max(-1)[src_d] - 700)
         _check(not low.any(), f"drew tokens of probability 0 (logit -inf or far below the row's max) in output "
                               f"rows {np.flatnonzero(low)[:8].tolist()}")
         idx = _sample_rows(rows_out, SAMPLING_REF // vocab, cfg["seed"])
-        P = reference.softmax(_f64(data[torch.as_tensor(src[idx], device=DEVICE)]))
+        P = reference.softmax(_f64(_take(data, src[idx])))
         zero = P[np.arange(idx.size), t[idx]] <= 0
         _check(not zero.any(), f"drew tokens outside softmax's support in output rows {idx[zero][:8].tolist()}")
         return
     # Probabilities the filters see: from the logits path, its own softmax (checked by the softmax case).
     probs = sampling.softmax(data) if from_logits else data
-    picked = _f64(probs[torch.as_tensor(src, device=DEVICE), torch.as_tensor(t, device=DEVICE)])
+    picked = _at(probs, src, t)
     bad = ~(picked > 0)  # NaN too (a NaN softmax row): `picked <= 0` named no row for it
     _check(not bad.any(), f"drew tokens of probability 0 or NaN (output rows {np.flatnonzero(bad)[:8].tolist()}, "
                           f"probabilities {picked[bad][:8].tolist()})")
     idx = _sample_rows(rows_out, SAMPLING_REF // vocab, cfg["seed"])
-    P = _f64(probs[torch.as_tensor(src[idx], device=DEVICE)])
+    P = _f64(_take(probs, src[idx]))
     for j, row in enumerate(idx):
         f = {name: vals[name][row] for name in params}
         if "order" in cfg:
@@ -988,41 +1082,50 @@ def run_sampler(cfg: dict) -> None:
             _check(P[j][t[row]] == P[j].max(), f"output row {row}: top_k=1 drew {t[row]}, not the argmax")
 
 
+def _categorical(g, p):
+    """One token a row of the (rows, vocab) probabilities p (each row with positive mass), drawn by
+    inverse CDF: u in (0, mass], the first token whose float64 cumulative mass reaches u, which is
+    never a token of probability 0."""
+    c = cupy.cumsum(p.astype(cupy.float64), axis=-1)
+    u = (1.0 - g.random((p.shape[0], 1))) * c[:, -1:]
+    return cupy.minimum((c < u).sum(axis=-1), p.shape[1] - 1)
+
+
 def run_chain(cfg: dict) -> None:
     g = _gen(cfg["seed"])
     batch, n, vocab = cfg["batch"], cfg["n"], cfg["vocab"]
-    q = _probs(g, (batch, n, vocab), cfg["kind"], 2.0) if n else torch.zeros((batch, 0, vocab), device=DEVICE)
+    q = _probs(g, (batch, n, vocab), cfg["kind"], 2.0) if n else cupy.zeros((batch, 0, vocab), dtype=cupy.float32)
     p = _probs(g, (batch, n + 1, vocab), cfg["kind"], 2.0)
     if n and cfg["ids"] == "from_draft":
-        ids = torch.multinomial(q.reshape(-1, vocab), 1, generator=g).reshape(batch, n).int()
+        ids = _categorical(g, q.reshape(-1, vocab)).reshape(batch, n).astype(cupy.int32)
     else:
-        ids = torch.randint(vocab, (batch, n), generator=g, device=DEVICE, dtype=torch.int32)
+        ids = g.integers(vocab, size=(batch, n), dtype=cupy.int32)
     if n and cfg["relation"] == "equal":  # p == q on the drafts: every draft accepted
         p[:, :n] = q
     elif n and cfg["relation"] == "zero_at_draft":  # draft 0 has target probability 0: rejected
-        p[torch.arange(batch, device=DEVICE), 0, ids[:, 0].long()] = 0.0
-        p[:, 0] = torch.where(p[:, 0].sum(-1, keepdim=True) > 0, p[:, 0], torch.full_like(p[:, 0], 1.0 / vocab))
-    q, p = q.to(_tdt(cfg["dtype"])), p.to(_tdt(cfg["target_dtype"]))  # two dtypes: converted to float32 first
-    ids = ids.to(_tdt(cfg["ids_dtype"]))
+        p[cupy.arange(batch), 0, ids[:, 0].astype(cupy.int64)] = 0.0
+        p[:, 0] = cupy.where(p[:, 0].sum(-1, keepdims=True) > 0, p[:, 0], cupy.float32(1.0 / vocab))
+    q, p = cast(q, cfg["dtype"]), cast(p, cfg["target_dtype"])  # two dtypes: converted to float32 first
+    ids = ids.astype(cfg["ids_dtype"])
     acc0 = emi0 = None
     init_acc = init_emi = np.zeros(batch, np.int64)
     if cfg["counters"]:
-        acc0 = torch.randint(0, 100, (batch,), generator=g, device=DEVICE, dtype=torch.int32)
-        emi0 = torch.randint(0, 100, (batch,), generator=g, device=DEVICE, dtype=torch.int32)
-        init_acc, init_emi = acc0.cpu().numpy().astype(np.int64), emi0.cpu().numpy().astype(np.int64)
+        acc0 = g.integers(0, 100, size=batch, dtype=cupy.int32)
+        emi0 = g.integers(0, 100, size=batch, dtype=cupy.int32)
+        init_acc, init_emi = cupy.asnumpy(acc0).astype(np.int64), cupy.asnumpy(emi0).astype(np.int64)
     rng = cfg.get("rng", "seed")
     cfg_rng = dict(cfg, philox=[cfg["seed"] % 2 ** 63, 7], rng=rng)
     out, acc, emi = sampling.chain_speculative_sampling(q, ids, p, acc0, emi0, **_rng_kw(cfg_rng, batch))
-    _check(tuple(out.shape) == (batch, n + 1) and out.dtype == torch.int32, f"output_token_ids {out.shape} {out.dtype}")
+    _check(tuple(out.shape) == (batch, n + 1) and out.dtype == np.int32, f"output_token_ids {out.shape} {out.dtype}")
     for name, got, given in (("accepted", acc, acc0), ("emitted", emi, emi0)):
-        _check(tuple(got.shape) == (batch,) and got.dtype == torch.int32, f"{name} {got.shape} {got.dtype}")
+        _check(tuple(got.shape) == (batch,) and got.dtype == np.int32, f"{name} {got.shape} {got.dtype}")
         _check(given is None or got is given, f"{name}: the given counter was not the array returned")
     again, _, _ = sampling.chain_speculative_sampling(q, ids, p, **_rng_kw(cfg_rng, batch))
-    _check(torch.equal(again, out), "the same seed and offset gave other tokens")
-    O, I = out.cpu().numpy(), ids.cpu().numpy().astype(np.int64)
-    d_acc, d_emi = acc.cpu().numpy() - init_acc, emi.cpu().numpy() - init_emi
-    Q = q.float().cpu().numpy()  # the values the kernel reads, in float32
-    Pn = p.float().cpu().numpy()
+    _check(cupy.array_equal(again, out), "the same seed and offset gave other tokens")
+    O, I = cupy.asnumpy(out), cupy.asnumpy(ids).astype(np.int64)
+    d_acc, d_emi = cupy.asnumpy(acc) - init_acc, cupy.asnumpy(emi) - init_emi
+    Q = _f64(q).astype(np.float32)  # the values the kernel reads, in float32 (exact)
+    Pn = _f64(p).astype(np.float32)
     for b in range(batch):
         j = int(d_emi[b])
         _check(0 <= j <= n, f"request {b}: emitted {j} drafts of {n}")

@@ -85,3 +85,42 @@ def f64(x, dtype: str | None = None) -> np.ndarray:
         bits = x.view(cp.uint16).astype(cp.uint32) << 16
         return cp.asnumpy(bits.view(cp.float32)).astype(np.float64)
     return cp.asnumpy(x).astype(np.float64)
+
+
+# Appended for the attention / page tests (test_decode, test_prefill, test_cascade_wrappers, test_page):
+# copies, gathers and comparisons go through bits(), so no CuPy kernel ever runs on a bfloat16 array.
+
+
+def bits(x):
+    """x's raw view for copies, gathers, scatters and bitwise compares: uint16 for bfloat16, else x itself
+    (float16 / float32 / float8 bytes: CuPy copies those). Works on host (numpy) arrays too."""
+    return x.view(np.uint16) if x.dtype == BF16 else x
+
+
+def contiguous(x):
+    """A C-contiguous copy of x (any dtype)."""
+    return cp.ascontiguousarray(bits(x)).view(x.dtype)
+
+
+def take(x, indices, axis: int = 0):
+    """x[indices] along `axis` (any dtype), indices a host or device integer array."""
+    return cp.take(bits(x), cp.asarray(indices), axis=axis).view(x.dtype)
+
+
+def poison(x) -> None:
+    """Fill x with NaN in place (x float; float8 bytes are not NaN-poisoned by this)."""
+    if x.dtype == BF16:
+        x.view(cp.uint16).fill(0x7FC0)
+    else:
+        x.fill(np.nan)
+
+
+def f64_dev(x, dtype: str | None = None):
+    """x (any layout) as a float64 CuPy array on its device (references computed on the GPU). `dtype`
+    names the float8 type of uint8 bytes."""
+    if dtype in FP8:
+        table = cp.asarray(np.arange(256, dtype=np.uint8).view(_HOST[dtype]).astype(np.float64))
+        return cp.take(table, x.astype(cp.int32))
+    if x.dtype == BF16:
+        return (x.view(cp.uint16).astype(cp.uint32) << 16).view(cp.float32).astype(cp.float64)
+    return x.astype(cp.float64)

@@ -6,9 +6,10 @@ Two tables, every case named:
 - CPU_CASES need no GPU: plan-time checks on host index arrays, option checks, and array checks on
   DeviceStub arrays (a CUDA array as DLPack describes it, with no memory behind it), so the ops read
   them under their own argument names exactly as they read torch, CuPy or JAX arrays.
-- GPU_CASES use torch CUDA tensors (and host arrays where device ones are needed). After each bad
-  call, a small valid call of the same op must still match the float64 reference and
-  torch.cuda.synchronize() must not raise: nothing ran on bad memory.
+- GPU_CASES use CuPy arrays (tests/gpu_arrays.py; host arrays where device ones are needed). After each
+  bad call, a small valid call of the same op must still match the float64 reference and a device
+  synchronize must not raise: nothing ran on bad memory. A few cases are about torch callers (a torch
+  CPU tensor, a torch float8 tensor whose dtype comes from the array): marked to skip without torch.
 During every bad call kernels.launch is a tripwire: a check that is missing fails its case instead of
 launching a kernel on bad (or, for stubs, no) memory.
 """
@@ -17,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+import cupy as cp
 import numpy as np
 import pytest
 
@@ -24,8 +26,15 @@ import fi_cupy
 from fi_cupy import reference, sampling
 from fi_cupy._core import arrays, kernels
 from fi_cupy._core import dtypes as dt
+from gpu_arrays import BF16, bits, f64, nan_like, rand, take
 from tolerances import assert_close, assert_lse_close
-from torch_util import f64, nan_like, rand
+
+try:
+    import torch
+except ImportError:  # only the torch-caller cases need it
+    torch = None
+
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (interop test)")
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,7 @@ class Case:
     arg: str                     # the message starts with it
     says: str = ""               # regex the message also contains: what it got or what is allowed
     then: Callable[[], None] | None = None  # GPU: the valid call of the same op that must still work
+    torch_caller: bool = False   # GPU: a torch-caller case (interop), skipped without torch
 
 
 def _tripwire(*args, **kwargs):
@@ -417,22 +427,26 @@ CPU_CASES = {
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU part: torch CUDA tensors. torch is imported where a case runs, so the CPU part needs none.
+# GPU part: CuPy arrays (bfloat16 as ml_dtypes arrays: copied through their bits, never computed on).
 
 HQ, HKV, D, PAGE = 8, 2, 64, 4
 
 
-def _torch():
-    import torch
-    return torch
+def _sync():
+    cp.cuda.runtime.deviceSynchronize()  # every stream: an error of any earlier launch raises here
 
 
 def _workspace(nbytes=32 << 20):
-    return _torch().empty(nbytes, dtype=_torch().uint8, device="cuda")
+    return cp.empty(nbytes, dtype=cp.uint8)
 
 
 def _cuda(a, dtype="int32"):
-    return _torch().as_tensor(np.asarray(a), device="cuda").to(getattr(_torch(), dtype))
+    return cp.asarray(np.asarray(a).astype(dtype))
+
+
+def _expand(x, shape):
+    """x broadcast to shape: a view whose elements share memory (stride 0), as torch's expand."""
+    return cp.broadcast_to(x, shape)
 
 
 def _indptr(lens):
@@ -441,9 +455,9 @@ def _indptr(lens):
 
 def _misaligned(t, elems=1):
     """A copy of t whose data starts `elems` elements past an aligned address."""
-    flat = _torch().empty(t.numel() + 64, dtype=t.dtype, device="cuda")
-    out = flat[elems: elems + t.numel()].view(t.shape)
-    out.copy_(t)
+    flat = cp.empty(t.size + 64, dtype=t.dtype)
+    out = flat[elems: elems + t.size].reshape(t.shape)  # a contiguous 1-D slice: reshape is a view
+    bits(out)[...] = bits(t)
     return out
 
 
@@ -451,7 +465,7 @@ class PagedKV:
     """A small valid paged batch, NHD: shuffled pages with spares, request lengths kv_lens."""
 
     def __init__(self, kv_lens=(5, 17, 9), dtype="bfloat16", page_size=PAGE):
-        self.kv_lens, self.page_size = list(kv_lens), page_size
+        self.kv_lens, self.page_size, self.dtype = list(kv_lens), page_size, dtype
         pages = [-(-n // page_size) for n in kv_lens]
         self.indptr = _indptr(pages)
         self.num_pages = int(self.indptr[-1]) + 3
@@ -459,13 +473,13 @@ class PagedKV:
         self.indices = rng.permutation(self.num_pages)[: self.indptr[-1]].astype(np.int32)
         self.last_page_len = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages)],
                                       np.int32)
-        self.cache = rand((self.num_pages, 2, page_size, HKV, D), dtype)
+        self.cache = rand((self.num_pages, 2, page_size, HKV, D), dtype)  # float8: its bytes (uint8)
 
     def kv(self, r):
         """(k, v) of request r, float64 (kv_len, HKV, D)."""
         ids = self.indices[self.indptr[r]: self.indptr[r + 1]]
-        pages = self.cache[_cuda(ids, "int64")]
-        kv = f64(pages.transpose(0, 1).reshape(2, len(ids) * self.page_size, HKV, D))[:, : self.kv_lens[r]]
+        pages = f64(take(self.cache, ids), self.dtype)
+        kv = pages.transpose(1, 0, 2, 3, 4).reshape(2, len(ids) * self.page_size, HKV, D)[:, : self.kv_lens[r]]
         return kv[0], kv[1]
 
 
@@ -473,7 +487,7 @@ def planned_decode(b=None, workspace=None, **plan):
     b = b or PagedKV()
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_or(workspace, _workspace()))
     w.plan(b.indptr, b.indices, b.last_page_len, HQ, HKV, D, b.page_size, q_data_type="bfloat16",
-           kv_data_type=b.cache.dtype, **plan)
+           kv_data_type=b.dtype, **plan)
     return w, b, rand((len(b.kv_lens), HQ, D))
 
 
@@ -484,7 +498,7 @@ def planned_prefill(b=None, workspace=None, **plan):
     b = b or PagedKV()
     w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_or(workspace, _workspace()))
     w.plan(_indptr(QO_LENS), b.indptr, b.indices, b.last_page_len, HQ, HKV, D, b.page_size, causal=True,
-           q_data_type="bfloat16", kv_data_type=b.cache.dtype, **plan)
+           q_data_type="bfloat16", kv_data_type=b.dtype, **plan)
     return w, b, rand((sum(QO_LENS), HQ, D))
 
 
@@ -552,15 +566,15 @@ def valid_merge_state():
 
 def valid_append():
     """Six tokens of one request over pages [2, 0]: token p lands in page [2, 0][p // 4], slot p % 4."""
-    torch = _torch()
-    cache = torch.zeros((4, 2, PAGE, HKV, D), dtype=torch.bfloat16, device="cuda")
+    cache = cp.zeros((4, 2, PAGE, HKV, D), dtype=cp.uint16).view(BF16)  # +0.0 bits
     key, value = rand((6, HKV, D)), rand((6, HKV, D))
     fi_cupy.append_paged_kv_cache(key, value, _cuda(np.zeros(6)), _cuda(np.arange(6)), cache, _cuda([2, 0]),
                                   _cuda([0, 2]), _cuda([2]))
+    c, k, v = cp.asnumpy(bits(cache)), cp.asnumpy(bits(key)), cp.asnumpy(bits(value))
     for p in range(6):
         page, slot = [2, 0][p // PAGE], p % PAGE
-        assert torch.equal(cache[page, 0, slot], key[p]) and torch.equal(cache[page, 1, slot], value[p])
-    assert not cache[[1, 3]].any() and not cache[0, :, 2:].any()
+        assert np.array_equal(c[page, 0, slot], k[p]) and np.array_equal(c[page, 1, slot], v[p])
+    assert not c[[1, 3]].any() and not c[0, :, 2:].any()  # untouched slots keep their zero bits
 
 
 def valid_index_helpers():
@@ -620,10 +634,11 @@ def valid_packbits():
 GPU_CASES: dict = {}
 
 
-def gpu_case(exc, arg, says="", then=None):
-    """Register the decorated function (its name is the case id) as a GPU case."""
+def gpu_case(exc, arg, says="", then=None, torch_caller=False):
+    """Register the decorated function (its name is the case id) as a GPU case; torch_caller=True: a case
+    about torch callers (interop), skipped without torch."""
     def register(fn):
-        GPU_CASES[fn.__name__] = Case(fn, exc, arg, says, then)
+        GPU_CASES[fn.__name__] = Case(fn, exc, arg, says, then, torch_caller)
         return fn
     return register
 
@@ -657,19 +672,19 @@ def decode_run_q_1d():
 @gpu_case(TypeError, "q", "float16 does not match the planned q_data_type bfloat16", valid_decode)
 def decode_run_q_of_another_dtype():
     w, b, q = planned_decode()
-    w.run(q.half(), b.cache)
+    w.run(rand(q.shape, "float16"), b.cache)
 
 
-@gpu_case(ValueError, "q", "CUDA device, got one on CPU", valid_decode)
+@gpu_case(ValueError, "q", "CUDA device, got one on CPU", valid_decode, torch_caller=True)
 def decode_run_q_on_host_torch():
     w, b, q = planned_decode()
-    w.run(q.cpu(), b.cache)
+    w.run(torch.as_tensor(f64(q), dtype=torch.bfloat16), b.cache)
 
 
 @gpu_case(ValueError, "q", "CUDA device, got one on CPU", valid_decode)
 def decode_run_q_numpy():
     w, b, q = planned_decode()
-    w.run(q.float().cpu().numpy(), b.cache)
+    w.run(f64(q).astype(np.float32), b.cache)
 
 
 @gpu_case(ValueError, "q", "16-byte aligned", valid_decode)
@@ -686,9 +701,8 @@ def decode_run_q_last_dim_strided():
 
 @gpu_case(ValueError, "q", "negative strides", valid_decode)
 def decode_run_q_negative_strides_cupy():
-    import cupy
     w, b, _ = planned_decode()
-    w.run(cupy.zeros((3, HQ, D), cupy.float16)[::-1], b.cache)
+    w.run(cp.zeros((3, HQ, D), cp.float16)[::-1], b.cache)
 
 
 @gpu_case(ValueError, "indices", r"page index 13 is out of range for a cache of 13 pages", valid_decode)
@@ -708,7 +722,7 @@ def decode_run_page_size_of_another_cache():
 @gpu_case(TypeError, "paged_kv_cache", "float16 does not match the planned kv_data_type bfloat16", valid_decode)
 def decode_run_cache_of_another_dtype():
     w, b, q = planned_decode()
-    w.run(q, b.cache.half())
+    w.run(q, rand(b.cache.shape, "float16"))
 
 
 @gpu_case(ValueError, "paged_kv_cache", "expected shape", valid_decode)
@@ -720,7 +734,7 @@ def decode_run_cache_4d():
 @gpu_case(ValueError, "paged_kv_cache", "same shape, strides and dtype", valid_decode)
 def decode_run_kv_pair_of_different_strides():
     w, b, q = planned_decode()
-    w.run(q, (b.cache[:, 0], b.cache[:, 1].contiguous()))
+    w.run(q, (b.cache[:, 0], bits(b.cache[:, 1]).copy().view(BF16)))  # a contiguous copy of v
 
 
 @gpu_case(ValueError, "paged_kv_cache", "got 3 items", valid_decode)
@@ -738,7 +752,7 @@ def decode_run_cache_view_offset_by_one_element():
 @gpu_case(ValueError, "paged_kv_cache", "CUDA device, got one on CPU", valid_decode)
 def decode_run_cache_on_host():
     w, b, q = planned_decode()
-    w.run(q, b.cache.cpu())
+    w.run(q, cp.asnumpy(b.cache))
 
 
 @gpu_case(ValueError, "out", r"expected shape \(3, 8, 64\)", valid_decode)
@@ -756,7 +770,7 @@ def decode_run_out_of_another_dtype():
 @gpu_case(ValueError, "out", "must not overlap", valid_decode)
 def decode_run_out_expanded():
     w, b, q = planned_decode()
-    w.run(q, b.cache, out=rand((1, HQ, D)).expand(3, HQ, D))
+    w.run(q, b.cache, out=_expand(rand((1, HQ, D)), (3, HQ, D)))
 
 
 @gpu_case(TypeError, "lse", "bfloat16 does not match the lse dtype", valid_decode)
@@ -855,26 +869,26 @@ def prefill_paged_run_page_size_of_another_cache():
 
 @gpu_case(ValueError, "paged_kv_cache", "16-byte aligned", valid_prefill_paged)
 def prefill_paged_run_fp8_cache_8_bytes_past_alignment():
-    """The portable kernel copies 16 fp8 values at a time: an 8-byte aligned cache is not enough."""
-    torch = _torch()
+    """The portable kernel copies 16 fp8 values at a time: an 8-byte aligned cache is not enough. The
+    cache is float8 bytes (uint8), planned as float8_e4m3fn."""
     b = PagedKV(dtype="float8_e4m3fn")
     w, _, q = planned_prefill(b)
-    raw = torch.empty(b.cache.numel() + 32, dtype=torch.uint8, device="cuda")
-    shifted = raw[8: 8 + b.cache.numel()].view(torch.float8_e4m3fn).view(b.cache.shape)
-    shifted.copy_(b.cache)
+    raw = cp.empty(b.cache.size + 32, dtype=cp.uint8)
+    shifted = raw[8: 8 + b.cache.size].reshape(b.cache.shape)
+    shifted[...] = b.cache
     w.run(q, shifted)
 
 
 @gpu_case(ValueError, "out", "must not overlap", valid_prefill_paged)
 def prefill_paged_run_out_expanded():
     w, b, q = planned_prefill()
-    w.run(q, b.cache, out=rand((1, HQ, D)).expand(q.shape))
+    w.run(q, b.cache, out=_expand(rand((1, HQ, D)), q.shape))
 
 
 @gpu_case(TypeError, "paged_kv_cache", "float16 does not match the planned kv_data_type", valid_prefill_paged)
 def prefill_paged_run_cache_of_another_dtype():
     w, b, q = planned_prefill()
-    w.run(q, b.cache.half())
+    w.run(q, rand(b.cache.shape, "float16"))
 
 
 @gpu_case(ValueError, "float_workspace_buffer", "too small", valid_prefill_paged)
@@ -907,7 +921,7 @@ def prefill_ragged_run_v_of_other_strides():
 @gpu_case(TypeError, "k", "float16 does not match the planned kv_data_type bfloat16", valid_prefill_ragged)
 def prefill_ragged_run_k_of_another_dtype():
     w, q, k, v = planned_ragged()
-    w.run(q, k.half(), v.half())
+    w.run(q, rand(k.shape, "float16"), rand(v.shape, "float16"))
 
 
 @gpu_case(ValueError, "q", "16-byte aligned", valid_single_prefill)
@@ -932,9 +946,10 @@ def single_prefill_custom_mask_float():
                                          custom_mask=_cuda(np.ones((4, 9)), "float32"))
 
 
-@gpu_case(TypeError, "k", "float8_e4m3fn does not match q's dtype", valid_single_prefill)
+@gpu_case(TypeError, "k", "float8_e4m3fn does not match q's dtype", valid_single_prefill, torch_caller=True)
 def single_prefill_fp8_kv_tensors():
-    k = rand((9, HKV, D), "float8_e4m3fn")
+    """A float8 dtype that comes from the array itself: torch has one, CuPy has not."""
+    k = torch.randn((9, HKV, D), device="cuda").to(torch.float8_e4m3fn)
     fi_cupy.single_prefill_with_kv_cache(rand((4, HQ, D)), k, k)
 
 
@@ -953,12 +968,13 @@ def single_prefill_out_of_another_dtype():
 
 @gpu_case(ValueError, "s_a", "CUDA device, got one on CPU", valid_merge_state)
 def merge_state_lse_on_host():
-    fi_cupy.merge_state(rand((7, 4, D)), rand((7, 4), "float32").cpu(), rand((7, 4, D)), rand((7, 4), "float32"))
+    fi_cupy.merge_state(rand((7, 4, D)), cp.asnumpy(rand((7, 4), "float32")), rand((7, 4, D)),
+                        rand((7, 4), "float32"))
 
 
 @gpu_case(ValueError, "v", "must not overlap", valid_merge_state)
 def merge_state_in_place_v_expanded():
-    fi_cupy.merge_state_in_place(rand((1, 4, D)).expand(7, 4, D), rand((7, 4), "float32"), rand((7, 4, D)),
+    fi_cupy.merge_state_in_place(_expand(rand((1, 4, D)), (7, 4, D)), rand((7, 4), "float32"), rand((7, 4, D)),
                                  rand((7, 4), "float32"))
 
 
@@ -995,7 +1011,7 @@ def append_last_page_len_over_page_size():
 
 @gpu_case(ValueError, "paged_kv_cache", "must not overlap", valid_append)
 def append_cache_expanded():
-    _append(paged_kv_cache=rand((1, 2, PAGE, HKV, D)).expand(6, 2, PAGE, HKV, D))
+    _append(paged_kv_cache=_expand(rand((1, 2, PAGE, HKV, D)), (6, 2, PAGE, HKV, D)))
 
 
 @gpu_case(ValueError, "kv_indptr", "CUDA device, got one on CPU", valid_index_helpers)
@@ -1010,9 +1026,9 @@ def batch_indices_positions_seq_lens_too_long():
 
 # Norms and activations.
 
-@gpu_case(ValueError, "input", "CUDA device, got one on CPU", valid_rmsnorm)
+@gpu_case(ValueError, "input", "CUDA device, got one on CPU", valid_rmsnorm, torch_caller=True)
 def rmsnorm_input_on_host_torch():
-    fi_cupy.rmsnorm(rand((5, 256)).cpu(), rand((256,)))
+    fi_cupy.rmsnorm(torch.as_tensor(f64(rand((5, 256))), dtype=torch.bfloat16), rand((256,)))
 
 
 @gpu_case(ValueError, "weight", "last dim must be contiguous", valid_rmsnorm)
@@ -1022,17 +1038,17 @@ def rmsnorm_weight_every_other_element():
 
 @gpu_case(ValueError, "out", "must not overlap", valid_rmsnorm)
 def rmsnorm_out_expanded():
-    fi_cupy.rmsnorm(rand((5, 256)), rand((256,)), out=rand((1, 256)).expand(5, 256))
+    fi_cupy.rmsnorm(rand((5, 256)), rand((256,)), out=_expand(rand((1, 256)), (5, 256)))
 
 
 @gpu_case(ValueError, "residual", "must not overlap", valid_rmsnorm)
 def fused_add_rmsnorm_residual_expanded():
-    fi_cupy.fused_add_rmsnorm(rand((5, 256)), rand((1, 256)).expand(5, 256), rand((256,)))
+    fi_cupy.fused_add_rmsnorm(rand((5, 256)), _expand(rand((1, 256)), (5, 256)), rand((256,)))
 
 
 @gpu_case(ValueError, "out", "must not overlap", valid_silu_and_mul)
 def silu_and_mul_out_expanded():
-    fi_cupy.silu_and_mul(rand((5, 256)), out=rand((1, 128)).expand(5, 128))
+    fi_cupy.silu_and_mul(rand((5, 256)), out=_expand(rand((1, 128)), (5, 128)))
 
 
 @gpu_case(ValueError, "input", "CUDA device, got one on CPU", valid_silu_and_mul)
@@ -1044,12 +1060,12 @@ def silu_and_mul_input_numpy():
 
 @gpu_case(ValueError, "q", "must not overlap", valid_rope)
 def rope_inplace_q_expanded():
-    fi_cupy.apply_rope_pos_ids_inplace(rand((1, 4, D)).expand(6, 4, D), rand((6, 2, D)), _cuda(np.arange(6)))
+    fi_cupy.apply_rope_pos_ids_inplace(_expand(rand((1, 4, D)), (6, 4, D)), rand((6, 2, D)), _cuda(np.arange(6)))
 
 
 @gpu_case(ValueError, "pos_ids", "CUDA device, got one on CPU", valid_rope)
 def rope_pos_ids_on_host():
-    fi_cupy.apply_rope_pos_ids(rand((6, 4, D)), rand((6, 2, D)), _torch().arange(6, dtype=_torch().int32))
+    fi_cupy.apply_rope_pos_ids(rand((6, 4, D)), rand((6, 2, D)), np.arange(6, dtype=np.int32))
 
 
 @gpu_case(ValueError, "q", "interleave=True needs pointers and strides aligned", valid_rope)
@@ -1099,7 +1115,7 @@ def sampling_seed_array_of_another_length():
 
 @gpu_case(ValueError, "probs", "CUDA device, got one on CPU", valid_sampling)
 def sampling_probs_on_host():
-    sampling.top_k_renorm_probs(_probs().cpu(), 5)
+    sampling.top_k_renorm_probs(cp.asnumpy(_probs()), 5)
 
 
 @gpu_case(ValueError, "draft_token_ids", r"\[0, 20\), got 0\.\.20", valid_speculative)
@@ -1123,9 +1139,9 @@ def speculative_counter_int64():
 
 # Mask packing.
 
-@gpu_case(ValueError, "x", "CUDA device, got one on CPU", valid_packbits)
+@gpu_case(ValueError, "x", "CUDA device, got one on CPU", valid_packbits, torch_caller=True)
 def packbits_on_host_torch():
-    fi_cupy.packbits(_torch().ones(16, dtype=_torch().bool))
+    fi_cupy.packbits(torch.ones(16, dtype=torch.bool))
 
 
 @gpu_case(ValueError, "indptr", "x has 16 elements", valid_packbits)
@@ -1134,30 +1150,31 @@ def segment_packbits_indptr_past_x():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", list(GPU_CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_torch) if c.torch_caller else n
+                                  for n, c in GPU_CASES.items()])
 def test_gpu_bad_input(name, monkeypatch):
-    torch = pytest.importorskip("torch")
     case = GPU_CASES[name]
     _raises_naming(case, monkeypatch)
     case.then()  # the same op on valid input: nothing ran on bad memory
-    torch.cuda.synchronize()
+    _sync()
 
 
 @pytest.mark.gpu
 def test_rope_position_beyond_cos_sin_cache_gives_nan_rows_only():
     """Not refused (positions are device data: a check would sync every call), but safe: the kernel
     never reads outside the cache and writes NaN rows for those tokens; the others are right."""
-    torch = pytest.importorskip("torch")
     inv = reference.rope_inv_freq(D)
     ang = np.arange(16, dtype=np.float32)[:, None] * inv[None, :]
-    cache = _cuda(np.concatenate([np.cos(ang), np.sin(ang)], axis=1), "float32")
+    cs = np.concatenate([np.cos(ang), np.sin(ang)], axis=1)
+    cache = _cuda(cs, "float32")
     q, k, pos = rand((4, 2, D), "float32"), rand((4, 1, D), "float32"), np.array([0, 16, 5, 1 << 20])
     qo, ko = fi_cupy.apply_rope_with_cos_sin_cache(_cuda(pos, "int64"), q, k, D, cache)
-    assert torch.isnan(qo[[1, 3]]).all() and torch.isnan(ko[[1, 3]]).all()
+    qo, ko = f64(qo), f64(ko)
+    assert np.isnan(qo[[1, 3]]).all() and np.isnan(ko[[1, 3]]).all()
     ok = [0, 2]
-    assert_close(f64(qo[ok]), reference.rope(f64(q[ok]), pos[ok], cos_sin=cache.cpu().numpy()), "float32")
+    assert_close(qo[ok], reference.rope(f64(q)[ok], pos[ok], cos_sin=cs), "float32")
     valid_rope()
-    torch.cuda.synchronize()
+    _sync()
 
 
 @pytest.mark.parametrize("name", list(CPU_CASES))

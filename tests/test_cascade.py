@@ -1,20 +1,28 @@
-"""merge_state / merge_state_in_place / merge_states on the GPU against the float64 reference,
-including empty states (lse -inf): one empty state contributes nothing, all empty give 0 and -inf."""
+"""merge_state / merge_state_in_place / merge_states on the GPU against the float64 reference, CuPy
+callers (inputs from tests/gpu_arrays.py), including empty states (lse -inf): one empty state contributes
+nothing, all empty give 0 and -inf. JAX callers in one test."""
+import cupy as cp
 import numpy as np
 import pytest
 
+import fi_cupy
 from fi_cupy import reference
+from gpu_arrays import DTYPES, f64, rand, uniform
 from tolerances import assert_close, assert_lse_close
-from torch_util import DTYPES, f64, rand
+
+try:
+    import jax.numpy as jnp
+except ImportError:  # JAX callers: one interop test
+    jnp = None
+
+needs_jax = pytest.mark.skipif(jnp is None, reason="needs JAX (interop test)")
 
 pytestmark = pytest.mark.gpu
-torch = pytest.importorskip("torch")
-import fi_cupy  # noqa: E402
 
 
 def _lse(shape, empty_frac=0.2):
     s = rand(shape, "float32", scale=4.0)
-    s[torch.rand(shape, device="cuda") < empty_frac] = float("-inf")
+    s[uniform(shape) < empty_frac] = -np.inf
     return s
 
 
@@ -28,7 +36,7 @@ def test_merge_state(dtype, d):
     rv, rs = reference.merge_state(f64(va), f64(sa), f64(vb), f64(sb))
     assert_close(f64(v), rv, dtype)
     assert_lse_close(f64(s), rs)
-    assert torch.all(v[0, 0] == 0)
+    assert np.all(f64(v[0, 0]) == 0)
 
 
 def test_merge_state_in_place_with_mask_and_strides():
@@ -36,11 +44,11 @@ def test_merge_state_in_place_with_mask_and_strides():
     v = big[:, :, 0]  # (seq, heads, d) with a head stride of 256
     s = _lse((20, 4))
     vo, so = rand((20, 4, 128), "bfloat16"), _lse((20, 4))
-    mask = torch.rand(20, device="cuda") < 0.5
+    mask = uniform((20,)) < 0.5
     v0, s0 = f64(v), f64(s)
     assert fi_cupy.merge_state_in_place(v, s, vo, so, mask=mask) is None
     rv, rs = reference.merge_state(v0, s0, f64(vo), f64(so))
-    m = mask.cpu().numpy()
+    m = cp.asnumpy(mask)
     rv[~m], rs[~m] = v0[~m], s0[~m]
     assert_close(f64(v), rv, "bfloat16")
     assert_lse_close(f64(s), rs)
@@ -58,8 +66,9 @@ def test_merge_states(dtype, n):
     assert_lse_close(f64(sm), rs)
 
 
+@needs_jax
 def test_jax_in_place_returns_new_state():
-    jnp = pytest.importorskip("jax.numpy")
+    """Interop: JAX arrays are immutable."""
     rng = np.random.default_rng(0)
     v = jnp.asarray(rng.standard_normal((5, 2, 64)), jnp.float32)
     s = jnp.asarray(rng.standard_normal((5, 2)), jnp.float32)

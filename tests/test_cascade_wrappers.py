@@ -1,16 +1,19 @@
 """Cascade attention wrappers: MultiLevelCascadeAttentionWrapper and the two-level shared-prefix forms.
 
-GPU tests (marked `gpu`, torch callers, outputs poisoned with NaN) against fi_cupy.reference on each
-request's concatenated KV (shared segments, then its own tokens), with FlashInfer's causal semantics:
-the shared levels are seen whole, causal applies within the last level only (bottom-right aligned
-there). Covered: 1, 2 and 3 levels; shared prefixes of 0 (no shared part) to 32768 tokens; requests
-with no unique part; fp8 (e4m3) KV with k_scale / v_scale; causal and not; GQA groups 1, 4, 8; page
-sizes 1 and 16; NHD / HND and (k, v) caches; CUDA-graph replays across re-plans.
+GPU tests (marked `gpu`, CuPy callers with inputs from tests/gpu_arrays.py, outputs poisoned with NaN)
+against fi_cupy.reference on each request's concatenated KV (shared segments, then its own tokens), with
+FlashInfer's causal semantics: the shared levels are seen whole, causal applies within the last level
+only (bottom-right aligned there). Covered: 1, 2 and 3 levels; shared prefixes of 0 (no shared part) to
+32768 tokens; requests with no unique part; fp8 (e4m3) KV with k_scale / v_scale (a CuPy float8 cache is
+its bytes, uint8, planned with kv_data_type); causal and not; GQA groups 1, 4, 8; page sizes 1 and 16;
+NHD / HND and (k, v) caches; CUDA-graph replays across re-plans. The shared-prefix decode wrapper takes
+its unique cache's dtype from the array, so its fp8 case is a torch interop test.
 
 CPU tests: argument checks on DLPack stubs (each error names the argument, before any launch), and the
 multi-level wrapper's plumbing with its level wrappers replaced by recorders: workspace slices, causal
 on the last level only, the run order and merges, the row views, no allocation in run() with `out`.
 """
+import cupy as cp
 import numpy as np
 import pytest
 
@@ -18,10 +21,17 @@ import fi_cupy
 from fi_cupy import cascade, reference
 from fi_cupy._core import arrays, kernels, streams
 from fi_cupy._core import dtypes as dt
+from gpu_arrays import BF16, FP8, bits, contiguous, empty, f64, f64_dev, nan_like, poison, rand, take
 from test_bad_inputs import WS, Case, S, _raises_naming, _tripwire
 from tolerances import assert_close, assert_lse_close
 
+try:
+    import torch
+except ImportError:
+    torch = None
+
 gpu = pytest.mark.gpu
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (interop test)")
 U8, I32 = dt.uint8, dt.int32
 
 
@@ -312,21 +322,18 @@ def test_non_graph_scratch_grows(recorded):
 # GPU: against the reference
 
 
-def _torch():
-    import torch
-    return torch
+def _torch_of(x):
+    """A torch CUDA copy of CuPy array x (interop tests): bfloat16 through its bits, float8 bytes as uint8."""
+    h = cp.asnumpy(bits(x))
+    t = torch.as_tensor(h.view(np.int16) if x.dtype == BF16 else h, device="cuda")
+    return t.view(torch.bfloat16) if x.dtype == BF16 else t
 
 
-_seed = [0]
-
-
-def _gen():
-    _seed[0] += 1
-    return _torch().Generator(device="cuda").manual_seed(9100 + _seed[0])
-
-
-def _tdt(name):
-    return getattr(_torch(), name)
+def _cupy_of(t):
+    """A CuPy copy of torch CUDA tensor t (bfloat16 through its bits)."""
+    if t.dtype == torch.bfloat16:
+        return cp.asarray(t.view(torch.int16).cpu().numpy()).view(cp.uint16).view(BF16)
+    return cp.asarray(t.cpu().numpy())
 
 
 class CascadeBatch:
@@ -336,7 +343,6 @@ class CascadeBatch:
 
     def __init__(self, shared, unique, qo, page_size=16, hq=8, hkv=2, d=128, kv_dtype="bfloat16", layout="NHD",
                  spare=3):
-        torch = _torch()
         self.batch = len(unique)
         self.shared, self.unique, self.qo = shared, list(unique), list(qo)
         self.page_size, self.hq, self.hkv, self.d, self.layout = page_size, hq, hkv, d, layout
@@ -357,79 +363,70 @@ class CascadeBatch:
             last = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(lens, pg)], np.int32)
             owner = np.repeat(np.arange(len(members)), members)  # the group of each request
             self.tables.append((qo_ip, ip, ix, last, lens, owner))
-        g = _gen()
         n_pages = total_pages + spare
         shape = (n_pages, 2, page_size, hkv, d) if layout == "NHD" else (n_pages, 2, hkv, page_size, d)
-        self.cache = (torch.randn(shape, generator=g, device="cuda") * (2.0 if "float8" in kv_dtype else 1.0)).to(
-            _tdt(kv_dtype))
+        self.kv_dtype = kv_dtype
+        self.cache = rand(shape, kv_dtype, scale=2.0 if kv_dtype in FP8 else 1.0)  # float8: its bytes (uint8)
 
     def plan_args(self):
         return [list(x) for x in zip(*[t[:4] for t in self.tables])]
 
     def segment(self, lv, r):
-        """(k, v) float64 (len, hkv, d) of request r's segment at level lv."""
-        torch = _torch()
+        """(k, v) float64 CuPy arrays (len, hkv, d) of request r's segment at level lv (float8 dequantised)."""
         _, ip, ix, _, lens, owner = self.tables[lv]
         grp = owner[r]
-        ids = torch.as_tensor(ix[ip[grp]: ip[grp + 1]].astype(np.int64), device="cuda")
-        if self.cache.element_size() == 1:  # fp8: gather the bytes, then dequantise
-            pages = self.cache.view(torch.uint8)[ids].view(self.cache.dtype).float().double()
-        else:
-            pages = self.cache[ids].double()
+        pages = f64_dev(take(self.cache, ix[ip[grp]: ip[grp + 1]]), self.kv_dtype)
         if self.layout == "HND":
-            pages = pages.transpose(2, 3)
-        kv = pages.transpose(0, 1).reshape(2, -1, self.hkv, self.d)[:, : lens[grp]]
+            pages = pages.transpose(0, 1, 3, 2, 4)
+        kv = pages.transpose(1, 0, 2, 3, 4).reshape(2, -1, self.hkv, self.d)[:, : lens[grp]]
         return kv[0], kv[1]
 
     def reference(self, q, causal, k_scale=1.0, v_scale=1.0, sm_scale=None):
         """(o, lse) float64 numpy: each request over its concatenated KV; FlashInfer's causal: every
         shared segment whole, bottom-right causal within the request's own (last-level) tokens."""
-        import cupy as cp
-        torch = _torch()
         qo = _indptr(self.qo)
+        q64 = f64_dev(q)
         outs, lses = [], []
         for r in range(self.batch):
             parts = [self.segment(lv, r) for lv in range(len(self.tables))]
-            k = torch.cat([p[0] for p in parts]) * k_scale
-            v = torch.cat([p[1] for p in parts]) * v_scale
+            k = cp.concatenate([p[0] for p in parts]) * k_scale
+            v = cp.concatenate([p[1] for p in parts]) * v_scale
             n_shared, u, nq = k.shape[0] - self.unique[r], self.unique[r], self.qo[r]
             mask = np.ones((nq, n_shared + u), bool)
             if causal:
                 j, i = np.arange(u)[None, :], np.arange(nq)[:, None]
                 mask[:, n_shared:] = j <= u - nq + i
-            o, lse = reference.prefill_attention(cp.asarray(q[qo[r]: qo[r + 1]].double()), cp.asarray(k),
-                                                 cp.asarray(v), custom_mask=cp.asarray(mask), sm_scale=sm_scale)
+            o, lse = reference.prefill_attention(q64[qo[r]: qo[r + 1]], k, v, custom_mask=cp.asarray(mask),
+                                                 sm_scale=sm_scale)
             outs.append(cp.asnumpy(o))
             lses.append(cp.asnumpy(lse))
         return np.concatenate(outs), np.concatenate(lses)
 
 
 def _workspace(nbytes=256 << 20):
-    torch = _torch()
-    return torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    return cp.empty(nbytes, dtype=cp.uint8)
 
 
-def _f64(x):
-    return x.double().cpu().numpy()
+def _lse_nan(q):
+    return cp.full(q.shape[:2], np.nan, dtype=cp.float32)
 
 
 def _run_multilevel(b, causal, dtype, extra_rows=0, **plan_kw):
-    torch = _torch()
     levels = len(b.tables)
     w = fi_cupy.MultiLevelCascadeAttentionWrapper(levels, _workspace(), b.layout)
-    w.plan(*b.plan_args(), b.hq, b.hkv, b.d, b.page_size, causal=causal, q_data_type=_tdt(dtype),
-           kv_data_type=b.cache.dtype, **plan_kw)
+    w.plan(*b.plan_args(), b.hq, b.hkv, b.d, b.page_size, causal=causal, q_data_type=dtype,
+           kv_data_type=b.kv_dtype, **plan_kw)
     total = sum(b.qo)
-    q = torch.randn((total + extra_rows, b.hq, b.d), generator=_gen(), device="cuda").to(_tdt(dtype))
+    q = rand((total + extra_rows, b.hq, b.d), dtype)
     return w, q
 
 
 def _check(b, o, q, causal, dtype, lse=None, **ref_kw):
     total = sum(b.qo)
     ro, rl = b.reference(q[:total], causal, **ref_kw)
-    assert_close(_f64(o[:total]), ro, dtype)
+    assert_close(f64(o[:total]), ro, dtype)
     if lse is not None:
-        assert_lse_close(_f64(lse[:total]), rl)
+        assert_lse_close(f64(lse[:total]), rl)
 
 
 def _shared_spec(levels, batch, g):
@@ -462,14 +459,10 @@ def test_multilevel(levels, causal, group, page_size):
     b = CascadeBatch(_shared_spec(levels, batch, group + page_size), unique, qo, page_size, hq=2 * group, hkv=2,
                      kv_dtype=dtype)
     w, q = _run_multilevel(b, causal, dtype)
-    out = torch_nan_like(q)
+    out = nan_like(q)
     o = w.run(q, b.cache, out=out)
     assert o is out
     _check(b, out, q, causal, dtype)
-
-
-def torch_nan_like(x):
-    return _torch().full_like(x, float("nan"))
 
 
 @gpu
@@ -478,17 +471,17 @@ def torch_nan_like(x):
 def test_prefix_lengths_and_requests_without_unique_part(prefix, causal):
     """Two levels, a decode-heavy batch: requests 2 and 5 have no tokens of their own (their last-level
     pages are none: they see the prefix alone, causal or not), request 3 has several queries."""
-    torch = _torch()
     qo = [1, 1, 1, 4, 1, 2, 1, 1]
     unique = [37, 1, 0, 60, 16, 0, 255, 129]
     b = CascadeBatch([[(prefix, len(qo))]], unique, qo, 16, hq=32, hkv=8)
     w, q = _run_multilevel(b, causal, "bfloat16", extra_rows=3)
-    out, lse = torch_nan_like(q), torch.full(q.shape[:2], float("nan"), device="cuda")
+    out, lse = nan_like(q), _lse_nan(q)
     w.run(q, b.cache, out=out, lse=lse, return_lse=True)
     _check(b, out, q, causal, "bfloat16", lse=lse)
-    assert torch.isnan(out[sum(qo):]).all() and torch.isnan(lse[sum(qo):]).all()  # rows past the plan: untouched
+    n = sum(qo)
+    assert np.isnan(f64(out[n:])).all() and np.isnan(f64(lse[n:])).all()  # rows past the plan: untouched
     if prefix == 0:  # nothing shared and nothing unique: o = 0, lse = -inf
-        assert torch.all(out[2] == 0) and torch.all(torch.isneginf(lse[2]))
+        assert np.all(f64(out[2]) == 0) and np.all(np.isneginf(f64(lse[2])))
 
 
 @gpu
@@ -499,7 +492,7 @@ def test_fp8_kv(causal, levels):
     qo = [1, 3, 1, 2]
     b = CascadeBatch(_shared_spec(levels, 4, 7), [40, 3, 0, 500], qo, 16, hq=16, hkv=4, kv_dtype="float8_e4m3fn")
     w, q = _run_multilevel(b, causal, "float16")
-    out = torch_nan_like(q)
+    out = nan_like(q)
     w.run(q, b.cache, out=out, k_scale=0.5, v_scale=1.5)
     _check(b, out, q, causal, "float16", k_scale=0.5, v_scale=1.5)
 
@@ -507,11 +500,10 @@ def test_fp8_kv(causal, levels):
 @gpu
 def test_layouts_legacy_names_and_new_outputs():
     """HND and a (k_cache, v_cache) pair; begin_forward / forward; out and lse allocated by run()."""
-    torch = _torch()
     b = CascadeBatch([[(333, 3)], [(20, 2), (0, 1)]], [5, 9, 2], [2, 1, 2], 16, hq=8, hkv=2, d=64, layout="HND")
     w = fi_cupy.MultiLevelCascadeAttentionWrapper(3, _workspace(), "HND")
     w.begin_forward(*b.plan_args(), 8, 2, 64, 16, True, q_data_type="bfloat16")
-    q = torch.randn((5, 8, 64), device="cuda").to(torch.bfloat16)
+    q = rand((5, 8, 64), "bfloat16")
     _check(b, w.forward(q, b.cache), q, True, "bfloat16")
     o, lse = w.run(q, (b.cache[:, 0], b.cache[:, 1]), return_lse=True)
     _check(b, o, q, True, "bfloat16", lse=lse)
@@ -521,36 +513,40 @@ def test_layouts_legacy_names_and_new_outputs():
 def test_cuda_graph_replays_a_new_plan():
     """use_cuda_graph=True: a run captured once replays later plans (other lengths, fewer queries);
     rows past the current plan's queries are left alone."""
-    torch = _torch()
     spec = [[(700, 4)]]
     b1 = CascadeBatch(spec, [30, 1, 64, 200], [1, 1, 1, 1], 16, hq=32, hkv=8)
     w = fi_cupy.MultiLevelCascadeAttentionWrapper(2, _workspace(), use_cuda_graph=True)
     w.plan(*b1.plan_args(), 32, 8, 128, 16, q_data_type="bfloat16")
-    q = torch.randn((4, 32, 128), device="cuda").to(torch.bfloat16)
-    out = torch_nan_like(q)
-    cache = torch.zeros((64 + 4 * 20, 2, 16, 8, 128), device="cuda", dtype=torch.bfloat16)
-    cache[: b1.cache.shape[0]] = b1.cache
+    q = rand((4, 32, 128), "bfloat16")
+    out = nan_like(q)
+    cache = cp.zeros((64 + 4 * 20, 2, 16, 8, 128), dtype=cp.uint16).view(BF16)
+    bits(cache)[: b1.cache.shape[0]] = bits(b1.cache)
     w.run(q, cache, out=out)  # warm up outside the capture
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        w.run(q, cache, out=out)
-    torch.cuda.synchronize()
+    s = cp.cuda.Stream(non_blocking=True)  # does not wait for the legacy stream: synchronise around it
+    cp.cuda.Device().synchronize()
+    with s:
+        s.begin_capture()
+        try:
+            w.run(q, cache, out=out)
+        finally:
+            g = s.end_capture()
+    s.synchronize()
     b1.cache = cache
-    out.fill_(float("nan"))
-    g.replay()
-    torch.cuda.synchronize()
+    poison(out)
+    cp.cuda.Device().synchronize()
+    g.launch(s)
+    s.synchronize()
     _check(b1, out, q, False, "bfloat16")
     b2 = CascadeBatch([[(900, 3)]], [5, 0, 300], [1, 1, 1], 16, hq=32, hkv=8)  # fewer queries, longer KV
-    cache[: b2.cache.shape[0]] = b2.cache
+    bits(cache)[: b2.cache.shape[0]] = bits(b2.cache)
     b2.cache = cache
     w.plan(*b2.plan_args(), 32, 8, 128, 16, q_data_type="bfloat16")
-    out.fill_(float("nan"))
-    g.replay()
-    torch.cuda.synchronize()
+    poison(out)
+    cp.cuda.Device().synchronize()
+    g.launch(s)
+    s.synchronize()
     _check(b2, out, q, False, "bfloat16")
-    assert torch.isnan(out[3]).all()
+    assert np.isnan(f64(out[3])).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,19 +554,16 @@ def test_cuda_graph_replays_a_new_plan():
 
 
 def _shared_kv(n, hkv, d, dtype, layout):
-    torch = _torch()
-    g = _gen()
-    k = torch.randn((n, hkv, d), generator=g, device="cuda").to(_tdt(dtype))
-    v = torch.randn((n, hkv, d), generator=g, device="cuda").to(_tdt(dtype))
-    return (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+    k, v = rand((n, hkv, d), dtype), rand((n, hkv, d), dtype)
+    return (k, v) if layout == "NHD" else (contiguous(k.transpose(1, 0, 2)), contiguous(v.transpose(1, 0, 2)))
 
 
 def _with_shared(b, k_shared, v_shared):
     """b's reference with the contiguous shared prefix as level 0 (the paged tables hold the unique part)."""
-    ks, vs = (k_shared, v_shared) if b.layout == "NHD" else (k_shared.transpose(0, 1), v_shared.transpose(0, 1))
+    ks, vs = (k_shared, v_shared) if b.layout == "NHD" else (k_shared.transpose(1, 0, 2), v_shared.transpose(1, 0, 2))
     unique_segment = b.segment
     b.tables = [(_indptr([sum(b.qo)]), None, None, None, [ks.shape[0]], np.zeros(b.batch, int))] + b.tables
-    b.segment = lambda lv, r: (ks.double(), vs.double()) if lv == 0 else unique_segment(lv, r)
+    b.segment = lambda lv, r: (f64_dev(ks), f64_dev(vs)) if lv == 0 else unique_segment(lv, r)
 
 
 @gpu
@@ -578,46 +571,46 @@ def _with_shared(b, k_shared, v_shared):
     (0, 4, 16, "bfloat16"), (7, 1, 1, "float16"), (1000, 8, 16, "bfloat16"), (1000, 4, 1, "float16"),
     (32768, 4, 16, "bfloat16")])
 def test_shared_prefix_decode(prefix, group, page_size, dtype):
-    torch = _torch()
     unique = [3, 0, 17, 1, 64, 0]
     b = CascadeBatch([], unique, [1] * len(unique), page_size, hq=4 * group, hkv=4, d=128, kv_dtype=dtype)
     w = fi_cupy.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_workspace())
     qo_ip, ip, ix, last = b.tables[0][:4]
-    w.begin_forward(ip, ix, last, b.hq, b.hkv, b.d, page_size, data_type=_tdt(dtype))
+    w.begin_forward(ip, ix, last, b.hq, b.hkv, b.d, page_size, data_type=dtype)
     ks, vs = _shared_kv(prefix, b.hkv, b.d, dtype, "NHD")
-    q = torch.randn((len(unique), b.hq, b.d), generator=_gen(), device="cuda").to(_tdt(dtype))
+    q = rand((len(unique), b.hq, b.d), dtype)
     o = w.forward(q, ks, vs, b.cache)
     _with_shared(b, ks, vs)
     _check(b, o, q, False, dtype)
 
 
 @gpu
+@needs_torch
 def test_shared_prefix_decode_fp8_unique_and_bf16_q():
-    """data_type e4m3 (the unique cache); q bfloat16: forward() re-plans for q's dtype."""
-    torch = _torch()
+    """data_type e4m3 (the unique cache); q bfloat16: forward() re-plans for q's dtype. forward() reads the
+    cache's dtype from the array (a CuPy float8 cache would read as uint8): torch tensors, interop."""
     unique = [40, 0, 5]
     b = CascadeBatch([], unique, [1, 1, 1], 16, hq=16, hkv=4, d=128, kv_dtype="float8_e4m3fn")
     w = fi_cupy.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_workspace())
     w.begin_forward(*b.tables[0][1:4], 16, 4, 128, 16, data_type="float8_e4m3fn")
     ks, vs = _shared_kv(600, 4, 128, "bfloat16", "NHD")
-    q = torch.randn((3, 16, 128), device="cuda").to(torch.bfloat16)
-    o = w.forward(q, ks, vs, b.cache)
+    q = rand((3, 16, 128), "bfloat16")
+    o = w.forward(_torch_of(q), _torch_of(ks), _torch_of(vs), _torch_of(b.cache).view(torch.float8_e4m3fn))
+    assert isinstance(o, torch.Tensor) and o.dtype == torch.bfloat16
     _with_shared(b, ks, vs)
-    _check(b, o, q, False, "bfloat16")
+    _check(b, _cupy_of(o), q, False, "bfloat16")
 
 
 @gpu
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("prefix,group,layout", [(0, 1, "NHD"), (33, 4, "HND"), (2048, 8, "NHD")])
 def test_shared_prefix_prefill(causal, prefix, group, layout):
-    torch = _torch()
     qo = [5, 1, 3, 7]
     unique = [9, 0, 3, 100]  # request 1: queries but no tokens of its own
     b = CascadeBatch([], unique, qo, 16, hq=2 * group, hkv=2, d=128, layout=layout)
     w = fi_cupy.BatchPrefillWithSharedPrefixPagedKVCacheWrapper(_workspace(), layout)
     w.begin_forward(*b.tables[0][:4], b.hq, b.hkv, b.d, 16)
     ks, vs = _shared_kv(prefix, b.hkv, b.d, "bfloat16", layout)
-    q = torch.randn((sum(qo), b.hq, b.d), generator=_gen(), device="cuda").to(torch.bfloat16)
+    q = rand((sum(qo), b.hq, b.d), "bfloat16")
     o = w.forward(q, ks, vs, b.cache, causal=causal, sm_scale=0.1)
     _with_shared(b, ks, vs)
     _check(b, o, q, causal, "bfloat16", sm_scale=0.1)
@@ -631,7 +624,7 @@ def _planned_ml(ws_bytes=32 << 20):
     b = CascadeBatch([[(50, 3)]], [4, 0, 9], [1, 2, 1], 16, hq=8, hkv=2, d=64)
     w = fi_cupy.MultiLevelCascadeAttentionWrapper(2, _workspace(ws_bytes))
     w.plan(*b.plan_args(), 8, 2, 64, 16, causal=True, q_data_type="bfloat16")
-    q = _torch().randn((4, 8, 64), device="cuda").to(_torch().bfloat16)
+    q = rand((4, 8, 64), "bfloat16")
     return w, b, q
 
 
@@ -640,7 +633,7 @@ def _planned_decode_shared():
     w = fi_cupy.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_workspace(32 << 20))
     w.begin_forward(*b.tables[0][1:4], 8, 2, 64, 16, data_type="bfloat16")
     ks, vs = _shared_kv(20, 2, 64, "bfloat16", "NHD")
-    return w, b, _torch().randn((3, 8, 64), device="cuda").to(_torch().bfloat16), ks, vs
+    return w, b, rand((3, 8, 64), "bfloat16"), ks, vs
 
 
 def _unplanned_ml():
@@ -653,14 +646,15 @@ GPU_CASES = {
     "ml_plan_workspace_too_small": (_unplanned_ml, lambda w, b: w.plan(*b.plan_args(), 8, 2, 64, 16),
                                     ValueError, "float_workspace_buffer", "level 1's share"),
     "ml_run_q_short": (_planned_ml, lambda w, b, q: w.run(q[:3], b.cache), ValueError, "q", "has 3 rows"),
-    "ml_run_q_other_dtype": (_planned_ml, lambda w, b, q: w.run(q.half(), b.cache), TypeError, "q", "float16"),
+    "ml_run_q_other_dtype": (_planned_ml, lambda w, b, q: w.run(rand(q.shape, "float16"), b.cache), TypeError, "q",
+                             "float16"),
     "ml_run_cache_too_few_pages": (_planned_ml, lambda w, b, q: w.run(q, b.cache[:2]), ValueError,
                                    "paged_kv_indices_arr", "out of range"),
-    "ml_run_cache_other_heads": (_planned_ml, lambda w, b, q: w.run(q, b.cache[:, :, :, :1].contiguous()),
+    "ml_run_cache_other_heads": (_planned_ml, lambda w, b, q: w.run(q, contiguous(b.cache[:, :, :, :1])),
                                  ValueError, "paged_kv_cache", "does not match the plan"),
-    "ml_run_out_other_shape": (_planned_ml, lambda w, b, q: w.run(q, b.cache, out=q[:, :4].clone()), ValueError,
+    "ml_run_out_other_shape": (_planned_ml, lambda w, b, q: w.run(q, b.cache, out=contiguous(q[:, :4])), ValueError,
                                "out", "expected shape"),
-    "ml_run_lse_other_dtype": (_planned_ml, lambda w, b, q: w.run(q, b.cache, lse=q[:, :, 0].clone()), TypeError,
+    "ml_run_lse_other_dtype": (_planned_ml, lambda w, b, q: w.run(q, b.cache, lse=contiguous(q[:, :, 0])), TypeError,
                                "lse", "float32"),
     "ml_run_k_scale_text": (_planned_ml, lambda w, b, q: w.run(q, b.cache, k_scale="x"), TypeError, "k_scale", ""),
     "decode_shared_k_shared_heads": (_planned_decode_shared,
@@ -668,13 +662,16 @@ GPU_CASES = {
                                      ValueError, "k_shared", "does not match the plan"),
     "decode_shared_v_shared_shape": (_planned_decode_shared, lambda w, b, q, ks, vs: w.forward(q, ks, vs[:5], b.cache),
                                      ValueError, "v_shared", "must match k_shared"),
+    # A CuPy float8 prefix is its bytes (uint8): refused as a dtype other than q's all the same.
     "decode_shared_k_shared_fp8": (_planned_decode_shared, lambda w, b, q, ks, vs: w.forward(
-        q, ks.to(_torch().float8_e4m3fn), vs.to(_torch().float8_e4m3fn), b.cache), TypeError, "k_shared", "q's dtype"),
-    "decode_shared_q_float32": (_planned_decode_shared, lambda w, b, q, ks, vs: w.forward(q.float(), ks, vs, b.cache),
+        q, empty(ks.shape, "float8_e4m3fn"), empty(vs.shape, "float8_e4m3fn"), b.cache), TypeError, "k_shared",
+        "q's dtype"),
+    "decode_shared_q_float32": (_planned_decode_shared,
+                                lambda w, b, q, ks, vs: w.forward(rand(q.shape, "float32"), ks, vs, b.cache),
                                 TypeError, "q", "float32 is not supported"),
     "decode_shared_cache_float32": (_planned_decode_shared,
-                                    lambda w, b, q, ks, vs: w.forward(q, ks, vs, b.cache.float()), TypeError,
-                                    "unique_kv_cache", "float32"),
+                                    lambda w, b, q, ks, vs: w.forward(q, ks, vs, empty(b.cache.shape, "float32")),
+                                    TypeError, "unique_kv_cache", "float32"),
 }
 
 
@@ -692,8 +689,8 @@ def test_bad_input_gpu(name, monkeypatch):
     msg = str(err.value)
     assert msg.startswith(arg) and not msg[len(arg):len(arg) + 1].isalnum(), msg
     assert says in msg, msg
-    _torch().cuda.synchronize()
+    cp.cuda.Device().synchronize()
     w, b, q = _planned_ml()
-    out = torch_nan_like(q)
+    out = nan_like(q)
     w.run(q, b.cache, out=out)
     _check(b, out, q, True, "bfloat16")

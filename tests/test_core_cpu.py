@@ -128,3 +128,9 @@ def test_describe_strides_from_producers():
     assert arrays.describe(FakeCudaArray((3,), (1,), code=10, bits=8), "f8").dtype is dt.float8_e4m3fn
     with pytest.raises(TypeError, match="unsupported DLPack dtype"):
         arrays.describe(FakeCudaArray((3,), (1,), code=5, bits=64), "c")
+
+
+def test_target_arch_refuses_gpus_older_than_ampere():
+    from fi_cupy._core import compile as cc
+    with pytest.raises(cc.CudaEnvironmentError, match=r"compute capability 7\.5.*8\.0 or newer"):
+        cc.target_arch(75)

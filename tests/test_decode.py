@@ -1,7 +1,10 @@
-"""Decode attention on the GPU against the float64 reference (fi_cupy.reference), torch callers.
+"""Decode attention on the GPU against the float64 reference (fi_cupy.reference), CuPy callers.
 
-Every case draws fresh random inputs, shuffles the page table, and poisons out/lse with NaN so an
-unwritten element fails. Framework (CuPy, JAX) callers are in test_frameworks.py.
+Every case draws fresh random inputs (tests/gpu_arrays.py), shuffles the page table, and poisons out/lse
+with NaN so an unwritten element fails. A float8 cache is its bytes (uint8) planned with kv_data_type
+float8_e4m3fn / float8_e5m2. torch appears only in interop tests (torch streams, outputs allocated in
+torch, single decode with torch float8 K/V, whose dtype comes from the arrays); other framework callers
+are in test_frameworks.py.
 
 Coverage of test_path_grid (one item per path x group x page size; the minor axes rotate across
 items). Derived from fi_cupy/decode.py (uses_tensor_cores, decode_variant) and fi_cupy/scheduler.py
@@ -27,24 +30,29 @@ Each (path, group) meets "split" at two page sizes and "whole" and "tiny" at one
 """
 import math
 
+import cupy as cp
 import numpy as np
 import pytest
 
+import fi_cupy
 from fi_cupy import reference
+from gpu_arrays import BF16, FP8, bits, dtype_name, empty, f64, f64_dev, nan_like, poison, rand, rng, take
 from tolerances import assert_close, assert_lse_close
 
+try:
+    import torch
+except ImportError:
+    torch = None
+
 pytestmark = pytest.mark.gpu
-torch = pytest.importorskip("torch")
-import fi_cupy  # noqa: E402
-
-TORCH_DT = {"float16": torch.float16, "bfloat16": torch.bfloat16,
-            "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
-_seed = [0]
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (interop test)")
 
 
-def _gen():
-    _seed[0] += 1
-    return torch.Generator(device="cuda").manual_seed(1000 + _seed[0]), np.random.default_rng(_seed[0])
+def _torch_of(x):
+    """A torch CUDA copy of CuPy array x (interop tests): bfloat16 through its bits, float8 bytes as uint8."""
+    h = cp.asnumpy(bits(x))
+    t = torch.as_tensor(h.view(np.int16) if x.dtype == BF16 else h, device="cuda")
+    return t.view(torch.bfloat16) if x.dtype == BF16 else t
 
 
 class PagedBatch:
@@ -52,20 +60,19 @@ class PagedBatch:
 
     def __init__(self, kv_lens, page_size=16, hq=32, hkv=8, d=128, q_dt="bfloat16", kv_dt=None,
                  layout="NHD", as_tuple=False, spare_pages=3):
-        g, rng = _gen()
         kv_dt = kv_dt or q_dt
         self.kv_lens, self.page_size, self.hq, self.hkv, self.d = list(kv_lens), page_size, hq, hkv, d
         self.q_dt, self.kv_dt, self.layout = q_dt, kv_dt, layout
         npages = [math.ceil(n / page_size) for n in kv_lens]
         total = sum(npages) + spare_pages
-        perm = rng.permutation(total)
+        perm = rng().permutation(total)
         self.indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
         self.indices = perm[: self.indptr[-1]].astype(np.int32)
         self.last_page_len = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, npages)],
                                       dtype=np.int32)
         shape = (total, 2, page_size, hkv, d) if layout == "NHD" else (total, 2, hkv, page_size, d)
-        self.cache = torch.randn(shape, generator=g, device="cuda").to(TORCH_DT[kv_dt])
-        self.q = torch.randn((len(kv_lens), hq, d), generator=g, device="cuda").to(TORCH_DT[q_dt])
+        self.cache = rand(shape, kv_dt)  # float8: its bytes (uint8)
+        self.q = rand((len(kv_lens), hq, d), q_dt)
         self.as_tuple = as_tuple
 
     @property
@@ -74,17 +81,15 @@ class PagedBatch:
 
     def request_kv(self, r):
         """(k, v) of request r as float64 numpy (L, hkv, d)."""
-        c = self.cache.float()
+        pages = f64(take(self.cache, self.indices[self.indptr[r]: self.indptr[r + 1]]), self.kv_dt)
         if self.layout == "HND":
-            c = c.transpose(2, 3)
-        pages = torch.as_tensor(self.indices[self.indptr[r]: self.indptr[r + 1]].astype(np.int64), device="cuda")
-        kv = c[pages].transpose(0, 1).reshape(2, -1, self.hkv, self.d)[:, : self.kv_lens[r]]
-        kv = kv.double().cpu().numpy()
+            pages = pages.transpose(0, 1, 3, 2, 4)
+        kv = pages.transpose(1, 0, 2, 3, 4).reshape(2, -1, self.hkv, self.d)[:, : self.kv_lens[r]]
         return kv[0], kv[1]
 
     def reference(self, **kw):
         outs, lses = [], []
-        qf = self.q.double().cpu().numpy()
+        qf = f64(self.q)
         for r in range(len(self.kv_lens)):
             k, v = self.request_kv(r)
             o, lse = reference.decode_attention(qf[r], k, v, **kw)
@@ -94,7 +99,7 @@ class PagedBatch:
 
 
 def _workspace():
-    return torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    return cp.empty(128 * 1024 * 1024, dtype=cp.uint8)
 
 
 def run_batch(b: PagedBatch, pos_encoding_mode="NONE", window_left=-1, logits_soft_cap=None,
@@ -104,12 +109,11 @@ def run_batch(b: PagedBatch, pos_encoding_mode="NONE", window_left=-1, logits_so
            pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
            q_data_type=b.q_dt, kv_data_type=b.kv_dt, sm_scale=sm_scale, rope_scale=rope_scale,
            rope_theta=rope_theta)
-    out = torch.full_like(b.q, float("nan"))
-    lse = torch.full((len(b.kv_lens), b.hq), float("nan"), device="cuda")
+    out = nan_like(b.q)
+    lse = cp.full((len(b.kv_lens), b.hq), np.nan, dtype=cp.float32)
     o, l2 = w.run(b.q, b.kv_arg, out=out, lse=lse, return_lse=True, k_scale=k_scale, v_scale=v_scale)
     assert o is out and l2 is lse
-    torch.cuda.synchronize()
-    return out.double().cpu().numpy(), lse.double().cpu().numpy()
+    return f64(out), f64(lse)  # the copies to the host wait for the kernels
 
 
 def check_batch(b, **kw):
@@ -194,15 +198,12 @@ def test_batch_1024_requests():
 def test_long_context_split_kv_128k():
     b = PagedBatch([131072], hq=32, hkv=8, d=128)
     out, lse = run_batch(b)
-    # float32 reference on the GPU (the float64 CPU one would need gigabytes)
-    k, v = (x.float() for x in b.cache[torch.as_tensor(b.indices.astype(np.int64), device="cuda")]
-            .transpose(0, 1).reshape(2, -1, 8, 128))
-    q = b.q[0].float().view(8, 4, 128)
-    s = torch.einsum("hgd,lhd->hgl", q, k) / math.sqrt(128)
-    ref_o = torch.einsum("hgl,lhd->hgd", torch.softmax(s, -1), v).reshape(32, 128)
-    ref_l = (torch.logsumexp(s, -1) / math.log(2)).reshape(32)
-    assert_close(out[0], ref_o.double().cpu().numpy(), "bfloat16")
-    assert_lse_close(lse[0], ref_l.double().cpu().numpy())
+    # float64 reference on the GPU (reference.decode_attention takes CuPy arrays; on the host it would take
+    # gigabytes and minutes)
+    kv = f64_dev(take(b.cache, b.indices)).transpose(1, 0, 2, 3, 4).reshape(2, -1, 8, 128)
+    ref_o, ref_l = reference.decode_attention(f64_dev(b.q[0]), kv[0], kv[1])
+    assert_close(out[0], cp.asnumpy(ref_o), "bfloat16")
+    assert_lse_close(lse[0], cp.asnumpy(ref_l))
 
 
 def test_mixed_long_and_short_with_split():
@@ -211,109 +212,110 @@ def test_mixed_long_and_short_with_split():
 
 @pytest.mark.parametrize("kv_len,layout", [(1, "NHD"), (7, "HND"), (4097, "NHD"), (33000, "HND"), (0, "NHD")])
 def test_single_decode(kv_len, layout):
-    g, _ = _gen()
     hq, hkv, d = 32, 8, 128
     shape = (kv_len, hkv, d) if layout == "NHD" else (hkv, kv_len, d)
-    k = torch.randn(shape, generator=g, device="cuda").bfloat16()
-    v = torch.randn(shape, generator=g, device="cuda").bfloat16()
-    q = torch.randn((hq, d), generator=g, device="cuda").bfloat16()
+    k = rand(shape, "bfloat16")
+    v = rand(shape, "bfloat16")
+    q = rand((hq, d), "bfloat16")
     o, lse = fi_cupy.single_decode_with_kv_cache(q, k, v, kv_layout=layout, return_lse=True)
-    assert isinstance(o, torch.Tensor) and o.dtype == torch.bfloat16 and o.shape == (hq, d)
-    kk, vv = (x.double().cpu().numpy() for x in (k, v))
+    assert isinstance(o, cp.ndarray) and dtype_name(o) == "bfloat16" and o.shape == (hq, d)
+    kk, vv = f64(k), f64(v)
     if layout == "HND":
         kk, vv = kk.transpose(1, 0, 2), vv.transpose(1, 0, 2)
-    ro, rl = reference.decode_attention(q.double().cpu().numpy(), kk, vv)
-    assert_close(o.double().cpu().numpy(), ro, "bfloat16")
-    assert_lse_close(lse.double().cpu().numpy(), rl)
+    ro, rl = reference.decode_attention(f64(q), kk, vv)
+    assert_close(f64(o), ro, "bfloat16")
+    assert_lse_close(f64(lse), rl)
 
 
 def test_single_decode_growing_length_keeps_a_bounded_plan_cache():
     from fi_cupy import decode as dec
-    g, _ = _gen()
-    k = torch.randn((200, 2, 64), generator=g, device="cuda").half()
-    q = torch.randn((8, 64), generator=g, device="cuda").half()
+    k = rand((200, 2, 64), "float16")
+    q = rand((8, 64), "float16")
     for n in range(100, 200):  # a decode loop: one more token each step
         o = fi_cupy.single_decode_with_kv_cache(q, k[:n], k[:n])
     assert len(dec._single_plans) <= dec._single_plans.size
-    ro, _ = reference.decode_attention(q.double().cpu().numpy(), k[:199].double().cpu().numpy(),
-                                       k[:199].double().cpu().numpy())
-    assert_close(o.double().cpu().numpy(), ro, "float16")
+    ro, _ = reference.decode_attention(f64(q), f64(k[:199]), f64(k[:199]))
+    assert_close(f64(o), ro, "float16")
 
 
 def test_single_decode_strided_kv_and_options():
-    g, _ = _gen()
-    big = torch.randn((300, 4, 2, 64), generator=g, device="cuda").half()  # k, v interleaved per token
+    big = rand((300, 4, 2, 64), "float16")  # k, v interleaved per token
     k, v = big[:, :, 0], big[:, :, 1]
-    q = torch.randn((8, 64), generator=g, device="cuda").half()
+    q = rand((8, 64), "float16")
     o = fi_cupy.single_decode_with_kv_cache(q, k, v, window_left=50, logits_soft_cap=10.0,
                                             pos_encoding_mode="ROPE_LLAMA")
-    ro, _ = reference.decode_attention(q.double().cpu().numpy(), k.double().cpu().numpy(),
-                                       v.double().cpu().numpy(), window_left=50, logits_soft_cap=10.0, rope=True)
-    assert_close(o.double().cpu().numpy(), ro, "float16")
+    ro, _ = reference.decode_attention(f64(q), f64(k), f64(v), window_left=50, logits_soft_cap=10.0, rope=True)
+    assert_close(f64(o), ro, "float16")
 
 
 def test_cuda_graph_capture_replan_replay():
     b1 = PagedBatch([100, 2000, 5, 7000], hq=32, hkv=8)
     b2 = PagedBatch([3000, 1, 64, 9000], hq=32, hkv=8)  # same batch size, other lengths and pages
-    cache = torch.cat([b1.cache, b2.cache])  # one cache holding both page sets
+    cache = cp.concatenate([bits(b1.cache), bits(b2.cache)]).view(BF16)  # one cache holding both page sets
     off = b1.cache.shape[0]
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_cuda_graph=True)
     plan_args = dict(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16, q_data_type="bfloat16")
     w.plan(b1.indptr, b1.indices, b1.last_page_len, **plan_args)
-    q = b1.q.clone()
-    out = torch.full_like(q, float("nan"))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+    q = bits(b1.q).copy().view(BF16)
+    out = nan_like(q)
+    s = cp.cuda.Stream(non_blocking=True)  # does not wait for the legacy stream: synchronise around it
+    cp.cuda.Device().synchronize()
+    with s:
         w.run(q, cache, out=out)  # warm-up: compile and load outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        w.run(q, cache, out=out)
+        s.begin_capture()
+        try:
+            w.run(q, cache, out=out)
+        finally:
+            g = s.end_capture()
+    s.synchronize()
     w.plan(b2.indptr, b2.indices + off, b2.last_page_len, **plan_args)
-    q.copy_(b2.q)
-    out.fill_(float("nan"))
-    g.replay()
-    torch.cuda.synchronize()
+    bits(q)[...] = bits(b2.q)
+    poison(out)
+    cp.cuda.Device().synchronize()
+    g.launch(s)
+    s.synchronize()
     expect = w.run(b2.q, cache)  # uncaptured run of the new plan
-    torch.cuda.synchronize()
-    assert torch.equal(out, expect)
+    assert np.array_equal(f64(out), f64(expect))
     ro, _ = b2.reference()
-    assert_close(out.double().cpu().numpy(), ro, "bfloat16")
+    assert_close(f64(out), ro, "bfloat16")
 
 
 def test_cache_over_2_pow_31_elements():
     # (num_pages, 2, 16, 8, 128) bf16 with 66000 pages: 4.3e9 elements; use the pages past 2^31.
     hkv, d, ps, pages = 8, 128, 16, 66000
-    cache = torch.empty((pages, 2, ps, hkv, d), dtype=torch.bfloat16, device="cuda")
-    assert cache.numel() > 2 ** 31
-    g, _ = _gen()
+    cache = empty((pages, 2, ps, hkv, d), "bfloat16")
+    assert cache.size > 2 ** 31
     lens = [300, 5000]
     npg = [math.ceil(n / ps) for n in lens]
-    idx = np.arange(pages - sum(npg), pages, dtype=np.int32)[::-1].copy()  # last pages, reversed
-    cache[torch.as_tensor(idx.astype(np.int64), device="cuda")] = \
-        torch.randn((len(idx), 2, ps, hkv, d), generator=g, device="cuda").bfloat16()
+    base = pages - sum(npg)
+    idx = np.arange(base, pages, dtype=np.int32)[::-1].copy()  # last pages, reversed
+    # Page idx[i] gets rows[i]. Written and read through the tail slice: CuPy's own copy kernels then
+    # index a small array (the kernel under test gets the whole cache).
+    rows = rand((len(idx), 2, ps, hkv, d), "bfloat16")
+    bits(cache)[base:] = bits(rows)[::-1]
     indptr = np.array([0, npg[0], sum(npg)], np.int32)
     last = np.array([n - (p - 1) * ps for n, p in zip(lens, npg)], np.int32)
-    q = torch.randn((2, 32, d), generator=g, device="cuda").bfloat16()
+    q = rand((2, 32, d), "bfloat16")
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
     w.plan(indptr, idx, last, 32, hkv, d, ps, q_data_type="bfloat16")
     out = w.run(q, cache)
-    torch.cuda.synchronize()
     for r in range(2):
-        pg = torch.as_tensor(idx[indptr[r]: indptr[r + 1]].astype(np.int64), device="cuda")
-        kv = cache[pg].transpose(0, 1).reshape(2, -1, hkv, d)[:, : lens[r]].double().cpu().numpy()
-        ro, _ = reference.decode_attention(q[r].double().cpu().numpy(), kv[0], kv[1])
-        assert_close(out[r].double().cpu().numpy(), ro, "bfloat16")
+        pg = idx[indptr[r]: indptr[r + 1]] - base
+        kv = f64(take(cache[base:], pg)).transpose(1, 0, 2, 3, 4).reshape(2, -1, hkv, d)[:, : lens[r]]
+        ro, _ = reference.decode_attention(f64(q[r]), kv[0], kv[1])
+        assert_close(f64(out[r]), ro, "bfloat16")
 
 
+@needs_torch
 def test_non_default_torch_stream_is_ordered():
     b = PagedBatch([4000, 4000])
+    cache = _torch_of(b.cache)
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
     w.plan(b.indptr, b.indices, b.last_page_len, b.hq, b.hkv, b.d, b.page_size, q_data_type="bfloat16")
-    q = torch.zeros_like(b.q)
+    q = torch.zeros(b.q.shape, dtype=torch.bfloat16, device="cuda")
+    q_src = _torch_of(b.q)
     out = torch.full_like(q, float("nan"))
-    w.run(q, b.cache, out=out)  # warm-up (compile) on the default stream
+    w.run(q, cache, out=out)  # warm-up (compile) on the default stream
     torch.cuda.synchronize()
     out.fill_(float("nan"))
     s = torch.cuda.Stream()
@@ -322,18 +324,19 @@ def test_non_default_torch_stream_is_ordered():
     with torch.cuda.stream(s):
         for _ in range(20):  # ~tens of ms of queued work before q is written
             x = x @ x / 100.0
-        q.copy_(b.q)
-        w.run(q, b.cache, out=out)  # must run after the copy, on stream s
+        q.copy_(q_src)
+        w.run(q, cache, out=out)  # must run after the copy, on stream s
     s.synchronize()
     ro, _ = b.reference()
     assert_close(out.double().cpu().numpy(), ro, "bfloat16")
 
 
+@needs_torch
 def test_outputs_allocated_in_torch():
     b = PagedBatch([10, 20])
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
     w.plan(b.indptr, b.indices, b.last_page_len, b.hq, b.hkv, b.d, b.page_size, q_data_type=torch.bfloat16)
-    o, lse = w.run(b.q, b.cache, return_lse=True)
+    o, lse = w.run(_torch_of(b.q), _torch_of(b.cache), return_lse=True)
     assert isinstance(o, torch.Tensor) and o.dtype == torch.bfloat16 and o.shape == b.q.shape
     assert isinstance(lse, torch.Tensor) and lse.dtype == torch.float32 and lse.shape == (2, 32)
 
@@ -341,11 +344,10 @@ def test_outputs_allocated_in_torch():
 def test_plan_accepts_device_index_arrays():
     b = PagedBatch([10, 200, 3])
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
-    w.plan(torch.as_tensor(b.indptr, device="cuda"), torch.as_tensor(b.indices, device="cuda"),
-           torch.as_tensor(b.last_page_len, device="cuda"), b.hq, b.hkv, b.d, b.page_size, q_data_type="bfloat16")
+    w.plan(cp.asarray(b.indptr), cp.asarray(b.indices), cp.asarray(b.last_page_len), b.hq, b.hkv, b.d, b.page_size,
+           q_data_type="bfloat16")
     out = w.run(b.q, b.cache)
-    torch.cuda.synchronize()
-    assert_close(out.double().cpu().numpy(), b.reference()[0], "bfloat16")
+    assert_close(f64(out), b.reference()[0], "bfloat16")
 
 
 def test_wgmma_probe_runs():
@@ -437,31 +439,30 @@ def test_regression_group1_cuda_core_kernel(kv_dt, rope, d, page_size):
     b = PagedBatch([97] * 12, page_size=page_size, hq=4, hkv=4, d=d, q_dt="float16", kv_dt=kv_dt)
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD")
     mode = "ROPE_LLAMA" if rope else "NONE"
-    dev = {"device": "cuda", "dtype": torch.int32}  # as the report passed them: int32 CUDA tensors
-    w.plan(torch.as_tensor(b.indptr, **dev), torch.as_tensor(b.indices, **dev), torch.as_tensor(b.last_page_len, **dev),
-           4, 4, d, page_size, pos_encoding_mode=mode, q_data_type=torch.float16, kv_data_type=TORCH_DT[kv_dt])
+    dev = lambda a: cp.asarray(a, dtype=cp.int32)  # noqa: E731 - as the report passed them: int32 device arrays
+    w.plan(dev(b.indptr), dev(b.indices), dev(b.last_page_len), 4, 4, d, page_size, pos_encoding_mode=mode,
+           q_data_type="float16", kv_data_type=kv_dt)
     assert not fi_cupy.decode.uses_tensor_cores(w._plan.params.q_dtype, w._plan.params.kv_dtype, rope)
     assert w._plan.heads_per_block == (1, 1)
     o, lse = w.run(b.q, b.cache, return_lse=True)
-    torch.cuda.synchronize()  # a misaligned access raises here
+    cp.cuda.Device().synchronize()  # a misaligned access raises here
     ro, rl = b.reference(rope=rope)
-    assert_close(o.double().cpu().numpy(), ro, "float16")
-    assert_lse_close(lse.double().cpu().numpy(), rl)
+    assert_close(f64(o), ro, "float16")
+    assert_lse_close(f64(lse), rl)
 
 
-@pytest.mark.parametrize("kv_dt,rope", [("float8_e4m3fn", False), ("float16", True)])
+@pytest.mark.parametrize("kv_dt,rope", [pytest.param("float8_e4m3fn", False, marks=needs_torch), ("float16", True)])
 def test_regression_group1_cuda_core_single_decode(kv_dt, rope):
-    g, _ = _gen()
-    k = torch.randn((97, 4, 128), generator=g, device="cuda").to(TORCH_DT[kv_dt])
-    v = torch.randn((97, 4, 128), generator=g, device="cuda").to(TORCH_DT[kv_dt])
-    q = torch.randn((4, 128), generator=g, device="cuda").half()
+    k, v = rand((97, 4, 128), kv_dt), rand((97, 4, 128), kv_dt)
+    q = rand((4, 128), "float16")
+    ro, rl = reference.decode_attention(f64(q), f64(k, kv_dt), f64(v, kv_dt), rope=rope)
+    if kv_dt in FP8:  # single decode reads the K/V dtype from the arrays: float8 K/V are torch tensors
+        q, k, v = _torch_of(q), _torch_of(k).view(getattr(torch, kv_dt)), _torch_of(v).view(getattr(torch, kv_dt))
     o, lse = fi_cupy.single_decode_with_kv_cache(q, k, v, pos_encoding_mode="ROPE_LLAMA" if rope else "NONE",
                                                  return_lse=True)
-    torch.cuda.synchronize()
-    ro, rl = reference.decode_attention(q.double().cpu().numpy(), k.double().cpu().numpy(),
-                                        v.double().cpu().numpy(), rope=rope)
-    assert_close(o.double().cpu().numpy(), ro, "float16")
-    assert_lse_close(lse.double().cpu().numpy(), rl)
+    host = (lambda x: x.double().cpu().numpy()) if kv_dt in FP8 else f64  # synchronises: a misaligned access raises
+    assert_close(host(o), ro, "float16")
+    assert_lse_close(host(lse), rl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +480,7 @@ def planned():
 def test_error_q_dtype(planned):
     w, b = planned
     with pytest.raises(TypeError, match="q: dtype float16 does not match the planned q_data_type bfloat16"):
-        w.run(b.q.half(), b.cache)
+        w.run(rand(b.q.shape, "float16"), b.cache)
 
 
 def test_error_q_shape_and_cpu(planned):
@@ -487,12 +488,12 @@ def test_error_q_shape_and_cpu(planned):
     with pytest.raises(ValueError, match=r"q: expected shape \(2, 32, 128\)"):
         w.run(b.q[:, :16], b.cache)
     with pytest.raises(ValueError, match="q: expected an array on a CUDA device, got one on CPU"):
-        w.run(b.q.cpu(), b.cache)
+        w.run(cp.asnumpy(bits(b.q)).view(BF16), b.cache)  # a host bfloat16 array (copied as its bits)
 
 
 def test_error_non_contiguous_q(planned):
     w, b = planned
-    qt = torch.empty((2, 32, 256), dtype=torch.bfloat16, device="cuda")[:, :, ::2]
+    qt = empty((2, 32, 256), "bfloat16")[:, :, ::2]
     with pytest.raises(ValueError, match="q: the last dim must be contiguous"):
         w.run(qt, b.cache)
 
@@ -502,7 +503,7 @@ def test_error_cache_mismatch(planned):
     with pytest.raises(ValueError, match="paged_kv_cache: expected shape"):
         w.run(b.q, b.cache[:, 0])
     with pytest.raises(TypeError, match="paged_kv_cache: dtype float16 does not match the planned kv_data_type"):
-        w.run(b.q, b.cache.half())
+        w.run(b.q, empty(b.cache.shape, "float16"))
     with pytest.raises(ValueError, match="does not match the plan"):
         w.run(b.q, b.cache[:, :, :8])
 
@@ -520,9 +521,9 @@ def test_error_page_index_out_of_range():
 def test_error_out_buffer(planned):
     w, b = planned
     with pytest.raises(ValueError, match=r"out: expected shape \(2, 32, 128\)"):
-        w.run(b.q, b.cache, out=torch.empty((2, 32, 64), dtype=torch.bfloat16, device="cuda"))
+        w.run(b.q, b.cache, out=empty((2, 32, 64), "bfloat16"))
     with pytest.raises(TypeError, match="lse: dtype bfloat16 does not match the lse dtype"):
-        w.run(b.q, b.cache, lse=torch.empty((2, 32), dtype=torch.bfloat16, device="cuda"), return_lse=True)
+        w.run(b.q, b.cache, lse=empty((2, 32), "bfloat16"), return_lse=True)
 
 
 def test_error_plan_arguments():
@@ -538,14 +539,14 @@ def test_error_plan_arguments():
 
 
 def test_error_workspace_too_small():
-    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(torch.empty(1024, dtype=torch.uint8, device="cuda"))
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(cp.empty(1024, dtype=cp.uint8))
     with pytest.raises(ValueError, match="float_workspace_buffer: 1024 bytes is too small"):
         w.plan(np.array([0, 1]), np.array([0]), np.array([1]), 32, 8, 128, 16)
 
 
 def test_error_single_decode_inputs():
-    q = torch.randn((32, 128), device="cuda").bfloat16()
-    k = torch.randn((10, 8, 128), device="cuda").bfloat16()
+    q = rand((32, 128), "bfloat16")
+    k = rand((10, 8, 128), "bfloat16")
     with pytest.raises(ValueError, match="v: must match k"):
         fi_cupy.single_decode_with_kv_cache(q, k, k[:5])
     with pytest.raises(ValueError, match="k: head_dim 64 does not match q's head_dim 128"):
@@ -553,4 +554,4 @@ def test_error_single_decode_inputs():
     with pytest.raises(ValueError, match="kv_layout: 'NDH' is not one of"):
         fi_cupy.single_decode_with_kv_cache(q, k, k, kv_layout="NDH")
     with pytest.raises(TypeError, match="q: dtype float32 is not supported"):
-        fi_cupy.single_decode_with_kv_cache(q.float(), k, k)
+        fi_cupy.single_decode_with_kv_cache(rand(q.shape, "float32"), k, k)

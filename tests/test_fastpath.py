@@ -1,7 +1,7 @@
 """The per-signature fast path (fi_cupy/_core/fastpath.py): a call of a known signature replays the recorded
 launches; changing one property of the signature at a time (dtype, strides, alignment, out=, stream, a scalar,
-a re-plan) must be noticed, and every result matches the reference. CuPy arrays throughout; torch only where a
-test says so (importorskip inside the test). CPU tests at the end."""
+a re-plan) must be noticed, and every result matches the reference. CuPy arrays throughout; torch only in the
+interop test of a torch caller (marked needs_torch: skipped without torch). CPU tests at the end."""
 import numpy as np
 import pytest
 
@@ -12,7 +12,13 @@ from fi_cupy._core.arrays import ArrayInfo, contiguous_strides
 from fi_cupy._core import dtypes as dt
 from tolerances import assert_close
 
+try:
+    import torch
+except ImportError:  # the CuPy tests need no torch
+    torch = None
+
 gpu = pytest.mark.gpu
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (interop test)")
 
 
 def _cp():
@@ -188,8 +194,8 @@ def test_paged_prefill_run_replays():
 
 
 @gpu
+@needs_torch
 def test_torch_caller_replays():
-    torch = pytest.importorskip("torch")
     norm._SIGS.clear()
     w = torch.randn(256, device="cuda", dtype=torch.bfloat16)
     for seed in range(3):

@@ -1,17 +1,31 @@
-"""CuPy and JAX callers get their own framework's arrays back; DLPack edge cases on the GPU."""
+"""CuPy and JAX callers get their own framework's arrays back; DLPack edge cases on the GPU. Interop
+tests of torch and JAX callers are marked needs_torch / needs_jax: each skips on its own without its
+framework, and the CuPy tests run with CuPy alone."""
 import math
 
+import cupy
 import numpy as np
 import pytest
 
+import fi_cupy
 from fi_cupy import reference
+from fi_cupy._core import arrays
+from fi_cupy._core import dtypes as dt
 from tolerances import assert_close, assert_lse_close
 
+try:
+    import torch
+except ImportError:
+    torch = None
+try:
+    import jax
+    import jax.numpy as jnp
+except ImportError:
+    jax = jnp = None
+
 pytestmark = pytest.mark.gpu
-cupy = pytest.importorskip("cupy")
-import fi_cupy  # noqa: E402
-from fi_cupy._core import arrays  # noqa: E402
-from fi_cupy._core import dtypes as dt  # noqa: E402
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (interop test)")
+needs_jax = pytest.mark.skipif(jax is None, reason="needs JAX (interop test)")
 
 
 def _paged(xp_from_numpy, rng, lens, ps=16, hq=16, hkv=4, d=128, dtype=np.float16):
@@ -64,9 +78,8 @@ def test_cupy_on_a_non_default_stream():
     assert_close(cupy.asnumpy(o), ro, "float16")
 
 
+@needs_jax
 def test_jax_caller_gets_jax_arrays_and_inputs_stay_unchanged():
-    jax = pytest.importorskip("jax")
-    jnp = jax.numpy
     rng = np.random.default_rng(2)
     for dtype, name in ((np.float16, "float16"), (jnp.bfloat16, "bfloat16")):
         q, cache, indptr, idx, last, ro, rl = _paged(jnp.asarray, rng, [7, 900, 0], dtype=dtype)
@@ -84,9 +97,8 @@ def test_jax_caller_gets_jax_arrays_and_inputs_stay_unchanged():
         assert np.isfinite(float(jnp.sum(o.astype(jnp.float32) * 2)))
 
 
+@needs_jax
 def test_jax_single_decode():
-    jax = pytest.importorskip("jax")
-    jnp = jax.numpy
     rng = np.random.default_rng(3)
     q = jnp.asarray(rng.standard_normal((8, 64)), jnp.bfloat16)
     k = jnp.asarray(rng.standard_normal((333, 2, 64)), jnp.bfloat16)
@@ -112,8 +124,8 @@ def test_describe_edge_cases():
     assert sl.strides == (12, 4, 2) and sl.ptr == a.data.ptr + 16
 
 
+@needs_torch
 def test_describe_torch_bf16_and_fp8():
-    torch = pytest.importorskip("torch")
     for tdt, d in ((torch.bfloat16, dt.bfloat16), (torch.float8_e4m3fn, dt.float8_e4m3fn),
                    (torch.float8_e5m2, dt.float8_e5m2), (torch.int64, dt.int64)):
         t = torch.zeros((3, 16), device="cuda").to(tdt)
@@ -121,8 +133,8 @@ def test_describe_torch_bf16_and_fp8():
         assert info.dtype is d and info.ptr == t.data_ptr() and info.framework == "torch"
 
 
+@needs_torch
 def test_explicit_stream_argument():
-    torch = pytest.importorskip("torch")
     g = torch.Generator(device="cuda").manual_seed(4)
     q = torch.randn((8, 128), generator=g, device="cuda").half()
     k = torch.randn((500, 2, 128), generator=g, device="cuda").half()
@@ -134,9 +146,9 @@ def test_explicit_stream_argument():
     assert_close(o.double().cpu().numpy(), ro, "float16")
 
 
+@needs_torch
 def test_fast_paths_match_dlpack():
     """torch and CuPy arrays are read from their own attributes: the same description as DLPack's."""
-    torch = pytest.importorskip("torch")
     base = torch.zeros((6, 1, 4, 32), device="cuda")
     cases = [base.bfloat16(), base.half()[:, :, 1:, ::2], base.to(torch.float8_e5m2), base.int()[2:],
              base[:, :, :, :16].transpose(0, 2)]

@@ -2,7 +2,10 @@
 of every op family, each compared against fi_cupy.reference with the tolerance rules of tolerances.py.
 
 One pytest item a case, `test_fuzz[<family>-<seed>]`. A case draws everything (configuration and
-data) from its seed alone, so one failure reproduces with one command, whatever ran before it:
+data) from its seed alone, so one failure reproduces with one command, whatever ran before it (on a
+machine with the same frameworks: inputs are CuPy arrays, and the few torch-caller options, a
+torch.Generator and float8 arrays where the API reads float8 from the array's dtype, are drawn only
+where torch with CUDA is importable, so the suite runs in full with CuPy alone):
 
     FI_CUPY_FUZZ_REPRO=<family>:<seed> pytest tests/test_fuzz.py
 
@@ -21,14 +24,14 @@ it, runs fi_cupy and compares against the reference, raising AssertionError.
 """
 import os
 
+import cupy
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.gpu
-torch = pytest.importorskip("torch")
+import fuzz_attention
+import fuzz_ops
 
-import fuzz_attention  # noqa: E402
-import fuzz_ops  # noqa: E402
+pytestmark = pytest.mark.gpu
 
 FAMILIES = {**fuzz_attention.FAMILIES, **fuzz_ops.FAMILIES}
 
@@ -69,6 +72,6 @@ def test_fuzz(family, seed):
         raise AssertionError(f"{e}\n  config: {case}") from e
     finally:
         try:
-            torch.cuda.synchronize()
-        except RuntimeError as e:  # sticky: every later CUDA call in this process would fail too
+            cupy.cuda.runtime.deviceSynchronize()  # every stream: torch callers' too
+        except RuntimeError as e:  # CUDARuntimeError, sticky: every later CUDA call in this process would fail too
             pytest.exit(f"sticky CUDA error after {case}: {e}", returncode=3)

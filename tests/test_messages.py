@@ -21,13 +21,25 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import cupy  # a dependency of fi_cupy: the "no CuPy" cases run in subprocesses
+from cupy_backends.cuda.api.runtime import CUDARuntimeError
+
 import fi_cupy
 from conftest import GPU_SKIP_REASON
 from fi_cupy._core import arrays, kernels, streams
 from fi_cupy._core import dtypes as dt
 
-cupy = pytest.importorskip("cupy")
-from cupy_backends.cuda.api.runtime import CUDARuntimeError  # noqa: E402
+try:
+    import torch
+except ImportError:  # only the torch-tensor cases need it
+    torch = None
+try:
+    import jax
+except ImportError:  # only the JAX-array case needs it
+    jax = None
+
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (interop test)")
+needs_jax = pytest.mark.skipif(jax is None, reason="needs JAX (interop test)")
 
 REPO = Path(__file__).resolve().parents[1]
 MOVE_IT = "move it to the GPU first: cupy.asarray(x), torch.as_tensor(x, device='cuda') or jax.device_put(x)"
@@ -297,8 +309,8 @@ def test_host_q_into_decode_run(no_gpu, monkeypatch):
         w.run(_host((2, 8, 64)), StubArray((10, 2, 16, 2, 64)), stream=0)
 
 
+@needs_torch
 def test_host_torch_tensor_is_refused_naming_it(no_gpu):
-    torch = pytest.importorskip("torch")
     want = f"expected an array on a CUDA device, got one on CPU (a torch CPU tensor); {MOVE_IT}"
     with pytest.raises(TypeError, match=re.escape(f"input: {want}")):  # first array
         fi_cupy.gelu_and_mul(torch.zeros(4, 128, dtype=torch.float16))
@@ -308,8 +320,8 @@ def test_host_torch_tensor_is_refused_naming_it(no_gpu):
         fi_cupy.gelu_and_mul(torch.zeros(4, 128, device="meta"))  # not host memory: no advice to move it
 
 
+@needs_jax
 def test_host_jax_array_is_refused_naming_it(no_gpu):
-    jax = pytest.importorskip("jax")
     x = jax.device_put(np.zeros((4, 64), np.float16), jax.devices("cpu")[0])
     with pytest.raises(TypeError, match=re.escape(f"input: expected an array on a CUDA device, got one on CPU (a "
                                                   f"JAX CPU array); {MOVE_IT}")):
@@ -320,7 +332,12 @@ def test_plan_index_arrays_stay_host_arrays():
     """plan() index arrays are host arrays by design (checks.host_int_array): not refused."""
     from fi_cupy._core import checks
     assert checks.host_int_array("indptr", np.array([0, 2, 3], np.int32)).tolist() == [0, 2, 3]
-    torch = pytest.importorskip("torch")
+
+
+@needs_torch
+def test_plan_index_arrays_stay_host_arrays_torch():
+    """The same for a torch CPU tensor (the torch caller's host index arrays)."""
+    from fi_cupy._core import checks
     assert checks.host_int_array("indptr", torch.tensor([0, 2, 3])).tolist() == [0, 2, 3]
 
 

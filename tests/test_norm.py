@@ -1,8 +1,10 @@
-"""Norms on the GPU against float64 references written as model code writes them (fi_cupy.reference):
-every dtype, hidden sizes that are not multiples of the vector width, 1 to 65536 tokens, a stride on
-the token axis, per-head q/k norm on (tokens, heads, head_dim) views sliced out of a fused qkv buffer
-(in place, into a strided out=, or into a new array), NaN-poisoned outputs. CPU tests check the row
-addressing (row_layout and the launch arguments) and its errors."""
+"""Norms on the GPU against float64 references written as model code writes them (fi_cupy.reference),
+CuPy callers (inputs from tests/gpu_arrays.py; bfloat16 as ml_dtypes arrays): every dtype, hidden sizes
+that are not multiples of the vector width, 1 to 65536 tokens, a stride on the token axis, per-head q/k
+norm on (tokens, heads, head_dim) views sliced out of a fused qkv buffer (in place, into a strided out=,
+or into a new array), NaN-poisoned outputs. JAX callers in one test. CPU tests check the row addressing
+(row_layout and the launch arguments) and its errors."""
+import cupy as cp
 import numpy as np
 import pytest
 
@@ -12,19 +14,17 @@ from fi_cupy._core import dtypes as dt
 from fi_cupy._core import kernels
 from fi_cupy._core.arrays import ArrayInfo, contiguous_strides
 from fi_cupy._core.fastdiv import fastdiv_quot
+from gpu_arrays import BF16, DTYPES, cast, dtype_name, empty, f64, host_dtype, nan_like, rand
 from tolerances import assert_close
-from torch_util import DTYPES, f64, nan_like, rand
 
 try:
-    import torch
-except ImportError:  # the CPU tests need no torch
-    torch = None
+    import jax.numpy as jnp
+except ImportError:  # JAX callers: one interop test
+    jnp = None
 
+needs_jax = pytest.mark.skipif(jnp is None, reason="needs JAX (interop test)")
 
-def gpu(fn):
-    """A GPU test (torch callers)."""
-    return pytest.mark.gpu(pytest.mark.skipif(torch is None, reason="needs torch")(fn))
-
+gpu = pytest.mark.gpu
 
 HIDDEN = (1, 64, 4095, 4096, 5120, 8192, 70000)  # 70000: longer than a register-held row
 
@@ -49,7 +49,7 @@ def test_rmsnorm_token_counts_and_float32_weight(tokens):
     x = rand((tokens, 128), "bfloat16")
     w = rand((128,), "float32")
     got = fi_cupy.rmsnorm(x, w)
-    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    assert isinstance(got, cp.ndarray) and dtype_name(got) == "bfloat16" and got.shape == x.shape
     assert_close(f64(got), reference.rmsnorm(f64(x), f64(w), 1e-6), "bfloat16")
 
 
@@ -73,11 +73,7 @@ def test_fused_add_rmsnorm(dtype, hidden, gemma):
     x0, r0 = f64(x), f64(r)
     fn = fi_cupy.gemma_fused_add_rmsnorm if gemma else fi_cupy.fused_add_rmsnorm
     assert fn(x, r, w, eps=1e-6) is None
-    store = {"float16": np.float16, "float32": np.float32}.get(dtype)
-    if store is None:
-        import ml_dtypes
-        store = ml_dtypes.bfloat16
-    normed, summed = reference.fused_add_rmsnorm(x0, r0, f64(w), 1e-6, gemma, store)
+    normed, summed = reference.fused_add_rmsnorm(x0, r0, f64(w), 1e-6, gemma, host_dtype(dtype))
     assert np.array_equal(f64(r), summed), "residual must hold input + residual rounded to its dtype"
     assert_close(f64(x), normed, dtype)
 
@@ -86,7 +82,7 @@ def test_fused_add_rmsnorm(dtype, hidden, gemma):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [1, 768, 4095, 70000])
 def test_layernorm(dtype, hidden):
-    x = rand((5, hidden), dtype, scale=3.0) + 2.0  # a mean far from 0
+    x = cast(rand((5, hidden), "float32", scale=3.0) + np.float32(2.0), dtype)  # a mean far from 0
     g, b = rand((hidden,), "float32"), rand((hidden,), "float32")
     got = fi_cupy.layernorm(x, g, b, 1e-5)
     assert_close(f64(got), reference.layernorm(f64(x), f64(g), f64(b), 1e-5), dtype)
@@ -94,18 +90,18 @@ def test_layernorm(dtype, hidden):
 
 @gpu
 def test_zero_rows_and_cupy_caller():
-    import cupy
     assert fi_cupy.rmsnorm(rand((0, 64)), rand((64,))).shape == (0, 64)
-    x = cupy.random.standard_normal((4, 100), dtype=cupy.float32)
-    w = cupy.random.standard_normal(100, dtype=cupy.float32)
+    x = cp.random.standard_normal((4, 100), dtype=cp.float32)
+    w = cp.random.standard_normal(100, dtype=cp.float32)
     got = fi_cupy.rmsnorm(x, w)
-    assert isinstance(got, cupy.ndarray)
-    assert_close(cupy.asnumpy(got), reference.rmsnorm(cupy.asnumpy(x), cupy.asnumpy(w)), "float32")
+    assert isinstance(got, cp.ndarray)
+    assert_close(cp.asnumpy(got), reference.rmsnorm(cp.asnumpy(x), cp.asnumpy(w)), "float32")
 
 
 @gpu
+@needs_jax
 def test_jax_fused_add_returns_new_arrays():
-    jnp = pytest.importorskip("jax.numpy")
+    """Interop: JAX arrays are immutable."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 64)), dtype=jnp.float32)
     r = jnp.asarray(np.random.default_rng(1).standard_normal((3, 64)), dtype=jnp.float32)
     w = jnp.ones(64, jnp.float32)
@@ -123,92 +119,56 @@ def test_jax_fused_add_returns_new_arrays():
 OUT_MODES = ("new", "strided", "in_place")
 
 
-class Torch:
-    """What the qk-norm checks need of a framework (the caller's arrays stay in it)."""
-    @staticmethod
-    def buffer(shape, dtype):
-        return rand(shape, dtype)
-
-    @staticmethod
-    def nan_buffer(shape, dtype):
-        return torch.full(shape, float("nan"), device="cuda", dtype=getattr(torch, dtype))
-
-    @staticmethod
-    def heads(buf, col, heads, d):
-        """buf[:, col:col + heads * d] as (tokens, heads, d): rows do not collapse into one axis."""
-        return buf[:, col:col + heads * d].view(buf.shape[0], heads, d)
-
-    @staticmethod
-    def bits(x):  # a copy of the raw bits, on the device: NaN compares equal to itself
-        return x.view({2: torch.int16, 4: torch.int32}[x.element_size()]).clone()
-
-    equal = staticmethod(lambda a, b: torch.equal(a, b))
-    f64 = staticmethod(f64)
+def _nan_buffer(shape, dtype):
+    return nan_like(empty(shape, dtype))
 
 
-class CuPy:
-    @staticmethod
-    def buffer(shape, dtype):
-        import cupy
-        return cupy.random.default_rng(7).standard_normal(shape, "float32").astype(dtype)
-
-    @staticmethod
-    def nan_buffer(shape, dtype):
-        import cupy
-        return cupy.full(shape, np.nan, dtype)
-
-    @staticmethod
-    def heads(buf, col, heads, d):
-        v = buf[:, col:col + heads * d].reshape(buf.shape[0], heads, d)
-        assert v.data.ptr == buf.data.ptr + col * buf.itemsize, "reshape copied: not a view of the buffer"
-        return v
-
-    @staticmethod
-    def bits(x):
-        import cupy
-        return x.view({2: cupy.int16, 4: cupy.int32}[x.itemsize]).copy()
-
-    @staticmethod
-    def equal(a, b) -> bool:
-        import cupy
-        return bool(cupy.array_equal(a, b))
-
-    @staticmethod
-    def f64(x) -> np.ndarray:
-        import cupy
-        return cupy.asnumpy(x).astype(np.float64)
+def _heads(buf, col, heads, d):
+    """buf[:, col:col + heads * d] as (tokens, heads, d): a view whose rows do not collapse into one axis
+    (as_strided, so that no reshape can copy it)."""
+    item = buf.itemsize
+    return cp.lib.stride_tricks.as_strided(buf[:, col:], (buf.shape[0], heads, d), (buf.strides[0], d * item, item))
 
 
-def _same_outside(fw, a, b, lo: int, hi: int) -> bool:
+def _bits(x):
+    """A copy of the raw bits, on the device: NaN compares equal to itself (and no math on bfloat16)."""
+    return x.view({2: cp.int16, 4: cp.int32}[x.itemsize]).copy()
+
+
+def _equal(a, b) -> bool:
+    return bool(cp.array_equal(a, b))
+
+
+def _same_outside(a, b, lo: int, hi: int) -> bool:
     """Whether the bits of two (tokens, width) buffers agree outside columns lo:hi."""
-    return fw.equal(a[:, :lo], b[:, :lo]) and fw.equal(a[:, hi:], b[:, hi:])
+    return _equal(a[:, :lo], b[:, :lo]) and _equal(a[:, hi:], b[:, hi:])
 
 
-def _check_head_norm(fw, fn, qkv, col, heads, d, w, out_mode, dtype, gemma, eps=1e-6):
+def _check_head_norm(fn, qkv, col, heads, d, w, out_mode, dtype, gemma, eps=1e-6):
     """Normalise the `heads` heads at column `col` of the fused buffer `qkv` (rows strided by its
     width) as out_mode says; check the result and that no byte outside the written view changed."""
-    x = fw.heads(qkv, col, heads, d)
-    want = reference.rmsnorm(fw.f64(x), fw.f64(w), eps, gemma)
-    qkv_before = fw.bits(qkv)
+    x = _heads(qkv, col, heads, d)
+    want = reference.rmsnorm(f64(x), f64(w), eps, gemma)
+    qkv_before = _bits(qkv)
     span = (col, col + heads * d)
     if out_mode == "new":
         got = fn(x, w, eps=eps)
         assert got.shape == x.shape
-        assert fw.equal(fw.bits(qkv), qkv_before), "input buffer written"
+        assert _equal(_bits(qkv), qkv_before), "input buffer written"
     elif out_mode == "strided":  # another fused buffer: its own width, the view at another column
-        obuf = fw.nan_buffer((qkv.shape[0], qkv.shape[1] + 2 * d), dtype)
+        obuf = _nan_buffer((qkv.shape[0], qkv.shape[1] + 2 * d), dtype)
         ocol = col + d
-        out = fw.heads(obuf, ocol, heads, d)
-        obuf_before = fw.bits(obuf)
+        out = _heads(obuf, ocol, heads, d)
+        obuf_before = _bits(obuf)
         got = fn(x, w, eps=eps, out=out)
         assert got is out
-        assert fw.equal(fw.bits(qkv), qkv_before), "input buffer written"
-        assert _same_outside(fw, fw.bits(obuf), obuf_before, ocol, ocol + heads * d), "out buffer written outside out"
+        assert _equal(_bits(qkv), qkv_before), "input buffer written"
+        assert _same_outside(_bits(obuf), obuf_before, ocol, ocol + heads * d), "out buffer written outside out"
     else:
         got = fn(x, w, eps=eps, out=x)
         assert got is x
-        assert _same_outside(fw, fw.bits(qkv), qkv_before, *span), "qkv buffer written outside the normalised heads"
-    assert_close(fw.f64(got), want, dtype)
+        assert _same_outside(_bits(qkv), qkv_before, *span), "qkv buffer written outside the normalised heads"
+    assert_close(f64(got), want, dtype)
 
 
 @gpu
@@ -224,23 +184,24 @@ def test_qk_norm_on_fused_qkv_views(dtype, head_dim, heads, out_mode):
     for tokens in (0, 1, 7, 1000):
         for gemma in (False, True):
             fn = fi_cupy.gemma_rmsnorm if gemma else fi_cupy.rmsnorm
-            qkv = Torch.buffer((tokens, (heads + 2 * kv_heads) * head_dim), dtype)
+            qkv = rand((tokens, (heads + 2 * kv_heads) * head_dim), dtype)
             for col, h in ((0, heads), (heads * head_dim, kv_heads)):  # q, then k
                 w = rand((head_dim,), wdtype)
-                _check_head_norm(Torch, fn, qkv, col, h, head_dim, w, out_mode, dtype, gemma)
+                _check_head_norm(fn, qkv, col, h, head_dim, w, out_mode, dtype, gemma)
 
 
 @gpu
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("out_mode", OUT_MODES)
 def test_qk_norm_cupy_views(dtype, out_mode):
-    import cupy
+    """The same checks with inputs made by CuPy's own generator and cast (no gpu_arrays helper), one weight
+    for rmsnorm and gemma_rmsnorm."""
     tokens, heads, kv_heads, d = 7, 8, 2, 128
-    qkv = CuPy.buffer((tokens, (heads + 2 * kv_heads) * d), dtype)
+    qkv = cp.random.default_rng(7).standard_normal((tokens, (heads + 2 * kv_heads) * d), "float32").astype(dtype)
     for col, h in ((0, heads), (heads * d, kv_heads)):
-        w = cupy.asarray(np.random.default_rng(h).standard_normal(d), dtype)
-        _check_head_norm(CuPy, fi_cupy.rmsnorm, qkv, col, h, d, w, out_mode, dtype, False)
-        _check_head_norm(CuPy, fi_cupy.gemma_rmsnorm, qkv, col, h, d, w, out_mode, dtype, True)
+        w = cp.asarray(np.random.default_rng(h).standard_normal(d), dtype)
+        _check_head_norm(fi_cupy.rmsnorm, qkv, col, h, d, w, out_mode, dtype, False)
+        _check_head_norm(fi_cupy.gemma_rmsnorm, qkv, col, h, d, w, out_mode, dtype, True)
 
 
 @gpu
@@ -248,9 +209,9 @@ def test_qk_norm_cupy_views(dtype, out_mode):
 def test_two_row_axes_long_rows(out_mode):
     """Rows too long for registers (the fallback that reads a row again) on two row axes."""
     hidden = 70000
-    buf = Torch.buffer((3, 3 * hidden), "bfloat16")
+    buf = rand((3, 3 * hidden), "bfloat16")
     w = rand((hidden,), "bfloat16")
-    _check_head_norm(Torch, fi_cupy.rmsnorm, buf, hidden, 2, hidden, w, out_mode, "bfloat16", False)
+    _check_head_norm(fi_cupy.rmsnorm, buf, hidden, 2, hidden, w, out_mode, "bfloat16", False)
 
 
 @gpu
@@ -259,13 +220,14 @@ def test_contiguous_input_into_strided_out_and_4d():
     whose two leading dims collapse into the token axis."""
     x = rand((7, 8, 128), "float16")
     w = rand((128,), "float16")
-    obuf = Torch.nan_buffer((7, 12 * 128), "float16")
-    out = Torch.heads(obuf, 128, 8, 128)
+    obuf = _nan_buffer((7, 12 * 128), "float16")
+    out = _heads(obuf, 128, 8, 128)
     assert fi_cupy.rmsnorm(x, w, out=out) is out
     assert_close(f64(out), reference.rmsnorm(f64(x), f64(w)), "float16")
     assert np.isnan(f64(obuf[:, :128])).all() and np.isnan(f64(obuf[:, 9 * 128:])).all()
     big = rand((2, 3, 16 * 64), "bfloat16")  # (batch, seq, fused heads): q = the first 8 heads
-    q = big[..., :8 * 64].view(2, 3, 8, 64)  # strides (3072, 1024, 64, 1): batch and seq collapse
+    item = big.itemsize  # strides (3072, 1024, 64, 1) elements: batch and seq collapse
+    q = cp.lib.stride_tricks.as_strided(big, (2, 3, 8, 64), (big.strides[0], big.strides[1], 64 * item, item))
     w = rand((64,), "float32")
     want = reference.rmsnorm(f64(q), f64(w), 1e-6, True)
     fi_cupy.gemma_rmsnorm(q, w, out=q)
@@ -278,21 +240,20 @@ def test_fused_add_and_layernorm_on_head_views(gemma):
     """The fused add (input and residual each a strided head view, updated in place) and layernorm
     read rows through the same two-axis addressing."""
     tokens, heads, d = 9, 8, 128
-    xbuf = Torch.buffer((tokens, 12 * d), "bfloat16")
-    rbuf = Torch.buffer((tokens, 10 * d), "bfloat16")
-    x, r = Torch.heads(xbuf, 0, heads, d), Torch.heads(rbuf, 2 * d, heads, d)
+    xbuf = rand((tokens, 12 * d), "bfloat16")
+    rbuf = rand((tokens, 10 * d), "bfloat16")
+    x, r = _heads(xbuf, 0, heads, d), _heads(rbuf, 2 * d, heads, d)
     w = rand((d,), "bfloat16")
-    x0, r0, xbits, rbits = f64(x), f64(r), Torch.bits(xbuf), Torch.bits(rbuf)
+    x0, r0, xbits, rbits = f64(x), f64(r), _bits(xbuf), _bits(rbuf)
     fn = fi_cupy.gemma_fused_add_rmsnorm if gemma else fi_cupy.fused_add_rmsnorm
     assert fn(x, r, w) is None
-    import ml_dtypes
-    normed, summed = reference.fused_add_rmsnorm(x0, r0, f64(w), 1e-6, gemma, ml_dtypes.bfloat16)
+    normed, summed = reference.fused_add_rmsnorm(x0, r0, f64(w), 1e-6, gemma, BF16)
     assert np.array_equal(f64(r), summed)
     assert_close(f64(x), normed, "bfloat16")
-    assert _same_outside(Torch, Torch.bits(xbuf), xbits, 0, heads * d), "input buffer written outside input"
-    assert _same_outside(Torch, Torch.bits(rbuf), rbits, 2 * d, 10 * d), "residual buffer written outside residual"
+    assert _same_outside(_bits(xbuf), xbits, 0, heads * d), "input buffer written outside input"
+    assert _same_outside(_bits(rbuf), rbits, 2 * d, 10 * d), "residual buffer written outside residual"
     g, b = rand((d,), "float32"), rand((d,), "float32")
-    y = Torch.heads(Torch.buffer((tokens, 12 * d), "float16"), 4 * d, heads, d)
+    y = _heads(rand((tokens, 12 * d), "float16"), 4 * d, heads, d)
     assert_close(f64(fi_cupy.layernorm(y, g, b, 1e-5)), reference.layernorm(f64(y), f64(g), f64(b), 1e-5),
                  "float16")
 

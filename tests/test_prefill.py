@@ -1,10 +1,12 @@
-"""Prefill attention on the GPU (torch callers) against a float64 reference.
+"""Prefill attention on the GPU (CuPy callers) against a float64 reference.
 
 Accuracy rule (relative, so it holds for every dtype): the kernel's max error against the float64
-reference is at most twice that of the same attention computed naively in the input precision
-(scores, softmax and P V rounded to the input dtype, as torch does them in bf16/fp16). Outputs are
-poisoned with NaN first; every case draws fresh random inputs; page tables are shuffled. Every test runs
-on both kernels (the prefill_kernel fixture).
+reference (fi_cupy.reference.prefill_attention, on the GPU) is at most twice that of the same attention
+computed naively in the input precision (`attention` below: scores, softmax and P V each rounded to the
+input dtype with float32 arithmetic between, as torch's bf16/fp16 ops do them). Outputs are poisoned with
+NaN first; every case draws fresh random inputs (tests/gpu_arrays.py); page tables are shuffled; a float8
+cache is its bytes (uint8) planned with kv_data_type. Every test runs on both kernels (the prefill_kernel
+fixture).
 
 Coverage of test_path_grid (one item per KV source x group x length shape, on each backend; head_dim,
 mask, dtype and layout rotate). Derived from fi_cupy/prefill.py (plan_tile, pick_tile, tile_shapes,
@@ -34,46 +36,62 @@ keys). test_fp8_paged_grid: fp8 K/V (fa2 only) at groups 1, 4, 8 x page sizes 1,
 """
 import math
 
+import cupy as cp
 import numpy as np
 import pytest
 
+import fi_cupy
 from fi_cupy import reference
+from gpu_arrays import FP8, bits, contiguous, dtype_name, empty, f64, f64_dev, nan_like, poison, rand, rng, take, \
+    uniform
 from tolerances import OUT_TOL, assert_lse_close
 
 pytestmark = pytest.mark.gpu
-torch = pytest.importorskip("torch")
-import fi_cupy  # noqa: E402
-
-DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn,
-      "float8_e5m2": torch.float8_e5m2}
-_seed = [0]
 
 
-def _gen():
-    _seed[0] += 1
-    return torch.Generator(device="cuda").manual_seed(7000 + _seed[0])
+def _round(x, dtype: str):
+    """x's values rounded to `dtype` (float16 / bfloat16: to nearest even), as float32."""
+    x = x.astype(cp.float32, copy=False)
+    if dtype == "float16":
+        return x.astype(cp.float16).astype(cp.float32)
+    if dtype == "bfloat16":
+        b = x.view(cp.uint32)
+        return ((b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000).astype(cp.uint32, copy=False).view(cp.float32)
+    return x
 
 
-def _randn(shape, dtype, g, scale=1.0):
-    return (torch.randn(shape, generator=g, device="cuda") * scale).to(DT[dtype])
+def _dev(x):
+    """x as float64 on the GPU; float64 arrays (K/V already dequantised) pass through."""
+    return x if x.dtype == cp.float64 else f64_dev(x)
+
+
+def _lse_nan(q):
+    return cp.full(q.shape[:2], np.nan, dtype=cp.float32)
 
 
 def attention(q, k, v, causal=False, window_left=-1, mask=None, soft_cap=0.0, sm_scale=None, rope=False,
-              dtype=torch.float64):
-    """One request, computed in `dtype` (float64: the reference; the input dtype: the naive baseline).
-    q (Lq, Hq, D), k/v (Lk, Hkv, D); mask bool (Lq, Lk). Returns (o float64, lse base 2 float64)."""
+              dtype="float64"):
+    """One request computed naively on the GPU in `dtype`. "float64" rounds nothing (it agrees with
+    fi_cupy.reference.prefill_attention); "float16" / "bfloat16" round each step's result to that dtype,
+    float32 arithmetic in between, as torch computes on such tensors: the accuracy rule's baseline.
+    q (Lq, Hq, D), k/v (Lk, Hkv, D) CuPy arrays (16-bit, or float64 holding such values); mask bool
+    (Lq, Lk). Returns (o, lse base 2), float64 CuPy arrays."""
+    q, k, v = _dev(q), _dev(k), _dev(v)
     lq, hq, d = q.shape
     lk, hkv, _ = k.shape
+    o, lse = cp.zeros((lq, hq, d)), cp.full((lq, hq), -np.inf)
+    if lq == 0 or lk == 0:
+        return o, lse
+    work = np.float64 if dtype == "float64" else np.float32
+    rnd = (lambda x: x) if dtype == "float64" else (lambda x: _round(x, dtype))  # noqa: E731
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    qpos = torch.arange(lq, device="cuda") + lk - lq
+    qpos = cp.arange(lq) + lk - lq
     if rope:
-        q = torch.as_tensor(reference.rope_llama(q.double().cpu().numpy().transpose(1, 0, 2), qpos.cpu().numpy())
-                            .transpose(1, 0, 2), device="cuda").to(q.dtype if dtype != torch.float64 else dtype)
-        k = torch.as_tensor(reference.rope_llama(k.double().cpu().numpy().transpose(1, 0, 2), np.arange(lk))
-                            .transpose(1, 0, 2), device="cuda").to(k.dtype if dtype != torch.float64 else dtype)
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    keep = torch.ones((lq, lk), dtype=torch.bool, device="cuda")
-    j = torch.arange(lk, device="cuda")[None, :]
+        q = reference.rope_llama(q.transpose(1, 0, 2), qpos).transpose(1, 0, 2)
+        k = reference.rope_llama(k.transpose(1, 0, 2), cp.arange(lk)).transpose(1, 0, 2)
+    q, k, v = (rnd(x.astype(work)) for x in (q, k, v))
+    keep = cp.ones((lq, lk), dtype=bool)
+    j = cp.arange(lk)[None, :]
     if causal:
         keep &= j <= qpos[:, None]
     if window_left >= 0:
@@ -81,34 +99,42 @@ def attention(q, k, v, causal=False, window_left=-1, mask=None, soft_cap=0.0, sm
     if mask is not None:
         keep &= mask
     g = hq // hkv
-    outs, lses = [], []
-    for h0 in range(0, hq, 8):  # heads in chunks: bounded memory for long sequences
-        hs = slice(h0, min(hq, h0 + 8))
-        qh = q[:, hs].transpose(0, 1)
-        kh = k.repeat_interleave(g, dim=1)[:, hs].transpose(0, 1)
-        vh = v.repeat_interleave(g, dim=1)[:, hs].transpose(0, 1)
-        s = torch.matmul(qh, kh.transpose(1, 2)) * scale
-        if soft_cap:
-            s = soft_cap * torch.tanh(s / soft_cap)
-        s = s.masked_fill(~keep[None], float("-inf"))
-        p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)  # a row that sees nothing: 0
-        outs.append(torch.matmul(p, vh).transpose(0, 1).double())
-        lse = torch.logsumexp(s.double(), dim=-1) / math.log(2.0)
-        lses.append(lse.transpose(0, 1))
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+    qh = q.transpose(1, 0, 2)  # (Hq, Lq, D); query head h reads KV head h // g
+    kh, vh = (cp.repeat(x, g, axis=1).transpose(1, 0, 2) for x in (k, v))
+    hstep = 8
+    rstep = max(1, min(lq, (1 << 27) // (hstep * lk)))  # heads and rows in blocks: bounded memory
+    for h0 in range(0, hq, hstep):
+        hs = slice(h0, min(hq, h0 + hstep))
+        for r0 in range(0, lq, rstep):
+            rs = slice(r0, min(lq, r0 + rstep))
+            s = rnd(rnd(cp.matmul(qh[hs, rs], kh[hs].transpose(0, 2, 1))) * work(scale))
+            if soft_cap:
+                s = rnd(work(soft_cap) * rnd(cp.tanh(rnd(s / work(soft_cap)))))
+            s = cp.where(keep[None, rs], s, work(-np.inf))
+            m = s.max(axis=-1, keepdims=True)
+            e = cp.exp(s - m)  # NaN on a row that sees nothing: 0 after nan_to_num
+            p = cp.nan_to_num(rnd(e / e.sum(axis=-1, keepdims=True)), nan=0.0)
+            o[rs, hs] = rnd(cp.matmul(p, vh[hs])).transpose(1, 0, 2)
+            m64 = cp.where(cp.isfinite(m), m, work(0)).astype(cp.float64)
+            sums = cp.exp(s.astype(cp.float64) - m64).sum(axis=-1)
+            lse[rs, hs] = ((m64[..., 0] + cp.log(sums)) / math.log(2.0)).T
+    return o, lse
 
 
 def check(out, q, k, v, lse=None, **kw):
-    """The accuracy rule, the lse, and no NaN."""
-    ref, ref_lse = attention(q, k, v, **kw)
-    naive, _ = attention(q, k, v, dtype=q.dtype, **kw)
-    got = out.double()
-    assert not torch.isnan(got).any(), "NaN in output (unwritten or invalid elements)"
-    err = (got - ref).abs().max().item()
-    base = (naive - ref).abs().max().item()
-    assert err <= 2 * base + 1e-6, f"max error {err:.3g} > 2 x naive {q.dtype} error {base:.3g}"
+    """The accuracy rule, the lse, and no NaN. k/v in q's dtype, or float64 holding values of it."""
+    ref, ref_lse = reference.prefill_attention(
+        _dev(q), _dev(k), _dev(v), causal=kw.get("causal", False), window_left=kw.get("window_left", -1),
+        custom_mask=kw.get("mask"), logits_soft_cap=kw.get("soft_cap", 0.0), sm_scale=kw.get("sm_scale"),
+        rope=kw.get("rope", False))
+    naive, _ = attention(q, k, v, dtype=dtype_name(q), **kw)
+    got = f64_dev(out)
+    assert not cp.isnan(got).any(), "NaN in output (unwritten or invalid elements)"
+    err = float(cp.abs(got - ref).max())
+    base = float(cp.abs(naive - ref).max())
+    assert err <= 2 * base + 1e-6, f"max error {err:.3g} > 2 x naive {dtype_name(q)} error {base:.3g}"
     if lse is not None:
-        assert_lse_close(lse.double().cpu().numpy(), ref_lse.cpu().numpy())
+        assert_lse_close(f64(lse), cp.asnumpy(ref_lse))
     return err, base
 
 
@@ -124,10 +150,6 @@ def prefill_kernel(request, monkeypatch):
     return request.param
 
 
-def _nan_like(x):
-    return torch.full_like(x, float("nan"))
-
-
 # ---------------------------------------------------------------------------------------------
 # Single prefill
 
@@ -138,9 +160,8 @@ def _nan_like(x):
 @pytest.mark.parametrize("qo,kv,hq,hkv", [(1, 1, 4, 4), (7, 113, 8, 1), (113, 1023, 8, 2), (1023, 1023, 4, 4),
                                           (257, 4097, 8, 1)])
 def test_single(d, dtype, causal, qo, kv, hq, hkv):
-    g = _gen()
-    q, k, v = _randn((qo, hq, d), dtype, g), _randn((kv, hkv, d), dtype, g), _randn((kv, hkv, d), dtype, g)
-    out = _nan_like(q)
+    q, k, v = rand((qo, hq, d), dtype), rand((kv, hkv, d), dtype), rand((kv, hkv, d), dtype)
+    out = nan_like(q)
     o, lse = fi_cupy.single_prefill_with_kv_cache(q, k, v, causal=causal, return_lse=True, out=out)
     assert o is out
     check(o, q, k, v, lse, causal=causal)
@@ -149,10 +170,8 @@ def test_single(d, dtype, causal, qo, kv, hq, hkv):
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_single_options(layout):
     """Window, soft cap, sm_scale, HND, and a large-magnitude input."""
-    g = _gen()
-    q, k, v = _randn((300, 8, 128), "bfloat16", g, 3.0), _randn((700, 2, 128), "bfloat16", g), \
-        _randn((700, 2, 128), "bfloat16", g)
-    kk, vv = (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+    q, k, v = rand((300, 8, 128), "bfloat16", 3.0), rand((700, 2, 128), "bfloat16"), rand((700, 2, 128), "bfloat16")
+    kk, vv = (k, v) if layout == "NHD" else (contiguous(k.transpose(1, 0, 2)), contiguous(v.transpose(1, 0, 2)))
     for kw in ({"causal": True, "window_left": 100}, {"window_left": 37}, {"logits_soft_cap": 30.0},
                {"causal": True, "logits_soft_cap": 5.0, "sm_scale": 0.3}):
         o, lse = fi_cupy.single_prefill_with_kv_cache(q, kk, vv, kv_layout=layout, return_lse=True, **kw)
@@ -163,29 +182,27 @@ def test_single_options(layout):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_single_custom_mask(packed):
-    g = _gen()
     qo, kv = 150, 333
-    q, k, v = _randn((qo, 8, 64), "float16", g), _randn((kv, 4, 64), "float16", g), _randn((kv, 4, 64), "float16", g)
-    mask = torch.rand((qo, kv), generator=g, device="cuda") > 0.4
+    q, k, v = rand((qo, 8, 64), "float16"), rand((kv, 4, 64), "float16"), rand((kv, 4, 64), "float16")
+    mask = uniform((qo, kv)) > 0.4
     mask[5] = False  # a row that sees nothing: o = 0, lse = -inf
     arg = {"packed_custom_mask": fi_cupy.packbits(mask.reshape(-1), bitorder="little")} if packed else \
         {"custom_mask": mask}
     o, lse = fi_cupy.single_prefill_with_kv_cache(q, k, v, return_lse=True, **arg)
     check(o, q, k, v, lse, mask=mask)
-    assert torch.all(o[5] == 0) and torch.all(torch.isneginf(lse[5]))
+    assert np.all(f64(o[5]) == 0) and np.all(np.isneginf(f64(lse[5])))
 
 
 def test_custom_mask_replaces_causal():
     """As in FlashInfer (mask mode CUSTOM), a custom mask replaces the causal mask: causal=True is
     ignored when one is given (single prefill and the ragged wrapper). All-ones masks with qo < kv:
     every key is seen, which the causal mask would have hidden from the first rows."""
-    g = _gen()
     qo, kv = 40, 100
-    q, k, v = _randn((qo, 8, 64), "float16", g), _randn((kv, 2, 64), "float16", g), _randn((kv, 2, 64), "float16", g)
-    mask = torch.rand((qo, kv), generator=g, device="cuda") > 0.3
+    q, k, v = rand((qo, 8, 64), "float16"), rand((kv, 2, 64), "float16"), rand((kv, 2, 64), "float16")
+    mask = uniform((qo, kv)) > 0.3
     o = fi_cupy.single_prefill_with_kv_cache(q, k, v, custom_mask=mask, causal=True)
     check(o, q, k, v, mask=mask)
-    w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(torch.empty(32 << 20, dtype=torch.uint8, device="cuda"))
+    w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(cp.empty(32 << 20, dtype=cp.uint8))
     w.plan(np.array([0, qo], np.int32), np.array([0, kv], np.int32), 8, 2, 64, custom_mask=mask.reshape(-1),
            causal=True, q_data_type="float16")
     check(w.run(q, k, v), q, k, v, mask=mask)
@@ -193,41 +210,36 @@ def test_custom_mask_replaces_causal():
 
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_single_rope(d):
-    g = _gen()
-    q, k, v = _randn((77, 4, d), "bfloat16", g), _randn((200, 2, d), "bfloat16", g), _randn((200, 2, d), "bfloat16", g)
+    q, k, v = rand((77, 4, d), "bfloat16"), rand((200, 2, d), "bfloat16"), rand((200, 2, d), "bfloat16")
     o = fi_cupy.single_prefill_with_kv_cache(q, k, v, causal=True, pos_encoding_mode="ROPE_LLAMA")
     check(o, q, k, v, causal=True, rope=True)
 
 
 def test_split_kv_long_context():
     """Few query rows on a long context: the KV range is cut over CTAs and merged."""
-    g = _gen()
-    q, k, v = _randn((3, 8, 128), "bfloat16", g), _randn((131072, 1, 128), "bfloat16", g), \
-        _randn((131072, 1, 128), "bfloat16", g)
+    q, k, v = rand((3, 8, 128), "bfloat16"), rand((131072, 1, 128), "bfloat16"), rand((131072, 1, 128), "bfloat16")
     o, lse = fi_cupy.single_prefill_with_kv_cache(q, k, v, causal=True, return_lse=True)
     check(o, q, k, v, lse, causal=True)
 
 
 def test_long_query():
     """qo_len 32768 causal (one head pair), checked on every row."""
-    g = _gen()
     n = 32768
-    q, k, v = _randn((n, 1, 128), "bfloat16", g), _randn((n, 1, 128), "bfloat16", g), _randn((n, 1, 128), "bfloat16", g)
+    q, k, v = rand((n, 1, 128), "bfloat16"), rand((n, 1, 128), "bfloat16"), rand((n, 1, 128), "bfloat16")
     o, lse = fi_cupy.single_prefill_with_kv_cache(q, k, v, causal=True, return_lse=True)
     check(o, q, k, v, lse, causal=True)
 
 
 def test_reference_agrees_with_numpy():
-    """The torch helper above and fi_cupy.reference.prefill_attention compute the same thing."""
-    g = _gen()
-    q, k, v = _randn((9, 4, 64), "float16", g), _randn((20, 2, 64), "float16", g), _randn((20, 2, 64), "float16", g)
-    mask = torch.rand((9, 20), generator=g, device="cuda") > 0.3
+    """The CuPy helper above, rounding nothing, and fi_cupy.reference.prefill_attention on the host
+    compute the same thing (the baseline differs from the reference by its roundings alone)."""
+    q, k, v = rand((9, 4, 64), "float16"), rand((20, 2, 64), "float16"), rand((20, 2, 64), "float16")
+    mask = uniform((9, 20)) > 0.3
     o, lse = attention(q, k, v, causal=True, window_left=6, mask=mask, soft_cap=7.0, rope=True)
-    ro, rl = reference.prefill_attention(q.double().cpu().numpy(), k.double().cpu().numpy(), v.double().cpu().numpy(),
-                                         causal=True, window_left=6, custom_mask=mask.cpu().numpy(),
-                                         logits_soft_cap=7.0, rope=True)
-    np.testing.assert_allclose(o.cpu().numpy(), ro, atol=1e-12)
-    np.testing.assert_allclose(lse.cpu().numpy(), rl, atol=1e-12)
+    ro, rl = reference.prefill_attention(f64(q), f64(k), f64(v), causal=True, window_left=6,
+                                         custom_mask=cp.asnumpy(mask), logits_soft_cap=7.0, rope=True)
+    np.testing.assert_allclose(cp.asnumpy(o), ro, atol=1e-12)
+    np.testing.assert_allclose(cp.asnumpy(lse), rl, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,26 +249,27 @@ def test_reference_agrees_with_numpy():
 class Batch:
     def __init__(self, qo_lens, kv_lens, page_size=16, hq=8, hkv=2, d=128, dtype="bfloat16", kv_dtype=None,
                  layout="NHD", cache=None):
-        g = _gen()
-        rng = np.random.default_rng(_seed[0])
         kv_dtype = kv_dtype or dtype
         self.qo_lens, self.kv_lens, self.ps, self.layout = list(qo_lens), list(kv_lens), page_size, layout
         self.qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
         npages = [math.ceil(n / page_size) for n in kv_lens]
         total = sum(npages) + 2 if cache is None else cache.shape[0]
-        perm = rng.permutation(total)
+        perm = rng().permutation(total)
         self.kv_indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
         self.indices = perm[: self.kv_indptr[-1]].astype(np.int32)
         self.last = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, npages)], np.int32)
         shape = (total, 2, page_size, hkv, d) if layout == "NHD" else (total, 2, hkv, page_size, d)
-        self.cache = torch.randn(shape, generator=g, device="cuda").to(DT[kv_dtype]) if cache is None else cache
-        self.q = _randn((int(self.qo_indptr[-1]), hq, d), dtype, g)
+        self.cache = rand(shape, kv_dtype) if cache is None else cache  # float8: its bytes (uint8)
+        self.kv_dtype = kv_dtype
+        self.q = rand((int(self.qo_indptr[-1]), hq, d), dtype)
         self.hkv, self.d = hkv, d
 
     def kv(self, r):
-        c = self.cache if self.layout == "NHD" else self.cache.transpose(2, 3)
-        pages = torch.as_tensor(self.indices[self.kv_indptr[r]: self.kv_indptr[r + 1]].astype(np.int64), device="cuda")
-        kv = c[pages].transpose(0, 1).reshape(2, -1, self.hkv, self.d)[:, : self.kv_lens[r]]
+        """(k, v) of request r: float64 CuPy arrays (kv_len, hkv, d), float8 dequantised (unscaled)."""
+        pages = f64_dev(take(self.cache, self.indices[self.kv_indptr[r]: self.kv_indptr[r + 1]]), self.kv_dtype)
+        if self.layout == "HND":
+            pages = pages.transpose(0, 1, 3, 2, 4)
+        kv = pages.transpose(1, 0, 2, 3, 4).reshape(2, -1, self.hkv, self.d)[:, : self.kv_lens[r]]
         return kv[0], kv[1]
 
     def check(self, out, lse=None, v_scale=1.0, k_scale=1.0, **kw):
@@ -266,13 +279,13 @@ class Batch:
                 continue
             k, v = self.kv(r)
             q = self.q[a:b]
-            if k.dtype != q.dtype:  # fp8: the reference sees the dequantised values
-                k, v = (k.float() * k_scale).to(q.dtype), (v.float() * v_scale).to(q.dtype)
+            if self.kv_dtype in FP8:  # the reference sees the dequantised values, scaled, in q's dtype
+                k, v = (_round(x * s, dtype_name(q)).astype(cp.float64) for x, s in ((k, k_scale), (v, v_scale)))
             check(out[a:b], q, k, v, None if lse is None else lse[a:b], **kw)
 
 
 def _ws():
-    return torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    return cp.empty(256 * 1024 * 1024, dtype=cp.uint8)
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
@@ -283,12 +296,12 @@ def test_batch_paged(layout, causal, page_size):
     b = Batch([300, 1, 0, 17, 64, 5], [1100, 40, 9, 17, 2000, 0], page_size=page_size, layout=layout)
     w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), layout)
     w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 8, 2, 128, page_size, causal=causal, q_data_type="bfloat16")
-    out, lse = _nan_like(b.q), torch.full(b.q.shape[:2], float("nan"), device="cuda")
+    out, lse = nan_like(b.q), _lse_nan(b.q)
     o, l2 = w.run(b.q, b.cache, out=out, lse=lse, return_lse=True)
     assert o is out and l2 is lse
     b.check(o, lse, causal=causal)
     a = b.qo_indptr[5]
-    assert torch.all(o[a:] == 0) and torch.all(torch.isneginf(lse[a:]))
+    assert np.all(f64(o[a:]) == 0) and np.all(np.isneginf(f64(lse[a:])))
 
 
 @pytest.mark.parametrize("d", [64, 256])
@@ -310,7 +323,7 @@ def test_batch_paged_fp8(kv_dtype):
     b.check(o1, causal=True)
     o2 = w.run(b.q, b.cache, k_scale=0.5, v_scale=2.0)  # a scale that is ignored fails here
     b.check(o2, causal=True, k_scale=0.5, v_scale=2.0)
-    assert not torch.equal(o1, o2)
+    assert not np.array_equal(f64(o1), f64(o2))
 
 
 def test_batch_paged_rope_softcap_window():
@@ -323,9 +336,8 @@ def test_batch_paged_rope_softcap_window():
 
 def test_batch_paged_custom_mask():
     b = Batch([30, 0, 45], [50, 10, 45])
-    g = _gen()
-    masks = [torch.rand((q, k), generator=g, device="cuda") > 0.5 for q, k in zip(b.qo_lens, b.kv_lens)]
-    flat = torch.cat([m.reshape(-1) for m in masks])
+    masks = [uniform((q, k)) > 0.5 for q, k in zip(b.qo_lens, b.kv_lens)]
+    flat = cp.concatenate([m.reshape(-1) for m in masks])
     w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
     w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 8, 2, 128, 16, custom_mask=flat, q_data_type="bfloat16")
     o = w.run(b.q, b.cache)
@@ -338,13 +350,12 @@ def test_batch_paged_custom_mask():
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_batch_ragged(layout):
-    g = _gen()
     qo_lens, kv_lens = [128, 1, 0, 700, 33], [128, 300, 5, 900, 0]
     qo_ip = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
     kv_ip = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
-    q = _randn((int(qo_ip[-1]), 16, 64), "float16", g)
-    k, v = _randn((int(kv_ip[-1]), 4, 64), "float16", g), _randn((int(kv_ip[-1]), 4, 64), "float16", g)
-    kk, vv = (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+    q = rand((int(qo_ip[-1]), 16, 64), "float16")
+    k, v = rand((int(kv_ip[-1]), 4, 64), "float16"), rand((int(kv_ip[-1]), 4, 64), "float16")
+    kk, vv = (k, v) if layout == "NHD" else (contiguous(k.transpose(1, 0, 2)), contiguous(v.transpose(1, 0, 2)))
     w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_ws(), layout)
     w.plan(qo_ip, kv_ip, 16, 4, 64, causal=True, q_data_type="float16")
     o, lse = w.run(q, kk, vv, return_lse=True)
@@ -359,29 +370,33 @@ def test_cuda_graph_replans():
     b1 = Batch([200, 50], [600, 50])
     b2 = Batch([10, 300], [350, 300], cache=b1.cache)  # other lengths, pages of the same cache
     w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), use_cuda_graph=True)
-    q = torch.empty((400, 8, 128), dtype=torch.bfloat16, device="cuda")
-    out = torch.empty_like(q)
+    q = empty((400, 8, 128), "bfloat16")
+    out = empty(q.shape, "bfloat16")
 
     def plan(b):
         w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 8, 2, 128, 16, causal=True, q_data_type="bfloat16")
 
     plan(b1)
-    q[:250] = b1.q
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+    bits(q)[:250] = bits(b1.q)
+    s = cp.cuda.Stream(non_blocking=True)  # does not wait for the legacy stream: synchronise around it
+    cp.cuda.Device().synchronize()
+    with s:
         w.run(q, b1.cache, out=out)  # warm-up (compiles, loads)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=s):
+        s.begin_capture()
+        try:
             w.run(q, b1.cache, out=out)
-    torch.cuda.synchronize()
+        finally:
+            graph = s.end_capture()
+    s.synchronize()
     for b in (b1, b2):
         plan(b)
-        q[: b.q.shape[0]] = b.q
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        b.check(out[: b.q.shape[0]], causal=True)
+        n = b.q.shape[0]
+        bits(q)[:n] = bits(b.q)
+        poison(out)
+        cp.cuda.Device().synchronize()
+        graph.launch(s)
+        s.synchronize()
+        b.check(out[:n], causal=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,13 +445,13 @@ def _prefill_grid() -> list:
     return cases
 
 
-def _dead_rows(qo_len: int, kv_len: int, causal: bool, mask) -> torch.Tensor:
-    """Query rows of one request that see no key (o = 0, lse = -inf on every head)."""
-    dead = torch.full((qo_len,), kv_len == 0, device="cuda")
+def _dead_rows(qo_len: int, kv_len: int, causal: bool, mask):
+    """Query rows of one request that see no key (o = 0, lse = -inf on every head): a CuPy bool array."""
+    dead = cp.full((qo_len,), kv_len == 0, dtype=bool)
     if causal:
-        dead |= torch.arange(qo_len, device="cuda") < qo_len - kv_len
+        dead |= cp.arange(qo_len) < qo_len - kv_len
     if mask is not None:
-        dead |= ~mask.any(dim=1)
+        dead |= ~mask.any(axis=1)
     return dead
 
 
@@ -450,7 +465,7 @@ def _check_requests(out, lse, q, qo_indptr, kv_of, causal: bool, masks) -> None:
         m = None if masks is None else masks[r]
         check(out[a:e], q[a:e], k, v, lse[a:e], causal=causal, mask=m)
         dead = _dead_rows(e - a, k.shape[0], causal, m)
-        assert torch.all(out[a:e][dead] == 0) and torch.all(torch.isneginf(lse[a:e][dead])), f"request {r}"
+        assert cp.all(f64_dev(out[a:e])[dead] == 0) and cp.all(cp.isneginf(lse[a:e][dead])), f"request {r}"
 
 
 @pytest.mark.parametrize("source,group,shape,d,dtype,layout,masked", _prefill_grid())
@@ -462,13 +477,12 @@ def test_path_grid(source, group, shape, d, dtype, layout, masked, prefill_kerne
     qo_lens, kv_lens = _grid_lens(shape, group)
     if source == "single":
         qo_lens, kv_lens = qo_lens[:1], kv_lens[:1]
-    g = _gen()
     masks = None
     if masked:
-        masks = [torch.rand((a, b), generator=g, device="cuda") > 0.5 for a, b in zip(qo_lens, kv_lens)]
+        masks = [uniform((a, b)) > 0.5 for a, b in zip(qo_lens, kv_lens)]
         for m in masks:
             m[:1] = False  # a row that sees nothing
-    flat = None if masks is None else torch.cat([m.reshape(-1) for m in masks])
+    flat = None if masks is None else cp.concatenate([m.reshape(-1) for m in masks])
     causal = not masked
     qo_ip = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
     if source.startswith("paged"):
@@ -481,9 +495,9 @@ def test_path_grid(source, group, shape, d, dtype, layout, masked, prefill_kerne
         call = lambda out, lse: w.run(q, b.cache, out=out, lse=lse, return_lse=True)  # noqa: E731
     else:
         kv_ip = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
-        q = _randn((int(qo_ip[-1]), hq, d), dtype, g)
-        k, v = _randn((int(kv_ip[-1]), hkv, d), dtype, g), _randn((int(kv_ip[-1]), hkv, d), dtype, g)
-        kk, vv = (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+        q = rand((int(qo_ip[-1]), hq, d), dtype)
+        k, v = rand((int(kv_ip[-1]), hkv, d), dtype), rand((int(kv_ip[-1]), hkv, d), dtype)
+        kk, vv = (k, v) if layout == "NHD" else (contiguous(k.transpose(1, 0, 2)), contiguous(v.transpose(1, 0, 2)))
         kv_of = lambda r: (k[kv_ip[r]:kv_ip[r + 1]], v[kv_ip[r]:kv_ip[r + 1]])  # noqa: E731
         if source == "ragged":
             w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_ws(), layout)
@@ -493,7 +507,7 @@ def test_path_grid(source, group, shape, d, dtype, layout, masked, prefill_kerne
             call = lambda out, lse: fi_cupy.single_prefill_with_kv_cache(  # noqa: E731
                 q, kk, vv, custom_mask=flat if masks is None else masks[0], causal=causal, kv_layout=layout,
                 return_lse=True, out=out, lse=lse)
-    out, lse = _nan_like(q), torch.full(q.shape[:2], float("nan"), device="cuda")
+    out, lse = nan_like(q), _lse_nan(q)
     o, l2 = call(out, lse)
     assert o is out and l2 is lse
     # The path this item names, so the grid cannot drift to one kernel unnoticed.
@@ -544,7 +558,7 @@ def test_fp8_paged_grid(group, page_size, prefill_kernel):
            kv_data_type=kv_dtype)
     _, want = _grid_path("fa2", d, max(qo_lens) * group, False)
     assert (w._plan.tile.mt, w._plan.tile.warps, prefill.kv_tile(d, w._plan.tile)) == want
-    out, lse = _nan_like(b.q), torch.full(b.q.shape[:2], float("nan"), device="cuda")
+    out, lse = nan_like(b.q), _lse_nan(b.q)
     w.run(b.q, b.cache, out=out, lse=lse, return_lse=True, k_scale=0.5, v_scale=2.0)
     b.check(out, lse, causal=True, k_scale=0.5, v_scale=2.0)
 
@@ -556,27 +570,29 @@ def test_fp8_paged_grid(group, page_size, prefill_kernel):
 # contract on every path: such rows give o = 0 and lse = -inf, as the equivalent custom mask does.
 
 
-def _causal_as_mask(qo_len: int, kv_len: int) -> torch.Tensor:
-    return torch.tril(torch.ones((qo_len, kv_len), dtype=torch.bool, device="cuda"), diagonal=kv_len - qo_len)
+def _causal_as_mask(qo_len: int, kv_len: int):
+    """The bottom-right causal mask as a custom one: CuPy bool (qo_len, kv_len)."""
+    return cp.arange(kv_len)[None, :] <= cp.arange(qo_len)[:, None] + (kv_len - qo_len)
 
 
 def _check_causal_equals_mask(causal, masked, q, qo_lens, kv_of, dtype):
     """Both runs: rows that see no key exactly 0 / -inf, all rows alike; the first, middle and last
     requests against the reference."""
     (oc, lc), (om, lm) = causal, masked
+    oc64, om64 = f64_dev(oc), f64_dev(om)
     qo_ip = np.concatenate([[0], np.cumsum(qo_lens)])
-    for o, lse in (oc, lc), (om, lm):
+    for o, lse in (oc64, lc), (om64, lm):
         for r in range(len(qo_lens)):
             a, e = int(qo_ip[r]), int(qo_ip[r + 1])
             dead = _dead_rows(e - a, kv_of(r)[0].shape[0], True, None)
-            assert torch.all(o[a:e][dead] == 0), f"request {r}: a row that sees no key must give o = 0"
-            assert torch.all(torch.isneginf(lse[a:e][dead])), f"request {r}: ... and lse = -inf"
-    for x in (oc, lc, om, lm):
-        assert not torch.isnan(x).any(), "NaN (unwritten or invalid elements)"
+            assert cp.all(o[a:e][dead] == 0), f"request {r}: a row that sees no key must give o = 0"
+            assert cp.all(cp.isneginf(lse[a:e][dead])), f"request {r}: ... and lse = -inf"
+    for x in (oc64, lc, om64, lm):
+        assert not cp.isnan(x).any(), "NaN (unwritten or invalid elements)"
     atol, rtol = OUT_TOL[dtype]  # compared on the GPU: a batch of 128 x 127 rows is 66 M elements
-    err = (oc.double() - om.double()).abs()
-    assert torch.all(err <= atol + rtol * om.double().abs()), f"causal vs custom mask: max err {err.max().item():.3g}"
-    assert_lse_close(lc.double().cpu().numpy(), lm.double().cpu().numpy(), "lse: causal vs custom mask")
+    err = cp.abs(oc64 - om64)
+    assert cp.all(err <= atol + rtol * cp.abs(om64)), f"causal vs custom mask: max err {float(err.max()):.3g}"
+    assert_lse_close(f64(lc), f64(lm), "lse: causal vs custom mask")
     n = len(qo_lens)
     for r in sorted({0, n // 2, n - 1}):
         a, e = int(qo_ip[r]), int(qo_ip[r + 1])
@@ -599,20 +615,19 @@ def _expect_tile(plan, backend, d):
 def test_regression_rows_seeing_no_key_ragged(batch, qo_len, kv_len, d, prefill_kernel):
     if prefill_kernel == "fa3" and d == 256:
         pytest.skip("fa3 takes head_dim 64 / 128: the fa2 item runs this case")
-    g = _gen()
     qo_lens = [qo_len] * batch
     kv_lens = [kv_len[r % 2] if isinstance(kv_len, tuple) else kv_len for r in range(batch)]
     qo_ip = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
     kv_ip = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
-    q = _randn((int(qo_ip[-1]), 32, d), "float16", g)
-    k, v = _randn((int(kv_ip[-1]), 4, d), "float16", g), _randn((int(kv_ip[-1]), 4, d), "float16", g)
-    mask = torch.cat([_causal_as_mask(a, b).reshape(-1) for a, b in zip(qo_lens, kv_lens)])
+    q = rand((int(qo_ip[-1]), 32, d), "float16")
+    k, v = rand((int(kv_ip[-1]), 4, d), "float16"), rand((int(kv_ip[-1]), 4, d), "float16")
+    mask = cp.concatenate([_causal_as_mask(a, b).reshape(-1) for a, b in zip(qo_lens, kv_lens)])
     w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_ws())
     runs = []
     for kw in ({"causal": True}, {"custom_mask": mask}):
         w.plan(qo_ip, kv_ip, 32, 4, d, q_data_type="float16", **kw)
         _expect_tile(w._plan, prefill_kernel, d)
-        out, lse = _nan_like(q), torch.full(q.shape[:2], float("nan"), device="cuda")
+        out, lse = nan_like(q), _lse_nan(q)
         runs.append(w.run(q, k, v, out=out, lse=lse, return_lse=True))
     _check_causal_equals_mask(*runs, q, qo_lens, lambda r: (k[kv_ip[r]:kv_ip[r + 1]], v[kv_ip[r]:kv_ip[r + 1]]),
                               "float16")
@@ -624,13 +639,13 @@ def test_regression_rows_seeing_no_key_paged(page_size, d, prefill_kernel):
         pytest.skip("fa3 takes head_dim 64 / 128: the fa2 item runs this case")
     qo_lens, kv_lens = [577] * 16, [97] * 16
     b = Batch(qo_lens, kv_lens, page_size=page_size, hq=32, hkv=4, d=d, dtype="float16")
-    mask = torch.cat([_causal_as_mask(577, 97).reshape(-1)] * 16)
+    mask = cp.concatenate([_causal_as_mask(577, 97).reshape(-1)] * 16)
     w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
     runs = []
     for kw in ({"causal": True}, {"custom_mask": mask}):
         w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 32, 4, d, page_size, q_data_type="float16", **kw)
         _expect_tile(w._plan, prefill_kernel, d)
-        out, lse = _nan_like(b.q), torch.full(b.q.shape[:2], float("nan"), device="cuda")
+        out, lse = nan_like(b.q), _lse_nan(b.q)
         runs.append(w.run(b.q, b.cache, out=out, lse=lse, return_lse=True))
     _check_causal_equals_mask(*runs, b.q, qo_lens, b.kv, "float16")
 
@@ -640,9 +655,8 @@ def test_regression_rows_seeing_no_key_single(d, prefill_kernel):
     from fi_cupy import prefill
     if prefill_kernel == "fa3" and d == 256:
         pytest.skip("fa3 takes head_dim 64 / 128: the fa2 item runs this case")
-    g = _gen()
-    q = _randn((577, 32, d), "float16", g)
-    k, v = _randn((97, 4, d), "float16", g), _randn((97, 4, d), "float16", g)
+    q = rand((577, 32, d), "float16")
+    k, v = rand((97, 4, d), "float16"), rand((97, 4, d), "float16")
     runs = []
     for kw in ({"causal": True}, {"custom_mask": _causal_as_mask(577, 97)}):
         runs.append(fi_cupy.single_prefill_with_kv_cache(q, k, v, return_lse=True, **kw))
@@ -656,30 +670,30 @@ def test_regression_rows_seeing_no_key_single(d, prefill_kernel):
 
 @pytest.mark.parametrize("bitorder", ["big", "little"])
 def test_packbits_matches_numpy(bitorder):
-    g = _gen()
-    x = torch.rand(1001, generator=g, device="cuda") > 0.5
-    got = fi_cupy.packbits(x, bitorder=bitorder).cpu().numpy()
-    np.testing.assert_array_equal(got, np.packbits(x.cpu().numpy(), bitorder=bitorder))
+    x = uniform(1001) > 0.5
+    xh = cp.asnumpy(x)
+    got = cp.asnumpy(fi_cupy.packbits(x, bitorder=bitorder))
+    np.testing.assert_array_equal(got, np.packbits(xh, bitorder=bitorder))
     indptr = np.array([0, 5, 5, 300, 1001])
     packed, new_ip = fi_cupy.segment_packbits(x, indptr, bitorder=bitorder)
-    want = [np.packbits(x.cpu().numpy()[a:b], bitorder=bitorder) for a, b in zip(indptr[:-1], indptr[1:])]
-    np.testing.assert_array_equal(packed.cpu().numpy(), np.concatenate(want))
-    np.testing.assert_array_equal(new_ip.cpu().numpy(), np.concatenate([[0], np.cumsum([w.size for w in want])]))
+    want = [np.packbits(xh[a:b], bitorder=bitorder) for a, b in zip(indptr[:-1], indptr[1:])]
+    np.testing.assert_array_equal(cp.asnumpy(packed), np.concatenate(want))
+    np.testing.assert_array_equal(cp.asnumpy(new_ip), np.concatenate([[0], np.cumsum([w.size for w in want])]))
 
 
 def test_bad_input():
-    g = _gen()
-    q, k = _randn((10, 8, 128), "bfloat16", g), _randn((20, 2, 128), "bfloat16", g)
+    q, k = rand((10, 8, 128), "bfloat16"), rand((20, 2, 128), "bfloat16")
+    q96, k96 = rand((10, 8, 96), "bfloat16"), rand((20, 2, 96), "bfloat16")
     with pytest.raises(ValueError, match="head_dim"):
-        fi_cupy.single_prefill_with_kv_cache(q[..., :96].contiguous(), k[..., :96].contiguous(),
-                                             k[..., :96].contiguous())
+        fi_cupy.single_prefill_with_kv_cache(q96, k96, contiguous(k96))
     with pytest.raises(ValueError, match="num_qo_heads"):
-        fi_cupy.single_prefill_with_kv_cache(q[:, :6].contiguous(), _randn((20, 4, 128), "bfloat16", g),
-                                             _randn((20, 4, 128), "bfloat16", g))
+        fi_cupy.single_prefill_with_kv_cache(rand((10, 6, 128), "bfloat16"), rand((20, 4, 128), "bfloat16"),
+                                             rand((20, 4, 128), "bfloat16"))
+    k16 = rand(k.shape, "float16")
     with pytest.raises(TypeError, match="kv_data_type"):
-        fi_cupy.single_prefill_with_kv_cache(q, k.half(), k.half())
+        fi_cupy.single_prefill_with_kv_cache(q, k16, k16)
     with pytest.raises(ValueError, match="custom_mask"):
-        fi_cupy.single_prefill_with_kv_cache(q, k, k, custom_mask=torch.ones((10, 19), dtype=torch.bool, device="cuda"))
+        fi_cupy.single_prefill_with_kv_cache(q, k, k, custom_mask=cp.ones((10, 19), dtype=bool))
     b = Batch([10], [40])
     w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
     with pytest.raises(ValueError, match="paged_kv_indices"):

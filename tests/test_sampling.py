@@ -1,12 +1,15 @@
-"""Samplers on the GPU: chi-square against the filtered distribution (fi_cupy.reference) at a fixed
-seed, zero-probability tokens never drawn, top_k=1 is the argmax, same seed and offset give the same
-tokens, softmax against numpy, check_nan; float16 / bfloat16 inputs, int64 indices and draft ids,
-per-row parameters of every dtype, torch generators, per-row seeds and offsets, return_valid. On the
-CPU (no launch): parameter and seed forms, generator state handling, FlashInfer's signatures."""
+"""Samplers on the GPU with CuPy inputs: chi-square against the filtered distribution (fi_cupy.reference)
+at a fixed seed, zero-probability tokens never drawn, top_k=1 is the argmax, same seed and offset give the
+same tokens, softmax against numpy, check_nan; float16 / bfloat16 inputs, int64 indices and draft ids,
+per-row parameters of every dtype, fi_cupy Generators, per-row seeds and offsets, CUDA graphs,
+return_valid. torch.Generator semantics (CUDA, CPU and torch's default generator) are interop tests that
+need torch. On the CPU (no launch): parameter and seed forms, generator state handling, FlashInfer's
+signatures."""
 import inspect
 import math
 import struct
 
+import cupy as cp
 import numpy as np
 import pytest
 
@@ -15,16 +18,15 @@ from fi_cupy._core import dtypes as dt
 from fi_cupy._core import kernels, streams
 from fi_cupy._core.arrays import ArrayInfo, contiguous_strides
 from fi_cupy._core.call import Call
+from gpu_arrays import BF16, bits, cast, dtype_name, f64, f64_dev, from_host, host_dtype, poison, rand, uniform
 
 try:
     import torch
-except ImportError:  # CI's environment has no torch: the CPU tests that need none still run
+except ImportError:  # a machine with only fi_cupy's install: the interop tests skip, the rest run
     torch = None
 
-
-def gpu(test):
-    """A GPU test (they all need torch too)."""
-    return pytest.mark.gpu(pytest.mark.skipif(torch is None, reason="needs torch")(test))
+gpu = pytest.mark.gpu
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (interop test)")
 
 
 N = 40000  # draws: one per row of a batch of identical rows
@@ -41,7 +43,22 @@ def _chi2_ok(counts, q, n):
 
 
 def _rows(p):
-    return torch.as_tensor(np.tile(np.asarray(p, np.float32), (N, 1)), device="cuda")
+    return cp.asarray(np.tile(np.asarray(p, np.float32), (N, 1)))
+
+
+def _eq(a, b) -> bool:
+    """torch.equal for CuPy arrays: same shape and dtype, equal values (bfloat16 compared through float64,
+    so no CuPy kernel runs on it)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype == BF16:
+        a, b = f64_dev(a), f64_dev(b)
+    return bool(cp.array_equal(a, b))
+
+
+def _f32(x):
+    """x (float16 / bfloat16 / float32) as float32: exact."""
+    return f64_dev(x).astype(cp.float32)
 
 
 P = np.array([0.02, 0.3, 0.0, 0.05, 0.15, 0.01, 0.22, 0.04, 0.11, 0.1], np.float64)
@@ -61,7 +78,7 @@ CHI_CASES = [  # (sampler, its filter arguments, the reference's filters)
 @gpu
 def test_chi_square(name, kw, ref):
     q = reference.filtered_distribution(P, **ref)
-    got = getattr(sampling, name)(_rows(P * 0.5), seed=1234, offset=7, **kw).cpu().numpy()  # unnormalised
+    got = cp.asnumpy(getattr(sampling, name)(_rows(P * 0.5), seed=1234, offset=7, **kw))  # unnormalised
     assert got.dtype == np.int32 and got.min() >= 0 and got.max() < P.size
     assert np.all(q[got] > 0), "drew a token whose filtered probability is 0"
     stat, crit = _chi2_ok(np.bincount(got, minlength=P.size), q, N)
@@ -72,7 +89,7 @@ def test_chi_square(name, kw, ref):
 def test_sampling_from_logits_chi_square():
     logits = np.log(P + 1e-30)
     logits[2] = -np.inf
-    got = sampling.sampling_from_logits(_rows(logits), seed=5, offset=0).cpu().numpy()
+    got = cp.asnumpy(sampling.sampling_from_logits(_rows(logits), seed=5, offset=0))
     stat, crit = _chi2_ok(np.bincount(got, minlength=P.size), P / P.sum(), N)
     assert stat < crit and not np.any(got == 2)
 
@@ -82,14 +99,14 @@ def test_per_row_parameters_and_indices():
     rng = np.random.default_rng(0)
     probs = rng.random((6, 50)).astype(np.float32) ** 4
     k = np.array([1, 2, 3, 50, 0, 7], np.int32)
-    pt = torch.as_tensor(probs, device="cuda")
-    got = sampling.top_k_sampling_from_probs(pt, torch.as_tensor(k, device="cuda"), seed=3).cpu().numpy()
+    pt = cp.asarray(probs)
+    got = cp.asnumpy(sampling.top_k_sampling_from_probs(pt, cp.asarray(k), seed=3))
     assert got[0] == probs[0].argmax()
     for r in range(6):
         assert reference.top_k_mask(probs[r], int(k[r]))[got[r]]
-    idx = torch.tensor([5, 5, 0, 2], device="cuda", dtype=torch.int32)
-    got = sampling.top_p_sampling_from_probs(pt, torch.tensor([0.5, 0.9, 0.3, 1.0], device="cuda"), indices=idx,
-                                             seed=9).cpu().numpy()
+    idx = cp.asarray([5, 5, 0, 2], dtype=cp.int32)
+    got = cp.asnumpy(sampling.top_p_sampling_from_probs(pt, cp.asarray([0.5, 0.9, 0.3, 1.0], dtype=cp.float32),
+                                                        indices=idx, seed=9))
     for j, (r, tp) in enumerate(zip([5, 5, 0, 2], [0.5, 0.9, 0.3, 1.0])):
         assert reference.top_p_mask(probs[r], tp)[got[j]]
 
@@ -99,29 +116,28 @@ def test_per_row_parameters_and_indices():
 def test_large_vocab_support(vocab):
     rng = np.random.default_rng(vocab)
     logits = rng.standard_normal((8, vocab)).astype(np.float32) * 4
-    lt = torch.as_tensor(logits, device="cuda")
-    probs = sampling.softmax(lt)
-    np.testing.assert_allclose(probs.cpu().numpy(), reference.softmax(logits), rtol=1e-4, atol=1e-9)
-    pn = probs.cpu().numpy().astype(np.float64)
+    probs = sampling.softmax(cp.asarray(logits))
+    np.testing.assert_allclose(cp.asnumpy(probs), reference.softmax(logits), rtol=1e-4, atol=1e-9)
+    pn = cp.asnumpy(probs).astype(np.float64)
     for name, kw, mask in [("top_k_sampling_from_probs", {"top_k": 20}, lambda p: reference.top_k_mask(p, 20)),
                            ("top_p_sampling_from_probs", {"top_p": 0.5}, lambda p: reference.top_p_mask(p, 0.5)),
                            ("min_p_sampling_from_probs", {"min_p": 0.1}, lambda p: reference.min_p_mask(p, 0.1))]:
-        got = getattr(sampling, name)(probs, seed=11, **kw).cpu().numpy()
+        got = cp.asnumpy(getattr(sampling, name)(probs, seed=11, **kw))
         assert all(mask(pn[r])[got[r]] for r in range(8)), name
-    greedy = sampling.top_k_sampling_from_probs(probs, 1, seed=2).cpu().numpy()
+    greedy = cp.asnumpy(sampling.top_k_sampling_from_probs(probs, 1, seed=2))
     assert np.array_equal(greedy, logits.argmax(1))
 
 
 @gpu
 def test_reproducible_and_offsets_differ():
     p = _rows(P)[:1000]
-    a = sampling.sampling_from_probs(p, seed=42, offset=3).cpu().numpy()
-    b = sampling.sampling_from_probs(p, seed=42, offset=3).cpu().numpy()
-    c = sampling.sampling_from_probs(p, seed=42, offset=4).cpu().numpy()
+    a = cp.asnumpy(sampling.sampling_from_probs(p, seed=42, offset=3))
+    b = cp.asnumpy(sampling.sampling_from_probs(p, seed=42, offset=3))
+    c = cp.asnumpy(sampling.sampling_from_probs(p, seed=42, offset=4))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     g1, g2 = sampling.Generator(8), sampling.Generator(8)
-    assert np.array_equal(sampling.sampling_from_probs(p, generator=g1).cpu().numpy(),
-                          sampling.sampling_from_probs(p, generator=g2).cpu().numpy())
+    assert np.array_equal(cp.asnumpy(sampling.sampling_from_probs(p, generator=g1)),
+                          cp.asnumpy(sampling.sampling_from_probs(p, generator=g2)))
     assert g1.offset == 1
 
 
@@ -131,10 +147,10 @@ def test_softmax_temperature_per_row(vocab):
     """Ring shapes (1000: 16 CTAs of 64 floats; 262148: slices that end mid-chunk; 851968: 16 CTAs
     of 13 chunks; 1310720: 16 CTAs of 20 chunks, 7 of them held in registers, the longest row), the
     two-pass kernel (7: unaligned rows; 1310724: longer)."""
-    x = torch.randn((3, vocab), device="cuda") * 4
-    t = torch.tensor([0.5, 1.0, 2.0], device="cuda")
-    got = sampling.softmax(x, t).cpu().numpy()
-    np.testing.assert_allclose(got, reference.softmax(x.cpu().numpy(), t.cpu().numpy()), rtol=1e-4, atol=1e-9)
+    x = rand((3, vocab), "float32", scale=4)
+    t = cp.asarray([0.5, 1.0, 2.0], dtype=cp.float32)
+    got = cp.asnumpy(sampling.softmax(x, t))
+    np.testing.assert_allclose(got, reference.softmax(cp.asnumpy(x), cp.asnumpy(t)), rtol=1e-4, atol=1e-9)
 
 
 @gpu
@@ -142,15 +158,15 @@ def test_softmax_temperature_per_row(vocab):
 def test_softmax_many_rows_a_cluster_and_masked_slices(batch, vocab):
     """More rows than resident clusters, so each cluster streams several through its ring of buffers;
     -inf logits, with whole CTA slices of -inf in some rows (their share is 0, never NaN)."""
-    g = torch.Generator(device="cuda").manual_seed(batch)
-    x = torch.randn((batch, vocab), device="cuda", generator=g) * 3
-    x[::3, : vocab // 2] = float("-inf")  # the first CTAs of those rows see nothing but -inf
-    x[1::5, 7::11] = float("-inf")
-    poison = torch.full_like(x, float("nan"))  # freed, so the output most likely reuses its NaN block
-    del poison
-    got = sampling.softmax(x).cpu().numpy()
+    g = cp.random.default_rng(batch)
+    x = g.standard_normal((batch, vocab), dtype=cp.float32) * 3
+    x[::3, : vocab // 2] = -np.inf  # the first CTAs of those rows see nothing but -inf
+    x[1::5, 7::11] = -np.inf
+    nan_block = cp.full_like(x, np.nan)  # freed to CuPy's pool, so the output most likely reuses its NaN block
+    del nan_block
+    got = cp.asnumpy(sampling.softmax(x))
     assert not np.isnan(got).any()
-    np.testing.assert_allclose(got, reference.softmax(x.cpu().numpy()), rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(got, reference.softmax(cp.asnumpy(x)), rtol=1e-4, atol=1e-9)
 
 
 def _force_ring(monkeypatch, batch, vocab, cluster, per_sm, window=None):
@@ -171,8 +187,8 @@ def test_softmax_ring_copies_in_flight(monkeypatch, window, cluster, per_sm):
     holds 7 of its 16 chunks in registers, with more rows than resident clusters."""
     batch, vocab = 70, 128256
     _force_ring(monkeypatch, batch, vocab, cluster, per_sm, window)
-    x = torch.randn((batch, vocab), device="cuda") * 3
-    np.testing.assert_allclose(sampling.softmax(x).cpu().numpy(), reference.softmax(x.cpu().numpy()),
+    x = rand((batch, vocab), "float32", scale=3)
+    np.testing.assert_allclose(cp.asnumpy(sampling.softmax(x)), reference.softmax(cp.asnumpy(x)),
                                rtol=1e-4, atol=1e-9)
 
 
@@ -183,39 +199,38 @@ def test_softmax_ring_buffer_reuse_stress(monkeypatch, cluster, per_sm):
     between the reads and the refill, about one run in 1000 at this shape (7@2) read a refilled
     float4 (the first of a chunk). 2000 runs, checked on the GPU without a host sync in the loop."""
     _force_ring(monkeypatch, 64, 151936, cluster, per_sm)
-    x = torch.randn((64, 151936), device="cuda") * 3
-    ref = torch.softmax(x.double(), -1).float()
-    bad = torch.zeros((), dtype=torch.int32, device="cuda")
+    x = rand((64, 151936), "float32", scale=3)
+    ref = cp.asarray(reference.softmax(cp.asnumpy(x).astype(np.float64)).astype(np.float32))
+    bad = cp.zeros((), dtype=cp.int32)
     for _ in range(2000):
-        bad += (~torch.isclose(sampling.softmax(x), ref, rtol=1e-4, atol=1e-9)).any()
-    assert int(bad) == 0, f"{int(bad)} of 2000 runs differ from torch.softmax"
+        bad += (~cp.isclose(sampling.softmax(x), ref, rtol=1e-4, atol=1e-9)).any()
+    assert int(bad) == 0, f"{int(bad)} of 2000 runs differ from the float64 softmax"
 
 
 @gpu
 def test_bad_input():
-    p = torch.rand((4, 10), device="cuda")
+    p = uniform((4, 10))
     with pytest.raises(ValueError, match="top_p"):
         sampling.top_p_sampling_from_probs(p, 1.5)
     with pytest.raises(ValueError, match="top_p"):
-        sampling.top_p_sampling_from_probs(p, torch.tensor([0.5, 0.0, 0.5, 0.5], device="cuda"))
+        sampling.top_p_sampling_from_probs(p, cp.asarray([0.5, 0.0, 0.5, 0.5], dtype=cp.float32))
     with pytest.raises(ValueError, match="indices"):
-        sampling.sampling_from_probs(p, indices=torch.tensor([0, 4], device="cuda", dtype=torch.int32))
+        sampling.sampling_from_probs(p, indices=cp.asarray([0, 4], dtype=cp.int32))
     with pytest.raises(ValueError, match="top_k: expected shape"):
-        sampling.top_k_sampling_from_probs(p, torch.ones(3, device="cuda", dtype=torch.int32))
+        sampling.top_k_sampling_from_probs(p, cp.ones(3, dtype=cp.int32))
     with pytest.raises(TypeError, match="probs: dtype float64"):
-        sampling.sampling_from_probs(p.double())
+        sampling.sampling_from_probs(p.astype(cp.float64))
     with pytest.raises(ValueError, match="probs: expected 2 dims"):
         sampling.sampling_from_probs(p[0])
-    q = p.clone()
-    q[1, 3] = float("nan")
+    q = p.copy()
+    q[1, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         sampling.sampling_from_probs(q, check_nan=True)
 
 
 def _shared_rows(p):
     """N draws from one (1, vocab) row through `indices`: a large vocabulary at the memory of one row."""
-    return (torch.as_tensor(np.asarray(p, np.float32)[None], device="cuda"),
-            torch.zeros(N, dtype=torch.int32, device="cuda"))
+    return cp.asarray(np.asarray(p, np.float32)[None]), cp.zeros(N, dtype=cp.int32)
 
 
 def _embedded(vocab, rest_mass):
@@ -253,7 +268,7 @@ def test_chi_square_large_vocab(name, kw, ref, rest):
     p, pos = _embedded(vocab, rest)
     q = reference.filtered_distribution(p, **ref)
     probs, idx = _shared_rows(p)
-    got = getattr(sampling, name)(probs, indices=idx, seed=77, offset=1, **kw).cpu().numpy()
+    got = cp.asnumpy(getattr(sampling, name)(probs, indices=idx, seed=77, offset=1, **kw))
     assert got.min() >= 0 and got.max() < vocab and np.all(q[got] > 0)
     qc = np.append(q[pos], q.sum() - q[pos].sum())
     stat, crit = _chi2_ok(_cells(got, pos, vocab), qc, N)
@@ -266,16 +281,16 @@ def test_renorm_probs(vocab):
     rng = np.random.default_rng(vocab)
     probs = rng.dirichlet(np.full(vocab, 0.05), size=6).astype(np.float32)
     probs[5] = 1.0 / vocab  # all tied: ties at the boundary are kept, so nothing is cut
-    pt = torch.as_tensor(probs, device="cuda")
+    pt = cp.asarray(probs)
     pn = probs.astype(np.float64)
     ks = np.array([1, 50, 1000, 9000, 0, 7], np.int32)
     ps = np.array([0.05, 0.5, 0.9, 0.99, 1.0, 0.3], np.float32)
     for name, arg, ref in [
-            ("top_k_renorm_probs", torch.as_tensor(ks, device="cuda"), lambda r: {"top_k": int(ks[r])}),
-            ("top_p_renorm_probs", torch.as_tensor(ps, device="cuda"), lambda r: {"top_p": float(ps[r])}),
+            ("top_k_renorm_probs", cp.asarray(ks), lambda r: {"top_k": int(ks[r])}),
+            ("top_p_renorm_probs", cp.asarray(ps), lambda r: {"top_p": float(ps[r])}),
             ("top_k_renorm_probs", 20, lambda r: {"top_k": 20}),
             ("top_p_renorm_probs", 0.8, lambda r: {"top_p": 0.8})]:
-        got = getattr(sampling, name)(pt, arg).cpu().numpy()
+        got = cp.asnumpy(getattr(sampling, name)(pt, arg))
         for r in range(6):
             want = reference.filtered_distribution(pn[r], **ref(r))
             np.testing.assert_allclose(got[r], want, rtol=1e-5, atol=1e-9, err_msg=f"{name} row {r}")
@@ -290,8 +305,7 @@ def test_top_k_mask_logits():
     x[2, 7] = np.nan
     x[3, :] = -3.0
     ks = np.array([1, 100, 5000, 20000, 50000], np.int32)
-    got = sampling.top_k_mask_logits(torch.as_tensor(x, device="cuda"),
-                                     torch.as_tensor(ks, device="cuda")).cpu().numpy()
+    got = cp.asnumpy(sampling.top_k_mask_logits(cp.asarray(x), cp.asarray(ks)))
     for r in range(5):
         np.testing.assert_array_equal(got[r], reference.top_k_mask_logits(x[r], int(ks[r])).astype(np.float32))
 
@@ -305,11 +319,11 @@ def test_chain_speculative_sampling_law():
     ids = np.array([int(np.argmax(q[i])) for i in range(n)], np.int32)
     law = reference.chain_speculative_distribution(q, ids, p)
     rows = 40000
-    qt = torch.as_tensor(np.tile(q.astype(np.float32), (rows, 1, 1)), device="cuda")
-    pt = torch.as_tensor(np.tile(p.astype(np.float32), (rows, 1, 1)), device="cuda")
-    it = torch.as_tensor(np.tile(ids, (rows, 1)), device="cuda")
+    qt = cp.asarray(np.tile(q.astype(np.float32), (rows, 1, 1)))
+    pt = cp.asarray(np.tile(p.astype(np.float32), (rows, 1, 1)))
+    it = cp.asarray(np.tile(ids, (rows, 1)))
     out, acc, emitted = sampling.chain_speculative_sampling(qt, it, pt, seed=3, offset=0)
-    out, acc, emitted = out.cpu().numpy(), acc.cpu().numpy(), emitted.cpu().numpy()
+    out, acc, emitted = cp.asnumpy(out), cp.asnumpy(acc), cp.asnumpy(emitted)
     for r in range(0, rows, 997):  # accepted prefix, the drawn token, then -1
         j = emitted[r]
         assert np.array_equal(out[r, :j], ids[:j]) and np.all(out[r, j + 1:] == -1) and 0 <= out[r, j] < vocab
@@ -333,14 +347,13 @@ def test_chain_speculative_sampling_edges_and_counters():
     p = np.concatenate([q, rng.dirichlet(np.ones(vocab), size=(b, 1)).astype(np.float32)], axis=1)
     p[1, 0, ids[1, 0]] = 0.0  # request 1: draft 0 is always rejected (p renormalised: a residual remains)
     p[1, 0] /= p[1, 0].sum()
-    acc0 = torch.tensor([10, 20, 30], dtype=torch.int32, device="cuda")
-    emi0 = torch.tensor([1, 1, 1], dtype=torch.int32, device="cuda")
-    out, acc, emi = sampling.chain_speculative_sampling(
-        torch.as_tensor(q, device="cuda"), torch.as_tensor(ids, device="cuda"), torch.as_tensor(p, device="cuda"),
-        acc0, emi0, seed=1)
-    out = out.cpu().numpy()
+    acc0 = cp.asarray([10, 20, 30], dtype=cp.int32)
+    emi0 = cp.asarray([1, 1, 1], dtype=cp.int32)
+    out, acc, emi = sampling.chain_speculative_sampling(cp.asarray(q), cp.asarray(ids), cp.asarray(p), acc0, emi0,
+                                                        seed=1)
+    out = cp.asnumpy(out)
     assert acc is acc0 and emi is emi0  # updated in place, as FlashInfer does
-    assert list(emi.cpu().numpy()) == [1 + n, 1, 1 + n] and list(acc.cpu().numpy()) == [10 + n, 20 + n - 1, 30 + n]
+    assert list(cp.asnumpy(emi)) == [1 + n, 1, 1 + n] and list(cp.asnumpy(acc)) == [10 + n, 20 + n - 1, 30 + n]
     assert np.array_equal(out[0, :n], ids[0]) and np.array_equal(out[2, :n], ids[2])  # p == q: all accepted
     assert out[1, 0] != ids[1, 0] and np.all(out[1, 1:] == -1)
     resid = np.maximum(p[1, 0] - q[1, 0], 0)
@@ -349,22 +362,21 @@ def test_chain_speculative_sampling_edges_and_counters():
 
 @gpu
 def test_new_ops_bad_input():
-    p = torch.rand((4, 64), device="cuda")
+    p = uniform((4, 64))
     with pytest.raises(ValueError, match="top_p"):
         sampling.top_p_renorm_probs(p, 0.0)
     with pytest.raises(TypeError, match="top_k"):
         sampling.top_k_renorm_probs(p, 2.5)
     with pytest.raises(ValueError, match="top_k: expected shape"):
-        sampling.top_k_mask_logits(p, torch.ones(5, dtype=torch.int32, device="cuda"))
-    q = torch.rand((2, 3, 64), device="cuda")
-    ids = torch.zeros((2, 3), dtype=torch.int32, device="cuda")
+        sampling.top_k_mask_logits(p, cp.ones(5, dtype=cp.int32))
+    q = uniform((2, 3, 64))
+    ids = cp.zeros((2, 3), dtype=cp.int32)
     with pytest.raises(ValueError, match="target_probs: expected shape"):
-        sampling.chain_speculative_sampling(q, ids, torch.rand((2, 3, 64), device="cuda"))
+        sampling.chain_speculative_sampling(q, ids, uniform((2, 3, 64)))
     with pytest.raises(ValueError, match="draft_token_ids: entries"):
-        sampling.chain_speculative_sampling(q, ids + 64, torch.rand((2, 4, 64), device="cuda"))
+        sampling.chain_speculative_sampling(q, ids + 64, uniform((2, 4, 64)))
     with pytest.raises(TypeError, match="maybe_output_accepted_token_num"):
-        sampling.chain_speculative_sampling(q, ids, torch.rand((2, 4, 64), device="cuda"),
-                                            torch.zeros(2, dtype=torch.int64, device="cuda"))
+        sampling.chain_speculative_sampling(q, ids, uniform((2, 4, 64)), cp.zeros(2, dtype=cp.int64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,9 +384,11 @@ def test_new_ops_bad_input():
 
 
 def _strided(x, pad=3, off=1):
-    """x in rows `vocab + pad` floats apart from `off` (NaN around): 4-byte aligned rows, so VEC 1."""
-    base = torch.full((x.shape[0], x.shape[1] + pad), float("nan"), device="cuda", dtype=x.dtype)
-    base[:, off:off + x.shape[1]] = x
+    """x in rows `vocab + pad` elements apart from `off` (NaN around): 4-byte aligned rows, so VEC 1.
+    Copied as raw bits, so bfloat16 rows too."""
+    base = cp.empty((x.shape[0], x.shape[1] + pad), dtype=x.dtype)
+    poison(base)
+    bits(base)[:, off:off + x.shape[1]] = bits(x)
     return base[:, off:off + x.shape[1]]
 
 
@@ -382,12 +396,12 @@ def _partly_inf(batch, vocab, seed):
     """Rows partly -inf as the fuzz suite masks them (a share of 5..95% of each row, the last token kept
     finite), and rows whose first 4096 tokens (every thread's first slots on the two-pass kernel, a
     ring CTA's first, held chunk) or first half (a ring cluster's first CTAs' whole slices) are -inf."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn((batch, vocab), device="cuda", generator=g) * 4
-    share = torch.linspace(0.05, 0.95, batch, device="cuda")[:, None]
-    x = torch.where(torch.rand((batch, vocab), device="cuda", generator=g) < share, float("-inf"), x)
-    x[0, :4096] = float("-inf")
-    x[1, : vocab // 2] = float("-inf")
+    g = cp.random.default_rng(seed)
+    x = g.standard_normal((batch, vocab), dtype=cp.float32) * 4
+    share = cp.linspace(0.05, 0.95, batch, dtype=cp.float32)[:, None]
+    x = cp.where(g.random((batch, vocab), dtype=cp.float32) < share, np.float32(-np.inf), x)
+    x[0, :4096] = -np.inf
+    x[1, : vocab // 2] = -np.inf
     x[:, -1] = 1.0  # never a whole row
     return x
 
@@ -410,16 +424,16 @@ def test_softmax_rows_partly_inf(monkeypatch, path, temperature):
         _force_ring(monkeypatch, batch, vocab, cluster, per_sm)
     x = _partly_inf(batch, vocab, seed=len(path))
     t, t_ref = {"none": (None, None), "scalar": (0.6, np.full(batch, 0.6)),
-                "per_row": (torch.linspace(0.2, 2.0, batch, device="cuda"), None)}[temperature]
+                "per_row": (cp.linspace(0.2, 2.0, batch, dtype=cp.float32), None)}[temperature]
     if temperature == "per_row":
-        t_ref = t.cpu().numpy()
-    got = sampling.softmax(_strided(x) if path == "two_pass_strided" else x, t).cpu().numpy()
+        t_ref = cp.asnumpy(t)
+    got = cp.asnumpy(sampling.softmax(_strided(x) if path == "two_pass_strided" else x, t))
     assert not np.isnan(got).any(), f"NaN in rows {np.flatnonzero(np.isnan(got).any(1)).tolist()}"
-    np.testing.assert_allclose(got, reference.softmax(x.cpu().numpy(), t_ref), rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(got, reference.softmax(cp.asnumpy(x), t_ref), rtol=1e-4, atol=1e-9)
 
 
 def _check_mask(got, x, ks):
-    got, x = got.cpu().numpy(), x.cpu().numpy()
+    got, x = cp.asnumpy(got), cp.asnumpy(x)
     for r in range(x.shape[0]):
         want = reference.top_k_mask_logits(x[r], int(ks[r])).astype(np.float32)
         bad = got[r] != want
@@ -434,16 +448,16 @@ def test_top_k_mask_logits_small_vocab(vocab, strided):
     vocab of 7 to 9 leaves most of the 1024 threads without a token), so the k-th largest seemed to be
     0, fewer than k candidates were gathered and nothing was masked (fuzz: vocab 8 top_k 6, 9 / 8,
     7 / 5). Every k from 0 to vocab, per row; rows mixed, all negative, partly -inf; VEC 4 at vocab 8."""
-    g = torch.Generator(device="cuda").manual_seed(vocab)
+    g = cp.random.default_rng(vocab)
     rows = 3 * (vocab + 1)
-    x = torch.randn((rows, vocab), device="cuda", generator=g) * 2
-    x[vocab + 1:2 * (vocab + 1)] = -x[vocab + 1:2 * (vocab + 1)].abs() - 0.5
-    x[2 * (vocab + 1):, ::3] = float("-inf")
-    ks = torch.arange(rows, device="cuda", dtype=torch.int32) % (vocab + 1)
+    x = g.standard_normal((rows, vocab), dtype=cp.float32) * 2
+    x[vocab + 1:2 * (vocab + 1)] = -cp.abs(x[vocab + 1:2 * (vocab + 1)]) - np.float32(0.5)
+    x[2 * (vocab + 1):, ::3] = -np.inf
+    ks = cp.arange(rows, dtype=cp.int32) % (vocab + 1)
     xs = _strided(x) if strided else x
-    _check_mask(sampling.top_k_mask_logits(xs, ks), x, ks.cpu().numpy())
+    _check_mask(sampling.top_k_mask_logits(xs, ks), x, cp.asnumpy(ks))
     _check_mask(sampling.top_k_mask_logits(xs, vocab - 2), x, np.full(rows, vocab - 2))
-    row = torch.tensor([[-1.5, 0.5, -0.25, 2.0, -3.0, 1.0, -0.75, -2.0, 0.125][:vocab]], device="cuda")
+    row = cp.asarray([[-1.5, 0.5, -0.25, 2.0, -3.0, 1.0, -0.75, -2.0, 0.125][:vocab]], dtype=cp.float32)
     _check_mask(sampling.top_k_mask_logits(row, vocab - 2), row, [vocab - 2])
 
 
@@ -460,11 +474,11 @@ def test_top_k_mask_logits_masked_rows(vocab, k, low, shares):
     rows rounded (ties); 50000 / 4100 at 99%: the k-th largest is the floor, tied over more tokens
     than shared memory sorts (the exact radix select)."""
     batch = len(shares)
-    g = torch.Generator(device="cuda").manual_seed(vocab + k)
-    x = torch.randn((batch, vocab), device="cuda", generator=g) * 2.5
-    x[1::2] = torch.round(x[1::2])
-    share = torch.tensor(shares, device="cuda")[:, None]
-    x = torch.where(torch.rand((batch, vocab), device="cuda", generator=g) < share, low, x)
+    g = cp.random.default_rng(vocab + k)
+    x = g.standard_normal((batch, vocab), dtype=cp.float32) * 2.5
+    x[1::2] = cp.around(x[1::2])
+    share = cp.asarray(shares, dtype=cp.float32)[:, None]
+    x = cp.where(g.random((batch, vocab), dtype=cp.float32) < share, np.float32(low), x)
     x[:, vocab // 3] = 1.0
     ks = np.full(batch, k)
     _check_mask(sampling.top_k_mask_logits(x, k), x, ks)
@@ -476,11 +490,11 @@ def test_top_k_mask_logits_k_above_the_non_nan_count():
     """k between the row's non-NaN count and vocab, with more candidates than shared memory takes: the
     radix select found no bin, built the key prefix 0 (a NaN's) and masked every logit."""
     vocab = 20000
-    g = torch.Generator(device="cuda").manual_seed(20)
-    x = torch.randn((4, vocab), device="cuda", generator=g) * 3
-    x[:, 100:110] = float("nan")  # 19990 numbers a row
-    ks = torch.tensor([vocab - 1, vocab - 5, vocab - 10, vocab - 11], device="cuda", dtype=torch.int32)
-    _check_mask(sampling.top_k_mask_logits(x, ks), x, ks.cpu().numpy())
+    g = cp.random.default_rng(20)
+    x = g.standard_normal((4, vocab), dtype=cp.float32) * 3
+    x[:, 100:110] = np.nan  # 19990 numbers a row
+    ks = cp.asarray([vocab - 1, vocab - 5, vocab - 10, vocab - 11], dtype=cp.int32)
+    _check_mask(sampling.top_k_mask_logits(x, ks), x, cp.asnumpy(ks))
 
 
 @gpu
@@ -494,12 +508,12 @@ def test_top_k_renorm_and_sample_with_fewer_positives_than_k():
     p[:, rng.random(vocab) < 0.4] = 0.0
     p[:, 0] = 0.0
     p /= p.sum(1, keepdims=True)
-    pt = torch.as_tensor(p, device="cuda")
-    got = sampling.top_k_renorm_probs(pt, k).cpu().numpy()
+    pt = cp.asarray(p)
+    got = cp.asnumpy(sampling.top_k_renorm_probs(pt, k))
     for r in range(4):
         want = reference.filtered_distribution(p[r].astype(np.float64), top_k=k)
         np.testing.assert_allclose(got[r], want, rtol=1e-5, atol=1e-9, err_msg=f"row {r}")
-    tok = sampling.top_k_sampling_from_probs(pt, k, seed=5).cpu().numpy()
+    tok = cp.asnumpy(sampling.top_k_sampling_from_probs(pt, k, seed=5))
     assert np.all(p[np.arange(4), tok] > 0), f"drew tokens of probability 0: {tok.tolist()}"
 
 
@@ -517,9 +531,9 @@ def test_top_k_top_p_sampling_from_logits_with_inf_chi_square(order):
     p = np.zeros(vocab)
     p[pos] = P
     q = reference.filtered_distribution(p, top_k=5, top_p=0.7, order=order)
-    got = sampling.top_k_top_p_sampling_from_logits(
-        torch.as_tensor(logits, device="cuda"), 5, 0.7, indices=torch.zeros(N, dtype=torch.int32, device="cuda"),
-        filter_apply_order=order, seed=21, offset=3).cpu().numpy()
+    got = cp.asnumpy(sampling.top_k_top_p_sampling_from_logits(
+        cp.asarray(logits), 5, 0.7, indices=cp.zeros(N, dtype=cp.int32), filter_apply_order=order, seed=21,
+        offset=3))
     assert np.all(q[got] > 0), f"drew tokens outside the filtered support: {np.unique(got[q[got] <= 0]).tolist()}"
     stat, crit = _chi2_ok(_cells(got, pos, vocab), np.append(q[pos], 0.0), N)
     assert stat < crit, f"chi-square {stat:.1f} >= {crit:.1f}"
@@ -532,14 +546,14 @@ def test_samplers_from_logits_partly_inf_strided():
     each lies in the reference's top-k set."""
     batch, vocab, k, top_p = 7, 19609, 113, 0.928
     x = _partly_inf(batch, vocab, seed=1618)
-    xs, x64 = _strided(x, pad=2, off=1), x.double().cpu().numpy()
+    xs, x64 = _strided(x, pad=2, off=1), cp.asnumpy(x).astype(np.float64)
     probs = reference.softmax(x64)
     draws = {"gumbel": sampling.sampling_from_logits(xs, seed=3, offset=1)}
     for order in ("joint", "top_k_first"):
         draws[order] = sampling.top_k_top_p_sampling_from_logits(xs, k, top_p, filter_apply_order=order, seed=3,
                                                                  offset=1)
     for name, tok in draws.items():
-        tok = tok.cpu().numpy()
+        tok = cp.asnumpy(tok)
         assert np.all(np.isfinite(x64[np.arange(batch), tok])), f"{name}: drew -inf logits: {tok.tolist()}"
         if name != "gumbel":
             assert all(reference.top_k_mask(probs[r], k)[tok[r]] for r in range(batch)), name
@@ -647,11 +661,11 @@ def _round4(n):
     return (n + 3) // 4 * 4
 
 
+@needs_torch
 def test_get_seed_and_offset_cuda_generator_state():
     """A CUDA generator's state is (seed, offset) as int64: the offset grows by the increment rounded up
     to a multiple of 4, is written back, and the new offset is returned (FlashInfer's rule); a stand-in
     with a CUDA device and such a state, since this test runs without a GPU."""
-    torch = pytest.importorskip("torch")
 
     class FakeCudaGenerator(torch.Generator):
         @property
@@ -673,9 +687,9 @@ def test_get_seed_and_offset_cuda_generator_state():
         assert g.state.view(torch.int64).tolist() == [-5, expect]
 
 
+@needs_torch
 def test_get_seed_and_offset_cpu_generator():
     """A CPU generator has no offset: two values are drawn from it, reproducible after manual_seed."""
-    torch = pytest.importorskip("torch")
     g = torch.Generator()
     g.manual_seed(123)
     a, b = sampling.get_seed_and_offset(32, g), sampling.get_seed_and_offset(32, g)
@@ -688,10 +702,10 @@ def test_get_seed_and_offset_cpu_generator():
         sampling.get_seed_and_offset(10, object())
 
 
+@needs_torch
 def test_generator_choice(monkeypatch):
     """generator=None: torch callers take torch's default CUDA generator of their device (FlashInfer),
     others fi_cupy's default Generator; a torch or fi_cupy generator is used as given."""
-    torch = pytest.importorskip("torch")
     asked = []
 
     class Default(torch.Generator):
@@ -862,21 +876,17 @@ SAMPLERS = [  # (function, filter arguments, the reference's filters)
     ("top_k_top_p_sampling_from_probs", (20, 0.75), {"top_k": 20, "top_p": 0.75})]
 
 
-def _tdt(name):
-    return getattr(torch, name)
-
-
 def _poison(nbytes):
-    """Fill a block of the caching allocator with NaN bits and free it: the next output of about that size
+    """Fill a block of CuPy's memory pool with NaN bits and free it: the next output of about that size
     most likely reuses it, so a slot the kernel does not write stays NaN (or an impossible token id)."""
-    x = torch.full((max(1, nbytes // 4),), float("nan"), device="cuda")
+    x = cp.full((max(1, nbytes // 4),), np.nan, dtype=cp.float32)
     del x
 
 
 def _round(x, dtype):
     """float64 numpy values of x (array-like) rounded to `dtype` through float32, as the tests' inputs are
     (what a kernel reading that dtype sees)."""
-    return torch.as_tensor(np.asarray(x, np.float32)).to(_tdt(dtype)).double().numpy()
+    return np.asarray(x, np.float32).astype(host_dtype(dtype)).astype(np.float64)
 
 
 def _exact_probs(batch, vocab, seed, zeros=0.3):
@@ -895,9 +905,9 @@ def test_chi_square_16bit(name, kw, ref, dtype):
     """The filtered distribution of P rounded to the input dtype, by chi-square."""
     q = reference.filtered_distribution(_round(P * 0.5, dtype), **ref)
     _poison(N * 4)
-    got = getattr(sampling, name)(_rows(P * 0.5).to(_tdt(dtype)), seed=99, offset=2, **kw)
-    assert got.dtype == torch.int32
-    got = got.cpu().numpy()
+    got = getattr(sampling, name)(cast(_rows(P * 0.5), dtype), seed=99, offset=2, **kw)
+    assert got.dtype == np.int32
+    got = cp.asnumpy(got)
     assert got.min() >= 0 and got.max() < P.size and np.all(q[got] > 0)
     stat, crit = _chi2_ok(np.bincount(got, minlength=P.size), q, N)
     assert stat < crit, f"chi-square {stat:.1f} >= {crit:.1f}"
@@ -909,7 +919,7 @@ def test_sampling_from_logits_16bit_chi_square(dtype):
     logits = np.log(P + 1e-30)
     logits[2] = -np.inf
     x = _round(logits, dtype)
-    got = sampling.sampling_from_logits(_rows(logits).to(_tdt(dtype)), seed=5, offset=3).cpu().numpy()
+    got = cp.asnumpy(sampling.sampling_from_logits(cast(_rows(logits), dtype), seed=5, offset=3))
     q = reference.softmax(x[None])[0]
     stat, crit = _chi2_ok(np.bincount(got, minlength=P.size), q, N)
     assert stat < crit and not np.any(got == 2)
@@ -923,18 +933,18 @@ def test_16bit_probs_draw_the_float32_tokens(dtype, vocab):
     the tokens of the float32 input, with and without indices, and every token lies in the float64
     reference's support."""
     p32 = _exact_probs(64, vocab, vocab)
-    x32 = torch.as_tensor(p32, device="cuda")
-    x16 = x32.to(_tdt(dtype))
-    idx = torch.tensor([3, 3, 0, 63, 17] * 40, dtype=torch.int32, device="cuda")
+    x32 = cp.asarray(p32)
+    x16 = cast(x32, dtype)
+    idx = cp.asarray([3, 3, 0, 63, 17] * 40, dtype=cp.int32)
     for name, args, ref in SAMPLERS:
         fn = getattr(sampling, name)
         for kw in ({}, {"indices": idx}):
             want = fn(x32, *args, seed=7, offset=1, **kw)
-            _poison(want.numel() * 4)
+            _poison(want.size * 4)
             got = fn(x16, *args, seed=7, offset=1, **kw)
-            assert torch.equal(got, want), f"{name} {list(kw)}"
-        tok = want.cpu().numpy()
-        rows = idx.cpu().numpy()
+            assert _eq(got, want), f"{name} {list(kw)}"
+        tok = cp.asnumpy(want)
+        rows = cp.asnumpy(idx)
         assert all(reference.filtered_distribution(p32[r].astype(np.float64), **ref)[t] > 0 for r, t in zip(rows, tok))
 
 
@@ -945,14 +955,14 @@ def test_16bit_logits_samplers(dtype, order):
     """sampling_from_logits and top_k_top_p_sampling_from_logits on 16-bit logits: the tokens of the
     same (exactly representable) logits in float32; softmax of them is the float32 input's."""
     rng = np.random.default_rng(11)
-    x32 = torch.as_tensor(np.round(rng.standard_normal((50, 3001)) * 16) / 4, dtype=torch.float32, device="cuda")
-    x32[::7, ::5] = float("-inf")
-    x16 = x32.to(_tdt(dtype))
-    assert torch.equal(x16.float(), x32)
-    assert torch.equal(sampling.sampling_from_logits(x16, seed=1, offset=9),
-                       sampling.sampling_from_logits(x32, seed=1, offset=9))
-    assert torch.equal(sampling.top_k_top_p_sampling_from_logits(x16, 40, 0.8, filter_apply_order=order, seed=2),
-                       sampling.top_k_top_p_sampling_from_logits(x32, 40, 0.8, filter_apply_order=order, seed=2))
+    x32 = cp.asarray(np.round(rng.standard_normal((50, 3001)) * 16) / 4, dtype=cp.float32)
+    x32[::7, ::5] = -np.inf
+    x16 = cast(x32, dtype)
+    assert _eq(_f32(x16), x32)
+    assert _eq(sampling.sampling_from_logits(x16, seed=1, offset=9),
+               sampling.sampling_from_logits(x32, seed=1, offset=9))
+    assert _eq(sampling.top_k_top_p_sampling_from_logits(x16, 40, 0.8, filter_apply_order=order, seed=2),
+               sampling.top_k_top_p_sampling_from_logits(x32, 40, 0.8, filter_apply_order=order, seed=2))
 
 
 @gpu
@@ -962,18 +972,18 @@ def test_softmax_16bit(monkeypatch, dtype, vocab, strided):
     """float32 output (as FlashInfer) against numpy on the rounded logits, temperature none / scalar /
     per row; with logits exact in the dtype, bitwise the two-pass kernel's float32 result."""
     monkeypatch.setitem(sampling._ring_plans, (0, vocab, 5), None)  # float32 on the two-pass kernel too
-    g = torch.Generator(device="cuda").manual_seed(vocab)
-    x = (torch.randn((5, vocab), device="cuda", generator=g) * 3).to(_tdt(dtype))
-    x[1, : vocab // 2] = float("-inf")
+    x32 = cp.random.default_rng(vocab).standard_normal((5, vocab), dtype=cp.float32) * 3
+    x32[1, : vocab // 2] = -np.inf  # set before the cast: no CuPy kernel writes bfloat16
+    x = cast(x32, dtype)
     xs = _strided(x) if strided else x
-    x64 = x.double().cpu().numpy()
-    for t in (None, 0.7, torch.tensor([0.5, 1.0, 2.0, 0.25, 4.0], device="cuda")):
+    x64 = f64(x)
+    for t in (None, 0.7, cp.asarray([0.5, 1.0, 2.0, 0.25, 4.0], dtype=cp.float32)):
         _poison(5 * vocab * 4)
         got = sampling.softmax(xs, t)
-        assert got.dtype == torch.float32 and got.shape == (5, vocab)
-        t_ref = None if t is None else np.full(5, t) if isinstance(t, float) else t.cpu().numpy()
-        np.testing.assert_allclose(got.cpu().numpy(), reference.softmax(x64, t_ref), rtol=1e-4, atol=1e-9)
-        assert torch.equal(got, sampling.softmax(_strided(x.float()) if strided else x.float(), t))
+        assert got.dtype == np.float32 and got.shape == (5, vocab)
+        t_ref = None if t is None else np.full(5, t) if isinstance(t, float) else cp.asnumpy(t)
+        np.testing.assert_allclose(cp.asnumpy(got), reference.softmax(x64, t_ref), rtol=1e-4, atol=1e-9)
+        assert _eq(got, sampling.softmax(_strided(_f32(x)) if strided else _f32(x), t))
 
 
 @gpu
@@ -985,23 +995,24 @@ def test_renorm_16bit(dtype, vocab):
     results (top-k rounded once to the dtype)."""
     rng = np.random.default_rng(vocab)
     p = rng.dirichlet(np.full(vocab, 0.1), size=4)
-    x = torch.as_tensor(p, dtype=torch.float32, device="cuda").to(_tdt(dtype))
-    p64 = x.double().cpu().numpy()
+    x = from_host(p, dtype)  # through float32, as torch.as_tensor(p, dtype=float32).to(dtype)
+    p64 = f64(x)
     tol = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}[dtype]
     ks, ps = [1, 20, 500, 0], [0.1, 0.5, 0.9, 1.0]
     _poison(4 * vocab * 2)
-    got_k = sampling.top_k_renorm_probs(x, torch.tensor(ks, device="cuda"))
-    got_p = sampling.top_p_renorm_probs(x, torch.tensor(ps, device="cuda"))
-    assert got_k.dtype == _tdt(dtype) and got_p.dtype == torch.float32
+    got_k = sampling.top_k_renorm_probs(x, cp.asarray(ks, dtype=cp.int64))
+    got_p = sampling.top_p_renorm_probs(x, cp.asarray(ps, dtype=cp.float32))
+    assert dtype_name(got_k) == dtype and got_p.dtype == np.float32
+    gk, gp = f64(got_k), cp.asnumpy(got_p)
     for r in range(4):
         want_k = reference.filtered_distribution(p64[r], top_k=ks[r])
-        np.testing.assert_allclose(got_k[r].double().cpu().numpy(), want_k, rtol=tol, atol=1e-7, err_msg=f"row {r}")
+        np.testing.assert_allclose(gk[r], want_k, rtol=tol, atol=1e-7, err_msg=f"row {r}")
         want_p = reference.filtered_distribution(p64[r], top_p=ps[r])
-        np.testing.assert_allclose(got_p[r].cpu().numpy(), want_p, rtol=1e-5, atol=1e-9, err_msg=f"row {r}")
-    e32 = torch.as_tensor(_exact_probs(8, vocab, 1), device="cuda")
-    e16 = e32.to(_tdt(dtype))
-    assert torch.equal(sampling.top_k_renorm_probs(e16, 30), sampling.top_k_renorm_probs(e32, 30).to(_tdt(dtype)))
-    assert torch.equal(sampling.top_p_renorm_probs(e16, 0.5), sampling.top_p_renorm_probs(e32, 0.5))
+        np.testing.assert_allclose(gp[r], want_p, rtol=1e-5, atol=1e-9, err_msg=f"row {r}")
+    e32 = cp.asarray(_exact_probs(8, vocab, 1))
+    e16 = cast(e32, dtype)
+    assert _eq(sampling.top_k_renorm_probs(e16, 30), cast(sampling.top_k_renorm_probs(e32, 30), dtype))
+    assert _eq(sampling.top_p_renorm_probs(e16, 0.5), sampling.top_p_renorm_probs(e32, 0.5))
 
 
 @gpu
@@ -1010,17 +1021,18 @@ def test_top_k_mask_logits_16bit(dtype):
     """The input dtype back, kept logits bit-exact, against the reference on the 16-bit values (many ties
     after rounding; NaN and -inf; k above the finite count; strided rows)."""
     rng = np.random.default_rng(4)
-    x = torch.as_tensor(rng.standard_normal((5, 20000)) * 3, dtype=torch.float32, device="cuda").to(_tdt(dtype))
-    x[1] = torch.round(x[1].float()).to(_tdt(dtype))
-    x[2, 7] = float("nan")
-    x[3, ::2] = float("-inf")
+    xh = _round(rng.standard_normal((5, 20000)) * 3, dtype)  # built on the host: no CuPy math on bfloat16
+    xh[1] = np.round(xh[1])
+    xh[2, 7] = np.nan
+    xh[3, ::2] = -np.inf
+    x = from_host(xh, dtype)
     ks = [1, 100, 5000, 15000, 20000]
-    x64 = x.double().cpu().numpy()
+    x64 = f64(x)
     for xs in (x, _strided(x)):
         _poison(5 * 20000 * 2)
-        got = sampling.top_k_mask_logits(xs, torch.tensor(ks, device="cuda", dtype=torch.int64))
-        assert got.dtype == _tdt(dtype)
-        g64 = got.double().cpu().numpy()
+        got = sampling.top_k_mask_logits(xs, cp.asarray(ks, dtype=cp.int64))
+        assert dtype_name(got) == dtype
+        g64 = f64(got)
         for r in range(5):
             np.testing.assert_array_equal(g64[r], reference.top_k_mask_logits(x64[r], ks[r]), err_msg=f"row {r}")
 
@@ -1044,23 +1056,23 @@ def test_chain_speculative_16bit_law_and_int64_ids(dtype):
     q, p, ids = _chain_inputs(dtype)
     law = reference.chain_speculative_distribution(q, ids, p)
     rows = 40000
-    q16 = torch.as_tensor(np.tile(q, (rows, 1, 1)), device="cuda").to(_tdt(dtype))
-    p16 = torch.as_tensor(np.tile(p, (rows, 1, 1)), device="cuda").to(_tdt(dtype))
-    ids64 = torch.as_tensor(np.tile(ids, (rows, 1)), device="cuda", dtype=torch.int64)
+    q16 = from_host(np.tile(q, (rows, 1, 1)), dtype)
+    p16 = from_host(np.tile(p, (rows, 1, 1)), dtype)
+    ids64 = cp.asarray(np.tile(ids, (rows, 1)), dtype=cp.int64)
     _poison(rows * 4 * 4)
     out, acc, emi = sampling.chain_speculative_sampling(q16, ids64, p16, seed=3, offset=5)
-    assert out.dtype == acc.dtype == emi.dtype == torch.int32
-    o, e = out.cpu().numpy(), emi.cpu().numpy()
+    assert out.dtype == acc.dtype == emi.dtype == np.int32
+    o, e = cp.asnumpy(out), cp.asnumpy(emi)
     cells = sorted(law)
     index = {c: i for i, c in enumerate(cells)}
     outcome = [index.get((int(j), int(o[r, j])), -1) for r, j in enumerate(e)]
     assert min(outcome) >= 0, "an outcome of probability 0"
     stat, crit = _chi2_ok(np.bincount(outcome, minlength=len(cells)), np.array([law[c] for c in cells]), rows)
     assert stat < crit, f"chi-square {stat:.1f} >= {crit:.1f}"
-    want = sampling.chain_speculative_sampling(q16.float(), ids64.int(), p16.float(), seed=3, offset=5)
-    assert all(torch.equal(a, w) for a, w in zip((out, acc, emi), want))
-    mixed = sampling.chain_speculative_sampling(q16, ids64, p16.float(), seed=3, offset=5)
-    assert all(torch.equal(a, w) for a, w in zip(mixed, want))
+    want = sampling.chain_speculative_sampling(_f32(q16), ids64.astype(cp.int32), _f32(p16), seed=3, offset=5)
+    assert all(_eq(a, w) for a, w in zip((out, acc, emi), want))
+    mixed = sampling.chain_speculative_sampling(q16, ids64, _f32(p16), seed=3, offset=5)
+    assert all(_eq(a, w) for a, w in zip(mixed, want))
 
 
 @gpu
@@ -1069,21 +1081,20 @@ def test_chain_speculative_16bit_law_and_int64_ids(dtype):
 def test_int64_indices(name, args):
     """int64 indices: the samples come back int64 (FlashInfer returns the indices' dtype), the tokens
     those of int32 indices; valid per output row."""
-    x = torch.as_tensor(_exact_probs(6, 3000, 2), device="cuda")
+    x = cp.asarray(_exact_probs(6, 3000, 2))
     if name.endswith("_logits"):
-        x = torch.log(x)
+        x = cp.log(x)
     rows = [5, 5, 0, 2, 1, 4, 3, 0] * 25
     fn = getattr(sampling, name)
-    a = fn(x, *args, indices=torch.tensor(rows, dtype=torch.int32, device="cuda"), seed=4, offset=8)
+    a = fn(x, *args, indices=cp.asarray(rows, dtype=cp.int32), seed=4, offset=8)
     _poison(len(rows) * 8)
-    b = fn(x, *args, indices=torch.tensor(rows, dtype=torch.int64, device="cuda"), seed=4, offset=8)
-    assert a.dtype == torch.int32 and b.dtype == torch.int64 and torch.equal(a.long(), b)
-    assert np.all(np.take_along_axis(x.cpu().numpy()[rows], b.cpu().numpy()[:, None], 1) > (
+    b = fn(x, *args, indices=cp.asarray(rows, dtype=cp.int64), seed=4, offset=8)
+    assert a.dtype == np.int32 and b.dtype == np.int64 and _eq(a.astype(cp.int64), b)
+    assert np.all(np.take_along_axis(cp.asnumpy(x)[rows], cp.asnumpy(b)[:, None], 1) > (
         -np.inf if name.endswith("_logits") else 0))
     if not name.endswith("_logits"):
-        s, v = fn(x, *args, indices=torch.tensor(rows, dtype=torch.int64, device="cuda"), seed=4, offset=8,
-                  return_valid=True)
-        assert torch.equal(s, b) and v.dtype == torch.bool and v.shape == (len(rows),) and bool(v.all())
+        s, v = fn(x, *args, indices=cp.asarray(rows, dtype=cp.int64), seed=4, offset=8, return_valid=True)
+        assert _eq(s, b) and v.dtype == np.bool_ and v.shape == (len(rows),) and bool(v.all())
 
 
 PARAM_DTYPES = ("int32", "int64", "int16", "int8", "uint8", "float16", "bfloat16", "float32", "float64")
@@ -1094,27 +1105,34 @@ def _param_dtypes(floats_only=False):
     return [d for d in names if getattr(dt, d, None) in sampling.PARAM_CODES]
 
 
+def _param_array(values, dtype):
+    """A device array of `values` in `dtype`: floats through float32 (as torch.tensor(values).to(dtype)),
+    integers from int64."""
+    if dtype.startswith(("float", "bfloat")):
+        return cast(cp.asarray(values, dtype=cp.float32), dtype)
+    return cp.asarray(np.asarray(values, np.int64).astype(dtype))
+
+
 @gpu
 @pytest.mark.parametrize("dtype", _param_dtypes())
 def test_top_k_arrays_of_every_dtype(dtype):
     """A top_k array of any dtype gives the tokens (renorms, masks) of the int32 array, and row r those of
     the scalar top_k[r]; float arrays truncate toward zero (torch's .int())."""
-    x = torch.as_tensor(_exact_probs(6, 3000, 3), device="cuda")
-    logits = torch.log(x)
+    x = cp.asarray(_exact_probs(6, 3000, 3))
+    logits = cp.log(x)
     ks = [1, 3, 50, 0, 7, 120]
-    k32 = torch.tensor(ks, dtype=torch.int32, device="cuda")
-    kd = torch.tensor([k + 0.75 if dtype.startswith(("float", "bfloat")) and k < 100 else k for k in ks],
-                      device="cuda").to(_tdt(dtype))
+    k32 = cp.asarray(ks, dtype=cp.int32)
+    kd = _param_array([k + 0.75 if dtype.startswith(("float", "bfloat")) and k < 100 else k for k in ks], dtype)
     calls = [lambda k: sampling.top_k_sampling_from_probs(x, k, seed=6),
              lambda k: sampling.top_k_top_p_sampling_from_probs(x, k, 0.875, seed=6),
              lambda k: sampling.top_k_renorm_probs(x, k),
              lambda k: sampling.top_k_mask_logits(logits, k)]
     for i, call in enumerate(calls):
         want = call(k32)
-        assert torch.equal(call(kd), want), f"call {i}"
+        assert _eq(call(kd), want), f"call {i}"
         for r, k in enumerate(ks):
-            assert torch.equal(call(k)[r], want[r]), f"call {i} row {r}"
-            assert torch.equal(call(np.int64(k))[r], want[r])
+            assert _eq(call(k)[r], want[r]), f"call {i} row {r}"
+            assert _eq(call(np.int64(k))[r], want[r])
 
 
 @gpu
@@ -1122,8 +1140,8 @@ def test_top_k_arrays_of_every_dtype(dtype):
 def test_float_parameter_arrays_of_every_dtype(dtype):
     """top_p, min_p and temperature arrays of any float dtype (values exact in all of them) give the
     results of float32 arrays, and row r those of the scalar (Python float, numpy float32)."""
-    x = torch.as_tensor(_exact_probs(6, 3000, 4), device="cuda")
-    logits = torch.log(x) * 3
+    x = cp.asarray(_exact_probs(6, 3000, 4))
+    logits = cp.log(x) * 3
     vals = {"top_p": [0.5, 0.75, 0.25, 1.0, 0.625, 0.875], "min_p": [0.0, 0.5, 0.25, 0.125, 1.0, 0.75],
             "temperature": [0.5, 1.0, 2.0, 4.0, 0.25, 1.5]}
     calls = {"top_p": [lambda v: sampling.top_p_sampling_from_probs(x, v, seed=8),
@@ -1133,25 +1151,25 @@ def test_float_parameter_arrays_of_every_dtype(dtype):
              "min_p": [lambda v: sampling.min_p_sampling_from_probs(x, v, seed=8)],
              "temperature": [lambda v: sampling.softmax(logits, v)]}
     for name, fns in calls.items():
-        f32 = torch.tensor(vals[name], dtype=torch.float32, device="cuda")
-        fd = f32.to(_tdt(dtype))
+        f32 = cp.asarray(vals[name], dtype=cp.float32)
+        fd = cast(f32, dtype)
         for i, call in enumerate(fns):
             want = call(f32)
-            assert torch.equal(call(fd), want), f"{name} call {i}"
+            assert _eq(call(fd), want), f"{name} call {i}"
             for r, v in enumerate(vals[name]):
-                assert torch.equal(call(v)[r], want[r]) and torch.equal(call(np.float32(v))[r], want[r]), (name, i, r)
+                assert _eq(call(v)[r], want[r]) and _eq(call(np.float32(v))[r], want[r]), (name, i, r)
 
 
 @gpu
 def test_integer_parameter_arrays_for_float_parameters():
     """Integer arrays of top_p / min_p / temperature are read as their values."""
-    x = torch.as_tensor(_exact_probs(4, 2000, 5), device="cuda")
-    ones = torch.ones(4, dtype=torch.int64, device="cuda")
-    assert torch.equal(sampling.top_p_sampling_from_probs(x, ones, seed=1), sampling.sampling_from_probs(x, seed=1))
-    temps = torch.tensor([1, 2, 3, 4], dtype=torch.uint8, device="cuda")
-    assert torch.equal(sampling.softmax(x, temps), sampling.softmax(x, temps.float()))
-    assert torch.equal(sampling.min_p_sampling_from_probs(x, ones.int() * 0, seed=1),
-                       sampling.sampling_from_probs(x, seed=1))
+    x = cp.asarray(_exact_probs(4, 2000, 5))
+    ones = cp.ones(4, dtype=cp.int64)
+    assert _eq(sampling.top_p_sampling_from_probs(x, ones, seed=1), sampling.sampling_from_probs(x, seed=1))
+    temps = cp.asarray([1, 2, 3, 4], dtype=cp.uint8)
+    assert _eq(sampling.softmax(x, temps), sampling.softmax(x, temps.astype(cp.float32)))
+    assert _eq(sampling.min_p_sampling_from_probs(x, ones.astype(cp.int32) * 0, seed=1),
+               sampling.sampling_from_probs(x, seed=1))
 
 
 GEN_CASES = [  # (function, arguments, FlashInfer's increment for (batch, vocab))
@@ -1163,18 +1181,44 @@ GEN_CASES = [  # (function, arguments, FlashInfer's increment for (batch, vocab)
     ("top_k_top_p_sampling_from_logits", (20, 0.9), lambda b, v: b * 32)]
 
 
-def _gen_input(name, batch=501, vocab=1001):
-    x = torch.as_tensor(_exact_probs(batch, vocab, 6), device="cuda")
-    return torch.log(x) if name.endswith("_logits") else x
+def _gen_input(name, batch=501, vocab=1001, framework="cupy"):
+    x = _exact_probs(batch, vocab, 6)
+    if framework == "torch":
+        x = torch.as_tensor(x, device="cuda")
+        return torch.log(x) if name.endswith("_logits") else x
+    x = cp.asarray(x)
+    return cp.log(x) if name.endswith("_logits") else x
 
 
 @gpu
+@pytest.mark.parametrize("name,args", [(n, a) for n, a, _ in GEN_CASES])
+def test_fi_cupy_generator(name, args):
+    """A CuPy caller's generators: a fi_cupy Generator gives its seed and the next offset a call (the
+    same manual_seed, the same tokens: those of seed=, offset=); generator=None takes
+    sampling.default_generator's next offset."""
+    x, fn = _gen_input(name), getattr(sampling, name)
+    g = sampling.Generator(1234)
+    a = fn(x, *args, generator=g)
+    assert g.offset == 1
+    b = fn(x, *args, generator=g)
+    assert g.offset == 2 and not _eq(a, b)
+    g.manual_seed(1234)
+    assert _eq(fn(x, *args, generator=g), a)
+    assert _eq(fn(x, *args, seed=1234, offset=0), a) and _eq(fn(x, *args, seed=1234, offset=1), b)
+    before = sampling.default_generator.offset
+    c = fn(x, *args)
+    assert sampling.default_generator.offset == before + 1
+    assert _eq(fn(x, *args, seed=sampling.default_generator.seed, offset=before), c)
+
+
+@gpu
+@needs_torch
 @pytest.mark.parametrize("name,args,inc", GEN_CASES)
 def test_torch_cuda_generator(name, args, inc):
     """A CUDA torch.Generator: its offset advances by FlashInfer's rounded increment a call; the same
     manual_seed gives the same tokens; the tokens are those of seed=its seed, offset=the advanced offset
     (FlashInfer's get_seed_and_offset returns the offset after the increment)."""
-    x, fn = _gen_input(name), getattr(sampling, name)
+    x, fn = _gen_input(name, framework="torch"), getattr(sampling, name)
     step = _round4(inc(*x.shape))
     g = torch.Generator(device="cuda")
     g.manual_seed(1234)
@@ -1189,12 +1233,13 @@ def test_torch_cuda_generator(name, args, inc):
 
 
 @gpu
+@needs_torch
 @pytest.mark.parametrize("name,args,inc", GEN_CASES[:2] + GEN_CASES[5:6])
 def test_torch_default_and_cpu_generators(name, args, inc):
     """generator=None with torch inputs: torch's default CUDA generator (torch.manual_seed reproduces, it
     advances as under FlashInfer); a CPU generator is reproducible too; a CuPy caller's calls advance
     fi_cupy's default Generator, not torch's."""
-    x, fn = _gen_input(name), getattr(sampling, name)
+    x, fn = _gen_input(name, framework="torch"), getattr(sampling, name)
     step = _round4(inc(*x.shape))
     default = torch.cuda.default_generators[0]
     torch.manual_seed(0)
@@ -1208,13 +1253,13 @@ def test_torch_default_and_cpu_generators(name, args, inc):
     c1 = fn(x, *args, generator=cpu)
     cpu.manual_seed(5)
     assert torch.equal(fn(x, *args, generator=cpu), c1)
-    import cupy
     before, torch_before = sampling.default_generator.offset, default.get_offset()
-    fn(cupy.from_dlpack(x), *args)
+    fn(cp.from_dlpack(x), *args)
     assert sampling.default_generator.offset == before + 1 and default.get_offset() == torch_before
 
 
 @gpu
+@needs_torch
 def test_torch_generator_chain_speculative():
     q, p, ids = _chain_inputs("float32", n=4)
     b = 300
@@ -1235,63 +1280,64 @@ def test_per_row_seed_and_offset():
     (seed, offset) and its position only (not on the other rows); a length-1 array is the scalar; equal
     per-row values are the scalar call. sampling_from_logits and chain_speculative_sampling too."""
     batch, vocab = 16, 4000
-    x = torch.as_tensor(_exact_probs(batch, vocab, 7), device="cuda")
-    seeds = torch.arange(batch, dtype=torch.int64, device="cuda") * 7919 + 3
-    offsets = torch.arange(batch, dtype=torch.int64, device="cuda") * 4
+    x = cp.asarray(_exact_probs(batch, vocab, 7))
+    seeds = cp.arange(batch, dtype=cp.int64) * 7919 + 3
+    offsets = cp.arange(batch, dtype=cp.int64) * 4
     for name, args in [("top_k_top_p_sampling_from_probs", (100, 0.9)), ("sampling_from_probs", ()),
                        ("sampling_from_logits", ())]:
         fn = getattr(sampling, name)
-        data = torch.log(x) if name == "sampling_from_logits" else x
+        data = cp.log(x) if name == "sampling_from_logits" else x
         a = fn(data, *args, seed=seeds, offset=offsets)
-        other = data.flip(0).clone()
+        other = cp.ascontiguousarray(data[::-1])
         for r in range(batch):  # row r alone kept; every other row, seed and offset changed
-            d, s, o = other.clone(), seeds + 1000, offsets + 8
+            d, s, o = other.copy(), seeds + 1000, offsets + 8
             d[r], s[r], o[r] = data[r], seeds[r], offsets[r]
-            assert fn(d, *args, seed=s, offset=o)[r] == a[r], f"{name} row {r}"
+            assert int(fn(d, *args, seed=s, offset=o)[r]) == int(a[r]), f"{name} row {r}"
         scalar = fn(data, *args, seed=77, offset=12)
-        assert torch.equal(fn(data, *args, seed=torch.tensor([77], device="cuda"),
-                              offset=torch.tensor([12], device="cuda")), scalar)
-        assert torch.equal(fn(data, *args, seed=torch.full((batch,), 77, device="cuda"), offset=12), scalar)
-        assert torch.equal(fn(data, *args, seed=77, offset=torch.full((batch,), 12, device="cuda")), scalar)
-    big = torch.tensor([-2 ** 63 + 5, -1], dtype=torch.int64, device="cuda").view(torch.uint64)  # 2^63 + 5, 2^64 - 1
+        assert _eq(fn(data, *args, seed=cp.asarray([77], dtype=cp.int64), offset=cp.asarray([12], dtype=cp.int64)),
+                   scalar)
+        assert _eq(fn(data, *args, seed=cp.full((batch,), 77, dtype=cp.int64), offset=12), scalar)
+        assert _eq(fn(data, *args, seed=77, offset=cp.full((batch,), 12, dtype=cp.int64)), scalar)
+    big = cp.asarray(np.array([-2 ** 63 + 5, -1], np.int64)).view(cp.uint64)  # 2^63 + 5, 2^64 - 1
     y = x[:2]
-    assert torch.equal(sampling.sampling_from_probs(y, seed=big, offset=big),
-                       sampling.sampling_from_probs(y, seed=big.view(torch.int64), offset=big.view(torch.int64)))
-    assert torch.equal(sampling.sampling_from_probs(y[:1], seed=big[1:], offset=0),
-                       sampling.sampling_from_probs(y[:1], seed=2 ** 64 - 1, offset=0))
+    assert _eq(sampling.sampling_from_probs(y, seed=big, offset=big),
+               sampling.sampling_from_probs(y, seed=big.view(cp.int64), offset=big.view(cp.int64)))
+    assert _eq(sampling.sampling_from_probs(y[:1], seed=big[1:], offset=0),
+               sampling.sampling_from_probs(y[:1], seed=2 ** 64 - 1, offset=0))
     q, p, ids = _chain_inputs("float32", n=3)
-    qt = torch.as_tensor(np.tile(q, (8, 1, 1)), dtype=torch.float32, device="cuda")
-    pt = torch.as_tensor(np.tile(p, (8, 1, 1)), dtype=torch.float32, device="cuda")
-    it = torch.as_tensor(np.tile(ids, (8, 1)), dtype=torch.int32, device="cuda")
+    qt = cp.asarray(np.tile(q, (8, 1, 1)), dtype=cp.float32)
+    pt = cp.asarray(np.tile(p, (8, 1, 1)), dtype=cp.float32)
+    it = cp.asarray(np.tile(ids, (8, 1)), dtype=cp.int32)
     want = sampling.chain_speculative_sampling(qt, it, pt, seed=5, offset=4)[0]
-    got = sampling.chain_speculative_sampling(qt, it, pt, seed=torch.full((8,), 5, device="cuda"),
-                                              offset=torch.full((8,), 4, device="cuda"))[0]
-    assert torch.equal(got, want)
+    got = sampling.chain_speculative_sampling(qt, it, pt, seed=cp.full((8,), 5, dtype=cp.int64),
+                                              offset=cp.full((8,), 4, dtype=cp.int64))[0]
+    assert _eq(got, want)
 
 
 @gpu
 def test_cuda_graph_with_seed_and_offset_arrays():
     """Seeds and offsets as device arrays keep a captured sampler replayable: new offsets written in
     place give the tokens an eager call gives for them (FlashInfer's reason for taking tensors)."""
-    x = torch.as_tensor(_exact_probs(8, 4096, 8), device="cuda")
-    seeds = torch.arange(8, dtype=torch.int64, device="cuda") + 11
-    offsets = torch.zeros(8, dtype=torch.int64, device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        sampling.top_k_sampling_from_probs(x, 20, seed=seeds, offset=offsets)  # compile and load outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        tok = sampling.top_k_sampling_from_probs(x, 20, seed=seeds, offset=offsets)
+    x = cp.asarray(_exact_probs(8, 4096, 8))
+    seeds = cp.arange(8, dtype=cp.int64) + 11
+    offsets = cp.zeros(8, dtype=cp.int64)
+    s = cp.cuda.Stream(non_blocking=True)  # capture needs a stream other than the legacy one
+    cp.cuda.Device().synchronize()  # the inputs, made on the legacy stream, are ready
     outs = []
-    for step in range(3):
-        offsets.fill_(4 * step)
-        graph.replay()
-        torch.cuda.synchronize()
-        outs.append(tok.clone())
-        assert torch.equal(tok, sampling.top_k_sampling_from_probs(x, 20, seed=seeds, offset=4 * step))
-    assert not torch.equal(outs[0], outs[1]) or not torch.equal(outs[1], outs[2])
+    with s:
+        sampling.top_k_sampling_from_probs(x, 20, seed=seeds, offset=offsets)  # compile and load outside the capture
+        s.begin_capture()
+        try:
+            tok = sampling.top_k_sampling_from_probs(x, 20, seed=seeds, offset=offsets)
+        finally:
+            graph = s.end_capture()
+        for step in range(3):
+            offsets.fill(4 * step)
+            graph.launch(s)
+            s.synchronize()
+            outs.append(tok.copy())
+            assert _eq(tok, sampling.top_k_sampling_from_probs(x, 20, seed=seeds, offset=4 * step))
+    assert not _eq(outs[0], outs[1]) or not _eq(outs[1], outs[2])
 
 
 @gpu
@@ -1300,60 +1346,60 @@ def test_cuda_graph_with_seed_and_offset_arrays():
 def test_return_valid(name, args, dtype):
     """valid (bool) is False exactly for the rows with nothing to draw (all zero, NaN or negative), whose
     sample is 0, as FlashInfer; True for every row with positive mass, NaN entries or not."""
-    x = torch.as_tensor(_exact_probs(6, 2001, 9), device="cuda")
-    x[1] = 0.0
-    x[2] = float("nan")
-    x[3] = -0.5
-    x[4, ::3] = float("nan")
-    x = x.to(_tdt(dtype))
+    xh = _exact_probs(6, 2001, 9)
+    xh[1] = 0.0
+    xh[2] = np.nan
+    xh[3] = -0.5
+    xh[4, ::3] = np.nan
+    x = from_host(xh, dtype)  # built on the host: no CuPy kernel writes bfloat16
     fn = getattr(sampling, name)
     _poison(64)
     s, v = fn(x, *args, seed=3, return_valid=True)
-    assert v.dtype == torch.bool and v.shape == (6,) and s.dtype == torch.int32
+    assert v.dtype == np.bool_ and v.shape == (6,) and s.dtype == np.int32
     assert v.tolist() == [True, False, False, False, True, True]
     assert s[1:4].tolist() == [0, 0, 0]
-    tok = s.cpu().numpy()
-    assert all(x[r, tok[r]].item() > 0 for r in (0, 4, 5))
-    assert torch.equal(fn(x, *args, seed=3), s)  # return_valid=False: the samples alone
-    idx = torch.tensor([1, 0, 3, 5], dtype=torch.int64, device="cuda")
+    tok, x64 = cp.asnumpy(s), f64(x)
+    assert all(x64[r, tok[r]] > 0 for r in (0, 4, 5))
+    assert _eq(fn(x, *args, seed=3), s)  # return_valid=False: the samples alone
+    idx = cp.asarray([1, 0, 3, 5], dtype=cp.int64)
     s2, v2 = fn(x, *args, indices=idx, seed=3, return_valid=True)
-    assert s2.dtype == torch.int64 and v2.tolist() == [False, True, False, True]
+    assert s2.dtype == np.int64 and v2.tolist() == [False, True, False, True]
 
 
 @gpu
 def test_deterministic_flags_are_accepted():
     """deterministic=False and is_deterministic (either value, positional as in FlashInfer) change nothing:
     every kernel here is deterministic."""
-    x = torch.as_tensor(_exact_probs(4, 3000, 10), device="cuda")
-    assert torch.equal(sampling.top_k_sampling_from_probs(x, 5, None, False, seed=1),
-                       sampling.top_k_sampling_from_probs(x, 5, seed=1))
-    assert torch.equal(sampling.top_p_renorm_probs(x, 0.5, True), sampling.top_p_renorm_probs(x, 0.5))
-    assert torch.equal(sampling.top_k_renorm_probs(x, 5, True), sampling.top_k_renorm_probs(x, 5, False))
+    x = cp.asarray(_exact_probs(4, 3000, 10))
+    assert _eq(sampling.top_k_sampling_from_probs(x, 5, None, False, seed=1),
+               sampling.top_k_sampling_from_probs(x, 5, seed=1))
+    assert _eq(sampling.top_p_renorm_probs(x, 0.5, True), sampling.top_p_renorm_probs(x, 0.5))
+    assert _eq(sampling.top_k_renorm_probs(x, 5, True), sampling.top_k_renorm_probs(x, 5, False))
 
 
 @gpu
 def test_bad_input_dtypes_and_seeds():
-    p = torch.rand((4, 64), device="cuda")
+    p = uniform((4, 64))
     with pytest.raises(TypeError, match="seed: dtype int32"):
-        sampling.sampling_from_probs(p, seed=torch.ones(4, dtype=torch.int32, device="cuda"), offset=0)
+        sampling.sampling_from_probs(p, seed=cp.ones(4, dtype=cp.int32), offset=0)
     with pytest.raises(ValueError, match=r"offset: expected length 1 or batch_size \(4\), got 3"):
-        sampling.sampling_from_probs(p, seed=1, offset=torch.ones(3, dtype=torch.int64, device="cuda"))
+        sampling.sampling_from_probs(p, seed=1, offset=cp.ones(3, dtype=cp.int64))
     with pytest.raises((TypeError, ValueError), match="seed: .*(CUDA device|host)"):  # a host array
-        sampling.sampling_from_probs(p, seed=torch.ones(4, dtype=torch.int64), offset=0)
+        sampling.sampling_from_probs(p, seed=np.ones(4, dtype=np.int64), offset=0)
     with pytest.raises(TypeError, match="top_k: dtype bool"):
-        sampling.top_k_sampling_from_probs(p, torch.ones(4, dtype=torch.bool, device="cuda"))
+        sampling.top_k_sampling_from_probs(p, cp.ones(4, dtype=cp.bool_))
     with pytest.raises(ValueError, match=r"top_p: entries must lie in \(0, 1\]"):
-        sampling.top_p_sampling_from_probs(p, torch.tensor([0.5, 0.0, 0.5, 0.5], device="cuda",
-                                                           dtype=torch.bfloat16))
+        sampling.top_p_sampling_from_probs(p, from_host(np.array([0.5, 0.0, 0.5, 0.5]), "bfloat16"))
     with pytest.raises(TypeError, match="indices: dtype"):
-        sampling.sampling_from_probs(p, indices=torch.zeros(4, dtype=torch.float32, device="cuda"))
+        sampling.sampling_from_probs(p, indices=cp.zeros(4, dtype=cp.float32))
+    p3 = p.reshape(2, 2, 64)
     with pytest.raises(TypeError, match="draft_token_ids: dtype"):
-        sampling.chain_speculative_sampling(p.view(2, 2, 64)[:, :1].contiguous().half(),
-                                            torch.zeros((2, 1), dtype=torch.float32, device="cuda"),
-                                            p.view(2, 2, 64).half())
-    q = p.bfloat16()
-    q[1, 3] = float("nan")
+        sampling.chain_speculative_sampling(cp.ascontiguousarray(p3[:, :1]).astype(cp.float16),
+                                            cp.zeros((2, 1), dtype=cp.float32), p3.astype(cp.float16))
+    qh = cp.asnumpy(p)
+    qh[1, 3] = np.nan
+    q = from_host(qh, "bfloat16")
     with pytest.raises(ValueError, match="probs: contains NaN"):
         sampling.top_k_sampling_from_probs(q, 5, check_nan=True)
     with pytest.raises(ValueError, match="logits: contains NaN"):
-        sampling.sampling_from_logits(q.half(), check_nan=True)
+        sampling.sampling_from_logits(_f32(q).astype(cp.float16), check_nan=True)

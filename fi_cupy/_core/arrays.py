@@ -176,8 +176,11 @@ def _checked_strides(name: str, shape: tuple, strides: tuple) -> tuple:
     for n, st in zip(shape, strides):
         if st < 0 and n > 1:
             raise ValueError(f"{name}: negative strides are not supported (strides {strides})")
-    # The stride of a size-1 dim is arbitrary: normalise it so checks and kernels can ignore it.
+    # The stride of a size-1 dim is arbitrary: normalise it so checks and kernels can ignore it. An array with
+    # no elements has no meaningful strides at all (CuPy gives (0, 0, ...)): it is contiguous.
     cs = contiguous_strides(shape)
+    if 0 in shape:
+        return cs
     return tuple(c if n == 1 else st for n, st, c in zip(shape, strides, cs))
 
 

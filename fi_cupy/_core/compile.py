@@ -99,9 +99,16 @@ def nvrtc_version() -> tuple:
     return tuple(_nvrtc().getVersion())
 
 
+MIN_CC = 80  # Ampere: cp.async, bf16 mma.sync
+
+
 def target_arch(cc: int) -> str:
     """NVRTC -arch for compute capability cc (e.g. 90): the 'a' target on Hopper and later so
-    wgmma/setmaxnreg are available; 'compute_XX' (PTX for the driver) if NVRTC is older than the GPU."""
+    wgmma/setmaxnreg are available; 'compute_XX' (PTX for the driver) if NVRTC is older than the GPU.
+    Below 8.0 (Volta, Turing) there is nothing to run: the kernels need cp.async and bf16 mma."""
+    if cc < MIN_CC:
+        raise CudaEnvironmentError(f"this GPU has compute capability {cc // 10}.{cc % 10}; fi_cupy's kernels need "
+                                   f"{MIN_CC // 10}.{MIN_CC % 10} or newer (Ampere, Ada, Hopper, Blackwell)")
     supported = tuple(_nvrtc().getSupportedArchs())
     if cc in supported:
         return f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"

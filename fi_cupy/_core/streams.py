@@ -153,3 +153,23 @@ def order_after(device: int, producer_stream: int, consumer_stream) -> None:
             runtime.streamWaitEvent(consumer, ev, 0)
         finally:
             runtime.eventDestroy(ev)
+
+
+class _RawStream:
+    """A raw cudaStream_t seen through the CUDA stream protocol (version 0, the handle)."""
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __cuda_stream__(self):
+        return (0, self.handle)
+
+
+def as_cupy(handle: int):
+    """A CuPy Stream object for a raw handle (to run CuPy work on it with `with`): Stream.from_external
+    where CuPy has it (14+; ExternalStream is deprecated there), ExternalStream before."""
+    import cupy
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(_RawStream(handle))
+    return cupy.cuda.ExternalStream(handle)

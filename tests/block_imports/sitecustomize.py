@@ -11,7 +11,7 @@ _BLOCKED = tuple(n for n in os.environ.get("FI_CUPY_BLOCK_IMPORTS", "torch,jax")
 class _Blocker:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in _BLOCKED:
-            raise ImportError(f"No module named '{name}' (blocked by FI_CUPY_BLOCK_IMPORTS)")
+            raise ModuleNotFoundError(f"No module named '{name}' (blocked by FI_CUPY_BLOCK_IMPORTS)")
         return None
 
 
