@@ -39,7 +39,8 @@ def _threads() -> int:
 def compile_grouped(programs, arch: str, group) -> tuple:
     """Compile `programs` for `arch`, those with the same group(program) key (and file) as one NVRTC
     program, so headers are parsed once per group: their name expressions and asserts merged, the
-    groups in parallel threads. Returns (ptxas resource usage per mangled name, name expr -> mangled)."""
+    groups in parallel threads. Returns (ptxas resource usage per mangled name, name expr -> mangled,
+    name expr -> its program's log, headed cached or compiled)."""
     groups: dict = {}
     for p in programs:
         names, asserts = groups.setdefault((p.filename, group(p)), ({}, {}))
@@ -48,17 +49,19 @@ def compile_grouped(programs, arch: str, group) -> tuple:
     jobs = sorted(((fn, tuple(n), tuple(a)) for (fn, _), (n, a) in groups.items()), key=lambda j: -len(j[1]))
     with ThreadPoolExecutor(max_workers=_threads()) as ex:  # largest groups first: a shorter tail
         results = list(ex.map(lambda j: cc.compile_program(j[0], j[1], arch, asserts=j[2]), jobs))
-    usage, lowered = {}, {}
+    usage, lowered, logs = {}, {}, {}
     for r in results:
         usage.update(cc.resource_usage(r.log))
         lowered.update(r.lowered)
-    return usage, lowered
+        logs.update(dict.fromkeys(r.lowered, f"[{'cached' if r.from_cache else 'compiled'} {r.key}]\n{r.log}"))
+    return usage, lowered, logs
 
 
 def check_compiles_without_spills(programs, arch: str, group) -> None:
-    usage, lowered = compile_grouped(programs, arch, group)
+    usage, lowered, logs = compile_grouped(programs, arch, group)
     unreported = sorted(e for e, m in lowered.items() if m not in usage)
-    assert not unreported, f"ptxas reported no resource usage on {arch} for {unreported}"
+    assert not unreported, (f"ptxas reported no resource usage on {arch} for {unreported}; the log of the first:\n"
+                            f"{logs[unreported[0]][-3000:] if unreported else ''}")
     spills = {k: v for k, v in usage.items() if v["spill_stores"] or v["spill_loads"]}
     assert not spills, f"kernels spilling to local memory on {arch}: {spills}"
     assert max(v["registers"] for v in usage.values()) <= 255
