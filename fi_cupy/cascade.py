@@ -23,8 +23,8 @@ from ._core.call import Call
 from ._core.docs import KERNEL_GLOSSARY, document
 from ._core.fastpath import Signatures
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr, struct_arg
-from ._core.workspace import ALIGN, attention_outputs, attention_result, upload
-from .page import describe_paged_cache, page_table_lengths
+from ._core.workspace import ALIGN, attention_outputs, attention_result, scale, upload
+from .page import cache_parts, page_table_lengths
 
 DTYPES = (dt.float16, dt.bfloat16, dt.float32)
 THREADS = 256
@@ -410,11 +410,6 @@ def _device_array(framework: str, shape, dtype: dt.DType, device: int, stream: i
     return obj, arrays.describe(obj, "scratch")
 
 
-def _rows(info, n: int):
-    """The first n rows of an array (a view at the ArrayInfo level: no framework call, no copy)."""
-    return info if info.shape[0] == n else dataclasses.replace(info, shape=(n,) + tuple(info.shape[1:]))
-
-
 def _merge_into(c: Call, o, lse, o_other, lse_other, mask) -> None:
     """(o, lse) <- merge((o, lse), (o_other, lse_other)) on c's stream, where mask (rows,) is nonzero."""
     _pair(c, o, lse, o_other, lse_other, o, lse, mask)
@@ -520,6 +515,7 @@ class MultiLevelCascadeAttentionWrapper:
         self._total = None      # queries of the current plan (None: no plan)
         self._max_page = -1     # largest page index any level reads
         self._scratch = None
+        self._sigs = Signatures()  # run()'s recorded calls; dropped by plan() (new metadata, maybe new scratch)
 
     @property
     def is_cuda_graph_enabled(self) -> bool:
@@ -540,6 +536,7 @@ class MultiLevelCascadeAttentionWrapper:
             w.reset_workspace_buffer(part, iw)
         self._ws, self._ws_obj = ws, float_workspace_buffer
         self._total, self._scratch = None, None
+        self._sigs.clear()
 
     @document("Nothing to prewarm: the kernels take the cache's strides at run time.", glossary=_PARAMS)
     def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:
@@ -585,6 +582,7 @@ class MultiLevelCascadeAttentionWrapper:
         key = (num_qo_heads, head_dim, dt.as_dtype(q_data_type, "q_data_type"))
         self._check_scratch(total, key)
         self._total = None  # no valid plan until every level has one
+        self._sigs.clear()
         for i, w in enumerate(self._wrappers):
             try:
                 w.plan(qos[i], ips[i], ixs[i], lps[i], num_qo_heads, num_kv_heads, head_dim, page_size,
@@ -641,34 +639,39 @@ class MultiLevelCascadeAttentionWrapper:
         if self._total is None:
             raise RuntimeError("run() called before plan()")
         return_lse = checks.flag("return_lse", return_lse)
+        return self._sigs((q, *cache_parts(paged_kv_cache), out, lse), (k_scale, v_scale, return_lse, enable_pdl),
+                          stream, lambda: self._run(q, paged_kv_cache, k_scale, v_scale, out, lse, return_lse,
+                                                    enable_pdl, stream))
+
+    def _run(self, q, paged_kv_cache, k_scale, v_scale, out, lse, return_lse, enable_pdl, stream):
+        """Every level's prefill and the merges as one Call: a call of a known signature replays its
+        launches (the plan's metadata and the scratch stay where they are until the next plan)."""
         c = Call(q, stream, enable_pdl, name="q")
-        s = c.stream
         qi = c.arg(q, "q")
         checks.ndim(qi, 3, "(total_q, num_qo_heads, head_dim)")
         if qi.shape[0] < self._total:
             raise ValueError(f"q: has {qi.shape[0]} rows but the plan has {self._total} queries (qo_indptr[-1])")
         sc = self._scratch
+        c.fixed(sc.o, sc.lse_level, sc.lse_acc, sc.mask)
         # Rows merged: the plan's queries; under CUDA graphs every row the scratch holds (a fixed launch
         # shape), the mask leaving those past the current plan alone.
         n = min(sc.rows, qi.shape[0]) if self._use_cuda_graph else self._total
-        view = describe_paged_cache(c, paged_kv_cache, self._kv_layout)
-        if self._max_page >= view.num_pages:
+        kv = self._wrappers[0]._paged_view(c, paged_kv_cache)
+        if self._max_page >= kv.num_pages:
             raise ValueError(f"paged_kv_indices_arr: page index {self._max_page} is out of range for a cache of "
-                             f"{view.num_pages} pages")
-        kv = view.infos[0] if len(view.infos) == 1 else tuple(view.infos)  # described once for every level
+                             f"{kv.num_pages} pages")
         out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse,
                                                         "(total_q, num_qo_heads, head_dim)", "(total_q, num_qo_heads)")
-        qv, ov = _rows(qi, n), _rows(o, n)
-        lv = _rows(l_info if l_info is not None else sc.lse_acc, n)
-        opts = dict(k_scale=k_scale, v_scale=v_scale, enable_pdl=enable_pdl, stream=s)
-        self._wrappers[-1].run(qv, kv, out=ov, lse=lv, **opts)
+        qv, ov = c.rows(qi, n), c.rows(o, n)
+        lv = c.rows(l_info if l_info is not None else sc.lse_acc, n)
+        qk_scale, vs = scale("k_scale", k_scale), scale("v_scale", v_scale)
+        self._wrappers[-1]._launch(c, qv, kv, ov, lv, qk_scale, vs)
         if self._num_levels > 1:
-            merge = Call(qv, s, enable_pdl, name="q")
-            so, sl = _rows(sc.o, n), _rows(sc.lse_level, n)
-            mask = None if sc.mask is None else _rows(sc.mask, n)
+            so, sl = c.rows(sc.o, n), c.rows(sc.lse_level, n)
+            mask = None if sc.mask is None else c.rows(sc.mask, n)
             for w in self._wrappers[:-1]:  # FlashInfer's order: the last level, then the others merged in
-                w.run(qv, kv, out=so, lse=sl, **opts)
-                _merge_into(merge, ov, lv, so, sl, mask)
+                w._launch(c, qv, kv, so, sl, qk_scale, vs)
+                _merge_into(c, ov, lv, so, sl, mask)
         return attention_result(c, out_obj, lse_obj, return_lse)
 
     forward = run

@@ -603,15 +603,23 @@ class _PrefillWrapper(PlannedWrapper):
         c = Call(q, stream, enable_pdl, "q")
         kv = describe_kv(c)
         qi = c.arg(q, "q")
-        _check_q(qi, p, plan.total_qo)
+        _check_q(qi, p, plan.total_qo)  # before outputs are made from q's shape
         out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse,
                                                         "(qo_len, num_qo_heads, head_dim)", "(qo_len, num_qo_heads)")
-        checks.same_device(qi, self._ws)
-        launch_prefill(c, plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, self._paged, o, l_info,
+        self._launch(c, qi, kv, o, l_info, k_scale, v_scale)
+        return attention_result(c, out_obj, lse_obj, return_lse)
+
+    def _launch(self, c: Call, q: arrays.ArrayInfo, kv: KVView, o: arrays.ArrayInfo, l_info, k_scale: float,
+                v_scale: float) -> None:
+        """The planned kernels for q over kv into o / l_info, on Call c: run()'s work once its arguments are
+        described (also one level of MultiLevelCascadeAttentionWrapper.run)."""
+        plan = self._plan
+        _check_q(q, plan.params, plan.total_qo)
+        checks.same_device(q, self._ws)
+        launch_prefill(c, plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, q, kv, self._paged, o, l_info,
                        k_scale, v_scale, self._use_cuda_graph)
         if plan.mask is not None:
             c.infos.append(plan.mask[1])
-        return attention_result(c, out_obj, lse_obj, return_lse)
 
     def _begin_run(self, args, q_scale, k_scale, lse_base, lse_layout, kv_cache_sf) -> float:
         """The logits scale of a run(), its FlashInfer options checked."""

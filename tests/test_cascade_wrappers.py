@@ -21,6 +21,7 @@ import fi_cupy
 from fi_cupy import cascade, reference
 from fi_cupy._core import arrays, kernels, streams
 from fi_cupy._core import dtypes as dt
+from fi_cupy.page import describe_paged_cache
 from gpu_arrays import BF16, FP8, bits, contiguous, empty, f64, f64_dev, nan_like, poison, rand, take
 from test_bad_inputs import WS, Case, S, _raises_naming, _tripwire
 from tolerances import assert_close, assert_lse_close
@@ -181,8 +182,12 @@ class _Recorder:
     def plan(self, *args, **kw):
         _Recorder.log.append(("plan", self.level, args, kw))
 
-    def run(self, q, kv, **kw):
-        _Recorder.log.append(("run", self.level, q, kv, kw))
+    def _paged_view(self, c, cache):
+        return describe_paged_cache(c, cache, self.layout)
+
+    def _launch(self, c, q, kv, o, l_info, k_scale, v_scale):
+        _Recorder.log.append(("run", self.level, q, kv, dict(out=o, lse=l_info, k_scale=k_scale, v_scale=v_scale,
+                                                             stream=c.stream)))
 
     def reset_workspace_buffer(self, ws, iw=None):
         self.ws = arrays.describe(ws, "float_workspace_buffer")

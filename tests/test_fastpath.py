@@ -194,6 +194,37 @@ def test_paged_prefill_run_replays():
 
 
 @gpu
+def test_cascade_run_replays_within_a_plan_and_forgets_at_the_next():
+    """Every level's launches and the merges are one recorded call (the level wrappers' scratch and
+    metadata are fixed addresses); a re-plan drops the recording."""
+    cp = _cp()
+    page, hq, hkv, d = 8, 4, 1, 64
+    cache = _rand((12, 2, page, hkv, d), seed=12)
+    ch = _host(cache)
+    shared, own, own_last = np.array([3, 7]), [np.array([0]), np.array([5, 9]), np.array([], np.int64)], [3, 8, 0]
+    w = fi_cupy.MultiLevelCascadeAttentionWrapper(2, cp.zeros(64 << 20, cp.uint8))
+
+    def tokens(pages, last):
+        if not len(pages):
+            return np.zeros((2, 0, hkv, d))
+        return np.concatenate([ch[p] for p in pages], axis=1)[:, : (len(pages) - 1) * page + last]
+
+    for shared_last in (8, 5):
+        w.plan([np.array([0, 3]), np.array([0, 1, 2, 3])], [np.array([0, 2]), np.array([0, 1, 3, 3])],
+               [shared, np.concatenate(own)], [np.array([shared_last]), np.array(own_last)], hq, hkv, d, page,
+               q_data_type="float16")
+        assert len(w._sigs) == 0
+        for seed in range(3):
+            q = _rand((3, hq, d), seed=20 + seed)
+            out = _poisoned((3, hq, d))
+            assert w.run(q, cache, out=out) is out
+            for b in range(3):
+                kv = np.concatenate([tokens(shared, shared_last), tokens(own[b], own_last[b])], axis=1)
+                assert_close(_host(out)[b], reference.decode_attention(_host(q)[b], kv[0], kv[1])[0], "float16")
+        assert len(w._sigs) == 1
+
+
+@gpu
 @needs_torch
 def test_torch_caller_replays():
     norm._SIGS.clear()

@@ -15,6 +15,8 @@ arrays read, outputs made, launches, memsets) and later calls of it replayed wit
 """
 from __future__ import annotations
 
+import dataclasses
+
 from . import arrays, checks, fastpath, kernels, streams
 from .arrays import ArrayInfo
 
@@ -66,6 +68,22 @@ class Call:
         if self.rec is not None:
             self.rec.arg(x, info)
         return info
+
+    def rows(self, info: ArrayInfo, n: int) -> ArrayInfo:
+        """The first n rows of `info` (an ArrayInfo view: no framework call, no copy)."""
+        if info.shape[0] == n:
+            return info
+        view = dataclasses.replace(info, shape=(n,) + tuple(info.shape[1:]))
+        self.infos.append(view)  # alive while the call is (the recorder keys sources by id)
+        if self.rec is not None:
+            self.rec.alias(view, info)
+        return view
+
+    def fixed(self, *infos) -> None:
+        """Memory the op owns (a wrapper's scratch), whose addresses stay fixed while a recording of
+        this call is kept (the op drops its recordings when it reallocates)."""
+        if self.rec is not None:
+            self.rec.fixed.update(id(i) for i in infos if i is not None)
 
     def new(self, shape, dtype, name: str = "out"):
         """(object, ArrayInfo) of a new array in the caller's framework."""

@@ -97,6 +97,7 @@ class Recorder:
         self.steps = []      # (Prepared, values, slots, fresh) launches; (None, source, nbytes, ()) memsets
         self.results = None  # (single, specs): what the op returns, each array by source
         self.delivered_as = {}  # id(delivered output) -> -1 - index of the new output
+        self.fixed = set()      # id(ArrayInfo) of memory the op owns, at an address fixed while the recipe lives
 
     def refuse(self, why: str) -> None:
         self.why = self.why or why
@@ -115,6 +116,13 @@ class Recorder:
                 return
         self.refuse(f"{info.name}: not an array of the signature")
 
+    def alias(self, view, of) -> None:
+        """`view` starts where `of` does (its leading rows): it follows of's source."""
+        if id(of) in self.sources:
+            self.sources[id(view)] = self.sources[id(of)]
+        elif id(of) in self.fixed:
+            self.fixed.add(id(view))
+
     def new(self, obj, info) -> None:
         self.sources[id(info)] = -1 - len(self.news)
         self.news.append((info.shape, info.dtype, obj))
@@ -130,7 +138,7 @@ class Recorder:
                 src = self.sources.get(id(a.src)) if a.src is not None else None
                 if src is not None:
                     slots.append((i, src, a.off))
-                elif a and not a.stable:
+                elif a and not a.stable and id(a.src) not in self.fixed:
                     self.refuse(f"argument {i}: an address outside the signature's arrays")
                 values.append(int(a))
             elif isinstance(a, bytes):
