@@ -28,7 +28,7 @@ import pytest
 
 import fi_cupy
 from fi_cupy import reference
-from gpu_arrays import BF16, cast, empty, host_dtype, nan_like
+from gpu_arrays import BF16, cast, empty, host_dtype, nan_like, to_torch
 from tolerances import OUT_TOL, assert_close, assert_lse_close
 
 try:
@@ -354,19 +354,6 @@ def _nan(shape, dtype: str = "float32"):
     return nan_like(empty(tuple(shape), dtype))
 
 
-def _to_torch(x, dtype: str):
-    """A CuPy array (any layout) as a torch tensor of `dtype` on the same memory (DLPack; bfloat16 and
-    float8 through integers of their size)."""
-    if x.size == 0:  # no DLPack for empty arrays (their data pointer may be null)
-        return torch.empty_strided(x.shape, [s // x.itemsize for s in x.strides], dtype=getattr(torch, dtype),
-                                   device="cuda")
-    if dtype == "bfloat16":
-        return torch.from_dlpack(x.view(cupy.int16)).view(torch.bfloat16)
-    if dtype in FP8:
-        return torch.from_dlpack(x).view(getattr(torch, dtype))
-    return torch.from_dlpack(x)
-
-
 def _from_torch(t):
     """A torch tensor (not float8) as a CuPy array on the same memory (bfloat16: ml_dtypes)."""
     if t.dtype == torch.bfloat16:
@@ -498,9 +485,9 @@ def check_single_decode(cfg: dict) -> None:
     # torch caller (drawn only where torch is importable) on the same memory
     torch_call = cfg["kv_dtype"] in FP8
     if torch_call:
-        args = [_to_torch(q, cfg["q_dtype"]), _to_torch(k, cfg["kv_dtype"]), _to_torch(v, cfg["kv_dtype"])]
-        out_t = None if out is None else _to_torch(out, cfg["q_dtype"])
-        lse_t = None if lse is None else _to_torch(lse, "float32")
+        args = [to_torch(q, cfg["q_dtype"]), to_torch(k, cfg["kv_dtype"]), to_torch(v, cfg["kv_dtype"])]
+        out_t = None if out is None else to_torch(out, cfg["q_dtype"])
+        lse_t = None if lse is None else to_torch(lse, "float32")
     else:
         args, out_t, lse_t = [q, k, v], out, lse
     res = fi_cupy.single_decode_with_kv_cache(*args, kv_layout=cfg["layout"], q_scale=cfg["q_scale"],

@@ -23,7 +23,7 @@ import numpy as np
 
 import fi_cupy
 from fi_cupy import reference, sampling
-from gpu_arrays import BF16, cast, dtype_name, empty, f64, host_dtype, nan_like
+from gpu_arrays import BF16, cast, dtype_name, empty, f64, host_dtype, nan_like, to_torch
 from tolerances import OUT_TOL, assert_close
 
 try:
@@ -207,19 +207,6 @@ def _still_nan(x, what: str) -> None:
 def _round_to(a: np.ndarray, dtype: str) -> np.ndarray:
     """float64 values rounded to `dtype` (via float32: exact for the sum of two values of dtype)."""
     return np.asarray(a, np.float32).astype(host_dtype(dtype)).astype(np.float64)
-
-
-def _to_torch(x, dtype: str):
-    """A CuPy array (any layout) as a torch tensor of `dtype` on the same memory (DLPack; float8 and
-    bfloat16 through integers of their size)."""
-    if x.size == 0:  # no DLPack for empty arrays (their data pointer may be null)
-        return torch.empty_strided(x.shape, [s // x.itemsize for s in x.strides], dtype=getattr(torch, dtype),
-                                   device="cuda")
-    if dtype == "bfloat16":
-        return torch.from_dlpack(x.view(cupy.int16)).view(torch.bfloat16)
-    if dtype in FP8:
-        return torch.from_dlpack(x).view(getattr(torch, dtype))
-    return torch.from_dlpack(x)
 
 
 def _sample_rows(n: int, budget: int, seed: int) -> np.ndarray:
@@ -644,9 +631,9 @@ def run_page_append(cfg: dict) -> None:
         # is importable the float8 case is a torch caller (the same memory); elsewhere it appends the
         # bytes as uint8 arrays (the same byte copy)
         def fp8(x):
-            return _to_torch(x, cfg["dtype"])
+            return to_torch(x, cfg["dtype"])
         cache_t = tuple(map(fp8, cache_arg)) if isinstance(cache_arg, tuple) else fp8(cache_arg)
-        bi_t, pos_t, ix, ip, last_p = (_to_torch(x, idt) for x in (bi, pos, ix_t, ip_t, last_t))
+        bi_t, pos_t, ix, ip, last_p = (to_torch(x, idt) for x in (bi, pos, ix_t, ip_t, last_t))
         args = [fp8(key), fp8(value), bi_t, pos_t, cache_t, ix, ip, last_p]
     ret = fi_cupy.append_paged_kv_cache(*args, kv_layout=layout, check=cfg["check"])
     _check(ret is None, "returned a value (expected None: it writes the cache in place)")

@@ -124,3 +124,17 @@ def f64_dev(x, dtype: str | None = None):
     if x.dtype == BF16:
         return (x.view(cp.uint16).astype(cp.uint32) << 16).view(cp.float32).astype(cp.float64)
     return x.astype(cp.float64)
+
+
+def to_torch(x, dtype: str):
+    """A CuPy array (any layout) as a torch tensor of `dtype` on the same memory (DLPack; bfloat16 and
+    float8 through integers of their size): the torch caller of an interop case."""
+    import torch
+    if x.size == 0:  # no DLPack for empty arrays (their data pointer may be null)
+        return torch.empty_strided(x.shape, [s // x.itemsize for s in x.strides], dtype=getattr(torch, dtype),
+                                   device="cuda")
+    if dtype == "bfloat16":
+        return torch.from_dlpack(x.view(cp.int16)).view(torch.bfloat16)
+    if dtype in FP8:
+        return torch.from_dlpack(x).view(getattr(torch, dtype))
+    return torch.from_dlpack(x)
