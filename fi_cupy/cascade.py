@@ -24,7 +24,7 @@ from ._core.docs import KERNEL_GLOSSARY, document
 from ._core.fastpath import Signatures
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr, struct_arg
 from ._core.workspace import ALIGN, attention_outputs, attention_result, scale, upload
-from .page import cache_parts, page_table_lengths
+from .page import cache_parts, describe_paged_cache, page_table_lengths
 
 DTYPES = (dt.float16, dt.bfloat16, dt.float32)
 THREADS = 256
@@ -656,10 +656,11 @@ class MultiLevelCascadeAttentionWrapper:
         # Rows merged: the plan's queries; under CUDA graphs every row the scratch holds (a fixed launch
         # shape), the mask leaving those past the current plan alone.
         n = min(sc.rows, qi.shape[0]) if self._use_cuda_graph else self._total
-        kv = self._wrappers[0]._paged_view(c, paged_kv_cache)
-        if self._max_page >= kv.num_pages:
+        view = describe_paged_cache(c, paged_kv_cache, self._kv_layout)
+        if self._max_page >= view.num_pages:  # every level's pages, named as the caller passed them
             raise ValueError(f"paged_kv_indices_arr: page index {self._max_page} is out of range for a cache of "
-                             f"{kv.num_pages} pages")
+                             f"{view.num_pages} pages")
+        kv = self._wrappers[0]._check_view(view, "paged_kv_indices_arr")  # dtype and shape as planned
         out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse,
                                                         "(total_q, num_qo_heads, head_dim)", "(total_q, num_qo_heads)")
         qv, ov = c.rows(qi, n), c.rows(o, n)

@@ -755,8 +755,11 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
                                    lse, return_lse, qk_scale, v_scale, enable_pdl, stream)
 
     def _paged_view(self, c: Call, paged_kv_cache) -> KVView:
-        kv = describe_paged_cache(c, paged_kv_cache, self._kv_layout)
-        kv = check_cache_against(kv, self._plan.params, self._plan.max_page, "paged_kv_indices")
+        return self._check_view(describe_paged_cache(c, paged_kv_cache, self._kv_layout))
+
+    def _check_view(self, kv: KVView, indices_name: str = "paged_kv_indices") -> KVView:
+        """A described cache against the plan (see check_cache_against); the view to launch with."""
+        kv = check_cache_against(kv, self._plan.params, self._plan.max_page, indices_name)
         if kv.dtype in FP8:  # the portable kernel copies 16 fp8 values (16 bytes) at a time
             for info in kv.infos:
                 checks.vector_aligned(info, 16)

@@ -21,7 +21,6 @@ import fi_cupy
 from fi_cupy import cascade, reference
 from fi_cupy._core import arrays, kernels, streams
 from fi_cupy._core import dtypes as dt
-from fi_cupy.page import describe_paged_cache
 from gpu_arrays import BF16, FP8, bits, contiguous, empty, f64, f64_dev, nan_like, poison, rand, take
 from test_bad_inputs import WS, Case, S, _raises_naming, _tripwire
 from tolerances import assert_close, assert_lse_close
@@ -182,8 +181,8 @@ class _Recorder:
     def plan(self, *args, **kw):
         _Recorder.log.append(("plan", self.level, args, kw))
 
-    def _paged_view(self, c, cache):
-        return describe_paged_cache(c, cache, self.layout)
+    def _check_view(self, kv, indices_name="paged_kv_indices"):
+        return kv
 
     def _launch(self, c, q, kv, o, l_info, k_scale, v_scale):
         _Recorder.log.append(("run", self.level, q, kv, dict(out=o, lse=l_info, k_scale=k_scale, v_scale=v_scale,
