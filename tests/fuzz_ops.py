@@ -684,7 +684,8 @@ def _rng_form(rng) -> str:
     rest of the case is drawn as where torch is importable."""
     form = _pick(rng, RNG_FORMS)
     if form == "torch_generator" and not TORCH:
-        form = _pick(rng.spawn(1)[0], tuple(f for f in RNG_FORMS if f != "torch_generator"))
+        own = np.random.default_rng(rng.bit_generator.state["state"]["state"])  # rng's state, not consumed
+        form = _pick(own, tuple(f for f in RNG_FORMS if f != "torch_generator"))
     return form
 
 
