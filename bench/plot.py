@@ -131,6 +131,15 @@ def _absent_note(fig, absent) -> None:
         fig.supxlabel(note, x=0.01, ha="left", fontsize=7)
 
 
+def _finish(fig, title: str, doc, absent=()):
+    """Every chart's last step: one legend under the panels, the title (device, date), the note naming the
+    series with no figures in this run."""
+    _fig_legend(fig)
+    _title(fig, title, doc)
+    _absent_note(fig, absent)
+    return fig
+
+
 def _pct(ours_pct, ours_t, peer_t):
     """A peer's share of the same ceiling: same bytes (or FLOPs), so the share scales with 1 / time."""
     return None if peer_t is None or not ours_t else ours_pct * ours_t / peer_t
@@ -161,10 +170,7 @@ def decode_chart(Figure, doc):
     absent = _bars(ax, labels, series, ceiling=100)
     ax.set_ylabel(f"% of copy bandwidth ({doc['copy_GBps']:.0f} GB/s, same run)")
     ax.set_xlabel("batch x KV length (bf16 KV, NHD unless named); higher is better")
-    _fig_legend(fig)
-    _title(fig, "Paged-KV decode, 32/8 heads, d128, page 16: GB/s as % of the copy ceiling", doc)
-    _absent_note(fig, absent)
-    return fig
+    return _finish(fig, "Paged-KV decode, 32/8 heads, d128, page 16: GB/s as % of the copy ceiling", doc, absent)
 
 
 PREFILL_SERIES = (("auto", "fi_cupy", OURS[0]), ("fa2", "fi_cupy fa2 (portable kernel)", OURS[2]),
@@ -189,10 +195,7 @@ def prefill_chart(Figure, doc):
     ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=0, ha="center")
     ax.set_ylabel(f"% of bf16 matmul ({mm:.0f} TFLOP/s, same run)")
     ax.set_xlabel("higher is better")
-    _fig_legend(fig)
-    _title(fig, "Prefill, bf16, d128: TFLOP/s as % of a bf16 matmul", doc)
-    _absent_note(fig, absent)
-    return fig
+    return _finish(fig, "Prefill, bf16, d128: TFLOP/s as % of a bf16 matmul", doc, absent)
 
 
 def small_ops_chart(Figure, doc):
@@ -205,10 +208,8 @@ def small_ops_chart(Figure, doc):
     ax = fig.subplots()
     absent = _bars(ax, labels, series, horizontal=True, ceiling=100)
     ax.set_xlabel(f"% of copy bandwidth ({doc['copy_GBps']:.0f} GB/s, same run); higher is better")
-    _fig_legend(fig)
-    _title(fig, "Norms, activations, RoPE, KV append, state merge (bf16): GB/s as % of the copy ceiling", doc)
-    _absent_note(fig, absent)
-    return fig
+    return _finish(fig, "Norms, activations, RoPE, KV append, state merge (bf16): GB/s as % of the copy ceiling",
+                   doc, absent)
 
 
 def sampling_chart(Figure, doc):
@@ -238,11 +239,9 @@ def sampling_chart(Figure, doc):
     for ax in axes[len(batches):]:
         ax.set_visible(False)
     copy = f" ({doc['copy_GBps']:.0f} GB/s)" if doc.get("copy_GBps") else ""
-    _fig_legend(fig)
-    _title(fig, f"Sampling, vocab {doc.get('vocab', '?')}, float32: one read of the probabilities at the copy "
-                f"bandwidth{copy} / time (softmax: read + write)", doc)
-    _absent_note(fig, [a for a in absent if a not in charted])
-    return fig
+    title = (f"Sampling, vocab {doc.get('vocab', '?')}, float32: one read of the probabilities at the copy "
+             f"bandwidth{copy} / time (softmax: read + write)")
+    return _finish(fig, title, doc, [a for a in absent if a not in charted])
 
 
 def cascade_chart(Figure, doc):
@@ -273,10 +272,7 @@ def cascade_chart(Figure, doc):
                      fontsize=9)
     if all(r.get("plain_decode_us") is None for r in rows):
         absent.append("plain decode (so no speed-up)")
-    _fig_legend(fig)
-    _title(fig, "Cascade (shared-prefix) decode, bf16, 32/8 heads, d128, page 16", doc)
-    _absent_note(fig, absent)
-    return fig
+    return _finish(fig, "Cascade (shared-prefix) decode, bf16, 32/8 heads, d128, page 16", doc, absent)
 
 
 HOST_SERIES = {"fi_cupy/torch": ("fi_cupy (torch caller)", OURS[0]), "fi_cupy/cupy": ("fi_cupy (CuPy caller)", OURS[1]),
@@ -328,12 +324,10 @@ def host_chart(Figure, doc):
                     ax.text(x, j, "err: " + ", ".join(HOST_SERIES.get(c, (c,))[0] for c in failed), fontsize=6,
                             color="#c00000", va="center")
             ax.set_title(g, fontsize=9, loc="left")
-    _fig_legend(fig)
     calls = f"mean of {doc['calls']} back-to-back calls" if doc.get("calls") else "back-to-back calls"
     plan = f"; plan(): median of {doc['plan_calls']}, each between syncs" if doc.get("plan_calls") else ""
-    _title(fig, f"Host cost of eager calls: us per call, log scale ({calls}{plan}); shorter is better", doc)
-    _absent_note(fig, [a for a in absent if a not in charted])
-    return fig
+    title = f"Host cost of eager calls: us per call, log scale ({calls}{plan}); shorter is better"
+    return _finish(fig, title, doc, [a for a in absent if a not in charted])
 
 
 def e2e_chart(Figure, doc):
@@ -356,10 +350,7 @@ def e2e_chart(Figure, doc):
                                          ("transformers prefill", [peer], "#b39ddb")], fmt=lambda v: f"{v:,.0f}")
     right.set_ylabel("tokens/s")
     right.set_title(f"prefill{f', {n} prompts' if n else ''}; higher is better", fontsize=9)
-    _fig_legend(fig)
-    _title(fig, "End-to-end serving (examples/fi_llama, random weights, bf16)", doc)
-    _absent_note(fig, absent)
-    return fig
+    return _finish(fig, "End-to-end serving (examples/fi_llama, random weights, bf16)", doc, absent)
 
 
 def plan_cpu_chart(Figure, doc):
@@ -373,9 +364,7 @@ def plan_cpu_chart(Figure, doc):
     ax = fig.subplots()
     _bars(ax, labels, series)
     ax.set_ylabel("us a call (median); lower is better")
-    _fig_legend(fig)
-    _title(fig, "plan(): host part, CPU only (no peer)", doc)
-    return fig
+    return _finish(fig, "plan(): host part, CPU only (no peer)", doc)
 
 
 CHARTS = {"bench_decode": decode_chart, "bench_prefill": prefill_chart, "bench_small_ops": small_ops_chart,
