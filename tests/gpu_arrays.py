@@ -138,3 +138,27 @@ def to_torch(x, dtype: str):
     if dtype in FP8:
         return torch.from_dlpack(x).view(getattr(torch, dtype))
     return torch.from_dlpack(x)
+
+
+def capture(fn):
+    """(graph, stream): fn() captured into a CUDA graph on a new non-blocking stream, after one warm-up
+    call there (compiling and loading stay outside the capture). Capture needs a stream other than the
+    legacy one, and a non-blocking stream does not wait for it: the device is synchronised before."""
+    s = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.Device().synchronize()
+    with s:
+        fn()
+        s.begin_capture()
+        try:
+            fn()
+        finally:
+            graph = s.end_capture()
+    s.synchronize()
+    return graph, s
+
+
+def replay(graph, s) -> None:
+    """Launch a captured graph on its stream once the device's other work is done, and wait for it."""
+    cp.cuda.Device().synchronize()
+    graph.launch(s)
+    s.synchronize()

@@ -21,7 +21,7 @@ import fi_cupy
 from fi_cupy import cascade, reference
 from fi_cupy._core import arrays, kernels, streams
 from fi_cupy._core import dtypes as dt
-from gpu_arrays import BF16, FP8, bits, contiguous, empty, f64, f64_dev, nan_like, poison, rand, take
+from gpu_arrays import BF16, FP8, bits, capture, contiguous, empty, f64, f64_dev, nan_like, poison, rand, replay, take
 from test_bad_inputs import WS, Case, S, _raises_naming, _tripwire
 from tolerances import assert_close, assert_lse_close
 
@@ -525,30 +525,17 @@ def test_cuda_graph_replays_a_new_plan():
     out = nan_like(q)
     cache = cp.zeros((64 + 4 * 20, 2, 16, 8, 128), dtype=cp.uint16).view(BF16)
     bits(cache)[: b1.cache.shape[0]] = bits(b1.cache)
-    w.run(q, cache, out=out)  # warm up outside the capture
-    s = cp.cuda.Stream(non_blocking=True)  # does not wait for the legacy stream: synchronise around it
-    cp.cuda.Device().synchronize()
-    with s:
-        s.begin_capture()
-        try:
-            w.run(q, cache, out=out)
-        finally:
-            g = s.end_capture()
-    s.synchronize()
+    g, s = capture(lambda: w.run(q, cache, out=out))
     b1.cache = cache
     poison(out)
-    cp.cuda.Device().synchronize()
-    g.launch(s)
-    s.synchronize()
+    replay(g, s)
     _check(b1, out, q, False, "bfloat16")
     b2 = CascadeBatch([[(900, 3)]], [5, 0, 300], [1, 1, 1], 16, hq=32, hkv=8)  # fewer queries, longer KV
     bits(cache)[: b2.cache.shape[0]] = bits(b2.cache)
     b2.cache = cache
     w.plan(*b2.plan_args(), 32, 8, 128, 16, q_data_type="bfloat16")
     poison(out)
-    cp.cuda.Device().synchronize()
-    g.launch(s)
-    s.synchronize()
+    replay(g, s)
     _check(b2, out, q, False, "bfloat16")
     assert np.isnan(f64(out[3])).all()
 

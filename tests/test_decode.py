@@ -36,7 +36,8 @@ import pytest
 
 import fi_cupy
 from fi_cupy import reference
-from gpu_arrays import BF16, FP8, bits, dtype_name, empty, f64, f64_dev, nan_like, poison, rand, rng, take
+from gpu_arrays import BF16, FP8, bits, capture, dtype_name, empty, f64, f64_dev, nan_like, poison, rand, replay, \
+    rng, take
 from tolerances import assert_close, assert_lse_close
 
 try:
@@ -258,22 +259,11 @@ def test_cuda_graph_capture_replan_replay():
     w.plan(b1.indptr, b1.indices, b1.last_page_len, **plan_args)
     q = bits(b1.q).copy().view(BF16)
     out = nan_like(q)
-    s = cp.cuda.Stream(non_blocking=True)  # does not wait for the legacy stream: synchronise around it
-    cp.cuda.Device().synchronize()
-    with s:
-        w.run(q, cache, out=out)  # warm-up: compile and load outside the capture
-        s.begin_capture()
-        try:
-            w.run(q, cache, out=out)
-        finally:
-            g = s.end_capture()
-    s.synchronize()
+    g, s = capture(lambda: w.run(q, cache, out=out))
     w.plan(b2.indptr, b2.indices + off, b2.last_page_len, **plan_args)
     bits(q)[...] = bits(b2.q)
     poison(out)
-    cp.cuda.Device().synchronize()
-    g.launch(s)
-    s.synchronize()
+    replay(g, s)
     expect = w.run(b2.q, cache)  # uncaptured run of the new plan
     assert np.array_equal(f64(out), f64(expect))
     ro, _ = b2.reference()

@@ -42,8 +42,8 @@ import pytest
 
 import fi_cupy
 from fi_cupy import reference
-from gpu_arrays import FP8, bits, contiguous, dtype_name, empty, f64, f64_dev, nan_like, poison, rand, rng, take, \
-    uniform
+from gpu_arrays import FP8, bits, capture, contiguous, dtype_name, empty, f64, f64_dev, nan_like, poison, rand, \
+    replay, rng, take, uniform
 from tolerances import OUT_TOL, assert_lse_close
 
 pytestmark = pytest.mark.gpu
@@ -378,24 +378,13 @@ def test_cuda_graph_replans():
 
     plan(b1)
     bits(q)[:250] = bits(b1.q)
-    s = cp.cuda.Stream(non_blocking=True)  # does not wait for the legacy stream: synchronise around it
-    cp.cuda.Device().synchronize()
-    with s:
-        w.run(q, b1.cache, out=out)  # warm-up (compiles, loads)
-        s.begin_capture()
-        try:
-            w.run(q, b1.cache, out=out)
-        finally:
-            graph = s.end_capture()
-    s.synchronize()
+    graph, s = capture(lambda: w.run(q, b1.cache, out=out))
     for b in (b1, b2):
         plan(b)
         n = b.q.shape[0]
         bits(q)[:n] = bits(b.q)
         poison(out)
-        cp.cuda.Device().synchronize()
-        graph.launch(s)
-        s.synchronize()
+        replay(graph, s)
         b.check(out[:n], causal=True)
 
 
