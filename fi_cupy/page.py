@@ -111,7 +111,7 @@ def check_cache_against(view: KVView, p, max_page: int, indices_name: str = "ind
     """A cache against the planned parameters `p` (kv_dtype, page_size, num_kv_heads, head_dim) and the
     largest page index the page table uses. Returns the view to launch with: a uint8 cache planned as
     float8 (CuPy has no float8 dtype, so its callers hand over the bytes) is read as the planned dtype."""
-    if view.dtype == dt.uint8 and p.kv_dtype.itemsize == 1 and p.kv_dtype != dt.uint8:
+    if view.dtype == dt.uint8 and p.kv_dtype.itemsize == 1:  # planned as float8 (1-byte KV dtypes are)
         view = replace(view, dtype=p.kv_dtype)
     if view.dtype != p.kv_dtype:
         raise TypeError(f"paged_kv_cache: dtype {view.dtype} does not match the planned kv_data_type {p.kv_dtype}"
