@@ -61,7 +61,8 @@ __device__ __forceinline__ void write_segment(const float* sm, int ws, int prow,
                                               int kv_head, int head0, int group_size, int num_qo_heads,
                                               float v_scale, QT* __restrict__ out, long long o_stride_b,
                                               long long o_stride_h, float* __restrict__ lse,
-                                              float* __restrict__ part_o, float* __restrict__ part_lse) {
+                                              float* __restrict__ part_o, float* __restrict__ part_lse,
+                                              const float* __restrict__ sinks) {
   constexpr int kChunks = D / 8;
   for (int item = threadIdx.x; item < GB * kChunks; item += kDecodeThreads) {
     const int h = item / kChunks, d0 = (item % kChunks) * 8;
@@ -75,17 +76,18 @@ __device__ __forceinline__ void write_segment(const float* sm, int ws, int prow,
       load8<float>(blk + h * D + d0, a);
       m.merge(blk[GB * D + 2 * h], blk[GB * D + 2 * h + 1], a);
     }
-    const float inv = m.inv_d();
+    const int qo_head = kv_head * group_size + head0 + h;
+    float l = m.lse(), inv = m.inv_d() * v_scale;
+    if (prow < 0 && sinks != nullptr) inv *= fold_sink(l, sinks, qo_head);  // partial rows: at the merge
     float o[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) o[e] = m.acc[e] * inv * v_scale;
+    for (int e = 0; e < 8; ++e) o[e] = m.acc[e] * inv;
     if (prow < 0) {
-      const int qo_head = kv_head * group_size + head0 + h;
       store8<QT>(out + request * o_stride_b + qo_head * o_stride_h + d0, o);
-      if (lse != nullptr && d0 == 0) lse[(long long)request * num_qo_heads + qo_head] = m.lse();
+      if (lse != nullptr && d0 == 0) lse[(long long)request * num_qo_heads + qo_head] = l;
     } else {
       store8<float>(part_o + ((long long)prow * GB + h) * D + d0, o);
-      if (d0 == 0) part_lse[(long long)prow * GB + h] = m.lse();
+      if (d0 == 0) part_lse[(long long)prow * GB + h] = l;
     }
   }
 }
@@ -98,7 +100,7 @@ struct DecodeMinBlocks {
   static constexpr int value = GB >= 8 ? 2 : ((ROPE && GB >= 4) ? 3 : 4);
 };
 
-template <int D, int GB, typename QT, typename KVT, bool ROPE>
+template <int D, int GB, typename QT, typename KVT, bool ROPE, bool ALIBI>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeMinBlocks<GB, ROPE>::value)
 batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_stride_h,
                     const KVT* __restrict__ k_cache, const KVT* __restrict__ v_cache,
@@ -110,7 +112,9 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
                     float* __restrict__ lse, float* __restrict__ part_o, float* __restrict__ part_lse,
                     int num_qo_heads, int group_size, int head_slices, unsigned int page_size,
                     unsigned int page_div_mul, unsigned int page_div_shift, float q_scale, float soft_cap,
-                    float v_scale, float rope_rcp_scale, double rope_log2_theta) {
+                    float v_scale, float rope_rcp_scale, double rope_log2_theta,
+                    const float* __restrict__ sinks, const float* __restrict__ alibi_slopes) {
+  static_assert(!(ROPE && ALIBI), "one position encoding");
   pdl_begin();
   using C = DecodeCfg<D, GB, KVT>;
   using Raw = typename C::Raw;
@@ -143,7 +147,12 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
     }
     const int request = sg.x, kv_head = sg.y / head_slices, head0 = (sg.y % head_slices) * GB;
     const int start = sg.z, end = sg.w;
-    const int kv_len = ROPE ? kv_lens[request] : 0;  // only RoPE needs the query position
+    const int kv_len = (ROPE || ALIBI) ? kv_lens[request] : 0;  // only these need the query position
+    // ALiBi: logit += slope_h * (key position - query position), in base 2 (q_scale holds log2(e)).
+    float slope[GB];
+#pragma unroll
+    for (int h = 0; h < GB; ++h)
+      slope[h] = (ALIBI && head0 + h < group_size) ? alibi_slopes[kv_head * group_size + head0 + h] * FIC_LOG2E : 0.f;
 
     SoftmaxState<8> st[GB];
 #pragma unroll
@@ -238,6 +247,7 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
         for (int j = 0; j < R; ++j) {
           float x = s[j][h];
           if (soft_cap > 0.f) x = soft_cap * FIC_LOG2E * tanh_inline(x * rcp_cap);
+          if (ALIBI) x = fmaf(slope[h], float(tile_start + j * RPW + row - (kv_len - 1)), x);
           s[j][h] = (tile_start + j * RPW + row < end) ? x : neg_inf();
           m_tile = fmaxf(m_tile, s[j][h]);
         }
@@ -298,7 +308,7 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
     __syncthreads();
 
     write_segment<D, GB, QT>(sm, ws, segment_partial[seg], request, kv_head, head0, group_size,
-                             num_qo_heads, v_scale, out, o_stride_b, o_stride_h, lse, part_o, part_lse);
+                             num_qo_heads, v_scale, out, o_stride_b, o_stride_h, lse, part_o, part_lse, sinks);
     __syncthreads();  // the merge buffers become pipeline buffers again
   }
 }
@@ -329,7 +339,7 @@ struct DecodeTcSmem {
   static constexpr int kMinBlocks = kPerSm < 1 ? 1 : (kPerSm > 4 ? 4 : kPerSm);
 };
 
-template <int D, int GB, typename T>
+template <int D, int GB, typename T, bool ALIBI>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeTcSmem<D, GB>::kMinBlocks)
 batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long q_stride_h,
                        const T* __restrict__ k_cache, const T* __restrict__ v_cache,
@@ -341,7 +351,8 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
                        float* __restrict__ lse, float* __restrict__ part_o, float* __restrict__ part_lse,
                        int num_qo_heads, int group_size, int head_slices, unsigned int page_size,
                        unsigned int page_div_mul, unsigned int page_div_shift, float q_scale, float soft_cap,
-                       float v_scale, float rope_rcp_scale, double rope_log2_theta) {
+                       float v_scale, float rope_rcp_scale, double rope_log2_theta,
+                       const float* __restrict__ sinks, const float* __restrict__ alibi_slopes) {
   static_assert(GB <= 8, "an mma tile holds 8 heads");
   pdl_begin();
   using C = DecodeTcCfg<D>;
@@ -358,7 +369,7 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
   // so its memory latency overlaps the merge of the warps (whose buffers live in each warp's last
   // pipeline stage, the one a prologue does not fill).
   struct Seg {
-    int request, kv_head, head0, end, first, n_tiles;
+    int request, kv_head, head0, end, first, n_tiles, last;  // last: the query's position (ALiBi)
     long long head_off;
     const int* pages;
   };
@@ -374,6 +385,7 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
     x.n_tiles = (x.end > x.first) ? (x.end - x.first + tile_stride - 1) / tile_stride : 0;
     x.head_off = (long long)x.kv_head * kv_stride_head;
     x.pages = page_indices + page_start;
+    x.last = ALIBI ? kv_lens[x.request] - 1 : 0;
     return x;
   };
 
@@ -414,9 +426,17 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
   // Q^T fragments (B operand): head g of the block, dims 16kk + 2c, +1 and 16kk + 2c + 8, +9. Loaded
   // with a segment's prologue, so the first mma of the segment does not wait for them.
   unsigned qb[KS][2];
+  float slope[2] = {0.f, 0.f};  // ALiBi slopes (base 2) of this lane's score columns, heads 2c and 2c + 1
   auto load_q = [&](const Seg& x) {
     const int hh = x.head0 + g;
     const bool valid = g < GB && hh < group_size;
+    if (ALIBI) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int hj = x.head0 + 2 * c + j;
+        slope[j] = (2 * c + j < GB && hj < group_size) ? alibi_slopes[x.kv_head * group_size + hj] * FIC_LOG2E : 0.f;
+      }
+    }
     const T* qp = q + x.request * q_stride_b + (x.kv_head * group_size + (valid ? hh : 0)) * q_stride_h + 2 * c;
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
@@ -434,7 +454,8 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
   }
   for (int seg = seg_begin; seg < seg_end; ++seg) {
     const int request = cur.request, kv_head = cur.kv_head, head0 = cur.head0, end = cur.end;
-    const int first = cur.first, n_tiles = cur.n_tiles;
+    const int first = cur.first, n_tiles = cur.n_tiles, last = cur.last;
+    const float seg_slope[2] = {slope[0], slope[1]};  // load_q refills slope for the next segment
     int4 next_sg = make_int4(0, 0, 0, 0);
     int next_page_start = 0;
     if (seg + 1 < seg_end) {  // loaded now, used at this segment's end
@@ -466,6 +487,7 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
       for (int i = 0; i < 4; ++i) {
         float x = sacc[i] * q_scale;
         if (soft_cap > 0.f) x = soft_cap * FIC_LOG2E * tanh_inline(x * rcp_cap);
+        if (ALIBI) x = fmaf(seg_slope[i & 1], float(tile_start + g + (i < 2 ? 0 : 8) - last), x);
         sacc[i] = ((i < 2) ? in0 : in1) ? x : neg_inf();
       }
 #pragma unroll
@@ -528,7 +550,7 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
     }
     __syncthreads();
     write_segment<D, GB, T>(sm, ws, segment_partial[seg], request, kv_head, head0, group_size,
-                            num_qo_heads, v_scale, out, o_stride_b, o_stride_h, lse, part_o, part_lse);
+                            num_qo_heads, v_scale, out, o_stride_b, o_stride_h, lse, part_o, part_lse, sinks);
     __syncthreads();  // the merge buffers become pipeline buffers again
   }
 }
@@ -546,7 +568,7 @@ __global__ void __launch_bounds__(128, 8)
 merge_states_kernel(const float* __restrict__ part_o, const float* __restrict__ part_lse,
                     const int* __restrict__ merge_pairs, const int* __restrict__ merge_indptr,
                     OT* __restrict__ out, long long o_stride_b, long long o_stride_h, float* __restrict__ lse,
-                    int num_qo_heads, int group_size, int head_blocks) {
+                    int num_qo_heads, int group_size, int head_blocks, const float* __restrict__ sinks) {
   constexpr int kChunks = NextPow2<D / 8>::value, kGroups = 128 / kChunks, U = 4;
   // Launched early, the merge waits here for the decode kernel's partial states. Every CTA waits,
   // even one with nothing to merge, so that this grid's end implies the decode kernel's (the next
@@ -605,13 +627,13 @@ merge_states_kernel(const float* __restrict__ part_o, const float* __restrict__ 
 #pragma unroll
       for (int e = 0; e < 8; ++e) o[e] += sm_acc[g][threadIdx.x * 8 + e];
     }
-    const float inv = (w > 0.f) ? __frcp_rn(w) : 0.f;
+    const int qo_head = kv_head * group_size + head0 + h;
+    float inv = (w > 0.f) ? __frcp_rn(w) : 0.f, l = (w > 0.f) ? m + __log2f(w) : neg_inf();
+    if (sinks != nullptr) inv *= fold_sink(l, sinks, qo_head);
 #pragma unroll
     for (int e = 0; e < 8; ++e) o[e] *= inv;
-    const int qo_head = kv_head * group_size + head0 + h;
     store8<OT>(out + request * o_stride_b + qo_head * o_stride_h + threadIdx.x * 8, o);
-    if (lse != nullptr && threadIdx.x == 0)
-      lse[(long long)request * num_qo_heads + qo_head] = (w > 0.f) ? m + __log2f(w) : neg_inf();
+    if (lse != nullptr && threadIdx.x == 0) lse[(long long)request * num_qo_heads + qo_head] = l;
   }
 }
 

@@ -105,6 +105,8 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
   const int g = lane / 4, c = lane % 4;
   const FastDiv page_div = {page_size, page_div_mul, page_div_shift};
   constexpr bool capped = (FLAGS & kSoftCap) != 0, masked = (FLAGS & kCustomMask) != 0;
+  constexpr bool alibi = (FLAGS & kAlibi) != 0;
+  static_assert(!(alibi && (capped || ROPE)), "ALiBi takes no soft cap and no RoPE");
   // exp2 argument scale: logits in base 2. With a soft cap the scores are capped first.
   const float scale = capped ? FIC_LOG2E : sm_scale * FIC_LOG2E;
   const float cap_pre = capped ? sm_scale * ptx_rcp(soft_cap) : 0.f;
@@ -199,6 +201,8 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
     issue(0);
 
     const long long mask_base = masked ? mask_offset[w.req] * 8 : 0;
+    float al_slope[MT][2], al_qpos[MT][2];
+    if (alibi) alibi_rows(al_slope, al_qpos, alibi_slopes, ptx_rcp(sm_scale), w, group_size, p0 + warp * MT * 16, g);
 
     float o[MT][DT][4];
     float m[MT][2], dsum[MT][2];
@@ -286,6 +290,7 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
       }
 
       if (capped) cap_scores(s, soft_cap, cap_pre);
+      if (alibi) alibi_scores(s, al_slope, al_qpos, j0, c);
 
       // Element masks only where the tile straddles a bound.
       const bool edge = w.edge<KV>(j0, causal, window_left, masked);
@@ -328,12 +333,12 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
     {
     const int4 ie = items[2 * (int)opaque(it)];
     const int qo_start = qo_indptr[ie.x];
-    const RowSink sink = {ie.z, (qo_indptr[ie.x + 1] - qo_start) * group_size, group_size, ie.y, qo_start,
-                          num_qo_heads, ie.w, lse, part_o, part_lse};
-    finish_rows<D>(o, m, dsum, scale, v_scale, warp * MT * 16, g, c, sink);
-    if (sink.prow < 0)
+    const RowDest dest = {ie.z, (qo_indptr[ie.x + 1] - qo_start) * group_size, group_size, ie.y, qo_start,
+                          num_qo_heads, ie.w, lse, part_o, part_lse, sinks};
+    finish_rows<D>(o, m, dsum, scale, v_scale, warp * MT * 16, g, c, dest);
+    if (dest.prow < 0)
       store_rows<D>(o, reinterpret_cast<unsigned char*>(q_s), [](int r, int ch) { return 2 * swz<D>(r, ch); },
-                    warp * MT * 16, lane, out, o_stride_n, o_stride_h, sink);
+                    warp * MT * 16, lane, out, o_stride_n, o_stride_h, dest);
     }
   }
 }
@@ -348,7 +353,8 @@ __global__ void __launch_bounds__(128)
 prefill_merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_lse,
                      const int4* __restrict__ items, const int* __restrict__ num_items,
                      const int* __restrict__ qo_indptr, T* __restrict__ out, long long o_stride_n,
-                     long long o_stride_h, float* __restrict__ lse, int num_qo_heads, int group_size) {
+                     long long o_stride_h, float* __restrict__ lse, int num_qo_heads, int group_size,
+                     const float* __restrict__ sinks) {
   pdl_begin();
   constexpr int kChunks = D / 8;
   const int n_items = *num_items;
@@ -365,13 +371,13 @@ prefill_merge_kernel(const float* __restrict__ part_o, const float* __restrict__
       float acc[8];
       const float wsum = merge_states<float, 8>(part_o + (long long)(base + r) * D + d0, (long long)rows * D, s, rows,
                                                 chunks, mx, acc);
-      const float inv = wsum > 0.f ? ptx_rcp(wsum) : 0.f;
+      const int p = p0 + r, ti = p / group_size, h = kv_head * group_size + p - ti * group_size;
+      float inv = wsum > 0.f ? ptx_rcp(wsum) : 0.f, l = merged_lse(mx, wsum);
+      if (sinks != nullptr) inv *= fold_sink(l, sinks, h);
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[e] *= inv;
-      const int p = p0 + r, ti = p / group_size, h = kv_head * group_size + p - ti * group_size;
       store8<T>(out + (long long)(qo_start + ti) * o_stride_n + h * o_stride_h + d0, acc);
-      if (lse != nullptr && d0 == 0)
-        lse[(long long)(qo_start + ti) * num_qo_heads + h] = merged_lse(mx, wsum);
+      if (lse != nullptr && d0 == 0) lse[(long long)(qo_start + ti) * num_qo_heads + h] = l;
     }
   }
 }

@@ -188,7 +188,8 @@ _PARAMS = {**KERNEL_GLOSSARY,
                       "    query sees every shared level whole."),
            "pos_encoding_mode": ("str, default \"NONE\"\n"
                                  "    ``\"NONE\"``, or ``\"ROPE_LLAMA\"`` to rotate q and k in the kernel (positions\n"
-                                 "    count within a level). FlashInfer's ``\"ALIBI\"`` raises ValueError."),
+                                 "    count within a level). ``\"ALIBI\"`` raises NotImplementedError: its biases would\n"
+                                 "    count positions within a level too, which no merge of the levels undoes."),
            "use_fp16_qk_reduction": ("bool, default False\n"
                                      "    Accepted; the kernels always accumulate in float32."),
            "sm_scale": ("float, optional\n"
@@ -563,6 +564,9 @@ class MultiLevelCascadeAttentionWrapper:
         tables = [_arr_arg(name, a, n) for name, a in zip(_TABLES, (qo_indptr_arr, paged_kv_indptr_arr,
                                                                     paged_kv_indices_arr, paged_kv_last_page_len))]
         causal = checks.flag("causal", causal)
+        if pos_encoding_mode == "ALIBI":
+            raise NotImplementedError("pos_encoding_mode: \"ALIBI\" is not supported by the cascade (each level would "
+                                      "count key positions from its own start); use \"NONE\" or \"ROPE_LLAMA\"")
         host = [[checks.host_int_array(f"{name}[{i}]", a) for i, a in enumerate(t)] for name, t in zip(_TABLES, tables)]
         qos, ips, ixs, lps = host
         page_size = checks.positive_int("page_size", page_size)

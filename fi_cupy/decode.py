@@ -17,19 +17,20 @@ import numpy as np
 from . import scheduler
 from .page import (KVView, LAYOUTS, cache_parts, check_cache_against, describe_kv_pair, describe_paged_cache,
                    page_table_from_block_tables, page_table_lengths)
-from ._core import arrays, checks, kernels, streams
+from ._core import alibi, arrays, checks, kernels, streams
 from ._core.call import Call
-from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_outputs, attention_result, backend_arg,
-                              device_copy, kv_split, output_dtype, pack_meta, scale, single_call_meta, upload)
+from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_outputs, attention_result, attention_sinks,
+                              backend_arg, device_copy, kv_split, output_dtype, pack_meta, scale, single_call_meta,
+                              upload)
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
-from ._core.kernels import KernelSpec, Program, f32, f64, i32, i64, ptr, u32
+from ._core.kernels import NULL, KernelSpec, Program, f32, f64, i32, i64, ptr, u32
 from ._core.docs import RUN_OPTIONS, RUN_RETURNS, document
 
 SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
 Q_DTYPES = (dt.float16, dt.bfloat16)
 KV_DTYPES = {q: (q, dt.float8_e4m3fn, dt.float8_e5m2) for q in Q_DTYPES}
-POS_ENCODINGS = ("NONE", "ROPE_LLAMA")
+POS_ENCODINGS = ("NONE", "ROPE_LLAMA", "ALIBI")
 DECODE_BACKENDS = ("auto", "fa2")  # FlashInfer's names; both run our kernels
 
 
@@ -40,14 +41,15 @@ def uses_tensor_cores(q_dtype: dt.DType, kv_dtype: dt.DType, rope: bool) -> bool
 
 
 def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dtype: dt.DType,
-                   rope: bool) -> Program:
+                   rope: bool, alibi: bool = False) -> Program:
     tc = uses_tensor_cores(q_dtype, kv_dtype, rope)
     if tc:
-        main = KernelSpec("fic::batch_decode_tc_kernel", (head_dim, heads_per_block, q_dtype.cpp))
+        main = KernelSpec("fic::batch_decode_tc_kernel", (head_dim, heads_per_block, q_dtype.cpp,
+                                                          kernels.cpp_bool(alibi)))
         smem = f"fic::DecodeTcSmem<{head_dim}, {heads_per_block}>::value"
     else:
-        main = KernelSpec("fic::batch_decode_kernel",
-                          (head_dim, heads_per_block, q_dtype.cpp, kv_dtype.cpp, kernels.cpp_bool(rope)))
+        main = KernelSpec("fic::batch_decode_kernel", (head_dim, heads_per_block, q_dtype.cpp, kv_dtype.cpp,
+                                                       kernels.cpp_bool(rope), kernels.cpp_bool(alibi)))
         smem = f"fic::DecodeCfg<{head_dim}, {heads_per_block}, {kv_dtype.cpp}>::kSmemBytes"
     return Program("decode.cu", (main, KernelSpec("fic::merge_states_kernel", (head_dim, heads_per_block, q_dtype.cpp))),
                    ((smem, decode_smem_bytes(head_dim, heads_per_block, tc)),))
@@ -69,7 +71,7 @@ def decode_variant(params: DecodeParams, kv_dtype: dt.DType) -> tuple:
     """(Program, dynamic shared memory bytes) that decode runs for these parameters and KV dtype."""
     gb, _ = scheduler.decode_heads_per_block(params.group_size)
     tc = uses_tensor_cores(params.q_dtype, kv_dtype, params.rope)
-    return (decode_program(params.head_dim, gb, params.q_dtype, kv_dtype, params.rope),
+    return (decode_program(params.head_dim, gb, params.q_dtype, kv_dtype, params.rope, params.alibi),
             decode_smem_bytes(params.head_dim, gb, tc))
 
 
@@ -80,8 +82,8 @@ def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
         for q in Q_DTYPES:
             for kv in KV_DTYPES[q]:
                 for gb in (1, 4, scheduler.MAX_HEADS_PER_BLOCK):
-                    for rope in (False, True):
-                        out.append(decode_program(d, gb, q, kv, rope))
+                    for rope, al in ((False, False), (True, False), (False, True)):  # NONE, ROPE, ALIBI
+                        out.append(decode_program(d, gb, q, kv, rope, al))
     return out
 
 
@@ -104,10 +106,15 @@ class DecodeParams:
     sm_scale: float
     rope_scale: float
     rope_theta: float
+    alibi: bool = False  # pos_encoding_mode "ALIBI": FlashInfer's slopes (_core/alibi.py)
 
     @property
     def group_size(self) -> int:
         return self.num_qo_heads // self.num_kv_heads
+
+    @property
+    def pos_encoding_mode(self) -> str:
+        return "ROPE_LLAMA" if self.rope else "ALIBI" if self.alibi else "NONE"
 
 
 def make_params(num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left,
@@ -128,8 +135,9 @@ def make_params(num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mo
                         f"{' or '.join(str(k) for k in KV_DTYPES[q_dtype])}")
     wl, cap, sm, rs, rt = checks.attention_options(head_dim, window_left, logits_soft_cap, sm_scale, rope_scale,
                                                    rope_theta)
+    checks.alibi_without_soft_cap(pos_encoding_mode, cap)
     return DecodeParams(num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype,
-                        pos_encoding_mode == "ROPE_LLAMA", wl, cap, sm, rs, rt)
+                        pos_encoding_mode == "ROPE_LLAMA", wl, cap, sm, rs, rt, pos_encoding_mode == "ALIBI")
 
 
 @dataclass
@@ -230,11 +238,12 @@ def decode_num_ctas(params: DecodeParams, kv_dtype: dt.DType, device: int) -> in
 
 
 def launch_decode(c: Call, plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
-                  o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float, always_merge: bool = False) -> None:
+                  o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float, always_merge: bool = False,
+                  sinks: arrays.ArrayInfo | None = None) -> None:
     """Queue the decode kernel, and the merge of cut pairs, on Call `c` (its stream and programmatic
     dependent launch setting). No allocation, no sync. meta_ptr / partial_ptr: the plan's metadata and
     partial states, fixed while the plan is. always_merge keeps the launch sequence fixed whatever the
-    plan (CUDA graphs)."""
+    plan (CUDA graphs). sinks: attention-sink logits (attention_sinks) or None."""
     p = plan.params
     gb, slices = plan.heads_per_block
     prog, smem = decode_variant(p, kv.dtype)
@@ -256,12 +265,14 @@ def launch_decode(c: Call, plan: DecodePlan, meta_ptr: int, partial_ptr: int, q:
         ptr(o), i64(o_sb), i64(os_[-2]), ptr(l_info), ptr(part_o), ptr(part_lse),
         i32(p.num_qo_heads), i32(p.group_size), i32(slices), u32(p.page_size), u32(mul), u32(shift),
         f32(q_scale), f32(p.soft_cap), f32(v_scale), f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)),
+        ptr(sinks), ptr(alibi.device_slopes(p.num_qo_heads, q.device, c.stream), stable=True) if p.alibi else NULL,
     ], smem=smem)
     if always_merge or plan.num_merges:  # a CUDA graph keeps the grid for every cut pair a plan can have
         n = plan.merge_capacity if always_merge else plan.num_merges
         c.launch(merge, (n, gb), (128,), [
             part_o, part_lse, off["merge_pairs"], off["merge_indptr"], ptr(o), i64(o_sb),
             i64(os_[-2]), ptr(l_info), i32(p.num_qo_heads), i32(p.group_size), i32(plan.num_kv_heads_blocks),
+            ptr(sinks),
         ])
 
 
@@ -432,6 +443,8 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
             raise ValueError(f"use_cuda_graph=True: the batch size must stay {self._plan.batch_size} across "
                              f"plans (got {plan.batch_size}); create a wrapper per batch size")
         s = streams.resolve(kw["stream"], self._ws.framework, self._ws.device)
+        if params.alibi:  # uploaded now: run() allocates nothing
+            alibi.device_slopes(params.num_qo_heads, self._ws.device, s)
         plan = self._place_indices(plan, ix, dev_ix, s)
         upload(plan.meta, self._ws.ptr + plan.partial_bytes(), self._ws.device, s)
         if self._use_cuda_graph and not fast:  # fast_decode_plan leaves the buffers to the engine, as FlashInfer
@@ -527,7 +540,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
                                                                       self._use_cuda_graph)
         args = (np.arange(ip.size) * q_len, ip, ix, lp, params.num_qo_heads, params.num_kv_heads, params.head_dim,
                 params.page_size)
-        opts = dict(causal=causal, pos_encoding_mode="ROPE_LLAMA" if params.rope else "NONE",
+        opts = dict(causal=causal, pos_encoding_mode=params.pos_encoding_mode,
                     sm_scale=params.sm_scale, window_left=params.window_left, logits_soft_cap=params.soft_cap or None,
                     rope_scale=params.rope_scale, rope_theta=params.rope_theta, q_data_type=params.q_dtype,
                     kv_data_type=params.kv_dtype, fixed_split_size=kw["fixed_split_size"],
@@ -551,7 +564,6 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         if args:
             raise TypeError(f"run(): unexpected extra positional arguments ({len(args)}); decode has no "
                             "custom-variant arguments")
-        checks.unsupported("sinks", sinks)
         checks.unsupported("skip_softmax_threshold_scale_factor", skip_softmax_threshold_scale_factor)
         checks.unsupported("kv_cache_sf", kv_cache_sf)
         if self._plan is None and self._q_len == 1:
@@ -562,16 +574,17 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         if self._q_len > 1:
             return self._multi.run(q, paged_kv_cache, k_scale=qk_scale, v_scale=v_scale, out=out, lse=lse,
                                    return_lse=return_lse, enable_pdl=enable_pdl, window_left=window_left,
-                                   stream=stream)
+                                   sinks=sinks, stream=stream)
         p = self._plan.params
         if window_left is not None and window_left != p.window_left:
             raise NotImplementedError(f"window_left: run() got {window_left} but plan() used "
                                       f"{p.window_left}; the window is part of the plan's schedule")
         vs = scale("v_scale", v_scale)
-        return self._sigs((q, *cache_parts(paged_kv_cache), out, lse), (qk_scale, vs, return_lse, enable_pdl), stream,
-                          lambda: self._run(q, paged_kv_cache, out, lse, return_lse, qk_scale, vs, enable_pdl, stream))
+        return self._sigs((q, *cache_parts(paged_kv_cache), out, lse, sinks), (qk_scale, vs, return_lse, enable_pdl),
+                          stream, lambda: self._run(q, paged_kv_cache, out, lse, return_lse, qk_scale, vs, enable_pdl,
+                                                    sinks, stream))
 
-    def _run(self, q, paged_kv_cache, out, lse, return_lse, qk_scale, v_scale, enable_pdl, stream):
+    def _run(self, q, paged_kv_cache, out, lse, return_lse, qk_scale, v_scale, enable_pdl, sinks, stream):
         plan = self._plan
         p = plan.params
         c = Call(q, stream, enable_pdl, "q")
@@ -582,9 +595,10 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse,
                                                         "(batch_size, num_qo_heads, head_dim)",
                                                         "(batch_size, num_qo_heads)")
+        sk = attention_sinks(c, sinks, p.num_qo_heads)
         checks.same_device(qi, self._ws)
         launch_decode(c, plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, o, l_info, qk_scale,
-                      v_scale, self._use_cuda_graph)
+                      v_scale, self._use_cuda_graph, sk)
         c.infos.extend(plan.keep)
         return attention_result(c, out_obj, lse_obj, return_lse)
 
@@ -690,7 +704,7 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
                                                     "(num_qo_heads,)")
     dev = c.device
     key = (dev, kv_len, params.num_qo_heads, hkv, params.head_dim, params.window_left, params.q_dtype,
-           params.kv_dtype, params.rope)
+           params.kv_dtype, params.rope, params.alibi)
     plan = _single_plans.get(key, lambda: plan_decode(params, np.array([0, 1 if kv_len else 0]), np.zeros(1, np.int64),
                                                        np.array([kv_len]), decode_num_ctas(params, params.kv_dtype, dev)))
     plan = replace(plan, params=params)

@@ -19,20 +19,22 @@ from . import scheduler
 from .quantization import MASK_DTYPES, packed_indptr, segment_packbits
 from .page import (KVView, LAYOUTS, cache_parts, check_cache_against, describe_kv_pair, describe_paged_cache,
                    page_table_from_block_tables, page_table_lengths)
-from ._core import arrays, checks, kernels, streams
+from ._core import alibi, arrays, checks, kernels, streams
 from ._core.call import Call
-from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_outputs, attention_result, backend_arg,
-                              device_copy, kv_split, output_dtype, pack_meta, scale, single_call_meta, upload)
+from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_outputs, attention_result, attention_sinks,
+                              backend_arg, device_copy, kv_split, output_dtype, pack_meta, scale, single_call_meta,
+                              upload)
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
-from ._core.kernels import KernelSpec, Program, f32, f64, i32, i64, ptr, u32
+from ._core.kernels import NULL, KernelSpec, Program, f32, f64, i32, i64, ptr, u32
 from ._core.docs import RUN_OPTIONS, RUN_RETURNS, document
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 Q_DTYPES = (dt.float16, dt.bfloat16)
 FP8 = (dt.float8_e4m3fn, dt.float8_e5m2)
-POS_ENCODINGS = ("NONE", "ROPE_LLAMA")
-SOFT_CAP, CUSTOM_MASK = 1, 2  # variant flags (cuda_src/common/prefill_tile.cuh kSoftCap, kCustomMask)
+POS_ENCODINGS = ("NONE", "ROPE_LLAMA", "ALIBI")
+# variant flags (cuda_src/common/prefill_tile.cuh kSoftCap, kCustomMask, kAlibi; ALiBi: portable kernel)
+SOFT_CAP, CUSTOM_MASK, ALIBI = 1, 2, 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,8 +133,8 @@ def sm90_unsupported(params: "PrefillParams") -> str | None:
         return f"head_dim {params.head_dim} (it takes {', '.join(map(str, SM90_HEAD_DIMS))})"
     if params.kv_dtype != params.q_dtype:
         return f"kv_data_type {params.kv_dtype} (it takes K/V in the q dtype)"
-    if params.rope:
-        return "pos_encoding_mode ROPE_LLAMA"
+    if params.rope or params.alibi:
+        return f"pos_encoding_mode {'ROPE_LLAMA' if params.rope else 'ALIBI'}"
     return None
 
 
@@ -151,7 +153,8 @@ def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
                 for paged, kvs in ((True, (q,) + FP8), (False, (q,))):
                     for kv in kvs:
                         for rope in (False, True):
-                            for flags in range(4):
+                            # ALiBi: no RoPE and no soft cap beside it
+                            for flags in range(4) if rope else (0, 1, 2, 3, ALIBI, ALIBI | CUSTOM_MASK):
                                 if _fits(d, tile, flags, rope):
                                     out.append(prefill_program(d, tile, q, kv, paged, rope, flags))
     return out
@@ -181,6 +184,7 @@ class PrefillParams:
     rope_scale: float
     rope_theta: float
     page_size: int = 0  # 0: ragged
+    alibi: bool = False  # pos_encoding_mode "ALIBI": FlashInfer's slopes (_core/alibi.py), portable kernel
 
     @property
     def group_size(self) -> int:
@@ -212,8 +216,9 @@ def make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, po
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal: expected a bool, got {causal!r}")
     wl, cap, sm, rs, rt = checks.attention_options(d, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
+    checks.alibi_without_soft_cap(pos_encoding_mode, cap)
     return PrefillParams(num_qo_heads, num_kv_heads, d, q_dtype, kv_dtype, bool(causal) and not has_mask, wl, cap, sm,
-                         pos_encoding_mode == "ROPE_LLAMA", rs, rt, page_size)
+                         pos_encoding_mode == "ROPE_LLAMA", rs, rt, page_size, pos_encoding_mode == "ALIBI")
 
 
 @dataclass
@@ -235,7 +240,7 @@ class PrefillPlan:
 
     @property
     def flags(self) -> int:
-        return (SOFT_CAP if self.params.soft_cap > 0 else 0) | (CUSTOM_MASK if self.mask is not None else 0)
+        return variant_flags(self.params, self.mask is not None)
 
     def partial_bytes(self) -> int:
         rows = self.partial_capacity
@@ -243,7 +248,7 @@ class PrefillPlan:
 
 
 def variant_flags(params: PrefillParams, custom_mask: bool) -> int:
-    return (SOFT_CAP if params.soft_cap > 0 else 0) | (CUSTOM_MASK if custom_mask else 0)
+    return (SOFT_CAP if params.soft_cap > 0 else 0) | (CUSTOM_MASK if custom_mask else 0) | (ALIBI if params.alibi else 0)
 
 
 def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.ndarray, kv_lens: np.ndarray,
@@ -327,9 +332,10 @@ def num_ctas(params: PrefillParams, tile: TileShape, device: int, paged: bool, f
 
 def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
                    paged: bool, o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float,
-                   always_merge: bool = False) -> None:
+                   always_merge: bool = False, sinks: arrays.ArrayInfo | None = None) -> None:
     """Queue the prefill kernel, and the merge of cut KV ranges, on Call `c`. No allocation, no sync.
-    meta_ptr / partial_ptr: the plan's metadata and partial states, fixed while the plan is."""
+    meta_ptr / partial_ptr: the plan's metadata and partial states, fixed while the plan is. sinks:
+    attention-sink logits (attention_sinks) or None."""
     p = plan.params
     prog = prefill_program(p.head_dim, plan.tile, p.q_dtype, kv.dtype, paged, p.rope, plan.flags)
     main = kernels.functions(prog, q.device)[prog.kernels[0]]
@@ -349,13 +355,15 @@ def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, 
         ptr(o), i64(o.strides[0]), i64(o.strides[1]), ptr(l_info), ptr(part_o), ptr(part_lse),
         i32(p.num_qo_heads), i32(p.group_size), u32(max(p.page_size, 1)), u32(mul), u32(shift),
         i32(int(p.causal)), i32(p.window_left), f32(p.sm_scale * k_scale), f32(p.soft_cap), f32(v_scale),
-        f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)),
+        f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)), ptr(sinks),
+        ptr(alibi.device_slopes(p.num_qo_heads, q.device, c.stream), stable=True) if p.alibi else NULL,
     ], smem=smem_bytes(p.head_dim, plan.tile, kv.dtype))
     if always_merge or plan.num_merges:
         # a CTA of 128 threads per 128 (row, 8 dims) pieces of a tile (prefill_merge_kernel's blockIdx.y)
         c.launch(merge, (plan.merge_grid, -(-plan.tile.rows * (p.head_dim // 8) // 128)), (128,), [
             part_o, part_lse, off["merges"], ptr(off["counts"], 4), off["qo_indptr"],
             ptr(o), i64(o.strides[0]), i64(o.strides[1]), ptr(l_info), i32(p.num_qo_heads), i32(p.group_size),
+            ptr(sinks),
         ])
 
 
@@ -554,6 +562,8 @@ class _PrefillWrapper(PlannedWrapper):
             raise ValueError(f"float_workspace_buffer: {self._ws.nbytes} bytes is too small for this batch; need "
                              f"{need} bytes")
         upload(plan.meta, self._ws.ptr + plan.partial_bytes(), self._ws.device, s)
+        if params.alibi:  # uploaded now, after every check: run() allocates nothing
+            alibi.device_slopes(params.num_qo_heads, self._ws.device, s)
         if self._use_cuda_graph:
             last_page = None if page_indices is None else \
                 np.where(np.diff(kv_indptr) > 0, kv_lens - (np.diff(kv_indptr) - 1) * max(params.page_size, 1), 0)
@@ -590,14 +600,15 @@ class _PrefillWrapper(PlannedWrapper):
                 upload(np.ascontiguousarray(a, dtype=np.int32), buf.ptr, self._ws.device, s)
 
     def _signature_run(self, q, kv_arrays: tuple, describe_kv, out, lse, return_lse, k_scale, v_scale, enable_pdl,
-                       stream):
+                       stream, sinks=None):
         """run()'s one call path: a recorded call of this signature (fastpath.Signatures), else _run.
         kv_arrays: the K/V arrays of the call; describe_kv(c) their checked KVView on Call c."""
         vs = scale("v_scale", v_scale)
-        return self._sigs((q, *kv_arrays, out, lse), (k_scale, vs, return_lse, enable_pdl), stream,
-                          lambda: self._run(q, describe_kv, out, lse, return_lse, k_scale, vs, enable_pdl, stream))
+        return self._sigs((q, *kv_arrays, out, lse, sinks), (k_scale, vs, return_lse, enable_pdl), stream,
+                          lambda: self._run(q, describe_kv, out, lse, return_lse, k_scale, vs, enable_pdl, stream,
+                                            sinks))
 
-    def _run(self, q, describe_kv, out, lse, return_lse, k_scale, v_scale, enable_pdl, stream):
+    def _run(self, q, describe_kv, out, lse, return_lse, k_scale, v_scale, enable_pdl, stream, sinks):
         plan = self._plan
         p = plan.params
         c = Call(q, stream, enable_pdl, "q")
@@ -606,18 +617,18 @@ class _PrefillWrapper(PlannedWrapper):
         _check_q(qi, p, plan.total_qo)  # before outputs are made from q's shape
         out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse,
                                                         "(qo_len, num_qo_heads, head_dim)", "(qo_len, num_qo_heads)")
-        self._launch(c, qi, kv, o, l_info, k_scale, v_scale)
+        self._launch(c, qi, kv, o, l_info, k_scale, v_scale, attention_sinks(c, sinks, p.num_qo_heads))
         return attention_result(c, out_obj, lse_obj, return_lse)
 
     def _launch(self, c: Call, q: arrays.ArrayInfo, kv: KVView, o: arrays.ArrayInfo, l_info, k_scale: float,
-                v_scale: float) -> None:
+                v_scale: float, sinks: arrays.ArrayInfo | None = None) -> None:
         """The planned kernels for q over kv into o / l_info, on Call c: run()'s work once its arguments are
         described (also one level of MultiLevelCascadeAttentionWrapper.run)."""
         plan = self._plan
         _check_q(q, plan.params, plan.total_qo)
         checks.same_device(q, self._ws)
         launch_prefill(c, plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, q, kv, self._paged, o, l_info,
-                       k_scale, v_scale, self._use_cuda_graph)
+                       k_scale, v_scale, self._use_cuda_graph, sinks)
         if plan.mask is not None:
             c.infos.append(plan.mask[1])
 
@@ -742,7 +753,6 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
             use_fp16_softmax=None, uses_spcompress=None, stream=None):
         """o like q (rows past qo_indptr[-1] are left alone), and lse (rows, num_qo_heads) in base 2
         with return_lse=True. q_scale, k_scale scale the logits and v_scale the output (fp8 caches)."""
-        checks.unsupported("sinks", sinks)
         checks.unsupported("skip_softmax_threshold_scale_factor", skip_softmax_threshold_scale_factor)
         checks.unsupported("use_fp16_softmax", use_fp16_softmax, (None, False))
         checks.unsupported("uses_spcompress", uses_spcompress, (None, False))
@@ -752,7 +762,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
             raise NotImplementedError(f"window_left: run() got {window_left} but plan() used {p.window_left}; the "
                                       f"window is part of the plan's schedule")
         return self._signature_run(q, cache_parts(paged_kv_cache), lambda c: self._paged_view(c, paged_kv_cache), out,
-                                   lse, return_lse, qk_scale, v_scale, enable_pdl, stream)
+                                   lse, return_lse, qk_scale, v_scale, enable_pdl, stream, sinks)
 
     def _paged_view(self, c: Call, paged_kv_cache) -> KVView:
         return self._check_view(describe_paged_cache(c, paged_kv_cache, self._kv_layout))
@@ -969,7 +979,7 @@ def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=No
                                  f"{tuple(ci.shape)}")
         mask = _prepare_mask(custom_mask, packed_custom_mask, qo_ip[1:], kv_ip[1:], s, cur, device=dev)
     key = (dev, qo_len, kv_len, params.num_qo_heads, kvv.num_kv_heads, params.head_dim, params.causal,
-           params.window_left, params.rope, flags, tile)
+           params.window_left, params.rope, params.alibi, flags, tile)
     got = _single_plans.get(key, lambda: plan_prefill(params, qo_ip, kv_ip, kv_ip[1:].copy(), None, tile,
                                                       num_ctas(params, tile, dev, False, flags),
                                                       None if mask is None else mask[2])[0])

@@ -44,9 +44,10 @@ def rope_llama(x: np.ndarray, pos: np.ndarray, rope_scale: float = 1.0, rope_the
 def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, sm_scale: float | None = None,
                      window_left: int = -1, logits_soft_cap: float = 0.0, rope: bool = False,
                      rope_scale: float = 1.0, rope_theta: float = 1e4, k_scale: float = 1.0,
-                     v_scale: float = 1.0):
+                     v_scale: float = 1.0, sinks=None, alibi: bool = False):
     """One decode step. q (Hq, D), k/v (L, Hkv, D) -> (o (Hq, D), lse (Hq,) base 2), float64.
-    An empty (or fully windowed-out) context gives o = 0 and lse = -inf."""
+    An empty (or fully windowed-out) context gives o = 0 and lse = -inf. sinks (Hq,): attention-sink
+    logits (see with_sinks). alibi: add alibi_bias (the query sits at position L - 1)."""
     xp = _xp(q, k, v)
     q = xp.asarray(q, xp.float64)
     k = xp.asarray(k, xp.float64) * k_scale
@@ -62,9 +63,11 @@ def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, sm_scale: floa
     o = xp.zeros((hq, d))
     lse = xp.full(hq, -xp.inf)
     if n - start <= 0:
-        return o, lse
+        return with_sinks(o, lse, sinks)
     # Query head h reads KV head h // g: the group's heads as one matrix against its KV head.
     s = xp.matmul(q.reshape(hkv, g, d), k[start:].transpose(1, 2, 0)) * scale  # (Hkv, g, L')
+    if alibi:
+        s = s + alibi_bias(hq, xp.array([n - 1]), xp.arange(start, n), xp).reshape(hkv, g, n - start)
     if logits_soft_cap and logits_soft_cap > 0:
         s = logits_soft_cap * xp.tanh(s / logits_soft_cap)
     m = s.max(axis=2, keepdims=True)
@@ -72,7 +75,36 @@ def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, sm_scale: floa
     den = p.sum(axis=2, keepdims=True)
     o = xp.matmul(p / den, v[start:].transpose(1, 0, 2)).reshape(hq, d)
     lse = ((m + xp.log(den)) / math.log(2.0)).reshape(hq)
-    return o, lse
+    return with_sinks(o, lse, sinks)
+
+
+def alibi_bias(num_heads: int, qpos, kpos, xp=np, heads=None):
+    """ALiBi (pos_encoding_mode="ALIBI"): slope_h * (key position - query position), added to the scaled
+    logits, (num_heads or len(heads), len(qpos), len(kpos)) float64; slopes by FlashInfer's formula
+    (fi_cupy._core.alibi.slopes). The softmax is that of FlashInfer's bias slope_h * (kv_idx - qo_idx),
+    which counts qo_idx from the request's first query: the two differ by a constant a row, so o is
+    the same and the lse differs by slope_h * (kv_len - qo_len) / ln 2."""
+    from ._core.alibi import slopes
+    sl = xp.asarray(slopes(num_heads), dtype=xp.float64)
+    if heads is not None:  # only these heads' rows
+        sl = sl[heads]
+    diff = xp.asarray(kpos, dtype=xp.float64)[None, :] - xp.asarray(qpos, dtype=xp.float64)[:, None]
+    return sl[:, None, None] * diff[None]
+
+
+def with_sinks(o, lse, sinks):
+    """Attention sinks (gpt-oss; FlashInfer's `sinks`): sinks[h] is one more logit of head h, in the
+    units of the scaled logits (sm_scale * q.k), that joins the softmax denominator but carries no
+    value. From a row's o and lse (base 2) without it: o * 2^lse / (2^lse + e^sink), and the lse of
+    the whole denominator, log2(2^lse + e^sink). A row that sees no key keeps o = 0, lse = sink in
+    base 2. o (..., H, D), lse (..., H), sinks (H,) or None (o, lse unchanged)."""
+    if sinks is None:
+        return o, lse
+    xp = _xp(o, lse)
+    s2 = xp.asarray(sinks, dtype=xp.float64) / math.log(2.0)  # base 2
+    total = xp.logaddexp2(lse, s2)
+    keep = xp.where(xp.isneginf(total), 0.0, xp.exp2(lse - xp.where(xp.isneginf(total), 0.0, total)))
+    return o * keep[..., None], total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,10 +337,11 @@ def chain_speculative_distribution(draft_probs, draft_ids, target_probs) -> dict
 
 def prefill_attention(q, k, v, causal: bool = False, window_left: int = -1, custom_mask=None,
                       logits_soft_cap: float = 0.0, sm_scale: float | None = None, rope: bool = False,
-                      rope_scale: float = 1.0, rope_theta: float = 1e4):
+                      rope_scale: float = 1.0, rope_theta: float = 1e4, sinks=None, alibi: bool = False):
     """One request. q (Lq, Hq, D), k/v (Lk, Hkv, D), custom_mask bool (Lq, Lk) -> (o (Lq, Hq, D), lse
-    (Lq, Hq) base 2), float64. Query i sits at key position Lk - Lq + i (causal, window and RoPE);
-    a row that sees no key gives o = 0, lse = -inf."""
+    (Lq, Hq) base 2), float64. Query i sits at key position Lk - Lq + i (causal, window, RoPE and
+    ALiBi: alibi_bias); a row that sees no key gives o = 0, lse = -inf. sinks (Hq,): attention-sink
+    logits (with_sinks)."""
     xp = _xp(q, k, v, custom_mask)
     q = xp.asarray(q, xp.float64)
     k = xp.asarray(k, xp.float64)
@@ -332,7 +365,7 @@ def prefill_attention(q, k, v, causal: bool = False, window_left: int = -1, cust
     o = xp.zeros((lq, hq, d))
     lse = xp.full((lq, hq), -xp.inf)
     if lq == 0 or lk == 0:
-        return o, lse
+        return with_sinks(o, lse, sinks)
     qh = q.transpose(1, 0, 2)  # (Hq, Lq, D)
     kt = k.transpose(1, 2, 0)  # (Hkv, D, Lk)
     vh = v.transpose(1, 0, 2)  # (Hkv, Lk, D)
@@ -344,6 +377,8 @@ def prefill_attention(q, k, v, causal: bool = False, window_left: int = -1, cust
         for h0 in range(0, hq, hstep):
             heads = xp.arange(h0, min(hq, h0 + hstep))
             s = xp.matmul(qh[heads, rows], kt[heads // g]) * scale  # (h, r, Lk)
+            if alibi:
+                s = s + alibi_bias(hq, qpos[rows], xp.arange(lk), xp, heads)
             if logits_soft_cap and logits_soft_cap > 0:
                 s = logits_soft_cap * xp.tanh(s / logits_soft_cap)
             s = xp.where(keep[None, rows], s, -xp.inf)
@@ -356,4 +391,4 @@ def prefill_attention(q, k, v, causal: bool = False, window_left: int = -1, cust
             den = den[..., 0]
             lh = xp.where(den > 0, m_safe[..., 0] + xp.log(xp.where(den > 0, den, 1.0)), -xp.inf)
             lse[rows, h0:h0 + heads.size] = lh.T
-    return o, lse / math.log(2.0)
+    return with_sinks(o, lse / math.log(2.0), sinks)

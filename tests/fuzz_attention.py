@@ -16,7 +16,12 @@ Rules: decode and the merges as tolerances.py (assert_close, assert_lse_close); 
 test_prefill.py (per request, the max error at most twice that of the same attention computed
 naively in the input dtype; OUT_TOL element-wise is accepted too, for requests so small that the
 naive computation happens to be almost exact). Everywhere: no NaN, and a row that sees no key gives
-o = 0 and lse = -inf exactly.
+o = 0 and lse = -inf exactly (with attention sinks, drawn for batch decode and paged prefill: lse = the
+sink alone, sinks[h] / ln 2, within LSE_TOL).
+
+pos_encoding_mode is NONE, ROPE_LLAMA or, for about ALIBI_P of the decode and prefill cases, ALIBI
+(drawn last, see _draw_alibi: never with a soft cap, and on the portable prefill kernel); the references
+and the naive baseline add reference.alibi_bias. The cascade family draws no attention options.
 """
 from __future__ import annotations
 
@@ -51,6 +56,8 @@ KV_ELEMS = 1 << 24     # sum over requests of kv_len * num_kv_heads * head_dim
 OUT_ELEMS = 1 << 22    # queries * num_qo_heads * head_dim
 SCORE_ELEMS = 1 << 24  # prefill: sum over requests of qo_len * kv_len * num_qo_heads
 MERGE_ELEMS = 1 << 22  # merges: seq_len * num_states * num_heads * head_dim
+SINKS_P = 0.25  # run(sinks=) on the wrappers that take it: batch decode, paged prefill
+ALIBI_P = 0.15  # pos_encoding_mode "ALIBI" (decode and prefill, batch and single)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +182,21 @@ def _paged_choices(rng, batch: int, align: int = 8) -> dict:
             "spare_pages": int(rng.integers(0, 2 * batch + 4)), "index_on_device": bool(rng.random() < 0.5)}
 
 
+def _draw_alibi(rng, cfg: dict) -> None:
+    """pos_encoding_mode "ALIBI" for about ALIBI_P of the cases, in place of the mode drawn before. Drawn
+    last, after the data seed, so every other choice of a seed (and its arrays) stays as it was without
+    ALiBi. With it: no soft cap (NotImplementedError) and no RoPE options; decode's kernel follows the
+    mode (16-bit KV: tensor cores); prefill backend "fa3" becomes "auto" (the Hopper kernel takes no
+    ALiBi and "fa3" refuses it: test_prefill.py checks that; "auto" must run the portable kernel)."""
+    if rng.random() >= ALIBI_P:
+        return
+    cfg.update(pos_encoding_mode="ALIBI", logits_soft_cap=None, rope_scale=None, rope_theta=None)
+    if "kernel" in cfg:
+        cfg["kernel"] = "tensor_cores" if cfg["kv_dtype"] == cfg["q_dtype"] else "cuda_cores"
+    if cfg.get("backend") == "fa3":
+        cfg["backend"] = "auto"
+
+
 def draw_decode(rng, single: bool = False) -> dict:
     q_dtype = _pick(rng, Q_DTYPES)
     kv_dtype = _pick(rng, (q_dtype,) + FP8, p=[0.5, 0.25, 0.25])
@@ -202,6 +224,9 @@ def draw_decode(rng, single: bool = False) -> dict:
     else:
         cfg.update(kv_lens=kv_lens, **_paged_choices(rng, len(kv_lens)), use_cuda_graph=bool(rng.random() < 0.15))
     cfg["data_seed"] = int(rng.integers(2 ** 62))
+    if not single:  # drawn last: every earlier choice of a seed stays as it was before sinks
+        cfg["sinks"] = bool(rng.random() < SINKS_P)
+    _draw_alibi(rng, cfg)  # after sinks, for the same reason
     return cfg
 
 
@@ -252,6 +277,9 @@ def draw_prefill(rng, kind: str) -> dict:
         cfg.update(use_cuda_graph=bool(rng.random() < 0.2),
                    q_extra_rows=int(rng.integers(1, 17)) if rng.random() < 0.15 else 0)
     cfg["data_seed"] = int(rng.integers(2 ** 62))
+    if kind == "paged":  # drawn last, as in draw_decode
+        cfg["sinks"] = bool(rng.random() < SINKS_P)
+    _draw_alibi(rng, cfg)  # after sinks, as in draw_decode
     return cfg
 
 
@@ -299,6 +327,14 @@ def _view(shape, storage, axes: dict, dtype: str, g, amp: float = 1.0):
     idx = [slice(None)] * len(shape)
     idx[ax] = slice(before, before + shape[ax])
     return _randn(full, dtype, g, amp)[tuple(idx)]
+
+
+def _sinks(cfg: dict, g):
+    """The sinks argument: float32 (num_qo_heads,), N(0, 2), or None. Drawn after a case's other arrays,
+    so those are the same with sinks or without."""
+    if not cfg.get("sinks"):
+        return None
+    return g.standard_normal(cfg["num_qo_heads"], dtype=cupy.float32) * np.float32(2.0)
 
 
 def _kv_views(shape, storage, axes: dict, dtype: str, g):
@@ -409,16 +445,17 @@ class PagedKV:
 # Checks
 
 
-def _check_dead_rows(out, ref_lse, what: str) -> None:
-    """Every (row, head) that sees no key (reference lse -inf) must give o = 0 exactly."""
-    dead = np.isneginf(ref_lse)
+def _check_dead_rows(out, dead, what: str) -> None:
+    """Every row (or (row, head)) that sees no key (`dead`, a bool mask of out's leading axes) must give
+    o = 0 exactly."""
     assert np.all(out[dead] == 0), f"{what}: rows that see no key are not exactly 0"
 
 
-def _check_decode_like(o, lse, ref_o, ref_lse, dtype: str, what: str) -> None:
+def _check_decode_like(o, lse, ref_o, ref_lse, dtype: str, what: str, dead=None) -> None:
+    """dead: the rows that see no key; None: those of reference lse -inf (with sinks it is finite)."""
     out, ro, rl = cupy.asnumpy(_f64(o)), cupy.asnumpy(ref_o), cupy.asnumpy(ref_lse)
     assert_close(out, ro, dtype, what)
-    _check_dead_rows(out, rl, what)
+    _check_dead_rows(out, np.isneginf(rl) if dead is None else dead, what)
     if lse is not None:
         assert_lse_close(cupy.asnumpy(lse).astype(np.float64), rl, f"{what} lse")
 
@@ -438,6 +475,7 @@ def _returned(res, cfg: dict, out, lse, kind=cupy.ndarray) -> tuple:
 def _decode_ref_kw(cfg: dict) -> dict:
     return {"window_left": cfg["window_left"], "logits_soft_cap": cfg["logits_soft_cap"] or 0.0,
             "sm_scale": cfg["sm_scale"], "rope": cfg["pos_encoding_mode"] == "ROPE_LLAMA",
+            "alibi": cfg["pos_encoding_mode"] == "ALIBI",
             "rope_scale": cfg["rope_scale"] or 1.0, "rope_theta": cfg["rope_theta"] or 1e4,
             "k_scale": cfg["k_scale"] or 1.0, "v_scale": cfg["v_scale"] or 1.0}
 
@@ -452,6 +490,7 @@ def check_decode(cfg: dict) -> None:
     hq, hkv, d, lens = cfg["num_qo_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["kv_lens"]
     paged = PagedKV(cfg, lens, g, rng)
     q = _view((len(lens), hq, d), cfg["q_storage"], {"head": 1, "dim": 2}, cfg["q_dtype"], g, cfg["q_amp"])
+    sinks = _sinks(cfg, g)
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8),
                                                    cfg["layout"], use_cuda_graph=cfg["use_cuda_graph"])
     # a float8 cache is its bytes (uint8): the wrapper reads it as the planned kv_data_type
@@ -460,15 +499,15 @@ def check_decode(cfg: dict) -> None:
     out = _nan(q.shape, cfg["q_dtype"]) if cfg["out_given"] else None
     lse = _nan((len(lens), hq)) if cfg["lse_given"] else None
     res = w.run(q, paged.arg, k_scale=cfg["k_scale"], v_scale=cfg["v_scale"], out=out, lse=lse,
-                return_lse=cfg["return_lse"])
+                return_lse=cfg["return_lse"], sinks=sinks)
     o, lse = _returned(res, cfg, out, lse)
     qc = _f64(q)
     kc, vc = paged.rows_f64()
     kw = _decode_ref_kw(cfg)
-    refs = [reference.decode_attention(qc[r], kc[paged.request_rows(r)], vc[paged.request_rows(r)], **kw)
-            for r in range(len(lens))]
+    refs = [reference.decode_attention(qc[r], kc[paged.request_rows(r)], vc[paged.request_rows(r)], sinks=sinks,
+                                       **kw) for r in range(len(lens))]
     _check_decode_like(o, lse, cupy.stack([a for a, _ in refs]), cupy.stack([b for _, b in refs]), cfg["q_dtype"],
-                       "decode")
+                       "decode", dead=np.array(lens) == 0)
 
 
 def check_single_decode(cfg: dict) -> None:
@@ -558,14 +597,15 @@ def _rotated_in(dtype: str, q64, k64, cfg: dict) -> tuple:
     return _round64(q, dtype), _round64(k, dtype)
 
 
-def _naive(q, k, v, keep, cfg: dict, dtype: str):
+def _naive(q, k, v, keep, cfg: dict, dtype: str, sinks=None):
     """The same attention computed in the input dtype: float64 CuPy q, k, v holding values of `dtype`;
     scores, softmax and P V computed in float32 and rounded to `dtype` after each step, as torch's
     16-bit matmul / softmax / elementwise ops do. The error baseline of test_prefill.py's rule (RoPE
-    already applied). Returns (o float64 (Lq, Hq, D), base-2 lse float64 (Lq, Hq))."""
+    already applied; ALiBi's bias added to the scaled scores in float32, the sum not rounded to `dtype`,
+    as test_prefill.py's `attention` does). Returns (o float64 (Lq, Hq, D), base-2 lse float64 (Lq, Hq))."""
     lq, hq, d = q.shape
-    if k.shape[0] == 0:  # no keys: o = 0, lse = -inf
-        return cupy.zeros((lq, hq, d)), cupy.full((lq, hq), -cupy.inf)
+    if k.shape[0] == 0:  # no keys: o = 0, lse = -inf (with sinks: the sink alone)
+        return reference.with_sinks(cupy.zeros((lq, hq, d)), cupy.full((lq, hq), -cupy.inf), sinks)
     g = hq // k.shape[1]
     scale = cfg["sm_scale"] or 1.0 / math.sqrt(d)
     q, k, v = (x.astype(cupy.float32) for x in (q, k, v))  # exact: the values are of `dtype`
@@ -573,6 +613,9 @@ def _naive(q, k, v, keep, cfg: dict, dtype: str):
     vh = cupy.repeat(v, g, axis=1).transpose(1, 0, 2)  # (Hq, Lk, D)
     s = _round32(cupy.matmul(q.transpose(1, 0, 2), kh), dtype)
     s = _round32(s * np.float32(scale), dtype)
+    if cfg["pos_encoding_mode"] == "ALIBI":  # the query at lk - lq + i
+        lk = k.shape[0]
+        s = s + reference.alibi_bias(hq, cupy.arange(lq) + lk - lq, cupy.arange(lk), cupy).astype(cupy.float32)
     cap = cfg["logits_soft_cap"]
     if cap:
         s = _round32(np.float32(cap) * _round32(cupy.tanh(_round32(s / np.float32(cap), dtype)), dtype), dtype)
@@ -584,8 +627,12 @@ def _naive(q, k, v, keep, cfg: dict, dtype: str):
     p = _round32(cupy.where(den > 0, e / cupy.where(den > 0, den, 1), 0), dtype)  # a row that sees nothing: 0
     den64 = cupy.exp(s.astype(cupy.float64) - m).sum(axis=-1)
     lse = cupy.where(den64 > 0, m[..., 0] + cupy.log(cupy.where(den64 > 0, den64, 1)), -cupy.inf) / math.log(2.0)
-    o = _round32(cupy.matmul(p, vh), dtype)
-    return o.transpose(1, 0, 2).astype(cupy.float64), lse.transpose(1, 0)  # (Lq, Hq, D), base 2 (Lq, Hq)
+    o = _round32(cupy.matmul(p, vh), dtype).transpose(1, 0, 2).astype(cupy.float64)  # (Lq, Hq, D)
+    lse = lse.transpose(1, 0)  # base 2 (Lq, Hq)
+    if sinks is None:
+        return o, lse
+    o, lse = reference.with_sinks(o, lse, sinks)  # the sink scales each finished row: one more step, rounded
+    return _round64(o, dtype), lse
 
 
 def _check_prefill_request(o, ref_o, naive, dtype: str, what: str) -> None:
@@ -621,8 +668,8 @@ def _prefill_kv(cfg: dict, g, rng, kind: str) -> tuple:
     return (k, v), None, lambda r: (kc[rows[r]], vc[rows[r]])
 
 
-def _run_prefill(cfg: dict, kind: str, kv_arg, qo_indptr, q, masks, causal: bool, paged=None):
-    """One plan + run (or a single_prefill call) as the config asks; returns (o, lse)."""
+def _run_prefill(cfg: dict, kind: str, kv_arg, qo_indptr, q, masks, causal: bool, paged=None, sinks=None):
+    """One plan + run (or a single_prefill call) as the config asks; returns (o, lse). sinks: paged only."""
     hq, hkv, d = cfg["num_qo_heads"], cfg["num_kv_heads"], cfg["head_dim"]
     mask_kw = {} if masks is None else _mask_kwargs(cfg, masks, kind == "single")
     out = _nan(q.shape, cfg["q_dtype"]) if cfg["out_given"] else None
@@ -643,7 +690,7 @@ def _run_prefill(cfg: dict, kind: str, kv_arg, qo_indptr, q, masks, causal: bool
                                                         backend=cfg["backend"])
         # a float8 cache is its bytes (uint8): the wrapper reads it as the planned kv_data_type
         w.plan(qo_ip, *paged.index_arrays(cfg["index_on_device"]), hq, hkv, d, cfg["page_size"], **common)
-        res = w.run(q, kv_arg, out=out, lse=lse, return_lse=cfg["return_lse"], **scales)
+        res = w.run(q, kv_arg, out=out, lse=lse, return_lse=cfg["return_lse"], sinks=sinks, **scales)
     else:
         kv_ip = np.concatenate([[0], np.cumsum(cfg["kv_lens"])]).astype(np.int32)
         kv_ip = cupy.asarray(kv_ip) if cfg["index_on_device"] else kv_ip
@@ -668,16 +715,19 @@ def check_prefill(cfg: dict, kind: str) -> None:
     q = _view((total + cfg.get("q_extra_rows", 0), hq, d), cfg["q_storage"], {"head": 1, "dim": 2}, cfg["q_dtype"],
               g, cfg["q_amp"])
     masks = _masks(cfg, g)
+    sinks = _sinks(cfg, g)
     runs = {"custom mask" if masks is not None else "causal" if cfg["causal"] else "no mask":
-            _run_prefill(cfg, kind, kv_arg, qo_indptr, q, masks, cfg["causal"] and masks is None, paged)}
+            _run_prefill(cfg, kind, kv_arg, qo_indptr, q, masks, cfg["causal"] and masks is None, paged, sinks)}
     if cfg["mask"] == "causal_vs_mask":
-        runs["causal"] = _run_prefill(cfg, kind, kv_arg, qo_indptr, q, None, True, paged)
+        runs["causal"] = _run_prefill(cfg, kind, kv_arg, qo_indptr, q, None, True, paged, sinks)
     # Reference and naive baseline, request by request (float64 / rounded to the input dtype, CuPy).
     ks, vs = cfg["k_scale"] or 1.0, cfg["v_scale"] or 1.0
     rope = cfg["pos_encoding_mode"] == "ROPE_LLAMA"
     ref_kw = {"causal": cfg["causal"], "window_left": cfg["window_left"],
-              "logits_soft_cap": cfg["logits_soft_cap"] or 0.0, "sm_scale": cfg["sm_scale"]}
+              "logits_soft_cap": cfg["logits_soft_cap"] or 0.0, "sm_scale": cfg["sm_scale"],
+              "alibi": cfg["pos_encoding_mode"] == "ALIBI"}
     ref_lse = np.full((total, hq), -np.inf)
+    dead = np.zeros(total, bool)  # rows that see no key
     lse_tol = np.zeros(total)  # RoPE: per row, twice the naive lse error of its request (see below)
     outs = {name: (_f64(o[:total]), lse) for name, (o, lse) in runs.items()}
     for r, (a, b) in enumerate(zip(qo_indptr[:-1], qo_indptr[1:])):
@@ -689,11 +739,12 @@ def check_prefill(cfg: dict, kind: str) -> None:
             q64, k64 = _rotated_in(cfg["q_dtype"], q64, k64, cfg)  # the references see those rounded values
         k64, v64 = k64 * ks, v64 * vs  # fp8 (or scaled) K/V: the reference sees the dequantised values
         m = None if masks is None else masks[r]
-        ro, rl = reference.prefill_attention(q64, k64, v64, custom_mask=m, **ref_kw)
+        ro, rl = reference.prefill_attention(q64, k64, v64, custom_mask=m, sinks=sinks, **ref_kw)
         ref_lse[a:b] = cupy.asnumpy(rl)
         qt, kt, vt = (_round64(x, cfg["q_dtype"]) for x in (q64, k64, v64))  # naive: dequantised to the q dtype
         keep = _keep(b - a, k64.shape[0], cfg, m)
-        naive, naive_lse = _naive(qt, kt, vt, keep, cfg, cfg["q_dtype"])
+        dead[a:b] = cupy.asnumpy(~keep.any(axis=1))
+        naive, naive_lse = _naive(qt, kt, vt, keep, cfg, cfg["q_dtype"], sinks)
         if rope:
             nl, rl_np = cupy.asnumpy(naive_lse), ref_lse[a:b]
             fin = np.isfinite(rl_np)
@@ -701,7 +752,7 @@ def check_prefill(cfg: dict, kind: str) -> None:
         for name, (oc, _) in outs.items():
             _check_prefill_request(oc[a:b], ro, naive, cfg["q_dtype"], f"{kind} ({name}) request {r}")
     for name, (o, lse) in runs.items():
-        _check_dead_rows(cupy.asnumpy(outs[name][0]), ref_lse, f"{kind} ({name})")
+        _check_dead_rows(cupy.asnumpy(outs[name][0]), dead, f"{kind} ({name})")
         if lse is None:
             continue
         got = cupy.asnumpy(lse[:total]).astype(np.float64)
@@ -846,9 +897,11 @@ def _distribution(n: int) -> None:
         if "kv_lens" in cfgs[0]:
             show("batch", ["1" if len(c["kv_lens"]) == 1 else "2-16" if len(c["kv_lens"]) <= 16 else ">16"
                            for c in cfgs])
-        show("rope", [c["pos_encoding_mode"] for c in cfgs])
+        show("pos_encoding_mode", [c["pos_encoding_mode"] for c in cfgs])
         show("window_left", ["-1" if c["window_left"] < 0 else "0" if c["window_left"] == 0 else ">0" for c in cfgs])
         show("soft cap", [c["logits_soft_cap"] is not None for c in cfgs])
+        if "sinks" in cfgs[0]:
+            show("sinks", [c["sinks"] for c in cfgs])
 
 
 if __name__ == "__main__":

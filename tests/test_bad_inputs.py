@@ -176,8 +176,15 @@ CPU_CASES = {
                                             "float32 is not supported; expected float16 or bfloat16"),
     "decode_plan_kv_data_type_int8": Case(lambda: decode_plan(kv_data_type="int8"), TypeError, "kv_data_type",
                                           "int8 is not supported with q float16"),
-    "decode_plan_pos_encoding_unknown": Case(lambda: decode_plan(pos_encoding_mode="ALIBI"), ValueError,
-                                             "pos_encoding_mode", "'ALIBI' is not one of 'NONE', 'ROPE_LLAMA'"),
+    "decode_plan_pos_encoding_unknown": Case(lambda: decode_plan(pos_encoding_mode="XPOS"), ValueError,
+                                             "pos_encoding_mode",
+                                             "'XPOS' is not one of 'NONE', 'ROPE_LLAMA', 'ALIBI'$"),
+    "decode_plan_alibi_with_soft_cap": Case(lambda: decode_plan(pos_encoding_mode="ALIBI", logits_soft_cap=30.0),
+                                            NotImplementedError, "logits_soft_cap",
+                                            '30.0 with pos_encoding_mode "ALIBI" is not supported'),
+    "decode_plan_q_len_alibi_with_soft_cap": Case(  # q_len_per_req > 1: the prefill path refuses it too
+        lambda: decode_plan(pos_encoding_mode="ALIBI", logits_soft_cap=30.0, q_len_per_req=2), NotImplementedError,
+        "logits_soft_cap", 'with pos_encoding_mode "ALIBI" is not supported'),
     "decode_plan_soft_cap_negative": Case(lambda: decode_plan(logits_soft_cap=-1.0), ValueError, "logits_soft_cap",
                                           "got -1.0"),
     "decode_plan_window_left_float": Case(lambda: decode_plan(window_left=2.5), TypeError, "window_left", "2.5"),
@@ -226,6 +233,11 @@ CPU_CASES = {
                                          TypeError, "q", "supports DLPack.*got list"),
     "single_decode_kv_layout_unknown": Case(lambda: single_decode(kv_layout="NDH"), ValueError, "kv_layout"),
     "single_decode_q_scale_text": Case(lambda: single_decode(q_scale=[2]), TypeError, "q_scale", "got list"),
+    "single_decode_alibi_with_soft_cap": Case(lambda: single_decode(pos_encoding_mode="ALIBI", logits_soft_cap=5.0),
+                                              NotImplementedError, "logits_soft_cap",
+                                              'with pos_encoding_mode "ALIBI" is not supported'),
+    "single_decode_pos_encoding_unknown": Case(lambda: single_decode(pos_encoding_mode="XPOS"), ValueError,
+                                               "pos_encoding_mode", "'XPOS' is not one of"),
     # Prefill: plan() parameters and page tables, custom masks, single prefill arrays.
     "prefill_plan_head_dim_unsupported": Case(lambda: paged_plan(head_dim_qk=96), ValueError, "head_dim_qk",
                                               "96 is not supported; supported head dims: 64, 128, 256"),
@@ -248,10 +260,19 @@ CPU_CASES = {
                                            "packed_custom_mask", "expected 14 bytes"),
     "prefill_plan_fa3_head_dim_256": Case(lambda: paged_plan(head_dim_qk=256, backend="fa3"), ValueError, "backend",
                                           "does not support head_dim 256"),
+    "prefill_plan_pos_encoding_unknown": Case(lambda: paged_plan(pos_encoding_mode="XPOS"), ValueError,
+                                              "pos_encoding_mode",
+                                              "'XPOS' is not one of 'NONE', 'ROPE_LLAMA', 'ALIBI'$"),
+    "prefill_plan_alibi_with_soft_cap": Case(lambda: paged_plan(pos_encoding_mode="ALIBI", logits_soft_cap=30.0),
+                                             NotImplementedError, "logits_soft_cap",
+                                             'with pos_encoding_mode "ALIBI" is not supported'),
     "prefill_ctor_backend_unknown": Case(lambda: fi_cupy.BatchPrefillWithPagedKVCacheWrapper(WS, backend="fa4"),
                                          ValueError, "backend", "'fa4' is not one of"),
     "ragged_plan_fp8_kv": Case(lambda: ragged_plan(kv_data_type="float8_e4m3fn"), TypeError, "kv_data_type",
                                "paged path only"),
+    "ragged_plan_alibi_with_soft_cap": Case(lambda: ragged_plan(pos_encoding_mode="ALIBI", logits_soft_cap=30.0),
+                                            NotImplementedError, "logits_soft_cap",
+                                            'with pos_encoding_mode "ALIBI" is not supported'),
     "ragged_plan_kv_indptr_not_from_zero": Case(lambda: ragged_plan(kv_indptr=np.array([2, 19, 35])), ValueError,
                                                 "kv_indptr", "must start at 0"),
     "single_prefill_q_2d": Case(lambda: single_prefill(q=S((5, 64))), ValueError, "q", "expected 3 dims"),
@@ -263,6 +284,13 @@ CPU_CASES = {
                                  "k", "float8_e4m3fn does not match q's dtype"),
     "single_prefill_custom_mask_of_another_shape": Case(lambda: single_prefill(custom_mask=S((9, 5), dt.bool_)),
                                                         ValueError, "custom_mask", r"expected shape \(5, 9\)"),
+    "single_prefill_alibi_with_soft_cap": Case(lambda: single_prefill(pos_encoding_mode="ALIBI", logits_soft_cap=5.0),
+                                               NotImplementedError, "logits_soft_cap",
+                                               'with pos_encoding_mode "ALIBI" is not supported'),
+    "single_prefill_fa3_alibi": Case(  # the Hopper kernel takes no ALiBi: refused before any device work
+        lambda: fi_cupy.single_prefill_with_kv_cache(S((5, 8, 64)), S((9, 2, 64)), S((9, 2, 64)), out=S((5, 8, 64)),
+                                                     pos_encoding_mode="ALIBI", backend="fa3", stream=0),
+        ValueError, "backend", "'fa3' .* does not support pos_encoding_mode ALIBI"),
     "single_prefill_window_left_text": Case(lambda: single_prefill(window_left="5"), TypeError, "window_left"),
     "single_prefill_out_of_another_shape": Case(
         lambda: fi_cupy.single_prefill_with_kv_cache(S((5, 8, 64)), S((9, 2, 64)), S((9, 2, 64)), out=S((5, 8, 32)),
@@ -797,6 +825,32 @@ def decode_run_k_scale_text():
     w.run(q, b.cache, k_scale="half")
 
 
+# sinks (attention sinks): float32, (num_qo_heads,), on the device.
+
+@gpu_case(TypeError, "sinks", "float16", valid_decode)
+def decode_run_sinks_float16():
+    w, b, q = planned_decode()
+    w.run(q, b.cache, sinks=rand((HQ,), "float16"))
+
+
+@gpu_case(ValueError, "sinks", r"expected shape \(8\)", valid_decode)
+def decode_run_sinks_one_head_too_many():
+    w, b, q = planned_decode()
+    w.run(q, b.cache, sinks=rand((HQ + 1,), "float32"))
+
+
+@gpu_case(TypeError, "sinks", "CUDA device, got one on CPU", valid_decode)
+def decode_run_sinks_numpy():
+    w, b, q = planned_decode()
+    w.run(q, b.cache, sinks=np.zeros(HQ, np.float32))
+
+
+@gpu_case(ValueError, "sinks", "must be contiguous", valid_decode)
+def decode_run_sinks_every_other_element():
+    w, b, q = planned_decode()
+    w.run(q, b.cache, sinks=rand((2 * HQ,), "float32")[::2])
+
+
 @gpu_case(ValueError, "float_workspace_buffer", "1024 bytes is too small", valid_decode)
 def decode_plan_workspace_too_small():
     planned_decode(workspace=_workspace(1024))
@@ -889,6 +943,40 @@ def prefill_paged_run_out_expanded():
 def prefill_paged_run_cache_of_another_dtype():
     w, b, q = planned_prefill()
     w.run(q, rand(b.cache.shape, "float16"))
+
+
+@gpu_case(TypeError, "sinks", "float16", valid_prefill_paged)
+def prefill_paged_run_sinks_float16():
+    w, b, q = planned_prefill()
+    w.run(q, b.cache, sinks=rand((HQ,), "float16"))
+
+
+@gpu_case(ValueError, "sinks", r"expected shape \(8\)", valid_prefill_paged)
+def prefill_paged_run_sinks_one_head_too_many():
+    w, b, q = planned_prefill()
+    w.run(q, b.cache, sinks=rand((HQ + 1,), "float32"))
+
+
+@gpu_case(TypeError, "sinks", "CUDA device, got one on CPU", valid_prefill_paged)
+def prefill_paged_run_sinks_numpy():
+    w, b, q = planned_prefill()
+    w.run(q, b.cache, sinks=np.zeros(HQ, np.float32))
+
+
+@gpu_case(ValueError, "backend", "'fa3' .* does not support pos_encoding_mode ALIBI", valid_prefill_paged)
+def prefill_paged_plan_fa3_alibi():
+    """A GPU case: the wrapper uploads the ALiBi slopes at plan() time, before the tile is chosen."""
+    b = PagedKV()
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_workspace(), backend="fa3")
+    w.plan(_indptr(QO_LENS), b.indptr, b.indices, b.last_page_len, HQ, HKV, D, b.page_size, causal=True,
+           pos_encoding_mode="ALIBI", q_data_type="bfloat16")
+
+
+@gpu_case(ValueError, "backend", "'fa3' .* does not support pos_encoding_mode ALIBI", valid_prefill_ragged)
+def prefill_ragged_plan_fa3_alibi():
+    w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_workspace(), backend="fa3")
+    w.plan(_indptr(QO_LENS), _indptr((5, 17, 9)), HQ, HKV, D, causal=True, pos_encoding_mode="ALIBI",
+           q_data_type="bfloat16")
 
 
 @gpu_case(ValueError, "float_workspace_buffer", "too small", valid_prefill_paged)

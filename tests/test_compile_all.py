@@ -92,7 +92,9 @@ def _decode_picked() -> list:
             decode.decode_program(256, 1, f16, f16, False),     # tensor cores, group size 1, widest head
             decode.decode_program(128, 1, f16, e4m3, False),    # CUDA cores, group size 1, fp8 (issue 19's crash)
             decode.decode_program(128, 1, f16, f16, True),      # CUDA cores, group size 1, RoPE
-            decode.decode_program(256, 8, bf16, e5m2, True)]    # CUDA cores, fp8 + RoPE, widest: most registers
+            decode.decode_program(256, 8, bf16, e5m2, True),    # CUDA cores, fp8 + RoPE, widest: most registers
+            decode.decode_program(256, 8, bf16, bf16, False, True),   # tensor cores, ALiBi, widest
+            decode.decode_program(256, 8, bf16, e4m3, False, True)]   # CUDA cores, fp8 + ALiBi, widest
 
 
 def _prefill_picked() -> list:
@@ -104,6 +106,8 @@ def _prefill_picked() -> list:
                 prefill.prefill_program(d, small, bf16, e4m3, True, True, prefill.SOFT_CAP | prefill.CUSTOM_MASK),
                 prefill.prefill_program(d, small, bf16, bf16, False, True, prefill.CUSTOM_MASK)]  # ragged
     out.append(prefill.prefill_program(256, prefill.tile_shapes(256)[0], bf16, e4m3, True, True, 3))
+    out.append(prefill.prefill_program(64, prefill.tile_shapes(64)[0], bf16, e4m3, True, False,
+                                       prefill.ALIBI | prefill.CUSTOM_MASK))  # ALiBi, fp8, the large tile
     return out
 
 

@@ -60,7 +60,7 @@ class PagedBatch:
     """A random paged cache, shuffled page table and queries for given per-request lengths."""
 
     def __init__(self, kv_lens, page_size=16, hq=32, hkv=8, d=128, q_dt="bfloat16", kv_dt=None,
-                 layout="NHD", as_tuple=False, spare_pages=3):
+                 layout="NHD", as_tuple=False, spare_pages=3, q_len=1):
         kv_dt = kv_dt or q_dt
         self.kv_lens, self.page_size, self.hq, self.hkv, self.d = list(kv_lens), page_size, hq, hkv, d
         self.q_dt, self.kv_dt, self.layout = q_dt, kv_dt, layout
@@ -73,7 +73,9 @@ class PagedBatch:
                                       dtype=np.int32)
         shape = (total, 2, page_size, hkv, d) if layout == "NHD" else (total, 2, hkv, page_size, d)
         self.cache = rand(shape, kv_dt)  # float8: its bytes (uint8)
-        self.q = rand((len(kv_lens), hq, d), q_dt)
+        # q_len > 1: planned with q_len_per_req, request r's queries are rows r * q_len .. of q
+        self.q_len = q_len
+        self.q = rand((len(kv_lens) * q_len, hq, d), q_dt)
         self.as_tuple = as_tuple
 
     @property
@@ -89,14 +91,19 @@ class PagedBatch:
         return kv[0], kv[1]
 
     def reference(self, **kw):
+        """(o, lse) like q. q_len > 1: each request's queries are the last q_len positions of its KV,
+        causal among themselves (prefill_attention)."""
         outs, lses = [], []
-        qf = f64(self.q)
+        qf = f64(self.q).reshape(len(self.kv_lens), self.q_len, self.hq, self.d)
         for r in range(len(self.kv_lens)):
             k, v = self.request_kv(r)
-            o, lse = reference.decode_attention(qf[r], k, v, **kw)
+            if self.q_len == 1:
+                o, lse = reference.decode_attention(qf[r, 0], k, v, **kw)
+            else:
+                o, lse = reference.prefill_attention(qf[r], k, v, causal=True, **kw)
             outs.append(o)
             lses.append(lse)
-        return np.stack(outs), np.stack(lses)
+        return np.stack(outs).reshape(self.q.shape), np.stack(lses).reshape(self.q.shape[:2])
 
 
 def _workspace():
@@ -104,15 +111,17 @@ def _workspace():
 
 
 def run_batch(b: PagedBatch, pos_encoding_mode="NONE", window_left=-1, logits_soft_cap=None,
-              sm_scale=None, rope_scale=None, rope_theta=None, k_scale=None, v_scale=None, wrapper=None):
+              sm_scale=None, rope_scale=None, rope_theta=None, k_scale=None, v_scale=None, wrapper=None,
+              sinks=None):
     w = wrapper or fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), b.layout)
     w.plan(b.indptr, b.indices, b.last_page_len, b.hq, b.hkv, b.d, b.page_size,
            pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
            q_data_type=b.q_dt, kv_data_type=b.kv_dt, sm_scale=sm_scale, rope_scale=rope_scale,
-           rope_theta=rope_theta)
+           rope_theta=rope_theta, q_len_per_req=b.q_len)
     out = nan_like(b.q)
-    lse = cp.full((len(b.kv_lens), b.hq), np.nan, dtype=cp.float32)
-    o, l2 = w.run(b.q, b.kv_arg, out=out, lse=lse, return_lse=True, k_scale=k_scale, v_scale=v_scale)
+    lse = cp.full(b.q.shape[:2], np.nan, dtype=cp.float32)
+    o, l2 = w.run(b.q, b.kv_arg, out=out, lse=lse, return_lse=True, k_scale=k_scale, v_scale=v_scale, sinks=sinks,
+                  q_len_per_req=b.q_len)
     assert o is out and l2 is lse
     return f64(out), f64(lse)  # the copies to the host wait for the kernels
 
@@ -125,6 +134,10 @@ def check_batch(b, **kw):
         ref_kw["logits_soft_cap"] = kw["logits_soft_cap"]
     if kw.get("pos_encoding_mode") == "ROPE_LLAMA":
         ref_kw["rope"] = True
+    if kw.get("pos_encoding_mode") == "ALIBI":
+        ref_kw["alibi"] = True
+    if kw.get("sinks") is not None:
+        ref_kw["sinks"] = cp.asnumpy(kw["sinks"])  # the references run on the host here
     out, lse = run_batch(b, **kw)
     ro, rl = b.reference(**ref_kw)
     assert_close(out, ro, b.q_dt)
@@ -390,14 +403,18 @@ def test_path_grid(path, group, page_size, lens, d, q_dt, kv_dt, layout, as_tupl
                    layout=layout, as_tuple=as_tuple)
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), layout)
     out, lse = check_batch(b, pos_encoding_mode="ROPE_LLAMA" if path == "rope" else "NONE", wrapper=w)
-    # The path this item names, so the grid cannot drift to one kernel unnoticed.
+    _assert_grid_path(w, path, group, lens)
+    empty = np.array(b.kv_lens) == 0
+    assert np.all(out[empty] == 0) and np.all(np.isneginf(lse[empty]))
+
+
+def _assert_grid_path(w, path, group, lens):
+    """The path a grid item names, so the grid cannot drift to one kernel unnoticed."""
     p = w._plan.params
     assert fi_cupy.decode.uses_tensor_cores(p.q_dtype, p.kv_dtype, p.rope) == (path == "tc")
     assert fi_cupy.decode.decode_variant(p, p.kv_dtype)[0].kernels[0].kernel == GRID_KERNEL[path]
     assert w._plan.heads_per_block == (GRID_GB[group], 1)
     assert (w._plan.num_merges > 0) == (lens == "split"), f"num_merges {w._plan.num_merges}"
-    empty = np.array(b.kv_lens) == 0
-    assert np.all(out[empty] == 0) and np.all(np.isneginf(lse[empty]))
 
 
 def test_path_grid_covers_every_path_group_and_page():
@@ -407,6 +424,206 @@ def test_path_grid_covers_every_path_group_and_page():
     assert sorted(c[:3] for c in cells) == sorted(want)
     assert {(p, g) for p, g, _, lens in cells if lens == "split"} == {(p, g) for p, g, _ in want}
     assert {c[3] for c in cells} == set(GRID_LENS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention sinks (FlashInfer's run(sinks=), gpt-oss): one float32 logit per query head joins each
+# row's softmax denominator. Each path x lens shape at group 4, on the grid item of that cell (its page
+# size, head_dim, dtypes and layout), so "split" folds the sink in the merge and "whole" / "tiny" in
+# the decode kernel's own epilogue.
+
+
+def _sinks(hq):
+    return rand((hq,), "float32", 2.0)
+
+
+@pytest.mark.parametrize("lens", list(GRID_LENS))
+@pytest.mark.parametrize("path", list(GRID_KERNEL))
+def test_sinks(path, lens):
+    group = 4
+    _, _, page_size, _, d, q_dt, kv_dt, layout, as_tuple = next(
+        c.values for c in _path_grid() if c.values[:2] == (path, group) and c.values[3] == lens)
+    hq, hkv = GRID_HEADS[group]
+    b = PagedBatch(GRID_LENS[lens], page_size=page_size, hq=hq, hkv=hkv, d=d, q_dt=q_dt, kv_dt=kv_dt, layout=layout,
+                   as_tuple=as_tuple)
+    sinks = _sinks(hq)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), layout)
+    mode = "ROPE_LLAMA" if path == "rope" else "NONE"
+    out, lse = check_batch(b, pos_encoding_mode=mode, wrapper=w, sinks=sinks)
+    _assert_grid_path(w, path, group, lens)
+    empty = np.array(b.kv_lens) == 0  # no key: o = 0, lse = the sink alone (base 2)
+    assert np.all(out[empty] == 0)
+    np.testing.assert_allclose(lse[empty], np.broadcast_to(f64(sinks) / math.log(2.0), lse[empty].shape), rtol=1e-5,
+                               atol=1e-6)
+    # One plan, more calls: sinks is part of a call's signature (None or an array), and a replayed call
+    # (fi_cupy/_core/fastpath.py: the third call replays the second) reads the new array's pointer.
+    for again in (None, _sinks(hq), _sinks(hq)):
+        o = w.run(b.q, b.kv_arg, sinks=again)
+        ro, _ = b.reference(rope=path == "rope", sinks=None if again is None else cp.asnumpy(again))
+        assert_close(f64(o), ro, q_dt)
+
+
+def test_sinks_q_len_per_req():
+    """q_len_per_req = 2 runs the paged prefill kernel: sinks go with it. kv_len 1 and 0: rows that see
+    no key."""
+    b = PagedBatch([50, 1, 700, 2, 0], hq=8, hkv=2, d=128, q_len=2)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
+    sinks = _sinks(8)
+    out, lse = check_batch(b, wrapper=w, sinks=sinks)
+    assert w._multi is not None and w._multi._plan is not None  # the prefill wrapper ran
+    dead = np.repeat(b.kv_lens, 2) - 2 + np.tile([0, 1], 5) < 0  # row 2r + i sits at position kv_len - 2 + i
+    assert np.all(out[dead] == 0)
+    np.testing.assert_allclose(lse[dead], np.broadcast_to(f64(sinks) / math.log(2.0), lse[dead].shape), rtol=1e-5,
+                               atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# ALiBi (pos_encoding_mode="ALIBI"): logit += slope_h * (key position - (kv_len - 1)), FlashInfer's slopes.
+# 16-bit KV keeps the tensor-core kernel, fp8 KV the CUDA-core one, each with its ALiBi template bool.
+# Each path x lens shape at group 4 on the grid item of that cell (as test_sinks); then groups 1, 6 (two
+# of the block's heads masked) and 8 on their "split" grid items, and 8 / 8 and 32 / 4 heads; window,
+# sm_scale and fp8 scales; single decode; sinks beside ALiBi; q_len_per_req = 2; a CUDA-graph replay.
+
+ALIBI_PATHS = ("tc", "fp8")
+
+
+def _assert_alibi_kernel(w, path):
+    p = w._plan.params
+    main = fi_cupy.decode.decode_variant(p, p.kv_dtype)[0].kernels[0]
+    assert p.alibi and not p.rope
+    assert main.kernel == GRID_KERNEL[path] and main.targs[-1] == "true", main
+
+
+def _alibi_grid_batch(path, group, lens):
+    """A batch as test_path_grid's first item of (path, group, lens) (its page size, head_dim, dtypes, layout)."""
+    _, _, page_size, _, d, q_dt, kv_dt, layout, as_tuple = next(
+        c.values for c in _path_grid() if c.values[:2] == (path, group) and c.values[3] == lens)
+    hq, hkv = GRID_HEADS[group]
+    return PagedBatch(GRID_LENS[lens], page_size=page_size, hq=hq, hkv=hkv, d=d, q_dt=q_dt, kv_dt=kv_dt, layout=layout,
+                      as_tuple=as_tuple)
+
+
+@pytest.mark.parametrize("lens", list(GRID_LENS))
+@pytest.mark.parametrize("path", ALIBI_PATHS)
+def test_alibi(path, lens):
+    b = _alibi_grid_batch(path, 4, lens)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), b.layout)
+    out, lse = check_batch(b, pos_encoding_mode="ALIBI", wrapper=w)
+    _assert_grid_path(w, path, 4, lens)
+    _assert_alibi_kernel(w, path)
+    empty = np.array(b.kv_lens) == 0
+    assert np.all(out[empty] == 0) and np.all(np.isneginf(lse[empty]))
+    # the bias is there: without it the reference differs (slopes 2^-1 .. 2^-8 over these lengths)
+    if lens != "tiny":
+        plain, _ = b.reference()
+        assert np.abs(plain - out).max() > 0.05
+    # One plan, more calls of another signature (no out / lse): the first is recorded, the second replayed
+    # (fi_cupy/_core/fastpath.py) with the slopes' pointer it recorded
+    for _ in range(2):
+        b.q = rand(b.q.shape, b.q_dt)
+        o = w.run(b.q, b.kv_arg)
+        assert_close(f64(o), b.reference(alibi=True)[0], b.q_dt)
+
+
+@pytest.mark.parametrize("group", [1, 6, 8])
+@pytest.mark.parametrize("path", ALIBI_PATHS)
+def test_alibi_groups(path, group):
+    """Groups 1 (4 / 4 heads), 6 (12 / 2: GB 8, two heads of the block masked) and 8 (16 / 2), then the larger
+    head counts FlashInfer models use (8 / 8 and 32 / 4: the slopes of 8 and 32 heads), on "split"."""
+    b = _alibi_grid_batch(path, group, "split")
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), b.layout)
+    check_batch(b, pos_encoding_mode="ALIBI", wrapper=w)
+    _assert_grid_path(w, path, group, "split")
+    _assert_alibi_kernel(w, path)
+    if group in (1, 8):
+        hq, hkv = {1: (8, 8), 8: (32, 4)}[group]
+        kv_dt = "float8_e5m2" if path == "fp8" else "float16"
+        b = PagedBatch([1500, 3, 0, 260, 1], page_size=16, hq=hq, hkv=hkv, d=128, q_dt="float16", kv_dt=kv_dt)
+        w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
+        check_batch(b, pos_encoding_mode="ALIBI", wrapper=w)
+        _assert_alibi_kernel(w, path)
+
+
+@pytest.mark.parametrize("path", ALIBI_PATHS)
+def test_alibi_window_scales_and_sm_scale(path):
+    """The bias joins the logits after sm_scale and the fp8 k_scale (neither scales it); a window hides the
+    keys as without ALiBi."""
+    kv_dt = "float8_e4m3fn" if path == "fp8" else "bfloat16"
+    b = PagedBatch([1, 9, 400, 2500, 0], hq=16, hkv=4, d=128, kv_dt=kv_dt)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
+    scales = dict(k_scale=0.5, v_scale=2.0) if path == "fp8" else {}
+    for kw in ({"window_left": 100}, {"sm_scale": 0.3, **scales}, {"window_left": 0}):
+        check_batch(b, pos_encoding_mode="ALIBI", wrapper=w, **kw)
+        _assert_alibi_kernel(w, path)
+
+
+@pytest.mark.parametrize("kv_len,layout,hq,hkv", [(1, "NHD", 8, 8), (97, "HND", 12, 4), (5000, "NHD", 32, 8),
+                                                  (0, "NHD", 32, 8)])
+def test_alibi_single_decode(kv_len, layout, hq, hkv):
+    d = 128
+    shape = (kv_len, hkv, d) if layout == "NHD" else (hkv, kv_len, d)
+    k, v, q = rand(shape, "float16"), rand(shape, "float16"), rand((hq, d), "float16")
+    out, lse = nan_like(q), cp.full((hq,), np.nan, dtype=cp.float32)
+    o, l2 = fi_cupy.single_decode_with_kv_cache(q, k, v, kv_layout=layout, pos_encoding_mode="ALIBI", return_lse=True,
+                                                out=out, lse=lse)
+    assert o is out and l2 is lse
+    kk, vv = f64(k), f64(v)
+    if layout == "HND":
+        kk, vv = kk.transpose(1, 0, 2), vv.transpose(1, 0, 2)
+    ro, rl = reference.decode_attention(f64(q), kk, vv, alibi=True)
+    assert_close(f64(o), ro, "float16")
+    assert_lse_close(f64(lse), rl)
+    # the same arrays without ALiBi: another cached plan, the plain result
+    o = fi_cupy.single_decode_with_kv_cache(q, k, v, kv_layout=layout)
+    assert_close(f64(o), reference.decode_attention(f64(q), kk, vv)[0], "float16")
+
+
+@pytest.mark.parametrize("path", ALIBI_PATHS)
+def test_alibi_with_sinks(path):
+    """Sinks beside ALiBi: the sink joins each row's denominator after the biased logits ("split": in the
+    merge; the kv_len 0 requests: the sink alone)."""
+    b = _alibi_grid_batch(path, 4, "split")
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), b.layout)
+    sinks = _sinks(b.hq)
+    out, lse = check_batch(b, pos_encoding_mode="ALIBI", wrapper=w, sinks=sinks)
+    _assert_alibi_kernel(w, path)
+    empty = np.array(b.kv_lens) == 0
+    assert np.all(out[empty] == 0)
+    np.testing.assert_allclose(lse[empty], np.broadcast_to(f64(sinks) / math.log(2.0), lse[empty].shape), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_alibi_q_len_per_req():
+    """q_len_per_req = 2 runs the paged prefill kernel (the portable one: ALiBi) with the mode: row 2r + i
+    sits at kv_len - 2 + i. kv_len 1 and 0: rows that see no key."""
+    from fi_cupy import prefill
+    b = PagedBatch([50, 1, 700, 2, 0], hq=8, hkv=2, d=128, q_len=2)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
+    out, lse = check_batch(b, pos_encoding_mode="ALIBI", wrapper=w)
+    plan = w._multi._plan
+    assert plan.params.alibi and not plan.tile.sm90 and plan.flags & prefill.ALIBI
+    dead = np.repeat(b.kv_lens, 2) - 2 + np.tile([0, 1], 5) < 0
+    assert np.all(out[dead] == 0) and np.all(np.isneginf(lse[dead]))
+
+
+def test_alibi_cuda_graph_replay():
+    """The slopes' device copy is fixed: a captured ALiBi run replays right after a re-plan."""
+    b1 = PagedBatch([100, 2000, 5], hq=16, hkv=4)
+    b2 = PagedBatch([3000, 1, 64], hq=16, hkv=4)
+    cache = cp.concatenate([bits(b1.cache), bits(b2.cache)]).view(BF16)
+    off = b1.cache.shape[0]
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_cuda_graph=True)
+    plan_args = dict(num_qo_heads=16, num_kv_heads=4, head_dim=128, page_size=16, q_data_type="bfloat16",
+                     pos_encoding_mode="ALIBI")
+    w.plan(b1.indptr, b1.indices, b1.last_page_len, **plan_args)
+    q = bits(b1.q).copy().view(BF16)
+    out = nan_like(q)
+    g, s = capture(lambda: w.run(q, cache, out=out))
+    w.plan(b2.indptr, b2.indices + off, b2.last_page_len, **plan_args)
+    bits(q)[...] = bits(b2.q)
+    poison(out)
+    replay(g, s)
+    assert_close(f64(out), b2.reference(alibi=True)[0], "bfloat16")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,20 +70,30 @@ def _lse_nan(q):
 
 
 def attention(q, k, v, causal=False, window_left=-1, mask=None, soft_cap=0.0, sm_scale=None, rope=False,
-              dtype="float64"):
+              dtype="float64", sinks=None, alibi=False):
     """One request computed naively on the GPU in `dtype`. "float64" rounds nothing (it agrees with
     fi_cupy.reference.prefill_attention); "float16" / "bfloat16" round each step's result to that dtype,
     float32 arithmetic in between, as torch computes on such tensors: the accuracy rule's baseline.
     q (Lq, Hq, D), k/v (Lk, Hkv, D) CuPy arrays (16-bit, or float64 holding such values); mask bool
-    (Lq, Lk). Returns (o, lse base 2), float64 CuPy arrays."""
+    (Lq, Lk); sinks float32 (Hq,) or None. alibi: reference.alibi_bias added to the scaled scores in
+    float32 (float64 unrounded), the sum not rounded to `dtype`: the baseline's error stays that of the
+    scores alone, so ALiBi gives the kernel no more room. Returns (o, lse base 2), float64 CuPy arrays."""
     q, k, v = _dev(q), _dev(k), _dev(v)
     lq, hq, d = q.shape
     lk, hkv, _ = k.shape
     o, lse = cp.zeros((lq, hq, d)), cp.full((lq, hq), -np.inf)
-    if lq == 0 or lk == 0:
-        return o, lse
     work = np.float64 if dtype == "float64" else np.float32
     rnd = (lambda x: x) if dtype == "float64" else (lambda x: _round(x, dtype))  # noqa: E731
+
+    def finish(o, lse):
+        if sinks is None:
+            return o, lse
+        # the sink scales each finished row: one more step, rounded as the others
+        o, lse = reference.with_sinks(o, lse, sinks)
+        return rnd(o.astype(work)).astype(cp.float64), lse
+
+    if lq == 0 or lk == 0:
+        return finish(o, lse)
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     qpos = cp.arange(lq) + lk - lq
     if rope:
@@ -108,6 +118,8 @@ def attention(q, k, v, causal=False, window_left=-1, mask=None, soft_cap=0.0, sm
         for r0 in range(0, lq, rstep):
             rs = slice(r0, min(lq, r0 + rstep))
             s = rnd(rnd(cp.matmul(qh[hs, rs], kh[hs].transpose(0, 2, 1))) * work(scale))
+            if alibi:  # slope_h * (key position - query position), as the scores are formed
+                s = s + reference.alibi_bias(hq, qpos[rs], cp.arange(lk), cp, cp.arange(hs.start, hs.stop)).astype(work)
             if soft_cap:
                 s = rnd(work(soft_cap) * rnd(cp.tanh(rnd(s / work(soft_cap)))))
             s = cp.where(keep[None, rs], s, work(-np.inf))
@@ -118,7 +130,7 @@ def attention(q, k, v, causal=False, window_left=-1, mask=None, soft_cap=0.0, sm
             m64 = cp.where(cp.isfinite(m), m, work(0)).astype(cp.float64)
             sums = cp.exp(s.astype(cp.float64) - m64).sum(axis=-1)
             lse[rs, hs] = ((m64[..., 0] + cp.log(sums)) / math.log(2.0)).T
-    return o, lse
+    return finish(o, lse)
 
 
 def check(out, q, k, v, lse=None, **kw):
@@ -126,7 +138,7 @@ def check(out, q, k, v, lse=None, **kw):
     ref, ref_lse = reference.prefill_attention(
         _dev(q), _dev(k), _dev(v), causal=kw.get("causal", False), window_left=kw.get("window_left", -1),
         custom_mask=kw.get("mask"), logits_soft_cap=kw.get("soft_cap", 0.0), sm_scale=kw.get("sm_scale"),
-        rope=kw.get("rope", False))
+        rope=kw.get("rope", False), sinks=kw.get("sinks"), alibi=kw.get("alibi", False))
     naive, _ = attention(q, k, v, dtype=dtype_name(q), **kw)
     got = f64_dev(out)
     assert not cp.isnan(got).any(), "NaN in output (unwritten or invalid elements)"
@@ -230,16 +242,35 @@ def test_long_query():
     check(o, q, k, v, lse, causal=True)
 
 
-def test_reference_agrees_with_numpy():
+@pytest.mark.parametrize("sinks", [False, True])
+def test_reference_agrees_with_numpy(sinks):
     """The CuPy helper above, rounding nothing, and fi_cupy.reference.prefill_attention on the host
     compute the same thing (the baseline differs from the reference by its roundings alone)."""
     q, k, v = rand((9, 4, 64), "float16"), rand((20, 2, 64), "float16"), rand((20, 2, 64), "float16")
     mask = uniform((9, 20)) > 0.3
-    o, lse = attention(q, k, v, causal=True, window_left=6, mask=mask, soft_cap=7.0, rope=True)
+    s = rand((4,), "float32", 2.0) if sinks else None
+    o, lse = attention(q, k, v, causal=True, window_left=6, mask=mask, soft_cap=7.0, rope=True, sinks=s)
     ro, rl = reference.prefill_attention(f64(q), f64(k), f64(v), causal=True, window_left=6,
-                                         custom_mask=cp.asnumpy(mask), logits_soft_cap=7.0, rope=True)
+                                         custom_mask=cp.asnumpy(mask), logits_soft_cap=7.0, rope=True,
+                                         sinks=None if s is None else f64(s))
     np.testing.assert_allclose(cp.asnumpy(o), ro, atol=1e-12)
     np.testing.assert_allclose(cp.asnumpy(lse), rl, atol=1e-12)
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+def test_reference_agrees_with_numpy_alibi(sinks):
+    """As above with ALiBi (no RoPE, no soft cap beside it), qo < kv so that the query positions matter."""
+    q, k, v = rand((9, 12, 64), "float16"), rand((20, 4, 64), "float16"), rand((20, 4, 64), "float16")
+    mask = uniform((9, 20)) > 0.3
+    s = rand((12,), "float32", 2.0) if sinks else None
+    o, lse = attention(q, k, v, causal=True, window_left=12, mask=mask, alibi=True, sinks=s)
+    ro, rl = reference.prefill_attention(f64(q), f64(k), f64(v), causal=True, window_left=12,
+                                         custom_mask=cp.asnumpy(mask), alibi=True, sinks=None if s is None else f64(s))
+    np.testing.assert_allclose(cp.asnumpy(o), ro, atol=1e-12)
+    np.testing.assert_allclose(cp.asnumpy(lse), rl, atol=1e-12)
+    plain, _ = reference.prefill_attention(f64(q), f64(k), f64(v), causal=True, window_left=12,
+                                           custom_mask=cp.asnumpy(mask), sinks=None if s is None else f64(s))
+    assert np.abs(plain - ro).max() > 1e-2  # the bias is there
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,17 +475,25 @@ def _dead_rows(qo_len: int, kv_len: int, causal: bool, mask):
     return dead
 
 
-def _check_requests(out, lse, q, qo_indptr, kv_of, causal: bool, masks) -> None:
-    """Each request against the reference, and its rows that see no key exactly 0 / -inf."""
+def _check_requests(out, lse, q, qo_indptr, kv_of, causal: bool, masks, sinks=None, **kw) -> None:
+    """Each request against the reference, and its rows that see no key exactly 0 / -inf (with sinks:
+    lse the sink alone, sinks / ln 2). kw: more of check()'s options (alibi, window_left; a window never
+    hides a row's own position, so the rows that see no key stay those of causal, the mask and kv_len)."""
     for r in range(qo_indptr.size - 1):
         a, e = int(qo_indptr[r]), int(qo_indptr[r + 1])
         if a == e:
             continue
         k, v = kv_of(r)
         m = None if masks is None else masks[r]
-        check(out[a:e], q[a:e], k, v, lse[a:e], causal=causal, mask=m)
+        check(out[a:e], q[a:e], k, v, lse[a:e], causal=causal, mask=m, sinks=sinks, **kw)
         dead = _dead_rows(e - a, k.shape[0], causal, m)
-        assert cp.all(f64_dev(out[a:e])[dead] == 0) and cp.all(cp.isneginf(lse[a:e][dead])), f"request {r}"
+        assert cp.all(f64_dev(out[a:e])[dead] == 0), f"request {r}"
+        dead_lse = lse[a:e][dead]
+        if sinks is None:
+            assert cp.all(cp.isneginf(dead_lse)), f"request {r}"
+        else:
+            want = cp.broadcast_to(sinks.astype(cp.float64) / math.log(2.0), dead_lse.shape)
+            assert cp.allclose(dead_lse, want, rtol=1e-5, atol=1e-6), f"request {r}: lse of rows that see no key"
 
 
 @pytest.mark.parametrize("source,group,shape,d,dtype,layout,masked", _prefill_grid())
@@ -550,6 +589,222 @@ def test_fp8_paged_grid(group, page_size, prefill_kernel):
     out, lse = nan_like(b.q), _lse_nan(b.q)
     w.run(b.q, b.cache, out=out, lse=lse, return_lse=True, k_scale=0.5, v_scale=2.0)
     b.check(out, lse, causal=True, k_scale=0.5, v_scale=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention sinks (FlashInfer's run(sinks=), gpt-oss): one float32 logit per query head joins each
+# row's softmax denominator. "split" is the grid's split shape (the sink folded in the merge of cut
+# KV ranges); "dead" has rows that see no key (qo_len > kv_len causal, kv_len 0) and lengths off the
+# tiles, so the kernel's own epilogue folds it, into rows with and without keys.
+
+SINK_LENS = {"split": _grid_lens("split", 4), "dead": ([40, 3, 0, 7, 130], [17, 0, 9, 7, 300])}
+
+
+@pytest.mark.parametrize("shape", list(SINK_LENS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_sinks(shape, causal, prefill_kernel):
+    qo_lens, kv_lens = SINK_LENS[shape]
+    hq, hkv = GRID_GROUPS[4]
+    dtype, page_size, layout = ("bfloat16", 16, "NHD") if shape == "split" else ("float16", 7, "HND")
+    b = Batch(qo_lens, kv_lens, page_size=page_size, hq=hq, hkv=hkv, d=128, dtype=dtype, layout=layout)
+    sinks = rand((hq,), "float32", 2.0)
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), layout)
+    w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, hq, hkv, 128, page_size, causal=causal, q_data_type=dtype)
+    assert w._plan.tile.sm90 == (prefill_kernel == "fa3")
+    if shape == "split":
+        assert w._plan.num_merges > 0
+    out, lse = nan_like(b.q), _lse_nan(b.q)
+    w.run(b.q, b.cache, out=out, lse=lse, return_lse=True, sinks=sinks)
+    _check_requests(out, lse, b.q, b.qo_indptr, b.kv, causal, None, sinks)
+    # One plan, more calls: sinks is part of a call's signature (None or an array), and a replayed call
+    # (fi_cupy/_core/fastpath.py: the third call replays the second) reads the new array's pointer.
+    for again in (None, rand((hq,), "float32", 2.0), rand((hq,), "float32", 2.0)):
+        out, lse = nan_like(b.q), _lse_nan(b.q)
+        w.run(b.q, b.cache, out=out, lse=lse, return_lse=True, sinks=again)
+        _check_requests(out, lse, b.q, b.qo_indptr, b.kv, causal, None, again)
+
+
+# ---------------------------------------------------------------------------------------------
+# ALiBi (pos_encoding_mode="ALIBI"): logit += slope_h * (key position - query position), the query at
+# kv_len - qo_len + i, FlashInfer's slopes. Only the portable kernel takes it: every item asserts fa2
+# ran (plan.tile.sm90 False) under both fixtures; under "fa3" (backend "auto" would take the Hopper
+# kernel for the same plan without ALiBi) backend="fa3" must be refused naming the backend and the mode,
+# and the d256 items skip (the fa2 item runs the same case). test_alibi: KV source x group x length
+# shape (the grid's: qo 0 and kv 0 requests, qo > kv, lengths off the tiles; "split" cuts KV ranges and
+# merges them), head_dim, mask (causal / none / a custom mask with a row that sees nothing), dtype and
+# layout rotating.
+
+ALIBI_SOURCES = ("paged16", "paged7", "ragged", "single")
+ALIBI_MASKS = ("causal", "none", "mask")
+
+
+def _alibi_grid() -> list:
+    cases = []
+    for si, source in enumerate(ALIBI_SOURCES):
+        for gi, group in enumerate(GRID_GROUPS):
+            for hi, shape in enumerate(GRID_SHAPES):
+                i, turn = len(cases), si + gi + hi
+                d = (64, 128, 256)[turn % 3]
+                mask = ALIBI_MASKS[(i + si) % 3]
+                dtype = ("float16", "bfloat16")[i // 2 % 2]
+                layout = ("NHD", "HND")[i // 3 % 2]
+                cases.append(pytest.param(source, group, shape, d, mask, dtype, layout,
+                                          id=f"{source}-g{group}-{shape}-d{d}-{mask}-{dtype}-{layout}"))
+    return cases
+
+
+def test_alibi_grid_covers_sources_groups_dims_and_masks(prefill_kernel):
+    """The ALiBi grid itself: every source meets every mask, every group every head_dim, and the items the
+    fa3 fixture runs (head_dim 64 / 128) every source, group, shape and mask."""
+    from fi_cupy import prefill
+    if prefill_kernel == "fa3":
+        pytest.skip("checks the grid itself")
+    cells = [c.values for c in _alibi_grid()]
+    for axis, values in ((0, ALIBI_SOURCES), (1, tuple(GRID_GROUPS)), (2, GRID_SHAPES), (3, (64, 128, 256)),
+                         (4, ALIBI_MASKS)):
+        assert {c[axis] for c in cells} == set(values)
+    assert {(c[0], c[4]) for c in cells} == {(s, m) for s in ALIBI_SOURCES for m in ALIBI_MASKS}
+    assert {(c[1], c[3]) for c in cells} == {(g, d) for g in GRID_GROUPS for d in (64, 128, 256)}
+    hopper = [c for c in cells if c[3] in prefill.SM90_HEAD_DIMS]
+    for axis, values in ((0, ALIBI_SOURCES), (1, tuple(GRID_GROUPS)), (2, GRID_SHAPES), (4, ALIBI_MASKS)):
+        assert {c[axis] for c in hopper} == set(values)
+
+
+def _refuses_fa3(call) -> None:
+    """backend="fa3" with ALiBi: ValueError naming the backend and the mode."""
+    with pytest.raises(ValueError, match=r"^backend: 'fa3' .*does not support pos_encoding_mode ALIBI"):
+        call()
+
+
+@pytest.mark.parametrize("source,group,shape,d,mask,dtype,layout", _alibi_grid())
+def test_alibi(source, group, shape, d, mask, dtype, layout, prefill_kernel):
+    from fi_cupy import prefill
+    fa3 = prefill_kernel == "fa3"
+    if fa3 and d not in prefill.SM90_HEAD_DIMS:
+        pytest.skip(f"fa3 takes head_dim {prefill.SM90_HEAD_DIMS}: the fa2 item runs this case")
+    hq, hkv = GRID_GROUPS[group]
+    qo_lens, kv_lens = _grid_lens(shape, group)
+    if source == "single":
+        qo_lens, kv_lens = qo_lens[:1], kv_lens[:1]
+    masks = None
+    if mask == "mask":
+        masks = [uniform((a, b)) > 0.5 for a, b in zip(qo_lens, kv_lens)]
+        for m in masks:
+            m[:1] = False  # a row that sees nothing
+    flat = None if masks is None else cp.concatenate([m.reshape(-1) for m in masks])
+    causal = mask == "causal"
+    opts = dict(causal=causal, custom_mask=flat, pos_encoding_mode="ALIBI", q_data_type=dtype)
+    qo_ip = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    if source.startswith("paged"):
+        ps = int(source[len("paged"):])
+        b = Batch(qo_lens, kv_lens, page_size=ps, hq=hq, hkv=hkv, d=d, dtype=dtype, layout=layout)
+        q, kv_of = b.q, b.kv
+        args = (b.qo_indptr, b.kv_indptr, b.indices, b.last, hq, hkv, d, ps)
+        if fa3:
+            _refuses_fa3(lambda: fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), layout, backend="fa3").plan(
+                *args, **opts))
+        w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), layout)
+        w.plan(*args, **opts)
+        call = lambda out, lse: w.run(q, b.cache, out=out, lse=lse, return_lse=True)  # noqa: E731
+    else:
+        kv_ip = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+        q = rand((int(qo_ip[-1]), hq, d), dtype)
+        k, v = rand((int(kv_ip[-1]), hkv, d), dtype), rand((int(kv_ip[-1]), hkv, d), dtype)
+        kk, vv = (k, v) if layout == "NHD" else (contiguous(k.transpose(1, 0, 2)), contiguous(v.transpose(1, 0, 2)))
+        kv_of = lambda r: (k[kv_ip[r]:kv_ip[r + 1]], v[kv_ip[r]:kv_ip[r + 1]])  # noqa: E731
+        if source == "ragged":
+            if fa3:
+                _refuses_fa3(lambda: fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_ws(), layout, backend="fa3").plan(
+                    qo_ip, kv_ip, hq, hkv, d, **opts))
+            w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_ws(), layout)
+            w.plan(qo_ip, kv_ip, hq, hkv, d, **opts)
+            call = lambda out, lse: w.run(q, kk, vv, out=out, lse=lse, return_lse=True)  # noqa: E731
+        else:
+            single = dict(custom_mask=None if masks is None else masks[0], causal=causal, kv_layout=layout,
+                          pos_encoding_mode="ALIBI")
+            if fa3:
+                _refuses_fa3(lambda: fi_cupy.single_prefill_with_kv_cache(q, kk, vv, backend="fa3", **single))
+            call = lambda out, lse: fi_cupy.single_prefill_with_kv_cache(  # noqa: E731
+                q, kk, vv, return_lse=True, out=out, lse=lse, **single)
+    out, lse = nan_like(q), _lse_nan(q)
+    o, l2 = call(out, lse)
+    assert o is out and l2 is lse
+    plan = next(reversed(prefill._single_plans.values())) if source == "single" else w._plan
+    assert plan.params.alibi and not plan.tile.sm90 and plan.flags & prefill.ALIBI  # the portable kernel ran
+    assert (plan.num_merges > 0) == (shape == "split"), f"num_merges {plan.num_merges}"
+    _check_requests(out, lse, q, qo_ip, kv_of, causal, masks, alibi=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_alibi_window_and_sm_scale(causal, prefill_kernel):
+    """A window (0, a few keys, longer than some requests) and sm_scale with ALiBi, 12 qo / 4 kv heads (the
+    slopes of a head count that is no power of 2: 8 of 2^(-8k/8), then 4 of 2^(-4k/8), k odd)."""
+    b = Batch([60, 200, 1, 0, 33], [300, 200, 70, 5, 0], page_size=16, hq=12, hkv=4, d=128, dtype="float16",
+              layout="HND")
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), "HND")
+    for kw in ({"window_left": 0}, {"window_left": 37}, {"window_left": 150, "sm_scale": 0.3}, {"sm_scale": 0.02}):
+        w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 12, 4, 128, 16, causal=causal, pos_encoding_mode="ALIBI",
+               q_data_type="float16", **kw)
+        assert not w._plan.tile.sm90
+        out, lse = nan_like(b.q), _lse_nan(b.q)
+        w.run(b.q, b.cache, out=out, lse=lse, return_lse=True)
+        _check_requests(out, lse, b.q, b.qo_indptr, b.kv, causal, None, alibi=True, **kw)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_alibi_fp8_paged(kv_dtype, prefill_kernel):
+    """fp8 K/V with k_scale / v_scale: the bias joins the logits unscaled (k_scale scales q.k only)."""
+    if prefill_kernel == "fa3":
+        pytest.skip("fa3 takes K/V in the q dtype only: the fa2 item runs this case")
+    b = Batch([100, 7, 0, 300], [500, 300, 3, 90], page_size=8, hq=16, hkv=2, d=64, kv_dtype=kv_dtype)
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
+    w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 16, 2, 64, 8, causal=True, pos_encoding_mode="ALIBI",
+           q_data_type="bfloat16", kv_data_type=kv_dtype)
+    out, lse = nan_like(b.q), _lse_nan(b.q)
+    w.run(b.q, b.cache, out=out, lse=lse, return_lse=True, k_scale=0.5, v_scale=2.0)
+    b.check(out, lse, causal=True, k_scale=0.5, v_scale=2.0, alibi=True)
+
+
+@pytest.mark.parametrize("shape", list(SINK_LENS))
+def test_alibi_with_sinks(shape, prefill_kernel):
+    """Sinks beside ALiBi on the paged wrapper: "split" folds the sink in the merge, "dead" in the kernel's
+    epilogue, into rows with and without keys."""
+    qo_lens, kv_lens = SINK_LENS[shape]
+    hq, hkv = GRID_GROUPS[4]
+    b = Batch(qo_lens, kv_lens, page_size=16, hq=hq, hkv=hkv, d=128, dtype="bfloat16")
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
+    w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, hq, hkv, 128, 16, causal=True, pos_encoding_mode="ALIBI",
+           q_data_type="bfloat16")
+    assert not w._plan.tile.sm90 and (w._plan.num_merges > 0) == (shape == "split")
+    for sinks in (rand((hq,), "float32", 2.0), rand((hq,), "float32", 2.0)):  # recorded, then replayed
+        out, lse = nan_like(b.q), _lse_nan(b.q)
+        w.run(b.q, b.cache, out=out, lse=lse, return_lse=True, sinks=sinks)
+        _check_requests(out, lse, b.q, b.qo_indptr, b.kv, True, None, sinks, alibi=True)
+
+
+def test_alibi_cuda_graph_replans(prefill_kernel):
+    """The slopes' device copy is fixed: a captured ALiBi run replays right after a re-plan."""
+    b1 = Batch([200, 50], [600, 50])
+    b2 = Batch([10, 300], [350, 300], cache=b1.cache)
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), use_cuda_graph=True)
+    q = empty((400, 8, 128), "bfloat16")
+    out = empty(q.shape, "bfloat16")
+
+    def plan(b):
+        w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 8, 2, 128, 16, causal=True, pos_encoding_mode="ALIBI",
+               q_data_type="bfloat16")
+        assert not w._plan.tile.sm90
+
+    plan(b1)
+    bits(q)[:250] = bits(b1.q)
+    graph, s = capture(lambda: w.run(q, b1.cache, out=out))
+    for b in (b1, b2):
+        plan(b)
+        n = b.q.shape[0]
+        bits(q)[:n] = bits(b.q)
+        poison(out)
+        replay(graph, s)
+        b.check(out[:n], causal=True, alibi=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,13 +74,20 @@ def test_params_checks():
     bad = [({"head_dim_qk": 96}, ValueError, "head_dim"), ({"num_qo_heads": 6, "num_kv_heads": 4}, ValueError, "num_qo_heads"),
            ({"head_dim_vo": 64}, NotImplementedError, "head_dim_vo"), ({"q_data_type": "float32"}, TypeError, "q_data_type"),
            ({"kv_data_type": "float8_e4m3fn", "paged": False}, TypeError, "kv_data_type"),
-           ({"pos_encoding_mode": "ALIBI"}, ValueError, "pos_encoding_mode"),
+           ({"pos_encoding_mode": "XPOS"}, ValueError, "pos_encoding_mode: 'XPOS' is not one of 'NONE', 'ROPE_LLAMA', "
+                                                      "'ALIBI'"),
+           ({"pos_encoding_mode": "ALIBI", "logits_soft_cap": 30.0}, NotImplementedError,
+            'logits_soft_cap: 30.0 with pos_encoding_mode "ALIBI" is not supported'),
            ({"logits_soft_cap": -1.0}, ValueError, "logits_soft_cap"), ({"causal": "yes"}, TypeError, "causal"),
            ({"window_left": 1.5}, TypeError, "window_left")]
     for change, exc, word in bad:
         with pytest.raises(exc, match=word):
             prefill.make_params(**{**ok, **change})
     assert prefill.make_params(**{**ok, "kv_data_type": "float8_e5m2"}).kv_dtype == dt.float8_e5m2
+    assert not p.alibi and not p.rope
+    alibi = prefill.make_params(**{**ok, "pos_encoding_mode": "ALIBI"})
+    assert alibi.alibi and not alibi.rope and alibi.soft_cap == 0
+    assert prefill.make_params(**{**ok, "pos_encoding_mode": "ALIBI", "logits_soft_cap": 0.0}).alibi  # 0: no cap
 
 
 def test_plan_metadata_layout():
@@ -132,6 +139,63 @@ def test_backend_choice():
     assert prefill.sm90_unsupported(p) is None
     with pytest.raises(ValueError, match="backend"):
         prefill.check_backend("fa4")
+
+
+def _alibi_params(**change):
+    kw = dict(num_qo_heads=8, num_kv_heads=2, head_dim_qk=128, head_dim_vo=None, causal=True, pos_encoding_mode="ALIBI",
+              window_left=-1, logits_soft_cap=None, sm_scale=None, rope_scale=None, rope_theta=None,
+              q_data_type="bfloat16", kv_data_type=None, paged=True, page_size=16)
+    return prefill.make_params(**{**kw, **change})
+
+
+@pytest.mark.parametrize("d", prefill.SUPPORTED_HEAD_DIMS)
+@pytest.mark.parametrize("custom_mask", [False, True])
+def test_alibi_takes_the_portable_kernel(d, custom_mask, monkeypatch):
+    """ALiBi runs on the portable kernel ("fa2") only, with the ALIBI variant flag: backend "fa3" is refused
+    naming the backend and the mode, "auto" falls back to the portable tile even where the Hopper kernel
+    would take the same plan without ALiBi (an sm_90a device, rows past AUTO_MIN_ROWS)."""
+    from fi_cupy._core import kernels
+    p = _alibi_params(head_dim_qk=d)
+    qo = np.array([4096, 3])
+    hopper_dim = d in prefill.SM90_HEAD_DIMS
+    why = prefill.sm90_unsupported(p)
+    assert why == "pos_encoding_mode ALIBI" if hopper_dim else why is not None
+    monkeypatch.setattr(kernels, "device_arch", lambda device: "sm_90a")
+    with pytest.raises(ValueError, match=r"^backend: 'fa3' \(the Hopper kernel\) does not support "
+                                         + ("pos_encoding_mode ALIBI" if hopper_dim else "")):
+        prefill.plan_tile(p, qo, custom_mask, "fa3", 0)
+    want = prefill.ALIBI | (prefill.CUSTOM_MASK if custom_mask else 0)
+    for backend in ("auto", "fa2"):
+        tile, flags = prefill.plan_tile(p, qo, custom_mask, backend, 0)
+        assert not tile.sm90 and flags == want
+        assert tile == prefill.pick_tile(d, 4096 * p.group_size, want)
+        prog = prefill.prefill_program(d, tile, p.q_dtype, p.kv_dtype, True, False, flags)
+        assert prog.kernels[0].kernel == "fic::prefill_kernel" and prog.kernels[0].targs[-1] == want
+    if hopper_dim:  # the same plan without ALiBi takes the Hopper kernel under "auto"
+        assert prefill.plan_tile(_alibi_params(head_dim_qk=d, pos_encoding_mode="NONE"), qo, custom_mask, "auto",
+                                 0)[0].sm90
+
+
+def test_alibi_flag_and_programs():
+    """The ALIBI flag (4) in variant_flags and plan.flags, never beside RoPE or a soft cap in the programs
+    built ahead of time; the ALiBi variants are not part of the standard (precompiled) set."""
+    assert (prefill.SOFT_CAP, prefill.CUSTOM_MASK, prefill.ALIBI) == (1, 2, 4)
+    p = _alibi_params()
+    assert prefill.variant_flags(p, False) == prefill.ALIBI
+    assert prefill.variant_flags(p, True) == prefill.ALIBI | prefill.CUSTOM_MASK
+    assert prefill.variant_flags(_alibi_params(pos_encoding_mode="NONE"), False) == 0
+    qo = np.array([0, 5, 6], np.int32)
+    kv_ip = np.array([0, 1, 2], np.int32)
+    tile, flags = prefill.plan_tile(p, np.diff(qo), False)
+    plan, _ = prefill.plan_prefill(p, qo, kv_ip, np.array([9, 16], np.int32), np.arange(2, dtype=np.int32), tile,
+                                   264, None)
+    assert plan.flags == flags == prefill.ALIBI and plan.params.alibi
+    alibi_progs = [pr for pr in prefill.all_programs() if pr.kernels[0].targs[-1] & prefill.ALIBI]
+    assert alibi_progs and all(pr.kernels[0].kernel == "fic::prefill_kernel" for pr in alibi_progs)
+    assert all(pr.kernels[0].targs[-2] == "false" and not pr.kernels[0].targs[-1] & prefill.SOFT_CAP
+               for pr in alibi_progs)  # no RoPE, no soft cap
+    assert {pr.kernels[0].targs[-1] for pr in alibi_progs} == {prefill.ALIBI, prefill.ALIBI | prefill.CUSTOM_MASK}
+    assert not [pr for pr in prefill.standard_programs() if pr.kernels[0].targs[-1] & prefill.ALIBI]
 
 
 def test_schedule_snake_balances_a_persistent_grid():

@@ -107,7 +107,10 @@ def test_plan_lengths_and_metadata():
     (dict(num_qo_heads=30), ValueError, r"num_qo_heads \(30\) must be a multiple of num_kv_heads \(8\)"),
     (dict(head_dim=100), ValueError, "head_dim: 100 is not supported"),
     (dict(head_dim=512), ValueError, "head_dim: 512 is not supported"),
-    (dict(pos_encoding_mode="ALIBI"), ValueError, "pos_encoding_mode: 'ALIBI' is not one of"),
+    (dict(pos_encoding_mode="XPOS"), ValueError, "pos_encoding_mode: 'XPOS' is not one of 'NONE', 'ROPE_LLAMA', "
+                                                 "'ALIBI'$"),
+    (dict(pos_encoding_mode="ALIBI", logits_soft_cap=30.0), NotImplementedError,
+     'logits_soft_cap: 30.0 with pos_encoding_mode "ALIBI" is not supported'),
     (dict(q_data_type="float32"), TypeError, "q_data_type: float32 is not supported"),
     (dict(kv_data_type="int8"), TypeError, "kv_data_type: int8 is not supported with q bfloat16"),
     (dict(page_size=0), ValueError, "page_size: expected a positive integer"),
@@ -116,6 +119,44 @@ def test_plan_lengths_and_metadata():
 def test_param_errors(kw, err, match):
     with pytest.raises(err, match=match):
         _params(**kw)
+
+
+@pytest.mark.parametrize("mode", ["NONE", "ROPE_LLAMA", "ALIBI"])
+@pytest.mark.parametrize("kv_data_type", [None, "float8_e4m3fn"])
+def test_alibi_decode_variant(mode, kv_data_type):
+    """pos_encoding_mode "ALIBI": 16-bit KV keeps the tensor-core kernel, fp8 KV the CUDA-core one; the last
+    template argument of either is the ALiBi bool (RoPE takes the CUDA-core kernel, without ALiBi). The
+    mode comes back as params.pos_encoding_mode (what q_len_per_req > 1 plans its prefill with)."""
+    from fi_cupy import decode
+    p = _params(pos_encoding_mode=mode, kv_data_type=kv_data_type)
+    assert (p.rope, p.alibi, p.pos_encoding_mode) == (mode == "ROPE_LLAMA", mode == "ALIBI", mode)
+    main = decode.decode_variant(p, p.kv_dtype)[0].kernels[0]
+    tc = kv_data_type is None and mode != "ROPE_LLAMA"
+    assert decode.uses_tensor_cores(p.q_dtype, p.kv_dtype, p.rope) == tc
+    assert main.kernel == ("fic::batch_decode_tc_kernel" if tc else "fic::batch_decode_kernel")
+    assert main.targs[-1] == ("true" if mode == "ALIBI" else "false")
+    if not tc:
+        assert main.targs[-2] == ("true" if mode == "ROPE_LLAMA" else "false")  # the RoPE bool before it
+    # the plan is the same host schedule whatever the mode
+    indptr, indices, last = np.array([0, 2, 2, 5]), np.array([7, 3, 1, 0, 9]), np.array([5, 0, 16])
+    a, b = plan_decode(p, indptr, indices, last, 396), plan_decode(_params(kv_data_type=kv_data_type), indptr,
+                                                                    indices, last, 396)
+    assert np.array_equal(a.meta, b.meta) and a.offsets == b.offsets and a.params.alibi == (mode == "ALIBI")
+
+
+def test_alibi_decode_programs_built_ahead():
+    """all_programs has every decode variant with ALiBi (never with RoPE) for every head dim, group block
+    and dtype pair."""
+    from fi_cupy import decode
+    from fi_cupy._core import dtypes as dt
+    mains = [p.kernels[0] for p in decode.all_programs((64,))]
+    alibi = [k for k in mains if k.targs[-1] == "true"]  # both kernels: the ALiBi bool last
+    cuda_core = [k for k in alibi if k.kernel == "fic::batch_decode_kernel"]
+    assert all(k.targs[-2] == "false" for k in cuda_core)  # RoPE and ALiBi together: never
+    assert {k.targs[3] for k in cuda_core} == {dt.float8_e4m3fn.cpp, dt.float8_e5m2.cpp}  # fp8 KV: CUDA cores
+    tc = [k for k in alibi if k.kernel == "fic::batch_decode_tc_kernel"]
+    assert {k.targs[2] for k in tc} == {k.targs[2] for k in cuda_core} == {dt.float16.cpp, dt.bfloat16.cpp}
+    assert {k.targs[1] for k in tc} == {k.targs[1] for k in cuda_core} == {1, 4, scheduler.MAX_HEADS_PER_BLOCK}
 
 
 def test_plan_errors():

@@ -5,6 +5,7 @@
 // kv_head * group_size + p % group_size (prefill.cu's header).
 #pragma once
 #include "math.cuh"
+#include "softmax.cuh"
 #include "vec.cuh"
 
 namespace fic {
@@ -20,11 +21,13 @@ namespace fic {
       T *__restrict__ out, long long o_stride_n, long long o_stride_h, float *__restrict__ lse,                   \
       float *__restrict__ part_o, float *__restrict__ part_lse, int num_qo_heads, int group_size,               \
       unsigned int page_size, unsigned int page_div_mul, unsigned int page_div_shift, int causal, int window_left, \
-      float sm_scale, float soft_cap, float v_scale, float rope_rcp_scale, double rope_log2_theta
+      float sm_scale, float soft_cap, float v_scale, float rope_rcp_scale, double rope_log2_theta,              \
+      const float *__restrict__ sinks, const float *__restrict__ alibi_slopes
 
-// Variant flags (template argument FLAGS of both kernels): logits soft cap, packed custom mask. Each
-// costs registers and code in the inner loop, so kernels without them do not carry them.
-constexpr int kSoftCap = 1, kCustomMask = 2;
+// Variant flags (template argument FLAGS of both kernels): logits soft cap, packed custom mask, ALiBi
+// (portable kernel only). Each costs registers and code in the inner loop, so kernels without them do
+// not carry them.
+constexpr int kSoftCap = 1, kCustomMask = 2, kAlibi = 4;
 
 // A work item (fi_cupy/scheduler.py): {request, KV head, first packed row, partial row or -1}, {KV
 // begin, KV end, -, -}, with its request's geometry and the KV range it visits: [lo, hi) after the
@@ -77,6 +80,41 @@ __device__ __forceinline__ void cap_scores(float (&s)[MT][NT][4], float soft_cap
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[mt][nt][e] = soft_cap * tanh_inline(s[mt][nt][e] * cap_pre);
+}
+
+// ALiBi: s += slope_h * (j - i) for key position j and query position i, in the units of s (the
+// slopes come divided by sm_scale: exp2 scales s by sm_scale * log2(e) later). slope, qpos: the
+// thread's rows (mt, g + 8h); j0: the tile's first key. j - i is exact in float up to 2^24.
+template <int MT, int NT>
+__device__ __forceinline__ void alibi_scores(float (&s)[MT][NT][4], const float (&slope)[MT][2],
+                                             const float (&qpos)[MT][2], int j0, int c) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float d0 = float(j0 + 2 * c) - qpos[mt][h];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) s[mt][nt][2 * h + e] = fmaf(slope[mt][h], d0 + float(nt * 8 + e), s[mt][nt][2 * h + e]);
+    }
+}
+
+// The ALiBi rows of a thread (alibi_scores): packed rows p_first + mt * 16 + g + 8h (clamped to the
+// item's last row), their heads' slopes over the kernel's logit scale and their query positions.
+template <int MT>
+__device__ __forceinline__ void alibi_rows(float (&slope)[MT][2], float (&qpos)[MT][2], const float* alibi_slopes,
+                                           float rcp_sm_scale, const PrefillItem& b, int group_size, int p_first,
+                                           int g) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int p = max(min(p_first + mt * 16 + g + 8 * h, b.packed_len - 1), 0);
+      const int ti = p / group_size;
+      slope[mt][h] = alibi_slopes[b.kv_head * group_size + p - ti * group_size] * rcp_sm_scale;
+      qpos[mt][h] = float(ti + b.delta);
+    }
 }
 
 // -inf where a score is masked: key j of the tile (j0 + 8n + 2c + e) past the item's hi, after the
@@ -156,7 +194,7 @@ __device__ __forceinline__ void make_p(unsigned (&pa)[MT][4], const float (&s)[M
 }
 
 // Where the finished rows go: the output (prow < 0) or float32 partial rows from prow on.
-struct RowSink {
+struct RowDest {
   int p0;          // the tile's first packed row
   int packed_len;
   int group_size;
@@ -167,6 +205,7 @@ struct RowSink {
   float* lse;      // the output lse (may be null)
   float* part_o;
   float* part_lse;
+  const float* sinks;  // attention-sink logits per qo head (may be null): folded into direct rows
 };
 
 // Epilogue, first half: the row sums over the quad, O normalised (times v_scale), lse in base 2
@@ -175,7 +214,7 @@ struct RowSink {
 template <int D, int MT, int DT>
 __device__ __forceinline__ void finish_rows(float (&o)[MT][DT][4], const float (&m)[MT][2], const float (&dsum)[MT][2],
                                             float scale, float v_scale, int r_first, int g, int c,
-                                            const RowSink& k) {
+                                            const RowDest& k) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -183,9 +222,13 @@ __device__ __forceinline__ void finish_rows(float (&o)[MT][DT][4], const float (
       float d = dsum[mt][h];
       d += __shfl_xor_sync(0xffffffffu, d, 1);
       d += __shfl_xor_sync(0xffffffffu, d, 2);
-      const float inv = d > 0.f ? ptx_rcp(d) * v_scale : 0.f;
-      const float l = d > 0.f ? (m[mt][h] * scale + __log2f(d)) : neg_inf();
+      float inv = d > 0.f ? ptx_rcp(d) * v_scale : 0.f;
+      float l = d > 0.f ? (m[mt][h] * scale + __log2f(d)) : neg_inf();
       const int r = r_first + mt * 16 + g + 8 * h, p = k.p0 + r;
+      if (k.sinks != nullptr && k.prow < 0 && p < k.packed_len) {  // partial rows: at the merge
+        const int ti = p / k.group_size;
+        inv *= fold_sink(l, k.sinks, k.kv_head * k.group_size + p - ti * k.group_size);
+      }
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt) {
         o[mt][dt][2 * h] *= inv;
@@ -214,7 +257,7 @@ __device__ __forceinline__ void finish_rows(float (&o)[MT][DT][4], const float (
 template <int D, int MT, int DT, typename T, typename Offset>
 __device__ __forceinline__ void store_rows(const float (&o)[MT][DT][4], unsigned char* tile, Offset offset,
                                            int r_first, int lane, T* out, long long o_stride_n, long long o_stride_h,
-                                           const RowSink& k) {
+                                           const RowDest& k) {
   constexpr int kChunks = D / 8;
   const int g = lane / 4, c = lane % 4;
   // The rows are the warp's Q rows: every lane's last ldmatrix of them is done before any lane writes

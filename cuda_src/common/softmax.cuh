@@ -74,4 +74,20 @@ __device__ __forceinline__ float merge_states(const T* v, long long v_stride, co
 // The lse of a merged state: its largest lse m and the total weight relative to it.
 __device__ __forceinline__ float merged_lse(float m, float sum) { return m == neg_inf() ? m : m + __log2f(sum); }
 
+// Attention sinks (FlashInfer's `sinks`, gpt-oss): one more logit per query head, sinks[h] in the units
+// of sm_scale * q.k, joins the softmax denominator and carries no value. Folded into a finished row:
+// given the row's lse (base 2) without it, the row's output scales by 2^lse / (2^lse + e^sink) and its
+// lse becomes log2(2^lse + e^sink). A row that saw no key (lse = -inf) keeps o = 0 and gets lse =
+// sink in base 2. Returns the output scale; `lse` is updated in place. Applied only where a row is
+// finished (never to partial states, which the merge finishes), so a sink joins each row once.
+__device__ __forceinline__ float fold_sink(float& lse, const float* __restrict__ sinks, int qo_head) {
+  const float s2 = sinks[qo_head] * FIC_LOG2E;
+  const float hi = fmaxf(lse, s2), lo = fminf(lse, s2);
+  if (hi == neg_inf()) return 0.f;  // no key and a -inf sink: nothing in the row
+  const float total = hi + __log2f(1.f + ptx_exp2(lo - hi));
+  const float scale = ptx_exp2(lse - total);
+  lse = total;
+  return scale;
+}
+
 }  // namespace fic

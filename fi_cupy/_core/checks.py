@@ -221,6 +221,13 @@ def attention_options(head_dim: int, window_left, logits_soft_cap, sm_scale, rop
             1e4 if rt is None else rt)
 
 
+def alibi_without_soft_cap(pos_encoding_mode: str, soft_cap: float) -> None:
+    """ALiBi with a logits soft cap: FlashInfer scales such logits by sm_scale twice; we do not copy that."""
+    if pos_encoding_mode == "ALIBI" and soft_cap > 0:
+        raise NotImplementedError(f"logits_soft_cap: {soft_cap} with pos_encoding_mode \"ALIBI\" is not supported "
+                                  "(leave it None, or use another pos_encoding_mode)")
+
+
 def unsupported(name: str, value, neutral=(None,)) -> None:
     """A FlashInfer argument we accept but cannot honour: NotImplementedError unless it has one of its
     neutral values (the default, or one that asks for nothing)."""

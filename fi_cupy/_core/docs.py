@@ -91,8 +91,11 @@ GLOSSARY = {
     "causal": "bool, default False\n    Causal, bottom-right aligned: query i of a request sees keys up to "
               "kv_len - qo_len + i. A custom mask replaces it.",
     "is_causal": "bool, optional\n    q_len_per_req > 1: causal within the request (None: True).",
-    "pos_encoding_mode": "str, default \"NONE\"\n    \"NONE\" or \"ROPE_LLAMA\" (RoPE on the fly: q at its position, "
-                         "key i at i).",
+    "pos_encoding_mode": "str, default \"NONE\"\n    \"NONE\", \"ROPE_LLAMA\" (RoPE on the fly: q at its position, "
+                         "key i at i) or \"ALIBI\" (logit += slope_h * (key position - query position), FlashInfer's "
+                         "slopes; not with logits_soft_cap; prefill: the fa2 kernel. The lse counts the query at its "
+                         "position: FlashInfer's counts it from the request's first query, so its lse differs by "
+                         "slope_h * (kv_len - qo_len) / ln 2; o is the same).",
     "use_fp16_qk_reduction": "bool, default False\n    A permission FlashInfer takes to reduce q.k in float16; "
                              "unused (float32 throughout).",
     "window_left": "int, default -1\n    Sliding window: a query sees the keys at most window_left positions "
@@ -138,7 +141,9 @@ GLOSSARY = {
     "lse_base": "str, default \"log2\"\n    Only \"log2\"; else NotImplementedError.",
     "lse_layout": "str, default \"NH\"\n    Only \"NH\" (rows, heads); else NotImplementedError.",
     "enable_pdl": "bool, optional\n    Programmatic dependent launch (None: where the GPU has it).",
-    "sinks": "None\n    Attention sinks are not supported yet: anything but None raises NotImplementedError.",
+    "sinks": ("float32 array, optional\n    Attention sinks (gpt-oss): (num_qo_heads,), one extra logit per query head in the units "
+              "of sm_scale * q.k that joins the softmax denominator and carries no value. The returned lse includes it; "
+              "a row that sees no key gives o = 0, lse = sinks[h] / ln 2."),
     "kv_cache_sf": "None\n    nvfp4 scale factors are not supported: anything but None raises NotImplementedError.",
     "skip_softmax_threshold_scale_factor": "None\n    Not supported: anything but None raises NotImplementedError.",
     "use_fp16_softmax": "bool, optional\n    Only None or False; else NotImplementedError.",

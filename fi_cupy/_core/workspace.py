@@ -84,6 +84,20 @@ def attention_outputs(c, q: arrays.ArrayInfo, out, lse, return_lse: bool, o_layo
     return out_obj, o, lse_obj, l_info
 
 
+def attention_sinks(c, sinks, num_qo_heads: int):
+    """The `sinks` argument of an attention run() on Call `c` (FlashInfer's attention sinks, as gpt-oss
+    uses them): None, or a float32 device array (num_qo_heads,) of one extra logit per query head, in
+    the units of sm_scale * q.k, that joins the softmax denominator and carries no value. Returns its
+    ArrayInfo or None; the kernels fold it into each finished row (cuda_src/common/softmax.cuh)."""
+    if sinks is None:
+        return None
+    info = c.arg(sinks, "sinks")
+    checks.dtype_is(info, dt.float32, "the sink logits' dtype; cast them to float32")
+    checks.shape(info, (num_qo_heads,), "(num_qo_heads,)")
+    checks.contiguous(info)
+    return info
+
+
 def attention_result(c, out_obj, lse_obj, return_lse: bool):
     """o, or (o, lse) with return_lse, delivered in the caller's framework by Call `c`."""
     return c.result(out_obj, lse_obj) if return_lse else c.result(out_obj)
