@@ -1,7 +1,7 @@
 """Paged-KV decode benchmark: fi_cupy vs FlashInfer (when importable), GB/s against the copy ceiling.
 
 Shapes (issue 3): bf16, 32 query / 8 kv heads, head_dim 128, page 16; (batch, kv_len) below, plus one
-fp8-KV row and one HND row. Bytes = KV read + q + out. Times are medians of CUDA-event timings of
+fp8-KV row, one HND row, one with attention sinks and one with ALiBi. Bytes = KV read + q + out. Times are medians of CUDA-event timings of
 CUDA-graph replays (20 runs a graph) after warm-up; each run reads another copy of the cache so the
 50 MB L2 cannot hold the working set. Also: cold compile and cached load of the decode kernel.
 
@@ -28,7 +28,11 @@ from fi_cupy._core import dtypes as dt  # noqa: E402
 HQ, HKV, D, PS = 32, 8, 128, 16
 SHAPES = [(1, 8192), (1, 32768), (1, 131072), (4, 32768), (16, 4096), (64, 2048), (128, 1024),
           (256, 4096), (512, 512)]
-EXTRA = [((16, 4096), "float8_e4m3fn", "NHD"), ((16, 4096), "bfloat16", "HND")]
+# (shape, KV dtype, layout, option): "sinks" runs with attention sinks (one float32 logit per qo head),
+# "alibi" with pos_encoding_mode="ALIBI"
+EXTRA = [((16, 4096), "float8_e4m3fn", "NHD", ""), ((16, 4096), "bfloat16", "HND", ""),
+         ((16, 4096), "bfloat16", "NHD", "sinks"), ((16, 4096), "bfloat16", "NHD", "alibi")]
+PLAN_OPTION = {"alibi": {"pos_encoding_mode": "ALIBI"}}
 MIN_WORKING_SET = 256 << 20  # rotate caches until at least this many bytes are touched per cycle
 
 
@@ -51,17 +55,19 @@ def _case(torch, batch, kv_len, kv_dtype, layout):
     return caches, qs, outs, indptr, indices, last, nbytes
 
 
-def bench_fi_cupy(torch, batch, kv_len, kv_dtype="bfloat16", layout="NHD"):
+def bench_fi_cupy(torch, batch, kv_len, kv_dtype="bfloat16", layout="NHD", option=""):
     caches, qs, outs, indptr, indices, last, nbytes = _case(torch, batch, kv_len, kv_dtype, layout)
+    sinks = torch.randn(HQ, device="cuda", dtype=torch.float32) if option == "sinks" else None
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
                                                    layout)
-    w.plan(indptr, indices, last, HQ, HKV, D, PS, q_data_type="bfloat16", kv_data_type=kv_dtype)
+    w.plan(indptr, indices, last, HQ, HKV, D, PS, q_data_type="bfloat16", kv_data_type=kv_dtype,
+           **PLAN_OPTION.get(option, {}))
     i = [0]
 
     def fn():
         j = i[0] % len(caches)
         i[0] += 1
-        w.run(qs[j], caches[j], out=outs[j])
+        w.run(qs[j], caches[j], out=outs[j], sinks=sinks)
     t = common.time_graph(fn)
     # host-inclusive time of one eager run() (what a Python caller pays per layer without graphs)
     torch.cuda.synchronize()
@@ -74,24 +80,33 @@ def bench_fi_cupy(torch, batch, kv_len, kv_dtype="bfloat16", layout="NHD"):
     return t, eager, nbytes
 
 
-def bench_flashinfer(torch, batch, kv_len, kv_dtype="bfloat16", layout="NHD"):
+def bench_flashinfer(torch, batch, kv_len, kv_dtype="bfloat16", layout="NHD", option=""):
     try:
         import flashinfer
     except ImportError:
         return None
     caches, qs, outs, indptr, indices, last, nbytes = _case(torch, batch, kv_len, kv_dtype, layout)
+    sinks = torch.randn(HQ, device="cuda", dtype=torch.float32) if option == "sinks" else None
     w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
                                                       layout, use_tensor_cores=True)
     to = lambda a: torch.as_tensor(a, device="cuda")
-    w.plan(to(indptr), to(indices), to(last), HQ, HKV, D, PS, q_data_type=torch.bfloat16,
-           kv_data_type=getattr(torch, kv_dtype))
+    try:
+        w.plan(to(indptr), to(indices), to(last), HQ, HKV, D, PS, q_data_type=torch.bfloat16,
+               kv_data_type=getattr(torch, kv_dtype), **PLAN_OPTION.get(option, {}))
+    except Exception as e:  # noqa: BLE001 - a peer that cannot plan this case is reported as '-'
+        print(f"FlashInfer {batch}x{kv_len} {option}: {type(e).__name__}: {e}")
+        return None
     i = [0]
 
     def fn():
         j = i[0] % len(caches)
         i[0] += 1
-        w.run(qs[j], caches[j], out=outs[j])
-    return common.time_graph(fn)
+        w.run(qs[j], caches[j], out=outs[j], **({"sinks": sinks} if sinks is not None else {}))
+    try:
+        return common.time_graph(fn)
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run this case is reported as '-'
+        print(f"FlashInfer {batch}x{kv_len} {option}: {type(e).__name__}: {e}")
+        return None
 
 
 def bench_torch_sdpa(torch, batch, kv_len):
@@ -182,11 +197,11 @@ def main():
         compare_backends(torch, copy_before)
         return
     measured = []
-    for (b, l), kvd, layout in [((b, l), "bfloat16", "NHD") for b, l in SHAPES] + EXTRA:
-        t, eager, nbytes = bench_fi_cupy(torch, b, l, kvd, layout)
-        fi = bench_flashinfer(torch, b, l, kvd, layout)
-        sdpa = bench_torch_sdpa(torch, b, l) if (kvd, layout) == ("bfloat16", "NHD") else None
-        measured.append((b, l, kvd, layout, t, eager, nbytes, sdpa, fi))
+    for (b, l), kvd, layout, opt in [((b, l), "bfloat16", "NHD", "") for b, l in SHAPES] + EXTRA:
+        t, eager, nbytes = bench_fi_cupy(torch, b, l, kvd, layout, opt)
+        fi = bench_flashinfer(torch, b, l, kvd, layout, opt)
+        sdpa = bench_torch_sdpa(torch, b, l) if (kvd, layout, opt) == ("bfloat16", "NHD", "") else None
+        measured.append((b, l, kvd, layout, opt, t, eager, nbytes, sdpa, fi))
         torch.cuda.empty_cache()
     copy_after = common.copy_bandwidth()
     copy_bw = max(copy_before, copy_after)  # the higher reading: ratios are never flattered by a slow copy
@@ -194,15 +209,15 @@ def main():
           f"ratios use {copy_bw / 1e9:.0f} GB/s")
     pct = lambda secs, nbytes: "-" if secs is None else f"{100 * nbytes / secs / copy_bw:.0f}%"
     rows, data = [], []
-    for b, l, kvd, layout, t, eager, nbytes, sdpa, fi in measured:
-        rows.append([f"{b}x{l}", kvd.replace("float8_", ""), layout, f"{t * 1e3:.4f}", f"{nbytes / t / 1e9:.0f}",
-                     pct(t, nbytes), f"{eager * 1e6:.0f}", pct(sdpa, nbytes), pct(fi, nbytes)])
-        data.append({"batch": b, "kv_len": l, "kv_dtype": kvd, "layout": layout, "ms": t * 1e3,
+    for b, l, kvd, layout, opt, t, eager, nbytes, sdpa, fi in measured:
+        rows.append([f"{b}x{l}", kvd.replace("float8_", ""), layout, opt or "-", f"{t * 1e3:.4f}",
+                     f"{nbytes / t / 1e9:.0f}", pct(t, nbytes), f"{eager * 1e6:.0f}", pct(sdpa, nbytes), pct(fi, nbytes)])
+        data.append({"batch": b, "kv_len": l, "kv_dtype": kvd, "layout": layout, "option": opt, "ms": t * 1e3,
                      "GBps": nbytes / t / 1e9, "pct_copy": 100 * nbytes / t / copy_bw, "eager_us": eager * 1e6,
                      "torch_sdpa_ms": None if sdpa is None else sdpa * 1e3,
                      "flashinfer_ms": None if fi is None else fi * 1e3})
     common.print_table(f"paged decode, {HQ}/{HKV} heads, d{D}, page {PS}; copy {copy_bw / 1e9:.0f} GB/s; "
-                       "times: median of CUDA-graph replays", ["B x L", "kv", "layout", "ms", "GB/s", "of copy",
+                       "times: median of CUDA-graph replays", ["B x L", "kv", "layout", "option", "ms", "GB/s", "of copy",
                                                               "eager us/call", "torch SDPA", "FlashInfer"], rows)
     common.save_json("bench_decode.json", {"device": props["name"], "copy_GBps": copy_bw / 1e9,
                                            "copy_before_GBps": copy_before / 1e9, "copy_after_GBps": copy_after / 1e9,

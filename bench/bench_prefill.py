@@ -74,7 +74,9 @@ def single_case(torch, name, L, hq, hkv, causal):
     return f, res
 
 
-def paged_case(torch):
+def paged_case(torch, sinks: bool = False, alibi: bool = False):
+    """16 x (1024 new on 1024 cached) causal; sinks: with attention sinks (one float32 logit per qo head);
+    alibi: pos_encoding_mode="ALIBI" (the portable kernel)."""
     batch, new, cached, hq, hkv, ps = 16, 1024, 1024, 32, 8, 16
     kv_len = new + cached
     pages_per = kv_len // ps
@@ -85,20 +87,24 @@ def paged_case(torch):
     qo_indptr = (np.arange(batch + 1) * new).astype(np.int32)
     q = torch.randn((batch * new, hq, D), device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
+    kw = {"sinks": torch.randn(hq, device="cuda", dtype=torch.float32)} if sinks else {}
     res = {}
     for b in BACKENDS:
         w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
                                                         backend=b)
-        w.plan(qo_indptr, indptr, indices, last, hq, hkv, D, ps, causal=True, q_data_type="bfloat16")
-        res[b] = common.time_graph(lambda: w.run(q, cache, out=out), calls_per_graph=5, replays=10)
+        w.plan(qo_indptr, indptr, indices, last, hq, hkv, D, ps, causal=True, q_data_type="bfloat16",
+               pos_encoding_mode="ALIBI" if alibi else "NONE")
+        res[b] = common.time_graph(lambda: w.run(q, cache, out=out, **kw), calls_per_graph=5, replays=10)
     try:
         import flashinfer
         fw = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
         to = lambda a: torch.as_tensor(a, device="cuda")
         fw.plan(to(qo_indptr), to(indptr), to(indices), to(last), hq, hkv, D, ps, causal=True,
-                q_data_type=torch.bfloat16)
-        res["FlashInfer"] = common.time_graph(lambda: fw.run(q, cache), calls_per_graph=5, replays=10)
-    except ImportError:
+                q_data_type=torch.bfloat16, pos_encoding_mode="ALIBI" if alibi else "NONE")
+        res["FlashInfer"] = common.time_graph(lambda: fw.run(q, cache, **kw), calls_per_graph=5, replays=10)
+    except Exception as e:  # noqa: BLE001 - not importable, or cannot run this case: reported as '-'
+        if not isinstance(e, ImportError):
+            print(f"FlashInfer paged{' sinks' if sinks else ''}{' alibi' if alibi else ''}: {type(e).__name__}: {e}")
         res["FlashInfer"] = None
     return batch * flops(new, kv_len, hq, True), res
 
@@ -144,6 +150,8 @@ def main():
             torch.cuda.empty_cache()
     if only in (None, "paged"):
         cases.append(("batch paged 16 x (1024 new + 1024 cached) 32/8 p16",) + paged_case(torch))
+        cases.append(("the same with attention sinks",) + paged_case(torch, sinks=True))
+        cases.append(("the same with ALiBi (fa2)",) + paged_case(torch, alibi=True))
     if only in (None, "ragged"):
         cases.append(("ragged 64 x U[128, 2048] causal 32/8",) + ragged_case(torch))
     mm = max(mm, matmul_tflops(torch))

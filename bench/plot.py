@@ -160,7 +160,8 @@ def decode_chart(Figure, doc):
     rows = _rows(doc)
     labels = [f"{r['batch']}x{r['kv_len']}" + ("" if r["kv_dtype"] == "bfloat16" else
                                               " " + r["kv_dtype"].replace("float8_", ""))
-              + ("" if r["layout"] == "NHD" else " " + r["layout"]) for r in rows]
+              + ("" if r["layout"] == "NHD" else " " + r["layout"])
+              + (" " + r["option"] if r.get("option") else "") for r in rows]
     series = [("fi_cupy", [r["pct_copy"] for r in rows], OURS[0]),
               ("torch SDPA (contiguous K/V)", [_pct(r["pct_copy"], r["ms"], r.get("torch_sdpa_ms")) for r in rows],
                TORCH[0]),
