@@ -72,7 +72,10 @@ def pointer_aligned(info: ArrayInfo, nbytes: int) -> None:
 
 
 def vector_aligned(info: ArrayInfo, elems: int = 8) -> None:
-    """Kernels move `elems` elements per access along the last dim: base and row strides must allow it."""
+    """Kernels move `elems` elements per access along the last dim: base and row strides must allow it.
+    An empty array is never accessed: nothing to check (its strides are contiguous ones, arrays.py)."""
+    if info.size == 0:
+        return
     pointer_aligned(info, elems * info.dtype.itemsize)
     bad = [s for n, s in zip(info.shape[:-1], info.strides[:-1]) if n > 1 and s % elems]
     if bad:
