@@ -93,15 +93,16 @@ __device__ __forceinline__ void write_segment(const float* sm, int ws, int prow,
 }
 
 // Minimum resident CTAs per SM for ptxas: 4 (what 48 KB of shared memory a CTA allows) unless the
-// registers of 8 heads, or RoPE with 4, need more than 128 per thread. Without the hint ptxas picks
-// ~72 registers for small variants and spills.
-template <int GB, bool ROPE>
+// registers of 8 heads, or RoPE or ALiBi with 4, need more than 128 per thread (fp8 + ALiBi at 4 heads
+// spilled 24 bytes on sm_90a with 4). Without the hint ptxas picks ~72 registers for small variants and
+// spills.
+template <int GB, bool POS>
 struct DecodeMinBlocks {
-  static constexpr int value = GB >= 8 ? 2 : ((ROPE && GB >= 4) ? 3 : 4);
+  static constexpr int value = GB >= 8 ? 2 : ((POS && GB >= 4) ? 3 : 4);
 };
 
 template <int D, int GB, typename QT, typename KVT, bool ROPE, bool ALIBI>
-__global__ void __launch_bounds__(kDecodeThreads, DecodeMinBlocks<GB, ROPE>::value)
+__global__ void __launch_bounds__(kDecodeThreads, DecodeMinBlocks<GB, ROPE || ALIBI>::value)
 batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_stride_h,
                     const KVT* __restrict__ k_cache, const KVT* __restrict__ v_cache,
                     long long kv_stride_page, long long kv_stride_slot, long long kv_stride_head,
