@@ -1,0 +1,29 @@
+"""The README's support table is fi_cupy.support.table(): generated from the instantiations CI compiles,
+so a kernel path, head dim, dtype or option added or dropped shows here first (CPU)."""
+from pathlib import Path
+
+from fi_cupy import decode, prefill, support
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN = '<!-- support table: python -c "from fi_cupy import support; print(support.table())" -->'
+END = "<!-- end of support table -->"
+
+
+def test_readme_table_is_current():
+    text = README.read_text()
+    assert BEGIN in text and END in text, "the README lost its support-table markers"
+    got = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert got == support.table(), ("README.md's support table is stale: replace it with the output of "
+                                    "python -c \"from fi_cupy import support; print(support.table())\"")
+
+
+def test_table_covers_every_kernel_path():
+    """Each compiled decode / prefill kernel template has a row; the head dims are the supported ones."""
+    rows = support._rows()
+    kernels = {kernel for _, kernel, *_ in rows}
+    assert {"tensor cores (mma.sync)", "CUDA cores, RoPE on the fly", "CUDA cores, fp8 KV",
+            "fa2 (portable, mma.sync)", "fa3 (sm_90a, wgmma)"} == kernels
+    for op, kernel, dims, *_ in rows:
+        want = decode.SUPPORTED_HEAD_DIMS if op.startswith("BatchDecode") else \
+            prefill.SM90_HEAD_DIMS if kernel.startswith("fa3") else prefill.SUPPORTED_HEAD_DIMS
+        assert sorted(dims) == sorted(want), (op, kernel)
