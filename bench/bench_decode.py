@@ -1,7 +1,8 @@
 """Paged-KV decode benchmark: fi_cupy vs FlashInfer (when importable), GB/s against the copy ceiling.
 
 Shapes (issue 3): bf16, 32 query / 8 kv heads, head_dim 128, page 16; (batch, kv_len) below, plus one
-fp8-KV row, one HND row, one with attention sinks and one with ALiBi. Bytes = KV read + q + out. Times are medians of CUDA-event timings of
+fp8-KV row, one HND row, one with attention sinks, one with ALiBi, and head_dim 256 and 512 rows
+(option d256 / d512; 512 runs on the paged prefill kernel). Bytes = KV read + q + out. Times are medians of CUDA-event timings of
 CUDA-graph replays (20 runs a graph) after warm-up; each run reads another copy of the cache so the
 50 MB L2 cannot hold the working set. Also: cold compile and cached load of the decode kernel.
 
@@ -31,12 +32,18 @@ SHAPES = [(1, 8192), (1, 32768), (1, 131072), (4, 32768), (16, 4096), (64, 2048)
 # (shape, KV dtype, layout, option): "sinks" runs with attention sinks (one float32 logit per qo head),
 # "alibi" with pos_encoding_mode="ALIBI"
 EXTRA = [((16, 4096), "float8_e4m3fn", "NHD", ""), ((16, 4096), "bfloat16", "HND", ""),
-         ((16, 4096), "bfloat16", "NHD", "sinks"), ((16, 4096), "bfloat16", "NHD", "alibi")]
+         ((16, 4096), "bfloat16", "NHD", "sinks"), ((16, 4096), "bfloat16", "NHD", "alibi"),
+         ((16, 4096), "bfloat16", "NHD", "d256"), ((16, 4096), "bfloat16", "NHD", "d512")]
 PLAN_OPTION = {"alibi": {"pos_encoding_mode": "ALIBI"}}
 MIN_WORKING_SET = 256 << 20  # rotate caches until at least this many bytes are touched per cycle
 
 
-def _case(torch, batch, kv_len, kv_dtype, layout):
+def _dim(option: str) -> int:
+    """The head dim of a row: option "d<n>", else D."""
+    return int(option[1:]) if option[:1] == "d" and option[1:].isdigit() else D
+
+
+def _case(torch, batch, kv_len, kv_dtype, layout, D=D):
     pages_per = math.ceil(kv_len / PS)
     pages = batch * pages_per
     kv_item = 1 if "float8" in kv_dtype else 2
@@ -56,11 +63,11 @@ def _case(torch, batch, kv_len, kv_dtype, layout):
 
 
 def bench_fi_cupy(torch, batch, kv_len, kv_dtype="bfloat16", layout="NHD", option=""):
-    caches, qs, outs, indptr, indices, last, nbytes = _case(torch, batch, kv_len, kv_dtype, layout)
+    caches, qs, outs, indptr, indices, last, nbytes = _case(torch, batch, kv_len, kv_dtype, layout, _dim(option))
     sinks = torch.randn(HQ, device="cuda", dtype=torch.float32) if option == "sinks" else None
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
                                                    layout)
-    w.plan(indptr, indices, last, HQ, HKV, D, PS, q_data_type="bfloat16", kv_data_type=kv_dtype,
+    w.plan(indptr, indices, last, HQ, HKV, _dim(option), PS, q_data_type="bfloat16", kv_data_type=kv_dtype,
            **PLAN_OPTION.get(option, {}))
     i = [0]
 
@@ -85,13 +92,13 @@ def bench_flashinfer(torch, batch, kv_len, kv_dtype="bfloat16", layout="NHD", op
         import flashinfer
     except ImportError:
         return None
-    caches, qs, outs, indptr, indices, last, nbytes = _case(torch, batch, kv_len, kv_dtype, layout)
+    caches, qs, outs, indptr, indices, last, nbytes = _case(torch, batch, kv_len, kv_dtype, layout, _dim(option))
     sinks = torch.randn(HQ, device="cuda", dtype=torch.float32) if option == "sinks" else None
     w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
                                                       layout, use_tensor_cores=True)
     to = lambda a: torch.as_tensor(a, device="cuda")
     try:
-        w.plan(to(indptr), to(indices), to(last), HQ, HKV, D, PS, q_data_type=torch.bfloat16,
+        w.plan(to(indptr), to(indices), to(last), HQ, HKV, _dim(option), PS, q_data_type=torch.bfloat16,
                kv_data_type=getattr(torch, kv_dtype), **PLAN_OPTION.get(option, {}))
     except Exception as e:  # noqa: BLE001 - a peer that cannot plan this case is reported as '-'
         print(f"FlashInfer {batch}x{kv_len} {option}: {type(e).__name__}: {e}")
@@ -109,7 +116,7 @@ def bench_flashinfer(torch, batch, kv_len, kv_dtype="bfloat16", layout="NHD", op
         return None
 
 
-def bench_torch_sdpa(torch, batch, kv_len):
+def bench_torch_sdpa(torch, batch, kv_len, D=D):
     """torch scaled_dot_product_attention on contiguous K/V (no paging) as a peer: same bytes."""
     import torch.nn.functional as F
     kv_bytes = batch * kv_len * HKV * D * 2 * 2
@@ -200,7 +207,8 @@ def main():
     for (b, l), kvd, layout, opt in [((b, l), "bfloat16", "NHD", "") for b, l in SHAPES] + EXTRA:
         t, eager, nbytes = bench_fi_cupy(torch, b, l, kvd, layout, opt)
         fi = bench_flashinfer(torch, b, l, kvd, layout, opt)
-        sdpa = bench_torch_sdpa(torch, b, l) if (kvd, layout, opt) == ("bfloat16", "NHD", "") else None
+        sdpa = bench_torch_sdpa(torch, b, l, _dim(opt)) if (kvd, layout) == ("bfloat16", "NHD") and \
+            opt in ("", "d256", "d512") else None
         measured.append((b, l, kvd, layout, opt, t, eager, nbytes, sdpa, fi))
         torch.cuda.empty_cache()
     copy_after = common.copy_bandwidth()

@@ -2,9 +2,12 @@
 (flash and cuDNN backends) and FlashInfer when importable, on the same shapes.
 
 Shapes: bf16, head_dim 128. Single prefill: causal L=4096 32/32 heads, causal L=8192 32/8, non-causal
-L=4096 32/32. Batch paged: 16 requests appending 1024 tokens to 1024 cached (32/8 heads, page 16,
-causal). Ragged: 64 requests of random lengths 128..2048 (32/8 heads, causal). FLOPs: 4*Lq*Lkv*H*D
-(2 matmuls), with (2*Lkv - Lq)*Lq/2 in place of Lq*Lkv for causal (the unmasked part only).
+L=4096 32/32; causal L=4096 32/32 at head_dim 256 and 512 (issue 22). Batch paged: 16 requests
+appending 1024 tokens to 1024 cached (32/8 heads, page 16, causal). Ragged: 64 requests of random
+lengths 128..2048 (32/8 heads, causal), and the same at head_dim_qk 192 / head_dim_vo 128 with 16/16
+heads (DeepSeek's prefill over decompressed MLA keys, a tensor-parallel slice). FLOPs:
+2*Lq*Lkv*H*(D_qk + D_vo) (2 matmuls), with (2*Lkv - Lq)*Lq/2 in place of Lq*Lkv for causal (the
+unmasked part only).
 Times: median of CUDA-event timings of CUDA-graph replays after warm-up. "ours" is backend="auto" (on
 sm_90a the Hopper kernel, cuda_src/prefill_sm90.cu); "ours fa2" the portable mma.sync kernel.
 
@@ -24,16 +27,18 @@ import fi_cupy  # noqa: E402
 from fi_cupy._core import compile as cc, kernels  # noqa: E402
 
 D = 128
-SINGLE = [("single causal L=4096 32/32", 4096, 32, 32, True), ("single causal L=8192 32/8", 8192, 32, 8, True),
-          ("single non-causal L=4096 32/32", 4096, 32, 32, False)]
+SINGLE = [("single causal L=4096 32/32", 4096, 32, 32, True, D), ("single causal L=8192 32/8", 8192, 32, 8, True, D),
+          ("single non-causal L=4096 32/32", 4096, 32, 32, False, D),
+          ("single causal L=4096 32/32 d256", 4096, 32, 32, True, 256),
+          ("single causal L=4096 32/32 d512", 4096, 32, 32, True, 512)]
 
 
 BACKENDS = ("auto", "fa2")  # ours: the default choice (the Hopper kernel on sm_90a), and the portable kernel
 
 
-def flops(qo, kv, h, causal):
+def flops(qo, kv, h, causal, d=D, dv=None):
     pairs = (2 * kv - qo) * qo / 2 if causal else qo * kv
-    return 4 * pairs * h * D
+    return 2 * pairs * h * (d + (d if dv is None else dv))
 
 
 def matmul_tflops(torch):
@@ -44,12 +49,12 @@ def matmul_tflops(torch):
     return 2 * n ** 3 / t / 1e12
 
 
-def single_case(torch, name, L, hq, hkv, causal):
-    q = torch.randn((L, hq, D), device="cuda", dtype=torch.bfloat16)
-    k = torch.randn((L, hkv, D), device="cuda", dtype=torch.bfloat16)
-    v = torch.randn((L, hkv, D), device="cuda", dtype=torch.bfloat16)
+def single_case(torch, name, L, hq, hkv, causal, d):
+    q = torch.randn((L, hq, d), device="cuda", dtype=torch.bfloat16)
+    k = torch.randn((L, hkv, d), device="cuda", dtype=torch.bfloat16)
+    v = torch.randn((L, hkv, d), device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    f = flops(L, L, hq, causal)
+    f = flops(L, L, hq, causal, d)
     res = {b: common.time_graph(lambda: fi_cupy.single_prefill_with_kv_cache(q, k, v, causal=causal, out=out,
                                                                              backend=b), calls_per_graph=3, replays=10)
            for b in BACKENDS}
@@ -109,30 +114,31 @@ def paged_case(torch, sinks: bool = False, alibi: bool = False):
     return batch * flops(new, kv_len, hq, True), res
 
 
-def ragged_case(torch):
-    hq, hkv = 32, 8
+def ragged_case(torch, hq=32, hkv=8, d=D, dv=D):
     lens = np.random.default_rng(1).integers(128, 2049, size=64)
     indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     n = int(indptr[-1])
-    q = torch.randn((n, hq, D), device="cuda", dtype=torch.bfloat16)
-    k = torch.randn((n, hkv, D), device="cuda", dtype=torch.bfloat16)
-    v = torch.randn((n, hkv, D), device="cuda", dtype=torch.bfloat16)
-    out = torch.empty_like(q)
+    q = torch.randn((n, hq, d), device="cuda", dtype=torch.bfloat16)
+    k = torch.randn((n, hkv, d), device="cuda", dtype=torch.bfloat16)
+    v = torch.randn((n, hkv, dv), device="cuda", dtype=torch.bfloat16)
+    out = torch.empty((n, hq, dv), device="cuda", dtype=torch.bfloat16)
     res = {}
     for b in BACKENDS:
         w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
                                                          backend=b)
-        w.plan(indptr, indptr, hq, hkv, D, causal=True, q_data_type="bfloat16")
+        w.plan(indptr, indptr, hq, hkv, d, dv, causal=True, q_data_type="bfloat16")
         res[b] = common.time_graph(lambda: w.run(q, k, v, out=out), calls_per_graph=5, replays=10)
     try:
         import flashinfer
         fw = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
         to = lambda a: torch.as_tensor(a, device="cuda")
-        fw.plan(to(indptr), to(indptr), hq, hkv, D, causal=True, q_data_type=torch.bfloat16)
+        fw.plan(to(indptr), to(indptr), hq, hkv, d, dv, causal=True, q_data_type=torch.bfloat16)
         res["FlashInfer"] = common.time_graph(lambda: fw.run(q, k, v), calls_per_graph=5, replays=10)
-    except ImportError:
+    except Exception as e:  # noqa: BLE001 - not importable, or cannot run this case: reported as '-'
+        if not isinstance(e, ImportError):
+            print(f"FlashInfer ragged d{d}/{dv}: {type(e).__name__}: {e}")
         res["FlashInfer"] = None
-    return float(sum(flops(int(L), int(L), hq, True) for L in lens)), res
+    return float(sum(flops(int(L), int(L), hq, True, d, dv) for L in lens)), res
 
 
 def main():
@@ -145,8 +151,8 @@ def main():
     mm = matmul_tflops(torch)
     cases = []
     if only in (None, "single"):
-        for name, L, hq, hkv, causal in SINGLE:
-            cases.append((name,) + single_case(torch, name, L, hq, hkv, causal))
+        for name, L, hq, hkv, causal, d in SINGLE:
+            cases.append((name,) + single_case(torch, name, L, hq, hkv, causal, d))
             torch.cuda.empty_cache()
     if only in (None, "paged"):
         cases.append(("batch paged 16 x (1024 new + 1024 cached) 32/8 p16",) + paged_case(torch))
@@ -154,6 +160,7 @@ def main():
         cases.append(("the same with ALiBi (fa2)",) + paged_case(torch, alibi=True))
     if only in (None, "ragged"):
         cases.append(("ragged 64 x U[128, 2048] causal 32/8",) + ragged_case(torch))
+        cases.append(("ragged 64 x U[128, 2048] causal 16/16 d192/128",) + ragged_case(torch, 16, 16, 192, 128))
     mm = max(mm, matmul_tflops(torch))
     peers = ["fa2", "torch flash", "torch cuDNN", "FlashInfer"]
     tf = lambda f, t: "-" if t is None else f"{f / t / 1e12:.0f}"
@@ -164,7 +171,7 @@ def main():
                     [tf(f, res.get(p)) for p in peers])
         data.append({"case": name, "ms": t * 1e3, "TFLOPs": f / t / 1e12, "pct_matmul": 100 * f / t / 1e12 / mm,
                      **{p: (None if res.get(p) is None else f / res[p] / 1e12) for p in peers}})
-    common.print_table(f"prefill bf16 d{D}; bf16 matmul {mm:.0f} TFLOP/s (same run); TFLOP/s, median of graph replays",
+    common.print_table(f"prefill bf16 d{D} unless named; bf16 matmul {mm:.0f} TFLOP/s (same run); TFLOP/s, median of graph replays",
                        ["case", "ms", "TFLOP/s", "of matmul"] + [("ours " if p == "fa2" else "") + p + " TFLOP/s" for p in peers], rows)
     common.save_json("bench_prefill.json", {"device": props["name"], "matmul_TFLOPs": mm, "rows": data})
 

@@ -33,25 +33,53 @@ template <typename T> struct Is16Bit { static constexpr bool value = false; };
 template <> struct Is16Bit<half_t> { static constexpr bool value = true; };
 template <> struct Is16Bit<bf16_t> { static constexpr bool value = true; };
 
-// D: head dim (a multiple of 64, <= 256). MT: 16-row slices a warp owns. WARPS: warps a CTA.
-template <int D, int MT, int WARPS, typename KVT>
+// D: the Q/K width (head_dim_qk rounded up to 64, 128, 192, 256 or 512); DV: the V/O columns a CTA
+// computes (head_dim_vo's width, or half of it at 512: blockIdx.y picks the half). Columns past the
+// real head dims (head_dim_qk / head_dim_vo, runtime) are zero-filled in shared memory, so they add
+// nothing to the scores and are not stored: one instantiation serves every head dim of its width.
+// MT: 16-row slices a warp owns. WARPS: warps a CTA.
+template <int D, int DV, int MT, int WARPS, typename KVT>
 struct PrefillCfg {
-  static_assert(D % 64 == 0 && D <= 256, "prefill head_dim must be 64, 128, 192 or 256");
+  static_assert(D % 64 == 0 && DV % 64 == 0 && DV <= D && D <= 512 && DV <= 256,
+                "prefill widths: multiples of 64 (the 8-chunk swizzle), D <= 512, DV <= min(D, 256)");
   static constexpr int kThreads = WARPS * 32;
   static constexpr int kRows = WARPS * MT * 16;      // packed query rows a CTA
-  // keys a tile: 32 where the O accumulators already take 128 registers a thread (D * MT >= 256)
-  static constexpr int kKV = D * MT >= 256 ? 32 : 64;
-  static constexpr int kChunks = D / 8;              // 16-byte chunks of a 16-bit row
+  // keys a tile: 32 where the O accumulators already take 128 registers a thread (DV * MT >= 256) or
+  // V/O widths of 192 and more (scores, masks and fragments beside 64-key tiles spill there)
+  static constexpr int kKV = DV * MT >= 256 || DV >= 192 ? 32 : 64;
+  static constexpr int kChunks = D / 8;              // 16-byte chunks of a 16-bit Q or K row
+  static constexpr int kVChunks = DV / 8;            // ... of a V row
   static constexpr bool kRaw = !Is16Bit<KVT>::value; // fp8: copied raw, widened in shared memory
-  static constexpr int kTile = kKV * D;              // elements of one K or V tile
+  static constexpr int kKTile = kKV * D;             // elements of one K tile
+  static constexpr int kTile = kKV * (D + DV);       // elements of one K + V stage
   static constexpr int kQBytes = kRows * D * 2;
-  static constexpr int kStageBytes = 2 * kTile * 2;  // K and V, 16-bit
-  static constexpr int kRawStageBytes = 2 * kTile;   // K and V, fp8
+  static constexpr int kStageBytes = kTile * 2;      // K and V, 16-bit
+  static constexpr int kRawStageBytes = kTile;       // K and V, fp8
   // 16-bit: Q | 2 stages. fp8: Q | 1 widened stage | 1 raw stage (tile t + 1 lands raw while tile t
   // is computed from the widened stage).
   static constexpr int kSmemBytes = kRaw ? kQBytes + kStageBytes + kRawStageBytes : kQBytes + 2 * kStageBytes;
   static constexpr int kMinBlocks = WARPS == 8 ? 1 : 2;  // 255 registers a thread at most
 };
+
+// f(row, chunk) for each 16-byte chunk of a KV x RC tile, spread over THREADS threads. Where RC
+// divides THREADS a thread keeps one chunk column (its row opaque: per-row addresses are rebuilt each
+// tile rather than hoisted out of the KV loop into spilled registers); else chunks go round-robin.
+template <int KV, int RC, int THREADS, typename F>
+__device__ __forceinline__ void for_tile_chunks(int tid, F&& f) {
+  if constexpr (THREADS % RC == 0 && KV % (THREADS / RC) == 0) {
+    constexpr int kStep = THREADS / RC;
+    const int ch = tid % RC, row0 = (int)opaque(tid / RC);
+#pragma unroll
+    for (int i = 0; i < KV / kStep; ++i) f(row0 + i * kStep, ch);
+  } else {
+    constexpr int N = KV * RC;
+#pragma unroll
+    for (int i = 0; i < (N + THREADS - 1) / THREADS; ++i) {
+      const int idx = (int)opaque(i * THREADS + tid);  // rebuilt each tile, as above
+      if (N % THREADS == 0 || idx < N) f(idx / RC, idx % RC);
+    }
+  }
+}
 
 // Element (row, col) of a [rows][D] 16-bit tile: 16-byte chunks XOR-swizzled by row % 8.
 template <int D>
@@ -90,12 +118,13 @@ __device__ __forceinline__ void rope_pair(uint4& lo, uint4& hi, const float (&fr
   hi = make_uint4(pack2(T(), b[0], b[1]), pack2(T(), b[2], b[3]), pack2(T(), b[4], b[5]), pack2(T(), b[6], b[7]));
 }
 
-template <int D, int MT, int WARPS, typename T, typename KVT, bool PAGED, bool ROPE, int FLAGS>
-__global__ void __launch_bounds__(WARPS * 32, PrefillCfg<D, MT, WARPS, KVT>::kMinBlocks)
+template <int D, int DV, int MT, int WARPS, typename T, typename KVT, bool PAGED, bool ROPE, int FLAGS>
+__global__ void __launch_bounds__(WARPS * 32, PrefillCfg<D, DV, MT, WARPS, KVT>::kMinBlocks)
 prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
-  using C = PrefillCfg<D, MT, WARPS, KVT>;
-  constexpr int KV = C::kKV, NT = KV / 8, DT = D / 8, KS = D / 16;
-  constexpr int kThreads = C::kThreads, kChunks = C::kChunks;
+  using C = PrefillCfg<D, DV, MT, WARPS, KVT>;
+  constexpr int KV = C::kKV, NT = KV / 8, DT = DV / 8, KS = D / 16;
+  constexpr int kThreads = C::kThreads, kChunks = C::kChunks, kVChunks = C::kVChunks;
+  static_assert(!ROPE || D == DV, "RoPE on the fly: head_dim_qk == head_dim_vo");
   pdl_begin();
   extern __shared__ __align__(128) unsigned char smem[];
   T* q_s = reinterpret_cast<T*>(smem);
@@ -107,6 +136,9 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
   constexpr bool capped = (FLAGS & kSoftCap) != 0, masked = (FLAGS & kCustomMask) != 0;
   constexpr bool alibi = (FLAGS & kAlibi) != 0;
   static_assert(!(alibi && (capped || ROPE)), "ALiBi takes no soft cap and no RoPE");
+  // This CTA's V / O columns; real Q/K and V chunks (16-byte chunks of 16-bit rows; the rest zero-fill).
+  const int vo_off = blockIdx.y * DV;
+  const int qk_chunks = head_dim_qk / 8, vo_chunks = (head_dim_vo - vo_off) / 8;
   // exp2 argument scale: logits in base 2. With a soft cap the scores are capped first.
   const float scale = capped ? FIC_LOG2E : sm_scale * FIC_LOG2E;
   const float cap_pre = capped ? sm_scale * ptx_rcp(soft_cap) : 0.f;
@@ -137,7 +169,7 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
       for (int i = 0; i < C::kRows * kChunks / kThreads; ++i) {
         const int idx = i * kThreads + tid, row = idx / kChunks, ch = idx % kChunks;
         const int p = p0 + row;
-        const bool ok = p < packed_len;
+        const bool ok = p < packed_len && ch < qk_chunks;
         const int tok = ok ? p / group_size : 0, h = kv_head * group_size + (ok ? p - tok * group_size : 0);
         cp_async<16>(q_s + swz<D>(row, ch), q + (long long)(qo_start + tok) * q_stride_n + h * q_stride_h + ch * 8, ok);
       }
@@ -160,40 +192,52 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
       }
     }
 
-    // K/V tile t into its stage: rows lo + t*KV .. (zeros past hi).
+    // K/V tile t into its stage: rows lo + t*KV .. (zeros past hi and past the real head dims).
+    const long long slot_stride_ = kv_stride_slot;
+    auto row_offset = [&](int j) -> long long {  // K/V element offset of key j of the request
+      // Opaque stride: rebuilt each tile rather than hoisted out of the KV loop.
+      const long long slot_stride = ((long long)opaque((unsigned)(slot_stride_ >> 32)) << 32) |
+                                    opaque((unsigned)slot_stride_);
+      if (PAGED) {
+        const unsigned pg = page_div.quot(j);
+        return (long long)page_indices[kv_off + pg] * kv_stride_page + (long long)(j - pg * page_size) * slot_stride;
+      }
+      return (long long)j * slot_stride;
+    };
     auto issue = [&](int t) {
       if (t < n_tiles) {
         const int j0 = lo + t * KV;
-        constexpr int RC = C::kRaw ? D / 16 : kChunks;  // 16-byte chunks a row
-        constexpr int kStep = kThreads / RC;
-        // Opaque row and stride: the per-row addresses are rebuilt each tile rather than hoisted
-        // out of the KV loop into (spilled) registers.
-        const int ch = tid % RC, row0 = (int)opaque(tid / RC);
-        const int e0 = ch * (C::kRaw ? 16 : 8);
-        const long long slot_stride = ((long long)opaque((unsigned)(kv_stride_slot >> 32)) << 32) |
-                                      opaque((unsigned)kv_stride_slot);
-#pragma unroll
-        for (int i = 0; i < KV / kStep; ++i) {
-          const int row = row0 + i * kStep, j = j0 + row;
-          const bool ok = j < hi;
-          long long off = 0;
-          if (ok) {
-            if (PAGED) {
-              const unsigned pg = page_div.quot(j);
-              off = (long long)page_indices[kv_off + pg] * kv_stride_page + (long long)(j - pg * page_size) * slot_stride;
+        constexpr int CE = C::kRaw ? 16 : 8;  // elements a 16-byte chunk
+        T* st = stage_s + (t & 1) * C::kTile;
+        unsigned char* rst = raw_s;
+        if constexpr (D == DV) {  // K and V rows together: one address a row
+          for_tile_chunks<KV, D / CE, kThreads>(tid, [&](int row, int ch) {
+            const int j = j0 + row;
+            const bool in = j < hi, ok = in && ch * CE < head_dim_qk, vok = in && ch * CE < head_dim_vo;
+            const long long off = in ? row_offset(j) : 0;
+            if (C::kRaw) {
+              cp_async<16>(rst + row * D + ch * 16, k_req + off + ch * 16, ok);
+              cp_async<16>(rst + C::kKTile + row * D + ch * 16, v_req + off + ch * 16, vok);
             } else {
-              off = (long long)j * slot_stride;
+              cp_async<16>(st + swz<D>(row, ch), k_req + off + ch * 8, ok);
+              cp_async<16>(st + C::kKTile + swz<D>(row, ch), v_req + off + ch * 8, vok);
             }
-          }
-          if (C::kRaw) {
-            unsigned char* st = raw_s;
-            cp_async<16>(st + row * D + e0, k_req + off + e0, ok);
-            cp_async<16>(st + C::kTile + row * D + e0, v_req + off + e0, ok);
-          } else {
-            T* st = stage_s + (t & 1) * 2 * C::kTile;
-            cp_async<16>(st + swz<D>(row, ch), k_req + off + e0, ok);
-            cp_async<16>(st + C::kTile + swz<D>(row, ch), v_req + off + e0, ok);
-          }
+          });
+        } else {
+          for_tile_chunks<KV, D / CE, kThreads>(tid, [&](int row, int ch) {
+            const int j = j0 + row;
+            const bool ok = j < hi && ch * CE < head_dim_qk;
+            const long long off = ok ? row_offset(j) : 0;
+            if (C::kRaw) cp_async<16>(rst + row * D + ch * 16, k_req + off + ch * 16, ok);
+            else cp_async<16>(st + swz<D>(row, ch), k_req + off + ch * 8, ok);
+          });
+          for_tile_chunks<KV, DV / CE, kThreads>(tid, [&](int row, int ch) {
+            const int j = j0 + row;
+            const bool ok = j < hi && vo_off + ch * CE < head_dim_vo;
+            const long long off = ok ? row_offset(j) + vo_off : 0;
+            if (C::kRaw) cp_async<16>(rst + C::kKTile + row * DV + ch * 16, v_req + off + ch * 16, ok);
+            else cp_async<16>(st + C::kKTile + swz<DV>(row, ch), v_req + off + ch * 8, ok);
+          });
         }
       }
       cp_async_commit();
@@ -222,25 +266,34 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
         // Widen (and rotate) the raw stage into the 16-bit stage, then start the next copy.
         const unsigned char* st = raw_s;
         T* dst = stage_s;
-        constexpr int H = kChunks / 2;
-        for (int idx = tid; idx < KV * H; idx += kThreads) {
-          const int row = idx / H, ch = idx % H;
-          uint4 a = widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + row * D + ch * 8));
-          uint4 b = widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + row * D + ch * 8 + D / 2));
-          const uint4 va = widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + C::kTile + row * D + ch * 8));
-          const uint4 vb = widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + C::kTile + row * D + ch * 8 + D / 2));
-          if (ROPE) rope_pair<T>(a, b, freq, (float)(lo + t * KV + row));
-          *reinterpret_cast<uint4*>(dst + swz<D>(row, ch)) = a;
-          *reinterpret_cast<uint4*>(dst + swz<D>(row, ch + H)) = b;
-          *reinterpret_cast<uint4*>(dst + C::kTile + swz<D>(row, ch)) = va;
-          *reinterpret_cast<uint4*>(dst + C::kTile + swz<D>(row, ch + H)) = vb;
+        if (ROPE) {  // D == DV == the real head dim: dims i and i + D/2 rotate together
+          constexpr int H = kChunks / 2;
+          for (int idx = tid; idx < KV * H; idx += kThreads) {
+            const int row = idx / H, ch = idx % H;
+            uint4 a = widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + row * D + ch * 8));
+            uint4 b = widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + row * D + ch * 8 + D / 2));
+            rope_pair<T>(a, b, freq, (float)(lo + t * KV + row));
+            *reinterpret_cast<uint4*>(dst + swz<D>(row, ch)) = a;
+            *reinterpret_cast<uint4*>(dst + swz<D>(row, ch + H)) = b;
+          }
+        } else {
+          for (int idx = tid; idx < KV * kChunks; idx += kThreads) {
+            const int row = idx / kChunks, ch = idx % kChunks;
+            *reinterpret_cast<uint4*>(dst + swz<D>(row, ch)) =
+                widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + row * D + ch * 8));
+          }
+        }
+        for (int idx = tid; idx < KV * kVChunks; idx += kThreads) {
+          const int row = idx / kVChunks, ch = idx % kVChunks;
+          *reinterpret_cast<uint4*>(dst + C::kKTile + swz<DV>(row, ch)) =
+              widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + C::kKTile + row * DV + ch * 8));
         }
         __syncthreads();
         ks = stage_s;
         issue(t + 1);
       } else {
         issue(t + 1);
-        ks = stage_s + (t & 1) * 2 * C::kTile;
+        ks = stage_s + (t & 1) * C::kTile;
         if (ROPE) {
           T* kw = const_cast<T*>(ks);
           constexpr int H = kChunks / 2;
@@ -255,7 +308,7 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
           __syncthreads();
         }
       }
-      const T* vs = ks + C::kTile;
+      const T* vs = ks + C::kKTile;
       const int j0 = lo + t * KV;
 
       // S = Q K^T for this warp's MT x 16 rows and KV keys.
@@ -303,7 +356,7 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
       // O at once, so the scores die as P is formed (no P array beside S and O in registers).
       float ms[MT][2];
       softmax_rescale(s, m, dsum, o, ms, scale);
-      const unsigned v_row = opaque(smem_u32(vs) + (r7 + ((lane >> 3) & 1) * 8) * (D * 2));
+      const unsigned v_row = opaque(smem_u32(vs) + (r7 + ((lane >> 3) & 1) * 8) * (DV * 2));
       const unsigned v_col = opaque((((lane >> 4) ^ r7) << 4));
 #pragma unroll
       for (int kk = 0; kk < KV / 16; ++kk) {
@@ -313,7 +366,7 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
 #pragma unroll
         for (int dp = 0; dp < DT / 2; ++dp) {
           unsigned b[4];
-          ldmatrix_x4_trans(b, v_row + kk * 16 * D * 2 + (v_col ^ (dp << 5)));
+          ldmatrix_x4_trans(b, v_row + kk * 16 * DV * 2 + (v_col ^ (dp << 5)));
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             mma_16816<T>(o[mt][2 * dp], pa[mt], b[0], b[1]);
@@ -334,10 +387,10 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
     const int4 ie = items[2 * (int)opaque(it)];
     const int qo_start = qo_indptr[ie.x];
     const RowDest dest = {ie.z, (qo_indptr[ie.x + 1] - qo_start) * group_size, group_size, ie.y, qo_start,
-                          num_qo_heads, ie.w, lse, part_o, part_lse, sinks};
-    finish_rows<D>(o, m, dsum, scale, v_scale, warp * MT * 16, g, c, dest);
+                          num_qo_heads, ie.w, lse, part_o, part_lse, sinks, head_dim_vo, vo_off};
+    finish_rows(o, m, dsum, scale, v_scale, warp * MT * 16, g, c, dest);
     if (dest.prow < 0)
-      store_rows<D>(o, reinterpret_cast<unsigned char*>(q_s), [](int r, int ch) { return 2 * swz<D>(r, ch); },
+      store_rows<DV>(o, reinterpret_cast<unsigned char*>(q_s), [](int r, int ch) { return 2 * swz<D>(r, ch); },
                     warp * MT * 16, lane, out, o_stride_n, o_stride_h, dest);
     }
   }
@@ -348,15 +401,15 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
 // of packed row r is partial row base + c * rows + r. blockIdx.x strides over the items and blockIdx.y
 // over a tile's (row, 8 dims) pieces: a few cut tiles still spread over many SMs (one CTA a tile read
 // their partials at a fraction of the bandwidth).
-template <int D, typename T>
+template <typename T>
 __global__ void __launch_bounds__(128)
 prefill_merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_lse,
                      const int4* __restrict__ items, const int* __restrict__ num_items,
                      const int* __restrict__ qo_indptr, T* __restrict__ out, long long o_stride_n,
                      long long o_stride_h, float* __restrict__ lse, int num_qo_heads, int group_size,
-                     const float* __restrict__ sinks) {
+                     const float* __restrict__ sinks, int head_dim_vo) {
   pdl_begin();
-  constexpr int kChunks = D / 8;
+  const int kChunks = head_dim_vo / 8, D = head_dim_vo;  // partial rows are head_dim_vo wide
   const int n_items = *num_items;
   for (int it = blockIdx.x; it < n_items; it += gridDim.x) {
     const int4 ia = items[2 * it], ib = items[2 * it + 1];

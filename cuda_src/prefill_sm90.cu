@@ -209,8 +209,8 @@ prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T)) {
     // as float32 partial rows).
     const int4 ie = items[2 * (int)opaque(it)];
     const RowDest dest = {ie.z, packed_len, group_size, ie.y, qo_indptr[ie.x], num_qo_heads, ie.w, lse, part_o,
-                          part_lse, sinks};
-    finish_rows<D>(o, m, dsum, scale, v_scale, warp * 16, g, c, dest);
+                          part_lse, sinks, D, 0};
+    finish_rows(o, m, dsum, scale, v_scale, warp * 16, g, c, dest);
     if (dest.prow < 0)
       store_rows<D>(o, smem, [](int r, int ch) { return sw128_offset<C::kRows>(r, ch); }, warp * 16, lane, out,
                     o_stride_n, o_stride_h, dest);

@@ -180,7 +180,7 @@ _PARAMS = {**KERNEL_GLOSSARY,
            "num_kv_heads": ("int\n"
                             "    Key / value heads."),
            "head_dim": ("int\n"
-                        "    64, 128 or 256."),
+                        "    A multiple of 16 from 16 to 256 (and 512 where only prefill kernels run)."),
            "page_size": ("int\n"
                          "    Tokens a page holds (positive)."),
            "causal": ("bool, default False\n"
@@ -547,7 +547,7 @@ class MultiLevelCascadeAttentionWrapper:
     @document("Plan every level for a batch; the plan serves every layer's run() until the next plan().",
               glossary=_PARAMS,
               params={"head_dim": ("int\n"
-                                   "    64, 128 or 256 (the prefill kernel's head dims).")},
+                                   "    A multiple of 16 from 16 to 256, or 512 (the prefill kernel's head dims).")},
               notes=("Every level's tables are checked before any level is planned, and a bad entry raises naming\n"
                      "the level, e.g. ``paged_kv_indptr_arr[1]``. ``stream`` is fi_cupy's addition."))
     def plan(self, qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len,
@@ -746,7 +746,7 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
     begin_forward()'s data_type is the unique cache's dtype; q is taken to be float16 (FlashInfer's
     default), or bfloat16 when data_type is. forward() plans again when q or the cache come in other
     dtypes, so any of float16 / bfloat16 q with a cache in q's dtype or fp8 (e4m3fn, e5m2) runs. head_dim
-    is 64, 128 or 256 (the prefix's prefill kernel).
+    is a multiple of 16 from 16 to 256 (the decode kernels' head dims).
     """
 
     @document("Create the wrapper and the batch decode wrapper it plans the unique part on.", glossary=_PARAMS)
@@ -825,7 +825,7 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
     -----
     begin_forward() plans for float16 q (FlashInfer's default); forward() plans again when q or the
     cache come in other dtypes (bfloat16, an fp8 unique cache) or its options differ from the plan's.
-    head_dim is 64, 128 or 256.
+    head_dim is a multiple of 16 from 16 to 256, or 512 (the prefill kernel's head dims).
     """
 
     @document("Create the wrapper and the batch prefill wrapper it plans the unique part on.", glossary=_PARAMS)

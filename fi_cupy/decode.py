@@ -27,7 +27,11 @@ from ._core.fastdiv import fastdiv_params
 from ._core.kernels import NULL, KernelSpec, Program, f32, f64, i32, i64, ptr, u32
 from ._core.docs import RUN_OPTIONS, RUN_RETURNS, document
 
-SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
+KERNEL_HEAD_DIMS = tuple(range(16, 257, 16))  # the decode kernels' instantiations
+# Head dims that decode runs on the paged prefill kernel (one query a request): the decode kernels keep
+# a head's row in a warp's lanes and its K/V tiles in a per-warp pipeline, which 512 does not fit.
+PREFILL_HEAD_DIMS = (512,)
+SUPPORTED_HEAD_DIMS = KERNEL_HEAD_DIMS + PREFILL_HEAD_DIMS
 Q_DTYPES = (dt.float16, dt.bfloat16)
 KV_DTYPES = {q: (q, dt.float8_e4m3fn, dt.float8_e5m2) for q in Q_DTYPES}
 POS_ENCODINGS = ("NONE", "ROPE_LLAMA", "ALIBI")
@@ -75,7 +79,7 @@ def decode_variant(params: DecodeParams, kv_dtype: dt.DType) -> tuple:
             decode_smem_bytes(params.head_dim, gb, tc))
 
 
-def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
+def all_programs(head_dims=KERNEL_HEAD_DIMS) -> list:
     """Every instantiation of the supported grid (CI compiles these; `precompile` the standard ones)."""
     out = []
     for d in head_dims:
@@ -331,7 +335,8 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
                 self._buffers[name] = info
         lp = self._buffers.get("paged_kv_last_page_len_buffer")
         self._fixed_batch = lp.shape[0] if (lp is not None and self._use_cuda_graph) else None
-        self._multi = None      # the prefill wrapper that runs q_len_per_req > 1
+        self._multi = None      # the prefill wrapper that runs q_len_per_req > 1 and PREFILL_HEAD_DIMS
+        self._via_prefill = False  # whether the current plan is _multi's
         self._q_len = 1         # q_len_per_req of the current plan
         self._graph_caps = None  # CUDA graphs: the metadata capacities of the first plan
         self._last_plan = None  # (plan function, tables, keyword arguments): forward() re-plans from it
@@ -412,14 +417,15 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         split = kv_split(kw["fixed_split_size"], kw["disable_split_kv"], params.page_size)
         non_blocking = checks.flag("non_blocking", kw["non_blocking"])
         ip, ix, lp, dev_ix = self._tables(params, indptr, indices, last_page_len, kw["block_tables"], kw["seq_lens"],
-                                          fast and q_len == 1, indptr_host)
+                                          fast and q_len == 1 and params.head_dim not in PREFILL_HEAD_DIMS,
+                                          indptr_host)
         if self._fixed_batch is not None and ip.size - 1 != self._fixed_batch:
             raise ValueError(f"use_cuda_graph=True: the batch size is fixed at {self._fixed_batch} (the length of "
                              f"paged_kv_last_page_len_buffer); got {ip.size - 1}")
         if self._use_cuda_graph and not dry and self._q_len_fixed(q_len):
             raise ValueError(f"q_len_per_req: use_cuda_graph=True keeps the q_len_per_req of the first plan "
                              f"({self._q_len}); got {q_len}; create a wrapper per q_len_per_req")
-        if q_len > 1:
+        if q_len > 1 or params.head_dim in PREFILL_HEAD_DIMS:
             return self._plan_multi(params, ip, ix, lp, q_len, causal, kw, non_blocking, dry, fast)
         lengths = page_table_lengths(ip, ix, lp, params.page_size)  # before any device work
         num_ctas = decode_num_ctas(params, params.kv_dtype, self._ws.device)
@@ -466,6 +472,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
 
     def _finish(self, plan, q_len: int, s: int, non_blocking: bool) -> None:
         self._plan, self._q_len = plan, q_len
+        self._via_prefill = plan is None
         if not non_blocking and not streams.is_capturing(s):
             from cupy.cuda import runtime
             runtime.streamSynchronize(s)  # FlashInfer's non_blocking=False: the copies have landed
@@ -529,12 +536,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
 
     def _plan_multi(self, params: DecodeParams, ip, ix, lp, q_len: int, causal: bool, kw: dict, non_blocking: bool,
                     dry: bool, fast: bool):
-        """q_len_per_req > 1 runs the paged prefill kernel: request b's queries are rows
-        b * q_len .. (b + 1) * q_len of q, the last q_len positions of its KV."""
-        from . import prefill
-        if params.head_dim not in prefill.SUPPORTED_HEAD_DIMS:
-            raise NotImplementedError(f"q_len_per_req: {q_len} runs the prefill kernel, which takes head_dim "
-                                      f"{', '.join(map(str, prefill.SUPPORTED_HEAD_DIMS))}; got {params.head_dim}")
+        """q_len_per_req > 1 (and head_dim 512) runs the paged prefill kernel: request b's queries are
+        rows b * q_len .. (b + 1) * q_len of q, the last q_len positions of its KV."""
+        from . import prefill  # it takes every head dim decode does
         if self._multi is None:
             self._multi = prefill.BatchPrefillWithPagedKVCacheWrapper(self._ws_obj, self._kv_layout,
                                                                       self._use_cuda_graph)
@@ -566,12 +570,12 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
                             "custom-variant arguments")
         checks.unsupported("skip_softmax_threshold_scale_factor", skip_softmax_threshold_scale_factor)
         checks.unsupported("kv_cache_sf", kv_cache_sf)
-        if self._plan is None and self._q_len == 1:
+        if self._plan is None and not self._via_prefill:
             raise RuntimeError("run() called before plan()")
         if q_len_per_req is not None and q_len_per_req != self._q_len:
             raise ValueError(f"q_len_per_req: run() got {q_len_per_req} but plan() used {self._q_len}")
         qk_scale = scale("q_scale", q_scale) * scale("k_scale", k_scale)  # both scale the logits
-        if self._q_len > 1:
+        if self._via_prefill:
             return self._multi.run(q, paged_kv_cache, k_scale=qk_scale, v_scale=v_scale, out=out, lse=lse,
                                    return_lse=return_lse, enable_pdl=enable_pdl, window_left=window_left,
                                    sinks=sinks, stream=stream)
@@ -686,6 +690,10 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     Returns o (num_qo_heads, head_dim), and lse (num_qo_heads,) in base 2 with return_lse=True.
     use_tensor_cores is accepted for compatibility; the same kernel runs either way."""
     checks.choice("kv_layout", kv_layout, LAYOUTS)
+    if getattr(q, "ndim", 0) == 2 and q.shape[-1] in PREFILL_HEAD_DIMS:
+        return _single_decode_via_prefill(q, k, v, kv_layout, pos_encoding_mode, q_scale, k_scale, v_scale,
+                                          window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, return_lse,
+                                          out, lse, stream)
     c = Call(q, stream, name="q")
     qi = c.arg(q, "q")
     kv, kv_len = describe_kv_pair(c, k, v, kv_layout)
@@ -713,3 +721,21 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     launch_decode(c, plan, base + plan.partial_bytes(), base, qi, kv, o, l_info, scale("k_scale", k_scale),
                   scale("v_scale", v_scale))
     return attention_result(c, out_obj, lse_obj, return_lse)
+
+
+def _single_decode_via_prefill(q, k, v, kv_layout, pos_encoding_mode, q_scale, k_scale, v_scale, window_left,
+                               logits_soft_cap, sm_scale, rope_scale, rope_theta, return_lse, out, lse, stream):
+    """single_decode_with_kv_cache at PREFILL_HEAD_DIMS: single prefill of one query token (q as a
+    (1, num_qo_heads, head_dim) view, the results as views of its outputs)."""
+    from .prefill import single_prefill_with_kv_cache
+    if out is not None and getattr(out, "ndim", 0) != 2:
+        raise ValueError(f"out: expected shape (num_qo_heads, head_dim), got {tuple(out.shape)}")
+    if lse is not None and getattr(lse, "ndim", 0) != 1:
+        raise ValueError(f"lse: expected shape (num_qo_heads,), got {tuple(lse.shape)}")
+    qk = 1.0 if q_scale is None else checks.float_arg("q_scale", q_scale)
+    got = single_prefill_with_kv_cache(
+        q[None], k, v, kv_layout=kv_layout, pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale,
+        window_left=window_left, logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta,
+        return_lse=return_lse, k_scale=qk * scale("k_scale", k_scale), v_scale=v_scale,
+        out=None if out is None else out[None], lse=None if lse is None else lse[None], stream=stream)
+    return (got[0][0], got[1][0]) if return_lse else got[0]

@@ -41,6 +41,25 @@ class KVView:
     dtype: dt.DType
     device: int
     infos: tuple
+    # V's (head_dim, stride_page, stride_slot, stride_head) where they differ from K's (prefill with
+    # head_dim_vo != head_dim_qk); () when V is laid out as K.
+    v_dims: tuple = ()
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.v_dims[0] if self.v_dims else self.head_dim
+
+    @property
+    def v_stride_page(self) -> int:
+        return self.v_dims[1] if self.v_dims else self.stride_page
+
+    @property
+    def v_stride_slot(self) -> int:
+        return self.v_dims[2] if self.v_dims else self.stride_slot
+
+    @property
+    def v_stride_head(self) -> int:
+        return self.v_dims[3] if self.v_dims else self.stride_head
 
 
 def page_table_lengths(indptr: np.ndarray, indices: np.ndarray | None, last_page_len: np.ndarray, page_size: int,
@@ -121,6 +140,10 @@ def check_cache_against(view: KVView, p, max_page: int, indices_name: str = "ind
         raise ValueError(f"paged_kv_cache: (page_size, num_kv_heads, head_dim) = "
                          f"{(view.page_size, view.num_kv_heads, view.head_dim)} does not match the plan "
                          f"{(p.page_size, p.num_kv_heads, p.head_dim)}")
+    vo = getattr(p, "vo", p.head_dim)
+    if view.v_head_dim != vo:
+        raise ValueError(f"paged_kv_cache: v_cache's head_dim {view.v_head_dim} does not match the plan's head_dim_vo "
+                         f"{vo}")
     if max_page >= view.num_pages:
         raise ValueError(f"{indices_name}: page index {max_page} is out of range for a cache of {view.num_pages} pages")
     return view
@@ -133,15 +156,27 @@ def cache_parts(paged_kv_cache) -> tuple:
     return paged_kv_cache, None
 
 
-def describe_kv_pair(c, k, v, kv_layout: str) -> tuple:
+def _v_dims(k, v, name: str, allow_vo: bool, lead: int) -> tuple:
+    """KVView.v_dims of V against K: () when V matches K in shape, dtype and strides; with allow_vo, V's
+    head dim and strides where only its head dim differs (lead: the dims before it that must match)."""
+    if v.shape == k.shape and v.dtype == k.dtype and v.strides == k.strides:
+        return ()
+    if allow_vo and v.dtype == k.dtype and v.ndim == k.ndim and v.shape[:lead] == k.shape[:lead] and \
+            v.shape[-1] != k.shape[-1]:
+        return (v.shape[-1],) + tuple(v.strides[:lead])
+    also = " (or its head dim alone differs: head_dim_vo)" if allow_vo else ""
+    raise ValueError(f"{name}: must match k in shape, dtype and strides{also}; got {v.shape}/{v.dtype}/{v.strides} "
+                     f"vs {k.shape}/{k.dtype}/{k.strides}")
+
+
+def describe_kv_pair(c, k, v, kv_layout: str, allow_vo: bool = False) -> tuple:
     """(KVView, n) of one request's K and V, arguments of Call `c`: (n, H, D) [NHD] or (H, n, D) [HND]
-    arrays, as a single page of max(n, 1) slots (single decode and prefill, ragged prefill)."""
+    arrays, as a single page of max(n, 1) slots (single decode and prefill, ragged prefill). allow_vo:
+    V may have its own head dim (and strides), as prefill's head_dim_vo."""
     ki = c.arg(k, "k")
     vi = c.arg(v, "v")
     checks.ndim(ki, 3, "(kv_len, num_kv_heads, head_dim)" if kv_layout == "NHD" else "(num_kv_heads, kv_len, head_dim)")
-    if vi.shape != ki.shape or vi.dtype != ki.dtype or vi.strides != ki.strides:
-        raise ValueError(f"v: must match k in shape, dtype and strides; got {vi.shape}/{vi.dtype}/{vi.strides} "
-                         f"vs {ki.shape}/{ki.dtype}/{ki.strides}")
+    v_dims = _v_dims(ki, vi, "v", allow_vo, 2)
     for i in (ki, vi):
         checks.last_dim_contiguous(i)
         checks.vector_aligned(i)
@@ -150,12 +185,16 @@ def describe_kv_pair(c, k, v, kv_layout: str) -> tuple:
     n = ki.shape[slot_ax]
     view = KVView(ptr(ki), ptr(vi), 0, ki.strides[slot_ax], ki.strides[head_ax], 1, max(n, 1), ki.shape[head_ax],
                   ki.shape[2], ki.dtype, ki.device, (ki, vi))
+    if v_dims:
+        view = replace(view, v_dims=(v_dims[0], 0, vi.strides[slot_ax], vi.strides[head_ax]))
     return view, n
 
 
-def describe_paged_cache(c, paged_kv_cache, kv_layout: str, name: str = "paged_kv_cache") -> KVView:
+def describe_paged_cache(c, paged_kv_cache, kv_layout: str, name: str = "paged_kv_cache",
+                         allow_vo: bool = False) -> KVView:
     """A 5-D cache (num_pages, 2, page_size, H, D) [NHD] / (num_pages, 2, H, page_size, D) [HND], or a
-    (k_cache, v_cache) pair of 4-D arrays, an argument of Call `c`."""
+    (k_cache, v_cache) pair of 4-D arrays, an argument of Call `c`. allow_vo: a pair's v_cache may have
+    its own head dim (and strides), as prefill's head_dim_vo."""
     checks.choice("kv_layout", kv_layout, LAYOUTS)
     slot_dim, head_dim_ax = (1, 2) if kv_layout == "NHD" else (2, 1)
     layout = "(num_pages, page_size, num_kv_heads, head_dim)" if kv_layout == "NHD" else \
@@ -166,13 +205,14 @@ def describe_paged_cache(c, paged_kv_cache, kv_layout: str, name: str = "paged_k
         k = c.arg(paged_kv_cache[0], f"{name}[0] (k_cache)")
         v = c.arg(paged_kv_cache[1], f"{name}[1] (v_cache)")
         checks.ndim(k, 4, f"{layout} for kv_layout={kv_layout}")
-        if v.shape != k.shape or v.strides != k.strides or v.dtype != k.dtype:
-            raise ValueError(f"{name}: k_cache and v_cache must have the same shape, strides and dtype; got "
-                             f"{k.shape}/{k.strides}/{k.dtype} and {v.shape}/{v.strides}/{v.dtype}")
+        v_dims = _v_dims(k, v, f"{name}[1] (v_cache)", allow_vo, 3)
         checks.same_device(k, v)
         s = k.strides
         view = KVView(ptr(k), ptr(v), s[0], s[1 + slot_dim - 1], s[1 + head_dim_ax - 1], k.shape[0],
                       k.shape[slot_dim], k.shape[head_dim_ax], k.shape[3], k.dtype, k.device, (k, v))
+        if v_dims:
+            vs = v.strides
+            view = replace(view, v_dims=(v_dims[0], vs[0], vs[slot_dim], vs[head_dim_ax]))
         for i in (k, v):
             checks.last_dim_contiguous(i)
             checks.vector_aligned(i)

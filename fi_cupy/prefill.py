@@ -1,8 +1,9 @@
 """Prefill attention on tensor cores: `single_prefill_with_kv_cache`,
 `BatchPrefillWithPagedKVCacheWrapper` and `BatchPrefillWithRaggedKVCacheWrapper` (cuda_src/prefill.cu).
 
-Supported (README "Prefill"): head_dim 64, 128, 256; q fp16/bf16; KV the q dtype, or fp8 (e4m3fn,
-e5m2) on the paged path; any GQA group; NHD and HND; causal (bottom-right aligned: with qo_len <
+Supported (README "Prefill"): head_dim every multiple of 16 from 16 to 256, and 512; head_dim_qk !=
+head_dim_vo for 192 / 128 and 128 / 64; q fp16/bf16; KV the q dtype, or fp8 (e4m3fn, e5m2) up to
+head_dim 256 with equal dims; any GQA group; NHD and HND; causal (bottom-right aligned: with qo_len <
 kv_len, query i sees keys 0 .. kv_len - qo_len + i), sliding window, custom masks (boolean or
 packed little-endian), logits soft cap, RoPE on the fly (q at kv_len - qo_len + i, k at its index),
 lse in base 2. Rows that see no key (empty KV, a mask hiding everything) give o = 0, lse = -inf.
@@ -11,7 +12,7 @@ A custom mask replaces the causal mask, as in FlashInfer (causal=True is then ig
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -29,7 +30,14 @@ from ._core.fastdiv import fastdiv_params
 from ._core.kernels import NULL, KernelSpec, Program, f32, f64, i32, i64, ptr, u32
 from ._core.docs import RUN_OPTIONS, RUN_RETURNS, document
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16)) + (512,)
+# The portable kernel's compiled Q/K widths: a head dim runs on the narrowest that holds it, the
+# columns past it zero-filled in shared memory (cuda_src/prefill.cu PrefillCfg). 512 computes its
+# output in two halves of 256 columns (blockIdx.y), each over the whole Q/K width.
+WIDTHS = (64, 128, 192, 256, 512)
+HEAD_DIM_PAIRS = ((192, 128), (128, 64))  # (head_dim_qk, head_dim_vo) pairs other than equal dims
+ROPE_HEAD_DIMS = (64, 128, 256)  # RoPE on the fly: the kernel's pair layout needs the exact width
+SMEM_EVERY_GPU = 99 * 1024  # shared memory a CTA may have on every sm_80+ GPU (sm_86 / sm_89: 99 KB)
 Q_DTYPES = (dt.float16, dt.bfloat16)
 FP8 = (dt.float8_e4m3fn, dt.float8_e5m2)
 POS_ENCODINGS = ("NONE", "ROPE_LLAMA", "ALIBI")
@@ -56,66 +64,87 @@ class TileShape:
         return self.warps * 32
 
 
-def tile_shapes(head_dim: int) -> tuple:
-    """(large, small) query tiles: 128 packed rows, or 64 when every request's packed rows fit."""
-    return (TileShape(2, 4), TileShape(1, 4)) if head_dim <= 128 else (TileShape(1, 8), TileShape(1, 4))
+def widths(head_dim: int, head_dim_vo: int | None = None) -> tuple:
+    """(D, DV, splits) of the portable kernel for these head dims: its Q/K width, the V/O columns a CTA
+    computes, and the CTAs (blockIdx.y) that share a row's output columns."""
+    vo = head_dim if head_dim_vo is None else head_dim_vo
+    if vo != head_dim:
+        return head_dim, vo, 1  # HEAD_DIM_PAIRS: exact widths
+    w = next(w for w in WIDTHS if w >= head_dim)
+    return (w, 256, 2) if w == 512 else (w, w, 1)
 
 
-def pick_tile(head_dim: int, max_packed_rows: int, flags: int = 0, rope: bool = False) -> TileShape:
+def tile_shapes(head_dim: int, head_dim_vo: int | None = None) -> tuple:
+    """(large, small) query tiles: 128 packed rows, or 64 when every request's packed rows fit (at
+    width 512 always 64: a 128-row Q tile leaves no shared memory for K/V stages)."""
+    d = widths(head_dim, head_dim_vo)[0]
+    if d == 512:
+        return TileShape(1, 4), TileShape(1, 4)
+    return (TileShape(2, 4), TileShape(1, 4)) if d <= 128 else (TileShape(1, 8), TileShape(1, 4))
+
+
+def pick_tile(head_dim: int, max_packed_rows: int, flags: int = 0, rope: bool = False,
+              head_dim_vo: int | None = None, smem_limit: int | None = None, kv_dtype: dt.DType | None = None
+              ) -> TileShape:
     """The small tile when every request fits it, or where the large one runs out of registers: at
-    head_dim 128 the 128-row tile's accumulators leave no room for a soft cap, a custom mask or RoPE
-    (some NVRTC versions spill there)."""
-    large, small = tile_shapes(head_dim)
-    return small if max_packed_rows <= small.rows or not _fits(head_dim, large, flags, rope) else large
+    width 128 the 128-row tile's accumulators leave no room for a soft cap, a custom mask or RoPE
+    (some NVRTC versions spill there); or out of shared memory (smem_limit: the device's bytes a CTA)."""
+    large, small = tile_shapes(head_dim, head_dim_vo)
+    if smem_limit is not None and smem_bytes(head_dim, large, kv_dtype, head_dim_vo) > smem_limit:
+        return small
+    return small if max_packed_rows <= small.rows or not _fits(head_dim, large, flags, rope, head_dim_vo) else large
 
 
-def _fits(head_dim: int, tile: TileShape, flags: int, rope: bool) -> bool:
-    return not ((flags or rope) and head_dim == 128 and tile.mt == 2)
+def _fits(head_dim: int, tile: TileShape, flags: int, rope: bool, head_dim_vo: int | None = None) -> bool:
+    return not ((flags or rope) and widths(head_dim, head_dim_vo)[1] == 128 and tile.mt == 2)
 
 
-def kv_tile(head_dim: int, tile: TileShape) -> int:
-    """PrefillCfg::kKV: keys a tile; 32 where the O accumulators take 128 registers a thread.
-    PrefillSm90Cfg::kKV: 128."""
+def kv_tile(head_dim: int, tile: TileShape, head_dim_vo: int | None = None) -> int:
+    """PrefillCfg::kKV: keys a tile; 32 where the O accumulators take 128 registers a thread, or at
+    V/O widths of 192 and more. PrefillSm90Cfg::kKV: 128."""
     if tile.sm90:
         return 128
-    return 32 if head_dim * tile.mt >= 256 else 64
+    d, dv, _ = widths(head_dim, head_dim_vo)
+    return 32 if dv * tile.mt >= 256 or dv >= 192 else 64
 
 
-def smem_bytes(head_dim: int, tile: TileShape, kv_dtype: dt.DType) -> int:
+def smem_bytes(head_dim: int, tile: TileShape, kv_dtype: dt.DType, head_dim_vo: int | None = None) -> int:
     """PrefillCfg::kSmemBytes: Q tile, and two 16-bit K/V stages (fp8: one widened, one raw).
     PrefillSm90Cfg::kSmemBytes: Q tile, three K/V stages, their six mbarriers, and 1 KB to align the
     tiles to 1024 bytes."""
-    kv_tile_ = kv_tile(head_dim, tile)
-    q = tile.rows * head_dim * 2
-    stage = 2 * kv_tile_ * head_dim * 2
+    kv_tile_ = kv_tile(head_dim, tile, head_dim_vo)
     if tile.sm90:
-        return 1024 + q + 3 * stage + 6 * 8
-    return q + stage + (2 * kv_tile_ * head_dim if kv_dtype in FP8 else stage)
+        return 1024 + tile.rows * head_dim * 2 + 3 * 2 * kv_tile_ * head_dim * 2 + 6 * 8
+    d, dv, _ = widths(head_dim, head_dim_vo)
+    stage = kv_tile_ * (d + dv) * 2
+    return tile.rows * d * 2 + stage + (kv_tile_ * (d + dv) if kv_dtype in FP8 else stage)
 
 
-def _merge_spec(head_dim: int, q_dtype: dt.DType) -> KernelSpec:
-    return KernelSpec("fic::prefill_merge_kernel", (head_dim, q_dtype.cpp))
+def _merge_spec(q_dtype: dt.DType) -> KernelSpec:
+    return KernelSpec("fic::prefill_merge_kernel", (q_dtype.cpp,))
 
 
 def prefill_program(head_dim: int, tile: TileShape, q_dtype: dt.DType, kv_dtype: dt.DType, paged: bool,
-                    rope: bool, flags: int) -> Program:
+                    rope: bool, flags: int, head_dim_vo: int | None = None) -> Program:
     """The main kernel (and, for the portable kernel, the merge kernel in the same module), with the
-    launch's shared memory and KV tile checked against the kernel's constants at compile time."""
-    smem, kv = smem_bytes(head_dim, tile, kv_dtype), kv_tile(head_dim, tile)
+    launch's shared memory and KV tile checked against the kernel's constants at compile time. Head
+    dims of one width (widths()) share a program."""
+    smem, kv = smem_bytes(head_dim, tile, kv_dtype, head_dim_vo), kv_tile(head_dim, tile, head_dim_vo)
     if tile.sm90:
         cfg = f"fic::PrefillSm90Cfg<{head_dim}>"
         return Program("prefill_sm90.cu", (KernelSpec("fic::prefill_sm90_kernel", (
             head_dim, q_dtype.cpp, kernels.cpp_bool(paged), flags)),),
             ((f"{cfg}::kSmemBytes", smem), (f"{cfg}::kKV", kv)))
-    main = KernelSpec("fic::prefill_kernel", (head_dim, tile.mt, tile.warps, q_dtype.cpp, kv_dtype.cpp,
+    d, dv, _ = widths(head_dim, head_dim_vo)
+    main = KernelSpec("fic::prefill_kernel", (d, dv, tile.mt, tile.warps, q_dtype.cpp, kv_dtype.cpp,
                                               kernels.cpp_bool(paged), kernels.cpp_bool(rope), flags))
-    cfg = f"fic::PrefillCfg<{head_dim}, {tile.mt}, {tile.warps}, {kv_dtype.cpp}>"
-    return Program("prefill.cu", (main, _merge_spec(head_dim, q_dtype)),
+    cfg = f"fic::PrefillCfg<{d}, {dv}, {tile.mt}, {tile.warps}, {kv_dtype.cpp}>"
+    return Program("prefill.cu", (main, _merge_spec(q_dtype)),
                    ((f"{cfg}::kSmemBytes", smem), (f"{cfg}::kKV", kv), (f"{cfg}::kRows", tile.rows)))
 
 
-def merge_program(head_dim: int, q_dtype: dt.DType) -> Program:
-    return Program("prefill.cu", (_merge_spec(head_dim, q_dtype),))
+def merge_program(q_dtype: dt.DType) -> Program:
+    return Program("prefill.cu", (_merge_spec(q_dtype),))
 
 
 # The Hopper kernel: sm_90a, head_dim 64 / 128, K/V in the q dtype, no RoPE on the fly (the others
@@ -131,6 +160,8 @@ def sm90_unsupported(params: "PrefillParams") -> str | None:
     """Why the Hopper kernel cannot run these parameters (None: it can)."""
     if params.head_dim not in SM90_HEAD_DIMS:
         return f"head_dim {params.head_dim} (it takes {', '.join(map(str, SM90_HEAD_DIMS))})"
+    if params.vo != params.head_dim:
+        return f"head_dim_vo {params.vo} != head_dim_qk {params.head_dim}"
     if params.kv_dtype != params.q_dtype:
         return f"kv_data_type {params.kv_dtype} (it takes K/V in the q dtype)"
     if params.rope or params.alibi:
@@ -144,19 +175,24 @@ def sm90_programs() -> list:
             for d in SM90_HEAD_DIMS for q in Q_DTYPES for paged in (True, False) for flags in range(4)]
 
 
-def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
-    """Every instantiation the API can launch (CI compiles them all)."""
+def kv_dtypes(q_dtype: dt.DType, head_dim: int, head_dim_vo: int) -> tuple:
+    """The K/V dtypes prefill takes with these head dims: the q dtype, and fp8 with equal dims up to 256."""
+    return (q_dtype,) + (FP8 if head_dim == head_dim_vo and head_dim <= 256 else ())
+
+
+def all_programs() -> list:
+    """Every instantiation the API can launch (CI compiles them all): a head dim per width."""
     out = []
-    for d in head_dims:
-        for tile in tile_shapes(d):
+    for d, dv in [(w, w) for w in WIDTHS] + list(HEAD_DIM_PAIRS):
+        for tile in dict.fromkeys(tile_shapes(d, dv)):
             for q in Q_DTYPES:
-                for paged, kvs in ((True, (q,) + FP8), (False, (q,))):
-                    for kv in kvs:
-                        for rope in (False, True):
+                for paged in (True, False):
+                    for kv in kv_dtypes(q, d, dv):
+                        for rope in (False, True) if d == dv and d in ROPE_HEAD_DIMS else (False,):
                             # ALiBi: no RoPE and no soft cap beside it
                             for flags in range(4) if rope else (0, 1, 2, 3, ALIBI, ALIBI | CUSTOM_MASK):
-                                if _fits(d, tile, flags, rope):
-                                    out.append(prefill_program(d, tile, q, kv, paged, rope, flags))
+                                if _fits(d, tile, flags, rope, dv):
+                                    out.append(prefill_program(d, tile, q, kv, paged, rope, flags, dv))
     return out
 
 
@@ -185,6 +221,12 @@ class PrefillParams:
     rope_theta: float
     page_size: int = 0  # 0: ragged
     alibi: bool = False  # pos_encoding_mode "ALIBI": FlashInfer's slopes (_core/alibi.py), portable kernel
+    head_dim_vo: int = 0  # 0: head_dim
+
+    @property
+    def vo(self) -> int:
+        """head_dim_vo: V's and the output's head dim."""
+        return self.head_dim_vo or self.head_dim
 
     @property
     def group_size(self) -> int:
@@ -201,24 +243,32 @@ def make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, po
     checks.heads(num_qo_heads, num_kv_heads)
     d = checks.positive_int("head_dim_qk", head_dim_qk)
     checks.head_dim(d, SUPPORTED_HEAD_DIMS, "head_dim_qk")
-    if head_dim_vo is not None and head_dim_vo != d:
-        raise NotImplementedError(f"head_dim_vo: {head_dim_vo} != head_dim_qk {d} is not supported")
+    vo = d if head_dim_vo is None else checks.positive_int("head_dim_vo", head_dim_vo)
+    if vo != d and (d, vo) not in HEAD_DIM_PAIRS:
+        raise NotImplementedError(f"head_dim_vo: {vo} with head_dim_qk {d} is not supported; head_dim_vo equals "
+                                  f"head_dim_qk, or (head_dim_qk, head_dim_vo) is one of "
+                                  f"{', '.join(f'{a}/{b}' for a, b in HEAD_DIM_PAIRS)}")
     checks.choice("pos_encoding_mode", pos_encoding_mode, POS_ENCODINGS)
+    if pos_encoding_mode == "ROPE_LLAMA" and (d != vo or d not in ROPE_HEAD_DIMS):
+        raise NotImplementedError(f"pos_encoding_mode: 'ROPE_LLAMA' (RoPE on the fly) takes head_dim "
+                                  f"{', '.join(map(str, ROPE_HEAD_DIMS))} with head_dim_vo equal; got {d}/{vo}: apply "
+                                  f"RoPE to q and k first (fi_cupy.apply_rope_pos_ids) and plan with 'NONE'")
     q_dtype = dt.as_dtype(q_data_type, "q_data_type")
     if q_dtype not in Q_DTYPES:
         raise TypeError(f"q_data_type: {q_dtype} is not supported; expected float16 or bfloat16")
     kv_dtype = q_dtype if kv_data_type is None else dt.as_dtype(kv_data_type, "kv_data_type")
-    allowed = (q_dtype,) + (FP8 if paged else ())
+    allowed = kv_dtypes(q_dtype, d, vo)
     if kv_dtype not in allowed:
-        raise TypeError(f"kv_data_type: {kv_dtype} is not supported with q {q_dtype}"
-                        f"{' on the paged path' if paged else ' (fp8 KV: paged path only)'}; expected "
+        why = "" if kv_dtype not in FP8 else f" (fp8 K/V: head dims up to 256, head_dim_vo equal; got {d}/{vo})"
+        raise TypeError(f"kv_data_type: {kv_dtype} is not supported with q {q_dtype}{why}; expected "
                         f"{' or '.join(str(k) for k in allowed)}")
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal: expected a bool, got {causal!r}")
     wl, cap, sm, rs, rt = checks.attention_options(d, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
     checks.alibi_without_soft_cap(pos_encoding_mode, cap)
     return PrefillParams(num_qo_heads, num_kv_heads, d, q_dtype, kv_dtype, bool(causal) and not has_mask, wl, cap, sm,
-                         pos_encoding_mode == "ROPE_LLAMA", rs, rt, page_size, pos_encoding_mode == "ALIBI")
+                         pos_encoding_mode == "ROPE_LLAMA", rs, rt, page_size, pos_encoding_mode == "ALIBI",
+                         0 if vo == d else vo)
 
 
 @dataclass
@@ -244,7 +294,7 @@ class PrefillPlan:
 
     def partial_bytes(self) -> int:
         rows = self.partial_capacity
-        return align(rows * self.params.head_dim * 4) + align(rows * 4)
+        return align(rows * self.params.vo * 4) + align(rows * 4)
 
 
 def variant_flags(params: PrefillParams, custom_mask: bool) -> int:
@@ -315,14 +365,23 @@ def plan_tile(params: PrefillParams, qo_lens: np.ndarray, custom_mask: bool, bac
             raise ValueError(f"backend: 'fa3' (the Hopper kernel) does not support {why}; use 'fa2' or 'auto'")
         if why is None and (backend == "fa3" or rows > AUTO_MIN_ROWS):
             return SM90_TILE, flags
-    return pick_tile(params.head_dim, rows, flags, params.rope), flags
+    tile = pick_tile(params.head_dim, rows, flags, params.rope, params.vo)
+    if device is None or smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo) <= SMEM_EVERY_GPU:
+        return tile, flags
+    limit = kernels.device_props(device)["smem_optin"]
+    tile = pick_tile(params.head_dim, rows, flags, params.rope, params.vo, limit, params.kv_dtype)
+    if smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo) > limit:
+        raise NotImplementedError(f"head_dim_qk: {params.head_dim} (head_dim_vo {params.vo}) needs "
+                                  f"{smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo)} bytes of shared "
+                                  f"memory a CTA; this GPU allows {limit}")
+    return tile, flags
 
 
 def num_ctas(params: PrefillParams, tile: TileShape, device: int, paged: bool, flags: int) -> int:
     """One wave of the prefill kernel on `device` (compiles / loads the kernel)."""
-    prog = prefill_program(params.head_dim, tile, params.q_dtype, params.kv_dtype, paged, params.rope, flags)
+    prog = prefill_program(params.head_dim, tile, params.q_dtype, params.kv_dtype, paged, params.rope, flags, params.vo)
     fn = kernels.functions(prog, device)[prog.kernels[0]]
-    occ = fn.occupancy(tile.threads, smem_bytes(params.head_dim, tile, params.kv_dtype))
+    occ = fn.occupancy(tile.threads, smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo))
     return kernels.device_props(device)["sms"] * max(occ, 1)
 
 
@@ -337,17 +396,18 @@ def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, 
     meta_ptr / partial_ptr: the plan's metadata and partial states, fixed while the plan is. sinks:
     attention-sink logits (attention_sinks) or None."""
     p = plan.params
-    prog = prefill_program(p.head_dim, plan.tile, p.q_dtype, kv.dtype, paged, p.rope, plan.flags)
+    prog = prefill_program(p.head_dim, plan.tile, p.q_dtype, kv.dtype, paged, p.rope, plan.flags, p.vo)
     main = kernels.functions(prog, q.device)[prog.kernels[0]]
-    mprog = prog if len(prog.kernels) > 1 else merge_program(p.head_dim, p.q_dtype)
+    mprog = prog if len(prog.kernels) > 1 else merge_program(p.q_dtype)
     merge = kernels.functions(mprog, q.device)[mprog.kernels[-1]]
     meta = ptr(meta_ptr, stable=True)
     off = {k: ptr(meta, 4 * v) for k, v in plan.offsets.items()}
     part_o = ptr(partial_ptr, stable=True)
-    part_lse = ptr(part_o, align(plan.partial_capacity * p.head_dim * 4))
+    part_lse = ptr(part_o, align(plan.partial_capacity * p.vo * 4))
+    splits = 1 if plan.tile.sm90 else widths(p.head_dim, p.vo)[2]
     _, mul, shift = fastdiv_params(max(p.page_size, 1))
     mask_ptr = ptr(plan.mask[1].ptr, stable=True) if plan.mask is not None else None
-    c.launch(main, (plan.grid,), (plan.tile.threads,), [
+    c.launch(main, (plan.grid, splits), (plan.tile.threads,), [
         ptr(q), i64(q.strides[0]), i64(q.strides[1]),
         ptr(kv.k_ptr), ptr(kv.v_ptr), i64(kv.stride_page), i64(kv.stride_slot), i64(kv.stride_head),
         ptr(off["qo_indptr"]), ptr(off["kv_indptr"]), ptr(off["indices"]), ptr(off["kv_lens"]),
@@ -357,13 +417,14 @@ def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, 
         i32(int(p.causal)), i32(p.window_left), f32(p.sm_scale * k_scale), f32(p.soft_cap), f32(v_scale),
         f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)), ptr(sinks),
         ptr(alibi.device_slopes(p.num_qo_heads, q.device, c.stream), stable=True) if p.alibi else NULL,
-    ], smem=smem_bytes(p.head_dim, plan.tile, kv.dtype))
+        i32(p.head_dim), i32(p.vo), i64(kv.v_stride_page), i64(kv.v_stride_slot), i64(kv.v_stride_head),
+    ], smem=smem_bytes(p.head_dim, plan.tile, kv.dtype, p.vo))
     if always_merge or plan.num_merges:
         # a CTA of 128 threads per 128 (row, 8 dims) pieces of a tile (prefill_merge_kernel's blockIdx.y)
-        c.launch(merge, (plan.merge_grid, -(-plan.tile.rows * (p.head_dim // 8) // 128)), (128,), [
+        c.launch(merge, (plan.merge_grid, -(-plan.tile.rows * (p.vo // 8) // 128)), (128,), [
             part_o, part_lse, off["merges"], ptr(off["counts"], 4), off["qo_indptr"],
             ptr(o), i64(o.strides[0]), i64(o.strides[1]), ptr(l_info), i32(p.num_qo_heads), i32(p.group_size),
-            ptr(sinks),
+            ptr(sinks), i32(p.vo),
         ])
 
 
@@ -616,7 +677,8 @@ class _PrefillWrapper(PlannedWrapper):
         qi = c.arg(q, "q")
         _check_q(qi, p, plan.total_qo)  # before outputs are made from q's shape
         out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse,
-                                                        "(qo_len, num_qo_heads, head_dim)", "(qo_len, num_qo_heads)")
+                                                        "(qo_len, num_qo_heads, head_dim_vo)", "(qo_len, num_qo_heads)",
+                                                        p.vo)
         self._launch(c, qi, kv, o, l_info, k_scale, v_scale, attention_sinks(c, sinks, p.num_qo_heads))
         return attention_result(c, out_obj, lse_obj, return_lse)
 
@@ -765,7 +827,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
                                    lse, return_lse, qk_scale, v_scale, enable_pdl, stream, sinks)
 
     def _paged_view(self, c: Call, paged_kv_cache) -> KVView:
-        return self._check_view(describe_paged_cache(c, paged_kv_cache, self._kv_layout))
+        return self._check_view(describe_paged_cache(c, paged_kv_cache, self._kv_layout,
+                                                     allow_vo=self._plan.params.vo != self._plan.params.head_dim))
 
     def _check_view(self, kv: KVView, indices_name: str = "paged_kv_indices") -> KVView:
         """A described cache against the plan (see check_cache_against); the view to launch with."""
@@ -905,17 +968,28 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
 
 def _kv_pair(c: Call, k, v, kv_layout: str, p: PrefillParams) -> tuple:
     """(KVView, rows) of ragged or single-request K/V on Call c, checked against the parameters."""
-    kvv, n = describe_kv_pair(c, k, v, kv_layout)
-    _check_kv_against(kvv, p)
-    return kvv, n
+    kvv, n = describe_kv_pair(c, k, v, kv_layout, allow_vo=p.vo != p.head_dim)
+    return _check_kv_against(kvv, p), n
 
 
-def _check_kv_against(kvv: KVView, p: PrefillParams) -> None:
+def _check_kv_against(kvv: KVView, p: PrefillParams) -> KVView:
+    """The K/V view to launch with: a uint8 pair planned as float8 is read as float8 (CuPy has no float8
+    dtype), as for the paged cache."""
+    if kvv.dtype == dt.uint8 and p.kv_dtype in FP8:
+        kvv = replace(kvv, dtype=p.kv_dtype)
     if kvv.dtype != p.kv_dtype:
-        raise TypeError(f"k: dtype {kvv.dtype} does not match the planned kv_data_type {p.kv_dtype}")
+        raise TypeError(f"k: dtype {kvv.dtype} does not match the planned kv_data_type {p.kv_dtype}"
+                        + (" (uint8 K/V hold float8 bytes: plan with kv_data_type='float8_e4m3fn' or "
+                           "'float8_e5m2')" if kvv.dtype == dt.uint8 else ""))
     if (kvv.num_kv_heads, kvv.head_dim) != (p.num_kv_heads, p.head_dim):
         raise ValueError(f"k: (num_kv_heads, head_dim) = {(kvv.num_kv_heads, kvv.head_dim)} does not match "
                          f"{(p.num_kv_heads, p.head_dim)}")
+    if kvv.v_head_dim != p.vo:
+        raise ValueError(f"v: head_dim {kvv.v_head_dim} does not match head_dim_vo {p.vo}")
+    if kvv.dtype in FP8:  # the portable kernel copies 16 fp8 values (16 bytes) at a time
+        for info in kvv.infos:
+            checks.vector_aligned(info, 16)
+    return kvv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -934,7 +1008,9 @@ def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=No
                                  rope_theta: float | None = None, backend: str = "auto", return_lse: bool = False,
                                  kv_cache_sf=None, k_scale=None, v_scale=None, *, out=None, lse=None, stream=None):
     """Prefill attention of one request: q (qo_len, num_qo_heads, head_dim) against k, v of shape
-    (kv_len, num_kv_heads, head_dim) [NHD] or (num_kv_heads, kv_len, head_dim) [HND]. custom_mask:
+    (kv_len, num_kv_heads, head_dim) [NHD] or (num_kv_heads, kv_len, head_dim) [HND] (v's head dim may
+    differ: head_dim_vo, the output's; fp8 k / v are read as such, and uint8 ones are refused since
+    their fp8 kind is unknown: use the ragged wrapper, whose plan() names it). custom_mask:
     boolean (qo_len, kv_len), True = attend; or packed_custom_mask (its packbits, little-endian).
     Returns o like q, and lse (qo_len, num_qo_heads) in base 2 with return_lse=True. backend: "auto",
     "fa2" (portable kernel) or "fa3" (Hopper kernel), as FlashInfer names them. k_scale / v_scale:
@@ -950,19 +1026,21 @@ def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=No
     checks.ndim(qi, 3, "(qo_len, num_qo_heads, head_dim)")
     checks.dtype_in(qi, Q_DTYPES)
     output_dtype(o_dtype, qi.dtype, "o_dtype")
-    kvv, kv_len = describe_kv_pair(c, k, v, kv_layout)
+    kvv, kv_len = describe_kv_pair(c, k, v, kv_layout, allow_vo=True)
     if kvv.head_dim != qi.shape[2]:
         raise ValueError(f"k: head_dim {kvv.head_dim} does not match q's head_dim {qi.shape[2]}")
-    checks.dtype_is(kvv.infos[0], qi.dtype, "q's dtype, the only kv_data_type of single prefill (fp8 K/V: the paged "
-                                            "wrapper)")
+    if kvv.dtype not in (qi.dtype,) + FP8:
+        raise TypeError(f"k: dtype {kvv.dtype} is not supported with q {qi.dtype}; expected {qi.dtype}"
+                        f"{' or float8 (a float8 dtype: uint8 bytes do not say which; the ragged wrapper takes them)' if kvv.dtype == dt.uint8 else ', float8_e4m3fn or float8_e5m2'}")
     has_mask = custom_mask is not None or packed_custom_mask is not None
-    params = make_params(qi.shape[1], kvv.num_kv_heads, qi.shape[2], None, causal, pos_encoding_mode, window_left,
-                         logits_soft_cap, sm_scale, rope_scale, rope_theta, qi.dtype, kvv.dtype, False,
+    params = make_params(qi.shape[1], kvv.num_kv_heads, qi.shape[2], kvv.v_head_dim, causal, pos_encoding_mode,
+                         window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, qi.dtype, kvv.dtype, False,
                          has_mask=has_mask)
-    _check_kv_against(kvv, params)
+    kvv = _check_kv_against(kvv, params)
     _check_q(qi, params, qi.shape[0])
-    out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse, "(qo_len, num_qo_heads, head_dim)",
-                                                    "(qo_len, num_qo_heads)")
+    out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse,
+                                                    "(qo_len, num_qo_heads, head_dim_vo)", "(qo_len, num_qo_heads)",
+                                                    params.vo)
     qo_len = qi.shape[0]
     qo_ip = np.array([0, qo_len], np.int32)
     kv_ip = np.array([0, kv_len], np.int32)
@@ -978,7 +1056,7 @@ def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=No
                 raise ValueError(f"custom_mask: expected shape {(qo_len, kv_len)} (qo_len, kv_len), got "
                                  f"{tuple(ci.shape)}")
         mask = _prepare_mask(custom_mask, packed_custom_mask, qo_ip[1:], kv_ip[1:], s, cur, device=dev)
-    key = (dev, qo_len, kv_len, params.num_qo_heads, kvv.num_kv_heads, params.head_dim, params.causal,
+    key = (dev, qo_len, kv_len, params.num_qo_heads, kvv.num_kv_heads, params.head_dim, params.vo, params.causal,
            params.window_left, params.rope, params.alibi, flags, tile)
     got = _single_plans.get(key, lambda: plan_prefill(params, qo_ip, kv_ip, kv_ip[1:].copy(), None, tile,
                                                       num_ctas(params, tile, dev, False, flags),

@@ -338,16 +338,18 @@ def chain_speculative_distribution(draft_probs, draft_ids, target_probs) -> dict
 def prefill_attention(q, k, v, causal: bool = False, window_left: int = -1, custom_mask=None,
                       logits_soft_cap: float = 0.0, sm_scale: float | None = None, rope: bool = False,
                       rope_scale: float = 1.0, rope_theta: float = 1e4, sinks=None, alibi: bool = False):
-    """One request. q (Lq, Hq, D), k/v (Lk, Hkv, D), custom_mask bool (Lq, Lk) -> (o (Lq, Hq, D), lse
-    (Lq, Hq) base 2), float64. Query i sits at key position Lk - Lq + i (causal, window, RoPE and
-    ALiBi: alibi_bias); a row that sees no key gives o = 0, lse = -inf. sinks (Hq,): attention-sink
-    logits (with_sinks)."""
+    """One request. q (Lq, Hq, D), k (Lk, Hkv, D), v (Lk, Hkv, Dv), custom_mask bool (Lq, Lk) -> (o (Lq,
+    Hq, Dv), lse (Lq, Hq) base 2), float64. Dv may differ from D (head_dim_vo != head_dim_qk); the
+    default sm_scale is 1 / sqrt(D). Query i sits at key position Lk - Lq + i (causal, window, RoPE (q
+    and k only) and ALiBi: alibi_bias); a row that sees no key gives o = 0, lse = -inf. sinks (Hq,):
+    attention-sink logits (with_sinks)."""
     xp = _xp(q, k, v, custom_mask)
     q = xp.asarray(q, xp.float64)
     k = xp.asarray(k, xp.float64)
     v = xp.asarray(v, xp.float64)
     lq, hq, d = q.shape
     lk, hkv, _ = k.shape
+    dv = v.shape[-1]
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     qpos = xp.arange(lq) + lk - lq
@@ -362,13 +364,13 @@ def prefill_attention(q, k, v, causal: bool = False, window_left: int = -1, cust
         keep &= j >= qpos[:, None] - window_left
     if custom_mask is not None:
         keep &= xp.asarray(custom_mask, dtype=bool)
-    o = xp.zeros((lq, hq, d))
+    o = xp.zeros((lq, hq, dv))
     lse = xp.full((lq, hq), -xp.inf)
     if lq == 0 or lk == 0:
         return with_sinks(o, lse, sinks)
     qh = q.transpose(1, 0, 2)  # (Hq, Lq, D)
     kt = k.transpose(1, 2, 0)  # (Hkv, D, Lk)
-    vh = v.transpose(1, 0, 2)  # (Hkv, Lk, D)
+    vh = v.transpose(1, 0, 2)  # (Hkv, Lk, Dv)
     # Blocks of query rows and heads, so the float64 scores stay within _CHUNK elements.
     rstep = max(1, min(lq, _CHUNK // lk))
     hstep = max(1, _CHUNK // (rstep * lk))
@@ -386,7 +388,7 @@ def prefill_attention(q, k, v, causal: bool = False, window_left: int = -1, cust
             m_safe = xp.where(xp.isfinite(m), m, 0.0)
             p = xp.exp(s - m_safe)
             den = p.sum(axis=2, keepdims=True)
-            oh = xp.matmul(p / xp.where(den > 0, den, 1.0), vh[heads // g])  # (h, r, D)
+            oh = xp.matmul(p / xp.where(den > 0, den, 1.0), vh[heads // g])  # (h, r, Dv)
             o[rows, h0:h0 + heads.size] = oh.transpose(1, 0, 2)
             den = den[..., 0]
             lh = xp.where(den > 0, m_safe[..., 0] + xp.log(xp.where(den > 0, den, 1.0)), -xp.inf)

@@ -19,10 +19,28 @@ def _dtype(cpp: str) -> str:
 
 
 def _dims(ds) -> str:
-    ds = sorted(ds)
-    if len(ds) > 3 and all(b - a == ds[1] - ds[0] for a, b in zip(ds, ds[1:])):
-        return f"{ds[0]} to {ds[-1]}, step {ds[1] - ds[0]}"
-    return ", ".join(map(str, ds))
+    """Head dims: runs of 4 or more at one step as "a to b, step s"; (qk, vo) pairs as "qk/vo", last."""
+    nums = sorted(d for d in ds if isinstance(d, int))
+    parts, i = [], 0
+    while i < len(nums):
+        j = i + 1
+        while j + 1 < len(nums) and nums[j + 1] - nums[j] == nums[i + 1] - nums[i]:
+            j += 1
+        if j - i >= 3:
+            parts.append(f"{nums[i]} to {nums[j]}, step {nums[i + 1] - nums[i]}")
+            i = j + 1
+        else:
+            parts.append(str(nums[i]))
+            i += 1
+    return ", ".join(parts + [f"{a}/{b}" for a, b in sorted(d for d in ds if not isinstance(d, int))])
+
+
+def _prefill_dims(d: int, dv: int, rope: bool) -> list:
+    """The head dims a portable-kernel instantiation of widths (d, dv) runs: every supported head dim of
+    that width (RoPE: the width itself), or its (head_dim_qk, head_dim_vo) pair."""
+    if (d, dv) in prefill.HEAD_DIM_PAIRS:
+        return [(d, dv)]
+    return [h for h in prefill.SUPPORTED_HEAD_DIMS if prefill.widths(h)[:2] == (d, dv) and (h == d or not rope)]
 
 
 def _rows() -> list:
@@ -47,9 +65,10 @@ def _rows() -> list:
     names = {True: "BatchPrefillWithPagedKVCacheWrapper", False: "BatchPrefillWithRaggedKVCacheWrapper, "
              "single_prefill_with_kv_cache"}
     for p in prefill.all_programs():
-        d, _, _, q, kv, paged, rope, flags = p.kernels[0].targs
+        d, dv, _, _, q, kv, paged, rope, flags = p.kernels[0].targs
         pos = "ROPE_LLAMA" if rope == "true" else "ALIBI" if flags & prefill.ALIBI else "NONE"
-        add(names[paged == "true"], "fa2 (portable, mma.sync)", d, _dtype(q), _dtype(kv), pos, _variants(flags))
+        for h in _prefill_dims(d, dv, rope == "true"):
+            add(names[paged == "true"], "fa2 (portable, mma.sync)", h, _dtype(q), _dtype(kv), pos, _variants(flags))
     for p in prefill.sm90_programs():
         d, q, paged, flags = p.kernels[0].targs
         add(names[paged == "true"], "fa3 (sm_90a, wgmma)", d, _dtype(q), _dtype(q), "NONE", _variants(flags))

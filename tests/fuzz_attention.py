@@ -19,6 +19,12 @@ naive computation happens to be almost exact). Everywhere: no NaN, and a row tha
 o = 0 and lse = -inf exactly (with attention sinks, drawn for batch decode and paged prefill: lse = the
 sink alone, sinks[h] / ln 2, within LSE_TOL).
 
+Prefill head dims: about half the cases 64 / 128 / 256, the rest the other multiples of 16 up to 256
+and 512 (the portable kernel: backend "fa3" keeps 64 / 128, "auto" falls back); RoPE on the fly only at
+64 / 128 / 256; head_dim_vo != head_dim_qk (QK_VO_PAIRS) for about QK_VO_P of the QK_VO_KINDS cases;
+fp8 K/V on every prefill kind (head dims up to 256, head_dim_vo equal; single prefill reads float8 from
+k / v's dtype, so those cases are torch callers too, drawn only where torch with CUDA is importable).
+
 pos_encoding_mode is NONE, ROPE_LLAMA or, for about ALIBI_P of the decode and prefill cases, ALIBI
 (drawn last, see _draw_alibi: never with a soft cap, and on the portable prefill kernel); the references
 and the naive baseline add reference.alibi_bias. The cascade family draws no attention options.
@@ -58,6 +64,14 @@ SCORE_ELEMS = 1 << 24  # prefill: sum over requests of qo_len * kv_len * num_qo_
 MERGE_ELEMS = 1 << 22  # merges: seq_len * num_states * num_heads * head_dim
 SINKS_P = 0.25  # run(sinks=) on the wrappers that take it: batch decode, paged prefill
 ALIBI_P = 0.15  # pos_encoding_mode "ALIBI" (decode and prefill, batch and single)
+# Prefill head dims: the long-standing ones (the only ones RoPE on the fly takes), and the others
+PREFILL_HEAD_DIMS = (64, 128, 256)
+NEW_PREFILL_HEAD_DIMS = tuple(d for d in range(16, 257, 16) if d not in PREFILL_HEAD_DIMS) + (512,)
+QK_VO_PAIRS = ((192, 128), (128, 64))  # (head_dim_qk, head_dim_vo) other than equal
+QK_VO_P = 0.1
+# Kinds that draw head_dim_vo != head_dim_qk. Paged too once its plan() takes them: PagedKV builds the
+# (k_cache, v_cache) pair of two head dims already.
+QK_VO_KINDS = ("ragged", "single")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,11 +248,21 @@ def draw_prefill(rng, kind: str) -> dict:
     """kind: "paged", "ragged" or "single"."""
     backend = _pick(rng, ("fa2", "fa3", "auto"), p=[0.4, 0.3, 0.3])
     q_dtype = _pick(rng, Q_DTYPES)
+    d_vo = None  # head_dim_vo; None: V and the output have head_dim_qk
     if backend == "fa3":  # the Hopper kernel's space: head_dim 64/128, K/V in the q dtype, no RoPE
         d, kv_dtype, rope = _pick(rng, (64, 128)), q_dtype, False
     else:
-        d, rope = _pick(rng, (64, 128, 256)), bool(rng.random() < 0.2)
-        kv_dtype = _pick(rng, (q_dtype,) + FP8, p=[0.6, 0.2, 0.2]) if kind == "paged" else q_dtype
+        # 64 / 128 / 256 here and the fa3 draws: about half the cases; RoPE (those head dims only) about
+        # as often as when every case had them
+        d = _pick(rng, PREFILL_HEAD_DIMS) if rng.random() < 0.3 else _pick(rng, NEW_PREFILL_HEAD_DIMS)
+        rope = d in PREFILL_HEAD_DIMS and bool(rng.random() < 0.5)
+        # fp8 K/V: head dims up to 256; single prefill reads float8 from k / v's own dtype, which CuPy has
+        # not: those cases are torch callers, drawn only where torch is importable (as single decode's)
+        fp8_ok = d <= 256 and (kind != "single" or TORCH)
+        kv_dtype = _pick(rng, (q_dtype,) + FP8, p=[0.6, 0.2, 0.2]) if fp8_ok else q_dtype
+        if kind in QK_VO_KINDS and rng.random() < QK_VO_P:  # no RoPE and no fp8 beside it
+            (d, d_vo), rope, kv_dtype = _pick(rng, QK_VO_PAIRS), False, q_dtype
+    dv = d if d_vo is None else d_vo
     hq, hkv = _heads(rng)
     long_kv = bool(rng.random() < 0.2)  # few query tiles on long contexts: KV split + merge
     batch = 1 if kind == "single" else _log_int(rng, 1, 4 if long_kv else 128)
@@ -249,27 +273,34 @@ def draw_prefill(rng, kind: str) -> dict:
         lq, lk = _log_int(rng, 8, MAX_LEN), _log_int(rng, 8, MAX_LEN)
         qo_lens = [_length(rng, lq) for _ in range(batch)]
         kv_lens = [_length(rng, lk) for _ in range(batch)]
-    qo_lens, kv_lens = _fit_prefill(qo_lens, kv_lens, hq, hkv, d)
+    qo_lens, kv_lens = _fit_prefill(qo_lens, kv_lens, hq, hkv, max(d, dv))
     # mask: "none", or a random custom mask ("bool" or "packed"); "causal_vs_mask" plans the batch
     # with causal=True and again with the equivalent custom mask: both must match the reference.
     mask = _pick(rng, ("none", "bool", "packed", "causal_vs_mask"), p=[0.55, 0.15, 0.15, 0.15])
-    cfg = {"backend": backend, "q_dtype": q_dtype, "kv_dtype": kv_dtype, "head_dim": d, "num_qo_heads": hq,
-           "num_kv_heads": hkv, "group_size": hq // hkv, "qo_lens": qo_lens, "kv_lens": kv_lens, "long_kv": long_kv,
+    cfg = {"backend": backend, "q_dtype": q_dtype, "kv_dtype": kv_dtype, "head_dim": d, "head_dim_vo": dv,
+           "num_qo_heads": hq, "num_kv_heads": hkv, "group_size": hq // hkv, "qo_lens": qo_lens, "kv_lens": kv_lens,
+           "long_kv": long_kv,
            "mask": mask, "causal": mask == "causal_vs_mask" or (mask == "none" and bool(rng.random() < 0.5)),
            "mask_kind": _pick(rng, ("bool", "packed")) if mask == "causal_vs_mask" else mask,
            "mask_density": float(round(rng.uniform(0.0, 1.0), 3)), "mask_dead_rows": bool(rng.random() < 0.3),
            "pos_encoding_mode": "ROPE_LLAMA" if rope else "NONE",
            **_options(rng, d, max(max(kv_lens), 1), rope), **_outputs(rng),
            "q_storage": _storage(rng, ("head", "dim")), "q_amp": _pick(rng, (1.0, 3.0), p=[0.8, 0.2])}
+    # fp8 K/V: prefill copies 16 values at a time, so the API asks for 16-element alignment
+    align = 16 if kv_dtype in FP8 else 8
     if kind == "paged":
-        # fp8 K/V: prefill copies 16 values at a time, so the API asks for 16-element alignment
-        cfg.update(layout=_pick(rng, ("NHD", "HND")), **_paged_choices(rng, len(kv_lens), 16 if kv_dtype in FP8 else 8),
+        cfg.update(layout=_pick(rng, ("NHD", "HND")), **_paged_choices(rng, len(kv_lens), align),
                    **_scales(rng, kv_dtype in FP8))
+        if dv != d:  # two head dims: only a (k_cache, v_cache) pair of separate arrays holds them
+            cfg["cache"] = "tuple_pair"
     else:
-        cfg.update(layout=_pick(rng, ("NHD", "HND")),
-                   kv_storage=_storage(rng, ("token", "head", "dim", "interleaved")))
+        # k and v of two head dims cannot be the halves of one allocation ("interleaved")
+        kinds = ("token", "head", "dim") + (("interleaved",) if dv == d else ())
+        cfg.update(layout=_pick(rng, ("NHD", "HND")), kv_storage=_storage(rng, kinds, align))
         if kind == "ragged":
-            cfg.update(index_on_device=bool(rng.random() < 0.5), **_scales(rng, False))
+            cfg.update(index_on_device=bool(rng.random() < 0.5), **_scales(rng, kv_dtype in FP8))
+        elif kv_dtype in FP8:
+            cfg.update(**_scales(rng, True))
         else:
             cfg.update(k_scale=None, v_scale=None)
     if kind != "single":
@@ -405,6 +436,7 @@ class PagedKV:
 
     def __init__(self, cfg: dict, kv_lens: list, g, rng):
         ps, hkv, d, layout = cfg["page_size"], cfg["num_kv_heads"], cfg["head_dim"], cfg["layout"]
+        dv = cfg.get("head_dim_vo", d)  # V's head dim (prefill); other than d: a "tuple_pair" cache
         npages = [-(-n // ps) for n in kv_lens]
         used = sum(npages)
         total = max(used + cfg["spare_pages"], 1)  # at least one page, even when every request is empty
@@ -416,7 +448,11 @@ class PagedKV:
         head = 2 if layout == "NHD" else 1
         if cfg["cache"] == "tuple_pair":
             axes = {"page": 0, "head": head, "dim": 3}
-            k, v = _kv_views((total,) + inner, cfg["kv_storage"], axes, cfg["kv_dtype"], g)
+            if dv == d:
+                k, v = _kv_views((total,) + inner, cfg["kv_storage"], axes, cfg["kv_dtype"], g)
+            else:  # v_cache of head_dim_vo, laid out as k_cache
+                k = _view((total,) + inner, cfg["kv_storage"], axes, cfg["kv_dtype"], g)
+                v = _view((total,) + inner[:2] + (dv,), cfg["kv_storage"], axes, cfg["kv_dtype"], g)
             self.arg = (k, v)
         else:
             axes = {"page": 0, "head": head + 1, "dim": 4}
@@ -431,10 +467,10 @@ class PagedKV:
         return tuple(cupy.asarray(a) for a in arrays) if on_device else arrays
 
     def rows_f64(self) -> tuple:
-        """(k, v) float64 CuPy (pages in table order x page_size, H, D): request r's rows start at
-        indptr[r] * page_size."""
+        """(k, v) float64 CuPy (pages in table order x page_size, H, D / head_dim_vo): request r's rows
+        start at indptr[r] * page_size."""
         idx = cupy.asarray(self.indices.astype(np.int64))
-        return tuple(_f64(x, self.dtype)[idx].reshape(-1, self.hkv, self.d) for x in (self.k, self.v))
+        return tuple(_f64(x, self.dtype)[idx].reshape(-1, self.hkv, x.shape[-1]) for x in (self.k, self.v))
 
     def request_rows(self, r: int) -> slice:
         a = int(self.indptr[r]) * self.ps
@@ -602,10 +638,11 @@ def _naive(q, k, v, keep, cfg: dict, dtype: str, sinks=None):
     scores, softmax and P V computed in float32 and rounded to `dtype` after each step, as torch's
     16-bit matmul / softmax / elementwise ops do. The error baseline of test_prefill.py's rule (RoPE
     already applied; ALiBi's bias added to the scaled scores in float32, the sum not rounded to `dtype`,
-    as test_prefill.py's `attention` does). Returns (o float64 (Lq, Hq, D), base-2 lse float64 (Lq, Hq))."""
+    as test_prefill.py's `attention` does). Returns (o float64 (Lq, Hq, Dv), base-2 lse float64 (Lq, Hq)),
+    Dv v's head dim; the default scale 1 / sqrt(q's)."""
     lq, hq, d = q.shape
     if k.shape[0] == 0:  # no keys: o = 0, lse = -inf (with sinks: the sink alone)
-        return reference.with_sinks(cupy.zeros((lq, hq, d)), cupy.full((lq, hq), -cupy.inf), sinks)
+        return reference.with_sinks(cupy.zeros((lq, hq, v.shape[-1])), cupy.full((lq, hq), -cupy.inf), sinks)
     g = hq // k.shape[1]
     scale = cfg["sm_scale"] or 1.0 / math.sqrt(d)
     q, k, v = (x.astype(cupy.float32) for x in (q, k, v))  # exact: the values are of `dtype`
@@ -652,7 +689,7 @@ def _check_prefill_request(o, ref_o, naive, dtype: str, what: str) -> None:
 def _prefill_kv(cfg: dict, g, rng, kind: str) -> tuple:
     """K/V of a prefill case: (what run() takes, the PagedKV or None, request r -> its (k, v) rows
     as float64 CuPy (kv_len, H, D)), from the paged cache or the requests' concatenated rows."""
-    hkv, d, kv_lens = cfg["num_kv_heads"], cfg["head_dim"], cfg["kv_lens"]
+    hkv, d, dv, kv_lens = cfg["num_kv_heads"], cfg["head_dim"], cfg["head_dim_vo"], cfg["kv_lens"]
     if kind == "paged":
         paged = PagedKV(cfg, kv_lens, g, rng)
         kc, vc = paged.rows_f64()
@@ -660,8 +697,12 @@ def _prefill_kv(cfg: dict, g, rng, kind: str) -> tuple:
     nhd = cfg["layout"] == "NHD"
     n = sum(kv_lens)
     shape = (n, hkv, d) if nhd else (hkv, n, d)
-    k, v = _kv_views(shape, cfg["kv_storage"], {"token": 0 if nhd else 1, "head": 1 if nhd else 0, "dim": 2},
-                     cfg["kv_dtype"], g)
+    axes = {"token": 0 if nhd else 1, "head": 1 if nhd else 0, "dim": 2}
+    if dv == d:
+        k, v = _kv_views(shape, cfg["kv_storage"], axes, cfg["kv_dtype"], g)
+    else:  # v of head_dim_vo, laid out as k
+        k = _view(shape, cfg["kv_storage"], axes, cfg["kv_dtype"], g)
+        v = _view(shape[:2] + (dv,), cfg["kv_storage"], axes, cfg["kv_dtype"], g)
     kc, vc = (_f64(x if nhd else x.transpose(1, 0, 2), cfg["kv_dtype"]) for x in (k, v))
     starts = np.concatenate([[0], np.cumsum(kv_lens)])
     rows = [slice(int(starts[r]), int(starts[r + 1])) for r in range(len(kv_lens))]
@@ -670,21 +711,36 @@ def _prefill_kv(cfg: dict, g, rng, kind: str) -> tuple:
 
 def _run_prefill(cfg: dict, kind: str, kv_arg, qo_indptr, q, masks, causal: bool, paged=None, sinks=None):
     """One plan + run (or a single_prefill call) as the config asks; returns (o, lse). sinks: paged only."""
-    hq, hkv, d = cfg["num_qo_heads"], cfg["num_kv_heads"], cfg["head_dim"]
+    hq, hkv, d, dv = cfg["num_qo_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["head_dim_vo"]
     mask_kw = {} if masks is None else _mask_kwargs(cfg, masks, kind == "single")
-    out = _nan(q.shape, cfg["q_dtype"]) if cfg["out_given"] else None
+    out = _nan(q.shape[:2] + (dv,), cfg["q_dtype"]) if cfg["out_given"] else None
     lse = _nan(q.shape[:2]) if cfg["lse_given"] else None
     opts = _api_kw(cfg)
-    if kind == "single":
+    scales = {"k_scale": cfg["k_scale"], "v_scale": cfg["v_scale"]}
+    if kind == "single":  # head_dim_vo from v's shape
         k, v = kv_arg
-        res = fi_cupy.single_prefill_with_kv_cache(q, k, v, causal=causal, kv_layout=cfg["layout"],
-                                                   return_lse=cfg["return_lse"], out=out, lse=lse,
-                                                   backend=cfg["backend"], **mask_kw, **opts)
-        return _returned(res, cfg, out, lse)
+        # float8 k/v: single prefill takes float8 from the arrays' own dtype, which CuPy has not; the case
+        # is a torch caller (drawn only where torch is importable) on the same memory, its mask too
+        torch_call = cfg["kv_dtype"] in FP8
+        if torch_call:
+            args = [to_torch(q, cfg["q_dtype"]), to_torch(k, cfg["kv_dtype"]), to_torch(v, cfg["kv_dtype"])]
+            mask_kw = {n: to_torch(m, str(m.dtype)) for n, m in mask_kw.items()}
+            out_t = None if out is None else to_torch(out, cfg["q_dtype"])
+            lse_t = None if lse is None else to_torch(lse, "float32")
+        else:
+            args, out_t, lse_t = [q, k, v], out, lse
+        res = fi_cupy.single_prefill_with_kv_cache(*args, causal=causal, kv_layout=cfg["layout"],
+                                                   return_lse=cfg["return_lse"], out=out_t, lse=lse_t,
+                                                   backend=cfg["backend"], **scales, **mask_kw, **opts)
+        o, lse = _returned(res, cfg, out_t, lse_t, torch.Tensor if torch_call else cupy.ndarray)
+        if torch_call:
+            o, lse = _from_torch(o), None if lse is None else _from_torch(lse)
+        return o, lse
     ws = cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8)
     qo_ip = cupy.asarray(qo_indptr) if cfg.get("index_on_device") else qo_indptr
     common = dict(causal=causal, q_data_type=cfg["q_dtype"], kv_data_type=cfg["kv_dtype"], **mask_kw, **opts)
-    scales = {"k_scale": cfg["k_scale"], "v_scale": cfg["v_scale"]}
+    if dv != d:
+        common["head_dim_vo"] = dv
     if kind == "paged":
         w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(ws, cfg["layout"], cfg["use_cuda_graph"],
                                                         backend=cfg["backend"])
@@ -884,7 +940,9 @@ def _distribution(n: int) -> None:
             show("split-KV (estimate)", [_split_estimate(c, "decode") for c in cfgs])
         else:
             show("backend", [c["backend"] for c in cfgs])
-            show("head_dim", [c["head_dim"] for c in cfgs])
+            show("head_dim", [c["head_dim"] if c["head_dim"] in PREFILL_HEAD_DIMS else "other" for c in cfgs])
+            show("head_dim_qk/vo", [f"{c['head_dim']}/{c['head_dim_vo']}" if c["head_dim_vo"] != c["head_dim"]
+                                    else "equal" for c in cfgs])
             show("mask", [c["mask"] if c["mask"] != "none" else "causal" if c["causal"] else "none" for c in cfgs])
             req = [(q, k) for c in cfgs for q, k in zip(c["qo_lens"], c["kv_lens"])]
             show("request", ["qo 0" if q == 0 else "kv 0" if k == 0 else "qo > kv" if q > k else "qo <= kv"

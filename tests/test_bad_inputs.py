@@ -239,9 +239,21 @@ CPU_CASES = {
     "single_decode_pos_encoding_unknown": Case(lambda: single_decode(pos_encoding_mode="XPOS"), ValueError,
                                                "pos_encoding_mode", "'XPOS' is not one of"),
     # Prefill: plan() parameters and page tables, custom masks, single prefill arrays.
-    "prefill_plan_head_dim_unsupported": Case(lambda: paged_plan(head_dim_qk=96), ValueError, "head_dim_qk",
-                                              "96 is not supported; supported head dims: 64, 128, 256"),
+    # head dims: multiples of 16 up to 256, and 512; head_dim_vo equal, or the pairs 192 / 128 and 128 / 64
+    "prefill_plan_head_dim_not_a_multiple_of_16": Case(lambda: paged_plan(head_dim_qk=40), ValueError, "head_dim_qk",
+                                                       r"\b40\b.*not supported"),
+    "prefill_plan_head_dim_272": Case(lambda: paged_plan(head_dim_qk=272), ValueError, "head_dim_qk",
+                                      r"\b272\b.*not supported"),
+    "ragged_plan_head_dim_384": Case(lambda: ragged_plan(head_dim_qk=384), ValueError, "head_dim_qk",
+                                     r"\b384\b.*not supported"),
     "prefill_plan_head_dim_vo_differs": Case(lambda: paged_plan(head_dim_vo=128), NotImplementedError, "head_dim_vo"),
+    "ragged_plan_head_dim_vo_96": Case(lambda: ragged_plan(head_dim_qk=128, head_dim_vo=96), NotImplementedError,
+                                       "head_dim_vo", r"\b96\b"),
+    "prefill_plan_rope_head_dim_80": Case(lambda: paged_plan(head_dim_qk=80, pos_encoding_mode="ROPE_LLAMA"),
+                                          NotImplementedError, "pos_encoding_mode", "ROPE_LLAMA"),
+    "ragged_plan_rope_head_dim_vo": Case(  # RoPE on the fly: equal head dims only
+        lambda: ragged_plan(head_dim_qk=192, head_dim_vo=128, pos_encoding_mode="ROPE_LLAMA"), NotImplementedError,
+        "pos_encoding_mode", "ROPE_LLAMA"),
     "prefill_plan_causal_not_bool": Case(lambda: paged_plan(causal="yes"), TypeError, "causal", "'yes'"),
     "prefill_plan_qo_indptr_decreasing": Case(lambda: paged_plan(qo_indptr=np.array([0, 5, 4])), ValueError,
                                               "qo_indptr", "non-decreasing"),
@@ -258,8 +270,11 @@ CPU_CASES = {
                                            "float32 is not supported"),
     "prefill_plan_packed_mask_short": Case(lambda: paged_plan(packed_custom_mask=S((10,), U8)), ValueError,
                                            "packed_custom_mask", "expected 14 bytes"),
-    "prefill_plan_fa3_head_dim_256": Case(lambda: paged_plan(head_dim_qk=256, backend="fa3"), ValueError, "backend",
-                                          "does not support head_dim 256"),
+    # The Hopper kernel takes head_dim 64 / 128 only: "auto" falls back, "fa3" refuses the others (as for ALiBi)
+    "prefill_plan_fa3_head_dim_256": Case(lambda: paged_plan(head_dim_qk=256, backend="fa3"), ValueError,
+                                          "backend", "does not support head_dim 256"),
+    "prefill_plan_fa3_head_dim_96": Case(lambda: paged_plan(head_dim_qk=96, backend="fa3"), ValueError,
+                                         "backend", "does not support head_dim 96"),
     "prefill_plan_pos_encoding_unknown": Case(lambda: paged_plan(pos_encoding_mode="XPOS"), ValueError,
                                               "pos_encoding_mode",
                                               "'XPOS' is not one of 'NONE', 'ROPE_LLAMA', 'ALIBI'$"),
@@ -268,8 +283,8 @@ CPU_CASES = {
                                              'with pos_encoding_mode "ALIBI" is not supported'),
     "prefill_ctor_backend_unknown": Case(lambda: fi_cupy.BatchPrefillWithPagedKVCacheWrapper(WS, backend="fa4"),
                                          ValueError, "backend", "'fa4' is not one of"),
-    "ragged_plan_fp8_kv": Case(lambda: ragged_plan(kv_data_type="float8_e4m3fn"), TypeError, "kv_data_type",
-                               "paged path only"),
+    "ragged_plan_kv_of_another_16_bit_dtype": Case(lambda: ragged_plan(q_data_type="bfloat16", kv_data_type="float16"),
+                                                   TypeError, "kv_data_type", "float16"),
     "ragged_plan_alibi_with_soft_cap": Case(lambda: ragged_plan(pos_encoding_mode="ALIBI", logits_soft_cap=30.0),
                                             NotImplementedError, "logits_soft_cap",
                                             'with pos_encoding_mode "ALIBI" is not supported'),
@@ -280,8 +295,11 @@ CPU_CASES = {
                                         "16-byte aligned"),
     "single_prefill_q_last_dim_strided": Case(lambda: single_prefill(q=S((5, 8, 64), strides=(1024, 128, 2))),
                                               ValueError, "q", "last dim must be contiguous"),
-    "single_prefill_k_fp8": Case(lambda: single_prefill(k=S((9, 2, 64), E4M3), v=S((9, 2, 64), E4M3)), TypeError,
-                                 "k", "float8_e4m3fn does not match q's dtype"),
+    "single_prefill_k_float16": Case(lambda: single_prefill(k=S((9, 2, 64), F16), v=S((9, 2, 64), F16)), TypeError,
+                                     "k", "float16"),
+    # float8 K/V come as arrays of a float8 dtype (torch); uint8 bytes do not say which (no kv_data_type here)
+    "single_prefill_k_uint8": Case(lambda: single_prefill(k=S((9, 2, 64), U8), v=S((9, 2, 64), U8)), TypeError,
+                                   "k", "uint8"),
     "single_prefill_custom_mask_of_another_shape": Case(lambda: single_prefill(custom_mask=S((9, 5), dt.bool_)),
                                                         ValueError, "custom_mask", r"expected shape \(5, 9\)"),
     "single_prefill_alibi_with_soft_cap": Case(lambda: single_prefill(pos_encoding_mode="ALIBI", logits_soft_cap=5.0),
@@ -1034,14 +1052,14 @@ def single_prefill_custom_mask_float():
                                          custom_mask=_cuda(np.ones((4, 9)), "float32"))
 
 
-@gpu_case(TypeError, "k", "float8_e4m3fn does not match q's dtype", valid_single_prefill, torch_caller=True)
-def single_prefill_fp8_kv_tensors():
-    """A float8 dtype that comes from the array itself: torch has one, CuPy has not."""
+@gpu_case(ValueError, "v", "dtype", valid_single_prefill, torch_caller=True)
+def single_prefill_fp8_kv_of_two_kinds():
+    """float8 K/V take their kind from the arrays' dtype (torch has them, CuPy has not): k and v must agree."""
     k = torch.randn((9, HKV, D), device="cuda").to(torch.float8_e4m3fn)
-    fi_cupy.single_prefill_with_kv_cache(rand((4, HQ, D)), k, k)
+    fi_cupy.single_prefill_with_kv_cache(rand((4, HQ, D)), k, k.to(torch.float8_e5m2))
 
 
-@gpu_case(ValueError, "backend", "does not support head_dim 256", valid_single_prefill)
+@gpu_case(NotImplementedError, "backend", "head_dim 256", valid_single_prefill)
 def single_prefill_fa3_head_dim_256():
     fi_cupy.single_prefill_with_kv_cache(rand((4, HQ, 256)), rand((9, HKV, 256)), rand((9, HKV, 256)), backend="fa3")
 

@@ -153,6 +153,42 @@ def test_every_head_dim(d):
     check_batch(PagedBatch(LENS, page_size=16, hq=8, hkv=2, d=d))
 
 
+# head_dim 512 runs on the paged prefill kernel (decode.PREFILL_HEAD_DIMS), one query a request: the split
+# lengths make the scheduler cut long requests (the prefill merge), groups 1 / 4 / 8, page sizes 1 / 7 / 16.
+@pytest.mark.parametrize("group,page_size,lens", [(1, 16, [2999, 1, 0, 17, 640]), (4, 7, LENS),
+                                                  (8, 1, [0, 1, 33, 1500])])
+@pytest.mark.parametrize("q_dt", ["float16", "bfloat16"])
+def test_head_dim_512(group, page_size, lens, q_dt):
+    b = PagedBatch(lens, page_size=page_size, hq=2 * group, hkv=2, d=512, q_dt=q_dt, as_tuple=group == 4)
+    check_batch(b, logits_soft_cap=30.0 if group == 8 else None, sinks=rand((b.hq,), "float32") if group == 4 else None)
+
+
+def test_head_dim_512_refusals():
+    """fp8 and RoPE on the fly are not taken at 512 (the prefill kernel's limits), naming the argument."""
+    b = PagedBatch([5, 9], hq=4, hkv=2, d=512)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
+    with pytest.raises(TypeError, match="^kv_data_type"):
+        w.plan(b.indptr, b.indices, b.last_page_len, 4, 2, 512, 16, kv_data_type="float8_e4m3fn")
+    with pytest.raises(NotImplementedError, match="^pos_encoding_mode"):
+        w.plan(b.indptr, b.indices, b.last_page_len, 4, 2, 512, 16, pos_encoding_mode="ROPE_LLAMA")
+
+
+@pytest.mark.parametrize("kv_len,layout", [(0, "NHD"), (1, "HND"), (3001, "NHD")])
+def test_single_decode_head_dim_512(kv_len, layout):
+    hq, hkv, d = 8, 2, 512
+    q = rand((hq, d), "bfloat16")
+    k = rand((kv_len, hkv, d) if layout == "NHD" else (hkv, kv_len, d), "bfloat16")
+    v = rand(k.shape, "bfloat16")
+    out, lse = nan_like(q), cp.full((hq,), np.nan, dtype=cp.float32)
+    o, l2 = fi_cupy.single_decode_with_kv_cache(q, k, v, kv_layout=layout, return_lse=True, out=out, lse=lse,
+                                                 sm_scale=0.05)
+    kf, vf = (f64(x) if layout == "NHD" else f64(x).transpose(1, 0, 2) for x in (k, v))
+    ro, rl = reference.decode_attention(f64(q), kf, vf, sm_scale=0.05)
+    assert_close(f64(o), ro, "bfloat16")
+    assert_lse_close(f64(l2), rl)
+    assert f64(out).tolist() == f64(o).tolist()  # out= was written
+
+
 @pytest.mark.parametrize("q_dt,kv_dt", [("float16", "float16"), ("bfloat16", "bfloat16"),
                                         ("float16", "float8_e4m3fn"), ("float16", "float8_e5m2"),
                                         ("bfloat16", "float8_e4m3fn"), ("bfloat16", "float8_e5m2")])

@@ -175,7 +175,6 @@ NOT_IMPLEMENTED = {
     "decode_jit_args": (lambda: decode.BatchDecodeWithPagedKVCacheWrapper(WS, jit_args=["x"]), "jit_args"),
     "decode_plan_o_data_type": (lambda: _decode_plan(o_data_type="float32"), "o_data_type"),
     "decode_plan_window_right": (lambda: _decode_plan(window_right=5), "window_right"),
-    "decode_plan_q_len_head_dim": (lambda: _decode_plan(q_len_per_req=2, head_dim=96), "q_len_per_req"),
     "decode_run_skip_softmax": (lambda: _decode_run(skip_softmax_threshold_scale_factor=0.5),
                                 "skip_softmax_threshold_scale_factor"),
     "decode_run_kv_cache_sf": (lambda: _decode_run(kv_cache_sf=S((4,))), "kv_cache_sf"),

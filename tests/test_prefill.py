@@ -33,6 +33,13 @@ checks that the grid reaches every path at every group and source:
 Every shape has qo_len 0 and kv_len 0 requests, qo_len > kv_len (causal rows that see no key; at qo 200
 over kv 50 whole 128-row items see none), and lengths off every tile (64 / 128 rows, 32 / 64 / 128
 keys). test_fp8_paged_grid: fp8 K/V (fa2 only) at groups 1, 4, 8 x page sizes 1, 8, 16.
+
+The other head dims (every multiple of 16 from 16 to 256, and 512; portable kernel only) and head_dim_vo
+!= head_dim_qk (192 / 128, 128 / 64) have a section of their own at the end: single prefill at each new
+head dim (test_single_head_dims), a source x group x shape grid with soft cap / window, custom masks,
+ALiBi and sinks rotating (test_head_dim_grid), head_dim 512 (test_head_dim_512), the qk / vo pairs
+(test_head_dim_qk_vo), fp8 K/V on the ragged wrapper and single prefill (test_fp8_ragged,
+test_fp8_single), "auto" falling back to the portable kernel on sm_90a, and the refusals.
 """
 import math
 
@@ -43,10 +50,17 @@ import pytest
 import fi_cupy
 from fi_cupy import reference
 from gpu_arrays import FP8, bits, capture, contiguous, dtype_name, empty, f64, f64_dev, nan_like, poison, rand, \
-    replay, rng, take, uniform
+    replay, rng, take, to_torch, uniform
 from tolerances import OUT_TOL, assert_lse_close
 
+try:
+    import torch
+except ImportError:  # only the float8 single prefill test (a torch caller) needs it
+    torch = None
+
 pytestmark = pytest.mark.gpu
+needs_torch_cuda = pytest.mark.skipif(torch is None or not torch.cuda.is_available(),
+                                      reason="needs torch with CUDA (float8 single prefill is a torch caller)")
 
 
 def _round(x, dtype: str):
@@ -77,11 +91,12 @@ def attention(q, k, v, causal=False, window_left=-1, mask=None, soft_cap=0.0, sm
     q (Lq, Hq, D), k/v (Lk, Hkv, D) CuPy arrays (16-bit, or float64 holding such values); mask bool
     (Lq, Lk); sinks float32 (Hq,) or None. alibi: reference.alibi_bias added to the scaled scores in
     float32 (float64 unrounded), the sum not rounded to `dtype`: the baseline's error stays that of the
-    scores alone, so ALiBi gives the kernel no more room. Returns (o, lse base 2), float64 CuPy arrays."""
+    scores alone, so ALiBi gives the kernel no more room. v may have another head dim (head_dim_vo):
+    o takes it, the default scale stays 1 / sqrt(q's). Returns (o, lse base 2), float64 CuPy arrays."""
     q, k, v = _dev(q), _dev(k), _dev(v)
     lq, hq, d = q.shape
     lk, hkv, _ = k.shape
-    o, lse = cp.zeros((lq, hq, d)), cp.full((lq, hq), -np.inf)
+    o, lse = cp.zeros((lq, hq, v.shape[-1])), cp.full((lq, hq), -np.inf)
     work = np.float64 if dtype == "float64" else np.float32
     rnd = (lambda x: x) if dtype == "float64" else (lambda x: _round(x, dtype))  # noqa: E731
 
@@ -278,9 +293,13 @@ def test_reference_agrees_with_numpy_alibi(sinks):
 
 
 class Batch:
+    """A paged batch: a random cache with a shuffled page table and spare pages. d_vo (V's head dim) other
+    than d: the cache is a (k_cache, v_cache) pair of 4-D arrays, the only form that holds two head dims."""
+
     def __init__(self, qo_lens, kv_lens, page_size=16, hq=8, hkv=2, d=128, dtype="bfloat16", kv_dtype=None,
-                 layout="NHD", cache=None):
+                 layout="NHD", cache=None, d_vo=None):
         kv_dtype = kv_dtype or dtype
+        self.d_vo = d if d_vo is None else d_vo
         self.qo_lens, self.kv_lens, self.ps, self.layout = list(qo_lens), list(kv_lens), page_size, layout
         self.qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
         npages = [math.ceil(n / page_size) for n in kv_lens]
@@ -289,15 +308,25 @@ class Batch:
         self.kv_indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
         self.indices = perm[: self.kv_indptr[-1]].astype(np.int32)
         self.last = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, npages)], np.int32)
-        shape = (total, 2, page_size, hkv, d) if layout == "NHD" else (total, 2, hkv, page_size, d)
-        self.cache = rand(shape, kv_dtype) if cache is None else cache  # float8: its bytes (uint8)
+        if self.d_vo == d:
+            shape = (total, 2, page_size, hkv, d) if layout == "NHD" else (total, 2, hkv, page_size, d)
+            self.cache = rand(shape, kv_dtype) if cache is None else cache  # float8: its bytes (uint8)
+        else:
+            self.cache = tuple(rand((total, page_size, hkv, x) if layout == "NHD" else (total, hkv, page_size, x),
+                                    kv_dtype) for x in (d, self.d_vo)) if cache is None else cache
         self.kv_dtype = kv_dtype
         self.q = rand((int(self.qo_indptr[-1]), hq, d), dtype)
         self.hkv, self.d = hkv, d
 
     def kv(self, r):
-        """(k, v) of request r: float64 CuPy arrays (kv_len, hkv, d), float8 dequantised (unscaled)."""
-        pages = f64_dev(take(self.cache, self.indices[self.kv_indptr[r]: self.kv_indptr[r + 1]]), self.kv_dtype)
+        """(k, v) of request r: float64 CuPy arrays (kv_len, hkv, d / d_vo), float8 dequantised (unscaled)."""
+        ids = self.indices[self.kv_indptr[r]: self.kv_indptr[r + 1]]
+        if isinstance(self.cache, tuple):  # (k_cache, v_cache) of two head dims
+            pages = [f64_dev(take(c, ids), self.kv_dtype) for c in self.cache]
+            if self.layout == "HND":
+                pages = [x.transpose(0, 2, 1, 3) for x in pages]
+            return tuple(x.reshape(-1, self.hkv, x.shape[-1])[: self.kv_lens[r]] for x in pages)
+        pages = f64_dev(take(self.cache, ids), self.kv_dtype)
         if self.layout == "HND":
             pages = pages.transpose(0, 1, 3, 2, 4)
         kv = pages.transpose(1, 0, 2, 3, 4).reshape(2, -1, self.hkv, self.d)[:, : self.kv_lens[r]]
@@ -927,14 +956,14 @@ def test_packbits_matches_numpy(bitorder):
 
 def test_bad_input():
     q, k = rand((10, 8, 128), "bfloat16"), rand((20, 2, 128), "bfloat16")
-    q96, k96 = rand((10, 8, 96), "bfloat16"), rand((20, 2, 96), "bfloat16")
+    q40, k40 = rand((10, 8, 40), "bfloat16"), rand((20, 2, 40), "bfloat16")  # not a multiple of 16
     with pytest.raises(ValueError, match="head_dim"):
-        fi_cupy.single_prefill_with_kv_cache(q96, k96, contiguous(k96))
+        fi_cupy.single_prefill_with_kv_cache(q40, k40, contiguous(k40))
     with pytest.raises(ValueError, match="num_qo_heads"):
         fi_cupy.single_prefill_with_kv_cache(rand((10, 6, 128), "bfloat16"), rand((20, 4, 128), "bfloat16"),
                                              rand((20, 4, 128), "bfloat16"))
-    k16 = rand(k.shape, "float16")
-    with pytest.raises(TypeError, match="kv_data_type"):
+    k16 = rand(k.shape, "float16")  # K/V: q's dtype or float8
+    with pytest.raises(TypeError, match="^k: .*float16"):
         fi_cupy.single_prefill_with_kv_cache(q, k16, k16)
     with pytest.raises(ValueError, match="custom_mask"):
         fi_cupy.single_prefill_with_kv_cache(q, k, k, custom_mask=cp.ones((10, 19), dtype=bool))
@@ -947,3 +976,351 @@ def test_bad_input():
         w.plan(np.array([0, 5, 3]), np.array([0, 1, 2]), b.indices, np.array([1, 1]), 8, 2, 128, 16)
     with pytest.raises(RuntimeError, match="before plan"):
         fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_ws()).run(q, k, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Head dims past 64 / 128 / 256 (every multiple of 16 up to 256, and 512), head_dim_vo != head_dim_qk
+# (192 / 128, 128 / 64), and fp8 K/V on the ragged wrapper and single prefill. The Hopper kernel takes
+# none of these: their fa3 items skip (fa2 runs the same case; backend "auto" would too), and
+# test_new_head_dims_auto_falls_back runs "auto" under the fa3 fixture. Every case: NaN-poisoned
+# outputs, lse checked, the rows that see no key exactly 0 / -inf (_check_requests); batches are the
+# grid's shapes (qo 0 and kv 0 requests, qo_len > kv_len, lengths off every tile; "split" cuts KV
+# ranges and merges the partial rows).
+
+NEW_HEAD_DIMS = (16, 32, 48, 80, 96, 112, 144, 160, 176, 192, 208, 224, 240, 512)
+QK_VO_PAIRS = ((192, 128), (128, 64))  # (head_dim_qk, head_dim_vo)
+
+
+def _indptr(lens) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+
+
+def _skip_fa3_for(prefill_kernel, d, d_vo=None, kv_dtype=None) -> None:
+    """The fa3 item of a case the Hopper kernel does not take: fa2 runs it ("auto" falls back to it)."""
+    from fi_cupy import prefill
+    if prefill_kernel == "fa3" and (d not in prefill.SM90_HEAD_DIMS or d_vo not in (None, d) or kv_dtype in FP8):
+        pytest.skip("fa3 takes head_dim 64 / 128 with head_dim_vo equal and K/V in the q dtype: the fa2 item runs "
+                    "this case")
+
+
+def _run_source(source, qo_lens, kv_lens, hq, hkv, d, d_vo=None, dtype="bfloat16", kv_dtype=None, layout="NHD",
+                masks=None, causal=False, scales=None, sinks=None, **opts):
+    """One batch on `source` ("paged<page size>", "ragged", or "single": the batch's first request), planned
+    with opts (keywords plan() and single prefill share: logits_soft_cap, window_left, pos_encoding_mode)
+    and run into NaN outputs with return_lse; scales: (k_scale, v_scale) for run(); sinks: paged only.
+    Paged K/V of two head dims are a (k_cache, v_cache) pair: a paged plan() that refuses head_dim_vo
+    skips the test (the only refusal that does). Returns (out, lse, q, qo_indptr, kv_of, plan): kv_of(r)
+    request r's (k, v) as check() takes them (fp8: dequantised, scaled, in q's dtype, as Batch.check),
+    plan the plan that ran."""
+    from fi_cupy import prefill
+    d_vo = d if d_vo is None else d_vo
+    kv_dtype = kv_dtype or dtype
+    fp8 = kv_dtype in FP8
+    if source == "single":
+        qo_lens, kv_lens, masks = qo_lens[:1], kv_lens[:1], None if masks is None else masks[:1]
+    qo_ip = _indptr(qo_lens)
+    flat = None if masks is None else cp.concatenate([m.reshape(-1) for m in masks])
+    run_kw = {} if scales is None else {"k_scale": scales[0], "v_scale": scales[1]}
+    plan_kw = dict(causal=causal, custom_mask=flat, q_data_type=dtype, kv_data_type=kv_dtype, **opts)
+    if d_vo != d:
+        plan_kw["head_dim_vo"] = d_vo
+    if source.startswith("paged"):
+        ps = int(source[len("paged"):])
+        b = Batch(qo_lens, kv_lens, page_size=ps, hq=hq, hkv=hkv, d=d, dtype=dtype, kv_dtype=kv_dtype, layout=layout,
+                  d_vo=d_vo)
+        q, kv_raw = b.q, b.kv
+        w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), layout)
+        try:
+            w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, hq, hkv, d, ps, **plan_kw)
+        except NotImplementedError as e:
+            if d_vo != d and "head_dim_vo" in str(e):
+                pytest.skip(f"the paged wrapper does not take head_dim_vo != head_dim_qk ({e})")
+            raise
+        call = lambda out, lse: w.run(q, b.cache, out=out, lse=lse, return_lse=True, sinks=sinks,  # noqa: E731
+                                      **run_kw)
+    else:
+        assert sinks is None, "run(sinks=) is the paged wrapper's"
+        kv_ip = _indptr(kv_lens)
+        q = rand((int(qo_ip[-1]), hq, d), dtype)
+        k, v = rand((int(kv_ip[-1]), hkv, d), kv_dtype), rand((int(kv_ip[-1]), hkv, d_vo), kv_dtype)
+        kk, vv = (k, v) if layout == "NHD" else (contiguous(k.transpose(1, 0, 2)), contiguous(v.transpose(1, 0, 2)))
+
+        def kv_raw(r):
+            rows = slice(int(kv_ip[r]), int(kv_ip[r + 1]))
+            return tuple(f64_dev(x[rows], kv_dtype) if fp8 else x[rows] for x in (k, v))
+
+        if source == "ragged":
+            w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_ws(), layout)
+            w.plan(qo_ip, kv_ip, hq, hkv, d, **plan_kw)
+            call = lambda out, lse: w.run(q, kk, vv, out=out, lse=lse, return_lse=True, **run_kw)  # noqa: E731
+        else:
+            assert not fp8, "CuPy float8 K/V are uint8 bytes, which single prefill cannot type: test_fp8_single"
+            single = dict(custom_mask=None if masks is None else masks[0], causal=causal, kv_layout=layout, **opts)
+            call = lambda out, lse: fi_cupy.single_prefill_with_kv_cache(  # noqa: E731
+                q, kk, vv, return_lse=True, out=out, lse=lse, **single, **run_kw)
+    out, lse = nan_like(empty((q.shape[0], hq, d_vo), dtype)), _lse_nan(q)
+    o, l2 = call(out, lse)
+    assert o is out and l2 is lse
+    plan = next(reversed(prefill._single_plans.values())) if source == "single" else w._plan
+    kv_of = kv_raw
+    if fp8:
+        s = scales or (1.0, 1.0)
+        kv_of = lambda r: tuple(_round(x * f, dtype).astype(cp.float64)  # noqa: E731
+                                for x, f in zip(kv_raw(r), s))
+    return out, lse, q, qo_ip, kv_of, plan
+
+
+# (qo_len, kv_len): kv 0 and 1, qo > kv (causal rows that see no key), lengths off 16 / 32 / 64 / 128,
+# few queries on a long context. Ordered so that any 4 in a row (a head dim's items) hold a kv <= 1 or
+# qo > kv shape.
+SINGLE_SHAPES = ((1, 1), (129, 77), (100, 1000), (37, 0), (257, 513), (200, 1), (63, 300), (5, 2049))
+
+
+def _single_dims_grid() -> list:
+    """Every new head dim x causal x 2 shapes (4 consecutive SINGLE_SHAPES a head dim, rotating); group
+    (1 / 4 / 8), KV heads (2 / 1 / 4), dtype and layout rotating."""
+    cases = []
+    for di, d in enumerate(NEW_HEAD_DIMS):
+        for ci, causal in enumerate((False, True)):
+            for j in range(2):
+                i = len(cases)
+                qo, kv = SINGLE_SHAPES[(3 * di + 2 * ci + j) % len(SINGLE_SHAPES)]
+                group, hkv = (1, 4, 8)[i % 3], (2, 1, 4)[i // 3 % 3]
+                dtype, layout = ("float16", "bfloat16")[i // 2 % 2], ("NHD", "HND")[i // 5 % 2]
+                cases.append(pytest.param(d, causal, qo, kv, group * hkv, hkv, dtype, layout,
+                                          id=f"d{d}-{'causal' if causal else 'full'}-qo{qo}-kv{kv}-g{group}-h{hkv}-"
+                                             f"{dtype}-{layout}"))
+    return cases
+
+
+@pytest.mark.parametrize("d,causal,qo,kv,hq,hkv,dtype,layout", _single_dims_grid())
+def test_single_head_dims(d, causal, qo, kv, hq, hkv, dtype, layout, prefill_kernel):
+    _skip_fa3_for(prefill_kernel, d)
+    out, lse, q, qo_ip, kv_of, plan = _run_source("single", [qo], [kv], hq, hkv, d, dtype=dtype, layout=layout,
+                                                  causal=causal)
+    assert not plan.tile.sm90 and plan.params.head_dim == d
+    _check_requests(out, lse, q, qo_ip, kv_of, causal, None)
+
+
+HEAD_DIM_SOURCES = ("paged1", "paged7", "paged16", "ragged")
+# causal; causal with a soft cap and a window; a custom mask with a row that sees nothing; ALiBi
+# (causal); no mask
+HEAD_DIM_VARIANTS = ("causal", "cap_window", "mask", "alibi", "none")
+
+
+def _head_dim_grid() -> list:
+    """KV source x group x (small or large, split), the new head dims, the variants (every source meets
+    each), dtype and layout rotating; sinks on every other paged item."""
+    cases = []
+    for si, source in enumerate(HEAD_DIM_SOURCES):
+        for gi, group in enumerate(GRID_GROUPS):
+            for hi in range(2):
+                i = len(cases)
+                shape = "split" if hi else ("small", "large")[(si + gi) % 2]
+                d = NEW_HEAD_DIMS[3 * i % len(NEW_HEAD_DIMS)]
+                variant = HEAD_DIM_VARIANTS[(i + si) % len(HEAD_DIM_VARIANTS)]
+                dtype, layout = ("float16", "bfloat16")[i // 2 % 2], ("NHD", "HND")[i // 3 % 2]
+                sinks = source.startswith("paged") and i % 2 == 0
+                cases.append(pytest.param(source, group, shape, d, variant, dtype, layout, sinks,
+                                          id=f"{source}-g{group}-{shape}-d{d}-{variant}-{dtype}-{layout}"
+                                             f"{'-sinks' if sinks else ''}"))
+    return cases
+
+
+def _variant_options(variant: str) -> tuple:
+    """(causal, plan options, check() options) of a HEAD_DIM_VARIANTS entry (the mask is the caller's)."""
+    if variant == "cap_window":
+        return True, {"logits_soft_cap": 30.0, "window_left": 37}, {"soft_cap": 30.0, "window_left": 37}
+    if variant == "alibi":
+        return True, {"pos_encoding_mode": "ALIBI"}, {"alibi": True}
+    return variant == "causal", {}, {}
+
+
+def _random_masks(qo_lens, kv_lens) -> list:
+    masks = [uniform((a, b)) > 0.5 for a, b in zip(qo_lens, kv_lens)]
+    for m in masks:
+        m[:1] = False  # a row that sees nothing
+    return masks
+
+
+@pytest.mark.parametrize("source,group,shape,d,variant,dtype,layout,sinks", _head_dim_grid())
+def test_head_dim_grid(source, group, shape, d, variant, dtype, layout, sinks, prefill_kernel):
+    _skip_fa3_for(prefill_kernel, d)
+    hq, hkv = GRID_GROUPS[group]
+    qo_lens, kv_lens = _grid_lens(shape, group)
+    masks = _random_masks(qo_lens, kv_lens) if variant == "mask" else None
+    causal, opts, kw = _variant_options(variant)
+    s = rand((hq,), "float32", 2.0) if sinks else None
+    out, lse, q, qo_ip, kv_of, plan = _run_source(source, qo_lens, kv_lens, hq, hkv, d, dtype=dtype, layout=layout,
+                                                  masks=masks, causal=causal, sinks=s, **opts)
+    assert not plan.tile.sm90 and plan.params.head_dim == d
+    assert (plan.num_merges > 0) == (shape == "split"), f"num_merges {plan.num_merges}"
+    _check_requests(out, lse, q, qo_ip, kv_of, causal, masks, s, **kw)
+
+
+def test_new_head_dim_grids_cover(prefill_kernel):
+    """The rotations above: every new head dim at every group, causal and not, with a kv <= 1 or qo > kv
+    shape, in single prefill; in the batch grid every head dim, every source with every variant, and
+    split shapes under every variant."""
+    if prefill_kernel == "fa3":
+        pytest.skip("checks the grids themselves")
+    single = [c.values for c in _single_dims_grid()]
+    for d in NEW_HEAD_DIMS:
+        mine = [c for c in single if c[0] == d]
+        assert {c[4] // c[5] for c in mine} == {1, 4, 8} and {c[1] for c in mine} == {False, True}, d
+        assert any(c[3] <= 1 or c[2] > c[3] for c in mine), d
+    assert {c[3] for c in single} >= {0, 1} and {c[6] for c in single} == {"float16", "bfloat16"}
+    grid = [c.values for c in _head_dim_grid()]
+    assert {c[3] for c in grid} == set(NEW_HEAD_DIMS)
+    assert {(c[0], c[4]) for c in grid} == {(s, v) for s in HEAD_DIM_SOURCES for v in HEAD_DIM_VARIANTS}
+    assert {c[4] for c in grid if c[2] == "split"} == set(HEAD_DIM_VARIANTS)
+    assert {c[2] for c in grid} == set(GRID_SHAPES) and any(c[7] for c in grid)
+
+
+@pytest.mark.parametrize("source", ["single", "ragged", "paged16", "paged7"])
+@pytest.mark.parametrize("shape", ["large", "split"])
+def test_head_dim_512(source, shape, prefill_kernel):
+    """head_dim 512, causal with a soft cap, lse checked; "split" merges partial rows of 512 columns;
+    paged7 with sinks."""
+    _skip_fa3_for(prefill_kernel, 512)
+    i = ["single", "ragged", "paged16", "paged7"].index(source) + (shape == "split")
+    group = list(GRID_GROUPS)[i % 3]
+    hq, hkv = GRID_GROUPS[group]
+    s = rand((hq,), "float32", 2.0) if source == "paged7" else None
+    out, lse, q, qo_ip, kv_of, plan = _run_source(source, *_grid_lens(shape, group), hq, hkv, 512,
+                                                  dtype=("float16", "bfloat16")[i % 2], causal=True, sinks=s,
+                                                  logits_soft_cap=30.0)
+    assert not plan.tile.sm90 and (plan.num_merges > 0) == (shape == "split"), f"num_merges {plan.num_merges}"
+    _check_requests(out, lse, q, qo_ip, kv_of, True, None, s, soft_cap=30.0)
+
+
+def _qk_vo_grid() -> list:
+    """Source x pair x group (1, 8) x shape (large, split); causal rotating (each source and pair has
+    both, at each shape); dtype and layout rotating."""
+    cases = []
+    for si, source in enumerate(("single", "ragged", "paged7")):
+        for pi, (dqk, dvo) in enumerate(QK_VO_PAIRS):
+            for gi, group in enumerate((1, 8)):
+                for hi, shape in enumerate(("large", "split")):
+                    i = len(cases)
+                    causal = (si + pi + gi + hi) % 2 == 1
+                    dtype, layout = ("float16", "bfloat16")[i // 2 % 2], ("NHD", "HND")[i // 3 % 2]
+                    cases.append(pytest.param(source, dqk, dvo, group, shape, causal, dtype, layout,
+                                              id=f"{source}-{dqk}x{dvo}-g{group}-{shape}-"
+                                                 f"{'causal' if causal else 'full'}-{dtype}-{layout}"))
+    return cases
+
+
+@pytest.mark.parametrize("source,dqk,dvo,group,shape,causal,dtype,layout", _qk_vo_grid())
+def test_head_dim_qk_vo(source, dqk, dvo, group, shape, causal, dtype, layout, prefill_kernel):
+    """q / k of head_dim_qk, v and the output of head_dim_vo (single prefill infers it from v's shape);
+    sm_scale 1 / sqrt(head_dim_qk). Paged: a (k_cache, v_cache) pair, skipped if plan() refuses it."""
+    _skip_fa3_for(prefill_kernel, dqk, dvo)
+    hq, hkv = GRID_GROUPS[group]
+    out, lse, q, qo_ip, kv_of, plan = _run_source(source, *_grid_lens(shape, group), hq, hkv, dqk, d_vo=dvo,
+                                                  dtype=dtype, layout=layout, causal=causal)
+    assert out.shape == q.shape[:2] + (dvo,) and kv_of(0)[1].shape[-1] == dvo
+    assert not plan.tile.sm90 and (plan.num_merges > 0) == (shape == "split"), f"num_merges {plan.num_merges}"
+    _check_requests(out, lse, q, qo_ip, kv_of, causal, None)
+
+
+FP8_DIMS = (64, 128, 80, 256)
+
+
+@pytest.mark.parametrize("d", FP8_DIMS)
+@pytest.mark.parametrize("group", list(GRID_GROUPS))
+def test_fp8_ragged(d, group, prefill_kernel):
+    """fp8 K/V on the ragged wrapper: uint8 bytes planned with kv_data_type, k_scale / v_scale given to
+    run() (a scale that is ignored fails); shape, causal, fp8 kind, dtype and layout rotating."""
+    _skip_fa3_for(prefill_kernel, d, kv_dtype="float8_e4m3fn")
+    di, gi = FP8_DIMS.index(d), list(GRID_GROUPS).index(group)
+    shape = GRID_SHAPES[(di + gi) % 3]
+    causal = (di + gi) % 2 == 0
+    hq, hkv = GRID_GROUPS[group]
+    out, lse, q, qo_ip, kv_of, plan = _run_source(
+        "ragged", *_grid_lens(shape, group), hq, hkv, d, dtype=("float16", "bfloat16")[di % 2],
+        kv_dtype=FP8[(di + gi) // 2 % 2], layout=("NHD", "HND")[gi % 2], causal=causal, scales=(0.5, 2.0))
+    assert not plan.tile.sm90 and (plan.num_merges > 0) == (shape == "split"), f"num_merges {plan.num_merges}"
+    _check_requests(out, lse, q, qo_ip, kv_of, causal, None)
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("d", FP8_DIMS)
+def test_fp8_single(d, prefill_kernel):
+    """fp8 K/V on single prefill. It has no kv_data_type (neither has FlashInfer's): the float8 kind comes
+    from k / v's own dtype. CuPy has no float8 dtype and gpu_arrays holds float8 as uint8 bytes, which do
+    not say which kind (single prefill refuses them), so this case is a torch caller on the same memory,
+    as test_decode's float8 single decode; CuPy callers reach fp8 K/V through the ragged wrapper, whose
+    plan() names the kind (test_fp8_ragged)."""
+    _skip_fa3_for(prefill_kernel, d, kv_dtype="float8_e4m3fn")
+    i = FP8_DIMS.index(d)
+    qo, kv, hq, hkv = ((129, 300, 8, 2), (200, 77, 16, 2), (37, 2049, 2, 2), (1, 1, 8, 1))[i]
+    kv_dtype, dtype, causal = FP8[i % 2], ("float16", "bfloat16")[i // 2], i % 2 == 0
+    q, k, v = rand((qo, hq, d), dtype), rand((kv, hkv, d), kv_dtype), rand((kv, hkv, d), kv_dtype)
+    out, lse = nan_like(q), _lse_nan(q)
+    o, l2 = fi_cupy.single_prefill_with_kv_cache(
+        to_torch(q, dtype), to_torch(k, kv_dtype), to_torch(v, kv_dtype), causal=causal, k_scale=0.5, v_scale=2.0,
+        return_lse=True, out=to_torch(out, dtype), lse=to_torch(lse, "float32"))
+    assert isinstance(o, torch.Tensor) and o.data_ptr() == out.data.ptr and l2.data_ptr() == lse.data.ptr
+    torch.cuda.synchronize()
+    kv_of = lambda r: tuple(_round(f64_dev(x, kv_dtype) * s, dtype).astype(cp.float64)  # noqa: E731
+                            for x, s in ((k, 0.5), (v, 2.0)))
+    _check_requests(out, lse, q, _indptr([qo]), kv_of, causal, None)
+
+
+@pytest.mark.parametrize("source", ["single", "ragged", "paged16"])
+@pytest.mark.parametrize("dims", [(48, 48), (512, 512), (192, 128)], ids=["d48", "d512", "d192x128"])
+def test_new_head_dims_auto_falls_back(source, dims, prefill_kernel):
+    """Under the fa3 fixture (an sm_90a GPU, backend "auto" taking the Hopper kernel from the first row),
+    head dims it does not take run the portable kernel, right."""
+    if prefill_kernel == "fa2":
+        pytest.skip("the fa2 fixture runs these head dims in the tests above")
+    hq, hkv = GRID_GROUPS[4]
+    out, lse, q, qo_ip, kv_of, plan = _run_source(source, *_grid_lens("large", 4), hq, hkv, dims[0], d_vo=dims[1],
+                                                  causal=True)
+    assert not plan.tile.sm90
+    _check_requests(out, lse, q, qo_ip, kv_of, True, None)
+
+
+def _raises(exc, words, call) -> None:
+    """call() raises exc whose message names every one of `words`."""
+    with pytest.raises(exc) as e:
+        call()
+    for w in words:
+        assert w in str(e.value), f"{w!r} not in {e.value}"
+
+
+def test_bad_head_dims(prefill_kernel):
+    """Refused before any launch, naming the argument: head dims off the list (not a multiple of 16, past
+    256 but 512), head_dim_vo other than the pairs, RoPE on the fly at a new head dim or with head_dim_vo
+    != head_dim_qk, and backend "fa3" at a head dim the Hopper kernel does not take."""
+    if prefill_kernel == "fa3":
+        pytest.skip("argument checks: the fa2 item runs them")
+    qo_ip, kv_ip = _indptr([10, 3]), _indptr([20, 7])
+    b = Batch([10, 3], [20, 7], d=64)
+
+    def ragged(d, backend="auto", **kw):
+        return lambda: fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_ws(), backend=backend).plan(
+            qo_ip, kv_ip, 8, 2, d, q_data_type="bfloat16", **kw)
+
+    def paged(d, backend="auto", **kw):
+        return lambda: fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), backend=backend).plan(
+            b.qo_indptr, b.kv_indptr, b.indices, b.last, 8, 2, d, 16, q_data_type="bfloat16", **kw)
+
+    def single(d, d_vo=None, **kw):
+        return lambda: fi_cupy.single_prefill_with_kv_cache(rand((10, 8, d)), rand((20, 2, d)),
+                                                            rand((20, 2, d_vo or d)), **kw)
+
+    for d in (40, 272, 384):
+        _raises(ValueError, ["head_dim_qk", str(d)], ragged(d))
+        _raises(ValueError, ["head_dim_qk", str(d)], paged(d))
+        _raises(ValueError, ["head_dim", str(d)], single(d))
+    _raises(NotImplementedError, ["head_dim_vo", "96"], ragged(128, head_dim_vo=96))
+    _raises(NotImplementedError, ["head_dim_vo", "96"], paged(128, head_dim_vo=96))
+    _raises(NotImplementedError, ["head_dim_vo", "96"], single(128, 96))
+    rope = {"pos_encoding_mode": "ROPE_LLAMA"}
+    for call in (ragged(80, **rope), paged(80, **rope), single(80, **rope), ragged(192, head_dim_vo=128, **rope),
+                 single(192, 128, **rope)):
+        _raises(NotImplementedError, ["pos_encoding_mode"], call)
+    for call in (ragged(96, "fa3"), paged(96, "fa3"), single(96, backend="fa3")):  # as for ALiBi: the backend
+        _raises(ValueError, ["backend: 'fa3'", "head_dim 96"], call)

@@ -63,6 +63,25 @@ def test_tiles_and_shared_memory():
     assert prefill.pick_tile(128, 4096, prefill.CUSTOM_MASK).rows == 64
     assert prefill.pick_tile(128, 4096, 0, rope=True).rows == 64
     assert prefill.pick_tile(256, 4096).rows == 128
+    # sm_86 / sm_89 give a CTA 99 KB: the 128-row d256 tile (128 KB) does not fit, the 64-row one does
+    assert prefill.pick_tile(256, 4096, smem_limit=99 * 1024, kv_dtype=dt.bfloat16).rows == 64
+    for d, dv in prefill.HEAD_DIM_PAIRS:
+        for t in prefill.tile_shapes(d, dv):
+            assert prefill.smem_bytes(d, t, dt.bfloat16, dv) <= 163 * 1024
+
+
+def test_widths_hold_every_head_dim():
+    """Each head dim runs on the narrowest compiled width that holds it; 512 in two 256-column halves;
+    head dims of one width share one program."""
+    for d in prefill.SUPPORTED_HEAD_DIMS:
+        w, wv, splits = prefill.widths(d)
+        assert w in prefill.WIDTHS and w >= d and all(x < d for x in prefill.WIDTHS if x < w)
+        assert wv * splits == w and splits == (2 if d == 512 else 1)
+    assert prefill.widths(192, 128) == (192, 128, 1) and prefill.widths(128, 64) == (128, 64, 1)
+    tile = prefill.tile_shapes(80)[1]
+    same = [prefill.prefill_program(d, tile, dt.float16, dt.float16, True, False, 0) for d in (80, 96, 112, 128)]
+    assert len(set(same)) == 1
+    assert same[0] in prefill.all_programs()
 
 
 def test_params_checks():
@@ -71,9 +90,15 @@ def test_params_checks():
               q_data_type="bfloat16", kv_data_type=None, paged=True)
     p = prefill.make_params(**ok)
     assert p.group_size == 4 and abs(p.sm_scale - 128 ** -0.5) < 1e-12
-    bad = [({"head_dim_qk": 96}, ValueError, "head_dim"), ({"num_qo_heads": 6, "num_kv_heads": 4}, ValueError, "num_qo_heads"),
-           ({"head_dim_vo": 64}, NotImplementedError, "head_dim_vo"), ({"q_data_type": "float32"}, TypeError, "q_data_type"),
-           ({"kv_data_type": "float8_e4m3fn", "paged": False}, TypeError, "kv_data_type"),
+    bad = [({"head_dim_qk": 40}, ValueError, "head_dim_qk: 40"), ({"head_dim_qk": 272}, ValueError, "head_dim_qk"),
+           ({"head_dim_qk": 384}, ValueError, "head_dim_qk"),
+           ({"num_qo_heads": 6, "num_kv_heads": 4}, ValueError, "num_qo_heads"),
+           ({"head_dim_vo": 96}, NotImplementedError, "head_dim_vo: 96 with head_dim_qk 128"),
+           ({"q_data_type": "float32"}, TypeError, "q_data_type"),
+           ({"kv_data_type": "float8_e4m3fn", "head_dim_qk": 192, "head_dim_vo": 128}, TypeError, "kv_data_type"),
+           ({"kv_data_type": "float8_e4m3fn", "head_dim_qk": 512}, TypeError, "kv_data_type"),
+           ({"pos_encoding_mode": "ROPE_LLAMA", "head_dim_qk": 80}, NotImplementedError, "pos_encoding_mode"),
+           ({"pos_encoding_mode": "ROPE_LLAMA", "head_dim_vo": 64}, NotImplementedError, "pos_encoding_mode"),
            ({"pos_encoding_mode": "XPOS"}, ValueError, "pos_encoding_mode: 'XPOS' is not one of 'NONE', 'ROPE_LLAMA', "
                                                       "'ALIBI'"),
            ({"pos_encoding_mode": "ALIBI", "logits_soft_cap": 30.0}, NotImplementedError,
@@ -161,6 +186,7 @@ def test_alibi_takes_the_portable_kernel(d, custom_mask, monkeypatch):
     why = prefill.sm90_unsupported(p)
     assert why == "pos_encoding_mode ALIBI" if hopper_dim else why is not None
     monkeypatch.setattr(kernels, "device_arch", lambda device: "sm_90a")
+    monkeypatch.setattr(kernels, "device_props", lambda device: {"cc": 90, "sms": 132, "smem_optin": 227 * 1024})
     with pytest.raises(ValueError, match=r"^backend: 'fa3' \(the Hopper kernel\) does not support "
                                          + ("pos_encoding_mode ALIBI" if hopper_dim else "")):
         prefill.plan_tile(p, qo, custom_mask, "fa3", 0)

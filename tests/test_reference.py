@@ -302,3 +302,55 @@ def test_decode_reference_with_alibi_is_prefill_of_one_query(hq, hkv):
         np.testing.assert_allclose(lse, want_lse[0], rtol=1e-12, atol=1e-14)
         if n == 0:
             assert np.all(o == 0) and np.all(np.isneginf(lse))
+
+
+# ---------------------------------------------------------------------------------------------
+# head_dim_vo != head_dim_qk (DeepSeek's 192 / 128): o takes v's head dim, the default scale q's.
+
+
+def _attention_double_loop(q, k, v, causal, window_left=-1, cap=0.0):
+    """Row by row, head by head: q (Lq, Hq, Dqk), k (Lk, Hkv, Dqk), v (Lk, Hkv, Dvo) -> (o (Lq, Hq, Dvo), lse
+    base 2); scale 1 / sqrt(Dqk); rows that see no key 0 / -inf."""
+    lq, hq, dqk = q.shape
+    lk, hkv, dvo = v.shape
+    o, lse = np.zeros((lq, hq, dvo)), np.full((lq, hq), -np.inf)
+    for i in range(lq):
+        qpos = lk - lq + i
+        for h in range(hq):
+            kh = h // (hq // hkv)
+            s, rows = [], []
+            for j in range(lk):
+                if (causal and j > qpos) or (window_left >= 0 and j < qpos - window_left):
+                    continue
+                x = float(q[i, h] @ k[j, kh]) / math.sqrt(dqk)
+                s.append(cap * math.tanh(x / cap) if cap else x)
+                rows.append(v[j, kh])
+            if not s:
+                continue
+            m = max(s)
+            e = np.exp(np.array(s) - m)
+            o[i, h] = (e[:, None] * np.array(rows)).sum(axis=0) / e.sum()
+            lse[i, h] = (m + math.log(e.sum())) / math.log(2.0)
+    return o, lse
+
+
+@pytest.mark.parametrize("dqk,dvo", [(192, 128), (128, 64)])
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (8, 1), (12, 4)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_prefill_reference_head_dim_vo(dqk, dvo, hq, hkv, causal):
+    # (qo, kv): qo < kv, qo > kv (causal: the first rows see no key), kv 0, and a window with a soft cap
+    rng = np.random.default_rng(70 + dqk + hq + causal)
+    for lq, lk, window_left, cap in [(5, 11, -1, 0.0), (7, 3, -1, 0.0), (4, 0, -1, 0.0), (6, 9, 2, 3.0)]:
+        q = rng.standard_normal((lq, hq, dqk))
+        k, v = rng.standard_normal((lk, hkv, dqk)), rng.standard_normal((lk, hkv, dvo))
+        want_o, want_lse = _attention_double_loop(q, k, v, causal, window_left, cap)
+        o, lse = reference.prefill_attention(q, k, v, causal=causal, window_left=window_left, logits_soft_cap=cap)
+        assert o.shape == (lq, hq, dvo) and lse.shape == (lq, hq)
+        np.testing.assert_allclose(o, want_o, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(lse, want_lse, rtol=1e-12, atol=1e-14)
+        if causal and lq > lk:
+            assert np.all(o[: lq - lk] == 0) and np.all(np.isneginf(lse[: lq - lk]))
+        # sm_scale stays 1 / sqrt(head_dim_qk): given explicitly, the same result
+        o2, _ = reference.prefill_attention(q, k, v, causal=causal, window_left=window_left, logits_soft_cap=cap,
+                                            sm_scale=1 / math.sqrt(dqk))
+        np.testing.assert_array_equal(o2, o)

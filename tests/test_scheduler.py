@@ -106,7 +106,7 @@ def test_plan_lengths_and_metadata():
 @pytest.mark.parametrize("kw,err,match", [
     (dict(num_qo_heads=30), ValueError, r"num_qo_heads \(30\) must be a multiple of num_kv_heads \(8\)"),
     (dict(head_dim=100), ValueError, "head_dim: 100 is not supported"),
-    (dict(head_dim=512), ValueError, "head_dim: 512 is not supported"),
+    (dict(head_dim=272), ValueError, "head_dim: 272 is not supported"),
     (dict(pos_encoding_mode="XPOS"), ValueError, "pos_encoding_mode: 'XPOS' is not one of 'NONE', 'ROPE_LLAMA', "
                                                  "'ALIBI'$"),
     (dict(pos_encoding_mode="ALIBI", logits_soft_cap=30.0), NotImplementedError,

@@ -24,6 +24,13 @@ def test_table_covers_every_kernel_path():
     assert {"tensor cores (mma.sync)", "CUDA cores, RoPE on the fly", "CUDA cores, fp8 KV",
             "fa2 (portable, mma.sync)", "fa3 (sm_90a, wgmma)"} == kernels
     for op, kernel, dims, *_ in rows:
-        want = decode.SUPPORTED_HEAD_DIMS if op.startswith("BatchDecode") else \
-            prefill.SM90_HEAD_DIMS if kernel.startswith("fa3") else prefill.SUPPORTED_HEAD_DIMS
-        assert sorted(dims) == sorted(want), (op, kernel)
+        want = decode.KERNEL_HEAD_DIMS if op.startswith("BatchDecode") else \
+            prefill.SM90_HEAD_DIMS if kernel.startswith("fa3") else \
+            prefill.SUPPORTED_HEAD_DIMS + prefill.HEAD_DIM_PAIRS
+        assert set(dims) == set(want), (op, kernel)
+
+
+def test_dims_format():
+    assert support._dims(list(range(16, 257, 16)) + [512, (192, 128), (128, 64)]) == \
+        "16 to 256, step 16, 512, 128/64, 192/128"
+    assert support._dims([64, 128]) == "64, 128" and support._dims([64, 128, 256]) == "64, 128, 256"

@@ -12,6 +12,8 @@ namespace fic {
 
 // The launch arguments of both prefill kernels, in the order fi_cupy/prefill.py's launch_prefill
 // packs them: one ABI, so the two kernels cannot drift apart. T: q / out dtype; KVT: K/V dtype.
+// head_dim_qk / head_dim_vo: the real head dims, at most the kernel's compiled widths (the portable
+// kernel zero-fills the columns past them; the Hopper kernel takes exact widths).
 #define FIC_PREFILL_PARAMS(T, KVT)                                                                            \
   const T *__restrict__ q, long long q_stride_n, long long q_stride_h, const KVT *__restrict__ k_base,          \
       const KVT *__restrict__ v_base, long long kv_stride_page, long long kv_stride_slot, long long kv_stride_head, \
@@ -22,7 +24,7 @@ namespace fic {
       float *__restrict__ part_o, float *__restrict__ part_lse, int num_qo_heads, int group_size,               \
       unsigned int page_size, unsigned int page_div_mul, unsigned int page_div_shift, int causal, int window_left, \
       float sm_scale, float soft_cap, float v_scale, float rope_rcp_scale, double rope_log2_theta,              \
-      const float *__restrict__ sinks, const float *__restrict__ alibi_slopes
+      const float *__restrict__ sinks, const float *__restrict__ alibi_slopes, int head_dim_qk, int head_dim_vo
 
 // Variant flags (template argument FLAGS of both kernels): logits soft cap, packed custom mask, ALiBi
 // (portable kernel only). Each costs registers and code in the inner loop, so kernels without them do
@@ -206,12 +208,14 @@ struct RowDest {
   float* part_o;
   float* part_lse;
   const float* sinks;  // attention-sink logits per qo head (may be null): folded into direct rows
+  int vo_dim;          // head_dim_vo: the output's (and a partial row's) width
+  int vo_off;          // the first output column this CTA computes (head_dim_vo split over blockIdx.y)
 };
 
 // Epilogue, first half: the row sums over the quad, O normalised (times v_scale), lse in base 2
 // (-inf for a row that saw no key: o = 0 then) to the output or the partial rows, and partial O
 // rows. The caller then writes a direct item's O rows (staged through shared memory).
-template <int D, int MT, int DT>
+template <int MT, int DT>
 __device__ __forceinline__ void finish_rows(float (&o)[MT][DT][4], const float (&m)[MT][2], const float (&dsum)[MT][2],
                                             float scale, float v_scale, int r_first, int g, int c,
                                             const RowDest& k) {
@@ -243,17 +247,19 @@ __device__ __forceinline__ void finish_rows(float (&o)[MT][DT][4], const float (
         }
       }
       if (k.prow >= 0 && p < k.packed_len) {
-        float* dst = k.part_o + (long long)(k.prow + r) * D + 2 * c;
+        float* dst = k.part_o + (long long)(k.prow + r) * k.vo_dim + k.vo_off + 2 * c;
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt)
-          *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[mt][dt][2 * h], o[mt][dt][2 * h + 1]);
+          if (k.vo_off + dt * 8 < k.vo_dim)  // zero-filled columns past head_dim_vo are not stored
+            *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[mt][dt][2 * h], o[mt][dt][2 * h + 1]);
       }
     }
 }
 
 // Epilogue, second half (direct items): the warp's MT x 16 rows staged as 16-bit values in its own
 // rows of a shared tile (offset(row, chunk): byte offset of 16-byte chunk `chunk` of a row, in the
-// kernel's swizzle), then written out in 16-byte stores.
+// kernel's swizzle), then written out in 16-byte stores. D: the columns a CTA computes (from
+// k.vo_off; those past k.vo_dim are not stored).
 template <int D, int MT, int DT, typename T, typename Offset>
 __device__ __forceinline__ void store_rows(const float (&o)[MT][DT][4], unsigned char* tile, Offset offset,
                                            int r_first, int lane, T* out, long long o_stride_n, long long o_stride_h,
@@ -277,9 +283,9 @@ __device__ __forceinline__ void store_rows(const float (&o)[MT][DT][4], unsigned
   for (int i = 0; i < MT * 16 * kChunks / 32; ++i) {
     const int idx = i * 32 + lane, r = r_first + idx / kChunks, ch = idx % kChunks;
     const int p = k.p0 + r;
-    if (p < k.packed_len) {
+    if (p < k.packed_len && k.vo_off + ch * 8 < k.vo_dim) {
       const int ti = p / k.group_size, h = k.kv_head * k.group_size + p - ti * k.group_size;
-      *reinterpret_cast<uint4*>(out + (long long)(k.qo_start + ti) * o_stride_n + h * o_stride_h + ch * 8) =
+      *reinterpret_cast<uint4*>(out + (long long)(k.qo_start + ti) * o_stride_n + h * o_stride_h + k.vo_off + ch * 8) =
           *reinterpret_cast<const uint4*>(tile + offset(r, ch));
     }
   }

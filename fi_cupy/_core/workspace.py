@@ -58,13 +58,15 @@ class PlanCache:
         return self._plans.values()
 
 
-def attention_outputs(c, q: arrays.ArrayInfo, out, lse, return_lse: bool, o_layout: str, l_layout: str) -> tuple:
+def attention_outputs(c, q: arrays.ArrayInfo, out, lse, return_lse: bool, o_layout: str, l_layout: str,
+                      head_dim_vo: int | None = None) -> tuple:
     """(out object, its ArrayInfo, lse object or None, its ArrayInfo or None) of an attention call on Call
-    `c`: `out` (q's shape and dtype, last dim contiguous, 16-byte aligned rows) and `lse` (q's shape less
-    head_dim, float32, contiguous) checked, or new arrays in q's framework. Immutable (JAX) arrays cannot
-    be `out`."""
-    out_obj, o = c.new(q.shape, q.dtype, "out") if out is None else (out, c.arg(out, "out"))
-    checks.shape(o, q.shape, o_layout)
+    `c`: `out` (q's shape and dtype, last dim contiguous, 16-byte aligned rows; head_dim_vo: its last
+    dim) and `lse` (q's shape less head_dim, float32, contiguous) checked, or new arrays in q's
+    framework. Immutable (JAX) arrays cannot be `out`."""
+    o_shape = q.shape if head_dim_vo is None else tuple(q.shape[:-1]) + (head_dim_vo,)
+    out_obj, o = c.new(o_shape, q.dtype, "out") if out is None else (out, c.arg(out, "out"))
+    checks.shape(o, o_shape, o_layout)
     checks.dtype_is(o, q.dtype, "q's dtype")
     checks.last_dim_contiguous(o)
     checks.vector_aligned(o)
