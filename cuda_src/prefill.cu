@@ -156,9 +156,8 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
                                                          causal, window_left);
     const int kv_head = w.kv_head, p0 = w.p0, qo_start = w.qo_start, packed_len = w.packed_len;
     const int kv_off = w.kv_off, delta = w.delta, lo = w.lo, hi = w.hi, n_tiles = w.n_tiles;
-    const long long head_off = (long long)kv_head * kv_stride_head;
-    const KVT* k_req = k_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
-    const KVT* v_req = v_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
+    const KVT* k_req = k_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + (long long)kv_head * kv_stride_head;
+    const KVT* v_req = v_base + (PAGED ? 0 : (long long)kv_off * v_stride_slot) + (long long)kv_head * v_stride_head;
 
     __syncthreads();  // the previous item's warps are done with shared memory
     const int tid = (int)opaque(threadIdx.x);  // per-item index math stays inside the item loop
@@ -193,14 +192,14 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
     }
 
     // K/V tile t into its stage: rows lo + t*KV .. (zeros past hi and past the real head dims).
-    const long long slot_stride_ = kv_stride_slot;
-    auto row_offset = [&](int j) -> long long {  // K/V element offset of key j of the request
+    // Element offset of key j of the request in K (or V: its own strides where its head dim differs).
+    auto row_offset = [&](int j, long long stride_page, long long stride_slot) -> long long {
       // Opaque stride: rebuilt each tile rather than hoisted out of the KV loop.
-      const long long slot_stride = ((long long)opaque((unsigned)(slot_stride_ >> 32)) << 32) |
-                                    opaque((unsigned)slot_stride_);
+      const long long slot_stride = ((long long)opaque((unsigned)(stride_slot >> 32)) << 32) |
+                                    opaque((unsigned)stride_slot);
       if (PAGED) {
         const unsigned pg = page_div.quot(j);
-        return (long long)page_indices[kv_off + pg] * kv_stride_page + (long long)(j - pg * page_size) * slot_stride;
+        return (long long)page_indices[kv_off + pg] * stride_page + (long long)(j - pg * page_size) * slot_stride;
       }
       return (long long)j * slot_stride;
     };
@@ -210,11 +209,11 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
         constexpr int CE = C::kRaw ? 16 : 8;  // elements a 16-byte chunk
         T* st = stage_s + (t & 1) * C::kTile;
         unsigned char* rst = raw_s;
-        if constexpr (D == DV) {  // K and V rows together: one address a row
+        if constexpr (D == DV) {  // K and V rows together (laid out alike): one address a row
           for_tile_chunks<KV, D / CE, kThreads>(tid, [&](int row, int ch) {
             const int j = j0 + row;
             const bool in = j < hi, ok = in && ch * CE < head_dim_qk, vok = in && ch * CE < head_dim_vo;
-            const long long off = in ? row_offset(j) : 0;
+            const long long off = in ? row_offset(j, kv_stride_page, kv_stride_slot) : 0;
             if (C::kRaw) {
               cp_async<16>(rst + row * D + ch * 16, k_req + off + ch * 16, ok);
               cp_async<16>(rst + C::kKTile + row * D + ch * 16, v_req + off + ch * 16, vok);
@@ -227,14 +226,14 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
           for_tile_chunks<KV, D / CE, kThreads>(tid, [&](int row, int ch) {
             const int j = j0 + row;
             const bool ok = j < hi && ch * CE < head_dim_qk;
-            const long long off = ok ? row_offset(j) : 0;
+            const long long off = ok ? row_offset(j, kv_stride_page, kv_stride_slot) : 0;
             if (C::kRaw) cp_async<16>(rst + row * D + ch * 16, k_req + off + ch * 16, ok);
             else cp_async<16>(st + swz<D>(row, ch), k_req + off + ch * 8, ok);
           });
           for_tile_chunks<KV, DV / CE, kThreads>(tid, [&](int row, int ch) {
             const int j = j0 + row;
             const bool ok = j < hi && vo_off + ch * CE < head_dim_vo;
-            const long long off = ok ? row_offset(j) + vo_off : 0;
+            const long long off = ok ? row_offset(j, v_stride_page, v_stride_slot) + vo_off : 0;
             if (C::kRaw) cp_async<16>(rst + C::kKTile + row * DV + ch * 16, v_req + off + ch * 16, ok);
             else cp_async<16>(st + C::kKTile + swz<DV>(row, ch), v_req + off + ch * 8, ok);
           });

@@ -165,8 +165,9 @@ def _v_dims(k, v, name: str, allow_vo: bool, lead: int) -> tuple:
             v.shape[-1] != k.shape[-1]:
         return (v.shape[-1],) + tuple(v.strides[:lead])
     also = " (or its head dim alone differs: head_dim_vo)" if allow_vo else ""
-    raise ValueError(f"{name}: must match k in shape, dtype and strides{also}; got {v.shape}/{v.dtype}/{v.strides} "
-                     f"vs {k.shape}/{k.dtype}/{k.strides}")
+    what = "must match k in shape, dtype and strides" if v.ndim == 3 else \
+        "k_cache and v_cache must have the same shape, strides and dtype"
+    raise ValueError(f"{name}: {what}{also}; got {v.shape}/{v.dtype}/{v.strides} vs {k.shape}/{k.dtype}/{k.strides}")
 
 
 def describe_kv_pair(c, k, v, kv_layout: str, allow_vo: bool = False) -> tuple:

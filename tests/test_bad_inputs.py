@@ -1059,7 +1059,7 @@ def single_prefill_fp8_kv_of_two_kinds():
     fi_cupy.single_prefill_with_kv_cache(rand((4, HQ, D)), k, k.to(torch.float8_e5m2))
 
 
-@gpu_case(NotImplementedError, "backend", "head_dim 256", valid_single_prefill)
+@gpu_case(ValueError, "backend", "does not support head_dim 256", valid_single_prefill)
 def single_prefill_fa3_head_dim_256():
     fi_cupy.single_prefill_with_kv_cache(rand((4, HQ, 256)), rand((9, HKV, 256)), rand((9, HKV, 256)), backend="fa3")
 
