@@ -42,7 +42,46 @@ def main():
     }
     for name, f in stages.items():
         print(f"  {name}: {per_call(f):.1f} us")
+    launch_variants(recipe, x, w, o)
     print_profile(lambda: fi_cupy.rmsnorm(x, w, out=o), 500, torch.cuda.synchronize)
+
+
+def launch_variants(recipe, x, w, o):
+    """The launch alone, several ways, for the recorded rmsnorm kernel: our ctypes cuLaunchKernelEx with and
+    without the programmatic-dependent-launch attribute, CuPy's own launch (cuLaunchKernel from Cython),
+    and torch's cheapest eager op for scale."""
+    import ctypes
+
+    import numpy as np
+    from fi_cupy._core import kernels
+    prepared, values, slots, _ = recipe.steps[0]
+    ptrs = [x.data_ptr(), w.data_ptr(), 0, 0, o.data_ptr()]
+    vals = list(values)
+    for i, src, off in slots:
+        vals[i] = ptrs[src] + off
+    stream = streams.torch_current(0)
+    gx, gy, gz, bx, by, bz, smem = prepared.head
+    plain = kernels.Prepared(prepared.fn, (gx, gy, gz), (bx, by, bz), prepared.sig, 0, smem, pdl=False)
+    print(f"  launch: ctypes cuLaunchKernelEx, PDL attribute: {per_call(lambda: prepared(vals, stream)):.1f} us")
+    print(f"  launch: ctypes cuLaunchKernelEx, no attribute: {per_call(lambda: plain(vals, stream)):.1f} us")
+    lib, _ = kernels._cuda()
+    f = lib.cuLaunchKernel
+    f.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+    buf, params, fmt, _ = kernels._buffers(prepared.sig)
+    import struct
+    struct.pack_into(fmt, buf, 0, *vals)
+    fnptr = prepared.fnptr
+    print(f"  launch: ctypes cuLaunchKernel (packed once): "
+          f"{per_call(lambda: f(fnptr, gx, gy, gz, bx, by, bz, smem, stream, params, None)):.1f} us")
+    if not any(isinstance(v, bytes) for v in vals):
+        import cupy
+        typed = tuple(np.uint64(v) if t is kernels.DevPtr else t(v) for t, v in zip(prepared.sig, vals))
+        cs = cupy.cuda.ExternalStream(stream) if not hasattr(cupy.cuda.Stream, "from_external") else \
+            cupy.cuda.Stream.from_external(stream)
+        with cs:
+            print(f"  launch: CuPy Function.__call__: "
+                  f"{per_call(lambda: prepared.fn.fn((gx, gy, gz), (bx, by, bz), typed, shared_mem=smem)):.1f} us")
+    print(f"  torch x.add_(0) (the cheapest eager op): {per_call(lambda: x.add_(0)):.1f} us")
 
 
 if __name__ == "__main__":

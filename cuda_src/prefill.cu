@@ -45,8 +45,9 @@ struct PrefillCfg {
   static constexpr int kThreads = WARPS * 32;
   static constexpr int kRows = WARPS * MT * 16;      // packed query rows a CTA
   // keys a tile: 32 where the O accumulators already take 128 registers a thread (DV * MT >= 256) or
-  // V/O widths of 192 and more (scores, masks and fragments beside 64-key tiles spill there)
-  static constexpr int kKV = DV * MT >= 256 || DV >= 192 ? 32 : 64;
+  // V/O widths of 192 and more (scores, masks and fragments beside 64-key tiles spill there); 16 at
+  // Q/K width 512, whose 32 k-steps of fragments beside 128 accumulators spilled at 32
+  static constexpr int kKV = D >= 512 ? 16 : DV * MT >= 256 || DV >= 192 ? 32 : 64;
   static constexpr int kChunks = D / 8;              // 16-byte chunks of a 16-bit Q or K row
   static constexpr int kVChunks = DV / 8;            // ... of a V row
   static constexpr bool kRaw = !Is16Bit<KVT>::value; // fp8: copied raw, widened in shared memory

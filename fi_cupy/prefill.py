@@ -2,8 +2,8 @@
 `BatchPrefillWithPagedKVCacheWrapper` and `BatchPrefillWithRaggedKVCacheWrapper` (cuda_src/prefill.cu).
 
 Supported (README "Prefill"): head_dim every multiple of 16 from 16 to 256, and 512; head_dim_qk !=
-head_dim_vo for 192 / 128 and 128 / 64; q fp16/bf16; KV the q dtype, or fp8 (e4m3fn, e5m2) up to
-head_dim 256 with equal dims; any GQA group; NHD and HND; causal (bottom-right aligned: with qo_len <
+head_dim_vo for 192 / 128 and 128 / 64; q fp16/bf16; KV the q dtype, or fp8 (e4m3fn, e5m2) with
+equal dims; any GQA group; NHD and HND; causal (bottom-right aligned: with qo_len <
 kv_len, query i sees keys 0 .. kv_len - qo_len + i), sliding window, custom masks (boolean or
 packed little-endian), logits soft cap, RoPE on the fly (q at kv_len - qo_len + i, k at its index),
 lse in base 2. Rows that see no key (empty KV, a mask hiding everything) give o = 0, lse = -inf.
@@ -101,11 +101,11 @@ def _fits(head_dim: int, tile: TileShape, flags: int, rope: bool, head_dim_vo: i
 
 def kv_tile(head_dim: int, tile: TileShape, head_dim_vo: int | None = None) -> int:
     """PrefillCfg::kKV: keys a tile; 32 where the O accumulators take 128 registers a thread, or at
-    V/O widths of 192 and more. PrefillSm90Cfg::kKV: 128."""
+    V/O widths of 192 and more; 16 at Q/K width 512. PrefillSm90Cfg::kKV: 128."""
     if tile.sm90:
         return 128
     d, dv, _ = widths(head_dim, head_dim_vo)
-    return 32 if dv * tile.mt >= 256 or dv >= 192 else 64
+    return 16 if d >= 512 else 32 if dv * tile.mt >= 256 or dv >= 192 else 64
 
 
 def smem_bytes(head_dim: int, tile: TileShape, kv_dtype: dt.DType, head_dim_vo: int | None = None) -> int:
@@ -176,8 +176,8 @@ def sm90_programs() -> list:
 
 
 def kv_dtypes(q_dtype: dt.DType, head_dim: int, head_dim_vo: int) -> tuple:
-    """The K/V dtypes prefill takes with these head dims: the q dtype, and fp8 with equal dims up to 256."""
-    return (q_dtype,) + (FP8 if head_dim == head_dim_vo and head_dim <= 256 else ())
+    """The K/V dtypes prefill takes with these head dims: the q dtype, and fp8 with equal dims."""
+    return (q_dtype,) + (FP8 if head_dim == head_dim_vo else ())
 
 
 def all_programs() -> list:
@@ -259,7 +259,7 @@ def make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, po
     kv_dtype = q_dtype if kv_data_type is None else dt.as_dtype(kv_data_type, "kv_data_type")
     allowed = kv_dtypes(q_dtype, d, vo)
     if kv_dtype not in allowed:
-        why = "" if kv_dtype not in FP8 else f" (fp8 K/V: head dims up to 256, head_dim_vo equal; got {d}/{vo})"
+        why = "" if kv_dtype not in FP8 else f" (fp8 K/V: head_dim_vo equal to head_dim_qk; got {d}/{vo})"
         raise TypeError(f"kv_data_type: {kv_dtype} is not supported with q {q_dtype}{why}; expected "
                         f"{' or '.join(str(k) for k in allowed)}")
     if not isinstance(causal, (bool, np.bool_)):

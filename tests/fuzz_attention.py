@@ -22,7 +22,7 @@ sink alone, sinks[h] / ln 2, within LSE_TOL).
 Prefill head dims: about half the cases 64 / 128 / 256, the rest the other multiples of 16 up to 256
 and 512 (the portable kernel: backend "fa3" keeps 64 / 128, "auto" falls back); RoPE on the fly only at
 64 / 128 / 256; head_dim_vo != head_dim_qk (QK_VO_PAIRS) for about QK_VO_P of the QK_VO_KINDS cases;
-fp8 K/V on every prefill kind (head dims up to 256, head_dim_vo equal; single prefill reads float8 from
+fp8 K/V on every prefill kind (head_dim_vo equal; single prefill reads float8 from
 k / v's dtype, so those cases are torch callers too, drawn only where torch with CUDA is importable).
 
 pos_encoding_mode is NONE, ROPE_LLAMA or, for about ALIBI_P of the decode and prefill cases, ALIBI
@@ -256,9 +256,9 @@ def draw_prefill(rng, kind: str) -> dict:
         # as often as when every case had them
         d = _pick(rng, PREFILL_HEAD_DIMS) if rng.random() < 0.3 else _pick(rng, NEW_PREFILL_HEAD_DIMS)
         rope = d in PREFILL_HEAD_DIMS and bool(rng.random() < 0.5)
-        # fp8 K/V: head dims up to 256; single prefill reads float8 from k / v's own dtype, which CuPy has
+        # fp8 K/V (equal head dims); single prefill reads float8 from k / v's own dtype, which CuPy has
         # not: those cases are torch callers, drawn only where torch is importable (as single decode's)
-        fp8_ok = d <= 256 and (kind != "single" or TORCH)
+        fp8_ok = kind != "single" or TORCH
         kv_dtype = _pick(rng, (q_dtype,) + FP8, p=[0.6, 0.2, 0.2]) if fp8_ok else q_dtype
         if kind in QK_VO_KINDS and rng.random() < QK_VO_P:  # no RoPE and no fp8 beside it
             (d, d_vo), rope, kv_dtype = _pick(rng, QK_VO_PAIRS), False, q_dtype

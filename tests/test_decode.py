@@ -163,12 +163,15 @@ def test_head_dim_512(group, page_size, lens, q_dt):
     check_batch(b, logits_soft_cap=30.0 if group == 8 else None, sinks=rand((b.hq,), "float32") if group == 4 else None)
 
 
+@pytest.mark.parametrize("kv_dt", ["float8_e4m3fn", "float8_e5m2"])
+def test_head_dim_512_fp8(kv_dt):
+    check_batch(PagedBatch([700, 1, 0, 2000], page_size=16, hq=8, hkv=2, d=512, kv_dt=kv_dt), k_scale=0.5, v_scale=2.0)
+
+
 def test_head_dim_512_refusals():
-    """fp8 and RoPE on the fly are not taken at 512 (the prefill kernel's limits), naming the argument."""
+    """RoPE on the fly is not taken at 512 (the prefill kernel's limit), naming the argument."""
     b = PagedBatch([5, 9], hq=4, hkv=2, d=512)
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace())
-    with pytest.raises(TypeError, match="^kv_data_type"):
-        w.plan(b.indptr, b.indices, b.last_page_len, 4, 2, 512, 16, kv_data_type="float8_e4m3fn")
     with pytest.raises(NotImplementedError, match="^pos_encoding_mode"):
         w.plan(b.indptr, b.indices, b.last_page_len, 4, 2, 512, 16, pos_encoding_mode="ROPE_LLAMA")
 

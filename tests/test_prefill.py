@@ -1224,7 +1224,7 @@ def test_head_dim_qk_vo(source, dqk, dvo, group, shape, causal, dtype, layout, p
     _check_requests(out, lse, q, qo_ip, kv_of, causal, None)
 
 
-FP8_DIMS = (64, 128, 80, 256)
+FP8_DIMS = (64, 128, 80, 256, 512)
 
 
 @pytest.mark.parametrize("d", FP8_DIMS)

@@ -96,7 +96,6 @@ def test_params_checks():
            ({"head_dim_vo": 96}, NotImplementedError, "head_dim_vo: 96 with head_dim_qk 128"),
            ({"q_data_type": "float32"}, TypeError, "q_data_type"),
            ({"kv_data_type": "float8_e4m3fn", "head_dim_qk": 192, "head_dim_vo": 128}, TypeError, "kv_data_type"),
-           ({"kv_data_type": "float8_e4m3fn", "head_dim_qk": 512}, TypeError, "kv_data_type"),
            ({"pos_encoding_mode": "ROPE_LLAMA", "head_dim_qk": 80}, NotImplementedError, "pos_encoding_mode"),
            ({"pos_encoding_mode": "ROPE_LLAMA", "head_dim_vo": 64}, NotImplementedError, "pos_encoding_mode"),
            ({"pos_encoding_mode": "XPOS"}, ValueError, "pos_encoding_mode: 'XPOS' is not one of 'NONE', 'ROPE_LLAMA', "
