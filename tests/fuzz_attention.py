@@ -69,9 +69,7 @@ PREFILL_HEAD_DIMS = (64, 128, 256)
 NEW_PREFILL_HEAD_DIMS = tuple(d for d in range(16, 257, 16) if d not in PREFILL_HEAD_DIMS) + (512,)
 QK_VO_PAIRS = ((192, 128), (128, 64))  # (head_dim_qk, head_dim_vo) other than equal
 QK_VO_P = 0.1
-# Kinds that draw head_dim_vo != head_dim_qk. Paged too once its plan() takes them: PagedKV builds the
-# (k_cache, v_cache) pair of two head dims already.
-QK_VO_KINDS = ("ragged", "single")
+QK_VO_KINDS = ("ragged", "single", "paged")  # paged: a (k_cache, v_cache) pair, v with its own head dim
 
 
 # ---------------------------------------------------------------------------------------------
