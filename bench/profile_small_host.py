@@ -44,6 +44,29 @@ def main():
         print(f"  {name}: {per_call(f):.1f} us")
     launch_variants(recipe, x, w, o)
     print_profile(lambda: fi_cupy.rmsnorm(x, w, out=o), 500, torch.cuda.synchronize)
+    cupy_caller()
+
+
+def cupy_caller():
+    """The same call from CuPy arrays (the issue's target: 8 us), its stages and profile."""
+    import cupy
+    x = cupy.random.standard_normal((1, 4096), dtype=cupy.float32).astype(cupy.float16)
+    w = cupy.random.standard_normal(4096, dtype=cupy.float32).astype(cupy.float16)
+    o = cupy.empty_like(x)
+    fi_cupy.rmsnorm(x, w, out=o)
+    cupy.cuda.runtime.deviceSynchronize()
+    print(f"CuPy caller: rmsnorm(out=) {per_call(lambda: fi_cupy.rmsnorm(x, w, out=o)):.1f} us per call")
+    print(f"CuPy caller: silu_and_mul(out=) {per_call(lambda: fi_cupy.silu_and_mul(x, out=o[:, :2048])):.1f} us")
+    stages = {
+        "fastpath.key_of (5 arrays)": lambda: fastpath.key_of((x, w, None, None, o), ("rms", 1e-6, None)),
+        "cupy current stream": lambda: streams.cupy_current(0),
+        "cupy.empty": lambda: cupy.empty((1, 4096), dtype=cupy.float16),
+        "x.data.ptr": lambda: x.data.ptr,
+        "x.device.id": lambda: x.device.id,
+    }
+    for name, f in stages.items():
+        print(f"  {name}: {per_call(f):.1f} us")
+    print_profile(lambda: fi_cupy.rmsnorm(x, w, out=o), 500, cupy.cuda.runtime.deviceSynchronize)
 
 
 def launch_variants(recipe, x, w, o):

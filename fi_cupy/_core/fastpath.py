@@ -196,7 +196,7 @@ class Recipe:
         dev = self.device
         if runtime.getDevice() != dev:  # the full path switches devices; rare enough to leave to it
             return MISS
-        stream = streams.torch_current(dev) if self.kind == TORCH else streams.cupy_current(dev)
+        stream = streams.torch_current(dev) if self.kind == TORCH else streams.cupy_current_here()
         outs = []
         for make, address in self.news:
             o = make(stream)
@@ -213,7 +213,7 @@ class Recipe:
                     values[i] = ptrs[src if src >= 0 else n_in - 1 - src] + off
                 for i, redraw in fresh:
                     values[i] = bytes(redraw())
-            prepared(values, stream)
+            prepared.here(values, stream)
         single, specs = self.results
         got = tuple(None if k is None else caller_arrays[k] if k >= 0 else
                     arrays.deliver(outs[-1 - k], self.framework) for k in specs)

@@ -331,6 +331,15 @@ class Prepared:
 
     def __call__(self, values, stream: int) -> None:
         """Launch with `values` (one per argument of sig: ints, floats, bytes) on `stream`."""
+        if _runtime().getDevice() != self.device:
+            import cupy
+            with cupy.cuda.Device(self.device):
+                self.here(values, stream)
+        else:
+            self.here(values, stream)
+
+    def here(self, values, stream: int) -> None:
+        """__call__ where the caller knows that self.device is the current device (a replay checked it)."""
         try:
             st = self.local.st
         except AttributeError:
@@ -340,14 +349,9 @@ class Prepared:
         if stream != packed:
             struct.pack_into("<Q", cbuf, _CONFIG_STREAM_AT, stream)
             st[5] = stream
-        lib, launch_ex = _libcuda[0] if _libcuda else _cuda()
-        if _runtime().getDevice() != self.device:
-            import cupy
-            with cupy.cuda.Device(self.device):
-                err = launch_ex(cfg, self.fnptr, params, None)
-        else:
-            err = launch_ex(cfg, self.fnptr, params, None)
+        err = (_libcuda[0] if _libcuda else _cuda())[1](cfg, self.fnptr, params, None)
         if err:
+            lib = _libcuda[0][0]
             msg = ctypes.c_char_p()
             lib.cuGetErrorString(err, ctypes.byref(msg))
             gx, gy, gz, bx, by, bz, smem = self.head

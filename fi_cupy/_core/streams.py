@@ -110,14 +110,31 @@ def torch_current(device: int) -> int:
     return _torch_stream[0](device)
 
 
+_cupy_fns: list = []
+
+
+def _cupy():
+    """(cupy.cuda.get_current_stream, runtime.getDevice, cupy.cuda.Device), imported once (an import
+    statement costs about a microsecond a call)."""
+    if not _cupy_fns:
+        import cupy
+        from cupy.cuda import runtime
+        _cupy_fns.append((cupy.cuda.get_current_stream, runtime.getDevice, cupy.cuda.Device))
+    return _cupy_fns[0]
+
+
 def cupy_current(device: int) -> int:
     """cudaStream_t of CuPy's current stream on `device` (CuPy keeps one per device and thread)."""
-    import cupy
-    from cupy.cuda import runtime
-    if runtime.getDevice() == device:
-        return cupy.cuda.get_current_stream().ptr
-    with cupy.cuda.Device(device):
-        return cupy.cuda.get_current_stream().ptr
+    get, get_device, Device = _cupy_fns[0] if _cupy_fns else _cupy()
+    if get_device() == device:
+        return get().ptr
+    with Device(device):
+        return get().ptr
+
+
+def cupy_current_here() -> int:
+    """cupy_current of the current device (the caller has checked it)."""
+    return (_cupy_fns[0] if _cupy_fns else _cupy())[0]().ptr
 
 
 def resolve(stream, framework: str, device: int) -> int:
