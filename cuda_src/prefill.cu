@@ -137,9 +137,9 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
   constexpr bool capped = (FLAGS & kSoftCap) != 0, masked = (FLAGS & kCustomMask) != 0;
   constexpr bool alibi = (FLAGS & kAlibi) != 0;
   static_assert(!(alibi && (capped || ROPE)), "ALiBi takes no soft cap and no RoPE");
-  // This CTA's V / O columns; real Q/K and V chunks (16-byte chunks of 16-bit rows; the rest zero-fill).
+  // This CTA's first V / O column; Q's real 16-byte chunks (the rest zero-fill).
   const int vo_off = blockIdx.y * DV;
-  const int qk_chunks = head_dim_qk / 8, vo_chunks = (head_dim_vo - vo_off) / 8;
+  const int qk_chunks = head_dim_qk / 8;
   // exp2 argument scale: logits in base 2. With a soft cap the scores are capped first.
   const float scale = capped ? FIC_LOG2E : sm_scale * FIC_LOG2E;
   const float cap_pre = capped ? sm_scale * ptx_rcp(soft_cap) : 0.f;
