@@ -137,9 +137,8 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
   constexpr bool capped = (FLAGS & kSoftCap) != 0, masked = (FLAGS & kCustomMask) != 0;
   constexpr bool alibi = (FLAGS & kAlibi) != 0;
   static_assert(!(alibi && (capped || ROPE)), "ALiBi takes no soft cap and no RoPE");
-  // This CTA's first V / O column; Q's real 16-byte chunks (the rest zero-fill).
-  const int vo_off = blockIdx.y * DV;
-  const int qk_chunks = head_dim_qk / 8;
+  // This CTA's first V / O column (head_dim_vo split over blockIdx.y where its width is half of D).
+  const int vo_off = D == DV ? 0 : blockIdx.y * DV;
   // exp2 argument scale: logits in base 2. With a soft cap the scores are capped first.
   const float scale = capped ? FIC_LOG2E : sm_scale * FIC_LOG2E;
   const float cap_pre = capped ? sm_scale * ptx_rcp(soft_cap) : 0.f;
@@ -157,8 +156,12 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
                                                          causal, window_left);
     const int kv_head = w.kv_head, p0 = w.p0, qo_start = w.qo_start, packed_len = w.packed_len;
     const int kv_off = w.kv_off, delta = w.delta, lo = w.lo, hi = w.hi, n_tiles = w.n_tiles;
-    const KVT* k_req = k_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + (long long)kv_head * kv_stride_head;
-    const KVT* v_req = v_base + (PAGED ? 0 : (long long)kv_off * v_stride_slot) + (long long)kv_head * v_stride_head;
+    const long long head_off = (long long)kv_head * kv_stride_head;
+    const KVT* k_req = k_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
+    // V: K's strides at equal widths (V laid out as K), its own where the head dims differ
+    const KVT* v_req = v_base + (D == DV ? (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off
+                                         : (PAGED ? 0 : (long long)kv_off * v_stride_slot) +
+                                               (long long)kv_head * v_stride_head);
 
     __syncthreads();  // the previous item's warps are done with shared memory
     const int tid = (int)opaque(threadIdx.x);  // per-item index math stays inside the item loop
@@ -169,7 +172,7 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
       for (int i = 0; i < C::kRows * kChunks / kThreads; ++i) {
         const int idx = i * kThreads + tid, row = idx / kChunks, ch = idx % kChunks;
         const int p = p0 + row;
-        const bool ok = p < packed_len && ch < qk_chunks;
+        const bool ok = p < packed_len && ch * 8 < head_dim_qk;  // the rest zero-fills
         const int tok = ok ? p / group_size : 0, h = kv_head * group_size + (ok ? p - tok * group_size : 0);
         cp_async<16>(q_s + swz<D>(row, ch), q + (long long)(qo_start + tok) * q_stride_n + h * q_stride_h + ch * 8, ok);
       }
@@ -194,10 +197,12 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
 
     // K/V tile t into its stage: rows lo + t*KV .. (zeros past hi and past the real head dims).
     // Element offset of key j of the request in K (or V: its own strides where its head dim differs).
-    auto row_offset = [&](int j, long long stride_page, long long stride_slot) -> long long {
-      // Opaque stride: rebuilt each tile rather than hoisted out of the KV loop.
-      const long long slot_stride = ((long long)opaque((unsigned)(stride_slot >> 32)) << 32) |
-                                    opaque((unsigned)stride_slot);
+    // slot_stride: opaque_stride(...) of the tile, so it is rebuilt each tile rather than hoisted out of
+    // the KV loop (with the per-row addresses derived from it) into spilled registers.
+    auto opaque_stride = [](long long s) -> long long {
+      return ((long long)opaque((unsigned)(s >> 32)) << 32) | opaque((unsigned)s);
+    };
+    auto row_offset = [&](int j, long long stride_page, long long slot_stride) -> long long {
       if (PAGED) {
         const unsigned pg = page_div.quot(j);
         return (long long)page_indices[kv_off + pg] * stride_page + (long long)(j - pg * page_size) * slot_stride;
@@ -210,31 +215,34 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
         constexpr int CE = C::kRaw ? 16 : 8;  // elements a 16-byte chunk
         T* st = stage_s + (t & 1) * C::kTile;
         unsigned char* rst = raw_s;
-        if constexpr (D == DV) {  // K and V rows together (laid out alike): one address a row
+        const long long slot = opaque_stride(kv_stride_slot);
+        if constexpr (D == DV) {  // K and V rows together: one address a row (equal widths: equal head
+                                  // dims, K and V laid out alike)
           for_tile_chunks<KV, D / CE, kThreads>(tid, [&](int row, int ch) {
             const int j = j0 + row;
-            const bool in = j < hi, ok = in && ch * CE < head_dim_qk, vok = in && ch * CE < head_dim_vo;
-            const long long off = in ? row_offset(j, kv_stride_page, kv_stride_slot) : 0;
+            const bool ok = j < hi && ch * CE < head_dim_qk;
+            const long long off = ok ? row_offset(j, kv_stride_page, slot) : 0;
             if (C::kRaw) {
               cp_async<16>(rst + row * D + ch * 16, k_req + off + ch * 16, ok);
-              cp_async<16>(rst + C::kKTile + row * D + ch * 16, v_req + off + ch * 16, vok);
+              cp_async<16>(rst + C::kKTile + row * D + ch * 16, v_req + off + ch * 16, ok);
             } else {
               cp_async<16>(st + swz<D>(row, ch), k_req + off + ch * 8, ok);
-              cp_async<16>(st + C::kKTile + swz<D>(row, ch), v_req + off + ch * 8, vok);
+              cp_async<16>(st + C::kKTile + swz<D>(row, ch), v_req + off + ch * 8, ok);
             }
           });
         } else {
           for_tile_chunks<KV, D / CE, kThreads>(tid, [&](int row, int ch) {
             const int j = j0 + row;
             const bool ok = j < hi && ch * CE < head_dim_qk;
-            const long long off = ok ? row_offset(j, kv_stride_page, kv_stride_slot) : 0;
+            const long long off = ok ? row_offset(j, kv_stride_page, slot) : 0;
             if (C::kRaw) cp_async<16>(rst + row * D + ch * 16, k_req + off + ch * 16, ok);
             else cp_async<16>(st + swz<D>(row, ch), k_req + off + ch * 8, ok);
           });
+          const long long vslot = opaque_stride(v_stride_slot);
           for_tile_chunks<KV, DV / CE, kThreads>(tid, [&](int row, int ch) {
             const int j = j0 + row;
             const bool ok = j < hi && vo_off + ch * CE < head_dim_vo;
-            const long long off = ok ? row_offset(j, v_stride_page, v_stride_slot) + vo_off : 0;
+            const long long off = ok ? row_offset(j, v_stride_page, vslot) + vo_off : 0;
             if (C::kRaw) cp_async<16>(rst + C::kKTile + row * DV + ch * 16, v_req + off + ch * 16, ok);
             else cp_async<16>(st + C::kKTile + swz<DV>(row, ch), v_req + off + ch * 8, ok);
           });
@@ -266,27 +274,31 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
         // Widen (and rotate) the raw stage into the 16-bit stage, then start the next copy.
         const unsigned char* st = raw_s;
         T* dst = stage_s;
-        if (ROPE) {  // D == DV == the real head dim: dims i and i + D/2 rotate together
+        if constexpr (D == DV) {  // K and V chunk pairs (ch, ch + D/2) together; RoPE rotates K's pair
           constexpr int H = kChunks / 2;
           for (int idx = tid; idx < KV * H; idx += kThreads) {
             const int row = idx / H, ch = idx % H;
             uint4 a = widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + row * D + ch * 8));
             uint4 b = widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + row * D + ch * 8 + D / 2));
-            rope_pair<T>(a, b, freq, (float)(lo + t * KV + row));
+            const uint4 va = widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + C::kKTile + row * D + ch * 8));
+            const uint4 vb = widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + C::kKTile + row * D + ch * 8 + D / 2));
+            if (ROPE) rope_pair<T>(a, b, freq, (float)(lo + t * KV + row));
             *reinterpret_cast<uint4*>(dst + swz<D>(row, ch)) = a;
             *reinterpret_cast<uint4*>(dst + swz<D>(row, ch + H)) = b;
+            *reinterpret_cast<uint4*>(dst + C::kKTile + swz<D>(row, ch)) = va;
+            *reinterpret_cast<uint4*>(dst + C::kKTile + swz<D>(row, ch + H)) = vb;
           }
-        } else {
+        } else {  // K and V widths differ (no RoPE there): each on its own
           for (int idx = tid; idx < KV * kChunks; idx += kThreads) {
             const int row = idx / kChunks, ch = idx % kChunks;
             *reinterpret_cast<uint4*>(dst + swz<D>(row, ch)) =
                 widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + row * D + ch * 8));
           }
-        }
-        for (int idx = tid; idx < KV * kVChunks; idx += kThreads) {
-          const int row = idx / kVChunks, ch = idx % kVChunks;
-          *reinterpret_cast<uint4*>(dst + C::kKTile + swz<DV>(row, ch)) =
-              widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + C::kKTile + row * DV + ch * 8));
+          for (int idx = tid; idx < KV * kVChunks; idx += kThreads) {
+            const int row = idx / kVChunks, ch = idx % kVChunks;
+            *reinterpret_cast<uint4*>(dst + C::kKTile + swz<DV>(row, ch)) =
+                widen8<T, KVT>(*reinterpret_cast<const uint2*>(st + C::kKTile + row * DV + ch * 8));
+          }
         }
         __syncthreads();
         ks = stage_s;
