@@ -97,11 +97,8 @@ def launch_variants(recipe, x, w, o):
     print(f"  launch: ctypes cuLaunchKernel (packed once): "
           f"{per_call(lambda: f(fnptr, gx, gy, gz, bx, by, bz, smem, stream, params, None)):.1f} us")
     if not any(isinstance(v, bytes) for v in vals):
-        import cupy
         typed = tuple(np.uint64(v) if t is kernels.DevPtr else t(v) for t, v in zip(prepared.sig, vals))
-        cs = cupy.cuda.ExternalStream(stream) if not hasattr(cupy.cuda.Stream, "from_external") else \
-            cupy.cuda.Stream.from_external(stream)
-        with cs:
+        with streams.as_cupy(stream):
             print(f"  launch: CuPy Function.__call__: "
                   f"{per_call(lambda: prepared.fn.fn((gx, gy, gz), (bx, by, bz), typed, shared_mem=smem)):.1f} us")
     print(f"  torch x.add_(0) (the cheapest eager op): {per_call(lambda: x.add_(0)):.1f} us")
