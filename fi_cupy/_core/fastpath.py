@@ -66,8 +66,9 @@ def key_of(arrays_, scalars):
             d = a.get_device()
             parts.append((a.shape, a.stride(), a.dtype, d, p & 15))
         else:
-            p = a.data.ptr
-            d = a.device.id
+            mem = a.data  # one MemoryPointer: its address and device id (a.device builds a Device object)
+            p = mem.ptr
+            d = mem.device_id
             parts.append((a.shape, a.strides, a.dtype, d, p & 15))
         if device < 0:
             device = d
