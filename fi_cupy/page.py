@@ -50,16 +50,9 @@ class KVView:
         return self.v_dims[0] if self.v_dims else self.head_dim
 
     @property
-    def v_stride_page(self) -> int:
-        return self.v_dims[1] if self.v_dims else self.stride_page
-
-    @property
-    def v_stride_slot(self) -> int:
-        return self.v_dims[2] if self.v_dims else self.stride_slot
-
-    @property
-    def v_stride_head(self) -> int:
-        return self.v_dims[3] if self.v_dims else self.stride_head
+    def v_strides(self) -> tuple:
+        """V's (stride_page, stride_slot, stride_head)."""
+        return self.v_dims[1:] if self.v_dims else (self.stride_page, self.stride_slot, self.stride_head)
 
 
 def page_table_lengths(indptr: np.ndarray, indices: np.ndarray | None, last_page_len: np.ndarray, page_size: int,
@@ -126,16 +119,22 @@ def page_table_from_block_tables(block_tables, seq_lens, page_size: int) -> tupl
     return indptr, indices, last
 
 
+def as_planned_dtype(view: KVView, kv_dtype: dt.DType, name: str) -> KVView:
+    """The view read as the planned K/V dtype: uint8 K/V planned as float8 (CuPy has no float8 dtype, so
+    its callers hand over the bytes) are read as that float8; any other mismatch is a TypeError."""
+    if view.dtype == dt.uint8 and kv_dtype.itemsize == 1:  # planned as float8 (1-byte KV dtypes are)
+        view = replace(view, dtype=kv_dtype)
+    if view.dtype != kv_dtype:
+        raise TypeError(f"{name}: dtype {view.dtype} does not match the planned kv_data_type {kv_dtype}"
+                        + (" (uint8 K/V hold float8 bytes: plan with kv_data_type='float8_e4m3fn' or "
+                           "'float8_e5m2')" if view.dtype == dt.uint8 else ""))
+    return view
+
+
 def check_cache_against(view: KVView, p, max_page: int, indices_name: str = "indices") -> None:
     """A cache against the planned parameters `p` (kv_dtype, page_size, num_kv_heads, head_dim) and the
-    largest page index the page table uses. Returns the view to launch with: a uint8 cache planned as
-    float8 (CuPy has no float8 dtype, so its callers hand over the bytes) is read as the planned dtype."""
-    if view.dtype == dt.uint8 and p.kv_dtype.itemsize == 1:  # planned as float8 (1-byte KV dtypes are)
-        view = replace(view, dtype=p.kv_dtype)
-    if view.dtype != p.kv_dtype:
-        raise TypeError(f"paged_kv_cache: dtype {view.dtype} does not match the planned kv_data_type {p.kv_dtype}"
-                        + (" (a uint8 cache holds float8 bytes: plan with kv_data_type='float8_e4m3fn' or "
-                           "'float8_e5m2')" if view.dtype == dt.uint8 else ""))
+    largest page index the page table uses. Returns the view to launch with (as_planned_dtype)."""
+    view = as_planned_dtype(view, p.kv_dtype, "paged_kv_cache")
     if (view.page_size, view.num_kv_heads, view.head_dim) != (p.page_size, p.num_kv_heads, p.head_dim):
         raise ValueError(f"paged_kv_cache: (page_size, num_kv_heads, head_dim) = "
                          f"{(view.page_size, view.num_kv_heads, view.head_dim)} does not match the plan "

@@ -12,14 +12,14 @@ A custom mask replaces the causal mask, as in FlashInfer (causal=True is then ig
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import scheduler
 from .quantization import MASK_DTYPES, packed_indptr, segment_packbits
-from .page import (KVView, LAYOUTS, cache_parts, check_cache_against, describe_kv_pair, describe_paged_cache,
-                   page_table_from_block_tables, page_table_lengths)
+from .page import (KVView, LAYOUTS, as_planned_dtype, cache_parts, check_cache_against, describe_kv_pair,
+                   describe_paged_cache, page_table_from_block_tables, page_table_lengths)
 from ._core import alibi, arrays, checks, kernels, streams
 from ._core.call import Call
 from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_outputs, attention_result, attention_sinks,
@@ -417,7 +417,7 @@ def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, 
         i32(int(p.causal)), i32(p.window_left), f32(p.sm_scale * k_scale), f32(p.soft_cap), f32(v_scale),
         f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)), ptr(sinks),
         ptr(alibi.device_slopes(p.num_qo_heads, q.device, c.stream), stable=True) if p.alibi else NULL,
-        i32(p.head_dim), i32(p.vo), i64(kv.v_stride_page), i64(kv.v_stride_slot), i64(kv.v_stride_head),
+        i32(p.head_dim), i32(p.vo), *(i64(s) for s in kv.v_strides),
     ], smem=smem_bytes(p.head_dim, plan.tile, kv.dtype, p.vo))
     if always_merge or plan.num_merges:
         # a CTA of 128 threads per 128 (row, 8 dims) pieces of a tile (prefill_merge_kernel's blockIdx.y)
@@ -832,11 +832,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
 
     def _check_view(self, kv: KVView, indices_name: str = "paged_kv_indices") -> KVView:
         """A described cache against the plan (see check_cache_against); the view to launch with."""
-        kv = check_cache_against(kv, self._plan.params, self._plan.max_page, indices_name)
-        if kv.dtype in FP8:  # the portable kernel copies 16 fp8 values (16 bytes) at a time
-            for info in kv.infos:
-                checks.vector_aligned(info, 16)
-        return kv
+        return _fp8_aligned(check_cache_against(kv, self._plan.params, self._plan.max_page, indices_name))
 
     @document("run() with return_lse=True.", returns="(o, lse) : (array, float32 array)\n    The output and its log-sum-exp (base 2), lse of shape q.shape[:-1].")
     def run_return_lse(self, q, paged_kv_cache, *args, **kwargs):
@@ -972,24 +968,23 @@ def _kv_pair(c: Call, k, v, kv_layout: str, p: PrefillParams) -> tuple:
     return _check_kv_against(kvv, p), n
 
 
+def _fp8_aligned(kv: KVView) -> KVView:
+    """fp8 K/V: the portable kernel copies 16 fp8 values (16 bytes) at a time."""
+    if kv.dtype in FP8:
+        for info in kv.infos:
+            checks.vector_aligned(info, 16)
+    return kv
+
+
 def _check_kv_against(kvv: KVView, p: PrefillParams) -> KVView:
-    """The K/V view to launch with: a uint8 pair planned as float8 is read as float8 (CuPy has no float8
-    dtype), as for the paged cache."""
-    if kvv.dtype == dt.uint8 and p.kv_dtype in FP8:
-        kvv = replace(kvv, dtype=p.kv_dtype)
-    if kvv.dtype != p.kv_dtype:
-        raise TypeError(f"k: dtype {kvv.dtype} does not match the planned kv_data_type {p.kv_dtype}"
-                        + (" (uint8 K/V hold float8 bytes: plan with kv_data_type='float8_e4m3fn' or "
-                           "'float8_e5m2')" if kvv.dtype == dt.uint8 else ""))
+    """The K/V view to launch with (as_planned_dtype: uint8 planned as float8 is read as float8)."""
+    kvv = as_planned_dtype(kvv, p.kv_dtype, "k")
     if (kvv.num_kv_heads, kvv.head_dim) != (p.num_kv_heads, p.head_dim):
         raise ValueError(f"k: (num_kv_heads, head_dim) = {(kvv.num_kv_heads, kvv.head_dim)} does not match "
                          f"{(p.num_kv_heads, p.head_dim)}")
     if kvv.v_head_dim != p.vo:
         raise ValueError(f"v: head_dim {kvv.v_head_dim} does not match head_dim_vo {p.vo}")
-    if kvv.dtype in FP8:  # the portable kernel copies 16 fp8 values (16 bytes) at a time
-        for info in kvv.infos:
-            checks.vector_aligned(info, 16)
-    return kvv
+    return _fp8_aligned(kvv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1030,8 +1025,9 @@ def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=No
     if kvv.head_dim != qi.shape[2]:
         raise ValueError(f"k: head_dim {kvv.head_dim} does not match q's head_dim {qi.shape[2]}")
     if kvv.dtype not in (qi.dtype,) + FP8:
-        raise TypeError(f"k: dtype {kvv.dtype} is not supported with q {qi.dtype}; expected {qi.dtype}"
-                        f"{' or float8 (a float8 dtype: uint8 bytes do not say which; the ragged wrapper takes them)' if kvv.dtype == dt.uint8 else ', float8_e4m3fn or float8_e5m2'}")
+        also = (" or float8 (a float8 dtype: uint8 bytes do not say which; the ragged wrapper takes them)"
+                if kvv.dtype == dt.uint8 else ", float8_e4m3fn or float8_e5m2")
+        raise TypeError(f"k: dtype {kvv.dtype} is not supported with q {qi.dtype}; expected {qi.dtype}{also}")
     has_mask = custom_mask is not None or packed_custom_mask is not None
     params = make_params(qi.shape[1], kvv.num_kv_heads, qi.shape[2], kvv.v_head_dim, causal, pos_encoding_mode,
                          window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, qi.dtype, kvv.dtype, False,
