@@ -196,6 +196,12 @@ def test_cache_hit_memo_and_corrupt_entry(tmp_path, monkeypatch):
     redo = prog.compile("sm_80")
     assert not redo.from_cache and redo.binary.startswith(b"\x7fELF") and redo.lowered == first.lowered
     assert prog.compile("sm_80").from_cache  # the rewritten entry is whole again
+    # An entry whose log lacks a kernel's ptxas resource lines (older versions cached such logs) is not trusted:
+    # the spill checks read that log.
+    binary, meta = cc._read_entry(entries[0])
+    cc._write_entry(entries[0], binary, dict(meta, log="ptxas info: nothing about the kernel"))
+    healed = prog.compile("sm_80")
+    assert not healed.from_cache and set(cc.resource_usage(healed.log)) >= set(healed.lowered.values())
     # Another arch or option is another key.
     assert prog.compile("sm_90a").key != first.key
 

@@ -1255,7 +1255,7 @@ def test_fp8_single(d, prefill_kernel):
     _skip_fa3_for(prefill_kernel, d, kv_dtype="float8_e4m3fn")
     i = FP8_DIMS.index(d)
     qo, kv, hq, hkv = ((129, 300, 8, 2), (200, 77, 16, 2), (37, 2049, 2, 2), (1, 1, 8, 1), (70, 1500, 4, 2))[i]
-    kv_dtype, dtype, causal = FP8[i % 2], ("float16", "bfloat16")[i // 2], i % 2 == 0
+    kv_dtype, dtype, causal = FP8[i % 2], ("float16", "bfloat16")[i // 2 % 2], i % 2 == 0
     q, k, v = rand((qo, hq, d), dtype), rand((kv, hkv, d), kv_dtype), rand((kv, hkv, d), kv_dtype)
     out, lse = nan_like(q), _lse_nan(q)
     o, l2 = fi_cupy.single_prefill_with_kv_cache(

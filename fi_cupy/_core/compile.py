@@ -243,7 +243,7 @@ def compile_program(filename: str, name_exprs: tuple, arch: str, options: tuple 
         lock = _compile_locks.setdefault(key, threading.Lock())
     with lock:
         hit = _read_entry(path)
-        if hit is not None:
+        if hit is not None and _usage_complete(arch, hit[1]["lowered"], hit[1]["log"]):
             binary, meta = hit
             return Compiled(binary, meta["lowered"], meta["log"], 0.0, True, key)
         t0 = time.perf_counter()
@@ -251,11 +251,20 @@ def compile_program(filename: str, name_exprs: tuple, arch: str, options: tuple 
             binary, lowered, text = _nvrtc_compile(source, filename, name_exprs, opts, arch, files)
             # ptxas -v lines missing for a kernel: seen (rarely, on the H200 machine) while other threads of the
             # process compiled too. The log is how spills are checked (and it is cached), so compile again.
-            if arch.startswith("compute_") or all(m in resource_usage(text) for m in lowered.values()):
+            if _usage_complete(arch, lowered, text):
                 break
         dt = time.perf_counter() - t0
         _write_entry(path, binary, {"lowered": lowered, "log": text, "arch": arch, "file": filename})
         return Compiled(binary, lowered, text, dt, False, key)
+
+
+def _usage_complete(arch: str, lowered: dict, log_text: str) -> bool:
+    """Whether the log has ptxas -v's resource lines for every kernel (PTX has none). An entry whose log
+    lacks some (written before compile_program retried such compiles) is compiled again, not trusted."""
+    if arch.startswith("compute_"):
+        return True
+    usage = resource_usage(log_text)
+    return all(m in usage for m in lowered.values())
 
 
 def _nvrtc_compile(source: str, filename: str, name_exprs, opts: tuple, arch: str, files: dict) -> tuple:
