@@ -556,6 +556,273 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
   }
 }
 
+// Tensor-core decode for head dims past 256 (512: Gemma-family models), 16-bit KV of the q dtype. A
+// 512-wide row fits neither a warp's registers (Q^T fragments and O^T accumulators) nor a per-warp
+// pipeline of whole rows, so the 4 warps of a CTA split the head dim: warp w owns dims
+// [w * D/4, (w + 1) * D/4) and the warps walk one segment's 16-token tiles together. Each warp copies
+// and multiplies only its slice of K and V (a private cp.async pipeline, as in batch_decode_tc_kernel);
+// its partial S^T = K_w . Q_w^T goes through shared memory, where every warp sums the 4 partials in
+// the same order (one barrier a tile, two buffers), so all warps hold the same scores and softmax
+// state and accumulate O^T for their own dims. Nothing is merged across warps at the end: each warp
+// writes its slice of the output. Each K/V byte is read once, as in the other decode kernels.
+template <int D>
+struct DecodeWideCfg {
+  static_assert(D % 64 == 0 && D > 256 && D <= 512, "wide decode: head_dim a multiple of 64 in (256, 512]");
+  static constexpr int kDW = D / kDecodeWarps;       // dims a warp owns
+  static constexpr int kRow = kDW + 8;               // smem row stride, elements (ldmatrix without bank conflicts)
+  static constexpr int kStageElems = 2 * 16 * kRow;  // K and V rows of 16 tokens, this warp's dims
+  static constexpr int kStageBytes = kStageElems * 2;
+  static constexpr int kStages = 3;                  // 2 tiles in flight a warp: 2 CTAs an SM keep 128 KB in flight
+  static constexpr int kWarpBytes = kStages * kStageBytes;
+  static constexpr int kExchangeBytes = 2 * kDecodeWarps * 32 * 16;  // two buffers of every warp's S^T fragments
+  // fi_cupy/decode.py: decode_smem_bytes() computes the same number for the launch.
+  static constexpr int kSmemBytes = kDecodeWarps * kWarpBytes + kExchangeBytes;
+};
+
+template <int D, int GB, typename T, bool ALIBI>
+__global__ void __launch_bounds__(kDecodeThreads, 2)
+batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long long q_stride_h,
+                         const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                         long long kv_stride_page, long long kv_stride_slot, long long kv_stride_head,
+                         const int* __restrict__ page_indptr, const int* __restrict__ page_indices,
+                         const int* __restrict__ kv_lens, const int* __restrict__ cta_indptr,
+                         const int4* __restrict__ segments, const int* __restrict__ segment_partial,
+                         T* __restrict__ out, long long o_stride_b, long long o_stride_h,
+                         float* __restrict__ lse, float* __restrict__ part_o, float* __restrict__ part_lse,
+                         int num_qo_heads, int group_size, int head_slices, unsigned int page_size,
+                         unsigned int page_div_mul, unsigned int page_div_shift, float q_scale, float soft_cap,
+                         float v_scale, float rope_rcp_scale, double rope_log2_theta,
+                         const float* __restrict__ sinks, const float* __restrict__ alibi_slopes) {
+  static_assert(GB <= 8, "an mma tile holds 8 heads");
+  using C = DecodeWideCfg<D>;
+  constexpr int S = C::kStages, RS = C::kRow, DW = C::kDW, KS = DW / 16, kChunks = DW / 8;
+  static_assert((GB * DW + 2 * GB) * 4 <= C::kStageBytes, "the epilogue stages a warp's output in one stage");
+  pdl_begin();
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, c = lane % 4;              // fragment row / column pair
+  const int mi = lane / 8, mr = lane % 8;            // ldmatrix: matrix and row this lane addresses
+  const int dim0 = warp * DW;                        // this warp's slice of the head dim
+  T* pipe = reinterpret_cast<T*>(smem + warp * C::kWarpBytes);
+  float4* xch = reinterpret_cast<float4*>(smem + kDecodeWarps * C::kWarpBytes);  // [2][warps][32 lanes]
+  const FastDiv page_div = {page_size, page_div_mul, page_div_shift};
+  const float rcp_cap = soft_cap > 0.f ? __frcp_rn(soft_cap) : 0.f;
+
+  struct Seg {
+    int request, kv_head, head0, end, first, n_tiles, last;  // last: the query's position (ALiBi)
+    long long head_off;
+    const int* pages;
+  };
+  const int seg_begin = cta_indptr[blockIdx.x], seg_end = cta_indptr[blockIdx.x + 1];
+  auto make_seg = [&](int4 sg, int page_start) {
+    Seg x;
+    x.request = sg.x;
+    x.kv_head = sg.y / head_slices;
+    x.head0 = (sg.y % head_slices) * GB;
+    x.end = sg.w;
+    x.first = sg.z;
+    x.n_tiles = (x.end > x.first) ? (x.end - x.first + 15) / 16 : 0;
+    x.head_off = (long long)x.kv_head * kv_stride_head + dim0;
+    x.pages = page_indices + page_start;
+    x.last = ALIBI ? kv_lens[x.request] - 1 : 0;
+    return x;
+  };
+
+  // Copies of this warp's slice: chunk idx = i * 32 + lane of 16 rows x kChunks 16-byte chunks. Lane
+  // r < 16 computes row r's cache offset (its page id loaded one issue ahead); the others shuffle it.
+  int pid = 0;
+  auto load_pid = [&](const Seg& x, int t) {
+    const int tok = x.first + t * 16 + (lane % 16);
+    pid = (t < x.n_tiles && tok < x.end) ? x.pages[page_div.quot(tok)] : 0;
+  };
+  auto issue = [&](const Seg& x, int t) {
+    if (t < x.n_tiles) {
+      T* stage = pipe + (t % S) * C::kStageElems;
+      const int my_tok = x.first + t * 16 + (lane % 16);
+      const unsigned p = page_div.quot(my_tok);
+      const long long my_off = (long long)pid * kv_stride_page +
+                               (long long)(my_tok - p * page_size) * kv_stride_slot + x.head_off;
+#pragma unroll
+      for (int i = 0; i < kChunks / 2; ++i) {
+        const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
+        const long long off = __shfl_sync(0xffffffffu, my_off, row);
+        const bool ok = x.first + t * 16 + row < x.end;
+        cp_async<16>(stage + row * RS + col, ok ? k_cache + off + col : k_cache, ok);
+        cp_async<16>(stage + (16 + row) * RS + col, ok ? v_cache + off + col : v_cache, ok);
+      }
+      load_pid(x, t + 1);
+    }
+    cp_async_commit();
+  };
+  auto prologue = [&](const Seg& x) {
+    load_pid(x, 0);
+#pragma unroll
+    for (int t = 0; t < S - 1; ++t) issue(x, t);
+  };
+
+  // Q^T fragments of this warp's dims (B operand): head g of the block, dims dim0 + 16kk + 2c, +1, +8, +9.
+  unsigned qb[KS][2];
+  float slope[2] = {0.f, 0.f};  // ALiBi slopes (base 2) of this lane's score columns, heads 2c and 2c + 1
+  auto load_q = [&](const Seg& x) {
+    const int hh = x.head0 + g;
+    const bool valid = g < GB && hh < group_size;
+    if (ALIBI) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int hj = x.head0 + 2 * c + j;
+        slope[j] = (2 * c + j < GB && hj < group_size) ? alibi_slopes[x.kv_head * group_size + hj] * FIC_LOG2E : 0.f;
+      }
+    }
+    const T* qp = q + x.request * q_stride_b + (x.kv_head * group_size + (valid ? hh : 0)) * q_stride_h + dim0 + 2 * c;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      qb[kk][0] = valid ? *reinterpret_cast<const unsigned*>(qp + 16 * kk) : 0u;
+      qb[kk][1] = valid ? *reinterpret_cast<const unsigned*>(qp + 16 * kk + 8) : 0u;
+    }
+  };
+
+  Seg cur = {};
+  if (seg_begin < seg_end) {
+    const int4 sg = segments[seg_begin];
+    cur = make_seg(sg, page_indptr[sg.x]);
+    prologue(cur);
+    load_q(cur);
+  }
+  int tick = 0;  // tiles done by this CTA: the exchange buffer of a tile is tick & 1, across segments
+  for (int seg = seg_begin; seg < seg_end; ++seg) {
+    const int request = cur.request, kv_head = cur.kv_head, head0 = cur.head0, end = cur.end;
+    const int first = cur.first, n_tiles = cur.n_tiles, last = cur.last;
+    const float seg_slope[2] = {slope[0], slope[1]};  // load_q refills slope for the next segment
+    int4 next_sg = make_int4(0, 0, 0, 0);
+    int next_page_start = 0;
+    if (seg + 1 < seg_end) {
+      next_sg = segments[seg + 1];
+      next_page_start = page_indptr[next_sg.x];
+    }
+    float m[2] = {neg_inf(), neg_inf()}, dsum[2] = {0.f, 0.f};  // heads 2c, 2c + 1
+    float o[KS][4];
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+
+    for (int t = 0; t < n_tiles; ++t, ++tick) {
+      issue(cur, t + S - 1);
+      cp_async_wait<S - 1>();
+      __syncwarp();  // ldmatrix reads rows other lanes copied
+      const T* ks = pipe + (t % S) * C::kStageElems;
+      const T* vs = ks + 16 * RS;
+
+      float sacc[4] = {0.f, 0.f, 0.f, 0.f};  // S^T over this warp's dims: token g / g + 8, heads 2c, 2c + 1
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        unsigned a[4];
+        ldmatrix_x4(a, ks + ((mi & 1) * 8 + mr) * RS + 16 * kk + (mi >> 1) * 8);
+        mma_16816<T>(sacc, a, qb[kk][0], qb[kk][1]);
+      }
+      // The whole S^T: every warp sums the 4 partials in the same order, so all hold the same scores.
+      float4* buf = xch + (tick & 1) * (kDecodeWarps * 32);
+      buf[warp * 32 + lane] = make_float4(sacc[0], sacc[1], sacc[2], sacc[3]);
+      __syncthreads();
+      sacc[0] = sacc[1] = sacc[2] = sacc[3] = 0.f;
+#pragma unroll
+      for (int w = 0; w < kDecodeWarps; ++w) {
+        const float4 p4 = buf[w * 32 + lane];
+        sacc[0] += p4.x;
+        sacc[1] += p4.y;
+        sacc[2] += p4.z;
+        sacc[3] += p4.w;
+      }
+      const int tile_start = first + t * 16;
+      const bool in0 = tile_start + g < end, in1 = tile_start + g + 8 < end;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float x = sacc[i] * q_scale;
+        if (soft_cap > 0.f) x = soft_cap * FIC_LOG2E * tanh_inline(x * rcp_cap);
+        if (ALIBI) x = fmaf(seg_slope[i & 1], float(tile_start + g + (i < 2 ? 0 : 8) - last), x);
+        sacc[i] = ((i < 2) ? in0 : in1) ? x : neg_inf();
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float mt = fmaxf(sacc[j], sacc[2 + j]);
+#pragma unroll
+        for (int off = 4; off < 32; off *= 2) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
+        const float m_new = fmaxf(m[j], mt);
+        const float sc = rescale_factor(m[j], m_new);
+        m[j] = m_new;
+        dsum[j] *= sc;
+#pragma unroll
+        for (int k = 0; k < KS; ++k) {
+          o[k][j] *= sc;
+          o[k][2 + j] *= sc;
+        }
+        sacc[j] = (sacc[j] == neg_inf()) ? 0.f : ptx_exp2(sacc[j] - m_new);
+        sacc[2 + j] = (sacc[2 + j] == neg_inf()) ? 0.f : ptx_exp2(sacc[2 + j] - m_new);
+        dsum[j] += sacc[j] + sacc[2 + j];
+      }
+      const unsigned b0 = movmatrix_trans(pack2(T(), sacc[0], sacc[1]));
+      const unsigned b1 = movmatrix_trans(pack2(T(), sacc[2], sacc[3]));
+#pragma unroll
+      for (int mt = 0; mt < KS; ++mt) {
+        unsigned a[4];
+        ldmatrix_x4_trans(a, vs + ((mi >> 1) * 8 + mr) * RS + 16 * mt + (mi & 1) * 8);
+        mma_16816<T>(o[mt], a, b0, b1);
+      }
+      __syncwarp();  // every lane is done with this stage before it is refilled
+    }
+    cp_async_wait<0>();
+    __syncwarp();
+    if (seg + 1 < seg_end) {
+      cur = make_seg(next_sg, next_page_start);
+      prologue(cur);  // fills stages 0 .. S-2; stage S-1 stages this segment's output below
+      load_q(cur);
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int off = 4; off < 32; off *= 2) dsum[j] += __shfl_xor_sync(0xffffffffu, dsum[j], off);
+
+    // This warp's slice of each head's output: O^T fragments to [GB][DW] floats, then (m, d) per head.
+    float* blk = reinterpret_cast<float*>(smem + warp * C::kWarpBytes + (S - 1) * C::kStageBytes);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int h = 2 * c + j;
+      if (h < GB) {
+#pragma unroll
+        for (int mt = 0; mt < KS; ++mt) {
+          blk[h * DW + 16 * mt + g] = o[mt][j];
+          blk[h * DW + 16 * mt + g + 8] = o[mt][2 + j];
+        }
+        if (g == 0) {
+          blk[GB * DW + 2 * h] = m[j];
+          blk[GB * DW + 2 * h + 1] = dsum[j];
+        }
+      }
+    }
+    __syncwarp();
+    const int prow = segment_partial[seg];
+    for (int item = lane; item < GB * kChunks; item += 32) {
+      const int h = item / kChunks, d0 = (item % kChunks) * 8;
+      if (head0 + h >= group_size) continue;
+      const float mh = blk[GB * DW + 2 * h], dh = blk[GB * DW + 2 * h + 1];
+      const int qo_head = kv_head * group_size + head0 + h;
+      float l = (dh > 0.f) ? mh + __log2f(dh) : neg_inf();
+      float inv = ((dh > 0.f) ? __frcp_rn(dh) : 0.f) * v_scale;
+      if (prow < 0 && sinks != nullptr) inv *= fold_sink(l, sinks, qo_head);  // partial rows: at the merge
+      float a[8];
+      load8<float>(blk + h * DW + d0, a);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) a[e] *= inv;
+      if (prow < 0) {
+        store8<T>(out + request * o_stride_b + qo_head * o_stride_h + dim0 + d0, a);
+        if (lse != nullptr && dim0 + d0 == 0) lse[(long long)request * num_qo_heads + qo_head] = l;
+      } else {
+        store8<float>(part_o + ((long long)prow * GB + h) * D + dim0 + d0, a);
+        if (dim0 + d0 == 0) part_lse[(long long)prow * GB + h] = l;
+      }
+    }
+    __syncwarp();  // the staged output is read before the stage is refilled
+  }
+}
+
 // Merge the partial states of each (request, head block) cut over several CTAs: for each head,
 // out = sum_r 2^lse_r o_r / sum_r 2^lse_r over rows merge_indptr[i] .. merge_indptr[i + 1] of the
 // cut pair merge_pairs[i]. Grid (cut pairs, GB): only the cut pairs, so a batch of thousands of

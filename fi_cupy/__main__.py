@@ -123,7 +123,7 @@ def precompile(args) -> int:
     if not archs:
         n, _ = streams.gpu_count()
         archs = sorted({kernels.device_arch(i) for i in range(n)}) or ["sm_80", "sm_90a"]
-    progs = decode.all_programs(decode.KERNEL_HEAD_DIMS if args.all else STANDARD_HEAD_DIMS)
+    progs = decode.all_programs(decode.SUPPORTED_HEAD_DIMS if args.all else STANDARD_HEAD_DIMS)
     progs += prefill.all_programs() if args.all else prefill.standard_programs()
     jobs = [(p, a) for a in archs for p in progs]
     if "sm_90a" in archs:  # the Hopper prefill kernel (backend "fa3") and the merge module it launches

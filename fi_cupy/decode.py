@@ -1,9 +1,11 @@
 """Decode attention: `single_decode_with_kv_cache` and `BatchDecodeWithPagedKVCacheWrapper`.
 
 Both run cuda_src/decode.cu: batch_decode_tc_kernel (tensor cores) for 16-bit KV of the q dtype without
-RoPE, batch_decode_kernel (CUDA cores) for fp8 KV and RoPE on the fly, and merge_states_kernel for
-requests cut over several CTAs. A single decode is a batch of one request whose K/V form one page.
-Supported (one table, README "Decode"): head_dim every multiple of 16 from 16 to 256; q fp16/bf16;
+RoPE, batch_decode_kernel (CUDA cores) for fp8 KV and RoPE on the fly, batch_decode_wide_kernel (tensor
+cores, the head dim split over the warps) at head_dim 512, and merge_states_kernel for requests cut over
+several CTAs. A single decode is a batch of one request whose K/V form one page. head_dim 512 with fp8 KV
+runs on the paged prefill kernel, one query a request.
+Supported (one table, README "Decode"): head_dim every multiple of 16 from 16 to 256, and 512; q fp16/bf16;
 KV the q dtype or fp8 (e4m3fn, e5m2); any page size; any GQA group; NHD and HND; a 5-D cache or a
 (k, v) pair; sliding window; logits soft cap; RoPE on the fly ("ROPE_LLAMA"); lse in base 2.
 """
@@ -27,11 +29,12 @@ from ._core.fastdiv import fastdiv_params
 from ._core.kernels import NULL, KernelSpec, Program, f32, f64, i32, i64, ptr, u32
 from ._core.docs import RUN_OPTIONS, RUN_RETURNS, document
 
-KERNEL_HEAD_DIMS = tuple(range(16, 257, 16))  # the decode kernels' instantiations
-# Head dims that decode runs on the paged prefill kernel (one query a request): the decode kernels keep
-# a head's row in a warp's lanes and its K/V tiles in a per-warp pipeline, which 512 does not fit.
-PREFILL_HEAD_DIMS = (512,)
-SUPPORTED_HEAD_DIMS = KERNEL_HEAD_DIMS + PREFILL_HEAD_DIMS
+KERNEL_HEAD_DIMS = tuple(range(16, 257, 16))  # both decode kernels' instantiations
+# Head dims past 256: batch_decode_wide_kernel (16-bit KV of the q dtype, no RoPE), whose warps split the
+# head dim (the other kernels keep a row in a warp's lanes, which 512 does not fit). fp8 KV at these dims
+# runs on the paged prefill kernel, one query a request (runs_on_prefill).
+WIDE_HEAD_DIMS = (512,)
+SUPPORTED_HEAD_DIMS = KERNEL_HEAD_DIMS + WIDE_HEAD_DIMS
 Q_DTYPES = (dt.float16, dt.bfloat16)
 KV_DTYPES = {q: (q, dt.float8_e4m3fn, dt.float8_e5m2) for q in Q_DTYPES}
 POS_ENCODINGS = ("NONE", "ROPE_LLAMA", "ALIBI")
@@ -44,10 +47,22 @@ def uses_tensor_cores(q_dtype: dt.DType, kv_dtype: dt.DType, rope: bool) -> bool
     return kv_dtype == q_dtype and not rope
 
 
+def runs_on_prefill(params: DecodeParams) -> bool:
+    """Whether this decode runs on the paged prefill kernel: a wide head dim with fp8 KV or RoPE."""
+    return params.head_dim in WIDE_HEAD_DIMS and not uses_tensor_cores(params.q_dtype, params.kv_dtype, params.rope)
+
+
 def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dtype: dt.DType,
                    rope: bool, alibi: bool = False) -> Program:
     tc = uses_tensor_cores(q_dtype, kv_dtype, rope)
-    if tc:
+    if head_dim in WIDE_HEAD_DIMS:
+        if not tc:
+            raise ValueError(f"head_dim {head_dim}: the decode kernels take 16-bit KV of the q dtype without RoPE "
+                             f"there (fp8 KV runs on the prefill kernel)")
+        main = KernelSpec("fic::batch_decode_wide_kernel", (head_dim, heads_per_block, q_dtype.cpp,
+                                                            kernels.cpp_bool(alibi)))
+        smem = f"fic::DecodeWideCfg<{head_dim}>::kSmemBytes"
+    elif tc:
         main = KernelSpec("fic::batch_decode_tc_kernel", (head_dim, heads_per_block, q_dtype.cpp,
                                                           kernels.cpp_bool(alibi)))
         smem = f"fic::DecodeTcSmem<{head_dim}, {heads_per_block}>::value"
@@ -60,10 +75,13 @@ def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dt
 
 
 def decode_smem_bytes(head_dim: int, heads_per_block: int, tensor_cores: bool) -> int:
-    """Dynamic shared memory of the decode kernels (DecodeCfg / DecodeTcSmem in cuda_src/decode.cu,
-    checked against them at compile time): 4 warps of cp.async pipeline (12 KB each; tensor cores: at
-    least 3 stages of 16 padded K and V rows, 24 KB or more), reused for the final merge of the warps
-    (MergeBlock: a warp's block padded to 16 bytes)."""
+    """Dynamic shared memory of the decode kernels (DecodeCfg / DecodeTcSmem / DecodeWideCfg in
+    cuda_src/decode.cu, checked against them at compile time): 4 warps of cp.async pipeline (12 KB each;
+    tensor cores: at least 3 stages of 16 padded K and V rows, 24 KB or more), reused for the final merge
+    of the warps (MergeBlock: a warp's block padded to 16 bytes). Wide head dims: 3 stages of 16 rows of
+    each warp's quarter of the dims, and two buffers of the warps' partial scores."""
+    if head_dim in WIDE_HEAD_DIMS:
+        return 4 * 3 * (2 * 16 * (head_dim // 4 + 8) * 2) + 2 * 4 * 32 * 16
     merge = 4 * ((heads_per_block * (head_dim + 2) + 3) // 4 * 4) * 4
     if not tensor_cores:
         return max(4 * 12288, merge)
@@ -79,15 +97,16 @@ def decode_variant(params: DecodeParams, kv_dtype: dt.DType) -> tuple:
             decode_smem_bytes(params.head_dim, gb, tc))
 
 
-def all_programs(head_dims=KERNEL_HEAD_DIMS) -> list:
+def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
     """Every instantiation of the supported grid (CI compiles these; `precompile` the standard ones)."""
     out = []
     for d in head_dims:
         for q in Q_DTYPES:
-            for kv in KV_DTYPES[q]:
+            for kv in ((q,) if d in WIDE_HEAD_DIMS else KV_DTYPES[q]):
                 for gb in (1, 4, scheduler.MAX_HEADS_PER_BLOCK):
                     for rope, al in ((False, False), (True, False), (False, True)):  # NONE, ROPE, ALIBI
-                        out.append(decode_program(d, gb, q, kv, rope, al))
+                        if not (rope and d in WIDE_HEAD_DIMS):
+                            out.append(decode_program(d, gb, q, kv, rope, al))
     return out
 
 
@@ -335,7 +354,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
                 self._buffers[name] = info
         lp = self._buffers.get("paged_kv_last_page_len_buffer")
         self._fixed_batch = lp.shape[0] if (lp is not None and self._use_cuda_graph) else None
-        self._multi = None      # the prefill wrapper that runs q_len_per_req > 1 and PREFILL_HEAD_DIMS
+        self._multi = None      # the prefill wrapper that runs q_len_per_req > 1 and runs_on_prefill plans
         self._via_prefill = False  # whether the current plan is _multi's
         self._q_len = 1         # q_len_per_req of the current plan
         self._graph_caps = None  # CUDA graphs: the metadata capacities of the first plan
@@ -417,7 +436,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         split = kv_split(kw["fixed_split_size"], kw["disable_split_kv"], params.page_size)
         non_blocking = checks.flag("non_blocking", kw["non_blocking"])
         ip, ix, lp, dev_ix = self._tables(params, indptr, indices, last_page_len, kw["block_tables"], kw["seq_lens"],
-                                          fast and q_len == 1 and params.head_dim not in PREFILL_HEAD_DIMS,
+                                          fast and q_len == 1 and not runs_on_prefill(params),
                                           indptr_host)
         if self._fixed_batch is not None and ip.size - 1 != self._fixed_batch:
             raise ValueError(f"use_cuda_graph=True: the batch size is fixed at {self._fixed_batch} (the length of "
@@ -425,7 +444,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         if self._use_cuda_graph and not dry and self._q_len_fixed(q_len):
             raise ValueError(f"q_len_per_req: use_cuda_graph=True keeps the q_len_per_req of the first plan "
                              f"({self._q_len}); got {q_len}; create a wrapper per q_len_per_req")
-        if q_len > 1 or params.head_dim in PREFILL_HEAD_DIMS:
+        if q_len > 1 or runs_on_prefill(params):
             return self._plan_multi(params, ip, ix, lp, q_len, causal, kw, non_blocking, dry, fast)
         lengths = page_table_lengths(ip, ix, lp, params.page_size)  # before any device work
         num_ctas = decode_num_ctas(params, params.kv_dtype, self._ws.device)
@@ -536,7 +555,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
 
     def _plan_multi(self, params: DecodeParams, ip, ix, lp, q_len: int, causal: bool, kw: dict, non_blocking: bool,
                     dry: bool, fast: bool):
-        """q_len_per_req > 1 (and head_dim 512) runs the paged prefill kernel: request b's queries are
+        """q_len_per_req > 1 (and runs_on_prefill) runs the paged prefill kernel: request b's queries are
         rows b * q_len .. (b + 1) * q_len of q, the last q_len positions of its KV."""
         from . import prefill  # it takes every head dim decode does
         if self._multi is None:
@@ -690,10 +709,6 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     Returns o (num_qo_heads, head_dim), and lse (num_qo_heads,) in base 2 with return_lse=True.
     use_tensor_cores is accepted for compatibility; the same kernel runs either way."""
     checks.choice("kv_layout", kv_layout, LAYOUTS)
-    if getattr(q, "ndim", 0) == 2 and q.shape[-1] in PREFILL_HEAD_DIMS:
-        return _single_decode_via_prefill(q, k, v, kv_layout, pos_encoding_mode, q_scale, k_scale, v_scale,
-                                          window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, return_lse,
-                                          out, lse, stream)
     c = Call(q, stream, name="q")
     qi = c.arg(q, "q")
     kv, kv_len = describe_kv_pair(c, k, v, kv_layout)
@@ -705,6 +720,10 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     checks.dtype_in(kv.infos[0], KV_DTYPES[qi.dtype], f" with q {qi.dtype}")
     params = make_params(qi.shape[0], hkv, qi.shape[1], max(kv_len, 1), pos_encoding_mode, window_left,
                          logits_soft_cap, qi.dtype, kv.dtype, sm_scale, rope_scale, rope_theta)
+    if runs_on_prefill(params):
+        return _single_decode_via_prefill(q, k, v, kv_layout, pos_encoding_mode, q_scale, k_scale, v_scale,
+                                          window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, return_lse,
+                                          out, lse, stream)
     if q_scale is not None:
         params.sm_scale *= checks.float_arg("q_scale", q_scale)
     _check_q(qi, params, ())
@@ -725,7 +744,7 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
 
 def _single_decode_via_prefill(q, k, v, kv_layout, pos_encoding_mode, q_scale, k_scale, v_scale, window_left,
                                logits_soft_cap, sm_scale, rope_scale, rope_theta, return_lse, out, lse, stream):
-    """single_decode_with_kv_cache at PREFILL_HEAD_DIMS: single prefill of one query token (q as a
+    """single_decode_with_kv_cache where runs_on_prefill: single prefill of one query token (q as a
     (1, num_qo_heads, head_dim) view, the results as views of its outputs)."""
     from .prefill import single_prefill_with_kv_cache
     if out is not None and getattr(out, "ndim", 0) != 2:

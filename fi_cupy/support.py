@@ -54,7 +54,7 @@ def _rows() -> list:
     dec = "BatchDecodeWithPagedKVCacheWrapper, single_decode_with_kv_cache"
     for p in decode.all_programs():
         k = p.kernels[0]
-        if k.kernel.endswith("batch_decode_tc_kernel"):
+        if k.kernel.endswith(("batch_decode_tc_kernel", "batch_decode_wide_kernel")):
             d, _, q, alibi = k.targs
             add(dec, "tensor cores (mma.sync)", d, _dtype(q), _dtype(q), "ALIBI" if alibi == "true" else "NONE")
         else:

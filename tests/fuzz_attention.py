@@ -19,6 +19,7 @@ naive computation happens to be almost exact). Everywhere: no NaN, and a row tha
 o = 0 and lse = -inf exactly (with attention sinks, drawn for batch decode and paged prefill: lse = the
 sink alone, sinks[h] / ln 2, within LSE_TOL).
 
+Decode head dims: every multiple of 16 up to 256, and 512 for about WIDE_DECODE_P of the cases.
 Prefill head dims: about half the cases 64 / 128 / 256, the rest the other multiples of 16 up to 256
 and 512 (the portable kernel: backend "fa3" keeps 64 / 128, "auto" falls back); RoPE on the fly only at
 64 / 128 / 256; head_dim_vo != head_dim_qk (QK_VO_PAIRS) for about QK_VO_P of the QK_VO_KINDS cases;
@@ -64,6 +65,7 @@ SCORE_ELEMS = 1 << 24  # prefill: sum over requests of qo_len * kv_len * num_qo_
 MERGE_ELEMS = 1 << 22  # merges: seq_len * num_states * num_heads * head_dim
 SINKS_P = 0.25  # run(sinks=) on the wrappers that take it: batch decode, paged prefill
 ALIBI_P = 0.15  # pos_encoding_mode "ALIBI" (decode and prefill, batch and single)
+WIDE_DECODE_P = 0.1  # decode at head_dim 512 (batch and single)
 # Prefill head dims: the long-standing ones (the only ones RoPE on the fly takes), and the others
 PREFILL_HEAD_DIMS = (64, 128, 256)
 NEW_PREFILL_HEAD_DIMS = tuple(d for d in range(16, 257, 16) if d not in PREFILL_HEAD_DIMS) + (512,)
@@ -218,6 +220,8 @@ def draw_decode(rng, single: bool = False) -> dict:
         kv_dtype = q_dtype
     rope = bool(rng.random() < 0.25)
     d = 16 * int(rng.integers(1, 17))
+    if rng.random() < WIDE_DECODE_P:  # the wide kernel (16-bit KV) or, fp8, the prefill kernel; no RoPE there
+        d, rope = 512, False
     hq, hkv = _heads(rng)
     longest = _log_int(rng, 8, MAX_LEN)
     long_kv = bool(rng.random() < 0.2)  # few long requests: cut over CTAs, then merged

@@ -153,19 +153,59 @@ def test_every_head_dim(d):
     check_batch(PagedBatch(LENS, page_size=16, hq=8, hkv=2, d=d))
 
 
-# head_dim 512 runs on the paged prefill kernel (decode.PREFILL_HEAD_DIMS), one query a request: the split
-# lengths make the scheduler cut long requests (the prefill merge), groups 1 / 4 / 8, page sizes 1 / 7 / 16.
-@pytest.mark.parametrize("group,page_size,lens", [(1, 16, [2999, 1, 0, 17, 640]), (4, 7, LENS),
-                                                  (8, 1, [0, 1, 33, 1500])])
+# head_dim 512: 16-bit KV runs batch_decode_wide_kernel (the warps split the head dim); fp8 KV the paged
+# prefill kernel, one query a request. The split lengths make the scheduler cut long requests (the merge
+# kernel at 512), groups 1 / 3 / 4 / 8 (3: a masked head in the block), page sizes 1 / 7 / 16, lengths 0 / 1 and
+# non-multiples of the 16-token tile, soft cap, sinks, ALiBi, a window.
+@pytest.mark.parametrize("group,page_size,lens,opts", [
+    (1, 16, [2999, 1, 0, 17, 640], {}),
+    (4, 7, LENS, {"sinks": True}),
+    (8, 1, [0, 1, 33, 1500], {"logits_soft_cap": 30.0}),
+    (3, 16, [5000, 15, 16, 1], {"pos_encoding_mode": "ALIBI"}),
+    (8, 5, [4097, 0, 250], {"window_left": 100}),
+])
 @pytest.mark.parametrize("q_dt", ["float16", "bfloat16"])
-def test_head_dim_512(group, page_size, lens, q_dt):
+def test_head_dim_512(group, page_size, lens, opts, q_dt):
     b = PagedBatch(lens, page_size=page_size, hq=2 * group, hkv=2, d=512, q_dt=q_dt, as_tuple=group == 4)
-    check_batch(b, logits_soft_cap=30.0 if group == 8 else None, sinks=rand((b.hq,), "float32") if group == 4 else None)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), b.layout)
+    kw = dict(opts, sinks=rand((b.hq,), "float32") if opts.get("sinks") else None)
+    check_batch(b, wrapper=w, **kw)
+    prog, _ = fi_cupy.decode.decode_variant(w._plan.params, w._plan.params.kv_dtype)
+    assert not w._via_prefill and prog.kernels[0].kernel == "fic::batch_decode_wide_kernel"
+
+
+def test_head_dim_512_many_requests():
+    """A batch wider than one wave of CTAs: many segments a CTA, each CTA's exchange buffers reused
+    across segments."""
+    rng = np.random.default_rng(5)
+    b = PagedBatch(rng.integers(0, 300, 200).tolist(), page_size=16, hq=16, hkv=2, d=512, q_dt="bfloat16")
+    check_batch(b)
+
+
+def test_head_dim_512_cuda_graph_replay():
+    b1 = PagedBatch([100, 2000, 5, 7000], hq=16, hkv=4, d=512)
+    b2 = PagedBatch([3000, 1, 64, 9000], hq=16, hkv=4, d=512)
+    cache = cp.concatenate([bits(b1.cache), bits(b2.cache)]).view(BF16)
+    off = b1.cache.shape[0]
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_cuda_graph=True)
+    plan_args = dict(num_qo_heads=16, num_kv_heads=4, head_dim=512, page_size=16, q_data_type="bfloat16")
+    w.plan(b1.indptr, b1.indices, b1.last_page_len, **plan_args)
+    q = bits(b1.q).copy().view(BF16)
+    out = nan_like(q)
+    g, s = capture(lambda: w.run(q, cache, out=out))
+    w.plan(b2.indptr, b2.indices + off, b2.last_page_len, **plan_args)
+    bits(q)[...] = bits(b2.q)
+    poison(out)
+    replay(g, s)
+    assert_close(f64(out), b2.reference()[0], "bfloat16")
 
 
 @pytest.mark.parametrize("kv_dt", ["float8_e4m3fn", "float8_e5m2"])
 def test_head_dim_512_fp8(kv_dt):
-    check_batch(PagedBatch([700, 1, 0, 2000], page_size=16, hq=8, hkv=2, d=512, kv_dt=kv_dt), k_scale=0.5, v_scale=2.0)
+    b = PagedBatch([700, 1, 0, 2000], page_size=16, hq=8, hkv=2, d=512, kv_dt=kv_dt)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), b.layout)
+    check_batch(b, wrapper=w, k_scale=0.5, v_scale=2.0)
+    assert w._via_prefill  # fp8 at 512: the paged prefill kernel
 
 
 def test_head_dim_512_refusals():

@@ -24,7 +24,8 @@ def test_table_covers_every_kernel_path():
     assert {"tensor cores (mma.sync)", "CUDA cores, RoPE on the fly", "CUDA cores, fp8 KV",
             "fa2 (portable, mma.sync)", "fa3 (sm_90a, wgmma)"} == kernels
     for op, kernel, dims, *_ in rows:
-        want = decode.KERNEL_HEAD_DIMS if op.startswith("BatchDecode") else \
+        want = (decode.SUPPORTED_HEAD_DIMS if kernel.startswith("tensor") else decode.KERNEL_HEAD_DIMS) \
+            if op.startswith("BatchDecode") else \
             prefill.SM90_HEAD_DIMS if kernel.startswith("fa3") else \
             prefill.SUPPORTED_HEAD_DIMS + prefill.HEAD_DIM_PAIRS
         assert set(dims) == set(want), (op, kernel)
