@@ -2,7 +2,7 @@
 
 Shapes (issue 3): bf16, 32 query / 8 kv heads, head_dim 128, page 16; (batch, kv_len) below, plus one
 fp8-KV row, one HND row, one with attention sinks, one with ALiBi, and head_dim 256 and 512 rows
-(option d256 / d512; 512 runs on the paged prefill kernel). Bytes = KV read + q + out. Times are medians of CUDA-event timings of
+(option d256 / d512; 512 with fp8 KV runs on the paged prefill kernel). Bytes = KV read + q + out. Times are medians of CUDA-event timings of
 CUDA-graph replays (20 runs a graph) after warm-up; each run reads another copy of the cache so the
 50 MB L2 cannot hold the working set. Also: cold compile and cached load of the decode kernel.
 
@@ -33,7 +33,9 @@ SHAPES = [(1, 8192), (1, 32768), (1, 131072), (4, 32768), (16, 4096), (64, 2048)
 # "alibi" with pos_encoding_mode="ALIBI"
 EXTRA = [((16, 4096), "float8_e4m3fn", "NHD", ""), ((16, 4096), "bfloat16", "HND", ""),
          ((16, 4096), "bfloat16", "NHD", "sinks"), ((16, 4096), "bfloat16", "NHD", "alibi"),
-         ((16, 4096), "bfloat16", "NHD", "d256"), ((16, 4096), "bfloat16", "NHD", "d512")]
+         ((16, 4096), "bfloat16", "NHD", "d256"), ((16, 4096), "bfloat16", "NHD", "d512"),
+         ((1, 32768), "bfloat16", "NHD", "d512"), ((64, 2048), "bfloat16", "NHD", "d512"),
+         ((16, 4096), "float8_e4m3fn", "NHD", "d512")]
 PLAN_OPTION = {"alibi": {"pos_encoding_mode": "ALIBI"}}
 MIN_WORKING_SET = 256 << 20  # rotate caches until at least this many bytes are touched per cycle
 

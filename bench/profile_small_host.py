@@ -69,6 +69,10 @@ def cupy_caller():
     print_profile(lambda: fi_cupy.rmsnorm(x, w, out=o), 500, cupy.cuda.runtime.deviceSynchronize)
 
 
+def _eleven(a, b, c, d, e, f, g, h, i, j, k):
+    return None
+
+
 def launch_variants(recipe, x, w, o):
     """The launch alone, several ways, for the recorded rmsnorm kernel: our ctypes cuLaunchKernelEx with and
     without the programmatic-dependent-launch attribute, CuPy's own launch (cuLaunchKernel from Cython),
@@ -96,6 +100,11 @@ def launch_variants(recipe, x, w, o):
     fnptr = prepared.fnptr
     print(f"  launch: ctypes cuLaunchKernel (packed once): "
           f"{per_call(lambda: f(fnptr, gx, gy, gz, bx, by, bz, smem, stream, params, None)):.1f} us")
+    from cupy.cuda import driver
+    print(f"  launch: CuPy driver.launchKernel (Cython cuLaunchKernel, packed once): "
+          f"{per_call(lambda: driver.launchKernel(fnptr, gx, gy, gz, bx, by, bz, smem, stream, params, 0)):.1f} us")
+    print(f"  a Python call of 11 ints (the loop's floor): "
+          f"{per_call(lambda: _eleven(fnptr, gx, gy, gz, bx, by, bz, smem, stream, params, 0)):.1f} us")
     if not any(isinstance(v, bytes) for v in vals):
         typed = tuple(np.uint64(v) if t is kernels.DevPtr else t(v) for t, v in zip(prepared.sig, vals))
         with streams.as_cupy(stream):
