@@ -2,7 +2,7 @@
 
 Shapes (issue 3): bf16, 32 query / 8 kv heads, head_dim 128, page 16; (batch, kv_len) below, plus one
 fp8-KV row, one HND row, one with attention sinks, one with ALiBi, and head_dim 256 and 512 rows
-(option d256 / d512; 512 with fp8 KV runs on the paged prefill kernel). Bytes = KV read + q + out. Times are medians of CUDA-event timings of
+(option d256 / d512). Bytes = KV read + q + out. Times are medians of CUDA-event timings of
 CUDA-graph replays (20 runs a graph) after warm-up; each run reads another copy of the cache so the
 50 MB L2 cannot hold the working set. Also: cold compile and cached load of the decode kernel.
 

@@ -556,7 +556,7 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
   }
 }
 
-// Tensor-core decode for head dims past 256 (512: Gemma-family models), 16-bit KV of the q dtype. A
+// Tensor-core decode for head dims past 256 (512: Gemma-family models), KV of the q dtype or fp8. A
 // 512-wide row fits neither a warp's registers (Q^T fragments and O^T accumulators) nor a per-warp
 // pipeline of whole rows, so the 4 warps of a CTA split the head dim: warp w owns dims
 // [w * D/4, (w + 1) * D/4) and the warps walk one segment's 16-token tiles together. Each warp copies
@@ -565,24 +565,31 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
 // the same order (one barrier a tile, two buffers), so all warps hold the same scores and softmax
 // state and accumulate O^T for their own dims. Nothing is merged across warps at the end: each warp
 // writes its slice of the output. Each K/V byte is read once, as in the other decode kernels.
-template <int D>
+// Copies move 8 elements (16 bytes, fp8: 8), so a cache needs the alignment of the other decode kernels.
+// 16-bit KV lands in the padded tile that ldmatrix reads; fp8 KV lands in raw stages, and each lane
+// converts the chunks it copied into that tile (in the q dtype) before the warp's mma.
+template <int D, typename KVT>
 struct DecodeWideCfg {
   static_assert(D % 64 == 0 && D > 256 && D <= 512, "wide decode: head_dim a multiple of 64 in (256, 512]");
+  typedef typename Pack8<KVT>::raw Raw;              // one copy: 8 elements
+  static constexpr bool kConvert = sizeof(KVT) == 1; // fp8: raw stages, converted into the tile
   static constexpr int kDW = D / kDecodeWarps;       // dims a warp owns
-  static constexpr int kRow = kDW + 8;               // smem row stride, elements (ldmatrix without bank conflicts)
-  static constexpr int kStageElems = 2 * 16 * kRow;  // K and V rows of 16 tokens, this warp's dims
-  static constexpr int kStageBytes = kStageElems * 2;
-  static constexpr int kStages = 3;                  // 2 tiles in flight a warp: 2 CTAs an SM keep 128 KB in flight
-  static constexpr int kWarpBytes = kStages * kStageBytes;
+  static constexpr int kChunks = kDW / 8;            // copies a row
+  static constexpr int kRow = kDW + 8;               // tile row stride, elements (ldmatrix without bank conflicts)
+  static constexpr int kTileElems = 2 * 16 * kRow;   // K and V rows of 16 tokens, this warp's dims, 16-bit
+  static constexpr int kTileBytes = kTileElems * 2;
+  static constexpr int kStageBytes = kConvert ? 2 * 16 * kChunks * int(sizeof(Raw)) : kTileBytes;
+  static constexpr int kStages = kConvert ? 4 : 3;   // a warp keeps 8-12 KB in flight: 2 CTAs an SM ~100 KB
+  static constexpr int kWarpBytes = kStages * kStageBytes + (kConvert ? kTileBytes : 0);
   static constexpr int kExchangeBytes = 2 * kDecodeWarps * 32 * 16;  // two buffers of every warp's S^T fragments
   // fi_cupy/decode.py: decode_smem_bytes() computes the same number for the launch.
   static constexpr int kSmemBytes = kDecodeWarps * kWarpBytes + kExchangeBytes;
 };
 
-template <int D, int GB, typename T, bool ALIBI>
+template <int D, int GB, typename T, typename KVT, bool ALIBI>
 __global__ void __launch_bounds__(kDecodeThreads, 2)
 batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long long q_stride_h,
-                         const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                         const KVT* __restrict__ k_cache, const KVT* __restrict__ v_cache,
                          long long kv_stride_page, long long kv_stride_slot, long long kv_stride_head,
                          const int* __restrict__ page_indptr, const int* __restrict__ page_indices,
                          const int* __restrict__ kv_lens, const int* __restrict__ cta_indptr,
@@ -594,16 +601,19 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
                          float v_scale, float rope_rcp_scale, double rope_log2_theta,
                          const float* __restrict__ sinks, const float* __restrict__ alibi_slopes) {
   static_assert(GB <= 8, "an mma tile holds 8 heads");
-  using C = DecodeWideCfg<D>;
-  constexpr int S = C::kStages, RS = C::kRow, DW = C::kDW, KS = DW / 16, kChunks = DW / 8;
-  static_assert((GB * DW + 2 * GB) * 4 <= C::kStageBytes, "the epilogue stages a warp's output in one stage");
+  using C = DecodeWideCfg<D, KVT>;
+  using Raw = typename C::Raw;
+  constexpr int S = C::kStages, RS = C::kRow, DW = C::kDW, KS = DW / 16, kChunks = C::kChunks;
+  static_assert(C::kConvert || sizeof(KVT) == sizeof(T), "16-bit KV is read in the q dtype");
+  static_assert((GB * DW + 2 * GB) * 4 <= C::kTileBytes, "the epilogue stages a warp's output in one tile");
   pdl_begin();
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;              // fragment row / column pair
   const int mi = lane / 8, mr = lane % 8;            // ldmatrix: matrix and row this lane addresses
   const int dim0 = warp * DW;                        // this warp's slice of the head dim
-  T* pipe = reinterpret_cast<T*>(smem + warp * C::kWarpBytes);
+  unsigned char* pipe = smem + warp * C::kWarpBytes;     // stages: [K rows | V rows] of this warp's dims
+  T* conv = reinterpret_cast<T*>(pipe + S * C::kStageBytes);  // fp8: the converted tile (16-bit: unused)
   float4* xch = reinterpret_cast<float4*>(smem + kDecodeWarps * C::kWarpBytes);  // [2][warps][32 lanes]
   const FastDiv page_div = {page_size, page_div_mul, page_div_shift};
   const float rcp_cap = soft_cap > 0.f ? __frcp_rn(soft_cap) : 0.f;
@@ -628,8 +638,9 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
     return x;
   };
 
-  // Copies of this warp's slice: chunk idx = i * 32 + lane of 16 rows x kChunks 16-byte chunks. Lane
+  // Copies of this warp's slice: chunk idx = i * 32 + lane of 16 rows x kChunks 8-element chunks. Lane
   // r < 16 computes row r's cache offset (its page id loaded one issue ahead); the others shuffle it.
+  // 16-bit: chunk (row, col) goes to the tile's row * RS + col; fp8: to raw slot idx (V after K's 16 rows).
   int pid = 0;
   auto load_pid = [&](const Seg& x, int t) {
     const int tok = x.first + t * 16 + (lane % 16);
@@ -637,7 +648,7 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
   };
   auto issue = [&](const Seg& x, int t) {
     if (t < x.n_tiles) {
-      T* stage = pipe + (t % S) * C::kStageElems;
+      unsigned char* stage = pipe + (t % S) * C::kStageBytes;
       const int my_tok = x.first + t * 16 + (lane % 16);
       const unsigned p = page_div.quot(my_tok);
       const long long my_off = (long long)pid * kv_stride_page +
@@ -647,8 +658,12 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
         const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
         const long long off = __shfl_sync(0xffffffffu, my_off, row);
         const bool ok = x.first + t * 16 + row < x.end;
-        cp_async<16>(stage + row * RS + col, ok ? k_cache + off + col : k_cache, ok);
-        cp_async<16>(stage + (16 + row) * RS + col, ok ? v_cache + off + col : v_cache, ok);
+        void* kd = C::kConvert ? (void*)(reinterpret_cast<Raw*>(stage) + idx)
+                               : (void*)(reinterpret_cast<T*>(stage) + row * RS + col);
+        void* vd = C::kConvert ? (void*)(reinterpret_cast<Raw*>(stage) + 16 * kChunks + idx)
+                               : (void*)(reinterpret_cast<T*>(stage) + (16 + row) * RS + col);
+        cp_async<sizeof(Raw)>(kd, ok ? k_cache + off + col : k_cache, ok);
+        cp_async<sizeof(Raw)>(vd, ok ? v_cache + off + col : v_cache, ok);
       }
       load_pid(x, t + 1);
     }
@@ -707,8 +722,21 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
     for (int t = 0; t < n_tiles; ++t, ++tick) {
       issue(cur, t + S - 1);
       cp_async_wait<S - 1>();
-      __syncwarp();  // ldmatrix reads rows other lanes copied
-      const T* ks = pipe + (t % S) * C::kStageElems;
+      const T* ks = reinterpret_cast<const T*>(pipe + (t % S) * C::kStageBytes);
+      if (C::kConvert) {  // each lane converts the chunks it copied (visible to it after the wait)
+        const Raw* raw = reinterpret_cast<const Raw*>(pipe + (t % S) * C::kStageBytes);
+#pragma unroll
+        for (int i = 0; i < kChunks / 2; ++i) {
+          const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
+          float f[8];
+          unpack8<KVT>(raw[idx], f);
+          store8<T>(conv + row * RS + col, f);
+          unpack8<KVT>(raw[16 * kChunks + idx], f);
+          store8<T>(conv + (16 + row) * RS + col, f);
+        }
+        ks = conv;
+      }
+      __syncwarp();  // ldmatrix reads rows other lanes copied (or converted)
       const T* vs = ks + 16 * RS;
 
       float sacc[4] = {0.f, 0.f, 0.f, 0.f};  // S^T over this warp's dims: token g / g + 8, heads 2c, 2c + 1
@@ -772,7 +800,7 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
     __syncwarp();
     if (seg + 1 < seg_end) {
       cur = make_seg(next_sg, next_page_start);
-      prologue(cur);  // fills stages 0 .. S-2; stage S-1 stages this segment's output below
+      prologue(cur);  // fills stages 0 .. S-2; stage S-1 (fp8: the converted tile) stages the output below
       load_q(cur);
     }
 #pragma unroll
@@ -781,7 +809,8 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
       for (int off = 4; off < 32; off *= 2) dsum[j] += __shfl_xor_sync(0xffffffffu, dsum[j], off);
 
     // This warp's slice of each head's output: O^T fragments to [GB][DW] floats, then (m, d) per head.
-    float* blk = reinterpret_cast<float*>(smem + warp * C::kWarpBytes + (S - 1) * C::kStageBytes);
+    float* blk = reinterpret_cast<float*>(C::kConvert ? reinterpret_cast<unsigned char*>(conv)
+                                                      : pipe + (S - 1) * C::kStageBytes);
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int h = 2 * c + j;

@@ -3,8 +3,7 @@
 Both run cuda_src/decode.cu: batch_decode_tc_kernel (tensor cores) for 16-bit KV of the q dtype without
 RoPE, batch_decode_kernel (CUDA cores) for fp8 KV and RoPE on the fly, batch_decode_wide_kernel (tensor
 cores, the head dim split over the warps) at head_dim 512, and merge_states_kernel for requests cut over
-several CTAs. A single decode is a batch of one request whose K/V form one page. head_dim 512 with fp8 KV
-runs on the paged prefill kernel, one query a request.
+several CTAs. A single decode is a batch of one request whose K/V form one page.
 Supported (one table, README "Decode"): head_dim every multiple of 16 from 16 to 256, and 512; q fp16/bf16;
 KV the q dtype or fp8 (e4m3fn, e5m2); any page size; any GQA group; NHD and HND; a 5-D cache or a
 (k, v) pair; sliding window; logits soft cap; RoPE on the fly ("ROPE_LLAMA"); lse in base 2.
@@ -30,9 +29,8 @@ from ._core.kernels import NULL, KernelSpec, Program, f32, f64, i32, i64, ptr, u
 from ._core.docs import RUN_OPTIONS, RUN_RETURNS, document
 
 KERNEL_HEAD_DIMS = tuple(range(16, 257, 16))  # both decode kernels' instantiations
-# Head dims past 256: batch_decode_wide_kernel (16-bit KV of the q dtype, no RoPE), whose warps split the
-# head dim (the other kernels keep a row in a warp's lanes, which 512 does not fit). fp8 KV at these dims
-# runs on the paged prefill kernel, one query a request (runs_on_prefill).
+# Head dims past 256: batch_decode_wide_kernel (KV of the q dtype or fp8, no RoPE on the fly), whose warps
+# split the head dim (the other kernels keep a row in a warp's lanes, which 512 does not fit).
 WIDE_HEAD_DIMS = (512,)
 SUPPORTED_HEAD_DIMS = KERNEL_HEAD_DIMS + WIDE_HEAD_DIMS
 Q_DTYPES = (dt.float16, dt.bfloat16)
@@ -47,21 +45,15 @@ def uses_tensor_cores(q_dtype: dt.DType, kv_dtype: dt.DType, rope: bool) -> bool
     return kv_dtype == q_dtype and not rope
 
 
-def runs_on_prefill(params: DecodeParams) -> bool:
-    """Whether this decode runs on the paged prefill kernel: a wide head dim with fp8 KV or RoPE."""
-    return params.head_dim in WIDE_HEAD_DIMS and not uses_tensor_cores(params.q_dtype, params.kv_dtype, params.rope)
-
-
 def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dtype: dt.DType,
                    rope: bool, alibi: bool = False) -> Program:
     tc = uses_tensor_cores(q_dtype, kv_dtype, rope)
     if head_dim in WIDE_HEAD_DIMS:
-        if not tc:
-            raise ValueError(f"head_dim {head_dim}: the decode kernels take 16-bit KV of the q dtype without RoPE "
-                             f"there (fp8 KV runs on the prefill kernel)")
-        main = KernelSpec("fic::batch_decode_wide_kernel", (head_dim, heads_per_block, q_dtype.cpp,
+        if rope:
+            raise ValueError(f"head_dim {head_dim}: the wide decode kernel applies no RoPE on the fly")
+        main = KernelSpec("fic::batch_decode_wide_kernel", (head_dim, heads_per_block, q_dtype.cpp, kv_dtype.cpp,
                                                             kernels.cpp_bool(alibi)))
-        smem = f"fic::DecodeWideCfg<{head_dim}>::kSmemBytes"
+        smem = f"fic::DecodeWideCfg<{head_dim}, {kv_dtype.cpp}>::kSmemBytes"
     elif tc:
         main = KernelSpec("fic::batch_decode_tc_kernel", (head_dim, heads_per_block, q_dtype.cpp,
                                                           kernels.cpp_bool(alibi)))
@@ -71,17 +63,20 @@ def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dt
                                                        kernels.cpp_bool(rope), kernels.cpp_bool(alibi)))
         smem = f"fic::DecodeCfg<{head_dim}, {heads_per_block}, {kv_dtype.cpp}>::kSmemBytes"
     return Program("decode.cu", (main, KernelSpec("fic::merge_states_kernel", (head_dim, heads_per_block, q_dtype.cpp))),
-                   ((smem, decode_smem_bytes(head_dim, heads_per_block, tc)),))
+                   ((smem, decode_smem_bytes(head_dim, heads_per_block, tc, kv_dtype.bits // 8)),))
 
 
-def decode_smem_bytes(head_dim: int, heads_per_block: int, tensor_cores: bool) -> int:
+def decode_smem_bytes(head_dim: int, heads_per_block: int, tensor_cores: bool, kv_bytes: int = 2) -> int:
     """Dynamic shared memory of the decode kernels (DecodeCfg / DecodeTcSmem / DecodeWideCfg in
     cuda_src/decode.cu, checked against them at compile time): 4 warps of cp.async pipeline (12 KB each;
     tensor cores: at least 3 stages of 16 padded K and V rows, 24 KB or more), reused for the final merge
-    of the warps (MergeBlock: a warp's block padded to 16 bytes). Wide head dims: 3 stages of 16 rows of
-    each warp's quarter of the dims, and two buffers of the warps' partial scores."""
+    of the warps (MergeBlock: a warp's block padded to 16 bytes). Wide head dims, a warp: 16 rows of K and
+    V of its quarter of the dims, padded, in 3 stages (fp8: 4 raw stages and that tile converted), and two
+    buffers of the warps' partial scores."""
     if head_dim in WIDE_HEAD_DIMS:
-        return 4 * 3 * (2 * 16 * (head_dim // 4 + 8) * 2) + 2 * 4 * 32 * 16
+        tile = 2 * 16 * (head_dim // 4 + 8) * 2
+        warp = 3 * tile if kv_bytes == 2 else 4 * 2 * 16 * (head_dim // 4) * kv_bytes + tile
+        return 4 * warp + 2 * 4 * 32 * 16
     merge = 4 * ((heads_per_block * (head_dim + 2) + 3) // 4 * 4) * 4
     if not tensor_cores:
         return max(4 * 12288, merge)
@@ -94,7 +89,7 @@ def decode_variant(params: DecodeParams, kv_dtype: dt.DType) -> tuple:
     gb, _ = scheduler.decode_heads_per_block(params.group_size)
     tc = uses_tensor_cores(params.q_dtype, kv_dtype, params.rope)
     return (decode_program(params.head_dim, gb, params.q_dtype, kv_dtype, params.rope, params.alibi),
-            decode_smem_bytes(params.head_dim, gb, tc))
+            decode_smem_bytes(params.head_dim, gb, tc, kv_dtype.bits // 8))
 
 
 def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
@@ -102,7 +97,7 @@ def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
     out = []
     for d in head_dims:
         for q in Q_DTYPES:
-            for kv in ((q,) if d in WIDE_HEAD_DIMS else KV_DTYPES[q]):
+            for kv in KV_DTYPES[q]:
                 for gb in (1, 4, scheduler.MAX_HEADS_PER_BLOCK):
                     for rope, al in ((False, False), (True, False), (False, True)):  # NONE, ROPE, ALIBI
                         if not (rope and d in WIDE_HEAD_DIMS):
@@ -159,6 +154,10 @@ def make_params(num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mo
     wl, cap, sm, rs, rt = checks.attention_options(head_dim, window_left, logits_soft_cap, sm_scale, rope_scale,
                                                    rope_theta)
     checks.alibi_without_soft_cap(pos_encoding_mode, cap)
+    if pos_encoding_mode == "ROPE_LLAMA" and head_dim in WIDE_HEAD_DIMS:
+        raise NotImplementedError(f"pos_encoding_mode: ROPE_LLAMA (RoPE on the fly) is supported up to head_dim 256, "
+                                  f"got head_dim {head_dim}; apply RoPE to q and k first (apply_rope_inplace) and "
+                                  f"plan with pos_encoding_mode='NONE'")
     return DecodeParams(num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype,
                         pos_encoding_mode == "ROPE_LLAMA", wl, cap, sm, rs, rt, pos_encoding_mode == "ALIBI")
 
@@ -354,7 +353,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
                 self._buffers[name] = info
         lp = self._buffers.get("paged_kv_last_page_len_buffer")
         self._fixed_batch = lp.shape[0] if (lp is not None and self._use_cuda_graph) else None
-        self._multi = None      # the prefill wrapper that runs q_len_per_req > 1 and runs_on_prefill plans
+        self._multi = None      # the prefill wrapper that runs q_len_per_req > 1
         self._via_prefill = False  # whether the current plan is _multi's
         self._q_len = 1         # q_len_per_req of the current plan
         self._graph_caps = None  # CUDA graphs: the metadata capacities of the first plan
@@ -436,7 +435,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         split = kv_split(kw["fixed_split_size"], kw["disable_split_kv"], params.page_size)
         non_blocking = checks.flag("non_blocking", kw["non_blocking"])
         ip, ix, lp, dev_ix = self._tables(params, indptr, indices, last_page_len, kw["block_tables"], kw["seq_lens"],
-                                          fast and q_len == 1 and not runs_on_prefill(params),
+                                          fast and q_len == 1,
                                           indptr_host)
         if self._fixed_batch is not None and ip.size - 1 != self._fixed_batch:
             raise ValueError(f"use_cuda_graph=True: the batch size is fixed at {self._fixed_batch} (the length of "
@@ -444,7 +443,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         if self._use_cuda_graph and not dry and self._q_len_fixed(q_len):
             raise ValueError(f"q_len_per_req: use_cuda_graph=True keeps the q_len_per_req of the first plan "
                              f"({self._q_len}); got {q_len}; create a wrapper per q_len_per_req")
-        if q_len > 1 or runs_on_prefill(params):
+        if q_len > 1:
             return self._plan_multi(params, ip, ix, lp, q_len, causal, kw, non_blocking, dry, fast)
         lengths = page_table_lengths(ip, ix, lp, params.page_size)  # before any device work
         num_ctas = decode_num_ctas(params, params.kv_dtype, self._ws.device)
@@ -555,7 +554,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
 
     def _plan_multi(self, params: DecodeParams, ip, ix, lp, q_len: int, causal: bool, kw: dict, non_blocking: bool,
                     dry: bool, fast: bool):
-        """q_len_per_req > 1 (and runs_on_prefill) runs the paged prefill kernel: request b's queries are
+        """q_len_per_req > 1 runs the paged prefill kernel: request b's queries are
         rows b * q_len .. (b + 1) * q_len of q, the last q_len positions of its KV."""
         from . import prefill  # it takes every head dim decode does
         if self._multi is None:
@@ -720,10 +719,6 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     checks.dtype_in(kv.infos[0], KV_DTYPES[qi.dtype], f" with q {qi.dtype}")
     params = make_params(qi.shape[0], hkv, qi.shape[1], max(kv_len, 1), pos_encoding_mode, window_left,
                          logits_soft_cap, qi.dtype, kv.dtype, sm_scale, rope_scale, rope_theta)
-    if runs_on_prefill(params):
-        return _single_decode_via_prefill(q, k, v, kv_layout, pos_encoding_mode, q_scale, k_scale, v_scale,
-                                          window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, return_lse,
-                                          out, lse, stream)
     if q_scale is not None:
         params.sm_scale *= checks.float_arg("q_scale", q_scale)
     _check_q(qi, params, ())
@@ -740,21 +735,3 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     launch_decode(c, plan, base + plan.partial_bytes(), base, qi, kv, o, l_info, scale("k_scale", k_scale),
                   scale("v_scale", v_scale))
     return attention_result(c, out_obj, lse_obj, return_lse)
-
-
-def _single_decode_via_prefill(q, k, v, kv_layout, pos_encoding_mode, q_scale, k_scale, v_scale, window_left,
-                               logits_soft_cap, sm_scale, rope_scale, rope_theta, return_lse, out, lse, stream):
-    """single_decode_with_kv_cache where runs_on_prefill: single prefill of one query token (q as a
-    (1, num_qo_heads, head_dim) view, the results as views of its outputs)."""
-    from .prefill import single_prefill_with_kv_cache
-    if out is not None and getattr(out, "ndim", 0) != 2:
-        raise ValueError(f"out: expected shape (num_qo_heads, head_dim), got {tuple(out.shape)}")
-    if lse is not None and getattr(lse, "ndim", 0) != 1:
-        raise ValueError(f"lse: expected shape (num_qo_heads,), got {tuple(lse.shape)}")
-    qk = 1.0 if q_scale is None else checks.float_arg("q_scale", q_scale)
-    got = single_prefill_with_kv_cache(
-        q[None], k, v, kv_layout=kv_layout, pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale,
-        window_left=window_left, logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta,
-        return_lse=return_lse, k_scale=qk * scale("k_scale", k_scale), v_scale=v_scale,
-        out=None if out is None else out[None], lse=None if lse is None else lse[None], stream=stream)
-    return (got[0][0], got[1][0]) if return_lse else got[0]

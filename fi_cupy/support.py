@@ -54,9 +54,13 @@ def _rows() -> list:
     dec = "BatchDecodeWithPagedKVCacheWrapper, single_decode_with_kv_cache"
     for p in decode.all_programs():
         k = p.kernels[0]
-        if k.kernel.endswith(("batch_decode_tc_kernel", "batch_decode_wide_kernel")):
+        if k.kernel.endswith("batch_decode_tc_kernel"):
             d, _, q, alibi = k.targs
             add(dec, "tensor cores (mma.sync)", d, _dtype(q), _dtype(q), "ALIBI" if alibi == "true" else "NONE")
+        elif k.kernel.endswith("batch_decode_wide_kernel"):  # the warps split the head dim
+            d, _, q, kv, alibi = k.targs
+            add(dec, "tensor cores, head dim split over warps", d, _dtype(q), _dtype(kv),
+                "ALIBI" if alibi == "true" else "NONE")
         else:
             d, _, q, kv, rope, alibi = k.targs
             pos = "ROPE_LLAMA" if rope == "true" else "ALIBI" if alibi == "true" else "NONE"

@@ -153,8 +153,7 @@ def test_every_head_dim(d):
     check_batch(PagedBatch(LENS, page_size=16, hq=8, hkv=2, d=d))
 
 
-# head_dim 512: 16-bit KV runs batch_decode_wide_kernel (the warps split the head dim); fp8 KV the paged
-# prefill kernel, one query a request. The split lengths make the scheduler cut long requests (the merge
+# head_dim 512 runs batch_decode_wide_kernel (the warps split the head dim), fp8 KV too. The split lengths make the scheduler cut long requests (the merge
 # kernel at 512), groups 1 / 3 / 4 / 8 (3: a masked head in the block), page sizes 1 / 7 / 16, lengths 0 / 1 and
 # non-multiples of the 16-token tile, soft cap, sinks, ALiBi, a window.
 @pytest.mark.parametrize("group,page_size,lens,opts", [
@@ -205,7 +204,9 @@ def test_head_dim_512_fp8(kv_dt):
     b = PagedBatch([700, 1, 0, 2000], page_size=16, hq=8, hkv=2, d=512, kv_dt=kv_dt)
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), b.layout)
     check_batch(b, wrapper=w, k_scale=0.5, v_scale=2.0)
-    assert w._via_prefill  # fp8 at 512: the paged prefill kernel
+    prog, _ = fi_cupy.decode.decode_variant(w._plan.params, w._plan.params.kv_dtype)
+    assert not w._via_prefill and prog.kernels[0].kernel == "fic::batch_decode_wide_kernel"
+    assert prog.kernels[0].targs[3] == fi_cupy._core.dtypes.as_dtype(kv_dt).cpp
 
 
 def test_head_dim_512_refusals():

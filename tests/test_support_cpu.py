@@ -21,10 +21,11 @@ def test_table_covers_every_kernel_path():
     """Each compiled decode / prefill kernel template has a row; the head dims are the supported ones."""
     rows = support._rows()
     kernels = {kernel for _, kernel, *_ in rows}
-    assert {"tensor cores (mma.sync)", "CUDA cores, RoPE on the fly", "CUDA cores, fp8 KV",
+    assert {"tensor cores (mma.sync)", "tensor cores, head dim split over warps", "CUDA cores, RoPE on the fly",
+            "CUDA cores, fp8 KV",
             "fa2 (portable, mma.sync)", "fa3 (sm_90a, wgmma)"} == kernels
     for op, kernel, dims, *_ in rows:
-        want = (decode.SUPPORTED_HEAD_DIMS if kernel.startswith("tensor") else decode.KERNEL_HEAD_DIMS) \
+        want = (decode.WIDE_HEAD_DIMS if "split" in kernel else decode.KERNEL_HEAD_DIMS) \
             if op.startswith("BatchDecode") else \
             prefill.SM90_HEAD_DIMS if kernel.startswith("fa3") else \
             prefill.SUPPORTED_HEAD_DIMS + prefill.HEAD_DIM_PAIRS
