@@ -74,11 +74,9 @@ def _eleven(a, b, c, d, e, f, g, h, i, j, k):
 
 
 def launch_variants(recipe, x, w, o):
-    """The launch alone, several ways, for the recorded rmsnorm kernel: our ctypes cuLaunchKernelEx with and
-    without the programmatic-dependent-launch attribute, CuPy's own launch (cuLaunchKernel from Cython),
-    and torch's cheapest eager op for scale."""
-    import ctypes
-
+    """The launch alone, several ways, for the recorded rmsnorm kernel: as recorded (kernels.Prepared,
+    PDL_AUTO), ctypes cuLaunchKernelEx with the programmatic-dependent-launch attribute, CuPy's Cython
+    cuLaunchKernel and its Function.__call__, the capture query, and torch's cheapest eager op for scale."""
     import numpy as np
     from fi_cupy._core import kernels
     prepared, values, slots, _ = recipe.steps[0]
@@ -88,21 +86,19 @@ def launch_variants(recipe, x, w, o):
         vals[i] = ptrs[src] + off
     stream = streams.torch_current(0)
     gx, gy, gz, bx, by, bz, smem = prepared.head
-    plain = kernels.Prepared(prepared.fn, (gx, gy, gz), (bx, by, bz), prepared.sig, 0, smem, pdl=False)
-    print(f"  launch: ctypes cuLaunchKernelEx, PDL attribute: {per_call(lambda: prepared(vals, stream)):.1f} us")
-    print(f"  launch: ctypes cuLaunchKernelEx, no attribute: {per_call(lambda: plain(vals, stream)):.1f} us")
-    lib, _ = kernels._cuda()
-    f = lib.cuLaunchKernel
-    f.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+    on = kernels.Prepared(prepared.fn, (gx, gy, gz), (bx, by, bz), prepared.sig, 0, smem, pdl=kernels.PDL_ON)
+    print(f"  launch as recorded (PDL auto: plain cuLaunchKernel outside a capture): "
+          f"{per_call(lambda: prepared(vals, stream)):.1f} us")
+    print(f"  launch: ctypes cuLaunchKernelEx with the PDL attribute (enable_pdl=True): "
+          f"{per_call(lambda: on(vals, stream)):.1f} us")
     buf, params, fmt, _ = kernels._buffers(prepared.sig)
     import struct
     struct.pack_into(fmt, buf, 0, *vals)
     fnptr = prepared.fnptr
-    print(f"  launch: ctypes cuLaunchKernel (packed once): "
-          f"{per_call(lambda: f(fnptr, gx, gy, gz, bx, by, bz, smem, stream, params, None)):.1f} us")
-    from cupy.cuda import driver
+    from cupy.cuda import driver, runtime
     print(f"  launch: CuPy driver.launchKernel (Cython cuLaunchKernel, packed once): "
           f"{per_call(lambda: driver.launchKernel(fnptr, gx, gy, gz, bx, by, bz, smem, stream, params, 0)):.1f} us")
+    print(f"  runtime.streamIsCapturing: {per_call(lambda: runtime.streamIsCapturing(stream)):.1f} us")
     print(f"  a Python call of 11 ints (the loop's floor): "
           f"{per_call(lambda: _eleven(fnptr, gx, gy, gz, bx, by, bz, smem, stream, params, 0)):.1f} us")
     if not any(isinstance(v, bytes) for v in vals):
