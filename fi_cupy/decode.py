@@ -46,8 +46,10 @@ def uses_tensor_cores(q_dtype: dt.DType, kv_dtype: dt.DType, rope: bool) -> bool
 
 
 def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dtype: dt.DType,
-                   rope: bool, alibi: bool = False) -> Program:
-    tc = uses_tensor_cores(q_dtype, kv_dtype, rope)
+                   rope: bool, alibi: bool = False, tensor_cores: bool | None = None) -> Program:
+    """tensor_cores: None follows uses_tensor_cores; False takes the CUDA-core kernel for 16-bit KV too
+    (decode_variant, on a GPU whose CTAs cannot have the tensor-core kernel's shared memory)."""
+    tc = uses_tensor_cores(q_dtype, kv_dtype, rope) if tensor_cores is None else tensor_cores
     if head_dim in WIDE_HEAD_DIMS:
         if rope:
             raise ValueError(f"head_dim {head_dim}: the wide decode kernel applies no RoPE on the fly")
@@ -84,12 +86,23 @@ def decode_smem_bytes(head_dim: int, heads_per_block: int, tensor_cores: bool, k
     return max(4 * max(3, 24576 // stage) * stage, merge)
 
 
-def decode_variant(params: DecodeParams, kv_dtype: dt.DType) -> tuple:
-    """(Program, dynamic shared memory bytes) that decode runs for these parameters and KV dtype."""
+def decode_variant(params: DecodeParams, kv_dtype: dt.DType, device: int | None = None) -> tuple:
+    """(Program, dynamic shared memory bytes) that decode runs for these parameters and KV dtype on
+    `device` (None: a GPU with the shared memory of an H100). The tensor-core kernel keeps 3 stages of
+    16 K and V rows a warp, 102 KB at head_dim 128: where a CTA cannot have that (sm_86 / sm_89 allow
+    99 KB, A100 163 KB), the CUDA-core kernel (48 KB) runs instead. The wide kernel (head_dim 512, 102-106
+    KB) has no such fallback: NotImplementedError there."""
     gb, _ = scheduler.decode_heads_per_block(params.group_size)
+    d, kv_bytes = params.head_dim, kv_dtype.bits // 8
+    limit = None if device is None else kernels.device_props(device)["smem_optin"]
     tc = uses_tensor_cores(params.q_dtype, kv_dtype, params.rope)
-    return (decode_program(params.head_dim, gb, params.q_dtype, kv_dtype, params.rope, params.alibi),
-            decode_smem_bytes(params.head_dim, gb, tc, kv_dtype.bits // 8))
+    if tc and d not in WIDE_HEAD_DIMS and limit is not None and decode_smem_bytes(d, gb, True) > limit:
+        tc = False
+    smem = decode_smem_bytes(d, gb, tc, kv_bytes)
+    if limit is not None and smem > limit:
+        raise NotImplementedError(f"head_dim: decode at {d} needs {smem} bytes of shared memory a CTA; this GPU "
+                                  f"({kernels.device_props(device)['name']}) allows {limit}")
+    return decode_program(d, gb, params.q_dtype, kv_dtype, params.rope, params.alibi, tc), smem
 
 
 def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
@@ -102,6 +115,10 @@ def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
                     for rope, al in ((False, False), (True, False), (False, True)):  # NONE, ROPE, ALIBI
                         if not (rope and d in WIDE_HEAD_DIMS):
                             out.append(decode_program(d, gb, q, kv, rope, al))
+                        if kv == q and not rope and d not in WIDE_HEAD_DIMS and \
+                                decode_smem_bytes(d, gb, True) > kernels.SMEM_EVERY_GPU:
+                            # where a GPU cannot give the tensor-core kernel its shared memory (decode_variant)
+                            out.append(decode_program(d, gb, q, kv, rope, al, tensor_cores=False))
     return out
 
 
@@ -247,7 +264,7 @@ _num_ctas: dict = {}  # (program, smem, device) -> CTAs in one wave
 def decode_num_ctas(params: DecodeParams, kv_dtype: dt.DType, device: int) -> int:
     """One wave of the decode kernel on `device` (compiles / loads the kernel; memoised: plan() runs
     every decode step)."""
-    prog, smem = decode_variant(params, kv_dtype)
+    prog, smem = decode_variant(params, kv_dtype, device)
     got = _num_ctas.get((prog, smem, device))
     if got is None:
         occ = kernels.functions(prog, device)[prog.kernels[0]].occupancy(128, smem)
@@ -268,7 +285,7 @@ def launch_decode(c: Call, plan: DecodePlan, meta_ptr: int, partial_ptr: int, q:
     plan (CUDA graphs). sinks: attention-sink logits (attention_sinks) or None."""
     p = plan.params
     gb, slices = plan.heads_per_block
-    prog, smem = decode_variant(p, kv.dtype)
+    prog, smem = decode_variant(p, kv.dtype, q.device)
     dec, merge = kernels.functions(prog, q.device).values()
     meta = ptr(meta_ptr, stable=True)
     off = {k: ptr(meta, 4 * v) for k, v in plan.offsets.items()}
@@ -447,7 +464,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
             return self._plan_multi(params, ip, ix, lp, q_len, causal, kw, non_blocking, dry, fast)
         lengths = page_table_lengths(ip, ix, lp, params.page_size)  # before any device work
         num_ctas = decode_num_ctas(params, params.kv_dtype, self._ws.device)
-        variant = (decode_variant(params, params.kv_dtype), num_ctas)
+        variant = (decode_variant(params, params.kv_dtype, self._ws.device), num_ctas)
         if self._graph_caps is not None and self._graph_caps[0] != variant and not dry:
             self._graph_caps = None  # another kernel: a graph captured before must be captured again anyway
         plan = plan_decode(params, ip, ix, lp, num_ctas, lengths, split, self._graph_caps and self._graph_caps[1])

@@ -64,8 +64,11 @@ def _rows() -> list:
         else:
             d, _, q, kv, rope, alibi = k.targs
             pos = "ROPE_LLAMA" if rope == "true" else "ALIBI" if alibi == "true" else "NONE"
-            # 16-bit KV takes this kernel only for RoPE on the fly (else tensor cores): two rows, not one
-            add(dec, "CUDA cores, fp8 KV" if kv != q else "CUDA cores, RoPE on the fly", d, _dtype(q), _dtype(kv), pos)
+            # 16-bit KV takes this kernel for RoPE on the fly, and where the GPU cannot give the tensor-core
+            # kernel its shared memory (decode.decode_variant): rows of their own
+            path = "CUDA cores, fp8 KV" if kv != q else "CUDA cores, RoPE on the fly" if rope == "true" else \
+                "CUDA cores, 16-bit KV, GPUs with less shared memory"
+            add(dec, path, d, _dtype(q), _dtype(kv), pos)
     names = {True: "BatchPrefillWithPagedKVCacheWrapper", False: "BatchPrefillWithRaggedKVCacheWrapper, "
              "single_prefill_with_kv_cache"}
     for p in prefill.all_programs():

@@ -199,6 +199,21 @@ def test_head_dim_512_cuda_graph_replay():
     assert_close(f64(out), b2.reference()[0], "bfloat16")
 
 
+@pytest.mark.parametrize("d,group,q_dt,mode", [(128, 8, "bfloat16", "NONE"), (256, 1, "float16", "NONE"),
+                                             (160, 4, "bfloat16", "ALIBI")])
+def test_cuda_core_kernel_where_shared_memory_is_short(monkeypatch, d, group, q_dt, mode):
+    """A GPU that cannot give the tensor-core kernel its shared memory (sm_86 / sm_89: 99 KB a CTA) runs
+    16-bit KV on the CUDA-core kernel: the H200 stands in, its shared-memory limit lowered."""
+    from fi_cupy._core import kernels
+    dev = cp.cuda.Device().id
+    monkeypatch.setitem(kernels._props, dev, dict(kernels.device_props(dev), smem_optin=99 * 1024))
+    b = PagedBatch(LENS + [3000], page_size=16, hq=2 * group, hkv=2, d=d, q_dt=q_dt)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), b.layout)
+    check_batch(b, wrapper=w, pos_encoding_mode=mode)
+    prog, smem = fi_cupy.decode.decode_variant(w._plan.params, w._plan.params.kv_dtype, dev)
+    assert prog.kernels[0].kernel == "fic::batch_decode_kernel" and smem <= 99 * 1024
+
+
 @pytest.mark.parametrize("kv_dt", ["float8_e4m3fn", "float8_e5m2"])
 def test_head_dim_512_fp8(kv_dt):
     b = PagedBatch([700, 1, 0, 2000], page_size=16, hq=8, hkv=2, d=512, kv_dt=kv_dt)

@@ -309,3 +309,29 @@ def test_prefill_uncut_batch_gives_a_whole_kv_item_a_tile(causal):
     assert items[:, 5].tolist() == [kv[r] for r in items[:, 0]]
     cost = [scheduler.prefill_tile_cost(qo[r], kv[r], 4, 64, causal)[p0 // 64] for r, _, p0 in items[:, :3].tolist()]
     assert cost == sorted(cost, reverse=True)
+
+
+@pytest.mark.parametrize("smem_optin, d, kv, want", [
+    (232448, 128, None, "tc"), (232448, 256, None, "tc"), (232448, 512, None, "wide"),  # H100 / H200
+    (166912, 208, None, "tc"), (166912, 224, None, "cuda"), (166912, 512, "float8_e4m3fn", "wide"),  # A100
+    (101376, 112, None, "tc"), (101376, 128, None, "cuda"), (101376, 256, None, "cuda"),  # sm_86 / sm_89
+    (101376, 128, "float8_e5m2", "cuda"), (101376, 512, None, None), (101376, 512, "float8_e4m3fn", None),
+])
+def test_decode_variant_fits_the_gpus_shared_memory(monkeypatch, smem_optin, d, kv, want):
+    """The decode kernel follows the GPU's shared memory a CTA (no GPU here: its properties are a stand-in):
+    where the tensor-core kernel's pipeline does not fit, the CUDA-core kernel runs; head_dim 512 has no
+    smaller kernel and is refused, naming head_dim and the bytes."""
+    from fi_cupy import decode
+    from fi_cupy._core import kernels
+    monkeypatch.setitem(kernels._props, 7, {"cc": 89, "sms": 128, "name": "stand-in", "smem_optin": smem_optin,
+                                            "smem_sm": smem_optin + 1024})
+    p = _params(head_dim=d, kv_data_type=kv, num_qo_heads=32, num_kv_heads=4)
+    if want is None:
+        with pytest.raises(NotImplementedError, match=f"^head_dim: decode at {d} needs .* this GPU .* allows"):
+            decode.decode_variant(p, p.kv_dtype, 7)
+        return
+    prog, smem = decode.decode_variant(p, p.kv_dtype, 7)
+    kernel = {"tc": "fic::batch_decode_tc_kernel", "cuda": "fic::batch_decode_kernel",
+              "wide": "fic::batch_decode_wide_kernel"}[want]
+    assert prog.kernels[0].kernel == kernel and smem <= smem_optin
+    assert prog in decode.all_programs([d])  # CI compiles what a GPU can pick

@@ -2,6 +2,7 @@
 so a kernel path, head dim, dtype or option added or dropped shows here first (CPU)."""
 from pathlib import Path
 
+from fi_cupy._core.kernels import SMEM_EVERY_GPU
 from fi_cupy import decode, prefill, support
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -22,10 +23,12 @@ def test_table_covers_every_kernel_path():
     rows = support._rows()
     kernels = {kernel for _, kernel, *_ in rows}
     assert {"tensor cores (mma.sync)", "tensor cores, head dim split over warps", "CUDA cores, RoPE on the fly",
-            "CUDA cores, fp8 KV",
+            "CUDA cores, fp8 KV", "CUDA cores, 16-bit KV, GPUs with less shared memory",
             "fa2 (portable, mma.sync)", "fa3 (sm_90a, wgmma)"} == kernels
     for op, kernel, dims, *_ in rows:
-        want = (decode.WIDE_HEAD_DIMS if "split" in kernel else decode.KERNEL_HEAD_DIMS) \
+        want = (decode.WIDE_HEAD_DIMS if "split" in kernel else
+                [d for d in decode.KERNEL_HEAD_DIMS if decode.decode_smem_bytes(d, 8, True) > SMEM_EVERY_GPU]
+                if "less shared" in kernel else decode.KERNEL_HEAD_DIMS) \
             if op.startswith("BatchDecode") else \
             prefill.SM90_HEAD_DIMS if kernel.startswith("fa3") else \
             prefill.SUPPORTED_HEAD_DIMS + prefill.HEAD_DIM_PAIRS

@@ -48,6 +48,9 @@ def cpp_bool(b: bool) -> str:
 _props: dict = {}
 
 
+SMEM_EVERY_GPU = 99 * 1024  # dynamic shared memory a CTA may have on every sm_80+ GPU (sm_86 / sm_89: 99 KB)
+
+
 def device_props(device: int) -> dict:
     if device not in _props:
         from cupy.cuda import runtime
