@@ -74,9 +74,10 @@ def _eleven(a, b, c, d, e, f, g, h, i, j, k):
 
 
 def launch_variants(recipe, x, w, o):
-    """The launch alone, several ways, for the recorded rmsnorm kernel: as recorded (kernels.Prepared,
-    PDL_AUTO), ctypes cuLaunchKernelEx with the programmatic-dependent-launch attribute, CuPy's Cython
-    cuLaunchKernel and its Function.__call__, the capture query, and torch's cheapest eager op for scale."""
+    """The launch alone, several ways, for the recorded rmsnorm kernel: as recorded (kernels.Prepared: ctypes
+    cuLaunchKernelEx, with and without the programmatic-dependent-launch attribute), CuPy's Cython
+    cuLaunchKernel on the same packed parameters and its Function.__call__, the capture query, and torch's
+    cheapest eager op for scale."""
     import numpy as np
     from fi_cupy._core import kernels
     prepared, values, slots, _ = recipe.steps[0]
@@ -86,11 +87,10 @@ def launch_variants(recipe, x, w, o):
         vals[i] = ptrs[src] + off
     stream = streams.torch_current(0)
     gx, gy, gz, bx, by, bz, smem = prepared.head
-    on = kernels.Prepared(prepared.fn, (gx, gy, gz), (bx, by, bz), prepared.sig, 0, smem, pdl=kernels.PDL_ON)
-    print(f"  launch as recorded (PDL auto: plain cuLaunchKernel outside a capture): "
+    plain = kernels.Prepared(prepared.fn, (gx, gy, gz), (bx, by, bz), prepared.sig, 0, smem, pdl=False)
+    print(f"  launch as recorded (kernels.Prepared: ctypes cuLaunchKernelEx, PDL attribute): "
           f"{per_call(lambda: prepared(vals, stream)):.1f} us")
-    print(f"  launch: ctypes cuLaunchKernelEx with the PDL attribute (enable_pdl=True): "
-          f"{per_call(lambda: on(vals, stream)):.1f} us")
+    print(f"  the same without the attribute: {per_call(lambda: plain(vals, stream)):.1f} us")
     buf, params, fmt, _ = kernels._buffers(prepared.sig)
     import struct
     struct.pack_into(fmt, buf, 0, *vals)

@@ -137,33 +137,3 @@ def test_target_arch_refuses_gpus_older_than_ampere():
     from fi_cupy._core import compile as cc
     with pytest.raises(cc.CudaEnvironmentError, match=r"compute capability 7\.5.*8\.0 or newer"):
         cc.target_arch(75)
-
-
-def test_launch_picks_plain_or_ex_by_pdl_mode_and_capture(monkeypatch):
-    """PDL_AUTO launches through the plain cuLaunchKernel outside a capture and through cuLaunchKernelEx with
-    the attribute while the stream captures (a graph keeps PDL); PDL_ON always Ex, PDL_OFF always plain;
-    a cluster always Ex. The launch functions are stand-ins (no GPU here)."""
-    from fi_cupy._core import kernels
-
-    class Fn:
-        ptr, name = 1234, "fake_kernel"
-
-        def allow_smem(self, n):
-            pass
-
-        def allow_cluster(self, n):
-            pass
-
-    calls, capturing = [], {7: False, 8: True}
-    fake = (None, lambda cfg, fn, params, extra: calls.append(("ex", fn)) or 0,
-            lambda fn, *a: calls.append(("plain", fn, a[7])), lambda s: capturing[s])
-    monkeypatch.setattr(kernels, "_libcuda", [fake])
-    sig = (kernels.DevPtr, np.int32)
-    for mode, cluster, stream, want in [(kernels.PDL_AUTO, 0, 7, "plain"), (kernels.PDL_AUTO, 0, 8, "ex"),
-                                        (kernels.PDL_ON, 0, 7, "ex"), (kernels.PDL_OFF, 0, 8, "plain"),
-                                        (kernels.PDL_OFF, 2, 7, "ex")]:
-        calls.clear()
-        p = kernels.Prepared(Fn(), (3,), (128,), sig, 0, 0, mode, cluster)
-        p.here([0xABC0, 5], stream)
-        assert [c[0] for c in calls] == [want], (mode, cluster, stream)
-        assert calls[0][1] == 1234 and (want == "ex" or calls[0][2] == stream)

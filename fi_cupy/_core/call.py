@@ -141,12 +141,8 @@ class Call:
 
     def launch(self, fn, grid, block, args, smem: int = 0, pdl: bool = True, cluster: int = 0) -> None:
         """pdl=False for kernels that do not call pdl_begin(); cluster: CTAs a cluster along x."""
-        if not pdl:
-            pdl = kernels.PDL_OFF
-        elif self.pdl is None:  # FlashInfer's default: wherever the GPU has it (the attribute under capture)
-            pdl = kernels.PDL_AUTO if kernels.pdl_supported(self.device) else kernels.PDL_OFF
-        else:
-            pdl = kernels.PDL_ON if self.pdl else kernels.PDL_OFF
+        if pdl:
+            pdl = kernels.pdl_supported(self.device) if self.pdl is None else bool(self.pdl)
         prepared = kernels.launch(fn, grid, block, args, self.stream, self.device, smem, pdl, cluster)
         if self.rec is not None:
             self.rec.launch(prepared, args)

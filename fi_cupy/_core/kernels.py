@@ -115,7 +115,7 @@ class Function:
             attr = ctypes.create_string_buffer(_ATTR_BYTES)
             _pack_cluster_attr(attr, 0, cluster)
             struct.pack_into(_CONFIG_FMT, cfg, 0, cluster, 1, 1, block, 1, 1, smem, 0, ctypes.addressof(attr), 1)
-            lib, _ = _cuda()
+            lib = _cuda()[0]
             n = ctypes.c_int(0)
             err = lib.cuOccupancyMaxActiveClusters(ctypes.byref(n), ctypes.c_void_p(self.ptr), cfg)
             if err:
@@ -232,14 +232,9 @@ def struct_arg(fmt: str, *fields) -> StructArg:
     return b
 
 
-# Launches: parameters packed into a per-thread buffer reused for each launch of the same signature
-# (the driver copies them at launch). A launch with attributes (programmatic dependent launch, cluster
-# size) goes through cuLaunchKernelEx by ctypes; one without, through CuPy's Cython cuLaunchKernel,
-# 1.4 us cheaper a call on the H200's host (5.2 vs 3.8 us, bench/profile_small_host.py). PDL_AUTO (the
-# default where the GPU has PDL): the attribute is set only while the stream captures a CUDA graph. PDL
-# lets a kernel start while the previous one finishes, which hides launch latency between kernels that
-# are queued back to back, as in a graph's replay; an eager call pays the launch on the host, and there
-# the cheaper launch is worth more than the overlap. PDL_ON (enable_pdl=True): the attribute always.
+# cuLaunchKernelEx through ctypes: parameters packed into a per-thread buffer reused for each launch
+# of the same signature (the driver copies them at launch), and launch attributes when asked for:
+# programmatic dependent launch, thread-block cluster size.
 _tls = threading.local()
 _PDL_ATTR = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 _CLUSTER_ATTR = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
@@ -249,7 +244,6 @@ _CONFIG_FMT = "<7I4xQQI4x"  # CUlaunchConfig: grid, block, smem, stream, attrs, 
 _CONFIG_BYTES = struct.calcsize(_CONFIG_FMT)  # 56
 _CONFIG_STREAM_AT = struct.calcsize("<7I4x")  # the stream's offset in CUlaunchConfig
 _libcuda: list = []
-PDL_OFF, PDL_AUTO, PDL_ON = 0, 1, 2
 
 
 def _pack_cluster_attr(buf, at: int, cluster: int) -> None:
@@ -258,15 +252,13 @@ def _pack_cluster_attr(buf, at: int, cluster: int) -> None:
 
 
 def _cuda():
-    """(libcuda, cuLaunchKernelEx, CuPy's driver.launchKernel, CuPy's runtime.streamIsCapturing)."""
     if not _libcuda:
         lib = ctypes.CDLL("libcuda.so.1")
         f = lib.cuLaunchKernelEx
         f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         f.restype = ctypes.c_int
         lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-        from cupy.cuda import driver, runtime
-        _libcuda.append((lib, f, driver.launchKernel, runtime.streamIsCapturing))
+        _libcuda.append((lib, f))
     return _libcuda[0]
 
 
@@ -310,9 +302,9 @@ class Prepared:
     """One launch with everything fixed but the argument values and the stream: kernel, grid, block,
     shared memory, launch attributes, the argument signature. launch() makes one per call; the
     per-signature fast path (call.Signatures) keeps it and replays it with new pointers."""
-    __slots__ = ("fn", "fnptr", "sig", "head", "attr", "attr_addr", "n_attr", "device", "local", "plain")
+    __slots__ = ("fn", "fnptr", "sig", "head", "attr", "attr_addr", "n_attr", "device", "local")
 
-    def __init__(self, fn: Function, grid, block, sig: tuple, device: int, smem: int = 0, pdl: int = PDL_OFF,
+    def __init__(self, fn: Function, grid, block, sig: tuple, device: int, smem: int = 0, pdl: bool = False,
                  cluster: int = 0):
         self.fn, self.fnptr, self.sig, self.device = fn, fn.ptr, sig, device
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
@@ -329,8 +321,6 @@ class Prepared:
             fn.allow_cluster(cluster)
         self.attr_addr = ctypes.addressof(self.attr) if n_attr else 0
         self.n_attr = n_attr
-        # cuLaunchKernel without attributes: always (none asked for), outside captures (PDL_AUTO), or never
-        self.plain = 0 if cluster or pdl == PDL_ON else 1 if pdl == PDL_AUTO else 2
         self.local = threading.local()  # this thread's packed config (all but the stream fixed)
         fn.allow_smem(smem)
 
@@ -359,20 +349,12 @@ class Prepared:
             st = self._thread_state()
         buf, fmt, params, cbuf, cfg, packed = st
         struct.pack_into(fmt, buf, 0, *values)
-        lib, launch_ex, launch, capturing = _libcuda[0] if _libcuda else _cuda()
-        if self.plain == 2 or (self.plain == 1 and not capturing(stream)):
-            gx, gy, gz, bx, by, bz, smem = self.head
-            try:
-                launch(self.fnptr, gx, gy, gz, bx, by, bz, smem, stream, params, 0)
-            except Exception as e:  # CuPy's CUDADriverError: our message, as the Ex path's
-                raise RuntimeError(f"launch of {self.fn.name} failed: {e}, grid {(gx, gy, gz)}, block "
-                                   f"{(bx, by, bz)}, smem {smem}") from None
-            return
         if stream != packed:
             struct.pack_into("<Q", cbuf, _CONFIG_STREAM_AT, stream)
             st[5] = stream
-        err = launch_ex(cfg, self.fnptr, params, None)
+        err = (_libcuda[0] if _libcuda else _cuda())[1](cfg, self.fnptr, params, None)
         if err:
+            lib = _libcuda[0][0]
             msg = ctypes.c_char_p()
             lib.cuGetErrorString(err, ctypes.byref(msg))
             gx, gy, gz, bx, by, bz, smem = self.head
@@ -397,7 +379,7 @@ def signature_of(args) -> tuple:
     return tuple([len(a) if isinstance(a, bytes) else a.__class__ for a in args])
 
 
-def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int = 0, pdl: int = PDL_OFF,
+def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int = 0, pdl: bool = False,
            cluster: int = 0) -> Prepared:
     """Launch `fn` with `args` given as numpy scalars whose types match the kernel's parameters, DevPtr
     pointers (ptr()), or bytes from struct_arg for a struct parameter. pdl=True lets the kernel start
