@@ -474,12 +474,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
                 caps = tuple(2 * c for c in caps)
                 plan = plan_decode(params, ip, ix, lp, num_ctas, lengths, split, caps)
             self._graph_caps = (variant, caps)
-        need = plan.partial_bytes() + plan.meta.nbytes
         if dry:
-            return need
-        if need > self._ws.nbytes:
-            raise ValueError(f"float_workspace_buffer: {self._ws.nbytes} bytes is too small for this batch; "
-                             f"need {need} bytes")
+            return plan.partial_bytes() + plan.meta.nbytes
+        self._room_for(plan)
         if self._use_cuda_graph and self._plan is not None and self._plan.batch_size != plan.batch_size:
             raise ValueError(f"use_cuda_graph=True: the batch size must stay {self._plan.batch_size} across "
                              f"plans (got {plan.batch_size}); create a wrapper per batch size")

@@ -621,12 +621,9 @@ class _PrefillWrapper(PlannedWrapper):
                 self._capacity = capacity
         if mask is not None:
             plan.mask = (mask[0], mask[1])
-        need = plan.partial_bytes() + plan.meta.nbytes
         if dry:
-            return need
-        if need > self._ws.nbytes:
-            raise ValueError(f"float_workspace_buffer: {self._ws.nbytes} bytes is too small for this batch; need "
-                             f"{need} bytes")
+            return plan.partial_bytes() + plan.meta.nbytes
+        self._room_for(plan)
         upload(plan.meta, self._ws.ptr + plan.partial_bytes(), self._ws.device, s)
         if params.alibi:  # uploaded now, after every check: run() allocates nothing
             alibi.device_slopes(params.num_qo_heads, self._ws.device, s)

@@ -144,6 +144,15 @@ class PlannedWrapper:
         self._current_plan = plan
         self._sigs = Signatures()
 
+    def _room_for(self, plan) -> int:
+        """The workspace bytes `plan` needs (its partial states, then its metadata); ValueError when the
+        workspace is smaller."""
+        need = plan.partial_bytes() + plan.meta.nbytes
+        if need > self._ws.nbytes:
+            raise ValueError(f"float_workspace_buffer: {self._ws.nbytes} bytes is too small for this batch; "
+                             f"need {need} bytes")
+        return need
+
     def end_forward(self) -> None:
         """FlashInfer's legacy call after forward(): nothing to release."""
 
