@@ -340,10 +340,11 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
 
     plan() reads indptr, indices and last_page_len on the host: pass host (numpy) arrays, or device
     arrays, which plan() copies to the host (one synchronisation); `fast_decode_plan` leaves device
-    indices on the device. Beyond FlashInfer: every head_dim multiple of 16 up to 256, any page size,
-    and q_len_per_req > 1 (multi-token decode, run on the prefill kernel) without use_tensor_cores.
-    use_tensor_cores is accepted and reported; the kernel is chosen by the dtypes (tensor cores for
-    16-bit KV of the q dtype without RoPE, CUDA cores otherwise), which is faster either way.
+    indices on the device. Beyond FlashInfer: every head_dim multiple of 16 up to 256 and 512, any page
+    size, and q_len_per_req > 1 (multi-token decode, run on the prefill kernel) without use_tensor_cores.
+    use_tensor_cores is accepted and reported; the kernel is chosen by the dtypes and the GPU (tensor
+    cores for 16-bit KV of the q dtype without RoPE, CUDA cores otherwise or where the GPU's shared
+    memory is short; at head_dim 512 the wide tensor-core kernel), which is faster either way.
     """
 
     family = "decode"
