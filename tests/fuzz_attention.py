@@ -220,7 +220,7 @@ def draw_decode(rng, single: bool = False) -> dict:
         kv_dtype = q_dtype
     rope = bool(rng.random() < 0.25)
     d = 16 * int(rng.integers(1, 17))
-    if rng.random() < WIDE_DECODE_P:  # the wide kernel (16-bit KV) or, fp8, the prefill kernel; no RoPE there
+    if rng.random() < WIDE_DECODE_P:  # batch_decode_wide_kernel (16-bit or fp8 KV); no RoPE on the fly there
         d, rope = 512, False
     hq, hkv = _heads(rng)
     longest = _log_int(rng, 8, MAX_LEN)

@@ -153,9 +153,10 @@ def test_every_head_dim(d):
     check_batch(PagedBatch(LENS, page_size=16, hq=8, hkv=2, d=d))
 
 
-# head_dim 512 runs batch_decode_wide_kernel (the warps split the head dim), fp8 KV too. The split lengths make the scheduler cut long requests (the merge
-# kernel at 512), groups 1 / 3 / 4 / 8 (3: a masked head in the block), page sizes 1 / 7 / 16, lengths 0 / 1 and
-# non-multiples of the 16-token tile, soft cap, sinks, ALiBi, a window.
+# head_dim 512 runs batch_decode_wide_kernel (the warps split the head dim), fp8 KV too. The split lengths make
+# the scheduler cut long requests (the merge kernel at 512), groups 1 / 3 / 4 / 8 (3: a masked head in the block),
+# page sizes 1 / 5 / 7 / 16, lengths 0 / 1 and non-multiples of the 16-token tile, soft cap, sinks, ALiBi, a window
+# (its CUDA-graph replay: test_cuda_graph_capture_replan_replay).
 @pytest.mark.parametrize("group,page_size,lens,opts", [
     (1, 16, [2999, 1, 0, 17, 640], {}),
     (4, 7, LENS, {"sinks": True}),
@@ -179,24 +180,6 @@ def test_head_dim_512_many_requests():
     rng = np.random.default_rng(5)
     b = PagedBatch(rng.integers(0, 300, 200).tolist(), page_size=16, hq=16, hkv=2, d=512, q_dt="bfloat16")
     check_batch(b)
-
-
-def test_head_dim_512_cuda_graph_replay():
-    b1 = PagedBatch([100, 2000, 5, 7000], hq=16, hkv=4, d=512)
-    b2 = PagedBatch([3000, 1, 64, 9000], hq=16, hkv=4, d=512)
-    cache = cp.concatenate([bits(b1.cache), bits(b2.cache)]).view(BF16)
-    off = b1.cache.shape[0]
-    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_cuda_graph=True)
-    plan_args = dict(num_qo_heads=16, num_kv_heads=4, head_dim=512, page_size=16, q_data_type="bfloat16")
-    w.plan(b1.indptr, b1.indices, b1.last_page_len, **plan_args)
-    q = bits(b1.q).copy().view(BF16)
-    out = nan_like(q)
-    g, s = capture(lambda: w.run(q, cache, out=out))
-    w.plan(b2.indptr, b2.indices + off, b2.last_page_len, **plan_args)
-    bits(q)[...] = bits(b2.q)
-    poison(out)
-    replay(g, s)
-    assert_close(f64(out), b2.reference()[0], "bfloat16")
 
 
 @pytest.mark.parametrize("d,group,q_dt,mode", [(128, 8, "bfloat16", "NONE"), (256, 1, "float16", "NONE"),
@@ -357,13 +340,14 @@ def test_single_decode_strided_kv_and_options():
     assert_close(f64(o), ro, "float16")
 
 
-def test_cuda_graph_capture_replan_replay():
-    b1 = PagedBatch([100, 2000, 5, 7000], hq=32, hkv=8)
-    b2 = PagedBatch([3000, 1, 64, 9000], hq=32, hkv=8)  # same batch size, other lengths and pages
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (16, 4, 512)])  # 512: batch_decode_wide_kernel
+def test_cuda_graph_capture_replan_replay(hq, hkv, d):
+    b1 = PagedBatch([100, 2000, 5, 7000], hq=hq, hkv=hkv, d=d)
+    b2 = PagedBatch([3000, 1, 64, 9000], hq=hq, hkv=hkv, d=d)  # same batch size, other lengths and pages
     cache = cp.concatenate([bits(b1.cache), bits(b2.cache)]).view(BF16)  # one cache holding both page sets
     off = b1.cache.shape[0]
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_cuda_graph=True)
-    plan_args = dict(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16, q_data_type="bfloat16")
+    plan_args = dict(num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=16, q_data_type="bfloat16")
     w.plan(b1.indptr, b1.indices, b1.last_page_len, **plan_args)
     q = bits(b1.q).copy().view(BF16)
     out = nan_like(q)

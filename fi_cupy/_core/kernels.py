@@ -115,7 +115,7 @@ class Function:
             attr = ctypes.create_string_buffer(_ATTR_BYTES)
             _pack_cluster_attr(attr, 0, cluster)
             struct.pack_into(_CONFIG_FMT, cfg, 0, cluster, 1, 1, block, 1, 1, smem, 0, ctypes.addressof(attr), 1)
-            lib = _cuda()[0]
+            lib, _ = _cuda()
             n = ctypes.c_int(0)
             err = lib.cuOccupancyMaxActiveClusters(ctypes.byref(n), ctypes.c_void_p(self.ptr), cfg)
             if err:
