@@ -538,6 +538,36 @@ def b_ragged_prefill_run(mod, mk):
     return out_call(w.run, mk, (PF_B * PF_QO, HQ, D), q, k, v)
 
 
+MLA_H, MLA_PAGE = 16, 64  # MLA decode: 16 heads (a tensor-parallel slice of 128), pages of 64
+
+
+def mla_tables(batch=DEC_B, kv=DEC_PAGES * PAGE):
+    pages = -(-kv // MLA_PAGE)
+    return (np.arange(batch + 1), np.arange(batch + 1) * pages, np.random.default_rng(4).permutation(batch * pages),
+            np.full(batch, kv))
+
+
+def b_mla_run(mod, mk):
+    w = getattr(mod, "BatchMLAPagedAttentionWrapper")(mk.zeros((WORKSPACE,), "uint8"))
+    w.plan(*(index_arg(mod, mk, a) for a in mla_tables()), MLA_H, 512, 64, MLA_PAGE, False, 1 / 192 ** 0.5,
+           mk.dtype_arg(), mk.dtype_arg())
+    pages = DEC_B * -(-DEC_PAGES * PAGE // MLA_PAGE)
+    q_nope, q_pe = mk.arr(randn(DEC_B, MLA_H, 512)), mk.arr(randn(DEC_B, MLA_H, 64, seed=1))
+    ckv, kpe = mk.arr(randn(pages, MLA_PAGE, 512, seed=2)), mk.arr(randn(pages, MLA_PAGE, 64, seed=3))
+    return out_call(w.run, mk, (DEC_B, MLA_H, 512), q_nope, q_pe, ckv, kpe)
+
+
+def b_mla_append(mod, mk):
+    pages = -(-APPEND_PAGES * PAGE // MLA_PAGE)
+    ckv, kpe = mk.arr(randn(APPEND_B * pages, MLA_PAGE, 512)), mk.arr(randn(APPEND_B * pages, MLA_PAGE, 64, seed=1))
+    rows_c, rows_k = mk.arr(randn(APPEND_B, 512, seed=2)), mk.arr(randn(APPEND_B, 64, seed=3))
+    bi, pos = mk.arr(np.arange(APPEND_B), "int32"), mk.arr(np.full(APPEND_B, pages * MLA_PAGE - 1), "int32")
+    indices = mk.arr(np.random.default_rng(5).permutation(APPEND_B * pages), "int32")
+    indptr, last = mk.arr(np.arange(APPEND_B + 1) * pages, "int32"), mk.arr(np.full(APPEND_B, MLA_PAGE), "int32")
+    f = op_fn(mod, "append_paged_mla_kv_cache")
+    return lambda: f(rows_c, rows_k, bi, pos, ckv, kpe, indices, indptr, last)
+
+
 SHARED_PAGES, UNIQUE_PAGES = 64, 4  # cascade: a 1024-token prefix shared by 16 requests, 64 own tokens each
 
 
@@ -604,6 +634,11 @@ def attention_cases():
                kind="run")
     yield Case("attention", "BatchPrefillWithSharedPrefixPagedKVCacheWrapper.forward", cascade + ", causal",
                b_shared_prefill, kind="run")
+    yield Case("attention", "BatchMLAPagedAttentionWrapper.run",
+               f"{DEC_B}x{DEC_PAGES * PAGE} p{MLA_PAGE}, {MLA_H} heads, ckv 512 + kpe 64 bf16, planned, out=", b_mla_run,
+               kind="run", callers=("torch", "cupy"))
+    yield Case("page", "append_paged_mla_kv_cache", f"{APPEND_B} requests x 1 token, ckv 512 + kpe 64 bf16",
+               b_mla_append, callers=("torch", "cupy"))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -33,15 +33,19 @@ template <typename T> struct Is16Bit { static constexpr bool value = false; };
 template <> struct Is16Bit<half_t> { static constexpr bool value = true; };
 template <> struct Is16Bit<bf16_t> { static constexpr bool value = true; };
 
-// D: the Q/K width (head_dim_qk rounded up to 64, 128, 192, 256 or 512); DV: the V/O columns a CTA
-// computes (head_dim_vo's width, or half of it at 512: blockIdx.y picks the half). Columns past the
-// real head dims (head_dim_qk / head_dim_vo, runtime) are zero-filled in shared memory, so they add
-// nothing to the scores and are not stored: one instantiation serves every head dim of its width.
-// MT: 16-row slices a warp owns. WARPS: warps a CTA.
+// D: the Q/K width (head_dim_qk rounded up to 64, 128, 192, 256 or 512; 576 for MLA); DV: the V/O
+// columns a CTA computes (head_dim_vo's width, or half of it at 512: blockIdx.y picks the half).
+// Columns past the real head dims (head_dim_qk / head_dim_vo, runtime) are zero-filled in shared
+// memory, so they add nothing to the scores and are not stored: one instantiation serves every head
+// dim of its width. MT: 16-row slices a warp owns. WARPS: warps a CTA.
+// kMla (width 576, fi_cupy/mla.py): Q/K are [ckv (512) | kpe (64)], the kpe columns read from q_pe and
+// k_pe; V is the ckv cache (v_base, its strides), 512 wide.
 template <int D, int DV, int MT, int WARPS, typename KVT>
 struct PrefillCfg {
-  static_assert(D % 64 == 0 && DV % 64 == 0 && DV <= D && D <= 512 && DV <= 256,
-                "prefill widths: multiples of 64 (the 8-chunk swizzle), D <= 512, DV <= min(D, 256)");
+  static_assert(D % 64 == 0 && DV % 64 == 0 && DV <= D && (D <= 512 || D == 576) && DV <= 256,
+                "prefill widths: multiples of 64 (the 8-chunk swizzle), D <= 512 or 576 (MLA), DV <= min(D, 256)");
+  static constexpr bool kMla = D == 576;
+  static constexpr int kMlaSplit = 512;  // MLA: the first Q/K column read from q_pe / k_pe
   static constexpr int kThreads = WARPS * 32;
   static constexpr int kRows = WARPS * MT * 16;      // packed query rows a CTA
   // keys a tile: 32 where the O accumulators already take 128 registers a thread (DV * MT >= 256) or
@@ -60,6 +64,7 @@ struct PrefillCfg {
   // is computed from the widened stage).
   static constexpr int kSmemBytes = kRaw ? kQBytes + kStageBytes + kRawStageBytes : kQBytes + 2 * kStageBytes;
   static constexpr int kMinBlocks = WARPS == 8 ? 1 : 2;  // 255 registers a thread at most
+  static_assert(!kMla || (!kRaw && DV == 256), "MLA: 16-bit caches, V in two halves");
 };
 
 // f(row, chunk) for each 16-byte chunk of a KV x RC tile, spread over THREADS threads. Where RC
@@ -126,6 +131,7 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
   constexpr int KV = C::kKV, NT = KV / 8, DT = DV / 8, KS = D / 16;
   constexpr int kThreads = C::kThreads, kChunks = C::kChunks, kVChunks = C::kVChunks;
   static_assert(!ROPE || D == DV, "RoPE on the fly: head_dim_qk == head_dim_vo");
+  static_assert(!C::kMla || (!ROPE && PAGED && FLAGS == 0), "MLA: paged, no RoPE, soft cap, mask or ALiBi");
   pdl_begin();
   extern __shared__ __align__(128) unsigned char smem[];
   T* q_s = reinterpret_cast<T*>(smem);
@@ -174,7 +180,11 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
         const int p = p0 + row;
         const bool ok = p < packed_len && ch * 8 < head_dim_qk;  // the rest zero-fills
         const int tok = ok ? p / group_size : 0, h = kv_head * group_size + (ok ? p - tok * group_size : 0);
-        cp_async<16>(q_s + swz<D>(row, ch), q + (long long)(qo_start + tok) * q_stride_n + h * q_stride_h + ch * 8, ok);
+        if (C::kMla && ch * 8 >= C::kMlaSplit)  // MLA's kpe columns: from q_pe
+          cp_async<16>(q_s + swz<D>(row, ch), q_pe + (long long)(qo_start + tok) * q_pe_stride_n + h * q_pe_stride_h +
+                                                  (ch * 8 - C::kMlaSplit), ok);
+        else
+          cp_async<16>(q_s + swz<D>(row, ch), q + (long long)(qo_start + tok) * q_stride_n + h * q_stride_h + ch * 8, ok);
       }
     } else {
       constexpr int H = kChunks / 2;
@@ -234,6 +244,11 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
           for_tile_chunks<KV, D / CE, kThreads>(tid, [&](int row, int ch) {
             const int j = j0 + row;
             const bool ok = j < hi && ch * CE < head_dim_qk;
+            if (C::kMla && ch * 8 >= C::kMlaSplit) {  // MLA's kpe columns: from the kpe cache
+              const long long off = ok ? row_offset(j, k_pe_stride_page, opaque_stride(k_pe_stride_slot)) : 0;
+              cp_async<16>(st + swz<D>(row, ch), k_pe + off + (ch * 8 - C::kMlaSplit), ok);
+              return;
+            }
             const long long off = ok ? row_offset(j, kv_stride_page, slot) : 0;
             if (C::kRaw) cp_async<16>(rst + row * D + ch * 16, k_req + off + ch * 16, ok);
             else cp_async<16>(st + swz<D>(row, ch), k_req + off + ch * 8, ok);

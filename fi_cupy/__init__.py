@@ -27,6 +27,7 @@ from .decode import (  # noqa: E402
     BatchDecodeWithPagedKVCacheWrapper, CUDAGraphBatchDecodeWithPagedKVCacheWrapper, fast_decode_plan,
     single_decode_with_kv_cache)
 from .quantization import packbits, segment_packbits  # noqa: E402
+from .mla import BatchMLAPagedAttentionWrapper, append_paged_mla_kv_cache  # noqa: E402
 from .prefill import (  # noqa: E402
     BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper, single_prefill_with_kv_cache)
 from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, layernorm, rmsnorm  # noqa: E402
@@ -45,6 +46,7 @@ __all__ = [
     "BatchDecodeWithPagedKVCacheWrapper", "CUDAGraphBatchDecodeWithPagedKVCacheWrapper", "fast_decode_plan",
     "single_decode_with_kv_cache",
     "BatchPrefillWithPagedKVCacheWrapper", "BatchPrefillWithRaggedKVCacheWrapper", "single_prefill_with_kv_cache",
+    "BatchMLAPagedAttentionWrapper", "append_paged_mla_kv_cache",
     "packbits", "segment_packbits",
     "rmsnorm", "fused_add_rmsnorm", "gemma_rmsnorm", "gemma_fused_add_rmsnorm", "layernorm",
     "silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul",

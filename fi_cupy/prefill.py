@@ -37,6 +37,10 @@ SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16)) + (512,)
 WIDTHS = (64, 128, 192, 256, 512)
 HEAD_DIM_PAIRS = ((192, 128), (128, 64))  # (head_dim_qk, head_dim_vo) pairs other than equal dims
 ROPE_HEAD_DIMS = (64, 128, 256)  # RoPE on the fly: the kernel's pair layout needs the exact width
+# Absorbed multi-head latent attention (fi_cupy/mla.py): Q/K are [ckv (512) | kpe (64)], 576 wide, the
+# kpe columns read from their own arrays (q_pe, kpe_cache); V is ckv, 512 wide, in two halves of 256.
+MLA_CKV, MLA_KPE = 512, 64
+MLA_DIMS = (MLA_CKV + MLA_KPE, MLA_CKV)  # (head_dim_qk, head_dim_vo) of the kernel
 SMEM_EVERY_GPU = kernels.SMEM_EVERY_GPU
 Q_DTYPES = (dt.float16, dt.bfloat16)
 FP8 = (dt.float8_e4m3fn, dt.float8_e5m2)
@@ -68,6 +72,8 @@ def widths(head_dim: int, head_dim_vo: int | None = None) -> tuple:
     """(D, DV, splits) of the portable kernel for these head dims: its Q/K width, the V/O columns a CTA
     computes, and the CTAs (blockIdx.y) that share a row's output columns."""
     vo = head_dim if head_dim_vo is None else head_dim_vo
+    if (head_dim, vo) == MLA_DIMS:
+        return head_dim, 256, 2
     if vo != head_dim:
         return head_dim, vo, 1  # HEAD_DIM_PAIRS: exact widths
     w = next(w for w in WIDTHS if w >= head_dim)
@@ -76,9 +82,9 @@ def widths(head_dim: int, head_dim_vo: int | None = None) -> tuple:
 
 def tile_shapes(head_dim: int, head_dim_vo: int | None = None) -> tuple:
     """(large, small) query tiles: 128 packed rows, or 64 when every request's packed rows fit (at
-    width 512 always 64: a 128-row Q tile leaves no shared memory for K/V stages)."""
+    widths 512 and 576 always 64: a 128-row Q tile leaves no shared memory for K/V stages)."""
     d = widths(head_dim, head_dim_vo)[0]
-    if d == 512:
+    if d >= 512:
         return TileShape(1, 4), TileShape(1, 4)
     return (TileShape(2, 4), TileShape(1, 4)) if d <= 128 else (TileShape(1, 8), TileShape(1, 4))
 
@@ -193,7 +199,15 @@ def all_programs() -> list:
                             for flags in range(4) if rope else (0, 1, 2, 3, ALIBI, ALIBI | CUSTOM_MASK):
                                 if _fits(d, tile, flags, rope, dv):
                                     out.append(prefill_program(d, tile, q, kv, paged, rope, flags, dv))
-    return out
+    return out + mla_programs()
+
+
+def mla_programs() -> list:
+    """MLA's instantiations: paged, K/V in the q dtype, no RoPE, soft cap, mask or ALiBi (causal is a
+    runtime flag)."""
+    d, dv = MLA_DIMS
+    return [prefill_program(d, tile, q, q, True, False, 0, dv) for tile in dict.fromkeys(tile_shapes(d, dv))
+            for q in Q_DTYPES]
 
 
 def standard_programs() -> list:
@@ -396,10 +410,11 @@ def num_ctas(params: PrefillParams, tile: TileShape, device: int, paged: bool, f
 
 def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
                    paged: bool, o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float,
-                   always_merge: bool = False, sinks: arrays.ArrayInfo | None = None) -> None:
+                   always_merge: bool = False, sinks: arrays.ArrayInfo | None = None, pe: tuple = ()) -> None:
     """Queue the prefill kernel, and the merge of cut KV ranges, on Call `c`. No allocation, no sync.
     meta_ptr / partial_ptr: the plan's metadata and partial states, fixed while the plan is. sinks:
-    attention-sink logits (attention_sinks) or None."""
+    attention-sink logits (attention_sinks) or None. pe (MLA): (q_pe ArrayInfo, kpe_cache ArrayInfo), whose
+    columns follow q's and the cache's at width 576."""
     p = plan.params
     prog = prefill_program(p.head_dim, plan.tile, p.q_dtype, kv.dtype, paged, p.rope, plan.flags, p.vo)
     main = kernels.functions(prog, q.device)[prog.kernels[0]]
@@ -423,6 +438,8 @@ def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, 
         f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)), ptr(sinks),
         ptr(alibi.device_slopes(p.num_qo_heads, q.device, c.stream), stable=True) if p.alibi else NULL,
         i32(p.head_dim), i32(p.vo), *(i64(s) for s in kv.v_strides),
+        *((ptr(pe[0]), i64(pe[0].strides[0]), i64(pe[0].strides[1]), ptr(pe[1]), i64(pe[1].strides[0]),
+           i64(pe[1].strides[1])) if pe else (NULL, i64(0), i64(0), NULL, i64(0), i64(0))),
     ], smem=smem_bytes(p.head_dim, plan.tile, kv.dtype, p.vo))
     if always_merge or plan.num_merges:
         # a CTA of 128 threads per 128 (row, 8 dims) pieces of a tile (prefill_merge_kernel's blockIdx.y)

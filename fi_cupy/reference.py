@@ -394,3 +394,34 @@ def prefill_attention(q, k, v, causal: bool = False, window_left: int = -1, cust
             lh = xp.where(den > 0, m_safe[..., 0] + xp.log(xp.where(den > 0, den, 1.0)), -xp.inf)
             lse[rows, h0:h0 + heads.size] = lh.T
     return with_sinks(o, lse / math.log(2.0), sinks)
+
+
+def mla_attention(q_nope, q_pe, ckv, kpe, causal: bool = False, sm_scale: float | None = None):
+    """One request of absorbed multi-head latent attention (DeepSeek's MLA; FlashInfer's
+    BatchMLAPagedAttentionWrapper): every query head attends over one shared compressed cache.
+    q_nope (Lq, H, Dc), q_pe (Lq, H, Dr), ckv (Lk, Dc), kpe (Lk, Dr) -> (o (Lq, H, Dc), lse (Lq, H) base 2),
+    float64: logits = sm_scale * (q_nope . ckv + q_pe . kpe), o = softmax(logits) . ckv. sm_scale None:
+    1 / sqrt(Dc + Dr). Causal: query i sits at key position Lk - Lq + i and sees the keys up to it; a row
+    that sees no key gives o = 0, lse = -inf. Written on its own (not through prefill_attention), so the
+    tests of the MLA path check against an independent formula."""
+    xp = _xp(q_nope, q_pe, ckv, kpe)
+    qn, qp = xp.asarray(q_nope, xp.float64), xp.asarray(q_pe, xp.float64)
+    c, r = xp.asarray(ckv, xp.float64), xp.asarray(kpe, xp.float64)
+    lq, h, dc = qn.shape
+    lk = c.shape[0]
+    scale = 1.0 / math.sqrt(dc + r.shape[1]) if sm_scale is None else sm_scale
+    o = xp.zeros((lq, h, dc))
+    lse = xp.full((lq, h), -xp.inf)
+    if lq == 0 or lk == 0:
+        return o, lse
+    s = (xp.einsum("qhd,kd->qhk", qn, c) + xp.einsum("qhd,kd->qhk", qp, r)) * scale
+    if causal:
+        keep = xp.arange(lk)[None, :] <= (xp.arange(lq) + lk - lq)[:, None]
+        s = xp.where(keep[:, None, :], s, -xp.inf)
+    m = s.max(axis=2, keepdims=True)
+    m_safe = xp.where(xp.isfinite(m), m, 0.0)
+    p = xp.exp(s - m_safe)
+    den = p.sum(axis=2)
+    o = xp.einsum("qhk,kd->qhd", p, c) / xp.where(den > 0, den, 1.0)[..., None]
+    lse = xp.where(den > 0, m_safe[..., 0] + xp.log(xp.where(den > 0, den, 1.0)), -xp.inf)
+    return o, lse / math.log(2.0)

@@ -74,6 +74,9 @@ def _rows() -> list:
     for p in prefill.all_programs():
         d, dv, _, _, q, kv, paged, rope, flags = p.kernels[0].targs
         pos = "ROPE_LLAMA" if rope == "true" else "ALIBI" if flags & prefill.ALIBI else "NONE"
+        if (d, dv) == (prefill.MLA_DIMS[0], 256):  # MLA: Q/K [ckv 512 | kpe 64], V/O ckv
+            add("BatchMLAPagedAttentionWrapper", "fa2 (portable, mma.sync)", prefill.MLA_DIMS, _dtype(q), _dtype(kv),
+                pos)
         for h in _prefill_dims(d, dv, rope == "true"):
             add(names[paged == "true"], "fa2 (portable, mma.sync)", h, _dtype(q), _dtype(kv), pos, _variants(flags))
     for p in prefill.sm90_programs():

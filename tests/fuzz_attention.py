@@ -1,5 +1,6 @@
 """Attention families of the differential fuzz suite (test_fuzz.py runs them): batch and single
-decode, paged / ragged / single prefill, and the attention-state merges. Each case is a random valid
+decode, paged / ragged / single prefill, the attention-state merges, and MLA (absorbed multi-head latent
+attention: heads 16 / 32 / 64 / 128 and others, decode and chunked prefill, any page size). Each case is a random valid
 configuration checked against fi_cupy.reference, computed in float64 on the GPU (CuPy arrays).
 
 A case is two steps. draw_<family>(rng) -> config: pure (numpy only), every choice made there, so
@@ -876,6 +877,68 @@ def check_cascade(cfg: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# MLA (fi_cupy/mla.py): absorbed multi-head latent attention over paged ckv / kpe caches
+
+MLA_HEADS = (16, 32, 64, 128)  # DeepSeek's 128 and its tensor-parallel slices; other counts sometimes
+
+
+def draw_mla(rng) -> dict:
+    q_dtype = _pick(rng, Q_DTYPES)
+    heads = _pick(rng, MLA_HEADS) if rng.random() < 0.8 else int(rng.integers(1, 131))
+    decode = bool(rng.random() < 0.7)
+    longest = _log_int(rng, 8, MAX_LEN)
+    batch = _log_int(rng, 1, 64 if decode else 8)
+    qo_lens = [1 if decode else _length(rng, 96) for _ in range(batch)]
+    # chunked: the new queries' keys included, or (a quarter) a context shorter than the queries: qo > kv
+    kv_lens = [_length(rng, longest) if decode else _length(rng, max(q, 1)) if rng.random() < 0.25 else
+               _length(rng, longest) + q for q in qo_lens]
+    # bounds: the scores, the outputs and the cache of the float64 reference (576 = 512 + 64 columns)
+    qo_lens, kv_lens = _fit_prefill(qo_lens, kv_lens, heads, 1, 576)
+    return {"q_dtype": q_dtype, "num_qo_heads": heads, "decode": decode, "qo_lens": qo_lens, "kv_lens": kv_lens,
+            "causal": bool(rng.random() < (0.5 if decode else 0.75)), "page_size": _page_size(rng),
+            "extra_pages": int(rng.integers(0, 3)), "spare_pages": int(rng.integers(0, 2 * len(qo_lens) + 4)),
+            "sm_scale": _log_float(rng, 0.25, 4.0) / math.sqrt(576) if rng.random() < 0.7 else None,
+            "q_storage": _storage(rng, ("head", "dim")), "cache_storage": _storage(rng, ("page", "dim")),
+            "sinks": bool(rng.random() < SINKS_P), "use_cuda_graph": bool(rng.random() < 0.2), **_outputs(rng),
+            "data_seed": int(rng.integers(2 ** 31))}
+
+
+def check_mla(cfg: dict) -> None:
+    g, rng = _gens(cfg)
+    h, ps, dt, qo_lens, kv_lens = (cfg[k] for k in ("num_qo_heads", "page_size", "q_dtype", "qo_lens", "kv_lens"))
+    pages = [-(-n // ps) + cfg["extra_pages"] for n in kv_lens]
+    total = sum(pages) + cfg["spare_pages"]
+    kv_indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
+    kv_indices = rng.permutation(total).astype(np.int32)[:sum(pages)]
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    n = int(qo_indptr[-1])
+    q_axes, c_axes = {"head": 1, "dim": 2}, {"page": 0, "dim": 2}
+    qn, qp = (_view((n, h, d), cfg["q_storage"], q_axes, dt, g) for d in (512, 64))
+    ckv, kpe = (_view((total, ps, d), cfg["cache_storage"], c_axes, dt, g) for d in (512, 64))
+    sinks = _sinks(cfg, g)
+    w = fi_cupy.BatchMLAPagedAttentionWrapper(cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8),
+                                              use_cuda_graph=cfg["use_cuda_graph"])
+    w.plan(qo_indptr, kv_indptr, kv_indices, np.array(kv_lens, np.int32), h, 512, 64, ps, cfg["causal"],
+           cfg["sm_scale"], dt, dt)
+    out = _nan((n, h, 512), dt) if cfg["out_given"] else None
+    lse = _nan((n, h)) if cfg["lse_given"] else None
+    res = w.run(qn, qp, ckv, kpe, out=out, lse=lse, return_lse=cfg["return_lse"], sinks=sinks)
+    o, lse = _returned(res, cfg, out, lse)
+    fq, fp, fc, fk = _f64(qn), _f64(qp), _f64(ckv), _f64(kpe)
+    refs, dead = [], []
+    for b, (lq, lk) in enumerate(zip(qo_lens, kv_lens)):
+        pg = cupy.asarray(kv_indices[kv_indptr[b]: kv_indptr[b + 1]])
+        q0 = int(qo_indptr[b])
+        ro, rl = reference.mla_attention(fq[q0:q0 + lq], fp[q0:q0 + lq], fc[pg].reshape(-1, 512)[:lk],
+                                         fk[pg].reshape(-1, 64)[:lk], cfg["causal"], cfg["sm_scale"])
+        refs.append(reference.with_sinks(ro, rl, sinks))
+        seen = np.maximum(0, lk - lq + np.arange(lq) + 1) if cfg["causal"] else np.full(lq, lk)
+        dead.append(np.repeat((seen == 0)[:, None], h, axis=1))
+    _check_decode_like(o, lse, cupy.concatenate([a for a, _ in refs]), cupy.concatenate([b for _, b in refs]), dt,
+                       "mla", dead=np.concatenate(dead) if dead else None)
+
+
+# ---------------------------------------------------------------------------------------------
 # Families
 
 
@@ -886,6 +949,7 @@ FAMILIES = {
     "prefill_ragged": (14, lambda rng: draw_prefill(rng, "ragged"), lambda c: check_prefill(c, "ragged")),
     "single_prefill": (10, lambda rng: draw_prefill(rng, "single"), lambda c: check_prefill(c, "single")),
     "cascade": (6, draw_cascade, check_cascade),
+    "mla": (8, draw_mla, check_mla),
 }
 
 
@@ -919,12 +983,24 @@ def _distribution(n: int) -> None:
     def page_kind(ps):
         return "1" if ps == 1 else "pow2" if ps & (ps - 1) == 0 else "other"
 
-    for fam in ("decode", "single_decode", "prefill_paged", "prefill_ragged", "single_prefill", "cascade"):
+    for fam in ("decode", "single_decode", "prefill_paged", "prefill_ragged", "single_prefill", "cascade", "mla"):
         kind = {"prefill_paged": "paged", "prefill_ragged": "ragged", "single_prefill": "single"}.get(fam)
         draw = {"decode": draw_decode, "single_decode": lambda r: draw_decode(r, single=True),
-                "cascade": draw_cascade}.get(fam) or (lambda r, k=kind: draw_prefill(r, k))
+                "cascade": draw_cascade, "mla": draw_mla}.get(fam) or (lambda r, k=kind: draw_prefill(r, k))
         cfgs = [draw(np.random.default_rng(10 ** 9 + i)) for i in range(n)]
         print(f"{fam} ({n} draws)")
+        if fam == "mla":
+            show("heads", [c["num_qo_heads"] if c["num_qo_heads"] in MLA_HEADS else "other" for c in cfgs])
+            show("dtype", [c["q_dtype"] for c in cfgs])
+            show("decode / chunked", ["decode" if c["decode"] else "chunked" for c in cfgs])
+            req = [(q, k) for c in cfgs for q, k in zip(c["qo_lens"], c["kv_lens"])]
+            show("request", ["qo 0" if q == 0 else "kv 0" if k == 0 else "qo > kv" if q > k else "qo <= kv"
+                             for q, k in req])
+            show("page size", [page_kind(c["page_size"]) for c in cfgs])
+            show("causal", [c["causal"] for c in cfgs])
+            show("sinks", [c["sinks"] for c in cfgs])
+            show("CUDA graph", [c["use_cuda_graph"] for c in cfgs])
+            continue
         if fam == "cascade":
             show("op", [c["op"] for c in cfgs])
             show("dtype", [c["dtype"] for c in cfgs])

@@ -354,3 +354,29 @@ def test_prefill_reference_head_dim_vo(dqk, dvo, hq, hkv, causal):
         o2, _ = reference.prefill_attention(q, k, v, causal=causal, window_left=window_left, logits_soft_cap=cap,
                                             sm_scale=1 / math.sqrt(dqk))
         np.testing.assert_array_equal(o2, o)
+
+
+@pytest.mark.parametrize("lq, lk, causal", [(1, 37, False), (5, 9, True), (4, 2, True), (3, 0, False)])
+def test_mla_reference_against_a_double_loop_and_prefill(lq, lk, causal):
+    """reference.mla_attention: per (query, head) the softmax written out, and the same attention as
+    prefill_attention over the concatenated [ckv | kpe] keys with V = ckv (one KV head, MQA)."""
+    rng = np.random.default_rng(lq * 100 + lk)
+    h, dc, dr, scale = 3, 16, 8, 0.3
+    qn, qp = rng.standard_normal((lq, h, dc)), rng.standard_normal((lq, h, dr))
+    ckv, kpe = rng.standard_normal((lk, dc)), rng.standard_normal((lk, dr))
+    o, lse = reference.mla_attention(qn, qp, ckv, kpe, causal=causal, sm_scale=scale)
+    assert o.shape == (lq, h, dc) and lse.shape == (lq, h)
+    for i in range(lq):
+        seen = [j for j in range(lk) if not causal or j <= lk - lq + i]
+        for hh in range(h):
+            if not seen:
+                assert np.all(o[i, hh] == 0) and lse[i, hh] == -np.inf
+                continue
+            s = np.array([scale * (qn[i, hh] @ ckv[j] + qp[i, hh] @ kpe[j]) for j in seen])
+            w = np.exp(s - s.max())
+            np.testing.assert_allclose(o[i, hh], (w / w.sum()) @ ckv[seen], rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(lse[i, hh], (s.max() + math.log(w.sum())) / math.log(2), rtol=1e-12)
+    po, plse = reference.prefill_attention(np.concatenate([qn, qp], -1), np.concatenate([ckv, kpe], -1)[:, None],
+                                           ckv[:, None], causal=causal, sm_scale=scale)
+    np.testing.assert_allclose(o, po, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(plse))

@@ -29,7 +29,7 @@ def test_table_covers_every_kernel_path():
         want = (decode.WIDE_HEAD_DIMS if "split" in kernel else
                 [d for d in decode.KERNEL_HEAD_DIMS if decode.decode_smem_bytes(d, 8, True) > SMEM_EVERY_GPU]
                 if "less shared" in kernel else decode.KERNEL_HEAD_DIMS) \
-            if op.startswith("BatchDecode") else \
+            if op.startswith("BatchDecode") else [prefill.MLA_DIMS] if op.startswith("BatchMLA") else \
             prefill.SM90_HEAD_DIMS if kernel.startswith("fa3") else \
             prefill.SUPPORTED_HEAD_DIMS + prefill.HEAD_DIM_PAIRS
         assert set(dims) == set(want), (op, kernel)

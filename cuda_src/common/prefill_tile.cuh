@@ -14,7 +14,9 @@ namespace fic {
 // packs them: one ABI, so the two kernels cannot drift apart. T: q / out dtype; KVT: K/V dtype.
 // head_dim_qk / head_dim_vo: the real head dims, at most the kernel's compiled widths (the portable
 // kernel zero-fills the columns past them; the Hopper kernel takes exact widths). v_stride_*: V's
-// strides where its head dim differs from K's (equal to kv_stride_* otherwise).
+// strides where its head dim differs from K's (equal to kv_stride_* otherwise). q_pe / k_pe (MLA's
+// absorbed Q/K, width 576 of the portable kernel only): columns 512 .. 575 of Q and K come from these
+// arrays (q_pe (n, heads, 64), k_pe the kpe cache's pages and slots); nullptr elsewhere.
 #define FIC_PREFILL_PARAMS(T, KVT)                                                                            \
   const T *__restrict__ q, long long q_stride_n, long long q_stride_h, const KVT *__restrict__ k_base,          \
       const KVT *__restrict__ v_base, long long kv_stride_page, long long kv_stride_slot, long long kv_stride_head, \
@@ -26,7 +28,9 @@ namespace fic {
       unsigned int page_size, unsigned int page_div_mul, unsigned int page_div_shift, int causal, int window_left, \
       float sm_scale, float soft_cap, float v_scale, float rope_rcp_scale, double rope_log2_theta,              \
       const float *__restrict__ sinks, const float *__restrict__ alibi_slopes, int head_dim_qk, int head_dim_vo,  \
-      long long v_stride_page, long long v_stride_slot, long long v_stride_head
+      long long v_stride_page, long long v_stride_slot, long long v_stride_head, const T *__restrict__ q_pe,       \
+      long long q_pe_stride_n, long long q_pe_stride_h, const KVT *__restrict__ k_pe, long long k_pe_stride_page, \
+      long long k_pe_stride_slot
 
 // Variant flags (template argument FLAGS of both kernels): logits soft cap, packed custom mask, ALiBi
 // (portable kernel only). Each costs registers and code in the inner loop, so kernels without them do
