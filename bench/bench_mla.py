@@ -3,12 +3,14 @@
 TFLOP/s count 2 * heads * rows * keys * (576 + 512) (causal: the unmasked keys), against a bf16 matmul measured
 in the same run; GB/s count the cache read (ckv + kpe) plus q and out, against the device-to-device copy
 measured in the same run. Medians of CUDA-graph replays; each replay reads another copy of the cache where it
-fits, so L2 does not hold it. FlashInfer's MLA wrapper on the same shapes when importable.
+fits, so L2 does not hold it. Our backend "auto" (the Hopper kernel on sm_90a) and "fa2" (the portable one) in
+the same run, and FlashInfer's MLA wrapper on the same shapes when importable.
 
     python bench/bench_mla.py            # needs a GPU and torch
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -52,7 +54,7 @@ def run_case(torch, make_wrapper, batch, qo, kv):
     tables, caches, (qn, qp), out, flops, nbytes = case(torch, batch, qo, kv)
     w = make_wrapper()
     try:
-        w.plan(*[torch.as_tensor(t, device="cuda") if make_wrapper is not fi_wrapper else t for t in tables], H,
+        w.plan(*[torch.as_tensor(t, device="cuda") if make_wrapper is flashinfer_wrapper else t for t in tables], H,
                CKV, KPE, PAGE, qo > 1, SM_SCALE, torch.bfloat16, torch.bfloat16)
     except Exception as e:  # noqa: BLE001 - a peer that cannot plan this case is reported as '-'
         print(f"{batch}x({qo} on {kv}): {type(e).__name__}: {e}")
@@ -66,8 +68,9 @@ def run_case(torch, make_wrapper, batch, qo, kv):
     return common.time_graph(fn), flops, nbytes
 
 
-def fi_wrapper():
-    return fi_cupy.BatchMLAPagedAttentionWrapper(torch_mod.empty(256 << 20, dtype=torch_mod.uint8, device="cuda"))
+def fi_wrapper(backend="auto"):
+    return fi_cupy.BatchMLAPagedAttentionWrapper(torch_mod.empty(256 << 20, dtype=torch_mod.uint8, device="cuda"),
+                                                 backend=backend)
 
 
 def flashinfer_wrapper():
@@ -95,16 +98,18 @@ def main():
     rows, data = [], []
     for batch, qo, kv in [(b, 1, kv) for b, kv in DECODE] + PREFILL:
         t, flops, nbytes = run_case(torch, fi_wrapper, batch, qo, kv)
+        t_fa2 = run_case(torch, functools.partial(fi_wrapper, "fa2"), batch, qo, kv)[0]
         t_fi = run_case(torch, flashinfer_wrapper, batch, qo, kv)[0] if peers else None
         pct = lambda x: "-" if x is None else f"{flops / x / 1e12:.0f} ({100 * flops / x / 1e12 / mm:.0f}%)"  # noqa
         rows.append([f"{batch}x({qo} on {kv})", f"{t * 1e3:.4f}", pct(t), f"{nbytes / t / 1e9:.0f}",
-                     f"{100 * nbytes / t / copy_bw:.0f}%", pct(t_fi)])
+                     f"{100 * nbytes / t / copy_bw:.0f}%", pct(t_fa2), pct(t_fi)])
         data.append({"batch": batch, "qo": qo, "kv": kv, "ms": t * 1e3, "TFLOPs": flops / t / 1e12,
-                     "GBps": nbytes / t / 1e9, "flashinfer_ms": None if t_fi is None else t_fi * 1e3})
+                     "GBps": nbytes / t / 1e9,
+                     "fa2_ms": None if t_fa2 is None else t_fa2 * 1e3, "flashinfer_ms": None if t_fi is None else t_fi * 1e3})
         torch.cuda.empty_cache()
     common.print_table(f"MLA, {H} heads, ckv {CKV} + kpe {KPE}, page {PAGE}, bf16; matmul {mm:.0f} TFLOP/s, copy "
                        f"{copy_bw / 1e9:.0f} GB/s; median of CUDA-graph replays",
-                       ["B x (new on kv)", "ms", "TFLOP/s (of matmul)", "GB/s", "of copy", "FlashInfer TFLOP/s"], rows)
+                       ["B x (new on kv)", "ms", "TFLOP/s (of matmul)", "GB/s", "of copy", "fa2 TFLOP/s", "FlashInfer TFLOP/s"], rows)
     common.save_json("bench_mla.json", {"device": props["name"], "copy_GBps": copy_bw / 1e9, "matmul_TFLOPs": mm,
                                         "rows": data})
 

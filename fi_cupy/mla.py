@@ -40,7 +40,9 @@ _DOCS = dict(GLOSSARY, **{
                    "CUDA-graph buffer)."),
     "kv_len_arr": ("int32 array (batch_size,), optional\n    Tokens of each request's KV; its pages hold them (in "
                    "__init__: the CUDA-graph buffer)."),
-    "backend": "str, default \"auto\"\n    \"auto\" or \"fa2\": the portable kernel (\"fa3\" refuses MLA's head dims).",
+    "backend": ("str, default \"auto\"\n    \"fa3\": the Hopper kernel (sm_90a; cuda_src/mla_sm90.cu), \"fa2\": "
+                "the portable one (the prefill kernel at width 576), \"auto\": the Hopper kernel where the GPU has "
+                "it."),
     "num_heads": ("int, optional\n    Query heads (16, 32, 64 and 128: tensor-parallel slices of DeepSeek's 128; "
                   "any count runs)."),
     "head_dim_ckv": "int, optional\n    512 (the compressed KV's width); others raise NotImplementedError.",

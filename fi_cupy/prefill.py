@@ -58,10 +58,13 @@ class TileShape:
     mt: int      # 16-row slices a warp owns
     warps: int
     sm90: bool = False  # the Hopper kernel (cuda_src/prefill_sm90.cu): two warpgroups, wgmma
+    # warp groups that split the output columns of the same rows (MLA's Hopper kernel,
+    # cuda_src/mla_sm90.cu: 2); 1 elsewhere
+    col_groups: int = 1
 
     @property
     def rows(self) -> int:
-        return self.warps * self.mt * 16
+        return self.warps * self.mt * 16 // self.col_groups
 
     @property
     def threads(self) -> int:
@@ -107,9 +110,9 @@ def _fits(head_dim: int, tile: TileShape, flags: int, rope: bool, head_dim_vo: i
 
 def kv_tile(head_dim: int, tile: TileShape, head_dim_vo: int | None = None) -> int:
     """PrefillCfg::kKV: keys a tile; 32 where the O accumulators take 128 registers a thread, or at
-    V/O widths of 192 and more; 16 at Q/K width 512. PrefillSm90Cfg::kKV: 128."""
+    V/O widths of 192 and more; 16 at Q/K width 512. PrefillSm90Cfg::kKV: 128; MlaSm90Cfg::kKV: 64."""
     if tile.sm90:
-        return 128
+        return 64 if tile == MLA_SM90_TILE else 128
     d, dv, _ = widths(head_dim, head_dim_vo)
     return 16 if d >= 512 else 32 if dv * tile.mt >= 256 or dv >= 192 else 64
 
@@ -117,8 +120,11 @@ def kv_tile(head_dim: int, tile: TileShape, head_dim_vo: int | None = None) -> i
 def smem_bytes(head_dim: int, tile: TileShape, kv_dtype: dt.DType, head_dim_vo: int | None = None) -> int:
     """PrefillCfg::kSmemBytes: Q tile, and two 16-bit K/V stages (fp8: one widened, one raw).
     PrefillSm90Cfg::kSmemBytes: Q tile, three K/V stages, their six mbarriers, and 1 KB to align the
-    tiles to 1024 bytes."""
+    tiles to 1024 bytes. MlaSm90Cfg::kSmemBytes: Q, two K stages, the P tile, the row exchange, four
+    mbarriers and the 1 KB."""
     kv_tile_ = kv_tile(head_dim, tile, head_dim_vo)
+    if tile == MLA_SM90_TILE:
+        return 1024 + (tile.rows + 2 * kv_tile_) * head_dim * 2 + tile.rows * kv_tile_ * 2 + 2 * tile.rows * 4 + 4 * 8
     if tile.sm90:
         return 1024 + tile.rows * head_dim * 2 + 3 * 2 * kv_tile_ * head_dim * 2 + 6 * 8
     d, dv, _ = widths(head_dim, head_dim_vo)
@@ -136,6 +142,11 @@ def prefill_program(head_dim: int, tile: TileShape, q_dtype: dt.DType, kv_dtype:
     launch's shared memory and KV tile checked against the kernel's constants at compile time. Head
     dims of one width (widths()) share a program."""
     smem, kv = smem_bytes(head_dim, tile, kv_dtype, head_dim_vo), kv_tile(head_dim, tile, head_dim_vo)
+    if tile == MLA_SM90_TILE:
+        cfg = "fic::MlaSm90Cfg"
+        return Program("mla_sm90.cu", (KernelSpec("fic::mla_sm90_kernel", (q_dtype.cpp,)),),
+                       ((f"{cfg}::kSmemBytes", smem), (f"{cfg}::kKV", kv), (f"{cfg}::kRows", tile.rows),
+                        (f"{cfg}::kD", head_dim), (f"{cfg}::kCkv", head_dim_vo)))
     if tile.sm90:
         cfg = f"fic::PrefillSm90Cfg<{head_dim}>"
         return Program("prefill_sm90.cu", (KernelSpec("fic::prefill_sm90_kernel", (
@@ -157,6 +168,8 @@ def merge_program(q_dtype: dt.DType) -> Program:
 # take the portable kernel). BACKENDS follow FlashInfer's names: "fa2" the portable mma.sync kernel,
 # "fa3" the Hopper one, "auto" the Hopper one where it applies and some query tile is over 64 rows.
 SM90_TILE = TileShape(1, 8, True)
+# MLA's Hopper kernel (cuda_src/mla_sm90.cu): 64 rows, both warpgroups on them, each half of O's columns.
+MLA_SM90_TILE = TileShape(1, 8, True, 2)
 SM90_HEAD_DIMS = (64, 128)
 BACKENDS = ("auto", "fa2", "fa3")
 AUTO_MIN_ROWS = 64  # tests set it to 0 to run the Hopper kernel on every shape it takes
@@ -176,9 +189,10 @@ def sm90_unsupported(params: "PrefillParams") -> str | None:
 
 
 def sm90_programs() -> list:
-    """Every Hopper instantiation (sm_90a only)."""
+    """Every Hopper instantiation (sm_90a only), MLA's last."""
     return [prefill_program(d, SM90_TILE, q, q, paged, False, flags)
-            for d in SM90_HEAD_DIMS for q in Q_DTYPES for paged in (True, False) for flags in range(4)]
+            for d in SM90_HEAD_DIMS for q in Q_DTYPES for paged in (True, False) for flags in range(4)] + [
+        prefill_program(MLA_DIMS[0], MLA_SM90_TILE, q, q, True, False, 0, MLA_DIMS[1]) for q in Q_DTYPES]
 
 
 def kv_dtypes(q_dtype: dt.DType, head_dim: int, head_dim_vo: int) -> tuple:
@@ -371,6 +385,13 @@ def plan_tile(params: PrefillParams, qo_lens: np.ndarray, custom_mask: bool, bac
     it), else the portable tile from the longest request's packed rows. batch_invariant (a split-KV
     option given): a tile that does not depend on the other requests (the large one)."""
     flags = variant_flags(params, custom_mask)
+    if (params.head_dim, params.vo) == MLA_DIMS and backend != "fa2":
+        arch = kernels.device_arch(device) if device is not None else None
+        if arch == "sm_90a":
+            return MLA_SM90_TILE, flags
+        if backend == "fa3":
+            raise ValueError(f"backend: 'fa3' (the Hopper MLA kernel) needs sm_90a, not this device ({arch}); use "
+                             f"'fa2' or 'auto'")
     rows = int(qo_lens.max(initial=0)) * params.group_size
     if batch_invariant:
         rows = 1 << 30

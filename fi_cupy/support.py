@@ -80,6 +80,10 @@ def _rows() -> list:
         for h in _prefill_dims(d, dv, rope == "true"):
             add(names[paged == "true"], "fa2 (portable, mma.sync)", h, _dtype(q), _dtype(kv), pos, _variants(flags))
     for p in prefill.sm90_programs():
+        if p.filename == "mla_sm90.cu":
+            q = p.kernels[0].targs[0]
+            add("BatchMLAPagedAttentionWrapper", "fa3 (sm_90a, wgmma)", prefill.MLA_DIMS, _dtype(q), _dtype(q), "NONE")
+            continue
         d, q, paged, flags = p.kernels[0].targs
         add(names[paged == "true"], "fa3 (sm_90a, wgmma)", d, _dtype(q), _dtype(q), "NONE", _variants(flags))
     return [(op, kernel) + v for (op, kernel), v in rows.items()]

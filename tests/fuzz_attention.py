@@ -900,7 +900,7 @@ def draw_mla(rng) -> dict:
             "sm_scale": _log_float(rng, 0.25, 4.0) / math.sqrt(576) if rng.random() < 0.7 else None,
             "q_storage": _storage(rng, ("head", "dim")), "cache_storage": _storage(rng, ("page", "dim")),
             "sinks": bool(rng.random() < SINKS_P), "use_cuda_graph": bool(rng.random() < 0.2), **_outputs(rng),
-            "data_seed": int(rng.integers(2 ** 31))}
+            "backend": _pick(rng, ("auto", "fa2")), "data_seed": int(rng.integers(2 ** 31))}
 
 
 def check_mla(cfg: dict) -> None:
@@ -917,7 +917,7 @@ def check_mla(cfg: dict) -> None:
     ckv, kpe = (_view((total, ps, d), cfg["cache_storage"], c_axes, dt, g) for d in (512, 64))
     sinks = _sinks(cfg, g)
     w = fi_cupy.BatchMLAPagedAttentionWrapper(cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8),
-                                              use_cuda_graph=cfg["use_cuda_graph"])
+                                              use_cuda_graph=cfg["use_cuda_graph"], backend=cfg["backend"])
     w.plan(qo_indptr, kv_indptr, kv_indices, np.array(kv_lens, np.int32), h, 512, 64, ps, cfg["causal"],
            cfg["sm_scale"], dt, dt)
     out = _nan((n, h, 512), dt) if cfg["out_given"] else None
@@ -998,6 +998,7 @@ def _distribution(n: int) -> None:
                              for q, k in req])
             show("page size", [page_kind(c["page_size"]) for c in cfgs])
             show("causal", [c["causal"] for c in cfgs])
+            show("backend", [c["backend"] for c in cfgs])
             show("sinks", [c["sinks"] for c in cfgs])
             show("CUDA graph", [c["use_cuda_graph"] for c in cfgs])
             continue

@@ -3,7 +3,8 @@ the outputs poisoned first: decode (one query a request) and chunked prefill (ca
 compressed caches (ckv 512 + kpe 64), heads 16 / 32 / 64 / 128, page sizes 1, 7, 16 and 64, lengths 0, 1 and
 non-multiples of the tiles, qo_len > kv_len, a context long enough to be cut over CTAs (the merge at 512
 columns), page tables listing more pages than the lengths need, out= / lse= / sinks, CUDA-graph replay
-across re-plans; append_paged_mla_kv_cache; the refusals (GPU)."""
+across re-plans; append_paged_mla_kv_cache; the refusals (GPU). Both kernels: backend "fa2" (the portable
+prefill kernel at width 576) and "auto" (cuda_src/mla_sm90.cu on sm_90a, checked through resolved_backend)."""
 import math
 
 import cupy as cp
@@ -12,12 +13,19 @@ import pytest
 
 import fi_cupy
 from fi_cupy import reference
+from fi_cupy._core import kernels
 from gpu_arrays import bits, capture, f64, nan_like, poison, rand, replay, rng
 from tolerances import assert_close, assert_lse_close
 
 pytestmark = pytest.mark.gpu
 
 CKV, KPE = 512, 64
+BACKENDS = ["fa2", "auto"]
+
+
+def _resolved(backend: str) -> str:
+    """The kernel a backend reaches here: "auto" the Hopper one on sm_90a."""
+    return "fa3" if backend != "fa2" and kernels.device_arch(cp.cuda.Device().id) == "sm_90a" else "fa2"
 
 
 def _workspace():
@@ -60,9 +68,10 @@ class MlaBatch:
         return np.concatenate(os_), np.concatenate(ls)
 
 
-def check(b, causal=False, sm_scale=None, sinks=None, w=None):
-    w = w or fi_cupy.BatchMLAPagedAttentionWrapper(_workspace())
+def check(b, causal=False, sm_scale=None, sinks=None, w=None, backend="auto"):
+    w = w or fi_cupy.BatchMLAPagedAttentionWrapper(_workspace(), backend=backend)
     b.plan(w, causal, sm_scale)
+    assert w.resolved_backend() == _resolved(backend)
     out = nan_like(b.q_nope)
     lse = cp.full(b.q_nope.shape[:2], np.nan, dtype=cp.float32)
     o, l2 = w.run(b.q_nope, b.q_pe, b.ckv, b.kpe, out=out, lse=lse, return_lse=True, sinks=sinks)
@@ -73,32 +82,37 @@ def check(b, causal=False, sm_scale=None, sinks=None, w=None):
     return w
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("heads", [16, 32, 64, 128])
 @pytest.mark.parametrize("page_size", [1, 7, 16, 64])
-def test_decode(heads, page_size):
+def test_decode(heads, page_size, backend):
     b = MlaBatch([1] * 6, [0, 1, 17, 300, 1023, 2049], page_size, heads, "bfloat16" if heads != 32 else "float16")
-    check(b, sm_scale=1 / math.sqrt(192))
+    check(b, sm_scale=1 / math.sqrt(192), backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_chunked_prefill(causal, dtype):
+@pytest.mark.parametrize("heads", [16, 128])
+def test_chunked_prefill(causal, dtype, heads, backend):
     """Queries on cached tokens: qo_len > kv_len (causal rows that see nothing: o = 0, lse = -inf), an empty
-    request, and tails that are not multiples of the 64-row tile or the 16-key tile."""
-    b = MlaBatch([5, 1, 33, 0, 70, 8], [105, 1, 40, 10, 70, 3], page_size=16, heads=16, dtype=dtype)
-    check(b, causal=causal)
+    request, and tails that are not multiples of the 64-row tile or the key tiles (16, 64)."""
+    b = MlaBatch([5, 1, 33, 0, 70, 8], [105, 1, 40, 10, 70, 3], page_size=16, heads=heads, dtype=dtype)
+    check(b, causal=causal, backend=backend)
 
 
-def test_long_context_cut_over_ctas():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_context_cut_over_ctas(backend):
     """One request, a long context: its KV is cut over many CTAs and the partial states merged (512 columns)."""
-    check(MlaBatch([1, 2], [30000, 4097], page_size=64, heads=128), causal=True)
+    check(MlaBatch([1, 2], [30000, 4097], page_size=64, heads=128), causal=True, backend=backend)
 
 
-def test_extra_pages_sinks_and_default_scale():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extra_pages_sinks_and_default_scale(backend):
     """Page tables that list more pages than kv_len_arr needs (only the needed ones are read), attention sinks,
     and sm_scale None (1 / sqrt(576))."""
     b = MlaBatch([1, 3, 1], [50, 9, 0], page_size=16, heads=32, extra_pages=2)
-    check(b, causal=True, sinks=rand((32,), "float32"))
+    check(b, causal=True, sinks=rand((32,), "float32"), backend=backend)
 
 
 def test_new_outputs_and_replays_within_a_plan():
@@ -112,13 +126,14 @@ def test_new_outputs_and_replays_within_a_plan():
         assert_close(f64(o), ro, "bfloat16")
 
 
-def test_cuda_graph_capture_replan_replay():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_capture_replan_replay(backend):
     b1 = MlaBatch([1] * 4, [100, 2000, 5, 7000], heads=64)
     b2 = MlaBatch([1] * 4, [3000, 1, 64, 9000], heads=64)
     ckv = cp.concatenate([bits(b1.ckv), bits(b2.ckv)]).view(b1.ckv.dtype)
     kpe = cp.concatenate([bits(b1.kpe), bits(b2.kpe)]).view(b1.kpe.dtype)
     off = b1.ckv.shape[0]
-    w = fi_cupy.BatchMLAPagedAttentionWrapper(_workspace(), use_cuda_graph=True)
+    w = fi_cupy.BatchMLAPagedAttentionWrapper(_workspace(), use_cuda_graph=True, backend=backend)
     b1.plan(w)
     qn, qp = bits(b1.q_nope).copy().view(b1.q_nope.dtype), bits(b1.q_pe).copy().view(b1.q_pe.dtype)
     out = nan_like(qn)

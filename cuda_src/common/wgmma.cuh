@@ -56,13 +56,24 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], unsigned long lon
 template <int N, typename T>
 __device__ __forceinline__ void wgmma_rs_t(float (&d)[N / 8][4], const unsigned (&a)[4], unsigned long long b);
 
-// The instructions for the shapes the prefill kernel issues (S: N = 128 keys; O: N = head_dim 64 or
-// 128), each written once for both 16-bit types (TY: bf16 or f16). D_REGS / ACC: the N / 2
-// accumulator operands; the operand numbers after them are given as text.
-#define FIC_WGMMA_D64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define FIC_WGMMA_D128 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-#define FIC_WGMMA_ACC64 "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-#define FIC_WGMMA_ACC128 "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+// d += A * B, A and B from shared memory, A K-major, B MN-major (transposed): P V with P staged in
+// shared memory (the MLA kernel, whose two warpgroups share P).
+template <int N, typename T>
+__device__ __forceinline__ void wgmma_ss_t(float (&d)[N / 8][4], unsigned long long a, unsigned long long b);
+
+// The instructions for the shapes the kernels issue (prefill: S with N = 128 keys, O with N = head_dim
+// 64 or 128; MLA: S with N = 32 keys, O with N = 256 columns), each written once for both 16-bit
+// types (TY: bf16 or f16). D_REGS / ACC: the N / 2 accumulator operands; the operand numbers after
+// them are given as text.
+#define FIC_WGMMA_R16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define FIC_WGMMA_R32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FIC_WGMMA_R64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define FIC_WGMMA_R128 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
+#define FIC_WGMMA_ACC1(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define FIC_WGMMA_ACC4(j) FIC_WGMMA_ACC1(j), FIC_WGMMA_ACC1(j + 1), FIC_WGMMA_ACC1(j + 2), FIC_WGMMA_ACC1(j + 3)
+#define FIC_WGMMA_ACC8(j) FIC_WGMMA_ACC4(j), FIC_WGMMA_ACC4(j + 4)
+#define FIC_WGMMA_ACC16(j) FIC_WGMMA_ACC8(j), FIC_WGMMA_ACC8(j + 8)
+#define FIC_WGMMA_ACC32(j) FIC_WGMMA_ACC16(j), FIC_WGMMA_ACC16(j + 16)
 
 #define FIC_WGMMA_SS(N, T, TY, D_REGS, ACC, A, B, SCALE_D)                                                  \
   template <>                                                                                              \
@@ -73,6 +84,15 @@ __device__ __forceinline__ void wgmma_rs_t(float (&d)[N / 8][4], const unsigned 
                  ", p, 1, 1, 0, 0;\n}\n"                                                                    \
                  : ACC                                                                                     \
                  : "l"(a), "l"(b), "r"(scale_d));                                                          \
+  }
+#define FIC_WGMMA_SS_T(N, T, TY, D_REGS, ACC, A, B)                                                        \
+  template <>                                                                                              \
+  __device__ __forceinline__ void wgmma_ss_t<N, T>(float (&d)[N / 8][4], unsigned long long a,              \
+                                                   unsigned long long b) {                                 \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " D_REGS ", " A ", " B          \
+                 ", 1, 1, 1, 0, 1;\n"                                                                       \
+                 : ACC                                                                                     \
+                 : "l"(a), "l"(b));                                                                        \
   }
 #define FIC_WGMMA_RS_T(N, T, TY, D_REGS, ACC, A, B, ONE)                                                    \
   template <>                                                                                              \
@@ -85,19 +105,27 @@ __device__ __forceinline__ void wgmma_rs_t(float (&d)[N / 8][4], const unsigned 
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));                            \
   }
 #define FIC_WGMMA_ALL(T, TY)                                                                               \
-  FIC_WGMMA_SS(128, T, TY, FIC_WGMMA_D128, FIC_WGMMA_ACC128, "%64", "%65", "%66")                          \
-  FIC_WGMMA_RS_T(64, T, TY, FIC_WGMMA_D64, FIC_WGMMA_ACC64, "{%32, %33, %34, %35}", "%36", "%37")          \
-  FIC_WGMMA_RS_T(128, T, TY, FIC_WGMMA_D128, FIC_WGMMA_ACC128, "{%64, %65, %66, %67}", "%68", "%69")
+  FIC_WGMMA_SS(32, T, TY, FIC_WGMMA_R16, FIC_WGMMA_ACC4(0), "%16", "%17", "%18")                           \
+  FIC_WGMMA_SS(128, T, TY, FIC_WGMMA_R64, FIC_WGMMA_ACC16(0), "%64", "%65", "%66")                         \
+  FIC_WGMMA_SS_T(256, T, TY, FIC_WGMMA_R128, FIC_WGMMA_ACC32(0), "%128", "%129")                           \
+  FIC_WGMMA_RS_T(64, T, TY, FIC_WGMMA_R32, FIC_WGMMA_ACC8(0), "{%32, %33, %34, %35}", "%36", "%37")        \
+  FIC_WGMMA_RS_T(128, T, TY, FIC_WGMMA_R64, FIC_WGMMA_ACC16(0), "{%64, %65, %66, %67}", "%68", "%69")
 
 FIC_WGMMA_ALL(bf16_t, "bf16")
 FIC_WGMMA_ALL(half_t, "f16")
 
 #undef FIC_WGMMA_ALL
 #undef FIC_WGMMA_RS_T
+#undef FIC_WGMMA_SS_T
 #undef FIC_WGMMA_SS
-#undef FIC_WGMMA_ACC128
-#undef FIC_WGMMA_ACC64
-#undef FIC_WGMMA_D128
-#undef FIC_WGMMA_D64
+#undef FIC_WGMMA_ACC32
+#undef FIC_WGMMA_ACC16
+#undef FIC_WGMMA_ACC8
+#undef FIC_WGMMA_ACC4
+#undef FIC_WGMMA_ACC1
+#undef FIC_WGMMA_R128
+#undef FIC_WGMMA_R64
+#undef FIC_WGMMA_R32
+#undef FIC_WGMMA_R16
 
 }  // namespace fic
