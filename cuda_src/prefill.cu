@@ -449,7 +449,7 @@ prefill_merge_kernel(const float* __restrict__ part_o, const float* __restrict__
       const float* s = part_lse + base + r;  // chunk k at s[k * rows]
       const float mx = max_lse(s, rows, chunks);
       float acc[8];
-      const float wsum = merge_states<float, 8>(part_o + (long long)(base + r) * D + d0, (long long)rows * D, s, rows,
+      const float wsum = merge_states<float, 8, 4>(part_o + (long long)(base + r) * D + d0, (long long)rows * D, s, rows,
                                                 chunks, mx, acc);
       const int p = p0 + r, ti = p / group_size, h = kv_head * group_size + p - ti * group_size;
       float inv = wsum > 0.f ? ptx_rcp(wsum) : 0.f, l = merged_lse(mx, wsum);

@@ -342,8 +342,9 @@ def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.nda
     batch = qo_indptr.size - 1
     qo_lens = np.diff(qo_indptr)
     # CUDA graphs keep one persistent grid of num_ctas CTAs (else a CTA an item): deal it in a snake.
+    min_chunk = scheduler.MLA_MIN_CHUNK if tile == MLA_SM90_TILE else scheduler.PREFILL_MIN_CHUNK
     sch = scheduler.prefill_schedule(qo_lens, kv_lens, params.group_size, params.num_kv_heads, tile.rows,
-                                     num_ctas, params.causal, snake=capacity is not None, split=split)
+                                     num_ctas, params.causal, min_chunk, snake=capacity is not None, split=split)
     counts = np.array([sch.items.shape[0], sch.merges.shape[0], 0, 0], dtype=np.int32)
     idx = page_indices if page_indices is not None else np.zeros(0, np.int32)
     moff = (mask_offsets if mask_offsets is not None else np.zeros(batch, np.int64)).astype(np.int64)

@@ -43,6 +43,7 @@ struct SoftmaxState {
 // (cascade's merge_states, prefill's KV cuts). max_lse is their largest lse (-inf when all are empty).
 __device__ __forceinline__ float max_lse(const float* s, long long s_stride, int n) {
   float m = neg_inf();
+#pragma unroll 4
   for (int k = 0; k < n; ++k) m = fmaxf(m, s[k * s_stride]);
   return m;
 }
@@ -50,7 +51,8 @@ __device__ __forceinline__ float max_lse(const float* s, long long s_stride, int
 // out = the N values of the merged state, not yet normalised (weights exp2(s_k - m)); returns the
 // weights' total, 0 when every state is empty (out = 0 then). The caller divides by it (each family
 // picks its reciprocal) and takes the lse from merged_lse. UNROLL: states loaded ahead (cascade's
-// merge over many states takes 2; NVRTC 13.0 spills prefill's float32 merge when it is unrolled).
+// merge over many states takes 2, prefill's 4: MLA cuts a request into tens of chunks, and a merge
+// that loads one state at a time waits a memory latency per state).
 template <typename T, int N, int UNROLL = 1>
 __device__ __forceinline__ float merge_states(const T* v, long long v_stride, const float* s, long long s_stride,
                                               int n, float m, float (&out)[N]) {

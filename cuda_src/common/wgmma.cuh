@@ -57,15 +57,14 @@ template <int N, typename T>
 __device__ __forceinline__ void wgmma_rs_t(float (&d)[N / 8][4], const unsigned (&a)[4], unsigned long long b);
 
 // d += A * B, A and B from shared memory, A K-major, B MN-major (transposed): P V with P staged in
-// shared memory (the MLA kernel, whose two warpgroups share P).
+// shared memory (the MLA kernel's second warpgroup takes P from the first).
 template <int N, typename T>
 __device__ __forceinline__ void wgmma_ss_t(float (&d)[N / 8][4], unsigned long long a, unsigned long long b);
 
 // The instructions for the shapes the kernels issue (prefill: S with N = 128 keys, O with N = head_dim
-// 64 or 128; MLA: S with N = 32 keys, O with N = 256 columns), each written once for both 16-bit
+// 64 or 128; MLA: S with N = 64 keys, O with N = 256 columns), each written once for both 16-bit
 // types (TY: bf16 or f16). D_REGS / ACC: the N / 2 accumulator operands; the operand numbers after
 // them are given as text.
-#define FIC_WGMMA_R16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define FIC_WGMMA_R32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 #define FIC_WGMMA_R64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 #define FIC_WGMMA_R128 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
@@ -105,11 +104,12 @@ __device__ __forceinline__ void wgmma_ss_t(float (&d)[N / 8][4], unsigned long l
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));                            \
   }
 #define FIC_WGMMA_ALL(T, TY)                                                                               \
-  FIC_WGMMA_SS(32, T, TY, FIC_WGMMA_R16, FIC_WGMMA_ACC4(0), "%16", "%17", "%18")                           \
+  FIC_WGMMA_SS(64, T, TY, FIC_WGMMA_R32, FIC_WGMMA_ACC8(0), "%32", "%33", "%34")                           \
   FIC_WGMMA_SS(128, T, TY, FIC_WGMMA_R64, FIC_WGMMA_ACC16(0), "%64", "%65", "%66")                         \
   FIC_WGMMA_SS_T(256, T, TY, FIC_WGMMA_R128, FIC_WGMMA_ACC32(0), "%128", "%129")                           \
   FIC_WGMMA_RS_T(64, T, TY, FIC_WGMMA_R32, FIC_WGMMA_ACC8(0), "{%32, %33, %34, %35}", "%36", "%37")        \
-  FIC_WGMMA_RS_T(128, T, TY, FIC_WGMMA_R64, FIC_WGMMA_ACC16(0), "{%64, %65, %66, %67}", "%68", "%69")
+  FIC_WGMMA_RS_T(128, T, TY, FIC_WGMMA_R64, FIC_WGMMA_ACC16(0), "{%64, %65, %66, %67}", "%68", "%69")      \
+  FIC_WGMMA_RS_T(256, T, TY, FIC_WGMMA_R128, FIC_WGMMA_ACC32(0), "{%128, %129, %130, %131}", "%132", "%133")
 
 FIC_WGMMA_ALL(bf16_t, "bf16")
 FIC_WGMMA_ALL(half_t, "f16")
@@ -126,6 +126,5 @@ FIC_WGMMA_ALL(half_t, "f16")
 #undef FIC_WGMMA_R128
 #undef FIC_WGMMA_R64
 #undef FIC_WGMMA_R32
-#undef FIC_WGMMA_R16
 
 }  // namespace fic

@@ -6,6 +6,7 @@ Cache key: sha256 of inlined source + name expressions + options + arch + NVRTC 
 version. Entries are written atomically (temp file + rename) and carry a checksum; a corrupt entry
 is compiled again. The folder is $FI_CUPY_CACHE_DIR, else $XDG_CACHE_HOME/fi_cupy, else
 ~/.cache/fi_cupy. Each compile is logged on the "fi_cupy" logger (FI_CUPY_LOG=1 prints it).
+FI_CUPY_LINEINFO=1 adds -lineinfo (compute-sanitizer and ncu then name source lines; another cache key).
 """
 from __future__ import annotations
 
@@ -235,6 +236,8 @@ def compile_program(filename: str, name_exprs: tuple, arch: str, options: tuple 
     source, files = inline_source(filename)
     source += static_asserts(asserts)
     opts = _BASE_OPTIONS + (f"-arch={arch}",) + tuple(options)
+    if os.environ.get("FI_CUPY_LINEINFO", "") not in ("", "0"):
+        opts += ("-lineinfo",)
     ver = nvrtc_version()
     key = hashlib.sha256(json.dumps([source, list(name_exprs), list(opts), arch, list(ver), __version__])
                          .encode()).hexdigest()[:40]
