@@ -148,6 +148,32 @@ def test_cuda_graph_capture_replan_replay(backend):
     assert_close(f64(out), b2.reference()[0], "bfloat16")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sglang_fused_buffers(backend):
+    """SGLang's FlashInfer MLA backend: q_nope / q_pe are column slices of one (n, heads, 576) query, the caches
+    column slices of one (tokens, 1, 576) KV buffer with page_size 1 (page stride 576, kpe at a 1 KB offset), and
+    the tables device arrays."""
+    r = rng()
+    heads, lens = 16, [1, 300, 77, 1025]
+    tokens = sum(lens) + 5
+    q = rand((len(lens), heads, CKV + KPE), "bfloat16")
+    kbuf = rand((tokens, 1, CKV + KPE), "bfloat16")
+    perm = r.permutation(tokens).astype(np.int32)[:sum(lens)]
+    kv_indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    w = fi_cupy.BatchMLAPagedAttentionWrapper(_workspace(), backend=backend)
+    w.plan(cp.arange(len(lens) + 1, dtype=cp.int32), cp.asarray(kv_indptr), cp.asarray(perm),
+           cp.asarray(np.array(lens, np.int32)), heads, CKV, KPE, 1, False, 0.1, "bfloat16", "bfloat16")
+    assert w.resolved_backend() == _resolved(backend)
+    out = nan_like(q[:, :, :CKV])
+    w.run(q[:, :, :CKV], q[:, :, CKV:], kbuf[:, :, :CKV], kbuf[:, :, CKV:], out=out)
+    fq, fk = f64(q), f64(kbuf)[:, 0]
+    for b, n in enumerate(lens):
+        rows = fk[perm[kv_indptr[b]:kv_indptr[b + 1]]]
+        want, _ = reference.mla_attention(fq[b:b + 1, :, :CKV], fq[b:b + 1, :, CKV:], rows[:, :CKV], rows[:, CKV:],
+                                          False, 0.1)
+        assert_close(f64(out[b:b + 1]), want, "bfloat16")
+
+
 def test_append_paged_mla_kv_cache():
     """New tokens land in their pages and slots of both caches; nothing else is written."""
     page_size, pages = 16, 12
