@@ -16,8 +16,8 @@ import math
 import numpy as np
 
 from . import prefill
-from .page import KVView, MAX_GRID, THREADS, _byte_vector, _check_append_indices, _index_array, append_program
-from ._core import checks, kernels, streams
+from .page import KVView, MAX_GRID, THREADS, _append_function, _append_indices, _byte_vector
+from ._core import checks, streams
 from ._core import dtypes as dt
 from ._core.call import Call
 from ._core.docs import GLOSSARY, document
@@ -288,15 +288,8 @@ def append_paged_mla_kv_cache(append_ckv, append_kpe, batch_indices, positions, 
         raise ValueError(f"kpe_cache: expected (num_pages, page_size) = {caches[0].shape[:2]} (ckv_cache's), got "
                          f"{caches[1].shape[:2]}")
     num_pages, page_size = caches[0].shape[:2]
-    bi = _index_array(c, batch_indices, "batch_indices", length=nnz)
-    pos = _index_array(c, positions, "positions", bi.dtype, nnz)
-    ix = _index_array(c, kv_indices, "kv_indices", bi.dtype)
-    ip = _index_array(c, kv_indptr, "kv_indptr", bi.dtype)
-    if ip.shape[0] < 1:
-        raise ValueError("kv_indptr: must have at least one entry")
-    lp = _index_array(c, kv_last_page_len, "kv_last_page_len", bi.dtype, ip.shape[0] - 1)
-    if not streams.is_capturing(c.stream):
-        _check_append_indices(bi, pos, ix, ip, lp, page_size, num_pages)
+    bi, pos, ix, ip = _append_indices(c, batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, nnz,
+                                      page_size, num_pages)
     if nnz:
         for r, cache in zip(rows, caches):
             # append_paged_kv_kernel with one head and the same rows as K and V (written twice, alike)
@@ -304,8 +297,7 @@ def append_paged_mla_kv_cache(append_ckv, append_kpe, batch_indices, positions, 
             row_bytes = cache.shape[2] * item
             vb = _byte_vector(row_bytes, (r.ptr, cache.ptr), [s * item for s in (r.strides[0], cache.strides[0],
                                                                                   cache.strides[1])])
-            fn = kernels.cached_function(c.device, ("append", bi.dtype.name, vb), lambda: (
-                append_program(bi.dtype, vb), append_program(bi.dtype, vb).kernels[0]))
+            fn = _append_function(c, bi.dtype, vb)
             threads = min(THREADS, max(32, (row_bytes // vb + 31) // 32 * 32))
             c.launch(fn, (min(nnz, MAX_GRID),), (threads,), [
                 ptr(r), i64(r.strides[0] * item), i64(0), ptr(r), i64(r.strides[0] * item), i64(0), ptr(bi), ptr(pos),

@@ -265,6 +265,28 @@ def _index_array(c: Call, x, name: str, dtype=None, length=None):
     return info
 
 
+def _append_indices(c: Call, batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, nnz: int,
+                    page_size: int, num_pages: int, check: bool = True) -> tuple:
+    """(batch_indices, positions, kv_indices, kv_indptr) of an append as ArrayInfos of one index dtype,
+    kv_last_page_len beside them, and (check, not while capturing a CUDA graph) their values on the host."""
+    bi = _index_array(c, batch_indices, "batch_indices", length=nnz)
+    pos = _index_array(c, positions, "positions", bi.dtype, nnz)
+    ix = _index_array(c, kv_indices, "kv_indices", bi.dtype)
+    ip = _index_array(c, kv_indptr, "kv_indptr", bi.dtype)
+    if ip.shape[0] < 1:
+        raise ValueError("kv_indptr: must have at least one entry")
+    lp = _index_array(c, kv_last_page_len, "kv_last_page_len", bi.dtype, ip.shape[0] - 1)
+    if check and not streams.is_capturing(c.stream):
+        _check_append_indices(bi, pos, ix, ip, lp, page_size, num_pages)
+    return bi, pos, ix, ip
+
+
+def _append_function(c: Call, index: dt.DType, vec_bytes: int):
+    """append_paged_kv_kernel for these index dtype and copy width, on the call's device."""
+    return kernels.cached_function(c.device, ("append", index.name, vec_bytes), lambda: (
+        append_program(index, vec_bytes), append_program(index, vec_bytes).kernels[0]))
+
+
 def _check_append_indices(bi, pos, indices, indptr, last_page_len, page_size: int, num_pages: int) -> None:
     """Host-side check of an append's indices (device arrays are copied to the host: one sync)."""
     ip = checks.host_int_array("kv_indptr", indptr.obj)
@@ -397,15 +419,8 @@ def _append(append_key, append_value, batch_indices, positions, paged_kv_cache, 
         raise ValueError(f"append_key: (num_kv_heads, head_dim) = {k.shape[1:]} does not match the cache's "
                          f"{(kv.num_kv_heads, kv.head_dim)}")
     nnz = k.shape[0]
-    bi = _index_array(c, batch_indices, "batch_indices", length=nnz)
-    pos = _index_array(c, positions, "positions", bi.dtype, nnz)
-    ix = _index_array(c, kv_indices, "kv_indices", bi.dtype)
-    ip = _index_array(c, kv_indptr, "kv_indptr", bi.dtype)
-    if ip.shape[0] < 1:
-        raise ValueError("kv_indptr: must have at least one entry")
-    lp = _index_array(c, kv_last_page_len, "kv_last_page_len", bi.dtype, ip.shape[0] - 1)
-    if check and not streams.is_capturing(c.stream):
-        _check_append_indices(bi, pos, ix, ip, lp, kv.page_size, kv.num_pages)
+    bi, pos, ix, ip = _append_indices(c, batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, nnz,
+                                      kv.page_size, kv.num_pages, check)
     result = None
     if not all(c.writable(i) for i in kv.infos):  # JAX: write into a copy of the cache
         kv, result = _copy_cache(c, kv)
@@ -415,8 +430,7 @@ def _append(append_key, append_value, batch_indices, positions, paged_kv_cache, 
         vb = _byte_vector(row_bytes, (k.ptr, v.ptr, kv.k_ptr, kv.v_ptr),
                           [s * item for s in (k.strides[0], k.strides[1], v.strides[0], v.strides[1],
                                               kv.stride_page, kv.stride_slot, kv.stride_head)])
-        fn = kernels.cached_function(c.device, ("append", bi.dtype.name, vb), lambda: (
-            append_program(bi.dtype, vb), append_program(bi.dtype, vb).kernels[0]))
+        fn = _append_function(c, bi.dtype, vb)
         threads = min(THREADS, max(32, (kv.num_kv_heads * (row_bytes // vb) + 31) // 32 * 32))
         c.launch(fn, (min(nnz, MAX_GRID),), (threads,), [
             ptr(k), i64(k.strides[0] * item), i64(k.strides[1] * item), ptr(v), i64(v.strides[0] * item),
