@@ -13,8 +13,8 @@
 //    O[:, 0:256] += P V with P from its registers;
 //  - warpgroup 1 (loads and the other half): rescales O[:, 256:512] by the factors and adds P V with
 //    P from the shared tile, then issues the copies of tile t + 2 (Q and every K tile: cp.async).
-// Scoring once (not once a warpgroup) keeps the shared-memory reads of Q at one pass a tile, and
-// warpgroup 1's P V runs on the tensor cores while warpgroup 0 computes the next softmax. Named
+// Scoring once (not once a warpgroup) keeps the shared-memory reads of Q at one pass a tile; the
+// two P V halves run on the tensor cores together. Named
 // barriers hand the P tile over: 1 "P full" (0 arrives, 1 waits), 2 "P free" (1 arrives, 0 waits).
 // Q, two K stages and P take 224 KB; the stages are tracked by "full" / "empty" mbarriers as in
 // prefill_sm90.cu, page numbers loaded a tile ahead. Warpgroup 0 keeps the row maxima and sums
