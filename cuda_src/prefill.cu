@@ -22,6 +22,7 @@
 #include "common/math.cuh"
 #include "common/softmax.cuh"
 #include "common/prefill_tile.cuh"
+#include "common/variant.cuh"
 #include "common/async_copy.cuh"
 #include "common/mma.cuh"
 #include "common/rope.cuh"
@@ -124,14 +125,53 @@ __device__ __forceinline__ void rope_pair(uint4& lo, uint4& hi, const float (&fr
   hi = make_uint4(pack2(T(), b[0], b[1]), pack2(T(), b[2], b[3]), pack2(T(), b[4], b[5]), pack2(T(), b[6], b[7]));
 }
 
-template <int D, int DV, int MT, int WARPS, typename T, typename KVT, bool PAGED, bool ROPE, int FLAGS>
+// VAR: a custom attention variant (common/variant.cuh; NoVariant: none), its parameters in vparams.
+// A variant's QueryTransform over this item's Q tile in shared memory (rows of the request, dims below
+// head_dim_qk), once the tile has landed; the caller syncs after.
+template <int D, int ROWS, int THREADS, typename T, typename Var, typename P>
+__device__ __forceinline__ void variant_transform_q(T* q_s, Var& var, const P& params, const PrefillItem& w,
+                                                    int group_size, int head_dim_qk, int tid) {
+  for (int idx = tid; idx < ROWS * (D / 8); idx += THREADS) {
+    const int row = idx / (D / 8), ch = idx % (D / 8), p = w.p0 + row;
+    if (p >= w.packed_len || ch * 8 >= head_dim_qk) continue;
+    const int ti = p / group_size, h = w.kv_head * group_size + p - ti * group_size;
+    uint4* at = reinterpret_cast<uint4*>(q_s + swz<D>(row, ch));
+    float x[8];
+    unpack8<T>(*at, x);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = var.QueryTransform(params, x[e], w.req, ti, h, ch * 8 + e);
+    *at = make_uint4(pack2(T(), x[0], x[1]), pack2(T(), x[2], x[3]), pack2(T(), x[4], x[5]), pack2(T(), x[6], x[7]));
+  }
+}
+
+// A variant's KeyTransform over a K tile in shared memory (keys below the item's hi, dims below head_dim_qk).
+template <int D, int KV, int THREADS, typename T, typename Var, typename P>
+__device__ __forceinline__ void variant_transform_k(T* k_s, Var& var, const P& params, const PrefillItem& w, int j0,
+                                                    int head_dim_qk, int tid) {
+  for (int idx = tid; idx < KV * (D / 8); idx += THREADS) {
+    const int row = idx / (D / 8), ch = idx % (D / 8), j = j0 + row;
+    if (j >= w.hi || ch * 8 >= head_dim_qk) continue;
+    uint4* at = reinterpret_cast<uint4*>(k_s + swz<D>(row, ch));
+    float x[8];
+    unpack8<T>(*at, x);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = var.KeyTransform(params, x[e], w.req, j, w.kv_head, ch * 8 + e);
+    *at = make_uint4(pack2(T(), x[0], x[1]), pack2(T(), x[2], x[3]), pack2(T(), x[4], x[5]), pack2(T(), x[6], x[7]));
+  }
+}
+
+template <int D, int DV, int MT, int WARPS, typename T, typename KVT, bool PAGED, bool ROPE, int FLAGS,
+          typename VAR = NoVariant>
 __global__ void __launch_bounds__(WARPS * 32, PrefillCfg<D, DV, MT, WARPS, KVT>::kMinBlocks)
-prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
+prefill_kernel(FIC_PREFILL_PARAMS(T, KVT), const __grid_constant__ typename VAR::Params vparams) {
   using C = PrefillCfg<D, DV, MT, WARPS, KVT>;
   constexpr int KV = C::kKV, NT = KV / 8, DT = DV / 8, KS = D / 16;
   constexpr int kThreads = C::kThreads, kChunks = C::kChunks, kVChunks = C::kVChunks;
   static_assert(!ROPE || D == DV, "RoPE on the fly: head_dim_qk == head_dim_vo");
   static_assert(!C::kMla || (!ROPE && PAGED && FLAGS == 0), "MLA: paged, no RoPE, soft cap, mask or ALiBi");
+  using Var = typename VAR::Variant;
+  static_assert(!VAR::kActive || (!C::kMla && !ROPE && (FLAGS & ~kCustomMask) == 0),
+                "custom variants: no MLA, RoPE, soft cap or ALiBi (the variant owns the logits)");
   pdl_begin();
   extern __shared__ __align__(128) unsigned char smem[];
   T* q_s = reinterpret_cast<T*>(smem);
@@ -163,6 +203,9 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
     const int kv_head = w.kv_head, p0 = w.p0, qo_start = w.qo_start, packed_len = w.packed_len;
     const int kv_off = w.kv_off, delta = w.delta, lo = w.lo, hi = w.hi, n_tiles = w.n_tiles;
     const long long head_off = (long long)kv_head * kv_stride_head;
+    Var var(vparams, (uint32_t)w.req, smem);  // a variant's per-request state (nothing without one)
+    // exp2 argument scale of this request: the variant's own where it has one
+    const float sc = VAR::kActive ? (Var::use_softmax ? var.sm_scale_log2 : 1.f) : scale;
     const KVT* k_req = k_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
     // V: K's strides at equal widths (V laid out as K), its own where the head dims differ
     const KVT* v_req = v_base + (D == DV ? (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off
@@ -335,8 +378,15 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
           __syncthreads();
         }
       }
-      const T* vs = ks + C::kKTile;
       const int j0 = lo + t * KV;
+      if constexpr (Var::kQueryTransform || Var::kKeyTransform) {
+        if (Var::kQueryTransform && t == 0)
+          variant_transform_q<D, C::kRows, kThreads, T>(q_s, var, vparams, w, group_size, head_dim_qk, tid);
+        if (Var::kKeyTransform) variant_transform_k<D, KV, kThreads, T>(const_cast<T*>(ks), var, vparams, w, j0,
+                                                                        head_dim_qk, tid);
+        __syncthreads();
+      }
+      const T* vs = ks + C::kKTile;
 
       // S = Q K^T for this warp's MT x 16 rows and KV keys.
       float s[MT][NT][4];
@@ -369,6 +419,7 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
         }
       }
 
+      if constexpr (VAR::kActive) variant_scores<VAR>(s, var, vparams, w, group_size, p0 + warp * MT * 16, j0, g, c);
       if (capped) cap_scores(s, soft_cap, cap_pre);
       if (alibi) alibi_scores(s, al_slope, al_qpos, j0, c);
 
@@ -381,15 +432,17 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
       // Online softmax: rows g and g + 8 of each slice, a row spread over the 4 lanes of a quad.
       // New maxima first (rescaling O), then P is made one 16-key step at a time and multiplied into
       // O at once, so the scores die as P is formed (no P array beside S and O in registers).
+      constexpr bool kSoftmax = !VAR::kActive || Var::use_softmax;
       float ms[MT][2];
-      softmax_rescale(s, m, dsum, o, ms, scale);
+      if (kSoftmax) softmax_rescale(s, m, dsum, o, ms, sc);
       const unsigned v_row = opaque(smem_u32(vs) + (r7 + ((lane >> 3) & 1) * 8) * (DV * 2));
       const unsigned v_col = opaque((((lane >> 4) ^ r7) << 4));
 #pragma unroll
       for (int kk = 0; kk < KV / 16; ++kk) {
         // C fragments of key tiles 2kk, 2kk + 1 -> the A fragment of this k-step (P on the left).
         unsigned pa[MT][4];
-        make_p<T>(pa, s, kk, ms, dsum, scale);
+        if (kSoftmax) make_p<T>(pa, s, kk, ms, dsum, sc);
+        else make_p_direct<T>(pa, s, kk);  // no softmax: the variant's logits weigh V as they are
 #pragma unroll
         for (int dp = 0; dp < DT / 2; ++dp) {
           unsigned b[4];
@@ -415,7 +468,10 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT)) {
     const int qo_start = qo_indptr[ie.x];
     const RowDest dest = {ie.z, (qo_indptr[ie.x + 1] - qo_start) * group_size, group_size, ie.y, qo_start,
                           num_qo_heads, ie.w, lse, part_o, part_lse, sinks, head_dim_vo, vo_off};
-    finish_rows(o, m, dsum, scale, v_scale, warp * MT * 16, g, c, dest);
+    if constexpr (VAR::kActive)
+      variant_finish_rows<VAR>(o, m, dsum, var, vparams, ie.x, v_scale, warp * MT * 16, g, c, dest);
+    else
+      finish_rows(o, m, dsum, scale, v_scale, warp * MT * 16, g, c, dest);
     if (dest.prow < 0)
       store_rows<DV>(o, reinterpret_cast<unsigned char*>(q_s), [](int r, int ch) { return 2 * swz<D>(r, ch); },
                     warp * MT * 16, lane, out, o_stride_n, o_stride_h, dest);

@@ -48,6 +48,8 @@ def report() -> int:
                   f"kernels built for {kernels.device_arch(i)}")
     entries, size = cc.cache_stats()
     print(f"kernel cache: {cc.cache_dir()} ({entries} entries, {size / 1e6:.1f} MB)")
+    for (name, arch), count in sorted(cc.cached_variants().items()):
+        print(f"  custom variant {name} ({arch}): {count} program{'s' if count > 1 else ''}")
     status = self_check(n > 0)
     if not n:
         print(no_gpu_line(err, "the self-check compiled its kernel but cannot run it"), file=sys.stderr)

@@ -27,6 +27,7 @@ from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
 from ._core.kernels import NULL, KernelSpec, Program, f32, f64, i32, i64, ptr, u32
 from ._core.docs import RUN_OPTIONS, RUN_RETURNS, document
+from .variant import as_variant, from_jit_args
 
 KERNEL_HEAD_DIMS = tuple(range(16, 257, 16))  # both decode kernels' instantiations
 # Head dims past 256: batch_decode_wide_kernel (KV of the q dtype or fp8, no RoPE on the fly), whose warps
@@ -354,7 +355,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
                  paged_kv_last_page_len_buffer=None, backend: str = "auto", jit_args=None):
         self._backend = backend_arg(backend, DECODE_BACKENDS)
         self._use_tensor_cores = checks.flag("use_tensor_cores", use_tensor_cores)
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, jit_args, LAYOUTS)
+        # a custom attention variant (fi_cupy/variant.py): decode runs it on the paged prefill kernel
+        self._variant = None if jit_args is None else from_jit_args(jit_args, "BatchDecodeWithPagedKVCacheWrapper")
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, None, LAYOUTS)
         # CUDA graphs: FlashInfer's kernels read these buffers, which plan() fills; ours read the
         # workspace, except the indices (the kernel reads the indices buffer, so an engine may write
         # the page indices there itself before fast_decode_plan). plan() fills all three, as FlashInfer.
@@ -461,7 +464,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         if self._use_cuda_graph and not dry and self._q_len_fixed(q_len):
             raise ValueError(f"q_len_per_req: use_cuda_graph=True keeps the q_len_per_req of the first plan "
                              f"({self._q_len}); got {q_len}; create a wrapper per q_len_per_req")
-        if q_len > 1:
+        if q_len > 1 or self._variant is not None:
             return self._plan_multi(params, ip, ix, lp, q_len, causal, kw, non_blocking, dry, fast)
         lengths = page_table_lengths(ip, ix, lp, params.page_size)  # before any device work
         num_ctas = decode_num_ctas(params, params.kv_dtype, self._ws.device)
@@ -569,16 +572,17 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
 
     def _plan_multi(self, params: DecodeParams, ip, ix, lp, q_len: int, causal: bool, kw: dict, non_blocking: bool,
                     dry: bool, fast: bool):
-        """q_len_per_req > 1 runs the paged prefill kernel: request b's queries are
+        """q_len_per_req > 1 (or a custom variant) runs the paged prefill kernel: request b's queries are
         rows b * q_len .. (b + 1) * q_len of q, the last q_len positions of its KV."""
         from . import prefill  # it takes every head dim decode does
         if self._multi is None:
             self._multi = prefill.BatchPrefillWithPagedKVCacheWrapper(self._ws_obj, self._kv_layout,
-                                                                      self._use_cuda_graph)
+                                                                      self._use_cuda_graph, jit_args=self._variant)
         args = (np.arange(ip.size) * q_len, ip, ix, lp, params.num_qo_heads, params.num_kv_heads, params.head_dim,
                 params.page_size)
         opts = dict(causal=causal, pos_encoding_mode=params.pos_encoding_mode,
-                    sm_scale=params.sm_scale, window_left=params.window_left, logits_soft_cap=params.soft_cap or None,
+                    sm_scale=params.sm_scale if self._variant is None else kw["sm_scale"],
+                    window_left=params.window_left, logits_soft_cap=params.soft_cap or None,
                     rope_scale=params.rope_scale, rope_theta=params.rope_theta, q_data_type=params.q_dtype,
                     kv_data_type=params.kv_dtype, fixed_split_size=kw["fixed_split_size"],
                     disable_split_kv=kw["disable_split_kv"])
@@ -598,9 +602,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         """o (batch_size, num_qo_heads, head_dim) in q's dtype, and lse (batch_size, num_qo_heads) in
         base 2 with return_lse=True. q_scale, k_scale, v_scale: floats (None: 1) that scale the
         logits (q, k) and the output (v), for fp8 caches."""
-        if args:
-            raise TypeError(f"run(): unexpected extra positional arguments ({len(args)}); decode has no "
-                            "custom-variant arguments")
+        if args and self._variant is None:
+            raise TypeError(f"run(): unexpected extra positional arguments ({len(args)}); they are a custom "
+                            f"variant's (jit_args), and this wrapper has none")
         checks.unsupported("skip_softmax_threshold_scale_factor", skip_softmax_threshold_scale_factor)
         checks.unsupported("kv_cache_sf", kv_cache_sf)
         if self._plan is None and not self._via_prefill:
@@ -609,7 +613,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
             raise ValueError(f"q_len_per_req: run() got {q_len_per_req} but plan() used {self._q_len}")
         qk_scale = scale("q_scale", q_scale) * scale("k_scale", k_scale)  # both scale the logits
         if self._via_prefill:
-            return self._multi.run(q, paged_kv_cache, k_scale=qk_scale, v_scale=v_scale, out=out, lse=lse,
+            return self._multi.run(q, paged_kv_cache, *args, k_scale=qk_scale, v_scale=v_scale, out=out, lse=lse,
                                    return_lse=return_lse, enable_pdl=enable_pdl, window_left=window_left,
                                    sinks=sinks, stream=stream)
         p = self._plan.params
@@ -750,3 +754,21 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     launch_decode(c, plan, base + plan.partial_bytes(), base, qi, kv, o, l_info, scale("k_scale", k_scale),
                   scale("v_scale", v_scale))
     return attention_result(c, out_obj, lse_obj, return_lse)
+
+
+@document("Decode attention of one query token with a custom attention variant.", returns="o : array\n    (num_qo_heads, head_dim_vo), q's dtype.\nlse : float32 array\n    Only with return_lse=True: (o, lse), lse (num_qo_heads,) in base 2.")
+def single_decode_with_kv_cache_with_jit_module(jit_module, q, k, v, *args, kv_layout: str = "NHD",
+                                                window_left: int = -1, return_lse: bool = False, out=None, lse=None,
+                                                stream=None):
+    """single_decode_with_kv_cache with a custom variant: jit_module from
+    fi_cupy.jit.gen_customize_single_decode_module(...).build_and_load() (or an AttentionVariant); args:
+    the variant's extra parameters, tensors then scalars. Runs on the prefill kernel with one query row
+    (q (num_qo_heads, head_dim) is read as (1, num_qo_heads, head_dim))."""
+    from .prefill import _single_prefill
+    variant = as_variant(jit_module, "jit_module")
+    Call(q, stream, name="q")  # q's device and stream checked before it is indexed (no GPU: one clear error)
+    got = _single_prefill(q[None], k, v, None, None, None, False, kv_layout, "NONE", None, window_left, None, None,
+                          None, "fa2", return_lse, None, None, None if out is None else out[None],
+                          None if lse is None else lse[None], stream, variant, args)
+    return (got[0][0], got[1][0]) if return_lse else got[0]
+

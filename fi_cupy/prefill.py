@@ -27,7 +27,8 @@ from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_output
                               upload)
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
-from ._core.kernels import NULL, KernelSpec, Program, f32, f64, i32, i64, ptr, u32
+from ._core.kernels import NULL, KernelSpec, Program, f32, f64, i32, i64, ptr, struct_arg, u32
+from .variant import AttentionVariant, from_jit_args
 from ._core.docs import RUN_OPTIONS, RUN_RETURNS, document
 
 SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16)) + (512,)
@@ -93,14 +94,17 @@ def tile_shapes(head_dim: int, head_dim_vo: int | None = None) -> tuple:
 
 
 def pick_tile(head_dim: int, max_packed_rows: int, flags: int = 0, rope: bool = False,
-              head_dim_vo: int | None = None, smem_limit: int | None = None, kv_dtype: dt.DType | None = None
-              ) -> TileShape:
+              head_dim_vo: int | None = None, smem_limit: int | None = None, kv_dtype: dt.DType | None = None,
+              variant: bool = False) -> TileShape:
     """The small tile when every request fits it, or where the large one runs out of registers: at
-    width 128 the 128-row tile's accumulators leave no room for a soft cap, a custom mask or RoPE
-    (some NVRTC versions spill there); or out of shared memory (smem_limit: the device's bytes a CTA)."""
+    width 128 the 128-row tile's accumulators leave no room for a soft cap, a custom mask or RoPE (some
+    NVRTC versions spill there), nor at widths 64 and 128 for a custom variant's hooks; or out of shared
+    memory (smem_limit: the device's bytes a CTA)."""
     large, small = tile_shapes(head_dim, head_dim_vo)
     if smem_limit is not None and smem_bytes(head_dim, large, kv_dtype, head_dim_vo) > smem_limit:
         return small
+    if variant and widths(head_dim, head_dim_vo)[1] <= 128:
+        return small  # the hooks' position math beside 128 rows' accumulators spilled (64 and 128 wide)
     return small if max_packed_rows <= small.rows or not _fits(head_dim, large, flags, rope, head_dim_vo) else large
 
 
@@ -137,10 +141,12 @@ def _merge_spec(q_dtype: dt.DType) -> KernelSpec:
 
 
 def prefill_program(head_dim: int, tile: TileShape, q_dtype: dt.DType, kv_dtype: dt.DType, paged: bool,
-                    rope: bool, flags: int, head_dim_vo: int | None = None) -> Program:
+                    rope: bool, flags: int, head_dim_vo: int | None = None,
+                    variant: AttentionVariant | None = None) -> Program:
     """The main kernel (and, for the portable kernel, the merge kernel in the same module), with the
     launch's shared memory and KV tile checked against the kernel's constants at compile time. Head
-    dims of one width (widths()) share a program."""
+    dims of one width (widths()) share a program. variant: a custom attention variant compiled into
+    the portable kernel (its code appended to the source)."""
     smem, kv = smem_bytes(head_dim, tile, kv_dtype, head_dim_vo), kv_tile(head_dim, tile, head_dim_vo)
     if tile == MLA_SM90_TILE:
         cfg = "fic::MlaSm90Cfg"
@@ -154,10 +160,12 @@ def prefill_program(head_dim: int, tile: TileShape, q_dtype: dt.DType, kv_dtype:
             ((f"{cfg}::kSmemBytes", smem), (f"{cfg}::kKV", kv)))
     d, dv, _ = widths(head_dim, head_dim_vo)
     main = KernelSpec("fic::prefill_kernel", (d, dv, tile.mt, tile.warps, q_dtype.cpp, kv_dtype.cpp,
-                                              kernels.cpp_bool(paged), kernels.cpp_bool(rope), flags))
+                                              kernels.cpp_bool(paged), kernels.cpp_bool(rope), flags) +
+                      ((variant.binding,) if variant is not None else ()))
     cfg = f"fic::PrefillCfg<{d}, {dv}, {tile.mt}, {tile.warps}, {kv_dtype.cpp}>"
     return Program("prefill.cu", (main, _merge_spec(q_dtype)),
-                   ((f"{cfg}::kSmemBytes", smem), (f"{cfg}::kKV", kv), (f"{cfg}::kRows", tile.rows)))
+                   ((f"{cfg}::kSmemBytes", smem), (f"{cfg}::kKV", kv), (f"{cfg}::kRows", tile.rows)),
+                   variant._sources() if variant is not None else ())
 
 
 def merge_program(q_dtype: dt.DType) -> Program:
@@ -185,6 +193,8 @@ def sm90_unsupported(params: "PrefillParams") -> str | None:
         return f"kv_data_type {params.kv_dtype} (it takes K/V in the q dtype)"
     if params.rope or params.alibi:
         return f"pos_encoding_mode {'ROPE_LLAMA' if params.rope else 'ALIBI'}"
+    if params.variant is not None:
+        return f"a custom variant ({params.variant.name})"
     return None
 
 
@@ -255,6 +265,7 @@ class PrefillParams:
     page_size: int = 0  # 0: ragged
     alibi: bool = False  # pos_encoding_mode "ALIBI": FlashInfer's slopes (_core/alibi.py), portable kernel
     head_dim_vo: int = 0  # 0: head_dim
+    variant: AttentionVariant | None = None  # a custom attention variant (fi_cupy/variant.py), portable kernel
 
     @property
     def vo(self) -> int:
@@ -268,9 +279,10 @@ class PrefillParams:
 
 def make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, pos_encoding_mode, window_left,
                 logits_soft_cap, sm_scale, rope_scale, rope_theta, q_data_type, kv_data_type, paged: bool,
-                page_size: int = 0, has_mask: bool = False) -> PrefillParams:
+                page_size: int = 0, has_mask: bool = False, variant: AttentionVariant | None = None) -> PrefillParams:
     """The checked per-batch constants. As in FlashInfer, a custom mask replaces the causal mask (mask
-    mode CUSTOM): `causal` is ignored when one is given (has_mask)."""
+    mode CUSTOM): `causal` is ignored when one is given (has_mask). variant: the options a custom
+    variant owns (its logits) are refused beside it."""
     num_qo_heads = checks.positive_int("num_qo_heads", num_qo_heads)
     num_kv_heads = checks.positive_int("num_kv_heads", num_kv_heads)
     checks.heads(num_qo_heads, num_kv_heads)
@@ -299,9 +311,16 @@ def make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, po
         raise TypeError(f"causal: expected a bool, got {causal!r}")
     wl, cap, sm, rs, rt = checks.attention_options(d, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
     checks.alibi_without_soft_cap(pos_encoding_mode, cap)
+    if variant is not None:
+        for name, val, default in (("pos_encoding_mode", pos_encoding_mode, "NONE"), ("sm_scale", sm_scale, None),
+                                   ("logits_soft_cap", cap, 0.0)):
+            if val != default:
+                raise NotImplementedError(f"{name}: {val!r} with custom variant {variant.name}: the variant owns the "
+                                          f"logits (its LogitsTransform and sm_scale_log2); leave {name} at "
+                                          f"{default!r}")
     return PrefillParams(num_qo_heads, num_kv_heads, d, q_dtype, kv_dtype, bool(causal) and not has_mask, wl, cap, sm,
                          pos_encoding_mode == "ROPE_LLAMA", rs, rt, page_size, pos_encoding_mode == "ALIBI",
-                         0 if vo == d else vo)
+                         0 if vo == d else vo, variant)
 
 
 @dataclass
@@ -406,11 +425,12 @@ def plan_tile(params: PrefillParams, qo_lens: np.ndarray, custom_mask: bool, bac
             raise ValueError(f"backend: 'fa3' (the Hopper kernel) does not support {why}; use 'fa2' or 'auto'")
         if why is None and (backend == "fa3" or rows > AUTO_MIN_ROWS):
             return SM90_TILE, flags
-    tile = pick_tile(params.head_dim, rows, flags, params.rope, params.vo)
+    tile = pick_tile(params.head_dim, rows, flags, params.rope, params.vo, variant=params.variant is not None)
     if device is None or smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo) <= SMEM_EVERY_GPU:
         return tile, flags
     limit = kernels.device_props(device)["smem_optin"]
-    tile = pick_tile(params.head_dim, rows, flags, params.rope, params.vo, limit, params.kv_dtype)
+    tile = pick_tile(params.head_dim, rows, flags, params.rope, params.vo, limit, params.kv_dtype,
+                     params.variant is not None)
     if smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo) > limit:
         raise NotImplementedError(f"head_dim_qk: {params.head_dim} (head_dim_vo {params.vo}) needs "
                                   f"{smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo)} bytes of shared "
@@ -420,7 +440,8 @@ def plan_tile(params: PrefillParams, qo_lens: np.ndarray, custom_mask: bool, bac
 
 def num_ctas(params: PrefillParams, tile: TileShape, device: int, paged: bool, flags: int) -> int:
     """One wave of the prefill kernel on `device` (compiles / loads the kernel)."""
-    prog = prefill_program(params.head_dim, tile, params.q_dtype, params.kv_dtype, paged, params.rope, flags, params.vo)
+    prog = prefill_program(params.head_dim, tile, params.q_dtype, params.kv_dtype, paged, params.rope, flags, params.vo,
+                           params.variant)
     fn = kernels.functions(prog, device)[prog.kernels[0]]
     occ = fn.occupancy(tile.threads, smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo))
     return kernels.device_props(device)["sms"] * max(occ, 1)
@@ -430,15 +451,20 @@ def num_ctas(params: PrefillParams, tile: TileShape, device: int, paged: bool, f
 # Launch
 
 
+_NO_VARIANT = struct_arg("q", 0)  # the portable kernel's parameter struct without a variant (NoVariant::Params)
+
+
 def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
                    paged: bool, o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float,
-                   always_merge: bool = False, sinks: arrays.ArrayInfo | None = None, pe: tuple = ()) -> None:
+                   always_merge: bool = False, sinks: arrays.ArrayInfo | None = None, pe: tuple = (),
+                   variant_args: tuple = ()) -> None:
     """Queue the prefill kernel, and the merge of cut KV ranges, on Call `c`. No allocation, no sync.
     meta_ptr / partial_ptr: the plan's metadata and partial states, fixed while the plan is. sinks:
     attention-sink logits (attention_sinks) or None. pe (MLA): (q_pe ArrayInfo, kpe_cache ArrayInfo), whose
-    columns follow q's and the cache's at width 576."""
+    columns follow q's and the cache's at width 576. variant_args: a custom variant's extra run()
+    arguments (tensors, then scalars)."""
     p = plan.params
-    prog = prefill_program(p.head_dim, plan.tile, p.q_dtype, kv.dtype, paged, p.rope, plan.flags, p.vo)
+    prog = prefill_program(p.head_dim, plan.tile, p.q_dtype, kv.dtype, paged, p.rope, plan.flags, p.vo, p.variant)
     main = kernels.functions(prog, q.device)[prog.kernels[0]]
     mprog = prog if len(prog.kernels) > 1 else merge_program(p.q_dtype)
     merge = kernels.functions(mprog, q.device)[mprog.kernels[-1]]
@@ -462,7 +488,9 @@ def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, 
         i32(p.head_dim), i32(p.vo), *(i64(s) for s in kv.v_strides),
         *((ptr(pe[0]), i64(pe[0].strides[0]), i64(pe[0].strides[1]), ptr(pe[1]), i64(pe[1].strides[0]),
            i64(pe[1].strides[1])) if pe else (NULL, i64(0), i64(0), NULL, i64(0), i64(0))),
-    ], smem=smem_bytes(p.head_dim, plan.tile, kv.dtype, p.vo))
+    ] + ([] if plan.tile.sm90 else [_NO_VARIANT if p.variant is None else p.variant._pack(
+        c, variant_args, meta_ptr + 4 * plan.offsets["qo_indptr"], meta_ptr + 4 * plan.offsets["kv_lens"],
+        p.num_qo_heads, p.num_kv_heads)]), smem=smem_bytes(p.head_dim, plan.tile, kv.dtype, p.vo))
     if always_merge or plan.num_merges:
         # a CTA of 128 threads per 128 (row, 8 dims) pieces of a tile (prefill_merge_kernel's blockIdx.y)
         c.launch(merge, (plan.merge_grid, -(-plan.tile.rows * (p.vo // 8) // 128)), (128,), [
@@ -470,6 +498,16 @@ def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, 
             ptr(o), i64(o.strides[0]), i64(o.strides[1]), ptr(l_info), i32(p.num_qo_heads), i32(p.group_size),
             ptr(sinks), i32(p.vo),
         ])
+
+
+def check_variant_run(variant: AttentionVariant | None, return_lse: bool, sinks) -> None:
+    """What a run() with a custom variant cannot give: an lse without softmax, attention sinks."""
+    if variant is None:
+        return
+    if return_lse and not variant.use_softmax:
+        raise NotImplementedError(f"return_lse: variant {variant.name} has no softmax (use_softmax = false), so its "
+                                  f"rows have no log-sum-exp")
+    checks.unsupported("sinks", sinks)
 
 
 def _check_q(q: arrays.ArrayInfo, p: PrefillParams, total: int) -> None:
@@ -548,7 +586,9 @@ class _PrefillWrapper(PlannedWrapper):
         self._backend = check_backend(backend)
         checks.unsupported("jit_kwargs", jit_kwargs)
         checks.unsupported("variant_owns_mask", variant_owns_mask, (False,))
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, jit_args, LAYOUTS)
+        # a custom attention variant (fi_cupy/variant.py): its extra arguments follow run()'s positional ones
+        self._variant = None if jit_args is None else from_jit_args(jit_args, type(self).__name__)
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, None, LAYOUTS)
         # CUDA graphs: FlashInfer's kernels read these buffers and plan() fills them; plan() fills them
         # too, and the kernel reads the packed custom mask from custom_mask_buf (a fixed address).
         self._buffers = {}
@@ -588,11 +628,13 @@ class _PrefillWrapper(PlannedWrapper):
         params = make_params(kw["num_qo_heads"], kw["num_kv_heads"], kw["head_dim_qk"], kw["head_dim_vo"],
                              kw["causal"], kw["pos_encoding_mode"], kw["window_left"], kw["logits_soft_cap"],
                              kw["sm_scale"], kw["rope_scale"], kw["rope_theta"], kw["q_data_type"], kw["kv_data_type"],
-                             self._paged, kw.get("page_size", 0), has_mask=has_mask)
+                             self._paged, kw.get("page_size", 0), has_mask=has_mask, variant=self._variant)
         checks.flag("use_fp16_qk_reduction", kw["use_fp16_qk_reduction"])  # a permission: we reduce in float32
         checks.flag("non_blocking", kw["non_blocking"])
         output_dtype(kw["o_data_type"], params.q_dtype)
-        return params, kv_split(kw["fixed_split_size"], kw["disable_split_kv"], max(params.page_size, 1))
+        split = kv_split(kw["fixed_split_size"], kw["disable_split_kv"], max(params.page_size, 1))
+        # a variant's rows are formed whole (OutputTransform sees the finished row): no KV range is cut
+        return params, (0 if self._variant is not None else split)
 
     def _check_lengths(self, kw: dict, qo: np.ndarray, kv_lens: np.ndarray) -> None:
         """FlashInfer's cuDNN / trtllm-gen length arguments, where given, must agree with the indptrs."""
@@ -702,17 +744,22 @@ class _PrefillWrapper(PlannedWrapper):
                 upload(np.ascontiguousarray(a, dtype=np.int32), buf.ptr, self._ws.device, s)
 
     def _signature_run(self, q, kv_arrays: tuple, describe_kv, out, lse, return_lse, k_scale, v_scale, enable_pdl,
-                       stream, sinks=None):
+                       stream, sinks=None, variant_args: tuple = ()):
         """run()'s one call path: a recorded call of this signature (fastpath.Signatures), else _run.
-        kv_arrays: the K/V arrays of the call; describe_kv(c) their checked KVView on Call c."""
+        kv_arrays: the K/V arrays of the call; describe_kv(c) their checked KVView on Call c. A custom
+        variant's call packs its extra arguments anew each time (no recording)."""
         vs = scale("v_scale", v_scale)
+        if self._plan.params.variant is not None:
+            return self._run(q, describe_kv, out, lse, return_lse, k_scale, vs, enable_pdl, stream, sinks, variant_args)
         return self._sigs((q, *kv_arrays, out, lse, sinks), (k_scale, vs, return_lse, enable_pdl), stream,
                           lambda: self._run(q, describe_kv, out, lse, return_lse, k_scale, vs, enable_pdl, stream,
                                             sinks))
 
-    def _run(self, q, describe_kv, out, lse, return_lse, k_scale, v_scale, enable_pdl, stream, sinks):
+    def _run(self, q, describe_kv, out, lse, return_lse, k_scale, v_scale, enable_pdl, stream, sinks,
+             variant_args: tuple = ()):
         plan = self._plan
         p = plan.params
+        check_variant_run(p.variant, return_lse, sinks)
         c = Call(q, stream, enable_pdl, "q")
         kv = describe_kv(c)
         qi = c.arg(q, "q")
@@ -720,26 +767,26 @@ class _PrefillWrapper(PlannedWrapper):
         out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse,
                                                         "(qo_len, num_qo_heads, head_dim_vo)", "(qo_len, num_qo_heads)",
                                                         p.vo)
-        self._launch(c, qi, kv, o, l_info, k_scale, v_scale, attention_sinks(c, sinks, p.num_qo_heads))
+        self._launch(c, qi, kv, o, l_info, k_scale, v_scale, attention_sinks(c, sinks, p.num_qo_heads), variant_args)
         return attention_result(c, out_obj, lse_obj, return_lse)
 
     def _launch(self, c: Call, q: arrays.ArrayInfo, kv: KVView, o: arrays.ArrayInfo, l_info, k_scale: float,
-                v_scale: float, sinks: arrays.ArrayInfo | None = None) -> None:
+                v_scale: float, sinks: arrays.ArrayInfo | None = None, variant_args: tuple = ()) -> None:
         """The planned kernels for q over kv into o / l_info, on Call c: run()'s work once its arguments are
         described (also one level of MultiLevelCascadeAttentionWrapper.run)."""
         plan = self._plan
         _check_q(q, plan.params, plan.total_qo)
         checks.same_device(q, self._ws)
         launch_prefill(c, plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, q, kv, self._paged, o, l_info,
-                       k_scale, v_scale, self._use_cuda_graph, sinks)
+                       k_scale, v_scale, self._use_cuda_graph, sinks, variant_args=variant_args)
         if plan.mask is not None:
             c.infos.append(plan.mask[1])
 
     def _begin_run(self, args, q_scale, k_scale, lse_base, lse_layout, kv_cache_sf) -> float:
         """The logits scale of a run(), its FlashInfer options checked."""
-        if args:
-            raise TypeError(f"run(): unexpected extra positional arguments ({len(args)}); prefill has no "
-                            "custom-variant arguments")
+        if args and self._variant is None:
+            raise TypeError(f"run(): unexpected extra positional arguments ({len(args)}); they are a custom "
+                            f"variant's (jit_args), and this wrapper has none")
         checks.unsupported("lse_base", lse_base, ("log2",))
         checks.unsupported("lse_layout", lse_layout, ("NH",))
         checks.unsupported("kv_cache_sf", kv_cache_sf)
@@ -865,7 +912,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
             raise NotImplementedError(f"window_left: run() got {window_left} but plan() used {p.window_left}; the "
                                       f"window is part of the plan's schedule")
         return self._signature_run(q, cache_parts(paged_kv_cache), lambda c: self._paged_view(c, paged_kv_cache), out,
-                                   lse, return_lse, qk_scale, v_scale, enable_pdl, stream, sinks)
+                                   lse, return_lse, qk_scale, v_scale, enable_pdl, stream, sinks, args)
 
     def _paged_view(self, c: Call, paged_kv_cache) -> KVView:
         return self._check_view(describe_paged_cache(c, paged_kv_cache, self._kv_layout,
@@ -970,7 +1017,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
         checks.unsupported("o_scale", o_scale, (None, 1.0))
         qk_scale = self._begin_run(args, q_scale, k_scale, lse_base, lse_layout, kv_cache_sf)
         return self._signature_run(q, (k, v), lambda c: self._ragged_view(c, k, v), out, lse, return_lse, qk_scale,
-                                   v_scale, enable_pdl, stream)
+                                   v_scale, enable_pdl, stream, variant_args=args)
 
     def _ragged_view(self, c: Call, k, v) -> KVView:
         kvv, n = _kv_pair(c, k, v, self._kv_layout, self._plan.params)
@@ -1054,6 +1101,35 @@ def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=No
     scale_v), o_dtype other than q's and kv_cache_sf are not supported."""
     for name, val in (("scale_q", scale_q), ("scale_k", scale_k), ("scale_v", scale_v), ("kv_cache_sf", kv_cache_sf)):
         checks.unsupported(name, val)
+    return _single_prefill(q, k, v, o_dtype, custom_mask, packed_custom_mask, causal, kv_layout, pos_encoding_mode,
+                           sm_scale, window_left, logits_soft_cap, rope_scale, rope_theta, backend, return_lse, k_scale,
+                           v_scale, out, lse, stream)
+
+
+# FlashInfer's MaskMode values (single_prefill_with_kv_cache_with_jit_module's mask_mode)
+MASK_NON_CAUSAL, MASK_CAUSAL, MASK_CUSTOM = 0, 1, 2
+
+
+@document('Prefill attention of one request with a custom attention variant.', returns="o : array\n    q's shape and dtype (head_dim_vo last).\nlse : float32 array\n    Only with return_lse=True.")
+def single_prefill_with_kv_cache_with_jit_module(jit_module, q, k, v, *args, kv_layout: str = "NHD",
+                                                 mask_mode: int = MASK_NON_CAUSAL, window_left: int = -1,
+                                                 return_lse: bool = False, out=None, lse=None, stream=None):
+    """single_prefill_with_kv_cache with a custom variant: jit_module from
+    fi_cupy.jit.gen_customize_single_prefill_module(...).build_and_load() (or an AttentionVariant);
+    args: the variant's extra parameters, tensors then scalars. mask_mode: FlashInfer's MaskMode value,
+    0 (non-causal) or 1 (causal, bottom-right aligned)."""
+    from .variant import as_variant
+    variant = as_variant(jit_module, "jit_module")
+    mode = checks.int_arg("mask_mode", getattr(mask_mode, "value", mask_mode))
+    checks.choice("mask_mode", mode, (MASK_NON_CAUSAL, MASK_CAUSAL))
+    return _single_prefill(q, k, v, None, None, None, mode == MASK_CAUSAL, kv_layout, "NONE", None, window_left, None,
+                           None, None, "fa2", return_lse, None, None, out, lse, stream, variant, args)
+
+
+def _single_prefill(q, k, v, o_dtype, custom_mask, packed_custom_mask, causal, kv_layout, pos_encoding_mode, sm_scale,
+                    window_left, logits_soft_cap, rope_scale, rope_theta, backend, return_lse, k_scale, v_scale, out,
+                    lse, stream, variant: AttentionVariant | None = None, variant_args: tuple = ()):
+    """single_prefill_with_kv_cache's work, with a custom variant or without."""
     checks.choice("kv_layout", kv_layout, LAYOUTS)
     check_backend(backend)
     c = Call(q, stream, name="q")
@@ -1072,7 +1148,8 @@ def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=No
     has_mask = custom_mask is not None or packed_custom_mask is not None
     params = make_params(qi.shape[1], kvv.num_kv_heads, qi.shape[2], kvv.v_head_dim, causal, pos_encoding_mode,
                          window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, qi.dtype, kvv.dtype, False,
-                         has_mask=has_mask)
+                         has_mask=has_mask, variant=variant)
+    check_variant_run(variant, return_lse, None)
     kvv = _check_kv_against(kvv, params)
     _check_q(qi, params, qi.shape[0])
     out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse,
@@ -1094,14 +1171,15 @@ def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=No
                                  f"{tuple(ci.shape)}")
         mask = _prepare_mask(custom_mask, packed_custom_mask, qo_ip[1:], kv_ip[1:], s, cur, device=dev)
     key = (dev, qo_len, kv_len, params.num_qo_heads, kvv.num_kv_heads, params.head_dim, params.vo, params.causal,
-           params.window_left, params.rope, params.alibi, flags, tile)
+           params.window_left, params.rope, params.alibi, flags, tile, variant)
     got = _single_plans.get(key, lambda: plan_prefill(params, qo_ip, kv_ip, kv_ip[1:].copy(), None, tile,
                                                       num_ctas(params, tile, dev, False, flags),
-                                                      None if mask is None else mask[2])[0])
+                                                      None if mask is None else mask[2],
+                                                      split=0 if variant is not None else None)[0])
     plan = PrefillPlan(**{**got.__dict__, "params": params, "mask": None if mask is None else mask[:2]})
     base = single_call_meta(_single_scratch, dev, s, c.framework, key, plan.meta, plan.partial_bytes())
     launch_prefill(c, plan, base + plan.partial_bytes(), base, qi, kvv, False, o, l_info, scale("k_scale", k_scale),
-                   scale("v_scale", v_scale))
+                   scale("v_scale", v_scale), variant_args=variant_args)
     if plan.mask is not None:
         c.infos.append(plan.mask[1])
     return attention_result(c, out_obj, lse_obj, return_lse)

@@ -335,6 +335,24 @@ def chain_speculative_distribution(draft_probs, draft_ids, target_probs) -> dict
     return law
 
 
+def sigmoid_attention(q, k, v, logits_scale: float, bias: float, causal: bool = False):
+    """One request of sigmoid attention (no softmax; fi_cupy.variant's use_softmax = false): q (Lq, Hq,
+    D), k (Lk, Hkv, D), v (Lk, Hkv, Dv) -> o (Lq, Hq, Dv) float64, o[i, h] = sum over the keys j query i
+    sees (causal: j <= Lk - Lq + i) of sigmoid(q[i, h] . k[j] * logits_scale + bias) v[j]."""
+    xp = _xp(q, k, v)
+    q, k, v = (xp.asarray(a, xp.float64) for a in (q, k, v))
+    lq, hq, _ = q.shape
+    lk, hkv, _ = k.shape
+    g = hq // hkv
+    kh = xp.repeat(k.transpose(1, 0, 2), g, axis=0)  # (Hq, Lk, D): each query head's KV head
+    vh = xp.repeat(v.transpose(1, 0, 2), g, axis=0)
+    s = xp.einsum("hid,hjd->hij", q.transpose(1, 0, 2), kh) * logits_scale + bias
+    p = 1.0 / (1.0 + xp.exp(-s))
+    if causal:
+        p = p * (xp.arange(lk)[None, None, :] <= (xp.arange(lq) + lk - lq)[None, :, None])
+    return xp.einsum("hij,hjd->ihd", p, vh)
+
+
 def prefill_attention(q, k, v, causal: bool = False, window_left: int = -1, custom_mask=None,
                       logits_soft_cap: float = 0.0, sm_scale: float | None = None, rope: bool = False,
                       rope_scale: float = 1.0, rope_theta: float = 1e4, sinks=None, alibi: bool = False):

@@ -157,7 +157,7 @@ CPU_CASES = {
     "decode_ctor_kv_layout_unknown": Case(lambda: fi_cupy.BatchDecodeWithPagedKVCacheWrapper(WS, "NDH"), ValueError,
                                           "kv_layout", "'NDH' is not one of"),
     "decode_ctor_jit_args": Case(lambda: fi_cupy.BatchDecodeWithPagedKVCacheWrapper(WS, jit_args=[1]),
-                                 NotImplementedError, "jit_args"),
+                                 TypeError, "jit_args", "got list of 1 items"),
     "decode_ctor_workspace_on_host": Case(lambda: fi_cupy.BatchDecodeWithPagedKVCacheWrapper(np.empty(64, np.uint8)),
                                           ValueError, "float_workspace_buffer", "CUDA device, got one on CPU"),
     "decode_ctor_workspace_strided": Case(lambda: fi_cupy.BatchDecodeWithPagedKVCacheWrapper(S((1024,), U8, (2,))),

@@ -169,10 +169,14 @@ def _single_prefill(**kw):
     fi_cupy.single_prefill_with_kv_cache(S((5, 8, 64)), S((9, 2, 64)), S((9, 2, 64)), stream=0, **kw)
 
 
+# FlashInfer's jit_args tuple of a variant compiled with use_logits_soft_cap=True (the variant owns the logits).
+JIT_SOFT_CAP = ("uri", "float16", "float16", "float16", "int32", 64, 64, [], [], [], [], "V",
+                "struct V : AttentionVariantBase {};", 0, False, True)
+
 # Every NotImplementedError path for a FlashInfer argument: (call, the argument it names).
 NOT_IMPLEMENTED = {
     "decode_backend_trtllm": (lambda: decode.BatchDecodeWithPagedKVCacheWrapper(WS, backend="trtllm-gen"), "backend"),
-    "decode_jit_args": (lambda: decode.BatchDecodeWithPagedKVCacheWrapper(WS, jit_args=["x"]), "jit_args"),
+    "decode_jit_args": (lambda: decode.BatchDecodeWithPagedKVCacheWrapper(WS, jit_args=JIT_SOFT_CAP), "jit_args"),
     "decode_plan_o_data_type": (lambda: _decode_plan(o_data_type="float32"), "o_data_type"),
     "decode_plan_window_right": (lambda: _decode_plan(window_right=5), "window_right"),
     "decode_run_skip_softmax": (lambda: _decode_run(skip_softmax_threshold_scale_factor=0.5),
@@ -182,7 +186,7 @@ NOT_IMPLEMENTED = {
     "prefill_jit_kwargs": (lambda: fi_cupy.BatchPrefillWithPagedKVCacheWrapper(WS, jit_kwargs={"a": 1}), "jit_kwargs"),
     "prefill_variant_owns_mask": (lambda: fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(WS, variant_owns_mask=True),
                                   "variant_owns_mask"),
-    "prefill_jit_args": (lambda: fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(WS, jit_args=["x"]), "jit_args"),
+    "prefill_jit_args": (lambda: fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(WS, jit_args=JIT_SOFT_CAP), "jit_args"),
     "paged_plan_head_dim_vo": (lambda: _paged_plan(head_dim_vo=128), "head_dim_vo"),
     "paged_plan_o_data_type": (lambda: _paged_plan(o_data_type="bfloat16"), "o_data_type"),
     "paged_plan_block_tables_and_indptr": (lambda: _paged_plan(block_tables=np.zeros((2, 2), np.int32),

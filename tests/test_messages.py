@@ -183,7 +183,8 @@ def test_no_gpu_on_this_machine():
 
 I32 = dt.int32
 # Arguments that are not (float16) arrays, by name: what the op checks before its first CUDA call.
-_NOT_ARRAYS = {"head_size": 64, "nnz": 4, "page_size": 16, "top_k": 5, "top_p": 0.5, "min_p": 0.1}
+_NOT_ARRAYS = {"head_size": 64, "nnz": 4, "page_size": 16, "top_k": 5, "top_p": 0.5, "min_p": 0.1,
+               "jit_module": fi_cupy.AttentionVariant("V", "struct V : AttentionVariantBase {};")}
 _INT_ARRAYS = ("indptr", "offsets", "pos_ids", "positions", "batch_indices", "kv_indices", "kv_indptr",
                "kv_last_page_len", "append_indptr", "seq_lens", "draft_token_ids")
 

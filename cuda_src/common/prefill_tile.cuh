@@ -7,6 +7,7 @@
 #include "math.cuh"
 #include "softmax.cuh"
 #include "vec.cuh"
+#include "variant.cuh"
 
 namespace fic {
 
@@ -295,6 +296,85 @@ __device__ __forceinline__ void store_rows(const float (&o)[MT][DT][4], unsigned
           *reinterpret_cast<const uint4*>(tile + offset(r, ch));
     }
   }
+}
+
+// Custom variants (variant.cuh), on the m16n8 score layout: each score of a real (query row, key below
+// the item's hi) becomes LogitsTransform's logit, or -inf where LogitsMask hides the key; the others
+// -inf, so hooks never see a position past the request. p_first: the packed row of the warp's first slice.
+template <typename VAR, int MT, int NT>
+__device__ __forceinline__ void variant_scores(float (&s)[MT][NT][4], typename VAR::Variant& var,
+                                               const typename VAR::Params& params, const PrefillItem& b,
+                                               int group_size, int p_first, int j0, int g, int c) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int p = p_first + mt * 16 + g + 8 * h;
+      const bool row_ok = p < b.packed_len;
+      const int pc = row_ok ? p : 0, ti = pc / group_size;
+      const uint32_t qo_head = b.kv_head * group_size + pc - ti * group_size;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = j0 + nt * 8 + 2 * c + e;
+          float& x = s[mt][nt][2 * h + e];
+          if (row_ok && j < b.hi) {
+            x = var.LogitsTransform(params, x, b.req, ti, j, qo_head, b.kv_head);
+            if (VAR::Variant::kLogitsMask && !var.LogitsMask(params, b.req, ti, j, qo_head, b.kv_head)) x = neg_inf();
+          } else {
+            x = neg_inf();
+          }
+        }
+    }
+}
+
+// A variant without softmax: P of one 16-key step kk is the logits themselves (0 where masked).
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void make_p_direct(unsigned (&pa)[MT][4], const float (&s)[MT][NT][4], int kk) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float x0 = s[mt][2 * kk + e2][2 * h], x1 = s[mt][2 * kk + e2][2 * h + 1];
+        pa[mt][e2 * 2 + h] = pack2(T(), x0 == neg_inf() ? 0.f : x0, x1 == neg_inf() ? 0.f : x1);
+      }
+}
+
+// finish_rows for a variant (direct rows only: variants' plans never cut a KV range): each output element
+// through OutputTransform with the row's m (times the logit scale, -inf for a row that saw no key) and
+// sum d; without softmax m = 0 and d = 1. The lse (softmax variants) as finish_rows writes it.
+template <typename VAR, int MT, int DT>
+__device__ __forceinline__ void variant_finish_rows(float (&o)[MT][DT][4], const float (&m)[MT][2],
+                                                    const float (&dsum)[MT][2], typename VAR::Variant& var,
+                                                    const typename VAR::Params& params, int req, float v_scale,
+                                                    int r_first, int g, int c, const RowDest& k) {
+  constexpr bool kSoftmax = VAR::Variant::use_softmax;
+  const float sc = kSoftmax ? var.sm_scale_log2 : 1.f;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float d = 1.f, mm = 0.f;
+      if (kSoftmax) {
+        d = dsum[mt][h];
+        d += __shfl_xor_sync(0xffffffffu, d, 1);
+        d += __shfl_xor_sync(0xffffffffu, d, 2);
+        mm = m[mt][h] == neg_inf() ? neg_inf() : m[mt][h] * sc;
+      }
+      const int r = r_first + mt * 16 + g + 8 * h, p = k.p0 + r;
+      const int pc = p < k.packed_len ? p : 0, ti = pc / k.group_size;
+      const int qo_head = k.kv_head * k.group_size + pc - ti * k.group_size;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          o[mt][dt][2 * h + e] = var.OutputTransform(params, o[mt][dt][2 * h + e], req, ti, qo_head, mm, d, v_scale);
+      if (kSoftmax && p < k.packed_len && c == 0 && k.lse != nullptr)
+        k.lse[(long long)(k.qo_start + ti) * k.num_qo_heads + qo_head] = d > 0.f ? mm + __log2f(d) : neg_inf();
+    }
 }
 
 }  // namespace fic

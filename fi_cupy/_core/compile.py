@@ -126,6 +126,22 @@ def cache_dir() -> Path:
     return Path(base, "fi_cupy")
 
 
+def cached_variants() -> dict:
+    """Custom attention variants compiled into the cache: {(variant name, arch): programs}."""
+    out: dict = {}
+    d = cache_dir()
+    for f in (d.glob("*.bin") if d.is_dir() else ()):
+        try:
+            with open(f, "rb") as fh:
+                meta = json.loads(fh.readline()) if fh.readline() == _MAGIC else {}  # the JSON line after it
+        except (OSError, ValueError):
+            continue
+        if "variant" in meta:
+            key = (meta["variant"], meta.get("arch", "?"))
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
 def cache_stats() -> tuple:
     """(entries, bytes) of the kernel cache folder."""
     d = cache_dir()
@@ -230,10 +246,16 @@ def static_asserts(asserts) -> str:
                    for e, v in asserts)
 
 
-def compile_program(filename: str, name_exprs: tuple, arch: str, options: tuple = (), asserts: tuple = ()) -> Compiled:
+def compile_program(filename: str, name_exprs: tuple, arch: str, options: tuple = (), asserts: tuple = (),
+                    extra: tuple = ()) -> Compiled:
     """Compile cuda_src/<filename> for `arch`, instantiating `name_exprs`, with static_asserts for
-    `asserts` ((expression, value) pairs, see static_asserts); cached on disk."""
+    `asserts` ((expression, value) pairs, see static_asserts); cached on disk. extra: (label, text)
+    pieces appended to the source (a custom variant's code), each numbered from its own line 1 under
+    its label, so NVRTC's messages and the error context name the piece and its line."""
     source, files = inline_source(filename)
+    for label, text in extra:
+        source += f'\n#line 1 "{label}"\n{text}'
+        files[label] = text.splitlines()
     source += static_asserts(asserts)
     opts = _BASE_OPTIONS + (f"-arch={arch}",) + tuple(options)
     if os.environ.get("FI_CUPY_LINEINFO", "") not in ("", "0"):
@@ -259,7 +281,11 @@ def compile_program(filename: str, name_exprs: tuple, arch: str, options: tuple 
                 break
             time.sleep(0.05 * (attempt + 1))
         dt = time.perf_counter() - t0
-        _write_entry(path, binary, {"lowered": lowered, "log": text, "arch": arch, "file": filename})
+        meta = {"lowered": lowered, "log": text, "arch": arch, "file": filename}
+        variants = [label[len("variant "):] for label, _ in extra if label.startswith("variant ")]
+        if variants:
+            meta["variant"] = variants[0]  # `python -m fi_cupy` lists the custom variants in the cache
+        _write_entry(path, binary, meta)
         return Compiled(binary, lowered, text, dt, False, key)
 
 

@@ -29,9 +29,15 @@ GLOSSARY = {
                         "kernel is chosen by the dtypes (tensor cores for 16-bit KV of the q dtype without RoPE).",
     "backend": "str, default \"auto\"\n    FlashInfer's backend name: \"auto\" or \"fa2\" (and \"fa3\", the Hopper "
                "kernel, in prefill); FlashInfer's others raise NotImplementedError.",
-    "jit_args": "None\n    Custom attention variants are not supported yet: anything but None raises "
-                "NotImplementedError.",
-    "jit_kwargs": "None\n    As jit_args.",
+    "jit_args": "AttentionVariant or tuple, optional\n    A custom attention variant (fi_cupy.variant): an "
+                "AttentionVariant, a module of fi_cupy.jit, or FlashInfer's jit_args tuple (uri, dtype_q, dtype_kv, "
+                "dtype_o, idtype, head_dim_qk, head_dim_vo, additional tensor names and dtypes, additional scalar "
+                "names and dtypes, variant name, variant declaration). It runs on the portable prefill kernel; run() "
+                "takes its extra arguments after the usual positional ones (tensors, then scalars).",
+    "jit_module": "module of fi_cupy.jit or AttentionVariant\n    The custom variant: "
+                  "fi_cupy.jit.gen_customize_single_*_module(...).build_and_load(), or an AttentionVariant.",
+    "mask_mode": "int, default 0\n    FlashInfer's MaskMode value: 0 non-causal, 1 causal (bottom-right aligned).",
+    "jit_kwargs": "None\n    FlashInfer's extra arguments of Hopper variants: not supported (None only).",
     "variant_owns_mask": "bool, default False\n    Only False (it concerns custom variants).",
     "paged_kv_indptr_buffer": "int32 array (batch_size + 1,), optional\n    CUDA graphs: plan() writes indptr "
                               "into it, as FlashInfer's does.",

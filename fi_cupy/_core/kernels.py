@@ -32,10 +32,13 @@ class Program:
     # (C++ constant expression, value) pairs: sizes the launch computes in Python (shared memory,
     # tiles), checked against the kernel's own constants by a static_assert in the same compile.
     asserts: tuple = ()
+    # (label, C++ text) pieces compiled after the family file: a custom attention variant's code
+    # (fi_cupy/variant.py), which a template argument of the kernels names
+    extra: tuple = ()
 
     def compile(self, arch: str) -> cc.Compiled:
         return cc.compile_program(self.filename, tuple(k.name_expr for k in self.kernels), arch,
-                                  asserts=self.asserts)
+                                  asserts=self.asserts, extra=self.extra)
 
 
 def cpp_bool(b: bool) -> str:

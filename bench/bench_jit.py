@@ -1,0 +1,136 @@
+"""Custom attention variants (issue 25): compile and load times of each example of
+examples/attention_variants.py, and its kernel time beside the default kernel on the same shape.
+
+- cold compile: NVRTC compile of the variant's program into an empty cache folder (what a user's first
+  call waits for, before the module load), for the prefill shape's tile and the decode shape's tile;
+- cached load: the same program read back from the disk cache and loaded as a module (a new process);
+- kernel time: median of CUDA-graph replays (bench/common.py time_graph) of run() with the variant and
+  of the default kernel (no variant) on the same wrapper and shape, and the ratio. Prefill: ragged, 4 x
+  2048 causal, 32/8 heads, d128 bf16. Decode: paged 16 x 4096, page 16, 32/8 heads, d128 bf16 (the
+  variant runs on the prefill kernel; the default is the decode kernel).
+
+Usage: python bench/bench_jit.py (JSON into $OUT or $FI_CUPY_BENCH_DIR)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+
+import cupy as cp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from common import print_table, save_json, time_graph  # noqa: E402
+
+import fi_cupy  # noqa: E402
+from fi_cupy import prefill  # noqa: E402
+from fi_cupy._core import dtypes as dt, kernels  # noqa: E402
+from fi_cupy._core.alibi import slopes as alibi_slopes  # noqa: E402
+from attention_variants import EXAMPLES  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+SM = 1 / math.sqrt(D)
+
+
+def extra_args(name: str, batch: int, kv_len: int):
+    """The example's run() arguments (tensors, then scalars) for `batch` requests of kv_len keys."""
+    if name == "sigmoid":
+        return (SM, -1.0)
+    if name == "doc_mask":
+        ids = cp.asarray(np.repeat(np.arange(kv_len // 512 + 1), 512)[:kv_len][None].repeat(batch, 0).astype(np.int32))
+        return (ids.ravel(), kv_len, SM)
+    if name == "alibi":
+        return (cp.asarray(alibi_slopes(HQ)), SM)
+    if name == "temperature":
+        return (cp.full(HQ, 1.5, cp.float32), SM)
+    return (SM,)
+
+
+def compile_times(variant, rows: int, arch: str) -> tuple:
+    """(cold compile s, cached compile-read + module load s) of the program plan() picks for `rows`."""
+    params = prefill.make_params(HQ, HKV, D, None, True, "NONE", -1, None, None, None, None, "bfloat16", None, True,
+                                 16, variant=variant)
+    tile, flags = prefill.plan_tile(params, np.array([rows]), False, "auto")
+    prog = prefill.prefill_program(D, tile, dt.bfloat16, dt.bfloat16, True, False, flags, D, variant)
+    old = os.environ.get("FI_CUPY_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["FI_CUPY_CACHE_DIR"] = tmp
+        try:
+            t = time.perf_counter()
+            prog.compile(arch)
+            cold = time.perf_counter() - t
+            t = time.perf_counter()
+            got = prog.compile(arch)
+            mod = cp.cuda.function.Module()
+            mod.load(got.binary)
+            cached = time.perf_counter() - t
+        finally:
+            if old is None:
+                del os.environ["FI_CUPY_CACHE_DIR"]
+            else:
+                os.environ["FI_CUPY_CACHE_DIR"] = old
+    return cold, cached
+
+
+def prefill_case(variant, name):
+    batch, n = 4, 2048
+    q = cp.random.standard_normal((batch * n, HQ, D), dtype=cp.float32).astype(cp.float16)
+    k = cp.random.standard_normal((batch * n, HKV, D), dtype=cp.float32).astype(cp.float16)
+    v = cp.random.standard_normal((batch * n, HKV, D), dtype=cp.float32).astype(cp.float16)
+    ip = np.arange(batch + 1) * n
+    w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(cp.empty(256 << 20, cp.uint8), jit_args=variant)
+    w.plan(ip, ip, HQ, HKV, D, causal=True, q_data_type="float16")
+    out = cp.empty_like(q)
+    args = () if variant is None else extra_args(name, batch, n)
+    sec = time_graph(lambda: w.run(q, k, v, *args, out=out))
+    flops = 4 * batch * HQ * D * n * n / 2  # causal: the unmasked half
+    return sec, flops / sec / 1e12
+
+
+def decode_case(variant, name):
+    batch, n, page = 16, 4096, 16
+    pages = n // page
+    kc = cp.random.standard_normal((batch * pages, page, HKV, D), dtype=cp.float32).astype(cp.float16)
+    vc = cp.random.standard_normal((batch * pages, page, HKV, D), dtype=cp.float32).astype(cp.float16)
+    q = cp.random.standard_normal((batch, HQ, D), dtype=cp.float32).astype(cp.float16)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(cp.empty(256 << 20, cp.uint8), jit_args=variant)
+    w.plan(np.arange(batch + 1) * pages, np.random.default_rng(0).permutation(batch * pages), np.full(batch, page), HQ,
+           HKV, D, page, q_data_type="float16")
+    out = cp.empty_like(q)
+    args = () if variant is None else extra_args(name, batch, n)
+    sec = time_graph(lambda: w.run(q, (kc, vc), *args, out=out))
+    return sec, 2 * kc.nbytes / sec / 1e9
+
+
+def main():
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    arch = kernels.device_arch(0)
+    base_p, base_d = prefill_case(None, "default"), decode_case(None, "default")
+    rows, recs = [], []
+    for name, variant in EXAMPLES.items():
+        cold_p, cached_p = compile_times(variant, 2048 * 4, arch)
+        cold_d, cached_d = compile_times(variant, 4, arch)
+        p, d = prefill_case(variant, name), decode_case(variant, name)
+        rec = dict(variant=name, cold_prefill_s=cold_p, cached_prefill_s=cached_p, cold_decode_s=cold_d,
+                   cached_decode_s=cached_d, prefill_us=p[0] * 1e6, prefill_tflops=p[1],
+                   prefill_default_us=base_p[0] * 1e6, decode_us=d[0] * 1e6, decode_gbs=d[1],
+                   decode_default_us=base_d[0] * 1e6)
+        recs.append(rec)
+        rows.append([name, f"{cold_p:.2f}", f"{cached_p * 1e3:.1f}", f"{cold_d:.2f}", f"{cached_d * 1e3:.1f}",
+                     f"{p[0] * 1e6:.0f} ({p[1]:.0f} TF)", f"{base_p[0] * 1e6:.0f} ({base_p[1]:.0f} TF)",
+                     f"{p[0] / base_p[0]:.2f}", f"{d[0] * 1e6:.1f} ({d[1]:.0f} GB/s)",
+                     f"{base_d[0] * 1e6:.1f} ({base_d[1]:.0f} GB/s)", f"{d[0] / base_d[0]:.2f}"])
+    print_table(f"custom variants on {kernels.device_props(0)['name']} ({arch}); prefill ragged 4 x 2048 causal, "
+                f"decode 16 x 4096 p16; {HQ}/{HKV} heads d{D} fp16", ["variant", "cold compile prefill s", "cached load prefill ms", "cold compile decode s",
+                 "cached load decode ms", "prefill us", "default prefill us", "ratio", "decode us",
+                 "default decode us", "ratio"], rows)
+    save_json("bench_jit.json", {"rows": recs})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""FlashInfer's flashinfer.jit module makers for custom attention variants (fi_cupy/variant.py): the
+same arguments, a module that single_prefill_with_kv_cache_with_jit_module /
+single_decode_with_kv_cache_with_jit_module (or a wrapper's jit_args) take. Nothing needs nvcc:
+build_and_load() returns at once and the kernel is compiled with NVRTC at its first call."""
+from __future__ import annotations
+
+from .variant import JitModule, _flags, _variant
+
+
+def gen_customize_single_prefill_module(backend, uri, dtype_q, dtype_kv, dtype_o, head_dim_qk, head_dim_vo,
+                                        additional_tensor_names, additional_tensor_dtypes, additional_scalar_names,
+                                        additional_scalar_dtypes, variant_name, variant_decl, pos_encoding_mode=0,
+                                        use_sliding_window=False, use_logits_soft_cap=False,
+                                        use_fp16_qk_reduction=False, fp8_enabled=False) -> JitModule:
+    """A single-prefill variant module. backend: "fa2" or "auto" (variants run on the portable kernel);
+    the dtypes and head dims are taken from the arrays of each call."""
+    _backend(backend)
+    _flags((pos_encoding_mode, use_sliding_window, use_logits_soft_cap),
+           ("pos_encoding_mode", "use_sliding_window", "use_logits_soft_cap"))
+    return JitModule(_variant(uri, additional_tensor_names, additional_tensor_dtypes, additional_scalar_names,
+                              additional_scalar_dtypes, variant_name, variant_decl), "single_prefill")
+
+
+def gen_customize_single_decode_module(uri, dtype_q, dtype_kv, dtype_o, head_dim_qk, head_dim_vo,
+                                       additional_tensor_names, additional_tensor_dtypes, additional_scalar_names,
+                                       additional_scalar_dtypes, variant_name, variant_decl, pos_encoding_mode=0,
+                                       use_sliding_window=False, use_logits_soft_cap=False) -> JitModule:
+    """A single-decode variant module (run on the prefill kernel with one query row)."""
+    _flags((pos_encoding_mode, use_sliding_window, use_logits_soft_cap),
+           ("pos_encoding_mode", "use_sliding_window", "use_logits_soft_cap"))
+    return JitModule(_variant(uri, additional_tensor_names, additional_tensor_dtypes, additional_scalar_names,
+                              additional_scalar_dtypes, variant_name, variant_decl), "single_decode")
+
+
+def gen_customize_batch_prefill_module(backend, uri, dtype_q, dtype_kv, dtype_o, idtype, head_dim_qk, head_dim_vo,
+                                       additional_tensor_names, additional_tensor_dtypes, additional_scalar_names,
+                                       additional_scalar_dtypes, variant_name, variant_decl, pos_encoding_mode=0,
+                                       use_sliding_window=False, use_logits_soft_cap=False,
+                                       use_fp16_qk_reduction=False, fp8_enabled=False) -> JitModule:
+    """A batch-prefill variant module: pass it as the wrappers' jit_args."""
+    _backend(backend)
+    _flags((pos_encoding_mode, use_sliding_window, use_logits_soft_cap),
+           ("pos_encoding_mode", "use_sliding_window", "use_logits_soft_cap"))
+    return JitModule(_variant(uri, additional_tensor_names, additional_tensor_dtypes, additional_scalar_names,
+                              additional_scalar_dtypes, variant_name, variant_decl), "batch_prefill", backend)
+
+
+def gen_customize_batch_decode_module(uri, dtype_q, dtype_kv, dtype_o, idtype, head_dim_qk, head_dim_vo,
+                                      additional_tensor_names, additional_tensor_dtypes, additional_scalar_names,
+                                      additional_scalar_dtypes, variant_name, variant_decl, pos_encoding_mode=0,
+                                      use_sliding_window=False, use_logits_soft_cap=False) -> JitModule:
+    """A batch-decode variant module: pass it as BatchDecodeWithPagedKVCacheWrapper's jit_args."""
+    _flags((pos_encoding_mode, use_sliding_window, use_logits_soft_cap),
+           ("pos_encoding_mode", "use_sliding_window", "use_logits_soft_cap"))
+    return JitModule(_variant(uri, additional_tensor_names, additional_tensor_dtypes, additional_scalar_names,
+                              additional_scalar_dtypes, variant_name, variant_decl), "batch_decode")
+
+
+def _backend(backend) -> None:
+    if backend not in ("fa2", "auto"):
+        raise NotImplementedError(f"backend: {backend!r}; custom variants run on the portable kernel ('fa2' or "
+                                  f"'auto')")

@@ -1,0 +1,109 @@
+"""Custom attention variants without a GPU: every example of examples/attention_variants.py compiles with
+NVRTC for sm_80 and sm_90a into the tile plan() picks (widths 64, 128 and 256), without spills at 64 and
+128; a variant with an error names the user's own lines; FlashInfer's jit_args and module makers are
+read as FlashInfer defines them; the generated parameter struct's layout; the options a variant owns
+are refused."""
+import ctypes
+
+import numpy as np
+import pytest
+
+import fi_cupy
+from fi_cupy import prefill
+from fi_cupy._core import compile as cc
+from fi_cupy._core import dtypes as dt
+from fi_cupy.variant import AttentionVariant, from_jit_args
+from attention_variants import EXAMPLES, SIGMOID, DOC_MASK
+
+
+def _program(variant, d, kv_dtype=dt.bfloat16, rows=1000):
+    params = prefill.make_params(8, 2, d, None, True, "NONE", -1, None, None, None, None, "bfloat16", kv_dtype,
+                                 True, 16, variant=variant)
+    tile, flags = prefill.plan_tile(params, np.array([rows // 4]), False, "auto")
+    return prefill.prefill_program(d, tile, params.q_dtype, kv_dtype, True, False, flags, d, variant), tile
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_examples_compile(name, arch):
+    for d in (64, 128, 256):
+        prog, tile = _program(EXAMPLES[name], d)
+        assert not tile.sm90  # variants run on the portable kernel
+        got = prog.compile(arch)
+        usage = cc.resource_usage(got.log)
+        main = got.lowered[prog.kernels[0].name_expr]
+        assert main in usage, f"no ptxas report for {main}"
+        if d <= 128:
+            assert usage[main]["spill_stores"] == 0, f"{name} d{d} {arch}: {usage[main]}"
+
+
+def test_example_compiles_with_fp8_kv():
+    prog, _ = _program(SIGMOID, 128, dt.float8_e4m3fn)
+    assert prog.compile("sm_90a").lowered
+
+
+def test_compile_error_names_the_users_lines():
+    broken = AttentionVariant("Broken", "struct Broken : AttentionVariantBase {\n"
+                                        "  template <typename Params>\n"
+                                        "  __device__ Broken(const Params& params, uint32_t b, uint8_t* s) {\n"
+                                        "    sm_scale_log2 = params.no_such_field;\n"
+                                        "  }\n"
+                                        "};\n")
+    prog, _ = _program(broken, 128)
+    with pytest.raises(fi_cupy.KernelCompileError) as e:
+        prog.compile("sm_90a")
+    msg = str(e.value)
+    assert "variant Broken(4): error" in msg, msg[-2000:]
+    assert ">    4 |     sm_scale_log2 = params.no_such_field;" in msg
+
+
+def test_params_layout():
+    lay = DOC_MASK._layout()
+    assert [f for f, _ in lay._fields_] == ["fic_qo_indptr", "fic_kv_lens", "num_qo_heads", "num_kv_heads", "doc_ids",
+                                            "doc_stride", "sm_scale"]
+    assert (lay.doc_ids.offset, lay.doc_stride.offset, lay.sm_scale.offset, ctypes.sizeof(lay)) == (24, 32, 40, 48)
+    assert "static_assert(sizeof(fic::" in DOC_MASK._sources()[2][1]  # the compile checks the size
+    # scalars widest first in the struct (no padding between fields), whatever order run() takes them in
+    mixed = AttentionVariant("M", "struct M {};", scalars=[("a", "float"), ("b", "double"), ("c", "bool")])
+    assert [f for f, _ in mixed._layout()._fields_][4:] == ["b", "a", "c"]
+
+
+def test_flashinfer_jit_args():
+    args = ("uri", "float16", "float16", "float16", "int32", 128, 128, ["mask"], ["uint8_t"], ["sm_scale"],
+            ["double"], SIGMOID.name, SIGMOID.decl)
+    v = from_jit_args(args, "test")
+    assert (v.name, v.tensors, v.scalars, v.uri) == (SIGMOID.name, (("mask", "uint8_t"),), (("sm_scale", "double"),),
+                                                     "uri")
+    assert not v.use_softmax and DOC_MASK.use_softmax
+    assert from_jit_args(SIGMOID, "test") is SIGMOID
+    mod = fi_cupy.jit.gen_customize_batch_prefill_module("fa2", *args[:12], args[12])
+    assert from_jit_args(mod, "test") == v
+    with pytest.raises(NotImplementedError, match="use_logits_soft_cap"):
+        from_jit_args(args + (0, False, True), "test")
+    with pytest.raises(TypeError, match="jit_args"):
+        from_jit_args(args[:5], "test")
+    with pytest.raises(NotImplementedError, match="backend"):
+        fi_cupy.jit.gen_customize_single_prefill_module("fa3", *args[:5], *args[6:])
+    with pytest.raises(TypeError, match="C type"):
+        AttentionVariant("X", "struct X {};", tensors=[("t", "float4")])
+    with pytest.raises(ValueError, match="struct Y"):
+        AttentionVariant("Y", "struct X {};")
+
+
+def test_options_a_variant_owns_are_refused():
+    for kw in (dict(logits_soft_cap=30.0), dict(sm_scale=0.1), dict(pos_encoding_mode="ALIBI")):
+        opts = {**dict(logits_soft_cap=None, sm_scale=None, pos_encoding_mode="NONE"), **kw}
+        with pytest.raises(NotImplementedError, match=next(iter(kw))):
+            prefill.make_params(4, 4, 64, None, False, opts["pos_encoding_mode"], -1, opts["logits_soft_cap"],
+                                opts["sm_scale"], None, None, "float16", None, False, variant=SIGMOID)
+    params = prefill.make_params(4, 4, 64, None, False, "NONE", -1, None, None, None, None, "float16", None, False,
+                                 variant=SIGMOID)
+    with pytest.raises(ValueError, match="custom variant"):
+        prefill.plan_tile(params, np.array([200]), False, "fa3")
+
+
+def test_cache_lists_compiled_variants(tmp_path, monkeypatch):
+    monkeypatch.setenv("FI_CUPY_CACHE_DIR", str(tmp_path))
+    prog, _ = _program(SIGMOID, 64)
+    prog.compile("sm_80")
+    assert cc.cached_variants() == {(SIGMOID.name, "sm_80"): 1}
