@@ -67,6 +67,11 @@ NOT_TIMED = {
     "CudaEnvironmentError": "not an op",
     "CUDAGraphBatchDecodeWithPagedKVCacheWrapper": "BatchDecodeWithPagedKVCacheWrapper's plan() and run() "
                                                    "over fixed buffers, for CUDA-graph capture, not eager calls",
+    "AttentionVariant": "not an op (a custom variant's declaration)",
+    "single_prefill_with_kv_cache_with_jit_module": "custom variants: bench/bench_jit.py times their compile, load "
+                                                    "and kernels",
+    "single_decode_with_kv_cache_with_jit_module": "custom variants: bench/bench_jit.py times their compile, load "
+                                                   "and kernels",
 }
 
 

@@ -771,4 +771,3 @@ def single_decode_with_kv_cache_with_jit_module(jit_module, q, k, v, *args, kv_l
                           None, "fa2", return_lse, None, None, None if out is None else out[None],
                           None if lse is None else lse[None], stream, variant, args)
     return (got[0][0], got[1][0]) if return_lse else got[0]
-

@@ -44,8 +44,25 @@ def test_sigmoid_single_prefill(dtype, d, qo, kv, hq, hkv, causal):
     got = fi_cupy.single_prefill_with_kv_cache_with_jit_module(mod, q, k, v, scale, bias, mask_mode=int(causal),
                                                                out=out)
     assert got is out
-    ref = reference.sigmoid_attention(f64_dev(q), f64_dev(k), f64_dev(v), scale, bias, causal)
-    _check(out, ref, dtype)
+    _check_sigmoid(out, q, k, v, scale, bias, causal, dtype)
+
+
+# Unit roundoff of the 16-bit P the kernel multiplies V with (sigmoid weights are not normalised, so their
+# rounding error grows with the sum of |p v| rather than staying below the output's magnitude).
+P_ROUNDOFF = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+
+
+def _check_sigmoid(out, q, k, v, scale, bias, causal, dtype):
+    """out against reference.sigmoid_attention, allowing each weight's rounding to the q dtype: err <= u *
+    sum_j p_ij |v_j| + the output dtype's tolerance."""
+    from tolerances import OUT_TOL
+    q64, k64, v64 = f64_dev(q), f64_dev(k), f64_dev(v)
+    ref = cp.asnumpy(reference.sigmoid_attention(q64, k64, v64, scale, bias, causal))
+    mag = cp.asnumpy(reference.sigmoid_attention(q64, k64, cp.abs(v64), scale, bias, causal))
+    got = f64(out)
+    atol, rtol = OUT_TOL[dtype]
+    bad = np.abs(got - ref) > atol + rtol * np.abs(ref) + 2 * P_ROUNDOFF[dtype] * mag
+    assert not np.isnan(got).any() and not bad.any(), f"{int(bad.sum())} of {bad.size} elements off"
 
 
 def _doc_ids(lens, stride):
@@ -173,8 +190,7 @@ def test_sigmoid_batch_decode(hq, hkv, page, form):
         slots = np.arange(kv_lens[b]) % page
         kb = f64_dev(kc)[cp.asarray(rows), cp.asarray(slots)]
         vb = f64_dev(vc)[cp.asarray(rows), cp.asarray(slots)]
-        ref = reference.sigmoid_attention(f64_dev(q[b:b + 1]), kb, vb, scale, bias)
-        _check(out[b:b + 1], ref, dtype)
+        _check_sigmoid(out[b:b + 1], q[b:b + 1], kb, vb, scale, bias, False, dtype)
 
 
 @pytest.mark.parametrize("kv", [0, 1, 254, 4097])
