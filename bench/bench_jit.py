@@ -51,11 +51,11 @@ def extra_args(name: str, batch: int, kv_len: int):
     return (SM,)
 
 
-def capture_stream() -> int:
-    """The stream time_graph captures on: torch's current one where torch is there, else CuPy's (the
-    inputs are CuPy arrays, whose current stream is not the one a torch capture records)."""
+def arr(x):
+    """x in the framework time_graph captures with: a torch tensor on the same memory where torch is there
+    (its capture records torch's current stream, which a torch caller launches on), else x."""
     torch = torch_or_none()
-    return torch.cuda.current_stream().cuda_stream if torch is not None else cp.cuda.get_current_stream().ptr
+    return torch.from_dlpack(x) if torch is not None and isinstance(x, cp.ndarray) else x
 
 
 def compile_times(variant, rows: int, arch: str) -> tuple:
@@ -90,11 +90,13 @@ def prefill_case(variant, name):
     k = cp.random.standard_normal((batch * n, HKV, D), dtype=cp.float32).astype(cp.float16)
     v = cp.random.standard_normal((batch * n, HKV, D), dtype=cp.float32).astype(cp.float16)
     ip = np.arange(batch + 1) * n
-    w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(cp.empty(256 << 20, cp.uint8), jit_args=variant)
+    w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(arr(cp.empty(256 << 20, cp.uint8)), jit_args=variant)
     w.plan(ip, ip, HQ, HKV, D, causal=True, q_data_type="float16")
     out = cp.empty_like(q)
     args = () if variant is None else extra_args(name, batch, n)
-    sec = time_graph(lambda: w.run(q, k, v, *args, out=out, stream=capture_stream()))
+    q, k, v, out = arr(q), arr(k), arr(v), arr(out)
+    args = tuple(arr(a) for a in args)
+    sec = time_graph(lambda: w.run(q, k, v, *args, out=out))
     flops = 4 * batch * HQ * D * n * n / 2  # causal: the unmasked half
     return sec, flops / sec / 1e12
 
@@ -105,13 +107,16 @@ def decode_case(variant, name):
     kc = cp.random.standard_normal((batch * pages, page, HKV, D), dtype=cp.float32).astype(cp.float16)
     vc = cp.random.standard_normal((batch * pages, page, HKV, D), dtype=cp.float32).astype(cp.float16)
     q = cp.random.standard_normal((batch, HQ, D), dtype=cp.float32).astype(cp.float16)
-    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(cp.empty(256 << 20, cp.uint8), jit_args=variant)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(arr(cp.empty(256 << 20, cp.uint8)), jit_args=variant)
     w.plan(np.arange(batch + 1) * pages, np.random.default_rng(0).permutation(batch * pages), np.full(batch, page), HQ,
            HKV, D, page, q_data_type="float16")
     out = cp.empty_like(q)
     args = () if variant is None else extra_args(name, batch, n)
-    sec = time_graph(lambda: w.run(q, (kc, vc), *args, out=out, stream=capture_stream()))
-    return sec, 2 * kc.nbytes / sec / 1e9
+    flops_bytes = 2 * kc.nbytes
+    q, kc, vc, out = arr(q), arr(kc), arr(vc), arr(out)
+    args = tuple(arr(a) for a in args)
+    sec = time_graph(lambda: w.run(q, (kc, vc), *args, out=out))
+    return sec, flops_bytes / sec / 1e9
 
 
 def main():
