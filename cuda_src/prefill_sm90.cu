@@ -21,6 +21,7 @@
 #include "common/mma.cuh"
 #include "common/wgmma.cuh"
 #include "common/prefill_tile.cuh"
+#include "common/variant.cuh"
 #include "common/pdl.cuh"
 
 namespace fic {
@@ -41,10 +42,15 @@ struct PrefillSm90Cfg {
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA may have");
 };
 
-template <int D, typename T, bool PAGED, int FLAGS>
+// VAR: a custom attention variant (common/variant.cuh; NoVariant: none) without Query/Key transforms (those
+// rewrite shared-memory tiles, which here would need a CTA-wide barrier a tile), its parameters in vparams.
+template <int D, typename T, bool PAGED, int FLAGS, typename VAR = NoVariant>
 __global__ void __launch_bounds__(256, 1)
-prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T)) {
+prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T), const __grid_constant__ typename VAR::Params vparams) {
   using C = PrefillSm90Cfg<D>;
+  using Var = typename VAR::Variant;
+  static_assert(!VAR::kActive || ((FLAGS & ~kCustomMask) == 0 && !Var::kQueryTransform && !Var::kKeyTransform),
+                "Hopper variants: no soft cap, no Query/Key transforms");
   constexpr int KV = C::kKV, NB = KV / 8, DB = D / 8, KS = D / 16, kChunks = D / 8, kThreads = C::kThreads;
   pdl_begin();
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -78,6 +84,8 @@ prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T)) {
     const long long head_off = (long long)kv_head * kv_stride_head;
     const T* k_req = k_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
     const T* v_req = v_base + (PAGED ? 0 : (long long)kv_off * kv_stride_slot) + head_off;
+    Var var(vparams, (uint32_t)w.req, smem);  // a variant's per-request state (nothing without one)
+    const float sc = VAR::kActive ? (Var::use_softmax ? var.sm_scale_log2 : 1.f) : scale;
 
     __syncwarp();  // the warp's lanes are done with its Q rows (the previous epilogue staged O there)
     const int tid = (int)opaque(threadIdx.x);
@@ -176,6 +184,7 @@ prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T)) {
       wgmma_wait<0>();
       wgmma_hold(s[0]);
 
+      if constexpr (VAR::kActive) variant_scores<VAR>(s, var, vparams, w, group_size, p0 + warp * 16, j0, g, c);
       if (capped) cap_scores(s, soft_cap, cap_pre);
       // Element masks only where the tile straddles a bound.
       const bool edge = w.edge<KV>(j0, causal, window_left, masked);
@@ -183,11 +192,15 @@ prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T)) {
                                            custom_mask);
 
       // Online softmax, then P as the A fragments of the KV / 16 k steps of O += P V.
+      constexpr bool kSoftmax = !VAR::kActive || Var::use_softmax;
       float ms[1][2];
-      softmax_rescale(s, m, dsum, o, ms, scale);
+      if (kSoftmax) softmax_rescale(s, m, dsum, o, ms, sc);
       unsigned pa[KV / 16][1][4];
 #pragma unroll
-      for (int kk = 0; kk < KV / 16; ++kk) make_p<T>(pa[kk], s, kk, ms, dsum, scale);
+      for (int kk = 0; kk < KV / 16; ++kk) {
+        if (kSoftmax) make_p<T>(pa[kk], s, kk, ms, dsum, sc);
+        else make_p_direct<T>(pa[kk], s, kk);  // no softmax: the variant's logits weigh V as they are
+      }
       wgmma_hold(o[0]);
       wgmma_fence();
 #pragma unroll
@@ -210,7 +223,10 @@ prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T)) {
     const int4 ie = items[2 * (int)opaque(it)];
     const RowDest dest = {ie.z, packed_len, group_size, ie.y, qo_indptr[ie.x], num_qo_heads, ie.w, lse, part_o,
                           part_lse, sinks, D, 0};
-    finish_rows(o, m, dsum, scale, v_scale, warp * 16, g, c, dest);
+    if constexpr (VAR::kActive)
+      variant_finish_rows<VAR>(o, m, dsum, var, vparams, ie.x, v_scale, warp * 16, g, c, dest);
+    else
+      finish_rows(o, m, dsum, scale, v_scale, warp * 16, g, c, dest);
     if (dest.prow < 0)
       store_rows<D>(o, smem, [](int r, int ch) { return sw128_offset<C::kRows>(r, ch); }, warp * 16, lane, out,
                     o_stride_n, o_stride_h, dest);

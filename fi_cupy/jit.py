@@ -12,13 +12,14 @@ def gen_customize_single_prefill_module(backend, uri, dtype_q, dtype_kv, dtype_o
                                         additional_scalar_dtypes, variant_name, variant_decl, pos_encoding_mode=0,
                                         use_sliding_window=False, use_logits_soft_cap=False,
                                         use_fp16_qk_reduction=False, fp8_enabled=False) -> JitModule:
-    """A single-prefill variant module. backend: "fa2" or "auto" (variants run on the portable kernel);
-    the dtypes and head dims are taken from the arrays of each call."""
+    """A single-prefill variant module. backend: "fa2" (the portable kernel), "fa3" or "auto" (the Hopper
+    kernel where it takes the variant: sm_90a, head dims 64 / 128, no Query/Key transforms); the dtypes
+    and head dims are taken from the arrays of each call."""
     _backend(backend)
     _flags((pos_encoding_mode, use_sliding_window, use_logits_soft_cap),
            ("pos_encoding_mode", "use_sliding_window", "use_logits_soft_cap"))
     return JitModule(_variant(uri, additional_tensor_names, additional_tensor_dtypes, additional_scalar_names,
-                              additional_scalar_dtypes, variant_name, variant_decl), "single_prefill")
+                              additional_scalar_dtypes, variant_name, variant_decl), "single_prefill", backend)
 
 
 def gen_customize_single_decode_module(uri, dtype_q, dtype_kv, dtype_o, head_dim_qk, head_dim_vo,
@@ -57,6 +58,6 @@ def gen_customize_batch_decode_module(uri, dtype_q, dtype_kv, dtype_o, idtype, h
 
 
 def _backend(backend) -> None:
-    if backend not in ("fa2", "auto"):
-        raise NotImplementedError(f"backend: {backend!r}; custom variants run on the portable kernel ('fa2' or "
-                                  f"'auto')")
+    if backend not in ("fa2", "fa3", "auto"):
+        raise NotImplementedError(f"backend: {backend!r}; custom variants run on the portable kernel ('fa2') or the "
+                                  f"Hopper one ('fa3'; 'auto' picks)")

@@ -153,19 +153,19 @@ def prefill_program(head_dim: int, tile: TileShape, q_dtype: dt.DType, kv_dtype:
         return Program("mla_sm90.cu", (KernelSpec("fic::mla_sm90_kernel", (q_dtype.cpp,)),),
                        ((f"{cfg}::kSmemBytes", smem), (f"{cfg}::kKV", kv), (f"{cfg}::kRows", tile.rows),
                         (f"{cfg}::kD", head_dim), (f"{cfg}::kCkv", head_dim_vo)))
+    binding = (variant.binding,) if variant is not None else ()
+    extra = variant._sources() if variant is not None else ()
     if tile.sm90:
         cfg = f"fic::PrefillSm90Cfg<{head_dim}>"
         return Program("prefill_sm90.cu", (KernelSpec("fic::prefill_sm90_kernel", (
-            head_dim, q_dtype.cpp, kernels.cpp_bool(paged), flags)),),
-            ((f"{cfg}::kSmemBytes", smem), (f"{cfg}::kKV", kv)))
+            head_dim, q_dtype.cpp, kernels.cpp_bool(paged), flags) + binding),),
+            ((f"{cfg}::kSmemBytes", smem), (f"{cfg}::kKV", kv)), extra)
     d, dv, _ = widths(head_dim, head_dim_vo)
     main = KernelSpec("fic::prefill_kernel", (d, dv, tile.mt, tile.warps, q_dtype.cpp, kv_dtype.cpp,
-                                              kernels.cpp_bool(paged), kernels.cpp_bool(rope), flags) +
-                      ((variant.binding,) if variant is not None else ()))
+                                              kernels.cpp_bool(paged), kernels.cpp_bool(rope), flags) + binding)
     cfg = f"fic::PrefillCfg<{d}, {dv}, {tile.mt}, {tile.warps}, {kv_dtype.cpp}>"
     return Program("prefill.cu", (main, _merge_spec(q_dtype)),
-                   ((f"{cfg}::kSmemBytes", smem), (f"{cfg}::kKV", kv), (f"{cfg}::kRows", tile.rows)),
-                   variant._sources() if variant is not None else ())
+                   ((f"{cfg}::kSmemBytes", smem), (f"{cfg}::kKV", kv), (f"{cfg}::kRows", tile.rows)), extra)
 
 
 def merge_program(q_dtype: dt.DType) -> Program:
@@ -193,8 +193,8 @@ def sm90_unsupported(params: "PrefillParams") -> str | None:
         return f"kv_data_type {params.kv_dtype} (it takes K/V in the q dtype)"
     if params.rope or params.alibi:
         return f"pos_encoding_mode {'ROPE_LLAMA' if params.rope else 'ALIBI'}"
-    if params.variant is not None:
-        return f"a custom variant ({params.variant.name})"
+    if params.variant is not None and params.variant.transforms_qk:
+        return f"a custom variant with Query/Key transforms ({params.variant.name})"
     return None
 
 
@@ -359,17 +359,18 @@ def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.nda
     """(PrefillPlan without mask, sizes) for host metadata. kv_indptr: page indptr (paged) or token
     offsets (ragged). capacity (CUDA graphs): fixed part sizes, so every device address stays put."""
     batch = qo_indptr.size - 1
-    qo_lens = np.diff(qo_indptr)
+    qo_lens = qo_indptr[1:] - qo_indptr[:-1]  # slicing, not np.diff: plan() runs every step
     # CUDA graphs keep one persistent grid of num_ctas CTAs (else a CTA an item): deal it in a snake.
     min_chunk = scheduler.MLA_MIN_CHUNK if tile == MLA_SM90_TILE else scheduler.PREFILL_MIN_CHUNK
     sch = scheduler.prefill_schedule(qo_lens, kv_lens, params.group_size, params.num_kv_heads, tile.rows,
                                      num_ctas, params.causal, min_chunk, snake=capacity is not None, split=split)
     counts = np.array([sch.items.shape[0], sch.merges.shape[0], 0, 0], dtype=np.int32)
     idx = page_indices if page_indices is not None else np.zeros(0, np.int32)
-    moff = (mask_offsets if mask_offsets is not None else np.zeros(batch, np.int64)).astype(np.int64)
+    # int64 offsets as int32 pairs; none: zeros
+    moff = np.zeros(2 * batch, np.int32) if mask_offsets is None else mask_offsets.astype(np.int64).view(np.int32)
     parts = [("counts", counts), ("items", sch.items.ravel()), ("merges", sch.merges.ravel()),
              ("qo_indptr", qo_indptr), ("kv_indptr", kv_indptr), ("kv_lens", kv_lens),
-             ("mask_offset", moff.view(np.int32)), ("indices", idx)]
+             ("mask_offset", moff), ("indices", idx)]
     sizes = {n: a.size for n, a in parts}
     if capacity is not None:
         for n, a in parts:
@@ -382,7 +383,7 @@ def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.nda
     if sch.num_partial_rows > part_cap:
         raise ValueError("use_cuda_graph=True: this plan cuts more KV ranges than the first plan; create a new "
                          "wrapper")
-    n_items, n_merges = int(counts[0]), int(counts[1])
+    n_items, n_merges = sch.items.shape[0], sch.merges.shape[0]
     if capacity is None:
         # An item a CTA: the hardware hands them out longest first as SMs free up.
         grid, merge_grid = max(n_items, 1), max(n_merges, 1)
@@ -488,7 +489,7 @@ def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, 
         i32(p.head_dim), i32(p.vo), *(i64(s) for s in kv.v_strides),
         *((ptr(pe[0]), i64(pe[0].strides[0]), i64(pe[0].strides[1]), ptr(pe[1]), i64(pe[1].strides[0]),
            i64(pe[1].strides[1])) if pe else (NULL, i64(0), i64(0), NULL, i64(0), i64(0))),
-    ] + ([] if plan.tile.sm90 else [_NO_VARIANT if p.variant is None else p.variant._pack(
+    ] + ([] if plan.tile == MLA_SM90_TILE else [_NO_VARIANT if p.variant is None else p.variant._pack(
         c, variant_args, meta_ptr + 4 * plan.offsets["qo_indptr"], meta_ptr + 4 * plan.offsets["kv_lens"],
         p.num_qo_heads, p.num_kv_heads)]), smem=smem_bytes(p.head_dim, plan.tile, kv.dtype, p.vo))
     if always_merge or plan.num_merges:
@@ -638,20 +639,21 @@ class _PrefillWrapper(PlannedWrapper):
 
     def _check_lengths(self, kw: dict, qo: np.ndarray, kv_lens: np.ndarray) -> None:
         """FlashInfer's cuDNN / trtllm-gen length arguments, where given, must agree with the indptrs."""
-        for name, want in (("seq_lens_q", np.diff(qo)), ("seq_lens", kv_lens)):
+        qo_lens = qo[1:] - qo[:-1]  # slicing, not np.diff: plan() runs every step
+        for name, want in (("seq_lens_q", qo_lens), ("seq_lens", kv_lens)):
             if kw.get(name) is not None:
                 got = checks.host_int_array(name, kw[name])
                 if got.shape != want.shape or np.any(got != want):
                     raise ValueError(f"{name}: {got.tolist()[:8]} does not match the lengths the indptrs give "
                                      f"{want.tolist()[:8]}")
-        for name, want, what in (("max_token_per_sequence", np.diff(qo), "query"),
+        for name, want, what in (("max_token_per_sequence", qo_lens, "query"),
                                  ("max_sequence_kv", kv_lens, "KV")):
             if kw.get(name) is not None and want.size and checks.int_arg(name, kw[name]) < want.max():
                 raise ValueError(f"{name}: {kw[name]} is below the longest {what} length {int(want.max())}")
         if kw.get("uniform_q_len") is not None:
             u = checks.int_arg("uniform_q_len", kw["uniform_q_len"])
-            if np.any(np.diff(qo) != u):
-                raise ValueError(f"uniform_q_len: {u}, but the query lengths are {np.diff(qo).tolist()[:8]}")
+            if np.any(qo_lens != u):
+                raise ValueError(f"uniform_q_len: {u}, but the query lengths are {qo_lens.tolist()[:8]}")
 
     def _mask_args(self, kw: dict, qo: np.ndarray, kv_lens: np.ndarray):
         """custom_mask, with FlashInfer's multi-item-scoring arguments turned into one (see multi_item)."""
@@ -676,7 +678,7 @@ class _PrefillWrapper(PlannedWrapper):
     def _finish_plan(self, params, qo_indptr, kv_indptr, kv_lens, page_indices, custom_mask,
                      packed_custom_mask, stream, split=None, dry: bool = False):
         s = streams.resolve(stream, self._ws.framework, self._ws.device)
-        qo_lens = np.diff(qo_indptr)
+        qo_lens = qo_indptr[1:] - qo_indptr[:-1]
         # The tile before the mask: a backend that cannot run the plan is refused before packing (a launch).
         tile, flags = plan_tile(params, qo_lens, custom_mask is not None or packed_custom_mask is not None,
                                 self._backend, self._ws.device, batch_invariant=split is not None)
@@ -709,8 +711,9 @@ class _PrefillWrapper(PlannedWrapper):
         if params.alibi:  # uploaded now, after every check: run() allocates nothing
             alibi.device_slopes(params.num_qo_heads, self._ws.device, s)
         if self._use_cuda_graph:
+            pages = kv_indptr[1:] - kv_indptr[:-1]
             last_page = None if page_indices is None else \
-                np.where(np.diff(kv_indptr) > 0, kv_lens - (np.diff(kv_indptr) - 1) * max(params.page_size, 1), 0)
+                np.where(pages > 0, kv_lens - (pages - 1) * max(params.page_size, 1), 0)
             tables = dict(zip(self._table_buffers, (qo_indptr, kv_indptr, page_indices, last_page)))
             if mask is not None:
                 tables["mask_indptr_buf"] = mask[3]
@@ -1118,12 +1121,13 @@ def single_prefill_with_kv_cache_with_jit_module(jit_module, q, k, v, *args, kv_
     fi_cupy.jit.gen_customize_single_prefill_module(...).build_and_load() (or an AttentionVariant);
     args: the variant's extra parameters, tensors then scalars. mask_mode: FlashInfer's MaskMode value,
     0 (non-causal) or 1 (causal, bottom-right aligned)."""
-    from .variant import as_variant
+    from .variant import JitModule, as_variant
     variant = as_variant(jit_module, "jit_module")
     mode = checks.int_arg("mask_mode", getattr(mask_mode, "value", mask_mode))
     checks.choice("mask_mode", mode, (MASK_NON_CAUSAL, MASK_CAUSAL))
+    backend = jit_module.backend if isinstance(jit_module, JitModule) else "auto"  # the module's, as FlashInfer's
     return _single_prefill(q, k, v, None, None, None, mode == MASK_CAUSAL, kv_layout, "NONE", None, window_left, None,
-                           None, None, "fa2", return_lse, None, None, out, lse, stream, variant, args)
+                           None, None, backend, return_lse, None, None, out, lse, stream, variant, args)
 
 
 def _single_prefill(q, k, v, o_dtype, custom_mask, packed_custom_mask, causal, kv_layout, pos_encoding_mode, sm_scale,

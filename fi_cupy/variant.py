@@ -15,8 +15,9 @@ AttentionVariantBase, constructor (params, batch_idx, smem_ptr), REGISTER_* hook
 parameters as params.<name>, params.get_qo_len / get_kv_len); cuda_src/common/variant.cuh lists the
 hooks and their arguments.
 
-What a variant runs on: the portable prefill kernel (backend "fa2"; "auto" picks it), for single, ragged
-and paged prefill, and for decode through the paged prefill kernel; q fp16/bf16, K/V the q dtype or
+What a variant runs on: the prefill kernels (the portable one, and on sm_90a the Hopper one for variants
+without Query/Key transforms at head dims 64 / 128, as "auto" / "fa3" pick it), for single, ragged and paged
+prefill, and for decode through the paged prefill kernel; q fp16/bf16, K/V the q dtype or
 fp8; causal, sliding window and custom masks apply besides the variant's own mask. A variant's plan
 never cuts a request's KV range (its output is formed in one place, so OutputTransform sees whole
 rows). Not with one: RoPE on the fly, ALiBi, logits_soft_cap, sm_scale (the variant owns the logits),
@@ -112,6 +113,12 @@ class AttentionVariant:
         """The declaration's `use_softmax` (AttentionVariantBase's true unless it sets false)."""
         m = re.search(r"\buse_softmax\s*=\s*(true|false)\b", self.decl)
         return m is None or m.group(1) == "true"
+
+    @property
+    def transforms_qk(self) -> bool:
+        """Whether the declaration registers a QueryTransform or KeyTransform (the Hopper prefill kernel
+        takes variants without them)."""
+        return re.search(r"\bREGISTER_(QUERY|KEY)_TRANSFORM\b", self.decl) is not None
 
     # -- compile ---------------------------------------------------------------------------------------
 
@@ -248,7 +255,7 @@ class JitModule:
     kernel's tile depends on the shapes); later calls and processes reuse the disk cache."""
     variant: AttentionVariant
     kind: str            # "single_prefill", "single_decode", "batch_prefill", "batch_decode"
-    backend: str = "fa2"
+    backend: str = "auto"  # prefill modules: FlashInfer's backend argument ("fa2": the portable kernel only)
 
     def build_and_load(self) -> "JitModule":
         return self

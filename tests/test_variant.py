@@ -30,13 +30,15 @@ def _check(out, ref, dtype):
     assert_close(f64(out), cp.asnumpy(ref) if isinstance(ref, cp.ndarray) else ref, dtype)
 
 
+@pytest.mark.parametrize("backend", ["fa2", "auto"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("qo,kv,hq,hkv,causal", [(1, 7, 4, 4, False), (128, 1027, 8, 2, False),
                                                  (200, 50, 4, 1, True), (77, 300, 4, 4, True), (5, 0, 4, 4, False)])
-def test_sigmoid_single_prefill(dtype, d, qo, kv, hq, hkv, causal):
+def test_sigmoid_single_prefill(backend, dtype, d, qo, kv, hq, hkv, causal):
+    """Both kernels: "auto" runs the Hopper one on sm_90a where the packed rows are over 64 at d64 / 128."""
     mod = fi_cupy.jit.gen_customize_single_prefill_module(
-        "fa2", "sigmoid", dtype, dtype, dtype, d, d, [], [], ["logits_scale", "sigmoid_bias"], ["double", "double"],
+        backend, "sigmoid", dtype, dtype, dtype, d, d, [], [], ["logits_scale", "sigmoid_bias"], ["double", "double"],
         SIGMOID.name, SIGMOID.decl).build_and_load()
     q, k, v = rand((qo, hq, d), dtype), rand((kv, hkv, d), dtype), rand((kv, hkv, d), dtype)
     out = nan_like(q)
@@ -87,12 +89,13 @@ def _doc_ref(q, k, v, qo_lens, kv_lens, ids, sm_scale, causal):
     return np.concatenate(outs), np.concatenate(lses)
 
 
+@pytest.mark.parametrize("backend", ["fa2", "auto"])
 @pytest.mark.parametrize("source", ["ragged", "paged1", "paged7"])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_doc_mask_batch(source, hq, hkv, causal):
+def test_doc_mask_batch(backend, source, hq, hkv, causal):
     """The document mask through the batch wrappers, FlashInfer's jit_args tuple (ragged) or an
-    AttentionVariant (paged); lse too (a softmax variant)."""
+    AttentionVariant (paged), on both kernels ("auto": the Hopper one on sm_90a); lse too."""
     dtype, d = "bfloat16", 128
     qo_lens = np.array([1, 0, 37, 130, 5])
     kv_lens = np.array([9, 4, 37, 300, 0])
@@ -105,7 +108,7 @@ def test_doc_mask_batch(source, hq, hkv, causal):
     if source == "ragged":
         jit_args = ("doc_mask", dtype, dtype, dtype, "int32", d, d, ["doc_ids"], ["int32_t"],
                     ["doc_stride", "sm_scale"], ["int64_t", "double"], DOC_MASK.name, DOC_MASK.decl)
-        w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(ws, jit_args=jit_args)
+        w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(ws, jit_args=jit_args, backend=backend)
         w.plan(qo_ip, kv_ip, hq, hkv, d, causal=causal, q_data_type=dtype)
         out = nan_like(q)
         o, lse = w.run(q, k, v, cp.asarray(ids.ravel()), stride, sm, out=out, return_lse=True)
@@ -121,13 +124,14 @@ def test_doc_mask_batch(source, hq, hkv, causal):
                 cache[pg, 0, sl] = k[kv_ip[b] + j]
                 cache[pg, 1, sl] = v[kv_ip[b] + j]
         last = np.where(pages > 0, kv_lens - (pages - 1) * page, 0)
-        w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(ws, jit_args=DOC_MASK)
+        w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(ws, jit_args=DOC_MASK, backend=backend)
         w.plan(qo_ip, ip, perm, last, hq, hkv, d, page, causal=causal, q_data_type=dtype)
         out = nan_like(q)
         o, lse = w.run(q, cache, cp.asarray(ids.ravel()), stride, sm, out=out, return_lse=True)
     ref_o, ref_lse = _doc_ref(f64_dev(q), f64_dev(k), f64_dev(v), qo_lens, kv_lens, ids, sm, causal)
     _check(out, ref_o, dtype)
     assert_lse_close(cp.asnumpy(lse), ref_lse)
+    assert w.resolved_backend() == ("fa2" if backend == "fa2" or cp.cuda.Device().compute_capability != "90" else "fa3")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -232,8 +236,8 @@ def test_variant_refusals():
     w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(ws, jit_args=SIGMOID)
     with pytest.raises(NotImplementedError, match="logits_soft_cap"):
         w.plan(np.array([0, 4]), np.array([0, 4]), 4, 4, 64, logits_soft_cap=30.0)
-    with pytest.raises(ValueError, match="custom variant"):
-        fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(ws, backend="fa3", jit_args=SIGMOID).plan(
+    with pytest.raises(ValueError, match="Query/Key transforms"):
+        fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(ws, backend="fa3", jit_args=TEMPERATURE).plan(
             np.array([0, 4]), np.array([0, 4]), 4, 4, 64)
     w.plan(np.array([0, 4]), np.array([0, 4]), 4, 4, 64)
     q, k = rand((4, 4, 64), "float16"), rand((4, 4, 64), "float16")

@@ -13,7 +13,7 @@ from fi_cupy import prefill
 from fi_cupy._core import compile as cc
 from fi_cupy._core import dtypes as dt
 from fi_cupy.variant import AttentionVariant, from_jit_args
-from attention_variants import EXAMPLES, SIGMOID, DOC_MASK
+from attention_variants import DOC_MASK, EXAMPLES, SIGMOID, TEMPERATURE
 
 
 def _program(variant, d, kv_dtype=dt.bfloat16, rows=1000):
@@ -83,7 +83,8 @@ def test_flashinfer_jit_args():
     with pytest.raises(TypeError, match="jit_args"):
         from_jit_args(args[:5], "test")
     with pytest.raises(NotImplementedError, match="backend"):
-        fi_cupy.jit.gen_customize_single_prefill_module("fa3", *args[:5], *args[6:])
+        fi_cupy.jit.gen_customize_single_prefill_module("cudnn", *args[:5], *args[6:])
+    assert fi_cupy.jit.gen_customize_single_prefill_module("fa2", *args[:5], *args[6:]).backend == "fa2"
     with pytest.raises(TypeError, match="C type"):
         AttentionVariant("X", "struct X {};", tensors=[("t", "float4")])
     with pytest.raises(ValueError, match="struct Y"):
@@ -97,9 +98,22 @@ def test_options_a_variant_owns_are_refused():
             prefill.make_params(4, 4, 64, None, False, opts["pos_encoding_mode"], -1, opts["logits_soft_cap"],
                                 opts["sm_scale"], None, None, "float16", None, False, variant=SIGMOID)
     params = prefill.make_params(4, 4, 64, None, False, "NONE", -1, None, None, None, None, "float16", None, False,
-                                 variant=SIGMOID)
-    with pytest.raises(ValueError, match="custom variant"):
+                                 variant=TEMPERATURE)
+    with pytest.raises(ValueError, match="custom variant with Query/Key transforms"):
         prefill.plan_tile(params, np.array([200]), False, "fa3")
+
+
+@pytest.mark.parametrize("name", sorted(n for n, v in EXAMPLES.items() if not v.transforms_qk))
+def test_examples_compile_for_the_hopper_kernel(name):
+    """Variants without Query/Key transforms also run on the Hopper kernel (sm_90a, head dims 64 / 128); the
+    logits-only ones without spills (a per-key mask that loads from memory spills some)."""
+    for d in (64, 128):
+        prog = prefill.prefill_program(d, prefill.SM90_TILE, dt.bfloat16, dt.bfloat16, True, False, 0, d,
+                                       EXAMPLES[name])
+        got = prog.compile("sm_90a")
+        usage = cc.resource_usage(got.log)[got.lowered[prog.kernels[0].name_expr]]
+        if name != "doc_mask":
+            assert usage["spill_stores"] == 0, f"{name} d{d}: {usage}"
 
 
 def test_cache_lists_compiled_variants(tmp_path, monkeypatch):

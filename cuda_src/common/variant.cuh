@@ -1,7 +1,7 @@
 // Custom attention variants (fi_cupy/variant.py): the hooks a user's C++ struct defines, compiled into the
-// portable prefill kernel (cuda_src/prefill.cu) at run time with NVRTC. The declaration style follows
-// FlashInfer's: a struct deriving from AttentionVariantBase, a constructor (params, batch_idx, smem_ptr),
-// hooks registered by macro, helpers in math::. The kernel takes the variant as a binding
+// prefill kernels (cuda_src/prefill.cu; prefill_sm90.cu for variants without Query/Key transforms) at run
+// time with NVRTC. The declaration style follows FlashInfer's: a struct deriving from AttentionVariantBase,
+// a constructor (params, batch_idx, smem_ptr), hooks registered by macro, helpers in math::. The kernel takes the variant as a binding
 // (VariantBinding<Variant, Params>): Params is the struct fi_cupy/variant.py generates from the variant's
 // extra tensors and scalars, passed by value as the kernel's last parameter.
 //

@@ -32,7 +32,7 @@ GLOSSARY = {
     "jit_args": "AttentionVariant or tuple, optional\n    A custom attention variant (fi_cupy.variant): an "
                 "AttentionVariant, a module of fi_cupy.jit, or FlashInfer's jit_args tuple (uri, dtype_q, dtype_kv, "
                 "dtype_o, idtype, head_dim_qk, head_dim_vo, additional tensor names and dtypes, additional scalar "
-                "names and dtypes, variant name, variant declaration). It runs on the portable prefill kernel; run() "
+                "names and dtypes, variant name, variant declaration). It runs on the prefill kernels; run() "
                 "takes its extra arguments after the usual positional ones (tensors, then scalars).",
     "jit_module": "module of fi_cupy.jit or AttentionVariant\n    The custom variant: "
                   "fi_cupy.jit.gen_customize_single_*_module(...).build_and_load(), or an AttentionVariant.",
