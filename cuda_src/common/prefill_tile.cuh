@@ -299,9 +299,11 @@ __device__ __forceinline__ void store_rows(const float (&o)[MT][DT][4], unsigned
 }
 
 // Custom variants (variant.cuh), on the m16n8 score layout: each score of a real (query row, key below
-// the item's hi) becomes LogitsTransform's logit, or -inf where LogitsMask hides the key; the others
-// -inf, so hooks never see a position past the request. p_first: the packed row of the warp's first slice.
-template <typename VAR, int MT, int NT>
+// the item's hi) becomes LogitsTransform's logit, or -inf where LogitsMask hides the key, so hooks never
+// see a position past the request. EDGE (a tile that straddles the item's hi): keys at or past it become
+// -inf; elsewhere every key is below it. Rows past the request keep their raw scores (never stored).
+// p_first: the packed row of the warp's first slice.
+template <typename VAR, bool EDGE, int MT, int NT>
 __device__ __forceinline__ void variant_scores(float (&s)[MT][NT][4], typename VAR::Variant& var,
                                                const typename VAR::Params& params, const PrefillItem& b,
                                                int group_size, int p_first, int j0, int g, int c) {
@@ -319,11 +321,11 @@ __device__ __forceinline__ void variant_scores(float (&s)[MT][NT][4], typename V
         for (int e = 0; e < 2; ++e) {
           const int j = j0 + nt * 8 + 2 * c + e;
           float& x = s[mt][nt][2 * h + e];
-          if (row_ok && j < b.hi) {
+          if (EDGE && j >= b.hi) {
+            x = neg_inf();
+          } else if (row_ok) {
             x = var.LogitsTransform(params, x, b.req, ti, j, qo_head, b.kv_head);
             if (VAR::Variant::kLogitsMask && !var.LogitsMask(params, b.req, ti, j, qo_head, b.kv_head)) x = neg_inf();
-          } else {
-            x = neg_inf();
           }
         }
     }
