@@ -419,15 +419,17 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT), const __grid_constant__ typename VAR:
         }
       }
 
-      // Element masks only where the tile straddles a bound.
-      const bool edge = w.edge<KV>(j0, causal, window_left, masked);
       if constexpr (VAR::kActive) {  // the variant's hooks; the KV bound tested only on edge tiles
-        if (edge) variant_scores<VAR, true>(s, var, vparams, w, group_size, p0 + warp * MT * 16, j0, g, c);
-        else variant_scores<VAR, false>(s, var, vparams, w, group_size, p0 + warp * MT * 16, j0, g, c);
+        const int pf = p0 + warp * MT * 16;
+        if (w.edge<KV>(j0, causal, window_left, masked))
+          variant_scores<VAR, true>(s, var, vparams, w, group_size, pf, j0, g, c);
+        else variant_scores<VAR, false>(s, var, vparams, w, group_size, pf, j0, g, c);
       }
       if (capped) cap_scores(s, soft_cap, cap_pre);
       if (alibi) alibi_scores(s, al_slope, al_qpos, j0, c);
 
+      // Element masks only where the tile straddles a bound.
+      const bool edge = w.edge<KV>(j0, causal, window_left, masked);
       if (edge)
         mask_scores<MT, NT, masked>(s, w, group_size, causal, window_left, mask_base, p0 + warp * MT * 16, j0, g, c,
                                     custom_mask);

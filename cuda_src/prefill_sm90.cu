@@ -184,13 +184,14 @@ prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T), const __grid_constant__ typename V
       wgmma_wait<0>();
       wgmma_hold(s[0]);
 
-      // Element masks only where the tile straddles a bound.
-      const bool edge = w.edge<KV>(j0, causal, window_left, masked);
       if constexpr (VAR::kActive) {  // the variant's hooks; the KV bound tested only on edge tiles
-        if (edge) variant_scores<VAR, true>(s, var, vparams, w, group_size, p0 + warp * 16, j0, g, c);
+        if (w.edge<KV>(j0, causal, window_left, masked)) variant_scores<VAR, true>(s, var, vparams, w, group_size,
+                                                                                   p0 + warp * 16, j0, g, c);
         else variant_scores<VAR, false>(s, var, vparams, w, group_size, p0 + warp * 16, j0, g, c);
       }
       if (capped) cap_scores(s, soft_cap, cap_pre);
+      // Element masks only where the tile straddles a bound.
+      const bool edge = w.edge<KV>(j0, causal, window_left, masked);
       if (edge) mask_scores<1, NB, masked>(s, w, group_size, causal, window_left, mask_base, p0 + warp * 16, j0, g, c,
                                            custom_mask);
 
