@@ -3,8 +3,10 @@ metadata) and the paged prefill plan's host part (page_table_lengths, plan_tile,
 BatchPrefillWithPagedKVCacheWrapper.plan() does before its upload), at batch 1, 16, 128, 512.
 
 Shapes as bench/bench_host.py's plan rows: kv 1024 tokens a request, page 16, 32/8 heads, head_dim 128;
-prefill: 16 new tokens a request, causal. Decode gets num_ctas = 132 x 4 (H100 SMs x resident CTAs);
-prefill gets 132 x the CTAs of its tile that fit an SM's shared memory. Median of N single calls, in us.
+prefill: 16 new tokens a request, causal. The "mixed" columns plan batches of the same mean lengths
+drawn at random (kv 1..2047 tokens, prefill 1..31 new ones), which the uniform batches' closed forms
+do not serve. Decode gets num_ctas = 132 x 4 (H100 SMs x resident CTAs); prefill gets 132 x the CTAs
+of its tile that fit an SM's shared memory. Median of N single calls, in us.
 
 Usage: python bench/bench_plan_cpu.py [--calls N] [--json PATH]
 """
@@ -33,30 +35,38 @@ DECODE_CTAS = SMS * 4
 SMEM_PER_SM = 227 * 1024
 
 
-def decode_tables(batch: int) -> tuple:
-    """(indptr, indices, last_page_len) of `batch` requests of KV_LEN tokens, pages shuffled."""
-    pages = KV_LEN // PAGE
-    return (np.arange(batch + 1) * pages, np.random.default_rng(batch).permutation(batch * pages),
-            np.full(batch, PAGE))
+def decode_tables(batch: int, mixed: bool = False) -> tuple:
+    """(indptr, indices, last_page_len) of `batch` requests of KV_LEN tokens (mixed: 1..2 * KV_LEN - 1,
+    drawn), pages shuffled."""
+    rng = np.random.default_rng(batch)
+    lens = rng.integers(1, 2 * KV_LEN, batch) if mixed else np.full(batch, KV_LEN)
+    pages = -(-lens // PAGE)
+    indptr = np.concatenate([[0], np.cumsum(pages)])
+    return indptr, rng.permutation(int(indptr[-1])), lens - (pages - 1) * PAGE
 
 
-def decode_call(batch: int):
+def qo_lens(batch: int, mixed: bool = False) -> np.ndarray:
+    """New tokens a request: QO_LEN, or (mixed) 1..2 * QO_LEN - 1 drawn."""
+    return np.random.default_rng(batch + 1).integers(1, 2 * QO_LEN, batch) if mixed else np.full(batch, QO_LEN)
+
+
+def decode_call(batch: int, mixed: bool = False):
     params = decode.make_params(HQ, HKV, D, PAGE, "NONE", -1, None, "float16", None, None, None, None)
-    indptr, indices, last = decode_tables(batch)
+    indptr, indices, last = decode_tables(batch, mixed)
     return lambda: decode.plan_decode(params, indptr, indices, last, num_ctas=DECODE_CTAS)
 
 
-def prefill_call(batch: int):
+def prefill_call(batch: int, mixed: bool = False):
     params = prefill.make_params(HQ, HKV, D, None, True, "NONE", -1, None, None, None, None, "float16", None,
                                  paged=True, page_size=PAGE)
-    indptr, indices, last = decode_tables(batch)
-    qo_indptr = np.arange(batch + 1) * QO_LEN
+    indptr, indices, last = decode_tables(batch, mixed)
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens(batch, mixed))])
 
     def host_plan():
         # What _plan_impl and _finish_plan compute on the host, in their order (int32 casts included).
         kv_lens, used = page_table_lengths(indptr, indices, last, PAGE, "paged_kv_")
         qo, ip, kv, ix = (a.astype(np.int32) for a in (qo_indptr, indptr, kv_lens, used))
-        tile, _ = prefill.plan_tile(params, np.diff(qo), False, "fa2")
+        tile, _ = prefill.plan_tile(params, qo[1:] - qo[:-1], False, "fa2")
         ctas = SMS * max(1, SMEM_PER_SM // prefill.smem_bytes(D, tile, params.kv_dtype))
         return prefill.plan_prefill(params, qo, ip, kv, ix, tile, ctas, None)
     return host_plan
@@ -80,13 +90,14 @@ def main():
     ap.add_argument("--json", help="also write the figures here ($OUT/bench_plan_cpu.json where OUT is set)")
     args = ap.parse_args()
     rows = []
+    cells = (("plan_decode_us", decode_call, False), ("plan_decode_mixed_us", decode_call, True),
+             ("prefill_host_us", prefill_call, False), ("prefill_host_mixed_us", prefill_call, True))
     for batch in BATCHES:
-        rows.append({"batch": batch,
-                     "plan_decode_us": round(median_us(decode_call(batch), args.calls), 1),
-                     "prefill_host_us": round(median_us(prefill_call(batch), args.calls), 1)})
+        rows.append({"batch": batch, **{key: round(median_us(make(batch, mixed), args.calls), 1)
+                                        for key, make, mixed in cells}})
     print_table(f"plan() host part, median of {args.calls} calls, us (decode num_ctas {DECODE_CTAS})",
-                ["batch", "plan_decode", "prefill host"],
-                [[r["batch"], r["plan_decode_us"], r["prefill_host_us"]] for r in rows])
+                ["batch", "plan_decode", "decode mixed", "prefill host", "prefill mixed"],
+                [[r["batch"]] + [r[key] for key, _, _ in cells] for r in rows])
     save_json("bench_plan_cpu.json", rows)
     if args.json:
         with open(args.json, "w") as f:

@@ -87,15 +87,23 @@ def decode_smem_bytes(head_dim: int, heads_per_block: int, tensor_cores: bool, k
     return max(4 * max(3, 24576 // stage) * stage, merge)
 
 
+_variants: dict = {}  # decode_variant's answers, by what it reads
+
+
 def decode_variant(params: DecodeParams, kv_dtype: dt.DType, device: int | None = None) -> tuple:
     """(Program, dynamic shared memory bytes) that decode runs for these parameters and KV dtype on
     `device` (None: a GPU with the shared memory of an H100). The tensor-core kernel keeps 3 stages of
     16 K and V rows a warp, 102 KB at head_dim 128: where a CTA cannot have that (sm_86 / sm_89 allow
     99 KB, A100 163 KB), the CUDA-core kernel (48 KB) runs instead. The wide kernel (head_dim 512, 102-106
-    KB) has no such fallback: NotImplementedError there."""
+    KB) has no such fallback: NotImplementedError there. Memoised by what it reads (plan() asks twice a
+    step)."""
+    limit = None if device is None else kernels.device_props(device)["smem_optin"]
+    key = (params.group_size, params.head_dim, params.q_dtype, kv_dtype, params.rope, params.alibi, limit)
+    got = _variants.get(key)
+    if got is not None:
+        return got
     gb, _ = scheduler.decode_heads_per_block(params.group_size)
     d, kv_bytes = params.head_dim, kv_dtype.bits // 8
-    limit = None if device is None else kernels.device_props(device)["smem_optin"]
     tc = uses_tensor_cores(params.q_dtype, kv_dtype, params.rope)
     if tc and d not in WIDE_HEAD_DIMS and limit is not None and decode_smem_bytes(d, gb, True) > limit:
         tc = False
@@ -103,7 +111,8 @@ def decode_variant(params: DecodeParams, kv_dtype: dt.DType, device: int | None 
     if limit is not None and smem > limit:
         raise NotImplementedError(f"head_dim: decode at {d} needs {smem} bytes of shared memory a CTA; this GPU "
                                   f"({kernels.device_props(device)['name']}) allows {limit}")
-    return decode_program(d, gb, params.q_dtype, kv_dtype, params.rope, params.alibi, tc), smem
+    got = _variants[key] = decode_program(d, gb, params.q_dtype, kv_dtype, params.rope, params.alibi, tc), smem
+    return got
 
 
 def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
@@ -232,7 +241,7 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray | 
     batch = indptr.size - 1
     kv_lens, used = lengths or check_page_table(params, indptr, indices, last_page_len)
     wl = params.window_left
-    visible = np.maximum(0, kv_lens - 1 - wl) if wl >= 0 else np.zeros_like(kv_lens)
+    visible = np.maximum(0, kv_lens - 1 - wl) if wl >= 0 else None  # None: from key 0
     _, slices = scheduler.decode_heads_per_block(params.group_size)
     head_blocks = params.num_kv_heads * slices
     sch = scheduler.decode_schedule(kv_lens, visible, head_blocks, num_ctas, split=split)
@@ -244,17 +253,18 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray | 
                              f"(segments, partial rows, cut pairs) = {caps}; this plan needs {need}: use a larger "
                              f"fixed_split_size, or a wrapper a configuration")
     else:
-        caps = tuple(max(n, c) for n, c in zip(need, scheduler.DecodeSchedule.capacity(batch, head_blocks, num_ctas)))
+        caps = tuple(map(max, need, scheduler.DecodeSchedule.capacity(batch, head_blocks, num_ctas)))
     seg_cap, part_cap, merge_cap = caps
-    # merge_indptr is padded with its last entry, so the merge CTAs past the cut pairs find no rows.
-    merge_indptr = np.full(merge_cap + 1, sch.merge_indptr[-1], np.int32)
-    merge_indptr[:sch.merge_indptr.size] = sch.merge_indptr
     used = np.zeros(0, np.int32) if used is None else used
+    mi = sch.merge_indptr
     meta, offsets = pack_meta([
         ("segments", sch.segments.ravel(), 4 * seg_cap), ("segment_partial", sch.segment_partial, seg_cap),
         ("cta_indptr", sch.cta_indptr, num_ctas + 1), ("page_indptr", indptr, batch + 1), ("kv_lens", kv_lens, batch),
-        ("merge_pairs", sch.merge_pairs, merge_cap), ("merge_indptr", merge_indptr, merge_cap + 1),
+        ("merge_pairs", sch.merge_pairs, merge_cap), ("merge_indptr", mi, merge_cap + 1),
         ("indices", used, used.size)])
+    # merge_indptr is padded with its last entry, so the merge CTAs past the cut pairs find no rows.
+    start = offsets["merge_indptr"]
+    meta[start + mi.size: start + merge_cap + 1] = mi[-1]
     return DecodePlan(params, batch, num_ctas, sch.merge_pairs.size, int(used.max()) if used.size else -1,
                       meta, offsets, part_cap, seg_cap, merge_cap)
 

@@ -63,7 +63,8 @@ def page_table_lengths(indptr: np.ndarray, indices: np.ndarray | None, last_page
     batch = indptr.size - 1
     if last_page_len.size != batch:
         raise ValueError(f"{prefix}last_page_len: expected {batch} entries (batch_size), got {last_page_len.size}")
-    if indices is not None and indices.size < indptr[-1]:
+    total_pages = int(indptr[-1])
+    if indices is not None and indices.size < total_pages:
         raise ValueError(f"{prefix}indices: has {indices.size} entries but {prefix}indptr[-1] is {indptr[-1]}")
     pages = indptr[1:] - indptr[:-1]
     every_request_has_pages = batch > 0 and bool(pages.min() > 0)
@@ -72,15 +73,16 @@ def page_table_lengths(indptr: np.ndarray, indices: np.ndarray | None, last_page
         i = int(np.argmax(bad))
         raise ValueError(f"{prefix}last_page_len: request {i} has {pages[i]} pages and last_page_len "
                          f"{last_page_len[i]}; expected 1..{page_size} (page_size) for a non-empty request, 0 for none")
-    used = None if indices is None else indices[: indptr[-1]]
+    used = None if indices is None else indices[:total_pages]
     if used is not None and used.size and used.min() < 0:
         raise ValueError(f"{prefix}indices: page indices must be >= 0, got {int(used.min())}")
-    if indptr[-1] >= 2 ** 31:
+    if total_pages >= 2 ** 31:
         raise ValueError(f"{prefix}indptr[-1] (total pages) must be < 2**31")
     kv_lens = (pages - 1) * page_size + last_page_len
     if not every_request_has_pages:
         kv_lens = np.where(pages > 0, kv_lens, 0)
-    if kv_lens.size and kv_lens.max() >= 2 ** 31:
+    # A request's length is at most its pages * page_size: its own check only where the total allows 2**31.
+    if total_pages * page_size >= 2 ** 31 and kv_lens.size and kv_lens.max() >= 2 ** 31:
         raise ValueError("a request's kv length must be < 2**31")
     return kv_lens, used
 

@@ -11,6 +11,7 @@ A custom mask replaces the causal mask, as in FlashInfer (causal=True is then ig
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -400,6 +401,10 @@ def check_backend(backend) -> str:
     return backend_arg(backend, BACKENDS)
 
 
+# pick_tile's answers by its arguments (it is a pure function of them): plan() picks a tile every step.
+_pick_tile_memo = functools.lru_cache(maxsize=256)(pick_tile)
+
+
 def plan_tile(params: PrefillParams, qo_lens: np.ndarray, custom_mask: bool, backend: str = "fa2",
               device: int | None = None, batch_invariant: bool = False) -> tuple:
     """(tile, variant flags) for a batch: the Hopper tile where `backend` asks for it (or "auto" allows
@@ -426,7 +431,7 @@ def plan_tile(params: PrefillParams, qo_lens: np.ndarray, custom_mask: bool, bac
             raise ValueError(f"backend: 'fa3' (the Hopper kernel) does not support {why}; use 'fa2' or 'auto'")
         if why is None and (backend == "fa3" or rows > AUTO_MIN_ROWS):
             return SM90_TILE, flags
-    tile = pick_tile(params.head_dim, rows, flags, params.rope, params.vo, variant=params.variant is not None)
+    tile = _pick_tile_memo(params.head_dim, rows, flags, params.rope, params.vo, variant=params.variant is not None)
     if device is None or smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo) <= SMEM_EVERY_GPU:
         return tile, flags
     limit = kernels.device_props(device)["smem_optin"]
@@ -440,12 +445,21 @@ def plan_tile(params: PrefillParams, qo_lens: np.ndarray, custom_mask: bool, bac
 
 
 def num_ctas(params: PrefillParams, tile: TileShape, device: int, paged: bool, flags: int) -> int:
-    """One wave of the prefill kernel on `device` (compiles / loads the kernel)."""
-    prog = prefill_program(params.head_dim, tile, params.q_dtype, params.kv_dtype, paged, params.rope, flags, params.vo,
-                           params.variant)
-    fn = kernels.functions(prog, device)[prog.kernels[0]]
-    occ = fn.occupancy(tile.threads, smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo))
-    return kernels.device_props(device)["sms"] * max(occ, 1)
+    """One wave of the prefill kernel on `device` (compiles / loads the kernel; memoised by what the
+    program is made of: plan() asks every step)."""
+    key = (params.head_dim, params.vo, params.q_dtype, params.kv_dtype, params.rope, params.variant, tile, paged, flags,
+           device)
+    got = _num_ctas.get(key)
+    if got is None:
+        prog = prefill_program(params.head_dim, tile, params.q_dtype, params.kv_dtype, paged, params.rope, flags,
+                               params.vo, params.variant)
+        fn = kernels.functions(prog, device)[prog.kernels[0]]
+        occ = fn.occupancy(tile.threads, smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo))
+        got = _num_ctas[key] = kernels.device_props(device)["sms"] * max(occ, 1)
+    return got
+
+
+_num_ctas: dict = {}  # num_ctas's answers
 
 
 # ---------------------------------------------------------------------------------------------

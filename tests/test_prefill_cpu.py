@@ -248,3 +248,72 @@ def test_prefill_split_options_cut_a_request_the_same_whatever_the_batch(split):
         assert chunks == {(0, 3000)} and full.merges.shape[0] == 0
     else:
         assert sorted(chunks) == [(c, min(c + 128, 3000)) for c in range(0, 3000, 128)]  # 100 rounded up to 64s
+
+
+def _reference_prefill(qo, kv, group, hkv, rows, num_ctas, causal, min_chunk, snake, split):
+    """prefill_schedule's items and merges written out tile by tile, chunk by chunk (issue 21 rewrote it
+    for host time, output for output): a request's KV is cut into n chunks of `chunk` keys (multiples
+    of 64) where the tiles alone do not fill num_ctas, or by a fixed split; items are sorted by the keys
+    they visit, longest first (stable), then dealt in a snake for a persistent grid."""
+    tiles = [-(-q * group // rows) for q in qo]
+    base = sum(tiles) * hkv
+    want = max(1, -(-num_ctas // max(base, 1))) if base < num_ctas else 1
+    items, merges, costs, prow = [], [], [], 0
+    for r, (q, k) in enumerate(zip(qo, kv)):
+        if split == 0 or (split is None and want == 1):
+            n, chunk, cut = 1, k, False
+        elif split is None:
+            n = max(1, min(want, k // min_chunk))
+            cut = n > 1
+            chunk = -(-(-(-k // n)) // 64) * 64 if cut else k
+            n = -(-k // chunk) if cut else 1
+        else:
+            chunk = -(-split // 64) * 64
+            cut = k > chunk
+            n, chunk = (-(-k // chunk), chunk) if cut else (1, k)
+        for h in range(hkv):
+            for t in range(tiles[r]):
+                tile_cost = scheduler.prefill_tile_cost(q, k, group, rows, causal)[t]
+                if cut:
+                    merges.append((r, h, t * rows, prow, n, rows, 0, 0))
+                for c in range(n):
+                    lo, hi = c * chunk, min(c * chunk + chunk, k)
+                    items.append((r, h, t * rows, prow + c * rows if cut else -1, lo, hi, 0, 0))
+                    costs.append(max(0, min(hi, tile_cost) - lo))
+                prow += n * rows if cut else 0
+    order = sorted(range(len(items)), key=lambda i: -costs[i])
+    if snake:
+        full = len(order) // num_ctas
+        dealt = list(order)
+        for i, item in enumerate(order):
+            rnd, pos = divmod(i, num_ctas)
+            dealt[rnd * num_ctas + (num_ctas - 1 - pos if rnd % 2 and rnd < full else pos)] = item
+        order = dealt
+    return (np.array([items[i] for i in order], np.int32).reshape(-1, 8), np.array(merges, np.int32).reshape(-1, 8),
+            prow)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_prefill_schedule_matches_the_tile_by_tile_rule(seed):
+    """Random batches (alike requests, which take the closed form, and mixed ones; empty queries and
+    KV; cut or not; split None / 0 / k; snake or not): the same items, merges and partial rows."""
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        b = int(rng.choice([1, 2, 3, 16, 33, 128, 600]))
+        if rng.random() < 0.4:
+            qo, kv = np.full(b, int(rng.choice([0, 1, 16, 100, 1000]))), np.full(b, int(rng.choice([0, 1, 64, 1024, 40000])))
+        else:
+            qo = np.where(rng.random(b) < 0.2, 0, rng.integers(1, 300, b))
+            kv = np.where(rng.random(b) < 0.2, 0, qo + rng.integers(0, 9000, b))
+        group, hkv, rows = int(rng.choice([1, 4, 5, 8])), int(rng.choice([1, 2, 8])), int(rng.choice([64, 128]))
+        num_ctas, causal = int(rng.choice([1, 4, 132, 528, 2000])), bool(rng.integers(0, 2))
+        min_chunk, snake = int(rng.choice([1, 256, 512])), bool(rng.random() < 0.3)
+        split = [None, None, 0, 1, 100, 1000][int(rng.integers(0, 6))]
+        if int((-(-qo * group // rows)).sum()) * hkv * (1 + int(kv.max(initial=0)) // max(split or 512, 64)) > 20_000:
+            continue  # items enough for a Python loop
+        sch = scheduler.prefill_schedule(qo, kv, group, hkv, rows, num_ctas, causal, min_chunk, snake, split)
+        items, merges, prow = _reference_prefill(qo.tolist(), kv.tolist(), group, hkv, rows, num_ctas, causal,
+                                                 min_chunk, snake, split)
+        assert sch.items.dtype == sch.merges.dtype == np.int32
+        assert np.array_equal(sch.items, items) and np.array_equal(sch.merges, merges)
+        assert sch.num_partial_rows == prow and type(sch.num_partial_rows) is int

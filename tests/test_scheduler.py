@@ -335,3 +335,135 @@ def test_decode_variant_fits_the_gpus_shared_memory(monkeypatch, smem_optin, d, 
               "wide": "fic::batch_decode_wide_kernel"}[want]
     assert prog.kernels[0].kernel == kernel and smem <= smem_optin
     assert prog in decode.all_programs([d])  # CI compiles what a GPU can pick
+
+
+# The schedules written out pair by pair (issue 21 rewrote decode_schedule and _pick_quota for host time:
+# these are the rules the rewrite keeps, output for output).
+
+def _reference_quota(kv_lens, visible, head_blocks, num_ctas, min_quota=scheduler.MIN_QUOTA):
+    """_pick_quota as it was: every candidate scored at once by the (candidates x CTAs) arrays."""
+    pair_len = np.repeat(np.maximum(np.asarray(kv_lens) - np.minimum(visible, kv_lens), 0), head_blocks)
+    cum = np.concatenate([[0], np.cumsum(pair_len)]).astype(np.int64)
+    total = int(cum[-1])
+    q0 = max(-(-total // num_ctas), min_quota)
+    if total == 0:
+        return q0
+    longest = int(pair_len.max())
+    cands = sorted({q for q in [q0, -(-q0 // longest) * longest] + [-(-longest // k) for k in range(1, 65)]
+                    if q >= q0})
+    return scheduler._score_all(cum, cands, total)[0] if len(cands) > 1 else q0
+
+
+def _pair_pieces(start, n, quota, split):
+    """Token-space (lo, hi) pieces of a pair of n tokens from `start`: cut at the quota boundaries inside
+    it (split None), whole (0), or every `split` tokens from its start."""
+    if split is None:
+        cuts = [b for b in range((start // quota + 1) * quota, start + n, quota)]
+    else:
+        cuts = list(range(start + split, start + n, split)) if split else []
+    bounds = [start] + cuts + [start + n]
+    return list(zip(bounds, bounds[1:]))
+
+
+def _reference_schedule(kv_lens, visible, head_blocks, num_ctas, quota, split):
+    """(segments, segment_partial, cta_indptr, merge_pairs, merge_indptr) pair by pair: a piece goes to
+    the CTA of its first token (a quota split) or of its middle token (a fixed split, balanced by tokens);
+    an empty pair is one empty segment on CTA pair % num_ctas; segments in (CTA, pair, token) order;
+    partial rows numbered in that order, contiguous per cut pair."""
+    rows, start, merge_pairs, merge_indptr = [], 0, [], [0]
+    total = sum(max(0, k - min(v, k)) for k, v in zip(kv_lens, visible)) * head_blocks
+    balance = max(-(-total // num_ctas), 1)
+    for r, (kv, v) in enumerate(zip(kv_lens, visible)):
+        v = min(v, kv)
+        for hb in range(head_blocks):
+            p = r * head_blocks + hb
+            if kv == v:
+                rows.append((p % num_ctas, p, (r, hb, v, v), False))
+                continue
+            pieces = _pair_pieces(start, kv - v, quota, split)
+            for lo, hi in pieces:
+                cta = lo // quota if split is None else min((lo + hi) // 2 // balance, num_ctas - 1)
+                rows.append((cta, p, (r, hb, lo - start + v, hi - start + v), len(pieces) > 1))
+            start += kv - v
+    rows.sort(key=lambda x: x[:2])  # stable: a pair's pieces keep their token order
+    segments, partial, cut_rows = [], [], {}
+    for _, p, seg, cut in rows:
+        segments.append(seg)
+        partial.append(sum(map(len, cut_rows.values())) if cut else -1)
+        if cut:
+            cut_rows.setdefault(p, []).append(partial[-1])
+    for p in sorted(cut_rows):
+        merge_pairs.append(p)
+        merge_indptr.append(merge_indptr[-1] + len(cut_rows[p]))
+    counts = np.bincount([x[0] for x in rows], minlength=num_ctas)
+    return (np.array(segments, np.int32).reshape(-1, 4), np.array(partial, np.int32),
+            np.concatenate([[0], np.cumsum(counts)]).astype(np.int32), np.array(merge_pairs, np.int32),
+            np.array(merge_indptr, np.int32))
+
+
+def _random_decode_batch(rng):
+    """kv_lens, visible starts (None: none hidden), head_blocks, num_ctas, split: lengths 0, 1, mixed,
+    uniform, one long among short ones; windows and arbitrary visible starts; batch 1..600."""
+    b = int(rng.choice([1, 2, 3, 16, 33, 128, 600]))
+    kind = int(rng.integers(0, 6))
+    if kind == 0:
+        kv = np.full(b, int(rng.choice([0, 1, 7, 64, 1000, 1024, 4096, 32768])))
+    elif kind == 1:
+        kv = rng.integers(0, 3, b)
+    elif kind == 2:
+        kv = rng.integers(0, 5000, b)
+    elif kind == 3:
+        kv = np.where(rng.random(b) < 0.3, 0, rng.integers(1, 100000, b))
+    elif kind == 4:
+        kv = rng.integers(1, 100, b)
+        kv[rng.integers(0, b)] = int(rng.integers(1, 300000))
+    else:
+        kv = rng.choice([512, 1024, 2048], b)
+    window = rng.random()
+    if window < 0.25:  # a sliding window: every request past it has the same visible length
+        vis = np.maximum(0, kv - 1 - int(rng.choice([0, 1, 99, 999, 4095])))
+    elif window < 0.35:
+        vis = rng.integers(0, 2000, b)
+    else:
+        vis = None
+    return (kv, vis, int(rng.choice([1, 2, 3, 4, 8, 16])), int(rng.choice([1, 7, 132, 264, 528, 1056])),
+            [None, None, None, 0, 1, 100, 1000][int(rng.integers(0, 7))])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_decode_schedule_matches_the_pair_by_pair_rule(seed):
+    """Random batches: the quota _pick_quota picks (candidates pruned by their floor, uniform pairs in
+    closed form) is the one scoring every candidate at once picks, and decode_schedule's segments,
+    partial rows, CTA ranges and merges are the pair-by-pair ones, dtypes included."""
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        kv, vis, head_blocks, num_ctas, split = _random_decode_batch(rng)
+        visible = np.zeros_like(kv) if vis is None else vis
+        total = int(np.maximum(kv - np.minimum(visible, kv), 0).sum()) * head_blocks
+        if total // max(split or total or 1, 1) > 200_000:  # pieces enough for a Python loop
+            continue
+        sch = scheduler.decode_schedule(kv, vis, head_blocks, num_ctas, split=split)
+        quota = _reference_quota(kv, visible, head_blocks, num_ctas) if split is None else max(-(-total // num_ctas), 1)
+        assert sch.quota == quota
+        want = _reference_schedule(kv.tolist(), visible.tolist(), head_blocks, num_ctas, quota, split)
+        got = (sch.segments, sch.segment_partial, sch.cta_indptr, sch.merge_pairs, sch.merge_indptr)
+        for name, g, w in zip(("segments", "segment_partial", "cta_indptr", "merge_pairs", "merge_indptr"), got, want):
+            assert g.dtype == np.int32 and np.array_equal(g, w), name
+        assert sch.num_partial_rows == int(want[4][-1]) and type(sch.num_partial_rows) is int
+
+
+@pytest.mark.parametrize("length,pairs,num_ctas", [
+    (1024, 128, 528), (1024, 8, 528), (1000, 128, 528), (1024, 4096, 528), (4095, 3, 132), (7, 600, 1056),
+    (131072, 1, 132), (100, 9, 7), (65, 112, 300), (3000, 40, 132), (1, 5, 132), (3, 1000, 1),
+    (4095, 600, 132)])
+def test_uniform_quota_matches_the_rule_cta_by_cta(length, pairs, num_ctas):
+    """Pairs of one length are scored in closed form (_uniform_score): the same quota as the rule CTA by
+    CTA, and the same score as the array scoring for every candidate."""
+    assert scheduler._pick_quota(np.arange(pairs + 1) * length, num_ctas, scheduler.MIN_QUOTA) == \
+        _brute_quota([length] * pairs, 1, num_ctas)
+    cum = np.arange(pairs + 1, dtype=np.int64) * length
+    for q in {64, 65, 100, 249, 256, length, 2 * length, length + 1, max(1, length // 3), -(-pairs * length // 528)}:
+        if q >= -(-pairs * length // num_ctas):
+            assert scheduler._uniform_score(q, length, pairs) == \
+                scheduler._quota_score(cum, q, pairs * length, length) == \
+                scheduler._score_all(cum, [q], pairs * length)[1]

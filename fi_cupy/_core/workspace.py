@@ -27,10 +27,12 @@ def pack_meta(parts) -> tuple:
     offsets, cur = {}, 0
     for name, _, cap in parts:
         offsets[name] = cur
-        cur += (cap + 3) // 4 * 4
+        cur += (cap + 3) & -4
     meta = np.zeros(cur, dtype=np.int32)
     for name, a, _ in parts:
-        meta[offsets[name]: offsets[name] + a.size] = a
+        if a.size:  # plan() packs every step: an empty part costs no numpy call
+            start = offsets[name]
+            meta[start: start + a.size] = a
     return meta, offsets
 
 
