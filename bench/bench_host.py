@@ -72,6 +72,8 @@ NOT_TIMED = {
                                                     "and kernels",
     "single_decode_with_kv_cache_with_jit_module": "custom variants: bench/bench_jit.py times their compile, load "
                                                    "and kernels",
+    "get_batch_prefill_jit_module": "not an op (a custom variant's module lookup)",
+    "get_batch_decode_jit_module": "not an op (a custom variant's module lookup)",
 }
 
 

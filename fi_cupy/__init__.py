@@ -25,12 +25,12 @@ from .cascade import (  # noqa: E402
     MultiLevelCascadeAttentionWrapper, merge_state, merge_state_in_place, merge_states)
 from .decode import (  # noqa: E402
     BatchDecodeWithPagedKVCacheWrapper, CUDAGraphBatchDecodeWithPagedKVCacheWrapper, fast_decode_plan,
-    single_decode_with_kv_cache, single_decode_with_kv_cache_with_jit_module)
+    get_batch_decode_jit_module, single_decode_with_kv_cache, single_decode_with_kv_cache_with_jit_module)
 from .quantization import packbits, segment_packbits  # noqa: E402
 from .mla import BatchMLAPagedAttentionWrapper, append_paged_mla_kv_cache  # noqa: E402
 from .prefill import (  # noqa: E402
-    BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper, single_prefill_with_kv_cache,
-    single_prefill_with_kv_cache_with_jit_module)
+    BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper, get_batch_prefill_jit_module,
+    single_prefill_with_kv_cache, single_prefill_with_kv_cache_with_jit_module)
 from .variant import AttentionVariant  # noqa: E402
 from . import jit  # noqa: E402
 from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, layernorm, rmsnorm  # noqa: E402
@@ -47,9 +47,9 @@ from .rope import (  # noqa: E402
 __all__ = [
     "__version__",
     "BatchDecodeWithPagedKVCacheWrapper", "CUDAGraphBatchDecodeWithPagedKVCacheWrapper", "fast_decode_plan",
-    "single_decode_with_kv_cache", "single_decode_with_kv_cache_with_jit_module",
+    "single_decode_with_kv_cache", "single_decode_with_kv_cache_with_jit_module", "get_batch_decode_jit_module",
     "BatchPrefillWithPagedKVCacheWrapper", "BatchPrefillWithRaggedKVCacheWrapper", "single_prefill_with_kv_cache",
-    "single_prefill_with_kv_cache_with_jit_module", "AttentionVariant",
+    "single_prefill_with_kv_cache_with_jit_module", "get_batch_prefill_jit_module", "AttentionVariant",
     "BatchMLAPagedAttentionWrapper", "append_paged_mla_kv_cache",
     "packbits", "segment_packbits",
     "rmsnorm", "fused_add_rmsnorm", "gemma_rmsnorm", "gemma_fused_add_rmsnorm", "layernorm",

@@ -781,3 +781,11 @@ def single_decode_with_kv_cache_with_jit_module(jit_module, q, k, v, *args, kv_l
                           None, "fa2", return_lse, None, None, None if out is None else out[None],
                           None if lse is None else lse[None], stream, variant, args)
     return (got[0][0], got[1][0]) if return_lse else got[0]
+
+
+@document("FlashInfer's cached batch-decode module for a custom variant.", returns="module : fi_cupy.variant.JitModule\n    The variant module, for BatchDecodeWithPagedKVCacheWrapper's jit_args.")
+def get_batch_decode_jit_module(module_name, jit_module):
+    """The variant module `jit_module` cached under `module_name` (as FlashInfer's, which loads a compiled
+    module once per name); pass it as BatchDecodeWithPagedKVCacheWrapper's jit_args. Nothing compiles here."""
+    from .variant import named_module
+    return named_module(module_name, jit_module, "batch_decode")

@@ -1123,6 +1123,14 @@ def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=No
                            v_scale, out, lse, stream)
 
 
+@document("FlashInfer's cached batch-prefill module for a custom variant.", returns="module : fi_cupy.variant.JitModule\n    The variant module, for the prefill wrappers' jit_args.")
+def get_batch_prefill_jit_module(module_name, jit_module):
+    """The variant module `jit_module` cached under `module_name` (as FlashInfer's, which loads a compiled
+    module once per name); pass it as the prefill wrappers' jit_args. Nothing compiles here."""
+    from .variant import named_module
+    return named_module(module_name, jit_module, "batch_prefill")
+
+
 # FlashInfer's MaskMode values (single_prefill_with_kv_cache_with_jit_module's mask_mode)
 MASK_NON_CAUSAL, MASK_CAUSAL, MASK_CUSTOM = 0, 1, 2
 

@@ -270,3 +270,19 @@ def as_variant(x, arg: str) -> AttentionVariant:
     raise TypeError(f"{arg}: expected a module of fi_cupy.jit (gen_customize_*_module(...).build_and_load()) or an "
                     f"AttentionVariant, got {type(x).__name__}")
 
+
+_named: dict = {}  # (kind, module name) -> JitModule: get_batch_*_jit_module's cache
+
+
+def named_module(module_name, jit_module, kind: str) -> JitModule:
+    """FlashInfer's get_batch_{prefill,decode}_jit_module: the variant module `jit_module` (a JitModule,
+    an AttentionVariant or FlashInfer's jit_args tuple) as a `kind` module, cached by module_name as
+    FlashInfer caches its loaded modules (a name asked again gives the first module made under it)."""
+    if not isinstance(module_name, str) or not module_name:
+        raise TypeError(f"module_name: expected a non-empty str, got {module_name!r}")
+    got = _named.get((kind, module_name))
+    if got is None:
+        backend = jit_module.backend if isinstance(jit_module, JitModule) else "auto"
+        got = _named[(kind, module_name)] = JitModule(from_jit_args(jit_module, "jit_module"), kind, backend)
+    return got
+

@@ -192,8 +192,11 @@ _INT_ARRAYS = ("indptr", "offsets", "pos_ids", "positions", "batch_indices", "kv
 _HOST_ARGS = {("segment_packbits", "indptr"): np.array([0, 3, 5])}  # host index arrays, as plan() takes
 
 
+NO_DEVICE = ("fast_decode_plan", "get_batch_prefill_jit_module", "get_batch_decode_jit_module")  # no array of their own
+
+
 def _public_functions():
-    return [n for n in fi_cupy.__all__ if inspect.isfunction(getattr(fi_cupy, n)) and n != "fast_decode_plan"]
+    return [n for n in fi_cupy.__all__ if inspect.isfunction(getattr(fi_cupy, n)) and n not in NO_DEVICE]
 
 
 def _stub_args(name):

@@ -121,3 +121,15 @@ def test_cache_lists_compiled_variants(tmp_path, monkeypatch):
     prog, _ = _program(SIGMOID, 64)
     prog.compile("sm_80")
     assert cc.cached_variants() == {(SIGMOID.name, "sm_80"): 1}
+
+
+def test_get_batch_jit_module_caches_by_name():
+    args = ("uri", "float16", "float16", "float16", "int32", 128, 128, [], [], ["logits_scale", "sigmoid_bias"],
+            ["double", "double"], SIGMOID.name, SIGMOID.decl)
+    a = fi_cupy.get_batch_prefill_jit_module("test_sigmoid_batch", args)
+    assert a.variant == from_jit_args(args, "test") and a.kind == "batch_prefill"
+    assert fi_cupy.get_batch_prefill_jit_module("test_sigmoid_batch", DOC_MASK) is a  # first module kept per name
+    d = fi_cupy.get_batch_decode_jit_module("test_sigmoid_batch", SIGMOID)
+    assert d.kind == "batch_decode" and from_jit_args(d, "test") is SIGMOID
+    with pytest.raises(TypeError, match="module_name"):
+        fi_cupy.get_batch_decode_jit_module("", SIGMOID)

@@ -36,6 +36,7 @@ GLOSSARY = {
                 "takes its extra arguments after the usual positional ones (tensors, then scalars).",
     "jit_module": "module of fi_cupy.jit or AttentionVariant\n    The custom variant: "
                   "fi_cupy.jit.gen_customize_single_*_module(...).build_and_load(), or an AttentionVariant.",
+    "module_name": "str\n    The name a variant module is cached under (FlashInfer's uri).",
     "mask_mode": "int, default 0\n    FlashInfer's MaskMode value: 0 non-causal, 1 causal (bottom-right aligned).",
     "jit_kwargs": "None\n    FlashInfer's extra arguments of Hopper variants: not supported (None only).",
     "variant_owns_mask": "bool, default False\n    Only False (it concerns custom variants).",
