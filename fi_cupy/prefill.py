@@ -147,7 +147,7 @@ def prefill_program(head_dim: int, tile: TileShape, q_dtype: dt.DType, kv_dtype:
     """The main kernel (and, for the portable kernel, the merge kernel in the same module), with the
     launch's shared memory and KV tile checked against the kernel's constants at compile time. Head
     dims of one width (widths()) share a program. variant: a custom attention variant compiled into
-    the portable kernel (its code appended to the source)."""
+    the kernel (its code appended to the source; not MLA's Hopper kernel)."""
     smem, kv = smem_bytes(head_dim, tile, kv_dtype, head_dim_vo), kv_tile(head_dim, tile, head_dim_vo)
     if tile == MLA_SM90_TILE:
         cfg = "fic::MlaSm90Cfg"
@@ -266,7 +266,7 @@ class PrefillParams:
     page_size: int = 0  # 0: ragged
     alibi: bool = False  # pos_encoding_mode "ALIBI": FlashInfer's slopes (_core/alibi.py), portable kernel
     head_dim_vo: int = 0  # 0: head_dim
-    variant: AttentionVariant | None = None  # a custom attention variant (fi_cupy/variant.py), portable kernel
+    variant: AttentionVariant | None = None  # a custom attention variant (fi_cupy/variant.py)
 
     @property
     def vo(self) -> int:
@@ -466,7 +466,7 @@ _num_ctas: dict = {}  # num_ctas's answers
 # Launch
 
 
-_NO_VARIANT = struct_arg("q", 0)  # the portable kernel's parameter struct without a variant (NoVariant::Params)
+_NO_VARIANT = struct_arg("q", 0)  # the prefill kernels' parameter struct without a variant (NoVariant::Params)
 
 
 def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
