@@ -7,8 +7,8 @@ examples/attention_variants.py, and its kernel time beside the default kernel on
 - kernel time: median of CUDA-graph replays (bench/common.py time_graph) of run() with the variant and
   of the default kernel (no variant) on the same wrapper and shape, and the ratio (backend "auto" for both:
   the Hopper kernel on sm_90a where it takes the variant), and the variant on the portable kernel ("fa2").
-  Prefill: ragged, 4 x 2048 causal, 32/8 heads, d128 fp16. Decode: paged 16 x 4096, page 16, 32/8 heads, d128 bf16 (the
-  variant runs on the prefill kernel; the default is the decode kernel).
+  Prefill: ragged, 4 x 2048 causal, 32/8 heads, d128 fp16. Decode: paged 16 x 4096, page 16, 32/8 heads, d128 fp16
+  (variant and default on the tensor-core decode kernel), its GB/s beside the device-to-device copy of the same run.
 
 Usage: python bench/bench_jit.py (JSON into $OUT or $FI_CUPY_BENCH_DIR)
 """
@@ -26,10 +26,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from common import print_table, save_json, time_graph, torch_or_none  # noqa: E402
+from common import copy_bandwidth, print_table, save_json, time_graph, torch_or_none  # noqa: E402
 
 import fi_cupy  # noqa: E402
-from fi_cupy import prefill  # noqa: E402
+from fi_cupy import decode, prefill  # noqa: E402
 from fi_cupy._core import dtypes as dt, kernels  # noqa: E402
 from fi_cupy._core.alibi import slopes as alibi_slopes  # noqa: E402
 from attention_variants import EXAMPLES  # noqa: E402
@@ -59,12 +59,21 @@ def arr(x):
     return torch.from_dlpack(x) if torch is not None and isinstance(x, cp.ndarray) else x
 
 
-def compile_times(variant, rows: int, arch: str) -> tuple:
-    """(cold compile s, cached compile-read + module load s) of the program plan() picks for `rows`."""
+def prefill_program(variant, rows: int):
+    """The prefill program plan() picks for `rows` packed rows."""
     params = prefill.make_params(HQ, HKV, D, None, True, "NONE", -1, None, None, None, None, "bfloat16", None, True,
                                  16, variant=variant)
     tile, flags = prefill.plan_tile(params, np.array([rows]), False, "auto")
-    prog = prefill.prefill_program(D, tile, dt.bfloat16, dt.bfloat16, True, False, flags, D, variant)
+    return prefill.prefill_program(D, tile, dt.bfloat16, dt.bfloat16, True, False, flags, D, variant)
+
+
+def decode_program(variant):
+    params = decode.make_params(HQ, HKV, D, 16, "NONE", -1, None, "bfloat16", None, None, None, None, variant)
+    return decode.decode_variant(params, params.kv_dtype)[0]
+
+
+def compile_times(prog, arch: str) -> tuple:
+    """(cold compile s, cached compile-read + module load s) of a program."""
     old = os.environ.get("FI_CUPY_CACHE_DIR")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["FI_CUPY_CACHE_DIR"] = tmp
@@ -124,24 +133,25 @@ def decode_case(variant, name):
 def main():
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     arch = kernels.device_arch(0)
+    copy = copy_bandwidth() / 1e9
     base_p, base_d = prefill_case(None, "default"), decode_case(None, "default")
     rows, recs = [], []
     for name, variant in EXAMPLES.items():
-        cold_p, cached_p = compile_times(variant, 2048 * 4, arch)
-        cold_d, cached_d = compile_times(variant, 4, arch)
+        cold_p, cached_p = compile_times(prefill_program(variant, 2048 * 4), arch)
+        cold_d, cached_d = compile_times(decode_program(variant), arch)
         p, d = prefill_case(variant, name), decode_case(variant, name)
         p2 = prefill_case(variant, name, "fa2")  # the portable kernel, where "auto" took the Hopper one
         rec = dict(variant=name, cold_prefill_s=cold_p, cached_prefill_s=cached_p, cold_decode_s=cold_d,
                    cached_decode_s=cached_d, prefill_us=p[0] * 1e6, prefill_tflops=p[1],
                    prefill_default_us=base_p[0] * 1e6, prefill_fa2_us=p2[0] * 1e6, decode_us=d[0] * 1e6, decode_gbs=d[1],
-                   decode_default_us=base_d[0] * 1e6)
+                   decode_default_us=base_d[0] * 1e6, copy_gbs=copy)
         recs.append(rec)
         rows.append([name, f"{cold_p:.2f}", f"{cached_p * 1e3:.1f}", f"{cold_d:.2f}", f"{cached_d * 1e3:.1f}",
                      f"{p[0] * 1e6:.0f} ({p[1]:.0f} TF)", f"{base_p[0] * 1e6:.0f} ({base_p[1]:.0f} TF)",
                      f"{p[0] / base_p[0]:.2f}", f"{p2[0] * 1e6:.0f}", f"{d[0] * 1e6:.1f} ({d[1]:.0f} GB/s)",
                      f"{base_d[0] * 1e6:.1f} ({base_d[1]:.0f} GB/s)", f"{d[0] / base_d[0]:.2f}"])
     print_table(f"custom variants on {kernels.device_props(0)['name']} ({arch}); prefill ragged 4 x 2048 causal, "
-                f"decode 16 x 4096 p16; {HQ}/{HKV} heads d{D} fp16", ["variant", "cold compile prefill s", "cached load prefill ms", "cold compile decode s",
+                f"decode 16 x 4096 p16; {HQ}/{HKV} heads d{D} fp16; copy {copy:.0f} GB/s", ["variant", "cold compile prefill s", "cached load prefill ms", "cold compile decode s",
                  "cached load decode ms", "prefill us", "default prefill us", "ratio", "prefill fa2 us", "decode us",
                  "default decode us", "ratio"], rows)
     save_json("bench_jit.json", {"rows": recs})

@@ -20,6 +20,7 @@
 #include "common/async_copy.cuh"
 #include "common/mma.cuh"
 #include "common/pdl.cuh"
+#include "common/variant.cuh"
 
 namespace fic {
 
@@ -56,13 +57,18 @@ struct DecodeCfg {
 // The end of a segment: merge the per-warp states in shared memory (warp w's block at sm + w * ws
 // floats: acc [GB][D], then [GB][m, d]) and write the output and lse (prow < 0), or a float32
 // partial row (prow >= 0).
-template <int D, int GB, typename QT>
+// VAR (a custom variant, batch_decode_tc_kernel): a direct row's elements go through its OutputTransform
+// (m in the variant's logit scale, -inf for a row without keys; without softmax m = 0 and d = 1); partial
+// rows only come from variants the plan may cut (softmax, the default OutputTransform), written as below.
+template <int D, int GB, typename QT, typename VAR = NoVariant>
 __device__ __forceinline__ void write_segment(const float* sm, int ws, int prow, int request,
                                               int kv_head, int head0, int group_size, int num_qo_heads,
                                               float v_scale, QT* __restrict__ out, long long o_stride_b,
                                               long long o_stride_h, float* __restrict__ lse,
                                               float* __restrict__ part_o, float* __restrict__ part_lse,
-                                              const float* __restrict__ sinks) {
+                                              const float* __restrict__ sinks,
+                                              typename VAR::Variant* var = nullptr,
+                                              const typename VAR::Params* vparams = nullptr) {
   constexpr int kChunks = D / 8;
   for (int item = threadIdx.x; item < GB * kChunks; item += kDecodeThreads) {
     const int h = item / kChunks, d0 = (item % kChunks) * 8;
@@ -82,6 +88,15 @@ __device__ __forceinline__ void write_segment(const float* sm, int ws, int prow,
     float o[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) o[e] = m.acc[e] * inv;
+    if constexpr (VAR::kActive) {
+      constexpr bool kSoftmax = VAR::Variant::use_softmax;
+      if (prow < 0) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          o[e] = var->OutputTransform(*vparams, m.acc[e], (uint32_t)request, 0u, (uint32_t)qo_head,
+                                      kSoftmax ? m.m : 0.f, kSoftmax ? m.d : 1.f, v_scale);
+      }
+    }
     if (prow < 0) {
       store8<QT>(out + request * o_stride_b + qo_head * o_stride_h + d0, o);
       if (lse != nullptr && d0 == 0) lse[(long long)request * num_qo_heads + qo_head] = l;
@@ -114,7 +129,8 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
                     int num_qo_heads, int group_size, int head_slices, unsigned int page_size,
                     unsigned int page_div_mul, unsigned int page_div_shift, float q_scale, float soft_cap,
                     float v_scale, float rope_rcp_scale, double rope_log2_theta,
-                    const float* __restrict__ sinks, const float* __restrict__ alibi_slopes) {
+                    const float* __restrict__ sinks, const float* __restrict__ alibi_slopes,
+                    const NoVariant::Params /* the decode kernels' one ABI: variants on the tc kernel only */) {
   static_assert(!(ROPE && ALIBI), "one position encoding");
   pdl_begin();
   using C = DecodeCfg<D, GB, KVT>;
@@ -340,7 +356,10 @@ struct DecodeTcSmem {
   static constexpr int kMinBlocks = kPerSm < 1 ? 1 : (kPerSm > 4 ? 4 : kPerSm);
 };
 
-template <int D, int GB, typename T, bool ALIBI>
+// VAR: a custom attention variant (common/variant.cuh; NoVariant: none), its parameters in vparams. Its
+// hooks see the request (batch_idx), query position 0 (the one query of the request, as FlashInfer's
+// decode), the key position and the heads, only for keys of the segment and real heads of the block.
+template <int D, int GB, typename T, bool ALIBI, typename VAR = NoVariant>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeTcSmem<D, GB>::kMinBlocks)
 batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long q_stride_h,
                        const T* __restrict__ k_cache, const T* __restrict__ v_cache,
@@ -353,8 +372,12 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
                        int num_qo_heads, int group_size, int head_slices, unsigned int page_size,
                        unsigned int page_div_mul, unsigned int page_div_shift, float q_scale, float soft_cap,
                        float v_scale, float rope_rcp_scale, double rope_log2_theta,
-                       const float* __restrict__ sinks, const float* __restrict__ alibi_slopes) {
+                       const float* __restrict__ sinks, const float* __restrict__ alibi_slopes,
+                       const __grid_constant__ typename VAR::Params vparams) {
   static_assert(GB <= 8, "an mma tile holds 8 heads");
+  static_assert(!(VAR::kActive && ALIBI), "custom variants: no ALiBi (the variant owns the logits)");
+  using Var = typename VAR::Variant;
+  constexpr bool kSoftmax = Var::use_softmax;
   pdl_begin();
   using C = DecodeTcCfg<D>;
   constexpr int S = C::kStages, RS = C::kRow, KS = D / 16;
@@ -444,6 +467,20 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
       qb[kk][0] = valid ? *reinterpret_cast<const unsigned*>(qp + 16 * kk) : 0u;
       qb[kk][1] = valid ? *reinterpret_cast<const unsigned*>(qp + 16 * kk + 8) : 0u;
     }
+    if constexpr (Var::kQueryTransform) {  // this lane's q elements: dims 16kk + 2c (+1), 16kk + 2c + 8 (+9)
+      Var vq(vparams, (uint32_t)x.request, smem);
+      const uint32_t qo_head = x.kv_head * group_size + hh;
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float2 f = to_float2(T(), qb[kk][h]);
+          const uint32_t dim = 16 * kk + 8 * h + 2 * c;
+          if (valid)
+            qb[kk][h] = pack2(T(), vq.QueryTransform(vparams, f.x, (uint32_t)x.request, 0u, qo_head, dim),
+                              vq.QueryTransform(vparams, f.y, (uint32_t)x.request, 0u, qo_head, dim + 1));
+        }
+    }
   };
 
   Seg cur = {};
@@ -457,13 +494,15 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
     const int request = cur.request, kv_head = cur.kv_head, head0 = cur.head0, end = cur.end;
     const int first = cur.first, n_tiles = cur.n_tiles, last = cur.last;
     const float seg_slope[2] = {slope[0], slope[1]};  // load_q refills slope for the next segment
+    Var var(vparams, (uint32_t)request, smem);        // a variant's per-request state (nothing without one)
     int4 next_sg = make_int4(0, 0, 0, 0);
     int next_page_start = 0;
     if (seg + 1 < seg_end) {  // loaded now, used at this segment's end
       next_sg = segments[seg + 1];
       next_page_start = page_indptr[next_sg.x];
     }
-    float m[2] = {neg_inf(), neg_inf()}, dsum[2] = {0.f, 0.f};  // heads 2c, 2c + 1
+    // heads 2c, 2c + 1; without softmax m stays 0 (the warps' merge then adds their sums)
+    float m[2] = {kSoftmax ? neg_inf() : 0.f, kSoftmax ? neg_inf() : 0.f}, dsum[2] = {0.f, 0.f};
     float o[KS][4];
 #pragma unroll
     for (int mt = 0; mt < KS; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
@@ -471,6 +510,25 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
     for (int t = 0; t < n_tiles; ++t) {
       issue(cur, t + S - 1);
       cp_async_wait<S - 1>();
+      if constexpr (Var::kKeyTransform) {  // each lane transforms the chunks it copied (issue's layout)
+        T* kt = pipe + (t % S) * C::kStageElems;
+        constexpr int kChunks = D / 8;
+#pragma unroll
+        for (int i = 0; i < kChunks / 2; ++i) {
+          const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
+          const int tok = first + t * tile_stride + row;
+          if (tok < end) {
+            uint4* at = reinterpret_cast<uint4*>(kt + row * RS + col);
+            float x[8];
+            unpack8<T>(*at, x);
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+              x[e] = var.KeyTransform(vparams, x[e], (uint32_t)request, (uint32_t)tok, (uint32_t)kv_head, col + e);
+            *at = make_uint4(pack2(T(), x[0], x[1]), pack2(T(), x[2], x[3]), pack2(T(), x[4], x[5]),
+                             pack2(T(), x[6], x[7]));
+          }
+        }
+      }
       __syncwarp();  // ldmatrix reads rows other lanes copied
       const T* ks = pipe + (t % S) * C::kStageElems;
       const T* vs = ks + 16 * RS;
@@ -486,13 +544,28 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
       const bool in0 = tile_start + g < end, in1 = tile_start + g + 8 < end;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        float x = sacc[i] * q_scale;
-        if (soft_cap > 0.f) x = soft_cap * FIC_LOG2E * tanh_inline(x * rcp_cap);
-        if (ALIBI) x = fmaf(seg_slope[i & 1], float(tile_start + g + (i < 2 ? 0 : 8) - last), x);
-        sacc[i] = ((i < 2) ? in0 : in1) ? x : neg_inf();
+        if constexpr (VAR::kActive) {  // the variant's logit (softmax: times its scale), -inf where hidden
+          const int col = 2 * c + (i & 1), tok = tile_start + g + (i < 2 ? 0 : 8);
+          float x = neg_inf();
+          if (((i < 2) ? in0 : in1) && col < GB && head0 + col < group_size) {
+            const uint32_t qo_head = kv_head * group_size + head0 + col;
+            x = var.LogitsTransform(vparams, sacc[i], (uint32_t)request, 0u, (uint32_t)tok, qo_head, (uint32_t)kv_head);
+            if (Var::kLogitsMask && !var.LogitsMask(vparams, (uint32_t)request, 0u, (uint32_t)tok, qo_head,
+                                                    (uint32_t)kv_head))
+              x = neg_inf();
+            else if (kSoftmax)
+              x *= var.sm_scale_log2;
+          }
+          sacc[i] = kSoftmax ? x : (x == neg_inf() ? 0.f : x);  // without softmax the logit is P itself
+        } else {
+          float x = sacc[i] * q_scale;
+          if (soft_cap > 0.f) x = soft_cap * FIC_LOG2E * tanh_inline(x * rcp_cap);
+          if (ALIBI) x = fmaf(seg_slope[i & 1], float(tile_start + g + (i < 2 ? 0 : 8) - last), x);
+          sacc[i] = ((i < 2) ? in0 : in1) ? x : neg_inf();
+        }
       }
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
+      for (int j = 0; j < 2 && kSoftmax; ++j) {
         float mt = fmaxf(sacc[j], sacc[2 + j]);
 #pragma unroll
         for (int off = 4; off < 32; off *= 2) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
@@ -550,8 +623,8 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
       }
     }
     __syncthreads();
-    write_segment<D, GB, T>(sm, ws, segment_partial[seg], request, kv_head, head0, group_size,
-                            num_qo_heads, v_scale, out, o_stride_b, o_stride_h, lse, part_o, part_lse, sinks);
+    write_segment<D, GB, T, VAR>(sm, ws, segment_partial[seg], request, kv_head, head0, group_size, num_qo_heads,
+                                 v_scale, out, o_stride_b, o_stride_h, lse, part_o, part_lse, sinks, &var, &vparams);
     __syncthreads();  // the merge buffers become pipeline buffers again
   }
 }
@@ -599,7 +672,8 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
                          int num_qo_heads, int group_size, int head_slices, unsigned int page_size,
                          unsigned int page_div_mul, unsigned int page_div_shift, float q_scale, float soft_cap,
                          float v_scale, float rope_rcp_scale, double rope_log2_theta,
-                         const float* __restrict__ sinks, const float* __restrict__ alibi_slopes) {
+                         const float* __restrict__ sinks, const float* __restrict__ alibi_slopes,
+                         const NoVariant::Params /* the decode kernels' one ABI: variants on the tc kernel only */) {
   static_assert(GB <= 8, "an mma tile holds 8 heads");
   using C = DecodeWideCfg<D, KVT>;
   using Raw = typename C::Raw;

@@ -27,7 +27,7 @@ from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
 from ._core.kernels import NULL, KernelSpec, Program, f32, f64, i32, i64, ptr, u32
 from ._core.docs import RUN_OPTIONS, RUN_RETURNS, document
-from .variant import as_variant, from_jit_args
+from .variant import NO_VARIANT, AttentionVariant, as_variant, check_variant_run, from_jit_args
 
 KERNEL_HEAD_DIMS = tuple(range(16, 257, 16))  # both decode kernels' instantiations
 # Head dims past 256: batch_decode_wide_kernel (KV of the q dtype or fp8, no RoPE on the fly), whose warps
@@ -47,10 +47,14 @@ def uses_tensor_cores(q_dtype: dt.DType, kv_dtype: dt.DType, rope: bool) -> bool
 
 
 def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dtype: dt.DType,
-                   rope: bool, alibi: bool = False, tensor_cores: bool | None = None) -> Program:
+                   rope: bool, alibi: bool = False, tensor_cores: bool | None = None,
+                   variant: AttentionVariant | None = None) -> Program:
     """tensor_cores: None follows uses_tensor_cores; False takes the CUDA-core kernel for 16-bit KV too
-    (decode_variant, on a GPU whose CTAs cannot have the tensor-core kernel's shared memory)."""
+    (decode_variant, on a GPU whose CTAs cannot have the tensor-core kernel's shared memory). variant: a
+    custom attention variant compiled into the tensor-core kernel (the only one that takes one)."""
     tc = uses_tensor_cores(q_dtype, kv_dtype, rope) if tensor_cores is None else tensor_cores
+    if variant is not None and not (tc and head_dim in KERNEL_HEAD_DIMS):
+        raise ValueError("variant: only the tensor-core decode kernel takes a custom variant (takes_variant)")
     if head_dim in WIDE_HEAD_DIMS:
         if rope:
             raise ValueError(f"head_dim {head_dim}: the wide decode kernel applies no RoPE on the fly")
@@ -59,14 +63,16 @@ def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dt
         smem = f"fic::DecodeWideCfg<{head_dim}, {kv_dtype.cpp}>::kSmemBytes"
     elif tc:
         main = KernelSpec("fic::batch_decode_tc_kernel", (head_dim, heads_per_block, q_dtype.cpp,
-                                                          kernels.cpp_bool(alibi)))
+                                                          kernels.cpp_bool(alibi)) +
+                          ((variant.binding,) if variant is not None else ()))
         smem = f"fic::DecodeTcSmem<{head_dim}, {heads_per_block}>::value"
     else:
         main = KernelSpec("fic::batch_decode_kernel", (head_dim, heads_per_block, q_dtype.cpp, kv_dtype.cpp,
                                                        kernels.cpp_bool(rope), kernels.cpp_bool(alibi)))
         smem = f"fic::DecodeCfg<{head_dim}, {heads_per_block}, {kv_dtype.cpp}>::kSmemBytes"
     return Program("decode.cu", (main, KernelSpec("fic::merge_states_kernel", (head_dim, heads_per_block, q_dtype.cpp))),
-                   ((smem, decode_smem_bytes(head_dim, heads_per_block, tc, kv_dtype.bits // 8)),))
+                   ((smem, decode_smem_bytes(head_dim, heads_per_block, tc, kv_dtype.bits // 8)),),
+                   variant._sources() if variant is not None else ())
 
 
 def decode_smem_bytes(head_dim: int, heads_per_block: int, tensor_cores: bool, kv_bytes: int = 2) -> int:
@@ -98,7 +104,8 @@ def decode_variant(params: DecodeParams, kv_dtype: dt.DType, device: int | None 
     KB) has no such fallback: NotImplementedError there. Memoised by what it reads (plan() asks twice a
     step)."""
     limit = None if device is None else kernels.device_props(device)["smem_optin"]
-    key = (params.group_size, params.head_dim, params.q_dtype, kv_dtype, params.rope, params.alibi, limit)
+    key = (params.group_size, params.head_dim, params.q_dtype, kv_dtype, params.rope, params.alibi, limit,
+           params.variant)
     got = _variants.get(key)
     if got is not None:
         return got
@@ -111,8 +118,25 @@ def decode_variant(params: DecodeParams, kv_dtype: dt.DType, device: int | None 
     if limit is not None and smem > limit:
         raise NotImplementedError(f"head_dim: decode at {d} needs {smem} bytes of shared memory a CTA; this GPU "
                                   f"({kernels.device_props(device)['name']}) allows {limit}")
-    got = _variants[key] = decode_program(d, gb, params.q_dtype, kv_dtype, params.rope, params.alibi, tc), smem
+    got = _variants[key] = decode_program(d, gb, params.q_dtype, kv_dtype, params.rope, params.alibi, tc,
+                                          params.variant), smem
     return got
+
+
+def takes_variant(params: DecodeParams, kv_dtype: dt.DType, device: int | None = None) -> bool:
+    """Whether a custom variant runs on the decode kernel (the tensor-core one: KV of the q dtype, head dims
+    up to 256, its shared memory on `device`); elsewhere decode runs it on the paged prefill kernel."""
+    if not (uses_tensor_cores(params.q_dtype, kv_dtype, params.rope) and params.head_dim in KERNEL_HEAD_DIMS):
+        return False
+    limit = None if device is None else kernels.device_props(device)["smem_optin"]
+    gb, _ = scheduler.decode_heads_per_block(params.group_size)
+    return limit is None or decode_smem_bytes(params.head_dim, gb, True) <= limit
+
+
+def variant_split(variant: AttentionVariant, split: int | None) -> int | None:
+    """The plan's split for a variant on the decode kernel: cut KV ranges merge by their lse, which gives
+    a variant's answer only where it is the softmax with the default OutputTransform; others never cut."""
+    return split if variant.use_softmax and not variant.transforms_output else 0
 
 
 def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
@@ -152,6 +176,7 @@ class DecodeParams:
     rope_scale: float
     rope_theta: float
     alibi: bool = False  # pos_encoding_mode "ALIBI": FlashInfer's slopes (_core/alibi.py)
+    variant: AttentionVariant | None = None  # a custom attention variant (takes_variant), its plan's qo_indptr
 
     @property
     def group_size(self) -> int:
@@ -163,7 +188,9 @@ class DecodeParams:
 
 
 def make_params(num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left,
-                logits_soft_cap, q_data_type, kv_data_type, sm_scale, rope_scale, rope_theta) -> DecodeParams:
+                logits_soft_cap, q_data_type, kv_data_type, sm_scale, rope_scale, rope_theta,
+                variant: AttentionVariant | None = None) -> DecodeParams:
+    """The checked per-batch constants; variant: the options a custom variant owns are refused beside it."""
     num_qo_heads = checks.positive_int("num_qo_heads", num_qo_heads)
     num_kv_heads = checks.positive_int("num_kv_heads", num_kv_heads)
     checks.heads(num_qo_heads, num_kv_heads)
@@ -181,12 +208,14 @@ def make_params(num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mo
     wl, cap, sm, rs, rt = checks.attention_options(head_dim, window_left, logits_soft_cap, sm_scale, rope_scale,
                                                    rope_theta)
     checks.alibi_without_soft_cap(pos_encoding_mode, cap)
+    if variant is not None:
+        variant._refuse_owned(pos_encoding_mode, sm_scale, cap)
     if pos_encoding_mode == "ROPE_LLAMA" and head_dim in WIDE_HEAD_DIMS:
         raise NotImplementedError(f"pos_encoding_mode: ROPE_LLAMA (RoPE on the fly) is supported up to head_dim 256, "
                                   f"got head_dim {head_dim}; apply RoPE to q and k first (apply_rope_inplace) and "
                                   f"plan with pos_encoding_mode='NONE'")
     return DecodeParams(num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype,
-                        pos_encoding_mode == "ROPE_LLAMA", wl, cap, sm, rs, rt, pos_encoding_mode == "ALIBI")
+                        pos_encoding_mode == "ROPE_LLAMA", wl, cap, sm, rs, rt, pos_encoding_mode == "ALIBI", variant)
 
 
 @dataclass
@@ -260,8 +289,10 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray | 
     meta, offsets = pack_meta([
         ("segments", sch.segments.ravel(), 4 * seg_cap), ("segment_partial", sch.segment_partial, seg_cap),
         ("cta_indptr", sch.cta_indptr, num_ctas + 1), ("page_indptr", indptr, batch + 1), ("kv_lens", kv_lens, batch),
-        ("merge_pairs", sch.merge_pairs, merge_cap), ("merge_indptr", mi, merge_cap + 1),
-        ("indices", used, used.size)])
+        ("merge_pairs", sch.merge_pairs, merge_cap), ("merge_indptr", mi, merge_cap + 1)] +
+        # a variant's params.get_qo_len: one query a request
+        ([("qo_indptr", np.arange(batch + 1), batch + 1)] if params.variant is not None else []) +
+        [("indices", used, used.size)])
     # merge_indptr is padded with its last entry, so the merge CTAs past the cut pairs find no rows.
     start = offsets["merge_indptr"]
     meta[start + mi.size: start + merge_cap + 1] = mi[-1]
@@ -289,11 +320,12 @@ def decode_num_ctas(params: DecodeParams, kv_dtype: dt.DType, device: int) -> in
 
 def launch_decode(c: Call, plan: DecodePlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
                   o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float, always_merge: bool = False,
-                  sinks: arrays.ArrayInfo | None = None) -> None:
+                  sinks: arrays.ArrayInfo | None = None, variant_args: tuple = ()) -> None:
     """Queue the decode kernel, and the merge of cut pairs, on Call `c` (its stream and programmatic
     dependent launch setting). No allocation, no sync. meta_ptr / partial_ptr: the plan's metadata and
     partial states, fixed while the plan is. always_merge keeps the launch sequence fixed whatever the
-    plan (CUDA graphs). sinks: attention-sink logits (attention_sinks) or None."""
+    plan (CUDA graphs). sinks: attention-sink logits (attention_sinks) or None. variant_args: a custom
+    variant's extra run() arguments (tensors, then scalars)."""
     p = plan.params
     gb, slices = plan.heads_per_block
     prog, smem = decode_variant(p, kv.dtype, q.device)
@@ -316,6 +348,9 @@ def launch_decode(c: Call, plan: DecodePlan, meta_ptr: int, partial_ptr: int, q:
         i32(p.num_qo_heads), i32(p.group_size), i32(slices), u32(p.page_size), u32(mul), u32(shift),
         f32(q_scale), f32(p.soft_cap), f32(v_scale), f32(1.0 / p.rope_scale), f64(math.log2(p.rope_theta)),
         ptr(sinks), ptr(alibi.device_slopes(p.num_qo_heads, q.device, c.stream), stable=True) if p.alibi else NULL,
+        NO_VARIANT if p.variant is None else p.variant._pack(
+            c, variant_args, meta_ptr + 4 * plan.offsets["qo_indptr"], meta_ptr + 4 * plan.offsets["kv_lens"],
+            p.num_qo_heads, p.num_kv_heads),
     ], smem=smem)
     if always_merge or plan.num_merges:  # a CUDA graph keeps the grid for every cut pair a plan can have
         n = plan.merge_capacity if always_merge else plan.num_merges
@@ -458,7 +493,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         params = make_params(kw["num_qo_heads"], kw["num_kv_heads"], kw["head_dim"], kw["page_size"],
                              kw["pos_encoding_mode"], kw["window_left"], kw["logits_soft_cap"], kw["q_data_type"],
                              kw["kv_data_type"] if kw["kv_data_type"] is not None else kw["data_type"],
-                             kw["sm_scale"], kw["rope_scale"], kw["rope_theta"])
+                             kw["sm_scale"], kw["rope_scale"], kw["rope_theta"], self._variant)
         output_dtype(kw["o_data_type"], params.q_dtype)
         checks.unsupported("window_right", kw["window_right"], (None, -1, 0))
         q_len = checks.positive_int("q_len_per_req", kw["q_len_per_req"])
@@ -474,8 +509,10 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         if self._use_cuda_graph and not dry and self._q_len_fixed(q_len):
             raise ValueError(f"q_len_per_req: use_cuda_graph=True keeps the q_len_per_req of the first plan "
                              f"({self._q_len}); got {q_len}; create a wrapper per q_len_per_req")
-        if q_len > 1 or self._variant is not None:
+        if q_len > 1 or (self._variant is not None and not takes_variant(params, params.kv_dtype, self._ws.device)):
             return self._plan_multi(params, ip, ix, lp, q_len, causal, kw, non_blocking, dry, fast)
+        if self._variant is not None:
+            split = variant_split(self._variant, split)
         lengths = page_table_lengths(ip, ix, lp, params.page_size)  # before any device work
         num_ctas = decode_num_ctas(params, params.kv_dtype, self._ws.device)
         variant = (decode_variant(params, params.kv_dtype, self._ws.device), num_ctas)
@@ -631,11 +668,15 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
             raise NotImplementedError(f"window_left: run() got {window_left} but plan() used "
                                       f"{p.window_left}; the window is part of the plan's schedule")
         vs = scale("v_scale", v_scale)
+        if p.variant is not None:  # its extra arguments packed anew each call (no recording)
+            check_variant_run(p.variant, return_lse, sinks, qk_scale)
+            return self._run(q, paged_kv_cache, out, lse, return_lse, qk_scale, vs, enable_pdl, sinks, stream, args)
         return self._sigs((q, *cache_parts(paged_kv_cache), out, lse, sinks), (qk_scale, vs, return_lse, enable_pdl),
                           stream, lambda: self._run(q, paged_kv_cache, out, lse, return_lse, qk_scale, vs, enable_pdl,
                                                     sinks, stream))
 
-    def _run(self, q, paged_kv_cache, out, lse, return_lse, qk_scale, v_scale, enable_pdl, sinks, stream):
+    def _run(self, q, paged_kv_cache, out, lse, return_lse, qk_scale, v_scale, enable_pdl, sinks, stream,
+             variant_args: tuple = ()):
         plan = self._plan
         p = plan.params
         c = Call(q, stream, enable_pdl, "q")
@@ -649,7 +690,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         sk = attention_sinks(c, sinks, p.num_qo_heads)
         checks.same_device(qi, self._ws)
         launch_decode(c, plan, self._ws.ptr + plan.partial_bytes(), self._ws.ptr, qi, kv, o, l_info, qk_scale,
-                      v_scale, self._use_cuda_graph, sk)
+                      v_scale, self._use_cuda_graph, sk, variant_args)
         c.infos.extend(plan.keep)
         return attention_result(c, out_obj, lse_obj, return_lse)
 
@@ -736,6 +777,16 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     (kv_len, num_kv_heads, head_dim) [NHD] or (num_kv_heads, kv_len, head_dim) [HND].
     Returns o (num_qo_heads, head_dim), and lse (num_qo_heads,) in base 2 with return_lse=True.
     use_tensor_cores is accepted for compatibility; the same kernel runs either way."""
+    checks.flag("use_tensor_cores", use_tensor_cores)
+    return _single_decode(q, k, v, kv_layout, pos_encoding_mode, q_scale, k_scale, v_scale, window_left,
+                          logits_soft_cap, sm_scale, rope_scale, rope_theta, return_lse, out, lse, stream)
+
+
+def _single_decode(q, k, v, kv_layout, pos_encoding_mode, q_scale, k_scale, v_scale, window_left, logits_soft_cap,
+                   sm_scale, rope_scale, rope_theta, return_lse, out, lse, stream,
+                   variant: AttentionVariant | None = None, variant_args: tuple = ()):
+    """single_decode_with_kv_cache's work, with a custom variant or without (a variant the decode kernel
+    cannot take runs on the prefill kernel: takes_variant)."""
     checks.choice("kv_layout", kv_layout, LAYOUTS)
     c = Call(q, stream, name="q")
     qi = c.arg(q, "q")
@@ -747,22 +798,31 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     checks.dtype_in(qi, Q_DTYPES)
     checks.dtype_in(kv.infos[0], KV_DTYPES[qi.dtype], f" with q {qi.dtype}")
     params = make_params(qi.shape[0], hkv, qi.shape[1], max(kv_len, 1), pos_encoding_mode, window_left,
-                         logits_soft_cap, qi.dtype, kv.dtype, sm_scale, rope_scale, rope_theta)
+                         logits_soft_cap, qi.dtype, kv.dtype, sm_scale, rope_scale, rope_theta, variant)
+    dev = c.device
+    if variant is not None:
+        if not takes_variant(params, params.kv_dtype, dev):
+            from .prefill import _single_prefill  # one query row on the prefill kernel
+            got = _single_prefill(q[None], k, v, None, None, None, False, kv_layout, "NONE", None, window_left, None,
+                                  None, None, "fa2", return_lse, k_scale, v_scale, None if out is None else out[None],
+                                  None if lse is None else lse[None], stream, variant, variant_args)
+            return (got[0][0], got[1][0]) if return_lse else got[0]
+        check_variant_run(variant, return_lse, None, scale("q_scale", q_scale) * scale("k_scale", k_scale))
     if q_scale is not None:
         params.sm_scale *= checks.float_arg("q_scale", q_scale)
     _check_q(qi, params, ())
     out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse, "(num_qo_heads, head_dim)",
                                                     "(num_qo_heads,)")
-    dev = c.device
     key = (dev, kv_len, params.num_qo_heads, hkv, params.head_dim, params.window_left, params.q_dtype,
-           params.kv_dtype, params.rope, params.alibi)
+           params.kv_dtype, params.rope, params.alibi, variant)
     plan = _single_plans.get(key, lambda: plan_decode(params, np.array([0, 1 if kv_len else 0]), np.zeros(1, np.int64),
-                                                       np.array([kv_len]), decode_num_ctas(params, params.kv_dtype, dev)))
+                                                       np.array([kv_len]), decode_num_ctas(params, params.kv_dtype, dev),
+                                                       split=None if variant is None else variant_split(variant, None)))
     plan = replace(plan, params=params)
     # Metadata lives after the partials, as in the wrapper's workspace; uploaded once per shape.
     base = single_call_meta(_single_scratch, dev, c.stream, c.framework, key, plan.meta, plan.partial_bytes())
     launch_decode(c, plan, base + plan.partial_bytes(), base, qi, kv, o, l_info, scale("k_scale", k_scale),
-                  scale("v_scale", v_scale))
+                  scale("v_scale", v_scale), variant_args=variant_args)
     return attention_result(c, out_obj, lse_obj, return_lse)
 
 
@@ -772,15 +832,10 @@ def single_decode_with_kv_cache_with_jit_module(jit_module, q, k, v, *args, kv_l
                                                 stream=None):
     """single_decode_with_kv_cache with a custom variant: jit_module from
     fi_cupy.jit.gen_customize_single_decode_module(...).build_and_load() (or an AttentionVariant); args:
-    the variant's extra parameters, tensors then scalars. Runs on the prefill kernel with one query row
-    (q (num_qo_heads, head_dim) is read as (1, num_qo_heads, head_dim))."""
-    from .prefill import _single_prefill
-    variant = as_variant(jit_module, "jit_module")
-    Call(q, stream, name="q")  # q's device and stream checked before it is indexed (no GPU: one clear error)
-    got = _single_prefill(q[None], k, v, None, None, None, False, kv_layout, "NONE", None, window_left, None, None,
-                          None, "fa2", return_lse, None, None, None if out is None else out[None],
-                          None if lse is None else lse[None], stream, variant, args)
-    return (got[0][0], got[1][0]) if return_lse else got[0]
+    the variant's extra parameters, tensors then scalars. Runs on the tensor-core decode kernel (KV of the
+    q dtype, head dims up to 256), else on the prefill kernel with one query row."""
+    return _single_decode(q, k, v, kv_layout, "NONE", None, None, None, window_left, None, None, None, None,
+                          return_lse, out, lse, stream, as_variant(jit_module, "jit_module"), args)
 
 
 @document("FlashInfer's cached batch-decode module for a custom variant.", returns="module : fi_cupy.variant.JitModule\n    The variant module, for BatchDecodeWithPagedKVCacheWrapper's jit_args.")

@@ -28,8 +28,8 @@ from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_output
                               upload)
 from ._core import dtypes as dt
 from ._core.fastdiv import fastdiv_params
-from ._core.kernels import NULL, KernelSpec, Program, f32, f64, i32, i64, ptr, struct_arg, u32
-from .variant import AttentionVariant, from_jit_args
+from ._core.kernels import NULL, KernelSpec, Program, f32, f64, i32, i64, ptr, u32
+from .variant import NO_VARIANT, AttentionVariant, check_variant_run, from_jit_args
 from ._core.docs import RUN_OPTIONS, RUN_RETURNS, document
 
 SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16)) + (512,)
@@ -313,12 +313,7 @@ def make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, po
     wl, cap, sm, rs, rt = checks.attention_options(d, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
     checks.alibi_without_soft_cap(pos_encoding_mode, cap)
     if variant is not None:
-        for name, val, default in (("pos_encoding_mode", pos_encoding_mode, "NONE"), ("sm_scale", sm_scale, None),
-                                   ("logits_soft_cap", cap, 0.0)):
-            if val != default:
-                raise NotImplementedError(f"{name}: {val!r} with custom variant {variant.name}: the variant owns the "
-                                          f"logits (its LogitsTransform and sm_scale_log2); leave {name} at "
-                                          f"{default!r}")
+        variant._refuse_owned(pos_encoding_mode, sm_scale, cap)
     return PrefillParams(num_qo_heads, num_kv_heads, d, q_dtype, kv_dtype, bool(causal) and not has_mask, wl, cap, sm,
                          pos_encoding_mode == "ROPE_LLAMA", rs, rt, page_size, pos_encoding_mode == "ALIBI",
                          0 if vo == d else vo, variant)
@@ -466,9 +461,6 @@ _num_ctas: dict = {}  # num_ctas's answers
 # Launch
 
 
-_NO_VARIANT = struct_arg("q", 0)  # the prefill kernels' parameter struct without a variant (NoVariant::Params)
-
-
 def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, q: arrays.ArrayInfo, kv: KVView,
                    paged: bool, o: arrays.ArrayInfo, l_info, k_scale: float, v_scale: float,
                    always_merge: bool = False, sinks: arrays.ArrayInfo | None = None, pe: tuple = (),
@@ -503,7 +495,7 @@ def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, 
         i32(p.head_dim), i32(p.vo), *(i64(s) for s in kv.v_strides),
         *((ptr(pe[0]), i64(pe[0].strides[0]), i64(pe[0].strides[1]), ptr(pe[1]), i64(pe[1].strides[0]),
            i64(pe[1].strides[1])) if pe else (NULL, i64(0), i64(0), NULL, i64(0), i64(0))),
-    ] + ([] if plan.tile == MLA_SM90_TILE else [_NO_VARIANT if p.variant is None else p.variant._pack(
+    ] + ([] if plan.tile == MLA_SM90_TILE else [NO_VARIANT if p.variant is None else p.variant._pack(
         c, variant_args, meta_ptr + 4 * plan.offsets["qo_indptr"], meta_ptr + 4 * plan.offsets["kv_lens"],
         p.num_qo_heads, p.num_kv_heads)]), smem=smem_bytes(p.head_dim, plan.tile, kv.dtype, p.vo))
     if always_merge or plan.num_merges:
@@ -515,14 +507,6 @@ def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, 
         ])
 
 
-def check_variant_run(variant: AttentionVariant | None, return_lse: bool, sinks) -> None:
-    """What a run() with a custom variant cannot give: an lse without softmax, attention sinks."""
-    if variant is None:
-        return
-    if return_lse and not variant.use_softmax:
-        raise NotImplementedError(f"return_lse: variant {variant.name} has no softmax (use_softmax = false), so its "
-                                  f"rows have no log-sum-exp")
-    checks.unsupported("sinks", sinks)
 
 
 def _check_q(q: arrays.ArrayInfo, p: PrefillParams, total: int) -> None:
@@ -776,7 +760,7 @@ class _PrefillWrapper(PlannedWrapper):
              variant_args: tuple = ()):
         plan = self._plan
         p = plan.params
-        check_variant_run(p.variant, return_lse, sinks)
+        check_variant_run(p.variant, return_lse, sinks, k_scale)
         c = Call(q, stream, enable_pdl, "q")
         kv = describe_kv(c)
         qi = c.arg(q, "q")
@@ -1175,7 +1159,7 @@ def _single_prefill(q, k, v, o_dtype, custom_mask, packed_custom_mask, causal, k
     params = make_params(qi.shape[1], kvv.num_kv_heads, qi.shape[2], kvv.v_head_dim, causal, pos_encoding_mode,
                          window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, qi.dtype, kvv.dtype, False,
                          has_mask=has_mask, variant=variant)
-    check_variant_run(variant, return_lse, None)
+    check_variant_run(variant, return_lse, None, scale("k_scale", k_scale))
     kvv = _check_kv_against(kvv, params)
     _check_q(qi, params, qi.shape[0])
     out_obj, o, lse_obj, l_info = attention_outputs(c, qi, out, lse, return_lse,

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from ._core import checks
 from ._core import dtypes as dt
-from ._core.kernels import StructArg, DevPtr
+from ._core.kernels import StructArg, DevPtr, struct_arg
 
 # C types of extra tensors (the array dtype they must have) and scalars (how they are packed).
 TENSOR_TYPES = {
@@ -51,6 +51,8 @@ _CPP_TENSOR = {"half": "half_t", "__half": "half_t", "nv_half": "half_t", "nv_bf
 # The fields FIC_VARIANT_PARAMS_BASE (cuda_src/common/variant.cuh) starts every Params struct with.
 PARAMS_BASE = (("fic_qo_indptr", ctypes.c_void_p), ("fic_kv_lens", ctypes.c_void_p), ("num_qo_heads", ctypes.c_int32),
                ("num_kv_heads", ctypes.c_int32))
+# The kernels' variant parameter without a variant (NoVariant::Params in cuda_src/common/variant.cuh: 8 bytes).
+NO_VARIANT = struct_arg("q", 0)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -120,6 +122,21 @@ class AttentionVariant:
         """Whether the declaration registers a QueryTransform or KeyTransform (the Hopper prefill kernel
         takes variants without them)."""
         return re.search(r"\bREGISTER_(QUERY|KEY)_TRANSFORM\b", self.decl) is not None
+
+    @property
+    def transforms_output(self) -> bool:
+        """Whether the declaration defines an OutputTransform (a decode plan then never cuts KV ranges,
+        whose lse merge assumes the default one)."""
+        return re.search(r"\bOutputTransform\b|\bREGISTER_OUTPUT_TRANSFORM\b", self.decl) is not None
+
+    def _refuse_owned(self, pos_encoding_mode: str, sm_scale, logits_soft_cap: float) -> None:
+        """NotImplementedError for the plan options that the variant owns (its logits), unless at their defaults."""
+        for name, val, default in (("pos_encoding_mode", pos_encoding_mode, "NONE"), ("sm_scale", sm_scale, None),
+                                   ("logits_soft_cap", logits_soft_cap, 0.0)):
+            if val != default:
+                raise NotImplementedError(f"{name}: {val!r} with custom variant {self.name}: the variant owns the "
+                                          f"logits (its LogitsTransform and sm_scale_log2); leave {name} at "
+                                          f"{default!r}")
 
     # -- compile ---------------------------------------------------------------------------------------
 
@@ -203,6 +220,21 @@ def _scalar(name: str, ctype: str, value):
             raise TypeError(f"{name}: expected a number ({ctype}), got {value!r}")
         return float(value)
     return checks.int_arg(name, value)
+
+
+def check_variant_run(variant: AttentionVariant | None, return_lse: bool, sinks, qk_scale: float = 1.0) -> None:
+    """What a run() with a custom variant cannot give: an lse without softmax, attention sinks, a q or k
+    scale (the variant's LogitsTransform takes the raw q.k: fold the scale into its own parameters)."""
+    if variant is None:
+        return
+    if return_lse and not variant.use_softmax:
+        raise NotImplementedError(f"return_lse: variant {variant.name} has no softmax (use_softmax = false), so its "
+                                  f"rows have no log-sum-exp")
+    checks.unsupported("sinks", sinks)
+    if qk_scale != 1.0:
+        raise NotImplementedError(f"q_scale / k_scale: {qk_scale!r} (their product) with custom variant "
+                                  f"{variant.name}: its LogitsTransform takes the raw q.k; fold the scale into the "
+                                  f"variant's own parameters and pass None")
 
 
 def from_jit_args(jit_args, where: str) -> AttentionVariant:

@@ -164,37 +164,140 @@ def test_temperature_query_transform(d, qo, kv, hq, hkv):
     _check(out, ref, dtype)
 
 
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (16, 2)])
-@pytest.mark.parametrize("page", [1, 16])
-@pytest.mark.parametrize("form", ["tuple", "module"])
-def test_sigmoid_batch_decode(hq, hkv, page, form):
-    """BatchDecodeWithPagedKVCacheWrapper with jit_args (FlashInfer's tuple, or a fi_cupy.jit module),
-    lengths 0, 1 and off every tile."""
-    dtype, d = "float16", 128
-    kv_lens = np.array([0, 1, 63, 700, 129])
-    batch = kv_lens.size
+def _paged(kv_lens, page, hkv, d, dtype, kv_dtype=None):
+    """A paged cache (k, v pair, pages shuffled, spare pages) holding requests of kv_lens, its table
+    (indptr, indices, last_page_len) and gather(b): request b's (k, v) as float64 (kv_len, hkv, d)."""
+    kv_lens = np.asarray(kv_lens)
     pages = -(-kv_lens // page)
     ip = np.concatenate([[0], np.cumsum(pages)])
     n_pages = int(ip[-1]) + 2
     perm = rng().permutation(n_pages)[: ip[-1]]
-    kc, vc = rand((n_pages, page, hkv, d), dtype), rand((n_pages, page, hkv, d), dtype)
+    kc, vc = rand((n_pages, page, hkv, d), kv_dtype or dtype), rand((n_pages, page, hkv, d), kv_dtype or dtype)
     last = np.where(pages > 0, kv_lens - (pages - 1) * page, 0)
+
+    def gather(b):
+        j = np.arange(kv_lens[b])
+        rows, slots = cp.asarray(perm[ip[b] + j // page]), cp.asarray(j % page)
+        return f64_dev(kc)[rows, slots], f64_dev(vc)[rows, slots]
+    return (kc, vc), ip, perm, last, gather
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (16, 2)])
+@pytest.mark.parametrize("page", [1, 16])
+@pytest.mark.parametrize("form", ["tuple", "module"])
+def test_sigmoid_batch_decode(hq, hkv, page, form):
+    """BatchDecodeWithPagedKVCacheWrapper with jit_args (FlashInfer's tuple, or a fi_cupy.jit module) on the
+    decode kernel, lengths 0, 1 and off every tile; a variant without softmax never cuts a request's KV."""
+    dtype, d = "float16", 128
+    kv_lens = np.array([0, 1, 63, 700, 129, 3000])
+    cache, ip, perm, last, gather = _paged(kv_lens, page, hkv, d, dtype)
     args = ("sig_decode", dtype, dtype, dtype, "int32", d, d, [], [], ["logits_scale", "sigmoid_bias"],
             ["double", "double"], SIGMOID.name, SIGMOID.decl)
     jit = args if form == "tuple" else fi_cupy.jit.gen_customize_batch_decode_module(*args)
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(cp.empty(WS, cp.uint8), jit_args=jit)
     w.plan(ip, perm, last, hq, hkv, d, page, q_data_type=dtype)
-    q = rand((batch, hq, d), dtype)
+    assert not w._via_prefill and w._plan.num_merges == 0
+    q = rand((kv_lens.size, hq, d), dtype)
     out = nan_like(q)
     scale, bias = 0.05, -0.5
-    w.run(q, (kc, vc), scale, bias, out=out)
-    for b in range(batch):
-        rows = np.concatenate([perm[ip[b] + j // page:ip[b] + j // page + 1] for j in range(kv_lens[b])]) \
-            if kv_lens[b] else np.zeros(0, int)
-        slots = np.arange(kv_lens[b]) % page
-        kb = f64_dev(kc)[cp.asarray(rows), cp.asarray(slots)]
-        vb = f64_dev(vc)[cp.asarray(rows), cp.asarray(slots)]
+    w.run(q, cache, scale, bias, out=out)
+    for b in range(kv_lens.size):
+        kb, vb = gather(b)
         _check_sigmoid(out[b:b + 1], q[b:b + 1], kb, vb, scale, bias, False, dtype)
+
+
+# Test-only variants for the hooks no example uses: a per-dim key scale (KeyTransform) and a per-head
+# output gate (OutputTransform, which keeps a decode plan from cutting KV ranges).
+KEY_SCALE = fi_cupy.AttentionVariant("KeyScale", r"""
+struct KeyScale : AttentionVariantBase {
+  template <typename Params>
+  __device__ KeyScale(const Params& params, uint32_t batch_idx, uint8_t* smem) {
+    sm_scale_log2 = params.sm_scale * math::log2e;
+  }
+  REGISTER_KEY_TRANSFORM(params, k, batch_idx, kv_idx, kv_head_idx, dim, {
+    return k * params.k_mul[kv_head_idx * params.head_dim + dim];
+  })
+};
+""", tensors=[("k_mul", "float")], scalars=[("sm_scale", "double"), ("head_dim", "int32_t")])
+GATE = fi_cupy.AttentionVariant("OutputGate", r"""
+struct OutputGate : AttentionVariantBase {
+  template <typename Params>
+  __device__ OutputGate(const Params& params, uint32_t batch_idx, uint8_t* smem) {
+    sm_scale_log2 = params.sm_scale * math::log2e;
+  }
+  REGISTER_OUTPUT_TRANSFORM(params, output, batch_idx, qo_idx, qo_head_idx, m, d, scale, {
+    return d > 0.f ? output * scale * params.gate[qo_head_idx] / d : 0.f;
+  })
+};
+""", tensors=[("gate", "float")], scalars=[("sm_scale", "double")])
+
+
+@pytest.mark.parametrize("name", ["softmax", "doc_mask", "alibi", "temperature", "key_scale", "gate"])
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (8, 2), (16, 2)])
+@pytest.mark.parametrize("page,d", [(16, 128), (1, 64), (7, 256)])
+def test_decode_kernel_variants(name, hq, hkv, page, d):
+    """Softmax variants on the tensor-core decode kernel: each hook (logits mask and transform, query, key
+    and output transforms) at groups 1, 4 and 8, pages 1, 7 and 16, head dims 64 / 128 / 256, lengths 0, 1,
+    off the tiles and long enough that the plan cuts a request's KV over several CTAs (merged by their lse)
+    unless the variant has its own OutputTransform. lse against the reference's."""
+    dtype = "bfloat16"
+    kv_lens = np.array([0, 1, 37, 700, 9000])
+    cache, ip, perm, last, gather = _paged(kv_lens, page, hkv, d, dtype)
+    q = rand((kv_lens.size, hq, d), dtype)
+    sm = 1 / math.sqrt(d)
+    stride = int(kv_lens.max())
+    ids = _doc_ids(kv_lens, stride)
+    temp = cp.asarray(rng().uniform(0.5, 2.0, hq).astype(np.float32))
+    k_mul = cp.asarray(rng().uniform(0.5, 1.5, (hkv, d)).astype(np.float32))
+    gate = cp.asarray(rng().uniform(-1.0, 1.0, hq).astype(np.float32))
+    variant, args = {"softmax": (SOFTMAX, (sm,)), "doc_mask": (DOC_MASK, (cp.asarray(ids.ravel()), stride, sm)),
+                     "alibi": (ALIBI, (cp.asarray(alibi_slopes(hq)), sm)), "temperature": (TEMPERATURE, (temp, sm)),
+                     "key_scale": (KEY_SCALE, (k_mul.ravel(), sm, d)), "gate": (GATE, (gate, sm))}[name]
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(cp.empty(WS, cp.uint8), jit_args=variant)
+    w.plan(ip, perm, last, hq, hkv, d, page, q_data_type=dtype)
+    assert not w._via_prefill
+    assert (w._plan.num_merges > 0) == (name != "gate")
+    out = nan_like(q)
+    o, lse = w.run(q, cache, *args, out=out, return_lse=True)
+    for b in range(kv_lens.size):
+        kb, vb = gather(b)
+        qb = f64_dev(q[b:b + 1])
+        mask = None
+        if name == "temperature":  # the kernel rounds q / t to bf16, as the reference's q here
+            qb = f64_dev(cast((qb / cp.asarray(temp, cp.float64)[None, :, None]).astype(cp.float32), dtype))
+        if name == "key_scale":
+            kb = f64_dev(cast((kb * cp.asarray(k_mul, cp.float64)[None]).astype(cp.float32), dtype))
+        if name == "doc_mask":
+            n = int(kv_lens[b])
+            mask = (ids[b, max(n - 1, 0)] == ids[b, :n])[None, :]
+        ref_o, ref_lse = reference.prefill_attention(qb, kb, vb, sm_scale=sm, custom_mask=mask, alibi=name == "alibi")
+        if name == "gate":
+            ref_o = ref_o * cp.asarray(gate, cp.float64)[None, :, None]
+        _check(out[b:b + 1], ref_o, dtype)
+        assert_lse_close(cp.asnumpy(lse[b:b + 1]), cp.asnumpy(ref_lse))
+
+
+def test_decode_variant_routes():
+    """fp8 KV (not the tensor-core decode kernel's) runs a variant on the prefill kernel, with the same
+    answer as the default decode; a q or k scale beside a variant is refused (its logits are raw q.k)."""
+    hq, hkv, d, page = 8, 2, 128, 16
+    kv_lens = np.array([5, 300, 2000])
+    cache, ip, perm, last, _ = _paged(kv_lens, page, hkv, d, "bfloat16", "float8_e4m3fn")
+    q = rand((kv_lens.size, hq, d), "bfloat16")
+    outs = []
+    for jit in (None, SOFTMAX):
+        w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(cp.empty(WS, cp.uint8), jit_args=jit)
+        w.plan(ip, perm, last, hq, hkv, d, page, q_data_type="bfloat16", kv_data_type="float8_e4m3fn")
+        assert w._via_prefill == (jit is not None)
+        outs.append(f64(w.run(q, cache, *(() if jit is None else (1 / math.sqrt(d),)))))
+    assert_close(outs[1], outs[0], "bfloat16")
+    cache, ip, perm, last, _ = _paged(kv_lens, page, hkv, d, "bfloat16")
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(cp.empty(WS, cp.uint8), jit_args=SOFTMAX)
+    w.plan(ip, perm, last, hq, hkv, d, page, q_data_type="bfloat16")
+    with pytest.raises(NotImplementedError, match="k_scale"):
+        w.run(q, cache, 0.1, k_scale=0.5)
+    with pytest.raises(NotImplementedError, match="sm_scale"):
+        w.plan(ip, perm, last, hq, hkv, d, page, q_data_type="bfloat16", sm_scale=0.1)
 
 
 @pytest.mark.parametrize("kv", [0, 1, 254, 4097])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fi_cupy
-from fi_cupy import prefill
+from fi_cupy import decode, prefill
 from fi_cupy._core import compile as cc
 from fi_cupy._core import dtypes as dt
 from fi_cupy.variant import AttentionVariant, from_jit_args
@@ -35,6 +35,39 @@ def test_examples_compile(name, arch):
         assert main in usage, f"no ptxas report for {main}"
         if d <= 128:
             assert usage[main]["spill_stores"] == 0, f"{name} d{d} {arch}: {usage[main]}"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_examples_compile_decode(name, arch):
+    """Every example in the tensor-core decode kernel at groups 1, 4 and 8 and head dims 64 / 128 / 256, no
+    spills; fp8 KV and head_dim 512 are not that kernel's (decode runs those variants on the prefill kernel)."""
+    for d, group in ((64, 1), (128, 4), (128, 8), (256, 8)):
+        params = decode.make_params(2 * group, 2, d, 16, "NONE", -1, None, "bfloat16", None, None, None, None,
+                                    EXAMPLES[name])
+        assert decode.takes_variant(params, params.kv_dtype)
+        prog, _ = decode.decode_variant(params, params.kv_dtype)
+        got = prog.compile(arch)
+        main = got.lowered[prog.kernels[0].name_expr]
+        usage = cc.resource_usage(got.log)[main]
+        assert usage["spill_stores"] == 0, f"{name} d{d} group {group} {arch}: {usage}"
+    fp8 = decode.make_params(8, 2, 128, 16, "NONE", -1, None, "bfloat16", "float8_e4m3fn", None, None, None,
+                             EXAMPLES[name])
+    wide = decode.make_params(8, 2, 512, 16, "NONE", -1, None, "bfloat16", None, None, None, None, EXAMPLES[name])
+    assert not decode.takes_variant(fp8, fp8.kv_dtype) and not decode.takes_variant(wide, wide.kv_dtype)
+
+
+def test_decode_split_rule():
+    """A decode plan cuts KV ranges (merged by their lse) only for softmax variants without an
+    OutputTransform; the options a variant owns are refused at plan."""
+    gate = AttentionVariant("G", "struct G : AttentionVariantBase {\n REGISTER_OUTPUT_TRANSFORM(params, output, "
+                                 "batch_idx, qo_idx, qo_head_idx, m, d, scale, { return output; })\n};")
+    assert decode.variant_split(EXAMPLES["softmax"], None) is None and decode.variant_split(DOC_MASK, 64) == 64
+    assert decode.variant_split(SIGMOID, None) == 0 and decode.variant_split(gate, None) == 0
+    with pytest.raises(NotImplementedError, match="logits_soft_cap"):
+        decode.make_params(8, 2, 128, 16, "NONE", -1, 30.0, "bfloat16", None, None, None, None, SIGMOID)
+    with pytest.raises(NotImplementedError, match="pos_encoding_mode"):
+        decode.make_params(8, 2, 128, 16, "ALIBI", -1, None, "bfloat16", None, None, None, None, SIGMOID)
 
 
 def test_example_compiles_with_fp8_kv():
