@@ -517,16 +517,9 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
         for (int i = 0; i < kChunks / 2; ++i) {
           const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
           const int tok = first + t * tile_stride + row;
-          if (tok < end) {
-            uint4* at = reinterpret_cast<uint4*>(kt + row * RS + col);
-            float x[8];
-            unpack8<T>(*at, x);
-#pragma unroll
-            for (int e = 0; e < 8; ++e)
-              x[e] = var.KeyTransform(vparams, x[e], (uint32_t)request, (uint32_t)tok, (uint32_t)kv_head, col + e);
-            *at = make_uint4(pack2(T(), x[0], x[1]), pack2(T(), x[2], x[3]), pack2(T(), x[4], x[5]),
-                             pack2(T(), x[6], x[7]));
-          }
+          if (tok < end)
+            variant_key_chunk<T>(*reinterpret_cast<uint4*>(kt + row * RS + col), var, vparams, request, tok, kv_head,
+                                 col);
         }
       }
       __syncwarp();  // ldmatrix reads rows other lanes copied

@@ -59,8 +59,6 @@ __device__ __forceinline__ void mla_copy_row(unsigned char* tile, int row, const
 
 // Named barriers between the two warpgroups (id 0 is __syncthreads).
 constexpr int kBarPFull = 1, kBarPFree = 2;
-__device__ __forceinline__ void bar_sync(int id) { asm volatile("bar.sync %0, 256;" ::"r"(id) : "memory"); }
-__device__ __forceinline__ void bar_arrive(int id) { asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory"); }
 
 template <typename T>
 __global__ void __launch_bounds__(256, 1)
@@ -143,14 +141,14 @@ mla_sm90_kernel(FIC_PREFILL_PARAMS(T, T)) {
       offsets(1);
       issue(1);
       offsets(2);
-      bar_arrive(kBarPFree);  // the P tile is free for tile 0
+      bar_arrive(kBarPFree, 256);  // the P tile is free for tile 0
 
       for (int t = 0; t < n_tiles; ++t) {
         const unsigned n = gt + t, stage = n % C::kStages;
         mbarrier_wait(full + stage, (n / C::kStages) & 1);
         fence_proxy_async();
         const unsigned k_addr = q_addr + C::kQBytes + stage * C::kTileBytes;
-        bar_sync(kBarPFull);  // P and the rescale factors of tile t
+        bar_sync(kBarPFull, 256);  // P and the rescale factors of tile t
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float alpha = red[wq * 16 + g + 8 * h];
@@ -171,7 +169,7 @@ mla_sm90_kernel(FIC_PREFILL_PARAMS(T, T)) {
         wgmma_hold(o[0]);
         __syncwarp();
         if (lane == 0) mbarrier_arrive_cta(empty + stage);  // this warp is done with the stage
-        bar_arrive(kBarPFree);  // P (and the factors) read
+        bar_arrive(kBarPFree, 256);  // P (and the factors) read
         issue(t + 2);
         offsets(t + 3);
       }
@@ -206,7 +204,7 @@ mla_sm90_kernel(FIC_PREFILL_PARAMS(T, T)) {
         unsigned pa[KV / 16][1][4];
 #pragma unroll
         for (int kk = 0; kk < KV / 16; ++kk) make_p<T>(pa[kk], s, kk, ms, dsum, scale);
-        bar_sync(kBarPFree);  // warpgroup 1 is done with the previous P and factors
+        bar_sync(kBarPFree, 256);  // warpgroup 1 is done with the previous P and factors
 #pragma unroll
         for (int h = 0; h < 2; ++h)
           if (c == 0) red[wq * 16 + g + 8 * h] = ptx_exp2(m_old[h] * scale - ms[0][h]);
@@ -218,7 +216,7 @@ mla_sm90_kernel(FIC_PREFILL_PARAMS(T, T)) {
             *reinterpret_cast<unsigned*>(smem + C::kPOffset + sw128_offset<64>(wq * 16 + g + 8 * (r & 1), 2 * kk + r / 2) +
                                          4 * c) = pa[kk][0][r];
         fence_proxy_async();  // P (generic-proxy stores) visible to warpgroup 1's wgmma
-        bar_arrive(kBarPFull);
+        bar_arrive(kBarPFull, 256);
 
         // O[:, 0:256] += P V, P from registers, V = the tile's ckv columns 0 .. 255 read transposed.
         wgmma_hold(o[0]);
@@ -232,7 +230,7 @@ mla_sm90_kernel(FIC_PREFILL_PARAMS(T, T)) {
         __syncwarp();
         if (lane == 0) mbarrier_arrive_cta(empty + stage);  // this warp is done with the stage
       }
-      bar_sync(kBarPFree);  // warpgroup 1's last P V is done (and the arrivals balance)
+      bar_sync(kBarPFree, 256);  // warpgroup 1's last P V is done (and the arrivals balance)
       // The rows' maxima and sums for warpgroup 1's epilogue.
 #pragma unroll
       for (int h = 0; h < 2; ++h) {

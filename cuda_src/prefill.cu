@@ -135,12 +135,7 @@ __device__ __forceinline__ void variant_transform_q(T* q_s, Var& var, const P& p
     const int row = idx / (D / 8), ch = idx % (D / 8), p = w.p0 + row;
     if (p >= w.packed_len || ch * 8 >= head_dim_qk) continue;
     const int ti = p / group_size, h = w.kv_head * group_size + p - ti * group_size;
-    uint4* at = reinterpret_cast<uint4*>(q_s + swz<D>(row, ch));
-    float x[8];
-    unpack8<T>(*at, x);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) x[e] = var.QueryTransform(params, x[e], w.req, ti, h, ch * 8 + e);
-    *at = make_uint4(pack2(T(), x[0], x[1]), pack2(T(), x[2], x[3]), pack2(T(), x[4], x[5]), pack2(T(), x[6], x[7]));
+    variant_query_chunk<T>(*reinterpret_cast<uint4*>(q_s + swz<D>(row, ch)), var, params, w.req, ti, h, ch * 8);
   }
 }
 
@@ -151,12 +146,7 @@ __device__ __forceinline__ void variant_transform_k(T* k_s, Var& var, const P& p
   for (int idx = tid; idx < KV * (D / 8); idx += THREADS) {
     const int row = idx / (D / 8), ch = idx % (D / 8), j = j0 + row;
     if (j >= w.hi || ch * 8 >= head_dim_qk) continue;
-    uint4* at = reinterpret_cast<uint4*>(k_s + swz<D>(row, ch));
-    float x[8];
-    unpack8<T>(*at, x);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) x[e] = var.KeyTransform(params, x[e], w.req, j, w.kv_head, ch * 8 + e);
-    *at = make_uint4(pack2(T(), x[0], x[1]), pack2(T(), x[2], x[3]), pack2(T(), x[4], x[5]), pack2(T(), x[6], x[7]));
+    variant_key_chunk<T>(*reinterpret_cast<uint4*>(k_s + swz<D>(row, ch)), var, params, w.req, j, w.kv_head, ch * 8);
   }
 }
 

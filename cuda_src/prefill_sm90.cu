@@ -42,15 +42,16 @@ struct PrefillSm90Cfg {
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA may have");
 };
 
-// VAR: a custom attention variant (common/variant.cuh; NoVariant: none) without Query/Key transforms (those
-// rewrite shared-memory tiles, which here would need a CTA-wide barrier a tile), its parameters in vparams.
+// VAR: a custom attention variant (common/variant.cuh; NoVariant: none) without a Key transform (it would
+// rewrite every K tile, which here would need a CTA-wide barrier a tile), its parameters in vparams. A
+// Query transform rewrites the Q tile once an item, each warp its own rows, before the warpgroup's first wgmma.
 template <int D, typename T, bool PAGED, int FLAGS, typename VAR = NoVariant>
 __global__ void __launch_bounds__(256, 1)
 prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T), const __grid_constant__ typename VAR::Params vparams) {
   using C = PrefillSm90Cfg<D>;
   using Var = typename VAR::Variant;
-  static_assert(!VAR::kActive || ((FLAGS & ~kCustomMask) == 0 && !Var::kQueryTransform && !Var::kKeyTransform),
-                "Hopper variants: no soft cap, no Query/Key transforms");
+  static_assert(!VAR::kActive || ((FLAGS & ~kCustomMask) == 0 && !Var::kKeyTransform),
+                "Hopper variants: no soft cap, no Key transform");
   constexpr int KV = C::kKV, NB = KV / 8, DB = D / 8, KS = D / 16, kChunks = D / 8, kThreads = C::kThreads;
   pdl_begin();
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -148,6 +149,20 @@ prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T), const __grid_constant__ typename V
     load_pages(1);
     issue(1);
     load_pages(2);
+    if constexpr (Var::kQueryTransform) {  // each lane transforms the Q chunks it copied, once they land
+      cp_async_wait_all();
+#pragma unroll
+      for (int i = 0; i < 16 * kChunks / 32; ++i) {
+        const int idx = i * 32 + lane, row = warp * 16 + idx / kChunks, ch = idx % kChunks, p = p0 + row;
+        if (p < packed_len) {
+          const int tok = p / group_size, h = kv_head * group_size + p - tok * group_size;
+          variant_query_chunk<T>(*reinterpret_cast<uint4*>(smem + sw128_offset<C::kRows>(row, ch)), var, vparams,
+                                 w.req, tok, h, ch * 8);
+        }
+      }
+      fence_proxy_async();   // the rewritten rows visible to wgmma
+      bar_sync(1 + wg, 128); // the warpgroup's 64 rows done before its first wgmma reads them
+    }
 
     const long long mask_base = masked ? mask_offset[w.req] * 8 : 0;
 

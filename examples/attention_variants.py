@@ -7,17 +7,19 @@ bench/bench_jit.py; the README shows the first.
 from fi_cupy import AttentionVariant
 
 # FlashSigmoid-style attention: sigmoid(q.k * scale + bias) weighs V directly, no softmax normalisation.
+# Written as (1 + tanh(x / 2)) / 2: one hardware tanh a score, where 1 / (1 + exp(-x)) takes an exp and a
+# reciprocal (two of the special-function unit's slow instructions; softmax takes one exp a score).
 SIGMOID = AttentionVariant("SigmoidAttention", r"""
 struct SigmoidAttention : AttentionVariantBase {
   static constexpr bool use_softmax = false;
-  float scale_log2, bias_log2;  // sigmoid(x) = 1 / (1 + 2^(-x log2 e))
+  float half_scale, half_bias;
   template <typename Params>
   __device__ SigmoidAttention(const Params& params, uint32_t batch_idx, uint8_t* smem) {
-    scale_log2 = params.logits_scale * math::log2e;
-    bias_log2 = params.sigmoid_bias * math::log2e;
+    half_scale = 0.5f * params.logits_scale;
+    half_bias = 0.5f * params.sigmoid_bias;
   }
   REGISTER_LOGITS_TRANSFORM(params, logits, batch_idx, qo_idx, kv_idx, qo_head_idx, kv_head_idx, {
-    return math::ptx_rcp(1.f + math::ptx_exp2(-(logits * scale_log2 + bias_log2)));
+    return fmaf(0.5f, math::tanh(fmaf(logits, half_scale, half_bias)), 0.5f);
   })
 };
 """, scalars=[("logits_scale", "double"), ("sigmoid_bias", "double")])
@@ -83,5 +85,31 @@ struct PlainSoftmax : AttentionVariantBase {
 };
 """, scalars=[("sm_scale", "double")])
 
+# A learned per-dimension key scale (KeyTransform): k[h, i] * k_mul[h * head_dim + i], softmax as usual.
+KEY_SCALE = AttentionVariant("KeyScale", r"""
+struct KeyScale : AttentionVariantBase {
+  template <typename Params>
+  __device__ KeyScale(const Params& params, uint32_t batch_idx, uint8_t* smem) {
+    sm_scale_log2 = params.sm_scale * math::log2e;
+  }
+  REGISTER_KEY_TRANSFORM(params, k, batch_idx, kv_idx, kv_head_idx, dim, {
+    return k * params.k_mul[kv_head_idx * params.head_dim + dim];
+  })
+};
+""", tensors=[("k_mul", "float")], scalars=[("sm_scale", "double"), ("head_dim", "int32_t")])
+
+# A per-head output gate (OutputTransform): each head's softmax output times gate[head].
+GATE = AttentionVariant("OutputGate", r"""
+struct OutputGate : AttentionVariantBase {
+  template <typename Params>
+  __device__ OutputGate(const Params& params, uint32_t batch_idx, uint8_t* smem) {
+    sm_scale_log2 = params.sm_scale * math::log2e;
+  }
+  REGISTER_OUTPUT_TRANSFORM(params, output, batch_idx, qo_idx, qo_head_idx, m, d, scale, {
+    return d > 0.f ? output * scale * params.gate[qo_head_idx] / d : 0.f;
+  })
+};
+""", tensors=[("gate", "float")], scalars=[("sm_scale", "double")])
+
 EXAMPLES = {"sigmoid": SIGMOID, "doc_mask": DOC_MASK, "alibi": ALIBI, "temperature": TEMPERATURE,
-            "softmax": SOFTMAX}
+            "softmax": SOFTMAX, "key_scale": KEY_SCALE, "gate": GATE}

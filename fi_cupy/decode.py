@@ -400,7 +400,8 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
                  paged_kv_last_page_len_buffer=None, backend: str = "auto", jit_args=None):
         self._backend = backend_arg(backend, DECODE_BACKENDS)
         self._use_tensor_cores = checks.flag("use_tensor_cores", use_tensor_cores)
-        # a custom attention variant (fi_cupy/variant.py): decode runs it on the paged prefill kernel
+        # a custom attention variant (fi_cupy/variant.py): on the tensor-core decode kernel where it takes one
+        # (takes_variant), else on the paged prefill kernel
         self._variant = None if jit_args is None else from_jit_args(jit_args, "BatchDecodeWithPagedKVCacheWrapper")
         super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, None, LAYOUTS)
         # CUDA graphs: FlashInfer's kernels read these buffers, which plan() fills; ours read the
@@ -619,7 +620,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
 
     def _plan_multi(self, params: DecodeParams, ip, ix, lp, q_len: int, causal: bool, kw: dict, non_blocking: bool,
                     dry: bool, fast: bool):
-        """q_len_per_req > 1 (or a custom variant) runs the paged prefill kernel: request b's queries are
+        """q_len_per_req > 1 (or a custom variant the decode kernel cannot take) runs the paged prefill kernel: request b's queries are
         rows b * q_len .. (b + 1) * q_len of q, the last q_len positions of its KV."""
         from . import prefill  # it takes every head dim decode does
         if self._multi is None:

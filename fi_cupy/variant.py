@@ -1,7 +1,7 @@
 """Custom attention variants compiled at run time: a C++ struct of hooks (how logits are transformed
 and masked, how queries, keys and outputs are transformed) and its extra parameters, compiled with
-NVRTC into the portable prefill kernel (cuda_src/prefill.cu, hooks in cuda_src/common/variant.cuh) in
-about a second, cached on disk like every kernel.
+NVRTC into the attention kernels (hooks in cuda_src/common/variant.cuh) in about a second, cached on
+disk like every kernel.
 
 Two ways to declare one:
 - `AttentionVariant(name, decl, tensors=[(name, C type)], scalars=[(name, C type)])`, for new code;
@@ -16,12 +16,14 @@ parameters as params.<name>, params.get_qo_len / get_kv_len); cuda_src/common/va
 hooks and their arguments.
 
 What a variant runs on: the prefill kernels (the portable one, and on sm_90a the Hopper one for variants
-without Query/Key transforms at head dims 64 / 128, as "auto" / "fa3" pick it), for single, ragged and paged
-prefill, and for decode through the paged prefill kernel; q fp16/bf16, K/V the q dtype or
-fp8; causal, sliding window and custom masks apply besides the variant's own mask. A variant's plan
-never cuts a request's KV range (its output is formed in one place, so OutputTransform sees whole
-rows). Not with one: RoPE on the fly, ALiBi, logits_soft_cap, sm_scale (the variant owns the logits),
-attention sinks; lse only for softmax variants.
+without a Key transform at head dims 64 / 128, as "auto" / "fa3" pick it), for single, ragged and paged
+prefill; decode on the tensor-core decode kernel (K/V of the q dtype, head dims up to 256: takes_variant in
+fi_cupy/decode.py), else through the paged prefill kernel; q fp16/bf16, K/V the q dtype or fp8; causal,
+sliding window and custom masks apply besides the variant's own mask. A prefill plan never cuts a request's
+KV range (its output is formed in one place, so OutputTransform sees whole rows); a decode plan cuts only for
+softmax variants without an OutputTransform (decode.variant_split). Not with one: RoPE on the fly, ALiBi,
+logits_soft_cap, sm_scale, q / k scales (the variant owns the logits), attention sinks; lse only for softmax
+variants.
 """
 from __future__ import annotations
 
@@ -118,10 +120,10 @@ class AttentionVariant:
         return m is None or m.group(1) == "true"
 
     @property
-    def transforms_qk(self) -> bool:
-        """Whether the declaration registers a QueryTransform or KeyTransform (the Hopper prefill kernel
-        takes variants without them)."""
-        return re.search(r"\bREGISTER_(QUERY|KEY)_TRANSFORM\b", self.decl) is not None
+    def transforms_k(self) -> bool:
+        """Whether the declaration registers a KeyTransform (the Hopper prefill kernel takes variants without
+        one)."""
+        return re.search(r"\bREGISTER_KEY_TRANSFORM\b", self.decl) is not None
 
     @property
     def transforms_output(self) -> bool:

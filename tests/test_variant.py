@@ -17,7 +17,7 @@ import pytest
 import fi_cupy
 from fi_cupy import reference
 from fi_cupy._core.alibi import slopes as alibi_slopes
-from attention_variants import ALIBI, DOC_MASK, SIGMOID, SOFTMAX, TEMPERATURE
+from attention_variants import ALIBI, DOC_MASK, GATE, KEY_SCALE, SIGMOID, SOFTMAX, TEMPERATURE
 from gpu_arrays import cast, f64, f64_dev, nan_like, rand, rng
 from tolerances import assert_close, assert_lse_close
 
@@ -150,17 +150,48 @@ def test_alibi_variant_matches_builtin(dtype, qo, kv):
     _check(builtin, ref, dtype)
 
 
+@pytest.mark.parametrize("backend", ["fa2", "auto"])
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("qo,kv,hq,hkv", [(1, 1, 4, 4), (129, 200, 8, 2), (3, 1000, 8, 1)])
-def test_temperature_query_transform(d, qo, kv, hq, hkv):
+@pytest.mark.parametrize("qo,kv,hq,hkv", [(1, 1, 4, 4), (129, 200, 8, 2), (3, 1000, 8, 1), (300, 77, 4, 4)])
+def test_temperature_query_transform(backend, d, qo, kv, hq, hkv):
+    """QueryTransform on both prefill kernels ("auto": the Hopper one on sm_90a past 64 packed rows)."""
     dtype = "bfloat16"
     q, k, v = rand((qo, hq, d), dtype), rand((kv, hkv, d), dtype), rand((kv, hkv, d), dtype)
     temp = cp.asarray(rng().uniform(0.5, 2.0, hq).astype(np.float32))
     sm = 1 / math.sqrt(d)
-    out = fi_cupy.single_prefill_with_kv_cache_with_jit_module(TEMPERATURE, q, k, v, temp, sm)
+    mod = fi_cupy.jit.gen_customize_single_prefill_module(
+        backend, "temp", dtype, dtype, dtype, d, d, ["temperature"], ["float"], ["sm_scale"], ["double"],
+        TEMPERATURE.name, TEMPERATURE.decl).build_and_load()
+    out = fi_cupy.single_prefill_with_kv_cache_with_jit_module(mod, q, k, v, temp, sm, out=nan_like(q))
     # the kernel rounds q / t to bf16 in shared memory: the reference takes the same rounded q
     qt = f64_dev(cast((f64_dev(q) / cp.asarray(temp, cp.float64)[None, :, None]).astype(cp.float32), dtype))
     ref, _ = reference.prefill_attention(qt, f64_dev(k), f64_dev(v), sm_scale=sm)
+    _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", ["fa2", "auto"])
+@pytest.mark.parametrize("name", ["key_scale", "gate"])
+@pytest.mark.parametrize("qo,kv,hq,hkv,causal", [(7, 300, 4, 4, False), (200, 330, 8, 2, True), (130, 0, 4, 1, True)])
+def test_key_and_output_transforms_prefill(backend, name, qo, kv, hq, hkv, causal):
+    """KeyTransform (the portable kernel, whatever the backend asks) and OutputTransform (both kernels) in
+    single prefill, d128 bf16."""
+    dtype, d = "bfloat16", 128
+    q, k, v = rand((qo, hq, d), dtype), rand((kv, hkv, d), dtype), rand((kv, hkv, d), dtype)
+    sm = 1 / math.sqrt(d)
+    k_mul = cp.asarray(rng().uniform(0.5, 1.5, (hkv, d)).astype(np.float32))
+    gate = cp.asarray(rng().uniform(-1.0, 1.0, hq).astype(np.float32))
+    variant, args = (KEY_SCALE, (k_mul.ravel(), sm, d)) if name == "key_scale" else (GATE, (gate, sm))
+    mod = fi_cupy.jit.gen_customize_single_prefill_module(
+        backend, name, dtype, dtype, dtype, d, d, [t for t, _ in variant.tensors], [c for _, c in variant.tensors],
+        [t for t, _ in variant.scalars], [c for _, c in variant.scalars], variant.name, variant.decl).build_and_load()
+    out = fi_cupy.single_prefill_with_kv_cache_with_jit_module(mod, q, k, v, *args, mask_mode=int(causal),
+                                                               out=nan_like(q))
+    kr = f64_dev(k)
+    if name == "key_scale":  # the kernel rounds k * k_mul to bf16 in shared memory
+        kr = f64_dev(cast((kr * cp.asarray(k_mul, cp.float64)[None]).astype(cp.float32), dtype))
+    ref, _ = reference.prefill_attention(f64_dev(q), kr, f64_dev(v), causal=causal, sm_scale=sm)
+    if name == "gate":
+        ref = ref * cp.asarray(gate, cp.float64)[None, :, None]
     _check(out, ref, dtype)
 
 
@@ -204,32 +235,6 @@ def test_sigmoid_batch_decode(hq, hkv, page, form):
     for b in range(kv_lens.size):
         kb, vb = gather(b)
         _check_sigmoid(out[b:b + 1], q[b:b + 1], kb, vb, scale, bias, False, dtype)
-
-
-# Test-only variants for the hooks no example uses: a per-dim key scale (KeyTransform) and a per-head
-# output gate (OutputTransform, which keeps a decode plan from cutting KV ranges).
-KEY_SCALE = fi_cupy.AttentionVariant("KeyScale", r"""
-struct KeyScale : AttentionVariantBase {
-  template <typename Params>
-  __device__ KeyScale(const Params& params, uint32_t batch_idx, uint8_t* smem) {
-    sm_scale_log2 = params.sm_scale * math::log2e;
-  }
-  REGISTER_KEY_TRANSFORM(params, k, batch_idx, kv_idx, kv_head_idx, dim, {
-    return k * params.k_mul[kv_head_idx * params.head_dim + dim];
-  })
-};
-""", tensors=[("k_mul", "float")], scalars=[("sm_scale", "double"), ("head_dim", "int32_t")])
-GATE = fi_cupy.AttentionVariant("OutputGate", r"""
-struct OutputGate : AttentionVariantBase {
-  template <typename Params>
-  __device__ OutputGate(const Params& params, uint32_t batch_idx, uint8_t* smem) {
-    sm_scale_log2 = params.sm_scale * math::log2e;
-  }
-  REGISTER_OUTPUT_TRANSFORM(params, output, batch_idx, qo_idx, qo_head_idx, m, d, scale, {
-    return d > 0.f ? output * scale * params.gate[qo_head_idx] / d : 0.f;
-  })
-};
-""", tensors=[("gate", "float")], scalars=[("sm_scale", "double")])
 
 
 @pytest.mark.parametrize("name", ["softmax", "doc_mask", "alibi", "temperature", "key_scale", "gate"])
@@ -339,8 +344,8 @@ def test_variant_refusals():
     w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(ws, jit_args=SIGMOID)
     with pytest.raises(NotImplementedError, match="logits_soft_cap"):
         w.plan(np.array([0, 4]), np.array([0, 4]), 4, 4, 64, logits_soft_cap=30.0)
-    with pytest.raises(ValueError, match="Query/Key transforms"):
-        fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(ws, backend="fa3", jit_args=TEMPERATURE).plan(
+    with pytest.raises(ValueError, match="Key transform"):
+        fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(ws, backend="fa3", jit_args=KEY_SCALE).plan(
             np.array([0, 4]), np.array([0, 4]), 4, 4, 64)
     w.plan(np.array([0, 4]), np.array([0, 4]), 4, 4, 64)
     q, k = rand((4, 4, 64), "float16"), rand((4, 4, 64), "float16")

@@ -13,7 +13,7 @@ from fi_cupy import decode, prefill
 from fi_cupy._core import compile as cc
 from fi_cupy._core import dtypes as dt
 from fi_cupy.variant import AttentionVariant, from_jit_args
-from attention_variants import DOC_MASK, EXAMPLES, SIGMOID, TEMPERATURE
+from attention_variants import DOC_MASK, EXAMPLES, KEY_SCALE, SIGMOID, TEMPERATURE
 
 
 def _program(variant, d, kv_dtype=dt.bfloat16, rows=1000):
@@ -131,14 +131,14 @@ def test_options_a_variant_owns_are_refused():
             prefill.make_params(4, 4, 64, None, False, opts["pos_encoding_mode"], -1, opts["logits_soft_cap"],
                                 opts["sm_scale"], None, None, "float16", None, False, variant=SIGMOID)
     params = prefill.make_params(4, 4, 64, None, False, "NONE", -1, None, None, None, None, "float16", None, False,
-                                 variant=TEMPERATURE)
-    with pytest.raises(ValueError, match="custom variant with Query/Key transforms"):
+                                 variant=KEY_SCALE)
+    with pytest.raises(ValueError, match="custom variant with a Key transform"):
         prefill.plan_tile(params, np.array([200]), False, "fa3")
 
 
-@pytest.mark.parametrize("name", sorted(n for n, v in EXAMPLES.items() if not v.transforms_qk))
+@pytest.mark.parametrize("name", sorted(n for n, v in EXAMPLES.items() if not v.transforms_k))
 def test_examples_compile_for_the_hopper_kernel(name):
-    """Variants without Query/Key transforms also run on the Hopper kernel (sm_90a, head dims 64 / 128); the
+    """Variants without a Key transform also run on the Hopper kernel (sm_90a, head dims 64 / 128); the
     logits-only ones without spills (a per-key mask that loads from memory spills some)."""
     for d in (64, 128):
         prog = prefill.prefill_program(d, prefill.SM90_TILE, dt.bfloat16, dt.bfloat16, True, False, 0, d,

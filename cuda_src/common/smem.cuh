@@ -16,4 +16,13 @@ __device__ __forceinline__ unsigned smem_u32(const void* p) {
 // in 1000 runs without it).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// Named barrier `id` (1 to 15: 0 is __syncthreads) over `threads` threads, a multiple of 32: sync waits for
+// them all, arrive counts this warp in without waiting.
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 }  // namespace fic

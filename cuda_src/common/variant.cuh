@@ -1,6 +1,6 @@
 // Custom attention variants (fi_cupy/variant.py): the hooks a user's C++ struct defines, compiled into the
-// prefill kernels (cuda_src/prefill.cu; prefill_sm90.cu for variants without Query/Key transforms) at run
-// time with NVRTC. The declaration style follows FlashInfer's: a struct deriving from AttentionVariantBase,
+// prefill kernels (cuda_src/prefill.cu; prefill_sm90.cu for variants without a Key transform) and the
+// tensor-core decode kernel (cuda_src/decode.cu batch_decode_tc_kernel, query position 0) at run time with NVRTC. The declaration style follows FlashInfer's: a struct deriving from AttentionVariantBase,
 // a constructor (params, batch_idx, smem_ptr), hooks registered by macro, helpers in math::. The kernel takes the variant as a binding
 // (VariantBinding<Variant, Params>): Params is the struct fi_cupy/variant.py generates from the variant's
 // extra tensors and scalars, passed by value as the kernel's last parameter.
@@ -22,6 +22,7 @@
 // per-token tensor without bounds checks of its own.
 #pragma once
 #include "math.cuh"
+#include "types.cuh"
 
 namespace fic {
 
@@ -50,7 +51,13 @@ __device__ __forceinline__ float ptx_log2(float x) {
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-__device__ __forceinline__ float tanh(float x) { return tanh_inline(x); }
+// FlashInfer's math::tanh: the hardware approximation (one instruction, relative error about 2^-11), not
+// tanh_inline's two (the built-in soft cap's)
+__device__ __forceinline__ float tanh(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 }  // namespace math
 
 #define REGISTER_LOGITS_TRANSFORM(params, logits, batch_idx, qo_idx, kv_idx, qo_head_idx, kv_head_idx, ...)       \
@@ -146,5 +153,27 @@ struct VariantBinding {
   using Params = P;
   static constexpr bool kActive = true;
 };
+
+// QueryTransform / KeyTransform of one 16-byte chunk of a Q or K tile (8 elements of T from dim dim0),
+// in place, rounded back to T: the kernels apply them to the chunks a thread copied.
+template <typename T, typename Var, typename P>
+__device__ __forceinline__ void variant_query_chunk(uint4& chunk, Var& var, const P& params, uint32_t batch_idx,
+                                                    uint32_t qo_idx, uint32_t qo_head_idx, uint32_t dim0) {
+  float x[8];
+  unpack8<T>(chunk, x);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) x[e] = var.QueryTransform(params, x[e], batch_idx, qo_idx, qo_head_idx, dim0 + e);
+  chunk = make_uint4(pack2(T(), x[0], x[1]), pack2(T(), x[2], x[3]), pack2(T(), x[4], x[5]), pack2(T(), x[6], x[7]));
+}
+
+template <typename T, typename Var, typename P>
+__device__ __forceinline__ void variant_key_chunk(uint4& chunk, Var& var, const P& params, uint32_t batch_idx,
+                                                  uint32_t kv_idx, uint32_t kv_head_idx, uint32_t dim0) {
+  float x[8];
+  unpack8<T>(chunk, x);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) x[e] = var.KeyTransform(params, x[e], batch_idx, kv_idx, kv_head_idx, dim0 + e);
+  chunk = make_uint4(pack2(T(), x[0], x[1]), pack2(T(), x[2], x[3]), pack2(T(), x[4], x[5]), pack2(T(), x[6], x[7]));
+}
 
 }  // namespace fic
