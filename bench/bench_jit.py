@@ -49,7 +49,13 @@ def extra_args(name: str, batch: int, kv_len: int):
         return (cp.asarray(alibi_slopes(HQ)), SM)
     if name == "temperature":
         return (cp.full(HQ, 1.5, cp.float32), SM)
-    return (SM,)
+    if name == "key_scale":
+        return (cp.full(HKV * D, 0.9, cp.float32), SM, D)
+    if name == "gate":
+        return (cp.full(HQ, 0.5, cp.float32), SM)
+    if name == "softmax":
+        return (SM,)
+    raise ValueError(f"no run() arguments for example {name!r}")
 
 
 def arr(x):
@@ -94,7 +100,7 @@ def compile_times(prog, arch: str) -> tuple:
     return cold, cached
 
 
-def prefill_case(variant, name, backend="auto"):
+def prefill_case(variant, name, backend="auto", pos="NONE"):
     batch, n = 4, 2048
     q = cp.random.standard_normal((batch * n, HQ, D), dtype=cp.float32).astype(cp.float16)
     k = cp.random.standard_normal((batch * n, HKV, D), dtype=cp.float32).astype(cp.float16)
@@ -102,7 +108,7 @@ def prefill_case(variant, name, backend="auto"):
     ip = np.arange(batch + 1) * n
     w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(arr(cp.empty(256 << 20, cp.uint8)), jit_args=variant,
                                                      backend=backend)
-    w.plan(ip, ip, HQ, HKV, D, causal=True, q_data_type="float16")
+    w.plan(ip, ip, HQ, HKV, D, causal=True, q_data_type="float16", pos_encoding_mode=pos)
     out = cp.empty_like(q)
     args = () if variant is None else extra_args(name, batch, n)
     q, k, v, out = arr(q), arr(k), arr(v), arr(out)
@@ -112,7 +118,7 @@ def prefill_case(variant, name, backend="auto"):
     return sec, flops / sec / 1e12
 
 
-def decode_case(variant, name):
+def decode_case(variant, name, pos="NONE"):
     batch, n, page = 16, 4096, 16
     pages = n // page
     kc = cp.random.standard_normal((batch * pages, page, HKV, D), dtype=cp.float32).astype(cp.float16)
@@ -120,7 +126,7 @@ def decode_case(variant, name):
     q = cp.random.standard_normal((batch, HQ, D), dtype=cp.float32).astype(cp.float16)
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(arr(cp.empty(256 << 20, cp.uint8)), jit_args=variant)
     w.plan(np.arange(batch + 1) * pages, np.random.default_rng(0).permutation(batch * pages), np.full(batch, page), HQ,
-           HKV, D, page, q_data_type="float16")
+           HKV, D, page, q_data_type="float16", pos_encoding_mode=pos)
     out = cp.empty_like(q)
     args = () if variant is None else extra_args(name, batch, n)
     flops_bytes = 2 * kc.nbytes
@@ -154,7 +160,12 @@ def main():
                 f"decode 16 x 4096 p16; {HQ}/{HKV} heads d{D} fp16; copy {copy:.0f} GB/s", ["variant", "cold compile prefill s", "cached load prefill ms", "cold compile decode s",
                  "cached load decode ms", "prefill us", "default prefill us", "ratio", "prefill fa2 us", "decode us",
                  "default decode us", "ratio"], rows)
-    save_json("bench_jit.json", {"rows": recs})
+    # the built-in equivalent where there is one: pos_encoding_mode="ALIBI" (the portable prefill kernel, the
+    # CUDA-core decode kernel) beside the ALiBi variant's rows above
+    bp, bd = prefill_case(None, "alibi", pos="ALIBI"), decode_case(None, "alibi", pos="ALIBI")
+    print(f"built-in ALiBi: prefill {bp[0] * 1e6:.0f} us ({bp[1]:.0f} TF), decode {bd[0] * 1e6:.1f} us "
+          f"({bd[1]:.0f} GB/s)")
+    save_json("bench_jit.json", {"rows": recs, "builtin_alibi": dict(prefill_us=bp[0] * 1e6, decode_us=bd[0] * 1e6)})
 
 
 if __name__ == "__main__":
