@@ -42,16 +42,16 @@ struct PrefillSm90Cfg {
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA may have");
 };
 
-// VAR: a custom attention variant (common/variant.cuh; NoVariant: none) without a Key transform (it would
-// rewrite every K tile, which here would need a CTA-wide barrier a tile), its parameters in vparams. A
-// Query transform rewrites the Q tile once an item, each warp its own rows, before the warpgroup's first wgmma.
+// VAR: a custom attention variant (common/variant.cuh; NoVariant: none), its parameters in vparams. A Query
+// transform rewrites the Q tile once an item, each warp its own rows, before the warpgroup's first wgmma. A Key
+// transform rewrites each K tile once it has landed, each thread the chunks it copied; both warpgroups read
+// every K row, so that costs a CTA-wide barrier a tile (the default kernel has none in its loop).
 template <int D, typename T, bool PAGED, int FLAGS, typename VAR = NoVariant>
 __global__ void __launch_bounds__(256, 1)
 prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T), const __grid_constant__ typename VAR::Params vparams) {
   using C = PrefillSm90Cfg<D>;
   using Var = typename VAR::Variant;
-  static_assert(!VAR::kActive || ((FLAGS & ~kCustomMask) == 0 && !Var::kKeyTransform),
-                "Hopper variants: no soft cap, no Key transform");
+  static_assert(!VAR::kActive || (FLAGS & ~kCustomMask) == 0, "Hopper variants: no soft cap");
   constexpr int KV = C::kKV, NB = KV / 8, DB = D / 8, KS = D / 16, kChunks = D / 8, kThreads = C::kThreads;
   pdl_begin();
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -177,11 +177,23 @@ prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T), const __grid_constant__ typename V
     for (int t = 0; t < n_tiles; ++t) {
       const unsigned n = gt + t, stage = n % C::kStages;
       mbarrier_wait(full + stage, (n / C::kStages) & 1);
-      fence_proxy_async();  // the landed copies (generic proxy) visible to wgmma (the async proxy)
+      const int j0 = lo + t * KV;
+      if constexpr (Var::kKeyTransform) {  // each thread the K chunks it copied in issue(t)
+        unsigned char* kt = smem + C::kQBytes + stage * C::kStageBytes;
+        const int ch = tid % kChunks, row0 = wg * (KV / 2) + (int)opaque((tid % 128) / kChunks);
+#pragma unroll
+        for (int i = 0; i < kPasses; ++i) {
+          const int row = row0 + i * kStep, j = j0 + row;
+          if (j < hi)
+            variant_key_chunk<T>(*reinterpret_cast<uint4*>(kt + sw128_offset<KV>(row, ch)), var, vparams, w.req, j,
+                                 kv_head, ch * 8);
+        }
+      }
+      fence_proxy_async();  // the landed (or rewritten) tile (generic proxy) visible to wgmma (the async proxy)
+      if constexpr (Var::kKeyTransform) bar_sync(3, kThreads);  // every row rewritten before either warpgroup reads
       const unsigned q_addr = smem_u32(smem) + wg * 64 * 128;
       const unsigned k_addr = smem_u32(smem) + C::kQBytes + stage * C::kStageBytes;
       const unsigned v_addr = k_addr + C::kTileBytes;
-      const int j0 = lo + t * KV;
 
       // S = Q K^T: 64 rows x KV keys a warpgroup.
       float s[1][NB][4];

@@ -13,7 +13,7 @@ def gen_customize_single_prefill_module(backend, uri, dtype_q, dtype_kv, dtype_o
                                         use_sliding_window=False, use_logits_soft_cap=False,
                                         use_fp16_qk_reduction=False, fp8_enabled=False) -> JitModule:
     """A single-prefill variant module. backend: "fa2" (the portable kernel), "fa3" or "auto" (the Hopper
-    kernel where it takes the variant: sm_90a, head dims 64 / 128, no Key transform); the dtypes
+    kernel where it takes the variant: sm_90a, head dims 64 / 128); the dtypes
     and head dims are taken from the arrays of each call."""
     _backend(backend)
     return _module("single_prefill", backend, (pos_encoding_mode, use_sliding_window, use_logits_soft_cap), uri,

@@ -194,8 +194,6 @@ def sm90_unsupported(params: "PrefillParams") -> str | None:
         return f"kv_data_type {params.kv_dtype} (it takes K/V in the q dtype)"
     if params.rope or params.alibi:
         return f"pos_encoding_mode {'ROPE_LLAMA' if params.rope else 'ALIBI'}"
-    if params.variant is not None and params.variant.transforms_k:
-        return f"a custom variant with a Key transform ({params.variant.name})"
     return None
 
 

@@ -15,8 +15,8 @@ AttentionVariantBase, constructor (params, batch_idx, smem_ptr), REGISTER_* hook
 parameters as params.<name>, params.get_qo_len / get_kv_len); cuda_src/common/variant.cuh lists the
 hooks and their arguments.
 
-What a variant runs on: the prefill kernels (the portable one, and on sm_90a the Hopper one for variants
-without a Key transform at head dims 64 / 128, as "auto" / "fa3" pick it), for single, ragged and paged
+What a variant runs on: the prefill kernels (the portable one, and on sm_90a the Hopper one at head dims
+64 / 128, as "auto" / "fa3" pick it), for single, ragged and paged
 prefill; decode on the tensor-core decode kernel (K/V of the q dtype, head dims up to 256: takes_variant in
 fi_cupy/decode.py), else through the paged prefill kernel; q fp16/bf16, K/V the q dtype or fp8; causal,
 sliding window and custom masks apply besides the variant's own mask. A prefill plan never cuts a request's
@@ -118,12 +118,6 @@ class AttentionVariant:
         """The declaration's `use_softmax` (AttentionVariantBase's true unless it sets false)."""
         m = re.search(r"\buse_softmax\s*=\s*(true|false)\b", self.decl)
         return m is None or m.group(1) == "true"
-
-    @property
-    def transforms_k(self) -> bool:
-        """Whether the declaration registers a KeyTransform (the Hopper prefill kernel takes variants without
-        one)."""
-        return re.search(r"\bREGISTER_KEY_TRANSFORM\b", self.decl) is not None
 
     @property
     def transforms_output(self) -> bool:

@@ -173,8 +173,8 @@ def test_temperature_query_transform(backend, d, qo, kv, hq, hkv):
 @pytest.mark.parametrize("name", ["key_scale", "gate"])
 @pytest.mark.parametrize("qo,kv,hq,hkv,causal", [(7, 300, 4, 4, False), (200, 330, 8, 2, True), (130, 0, 4, 1, True)])
 def test_key_and_output_transforms_prefill(backend, name, qo, kv, hq, hkv, causal):
-    """KeyTransform (the portable kernel, whatever the backend asks) and OutputTransform (both kernels) in
-    single prefill, d128 bf16."""
+    """KeyTransform and OutputTransform on both prefill kernels ("auto": the Hopper one on sm_90a past 64 packed
+    rows) in single prefill, d128 bf16."""
     dtype, d = "bfloat16", 128
     q, k, v = rand((qo, hq, d), dtype), rand((kv, hkv, d), dtype), rand((kv, hkv, d), dtype)
     sm = 1 / math.sqrt(d)
@@ -193,6 +193,34 @@ def test_key_and_output_transforms_prefill(backend, name, qo, kv, hq, hkv, causa
     if name == "gate":
         ref = ref * cp.asarray(gate, cp.float64)[None, :, None]
     _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", ["fa2", "auto"])
+@pytest.mark.parametrize("page", [1, 7, 16])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (8, 2, 128), (8, 1, 128)])
+def test_key_scale_paged_prefill(backend, page, hq, hkv, d):
+    """KeyTransform through the paged prefill wrapper, causal, on both kernels ("auto": the Hopper one on
+    sm_90a, where each thread rewrites the K chunks it copied): requests of 0 / 1 keys, tiles cut by the
+    request's end, qo_len > kv_len; lse too."""
+    dtype = "float16"
+    qo_lens, kv_lens = np.array([3, 1, 200, 70, 140]), np.array([0, 1, 129, 333, 100])
+    qo_ip = np.concatenate([[0], np.cumsum(qo_lens)])
+    cache, ip, perm, last, gather = _paged(kv_lens, page, hkv, d, dtype)
+    q = rand((int(qo_ip[-1]), hq, d), dtype)
+    sm = 1 / math.sqrt(d)
+    k_mul = cp.asarray(rng().uniform(0.5, 1.5, (hkv, d)).astype(np.float32))
+    w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(cp.empty(WS, cp.uint8), jit_args=KEY_SCALE, backend=backend)
+    w.plan(qo_ip, ip, perm, last, hq, hkv, d, page, causal=True, q_data_type=dtype)
+    out = nan_like(q)
+    o, lse = w.run(q, cache, k_mul.ravel(), sm, d, out=out, return_lse=True)
+    for b in range(kv_lens.size):
+        kb, vb = gather(b)
+        kb = f64_dev(cast((kb * cp.asarray(k_mul, cp.float64)[None]).astype(cp.float32), dtype))
+        rows = slice(int(qo_ip[b]), int(qo_ip[b + 1]))
+        ref_o, ref_lse = reference.prefill_attention(f64_dev(q[rows]), kb, vb, causal=True, sm_scale=sm)
+        _check(out[rows], ref_o, dtype)
+        assert_lse_close(cp.asnumpy(lse[rows]), cp.asnumpy(ref_lse))
+    assert w.resolved_backend() == ("fa2" if backend == "fa2" or cp.cuda.Device().compute_capability != "90" else "fa3")
 
 
 def _paged(kv_lens, page, hkv, d, dtype, kv_dtype=None):
@@ -344,9 +372,6 @@ def test_variant_refusals():
     w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(ws, jit_args=SIGMOID)
     with pytest.raises(NotImplementedError, match="logits_soft_cap"):
         w.plan(np.array([0, 4]), np.array([0, 4]), 4, 4, 64, logits_soft_cap=30.0)
-    with pytest.raises(ValueError, match="Key transform"):
-        fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(ws, backend="fa3", jit_args=KEY_SCALE).plan(
-            np.array([0, 4]), np.array([0, 4]), 4, 4, 64)
     w.plan(np.array([0, 4]), np.array([0, 4]), 4, 4, 64)
     q, k = rand((4, 4, 64), "float16"), rand((4, 4, 64), "float16")
     with pytest.raises(TypeError, match="2 extra positional arguments"):

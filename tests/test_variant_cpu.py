@@ -132,14 +132,13 @@ def test_options_a_variant_owns_are_refused():
                                 opts["sm_scale"], None, None, "float16", None, False, variant=SIGMOID)
     params = prefill.make_params(4, 4, 64, None, False, "NONE", -1, None, None, None, None, "float16", None, False,
                                  variant=KEY_SCALE)
-    with pytest.raises(ValueError, match="custom variant with a Key transform"):
-        prefill.plan_tile(params, np.array([200]), False, "fa3")
+    assert prefill.sm90_unsupported(params) is None  # a Key transform runs on the Hopper kernel too
 
 
-@pytest.mark.parametrize("name", sorted(n for n, v in EXAMPLES.items() if not v.transforms_k))
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_examples_compile_for_the_hopper_kernel(name):
-    """Variants without a Key transform also run on the Hopper kernel (sm_90a, head dims 64 / 128); the
-    logits-only ones without spills (a per-key mask that loads from memory spills some)."""
+    """Every example also runs on the Hopper kernel (sm_90a, head dims 64 / 128); the logits-only ones
+    without spills (a per-key mask that loads from memory spills some)."""
     for d in (64, 128):
         prog = prefill.prefill_program(d, prefill.SM90_TILE, dt.bfloat16, dt.bfloat16, True, False, 0, d,
                                        EXAMPLES[name])
