@@ -336,6 +336,110 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
 //   O^T (D x 8 heads)        += V^T (D x 16) . P^T (16 x 8)       P^T from S^T by movmatrix
 // so no rows are padded and a token costs ~2 warp instructions of math instead of ~80 on CUDA cores.
 // K/V tiles are copied into padded shared-memory rows (D + 8 elements: ldmatrix without bank conflicts).
+// Steps shared by the two tensor-core decode kernels (batch_decode_tc_kernel, batch_decode_wide_kernel). Both
+// hold S^T = K Q^T of a 16-key tile in mma.sync's m16n8 layout: a lane's sacc[0], sacc[1] are key g, heads 2c
+// and 2c + 1 of the head block, sacc[2], sacc[3] key g + 8; O^T in o[KS][4] (dims 16 mt + g / + 8).
+
+// ALiBi slopes (base 2) of a lane's score columns, heads head0 + 2c and + 1 (0 past the block or the group).
+template <int GB>
+__device__ __forceinline__ void lane_alibi_slopes(float (&slope)[2], const float* alibi_slopes, int kv_head,
+                                                  int head0, int group_size, int c) {
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int hj = head0 + 2 * c + j;
+    slope[j] = (2 * c + j < GB && hj < group_size) ? alibi_slopes[kv_head * group_size + hj] * FIC_LOG2E : 0.f;
+  }
+}
+
+// S^T of one 16-key tile: K rows from shared memory (row stride RS elements) against the Q^T fragments.
+template <int KS, int RS, typename T>
+__device__ __forceinline__ void score_tile(float (&sacc)[4], const T* ks, const unsigned (&qb)[KS][2], int mi,
+                                           int mr) {
+  sacc[0] = sacc[1] = sacc[2] = sacc[3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    unsigned a[4];
+    ldmatrix_x4(a, ks + ((mi & 1) * 8 + mr) * RS + 16 * kk + (mi >> 1) * 8);
+    mma_16816<T>(sacc, a, qb[kk][0], qb[kk][1]);
+  }
+}
+
+// The built-in logits (base 2) of a lane's scores: q_scale (sm_scale * log2 e, times q/k scales), the soft
+// cap, ALiBi (key position tile_start + g (+ 8) against the query's `last`), -inf past the segment (in0 / in1:
+// keys g / g + 8 inside).
+template <bool ALIBI>
+__device__ __forceinline__ void builtin_logits(float (&sacc)[4], float q_scale, float soft_cap, float rcp_cap,
+                                               const float (&slope)[2], int tile_start, int g, int last, bool in0,
+                                               bool in1) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float x = sacc[i] * q_scale;
+    if (soft_cap > 0.f) x = soft_cap * FIC_LOG2E * tanh_inline(x * rcp_cap);
+    if (ALIBI) x = fmaf(slope[i & 1], float(tile_start + g + (i < 2 ? 0 : 8) - last), x);
+    sacc[i] = ((i < 2) ? in0 : in1) ? x : neg_inf();
+  }
+}
+
+// O^T += P^T V of one tile: with SOFTMAX the online softmax of the logits first (row maxima m, sums dsum of
+// heads 2c, 2c + 1 over the warp's keys; -inf logits weigh 0); without it the scores are P as they are. V rows
+// from shared memory (row stride RS), read transposed.
+template <int KS, int RS, bool SOFTMAX, typename T>
+__device__ __forceinline__ void softmax_pv_tile(float (&sacc)[4], float (&m)[2], float (&dsum)[2],
+                                                float (&o)[KS][4], const T* vs, int mi, int mr) {
+#pragma unroll
+  for (int j = 0; j < 2 && SOFTMAX; ++j) {
+    float mt = fmaxf(sacc[j], sacc[2 + j]);
+#pragma unroll
+    for (int off = 4; off < 32; off *= 2) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
+    const float m_new = fmaxf(m[j], mt);
+    const float sc = rescale_factor(m[j], m_new);
+    m[j] = m_new;
+    dsum[j] *= sc;
+#pragma unroll
+    for (int k = 0; k < KS; ++k) {
+      o[k][j] *= sc;
+      o[k][2 + j] *= sc;
+    }
+    sacc[j] = (sacc[j] == neg_inf()) ? 0.f : ptx_exp2(sacc[j] - m_new);
+    sacc[2 + j] = (sacc[2 + j] == neg_inf()) ? 0.f : ptx_exp2(sacc[2 + j] - m_new);
+    dsum[j] += sacc[j] + sacc[2 + j];
+  }
+  const unsigned b0 = movmatrix_trans(pack2(T(), sacc[0], sacc[1]));
+  const unsigned b1 = movmatrix_trans(pack2(T(), sacc[2], sacc[3]));
+#pragma unroll
+  for (int mt = 0; mt < KS; ++mt) {
+    unsigned a[4];
+    ldmatrix_x4_trans(a, vs + ((mi >> 1) * 8 + mr) * RS + 16 * mt + (mi & 1) * 8);
+    mma_16816<T>(o[mt], a, b0, b1);
+  }
+}
+
+// A warp's state at a segment's end into shared memory: the row sums over the warp's lanes, then O^T as
+// [GB][W] floats (W: the dims the warp holds) and (m, d) of each head after them.
+template <int KS, int GB, int W>
+__device__ __forceinline__ void stage_warp_state(float* blk, const float (&o)[KS][4], const float (&m)[2],
+                                                 float (&dsum)[2], int g, int c) {
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int off = 4; off < 32; off *= 2) dsum[j] += __shfl_xor_sync(0xffffffffu, dsum[j], off);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int h = 2 * c + j;
+    if (h < GB) {
+#pragma unroll
+      for (int mt = 0; mt < KS; ++mt) {
+        blk[h * W + 16 * mt + g] = o[mt][j];
+        blk[h * W + 16 * mt + g + 8] = o[mt][2 + j];
+      }
+      if (g == 0) {
+        blk[GB * W + 2 * h] = m[j];
+        blk[GB * W + 2 * h + 1] = dsum[j];
+      }
+    }
+  }
+}
+
 template <int D>
 struct DecodeTcCfg {
   static_assert(D % 16 == 0 && D >= 16 && D <= 256, "head_dim must be a multiple of 16 in [16, 256]");
@@ -454,13 +558,7 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
   auto load_q = [&](const Seg& x) {
     const int hh = x.head0 + g;
     const bool valid = g < GB && hh < group_size;
-    if (ALIBI) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int hj = x.head0 + 2 * c + j;
-        slope[j] = (2 * c + j < GB && hj < group_size) ? alibi_slopes[x.kv_head * group_size + hj] * FIC_LOG2E : 0.f;
-      }
-    }
+    if (ALIBI) lane_alibi_slopes<GB>(slope, alibi_slopes, x.kv_head, x.head0, group_size, c);
     const T* qp = q + x.request * q_stride_b + (x.kv_head * group_size + (valid ? hh : 0)) * q_stride_h + 2 * c;
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
@@ -526,18 +624,13 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
       const T* ks = pipe + (t % S) * C::kStageElems;
       const T* vs = ks + 16 * RS;
 
-      float sacc[4] = {0.f, 0.f, 0.f, 0.f};  // S^T: [0], [1] token g, heads 2c, 2c+1; [2], [3] token g + 8
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk) {
-        unsigned a[4];
-        ldmatrix_x4(a, ks + ((mi & 1) * 8 + mr) * RS + 16 * kk + (mi >> 1) * 8);
-        mma_16816<T>(sacc, a, qb[kk][0], qb[kk][1]);
-      }
+      float sacc[4];  // S^T: [0], [1] token g, heads 2c, 2c+1; [2], [3] token g + 8
+      score_tile<KS, RS>(sacc, ks, qb, mi, mr);
       const int tile_start = first + t * tile_stride;
       const bool in0 = tile_start + g < end, in1 = tile_start + g + 8 < end;
+      if constexpr (VAR::kActive) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if constexpr (VAR::kActive) {  // the variant's logit (softmax: times its scale), -inf where hidden
+        for (int i = 0; i < 4; ++i) {  // the variant's logit (softmax: times its scale), -inf where hidden
           const int col = 2 * c + (i & 1), tok = tile_start + g + (i < 2 ? 0 : 8);
           float x = neg_inf();
           if (((i < 2) ? in0 : in1) && col < GB && head0 + col < group_size) {
@@ -550,39 +643,11 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
               x *= var.sm_scale_log2;
           }
           sacc[i] = kSoftmax ? x : (x == neg_inf() ? 0.f : x);  // without softmax the logit is P itself
-        } else {
-          float x = sacc[i] * q_scale;
-          if (soft_cap > 0.f) x = soft_cap * FIC_LOG2E * tanh_inline(x * rcp_cap);
-          if (ALIBI) x = fmaf(seg_slope[i & 1], float(tile_start + g + (i < 2 ? 0 : 8) - last), x);
-          sacc[i] = ((i < 2) ? in0 : in1) ? x : neg_inf();
         }
+      } else {
+        builtin_logits<ALIBI>(sacc, q_scale, soft_cap, rcp_cap, seg_slope, tile_start, g, last, in0, in1);
       }
-#pragma unroll
-      for (int j = 0; j < 2 && kSoftmax; ++j) {
-        float mt = fmaxf(sacc[j], sacc[2 + j]);
-#pragma unroll
-        for (int off = 4; off < 32; off *= 2) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
-        const float m_new = fmaxf(m[j], mt);
-        const float sc = rescale_factor(m[j], m_new);
-        m[j] = m_new;
-        dsum[j] *= sc;
-#pragma unroll
-        for (int k = 0; k < KS; ++k) {
-          o[k][j] *= sc;
-          o[k][2 + j] *= sc;
-        }
-        sacc[j] = (sacc[j] == neg_inf()) ? 0.f : ptx_exp2(sacc[j] - m_new);
-        sacc[2 + j] = (sacc[2 + j] == neg_inf()) ? 0.f : ptx_exp2(sacc[2 + j] - m_new);
-        dsum[j] += sacc[j] + sacc[2 + j];
-      }
-      const unsigned b0 = movmatrix_trans(pack2(T(), sacc[0], sacc[1]));
-      const unsigned b1 = movmatrix_trans(pack2(T(), sacc[2], sacc[3]));
-#pragma unroll
-      for (int mt = 0; mt < KS; ++mt) {
-        unsigned a[4];
-        ldmatrix_x4_trans(a, vs + ((mi >> 1) * 8 + mr) * RS + 16 * mt + (mi & 1) * 8);
-        mma_16816<T>(o[mt], a, b0, b1);
-      }
+      softmax_pv_tile<KS, RS, kSoftmax>(sacc, m, dsum, o, vs, mi, mr);
       __syncwarp();  // every lane is done with this stage before it is refilled
     }
     cp_async_wait<0>();
@@ -592,29 +657,9 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
       prologue(cur);  // fills stages 0 .. S-2; stage S-1 holds this segment's merge state below
       load_q(cur);    // this segment's last mma has consumed qb
     }
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int off = 4; off < 32; off *= 2) dsum[j] += __shfl_xor_sync(0xffffffffu, dsum[j], off);
-
     float* sm = reinterpret_cast<float*>(smem + (S - 1) * C::kStageBytes);  // warp w: + w * kWarpBytes
     constexpr int ws = C::kWarpBytes / 4;
-    float* blk = sm + warp * ws;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int h = 2 * c + j;
-      if (h < GB) {
-#pragma unroll
-        for (int mt = 0; mt < KS; ++mt) {
-          blk[h * D + 16 * mt + g] = o[mt][j];
-          blk[h * D + 16 * mt + g + 8] = o[mt][2 + j];
-        }
-        if (g == 0) {
-          blk[GB * D + 2 * h] = m[j];
-          blk[GB * D + 2 * h + 1] = dsum[j];
-        }
-      }
-    }
+    stage_warp_state<KS, GB, D>(sm + warp * ws, o, m, dsum, g, c);
     __syncthreads();
     write_segment<D, GB, T, VAR>(sm, ws, segment_partial[seg], request, kv_head, head0, group_size, num_qo_heads,
                                  v_scale, out, o_stride_b, o_stride_h, lse, part_o, part_lse, sinks, &var, &vparams);
@@ -748,13 +793,7 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
   auto load_q = [&](const Seg& x) {
     const int hh = x.head0 + g;
     const bool valid = g < GB && hh < group_size;
-    if (ALIBI) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int hj = x.head0 + 2 * c + j;
-        slope[j] = (2 * c + j < GB && hj < group_size) ? alibi_slopes[x.kv_head * group_size + hj] * FIC_LOG2E : 0.f;
-      }
-    }
+    if (ALIBI) lane_alibi_slopes<GB>(slope, alibi_slopes, x.kv_head, x.head0, group_size, c);
     const T* qp = q + x.request * q_stride_b + (x.kv_head * group_size + (valid ? hh : 0)) * q_stride_h + dim0 + 2 * c;
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
@@ -806,13 +845,8 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
       __syncwarp();  // ldmatrix reads rows other lanes copied (or converted)
       const T* vs = ks + 16 * RS;
 
-      float sacc[4] = {0.f, 0.f, 0.f, 0.f};  // S^T over this warp's dims: token g / g + 8, heads 2c, 2c + 1
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk) {
-        unsigned a[4];
-        ldmatrix_x4(a, ks + ((mi & 1) * 8 + mr) * RS + 16 * kk + (mi >> 1) * 8);
-        mma_16816<T>(sacc, a, qb[kk][0], qb[kk][1]);
-      }
+      float sacc[4];  // S^T over this warp's dims: token g / g + 8, heads 2c, 2c + 1
+      score_tile<KS, RS>(sacc, ks, qb, mi, mr);
       // The whole S^T: every warp sums the 4 partials in the same order, so all hold the same scores.
       float4* buf = xch + (tick & 1) * (kDecodeWarps * 32);
       buf[warp * 32 + lane] = make_float4(sacc[0], sacc[1], sacc[2], sacc[3]);
@@ -828,39 +862,8 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
       }
       const int tile_start = first + t * 16;
       const bool in0 = tile_start + g < end, in1 = tile_start + g + 8 < end;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float x = sacc[i] * q_scale;
-        if (soft_cap > 0.f) x = soft_cap * FIC_LOG2E * tanh_inline(x * rcp_cap);
-        if (ALIBI) x = fmaf(seg_slope[i & 1], float(tile_start + g + (i < 2 ? 0 : 8) - last), x);
-        sacc[i] = ((i < 2) ? in0 : in1) ? x : neg_inf();
-      }
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        float mt = fmaxf(sacc[j], sacc[2 + j]);
-#pragma unroll
-        for (int off = 4; off < 32; off *= 2) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
-        const float m_new = fmaxf(m[j], mt);
-        const float sc = rescale_factor(m[j], m_new);
-        m[j] = m_new;
-        dsum[j] *= sc;
-#pragma unroll
-        for (int k = 0; k < KS; ++k) {
-          o[k][j] *= sc;
-          o[k][2 + j] *= sc;
-        }
-        sacc[j] = (sacc[j] == neg_inf()) ? 0.f : ptx_exp2(sacc[j] - m_new);
-        sacc[2 + j] = (sacc[2 + j] == neg_inf()) ? 0.f : ptx_exp2(sacc[2 + j] - m_new);
-        dsum[j] += sacc[j] + sacc[2 + j];
-      }
-      const unsigned b0 = movmatrix_trans(pack2(T(), sacc[0], sacc[1]));
-      const unsigned b1 = movmatrix_trans(pack2(T(), sacc[2], sacc[3]));
-#pragma unroll
-      for (int mt = 0; mt < KS; ++mt) {
-        unsigned a[4];
-        ldmatrix_x4_trans(a, vs + ((mi >> 1) * 8 + mr) * RS + 16 * mt + (mi & 1) * 8);
-        mma_16816<T>(o[mt], a, b0, b1);
-      }
+      builtin_logits<ALIBI>(sacc, q_scale, soft_cap, rcp_cap, seg_slope, tile_start, g, last, in0, in1);
+      softmax_pv_tile<KS, RS, true>(sacc, m, dsum, o, vs, mi, mr);
       __syncwarp();  // every lane is done with this stage before it is refilled
     }
     cp_async_wait<0>();
@@ -870,29 +873,10 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
       prologue(cur);  // fills stages 0 .. S-2; stage S-1 (fp8: the converted tile) stages the output below
       load_q(cur);
     }
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int off = 4; off < 32; off *= 2) dsum[j] += __shfl_xor_sync(0xffffffffu, dsum[j], off);
-
     // This warp's slice of each head's output: O^T fragments to [GB][DW] floats, then (m, d) per head.
     float* blk = reinterpret_cast<float*>(C::kConvert ? reinterpret_cast<unsigned char*>(conv)
                                                       : pipe + (S - 1) * C::kStageBytes);
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int h = 2 * c + j;
-      if (h < GB) {
-#pragma unroll
-        for (int mt = 0; mt < KS; ++mt) {
-          blk[h * DW + 16 * mt + g] = o[mt][j];
-          blk[h * DW + 16 * mt + g + 8] = o[mt][2 + j];
-        }
-        if (g == 0) {
-          blk[GB * DW + 2 * h] = m[j];
-          blk[GB * DW + 2 * h + 1] = dsum[j];
-        }
-      }
-    }
+    stage_warp_state<KS, GB, DW>(blk, o, m, dsum, g, c);
     __syncwarp();
     const int prow = segment_partial[seg];
     for (int item = lane; item < GB * kChunks; item += 32) {
