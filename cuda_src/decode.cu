@@ -330,7 +330,8 @@ batch_decode_kernel(const QT* __restrict__ q, long long q_stride_b, long long q_
   }
 }
 
-// Tensor-core decode for 16-bit KV without RoPE (the common serving case). Same work split and
+// Tensor-core decode for KV without RoPE, 16-bit or fp8 (fp8 chunks converted to the q dtype in shared memory by
+// the lane that copied them, exactly: every e4m3 / e5m2 value is an fp16 and a bf16 value). Same work split and
 // epilogue as batch_decode_kernel, but each warp computes a 16-token tile with mma.sync:
 //   S^T (16 tokens x 8 heads) = K (16 x D) . Q^T (D x 8)          tokens are M, GQA heads are N
 //   O^T (D x 8 heads)        += V^T (D x 16) . P^T (16 x 8)       P^T from S^T by movmatrix
@@ -440,19 +441,32 @@ __device__ __forceinline__ void stage_warp_state(float* blk, const float (&o)[KS
   }
 }
 
-template <int D>
+// A warp's shared memory in batch_decode_tc_kernel. 16-bit KV: stages of the padded tile ldmatrix reads (K and
+// V rows of 16 tokens). fp8 KV: raw stages (8-byte chunks as copied) and one padded 16-bit tile that each
+// lane converts its own chunks into before the warp's mma; the same bytes in flight in half the stage size.
+template <int D, typename KVT>
 struct DecodeTcCfg {
   static_assert(D % 16 == 0 && D >= 16 && D <= 256, "head_dim must be a multiple of 16 in [16, 256]");
-  static constexpr int kRow = D + 8;                                 // smem row stride, elements
-  static constexpr int kStageElems = 2 * 16 * kRow;                  // K and V rows of 16 tokens
-  static constexpr int kStageBytes = kStageElems * 2;
-  static constexpr int kStages = (24576 / kStageBytes) > 3 ? (24576 / kStageBytes) : 3;  // >= 2 tiles ahead
-  static constexpr int kWarpBytes = kStages * kStageBytes;
+  typedef typename Pack8<KVT>::raw Raw;                              // one copy: 8 elements
+  static constexpr bool kConvert = sizeof(KVT) == 1;
+  static constexpr int kChunks = D / 8;                              // copies a row
+  static constexpr int kRow = D + 8;                                 // tile row stride, elements
+  static constexpr int kTileElems = 2 * 16 * kRow;                   // K and V rows of 16 tokens, 16-bit
+  static constexpr int kTileBytes = kTileElems * 2;
+  static constexpr int kStageBytes = kConvert ? 2 * 16 * kChunks * int(sizeof(Raw)) : kTileBytes;
+  // >= 2 tiles ahead, 12-16 KB of cache bytes in flight a warp (fp8: 2 CTAs an SM up to head_dim 128),
+  // at most 16 stages (fp8 at small head dims)
+  static constexpr int kStageBudget = kConvert ? 16384 : 24576, kFewest = kConvert ? 4 : 3;
+  static constexpr int kFit = kStageBudget / kStageBytes > 16 ? 16 : kStageBudget / kStageBytes;
+  static constexpr int kStages = kFit > kFewest ? kFit : kFewest;
+  // fp8: the converted tile after the stages (it also stages the segment's merge state)
+  static constexpr int kWarpBytes = kStages * kStageBytes + (kConvert ? kTileBytes : 0);
+  static constexpr int kMergeAt = kConvert ? kStages * kStageBytes : (kStages - 1) * kStageBytes;
 };
 
-template <int D, int GB>
+template <int D, int GB, typename KVT>
 struct DecodeTcSmem {
-  static constexpr int kPipeline = kDecodeWarps * DecodeTcCfg<D>::kWarpBytes;
+  static constexpr int kPipeline = kDecodeWarps * DecodeTcCfg<D, KVT>::kWarpBytes;
   static constexpr int kMerge = MergeBlock<D, GB>::kBytes;
   // fi_cupy/decode.py: decode_smem_bytes() computes the same number for the launch.
   static constexpr int value = kPipeline > kMerge ? kPipeline : kMerge;
@@ -463,10 +477,10 @@ struct DecodeTcSmem {
 // VAR: a custom attention variant (common/variant.cuh; NoVariant: none), its parameters in vparams. Its
 // hooks see the request (batch_idx), query position 0 (the one query of the request, as FlashInfer's
 // decode), the key position and the heads, only for keys of the segment and real heads of the block.
-template <int D, int GB, typename T, bool ALIBI, typename VAR = NoVariant>
-__global__ void __launch_bounds__(kDecodeThreads, DecodeTcSmem<D, GB>::kMinBlocks)
+template <int D, int GB, typename T, typename KVT, bool ALIBI, typename VAR = NoVariant>
+__global__ void __launch_bounds__(kDecodeThreads, DecodeTcSmem<D, GB, KVT>::kMinBlocks)
 batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long q_stride_h,
-                       const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                       const KVT* __restrict__ k_cache, const KVT* __restrict__ v_cache,
                        long long kv_stride_page, long long kv_stride_slot, long long kv_stride_head,
                        const int* __restrict__ page_indptr, const int* __restrict__ page_indices,
                        const int* __restrict__ kv_lens, const int* __restrict__ cta_indptr,
@@ -480,16 +494,20 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
                        const __grid_constant__ typename VAR::Params vparams) {
   static_assert(GB <= 8, "an mma tile holds 8 heads");
   static_assert(!(VAR::kActive && ALIBI), "custom variants: no ALiBi (the variant owns the logits)");
+  using C = DecodeTcCfg<D, KVT>;
+  using Raw = typename C::Raw;
+  static_assert(C::kConvert || sizeof(KVT) == sizeof(T), "16-bit KV is read in the q dtype");
+  static_assert(!VAR::kActive || !C::kConvert, "custom variants: KV of the q dtype");
   using Var = typename VAR::Variant;
   constexpr bool kSoftmax = Var::use_softmax;
   pdl_begin();
-  using C = DecodeTcCfg<D>;
-  constexpr int S = C::kStages, RS = C::kRow, KS = D / 16;
+  constexpr int S = C::kStages, RS = C::kRow, KS = D / 16, kChunks = C::kChunks;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;              // fragment row / column pair
   const int mi = lane / 8, mr = lane % 8;            // ldmatrix: matrix and row this lane addresses
-  T* pipe = reinterpret_cast<T*>(smem + warp * C::kWarpBytes);
+  unsigned char* pipe = smem + warp * C::kWarpBytes;  // stages; fp8: then the converted tile
+  T* conv = reinterpret_cast<T*>(pipe + S * C::kStageBytes);
   const FastDiv page_div = {page_size, page_div_mul, page_div_shift};
   const float rcp_cap = soft_cap > 0.f ? __frcp_rn(soft_cap) : 0.f;
 
@@ -525,21 +543,25 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
     const int tok = x.first + t * tile_stride + (lane % 16);
     pid = (t < x.n_tiles && tok < x.end) ? x.pages[page_div.quot(tok)] : 0;
   };
+  // 16-bit: chunk (row, col) goes to the tile's row * RS + col; fp8: to raw slot idx (V after K's 16 rows).
   auto issue = [&](const Seg& x, int t) {
     if (t < x.n_tiles) {
-      T* stage = pipe + (t % S) * C::kStageElems;
+      unsigned char* stage = pipe + (t % S) * C::kStageBytes;
       const int my_tok = x.first + t * tile_stride + (lane % 16);
       const unsigned p = page_div.quot(my_tok);
       const long long my_off = (long long)pid * kv_stride_page +
                                (long long)(my_tok - p * page_size) * kv_stride_slot + x.head_off;
-      constexpr int kChunks = D / 8;
 #pragma unroll
       for (int i = 0; i < kChunks / 2; ++i) {  // 16 rows x kChunks chunks / 32 lanes
         const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
         const long long off = __shfl_sync(0xffffffffu, my_off, row);
         const bool ok = x.first + t * tile_stride + row < x.end;
-        cp_async<16>(stage + row * RS + col, ok ? k_cache + off + col : k_cache, ok);
-        cp_async<16>(stage + (16 + row) * RS + col, ok ? v_cache + off + col : v_cache, ok);
+        void* kd = C::kConvert ? (void*)(reinterpret_cast<Raw*>(stage) + idx)
+                               : (void*)(reinterpret_cast<T*>(stage) + row * RS + col);
+        void* vd = C::kConvert ? (void*)(reinterpret_cast<Raw*>(stage) + 16 * kChunks + idx)
+                               : (void*)(reinterpret_cast<T*>(stage) + (16 + row) * RS + col);
+        cp_async<sizeof(Raw)>(kd, ok ? k_cache + off + col : k_cache, ok);
+        cp_async<sizeof(Raw)>(vd, ok ? v_cache + off + col : v_cache, ok);
       }
       load_pid(x, t + 1);
     }
@@ -608,9 +630,22 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
     for (int t = 0; t < n_tiles; ++t) {
       issue(cur, t + S - 1);
       cp_async_wait<S - 1>();
+      const T* ks = reinterpret_cast<const T*>(pipe + (t % S) * C::kStageBytes);
+      if constexpr (C::kConvert) {  // each lane converts the chunks it copied (visible to it after the wait)
+        const Raw* raw = reinterpret_cast<const Raw*>(pipe + (t % S) * C::kStageBytes);
+#pragma unroll
+        for (int i = 0; i < kChunks / 2; ++i) {
+          const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
+          float f[8];
+          unpack8<KVT>(raw[idx], f);
+          store8<T>(conv + row * RS + col, f);
+          unpack8<KVT>(raw[16 * kChunks + idx], f);
+          store8<T>(conv + (16 + row) * RS + col, f);
+        }
+        ks = conv;
+      }
       if constexpr (Var::kKeyTransform) {  // each lane transforms the chunks it copied (issue's layout)
-        T* kt = pipe + (t % S) * C::kStageElems;
-        constexpr int kChunks = D / 8;
+        T* kt = const_cast<T*>(ks);
 #pragma unroll
         for (int i = 0; i < kChunks / 2; ++i) {
           const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
@@ -620,8 +655,7 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
                                  col);
         }
       }
-      __syncwarp();  // ldmatrix reads rows other lanes copied
-      const T* ks = pipe + (t % S) * C::kStageElems;
+      __syncwarp();  // ldmatrix reads rows other lanes copied (or converted)
       const T* vs = ks + 16 * RS;
 
       float sacc[4];  // S^T: [0], [1] token g, heads 2c, 2c+1; [2], [3] token g + 8
@@ -654,10 +688,10 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
     __syncwarp();  // every lane is done with this segment's stages
     if (seg + 1 < seg_end) {
       cur = make_seg(next_sg, next_page_start);
-      prologue(cur);  // fills stages 0 .. S-2; stage S-1 holds this segment's merge state below
+      prologue(cur);  // fills stages 0 .. S-2; stage S-1 (fp8: the converted tile) holds the merge state below
       load_q(cur);    // this segment's last mma has consumed qb
     }
-    float* sm = reinterpret_cast<float*>(smem + (S - 1) * C::kStageBytes);  // warp w: + w * kWarpBytes
+    float* sm = reinterpret_cast<float*>(smem + C::kMergeAt);  // warp w: + w * kWarpBytes
     constexpr int ws = C::kWarpBytes / 4;
     stage_warp_state<KS, GB, D>(sm + warp * ws, o, m, dsum, g, c);
     __syncthreads();

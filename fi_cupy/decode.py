@@ -1,7 +1,8 @@
 """Decode attention: `single_decode_with_kv_cache` and `BatchDecodeWithPagedKVCacheWrapper`.
 
-Both run cuda_src/decode.cu: batch_decode_tc_kernel (tensor cores) for 16-bit KV of the q dtype without
-RoPE, batch_decode_kernel (CUDA cores) for fp8 KV and RoPE on the fly, batch_decode_wide_kernel (tensor
+Both run cuda_src/decode.cu: batch_decode_tc_kernel (tensor cores) for KV of the q dtype or fp8 (converted
+in shared memory) without RoPE, batch_decode_kernel (CUDA cores) for RoPE on the fly and GPUs whose shared
+memory is short of the tensor-core kernel's, batch_decode_wide_kernel (tensor
 cores, the head dim split over the warps) at head_dim 512, and merge_states_kernel for requests cut over
 several CTAs. A single decode is a batch of one request whose K/V form one page.
 Supported (one table, README "Decode"): head_dim every multiple of 16 from 16 to 256, and 512; q fp16/bf16;
@@ -41,9 +42,9 @@ DECODE_BACKENDS = ("auto", "fa2")  # FlashInfer's names; both run our kernels
 
 
 def uses_tensor_cores(q_dtype: dt.DType, kv_dtype: dt.DType, rope: bool) -> bool:
-    """16-bit KV of the q dtype without RoPE runs on tensor cores (batch_decode_tc_kernel); fp8 KV and
-    RoPE on the fly run on CUDA cores (batch_decode_kernel)."""
-    return kv_dtype == q_dtype and not rope
+    """KV of the q dtype or fp8 without RoPE runs on tensor cores (batch_decode_tc_kernel: fp8 converted to
+    the q dtype in shared memory); RoPE on the fly runs on CUDA cores (batch_decode_kernel)."""
+    return (kv_dtype == q_dtype or kv_dtype.bits == 8) and not rope
 
 
 def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dtype: dt.DType,
@@ -62,10 +63,10 @@ def decode_program(head_dim: int, heads_per_block: int, q_dtype: dt.DType, kv_dt
                                                             kernels.cpp_bool(alibi)))
         smem = f"fic::DecodeWideCfg<{head_dim}, {kv_dtype.cpp}>::kSmemBytes"
     elif tc:
-        main = KernelSpec("fic::batch_decode_tc_kernel", (head_dim, heads_per_block, q_dtype.cpp,
+        main = KernelSpec("fic::batch_decode_tc_kernel", (head_dim, heads_per_block, q_dtype.cpp, kv_dtype.cpp,
                                                           kernels.cpp_bool(alibi)) +
                           ((variant.binding,) if variant is not None else ()))
-        smem = f"fic::DecodeTcSmem<{head_dim}, {heads_per_block}>::value"
+        smem = f"fic::DecodeTcSmem<{head_dim}, {heads_per_block}, {kv_dtype.cpp}>::value"
     else:
         main = KernelSpec("fic::batch_decode_kernel", (head_dim, heads_per_block, q_dtype.cpp, kv_dtype.cpp,
                                                        kernels.cpp_bool(rope), kernels.cpp_bool(alibi)))
@@ -81,7 +82,8 @@ def decode_smem_bytes(head_dim: int, heads_per_block: int, tensor_cores: bool, k
     tensor cores: at least 3 stages of 16 padded K and V rows, 24 KB or more), reused for the final merge
     of the warps (MergeBlock: a warp's block padded to 16 bytes). Wide head dims, a warp: 16 rows of K and
     V of its quarter of the dims, padded, in 3 stages (fp8: 4 raw stages and that tile converted), and two
-    buffers of the warps' partial scores."""
+    buffers of the warps' partial scores. Tensor cores with fp8 KV: raw stages (about 16 KB a warp, 4 to 16)
+    and the converted tile."""
     if head_dim in WIDE_HEAD_DIMS:
         tile = 2 * 16 * (head_dim // 4 + 8) * 2
         warp = 3 * tile if kv_bytes == 2 else 4 * 2 * 16 * (head_dim // 4) * kv_bytes + tile
@@ -89,8 +91,11 @@ def decode_smem_bytes(head_dim: int, heads_per_block: int, tensor_cores: bool, k
     merge = 4 * ((heads_per_block * (head_dim + 2) + 3) // 4 * 4) * 4
     if not tensor_cores:
         return max(4 * 12288, merge)
-    stage = 2 * 16 * (head_dim + 8) * 2
-    return max(4 * max(3, 24576 // stage) * stage, merge)
+    tile = 2 * 16 * (head_dim + 8) * 2
+    if kv_bytes == 1:
+        raw = 2 * 16 * head_dim
+        return max(4 * (max(4, min(16, 16384 // raw)) * raw + tile), merge)
+    return max(4 * max(3, min(16, 24576 // tile)) * tile, merge)
 
 
 _variants: dict = {}  # decode_variant's answers, by what it reads
@@ -112,7 +117,7 @@ def decode_variant(params: DecodeParams, kv_dtype: dt.DType, device: int | None 
     gb, _ = scheduler.decode_heads_per_block(params.group_size)
     d, kv_bytes = params.head_dim, kv_dtype.bits // 8
     tc = uses_tensor_cores(params.q_dtype, kv_dtype, params.rope)
-    if tc and d not in WIDE_HEAD_DIMS and limit is not None and decode_smem_bytes(d, gb, True) > limit:
+    if tc and d not in WIDE_HEAD_DIMS and limit is not None and decode_smem_bytes(d, gb, True, kv_bytes) > limit:
         tc = False
     smem = decode_smem_bytes(d, gb, tc, kv_bytes)
     if limit is not None and smem > limit:
@@ -126,7 +131,7 @@ def decode_variant(params: DecodeParams, kv_dtype: dt.DType, device: int | None 
 def takes_variant(params: DecodeParams, kv_dtype: dt.DType, device: int | None = None) -> bool:
     """Whether a custom variant runs on the decode kernel (the tensor-core one: KV of the q dtype, head dims
     up to 256, its shared memory on `device`); elsewhere decode runs it on the paged prefill kernel."""
-    if not (uses_tensor_cores(params.q_dtype, kv_dtype, params.rope) and params.head_dim in KERNEL_HEAD_DIMS):
+    if not (kv_dtype == params.q_dtype and not params.rope and params.head_dim in KERNEL_HEAD_DIMS):
         return False
     limit = None if device is None else kernels.device_props(device)["smem_optin"]
     gb, _ = scheduler.decode_heads_per_block(params.group_size)
@@ -149,8 +154,8 @@ def all_programs(head_dims=SUPPORTED_HEAD_DIMS) -> list:
                     for rope, al in ((False, False), (True, False), (False, True)):  # NONE, ROPE, ALIBI
                         if not (rope and d in WIDE_HEAD_DIMS):
                             out.append(decode_program(d, gb, q, kv, rope, al))
-                        if kv == q and not rope and d not in WIDE_HEAD_DIMS and \
-                                decode_smem_bytes(d, gb, True) > kernels.SMEM_EVERY_GPU:
+                        if uses_tensor_cores(q, kv, rope) and d not in WIDE_HEAD_DIMS and \
+                                decode_smem_bytes(d, gb, True, kv.bits // 8) > kernels.SMEM_EVERY_GPU:
                             # where a GPU cannot give the tensor-core kernel its shared memory (decode_variant)
                             out.append(decode_program(d, gb, q, kv, rope, al, tensor_cores=False))
     return out

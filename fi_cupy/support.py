@@ -55,8 +55,8 @@ def _rows() -> list:
     for p in decode.all_programs():
         k = p.kernels[0]
         if k.kernel.endswith("batch_decode_tc_kernel"):
-            d, _, q, alibi = k.targs
-            add(dec, "tensor cores (mma.sync)", d, _dtype(q), _dtype(q), "ALIBI" if alibi == "true" else "NONE")
+            d, _, q, kv, alibi = k.targs
+            add(dec, "tensor cores (mma.sync)", d, _dtype(q), _dtype(kv), "ALIBI" if alibi == "true" else "NONE")
         elif k.kernel.endswith("batch_decode_wide_kernel"):  # the warps split the head dim
             d, _, q, kv, alibi = k.targs
             add(dec, "tensor cores, head dim split over warps", d, _dtype(q), _dtype(kv),
@@ -64,10 +64,9 @@ def _rows() -> list:
         else:
             d, _, q, kv, rope, alibi = k.targs
             pos = "ROPE_LLAMA" if rope == "true" else "ALIBI" if alibi == "true" else "NONE"
-            # 16-bit KV takes this kernel for RoPE on the fly, and where the GPU cannot give the tensor-core
-            # kernel its shared memory (decode.decode_variant): rows of their own
-            path = "CUDA cores, fp8 KV" if kv != q else "CUDA cores, RoPE on the fly" if rope == "true" else \
-                "CUDA cores, 16-bit KV, GPUs with less shared memory"
+            # RoPE on the fly, and where the GPU cannot give the tensor-core kernel its shared memory
+            # (decode.decode_variant): rows of their own
+            path = "CUDA cores, RoPE on the fly" if rope == "true" else "CUDA cores, GPUs with less shared memory"
             add(dec, path, d, _dtype(q), _dtype(kv), pos)
     names = {True: "BatchPrefillWithPagedKVCacheWrapper", False: "BatchPrefillWithRaggedKVCacheWrapper, "
              "single_prefill_with_kv_cache"}

@@ -207,7 +207,7 @@ def _draw_alibi(rng, cfg: dict) -> None:
         return
     cfg.update(pos_encoding_mode="ALIBI", logits_soft_cap=None, rope_scale=None, rope_theta=None)
     if "kernel" in cfg:
-        cfg["kernel"] = "tensor_cores" if cfg["kv_dtype"] == cfg["q_dtype"] else "cuda_cores"
+        cfg["kernel"] = "tensor_cores"  # ALiBi draws no RoPE: 16-bit and fp8 KV on tensor cores
     if cfg.get("backend") == "fa3":
         cfg["backend"] = "auto"
 
@@ -230,7 +230,7 @@ def draw_decode(rng, single: bool = False) -> dict:
     kv_lens = [_log_int(rng, 256, MAX_LEN) if long_kv else _length(rng, longest) for _ in range(batch)]
     kv_lens = _fit_decode(kv_lens, hq, hkv, d)
     cfg = {"q_dtype": q_dtype, "kv_dtype": kv_dtype, "long_kv": long_kv,
-           "kernel": "tensor_cores" if kv_dtype == q_dtype and not rope else "cuda_cores",
+           "kernel": "cuda_cores" if rope else "tensor_cores",
            "head_dim": d, "num_qo_heads": hq, "num_kv_heads": hkv, "group_size": hq // hkv,
            "pos_encoding_mode": "ROPE_LLAMA" if rope else "NONE", "layout": _pick(rng, ("NHD", "HND")),
            **_options(rng, d, longest, rope), **_scales(rng, kv_dtype in FP8), **_outputs(rng),

@@ -90,11 +90,12 @@ def _decode_picked() -> list:
     f16, bf16, e4m3, e5m2 = dt.float16, dt.bfloat16, dt.float8_e4m3fn, dt.float8_e5m2
     return [decode.decode_program(128, 8, bf16, bf16, False),   # tensor cores, a full GQA block
             decode.decode_program(256, 1, f16, f16, False),     # tensor cores, group size 1, widest head
-            decode.decode_program(128, 1, f16, e4m3, False),    # CUDA cores, group size 1, fp8 (issue 19's crash)
+            decode.decode_program(128, 1, f16, e4m3, False),    # tensor cores, group size 1, fp8 converted
+            decode.decode_program(128, 1, f16, e4m3, True),     # CUDA cores, group size 1, fp8 (issue 19's crash)
             decode.decode_program(128, 1, f16, f16, True),      # CUDA cores, group size 1, RoPE
             decode.decode_program(256, 8, bf16, e5m2, True),    # CUDA cores, fp8 + RoPE, widest: most registers
             decode.decode_program(256, 8, bf16, bf16, False, True),   # tensor cores, ALiBi, widest
-            decode.decode_program(256, 8, bf16, e4m3, False, True)]   # CUDA cores, fp8 + ALiBi, widest
+            decode.decode_program(256, 8, bf16, e4m3, False, True)]   # tensor cores, fp8 + ALiBi, widest
 
 
 def _prefill_picked() -> list:

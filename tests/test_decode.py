@@ -11,9 +11,10 @@ items). Derived from fi_cupy/decode.py (uses_tensor_cores, decode_variant) and f
 (decode_heads_per_block, decode_schedule); every item asserts the kernel, GB and merge it names:
 
   axis     value                        reaches
-  path     tc: KV in the q dtype        batch_decode_tc_kernel<D, GB, T> (mma.sync, 16 tokens a warp)
-           fp8: e4m3 / e5m2 KV          batch_decode_kernel<D, GB, QT, KVT, false> (CUDA cores)
-           rope: ROPE_LLAMA, 16-bit KV  batch_decode_kernel<D, GB, QT, QT, true> (CUDA cores)
+  path     tc: KV in the q dtype        batch_decode_tc_kernel<D, GB, T, T> (mma.sync, 16 tokens a warp)
+           fp8: e4m3 / e5m2 KV          batch_decode_tc_kernel<D, GB, T, KVT> (converted in shared memory)
+           rope: ROPE_LLAMA             batch_decode_kernel<D, GB, QT, KVT, true> (CUDA cores; KV 16-bit,
+                                        fp8 on every third item)
   group    1 (4 qo / 4 kv heads)        GB = 1 (the group size issue 19's decode crash needed)
            4 (8 / 2)                    GB = 4
            6 (12 / 2)                   GB = 8, two of its heads masked
@@ -452,7 +453,7 @@ GRID_HEADS = {1: (4, 4), 4: (8, 2), 6: (12, 2), 8: (16, 2)}  # group -> (num_qo_
 GRID_GB = {1: 1, 4: 4, 6: 8, 8: 8}  # heads per block the scheduler must pick for the group
 GRID_PAGES = (1, 7, 8, 16)
 GRID_LENS = {"split": [2999, 1, 0, 17, 130, 64], "whole": [97, 0, 97, 97, 0, 97, 97], "tiny": [0, 1, 3, 0, 2, 9]}
-GRID_KERNEL = {"tc": "fic::batch_decode_tc_kernel", "fp8": "fic::batch_decode_kernel",
+GRID_KERNEL = {"tc": "fic::batch_decode_tc_kernel", "fp8": "fic::batch_decode_tc_kernel",
                "rope": "fic::batch_decode_kernel"}
 
 
@@ -465,7 +466,8 @@ def _path_grid() -> list:
                 lens = ("split", "whole", "split", "tiny")[(pi + gi + si) % 4]
                 d = (64, 128, 256)[i % 3]
                 q_dt = ("bfloat16", "float16")[i // 3 % 2]
-                kv_dt = ("float8_e4m3fn", "float8_e5m2")[i // 2 % 2] if path == "fp8" else q_dt
+                fp8 = path == "fp8" or (path == "rope" and i % 3 == 0)
+                kv_dt = ("float8_e4m3fn", "float8_e5m2")[i // 2 % 2] if fp8 else q_dt
                 layout = ("NHD", "HND")[i % 2]
                 as_tuple = i % 5 == 4
                 case = (path, group, page_size, lens, d, q_dt, kv_dt, layout, as_tuple)
@@ -490,7 +492,7 @@ def test_path_grid(path, group, page_size, lens, d, q_dt, kv_dt, layout, as_tupl
 def _assert_grid_path(w, path, group, lens):
     """The path a grid item names, so the grid cannot drift to one kernel unnoticed."""
     p = w._plan.params
-    assert fi_cupy.decode.uses_tensor_cores(p.q_dtype, p.kv_dtype, p.rope) == (path == "tc")
+    assert fi_cupy.decode.uses_tensor_cores(p.q_dtype, p.kv_dtype, p.rope) == (path != "rope")
     assert fi_cupy.decode.decode_variant(p, p.kv_dtype)[0].kernels[0].kernel == GRID_KERNEL[path]
     assert w._plan.heads_per_block == (GRID_GB[group], 1)
     assert (w._plan.num_merges > 0) == (lens == "split"), f"num_merges {w._plan.num_merges}"
@@ -558,7 +560,7 @@ def test_sinks_q_len_per_req():
 
 # ---------------------------------------------------------------------------------------------
 # ALiBi (pos_encoding_mode="ALIBI"): logit += slope_h * (key position - (kv_len - 1)), FlashInfer's slopes.
-# 16-bit KV keeps the tensor-core kernel, fp8 KV the CUDA-core one, each with its ALiBi template bool.
+# 16-bit and fp8 KV both run the tensor-core kernel (fp8 converted in shared memory), its ALiBi template bool last.
 # Each path x lens shape at group 4 on the grid item of that cell (as test_sinks); then groups 1, 6 (two
 # of the block's heads masked) and 8 on their "split" grid items, and 8 / 8 and 32 / 4 heads; window,
 # sm_scale and fp8 scales; single decode; sinks beside ALiBi; q_len_per_req = 2; a CUDA-graph replay.
@@ -706,16 +708,17 @@ def test_alibi_cuda_graph_replay():
 
 
 # ---------------------------------------------------------------------------------------------
-# Regression (issue 19): batch_decode_kernel (fp8 KV or RoPE) at group size 1 read its warps' merge
-# blocks, GB * (D + 2) floats each, with 16-byte loads: warps 1 and 3 were misaligned at GB = 1
-# (CUDA_ERROR_MISALIGNED_ADDRESS, sticky). The tests before never ran group size 1 on that kernel.
+# Regression (issue 19): batch_decode_kernel (then fp8 KV or RoPE; now RoPE) at group size 1 read its warps'
+# merge blocks, GB * (D + 2) floats each, with 16-byte loads: warps 1 and 3 were misaligned at GB = 1
+# (CUDA_ERROR_MISALIGNED_ADDRESS, sticky). The tests before never ran group size 1 on that kernel. The
+# report's fp8 cases now run the tensor-core kernel; fp8 with RoPE keeps the CUDA-core one.
 
 
 @pytest.mark.parametrize("kv_dt,rope,d,page_size", [
-    ("float8_e4m3fn", False, 128, 16),  # the report: batch 12, kv_len 97, 4 / 4 heads, fp16 q, NHD
-    ("float8_e5m2", False, 128, 16),
-    ("float8_e4m3fn", False, 256, 1),
-    ("float8_e4m3fn", False, 128, 8),
+    ("float8_e4m3fn", True, 128, 16),  # the report (fp8, no RoPE then): batch 12, kv_len 97, 4 / 4 heads, fp16 q
+    ("float8_e5m2", True, 128, 16),
+    ("float8_e4m3fn", True, 256, 1),
+    ("float8_e4m3fn", True, 128, 8),
     ("float16", True, 128, 16),  # RoPE on the fly with fp16 KV crashed the same way
     ("float16", True, 256, 8),
     ("float16", True, 128, 1),

@@ -124,14 +124,14 @@ def test_param_errors(kw, err, match):
 @pytest.mark.parametrize("mode", ["NONE", "ROPE_LLAMA", "ALIBI"])
 @pytest.mark.parametrize("kv_data_type", [None, "float8_e4m3fn"])
 def test_alibi_decode_variant(mode, kv_data_type):
-    """pos_encoding_mode "ALIBI": 16-bit KV keeps the tensor-core kernel, fp8 KV the CUDA-core one; the last
-    template argument of either is the ALiBi bool (RoPE takes the CUDA-core kernel, without ALiBi). The
+    """pos_encoding_mode "ALIBI": 16-bit and fp8 KV keep the tensor-core kernel; the last template argument of
+    either kernel is the ALiBi bool (RoPE takes the CUDA-core kernel, without ALiBi). The
     mode comes back as params.pos_encoding_mode (what q_len_per_req > 1 plans its prefill with)."""
     from fi_cupy import decode
     p = _params(pos_encoding_mode=mode, kv_data_type=kv_data_type)
     assert (p.rope, p.alibi, p.pos_encoding_mode) == (mode == "ROPE_LLAMA", mode == "ALIBI", mode)
     main = decode.decode_variant(p, p.kv_dtype)[0].kernels[0]
-    tc = kv_data_type is None and mode != "ROPE_LLAMA"
+    tc = mode != "ROPE_LLAMA"
     assert decode.uses_tensor_cores(p.q_dtype, p.kv_dtype, p.rope) == tc
     assert main.kernel == ("fic::batch_decode_tc_kernel" if tc else "fic::batch_decode_kernel")
     assert main.targs[-1] == ("true" if mode == "ALIBI" else "false")
@@ -146,16 +146,17 @@ def test_alibi_decode_variant(mode, kv_data_type):
 
 def test_alibi_decode_programs_built_ahead():
     """all_programs has every decode variant with ALiBi (never with RoPE) for every head dim, group block
-    and dtype pair."""
+    and dtype pair: on tensor cores for 16-bit and fp8 KV, on CUDA cores where a GPU's shared memory is short."""
     from fi_cupy import decode
     from fi_cupy._core import dtypes as dt
-    mains = [p.kernels[0] for p in decode.all_programs((64,))]
+    mains = [p.kernels[0] for p in decode.all_programs((64, 256))]
     alibi = [k for k in mains if k.targs[-1] == "true"]  # both kernels: the ALiBi bool last
     cuda_core = [k for k in alibi if k.kernel == "fic::batch_decode_kernel"]
-    assert all(k.targs[-2] == "false" for k in cuda_core)  # RoPE and ALiBi together: never
-    assert {k.targs[3] for k in cuda_core} == {dt.float8_e4m3fn.cpp, dt.float8_e5m2.cpp}  # fp8 KV: CUDA cores
+    assert cuda_core and all(k.targs[-2] == "false" for k in cuda_core)  # RoPE and ALiBi together: never
+    assert {k.targs[0] for k in cuda_core} == {256}  # the shared-memory fallback: not needed at 64
     tc = [k for k in alibi if k.kernel == "fic::batch_decode_tc_kernel"]
-    assert {k.targs[2] for k in tc} == {k.targs[2] for k in cuda_core} == {dt.float16.cpp, dt.bfloat16.cpp}
+    assert {k.targs[3] for k in tc} == {dt.float16.cpp, dt.bfloat16.cpp, dt.float8_e4m3fn.cpp, dt.float8_e5m2.cpp}
+    assert {k.targs[2] for k in tc} == {dt.float16.cpp, dt.bfloat16.cpp}
     assert {k.targs[1] for k in tc} == {k.targs[1] for k in cuda_core} == {1, 4, scheduler.MAX_HEADS_PER_BLOCK}
 
 
@@ -315,7 +316,8 @@ def test_prefill_uncut_batch_gives_a_whole_kv_item_a_tile(causal):
     (232448, 128, None, "tc"), (232448, 256, None, "tc"), (232448, 512, None, "wide"),  # H100 / H200
     (166912, 208, None, "tc"), (166912, 224, None, "cuda"), (166912, 512, "float8_e4m3fn", "wide"),  # A100
     (101376, 112, None, "tc"), (101376, 128, None, "cuda"), (101376, 256, None, "cuda"),  # sm_86 / sm_89
-    (101376, 128, "float8_e5m2", "cuda"), (101376, 512, None, None), (101376, 512, "float8_e4m3fn", None),
+    (101376, 128, "float8_e5m2", "tc"), (101376, 144, "float8_e5m2", "cuda"),  # fp8: smaller raw stages
+    (101376, 512, None, None), (101376, 512, "float8_e4m3fn", None),
 ])
 def test_decode_variant_fits_the_gpus_shared_memory(monkeypatch, smem_optin, d, kv, want):
     """The decode kernel follows the GPU's shared memory a CTA (no GPU here: its properties are a stand-in):

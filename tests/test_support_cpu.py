@@ -23,7 +23,7 @@ def test_table_covers_every_kernel_path():
     rows = support._rows()
     kernels = {kernel for _, kernel, *_ in rows}
     assert {"tensor cores (mma.sync)", "tensor cores, head dim split over warps", "CUDA cores, RoPE on the fly",
-            "CUDA cores, fp8 KV", "CUDA cores, 16-bit KV, GPUs with less shared memory",
+            "CUDA cores, GPUs with less shared memory",
             "fa2 (portable, mma.sync)", "fa3 (sm_90a, wgmma)"} == kernels
     for op, kernel, dims, *_ in rows:
         want = (decode.WIDE_HEAD_DIMS if "split" in kernel else
