@@ -1,7 +1,7 @@
 """Paged-KV decode benchmark: fi_cupy vs FlashInfer (when importable), GB/s against the copy ceiling.
 
-Shapes (issue 3): bf16, 32 query / 8 kv heads, head_dim 128, page 16; (batch, kv_len) below, plus one
-fp8-KV row, one HND row, one with attention sinks, one with ALiBi, and head_dim 256 and 512 rows
+Shapes (issue 3): bf16, 32 query / 8 kv heads, head_dim 128, page 16; (batch, kv_len) below, plus four
+fp8-KV rows, one HND row, one with attention sinks, one with ALiBi, and head_dim 256 and 512 rows
 (option d256 / d512). Bytes = KV read + q + out. Times are medians of CUDA-event timings of
 CUDA-graph replays (20 runs a graph) after warm-up; each run reads another copy of the cache so the
 50 MB L2 cannot hold the working set. Also: cold compile and cached load of the decode kernel.
@@ -31,7 +31,9 @@ SHAPES = [(1, 8192), (1, 32768), (1, 131072), (4, 32768), (16, 4096), (64, 2048)
           (256, 4096), (512, 512)]
 # (shape, KV dtype, layout, option): "sinks" runs with attention sinks (one float32 logit per qo head),
 # "alibi" with pos_encoding_mode="ALIBI"
-EXTRA = [((16, 4096), "float8_e4m3fn", "NHD", ""), ((16, 4096), "bfloat16", "HND", ""),
+EXTRA = [((16, 4096), "float8_e4m3fn", "NHD", ""), ((1, 32768), "float8_e4m3fn", "NHD", ""),
+         ((64, 2048), "float8_e5m2", "NHD", ""), ((256, 4096), "float8_e4m3fn", "NHD", ""),
+         ((16, 4096), "bfloat16", "HND", ""),
          ((16, 4096), "bfloat16", "NHD", "sinks"), ((16, 4096), "bfloat16", "NHD", "alibi"),
          ((16, 4096), "bfloat16", "NHD", "d256"), ((16, 4096), "bfloat16", "NHD", "d512"),
          ((1, 32768), "bfloat16", "NHD", "d512"), ((64, 2048), "bfloat16", "NHD", "d512"),
