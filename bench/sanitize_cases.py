@@ -329,11 +329,18 @@ def _():
     decode_batch(_rng(), [4000], 16, 8, 1, 128, merges=True)
 
 
-@case("decode_cuda_core_fp8_group1", "CUDA-core decode, fp8 e4m3 KV, 4/4 heads (issue 19's crash), int32 device "
-      "index arrays, k/v scales", needs=("torch",))
+@case("decode_tc_fp8_group1", "tensor-core decode, fp8 e4m3 KV converted in shared memory, 4/4 heads (issue 19's "
+      "crash, then on CUDA cores), int32 device index arrays, k/v scales", needs=("torch",))
 def _():
     decode_batch(_rng(), [97] * 12, 16, 4, 4, 128, X=TH, kv_dtype="float8_e4m3fn", device_indices=True,
                  run_kw={"k_scale": 0.5, "v_scale": 2.0})
+
+
+@case("decode_cuda_core_fp8_rope_group1", "CUDA-core decode, fp8 e4m3 KV with RoPE on the fly, 4/4 heads, int32 "
+      "device index arrays, k/v scales", needs=("torch",))
+def _():
+    decode_batch(_rng(), [97] * 12, 16, 4, 4, 128, X=TH, kv_dtype="float8_e4m3fn", device_indices=True,
+                 pos_encoding_mode="ROPE_LLAMA", run_kw={"k_scale": 0.5, "v_scale": 2.0})
 
 
 @case("decode_cuda_core_rope_group1", "CUDA-core decode, RoPE on the fly, 4/4 heads, head_dim 256, page 1")
@@ -347,7 +354,7 @@ def _():
                  rope_theta=5e5)
 
 
-@case("decode_cuda_core_fp8_group8_split", "CUDA-core decode, bf16 q, fp8 e5m2 KV, group 8, a 4000-token request "
+@case("decode_tc_fp8_group8_split", "tensor-core decode, bf16 q, fp8 e5m2 KV, group 8, a 4000-token request "
       "cut over CTAs + merge", needs=("torch",))
 def _():
     decode_batch(_rng(), [4000], 16, 16, 2, 128, X=TH, q_dtype="bfloat16", kv_dtype="float8_e5m2", merges=True,
@@ -387,7 +394,7 @@ def _():
     written(out=out, lse=lse)
 
 
-@case("single_decode_fp8_group1", "single_decode_with_kv_cache, CUDA cores, fp8 e4m3 HND, 4/4 heads",
+@case("single_decode_fp8_group1", "single_decode_with_kv_cache, tensor cores, fp8 e4m3 HND, 4/4 heads",
       needs=("torch",))
 def _():
     import fi_cupy
