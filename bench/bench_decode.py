@@ -30,8 +30,10 @@ HQ, HKV, D, PS = 32, 8, 128, 16
 SHAPES = [(1, 8192), (1, 32768), (1, 131072), (4, 32768), (16, 4096), (64, 2048), (128, 1024),
           (256, 4096), (512, 512)]
 # (shape, KV dtype, layout, option): "sinks" runs with attention sinks (one float32 logit per qo head),
-# "alibi" with pos_encoding_mode="ALIBI"
-EXTRA = [((16, 4096), "float8_e4m3fn", "NHD", ""), ((1, 32768), "float8_e4m3fn", "NHD", ""),
+# "alibi" with pos_encoding_mode="ALIBI", "cuda-cores" on the CUDA-core kernel (fp8 KV's kernel before the
+# tensor-core one took it)
+EXTRA = [((16, 4096), "float8_e4m3fn", "NHD", ""), ((16, 4096), "float8_e4m3fn", "NHD", "cuda-cores"),
+         ((1, 32768), "float8_e4m3fn", "NHD", ""),
          ((64, 2048), "float8_e5m2", "NHD", ""), ((256, 4096), "float8_e4m3fn", "NHD", ""),
          ((16, 4096), "bfloat16", "HND", ""),
          ((16, 4096), "bfloat16", "NHD", "sinks"), ((16, 4096), "bfloat16", "NHD", "alibi"),
@@ -67,6 +69,15 @@ def _case(torch, batch, kv_len, kv_dtype, layout, D=D):
 
 
 def bench_fi_cupy(torch, batch, kv_len, kv_dtype="bfloat16", layout="NHD", option=""):
+    if option == "cuda-cores":  # the kernel choice is memoised: forget it before and after
+        orig = decode.uses_tensor_cores
+        decode.uses_tensor_cores = lambda *a: False
+        decode._variants.clear()
+        try:
+            return bench_fi_cupy(torch, batch, kv_len, kv_dtype, layout)
+        finally:
+            decode.uses_tensor_cores = orig
+            decode._variants.clear()
     caches, qs, outs, indptr, indices, last, nbytes = _case(torch, batch, kv_len, kv_dtype, layout, _dim(option))
     sinks = torch.randn(HQ, device="cuda", dtype=torch.float32) if option == "sinks" else None
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
