@@ -381,6 +381,47 @@ __device__ __forceinline__ void builtin_logits(float (&sacc)[4], float q_scale, 
   }
 }
 
+// One tile's K and V copies of a lane: chunk idx = i * 32 + lane of 16 rows x kChunks 8-element chunks, so
+// consecutive lanes read consecutive bytes of a row. Lane r < 16 holds row r's cache offset (my_off); the
+// others take it by shuffle. Rows from tile_first on past `end` are zero-filled. 16-bit KV: chunk (row, col) goes
+// to the padded tile's row * RS + col; fp8: to raw slot idx (V after K's 16 rows), for convert_tile.
+template <typename KVT, typename T, int kChunks, int RS>
+__device__ __forceinline__ void copy_tile(unsigned char* stage, const KVT* k_cache, const KVT* v_cache,
+                                          long long my_off, int tile_first, int end, int lane) {
+  using Raw = typename Pack8<KVT>::raw;
+  constexpr bool kConvert = sizeof(KVT) == 1;
+#pragma unroll
+  for (int i = 0; i < kChunks / 2; ++i) {
+    const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
+    const long long off = __shfl_sync(0xffffffffu, my_off, row);
+    const bool ok = tile_first + row < end;
+    void* kd = kConvert ? (void*)(reinterpret_cast<Raw*>(stage) + idx)
+                        : (void*)(reinterpret_cast<T*>(stage) + row * RS + col);
+    void* vd = kConvert ? (void*)(reinterpret_cast<Raw*>(stage) + 16 * kChunks + idx)
+                        : (void*)(reinterpret_cast<T*>(stage) + (16 + row) * RS + col);
+    cp_async<sizeof(Raw)>(kd, ok ? k_cache + off + col : k_cache, ok);
+    cp_async<sizeof(Raw)>(vd, ok ? v_cache + off + col : v_cache, ok);
+  }
+}
+
+// fp8 KV: a lane's chunks of one raw stage (K's 16 rows of kChunks 8-element chunks, then V's, as copied: chunk
+// idx = i * 32 + lane) converted into the padded 16-bit tile ldmatrix reads (row stride RS). Exact: every e4m3 /
+// e5m2 value is an fp16 and a bf16 value. The lane copied these chunks, so its wait made them visible to it.
+template <typename KVT, int kChunks, int RS, typename T>
+__device__ __forceinline__ void convert_tile(T* conv, const unsigned char* stage, int lane) {
+  using Raw = typename Pack8<KVT>::raw;
+  const Raw* raw = reinterpret_cast<const Raw*>(stage);
+#pragma unroll
+  for (int i = 0; i < kChunks / 2; ++i) {
+    const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
+    float f[8];
+    unpack8<KVT>(raw[idx], f);
+    store8<T>(conv + row * RS + col, f);
+    unpack8<KVT>(raw[16 * kChunks + idx], f);
+    store8<T>(conv + (16 + row) * RS + col, f);
+  }
+}
+
 // O^T += P^T V of one tile: with SOFTMAX the online softmax of the logits first (row maxima m, sums dsum of
 // heads 2c, 2c + 1 over the warp's keys; -inf logits weigh 0); without it the scores are P as they are. V rows
 // from shared memory (row stride RS), read transposed.
@@ -495,7 +536,6 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
   static_assert(GB <= 8, "an mma tile holds 8 heads");
   static_assert(!(VAR::kActive && ALIBI), "custom variants: no ALiBi (the variant owns the logits)");
   using C = DecodeTcCfg<D, KVT>;
-  using Raw = typename C::Raw;
   static_assert(C::kConvert || sizeof(KVT) == sizeof(T), "16-bit KV is read in the q dtype");
   static_assert(!VAR::kActive || !C::kConvert, "custom variants: KV of the q dtype");
   using Var = typename VAR::Variant;
@@ -535,15 +575,12 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
     return x;
   };
 
-  // Copies: chunk idx = i * 32 + lane of the tile's 16 rows x D/8 16-byte chunks, so consecutive lanes
-  // read consecutive bytes of a row. Lane r < 16 computes row r's cache offset (its page id loaded
-  // one issue ahead) and the other lanes take it by shuffle.
+  // Copies (copy_tile): lane r < 16 computes row r's cache offset, its page id loaded one issue ahead.
   int pid = 0;
   auto load_pid = [&](const Seg& x, int t) {
     const int tok = x.first + t * tile_stride + (lane % 16);
     pid = (t < x.n_tiles && tok < x.end) ? x.pages[page_div.quot(tok)] : 0;
   };
-  // 16-bit: chunk (row, col) goes to the tile's row * RS + col; fp8: to raw slot idx (V after K's 16 rows).
   auto issue = [&](const Seg& x, int t) {
     if (t < x.n_tiles) {
       unsigned char* stage = pipe + (t % S) * C::kStageBytes;
@@ -551,18 +588,7 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
       const unsigned p = page_div.quot(my_tok);
       const long long my_off = (long long)pid * kv_stride_page +
                                (long long)(my_tok - p * page_size) * kv_stride_slot + x.head_off;
-#pragma unroll
-      for (int i = 0; i < kChunks / 2; ++i) {  // 16 rows x kChunks chunks / 32 lanes
-        const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
-        const long long off = __shfl_sync(0xffffffffu, my_off, row);
-        const bool ok = x.first + t * tile_stride + row < x.end;
-        void* kd = C::kConvert ? (void*)(reinterpret_cast<Raw*>(stage) + idx)
-                               : (void*)(reinterpret_cast<T*>(stage) + row * RS + col);
-        void* vd = C::kConvert ? (void*)(reinterpret_cast<Raw*>(stage) + 16 * kChunks + idx)
-                               : (void*)(reinterpret_cast<T*>(stage) + (16 + row) * RS + col);
-        cp_async<sizeof(Raw)>(kd, ok ? k_cache + off + col : k_cache, ok);
-        cp_async<sizeof(Raw)>(vd, ok ? v_cache + off + col : v_cache, ok);
-      }
+      copy_tile<KVT, T, kChunks, RS>(stage, k_cache, v_cache, my_off, x.first + t * tile_stride, x.end, lane);
       load_pid(x, t + 1);
     }
     cp_async_commit();
@@ -632,16 +658,7 @@ batch_decode_tc_kernel(const T* __restrict__ q, long long q_stride_b, long long 
       cp_async_wait<S - 1>();
       const T* ks = reinterpret_cast<const T*>(pipe + (t % S) * C::kStageBytes);
       if constexpr (C::kConvert) {  // each lane converts the chunks it copied (visible to it after the wait)
-        const Raw* raw = reinterpret_cast<const Raw*>(pipe + (t % S) * C::kStageBytes);
-#pragma unroll
-        for (int i = 0; i < kChunks / 2; ++i) {
-          const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
-          float f[8];
-          unpack8<KVT>(raw[idx], f);
-          store8<T>(conv + row * RS + col, f);
-          unpack8<KVT>(raw[16 * kChunks + idx], f);
-          store8<T>(conv + (16 + row) * RS + col, f);
-        }
+        convert_tile<KVT, kChunks, RS>(conv, pipe + (t % S) * C::kStageBytes, lane);
         ks = conv;
       }
       if constexpr (Var::kKeyTransform) {  // each lane transforms the chunks it copied (issue's layout)
@@ -748,7 +765,6 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
                          const NoVariant::Params /* the decode kernels' one ABI: variants on the tc kernel only */) {
   static_assert(GB <= 8, "an mma tile holds 8 heads");
   using C = DecodeWideCfg<D, KVT>;
-  using Raw = typename C::Raw;
   constexpr int S = C::kStages, RS = C::kRow, DW = C::kDW, KS = DW / 16, kChunks = C::kChunks;
   static_assert(C::kConvert || sizeof(KVT) == sizeof(T), "16-bit KV is read in the q dtype");
   static_assert((GB * DW + 2 * GB) * 4 <= C::kTileBytes, "the epilogue stages a warp's output in one tile");
@@ -784,9 +800,8 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
     return x;
   };
 
-  // Copies of this warp's slice: chunk idx = i * 32 + lane of 16 rows x kChunks 8-element chunks. Lane
-  // r < 16 computes row r's cache offset (its page id loaded one issue ahead); the others shuffle it.
-  // 16-bit: chunk (row, col) goes to the tile's row * RS + col; fp8: to raw slot idx (V after K's 16 rows).
+  // Copies of this warp's slice (copy_tile; head_off includes dim0): lane r < 16 computes row r's cache
+  // offset, its page id loaded one issue ahead.
   int pid = 0;
   auto load_pid = [&](const Seg& x, int t) {
     const int tok = x.first + t * 16 + (lane % 16);
@@ -799,18 +814,7 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
       const unsigned p = page_div.quot(my_tok);
       const long long my_off = (long long)pid * kv_stride_page +
                                (long long)(my_tok - p * page_size) * kv_stride_slot + x.head_off;
-#pragma unroll
-      for (int i = 0; i < kChunks / 2; ++i) {
-        const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
-        const long long off = __shfl_sync(0xffffffffu, my_off, row);
-        const bool ok = x.first + t * 16 + row < x.end;
-        void* kd = C::kConvert ? (void*)(reinterpret_cast<Raw*>(stage) + idx)
-                               : (void*)(reinterpret_cast<T*>(stage) + row * RS + col);
-        void* vd = C::kConvert ? (void*)(reinterpret_cast<Raw*>(stage) + 16 * kChunks + idx)
-                               : (void*)(reinterpret_cast<T*>(stage) + (16 + row) * RS + col);
-        cp_async<sizeof(Raw)>(kd, ok ? k_cache + off + col : k_cache, ok);
-        cp_async<sizeof(Raw)>(vd, ok ? v_cache + off + col : v_cache, ok);
-      }
+      copy_tile<KVT, T, kChunks, RS>(stage, k_cache, v_cache, my_off, x.first + t * 16, x.end, lane);
       load_pid(x, t + 1);
     }
     cp_async_commit();
@@ -863,17 +867,8 @@ batch_decode_wide_kernel(const T* __restrict__ q, long long q_stride_b, long lon
       issue(cur, t + S - 1);
       cp_async_wait<S - 1>();
       const T* ks = reinterpret_cast<const T*>(pipe + (t % S) * C::kStageBytes);
-      if (C::kConvert) {  // each lane converts the chunks it copied (visible to it after the wait)
-        const Raw* raw = reinterpret_cast<const Raw*>(pipe + (t % S) * C::kStageBytes);
-#pragma unroll
-        for (int i = 0; i < kChunks / 2; ++i) {
-          const int idx = i * 32 + lane, row = idx / kChunks, col = (idx % kChunks) * 8;
-          float f[8];
-          unpack8<KVT>(raw[idx], f);
-          store8<T>(conv + row * RS + col, f);
-          unpack8<KVT>(raw[16 * kChunks + idx], f);
-          store8<T>(conv + (16 + row) * RS + col, f);
-        }
+      if constexpr (C::kConvert) {  // each lane converts the chunks it copied (visible to it after the wait)
+        convert_tile<KVT, kChunks, RS>(conv, pipe + (t % S) * C::kStageBytes, lane);
         ks = conv;
       }
       __syncwarp();  // ldmatrix reads rows other lanes copied (or converted)
