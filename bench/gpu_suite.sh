@@ -6,6 +6,7 @@
 # be passed as KCACHE=<tar.gz of a .kcache folder> (saves compile time on the device).
 # Usage (repo root): bash bench/gpu_suite.sh
 #   env: FUZZ_SEEDS ("0 1 2"), FUZZ_CASES (7000), JOBS (14), SUITE_ARGS (extra pytest args for the suite),
+#   SUITE_PATHS (what the suite runs, default tests; e.g. "tests/test_variant.py tests/test_variant_cpu.py"),
 #   SKIP_SUITE=1, NO_TORCH_SUITE=1 (also run the suite with torch/JAX blocked), SKIP_FUZZ=1,
 #   BENCHES ("bench_host.py --quick;bench_cascade.py": ';'-separated scripts under bench/ with arguments).
 set -o pipefail
@@ -21,7 +22,7 @@ head -4 "$LOGS/env.txt"
 
 suite() {  # suite <log name> [env assignments...]: the whole test suite, its last lines to stdout
   local log=$1; shift
-  env "$@" timeout ${SUITE_TIMEOUT:-300} python3 -m pytest -q -rs -n ${JOBS:-14} --durations=10 tests \
+  env "$@" timeout ${SUITE_TIMEOUT:-300} python3 -m pytest -q -rs -n ${JOBS:-14} --durations=10 ${SUITE_PATHS:-tests} \
     ${SUITE_ARGS:-} > "$LOGS/$log" 2>&1
   echo "== $log"; grep -E "^(FAILED|ERROR)" "$LOGS/$log" | head -30; tail -1 "$LOGS/$log"
 }
