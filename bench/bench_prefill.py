@@ -81,7 +81,7 @@ def single_case(torch, name, L, hq, hkv, causal, d):
 
 def paged_case(torch, sinks: bool = False, alibi: bool = False):
     """16 x (1024 new on 1024 cached) causal; sinks: with attention sinks (one float32 logit per qo head);
-    alibi: pos_encoding_mode="ALIBI" (the portable kernel)."""
+    alibi: pos_encoding_mode="ALIBI" (both kernels take it)."""
     batch, new, cached, hq, hkv, ps = 16, 1024, 1024, 32, 8, 16
     kv_len = new + cached
     pages_per = kv_len // ps
@@ -157,7 +157,7 @@ def main():
     if only in (None, "paged"):
         cases.append(("batch paged 16 x (1024 new + 1024 cached) 32/8 p16",) + paged_case(torch))
         cases.append(("the same with attention sinks",) + paged_case(torch, sinks=True))
-        cases.append(("the same with ALiBi (fa2)",) + paged_case(torch, alibi=True))
+        cases.append(("the same with ALiBi",) + paged_case(torch, alibi=True))
     if only in (None, "ragged"):
         cases.append(("ragged 64 x U[128, 2048] causal 32/8",) + ragged_case(torch))
         cases.append(("ragged 64 x U[128, 2048] causal 16/16 d192/128",) + ragged_case(torch, 16, 16, 192, 128))

@@ -60,7 +60,8 @@ prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T), const __grid_constant__ typename V
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
   const int g = lane / 4, c = lane % 4;
   const FastDiv page_div = {page_size, page_div_mul, page_div_shift};
-  constexpr bool capped = (FLAGS & kSoftCap) != 0, masked = (FLAGS & kCustomMask) != 0;
+  constexpr bool capped = (FLAGS & kSoftCap) != 0, masked = (FLAGS & kCustomMask) != 0, alibi = (FLAGS & kAlibi) != 0;
+  static_assert(!(alibi && capped), "ALiBi takes no soft cap");
   const float scale = capped ? FIC_LOG2E : sm_scale * FIC_LOG2E;
   const float cap_pre = capped ? sm_scale * ptx_rcp(soft_cap) : 0.f;
 
@@ -165,6 +166,8 @@ prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T), const __grid_constant__ typename V
     }
 
     const long long mask_base = masked ? mask_offset[w.req] * 8 : 0;
+    float al_slope[1][2], al_qpos[1][2];  // ALiBi: this thread's two rows' slopes and query positions
+    if (alibi) alibi_rows(al_slope, al_qpos, alibi_slopes, ptx_rcp(sm_scale), w, group_size, p0 + warp * 16, g);
 
     // One 16-row slice a warp (MT = 1 in common/prefill_tile.cuh's terms).
     float o[1][DB][4];
@@ -217,6 +220,7 @@ prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T), const __grid_constant__ typename V
         else variant_scores<VAR, false>(s, var, vparams, w, group_size, p0 + warp * 16, j0, g, c);
       }
       if (capped) cap_scores(s, soft_cap, cap_pre);
+      if (alibi) alibi_scores(s, al_slope, al_qpos, j0, c);
       // Element masks only where the tile straddles a bound.
       const bool edge = w.edge<KV>(j0, causal, window_left, masked);
       if (edge) mask_scores<1, NB, masked>(s, w, group_size, causal, window_left, mask_base, p0 + warp * 16, j0, g, c,

@@ -47,7 +47,7 @@ SMEM_EVERY_GPU = kernels.SMEM_EVERY_GPU
 Q_DTYPES = (dt.float16, dt.bfloat16)
 FP8 = (dt.float8_e4m3fn, dt.float8_e5m2)
 POS_ENCODINGS = ("NONE", "ROPE_LLAMA", "ALIBI")
-# variant flags (cuda_src/common/prefill_tile.cuh kSoftCap, kCustomMask, kAlibi; ALiBi: portable kernel)
+# variant flags (cuda_src/common/prefill_tile.cuh kSoftCap, kCustomMask, kAlibi; ALiBi without a soft cap)
 SOFT_CAP, CUSTOM_MASK, ALIBI = 1, 2, 4
 
 
@@ -192,15 +192,16 @@ def sm90_unsupported(params: "PrefillParams") -> str | None:
         return f"head_dim_vo {params.vo} != head_dim_qk {params.head_dim}"
     if params.kv_dtype != params.q_dtype:
         return f"kv_data_type {params.kv_dtype} (it takes K/V in the q dtype)"
-    if params.rope or params.alibi:
-        return f"pos_encoding_mode {'ROPE_LLAMA' if params.rope else 'ALIBI'}"
+    if params.rope:
+        return "pos_encoding_mode ROPE_LLAMA"
     return None
 
 
 def sm90_programs() -> list:
     """Every Hopper instantiation (sm_90a only), MLA's last."""
     return [prefill_program(d, SM90_TILE, q, q, paged, False, flags)
-            for d in SM90_HEAD_DIMS for q in Q_DTYPES for paged in (True, False) for flags in range(4)] + [
+            for d in SM90_HEAD_DIMS for q in Q_DTYPES for paged in (True, False)
+            for flags in (0, SOFT_CAP, CUSTOM_MASK, SOFT_CAP | CUSTOM_MASK, ALIBI, ALIBI | CUSTOM_MASK)] + [
         prefill_program(MLA_DIMS[0], MLA_SM90_TILE, q, q, True, False, 0, MLA_DIMS[1]) for q in Q_DTYPES]
 
 
@@ -262,7 +263,7 @@ class PrefillParams:
     rope_scale: float
     rope_theta: float
     page_size: int = 0  # 0: ragged
-    alibi: bool = False  # pos_encoding_mode "ALIBI": FlashInfer's slopes (_core/alibi.py), portable kernel
+    alibi: bool = False  # pos_encoding_mode "ALIBI": FlashInfer's slopes (_core/alibi.py)
     head_dim_vo: int = 0  # 0: head_dim
     variant: AttentionVariant | None = None  # a custom attention variant (fi_cupy/variant.py)
 

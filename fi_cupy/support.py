@@ -84,7 +84,8 @@ def _rows() -> list:
             add("BatchMLAPagedAttentionWrapper", "fa3 (sm_90a, wgmma)", prefill.MLA_DIMS, _dtype(q), _dtype(q), "NONE")
             continue
         d, q, paged, flags = p.kernels[0].targs
-        add(names[paged == "true"], "fa3 (sm_90a, wgmma)", d, _dtype(q), _dtype(q), "NONE", _variants(flags))
+        add(names[paged == "true"], "fa3 (sm_90a, wgmma)", d, _dtype(q), _dtype(q),
+            "ALIBI" if flags & prefill.ALIBI else "NONE", _variants(flags))
     return [(op, kernel) + v for (op, kernel), v in rows.items()]
 
 

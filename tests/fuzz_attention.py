@@ -201,15 +201,12 @@ def _draw_alibi(rng, cfg: dict) -> None:
     """pos_encoding_mode "ALIBI" for about ALIBI_P of the cases, in place of the mode drawn before. Drawn
     last, after the data seed, so every other choice of a seed (and its arrays) stays as it was without
     ALiBi. With it: no soft cap (NotImplementedError) and no RoPE options; decode's kernel follows the
-    mode (16-bit KV: tensor cores); prefill backend "fa3" becomes "auto" (the Hopper kernel takes no
-    ALiBi and "fa3" refuses it: test_prefill.py checks that; "auto" must run the portable kernel)."""
+    mode (tensor cores unless RoPE); prefill keeps its backend (both kernels take ALiBi)."""
     if rng.random() >= ALIBI_P:
         return
     cfg.update(pos_encoding_mode="ALIBI", logits_soft_cap=None, rope_scale=None, rope_theta=None)
     if "kernel" in cfg:
         cfg["kernel"] = "tensor_cores"  # ALiBi draws no RoPE: 16-bit and fp8 KV on tensor cores
-    if cfg.get("backend") == "fa3":
-        cfg["backend"] = "auto"
 
 
 def draw_decode(rng, single: bool = False) -> dict:

@@ -270,7 +270,7 @@ CPU_CASES = {
                                            "float32 is not supported"),
     "prefill_plan_packed_mask_short": Case(lambda: paged_plan(packed_custom_mask=S((10,), U8)), ValueError,
                                            "packed_custom_mask", "expected 14 bytes"),
-    # The Hopper kernel takes head_dim 64 / 128 only: "auto" falls back, "fa3" refuses the others (as for ALiBi)
+    # The Hopper kernel takes head_dim 64 / 128 only: "auto" falls back, "fa3" refuses the others (as for RoPE)
     "prefill_plan_fa3_head_dim_256": Case(lambda: paged_plan(head_dim_qk=256, backend="fa3"), ValueError,
                                           "backend", "does not support head_dim 256"),
     "prefill_plan_fa3_head_dim_96": Case(lambda: paged_plan(head_dim_qk=96, backend="fa3"), ValueError,
@@ -305,10 +305,10 @@ CPU_CASES = {
     "single_prefill_alibi_with_soft_cap": Case(lambda: single_prefill(pos_encoding_mode="ALIBI", logits_soft_cap=5.0),
                                                NotImplementedError, "logits_soft_cap",
                                                'with pos_encoding_mode "ALIBI" is not supported'),
-    "single_prefill_fa3_alibi": Case(  # the Hopper kernel takes no ALiBi: refused before any device work
+    "single_prefill_fa3_rope": Case(  # the Hopper kernel applies no RoPE on the fly: refused before any device work
         lambda: fi_cupy.single_prefill_with_kv_cache(S((5, 8, 64)), S((9, 2, 64)), S((9, 2, 64)), out=S((5, 8, 64)),
-                                                     pos_encoding_mode="ALIBI", backend="fa3", stream=0),
-        ValueError, "backend", "'fa3' .* does not support pos_encoding_mode ALIBI"),
+                                                     pos_encoding_mode="ROPE_LLAMA", backend="fa3", stream=0),
+        ValueError, "backend", "'fa3' .* does not support pos_encoding_mode ROPE_LLAMA"),
     "single_prefill_window_left_text": Case(lambda: single_prefill(window_left="5"), TypeError, "window_left"),
     "single_prefill_out_of_another_shape": Case(
         lambda: fi_cupy.single_prefill_with_kv_cache(S((5, 8, 64)), S((9, 2, 64)), S((9, 2, 64)), out=S((5, 8, 32)),
@@ -981,19 +981,19 @@ def prefill_paged_run_sinks_numpy():
     w.run(q, b.cache, sinks=np.zeros(HQ, np.float32))
 
 
-@gpu_case(ValueError, "backend", "'fa3' .* does not support pos_encoding_mode ALIBI", valid_prefill_paged)
-def prefill_paged_plan_fa3_alibi():
-    """A GPU case: the wrapper uploads the ALiBi slopes at plan() time, before the tile is chosen."""
+@gpu_case(ValueError, "backend", "'fa3' .* does not support pos_encoding_mode ROPE_LLAMA", valid_prefill_paged)
+def prefill_paged_plan_fa3_rope():
+    """A GPU case: the Hopper kernel applies no RoPE on the fly (ALiBi it takes)."""
     b = PagedKV()
     w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_workspace(), backend="fa3")
     w.plan(_indptr(QO_LENS), b.indptr, b.indices, b.last_page_len, HQ, HKV, D, b.page_size, causal=True,
-           pos_encoding_mode="ALIBI", q_data_type="bfloat16")
+           pos_encoding_mode="ROPE_LLAMA", q_data_type="bfloat16")
 
 
-@gpu_case(ValueError, "backend", "'fa3' .* does not support pos_encoding_mode ALIBI", valid_prefill_ragged)
-def prefill_ragged_plan_fa3_alibi():
+@gpu_case(ValueError, "backend", "'fa3' .* does not support pos_encoding_mode ROPE_LLAMA", valid_prefill_ragged)
+def prefill_ragged_plan_fa3_rope():
     w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_workspace(), backend="fa3")
-    w.plan(_indptr(QO_LENS), _indptr((5, 17, 9)), HQ, HKV, D, causal=True, pos_encoding_mode="ALIBI",
+    w.plan(_indptr(QO_LENS), _indptr((5, 17, 9)), HQ, HKV, D, causal=True, pos_encoding_mode="ROPE_LLAMA",
            q_data_type="bfloat16")
 
 

@@ -655,10 +655,9 @@ def test_sinks(shape, causal, prefill_kernel):
 
 # ---------------------------------------------------------------------------------------------
 # ALiBi (pos_encoding_mode="ALIBI"): logit += slope_h * (key position - query position), the query at
-# kv_len - qo_len + i, FlashInfer's slopes. Only the portable kernel takes it: every item asserts fa2
-# ran (plan.tile.sm90 False) under both fixtures; under "fa3" (backend "auto" would take the Hopper
-# kernel for the same plan without ALiBi) backend="fa3" must be refused naming the backend and the mode,
-# and the d256 items skip (the fa2 item runs the same case). test_alibi: KV source x group x length
+# kv_len - qo_len + i, FlashInfer's slopes. Both kernels take it: every item asserts which ran (the
+# Hopper one under the "fa3" fixture, head dims 64 / 128; the d256 items skip there, the fa2 item runs
+# the same case), and under "fa3" an explicit backend="fa3" plan runs too. test_alibi: KV source x group x length
 # shape (the grid's: qo 0 and kv 0 requests, qo > kv, lengths off the tiles; "split" cuts KV ranges and
 # merges them), head_dim, mask (causal / none / a custom mask with a row that sees nothing), dtype and
 # layout rotating.
@@ -699,12 +698,6 @@ def test_alibi_grid_covers_sources_groups_dims_and_masks(prefill_kernel):
         assert {c[axis] for c in hopper} == set(values)
 
 
-def _refuses_fa3(call) -> None:
-    """backend="fa3" with ALiBi: ValueError naming the backend and the mode."""
-    with pytest.raises(ValueError, match=r"^backend: 'fa3' .*does not support pos_encoding_mode ALIBI"):
-        call()
-
-
 @pytest.mark.parametrize("source,group,shape,d,mask,dtype,layout", _alibi_grid())
 def test_alibi(source, group, shape, d, mask, dtype, layout, prefill_kernel):
     from fi_cupy import prefill
@@ -729,10 +722,7 @@ def test_alibi(source, group, shape, d, mask, dtype, layout, prefill_kernel):
         b = Batch(qo_lens, kv_lens, page_size=ps, hq=hq, hkv=hkv, d=d, dtype=dtype, layout=layout)
         q, kv_of = b.q, b.kv
         args = (b.qo_indptr, b.kv_indptr, b.indices, b.last, hq, hkv, d, ps)
-        if fa3:
-            _refuses_fa3(lambda: fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), layout, backend="fa3").plan(
-                *args, **opts))
-        w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), layout)
+        w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws(), layout, backend="fa3" if fa3 else "auto")
         w.plan(*args, **opts)
         call = lambda out, lse: w.run(q, b.cache, out=out, lse=lse, return_lse=True)  # noqa: E731
     else:
@@ -742,24 +732,19 @@ def test_alibi(source, group, shape, d, mask, dtype, layout, prefill_kernel):
         kk, vv = (k, v) if layout == "NHD" else (contiguous(k.transpose(1, 0, 2)), contiguous(v.transpose(1, 0, 2)))
         kv_of = lambda r: (k[kv_ip[r]:kv_ip[r + 1]], v[kv_ip[r]:kv_ip[r + 1]])  # noqa: E731
         if source == "ragged":
-            if fa3:
-                _refuses_fa3(lambda: fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_ws(), layout, backend="fa3").plan(
-                    qo_ip, kv_ip, hq, hkv, d, **opts))
-            w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_ws(), layout)
+            w = fi_cupy.BatchPrefillWithRaggedKVCacheWrapper(_ws(), layout, backend="fa3" if fa3 else "auto")
             w.plan(qo_ip, kv_ip, hq, hkv, d, **opts)
             call = lambda out, lse: w.run(q, kk, vv, out=out, lse=lse, return_lse=True)  # noqa: E731
         else:
             single = dict(custom_mask=None if masks is None else masks[0], causal=causal, kv_layout=layout,
-                          pos_encoding_mode="ALIBI")
-            if fa3:
-                _refuses_fa3(lambda: fi_cupy.single_prefill_with_kv_cache(q, kk, vv, backend="fa3", **single))
+                          pos_encoding_mode="ALIBI", backend="fa3" if fa3 else "auto")
             call = lambda out, lse: fi_cupy.single_prefill_with_kv_cache(  # noqa: E731
                 q, kk, vv, return_lse=True, out=out, lse=lse, **single)
     out, lse = nan_like(q), _lse_nan(q)
     o, l2 = call(out, lse)
     assert o is out and l2 is lse
     plan = next(reversed(prefill._single_plans.values())) if source == "single" else w._plan
-    assert plan.params.alibi and not plan.tile.sm90 and plan.flags & prefill.ALIBI  # the portable kernel ran
+    assert plan.params.alibi and plan.tile.sm90 == fa3 and plan.flags & prefill.ALIBI  # the kernel that ran
     assert (plan.num_merges > 0) == (shape == "split"), f"num_merges {plan.num_merges}"
     _check_requests(out, lse, q, qo_ip, kv_of, causal, masks, alibi=True)
 
@@ -774,7 +759,7 @@ def test_alibi_window_and_sm_scale(causal, prefill_kernel):
     for kw in ({"window_left": 0}, {"window_left": 37}, {"window_left": 150, "sm_scale": 0.3}, {"sm_scale": 0.02}):
         w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 12, 4, 128, 16, causal=causal, pos_encoding_mode="ALIBI",
                q_data_type="float16", **kw)
-        assert not w._plan.tile.sm90
+        assert w._plan.tile.sm90 == (prefill_kernel == "fa3")
         out, lse = nan_like(b.q), _lse_nan(b.q)
         w.run(b.q, b.cache, out=out, lse=lse, return_lse=True)
         _check_requests(out, lse, b.q, b.qo_indptr, b.kv, causal, None, alibi=True, **kw)
@@ -804,7 +789,7 @@ def test_alibi_with_sinks(shape, prefill_kernel):
     w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
     w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, hq, hkv, 128, 16, causal=True, pos_encoding_mode="ALIBI",
            q_data_type="bfloat16")
-    assert not w._plan.tile.sm90 and (w._plan.num_merges > 0) == (shape == "split")
+    assert w._plan.tile.sm90 == (prefill_kernel == "fa3") and (w._plan.num_merges > 0) == (shape == "split")
     for sinks in (rand((hq,), "float32", 2.0), rand((hq,), "float32", 2.0)):  # recorded, then replayed
         out, lse = nan_like(b.q), _lse_nan(b.q)
         w.run(b.q, b.cache, out=out, lse=lse, return_lse=True, sinks=sinks)
@@ -822,7 +807,7 @@ def test_alibi_cuda_graph_replans(prefill_kernel):
     def plan(b):
         w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, 8, 2, 128, 16, causal=True, pos_encoding_mode="ALIBI",
                q_data_type="bfloat16")
-        assert not w._plan.tile.sm90
+        assert w._plan.tile.sm90 == (prefill_kernel == "fa3")
 
     plan(b1)
     bits(q)[:250] = bits(b1.q)

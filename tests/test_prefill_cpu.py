@@ -174,31 +174,35 @@ def _alibi_params(**change):
 
 @pytest.mark.parametrize("d", prefill.SUPPORTED_HEAD_DIMS)
 @pytest.mark.parametrize("custom_mask", [False, True])
-def test_alibi_takes_the_portable_kernel(d, custom_mask, monkeypatch):
-    """ALiBi runs on the portable kernel ("fa2") only, with the ALIBI variant flag: backend "fa3" is refused
-    naming the backend and the mode, "auto" falls back to the portable tile even where the Hopper kernel
-    would take the same plan without ALiBi (an sm_90a device, rows past AUTO_MIN_ROWS)."""
+def test_alibi_kernels(d, custom_mask, monkeypatch):
+    """ALiBi runs on both kernels with the ALIBI variant flag: on an sm_90a device "fa3" and "auto" (rows past
+    AUTO_MIN_ROWS) take the Hopper kernel at its head dims (64 / 128; "fa3" elsewhere is refused naming the
+    head dim), "fa2" the portable tile."""
     from fi_cupy._core import kernels
     p = _alibi_params(head_dim_qk=d)
     qo = np.array([4096, 3])
     hopper_dim = d in prefill.SM90_HEAD_DIMS
     why = prefill.sm90_unsupported(p)
-    assert why == "pos_encoding_mode ALIBI" if hopper_dim else why is not None
+    assert why is None if hopper_dim else why.startswith("head_dim")
     monkeypatch.setattr(kernels, "device_arch", lambda device: "sm_90a")
     monkeypatch.setattr(kernels, "device_props", lambda device: {"cc": 90, "sms": 132, "smem_optin": 227 * 1024})
-    with pytest.raises(ValueError, match=r"^backend: 'fa3' \(the Hopper kernel\) does not support "
-                                         + ("pos_encoding_mode ALIBI" if hopper_dim else "")):
-        prefill.plan_tile(p, qo, custom_mask, "fa3", 0)
     want = prefill.ALIBI | (prefill.CUSTOM_MASK if custom_mask else 0)
-    for backend in ("auto", "fa2"):
+    if hopper_dim:
+        for backend in ("fa3", "auto"):
+            tile, flags = prefill.plan_tile(p, qo, custom_mask, backend, 0)
+            assert tile.sm90 and flags == want
+        prog = prefill.prefill_program(d, tile, p.q_dtype, p.kv_dtype, True, False, flags)
+        assert prog.kernels[0].kernel == "fic::prefill_sm90_kernel" and prog.kernels[0].targs[-1] == want
+        assert prog in prefill.sm90_programs()  # CI compiles it
+    else:
+        with pytest.raises(ValueError, match=r"^backend: 'fa3' \(the Hopper kernel\) does not support head_dim"):
+            prefill.plan_tile(p, qo, custom_mask, "fa3", 0)
+    for backend in ("fa2",) if hopper_dim else ("auto", "fa2"):
         tile, flags = prefill.plan_tile(p, qo, custom_mask, backend, 0)
         assert not tile.sm90 and flags == want
         assert tile == prefill.pick_tile(d, 4096 * p.group_size, want)
         prog = prefill.prefill_program(d, tile, p.q_dtype, p.kv_dtype, True, False, flags)
         assert prog.kernels[0].kernel == "fic::prefill_kernel" and prog.kernels[0].targs[-1] == want
-    if hopper_dim:  # the same plan without ALiBi takes the Hopper kernel under "auto"
-        assert prefill.plan_tile(_alibi_params(head_dim_qk=d, pos_encoding_mode="NONE"), qo, custom_mask, "auto",
-                                 0)[0].sm90
 
 
 def test_alibi_flag_and_programs():
