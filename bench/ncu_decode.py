@@ -1,4 +1,5 @@
-"""One decode shape, for Nsight Compute: python bench/ncu_decode.py BATCH KV_LEN  (warm-up, then one run)."""
+"""One decode shape, for Nsight Compute: python bench/ncu_decode.py BATCH KV_LEN [KV_DTYPE]  (warm-up, then one
+run; KV_DTYPE a torch dtype name, default bfloat16, e.g. float8_e4m3fn)."""
 import os
 import sys
 
@@ -10,10 +11,11 @@ import bench_decode  # noqa: E402
 import fi_cupy  # noqa: E402
 
 b, l = int(sys.argv[1]), int(sys.argv[2])
-caches, qs, outs, indptr, indices, last, _ = bench_decode._case(torch, b, l, "bfloat16", "NHD")
+kv = sys.argv[3] if len(sys.argv) > 3 else "bfloat16"
+caches, qs, outs, indptr, indices, last, _ = bench_decode._case(torch, b, l, kv, "NHD")
 w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
 w.plan(indptr, indices, last, bench_decode.HQ, bench_decode.HKV, bench_decode.D, bench_decode.PS,
-       q_data_type="bfloat16")
+       q_data_type="bfloat16", kv_data_type=kv)
 for _ in range(4):  # ncu --launch-skip 3 profiles the fourth
     w.run(qs[0], caches[0], out=outs[0])
 torch.cuda.synchronize()

@@ -45,6 +45,7 @@ def main():
     launch_variants(recipe, x, w, o)
     print_profile(lambda: fi_cupy.rmsnorm(x, w, out=o), 500, torch.cuda.synchronize)
     cupy_caller()
+    jax_caller()
 
 
 def cupy_caller():
@@ -67,6 +68,58 @@ def cupy_caller():
     for name, f in stages.items():
         print(f"  {name}: {per_call(f):.1f} us")
     print_profile(lambda: fi_cupy.rmsnorm(x, w, out=o), 500, cupy.cuda.runtime.deviceSynchronize)
+
+
+def jax_caller():
+    """The same call from JAX arrays (no fast path: 184-2290 us a call in bench_host), its stages and profile:
+    what a JAX fast path would have to avoid."""
+    import os
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError as e:
+        print(f"JAX caller: not importable ({e})")
+        return
+    import cupy
+    from fi_cupy._core import arrays, dtypes
+    x = jax.device_put(jnp.ones((1, 4096), jnp.bfloat16))
+    w = jax.device_put(jnp.ones((4096,), jnp.bfloat16))
+    fi_cupy.rmsnorm(x, w).block_until_ready()
+
+    @jax.jit
+    def jax_rms(x, w):
+        xf = x.astype(jnp.float32)
+        return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + 1e-6) * w).astype(x.dtype)
+
+    jax_rms(x, w).block_until_ready()
+    sync = cupy.cuda.runtime.deviceSynchronize
+    print(f"JAX caller: rmsnorm() {per_call_us(lambda: fi_cupy.rmsnorm(x, w), 500, 10, sync):.1f} us per call")
+    print(f"JAX caller: silu_and_mul() {per_call_us(lambda: fi_cupy.silu_and_mul(x), 500, 10, sync):.1f} us")
+    print(f"  jax.jit rms norm (JAX's own op): {per_call_us(lambda: jax_rms(x, w), 500, 10, sync):.1f} us")
+    print(f"  jnp x + 1 (JAX's cheapest eager op): {per_call_us(lambda: x + 1, 500, 10, sync):.1f} us")
+    s = streams.cupy_current(0)
+    bf16 = dtypes.as_dtype("bfloat16")
+    other = cupy.cuda.Stream(non_blocking=True).ptr
+    stages = {
+        "x.__dlpack__(stream=s)": lambda: x.__dlpack__(stream=s),
+        "arrays.describe(x) (DLPack export, ordered on s)": lambda: arrays.describe(x, "x", s, "cupy"),
+        "x.is_ready()": lambda: x.is_ready(),
+        "x.unsafe_buffer_pointer()": lambda: x.unsafe_buffer_pointer(),
+        "x.shape, x.dtype": lambda: (x.shape, x.dtype),
+        "x.devices()": lambda: x.devices(),
+        "arrays.empty('jax') (DeviceBuffer)": lambda: arrays.empty("jax", (1, 4096), bf16, 0, s),
+        "jax.dlpack.from_dlpack(new DeviceBuffer)":
+            lambda: jax.dlpack.from_dlpack(arrays.DeviceBuffer((1, 4096), bf16, 0, s)),
+        "streams.order_after (event + wait)": lambda: streams.order_after(0, s, other),
+        "arrays.keep_alive(x)": lambda: arrays.keep_alive(0, s, [arrays.describe(x, "x", s, "cupy")]),
+    }
+    for name, f in stages.items():
+        try:
+            print(f"  {name}: {per_call_us(f, 300, 10, sync):.1f} us")
+        except Exception as e:  # noqa: BLE001 - a stage this JAX lacks: say so, time the rest
+            print(f"  {name}: failed ({type(e).__name__}: {e})")
+    print_profile(lambda: fi_cupy.rmsnorm(x, w), 300, sync)
 
 
 def _eleven(a, b, c, d, e, f, g, h, i, j, k):
