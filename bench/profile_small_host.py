@@ -100,8 +100,16 @@ def jax_caller():
     print(f"  jnp x + 1 (JAX's cheapest eager op): {per_call_us(lambda: x + 1, 500, 10, sync):.1f} us")
     s = streams.cupy_current(0)
     bf16 = dtypes.as_dtype("bfloat16")
-    other = cupy.cuda.Stream(non_blocking=True).ptr
+    other_stream = cupy.cuda.Stream(non_blocking=True)  # kept alive while its handle is used
+    other = other_stream.ptr
+    buf = arrays.DeviceBuffer((1, 4096), bf16, 0, s)
     stages = {
+        "fastpath.key_of((x, w)) (2 exports, ordered)": lambda: fastpath.key_of((x, w), ("rms", 1e-6)),
+        "arrays.capsule_head": lambda: arrays.capsule_head(x.__dlpack__(stream=s), 2),
+        "DeviceBuffer.__dlpack__(stream) (capsule + ordering)": lambda: buf.__dlpack__(stream=other),
+        "arrays.to_jax(new DeviceBuffer) (fast import)":
+            lambda: arrays.to_jax(arrays.DeviceBuffer((1, 4096), bf16, 0, s)),
+        "arrays.hold([x]) (event record + release)": lambda: arrays.hold(0, s, [x]),
         "x.__dlpack__(stream=s)": lambda: x.__dlpack__(stream=s),
         "arrays.describe(x) (DLPack export, ordered on s)": lambda: arrays.describe(x, "x", s, "cupy"),
         "x.is_ready()": lambda: x.is_ready(),

@@ -16,9 +16,15 @@ try:
     import torch
 except ImportError:  # the CuPy tests need no torch
     torch = None
+try:
+    import jax
+    import jax.numpy as jnp
+except ImportError:  # nor JAX
+    jax = jnp = None
 
 gpu = pytest.mark.gpu
 needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (interop test)")
+needs_jax = pytest.mark.skipif(jax is None, reason="needs JAX (interop test)")
 
 
 def _cp():
@@ -236,6 +242,90 @@ def test_torch_caller_replays():
         want = reference.rmsnorm(x.double().cpu().numpy(), w.double().cpu().numpy())
         assert_close(out.double().cpu().numpy(), want, "bfloat16")
     assert len(norm._SIGS) == 1
+
+
+def _jax_rand(shape, seed, dtype="bfloat16"):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype=dtype)
+
+
+def _jax_host(x):
+    return np.asarray(x.astype(jnp.float32), dtype=np.float64)
+
+
+@gpu
+@needs_jax
+def test_jax_caller_replays_and_notices_each_signature_change():
+    norm._SIGS.clear()
+    w = _jax_rand((256,), 1)
+    outs = []
+    for seed in range(3):  # recorded once, replayed with new inputs
+        x = _jax_rand((4, 256), seed)
+        o = fi_cupy.rmsnorm(x, w)
+        assert isinstance(o, jax.Array) and o.dtype == x.dtype and o.shape == x.shape
+        assert_close(_jax_host(o), reference.rmsnorm(_jax_host(x), _jax_host(w)), "bfloat16")
+        outs.append(o)
+    assert len(norm._SIGS) == 1
+    assert len({o.unsafe_buffer_pointer() for o in outs}) == 3  # a new output each call
+    # dtype, shape and a scalar: new signatures
+    x16, w16 = _jax_rand((4, 256), 5, "float16"), _jax_rand((256,), 6, "float16")
+    assert_close(_jax_host(fi_cupy.rmsnorm(x16, w16)), reference.rmsnorm(_jax_host(x16), _jax_host(w16)), "float16")
+    x3 = _jax_rand((3, 256), 7)
+    assert_close(_jax_host(fi_cupy.rmsnorm(x3, w)), reference.rmsnorm(_jax_host(x3), _jax_host(w)), "bfloat16")
+    x = _jax_rand((4, 256), 8)
+    assert_close(_jax_host(fi_cupy.rmsnorm(x, w, eps=0.5)), reference.rmsnorm(_jax_host(x), _jax_host(w), 0.5),
+                 "bfloat16")
+    assert len(norm._SIGS) == 4
+    # a two-output op, replayed: silu_and_mul, then fused_add_rmsnorm (in place: JAX gets new arrays)
+    h = _jax_rand((2, 512), 9)
+    for _ in range(2):
+        assert_close(_jax_host(fi_cupy.silu_and_mul(h)), reference.act_and_mul(_jax_host(h), "silu"), "bfloat16")
+    r = _jax_rand((4, 256), 10)
+    x_before, r_before = _jax_host(x), _jax_host(r)
+    want_y, want_res = reference.fused_add_rmsnorm(x_before, r_before, _jax_host(w), store_dtype=jnp.bfloat16)
+    for _ in range(2):
+        y, res = fi_cupy.fused_add_rmsnorm(x, r, w)
+        assert_close(_jax_host(res), want_res, "bfloat16")
+        assert_close(_jax_host(y), want_y, "bfloat16")
+    np.testing.assert_array_equal(_jax_host(x), x_before)  # inputs never written
+    np.testing.assert_array_equal(_jax_host(r), r_before)
+
+
+_SPIN = r"""
+extern "C" __global__ void spin(long long cycles) {
+    long long t0 = clock64();
+    while (clock64() - t0 < cycles) { }
+}
+"""
+
+
+@gpu
+@needs_jax
+def test_jax_replay_holds_inputs_and_orders_its_output():
+    """Our stream is held back by a spinning kernel while JAX frees the replayed call's input and writes
+    new arrays (its allocator reuses the memory at once): the held capsule keeps the input's memory, and
+    JAX's own op on the output waits for our kernel."""
+    cp = _cp()
+    spin = cp.RawKernel(_SPIN, "spin")
+    norm._SIGS.clear()
+    w = _jax_rand((4096,), 1)
+    x0 = _jax_rand((64, 4096), 0)
+    fi_cupy.rmsnorm(x0, w).block_until_ready()  # recorded
+    for trial in range(3):
+        x = _jax_rand((64, 4096), 10 + trial)
+        want = reference.rmsnorm(_jax_host(x), _jax_host(w))
+        x.block_until_ready()
+        spin((1,), (1,), (np.int64(50_000_000),))  # ~25 ms on CuPy's current stream, where JAX callers launch
+        o = fi_cupy.rmsnorm(x, w)
+        assert len(norm._SIGS) == 1
+        del x
+        junk = [jnp.full((64, 4096), 1e4, jnp.bfloat16) + i for i in range(8)]
+        doubled = o * 2  # JAX's stream waits for ours
+        assert_close(_jax_host(doubled) / 2, want, "bfloat16")
+        del junk
+    cp.cuda.runtime.deviceSynchronize()
+    fi_cupy.rmsnorm(x0, w)  # releases the holds whose work is done
+    from fi_cupy._core import arrays
+    assert len(arrays._pending) <= 1
 
 
 @gpu

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import math
+import struct
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +61,7 @@ KDL_CPU, KDL_CUDA, KDL_CUDA_HOST, KDL_CUDA_MANAGED = 1, 2, 3, 13
 _DEVICE_NAMES = {1: "CPU", 2: "CUDA", 3: "CUDA host (pinned)", 4: "OpenCL", 7: "Vulkan", 8: "Metal",
                  10: "ROCm", 13: "CUDA managed"}
 _CAPSULE_NAME = b"dltensor"
+_Q = struct.Struct("<Q")
 
 
 class HostArrayError(TypeError, ValueError):
@@ -252,6 +256,19 @@ def describe_dlpack(x, name: str, stream_handle: int | None = None) -> ArrayInfo
     return ArrayInfo(name, ptr, shape, strides, dtype, int(t.device.device_id), fw, x, capsule)
 
 
+_HEAD = ctypes.c_uint64 * 6  # DLTensor's leading words: data, device, ndim + dtype, shape, strides, byte_offset
+
+
+def capsule_head(capsule, ndim: int) -> tuple:
+    """(address of the first element, CUDA device id or -1 for memory elsewhere, strides in elements or
+    None for row-major) of an unconsumed "dltensor" capsule of an `ndim`-dimensional array: what a replay
+    needs of a JAX input whose shape and dtype it has from the array (describe_dlpack reads the rest)."""
+    data, device, _, _, strides, offset = _HEAD.from_address(_capsule_get(capsule, _CAPSULE_NAME))
+    on_cuda = (device & 0xFFFFFFFF) in (KDL_CUDA, KDL_CUDA_MANAGED)
+    return (data + offset, device >> 32 if on_cuda else -1,
+            (ctypes.c_int64 * ndim).from_address(strides)[:] if strides and ndim else None)
+
+
 def _framework_uint8(fw: str):
     if fw == "torch":
         import torch
@@ -284,6 +301,7 @@ class DeviceBuffer:
 
     `__dlpack__(stream=s)` makes the consumer's stream wait for the stream the buffer was filled on.
     """
+    __slots__ = ("shape", "dtype", "device", "stream_handle", "mem", "ptr")
 
     def __init__(self, shape, dtype: dt.DType, device: int, stream_handle: int):
         streams.require_gpu()
@@ -294,26 +312,51 @@ class DeviceBuffer:
             self.mem = cupy.cuda.alloc(nbytes)
         self.ptr = self.mem.ptr
 
+    @classmethod
+    def here(cls, alloc, shape: tuple, dtype: dt.DType, device: int, stream_handle: int, nbytes: int):
+        """A buffer on the current device, which the caller has checked is `device` (a replay): the
+        allocation alone. `alloc` is cupy.cuda.alloc; shape a tuple of ints; nbytes at least 1."""
+        b = cls.__new__(cls)
+        b.shape, b.dtype, b.device, b.stream_handle = shape, dtype, device, stream_handle
+        b.mem = alloc(nbytes)
+        b.ptr = b.mem.ptr
+        return b
+
     def __dlpack_device__(self):
         return (KDL_CUDA, self.device)
 
     def __dlpack__(self, stream=None, max_version=None, dl_device=None, copy=None):
         streams.order_after(self.device, self.stream_handle, stream)
-        ndim = len(self.shape)
-        shape_arr = (ctypes.c_int64 * max(ndim, 1))(*self.shape)
+        return _capsule_of(self.ptr, self.mem, self.shape, self.dtype, self.device)
+
+
+_templates: dict = {}  # (shape, dtype code, bits, device) -> (DLManagedTensor bytes, its shape array)
+_DATA_AT, _CTX_AT = _DLManagedTensor.dl_tensor.offset + _DLTensor.data.offset, _DLManagedTensor.manager_ctx.offset
+
+
+def _capsule_of(ptr: int, mem, shape: tuple, dtype: dt.DType, device: int):
+    """A "dltensor" capsule of row-major memory at `ptr`, which `mem` keeps alive until the consumer calls
+    the deleter. Each (shape, dtype, device) is laid out once; a capsule copies that and sets two fields."""
+    key = (shape, dtype.code, dtype.bits, device)
+    t = _templates.get(key)
+    if t is None:
+        if len(_templates) >= 1024:  # shapes come and go: a live capsule holds its own shape array
+            _templates.clear()
+        ndim = len(shape)
+        shape_arr = (ctypes.c_int64 * max(ndim, 1))(*shape)
         mt = _DLManagedTensor()
-        mt.dl_tensor.data = self.ptr
-        mt.dl_tensor.device = _DLDevice(KDL_CUDA, self.device)
+        mt.dl_tensor.device = _DLDevice(KDL_CUDA, device)
         mt.dl_tensor.ndim = ndim
-        mt.dl_tensor.dtype = _DLDataType(self.dtype.code, self.dtype.bits, 1)
+        mt.dl_tensor.dtype = _DLDataType(dtype.code, dtype.bits, 1)
         mt.dl_tensor.shape = ctypes.cast(shape_arr, ctypes.POINTER(ctypes.c_int64))
-        mt.dl_tensor.strides = None
-        mt.dl_tensor.byte_offset = 0
         mt.deleter = _dlpack_deleter
-        addr = ctypes.addressof(mt)
-        mt.manager_ctx = addr
-        _Owned.live[addr] = _Owned(self.mem, mt, shape_arr)
-        return _capsule_new(addr, _CAPSULE_NAME, None)
+        t = _templates[key] = (bytes(mt), shape_arr)
+    mt = _DLManagedTensor.from_buffer_copy(t[0])
+    addr = ctypes.addressof(mt)
+    _Q.pack_into(mt, _DATA_AT, ptr)
+    _Q.pack_into(mt, _CTX_AT, addr)
+    _Owned.live[addr] = _Owned(mem, mt, t[1])
+    return _capsule_new(addr, _CAPSULE_NAME, None)
 
 
 _CUPY_NATIVE = ("float16", "float32", "float64", "int32", "int64", "int8", "uint8", "bool")
@@ -355,8 +398,7 @@ def deliver(obj, framework: str):
     if not isinstance(obj, DeviceBuffer):
         return obj
     if framework == "jax":
-        import jax.dlpack
-        return jax.dlpack.from_dlpack(obj)
+        return to_jax(obj)
     import cupy
     try:
         return cupy.from_dlpack(obj)
@@ -364,30 +406,75 @@ def deliver(obj, framework: str):
         return obj
 
 
+_jax_importers: dict = {}  # device -> (import function, JAX device, JAX's stream, takes the device type) or None
+_JAX_KEEPS = ("bfloat16", "float16", "float32", "int32", "uint32", "int16", "uint16", "int8", "uint8", "bool",
+              "float8_e4m3fn", "float8_e5m2")  # dtypes jax.dlpack.from_dlpack returns unconverted
+
+
+def _jax_importer(device: int):
+    """What jax.dlpack.from_dlpack resolves on every call (~95 us of host time a call on the H100 host),
+    resolved once per device: jaxlib's capsule import, the JAX device and the stream JAX waits on for
+    external buffers. None where this JAX lacks them (from_dlpack is used then)."""
+    try:
+        from jax._src import dlpack as jdl
+        from jax._src import xla_bridge
+        from jax._src.lib import _jax, jaxlib_extension_version
+        backend = xla_bridge.get_backend(jdl._DL_DEVICE_TO_PLATFORM[KDL_CUDA])
+        jdev = backend.device_from_local_hardware_id(device)
+        stream = jdev.get_stream_for_external_ready_events()
+        return _jax.dlpack_managed_tensor_to_buffer, jdev, stream, jaxlib_extension_version >= 467
+    except Exception:  # noqa: BLE001 - private names of another JAX version: the public route
+        return None
+
+
+def to_jax(buf: DeviceBuffer):
+    """`buf` as a JAX array, zero-copy: what jax.dlpack.from_dlpack(buf) returns, less its per-call
+    lookups (the capsule import alone), for the dtypes it would not convert."""
+    imp = _jax_importers.get(buf.device, False)
+    if imp is False:
+        imp = _jax_importers[buf.device] = _jax_importer(buf.device)
+    if imp is None or buf.dtype.name not in _JAX_KEEPS:
+        import jax.dlpack
+        return jax.dlpack.from_dlpack(buf)
+    to_buffer, jdev, stream, typed = imp
+    capsule = buf.__dlpack__(stream=stream)  # JAX's stream waits for ours
+    if typed:
+        return to_buffer(capsule, jdev, stream, None, KDL_CUDA)
+    return to_buffer(capsule, jdev, stream, None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Lifetimes
 
 _STREAM_ORDERED = ("torch", "cupy", "fi_cupy")  # their allocators never reuse memory ahead of our stream
-_pending: list = []  # (device, event, objects) for launches that still read non-stream-ordered inputs
+_pending: deque = deque()  # (device, event, objects) for launches that still read non-stream-ordered inputs
+_spare: dict = {}          # device -> events whose holds were released, for reuse
+_lock = threading.Lock()
 
 
 def keep_alive(device: int, stream_handle: int, infos) -> None:
     """Hold inputs whose memory is not ordered with our stream (JAX, other DLPack producers) until
     the work queued so far on `stream_handle` completes; release those whose work has finished."""
-    from cupy.cuda import runtime
-    if _pending:
-        still = []
-        for dev, ev, objs in _pending:
-            if runtime.eventQuery(ev) == 0:  # cudaSuccess: done
-                runtime.eventDestroy(ev)
-            else:
-                still.append((dev, ev, objs))
-        _pending[:] = still
     objs = [i for i in infos if i is not None and i.framework not in _STREAM_ORDERED]
-    if not objs:
-        return
-    import cupy
-    with cupy.cuda.Device(device):
-        ev = runtime.eventCreateWithFlags(runtime.eventDisableTiming)
-        runtime.eventRecord(ev, stream_handle)
-    _pending.append((device, ev, objs))
+    hold(device, stream_handle, objs)
+
+
+def hold(device: int, stream_handle: int, objs) -> None:
+    """Keep `objs` (capsules, arrays) alive until the work queued so far on `stream_handle` completes
+    (one event recorded per call, reused once released); first release what earlier calls held whose
+    work has completed. Holds are released in the order they were taken: a hold behind a slower one
+    waits for it, which costs memory for a while, never correctness."""
+    runtime = streams.cuda_runtime()
+    with _lock:
+        while _pending:
+            dev, ev, _ = _pending[0]
+            if runtime.eventQuery(ev) != 0:  # cudaErrorNotReady: this and later holds stay
+                break
+            _pending.popleft()
+            _spare.setdefault(dev, []).append(ev)
+        if not objs:
+            return
+        spare = _spare.get(device)
+        ev = spare.pop() if spare else streams.new_event(device)
+        streams.on_device(device, runtime.eventRecord, ev, stream_handle)  # before another thread queries it
+        _pending.append((device, ev, objs))

@@ -14,13 +14,17 @@ wrapped.
     def op(x, w, eps=1e-6, out=None, stream=None):
         return _SIGS((x, w, out), (eps,), stream, lambda: _op(x, w, eps, out, stream))
 
-Only torch tensors and CuPy arrays on the caller's current stream (stream=None) take the fast path:
-their memory is ordered with that stream, so nothing is held alive or synchronised. Anything else, or a
+Torch tensors, CuPy arrays and JAX arrays on the caller's current stream (stream=None) take the fast
+path. Torch and CuPy memory is ordered with that stream: nothing is held alive or synchronised. A JAX
+array is exported through DLPack with our stream (which waits for JAX's producer) and its capsule held
+until the launch completes (JAX's allocator does not follow our stream); JAX outputs are imported with
+the per-device lookups of jax.dlpack.from_dlpack done once (arrays.to_jax). Anything else, or a
 recording that saw something it cannot replay (a pointer that does not come from a signature array, a
-second Call, an op inside the op), runs the full path every time.
+second Call, an op inside the op, a copy of an immutable input), runs the full path every time.
 """
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 
@@ -28,27 +32,33 @@ from . import arrays, streams
 from .kernels import DevPtr, FreshArg, _runtime
 
 MISS = object()
-TORCH, CUPY = 1, 2
+TORCH, CUPY, JAX = 1, 2, 3
 _tls = threading.local()
-_kinds: dict = {}  # array type -> TORCH, CUPY or 0 (no fast path)
+_kinds: dict = {}  # array type -> TORCH, CUPY, JAX or 0 (no fast path)
 
 
 def _kind_of(t) -> int:
     mod = t.__module__.split(".")[0]
-    kind = TORCH if mod == "torch" and hasattr(t, "data_ptr") else CUPY if (mod == "cupy" and
-                                                                           t.__name__ == "ndarray") else 0
+    name = t.__name__
+    kind = (TORCH if mod == "torch" and hasattr(t, "data_ptr") else
+            CUPY if mod == "cupy" and name == "ndarray" else
+            JAX if mod in ("jaxlib", "jax") and name == "ArrayImpl" else 0)
     _kinds[t] = kind
     return kind
 
 
 def key_of(arrays_, scalars):
-    """(key, kind, device, pointers) of a call whose arrays are all torch tensors or all CuPy arrays (None
-    entries allowed), else None. The key holds each array's shape, strides, dtype, device and pointer
-    modulo 16 (vector widths follow alignment), and `scalars`."""
+    """(key, kind, device, pointers, held) of a call whose arrays are all torch tensors, all CuPy arrays or
+    all JAX arrays (None entries allowed), else None. The key holds each array's shape, strides, dtype,
+    device and pointer modulo 16 (vector widths follow alignment), and `scalars`. held is None, or for
+    JAX arrays (the launch stream, the arrays' DLPack capsules): each array is exported ordered on the
+    current device's CuPy stream, where JAX callers launch, and its capsule holds the memory until the
+    launch completes (arrays.hold)."""
     parts = [scalars]
     ptrs = []
     kind = 0
     device = -1
+    held = None
     for a in arrays_:
         if a is None:
             parts.append(None)
@@ -65,18 +75,33 @@ def key_of(arrays_, scalars):
             p = a.data_ptr()
             d = a.get_device()
             parts.append((a.shape, a.stride(), a.dtype, d, p & 15))
-        else:
+        elif k == CUPY:
             mem = a.data  # one MemoryPointer: its address and device id (a.device builds a Device object)
             p = mem.ptr
             d = mem.device_id
             parts.append((a.shape, a.strides, a.dtype, d, p & 15))
+        else:
+            if held is None:
+                if not streams.gpu_seen():  # before any CUDA call: the full path says what is missing
+                    return None
+                held = (streams.cupy_current_here(), [])
+            try:
+                cap = a.__dlpack__(stream=arrays.dlpack_stream_arg(held[0]))
+            except Exception:  # noqa: BLE001 - a host array, or no export (a float8 JAX cannot export)
+                return None
+            shape = a.shape
+            p, d, strides = arrays.capsule_head(cap, len(shape))
+            if d < 0:
+                return None
+            held[1].append(cap)
+            parts.append((shape, strides, a.dtype, d, p & 15))
         if device < 0:
             device = d
         ptrs.append(p)
     if not kind or device < 0:
         return None
     parts.append(kind)
-    return tuple(parts), kind, device, ptrs
+    return tuple(parts), kind, device, ptrs, held
 
 
 def split(*values) -> tuple:
@@ -191,13 +216,16 @@ class Recipe:
         self.news = tuple(_maker(framework, shape, dtype, device) for shape, dtype in news)
         self.steps, self.results = steps, results
 
-    def replay(self, caller_arrays, ptrs):
-        """The op's return value for a call with these arrays and their pointers (MISS: run it in full)."""
+    def replay(self, caller_arrays, ptrs, held=None):
+        """The op's return value for a call with these arrays, their pointers and key_of's `held` (MISS:
+        run it in full)."""
         runtime = _runtime()
         dev = self.device
         if runtime.getDevice() != dev:  # the full path switches devices; rare enough to leave to it
             return MISS
-        stream = streams.torch_current(dev) if self.kind == TORCH else streams.cupy_current_here()
+        kind = self.kind
+        stream = (streams.torch_current(dev) if kind == TORCH else streams.cupy_current_here() if kind == CUPY
+                  else held[0])
         outs = []
         for make, address in self.news:
             o = make(stream)
@@ -215,6 +243,8 @@ class Recipe:
                 for i, redraw in fresh:
                     values[i] = bytes(redraw())
             prepared.here(values, stream)
+        if held is not None:
+            arrays.hold(dev, stream, held[1])
         single, specs = self.results
         got = tuple(None if k is None else caller_arrays[k] if k >= 0 else
                     arrays.deliver(outs[-1 - k], self.framework) for k in specs)
@@ -239,10 +269,12 @@ def _maker(framework: str, shape, dtype, device: int) -> tuple:
         tdt, tdev = getattr(torch, dtype.name), torch.device("cuda", device)
         return (lambda stream: torch.empty(shape, dtype=tdt, device=tdev)), _torch_address
     cdt = arrays.cupy_dtype(dtype) if framework == "cupy" else None
+    import cupy
     if cdt is not None:
-        import cupy
         return (lambda stream: cupy.empty(shape, dtype=cdt)), _cupy_address  # replay checked the device
-    return (lambda stream: arrays.DeviceBuffer(shape, dtype, device, stream)), _buffer_address
+    here, alloc = arrays.DeviceBuffer.here, cupy.cuda.alloc
+    nbytes = max(1, math.prod(shape) * dtype.itemsize)
+    return (lambda stream: here(alloc, shape, dtype, device, stream, nbytes)), _buffer_address
 
 
 def _torch_address(t) -> int:
@@ -279,13 +311,13 @@ class Signatures:
         got = key_of(arrays_, scalars) if stream is None else None
         if got is None:
             return self._run(slow, None, outer)
-        key, kind, device, ptrs = got
+        key, kind, device, ptrs, held = got
         try:
             r = self._recipes.get(key)
         except TypeError:  # an unhashable argument: no signature
             return self._run(slow, None, outer)
         if r is not None:
-            got = r.replay(arrays_, ptrs)
+            got = r.replay(arrays_, ptrs, held)
             return got if got is not MISS else self._run(slow, None, outer)
         rec = Recorder(arrays_, kind)
         res = self._run(slow, rec, outer)

@@ -13,6 +13,7 @@ or allocating (then argument checks run with no GPU: CPU tests describe stand-in
 from __future__ import annotations
 
 import os
+import threading
 
 from .compile import CudaEnvironmentError
 
@@ -58,6 +59,11 @@ def gpu_count() -> tuple:
         return n, None
     vis = os.environ.get("CUDA_VISIBLE_DEVICES")
     return 0, "device count 0" + ("" if vis is None else f", CUDA_VISIBLE_DEVICES={vis!r}")
+
+
+def gpu_seen() -> bool:
+    """Whether a CUDA GPU was found already (no query)."""
+    return bool(_gpu_seen)
 
 
 def require_gpu() -> None:
@@ -114,22 +120,36 @@ _cupy_fns: list = []
 
 
 def _cupy():
-    """(cupy.cuda.get_current_stream, runtime.getDevice, cupy.cuda.Device), imported once (an import
-    statement costs about a microsecond a call)."""
+    """(cupy.cuda.get_current_stream, runtime.getDevice, cupy.cuda.Device, cupy.cuda.runtime), imported
+    once (an import statement costs about a microsecond a call)."""
     if not _cupy_fns:
         import cupy
         from cupy.cuda import runtime
-        _cupy_fns.append((cupy.cuda.get_current_stream, runtime.getDevice, cupy.cuda.Device))
+        _cupy_fns.append((cupy.cuda.get_current_stream, runtime.getDevice, cupy.cuda.Device, runtime))
     return _cupy_fns[0]
 
 
 def cupy_current(device: int) -> int:
     """cudaStream_t of CuPy's current stream on `device` (CuPy keeps one per device and thread)."""
-    get, get_device, Device = _cupy_fns[0] if _cupy_fns else _cupy()
+    get, get_device, Device, _ = _cupy_fns[0] if _cupy_fns else _cupy()
     if get_device() == device:
         return get().ptr
     with Device(device):
         return get().ptr
+
+
+def cuda_runtime():
+    """cupy.cuda.runtime (imported once)."""
+    return (_cupy_fns[0] if _cupy_fns else _cupy())[3]
+
+
+def on_device(device: int, fn, *args):
+    """fn(*args) with `device` current (no switch when it already is)."""
+    _, get_device, Device, _ = _cupy_fns[0] if _cupy_fns else _cupy()
+    if get_device() == device:
+        return fn(*args)
+    with Device(device):
+        return fn(*args)
 
 
 def cupy_current_here() -> int:
@@ -150,26 +170,51 @@ def is_capturing(stream: int) -> bool:
         return False
 
 
+_events = threading.local()  # this thread's ordering event per device (recorded again at each use)
+
+
+def _ordering_event(device: int) -> int:
+    """A timing-free event of `device` for this thread, created once: recording it again is safe, since a
+    stream wait takes the event's latest record at the time of the wait, and no other thread records it."""
+    evs = getattr(_events, "by_device", None)
+    if evs is None:
+        evs = _events.by_device = {}
+    ev = evs.get(device)
+    if ev is None:
+        ev = evs[device] = new_event(device)
+    return ev
+
+
+def new_event(device: int) -> int:
+    """A timing-free CUDA event of `device` (the caller destroys it or keeps it for reuse)."""
+    _, _, Device, runtime = _cupy_fns[0] if _cupy_fns else _cupy()
+    with Device(device):
+        return runtime.eventCreateWithFlags(runtime.eventDisableTiming)
+
+
 def order_after(device: int, producer_stream: int, consumer_stream) -> None:
     """Make `consumer_stream` (a DLPack stream argument: None, 1 = legacy default, 2 = per-thread
     default, or a handle) wait for the work queued so far on `producer_stream`."""
     if not _gpu_seen:  # the first CUDA call of a torch call on an explicit stream
         require_gpu()
-    import cupy
-    from cupy.cuda import runtime
-    with cupy.cuda.Device(device):
-        if consumer_stream is None:
+    _, _, Device, runtime = _cupy_fns[0] if _cupy_fns else _cupy()
+    if consumer_stream is None:
+        with Device(device):
             runtime.streamSynchronize(producer_stream)  # consumer gave no stream: be safe
-            return
-        consumer = {1: 0, 2: 2}.get(int(consumer_stream), int(consumer_stream))
-        if consumer == producer_stream:
-            return
-        ev = runtime.eventCreateWithFlags(runtime.eventDisableTiming)
-        try:
-            runtime.eventRecord(ev, producer_stream)
-            runtime.streamWaitEvent(consumer, ev, 0)
-        finally:
-            runtime.eventDestroy(ev)
+        return
+    consumer = int(consumer_stream)
+    consumer = _DLPACK_STREAMS.get(consumer, consumer)
+    if consumer == producer_stream:
+        return
+    on_device(device, _wait, runtime, _ordering_event(device), producer_stream, consumer)
+
+
+def _wait(runtime, ev: int, producer: int, consumer: int) -> None:
+    runtime.eventRecord(ev, producer)
+    runtime.streamWaitEvent(consumer, ev, 0)
+
+
+_DLPACK_STREAMS = {1: 0, 2: 2}  # DLPack's legacy default (1) is CUDA's handle 0; per-thread default stays 2
 
 
 class _RawStream:
