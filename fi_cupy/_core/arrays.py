@@ -438,9 +438,14 @@ def to_jax(buf: DeviceBuffer):
         return jax.dlpack.from_dlpack(buf)
     to_buffer, jdev, stream, typed = imp
     capsule = buf.__dlpack__(stream=stream)  # JAX's stream waits for ours
-    if typed:
-        return to_buffer(capsule, jdev, stream, None, KDL_CUDA)
-    return to_buffer(capsule, jdev, stream, None)
+    try:
+        if typed:
+            return to_buffer(capsule, jdev, stream, None, KDL_CUDA)
+        return to_buffer(capsule, jdev, stream, None)
+    except TypeError:  # another jaxlib's parameter list: the public route from now on
+        _jax_importers[buf.device] = None
+        import jax.dlpack
+        return jax.dlpack.from_dlpack(buf)
 
 
 # ---------------------------------------------------------------------------------------------
