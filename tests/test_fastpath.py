@@ -421,3 +421,33 @@ def test_random_structs_are_redrawn_at_each_replay():
 def test_key_of_takes_only_torch_or_cupy_arrays():
     assert fastpath.key_of((np.zeros(3),), ()) is None
     assert fastpath.key_of((None,), ()) is None
+
+
+def test_capsule_head_reads_pointer_device_and_hashable_strides():
+    """What a JAX replay keys on, read from a DLPack capsule (numpy's here: host memory, so device -1)."""
+    from fi_cupy._core import arrays
+    a = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2]
+    ptr, device, strides = arrays.capsule_head(a.__dlpack__(), 2)
+    assert (ptr, device, strides) == (a.ctypes.data, -1, (6, 2))
+    hash(strides)
+
+
+def test_capsules_from_the_template_describe_the_buffer():
+    """DeviceBuffer's capsules copy a per-shape template and set the data pointer and context: read back
+    through the DLPack structs they say what a capsule built field by field says."""
+    import ctypes
+    from fi_cupy._core import arrays
+    bf16 = dt.as_dtype("bfloat16")
+    for shape in ((1, 4096), (3,), ()):
+        cap = arrays._capsule_of(0x7F0000001000, object(), shape, bf16, 1)
+        addr = arrays._capsule_get(cap, b"dltensor")
+        mt = arrays._DLManagedTensor.from_address(addr)
+        t = mt.dl_tensor
+        assert (t.data, t.device.device_type, t.device.device_id, t.ndim) == (0x7F0000001000, arrays.KDL_CUDA, 1,
+                                                                               len(shape))
+        assert (t.dtype.code, t.dtype.bits, t.dtype.lanes, t.byte_offset) == (bf16.code, 16, 1, 0)
+        assert tuple(t.shape[i] for i in range(len(shape))) == shape and not t.strides
+        assert mt.manager_ctx == addr and addr in arrays._Owned.live
+        mt.deleter(addr)  # what the consumer does: the memory is released
+        assert addr not in arrays._Owned.live
+        assert ctypes.addressof(mt) == addr

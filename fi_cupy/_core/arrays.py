@@ -266,7 +266,7 @@ def capsule_head(capsule, ndim: int) -> tuple:
     data, device, _, _, strides, offset = _HEAD.from_address(_capsule_get(capsule, _CAPSULE_NAME))
     on_cuda = (device & 0xFFFFFFFF) in (KDL_CUDA, KDL_CUDA_MANAGED)
     return (data + offset, device >> 32 if on_cuda else -1,
-            (ctypes.c_int64 * ndim).from_address(strides)[:] if strides and ndim else None)
+            tuple((ctypes.c_int64 * ndim).from_address(strides)) if strides and ndim else None)
 
 
 def _framework_uint8(fw: str):
