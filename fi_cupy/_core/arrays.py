@@ -307,10 +307,14 @@ class DeviceBuffer:
         streams.require_gpu()
         import cupy
         self.shape, self.dtype, self.device, self.stream_handle = tuple(shape), dtype, device, stream_handle
-        nbytes = max(1, int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize)
         with cupy.cuda.Device(device):
-            self.mem = cupy.cuda.alloc(nbytes)
+            self.mem = cupy.cuda.alloc(self.nbytes_of(self.shape, dtype))
         self.ptr = self.mem.ptr
+
+    @staticmethod
+    def nbytes_of(shape: tuple, dtype: dt.DType) -> int:
+        """Bytes a buffer of `shape` allocates (at least one: CuPy's pool gives no zero-byte memory)."""
+        return max(1, math.prod(int(n) for n in shape) * dtype.itemsize)
 
     @classmethod
     def here(cls, alloc, shape: tuple, dtype: dt.DType, device: int, stream_handle: int, nbytes: int):
@@ -433,19 +437,16 @@ def to_jax(buf: DeviceBuffer):
     imp = _jax_importers.get(buf.device, False)
     if imp is False:
         imp = _jax_importers[buf.device] = _jax_importer(buf.device)
-    if imp is None or buf.dtype.name not in _JAX_KEEPS:
-        import jax.dlpack
-        return jax.dlpack.from_dlpack(buf)
-    to_buffer, jdev, stream, typed = imp
-    capsule = buf.__dlpack__(stream=stream)  # JAX's stream waits for ours
-    try:
-        if typed:
-            return to_buffer(capsule, jdev, stream, None, KDL_CUDA)
-        return to_buffer(capsule, jdev, stream, None)
-    except TypeError:  # another jaxlib's parameter list: the public route from now on
-        _jax_importers[buf.device] = None
-        import jax.dlpack
-        return jax.dlpack.from_dlpack(buf)
+    if imp is not None and buf.dtype.name in _JAX_KEEPS:
+        to_buffer, jdev, stream, typed = imp
+        capsule = buf.__dlpack__(stream=stream)  # JAX's stream waits for ours
+        try:
+            return (to_buffer(capsule, jdev, stream, None, KDL_CUDA) if typed else
+                    to_buffer(capsule, jdev, stream, None))
+        except TypeError:  # another jaxlib's parameter list: the public route from now on
+            _jax_importers[buf.device] = None
+    import jax.dlpack
+    return jax.dlpack.from_dlpack(buf)
 
 
 # ---------------------------------------------------------------------------------------------

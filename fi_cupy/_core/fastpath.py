@@ -24,12 +24,11 @@ second Call, an op inside the op, a copy of an immutable input), runs the full p
 """
 from __future__ import annotations
 
-import math
 import threading
 import weakref
 
 from . import arrays, streams
-from .kernels import DevPtr, FreshArg, _runtime
+from .kernels import DevPtr, FreshArg
 
 MISS = object()
 TORCH, CUPY, JAX = 1, 2, 3
@@ -219,7 +218,7 @@ class Recipe:
     def replay(self, caller_arrays, ptrs, held=None):
         """The op's return value for a call with these arrays, their pointers and key_of's `held` (MISS:
         run it in full)."""
-        runtime = _runtime()
+        runtime = streams.cuda_runtime()
         dev = self.device
         if runtime.getDevice() != dev:  # the full path switches devices; rare enough to leave to it
             return MISS
@@ -273,7 +272,7 @@ def _maker(framework: str, shape, dtype, device: int) -> tuple:
     if cdt is not None:
         return (lambda stream: cupy.empty(shape, dtype=cdt)), _cupy_address  # replay checked the device
     here, alloc = arrays.DeviceBuffer.here, cupy.cuda.alloc
-    nbytes = max(1, math.prod(shape) * dtype.itemsize)
+    nbytes = arrays.DeviceBuffer.nbytes_of(shape, dtype)
     return (lambda stream: here(alloc, shape, dtype, device, stream, nbytes)), _buffer_address
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import compile as cc
+from .streams import cuda_runtime
 
 
 @dataclass(frozen=True)
@@ -337,7 +338,7 @@ class Prepared:
 
     def __call__(self, values, stream: int) -> None:
         """Launch with `values` (one per argument of sig: ints, floats, bytes) on `stream`."""
-        if _runtime().getDevice() != self.device:
+        if cuda_runtime().getDevice() != self.device:
             import cupy
             with cupy.cuda.Device(self.device):
                 self.here(values, stream)
@@ -364,17 +365,6 @@ class Prepared:
             raise RuntimeError(f"launch of {self.fn.name} failed: CUDA error {err} "
                                f"({(msg.value or b'unknown').decode()}), grid {(gx, gy, gz)}, block {(bx, by, bz)}, "
                                f"smem {smem}")
-
-
-_rt: list = []
-
-
-def _runtime():
-    """cupy.cuda.runtime, imported once (an import statement costs about a microsecond a call)."""
-    if not _rt:
-        from cupy.cuda import runtime
-        _rt.append(runtime)
-    return _rt[0]
 
 
 def signature_of(args) -> tuple:

@@ -170,6 +170,7 @@ def is_capturing(stream: int) -> bool:
         return False
 
 
+_DLPACK_STREAMS = {1: 0, 2: 2}  # DLPack's legacy default (1) is CUDA's handle 0; per-thread default stays 2
 _events = threading.local()  # this thread's ordering event per device (recorded again at each use)
 
 
@@ -213,8 +214,6 @@ def _wait(runtime, ev: int, producer: int, consumer: int) -> None:
     runtime.eventRecord(ev, producer)
     runtime.streamWaitEvent(consumer, ev, 0)
 
-
-_DLPACK_STREAMS = {1: 0, 2: 2}  # DLPack's legacy default (1) is CUDA's handle 0; per-thread default stays 2
 
 
 class _RawStream:
