@@ -2,6 +2,9 @@
 tests of torch and JAX callers are marked needs_torch / needs_jax: each skips on its own without its
 framework, and the CuPy tests run with CuPy alone."""
 import math
+import os
+import subprocess
+import sys
 
 import cupy
 import numpy as np
@@ -95,6 +98,22 @@ def test_jax_caller_gets_jax_arrays_and_inputs_stay_unchanged():
         assert np.array_equal(np.asarray(q.astype(jnp.float32)), q_before)
         # JAX keeps computing on the result
         assert np.isfinite(float(jnp.sum(o.astype(jnp.float32) * 2)))
+
+
+@needs_jax
+def test_jax_outputs_alive_at_exit():
+    """JAX frees an output it still holds at exit while the interpreter tears fi_cupy's modules down: the
+    DLPack deleter it calls must outlive them (a freed ctypes thunk made that exit a segfault)."""
+    code = ("import jax.numpy as jnp, fi_cupy\n"
+            "x = jnp.ones((4, 256), jnp.bfloat16)\n"
+            "outs = [fi_cupy.rmsnorm(x, jnp.ones((256,), jnp.bfloat16)) for _ in range(3)]  # recorded, replayed\n"
+            "o = fi_cupy.single_decode_with_kv_cache(jnp.ones((8, 64), jnp.float16), jnp.ones((9, 2, 64), jnp.float16),\n"
+            "                                        jnp.ones((9, 2, 64), jnp.float16))\n"
+            "print(float(outs[-1].astype(jnp.float32).sum()), o.shape)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false"))
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert "(8, 64)" in r.stdout
 
 
 @needs_jax

@@ -296,6 +296,13 @@ def _dlpack_deleter(ptr):
         pass
 
 
+# A consumer may call the deleter while the interpreter tears modules down (a JAX output still alive at
+# exit), after this module's globals are gone. Capsules copy the deleter's address from a template, so no
+# capsule holds a reference to the ctypes thunk behind it: one reference is leaked to keep it for the
+# life of the process (freeing it made every such exit a segfault).
+ctypes.pythonapi.Py_IncRef(ctypes.py_object(_dlpack_deleter))
+
+
 class DeviceBuffer:
     """Device memory (from CuPy's pool) that any DLPack consumer can take zero-copy.
 
