@@ -4,14 +4,14 @@
 # JIT-built in the background while the fast-path tests run; then, with the CPUs quiet again,
 # profile_small_host.py and bench_host.py. Logs: $OUT/tests.tgz, $OUT/bench.tgz, $OUT/prebuild.txt.
 # Usage (repo root, carry .whl): bash bench/host_check.sh
-#   env: TESTS (default "tests/test_fastpath.py tests/test_frameworks.py"), PREBUILD_S (300: wait at most this
+#   env: TESTS (default "tests/test_fastpath.py tests/test_frameworks.py"), JOBS (pytest workers, 4), PREBUILD_S (300: wait at most this
 #   long for the build; FlashInfer is left out of the benchmark if it did not finish), HOST_ARGS (--quick)
 OUT=${OUT:-/tmp/fi_cupy_out}
 mkdir -p "$OUT"
 source bench/flashinfer_setup.sh > "$OUT/prebuild.txt" 2>&1
 ( MAX_JOBS=${MAX_JOBS:-16} fi_prebuild build host >> "$OUT/prebuild.txt" 2>&1 ) &
 build=$!
-OUT=$OUT/t SUITE_PATHS=${TESTS:-"tests/test_fastpath.py tests/test_frameworks.py"} SKIP_FUZZ=1 JOBS=4 \
+OUT=$OUT/t SUITE_PATHS=${TESTS:-"tests/test_fastpath.py tests/test_frameworks.py"} SKIP_FUZZ=1 JOBS=${JOBS:-4} \
   bash bench/gpu_suite.sh && mv "$OUT/t/logs.tgz" "$OUT/tests.tgz"
 waited=0
 while kill -0 $build 2>/dev/null && [ $waited -lt ${PREBUILD_S:-300} ]; do sleep 5; waited=$((waited + 5)); done

@@ -152,10 +152,27 @@ def launch_variants(recipe, x, w, o):
     print(f"  launch as recorded (kernels.Prepared: ctypes cuLaunchKernelEx, PDL attribute): "
           f"{per_call(lambda: prepared(vals, stream)):.1f} us")
     print(f"  the same without the attribute: {per_call(lambda: plain(vals, stream)):.1f} us")
-    buf, params, fmt, _ = kernels._buffers(prepared.sig)
-    import struct
-    struct.pack_into(fmt, buf, 0, *vals)
+    buf, params_c, pack, _ = kernels._buffers(prepared.sig)
+    params = params_c.value
+    pack(buf, 0, *vals)
     fnptr = prepared.fnptr
+    # the launch before 2026-12-06 (A/B in one run): argtypes c_void_p, Python ints converted each call
+    import ctypes
+    old = ctypes.CDLL("libcuda.so.1")["cuLaunchKernelEx"]
+    old.argtypes, old.restype = [ctypes.c_void_p] * 4, ctypes.c_int
+    prepared.here(vals, stream)
+    st = prepared.local.st
+    cfg = st[4].value
+    print(f"  ctypes cuLaunchKernelEx, int arguments converted (before): "
+          f"{per_call(lambda: old(cfg, fnptr, params, None)):.1f} us")
+    lib_f = kernels._cuda()[1]
+    cfg_c, fn_c = st[4], st[6]
+    print(f"  ctypes cuLaunchKernelEx, c_void_p arguments made once (now): "
+          f"{per_call(lambda: lib_f(cfg_c, fn_c, params_c, None)):.1f} us")
+    py_f = ctypes.PyDLL("libcuda.so.1")["cuLaunchKernelEx"]
+    py_f.restype = ctypes.c_int
+    print(f"  the same through PyDLL (GIL held): {per_call(lambda: py_f(cfg_c, fn_c, params_c, None)):.1f} us")
+    print(f"  parameter packing alone (Struct.pack_into): {per_call(lambda: pack(buf, 0, *vals)):.1f} us")
     from cupy.cuda import driver, runtime
     print(f"  launch: CuPy driver.launchKernel (Cython cuLaunchKernel, packed once): "
           f"{per_call(lambda: driver.launchKernel(fnptr, gx, gy, gz, bx, by, bz, smem, stream, params, 0)):.1f} us")

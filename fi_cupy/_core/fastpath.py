@@ -207,24 +207,28 @@ class Recorder:
 
 
 class Recipe:
-    """A recorded call: outputs to make, launches and memsets with their pointer slots, what to return."""
-    __slots__ = ("kind", "device", "framework", "news", "steps", "results")
+    """A recorded call: outputs to make, launches and memsets with their pointer slots, what to return.
+    What a replay looks up is resolved here once: the device query, the framework's current-stream query,
+    each output's maker, and the value returned when it is one of the caller's arrays."""
+    __slots__ = ("kind", "device", "framework", "news", "steps", "results", "get_device", "current", "returns")
 
     def __init__(self, kind, device, framework, news, steps, results):
         self.kind, self.device, self.framework = kind, device, framework
         self.news = tuple(_maker(framework, shape, dtype, device) for shape, dtype in news)
         self.steps, self.results = steps, results
+        self.get_device = streams.cuda_runtime().getDevice
+        self.current = _current_stream(kind, device)
+        single, specs = results
+        # a single result that is one of the caller's arrays (out=, an in-place op): its index
+        self.returns = specs[0] if single and specs[0] is not None and specs[0] >= 0 else None
 
     def replay(self, caller_arrays, ptrs, held=None):
         """The op's return value for a call with these arrays, their pointers and key_of's `held` (MISS:
         run it in full)."""
-        runtime = streams.cuda_runtime()
         dev = self.device
-        if runtime.getDevice() != dev:  # the full path switches devices; rare enough to leave to it
+        if self.get_device() != dev:  # the full path switches devices; rare enough to leave to it
             return MISS
-        kind = self.kind
-        stream = (streams.torch_current(dev) if kind == TORCH else streams.cupy_current_here() if kind == CUPY
-                  else held[0])
+        stream = self.current() if held is None else held[0]
         outs = []
         for make, address in self.news:
             o = make(stream)
@@ -233,7 +237,8 @@ class Recipe:
         n_in = len(ptrs) - len(outs)
         for prepared, values, slots, fresh in self.steps:
             if prepared is None:  # memset of (source, nbytes)
-                runtime.memsetAsync(ptrs[values if values >= 0 else n_in - 1 - values], 0, slots, stream)
+                streams.cuda_runtime().memsetAsync(ptrs[values if values >= 0 else n_in - 1 - values], 0, slots,
+                                                   stream)
                 continue
             if slots or fresh:
                 values = values.copy()
@@ -244,10 +249,26 @@ class Recipe:
             prepared.here(values, stream)
         if held is not None:
             arrays.hold(dev, stream, held[1])
+        if self.returns is not None:
+            return caller_arrays[self.returns]
         single, specs = self.results
         got = tuple(None if k is None else caller_arrays[k] if k >= 0 else
                     arrays.deliver(outs[-1 - k], self.framework) for k in specs)
         return got[0] if single else got
+
+
+def _current_stream(kind: int, device: int):
+    """() -> the caller's current stream on `device` for arrays of `kind` (the replay checked the device);
+    a JAX call's stream comes from key_of."""
+    if kind == TORCH:
+        streams.torch_current(device)  # resolves torch's raw query once
+        raw = streams._torch_stream[0]
+        return lambda: raw(device)
+    if kind == CUPY:
+        streams.cupy_current_here()
+        get = streams._cupy_fns[0][0]  # cupy.cuda.get_current_stream
+        return lambda: get().ptr
+    return None
 
 
 _all = weakref.WeakSet()  # every Signatures, for clear_all
@@ -270,7 +291,8 @@ def _maker(framework: str, shape, dtype, device: int) -> tuple:
     cdt = arrays.cupy_dtype(dtype) if framework == "cupy" else None
     import cupy
     if cdt is not None:
-        return (lambda stream: cupy.empty(shape, dtype=cdt)), _cupy_address  # replay checked the device
+        nd = cupy.ndarray  # what cupy.empty calls, one Python frame less; the replay checked the device
+        return (lambda stream: nd(shape, cdt)), _cupy_address
     here, alloc = arrays.DeviceBuffer.here, cupy.cuda.alloc
     nbytes = arrays.DeviceBuffer.nbytes_of(shape, dtype)
     return (lambda stream: here(alloc, shape, dtype, device, stream, nbytes)), _buffer_address

@@ -238,7 +238,8 @@ def struct_arg(fmt: str, *fields) -> StructArg:
 
 # cuLaunchKernelEx through ctypes: parameters packed into a per-thread buffer reused for each launch
 # of the same signature (the driver copies them at launch), and launch attributes when asked for:
-# programmatic dependent launch, thread-block cluster size.
+# programmatic dependent launch, thread-block cluster size. The launch function has no argtypes and takes
+# c_void_p objects made once per Prepared and thread: ctypes then converts nothing per call.
 _tls = threading.local()
 _PDL_ATTR = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 _CLUSTER_ATTR = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
@@ -247,6 +248,7 @@ _NON_PORTABLE_CLUSTER = 14  # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWE
 _CONFIG_FMT = "<7I4xQQI4x"  # CUlaunchConfig: grid, block, smem, stream, attrs, numAttrs
 _CONFIG_BYTES = struct.calcsize(_CONFIG_FMT)  # 56
 _CONFIG_STREAM_AT = struct.calcsize("<7I4x")  # the stream's offset in CUlaunchConfig
+_STREAM = struct.Struct("<Q")
 _libcuda: list = []
 
 
@@ -256,10 +258,10 @@ def _pack_cluster_attr(buf, at: int, cluster: int) -> None:
 
 
 def _cuda():
+    """(libcuda, cuLaunchKernelEx taking c_void_p objects only) loaded once."""
     if not _libcuda:
         lib = ctypes.CDLL("libcuda.so.1")
-        f = lib.cuLaunchKernelEx
-        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        f = lib["cuLaunchKernelEx"]  # its own function object: argtypes stay unset
         f.restype = ctypes.c_int
         lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         _libcuda.append((lib, f))
@@ -267,7 +269,8 @@ def _cuda():
 
 
 def _buffers(sig: tuple):
-    """(param buffer, kernelParams address, struct format) for an argument signature, this thread."""
+    """(param buffer, kernelParams as a c_void_p, the packer of the buffer, the pointer array) for an
+    argument signature, this thread."""
     cache = _tls.__dict__.setdefault("params", {})
     got = cache.get(sig)
     if got is None:
@@ -288,7 +291,7 @@ def _buffers(sig: tuple):
         buf = ctypes.create_string_buffer(max(8, at))
         base = ctypes.addressof(buf)
         params = (ctypes.c_void_p * max(1, len(sig)))(*[base + o for o in offsets])
-        got = cache[sig] = (buf, ctypes.addressof(params), fmt, params)
+        got = cache[sig] = (buf, ctypes.c_void_p(ctypes.addressof(params)), struct.Struct(fmt).pack_into, params)
     return got
 
 
@@ -329,11 +332,13 @@ class Prepared:
         fn.allow_smem(smem)
 
     def _thread_state(self) -> list:
-        """[param buffer, format, kernelParams address, config buffer, config address, stream packed in it]."""
-        buf, params, fmt, _ = _buffers(self.sig)
+        """[param buffer, its packer, kernelParams, config buffer, config as a c_void_p, the stream packed
+        in it, the function as a c_void_p]."""
+        buf, params, pack, _ = _buffers(self.sig)
         cbuf = ctypes.create_string_buffer(_CONFIG_BYTES)
         struct.pack_into(_CONFIG_FMT, cbuf, 0, *self.head, 0, self.attr_addr, self.n_attr)
-        st = self.local.st = [buf, fmt, params, cbuf, ctypes.addressof(cbuf), 0]
+        st = self.local.st = [buf, pack, params, cbuf, ctypes.c_void_p(ctypes.addressof(cbuf)), 0,
+                              ctypes.c_void_p(self.fnptr)]
         return st
 
     def __call__(self, values, stream: int) -> None:
@@ -351,12 +356,11 @@ class Prepared:
             st = self.local.st
         except AttributeError:
             st = self._thread_state()
-        buf, fmt, params, cbuf, cfg, packed = st
-        struct.pack_into(fmt, buf, 0, *values)
-        if stream != packed:
-            struct.pack_into("<Q", cbuf, _CONFIG_STREAM_AT, stream)
+        st[1](st[0], 0, *values)
+        if stream != st[5]:
+            _STREAM.pack_into(st[3], _CONFIG_STREAM_AT, stream)
             st[5] = stream
-        err = (_libcuda[0] if _libcuda else _cuda())[1](cfg, self.fnptr, params, None)
+        err = (_libcuda[0] if _libcuda else _cuda())[1](st[4], st[6], st[2], None)
         if err:
             lib = _libcuda[0][0]
             msg = ctypes.c_char_p()
