@@ -451,3 +451,71 @@ def test_capsules_from_the_template_describe_the_buffer():
         mt.deleter(addr)  # what the consumer does: the memory is released
         assert addr not in arrays._Owned.live
         assert ctypes.addressof(mt) == addr
+
+
+def test_dlpack_deleter_outlives_its_module():
+    """A consumer (JAX) may release a DeviceBuffer capsule while the interpreter tears modules down; the
+    capsules copy the deleter's address, so the ctypes thunk behind it must survive its module's dict being
+    cleared (freed, the exit of a JAX caller holding an output segfaulted)."""
+    import subprocess
+    import sys
+    code = ("import gc, sys, weakref\n"
+            "from fi_cupy._core import arrays\n"
+            "r = weakref.ref(arrays._dlpack_deleter)\n"
+            "for name in [k for k in sys.modules if k.startswith('fi_cupy')]:\n"
+            "    sys.modules.pop(name).__dict__.clear()  # what interpreter teardown does to a module\n"
+            "del arrays\n"
+            "gc.collect()\n"
+            "print('alive' if r() is not None else 'freed')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "alive"
+
+
+class _Fn:
+    """A kernels.Function stand-in: a handle, no attributes to set."""
+    ptr, name = 0x7F00DEAD0000, "stand_in"
+
+    def allow_smem(self, nbytes):
+        pass
+
+    def allow_cluster(self, size):
+        pass
+
+
+def test_launch_passes_config_function_and_parameters(monkeypatch):
+    """kernels.Prepared.here through a C function standing in for cuLaunchKernelEx, called the way the driver
+    is (no argtypes, c_void_p objects): it receives the CUlaunchConfig (grid, block, shared memory, the
+    stream of each call, the PDL attribute), the function handle, kernelParams pointing at each argument's
+    packed value, and a null `extra`."""
+    import ctypes
+    import struct
+    seen = []
+
+    @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+    def stand_in(cfg, fn, params, extra):
+        head = struct.unpack(kernels._CONFIG_FMT, ctypes.string_at(cfg, kernels._CONFIG_BYTES))
+        attr_id, attr_val = struct.unpack("<i4xi", ctypes.string_at(head[8], 12)) if head[9] else (None, None)
+        p = [ctypes.c_void_p.from_address(params + 8 * i).value for i in range(5)]
+        vals = (ctypes.c_uint64.from_address(p[0]).value, ctypes.c_int64.from_address(p[1]).value,
+                ctypes.c_int32.from_address(p[2]).value, ctypes.c_float.from_address(p[3]).value,
+                ctypes.string_at(p[4], 12))
+        seen.append((head[:7], head[7], head[9], attr_id, attr_val, fn, vals, extra))
+        return 0
+
+    raw = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.cast(stand_in, ctypes.c_void_p).value)
+    raw.argtypes = None
+    monkeypatch.setattr(kernels, "_libcuda", [(None, raw)])
+    args = [kernels.ptr(1 << 40), np.int64(-7), kernels.i32(3), kernels.f32(0.5), kernels.struct_arg("iii", 1, 2, 3)]
+    prep = kernels.Prepared(_Fn(), (5, 2), (128,), kernels.signature_of(args), 0, smem=4096, pdl=True)
+    values = [int(args[0]), -7, 3, 0.5, bytes(args[4])]
+    prep.here(values, 0x1111)
+    prep.here([(1 << 40) + 64] + values[1:], 0x2222)  # a replay: new pointer, new stream
+    prep.here(values, 0x2222)
+    triple = struct.pack("<3i", 1, 2, 3)
+    assert seen == [((5, 2, 1, 128, 1, 1, 4096), 0x1111, 1, kernels._PDL_ATTR, 1, _Fn.ptr,
+                     (1 << 40, -7, 3, 0.5, triple), None),
+                    ((5, 2, 1, 128, 1, 1, 4096), 0x2222, 1, kernels._PDL_ATTR, 1, _Fn.ptr,
+                     ((1 << 40) + 64, -7, 3, 0.5, triple), None),
+                    ((5, 2, 1, 128, 1, 1, 4096), 0x2222, 1, kernels._PDL_ATTR, 1, _Fn.ptr,
+                     (1 << 40, -7, 3, 0.5, triple), None)]
