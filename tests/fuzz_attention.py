@@ -500,7 +500,7 @@ def _check_decode_like(o, lse, ref_o, ref_lse, dtype: str, what: str, dead=None,
             k = int(np.nanargmax(excess)) if not np.isnan(excess).all() else 0
             print(f"{what}: element {np.unravel_index(k, err.shape)} nearest OUT_TOL's bound: err {err.flat[k]:.3g}, "
                   f"ref {ro.flat[k]:.3g}, RoPE slack {slack.flat[k]:.3g}")  # shown with a failure (or -s)
-        ro = np.where(err <= slack, out, ro)  # within the slack: held to nothing more (NaN checks stay)
+        ro = np.where(err <= atol + rtol * np.abs(ro) + slack, out, ro)  # within both: passes (NaN stays NaN)
     assert_close(out, ro, dtype, what)
     _check_dead_rows(out, np.isneginf(rl) if dead is None else dead, what)
     if lse is not None:
