@@ -244,6 +244,34 @@ def test_torch_caller_replays():
     assert len(norm._SIGS) == 1
 
 
+@gpu
+@needs_torch
+def test_torch_replays_make_new_outputs_like_their_inputs():
+    """Outputs of a replayed torch call are made like an input of their dtype (empty_like / new_empty): new
+    contiguous tensors on the input's device, never an input's memory, right values; a non-contiguous input
+    of the output's shape does not lend the output its strides."""
+    norm._SIGS.clear()
+    activation._SIGS.clear()
+    w = torch.randn(256, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn((4, 512), generator=g).to("cuda", torch.bfloat16)
+        for xi, what in ((x[:, 256:].contiguous(), "contiguous"), (x[:, :256], "row-strided")):
+            o = fi_cupy.rmsnorm(xi, w)
+            assert o.is_contiguous() and o.shape == xi.shape and o.dtype == xi.dtype and o.device == xi.device
+            assert o.data_ptr() not in (xi.data_ptr(), w.data_ptr(), x.data_ptr()), what
+            want = reference.rmsnorm(xi.double().cpu().numpy(), w.double().cpu().numpy())
+            assert_close(o.double().cpu().numpy(), want, "bfloat16", what)
+            outs.append(o)
+        a = fi_cupy.silu_and_mul(x)  # output (4, 256): new_empty of x's dtype
+        assert a.is_contiguous() and a.shape == (4, 256) and a.dtype == x.dtype
+        assert_close(a.double().cpu().numpy(), reference.act_and_mul(x.double().cpu().numpy(), "silu"), "bfloat16")
+        outs.append(a)
+    assert len({o.data_ptr() for o in outs}) == len(outs)  # all alive: each a tensor of its own
+    assert len(norm._SIGS) == 2 and len(activation._SIGS) == 1
+
+
 def _jax_rand(shape, seed, dtype="bfloat16"):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype=dtype)
 
@@ -416,6 +444,21 @@ def test_random_structs_are_redrawn_at_each_replay():
     (_, values, _, fresh), = rec.steps
     assert values == [bytes(8)] and len(fresh) == 1
     assert fresh[0][1]() == (1).to_bytes(8, "little") and rec.why == ""
+
+
+@needs_torch
+def test_torch_output_makers_follow_a_like_input():
+    """_maker picks torch.empty_like of a contiguous signature array of the output's shape and dtype, else
+    new_empty of one of its dtype (here on the CPU: device -1)."""
+    x = torch.zeros((3, 8), dtype=torch.bfloat16)
+    strided = torch.zeros((3, 16), dtype=torch.bfloat16)[:, ::2]
+    half = torch.zeros((3, 8), dtype=torch.float16)
+    bf16 = dt.as_dtype("bfloat16")
+    for arrs, shape in (((None, x), (3, 8)), ((strided,), (3, 8)), ((half, x), (3, 4)), ((strided, x), (2, 2))):
+        make, address = fastpath._maker("torch", shape, bf16, -1, arrs)
+        o = make(arrs, None)
+        assert o.shape == shape and o.dtype == torch.bfloat16 and o.is_contiguous() and o.get_device() == -1
+        assert address(o) == o.data_ptr() and all(a is None or a.data_ptr() != o.data_ptr() for a in arrs)
 
 
 def test_key_of_takes_only_torch_or_cupy_arrays():

@@ -203,7 +203,7 @@ class Recorder:
             return None
         c = self.call
         return Recipe(self.kind, c.device, c.framework, tuple((s, d) for s, d, _ in self.news), tuple(self.steps),
-                      self.results)
+                      self.results, self.arrays)
 
 
 class Recipe:
@@ -212,9 +212,10 @@ class Recipe:
     each output's maker, and the value returned when it is one of the caller's arrays."""
     __slots__ = ("kind", "device", "framework", "news", "steps", "results", "get_device", "current", "returns")
 
-    def __init__(self, kind, device, framework, news, steps, results):
+    def __init__(self, kind, device, framework, news, steps, results, arrays_=()):
+        """arrays_: the recorded call's arrays (a torch output is made like one of them where it can be)."""
         self.kind, self.device, self.framework = kind, device, framework
-        self.news = tuple(_maker(framework, shape, dtype, device) for shape, dtype in news)
+        self.news = tuple(_maker(framework, shape, dtype, device, arrays_) for shape, dtype in news)
         self.steps, self.results = steps, results
         self.get_device = streams.cuda_runtime().getDevice
         self.current = _current_stream(kind, device)
@@ -231,7 +232,7 @@ class Recipe:
         stream = self.current() if held is None else held[0]
         outs = []
         for make, address in self.news:
-            o = make(stream)
+            o = make(caller_arrays, stream)
             outs.append(o)
             ptrs.append(address(o))
         n_in = len(ptrs) - len(outs)
@@ -280,22 +281,34 @@ def clear_all() -> None:
         sigs.clear()
 
 
-def _maker(framework: str, shape, dtype, device: int) -> tuple:
-    """(make(stream) -> a new output like arrays.empty's, its address) with the framework's arguments
-    resolved once: a replay then costs the allocation alone."""
+def _maker(framework: str, shape, dtype, device: int, arrays_=()) -> tuple:
+    """(make(caller's arrays, stream) -> a new output like arrays.empty's, its address) with the framework's
+    arguments resolved once: a replay then costs the allocation alone. A torch output is made like a
+    signature array of its dtype: torch.empty_like of a contiguous one of its shape, else new_empty (about
+    half of torch.empty's argument parsing); the key fixes those arrays' shape, strides, dtype and device."""
     shape = tuple(int(n) for n in shape)
     if framework == "torch":
         import torch
-        tdt, tdev = getattr(torch, dtype.name), torch.device("cuda", device)
-        return (lambda stream: torch.empty(shape, dtype=tdt, device=tdev)), _torch_address
+        tdt = getattr(torch, dtype.name)
+        like = None
+        for k, a in enumerate(arrays_):
+            if isinstance(a, torch.Tensor) and a.dtype == tdt and a.get_device() == device:
+                if tuple(a.shape) == shape and a.is_contiguous():
+                    empty_like = torch.empty_like
+                    return (lambda arrs, stream: empty_like(arrs[k])), _torch_address
+                like = k if like is None else like
+        if like is not None:
+            return (lambda arrs, stream: arrs[like].new_empty(shape)), _torch_address
+        tdev = torch.device("cuda", device)
+        return (lambda arrs, stream: torch.empty(shape, dtype=tdt, device=tdev)), _torch_address
     cdt = arrays.cupy_dtype(dtype) if framework == "cupy" else None
     import cupy
     if cdt is not None:
         nd = cupy.ndarray  # what cupy.empty calls, one Python frame less; the replay checked the device
-        return (lambda stream: nd(shape, cdt)), _cupy_address
+        return (lambda arrs, stream: nd(shape, cdt)), _cupy_address
     here, alloc = arrays.DeviceBuffer.here, cupy.cuda.alloc
     nbytes = arrays.DeviceBuffer.nbytes_of(shape, dtype)
-    return (lambda stream: here(alloc, shape, dtype, device, stream, nbytes)), _buffer_address
+    return (lambda arrs, stream: here(alloc, shape, dtype, device, stream, nbytes)), _buffer_address
 
 
 def _torch_address(t) -> int:
