@@ -454,9 +454,15 @@ def test_torch_output_makers_follow_a_like_input():
     strided = torch.zeros((3, 16), dtype=torch.bfloat16)[:, ::2]
     half = torch.zeros((3, 8), dtype=torch.float16)
     bf16 = dt.as_dtype("bfloat16")
-    for arrs, shape in (((None, x), (3, 8)), ((strided,), (3, 8)), ((half, x), (3, 4)), ((strided, x), (2, 2))):
+    class Sub(torch.Tensor):  # a tensor subclass lends nothing: its empty_like may be a Sub
+        pass
+    sub = x.as_subclass(Sub)
+    cases = (((None, x), (3, 8)), ((strided,), (3, 8)), ((half, x), (3, 4)), ((strided, x), (2, 2)), ((sub, x), (3, 8)),
+             ((torch.nn.Parameter(x, requires_grad=True),), (3, 8)))
+    for arrs, shape in cases:
         make, address = fastpath._maker("torch", shape, bf16, -1, arrs)
         o = make(arrs, None)
+        assert type(o) is torch.Tensor and not o.requires_grad
         assert o.shape == shape and o.dtype == torch.bfloat16 and o.is_contiguous() and o.get_device() == -1
         assert address(o) == o.data_ptr() and all(a is None or a.data_ptr() != o.data_ptr() for a in arrs)
 

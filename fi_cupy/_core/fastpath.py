@@ -291,8 +291,9 @@ def _maker(framework: str, shape, dtype, device: int, arrays_=()) -> tuple:
         import torch
         tdt = getattr(torch, dtype.name)
         like = None
+        plain = (torch.Tensor, torch.nn.Parameter)  # a subclass's empty_like may return the subclass
         for k, a in enumerate(arrays_):
-            if isinstance(a, torch.Tensor) and a.dtype == tdt and a.get_device() == device:
+            if type(a) in plain and a.dtype == tdt and a.get_device() == device:
                 if tuple(a.shape) == shape and a.is_contiguous():
                     empty_like = torch.empty_like
                     return (lambda arrs, stream: empty_like(arrs[k])), _torch_address
