@@ -214,13 +214,14 @@ def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min
             raise ValueError(f"split: expected None, 0 or a positive token count, got {split}")
         quota, (pair, cta, lo, hi), n_per_pair = _split_segments(pair_len, cum, split, num_ctas)
     cut_pair = n_per_pair > 1
-    # Partial rows: contiguous per pair, in token order (the order segments are made in).
-    cut_seg = cut_pair[pair]
-    partial = cut_seg.cumsum(dtype=np.int32)
-    np.multiply(partial, cut_seg, out=partial)
-    partial -= 1
+    # Partial rows: contiguous per pair, in token order (the order segments are made in), so a cut
+    # segment's row is its rank among the cut segments.
+    partial = np.full(pair.size, -1, np.int32)
+    cut_at = cut_pair[pair].nonzero()[0]
+    partial[cut_at] = np.arange(cut_at.size, dtype=np.int32)
     segments = np.empty((pair.size, 4), np.int32)
-    req, _ = np.divmod(pair, head_blocks, out=(segments[:, 0], segments[:, 1]))
+    # (pair ids fit int32: a divmod from int32 costs half of one from int64 into the int32 columns)
+    req, _ = np.divmod(pair.astype(np.int32), head_blocks, out=(segments[:, 0], segments[:, 1]))
     first = cum[pair]  # token space -> key position: less the pair's first token, plus its first visible key
     if vis is not None:
         first -= vis[req]
