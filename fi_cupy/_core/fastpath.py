@@ -218,7 +218,7 @@ class Recipe:
         self.news = tuple(_maker(framework, shape, dtype, device, arrays_) for shape, dtype in news)
         self.steps, self.results = steps, results
         self.get_device = streams.cuda_runtime().getDevice
-        self.current = _current_stream(kind, device)
+        self.current = streams.current_query(framework, device)  # None for JAX: key_of gives its stream
         single, specs = results
         # a single result that is one of the caller's arrays (out=, an in-place op): its index
         self.returns = specs[0] if single and specs[0] is not None and specs[0] >= 0 else None
@@ -256,20 +256,6 @@ class Recipe:
         got = tuple(None if k is None else caller_arrays[k] if k >= 0 else
                     arrays.deliver(outs[-1 - k], self.framework) for k in specs)
         return got[0] if single else got
-
-
-def _current_stream(kind: int, device: int):
-    """() -> the caller's current stream on `device` for arrays of `kind` (the replay checked the device);
-    a JAX call's stream comes from key_of."""
-    if kind == TORCH:
-        streams.torch_current(device)  # resolves torch's raw query once
-        raw = streams._torch_stream[0]
-        return lambda: raw(device)
-    if kind == CUPY:
-        streams.cupy_current_here()
-        get = streams._cupy_fns[0][0]  # cupy.cuda.get_current_stream
-        return lambda: get().ptr
-    return None
 
 
 _all = weakref.WeakSet()  # every Signatures, for clear_all

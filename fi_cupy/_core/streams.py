@@ -109,11 +109,16 @@ def _torch_current_fn():
 _torch_stream: list = []
 
 
-def torch_current(device: int) -> int:
-    """cudaStream_t of torch's current stream on `device`."""
+def _torch_query():
+    """_torch_current_fn's result, resolved once."""
     if not _torch_stream:
         _torch_stream.append(_torch_current_fn())
-    return _torch_stream[0](device)
+    return _torch_stream[0]
+
+
+def torch_current(device: int) -> int:
+    """cudaStream_t of torch's current stream on `device`."""
+    return (_torch_stream[0] if _torch_stream else _torch_query())(device)
 
 
 _cupy_fns: list = []
@@ -155,6 +160,18 @@ def on_device(device: int, fn, *args):
 def cupy_current_here() -> int:
     """cupy_current of the current device (the caller has checked it)."""
     return (_cupy_fns[0] if _cupy_fns else _cupy())[0]().ptr
+
+
+def current_query(framework: str, device: int):
+    """() -> the caller's current stream on `device` for "torch" or "cupy" arrays, the lookups resolved
+    once (a replay, which has checked that `device` is current, calls it every time); None otherwise."""
+    if framework == "torch":
+        raw = _torch_query()
+        return lambda: raw(device)
+    if framework == "cupy":
+        get = (_cupy_fns[0] if _cupy_fns else _cupy())[0]
+        return lambda: get().ptr
+    return None
 
 
 def resolve(stream, framework: str, device: int) -> int:
