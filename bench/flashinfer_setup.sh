@@ -71,6 +71,16 @@ _fi_setup() {
         fi
     fi
 
+    # Prebuilt modules (bench/flashinfer_aot.sh packs them from a device run's JIT cache): FlashInfer loads
+    # flashinfer/data/aot/<name>/<name>.so as an AOT artifact, skipping its JIT build (~3 min for "host").
+    if [ -f "$whl/flashinfer_aot_sm90a.tgz" ] && [ -d "$site/flashinfer" ] && [ ! -d "$site/flashinfer/data/aot" ]; then
+        mkdir -p /tmp/fi_aot_x "$site/flashinfer/data/aot" && tar -xzf "$whl/flashinfer_aot_sm90a.tgz" -C /tmp/fi_aot_x \
+            && for f in $(find /tmp/fi_aot_x -name '*.so'); do
+                   d="$(basename "$f" .so)"; mkdir -p "$site/flashinfer/data/aot/$d" && mv "$f" "$site/flashinfer/data/aot/$d/"
+               done
+        d=""
+    fi
+
     case ":${PYTHONPATH:-}:" in
         *":$site:"*) ;;
         *) export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" ;;

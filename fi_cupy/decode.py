@@ -21,6 +21,7 @@ from .page import (KVView, LAYOUTS, cache_parts, check_cache_against, describe_k
                    page_table_from_block_tables, page_table_lengths)
 from ._core import alibi, arrays, checks, kernels, streams
 from ._core.call import Call
+from ._core.fastpath import Signatures, plain
 from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_outputs, attention_result, attention_sinks,
                               backend_arg, device_copy, kv_split, output_dtype, pack_meta, scale, single_call_meta,
                               upload)
@@ -769,6 +770,7 @@ def fast_decode_plan(self, indptr, indices, last_page_len, num_qo_heads: int, nu
 # (metadata + partials) cached per (device, stream).
 _single_plans = PlanCache()
 _single_scratch: dict = {}
+_single_sigs = Signatures(per_stream=True)  # single_decode's recorded calls: they read _single_scratch
 
 
 @document("Decode attention of one query token against one request's K and V.", returns="o : array\n    (num_qo_heads, head_dim), q's dtype.\nlse : float32 array\n    Only with return_lse=True: (o, lse), lse (num_qo_heads,) in base 2.")
@@ -784,8 +786,12 @@ def single_decode_with_kv_cache(q, k, v, kv_layout: str = "NHD", pos_encoding_mo
     Returns o (num_qo_heads, head_dim), and lse (num_qo_heads,) in base 2 with return_lse=True.
     use_tensor_cores is accepted for compatibility; the same kernel runs either way."""
     checks.flag("use_tensor_cores", use_tensor_cores)
-    return _single_decode(q, k, v, kv_layout, pos_encoding_mode, q_scale, k_scale, v_scale, window_left,
-                          logits_soft_cap, sm_scale, rope_scale, rope_theta, return_lse, out, lse, stream)
+    opts = (kv_layout, pos_encoding_mode, q_scale, k_scale, v_scale, window_left, logits_soft_cap, sm_scale,
+            rope_scale, rope_theta, return_lse)
+
+    def full():
+        return _single_decode(q, k, v, *opts, out, lse, stream)
+    return _single_sigs((q, k, v, out, lse), opts, stream, full) if plain(opts) else full()
 
 
 def _single_decode(q, k, v, kv_layout, pos_encoding_mode, q_scale, k_scale, v_scale, window_left, logits_soft_cap,
@@ -826,7 +832,8 @@ def _single_decode(q, k, v, kv_layout, pos_encoding_mode, q_scale, k_scale, v_sc
                                                        split=None if variant is None else variant_split(variant, None)))
     plan = replace(plan, params=params)
     # Metadata lives after the partials, as in the wrapper's workspace; uploaded once per shape.
-    base = single_call_meta(_single_scratch, dev, c.stream, c.framework, key, plan.meta, plan.partial_bytes())
+    base = single_call_meta(_single_scratch, dev, c.stream, c.framework, key, plan.meta, plan.partial_bytes(),
+                            _single_sigs)
     launch_decode(c, plan, base + plan.partial_bytes(), base, qi, kv, o, l_info, scale("k_scale", k_scale),
                   scale("v_scale", v_scale), variant_args=variant_args)
     return attention_result(c, out_obj, lse_obj, return_lse)

@@ -8,11 +8,12 @@ page kv_indices[kv_indptr[b] + p // page_size], slot p % page_size.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ._core import checks, kernels, streams
+from ._core import checks, kernels
 from ._core import dtypes as dt
 from ._core.call import Call
 from ._core.docs import KERNEL_GLOSSARY, document
@@ -278,8 +279,9 @@ def _append_indices(c: Call, batch_indices, positions, kv_indices, kv_indptr, kv
     if ip.shape[0] < 1:
         raise ValueError("kv_indptr: must have at least one entry")
     lp = _index_array(c, kv_last_page_len, "kv_last_page_len", bi.dtype, ip.shape[0] - 1)
-    if check and not streams.is_capturing(c.stream):
-        _check_append_indices(bi, pos, ix, ip, lp, page_size, num_pages)
+    if check:
+        c.host_check(functools.partial(_check_append_indices, page_size=page_size, num_pages=num_pages),
+                     ip, ix, lp, bi, pos)
     return bi, pos, ix, ip
 
 
@@ -289,25 +291,22 @@ def _append_function(c: Call, index: dt.DType, vec_bytes: int):
         append_program(index, vec_bytes), append_program(index, vec_bytes).kernels[0]))
 
 
-def _check_append_indices(bi, pos, indices, indptr, last_page_len, page_size: int, num_pages: int) -> None:
-    """Host-side check of an append's indices (device arrays are copied to the host: one sync)."""
-    ip = checks.host_int_array("kv_indptr", indptr.obj)
+def _check_append_indices(ip, ix, lp, b, p, page_size: int, num_pages: int) -> None:
+    """The check of an append's index arrays, read back to the host (Call.host_check): kv_indptr,
+    kv_indices, kv_last_page_len, batch_indices, positions."""
+    ip, ix, lp, b, p = (a.astype(np.int64, copy=False) for a in (ip, ix, lp, b, p))
     checks.indptr("kv_indptr", ip)
-    ix = checks.host_int_array("kv_indices", indices.obj)
     if ip[-1] > ix.size:
         raise ValueError(f"kv_indptr: its last entry {ip[-1]} exceeds the {ix.size} entries of kv_indices")
     used = ix[:ip[-1]]
     if used.size and (used.min() < 0 or used.max() >= num_pages):
         bad = int(used[(used < 0) | (used >= num_pages)][0])
         raise ValueError(f"kv_indices: page index {bad} is out of range for a cache of {num_pages} pages")
-    lp = checks.host_int_array("kv_last_page_len", last_page_len.obj)
     pages = np.diff(ip)
     seq = np.maximum(pages - 1, 0) * page_size + lp
     if np.any((lp < 0) | (lp > page_size)) or np.any((pages == 0) & (lp != 0)):
         raise ValueError(f"kv_last_page_len: entries must lie in [1, page_size={page_size}] (0 for a request "
                          f"without pages), got {lp.tolist()[:16]}")
-    b = checks.host_int_array("batch_indices", bi.obj)
-    p = checks.host_int_array("positions", pos.obj)
     if b.size and (b.min() < 0 or b.max() >= pages.size):
         raise ValueError(f"batch_indices: entries must lie in [0, batch_size={pages.size}), got {int(b.min())}"
                          f"..{int(b.max())}")
@@ -394,10 +393,8 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
     """
     args = (append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr,
             kv_last_page_len, kv_layout, check, stream)
-    if check:  # the index checks read the indices on the host: every call runs them
-        return _append(*args)
     return _SIGS((append_key, append_value, batch_indices, positions, *cache_parts(paged_kv_cache), kv_indices,
-                  kv_indptr, kv_last_page_len), ("append", kv_layout), stream, lambda: _append(*args))
+                  kv_indptr, kv_last_page_len), ("append", kv_layout, check), stream, lambda: _append(*args))
 
 
 def _append(append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr,

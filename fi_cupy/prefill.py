@@ -23,6 +23,7 @@ from .page import (KVView, LAYOUTS, as_planned_dtype, cache_parts, check_cache_a
                    describe_paged_cache, page_table_from_block_tables, page_table_lengths)
 from ._core import alibi, arrays, checks, kernels, streams
 from ._core.call import Call
+from ._core.fastpath import Signatures, plain
 from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_outputs, attention_result, attention_sinks,
                               backend_arg, device_copy, kv_split, output_dtype, pack_meta, scale, single_call_meta,
                               upload)
@@ -1080,6 +1081,7 @@ def _check_kv_against(kvv: KVView, p: PrefillParams) -> KVView:
 
 _single_plans = PlanCache()
 _single_scratch: dict = {}
+_single_sigs = Signatures(per_stream=True)  # single_prefill's recorded calls: they read _single_scratch
 
 
 @document('Prefill attention of one request.', returns="o : array\n    q's shape and dtype.\nlse : float32 array\n    Only with return_lse=True: (o, lse), lse (qo_len, num_qo_heads) in base 2.")
@@ -1101,9 +1103,16 @@ def single_prefill_with_kv_cache(q, k, v, scale_q=None, scale_k=None, scale_v=No
     scale_v), o_dtype other than q's and kv_cache_sf are not supported."""
     for name, val in (("scale_q", scale_q), ("scale_k", scale_k), ("scale_v", scale_v), ("kv_cache_sf", kv_cache_sf)):
         checks.unsupported(name, val)
-    return _single_prefill(q, k, v, o_dtype, custom_mask, packed_custom_mask, causal, kv_layout, pos_encoding_mode,
-                           sm_scale, window_left, logits_soft_cap, rope_scale, rope_theta, backend, return_lse, k_scale,
-                           v_scale, out, lse, stream)
+    opts = (o_dtype, causal, kv_layout, pos_encoding_mode, sm_scale, window_left, logits_soft_cap, rope_scale,
+            rope_theta, backend, return_lse, k_scale, v_scale)
+
+    def full():
+        return _single_prefill(q, k, v, o_dtype, custom_mask, packed_custom_mask, causal, kv_layout, pos_encoding_mode,
+                               sm_scale, window_left, logits_soft_cap, rope_scale, rope_theta, backend, return_lse,
+                               k_scale, v_scale, out, lse, stream)
+    if custom_mask is not None or packed_custom_mask is not None or not plain(opts):  # a mask is packed per call
+        return full()
+    return _single_sigs((q, k, v, out, lse), opts, stream, full)
 
 
 @document("FlashInfer's cached batch-prefill module for a custom variant.", returns="module : fi_cupy.variant.JitModule\n    The variant module, for the prefill wrappers' jit_args.")
@@ -1186,7 +1195,7 @@ def _single_prefill(q, k, v, o_dtype, custom_mask, packed_custom_mask, causal, k
                                                       None if mask is None else mask[2],
                                                       split=0 if variant is not None else None)[0])
     plan = PrefillPlan(**{**got.__dict__, "params": params, "mask": None if mask is None else mask[:2]})
-    base = single_call_meta(_single_scratch, dev, s, c.framework, key, plan.meta, plan.partial_bytes())
+    base = single_call_meta(_single_scratch, dev, s, c.framework, key, plan.meta, plan.partial_bytes(), _single_sigs)
     launch_prefill(c, plan, base + plan.partial_bytes(), base, qi, kvv, False, o, l_info, scale("k_scale", k_scale),
                    scale("v_scale", v_scale), variant_args=variant_args)
     if plan.mask is not None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._core import checks, kernels
+from ._core import arrays, checks, kernels
 from ._core import dtypes as dt
 from ._core.call import Call
+from ._core.fastpath import Signatures
 from ._core.docs import KERNEL_GLOSSARY, document
 from ._core.workspace import upload
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr
@@ -35,15 +36,40 @@ def _describe(c: Call, x, name: str = "x"):
     return xi
 
 
-def _pack(c: Call, xi, indptr: np.ndarray, bitorder: str, name: str = "x"):
+_SIGS = Signatures()  # packbits' recorded calls: they read the offsets kept in _whole
+_whole: dict = {}  # (device, n) -> ArrayInfo of [0, n, 0, ceil(n / 8)] (int64): one segment's offsets
+
+
+def _whole_offsets(c: Call, n: int):
+    """The device offsets of packbits' one segment of n elements, uploaded once per length and kept (a
+    recorded call reads them; both are dropped together when the cache is full)."""
+    m = _whole.get((c.device, n))
+    if m is None:
+        if len(_whole) >= 64:
+            _whole.clear()
+            _SIGS.clear()
+        host = np.array([0, n, 0, (n + 7) // 8], np.int64)
+        obj = arrays.empty("cupy", host.shape, dt.int64, c.device, c.stream)
+        m = _whole[(c.device, n)] = arrays.describe(obj, "offsets")
+        upload(host, m.ptr, c.device, c.stream)
+    c.fixed(m)
+    return m
+
+
+def _pack(c: Call, xi, indptr: np.ndarray | None, bitorder: str, name: str = "x"):
+    """(packed object, host out_indptr) of x's segments at host `indptr` (None: x is one segment)."""
     checks.choice("bitorder", bitorder, BITORDERS)
+    whole = indptr is None
+    if whole:
+        indptr = np.array([0, xi.shape[0]], np.int64)
     if indptr[-1] != xi.shape[0]:
         raise ValueError(f"indptr: indptr[-1] = {indptr[-1]} but {name} has {xi.shape[0]} elements")
     out_indptr = packed_indptr(indptr)
     n_out = int(out_indptr[-1])
     obj, o = c.new((n_out,), dt.uint8, "packed")
     if n_out:
-        _, m = _to_device(c, np.concatenate([indptr.astype(np.int64), out_indptr]), dt.int64)
+        m = _whole_offsets(c, xi.shape[0]) if whole else \
+            _to_device(c, np.concatenate([indptr.astype(np.int64), out_indptr]), dt.int64)[1]
         prog = packbits_program(bitorder == "little")
         fn = kernels.functions(prog, c.device)[prog.kernels[0]]
         c.launch(fn, (-(-n_out // 256),), (256,),
@@ -69,13 +95,16 @@ _PARAMS = {**KERNEL_GLOSSARY,
 @document("Pack a 1-D boolean array into bits of a uint8 array, as ``numpy.packbits`` does.",
           returns=("array\n"
                    "    ``(ceil(n / 8),)`` uint8: a new array in x's framework."), glossary=_PARAMS,
-          notes=("The call uploads its segment offsets and waits for the stream once (a host synchronisation): pack\n"
-                 "masks at plan time, not on a hot path. ``stream`` is fi_cupy's addition."))
+          notes=("No host synchronisation: the segment offsets are uploaded once per length of x and kept. ``stream``\n"
+                 "is fi_cupy's addition."))
 def packbits(x, bitorder: str = "big", stream=None):
     """Elements ``8j .. 8j + 7`` become byte j; the last byte is padded with zero bits."""
+    return _SIGS((x,), ("packbits", bitorder), stream, lambda: _packbits(x, bitorder, stream))
+
+
+def _packbits(x, bitorder, stream):
     c = Call(x, stream, name="x")
-    xi = _describe(c, x)
-    obj, _ = _pack(c, xi, np.array([0, xi.shape[0]], dtype=np.int64), bitorder)
+    obj, _ = _pack(c, _describe(c, x), None, bitorder)
     return c.result(obj)
 
 
@@ -89,8 +118,9 @@ def packbits(x, bitorder: str = "big", stream=None):
           params={"x": ("array\n"
                         "    ``(indptr[-1],)`` bool, uint8 or int8 (nonzero is 1), contiguous, on a CUDA device\n"
                         "    (torch, JAX, CuPy or any DLPack producer).")},
-          notes=("The call uploads the offsets and waits for the stream once (a host synchronisation). new_indptr\n"
-                 "is int32 whatever indptr's dtype. ``stream`` is fi_cupy's addition."))
+          notes=("indptr is read on the host (a device array is copied back: one synchronisation); the offsets are\n"
+                 "uploaded without waiting. new_indptr is int32 whatever indptr's dtype. ``stream`` is fi_cupy's\n"
+                 "addition."))
 def segment_packbits(x, indptr, bitorder: str = "big", stream=None):
     """Segment i, ``x[indptr[i]:indptr[i + 1]]``, becomes bytes ``new_indptr[i]`` to ``new_indptr[i + 1]``
     of the output, its last byte padded with zero bits: that is how prefill's custom masks are packed,
@@ -104,10 +134,8 @@ def segment_packbits(x, indptr, bitorder: str = "big", stream=None):
 
 
 def _to_device(c: Call, a: np.ndarray, dtype: dt.DType):
-    """(object, ArrayInfo) of a new device array holding host array `a` (synchronised: `a` may be
-    released on return)."""
-    from cupy.cuda import runtime
+    """(object, ArrayInfo) of a new device array holding host array `a` (upload stages it in pinned
+    memory: `a` may be released on return, no wait)."""
     obj, info = c.new(a.shape, dtype, "indptr")
     upload(a, info.ptr, c.device, c.stream)
-    runtime.streamSynchronize(c.stream)
     return obj, info

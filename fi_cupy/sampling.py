@@ -27,6 +27,7 @@ deterministic / is_deterministic are accepted: every kernel here is deterministi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -315,12 +316,16 @@ def _rows(c: Call, info, indices):
     checks.dtype_in(ix, (dt.int32, dt.int64), " (row indices)")
     checks.ndim(ix, 1, "(batch_size,)")
     checks.contiguous(ix)
-    if ix.size and not streams.is_capturing(c.stream):
-        h = _host(c, ix)
-        if h.min() < 0 or h.max() >= info.shape[0]:
-            raise ValueError(f"indices: entries must lie in [0, {info.shape[0]}) (rows of {info.name}), got "
-                             f"{int(h.min())}..{int(h.max())}")
+    if ix.size:
+        c.host_check(functools.partial(_check_range, name="indices", end=info.shape[0],
+                                       what=f" (rows of {info.name})"), ix)
     return ix.shape[0], ix
+
+
+def _check_range(h, name: str, end: int, what: str = "") -> None:
+    """An index array read back to the host (Call.host_check): entries in [0, end)."""
+    if h.min() < 0 or h.max() >= end:
+        raise ValueError(f"{name}: entries must lie in [0, {end}){what}, got {int(h.min())}..{int(h.max())}")
 
 
 def _is_scalar(value) -> bool:
@@ -929,6 +934,17 @@ def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe
     drafts are accepted a bonus token is drawn from the last target row. The emitted tokens then
     follow the target model's law exactly.
     """
+    arr, sca = split(seed, offset)
+    return _SIGS((draft_probs, draft_token_ids, target_probs, maybe_output_accepted_token_num,
+                  maybe_output_emitted_draft_token_num) + arr, ("chain", generator, enable_pdl) + sca,
+                 stream, lambda: _chain_speculative(draft_probs, draft_token_ids, target_probs,
+                                                    maybe_output_accepted_token_num,
+                                                    maybe_output_emitted_draft_token_num, generator, seed, offset,
+                                                    enable_pdl, stream))
+
+
+def _chain_speculative(draft_probs, draft_token_ids, target_probs, maybe_output_accepted_token_num,
+                       maybe_output_emitted_draft_token_num, generator, seed, offset, enable_pdl, stream):
     c = Call(draft_probs, stream, enable_pdl, "draft_probs")
     q = c.arg(draft_probs, "draft_probs")
     ids = c.arg(draft_token_ids, "draft_token_ids")
@@ -942,10 +958,8 @@ def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe
     checks.shape(p, (batch, n + 1, vocab), "(batch_size, num_speculate_tokens + 1, vocab_size)")
     for info in (q, ids, p):
         checks.contiguous(info)
-    if ids.size and not streams.is_capturing(c.stream):
-        h = _host(c, ids)
-        if h.min() < 0 or h.max() >= vocab:
-            raise ValueError(f"draft_token_ids: entries must lie in [0, {vocab}), got {int(h.min())}..{int(h.max())}")
+    if ids.size:
+        c.host_check(functools.partial(_check_range, name="draft_token_ids", end=vocab), ids)
     rng = _rng(c, generator, seed, offset, batch, batch * (n + 1))
     acc_obj, acc = _counter(c, maybe_output_accepted_token_num, batch, "maybe_output_accepted_token_num")
     emi_obj, emi = _counter(c, maybe_output_emitted_draft_token_num, batch, "maybe_output_emitted_draft_token_num")

@@ -231,6 +231,46 @@ def test_cascade_run_replays_within_a_plan_and_forgets_at_the_next():
 
 
 @gpu
+def test_single_request_attention_replays_per_length_and_stream():
+    """single_decode / single_prefill keep their metadata in a per-stream scratch that holds one length's
+    at a time: a length recorded before another length's call must not replay the other's metadata, and
+    a call on another stream is recorded on its own (its own scratch)."""
+    cp = _cp()
+    from fi_cupy import decode, prefill
+    decode._single_sigs.clear()
+    prefill._single_sigs.clear()
+    hq, hkv, d = 8, 2, 64
+
+    def check(n, seed, lse=False):
+        k, v = _rand((n, hkv, d), seed=n), _rand((n, hkv, d), seed=n + 1)
+        q, qp = _rand((hq, d), seed=seed), _rand((7, hq, d), seed=seed + 50)
+        got = fi_cupy.single_decode_with_kv_cache(q, k, v, return_lse=lse)
+        want = reference.decode_attention(_host(q), _host(k), _host(v))
+        if lse:
+            assert_close(_host(got[1]), want[1], "float32")
+            got = got[0]
+        assert_close(_host(got), want[0], "float16")
+        got = fi_cupy.single_prefill_with_kv_cache(qp, k, v, causal=True)
+        assert_close(_host(got), reference.prefill_attention(_host(qp), _host(k), _host(v), causal=True)[0],
+                     "float16")
+
+    for n in (300, 17, 300, 4000, 300):  # A, B, A again after B's metadata, a longer one (more splits)
+        for seed in range(3):
+            check(n, seed)
+        assert len(decode._single_sigs) == 1 and len(prefill._single_sigs) == 1
+    check(300, 7, lse=True)  # another signature of the same length: both kept
+    assert len(decode._single_sigs) == 2
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:  # another stream, another scratch: its own recording, then replays there
+        for seed in range(3):
+            check(300, seed)
+        n = len(decode._single_sigs)
+        check(300, 9)
+        assert len(decode._single_sigs) == n  # replayed on s
+    s.synchronize()
+
+
+@gpu
 @needs_torch
 def test_torch_caller_replays():
     norm._SIGS.clear()
@@ -387,6 +427,70 @@ def test_sampling_per_row_parameter_arrays_are_not_replayed_stale():
     assert len(sampling._SIGS) == 2  # the two scalar-top_p signatures only
 
 
+@gpu
+def test_append_check_is_repeated_by_every_replay():
+    """append_paged_kv_cache(check=True) is recorded with its index check: a replay reads the indices
+    back again, so a bad index in a known signature still raises before anything is written."""
+    from fi_cupy import page
+    cp = _cp()
+    page._SIGS.clear()
+    ps, hkv, d, num_pages = 4, 2, 64, 6
+    cache = cp.zeros((num_pages, 2, ps, hkv, d), cp.float16)
+    indptr, indices, last = (cp.asarray(a, cp.int32) for a in ([0, 2, 3], [4, 1, 5], [3, 2]))
+    bi, pos = cp.asarray([0, 1], cp.int32), cp.asarray([6, 1], cp.int32)
+    for seed in range(3):
+        k, v = _rand((2, hkv, d), seed=seed), _rand((2, hkv, d), seed=seed + 10)
+        assert fi_cupy.append_paged_kv_cache(k, v, bi, pos, cache, indices, indptr, last) is None
+        got = cp.asnumpy(cache)
+        np.testing.assert_array_equal(got[1, 0, 2], cp.asnumpy(k[0]))  # request 0, position 6: page 1, slot 2
+        np.testing.assert_array_equal(got[5, 1, 1], cp.asnumpy(v[1]))  # request 1, position 1: page 5, slot 1
+    assert len(page._SIGS) == 1
+    before = cp.asnumpy(cache)
+    for bad_pos, bad_ix, match in (([7, 1], [4, 1, 5], "positions"), ([6, 1], [4, 9, 5], "kv_indices")):
+        pos[:] = cp.asarray(bad_pos, cp.int32)
+        indices[:] = cp.asarray(bad_ix, cp.int32)
+        with pytest.raises(ValueError, match=match):
+            fi_cupy.append_paged_kv_cache(k, v, bi, pos, cache, indices, indptr, last)
+    np.testing.assert_array_equal(cp.asnumpy(cache), before)
+    assert len(page._SIGS) == 1
+
+
+@gpu
+def test_chain_speculative_replay_checks_draft_ids():
+    from fi_cupy import sampling
+    cp = _cp()
+    sampling._SIGS.clear()
+    rng = np.random.default_rng(3)
+    q = cp.asarray(rng.dirichlet(np.full(32, 0.5), size=(2, 3)).astype(np.float32))
+    p = cp.asarray(rng.dirichlet(np.full(32, 0.5), size=(2, 4)).astype(np.float32))
+    ids = cp.asarray(rng.integers(0, 32, (2, 3)), cp.int32)
+    want = [cp.asnumpy(a) for a in fi_cupy.chain_speculative_sampling(q, ids, p, seed=7, offset=3)]  # recorded
+    assert ((want[0] >= -1) & (want[0] < 32)).all()
+    for _ in range(2):  # replays: the same draws as the recorded call's
+        got = fi_cupy.chain_speculative_sampling(q, ids, p, seed=7, offset=3)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(cp.asnumpy(a), b)
+    assert len(sampling._SIGS) == 1
+    ids[1, 2] = 32
+    with pytest.raises(ValueError, match="draft_token_ids"):
+        fi_cupy.chain_speculative_sampling(q, ids, p, seed=7, offset=0)
+
+
+@gpu
+def test_packbits_replays_with_new_data_and_lengths():
+    from fi_cupy import quantization
+    cp = _cp()
+    quantization._SIGS.clear()
+    rng = np.random.default_rng(5)
+    for n in (13, 4096, 13, 1):
+        for order in ("big", "little"):
+            for _ in range(2):
+                x = rng.random(n) < 0.5
+                got = fi_cupy.packbits(cp.asarray(x), bitorder=order)
+                np.testing.assert_array_equal(cp.asnumpy(got), np.packbits(x, bitorder=order))
+    assert len(quantization._SIGS) == 6
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CPU: the recorder's rules
 
@@ -423,6 +527,28 @@ def test_recorder_refuses_what_it_cannot_replay(arg, why):
     rec.arg(x, xi)
     rec.launch(_Prepared(), [arg(xi)])
     assert why in rec.why
+
+
+def test_host_checks_are_recorded_as_steps_on_their_arrays(monkeypatch):
+    """Call.host_check's check becomes a step that a replay runs with the new arrays' addresses."""
+    from fi_cupy._core import readback
+    x, y = object(), object()
+    rec = fastpath.Recorder((x, y), fastpath.CUPY)
+    xi, yi = _info("x", 4096), _info("y", 8192)
+    rec.arg(x, xi)
+    rec.arg(y, yi)
+    seen = []
+    check = readback.HostCheck(lambda a, b: seen.append((a, b)), (yi, xi), 0)
+    rec.host_check(check, (yi, xi))
+    (step, values, slots, fresh), = rec.steps
+    assert step is check and slots == ((0, 1, 0), (1, 0, 0)) and rec.why == ""
+    monkeypatch.setattr(readback.streams, "is_capturing", lambda s: False)
+    monkeypatch.setattr(readback, "download_at", lambda addrs, layouts, dev, s: [addrs, [lay[1] for lay in layouts]])
+    check.here([111, 222], 5)
+    assert seen == [([111, 222], [np.dtype("float16")] * 2)]
+    rec2 = fastpath.Recorder((x,), fastpath.CUPY)
+    rec2.host_check(check, (_info("z", 64),))
+    assert "host check" in rec2.why
 
 
 def test_stable_addresses_are_recorded_as_constants():

@@ -19,6 +19,7 @@ import dataclasses
 
 from . import arrays, checks, fastpath, kernels, streams
 from .arrays import ArrayInfo
+from .readback import HostCheck
 
 IMMUTABLE = ("jax", "tensorflow")  # frameworks whose arrays must never be written
 
@@ -138,6 +139,15 @@ class Call:
             hint = f"; use {instead}, which returns new arrays" if instead else ""
             raise TypeError(f"{info.name}: {info.framework} arrays are immutable and cannot be written in place{hint}")
         return ok
+
+    def host_check(self, fn, *infos) -> None:
+        """fn(*host copies of contiguous `infos`), which raises on bad values: the arrays are read back
+        together (one wait for the stream), before any launch that follows; skipped while the stream is
+        being captured. A replay of this call repeats it."""
+        check = HostCheck(fn, infos, self.device)
+        if self.rec is not None:
+            self.rec.host_check(check, infos)
+        check.here([i.ptr for i in infos], self.stream)
 
     def launch(self, fn, grid, block, args, smem: int = 0, pdl: bool = True, cluster: int = 0) -> None:
         """pdl=False for kernels that do not call pdl_begin(); cluster: CTAs a cluster along x."""

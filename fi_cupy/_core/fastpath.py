@@ -110,6 +110,12 @@ def split(*values) -> tuple:
     return arrays_, tuple(None if a is not None else v for a, v in zip(arrays_, values))
 
 
+def plain(values) -> bool:
+    """Whether no value is an array: a scalar argument given as a device array (a 0-d tensor as k_scale)
+    is read by the full path, so a call holding one is never keyed by it."""
+    return not any(hasattr(v, "__dlpack__") for v in values)
+
+
 class Recorder:
     """Watches one Call of a signature's first call and turns it into a Recipe (None when unfit)."""
 
@@ -173,6 +179,17 @@ class Recorder:
             else:
                 values.append(a.item())
         self.steps.append((prepared, values, tuple(slots), tuple(fresh)))
+
+    def host_check(self, check, infos) -> None:
+        """A workspace.HostCheck of signature arrays `infos`: replayed like a launch whose arguments are
+        their addresses."""
+        slots = []
+        for i, info in enumerate(infos):
+            src = self.sources.get(id(info))
+            if src is None:
+                self.refuse(f"{info.name}: a host check of an array outside the signature")
+            slots.append((i, src, 0))
+        self.steps.append((check, [0] * len(infos), tuple(slots), ()))
 
     def memset(self, info, nbytes: int) -> None:
         src = self.sources.get(id(info))
@@ -317,12 +334,21 @@ def recorder():
 
 class Signatures:
     """One op's recorded calls, by signature (at most `size`; the cache is emptied when full: a workload
-    cycles through few signatures)."""
+    cycles through few signatures). per_stream: the caller's current stream is part of the signature, for
+    ops whose scratch memory is per stream (the single-request attention calls)."""
 
-    def __init__(self, size: int = 256):
+    def __init__(self, size: int = 256, per_stream: bool = False):
         self._recipes: dict = {}
         self.size = size
+        self._streams = {} if per_stream else None  # (kind, device) -> the current-stream query
         _all.add(self)
+
+    def _stream_of(self, kind: int, device: int) -> int:
+        query = self._streams.get((kind, device))
+        if query is None:
+            query = streams.current_query("torch" if kind == TORCH else "cupy", device)
+            self._streams[(kind, device)] = query
+        return query()
 
     def __call__(self, arrays_, scalars, stream, slow):
         """The op's result: a replay of this signature's recording, else slow() (recorded when fit)."""
@@ -333,6 +359,8 @@ class Signatures:
         if got is None:
             return self._run(slow, None, outer)
         key, kind, device, ptrs, held = got
+        if self._streams is not None:
+            key = (key, held[0] if held is not None else self._stream_of(kind, device))
         try:
             r = self._recipes.get(key)
         except TypeError:  # an unhashable argument: no signature

@@ -205,19 +205,24 @@ def upload(host: np.ndarray, dst_ptr: int, device: int, stream: int) -> None:
 
 
 def single_call_meta(cache: dict, device: int, stream: int, framework: str, key, meta: np.ndarray,
-                     meta_offset: int) -> int:
+                     meta_offset: int, sigs=None) -> int:
     """Scratch for a single-request call, cached per (device, stream) in the family's `cache`: a buffer
     of at least meta_offset + meta.nbytes bytes whose metadata (at meta_offset) is uploaded only when
-    `key` changes. Returns the buffer's address."""
+    `key` changes. Returns the buffer's address. sigs: the family's recorded calls (fastpath.Signatures,
+    per stream), which read this scratch and its metadata: dropped when either changes."""
     need = meta_offset + meta.nbytes
     buf = cache.get((device, stream))
     if buf is None or buf[1].nbytes < need:
+        if sigs is not None:
+            sigs.clear()
         obj = arrays.empty(framework if framework == "torch" else "cupy", (max(need, 1 << 20),), dt.uint8, device,
                            stream)
         buf = (obj, arrays.describe(obj, "scratch"), {})
         cache[(device, stream)] = buf
     _, scratch, uploaded = buf
     if uploaded.get("key") != (key, meta_offset):
+        if sigs is not None:
+            sigs.clear()
         upload(meta, scratch.ptr + meta_offset, device, stream)
         uploaded["key"] = (key, meta_offset)
     return scratch.ptr
