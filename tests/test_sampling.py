@@ -688,6 +688,21 @@ def test_get_seed_and_offset_cuda_generator_state():
 
 
 @needs_torch
+@pytest.mark.gpu
+def test_get_seed_and_offset_real_cuda_generator():
+    """On a real CUDA generator, the direct seed / offset reads advance it exactly as the state rule does."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs torch with a CUDA device")
+    g = torch.Generator("cuda")
+    g.manual_seed(2 ** 63 + 11)
+    torch.rand(5, device="cuda", generator=g)  # a nonzero offset to start from
+    for inc in (1, 4, 5, 1001 * 7):
+        seed, offset = g.get_state().view(torch.int64).tolist()
+        assert sampling.get_seed_and_offset(inc, g) == (seed % 2 ** 64, offset + _round4(inc))
+        assert g.get_state().view(torch.int64).tolist() == [seed, offset + _round4(inc)]
+
+
+@needs_torch
 def test_get_seed_and_offset_cpu_generator():
     """A CPU generator has no offset: two values are drawn from it, reproducible after manual_seed."""
     g = torch.Generator()
