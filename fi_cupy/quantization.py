@@ -10,6 +10,7 @@ from ._core import arrays, checks, kernels
 from ._core import dtypes as dt
 from ._core.call import Call
 from ._core.fastpath import Signatures
+from ._core.readback import download
 from ._core.docs import KERNEL_GLOSSARY, document
 from ._core.workspace import upload
 from ._core.kernels import KernelSpec, Program, i32, i64, ptr
@@ -126,10 +127,18 @@ def segment_packbits(x, indptr, bitorder: str = "big", stream=None):
     of the output, its last byte padded with zero bits: that is how prefill's custom masks are packed,
     one request at a time.
     """
-    ip = checks.host_int_array("indptr", indptr)
-    checks.indptr("indptr", ip)
     c = Call(x, stream, name="x")
-    obj, out_ip = _pack(c, _describe(c, x), ip.astype(np.int64), bitorder)
+    xi = _describe(c, x)
+    if hasattr(indptr, "__dlpack_device__") and int(indptr.__dlpack_device__()[0]) != 1:  # on a device
+        info = c.arg(indptr, "indptr")
+        checks.dtype_in(info, (dt.int32, dt.int64))
+        checks.ndim(info, 1, "(num_segments + 1,)")
+        checks.contiguous(info)
+        ip = download((info,), c.device, c.stream)[0]
+    else:
+        ip = checks.host_int_array("indptr", indptr)
+    checks.indptr("indptr", ip)
+    obj, out_ip = _pack(c, xi, ip.astype(np.int64), bitorder)
     return c.result(obj), c.result(_to_device(c, out_ip.astype(np.int32), dt.int32)[0])
 
 
