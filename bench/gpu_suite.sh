@@ -10,7 +10,7 @@
 #   SKIP_SUITE=1, NO_TORCH_SUITE=1 (also run the suite with torch/JAX blocked), SKIP_FUZZ=1,
 #   BENCHES ("bench_host.py --quick;bench_cascade.py": ';'-separated scripts under bench/ with arguments).
 set -o pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export PYTHONPATH=$PWD${KEEP_PYTHONPATH:+${PYTHONPATH:+:$PYTHONPATH}} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false  # KEEP_PYTHONPATH=1: the caller's after ours (FlashInfer for benches)
 OUT=${OUT:-/tmp/fi_cupy_out}
 LOGS=$OUT/logs
 mkdir -p "$LOGS"

@@ -19,6 +19,6 @@ kill -0 $build 2>/dev/null && { echo "prebuild still running after ${PREBUILD_S:
 tail -3 "$OUT/prebuild.txt"
 peers=torch
 grep -q "built or already cached" "$OUT/prebuild.txt" && peers=flashinfer,torch
-OUT=$OUT/b SKIP_SUITE=1 SKIP_FUZZ=1 BENCH_TAIL=80 BENCH_TIMEOUT=${BENCH_TIMEOUT:-300} \
+OUT=$OUT/b KEEP_PYTHONPATH=1 SKIP_SUITE=1 SKIP_FUZZ=1 BENCH_TAIL=80 BENCH_TIMEOUT=${BENCH_TIMEOUT:-300} \
   BENCHES="profile_small_host.py;bench_host.py ${HOST_ARGS:---quick} --peers $peers" bash bench/gpu_suite.sh \
   && mv "$OUT/b/logs.tgz" "$OUT/bench.tgz"

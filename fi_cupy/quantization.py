@@ -74,7 +74,7 @@ def _pack(c: Call, xi, indptr: np.ndarray | None, bitorder: str, name: str = "x"
         prog = packbits_program(bitorder == "little")
         fn = kernels.functions(prog, c.device)[prog.kernels[0]]
         c.launch(fn, (-(-n_out // 256),), (256,),
-                 [ptr(xi), ptr(m.ptr), ptr(m.ptr + 8 * indptr.size), i32(indptr.size - 1), ptr(o), i64(n_out)])
+                 [ptr(xi), ptr(m), ptr(m, 8 * indptr.size), i32(indptr.size - 1), ptr(o), i64(n_out)])
     return obj, out_indptr
 
 

@@ -551,6 +551,19 @@ def test_host_checks_are_recorded_as_steps_on_their_arrays(monkeypatch):
     assert "host check" in rec2.why
 
 
+def test_fixed_memory_is_recorded_through_its_info_only():
+    """Memory the op owns (Call.fixed) is a constant of the recording when the argument points through
+    its ArrayInfo; its bare address is refused (packbits' offsets were passed so: never replayed)."""
+    x = object()
+    rec = fastpath.Recorder((x,), fastpath.CUPY)
+    mi = _info("offsets", 1 << 16)
+    rec.fixed.add(id(mi))
+    rec.launch(_Prepared(), [kernels.ptr(mi), kernels.ptr(mi, 16)])
+    assert rec.why == "" and rec.steps[0][1] == [1 << 16, (1 << 16) + 16] and rec.steps[0][2] == ()
+    rec.launch(_Prepared(), [kernels.ptr(mi.ptr)])
+    assert "outside" in rec.why
+
+
 def test_stable_addresses_are_recorded_as_constants():
     x = object()
     rec = fastpath.Recorder((x,), fastpath.CUPY)
