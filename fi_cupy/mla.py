@@ -20,6 +20,7 @@ from .page import KVView, MAX_GRID, THREADS, _append_function, _append_indices, 
 from ._core import checks, streams
 from ._core import dtypes as dt
 from ._core.call import Call
+from ._core.fastpath import Signatures
 from ._core.docs import GLOSSARY, document
 from ._core.kernels import i32, i64, ptr
 from ._core.workspace import attention_outputs, attention_result, attention_sinks
@@ -261,6 +262,9 @@ class BatchMLAPagedAttentionWrapper(prefill._PrefillWrapper):
         return attention_result(c, out_obj, lse_obj, return_lse)
 
 
+_APPEND_SIGS = Signatures()  # append_paged_mla_kv_cache's recorded calls (its index check included)
+
+
 @document("Append new tokens' compressed KV (ckv and kpe rows) into their pages.", glossary=_DOCS)
 def append_paged_mla_kv_cache(append_ckv, append_kpe, batch_indices, positions, ckv_cache, kpe_cache, kv_indices,
                               kv_indptr, kv_last_page_len) -> None:
@@ -268,6 +272,13 @@ def append_paged_mla_kv_cache(append_ckv, append_kpe, batch_indices, positions, 
     at position positions[i]: page kv_indices[kv_indptr[b] + p // page_size], slot p % page_size of
     ckv_cache (num_pages, page_size, 512) and kpe_cache (num_pages, page_size, 64). The page table must
     already count the appended tokens; get_batch_indices_positions gives batch_indices and positions."""
+    args = (append_ckv, append_kpe, batch_indices, positions, ckv_cache, kpe_cache, kv_indices, kv_indptr,
+            kv_last_page_len)
+    return _APPEND_SIGS(args, ("append_mla",), None, lambda: _append_mla(*args))
+
+
+def _append_mla(append_ckv, append_kpe, batch_indices, positions, ckv_cache, kpe_cache, kv_indices, kv_indptr,
+                kv_last_page_len) -> None:
     c = Call(append_ckv, None, name="append_ckv")
     rows = (c.arg(append_ckv, "append_ckv"), c.arg(append_kpe, "append_kpe"))
     caches = (c.arg(ckv_cache, "ckv_cache"), c.arg(kpe_cache, "kpe_cache"))

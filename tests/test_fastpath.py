@@ -456,6 +456,25 @@ def test_append_check_is_repeated_by_every_replay():
 
 
 @gpu
+def test_mla_append_replays_with_its_check():
+    from fi_cupy import mla
+    cp = _cp()
+    mla._APPEND_SIGS.clear()
+    ckv, kpe = cp.zeros((5, 4, 512), cp.float16), cp.zeros((5, 4, 64), cp.float16)
+    indptr, indices, last = (cp.asarray(a, cp.int32) for a in ([0, 1, 3], [2, 0, 4], [2, 3]))
+    bi, pos = cp.asarray([0, 1], cp.int32), cp.asarray([1, 6], cp.int32)
+    for seed in range(3):
+        a, b = _rand((2, 512), seed=seed), _rand((2, 64), seed=seed + 5)
+        assert fi_cupy.append_paged_mla_kv_cache(a, b, bi, pos, ckv, kpe, indices, indptr, last) is None
+        np.testing.assert_array_equal(cp.asnumpy(ckv[2, 1]), cp.asnumpy(a[0]))  # request 0, position 1: page 2
+        np.testing.assert_array_equal(cp.asnumpy(kpe[4, 2]), cp.asnumpy(b[1]))  # request 1, position 6: page 4, slot 2
+    assert len(mla._APPEND_SIGS) == 1
+    pos[1] = 7  # request 1 holds 4 + 3 = 7 tokens
+    with pytest.raises(ValueError, match="positions"):
+        fi_cupy.append_paged_mla_kv_cache(a, b, bi, pos, ckv, kpe, indices, indptr, last)
+
+
+@gpu
 def test_chain_speculative_replay_checks_draft_ids():
     from fi_cupy import sampling
     cp = _cp()
