@@ -43,7 +43,7 @@ _whole: dict = {}  # (device, n) -> ArrayInfo of [0, n, 0, ceil(n / 8)] (int64):
 
 def _whole_offsets(c: Call, n: int):
     """The device offsets of packbits' one segment of n elements, uploaded once per length and kept (a
-    recorded call reads them; both are dropped together when the cache is full)."""
+    recorded call, on any stream, reads them; both are dropped together when the cache is full)."""
     m = _whole.get((c.device, n))
     if m is None:
         if len(_whole) >= 64:
@@ -53,6 +53,8 @@ def _whole_offsets(c: Call, n: int):
         obj = arrays.empty("cupy", host.shape, dt.int64, c.device, c.stream)
         m = _whole[(c.device, n)] = arrays.describe(obj, "offsets")
         upload(host, m.ptr, c.device, c.stream)
+        from cupy.cuda import runtime
+        runtime.streamSynchronize(c.stream)  # once per length: a replay on another stream may read them next
     c.fixed(m)
     return m
 
@@ -96,8 +98,8 @@ _PARAMS = {**KERNEL_GLOSSARY,
 @document("Pack a 1-D boolean array into bits of a uint8 array, as ``numpy.packbits`` does.",
           returns=("array\n"
                    "    ``(ceil(n / 8),)`` uint8: a new array in x's framework."), glossary=_PARAMS,
-          notes=("No host synchronisation: the segment offsets are uploaded once per length of x and kept. ``stream``\n"
-                 "is fi_cupy's addition."))
+          notes=("The segment offsets are uploaded once per length of x and kept: the first call of a length waits\n"
+                 "for the upload, later ones do not synchronise. ``stream`` is fi_cupy's addition."))
 def packbits(x, bitorder: str = "big", stream=None):
     """Elements ``8j .. 8j + 7`` become byte j; the last byte is padded with zero bits."""
     return _SIGS((x,), ("packbits", bitorder), stream, lambda: _packbits(x, bitorder, stream))
