@@ -273,14 +273,6 @@ def _as_float32(cupy, view, info):
     return view.astype(cupy.float32)
 
 
-def _host(c: Call, info) -> np.ndarray:
-    """`info` copied to the host (bfloat16 as float32)."""
-    with _cupy_on(c) as cupy:
-        v = _view(cupy, info)
-        return cupy.asnumpy(_as_float32(cupy, v, info) if info.dtype is dt.bfloat16 else v,
-                            stream=cupy.cuda.get_current_stream())
-
-
 def _check_nan(c: Call, info) -> None:
     """check_nan=True: reduced on the device, one flag read back."""
     with _cupy_on(c) as cupy:
@@ -354,10 +346,16 @@ def _param(c: Call, value, name: str, batch: int, kind: str, default):
 def _check_top_p(c: Call, p_arr, p_val) -> None:
     if p_val is not None and not 0.0 < float(p_val) <= 1.0:
         raise ValueError(f"top_p: must lie in (0, 1], got {p_val}")
-    if p_arr is not None and p_arr.size and not streams.is_capturing(c.stream):
-        h = _host(c, p_arr)
-        if not np.all((h > 0) & (h <= 1)):
-            raise ValueError(f"top_p: entries must lie in (0, 1], got {h.min()}..{h.max()}")
+    if p_arr is not None and p_arr.size:
+        c.host_check(functools.partial(_check_top_p_values, bf16=p_arr.dtype is dt.bfloat16), p_arr)
+
+
+def _check_top_p_values(h, bf16: bool) -> None:
+    """Per-row top_p read back to the host (Call.host_check; bfloat16 as its bits)."""
+    if bf16:
+        h = (h.astype(np.uint32) << 16).view(np.float32)
+    if not np.all((h > 0) & (h <= 1)):
+        raise ValueError(f"top_p: entries must lie in (0, 1], got {h.min()}..{h.max()}")
 
 
 def _check_min_p(m_val) -> None:

@@ -475,6 +475,31 @@ def test_mla_append_replays_with_its_check():
 
 
 @gpu
+def test_read_back_of_strided_and_raw_bit_arrays():
+    """readback.download (every host read of device arrays): strided views come back as their elements,
+    bfloat16 as its bits; checks.host_int_array reads a device array on its framework's stream."""
+    from fi_cupy._core import checks, readback
+    from fi_cupy._core.arrays import describe
+    cp = _cp()
+    base = cp.arange(40, dtype=cp.int64).reshape(8, 5)
+    view = base[1::3, ::2]  # (3, 3), strides (15, 2) elements
+    x16 = cp.asarray(np.array([1.5, -2.0, 0.25], np.float32)).astype(cp.float16)
+    got = readback.download([describe(view, "view"), describe(x16, "x16")], 0, cp.cuda.get_current_stream().ptr)
+    np.testing.assert_array_equal(got[0], cp.asnumpy(view))
+    np.testing.assert_array_equal(got[1], np.array([1.5, -2.0, 0.25], np.float16))
+    np.testing.assert_array_equal(checks.host_int_array("ip", base[:, 1]), cp.asnumpy(base[:, 1]))
+    assert readback.download([describe(base[:0], "empty")], 0, 0)[0].shape == (0, 5)
+    if torch is not None:
+        t = torch.tensor([1.0, 0.5, -3.0], dtype=torch.bfloat16, device="cuda")
+        bits = readback.download([describe(t, "t")], 0, torch.cuda.current_stream().cuda_stream)[0]
+        assert bits.dtype == np.uint16
+        np.testing.assert_array_equal((bits.astype(np.uint32) << 16).view(np.float32), [1.0, 0.5, -3.0])
+        probs = torch.softmax(torch.randn(3, 64, device="cuda"), -1)
+        with pytest.raises(ValueError, match="top_p"):  # per-row top_p in bfloat16, read back as bits
+            fi_cupy.top_p_renorm_probs(probs, torch.tensor([0.5, 1.5, 0.9], dtype=torch.bfloat16, device="cuda"))
+
+
+@gpu
 def test_chain_speculative_replay_checks_draft_ids():
     from fi_cupy import sampling
     cp = _cp()

@@ -124,14 +124,15 @@ def host_int_array(name: str, x, ndim: int = 1) -> np.ndarray:
 
 
 def _device_to_host(x, name: str) -> np.ndarray:
-    import cupy
-    from .arrays import describe
+    """A device array read back on its framework's current stream (readback.download: one wait)."""
+    from .call import Call
+    from .readback import download
     from .streams import require_gpu
     require_gpu()
-    info = describe(x, name)
+    c = Call(x, None, name=name)
+    info = c.arg(x, name)
     dtype_in(info, (dt.int32, dt.int64, dt.int16, dt.uint16, dt.uint32))
-    with cupy.cuda.Device(info.device):
-        return cupy.asnumpy(cupy.from_dlpack(x))
+    return download((info,), c.device, c.stream)[0]
 
 
 def indptr(name: str, a: np.ndarray, length: int | None = None) -> None:

@@ -13,17 +13,25 @@ _readback: dict = {}  # device -> the pinned buffer that download() reads arrays
 _readback_lock = threading.Lock()
 
 
+_RAW_BITS = {"bfloat16": np.dtype(np.uint16), "float8_e4m3fn": np.dtype(np.uint8),
+             "float8_e5m2": np.dtype(np.uint8)}  # dtypes numpy lacks: their host copies hold the raw bits
+
+
 def download(infos, device: int, stream: int) -> list:
-    """Host copies (numpy) of contiguous device arrays `infos` of numeric dtypes (not bfloat16 / float8),
-    read through one pinned buffer: a copy each queued on `stream`, where the arrays' producers are
-    ordered, and one wait for it. A host check of several index arrays then costs one synchronisation.
-    Not while the stream is being captured (callers skip their checks then)."""
+    """Host copies (numpy, contiguous) of device arrays `infos`, read through one pinned buffer: a copy
+    of each array's span queued on `stream`, where the arrays' producers are ordered, and one wait for
+    it. bfloat16 / float8 arrays come back as their raw bits (uint16 / uint8). A host check of several
+    index arrays then costs one synchronisation. Not while the stream is being captured (callers skip
+    their checks then)."""
     return download_at([i.ptr for i in infos], [host_layout(i) for i in infos], device, stream)
 
 
 def host_layout(info) -> tuple:
-    """(nbytes, numpy dtype, shape) of a contiguous ArrayInfo's host copy (download_at's layouts)."""
-    return info.nbytes, np.dtype(info.dtype.name), tuple(info.shape)
+    """(bytes spanned, numpy dtype, shape, byte strides) of an ArrayInfo (download_at's layouts)."""
+    item = info.dtype.itemsize
+    span = (sum((n - 1) * st for n, st in zip(info.shape, info.strides)) + 1) * item if info.size else 0
+    dtype = _RAW_BITS.get(info.dtype.name) or np.dtype(info.dtype.name)
+    return span, dtype, tuple(info.shape), tuple(st * item for st in info.strides)
 
 
 def download_at(addresses, layouts, device: int, stream: int) -> list:
@@ -32,20 +40,20 @@ def download_at(addresses, layouts, device: int, stream: int) -> list:
     import cupyx
     from cupy.cuda import runtime
     offsets, total = [], 0
-    for nbytes, _, _ in layouts:
+    for span, _, _, _ in layouts:
         offsets.append(total)
-        total += -(-nbytes // 16) * 16
+        total += -(-span // 16) * 16
     with _readback_lock, cupy.cuda.Device(device):
         buf = _readback.get(device)
         if buf is None or buf.nbytes < total:
             buf = _readback[device] = cupyx.empty_pinned(max(total, 1 << 16), dtype=np.uint8)
         base = buf.ctypes.data
-        for address, (nbytes, _, _), off in zip(addresses, layouts, offsets):
-            if nbytes:
-                runtime.memcpyAsync(base + off, address, nbytes, runtime.memcpyDeviceToHost, stream)
+        for address, (span, _, _, _), off in zip(addresses, layouts, offsets):
+            if span:
+                runtime.memcpyAsync(base + off, address, span, runtime.memcpyDeviceToHost, stream)
         runtime.streamSynchronize(stream)
-        return [buf[off:off + nbytes].view(dtype).reshape(shape).copy()
-                for (nbytes, dtype, shape), off in zip(layouts, offsets)]
+        return [np.lib.stride_tricks.as_strided(buf[off:off + span].view(dtype), shape, strides).copy() if span
+                else np.empty(shape, dtype) for (span, dtype, shape, strides), off in zip(layouts, offsets)]
 
 
 class HostCheck:
