@@ -9,7 +9,9 @@ heads (DeepSeek's prefill over decompressed MLA keys, a tensor-parallel slice). 
 2*Lq*Lkv*H*(D_qk + D_vo) (2 matmuls), with (2*Lkv - Lq)*Lq/2 in place of Lq*Lkv for causal (the
 unmasked part only).
 Times: median of CUDA-event timings of CUDA-graph replays after warm-up. "ours" is backend="auto" (on
-sm_90a the Hopper kernel, cuda_src/prefill_sm90.cu); "ours fa2" the portable mma.sync kernel.
+sm_90a the Hopper kernel, cuda_src/prefill_sm90.cu); "ours fa2" the portable mma.sync kernel. FlashInfer:
+its default backend at head_dim 128, its fa2 backend at 256 and 192/128 (issue 22 compares with that;
+bench/flashinfer_setup.sh's fi_prebuild builds the modules: FI_PREBUILD_EXTRA below), none at 512.
 
     python bench/bench_prefill.py [--only single|paged|ragged]
 """
@@ -70,13 +72,24 @@ def single_case(torch, name, L, hq, hkv, causal, d):
         except Exception as e:  # noqa: BLE001 - a peer that cannot run this shape is reported as '-'
             print(f"{label} {name}: {type(e).__name__}: {str(e)[:120]}")
             res[label] = None
-    try:
-        import flashinfer
-        res["FlashInfer"] = common.time_graph(lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, causal=causal),
-                                              calls_per_graph=3, replays=10)
-    except ImportError:
-        res["FlashInfer"] = None
+    for label, fi_backend in fi_backends(d):
+        try:
+            import flashinfer
+            res[label] = common.time_graph(lambda: flashinfer.single_prefill_with_kv_cache(
+                q, k, v, causal=causal, backend=fi_backend), calls_per_graph=3, replays=10)
+        except Exception as e:  # noqa: BLE001 - not importable, or cannot run this case: reported as '-'
+            if not isinstance(e, ImportError):
+                print(f"{label} {name}: {type(e).__name__}: {str(e)[:200]}")
+            res[label] = None
     return f, res
+
+
+def fi_backends(d: int, dv: int | None = None) -> tuple:
+    """FlashInfer's columns for a head dim: its default backend at 128 (fa3 on sm_90a), its fa2 backend
+    at 256 and 192/128 (issue 22's comparison; each is a JIT build of its own), none at 512."""
+    if (d, dv or d) == (D, D):
+        return (("FlashInfer", "auto"),)
+    return (("FlashInfer fa2", "fa2"),) if d <= 256 else ()
 
 
 def paged_case(torch, sinks: bool = False, alibi: bool = False):
@@ -128,16 +141,18 @@ def ragged_case(torch, hq=32, hkv=8, d=D, dv=D):
                                                          backend=b)
         w.plan(indptr, indptr, hq, hkv, d, dv, causal=True, q_data_type="bfloat16")
         res[b] = common.time_graph(lambda: w.run(q, k, v, out=out), calls_per_graph=5, replays=10)
-    try:
-        import flashinfer
-        fw = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-        to = lambda a: torch.as_tensor(a, device="cuda")
-        fw.plan(to(indptr), to(indptr), hq, hkv, d, dv, causal=True, q_data_type=torch.bfloat16)
-        res["FlashInfer"] = common.time_graph(lambda: fw.run(q, k, v), calls_per_graph=5, replays=10)
-    except Exception as e:  # noqa: BLE001 - not importable, or cannot run this case: reported as '-'
-        if not isinstance(e, ImportError):
-            print(f"FlashInfer ragged d{d}/{dv}: {type(e).__name__}: {e}")
-        res["FlashInfer"] = None
+    for label, fi_backend in fi_backends(d, dv):
+        try:
+            import flashinfer
+            fw = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(
+                torch.empty(256 << 20, dtype=torch.uint8, device="cuda"), backend=fi_backend)
+            to = lambda a: torch.as_tensor(a, device="cuda")
+            fw.plan(to(indptr), to(indptr), hq, hkv, d, dv, causal=True, q_data_type=torch.bfloat16)
+            res[label] = common.time_graph(lambda: fw.run(q, k, v), calls_per_graph=5, replays=10)
+        except Exception as e:  # noqa: BLE001 - not importable, or cannot run this case: reported as '-'
+            if not isinstance(e, ImportError):
+                print(f"{label} ragged d{d}/{dv}: {type(e).__name__}: {str(e)[:200]}")
+            res[label] = None
     return float(sum(flops(int(L), int(L), hq, True, d, dv) for L in lens)), res
 
 
@@ -162,7 +177,7 @@ def main():
         cases.append(("ragged 64 x U[128, 2048] causal 32/8",) + ragged_case(torch))
         cases.append(("ragged 64 x U[128, 2048] causal 16/16 d192/128",) + ragged_case(torch, 16, 16, 192, 128))
     mm = max(mm, matmul_tflops(torch))
-    peers = ["fa2", "torch flash", "torch cuDNN", "FlashInfer"]
+    peers = ["fa2", "torch flash", "torch cuDNN", "FlashInfer", "FlashInfer fa2"]
     tf = lambda f, t: "-" if t is None else f"{f / t / 1e12:.0f}"
     rows, data = [], []
     for name, f, res in cases:
