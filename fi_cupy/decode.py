@@ -19,7 +19,7 @@ import numpy as np
 from . import scheduler
 from .page import (KVView, LAYOUTS, cache_parts, check_cache_against, describe_kv_pair, describe_paged_cache,
                    page_table_from_block_tables, page_table_lengths)
-from ._core import alibi, arrays, checks, kernels, streams
+from ._core import alibi, arrays, checks, kernels, memo, streams
 from ._core.call import Call
 from ._core.fastpath import Signatures, plain
 from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_outputs, attention_result, attention_sinks,
@@ -193,6 +193,7 @@ class DecodeParams:
         return "ROPE_LLAMA" if self.rope else "ALIBI" if self.alibi else "NONE"
 
 
+@memo.of_plain_args  # plan() checks the same options every step
 def make_params(num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left,
                 logits_soft_cap, q_data_type, kv_data_type, sm_scale, rope_scale, rope_theta,
                 variant: AttentionVariant | None = None) -> DecodeParams:

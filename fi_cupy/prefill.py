@@ -21,7 +21,7 @@ from . import scheduler
 from .quantization import MASK_DTYPES, packed_indptr, segment_packbits
 from .page import (KVView, LAYOUTS, as_planned_dtype, cache_parts, check_cache_against, describe_kv_pair,
                    describe_paged_cache, page_table_from_block_tables, page_table_lengths)
-from ._core import alibi, arrays, checks, kernels, streams
+from ._core import alibi, arrays, checks, kernels, memo, streams
 from ._core.call import Call
 from ._core.fastpath import Signatures, plain
 from ._core.workspace import (PlanCache, PlannedWrapper, align, attention_outputs, attention_result, attention_sinks,
@@ -278,6 +278,7 @@ class PrefillParams:
         return self.num_qo_heads // self.num_kv_heads
 
 
+@memo.of_plain_args  # plan() checks the same options every step
 def make_params(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, causal, pos_encoding_mode, window_left,
                 logits_soft_cap, sm_scale, rope_scale, rope_theta, q_data_type, kv_data_type, paged: bool,
                 page_size: int = 0, has_mask: bool = False, variant: AttentionVariant | None = None) -> PrefillParams:
@@ -398,6 +399,7 @@ def check_backend(backend) -> str:
 
 # pick_tile's answers by its arguments (it is a pure function of them): plan() picks a tile every step.
 _pick_tile_memo = functools.lru_cache(maxsize=256)(pick_tile)
+_smem_bytes_memo = functools.lru_cache(maxsize=256)(smem_bytes)
 
 
 def plan_tile(params: PrefillParams, qo_lens: np.ndarray, custom_mask: bool, backend: str = "fa2",
@@ -427,7 +429,7 @@ def plan_tile(params: PrefillParams, qo_lens: np.ndarray, custom_mask: bool, bac
         if why is None and (backend == "fa3" or rows > AUTO_MIN_ROWS):
             return SM90_TILE, flags
     tile = _pick_tile_memo(params.head_dim, rows, flags, params.rope, params.vo, variant=params.variant is not None)
-    if device is None or smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo) <= SMEM_EVERY_GPU:
+    if device is None or _smem_bytes_memo(params.head_dim, tile, params.kv_dtype, params.vo) <= SMEM_EVERY_GPU:
         return tile, flags
     limit = kernels.device_props(device)["smem_optin"]
     tile = pick_tile(params.head_dim, rows, flags, params.rope, params.vo, limit, params.kv_dtype,

@@ -48,7 +48,7 @@ MIN_QUOTA = 64     # fewest tokens a CTA is given: below it, more CTAs only add 
 FEW_CANDIDATES = 4  # more candidates than this left to score: all at once (_score_all), else one by one
 
 
-def _pick_quota(cum: np.ndarray, num_ctas: int, min_quota: int) -> int:
+def _pick_quota(cum: np.ndarray, num_ctas: int, min_quota: int, longest: int | None = None) -> int:
     """Tokens per CTA: the smallest even split q0, a split aligned to the longest pair (a fraction of
     it, or whole pairs so that nothing is cut and nothing merges); scored by the most loaded CTA
     (tokens + SEGMENT_COST a segment) plus MERGE_COST when some pair is cut; ties: the smallest quota.
@@ -59,7 +59,8 @@ def _pick_quota(cum: np.ndarray, num_ctas: int, min_quota: int) -> int:
     q0 = max(-(-total // num_ctas), min_quota)
     if total == 0:
         return q0
-    longest = int((cum[1:] - cum[:-1]).max())
+    if longest is None:  # the longest pair (decode_schedule knows it)
+        longest = int((cum[1:] - cum[:-1]).max())
     if q0 % longest == 0:  # whole longest pairs already: no other candidate
         return q0
     pairs = cum.size - 1
@@ -204,8 +205,8 @@ def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min
     cum = np.zeros(pair_len.size + 1, np.int64)
     pair_len.cumsum(out=cum[1:])
     if split is None:
-        quota = _pick_quota(cum, num_ctas, MIN_QUOTA if min_quota is None else min_quota)
-        length = int(req_len.max(initial=0))
+        length = int(req_len.max(initial=0))  # the longest pair
+        quota = _pick_quota(cum, num_ctas, MIN_QUOTA if min_quota is None else min_quota, length)
         if length and length * pair_len.size == cum[-1] and (quota % length == 0 or length % quota == 0):
             return _even_schedule(pair_len.size, length, quota, head_blocks, num_ctas, vis)
         (pair, cta, lo, hi), n_per_pair = _quota_segments(cum, pair_len, quota)

@@ -137,3 +137,33 @@ def test_target_arch_refuses_gpus_older_than_ampere():
     from fi_cupy._core import compile as cc
     with pytest.raises(cc.CudaEnvironmentError, match=r"compute capability 7\.5.*8\.0 or newer"):
         cc.target_arch(75)
+
+
+def test_memo_of_plain_args_keys_by_value_and_type_and_never_remembers_errors():
+    """plan()'s option checks (make_params) are memoised: immutable arguments only, True kept apart from 1,
+    a mutable argument (a list here, a 0-d tensor in use) recomputed every call, an error raised again."""
+    from fi_cupy._core import memo
+    from fi_cupy import decode, prefill
+    calls = []
+
+    @memo.of_plain_args
+    def f(a, b=None, *, c=1.0):
+        calls.append((a, b, c))
+        if a == "bad":
+            raise ValueError("a: bad")
+        return [a, b, c]
+    assert f(1, dt.bfloat16, c=2.0) is f(1, dt.bfloat16, c=2.0) and len(calls) == 1
+    assert f(True, dt.bfloat16, c=2.0) == [True, dt.bfloat16, 2.0] and len(calls) == 2  # True is not 1
+    assert f(1, np.dtype("int32")) is f(1, np.dtype("int32")) and len(calls) == 3
+    f([1], None), f([1], None)
+    assert len(calls) == 5  # a list: not memoised
+    for _ in range(2):
+        with pytest.raises(ValueError, match="a: bad"):
+            f("bad")
+    assert len(calls) == 7
+    # the wrappers' option checks go through it, and their errors stay the same on every call
+    assert decode.make_params(32, 8, 128, 16, "NONE", -1, None, "float16", None, None, None, None) is \
+        decode.make_params(32, 8, 128, 16, "NONE", -1, None, "float16", None, None, None, None)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="num_qo_heads"):
+            prefill.make_params(0, 8, 128, None, True, "NONE", -1, None, None, None, None, "float16", None, True)
