@@ -8,6 +8,9 @@ drawn at random (kv 1..2047 tokens, prefill 1..31 new ones), which the uniform b
 do not serve. Decode gets num_ctas = 132 x 4 (H100 SMs x resident CTAs); prefill gets 132 x the CTAs
 of its tile that fit an SM's shared memory. Median of N single calls, in us.
 
+The last two columns time the wrappers' whole plan() (bench_host.py's call) with the device stubbed
+(stub_device): no GPU is touched, so run it on a machine without one (or in a process of its own).
+
 Usage: python bench/bench_plan_cpu.py [--calls N] [--json PATH]
 """
 from __future__ import annotations
@@ -72,6 +75,41 @@ def prefill_call(batch: int, mixed: bool = False):
     return host_plan
 
 
+def stub_device() -> None:
+    """Let the wrappers' plan() run on a machine without a GPU: the current stream is 0, uploads are the
+    staging copy alone, the device is an H100 (132 SMs, 227 KB of shared memory a CTA) and the CTA
+    counts are the ones above (they load a kernel on a GPU). For the wrapper columns only."""
+    from fi_cupy._core import kernels, streams, workspace
+
+    def upload(host, ptr, device, stream):
+        staging = np.empty(host.nbytes, np.uint8)
+        staging[:] = host.reshape(-1).view(np.uint8)
+    streams.resolve = lambda stream, framework, device: 0
+    for mod in (workspace, decode, prefill):
+        mod.upload = upload
+    props = {"name": "H100 (stub)", "sms": SMS, "smem_optin": 227 * 1024, "smem_sm": SMEM_PER_SM, "cc": 90}
+    kernels.device_props = lambda device=0: props
+    kernels.device_arch = lambda device=0: "sm_90a"
+    decode.decode_num_ctas = lambda params, kv_dtype, device: DECODE_CTAS
+    prefill.num_ctas = lambda params, tile, device, paged, flags: SMS * max(1, SMEM_PER_SM // prefill.smem_bytes(
+        D, tile, params.kv_dtype))
+
+
+def wrapper_call(batch: int, which: str, mixed: bool = False):
+    """BatchDecodeWithPagedKVCacheWrapper.plan() or BatchPrefillWithPagedKVCacheWrapper.plan() in full
+    (checks, schedule, packing, the staging copy), as bench_host.py calls it, with the device stubbed."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from test_core_cpu import FakeCudaArray  # a DLPack producer of a fake device array
+    ws = FakeCudaArray((256 << 20,), None, code=1, bits=8)
+    indptr, indices, last = decode_tables(batch, mixed)
+    if which == "decode":
+        w = decode.BatchDecodeWithPagedKVCacheWrapper(ws)
+        return lambda: w.plan(indptr, indices, last, HQ, HKV, D, PAGE, q_data_type="float16")
+    w = prefill.BatchPrefillWithPagedKVCacheWrapper(ws)
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens(batch, mixed))])
+    return lambda: w.plan(qo_indptr, indptr, indices, last, HQ, HKV, D, PAGE, causal=True, q_data_type="float16")
+
+
 def median_us(fn, calls: int, warmup: int = 20) -> float:
     """Median wall time of single fn() calls, microseconds."""
     for _ in range(warmup):
@@ -90,13 +128,18 @@ def main():
     ap.add_argument("--json", help="also write the figures here ($OUT/bench_plan_cpu.json where OUT is set)")
     args = ap.parse_args()
     rows = []
+    stub_device()
     cells = (("plan_decode_us", decode_call, False), ("plan_decode_mixed_us", decode_call, True),
-             ("prefill_host_us", prefill_call, False), ("prefill_host_mixed_us", prefill_call, True))
+             ("prefill_host_us", prefill_call, False), ("prefill_host_mixed_us", prefill_call, True),
+             ("decode_wrapper_plan_us", lambda b, m: wrapper_call(b, "decode", m), False),
+             ("prefill_wrapper_plan_us", lambda b, m: wrapper_call(b, "prefill", m), False))
     for batch in BATCHES:
         rows.append({"batch": batch, **{key: round(median_us(make(batch, mixed), args.calls), 1)
                                         for key, make, mixed in cells}})
-    print_table(f"plan() host part, median of {args.calls} calls, us (decode num_ctas {DECODE_CTAS})",
-                ["batch", "plan_decode", "decode mixed", "prefill host", "prefill mixed"],
+    print_table(f"plan() host part, median of {args.calls} calls, us (decode num_ctas {DECODE_CTAS}); the "
+                f"wrappers' whole plan() with the device stubbed",
+                ["batch", "plan_decode", "decode mixed", "prefill host", "prefill mixed", "decode plan()",
+                 "prefill plan()"],
                 [[r["batch"]] + [r[key] for key, _, _ in cells] for r in rows])
     save_json("bench_plan_cpu.json", rows)
     if args.json:
