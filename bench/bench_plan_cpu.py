@@ -36,6 +36,7 @@ KV_LEN, QO_LEN = 1024, 16
 SMS = 132
 DECODE_CTAS = SMS * 4
 SMEM_PER_SM = 227 * 1024
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")  # FakeCudaArray's module
 
 
 def decode_tables(batch: int, mixed: bool = False) -> tuple:
@@ -70,9 +71,13 @@ def prefill_call(batch: int, mixed: bool = False):
         kv_lens, used = page_table_lengths(indptr, indices, last, PAGE, "paged_kv_")
         qo, ip, kv, ix = (a.astype(np.int32) for a in (qo_indptr, indptr, kv_lens, used))
         tile, _ = prefill.plan_tile(params, qo[1:] - qo[:-1], False, "fa2")
-        ctas = SMS * max(1, SMEM_PER_SM // prefill.smem_bytes(D, tile, params.kv_dtype))
-        return prefill.plan_prefill(params, qo, ip, kv, ix, tile, ctas, None)
+        return prefill.plan_prefill(params, qo, ip, kv, ix, tile, prefill_ctas(tile, params.kv_dtype), None)
     return host_plan
+
+
+def prefill_ctas(tile, kv_dtype) -> int:
+    """The prefill grid's CTAs on the H100 assumed here: SMS x the CTAs of `tile` that fit an SM."""
+    return SMS * max(1, SMEM_PER_SM // prefill.smem_bytes(D, tile, kv_dtype))
 
 
 def stub_device() -> None:
@@ -91,14 +96,14 @@ def stub_device() -> None:
     kernels.device_props = lambda device=0: props
     kernels.device_arch = lambda device=0: "sm_90a"
     decode.decode_num_ctas = lambda params, kv_dtype, device: DECODE_CTAS
-    prefill.num_ctas = lambda params, tile, device, paged, flags: SMS * max(1, SMEM_PER_SM // prefill.smem_bytes(
-        D, tile, params.kv_dtype))
+    prefill.num_ctas = lambda params, tile, device, paged, flags: prefill_ctas(tile, params.kv_dtype)
 
 
 def wrapper_call(batch: int, which: str, mixed: bool = False):
     """BatchDecodeWithPagedKVCacheWrapper.plan() or BatchPrefillWithPagedKVCacheWrapper.plan() in full
     (checks, schedule, packing, the staging copy), as bench_host.py calls it, with the device stubbed."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    if TESTS not in sys.path:
+        sys.path.insert(0, TESTS)
     from test_core_cpu import FakeCudaArray  # a DLPack producer of a fake device array
     ws = FakeCudaArray((256 << 20,), None, code=1, bits=8)
     indptr, indices, last = decode_tables(batch, mixed)
