@@ -77,11 +77,14 @@ _SIGS = Signatures()  # recorded calls by signature: an eager call of a known si
 def _rope(q, k, *, inplace: bool, pos_ids=None, indptr=None, offsets=None, rotary_dim=None, interleave=False,
           freq: str = "theta", rope_scale=1.0, rope_theta=1e4, low_freq_factor=1.0, high_freq_factor=4.0,
           old_context_len=8192, cos_sin_cache=None, head_size=None, stream=None):
-    opts = dict(inplace=inplace, rotary_dim=rotary_dim, interleave=interleave, freq=freq, rope_scale=rope_scale,
-                rope_theta=rope_theta, low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
-                old_context_len=old_context_len, head_size=head_size)
-    return _SIGS((q, k, pos_ids, indptr, offsets, cos_sin_cache), tuple(opts.values()), stream, lambda: _rope_call(
-        q, k, pos_ids=pos_ids, indptr=indptr, offsets=offsets, cos_sin_cache=cos_sin_cache, stream=stream, **opts))
+    # the options as a tuple (the signature's scalars); the keywords are spelled out only for a full call
+    opts = (inplace, rotary_dim, interleave, freq, rope_scale, rope_theta, low_freq_factor, high_freq_factor,
+            old_context_len, head_size)
+    return _SIGS((q, k, pos_ids, indptr, offsets, cos_sin_cache), opts, stream, lambda: _rope_call(
+        q, k, inplace=inplace, pos_ids=pos_ids, indptr=indptr, offsets=offsets, rotary_dim=rotary_dim,
+        interleave=interleave, freq=freq, rope_scale=rope_scale, rope_theta=rope_theta,
+        low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor, old_context_len=old_context_len,
+        cos_sin_cache=cos_sin_cache, head_size=head_size, stream=stream))
 
 
 def _rope_call(q, k, *, inplace: bool, pos_ids=None, indptr=None, offsets=None, rotary_dim=None, interleave=False,
