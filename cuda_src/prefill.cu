@@ -13,7 +13,10 @@
 // Pipeline. Q stays in shared memory; K and V tiles of kKV keys stream through two stages of
 // cp.async copies (16-byte chunks, XOR-swizzled so ldmatrix is free of bank conflicts): tile t + 1
 // is in flight while tile t is computed. fp8 KV lands raw and is widened to the q dtype in one pass;
-// RoPE on the fly rotates Q as it is loaded and each K tile in shared memory.
+// RoPE on the fly rotates Q as it is loaded and each K tile in shared memory. At the 64-row tile of
+// the wide head dims (kSplit) one K and one V buffer take the place of the two stages, so 64-key
+// tiles fit two CTAs an SM: K(t + 1) lands during softmax and P V of tile t, V(t + 1) during the
+// next Q K^T.
 //
 // Masks. Causal (bottom-right aligned: query i sees keys up to kv_len - qo_len + i), sliding window,
 // packed custom mask (little-endian bits, per request at a byte offset) and the KV bounds are applied
@@ -49,21 +52,27 @@ struct PrefillCfg {
   static constexpr int kMlaSplit = 512;  // MLA: the first Q/K column read from q_pe / k_pe
   static constexpr int kThreads = WARPS * 32;
   static constexpr int kRows = WARPS * MT * 16;      // packed query rows a CTA
+  static constexpr bool kRaw = !Is16Bit<KVT>::value; // fp8: copied raw, widened in shared memory
+  // One K and one V buffer (see Pipeline): 16-bit K/V at width 256 and the 64-row tile, where two
+  // 64-key stages would leave one CTA an SM (H100, single causal L=4096 d256: 282 TFLOP/s against
+  // 269 with two 32-key stages and 252 with the 128-row tile)
+  static constexpr bool kSplit = !kRaw && D == 256 && DV == 256 && WARPS == 4 && MT == 1;
   // keys a tile: 32 where the O accumulators already take 128 registers a thread (DV * MT >= 256) or
-  // V/O widths of 192 and more (scores, masks and fragments beside 64-key tiles spill there); 16 at
-  // Q/K width 512, whose 32 k-steps of fragments beside 128 accumulators spilled at 32
-  static constexpr int kKV = D >= 512 ? 16 : DV * MT >= 256 || DV >= 192 ? 32 : 64;
+  // V/O widths of 192 and more (scores, masks and fragments beside 64-key tiles spill there, but for
+  // kSplit's, whose P is made whole before the next K is issued); 16 at Q/K width 512, whose 32
+  // k-steps of fragments beside 128 accumulators spilled at 32
+  static constexpr int kKV = kSplit ? 64 : D >= 512 ? 16 : DV * MT >= 256 || DV >= 192 ? 32 : 64;
   static constexpr int kChunks = D / 8;              // 16-byte chunks of a 16-bit Q or K row
   static constexpr int kVChunks = DV / 8;            // ... of a V row
-  static constexpr bool kRaw = !Is16Bit<KVT>::value; // fp8: copied raw, widened in shared memory
   static constexpr int kKTile = kKV * D;             // elements of one K tile
   static constexpr int kTile = kKV * (D + DV);       // elements of one K + V stage
   static constexpr int kQBytes = kRows * D * 2;
   static constexpr int kStageBytes = kTile * 2;      // K and V, 16-bit
   static constexpr int kRawStageBytes = kTile;       // K and V, fp8
-  // 16-bit: Q | 2 stages. fp8: Q | 1 widened stage | 1 raw stage (tile t + 1 lands raw while tile t
-  // is computed from the widened stage).
-  static constexpr int kSmemBytes = kRaw ? kQBytes + kStageBytes + kRawStageBytes : kQBytes + 2 * kStageBytes;
+  // 16-bit: Q | 2 stages (kSplit: Q | K | V, one stage). fp8: Q | 1 widened stage | 1 raw stage (tile
+  // t + 1 lands raw while tile t is computed from the widened stage).
+  static constexpr int kSmemBytes =
+      kRaw ? kQBytes + kStageBytes + kRawStageBytes : kQBytes + (kSplit ? 1 : 2) * kStageBytes;
   static constexpr int kMinBlocks = WARPS == 8 ? 1 : 2;  // 255 registers a thread at most
   static_assert(!kMla || (!kRaw && DV == 256), "MLA: 16-bit caches, V in two halves");
 };
@@ -252,11 +261,12 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT), const __grid_constant__ typename VAR:
       }
       return (long long)j * slot_stride;
     };
-    auto issue = [&](int t) {
+    // part: 0 K and V, 1 K only, 2 V only (kSplit issues them apart).
+    auto issue = [&](int t, int part = 0) {
       if (t < n_tiles) {
         const int j0 = lo + t * KV;
         constexpr int CE = C::kRaw ? 16 : 8;  // elements a 16-byte chunk
-        T* st = stage_s + (t & 1) * C::kTile;
+        T* st = stage_s + (C::kSplit ? 0 : (t & 1) * C::kTile);
         unsigned char* rst = raw_s;
         const long long slot = opaque_stride(kv_stride_slot);
         if constexpr (D == DV) {  // K and V rows together: one address a row (equal widths: equal head
@@ -269,12 +279,12 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT), const __grid_constant__ typename VAR:
               cp_async<16>(rst + row * D + ch * 16, k_req + off + ch * 16, ok);
               cp_async<16>(rst + C::kKTile + row * D + ch * 16, v_req + off + ch * 16, ok);
             } else {
-              cp_async<16>(st + swz<D>(row, ch), k_req + off + ch * 8, ok);
-              cp_async<16>(st + C::kKTile + swz<D>(row, ch), v_req + off + ch * 8, ok);
+              if (part != 2) cp_async<16>(st + swz<D>(row, ch), k_req + off + ch * 8, ok);
+              if (part != 1) cp_async<16>(st + C::kKTile + swz<D>(row, ch), v_req + off + ch * 8, ok);
             }
           });
-        } else {
-          for_tile_chunks<KV, D / CE, kThreads>(tid, [&](int row, int ch) {
+        } else {  // K, then V (each only where `part` asks for it)
+          if (part != 2) for_tile_chunks<KV, D / CE, kThreads>(tid, [&](int row, int ch) {
             const int j = j0 + row;
             const bool ok = j < hi && ch * CE < head_dim_qk;
             if (C::kMla && ch * 8 >= C::kMlaSplit) {  // MLA's kpe columns: from the kpe cache
@@ -287,7 +297,7 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT), const __grid_constant__ typename VAR:
             else cp_async<16>(st + swz<D>(row, ch), k_req + off + ch * 8, ok);
           });
           const long long vslot = opaque_stride(v_stride_slot);
-          for_tile_chunks<KV, DV / CE, kThreads>(tid, [&](int row, int ch) {
+          if (part != 1) for_tile_chunks<KV, DV / CE, kThreads>(tid, [&](int row, int ch) {
             const int j = j0 + row;
             const bool ok = j < hi && vo_off + ch * CE < head_dim_vo;
             const long long off = ok ? row_offset(j, v_stride_page, vslot) + vo_off : 0;
@@ -298,7 +308,12 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT), const __grid_constant__ typename VAR:
       }
       cp_async_commit();
     };
-    issue(0);
+    if constexpr (C::kSplit) {  // two commit groups: K(0) (with Q), then V(0)
+      issue(0, 1);
+      issue(0, 2);
+    } else {
+      issue(0);
+    }
 
     const long long mask_base = masked ? mask_offset[w.req] * 8 : 0;
     float al_slope[MT][2], al_qpos[MT][2];
@@ -315,10 +330,14 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT), const __grid_constant__ typename VAR:
     }
 
     for (int t = 0; t < n_tiles; ++t) {
-      cp_async_wait<0>();
-      __syncthreads();  // tile t visible to all; every warp is done with tile t - 1's stage
+      if constexpr (C::kSplit) cp_async_wait<1>();  // K(t) landed; V(t) may be in flight
+      else cp_async_wait<0>();
+      __syncthreads();  // tile t (kSplit: K(t)) visible to all; every warp is done with tile t - 1's stage
       const T* ks;
-      if (C::kRaw) {
+      if constexpr (C::kSplit) {
+        static_assert(!ROPE, "split stages: no RoPE (tile_shapes keeps RoPE at width 256 on the 8-warp tile)");
+        ks = stage_s;
+      } else if (C::kRaw) {
         // Widen (and rotate) the raw stage into the 16-bit stage, then start the next copy.
         const unsigned char* st = raw_s;
         T* dst = stage_s;
@@ -430,13 +449,32 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT), const __grid_constant__ typename VAR:
       constexpr bool kSoftmax = !VAR::kActive || Var::use_softmax;
       float ms[MT][2];
       if (kSoftmax) softmax_rescale(s, m, dsum, o, ms, sc);
+      // kSplit: P is made whole first (the scores die; P takes half their registers), then K(t + 1) is
+      // issued into the buffer every warp is done with, and V(t) awaited.
+      unsigned pall[C::kSplit ? KV / 16 : 1][MT][4];
+      if constexpr (C::kSplit) {
+#pragma unroll
+        for (int kk = 0; kk < KV / 16; ++kk) {
+          if (kSoftmax) make_p<T>(pall[kk], s, kk, ms, dsum, sc);
+          else make_p_direct<T>(pall[kk], s, kk);
+        }
+        __syncthreads();
+        issue(t + 1, 1);
+        cp_async_wait<1>();  // V(t) landed; K(t + 1) may be in flight
+        __syncthreads();
+      }
       const unsigned v_row = opaque(smem_u32(vs) + (r7 + ((lane >> 3) & 1) * 8) * (DV * 2));
       const unsigned v_col = opaque((((lane >> 4) ^ r7) << 4));
 #pragma unroll
       for (int kk = 0; kk < KV / 16; ++kk) {
         // C fragments of key tiles 2kk, 2kk + 1 -> the A fragment of this k-step (P on the left).
         unsigned pa[MT][4];
-        if (kSoftmax) make_p<T>(pa, s, kk, ms, dsum, sc);
+        if constexpr (C::kSplit) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) pa[mt][e] = pall[kk][mt][e];
+        } else if (kSoftmax) make_p<T>(pa, s, kk, ms, dsum, sc);
         else make_p_direct<T>(pa, s, kk);  // no softmax: the variant's logits weigh V as they are
 #pragma unroll
         for (int dp = 0; dp < DT / 2; ++dp) {
@@ -448,6 +486,10 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT), const __grid_constant__ typename VAR:
             mma_16816<T>(o[mt][2 * dp + 1], pa[mt], b[2], b[3]);
           }
         }
+      }
+      if constexpr (C::kSplit) {
+        __syncthreads();  // every warp is done with V(t)
+        issue(t + 1, 2);
       }
     }
     if (n_tiles == 0) {  // no loop barrier ran: other threads' Q copies may still land in our rows

@@ -86,11 +86,16 @@ def widths(head_dim: int, head_dim_vo: int | None = None) -> tuple:
     return (w, 256, 2) if w == 512 else (w, w, 1)
 
 
-def tile_shapes(head_dim: int, head_dim_vo: int | None = None) -> tuple:
+def tile_shapes(head_dim: int, head_dim_vo: int | None = None, rope: bool = False) -> tuple:
     """(large, small) query tiles: 128 packed rows, or 64 when every request's packed rows fit (at
-    widths 512 and 576 always 64: a 128-row Q tile leaves no shared memory for K/V stages)."""
+    widths 256 and up always 64: four warps, two CTAs an SM, beat eight warps on 128 rows at 256 (see
+    split_stages); at 512 and 576 a 128-row Q tile leaves no shared memory for K/V stages). RoPE on the
+    fly at 256: always the 8-warp tile of two 32-key stages (split stages' 64-key tiles spill beside the
+    RoPE frequencies)."""
     d = widths(head_dim, head_dim_vo)[0]
-    if d >= 512:
+    if d == 256 and rope:
+        return TileShape(1, 8), TileShape(1, 8)
+    if d >= 256:
         return TileShape(1, 4), TileShape(1, 4)
     return (TileShape(2, 4), TileShape(1, 4)) if d <= 128 else (TileShape(1, 8), TileShape(1, 4))
 
@@ -102,7 +107,7 @@ def pick_tile(head_dim: int, max_packed_rows: int, flags: int = 0, rope: bool = 
     width 128 the 128-row tile's accumulators leave no room for a soft cap, a custom mask or RoPE (some
     NVRTC versions spill there), nor at widths 64 and 128 for a custom variant's hooks; or out of shared
     memory (smem_limit: the device's bytes a CTA)."""
-    large, small = tile_shapes(head_dim, head_dim_vo)
+    large, small = tile_shapes(head_dim, head_dim_vo, rope)
     if smem_limit is not None and smem_bytes(head_dim, large, kv_dtype, head_dim_vo) > smem_limit:
         return small
     if variant and widths(head_dim, head_dim_vo)[1] <= 128:
@@ -114,27 +119,40 @@ def _fits(head_dim: int, tile: TileShape, flags: int, rope: bool, head_dim_vo: i
     return not ((flags or rope) and widths(head_dim, head_dim_vo)[1] == 128 and tile.mt == 2)
 
 
-def kv_tile(head_dim: int, tile: TileShape, head_dim_vo: int | None = None) -> int:
-    """PrefillCfg::kKV: keys a tile; 32 where the O accumulators take 128 registers a thread, or at
-    V/O widths of 192 and more; 16 at Q/K width 512. PrefillSm90Cfg::kKV: 128; MlaSm90Cfg::kKV: 64."""
+def split_stages(head_dim: int, tile: TileShape, kv_dtype: dt.DType, head_dim_vo: int | None = None) -> bool:
+    """PrefillCfg::kSplit: one K and one V buffer of 64 keys in place of two K/V stages (16-bit K/V,
+    width 256, the 64-row tile)."""
+    return (not tile.sm90 and kv_dtype not in FP8 and widths(head_dim, head_dim_vo) == (256, 256, 1)
+            and (tile.mt, tile.warps) == (1, 4))
+
+
+def kv_tile(head_dim: int, tile: TileShape, kv_dtype: dt.DType, head_dim_vo: int | None = None) -> int:
+    """PrefillCfg::kKV: keys a tile; 64 with split stages; 32 where the O accumulators take 128
+    registers a thread, or at V/O widths of 192 and more; 16 at Q/K width 512. PrefillSm90Cfg::kKV: 128;
+    MlaSm90Cfg::kKV: 64."""
     if tile.sm90:
         return 64 if tile == MLA_SM90_TILE else 128
+    if split_stages(head_dim, tile, kv_dtype, head_dim_vo):
+        return 64
     d, dv, _ = widths(head_dim, head_dim_vo)
     return 16 if d >= 512 else 32 if dv * tile.mt >= 256 or dv >= 192 else 64
 
 
 def smem_bytes(head_dim: int, tile: TileShape, kv_dtype: dt.DType, head_dim_vo: int | None = None) -> int:
-    """PrefillCfg::kSmemBytes: Q tile, and two 16-bit K/V stages (fp8: one widened, one raw).
+    """PrefillCfg::kSmemBytes: Q tile, and two 16-bit K/V stages (split stages: one; fp8: one widened,
+    one raw).
     PrefillSm90Cfg::kSmemBytes: Q tile, three K/V stages, their six mbarriers, and 1 KB to align the
     tiles to 1024 bytes. MlaSm90Cfg::kSmemBytes: Q, two K stages, the P tile, the row exchange, four
     mbarriers and the 1 KB."""
-    kv_tile_ = kv_tile(head_dim, tile, head_dim_vo)
+    kv_tile_ = kv_tile(head_dim, tile, kv_dtype, head_dim_vo)
     if tile == MLA_SM90_TILE:
         return 1024 + (tile.rows + 2 * kv_tile_) * head_dim * 2 + tile.rows * kv_tile_ * 2 + 2 * tile.rows * 4 + 4 * 8
     if tile.sm90:
         return 1024 + tile.rows * head_dim * 2 + 3 * 2 * kv_tile_ * head_dim * 2 + 6 * 8
     d, dv, _ = widths(head_dim, head_dim_vo)
     stage = kv_tile_ * (d + dv) * 2
+    if split_stages(head_dim, tile, kv_dtype, head_dim_vo):
+        return tile.rows * d * 2 + stage
     return tile.rows * d * 2 + stage + (kv_tile_ * (d + dv) if kv_dtype in FP8 else stage)
 
 
@@ -149,7 +167,7 @@ def prefill_program(head_dim: int, tile: TileShape, q_dtype: dt.DType, kv_dtype:
     launch's shared memory and KV tile checked against the kernel's constants at compile time. Head
     dims of one width (widths()) share a program. variant: a custom attention variant compiled into
     the kernel (its code appended to the source; not MLA's Hopper kernel)."""
-    smem, kv = smem_bytes(head_dim, tile, kv_dtype, head_dim_vo), kv_tile(head_dim, tile, head_dim_vo)
+    smem, kv = smem_bytes(head_dim, tile, kv_dtype, head_dim_vo), kv_tile(head_dim, tile, kv_dtype, head_dim_vo)
     if tile == MLA_SM90_TILE:
         cfg = "fic::MlaSm90Cfg"
         return Program("mla_sm90.cu", (KernelSpec("fic::mla_sm90_kernel", (q_dtype.cpp,)),),
@@ -215,11 +233,11 @@ def all_programs() -> list:
     """Every instantiation the API can launch (CI compiles them all): a head dim per width."""
     out = []
     for d, dv in [(w, w) for w in WIDTHS] + list(HEAD_DIM_PAIRS):
-        for tile in dict.fromkeys(tile_shapes(d, dv)):
-            for q in Q_DTYPES:
-                for paged in (True, False):
-                    for kv in kv_dtypes(q, d, dv):
-                        for rope in (False, True) if d == dv and d in ROPE_HEAD_DIMS else (False,):
+        for rope in (False, True) if d == dv and d in ROPE_HEAD_DIMS else (False,):
+            for tile in dict.fromkeys(tile_shapes(d, dv, rope)):
+                for q in Q_DTYPES:
+                    for paged in (True, False):
+                        for kv in kv_dtypes(q, d, dv):
                             # ALiBi: no RoPE and no soft cap beside it
                             for flags in range(4) if rope else (0, 1, 2, 3, ALIBI, ALIBI | CUSTOM_MASK):
                                 if _fits(d, tile, flags, rope, dv):

@@ -103,10 +103,13 @@ def _prefill_picked() -> list:
     out = []
     for d in (128, 256):
         large, small = prefill.tile_shapes(d)
+        rope_large, rope_small = prefill.tile_shapes(d, rope=True)
         out += [prefill.prefill_program(d, large, bf16, bf16, True, False, 0),                     # paged
-                prefill.prefill_program(d, small, bf16, e4m3, True, True, prefill.SOFT_CAP | prefill.CUSTOM_MASK),
-                prefill.prefill_program(d, small, bf16, bf16, False, True, prefill.CUSTOM_MASK)]  # ragged
-    out.append(prefill.prefill_program(256, prefill.tile_shapes(256)[0], bf16, e4m3, True, True, 3))
+                prefill.prefill_program(d, rope_small, bf16, e4m3, True, True, prefill.SOFT_CAP | prefill.CUSTOM_MASK),
+                prefill.prefill_program(d, rope_small, bf16, bf16, False, True, prefill.CUSTOM_MASK)]  # ragged
+    out.append(prefill.prefill_program(256, prefill.tile_shapes(256, rope=True)[0], bf16, e4m3, True, True, 3))
+    out.append(prefill.prefill_program(256, prefill.tile_shapes(256)[0], bf16, bf16, False, False,
+                                       prefill.SOFT_CAP | prefill.CUSTOM_MASK))  # split stages, ragged, the most flags
     out.append(prefill.prefill_program(64, prefill.tile_shapes(64)[0], bf16, e4m3, True, False,
                                        prefill.ALIBI | prefill.CUSTOM_MASK))  # ALiBi, fp8, the large tile
     return out

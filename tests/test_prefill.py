@@ -457,7 +457,8 @@ GRID_SHAPES = ("small", "large", "split")
 # prefill_kernel's (MT, warps, keys a KV tile) by head_dim and tile; prefill_sm90_kernel's.
 GRID_FA2_TILES = {(64, "small"): (1, 4, 64), (64, "large"): (2, 4, 64),
                   (128, "small"): (1, 4, 64), (128, "large"): (2, 4, 32),
-                  (256, "small"): (1, 4, 32), (256, "large"): (1, 8, 32)}
+                  (256, "small"): (1, 4, 64), (256, "large"): (1, 4, 64)}  # 256: split stages, 64 rows always
+GRID_FA2_FP8_KV = {256: 32}  # keys a KV tile where fp8 K/V changes it (no split stages: a raw stage beside)
 GRID_FA3_TILE = (1, 8, 128)
 
 
@@ -570,7 +571,8 @@ def test_path_grid(source, group, shape, d, dtype, layout, masked, prefill_kerne
     # The path this item names, so the grid cannot drift to one kernel unnoticed.
     plan = next(reversed(prefill._single_plans.values())) if source == "single" else w._plan
     name, want = _grid_path(prefill_kernel, d, max(qo_lens) * group, masked)
-    assert (plan.tile.mt, plan.tile.warps, prefill.kv_tile(d, plan.tile)) == want and plan.tile.sm90 == (name == "sm90")
+    assert (plan.tile.mt, plan.tile.warps, prefill.kv_tile(d, plan.tile, plan.params.kv_dtype)) == want
+    assert plan.tile.sm90 == (name == "sm90")
     assert (plan.num_merges > 0) == (shape == "split"), f"num_merges {plan.num_merges}"
     _check_requests(out, lse, q, qo_ip, kv_of, causal, masks)
 
@@ -613,8 +615,9 @@ def test_fp8_paged_grid(group, page_size, prefill_kernel):
     w = fi_cupy.BatchPrefillWithPagedKVCacheWrapper(_ws())
     w.plan(b.qo_indptr, b.kv_indptr, b.indices, b.last, hq, hkv, d, page_size, causal=True, q_data_type="bfloat16",
            kv_data_type=kv_dtype)
-    _, want = _grid_path("fa2", d, max(qo_lens) * group, False)
-    assert (w._plan.tile.mt, w._plan.tile.warps, prefill.kv_tile(d, w._plan.tile)) == want
+    _, (mt, warps, kv) = _grid_path("fa2", d, max(qo_lens) * group, False)
+    want = (mt, warps, GRID_FA2_FP8_KV.get(d, kv))
+    assert (w._plan.tile.mt, w._plan.tile.warps, prefill.kv_tile(d, w._plan.tile, w._plan.params.kv_dtype)) == want
     out, lse = nan_like(b.q), _lse_nan(b.q)
     w.run(b.q, b.cache, out=out, lse=lse, return_lse=True, k_scale=0.5, v_scale=2.0)
     b.check(out, lse, causal=True, k_scale=0.5, v_scale=2.0)

@@ -62,9 +62,13 @@ def test_tiles_and_shared_memory():
     assert prefill.pick_tile(128, 4096, prefill.SOFT_CAP).rows == 64  # large tile + tanh would spill
     assert prefill.pick_tile(128, 4096, prefill.CUSTOM_MASK).rows == 64
     assert prefill.pick_tile(128, 4096, 0, rope=True).rows == 64
-    assert prefill.pick_tile(256, 4096).rows == 128
-    # sm_86 / sm_89 give a CTA 99 KB: the 128-row d256 tile (128 KB) does not fit, the 64-row one does
-    assert prefill.pick_tile(256, 4096, smem_limit=99 * 1024, kv_dtype=dt.bfloat16).rows == 64
+    # width 256: 64 rows at any length (split stages, 64-key tiles); the tile (96 KB) fits the 99 KB an
+    # sm_86 / sm_89 CTA gets, with fp8 K/V too (32-key tiles, 80 KB)
+    for kv in (dt.bfloat16, dt.float8_e4m3fn):
+        t = prefill.pick_tile(256, 4096, smem_limit=99 * 1024, kv_dtype=kv)
+        assert t == prefill.pick_tile(256, 4096) == prefill.TileShape(1, 4)
+        assert prefill.kv_tile(256, t, kv) == (64 if kv == dt.bfloat16 else 32)
+        assert prefill.smem_bytes(256, t, kv) <= 99 * 1024
     for d, dv in prefill.HEAD_DIM_PAIRS:
         for t in prefill.tile_shapes(d, dv):
             assert prefill.smem_bytes(d, t, dt.bfloat16, dv) <= 163 * 1024
