@@ -44,7 +44,7 @@ template <> struct Is16Bit<bf16_t> { static constexpr bool value = true; };
 // dim of its width. MT: 16-row slices a warp owns. WARPS: warps a CTA.
 // kMla (width 576, fi_cupy/mla.py): Q/K are [ckv (512) | kpe (64)], the kpe columns read from q_pe and
 // k_pe; V is the ckv cache (v_base, its strides), 512 wide.
-template <int D, int DV, int MT, int WARPS, typename KVT>
+template <int D, int DV, int MT, int WARPS, typename KVT, bool ROPE>
 struct PrefillCfg {
   static_assert(D % 64 == 0 && DV % 64 == 0 && DV <= D && (D <= 512 || D == 576) && DV <= 256,
                 "prefill widths: multiples of 64 (the 8-chunk swizzle), D <= 512 or 576 (MLA), DV <= min(D, 256)");
@@ -55,8 +55,9 @@ struct PrefillCfg {
   static constexpr bool kRaw = !Is16Bit<KVT>::value; // fp8: copied raw, widened in shared memory
   // One K and one V buffer (see Pipeline): 16-bit K/V at width 256 and the 64-row tile, where two
   // 64-key stages would leave one CTA an SM (H100, single causal L=4096 d256: 282 TFLOP/s against
-  // 269 with two 32-key stages and 252 with the 128-row tile)
-  static constexpr bool kSplit = !kRaw && D == 256 && DV == 256 && WARPS == 4 && MT == 1;
+  // 269 with two 32-key stages and 252 with the 128-row tile). Not with RoPE on the fly: its 64-key
+  // tiles spilled beside the RoPE frequencies.
+  static constexpr bool kSplit = !kRaw && !ROPE && D == 256 && DV == 256 && WARPS == 4 && MT == 1;
   // keys a tile: 32 where the O accumulators already take 128 registers a thread (DV * MT >= 256) or
   // V/O widths of 192 and more (scores, masks and fragments beside 64-key tiles spill there, but for
   // kSplit's, whose P is made whole before the next K is issued); 16 at Q/K width 512, whose 32
@@ -161,9 +162,9 @@ __device__ __forceinline__ void variant_transform_k(T* k_s, Var& var, const P& p
 
 template <int D, int DV, int MT, int WARPS, typename T, typename KVT, bool PAGED, bool ROPE, int FLAGS,
           typename VAR = NoVariant>
-__global__ void __launch_bounds__(WARPS * 32, PrefillCfg<D, DV, MT, WARPS, KVT>::kMinBlocks)
+__global__ void __launch_bounds__(WARPS * 32, PrefillCfg<D, DV, MT, WARPS, KVT, ROPE>::kMinBlocks)
 prefill_kernel(FIC_PREFILL_PARAMS(T, KVT), const __grid_constant__ typename VAR::Params vparams) {
-  using C = PrefillCfg<D, DV, MT, WARPS, KVT>;
+  using C = PrefillCfg<D, DV, MT, WARPS, KVT, ROPE>;
   constexpr int KV = C::kKV, NT = KV / 8, DT = DV / 8, KS = D / 16;
   constexpr int kThreads = C::kThreads, kChunks = C::kChunks, kVChunks = C::kVChunks;
   static_assert(!ROPE || D == DV, "RoPE on the fly: head_dim_qk == head_dim_vo");
@@ -335,7 +336,6 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT), const __grid_constant__ typename VAR:
       __syncthreads();  // tile t (kSplit: K(t)) visible to all; every warp is done with tile t - 1's stage
       const T* ks;
       if constexpr (C::kSplit) {
-        static_assert(!ROPE, "split stages: no RoPE (tile_shapes keeps RoPE at width 256 on the 8-warp tile)");
         ks = stage_s;
       } else if (C::kRaw) {
         // Widen (and rotate) the raw stage into the 16-bit stage, then start the next copy.

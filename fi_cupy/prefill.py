@@ -90,11 +90,10 @@ def tile_shapes(head_dim: int, head_dim_vo: int | None = None, rope: bool = Fals
     """(large, small) query tiles: 128 packed rows, or 64 when every request's packed rows fit (at
     widths 256 and up always 64: four warps, two CTAs an SM, beat eight warps on 128 rows at 256 (see
     split_stages); at 512 and 576 a 128-row Q tile leaves no shared memory for K/V stages). RoPE on the
-    fly at 256: always the 8-warp tile of two 32-key stages (split stages' 64-key tiles spill beside the
-    RoPE frequencies)."""
+    fly at 256 takes no split stages: there the 8-warp tile stays the large one."""
     d = widths(head_dim, head_dim_vo)[0]
     if d == 256 and rope:
-        return TileShape(1, 8), TileShape(1, 8)
+        return TileShape(1, 8), TileShape(1, 4)
     if d >= 256:
         return TileShape(1, 4), TileShape(1, 4)
     return (TileShape(2, 4), TileShape(1, 4)) if d <= 128 else (TileShape(1, 8), TileShape(1, 4))
@@ -108,7 +107,7 @@ def pick_tile(head_dim: int, max_packed_rows: int, flags: int = 0, rope: bool = 
     NVRTC versions spill there), nor at widths 64 and 128 for a custom variant's hooks; or out of shared
     memory (smem_limit: the device's bytes a CTA)."""
     large, small = tile_shapes(head_dim, head_dim_vo, rope)
-    if smem_limit is not None and smem_bytes(head_dim, large, kv_dtype, head_dim_vo) > smem_limit:
+    if smem_limit is not None and smem_bytes(head_dim, large, kv_dtype, head_dim_vo, rope) > smem_limit:
         return small
     if variant and widths(head_dim, head_dim_vo)[1] <= 128:
         return small  # the hooks' position math beside 128 rows' accumulators spilled (64 and 128 wide)
@@ -119,39 +118,42 @@ def _fits(head_dim: int, tile: TileShape, flags: int, rope: bool, head_dim_vo: i
     return not ((flags or rope) and widths(head_dim, head_dim_vo)[1] == 128 and tile.mt == 2)
 
 
-def split_stages(head_dim: int, tile: TileShape, kv_dtype: dt.DType, head_dim_vo: int | None = None) -> bool:
+def split_stages(head_dim: int, tile: TileShape, kv_dtype: dt.DType, head_dim_vo: int | None = None,
+                 rope: bool = False) -> bool:
     """PrefillCfg::kSplit: one K and one V buffer of 64 keys in place of two K/V stages (16-bit K/V,
-    width 256, the 64-row tile)."""
-    return (not tile.sm90 and kv_dtype not in FP8 and widths(head_dim, head_dim_vo) == (256, 256, 1)
+    no RoPE on the fly, width 256, the 64-row tile)."""
+    return (not tile.sm90 and not rope and kv_dtype not in FP8 and widths(head_dim, head_dim_vo) == (256, 256, 1)
             and (tile.mt, tile.warps) == (1, 4))
 
 
-def kv_tile(head_dim: int, tile: TileShape, kv_dtype: dt.DType, head_dim_vo: int | None = None) -> int:
+def kv_tile(head_dim: int, tile: TileShape, kv_dtype: dt.DType, head_dim_vo: int | None = None,
+            rope: bool = False) -> int:
     """PrefillCfg::kKV: keys a tile; 64 with split stages; 32 where the O accumulators take 128
     registers a thread, or at V/O widths of 192 and more; 16 at Q/K width 512. PrefillSm90Cfg::kKV: 128;
     MlaSm90Cfg::kKV: 64."""
     if tile.sm90:
         return 64 if tile == MLA_SM90_TILE else 128
-    if split_stages(head_dim, tile, kv_dtype, head_dim_vo):
+    if split_stages(head_dim, tile, kv_dtype, head_dim_vo, rope):
         return 64
     d, dv, _ = widths(head_dim, head_dim_vo)
     return 16 if d >= 512 else 32 if dv * tile.mt >= 256 or dv >= 192 else 64
 
 
-def smem_bytes(head_dim: int, tile: TileShape, kv_dtype: dt.DType, head_dim_vo: int | None = None) -> int:
+def smem_bytes(head_dim: int, tile: TileShape, kv_dtype: dt.DType, head_dim_vo: int | None = None,
+               rope: bool = False) -> int:
     """PrefillCfg::kSmemBytes: Q tile, and two 16-bit K/V stages (split stages: one; fp8: one widened,
     one raw).
     PrefillSm90Cfg::kSmemBytes: Q tile, three K/V stages, their six mbarriers, and 1 KB to align the
     tiles to 1024 bytes. MlaSm90Cfg::kSmemBytes: Q, two K stages, the P tile, the row exchange, four
     mbarriers and the 1 KB."""
-    kv_tile_ = kv_tile(head_dim, tile, kv_dtype, head_dim_vo)
+    kv_tile_ = kv_tile(head_dim, tile, kv_dtype, head_dim_vo, rope)
     if tile == MLA_SM90_TILE:
         return 1024 + (tile.rows + 2 * kv_tile_) * head_dim * 2 + tile.rows * kv_tile_ * 2 + 2 * tile.rows * 4 + 4 * 8
     if tile.sm90:
         return 1024 + tile.rows * head_dim * 2 + 3 * 2 * kv_tile_ * head_dim * 2 + 6 * 8
     d, dv, _ = widths(head_dim, head_dim_vo)
     stage = kv_tile_ * (d + dv) * 2
-    if split_stages(head_dim, tile, kv_dtype, head_dim_vo):
+    if split_stages(head_dim, tile, kv_dtype, head_dim_vo, rope):
         return tile.rows * d * 2 + stage
     return tile.rows * d * 2 + stage + (kv_tile_ * (d + dv) if kv_dtype in FP8 else stage)
 
@@ -167,7 +169,8 @@ def prefill_program(head_dim: int, tile: TileShape, q_dtype: dt.DType, kv_dtype:
     launch's shared memory and KV tile checked against the kernel's constants at compile time. Head
     dims of one width (widths()) share a program. variant: a custom attention variant compiled into
     the kernel (its code appended to the source; not MLA's Hopper kernel)."""
-    smem, kv = smem_bytes(head_dim, tile, kv_dtype, head_dim_vo), kv_tile(head_dim, tile, kv_dtype, head_dim_vo)
+    smem = smem_bytes(head_dim, tile, kv_dtype, head_dim_vo, rope)
+    kv = kv_tile(head_dim, tile, kv_dtype, head_dim_vo, rope)
     if tile == MLA_SM90_TILE:
         cfg = "fic::MlaSm90Cfg"
         return Program("mla_sm90.cu", (KernelSpec("fic::mla_sm90_kernel", (q_dtype.cpp,)),),
@@ -183,7 +186,7 @@ def prefill_program(head_dim: int, tile: TileShape, q_dtype: dt.DType, kv_dtype:
     d, dv, _ = widths(head_dim, head_dim_vo)
     main = KernelSpec("fic::prefill_kernel", (d, dv, tile.mt, tile.warps, q_dtype.cpp, kv_dtype.cpp,
                                               kernels.cpp_bool(paged), kernels.cpp_bool(rope), flags) + binding)
-    cfg = f"fic::PrefillCfg<{d}, {dv}, {tile.mt}, {tile.warps}, {kv_dtype.cpp}>"
+    cfg = f"fic::PrefillCfg<{d}, {dv}, {tile.mt}, {tile.warps}, {kv_dtype.cpp}, {kernels.cpp_bool(rope)}>"
     return Program("prefill.cu", (main, _merge_spec(q_dtype)),
                    ((f"{cfg}::kSmemBytes", smem), (f"{cfg}::kKV", kv), (f"{cfg}::kRows", tile.rows)), extra)
 
@@ -447,15 +450,16 @@ def plan_tile(params: PrefillParams, qo_lens: np.ndarray, custom_mask: bool, bac
         if why is None and (backend == "fa3" or rows > AUTO_MIN_ROWS):
             return SM90_TILE, flags
     tile = _pick_tile_memo(params.head_dim, rows, flags, params.rope, params.vo, variant=params.variant is not None)
-    if device is None or _smem_bytes_memo(params.head_dim, tile, params.kv_dtype, params.vo) <= SMEM_EVERY_GPU:
+    if device is None or _smem_bytes_memo(params.head_dim, tile, params.kv_dtype, params.vo,
+                                          params.rope) <= SMEM_EVERY_GPU:
         return tile, flags
     limit = kernels.device_props(device)["smem_optin"]
     tile = pick_tile(params.head_dim, rows, flags, params.rope, params.vo, limit, params.kv_dtype,
                      params.variant is not None)
-    if smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo) > limit:
+    need = smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo, params.rope)
+    if need > limit:
         raise NotImplementedError(f"head_dim_qk: {params.head_dim} (head_dim_vo {params.vo}) needs "
-                                  f"{smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo)} bytes of shared "
-                                  f"memory a CTA; this GPU allows {limit}")
+                                  f"{need} bytes of shared memory a CTA; this GPU allows {limit}")
     return tile, flags
 
 
@@ -469,7 +473,7 @@ def num_ctas(params: PrefillParams, tile: TileShape, device: int, paged: bool, f
         prog = prefill_program(params.head_dim, tile, params.q_dtype, params.kv_dtype, paged, params.rope, flags,
                                params.vo, params.variant)
         fn = kernels.functions(prog, device)[prog.kernels[0]]
-        occ = fn.occupancy(tile.threads, smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo))
+        occ = fn.occupancy(tile.threads, smem_bytes(params.head_dim, tile, params.kv_dtype, params.vo, params.rope))
         got = _num_ctas[key] = kernels.device_props(device)["sms"] * max(occ, 1)
     return got
 
@@ -517,7 +521,7 @@ def launch_prefill(c: Call, plan: PrefillPlan, meta_ptr: int, partial_ptr: int, 
            i64(pe[1].strides[1])) if pe else (NULL, i64(0), i64(0), NULL, i64(0), i64(0))),
     ] + ([] if plan.tile == MLA_SM90_TILE else [NO_VARIANT if p.variant is None else p.variant._pack(
         c, variant_args, meta_ptr + 4 * plan.offsets["qo_indptr"], meta_ptr + 4 * plan.offsets["kv_lens"],
-        p.num_qo_heads, p.num_kv_heads)]), smem=smem_bytes(p.head_dim, plan.tile, kv.dtype, p.vo))
+        p.num_qo_heads, p.num_kv_heads)]), smem=smem_bytes(p.head_dim, plan.tile, kv.dtype, p.vo, p.rope))
     if always_merge or plan.num_merges:
         # a CTA of 128 threads per 128 (row, 8 dims) pieces of a tile (prefill_merge_kernel's blockIdx.y)
         c.launch(merge, (plan.merge_grid, -(-plan.tile.rows * (p.vo // 8) // 128)), (128,), [

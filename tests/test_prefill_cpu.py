@@ -69,6 +69,12 @@ def test_tiles_and_shared_memory():
         assert t == prefill.pick_tile(256, 4096) == prefill.TileShape(1, 4)
         assert prefill.kv_tile(256, t, kv) == (64 if kv == dt.bfloat16 else 32)
         assert prefill.smem_bytes(256, t, kv) <= 99 * 1024
+    # RoPE on the fly at 256: no split stages; the 8-warp tile, or on a 99 KB CTA the 64-row one (96 KB)
+    assert prefill.pick_tile(256, 4096, rope=True) == prefill.TileShape(1, 8)
+    t = prefill.pick_tile(256, 4096, rope=True, smem_limit=99 * 1024, kv_dtype=dt.bfloat16)
+    assert t == prefill.TileShape(1, 4) and not prefill.split_stages(256, t, dt.bfloat16, rope=True)
+    assert prefill.kv_tile(256, t, dt.bfloat16, rope=True) == 32
+    assert prefill.smem_bytes(256, t, dt.bfloat16, rope=True) <= 99 * 1024
     for d, dv in prefill.HEAD_DIM_PAIRS:
         for t in prefill.tile_shapes(d, dv):
             assert prefill.smem_bytes(d, t, dt.bfloat16, dv) <= 163 * 1024
