@@ -80,20 +80,28 @@ struct PrefillCfg {
 
 // f(row, chunk) for each 16-byte chunk of a KV x RC tile, spread over THREADS threads. Where RC
 // divides THREADS a thread keeps one chunk column (its row opaque: per-row addresses are rebuilt each
-// tile rather than hoisted out of the KV loop into spilled registers); else chunks go round-robin.
-template <int KV, int RC, int THREADS, typename F>
+// tile rather than hoisted out of the KV loop into spilled registers). A width it does not divide is
+// loaded as two such parts where it can be: its largest power-of-two part first (192: 16 + 8 chunks;
+// MLA's 576: 64 + 8), which kept the paged 192/128 kernel at 4 warps x 32 rows from spilling (the
+// round-robin loop spilled 20 B there); else chunks go round-robin. C0: the part's first chunk.
+template <int KV, int RC, int THREADS, int C0 = 0, typename F>
 __device__ __forceinline__ void for_tile_chunks(int tid, F&& f) {
+  constexpr int kHead = RC >= 64 && THREADS % 64 == 0 ? 64 : RC >= 32 && THREADS % 32 == 0 ? 32
+                      : RC >= 16 && THREADS % 16 == 0 ? 16 : 0;
   if constexpr (THREADS % RC == 0 && KV % (THREADS / RC) == 0) {
     constexpr int kStep = THREADS / RC;
     const int ch = tid % RC, row0 = (int)opaque(tid / RC);
 #pragma unroll
-    for (int i = 0; i < KV / kStep; ++i) f(row0 + i * kStep, ch);
+    for (int i = 0; i < KV / kStep; ++i) f(row0 + i * kStep, C0 + ch);
+  } else if constexpr (kHead > 0 && kHead < RC && KV % (THREADS / kHead) == 0) {
+    for_tile_chunks<KV, kHead, THREADS, C0>(tid, f);
+    for_tile_chunks<KV, RC - kHead, THREADS, C0 + kHead>(tid, f);
   } else {
     constexpr int N = KV * RC;
 #pragma unroll
     for (int i = 0; i < (N + THREADS - 1) / THREADS; ++i) {
       const int idx = (int)opaque(i * THREADS + tid);  // rebuilt each tile, as above
-      if (N % THREADS == 0 || idx < N) f(idx / RC, idx % RC);
+      if (N % THREADS == 0 || idx < N) f(idx / RC, C0 + idx % RC);
     }
   }
 }

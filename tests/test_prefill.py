@@ -1209,6 +1209,8 @@ def test_head_dim_qk_vo(source, dqk, dvo, group, shape, causal, dtype, layout, p
                                                   dtype=dtype, layout=layout, causal=causal)
     assert out.shape == q.shape[:2] + (dvo,) and kv_of(0)[1].shape[-1] == dvo
     assert not plan.tile.sm90 and (plan.num_merges > 0) == (shape == "split"), f"num_merges {plan.num_merges}"
+    if shape == "large":  # V/O width <= 128: four warps of 32 rows (192 / 128: its K rows in 16 + 8 chunks)
+        assert (plan.tile.mt, plan.tile.warps) == (2, 4), plan.tile
     _check_requests(out, lse, q, qo_ip, kv_of, causal, None)
 
 

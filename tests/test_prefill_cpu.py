@@ -75,6 +75,11 @@ def test_tiles_and_shared_memory():
     assert t == prefill.TileShape(1, 4) and not prefill.split_stages(256, t, dt.bfloat16, rope=True)
     assert prefill.kv_tile(256, t, dt.bfloat16, rope=True) == 32
     assert prefill.smem_bytes(256, t, dt.bfloat16, rope=True) <= 99 * 1024
+    # V/O width 128 (192 / 128 too): four warps of 32 rows; with a soft cap, mask or ALiBi the 64-row tile
+    assert prefill.pick_tile(192, 4096, head_dim_vo=128) == prefill.TileShape(2, 4)
+    assert prefill.kv_tile(192, prefill.TileShape(2, 4), dt.bfloat16, 128) == 32
+    for flags in (prefill.SOFT_CAP, prefill.CUSTOM_MASK, prefill.ALIBI):
+        assert prefill.pick_tile(192, 4096, flags, head_dim_vo=128) == prefill.TileShape(1, 4)
     for d, dv in prefill.HEAD_DIM_PAIRS:
         for t in prefill.tile_shapes(d, dv):
             assert prefill.smem_bytes(d, t, dt.bfloat16, dv) <= 163 * 1024
@@ -268,7 +273,8 @@ def _reference_prefill(qo, kv, group, hkv, rows, num_ctas, causal, min_chunk, sn
     """prefill_schedule's items and merges written out tile by tile, chunk by chunk (issue 21 rewrote it
     for host time, output for output): a request's KV is cut into n chunks of `chunk` keys (multiples
     of 64) where the tiles alone do not fill num_ctas, or by a fixed split; items are sorted by the keys
-    they visit, longest first (stable), then dealt in a snake for a persistent grid."""
+    they visit, longest first (stable), then dealt in a snake for a persistent grid; an uncut batch of
+    LOCALITY_WAVES waves or more goes request by request, each longest first."""
     tiles = [-(-q * group // rows) for q in qo]
     base = sum(tiles) * hkv
     want = max(1, -(-num_ctas // max(base, 1))) if base < num_ctas else 1
@@ -296,6 +302,10 @@ def _reference_prefill(qo, kv, group, hkv, rows, num_ctas, causal, min_chunk, sn
                     costs.append(max(0, min(hi, tile_cost) - lo))
                 prow += n * rows if cut else 0
     order = sorted(range(len(items)), key=lambda i: -costs[i])
+    uncut = split == 0 or (split is None and want == 1)
+    if uncut and not snake and len(qo) > 1 and len(items) >= scheduler.LOCALITY_WAVES * num_ctas:
+        # request by request (most keys first), each longest first (stable)
+        order = sorted(range(len(items)), key=lambda i: (-kv[items[i][0]], items[i][0], -costs[i]))
     if snake:
         full = len(order) // num_ctas
         dealt = list(order)
@@ -331,3 +341,38 @@ def test_prefill_schedule_matches_the_tile_by_tile_rule(seed):
         assert sch.items.dtype == sch.merges.dtype == np.int32
         assert np.array_equal(sch.items, items) and np.array_equal(sch.merges, merges)
         assert sch.num_partial_rows == prow and type(sch.num_partial_rows) is int
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_schedule_by_request_past_many_waves(uniform):
+    """An uncut batch of at least LOCALITY_WAVES waves runs request by request: requests with the most keys
+    first, each request's items together and longest first, a tile's KV heads side by side; fewer waves or
+    one request stay longest first over the whole batch (the snake of a persistent grid: the tile-by-tile
+    rule's test). Either way every (request, head, tile) appears once."""
+    rng = np.random.default_rng(3)
+    qo = np.full(24, 700) if uniform else rng.integers(1, 1500, 24)
+    kv = qo + (0 if uniform else rng.integers(0, 300, 24))
+    heads, rows = 4, 64
+    tiles = (qo + rows - 1) // rows
+    assert int(tiles.sum()) * heads >= scheduler.LOCALITY_WAVES * 8
+    few = scheduler.prefill_schedule(qo, kv, 1, heads, rows, int(tiles.sum()) * heads, True)
+    many = scheduler.prefill_schedule(qo, kv, 1, heads, rows, 8, True)
+    snake = scheduler.prefill_schedule(qo, kv, 1, heads, rows, 8, True, snake=True)
+    for sch in (few, many, snake):
+        got = sorted(map(tuple, sch.items[:, :3].tolist()))
+        assert got == sorted((r, h, t * rows) for r in range(qo.size) for h in range(heads) for t in range(tiles[r]))
+
+    def cost(sch):
+        return np.array([scheduler.prefill_tile_cost(qo[r], kv[r], 1, rows, True)[p // rows]
+                         for r, _, p in sch.items[:, :3].tolist()])
+    assert (np.diff(cost(few)) <= 0).all()  # longest first
+    req, head, p0 = many.items[:, 0], many.items[:, 1], many.items[:, 2]
+    firsts = req[np.r_[True, req[1:] != req[:-1]]]
+    assert firsts.size == qo.size and (np.diff(kv[firsts]) <= 0).all()  # each request once, most keys first
+    same = req[1:] == req[:-1]
+    c = cost(many)
+    assert (c[1:][same] <= c[:-1][same]).all()  # longest first within a request
+    tie = same & (p0[1:] == p0[:-1])
+    assert tie.any() and (head[1:][tie] == head[:-1][tie] + 1).all()  # a tile's heads side by side
+    one = scheduler.prefill_schedule(qo[:1], kv[:1], 1, 64, rows, 1, True)  # one request: longest first
+    assert (np.diff(cost(one)) <= 0).all()
