@@ -75,16 +75,19 @@ struct PrefillCfg {
   static constexpr int kSmemBytes =
       kRaw ? kQBytes + kStageBytes + kRawStageBytes : kQBytes + (kSplit ? 1 : 2) * kStageBytes;
   static constexpr int kMinBlocks = WARPS == 8 ? 1 : 2;  // 255 registers a thread at most
+  // K / V rows whose chunks the threads do not divide load in two column-kept parts (for_tile_chunks) on
+  // the 32-row warp tile: 192/128's paged kernel spilled 20 B with the round-robin loop there. Not on
+  // 16-row tiles: width 192 at 8 warps with a mask and ALiBi spilled 4 B with the parts.
+  static constexpr bool kColumnParts = MT == 2;
   static_assert(!kMla || (!kRaw && DV == 256), "MLA: 16-bit caches, V in two halves");
 };
 
 // f(row, chunk) for each 16-byte chunk of a KV x RC tile, spread over THREADS threads. Where RC
 // divides THREADS a thread keeps one chunk column (its row opaque: per-row addresses are rebuilt each
-// tile rather than hoisted out of the KV loop into spilled registers). A width it does not divide is
-// loaded as two such parts where it can be: its largest power-of-two part first (192: 16 + 8 chunks;
-// MLA's 576: 64 + 8), which kept the paged 192/128 kernel at 4 warps x 32 rows from spilling (the
-// round-robin loop spilled 20 B there); else chunks go round-robin. C0: the part's first chunk.
-template <int KV, int RC, int THREADS, int C0 = 0, typename F>
+// tile rather than hoisted out of the KV loop into spilled registers); else chunks go round-robin, or
+// with PARTS (PrefillCfg::kColumnParts) in two column-kept parts, the largest power of two first
+// (192: 16 + 8 chunks). C0: the part's first chunk.
+template <int KV, int RC, int THREADS, bool PARTS = false, int C0 = 0, typename F>
 __device__ __forceinline__ void for_tile_chunks(int tid, F&& f) {
   constexpr int kHead = RC >= 64 && THREADS % 64 == 0 ? 64 : RC >= 32 && THREADS % 32 == 0 ? 32
                       : RC >= 16 && THREADS % 16 == 0 ? 16 : 0;
@@ -93,9 +96,9 @@ __device__ __forceinline__ void for_tile_chunks(int tid, F&& f) {
     const int ch = tid % RC, row0 = (int)opaque(tid / RC);
 #pragma unroll
     for (int i = 0; i < KV / kStep; ++i) f(row0 + i * kStep, C0 + ch);
-  } else if constexpr (kHead > 0 && kHead < RC && KV % (THREADS / kHead) == 0) {
-    for_tile_chunks<KV, kHead, THREADS, C0>(tid, f);
-    for_tile_chunks<KV, RC - kHead, THREADS, C0 + kHead>(tid, f);
+  } else if constexpr (PARTS && kHead > 0 && kHead < RC && KV % (THREADS / kHead) == 0) {
+    for_tile_chunks<KV, kHead, THREADS, PARTS, C0>(tid, f);
+    for_tile_chunks<KV, RC - kHead, THREADS, PARTS, C0 + kHead>(tid, f);
   } else {
     constexpr int N = KV * RC;
 #pragma unroll
@@ -280,7 +283,7 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT), const __grid_constant__ typename VAR:
         const long long slot = opaque_stride(kv_stride_slot);
         if constexpr (D == DV) {  // K and V rows together: one address a row (equal widths: equal head
                                   // dims, K and V laid out alike)
-          for_tile_chunks<KV, D / CE, kThreads>(tid, [&](int row, int ch) {
+          for_tile_chunks<KV, D / CE, kThreads, C::kColumnParts>(tid, [&](int row, int ch) {
             const int j = j0 + row;
             const bool ok = j < hi && ch * CE < head_dim_qk;
             const long long off = ok ? row_offset(j, kv_stride_page, slot) : 0;
@@ -293,7 +296,7 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT), const __grid_constant__ typename VAR:
             }
           });
         } else {  // K, then V (each only where `part` asks for it)
-          if (part != 2) for_tile_chunks<KV, D / CE, kThreads>(tid, [&](int row, int ch) {
+          if (part != 2) for_tile_chunks<KV, D / CE, kThreads, C::kColumnParts>(tid, [&](int row, int ch) {
             const int j = j0 + row;
             const bool ok = j < hi && ch * CE < head_dim_qk;
             if (C::kMla && ch * 8 >= C::kMlaSplit) {  // MLA's kpe columns: from the kpe cache
@@ -306,7 +309,7 @@ prefill_kernel(FIC_PREFILL_PARAMS(T, KVT), const __grid_constant__ typename VAR:
             else cp_async<16>(st + swz<D>(row, ch), k_req + off + ch * 8, ok);
           });
           const long long vslot = opaque_stride(v_stride_slot);
-          if (part != 1) for_tile_chunks<KV, DV / CE, kThreads>(tid, [&](int row, int ch) {
+          if (part != 1) for_tile_chunks<KV, DV / CE, kThreads, C::kColumnParts>(tid, [&](int row, int ch) {
             const int j = j0 + row;
             const bool ok = j < hi && vo_off + ch * CE < head_dim_vo;
             const long long off = ok ? row_offset(j, v_stride_page, vslot) + vo_off : 0;
