@@ -387,7 +387,8 @@ def prefill_schedule(qo_lens, kv_lens, group: int, num_kv_heads: int, rows: int,
         items, merges, prow_total, cost = _cut_items(qo_lens, kv_lens, packed, tiles, group, num_kv_heads, rows,
                                                      causal, want, min_chunk, split)
     if uncut and not snake and qo_lens.size > 1 and items.shape[0] >= LOCALITY_WAVES * num_ctas:
-        return PrefillSchedule(items[_by_request(items, cost, kv_lens)], merges, prow_total)
+        by_request = _by_request(np.full(qo_lens.size, tiles) if uniform else tiles, num_kv_heads, kv_lens)
+        return PrefillSchedule(items[by_request], merges, prow_total)
     order = np.arange(items.shape[0]) if cost is None else (-cost).argsort(kind="stable")
     if snake:
         rnd, pos = np.divmod(np.arange(order.size), num_ctas)
@@ -410,13 +411,16 @@ def prefill_schedule(qo_lens, kv_lens, group: int, num_kv_heads: int, rows: int,
 LOCALITY_WAVES = 16
 
 
-def _by_request(items: np.ndarray, cost: np.ndarray | None, kv_lens: np.ndarray) -> np.ndarray:
-    """Order of `items`: requests with the most keys first, each request's items together and longest
-    first (cost: keys an item visits; None where all cost alike), ties in loop order (a tile's KV heads
-    side by side). For one request this is longest first."""
-    req = items[:, 0]
-    by_kv = -np.asarray(kv_lens)[req]
-    return np.lexsort((req, by_kv) if cost is None else (-cost, req, by_kv))
+def _by_request(tiles: np.ndarray, heads: int, kv_lens: np.ndarray) -> np.ndarray:
+    """Order of uncut items laid out in loop order (request, KV head, tile), `tiles` a request:
+    requests with the most keys first (stable), each request's items together and longest first, which
+    is its tiles from the last (a tile's keys never fall as the tile moves down), a tile's KV heads side
+    by side. For one request this is longest first. Index arithmetic: a third of a lexsort's time here."""
+    counts = tiles * heads
+    req = np.argsort(-np.asarray(kv_lens), kind="stable")
+    cnt, t = counts[req], np.repeat(tiles[req], counts[req])
+    j = np.arange(int(cnt.sum())) - np.repeat(cnt.cumsum() - cnt, cnt)  # index within its request
+    return np.repeat((counts.cumsum() - counts)[req], cnt) + (j % heads) * t + (t - 1 - j // heads)
 
 
 def _request_items(counts: np.ndarray) -> tuple:

@@ -304,8 +304,8 @@ def _reference_prefill(qo, kv, group, hkv, rows, num_ctas, causal, min_chunk, sn
     order = sorted(range(len(items)), key=lambda i: -costs[i])
     uncut = split == 0 or (split is None and want == 1)
     if uncut and not snake and len(qo) > 1 and len(items) >= scheduler.LOCALITY_WAVES * num_ctas:
-        # request by request (most keys first), each longest first (stable)
-        order = sorted(range(len(items)), key=lambda i: (-kv[items[i][0]], items[i][0], -costs[i]))
+        # request by request (most keys first), each from its last tile, a tile's heads in order
+        order = sorted(range(len(items)), key=lambda i: (-kv[items[i][0]], items[i][0], -items[i][2], items[i][1]))
     if snake:
         full = len(order) // num_ctas
         dealt = list(order)
