@@ -406,9 +406,8 @@ def prefill_schedule(qo_lens, kv_lens, group: int, num_kv_heads: int, rows: int,
 # which L2 holds, where longest first spreads them over every request. H100, 2026-12-07 (portable kernel
 # unless named, TFLOP/s): ragged 64 x U[128, 2048] causal 16/16 d192/128 225 -> 247, 32/8 d128 257 -> 284
 # (on the Hopper kernel 340, against 296-305 in earlier sessions' runs); paged 16 x (1024 new on 1024) 32/8
-# Hopper 328 -> 351. Single
-# requests are unchanged (one request: the same order). Below 16 waves (not measured) longest first
-# keeps the tail short. A persistent grid (CUDA-graph plans: snake) keeps its dealing.
+# Hopper 328 -> 351. Single requests are unchanged (one request: the same order). Below 16 waves (not
+# measured) longest first keeps the tail short. A persistent grid (CUDA-graph plans: snake) keeps its dealing.
 LOCALITY_WAVES = 16
 
 
