@@ -7,6 +7,7 @@ import functools
 import numpy as np
 
 _immutable: dict = {int: True, float: True, bool: True, str: True, bytes: True, type(None): True}
+_known: set = set(_immutable)  # the types found immutable so far: one C-level superset test a call
 
 
 def _is_immutable(t: type) -> bool:
@@ -17,6 +18,8 @@ def _is_immutable(t: type) -> bool:
         params = getattr(t, "__dataclass_params__", None)
         got = _immutable[t] = bool(params is not None and params.frozen or issubclass(t, (np.generic, np.dtype))
                                    or (t.__module__ == "torch" and t.__name__ == "dtype"))
+        if got:
+            _known.add(t)
     return got
 
 
@@ -30,7 +33,7 @@ def of_plain_args(fn, size: int = 256):
     def memoised(*args, **kw):
         values = args + tuple(kw.values()) if kw else args
         types = tuple(map(type, values))
-        if not all(map(_is_immutable, types)):
+        if not _known.issuperset(types) and not all(map(_is_immutable, types)):
             return fn(*args, **kw)
         key = (values, types, tuple(kw)) if kw else (values, types)
         try:
