@@ -1214,6 +1214,28 @@ def test_head_dim_qk_vo(source, dqk, dvo, group, shape, causal, dtype, layout, p
     _check_requests(out, lse, q, qo_ip, kv_of, causal, None)
 
 
+
+@pytest.mark.parametrize("source", ["ragged", "paged7"])
+@pytest.mark.parametrize("dims", [(128, 128), (192, 128)], ids=["d128", "d192x128"])
+def test_batch_by_request(source, dims, prefill_kernel, monkeypatch):
+    """An uncut batch of many waves runs request by request (scheduler._by_request; LOCALITY_WAVES lowered to 1
+    so a test-sized batch takes it): every item still runs once and each request matches the reference; an
+    empty request, qo_len > kv_len, lengths off every tile; 192 / 128 at four warps of 32 rows (fa2)."""
+    from fi_cupy import scheduler
+    dqk, dvo = dims
+    _skip_fa3_for(prefill_kernel, dqk, dvo)
+    monkeypatch.setattr(scheduler, "LOCALITY_WAVES", 1)
+    calls, real = [], scheduler._by_request
+    monkeypatch.setattr(scheduler, "_by_request", lambda *a: calls.append(a) or real(*a))
+    # 86 query tiles of 128 packed rows x 8 KV heads: 688 items, a wave of up to 5 CTAs an SM on 132 SMs
+    qo_lens, kv_lens = [300, 1, 0, 257, 130, 77, 400, 64] * 2, [300, 6, 3, 357, 130, 1, 450, 64] * 2
+    out, lse, q, qo_ip, kv_of, plan = _run_source(source, qo_lens, kv_lens, 32, 8, dqk, d_vo=dvo, causal=True)
+    assert calls and plan.num_merges == 0, f"by request: {len(calls)} calls, {plan.num_merges} merges"
+    if prefill_kernel == "fa2":
+        assert (plan.tile.mt, plan.tile.warps) == (2, 4), plan.tile
+    _check_requests(out, lse, q, qo_ip, kv_of, True, None)
+
+
 FP8_DIMS = (64, 128, 80, 256, 512)
 
 
