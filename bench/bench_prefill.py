@@ -2,8 +2,8 @@
 (flash and cuDNN backends) and FlashInfer when importable, on the same shapes.
 
 Shapes: bf16, head_dim 128. Single prefill: causal L=4096 32/32 heads, causal L=8192 32/8, non-causal
-L=4096 32/32; causal L=4096 32/32 at head_dim 256 and 512 (issue 22). Batch paged: 16 requests
-appending 1024 tokens to 1024 cached (32/8 heads, page 16, causal). Ragged: 64 requests of random
+L=4096 32/32; causal L=4096 32/32 at head_dim 256 and 512, and 16/16 at 192/128 (issue 22). Batch paged:
+16 requests appending 1024 tokens to 1024 cached (32/8 heads, page 16, causal). Ragged: 64 requests of random
 lengths 128..2048 (32/8 heads, causal), and the same at head_dim_qk 192 / head_dim_vo 128 with 16/16
 heads (DeepSeek's prefill over decompressed MLA keys, a tensor-parallel slice). FLOPs:
 2*Lq*Lkv*H*(D_qk + D_vo) (2 matmuls), with (2*Lkv - Lq)*Lq/2 in place of Lq*Lkv for causal (the
@@ -11,9 +11,9 @@ unmasked part only).
 Times: median of CUDA-event timings of CUDA-graph replays after warm-up. "ours" is backend="auto" (on
 sm_90a the Hopper kernel, cuda_src/prefill_sm90.cu); "ours fa2" the portable mma.sync kernel. FlashInfer:
 its default backend at head_dim 128, its fa2 backend at 256 and 192/128 (issue 22 compares with that;
-bench/flashinfer_setup.sh's fi_prebuild builds the modules: FI_PREBUILD_EXTRA below), none at 512.
+bench/flashinfer_setup.sh's `fi_prebuild build full` builds those modules; see bench/NOTES.md), none at 512.
 
-    python bench/bench_prefill.py [--only single|paged|ragged]
+    python bench/bench_prefill.py [--only single|paged|ragged] [--match SUBSTRING]   (cases whose name holds it)
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ D = 128
 SINGLE = [("single causal L=4096 32/32", 4096, 32, 32, True, D), ("single causal L=8192 32/8", 8192, 32, 8, True, D),
           ("single non-causal L=4096 32/32", 4096, 32, 32, False, D),
           ("single causal L=4096 32/32 d256", 4096, 32, 32, True, 256),
-          ("single causal L=4096 32/32 d512", 4096, 32, 32, True, 512)]
+          ("single causal L=4096 32/32 d512", 4096, 32, 32, True, 512),
+          ("single causal L=4096 16/16 d192/128", 4096, 16, 16, True, 192, 128)]
 
 
 BACKENDS = ("auto", "fa2")  # ours: the default choice (the Hopper kernel on sm_90a), and the portable kernel
@@ -51,12 +52,13 @@ def matmul_tflops(torch):
     return 2 * n ** 3 / t / 1e12
 
 
-def single_case(torch, name, L, hq, hkv, causal, d):
+def single_case(torch, name, L, hq, hkv, causal, d, dv=None):
+    dv = d if dv is None else dv
     q = torch.randn((L, hq, d), device="cuda", dtype=torch.bfloat16)
     k = torch.randn((L, hkv, d), device="cuda", dtype=torch.bfloat16)
-    v = torch.randn((L, hkv, d), device="cuda", dtype=torch.bfloat16)
-    out = torch.empty_like(q)
-    f = flops(L, L, hq, causal, d)
+    v = torch.randn((L, hkv, dv), device="cuda", dtype=torch.bfloat16)
+    out = torch.empty((L, hq, dv), device="cuda", dtype=torch.bfloat16)
+    f = flops(L, L, hq, causal, d, dv)
     res = {b: common.time_graph(lambda: fi_cupy.single_prefill_with_kv_cache(q, k, v, causal=causal, out=out,
                                                                              backend=b), calls_per_graph=3, replays=10)
            for b in BACKENDS}
@@ -72,7 +74,7 @@ def single_case(torch, name, L, hq, hkv, causal, d):
         except Exception as e:  # noqa: BLE001 - a peer that cannot run this shape is reported as '-'
             print(f"{label} {name}: {type(e).__name__}: {str(e)[:120]}")
             res[label] = None
-    for label, fi_backend in fi_backends(d):
+    for label, fi_backend in fi_backends(d, dv):
         try:
             import flashinfer
             res[label] = common.time_graph(lambda: flashinfer.single_prefill_with_kv_cache(
@@ -161,21 +163,23 @@ def main():
     if torch is None:
         sys.exit("bench_prefill.py needs torch with CUDA")
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    match = sys.argv[sys.argv.index("--match") + 1] if "--match" in sys.argv else ""
     props = kernels.device_props(0)
     print(f"device: {props['name']} ({props['sms']} SMs, {kernels.device_arch(0)}), NVRTC {cc.nvrtc_version()}")
     mm = matmul_tflops(torch)
+    todo = []  # (group, name, thunk): a case runs only if picked by --only and --match
+    for name, L, hq, hkv, causal, d, *dv in SINGLE:
+        todo.append(("single", name, lambda name=name, a=(L, hq, hkv, causal, d, *dv): single_case(torch, name, *a)))
+    todo += [("paged", "batch paged 16 x (1024 new + 1024 cached) 32/8 p16", lambda: paged_case(torch)),
+             ("paged", "the same with attention sinks", lambda: paged_case(torch, sinks=True)),
+             ("paged", "the same with ALiBi", lambda: paged_case(torch, alibi=True)),
+             ("ragged", "ragged 64 x U[128, 2048] causal 32/8", lambda: ragged_case(torch)),
+             ("ragged", "ragged 64 x U[128, 2048] causal 16/16 d192/128", lambda: ragged_case(torch, 16, 16, 192, 128))]
     cases = []
-    if only in (None, "single"):
-        for name, L, hq, hkv, causal, d in SINGLE:
-            cases.append((name,) + single_case(torch, name, L, hq, hkv, causal, d))
+    for group, name, run in todo:
+        if only in (None, group) and match in name:
+            cases.append((name,) + run())
             torch.cuda.empty_cache()
-    if only in (None, "paged"):
-        cases.append(("batch paged 16 x (1024 new + 1024 cached) 32/8 p16",) + paged_case(torch))
-        cases.append(("the same with attention sinks",) + paged_case(torch, sinks=True))
-        cases.append(("the same with ALiBi",) + paged_case(torch, alibi=True))
-    if only in (None, "ragged"):
-        cases.append(("ragged 64 x U[128, 2048] causal 32/8",) + ragged_case(torch))
-        cases.append(("ragged 64 x U[128, 2048] causal 16/16 d192/128",) + ragged_case(torch, 16, 16, 192, 128))
     mm = max(mm, matmul_tflops(torch))
     peers = ["fa2", "torch flash", "torch cuDNN", "FlashInfer", "FlashInfer fa2"]
     tf = lambda f, t: "-" if t is None else f"{f / t / 1e12:.0f}"
