@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import __version__, decode, prefill
+from . import __version__, decode, decode_schedule, prefill
 from ._core import compile as cc
 from ._core import dtypes as dt
 from ._core import kernels, streams
@@ -127,6 +127,7 @@ def precompile(args) -> int:
         archs = sorted({kernels.device_arch(i) for i in range(n)}) or ["sm_80", "sm_90a"]
     progs = decode.all_programs(decode.SUPPORTED_HEAD_DIMS if args.all else STANDARD_HEAD_DIMS)
     progs += prefill.all_programs() if args.all else prefill.standard_programs()
+    progs += decode_schedule.all_programs()  # decode plan()'s schedule kernel
     jobs = [(p, a) for a in archs for p in progs]
     if "sm_90a" in archs:  # the Hopper prefill kernel (backend "fa3") and the merge module it launches
         hopper = [p for p in prefill.sm90_programs() if args.all or p.kernels[0].targs[-1] == 0]

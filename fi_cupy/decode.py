@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import scheduler
+from . import decode_schedule, scheduler
 from .page import (KVView, LAYOUTS, cache_parts, check_cache_against, describe_kv_pair, describe_paged_cache,
                    page_table_from_block_tables, page_table_lengths)
 from ._core import alibi, arrays, checks, kernels, memo, streams
@@ -236,7 +236,7 @@ class DecodePlan:
     params: DecodeParams
     batch_size: int
     num_ctas: int
-    num_merges: int          # pairs cut over several CTAs, merged by the second kernel
+    num_merges: int          # the merge grid: pairs cut over several CTAs (the capacity on a device schedule)
     max_page: int            # largest page index used (-1 if none or unchecked)
     meta: np.ndarray         # int32 metadata, parts at `offsets`
     offsets: dict            # name -> int32 element offset within meta
@@ -245,6 +245,8 @@ class DecodePlan:
     merge_capacity: int      # cut pairs the metadata holds: the merge grid a CUDA graph launches
     indices_ptr: int = 0     # 0: the indices are in meta
     keep: tuple = ()         # arrays the plan reads on the device (kept alive with it)
+    schedule: tuple | None = None  # (quota, head blocks): the schedule parts are the device's to write
+    upload_from: int = 0     # meta[upload_from:] is the host's to upload (the rest: the schedule kernel's)
 
     @property
     def heads_per_block(self) -> tuple:
@@ -269,42 +271,55 @@ def check_page_table(params: DecodeParams, indptr: np.ndarray, indices: np.ndarr
 
 def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray | None,
                 last_page_len: np.ndarray, num_ctas: int, lengths: tuple | None = None, split: int | None = None,
-                fixed_capacity: tuple | None = None) -> DecodePlan:
+                fixed_capacity: tuple | None = None, on_device: bool = False) -> DecodePlan:
     """lengths: check_page_table's result when the caller has checked the table already (with
     indices None: the kernel reads them from a device array, outside meta). split: see
     scheduler.decode_schedule. fixed_capacity (CUDA graphs): the (segments, partial rows, cut pairs)
-    capacities every plan of the wrapper keeps; a split that needs more is refused."""
+    capacities every plan of the wrapper keeps; a split that needs more is refused. on_device (a
+    wrapper's plan): a quota split (split None) is left to the schedule kernel (decode_schedule.py,
+    launched by the wrapper after the upload): the host picks the quota alone."""
     batch = indptr.size - 1
     kv_lens, used = lengths or check_page_table(params, indptr, indices, last_page_len)
     wl = params.window_left
     visible = np.maximum(0, kv_lens - 1 - wl) if wl >= 0 else None  # None: from key 0
     _, slices = scheduler.decode_heads_per_block(params.group_size)
     head_blocks = params.num_kv_heads * slices
-    sch = scheduler.decode_schedule(kv_lens, visible, head_blocks, num_ctas, split=split)
-    need = (sch.segments.shape[0], sch.num_partial_rows, sch.merge_pairs.size)
-    if fixed_capacity is not None:
-        caps = fixed_capacity
-        if any(n > c for n, c in zip(need, caps)):
-            raise ValueError(f"fixed_split_size: use_cuda_graph=True keeps the metadata sizes of the first plan, "
-                             f"(segments, partial rows, cut pairs) = {caps}; this plan needs {need}: use a larger "
-                             f"fixed_split_size, or a wrapper a configuration")
+    sch, schedule = None, None
+    if on_device and split is None:  # a quota split never needs more than the default capacities
+        quota, cut = scheduler.decode_quota(kv_lens, visible, head_blocks, num_ctas)
+        caps = fixed_capacity or scheduler.DecodeSchedule.capacity(batch, head_blocks, num_ctas)
+        schedule = (quota, head_blocks)
+        num_merges = caps[2] if cut else 0  # the merge grid: the pairs cut are known on the device only
     else:
-        caps = tuple(map(max, need, scheduler.DecodeSchedule.capacity(batch, head_blocks, num_ctas)))
+        sch = scheduler.decode_schedule(kv_lens, visible, head_blocks, num_ctas, split=split)
+        need = (sch.segments.shape[0], sch.num_partial_rows, sch.merge_pairs.size)
+        if fixed_capacity is not None:
+            caps = fixed_capacity
+            if any(n > c for n, c in zip(need, caps)):
+                raise ValueError(f"fixed_split_size: use_cuda_graph=True keeps the metadata sizes of the first plan, "
+                                 f"(segments, partial rows, cut pairs) = {caps}; this plan needs {need}: use a larger "
+                                 f"fixed_split_size, or a wrapper a configuration")
+        else:
+            caps = tuple(map(max, need, scheduler.DecodeSchedule.capacity(batch, head_blocks, num_ctas)))
+        num_merges = sch.merge_pairs.size
     seg_cap, part_cap, merge_cap = caps
     used = np.zeros(0, np.int32) if used is None else used
-    mi = sch.merge_indptr
-    meta, offsets = pack_meta([
-        ("segments", sch.segments.ravel(), 4 * seg_cap), ("segment_partial", sch.segment_partial, seg_cap),
-        ("cta_indptr", sch.cta_indptr, num_ctas + 1), ("page_indptr", indptr, batch + 1), ("kv_lens", kv_lens, batch),
-        ("merge_pairs", sch.merge_pairs, merge_cap), ("merge_indptr", mi, merge_cap + 1)] +
-        # a variant's params.get_qo_len: one query a request
-        ([("qo_indptr", np.arange(batch + 1), batch + 1)] if params.variant is not None else []) +
-        [("indices", used, used.size)])
-    # merge_indptr is padded with its last entry, so the merge CTAs past the cut pairs find no rows.
-    start = offsets["merge_indptr"]
-    meta[start + mi.size: start + merge_cap + 1] = mi[-1]
-    return DecodePlan(params, batch, num_ctas, sch.merge_pairs.size, int(used.max()) if used.size else -1,
-                      meta, offsets, part_cap, seg_cap, merge_cap)
+    parts = decode_schedule.device_parts(batch, seg_cap, num_ctas, merge_cap)
+    if sch is not None:  # the host's schedule in the kernel's parts
+        for i, a in enumerate((sch.segments.ravel(), sch.segment_partial, sch.cta_indptr, sch.merge_pairs,
+                               sch.merge_indptr)):
+            parts[i] = (parts[i][0], a, parts[i][2])
+    meta, offsets = pack_meta(parts + [("page_indptr", indptr, batch + 1), ("kv_lens", kv_lens, batch)] +
+                              # a variant's params.get_qo_len: one query a request
+                              ([("qo_indptr", np.arange(batch + 1), batch + 1)] if params.variant is not None else []) +
+                              [("indices", used, used.size)])
+    if sch is not None:  # merge_indptr is padded with its last entry, so the merge CTAs past the cut pairs find no rows
+        mi = sch.merge_indptr
+        start = offsets["merge_indptr"]
+        meta[start + mi.size: start + merge_cap + 1] = mi[-1]
+    return DecodePlan(params, batch, num_ctas, num_merges, int(used.max()) if used.size else -1,
+                      meta, offsets, part_cap, seg_cap, merge_cap, schedule=schedule,
+                      upload_from=offsets["page_indptr"] if schedule else 0)
 
 
 _num_ctas: dict = {}  # (program, smem, device) -> CTAs in one wave
@@ -386,8 +401,9 @@ def _check_q(q: arrays.ArrayInfo, p: DecodeParams, batch_shape: tuple) -> None:
 class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
     """Decode attention for a batch of requests over a paged KV cache (FlashInfer's API).
 
-    plan() once per batch (host work: split-KV schedule, one host-to-device copy of the metadata into
-    the workspace); run() once per layer: no host sync, no allocation when `out` (and `lse`) are
+    plan() once per batch (host work: the checks and the split-KV quota, one host-to-device copy of the
+    lengths and page indices into the workspace, where a one-CTA kernel writes the schedule:
+    fi_cupy/decode_schedule.py); run() once per layer: no host sync, no allocation when `out` (and `lse`) are
     given, so it can be captured in a CUDA graph. A re-plan of a batch of the same size keeps every
     device address and the launch shape, so a captured graph replays the new plan.
 
@@ -526,12 +542,13 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         variant = (decode_variant(params, params.kv_dtype, self._ws.device), num_ctas)
         if self._graph_caps is not None and self._graph_caps[0] != variant and not dry:
             self._graph_caps = None  # another kernel: a graph captured before must be captured again anyway
-        plan = plan_decode(params, ip, ix, lp, num_ctas, lengths, split, self._graph_caps and self._graph_caps[1])
+        plan = plan_decode(params, ip, ix, lp, num_ctas, lengths, split, self._graph_caps and self._graph_caps[1],
+                           on_device=True)
         if self._use_cuda_graph and self._graph_caps is None and not dry:
             caps = (plan.segment_capacity, plan.partial_capacity, plan.merge_capacity)
             if split:  # room for a fixed split that grows with the lengths (the others fit the default)
                 caps = tuple(2 * c for c in caps)
-                plan = plan_decode(params, ip, ix, lp, num_ctas, lengths, split, caps)
+                plan = plan_decode(params, ip, ix, lp, num_ctas, lengths, split, caps, on_device=True)
             self._graph_caps = (variant, caps)
         if dry:
             return plan.partial_bytes() + plan.meta.nbytes
@@ -543,7 +560,12 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         if params.alibi:  # uploaded now: run() allocates nothing
             alibi.device_slopes(params.num_qo_heads, self._ws.device, s)
         plan = self._place_indices(plan, ix, dev_ix, s)
-        upload(plan.meta, self._ws.ptr + plan.partial_bytes(), self._ws.device, s)
+        meta_ptr = self._ws.ptr + plan.partial_bytes()
+        upload(plan.meta[plan.upload_from:], meta_ptr + 4 * plan.upload_from, self._ws.device, s)
+        if plan.schedule is not None:
+            decode_schedule.launch_schedule(meta_ptr, plan.offsets, plan.batch_size, plan.schedule[1], plan.num_ctas,
+                                            plan.schedule[0], params.window_left, plan.merge_capacity, s,
+                                            self._ws.device)
         if self._use_cuda_graph and not fast:  # fast_decode_plan leaves the buffers to the engine, as FlashInfer
             self._fill_buffers(ip, lp, s)
         self._finish(plan, 1, s, non_blocking)

@@ -48,14 +48,16 @@ MIN_QUOTA = 64     # fewest tokens a CTA is given: below it, more CTAs only add 
 FEW_CANDIDATES = 4  # more candidates than this left to score: all at once (_score_all), else one by one
 
 
-def _pick_quota(cum: np.ndarray, num_ctas: int, min_quota: int, longest: int | None = None) -> int:
+def _pick_quota(cum: np.ndarray | None, num_ctas: int, min_quota: int, longest: int | None = None,
+                uniform: tuple | None = None) -> int:
     """Tokens per CTA: the smallest even split q0, a split aligned to the longest pair (a fraction of
     it, or whole pairs so that nothing is cut and nothing merges); scored by the most loaded CTA
     (tokens + SEGMENT_COST a segment) plus MERGE_COST when some pair is cut; ties: the smallest quota.
     plan() runs every decode step, and its host time is mostly numpy calls: q0 is scored first, and
     only the candidates whose floor (_score_floor) is below the best score so far are scored after it;
-    pairs all of one length are scored in closed form (_uniform_score)."""
-    total = int(cum[-1])
+    pairs all of one length are scored in closed form (_uniform_score). uniform: (total tokens, pairs) of
+    pairs all `longest` long, whose prefix `cum` is then not needed (None)."""
+    total, pairs = uniform or (int(cum[-1]), cum.size - 1)
     q0 = max(-(-total // num_ctas), min_quota)
     if total == 0:
         return q0
@@ -63,7 +65,6 @@ def _pick_quota(cum: np.ndarray, num_ctas: int, min_quota: int, longest: int | N
         longest = int((cum[1:] - cum[:-1]).max())
     if q0 % longest == 0:  # whole longest pairs already: no other candidate
         return q0
-    pairs = cum.size - 1
     uniform = total == longest * pairs
     if uniform:
         score = functools.partial(_uniform_score, length=longest, pairs=pairs)
@@ -194,16 +195,10 @@ def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min
     order); the chunks are dealt to CTAs in order, balanced by tokens.
 
     Segments are made in token order, which is already (CTA, pair, token) order: CTAs take the token
-    space in order. Only the empty pairs, spread over the CTAs, need sorting in."""
-    kv_lens = np.asarray(kv_lens, dtype=np.int64)
-    if visible_start is None:
-        vis, req_len = None, kv_lens
-    else:
-        vis = np.minimum(np.asarray(visible_start, dtype=np.int64), kv_lens)
-        req_len = kv_lens - vis
-    pair_len = req_len.repeat(head_blocks)
-    cum = np.zeros(pair_len.size + 1, np.int64)
-    pair_len.cumsum(out=cum[1:])
+    space in order. Only the empty pairs, spread over the CTAs after their other segments, need sorting
+    in. plan() builds the quota schedule on the device (fi_cupy/decode_schedule.py), element for
+    element this one."""
+    vis, req_len, pair_len, cum = _pairs(kv_lens, visible_start, head_blocks)
     if split is None:
         length = int(req_len.max(initial=0))  # the longest pair
         quota = _pick_quota(cum, num_ctas, MIN_QUOTA if min_quota is None else min_quota, length)
@@ -238,6 +233,41 @@ def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min
     np.bincount(cta, minlength=num_ctas).cumsum(out=cta_indptr[1:])
     return DecodeSchedule(segments, partial, cta_indptr, cut.astype(np.int32), merge_indptr,
                           num_partial_rows=int(merge_indptr[-1]), quota=quota)
+
+
+def _pairs(kv_lens, visible_start, head_blocks: int) -> tuple:
+    """(first visible keys or None, visible keys a request, tokens a pair, the pairs' token prefix (int64,
+    pairs + 1)) of a batch."""
+    kv_lens = np.asarray(kv_lens, dtype=np.int64)
+    if visible_start is None:
+        vis, req_len = None, kv_lens
+    else:
+        vis = np.minimum(np.asarray(visible_start, dtype=np.int64), kv_lens)
+        req_len = kv_lens - vis
+    pair_len = req_len.repeat(head_blocks)
+    cum = np.zeros(pair_len.size + 1, np.int64)
+    pair_len.cumsum(out=cum[1:])
+    return vis, req_len, pair_len, cum
+
+
+def decode_quota(kv_lens, visible_start, head_blocks: int, num_ctas: int) -> tuple:
+    """(quota, whether a pair is cut) of decode_schedule's quota split, for a schedule built on the device
+    (fi_cupy/decode_schedule.py) from the quota alone. A pair is cut where a quota boundary falls inside it:
+    certain below the longest pair, none when one CTA holds everything, else searched."""
+    kv_lens = np.asarray(kv_lens, dtype=np.int64)
+    req_len = kv_lens if visible_start is None else kv_lens - np.minimum(visible_start, kv_lens)
+    longest = int(req_len.max(initial=0))
+    pairs = req_len.size * head_blocks
+    total = int(req_len.sum()) * head_blocks
+    if longest * pairs == total:  # pairs all of one length: closed forms, no prefix
+        quota = _pick_quota(None, num_ctas, MIN_QUOTA, longest, (total, pairs))
+        return quota, quota < total and quota % longest != 0
+    _, _, _, cum = _pairs(req_len, None, head_blocks)
+    quota = _pick_quota(cum, num_ctas, MIN_QUOTA, longest)
+    if quota >= total or quota < longest:
+        return quota, quota < total
+    edges = np.arange(quota, total, quota)
+    return quota, bool((cum[cum.searchsorted(edges)] != edges).any())
 
 
 def _even_schedule(pairs: int, length: int, quota: int, head_blocks: int, num_ctas: int,
@@ -307,13 +337,16 @@ def _split_segments(pair_len: np.ndarray, cum: np.ndarray, split: int, num_ctas:
 def _add_empty_pairs(segments: np.ndarray, partial: np.ndarray, cta: np.ndarray, pair: np.ndarray,
                      pair_len: np.ndarray, vis: np.ndarray | None, head_blocks: int, num_ctas: int) -> tuple:
     """Empty pairs (kv_len 0 or nothing visible) still write o = 0, lse = -inf: one empty segment
-    each, spread over the CTAs, sorted in by (CTA, pair) (a stable sort keeps the token order)."""
+    each, the k-th on CTA k % num_ctas (evenly spread), after that CTA's non-empty segments (a stable
+    sort by (CTA, empty) keeps the token order). cuda_src/decode_schedule.cu places them alike."""
     empty = (pair_len == 0).nonzero()[0]
     seg = np.empty((empty.size, 4), np.int32)
     req, _ = np.divmod(empty, head_blocks, out=(seg[:, 0], seg[:, 1]))
     seg[:, 2] = seg[:, 3] = 0 if vis is None else vis[req]
-    cta = np.concatenate((cta, empty % num_ctas))
-    order = (cta * pair_len.size + np.concatenate((pair, empty))).argsort(kind="stable")
+    cta = np.concatenate((cta, np.arange(empty.size) % num_ctas))
+    key = 2 * cta
+    key[pair.size:] += 1
+    order = key.argsort(kind="stable")
     partial = np.concatenate((partial, np.full(empty.size, -1, np.int32)))
     return np.concatenate((segments, seg))[order], partial[order], cta[order]
 

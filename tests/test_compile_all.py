@@ -140,7 +140,7 @@ FAMILIES = (
     Family("decode", decode.all_programs, lambda p: p.kernels[0].targs[0], _decode_picked),  # by head dim
     Family("prefill", prefill.all_programs, lambda p: p.kernels[0].targs[:4], _prefill_picked),  # head dim, tile, q
     Family("prefill_sm90", prefill.sm90_programs, lambda p: p.kernels[0].targs[:2], _hopper_picked, ("sm_90a",)),
-    *(_small_op(n) for n in ("norm", "activation", "rope", "page", "cascade", "sampling")),
+    *(_small_op(n) for n in ("norm", "activation", "rope", "page", "cascade", "sampling", "decode_schedule")),
 )
 CASES = [pytest.param(f, a, id=f"{f.name}-{a}") for f in FAMILIES for a in f.archs]
 

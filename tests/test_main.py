@@ -12,7 +12,7 @@ import pytest
 
 from conftest import GPU_SKIP_REASON
 from fi_cupy import __main__ as cli
-from fi_cupy import decode, prefill
+from fi_cupy import decode, decode_schedule, prefill
 from fi_cupy._core import dtypes as dt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_console_script_names_itself(tmp_path):
 
 def test_precompile_one_arch(tmp_path, monkeypatch, capsys):
     """The command's path (arguments, jobs, progress bar, cache) on two programs in place of the standard
-    set, which the exhaustive run below compiles for real."""
+    set, which the exhaustive run below compiles for real, and decode plan()'s schedule kernel."""
     monkeypatch.setenv("FI_CUPY_CACHE_DIR", str(tmp_path))
     two = [decode.decode_program(64, 1, dt.float16, dt.float16, False),
            prefill.prefill_program(64, prefill.tile_shapes(64)[1], dt.float16, dt.float16, False, False, 0)]
@@ -107,9 +107,10 @@ def test_precompile_one_arch(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prefill, "standard_programs", lambda: two[1:])
     assert cli.main(["precompile", "--arch", "sm_80", "-j", "2"]) == 0
     out, err = capsys.readouterr()
-    assert "2 kernel programs ready" in out and "precompile (sm_80)" in err  # tqdm writes to stderr
-    assert len(list(tmp_path.glob("*.bin"))) == 2
-    assert all(p.compile("sm_80").from_cache for p in two)  # what precompile wrote is what a call reads
+    assert "3 kernel programs ready" in out and "precompile (sm_80)" in err  # tqdm writes to stderr
+    assert len(list(tmp_path.glob("*.bin"))) == 3
+    three = two + decode_schedule.all_programs()
+    assert all(p.compile("sm_80").from_cache for p in three)  # what precompile wrote is what a call reads
 
 
 @pytest.mark.skipif(not COMPILE_ALL, reason="precompiling the standard kernels takes 100 s on 2 cores: "

@@ -268,8 +268,9 @@ def test_pick_quota_matches_the_rule_cta_by_cta(kv_lens, head_blocks, num_ctas):
 
 @pytest.mark.parametrize("split", [None, 0, 50])
 def test_segments_are_in_cta_pair_token_order_with_empty_pairs(split):
-    """Empty pairs (kv_len 0, or a window that leaves nothing visible) sit on CTA pair % num_ctas, in
-    (CTA, pair, token) order with the rest; partial rows stay contiguous per pair, in token order."""
+    """Empty pairs (kv_len 0, or a window that leaves nothing visible): the k-th on CTA k % num_ctas, after
+    that CTA's other segments, which keep (pair, token) order; partial rows stay contiguous per pair, in
+    token order."""
     kv = np.array([0, 700, 0, 0, 5000, 1, 0, 2600, 0])
     vis = np.array([0, 0, 0, 0, 4990, 1, 0, 100, 0])  # request 5: nothing visible
     head_blocks, num_ctas = 3, 132
@@ -278,10 +279,13 @@ def test_segments_are_in_cta_pair_token_order_with_empty_pairs(split):
         _check_schedule(kv, vis, head_blocks, num_ctas, sch)
     cta = np.repeat(np.arange(num_ctas), np.diff(sch.cta_indptr))
     seg = sch.segments
-    keys = list(zip(cta.tolist(), (seg[:, 0] * head_blocks + seg[:, 1]).tolist(), seg[:, 2].tolist()))
+    empty = (seg[:, 2] == seg[:, 3]).tolist()
+    keys = list(zip(cta.tolist(), empty, (seg[:, 0] * head_blocks + seg[:, 1]).tolist(), seg[:, 2].tolist()))
     assert keys == sorted(keys)
-    for c, p, _ in (k for k, s in zip(keys, seg) if s[2] == s[3]):
-        assert c == p % num_ctas
+    empty_pairs = sorted(k[2] for k in keys if k[1])
+    assert len(empty_pairs) == 6 * head_blocks  # requests 0, 2, 3, 5, 6, 8
+    for c, _, p, _ in (k for k in keys if k[1]):
+        assert c == empty_pairs.index(p) % num_ctas
 
 
 def test_page_table_lengths_with_and_without_empty_requests():
@@ -370,9 +374,9 @@ def _pair_pieces(start, n, quota, split):
 def _reference_schedule(kv_lens, visible, head_blocks, num_ctas, quota, split):
     """(segments, segment_partial, cta_indptr, merge_pairs, merge_indptr) pair by pair: a piece goes to
     the CTA of its first token (a quota split) or of its middle token (a fixed split, balanced by tokens);
-    an empty pair is one empty segment on CTA pair % num_ctas; segments in (CTA, pair, token) order;
-    partial rows numbered in that order, contiguous per cut pair."""
-    rows, start, merge_pairs, merge_indptr = [], 0, [], [0]
+    the k-th empty pair is one empty segment on CTA k % num_ctas; segments in (CTA, empty, pair, token)
+    order; partial rows numbered in that order, contiguous per cut pair."""
+    rows, start, merge_pairs, merge_indptr, empties = [], 0, [], [0], 0
     total = sum(max(0, k - min(v, k)) for k, v in zip(kv_lens, visible)) * head_blocks
     balance = max(-(-total // num_ctas), 1)
     for r, (kv, v) in enumerate(zip(kv_lens, visible)):
@@ -380,16 +384,17 @@ def _reference_schedule(kv_lens, visible, head_blocks, num_ctas, quota, split):
         for hb in range(head_blocks):
             p = r * head_blocks + hb
             if kv == v:
-                rows.append((p % num_ctas, p, (r, hb, v, v), False))
+                rows.append((empties % num_ctas, True, p, (r, hb, v, v), False))
+                empties += 1
                 continue
             pieces = _pair_pieces(start, kv - v, quota, split)
             for lo, hi in pieces:
                 cta = lo // quota if split is None else min((lo + hi) // 2 // balance, num_ctas - 1)
-                rows.append((cta, p, (r, hb, lo - start + v, hi - start + v), len(pieces) > 1))
+                rows.append((cta, False, p, (r, hb, lo - start + v, hi - start + v), len(pieces) > 1))
             start += kv - v
-    rows.sort(key=lambda x: x[:2])  # stable: a pair's pieces keep their token order
+    rows.sort(key=lambda x: x[:3])  # stable: a pair's pieces keep their token order
     segments, partial, cut_rows = [], [], {}
-    for _, p, seg, cut in rows:
+    for _, _, p, seg, cut in rows:
         segments.append(seg)
         partial.append(sum(map(len, cut_rows.values())) if cut else -1)
         if cut:
@@ -469,3 +474,17 @@ def test_uniform_quota_matches_the_rule_cta_by_cta(length, pairs, num_ctas):
             assert scheduler._uniform_score(q, length, pairs) == \
                 scheduler._quota_score(cum, q, pairs * length, length) == \
                 scheduler._score_all(cum, [q], pairs * length)[1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_decode_quota_is_the_schedules_quota_and_knows_its_cuts(seed):
+    """plan() on a GPU picks the quota alone (decode_quota) and leaves the schedule to the device: the same
+    quota as decode_schedule's, and "a pair is cut" exactly when that schedule merges something (the
+    merge is launched on that alone). Uniform batches take decode_quota's closed form."""
+    rng = np.random.default_rng(100 + seed)
+    for i in range(60):
+        kv, vis, head_blocks, num_ctas, _ = _random_decode_batch(rng)
+        if i % 3 == 0:  # a sliding window, as plan() derives it (the others: arbitrary visible starts)
+            vis = np.maximum(0, kv - 1 - int(rng.choice([0, 5, 1000])))
+        sch = scheduler.decode_schedule(kv, vis, head_blocks, num_ctas)
+        assert scheduler.decode_quota(kv, vis, head_blocks, num_ctas) == (sch.quota, sch.merge_pairs.size > 0)

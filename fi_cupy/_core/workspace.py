@@ -23,14 +23,15 @@ def align(n: int) -> int:
 
 def pack_meta(parts) -> tuple:
     """(int32 metadata block, {name: element offset}) of parts [(name, int values, capacity)]: each part
-    at its offset, padded to its capacity and to 16 bytes (the kernels read int4 vectors)."""
+    at its offset, padded to its capacity and to 16 bytes (the kernels read int4 vectors). Values None:
+    a part the device writes (left zero here)."""
     offsets, cur = {}, 0
     for name, _, cap in parts:
         offsets[name] = cur
         cur += (cap + 3) & -4
     meta = np.zeros(cur, dtype=np.int32)
     for name, a, _ in parts:
-        if a.size:  # plan() packs every step: an empty part costs no numpy call
+        if a is not None and a.size:  # plan() packs every step: an empty part costs no numpy call
             start = offsets[name]
             meta[start: start + a.size] = a
     return meta, offsets

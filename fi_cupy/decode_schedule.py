@@ -1,0 +1,46 @@
+"""Decode's split-KV schedule built on the device: BatchDecodeWithPagedKVCacheWrapper.plan() picks the quota
+on the host (scheduler.decode_quota) and cuda_src/decode_schedule.cu writes the segments, partial rows, CTA
+ranges and merges into the plan's metadata block, element for element scheduler.decode_schedule's. The
+host then does no per-pair work and uploads only the request arrays and page indices (issue 21: plan()
+at batch 512 was mostly numpy calls over every (request, head block) pair).
+
+The kernel is one CTA on the plan's stream, queued after the upload of the lengths it reads and before
+any run(): the same stream order as an upload, so a CUDA graph captured over run() replays each re-plan.
+"""
+from __future__ import annotations
+
+from ._core import kernels
+from ._core.kernels import KernelSpec, Program, i32, i64, ptr
+
+THREADS = 1024  # the kernel's block (kScheduleThreads, checked at compile time)
+# Parts of the metadata block the kernel writes (int32 elements), before the parts the host uploads.
+DEVICE_PARTS = ("segments", "segment_partial", "cta_indptr", "merge_pairs", "merge_indptr", "cum", "empty_before")
+
+
+def schedule_program() -> Program:
+    return Program("decode_schedule.cu", (KernelSpec("fic::decode_schedule_kernel", ()),),
+                   asserts=(("fic::kScheduleThreads", THREADS),))
+
+
+def all_programs() -> list:
+    return [schedule_program()]
+
+
+def device_parts(batch: int, seg_cap: int, num_ctas: int, merge_cap: int) -> list:
+    """(name, None, int32 capacity) of DEVICE_PARTS for pack_meta: the schedule at its capacities and the
+    kernel's scratch (cum: batch + 1 int64, 16-byte aligned as every part)."""
+    caps = (4 * seg_cap, seg_cap, num_ctas + 1, merge_cap, merge_cap + 1, 2 * (batch + 1), batch + 1)
+    return list(zip(DEVICE_PARTS, (None,) * len(caps), caps))
+
+
+def launch_schedule(meta_ptr: int, offsets: dict, batch: int, head_blocks: int, num_ctas: int, quota: int,
+                    window_left: int, merge_cap: int, stream: int, device: int) -> None:
+    """Queue the schedule kernel on `stream`: it reads the plan's kv_lens (uploaded before) and writes the
+    DEVICE_PARTS of the metadata block at meta_ptr (offsets: pack_meta's, int32 elements)."""
+    fn = kernels.cached_function(device, ("decode_schedule",), lambda: (
+        schedule_program(), schedule_program().kernels[0]))
+    at = {k: ptr(meta_ptr + 4 * v) for k, v in offsets.items()}
+    kernels.launch(fn, (1,), (THREADS,), [
+        at["kv_lens"], i32(batch), i32(head_blocks), i32(num_ctas), i64(quota), i32(window_left),
+        at["cum"], at["empty_before"], at["segments"], at["segment_partial"], at["cta_indptr"],
+        at["merge_pairs"], at["merge_indptr"], i32(merge_cap)], stream, device)
