@@ -488,3 +488,29 @@ def test_decode_quota_is_the_schedules_quota_and_knows_its_cuts(seed):
             vis = np.maximum(0, kv - 1 - int(rng.choice([0, 5, 1000])))
         sch = scheduler.decode_schedule(kv, vis, head_blocks, num_ctas)
         assert scheduler.decode_quota(kv, vis, head_blocks, num_ctas) == (sch.quota, sch.merge_pairs.size > 0)
+
+
+@pytest.mark.parametrize("kv_lens,window_left", [([1024] * 16, -1), ([1024] * 512, -1), ([0, 700, 5, 0, 3000], -1),
+                                                 ([0, 700, 5, 0, 3000], 99), ([8192], -1), ([0, 0], -1)])
+def test_plan_with_the_schedule_on_the_device(kv_lens, window_left):
+    """plan_decode(on_device=True) (a wrapper's plan on a GPU) leaves the schedule parts to the kernel: the
+    same layout as the host plan, the host's parts (page table, lengths, indices) from upload_from on, equal to
+    the host plan's, the quota the host schedule uses, and a merge grid of the capacity exactly when that
+    schedule cuts a pair."""
+    p = _params(window_left=window_left)
+    pages = [-(-n // 16) for n in kv_lens]
+    indptr = np.concatenate([[0], np.cumsum(pages)])
+    indices = np.random.default_rng(0).permutation(int(indptr[-1]))
+    last = np.array([n - (k - 1) * 16 if k else 0 for n, k in zip(kv_lens, pages)])
+    host = plan_decode(p, indptr, indices, last, num_ctas=528)
+    dev = plan_decode(p, indptr, indices, last, num_ctas=528, on_device=True)
+    assert dev.offsets == host.offsets and dev.meta.size == host.meta.size
+    start = dev.upload_from
+    assert start == dev.offsets["page_indptr"] > dev.offsets["empty_before"] and host.upload_from == 0
+    assert np.array_equal(dev.meta[start:], host.meta[start:])
+    vis = np.maximum(0, np.array(kv_lens) - 1 - window_left) if window_left >= 0 else None
+    sch = scheduler.decode_schedule(kv_lens, vis, 8, 528)
+    assert dev.schedule == (sch.quota, 8) and host.schedule is None
+    assert dev.num_merges == (dev.merge_capacity if sch.merge_pairs.size else 0)
+    assert (dev.segment_capacity, dev.partial_capacity, dev.merge_capacity) == \
+        scheduler.DecodeSchedule.capacity(len(kv_lens), 8, 528)
