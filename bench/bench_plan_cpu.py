@@ -118,6 +118,18 @@ def wrapper_call(batch: int, which: str, mixed: bool = False):
     return lambda: w.plan(qo_indptr, indptr, indices, last, HQ, HKV, D, PAGE, causal=True, q_data_type="float16")
 
 
+def device_scheduled(fn):
+    """fn with decode.DEVICE_SCHEDULE on: the host picks the quota and leaves the schedule to the kernel
+    (whose launch stub_device skips)."""
+    def call():
+        decode.DEVICE_SCHEDULE = True
+        try:
+            fn()
+        finally:
+            decode.DEVICE_SCHEDULE = False
+    return call
+
+
 def median_us(fn, calls: int, warmup: int = 20) -> float:
     """Median wall time of single fn() calls, microseconds."""
     for _ in range(warmup):
@@ -140,6 +152,7 @@ def main():
     cells = (("plan_decode_us", decode_call, False), ("plan_decode_mixed_us", decode_call, True),
              ("prefill_host_us", prefill_call, False), ("prefill_host_mixed_us", prefill_call, True),
              ("decode_wrapper_plan_us", lambda b, m: wrapper_call(b, "decode", m), False),
+             ("decode_device_schedule_plan_us", lambda b, m: device_scheduled(wrapper_call(b, "decode", m)), False),
              ("prefill_wrapper_plan_us", lambda b, m: wrapper_call(b, "prefill", m), False))
     for batch in BATCHES:
         rows.append({"batch": batch, **{key: round(median_us(make(batch, mixed), args.calls), 1)
@@ -147,6 +160,7 @@ def main():
     print_table(f"plan() host part, median of {args.calls} calls, us (decode num_ctas {DECODE_CTAS}); the "
                 f"wrappers' whole plan() with the device stubbed",
                 ["batch", "plan_decode", "decode mixed", "prefill host", "prefill mixed", "decode plan()",
+                 "decode plan(), schedule on the device",
                  "prefill plan()"],
                 [[r["batch"]] + [r[key] for key, _, _ in cells] for r in rows])
     save_json("bench_plan_cpu.json", rows)

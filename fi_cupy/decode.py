@@ -40,6 +40,10 @@ Q_DTYPES = (dt.float16, dt.bfloat16)
 KV_DTYPES = {q: (q, dt.float8_e4m3fn, dt.float8_e5m2) for q in Q_DTYPES}
 POS_ENCODINGS = ("NONE", "ROPE_LLAMA", "ALIBI")
 DECODE_BACKENDS = ("auto", "fa2")  # FlashInfer's names; both run our kernels
+# plan()'s quota schedule written on the GPU (decode_schedule.py) instead of by numpy: 1.5-2.5x less host
+# time in plan() (bench_plan_cpu, device stubbed). Off until tests/test_decode_schedule.py and the decode
+# suite have run on a GPU (written in a session without device time; issue 21).
+DEVICE_SCHEDULE = False
 
 
 def uses_tensor_cores(q_dtype: dt.DType, kv_dtype: dt.DType, rope: bool) -> bool:
@@ -401,9 +405,8 @@ def _check_q(q: arrays.ArrayInfo, p: DecodeParams, batch_shape: tuple) -> None:
 class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
     """Decode attention for a batch of requests over a paged KV cache (FlashInfer's API).
 
-    plan() once per batch (host work: the checks and the split-KV quota, one host-to-device copy of the
-    lengths and page indices into the workspace, where a one-CTA kernel writes the schedule:
-    fi_cupy/decode_schedule.py); run() once per layer: no host sync, no allocation when `out` (and `lse`) are
+    plan() once per batch (host work: split-KV schedule, one host-to-device copy of the metadata into
+    the workspace); run() once per layer: no host sync, no allocation when `out` (and `lse`) are
     given, so it can be captured in a CUDA graph. A re-plan of a batch of the same size keeps every
     device address and the launch shape, so a captured graph replays the new plan.
 
@@ -543,12 +546,12 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         if self._graph_caps is not None and self._graph_caps[0] != variant and not dry:
             self._graph_caps = None  # another kernel: a graph captured before must be captured again anyway
         plan = plan_decode(params, ip, ix, lp, num_ctas, lengths, split, self._graph_caps and self._graph_caps[1],
-                           on_device=True)
+                           on_device=DEVICE_SCHEDULE)
         if self._use_cuda_graph and self._graph_caps is None and not dry:
             caps = (plan.segment_capacity, plan.partial_capacity, plan.merge_capacity)
             if split:  # room for a fixed split that grows with the lengths (the others fit the default)
                 caps = tuple(2 * c for c in caps)
-                plan = plan_decode(params, ip, ix, lp, num_ctas, lengths, split, caps, on_device=True)
+                plan = plan_decode(params, ip, ix, lp, num_ctas, lengths, split, caps, on_device=DEVICE_SCHEDULE)
             self._graph_caps = (variant, caps)
         if dry:
             return plan.partial_bytes() + plan.meta.nbytes

@@ -1,13 +1,15 @@
 """Decode's schedule kernel (cuda_src/decode_schedule.cu) on the GPU: for random batches (lengths 0, 1, mixed,
 uniform, one long among short ones; sliding windows; 1..16 head blocks; 1..1056 CTAs, past one thread a CTA)
 its segments, partial rows, CTA ranges and merges are scheduler.decode_schedule's, element for element, and
-it writes nothing past its parts. The wrapper's plan() runs on it in every decode test."""
+it writes nothing past its parts; and the wrapper planned on it (decode.DEVICE_SCHEDULE, off until these tests
+have run on a GPU) gives the reference's output, bit for bit the host schedule's."""
 import cupy as cp
 import numpy as np
 import pytest
 
-from fi_cupy import decode_schedule, scheduler
+from fi_cupy import decode, decode_schedule, scheduler
 from fi_cupy._core.workspace import pack_meta
+from test_decode import PagedBatch, check_batch, run_batch
 from test_scheduler import _random_decode_batch
 
 pytestmark = pytest.mark.gpu
@@ -64,3 +66,18 @@ def test_device_schedule_edges(kv):
         for g, w in zip(got, (want.segments, want.segment_partial, want.cta_indptr, want.merge_pairs,
                               want.merge_indptr)):
             assert np.array_equal(g, w)
+
+
+@pytest.mark.parametrize("lens,group,page_size,opts", [
+    ([2999, 1, 0, 17, 640], 4, 16, {}),                    # cut pairs, an empty request
+    ([1024] * 64, 8, 16, {}),                              # uniform: closed-form quota
+    ([0, 0, 5000, 0, 1, 1], 1, 7, {"window_left": 99}),    # empties around a long request, a window
+    ([97, 0, 97, 0], 4, 1, {"logits_soft_cap": 30.0}),     # whole pairs, no merge
+])
+def test_wrapper_on_the_device_schedule(lens, group, page_size, opts, monkeypatch):
+    b = PagedBatch(lens, page_size=page_size, hq=2 * group, hkv=2)
+    monkeypatch.setattr(decode, "DEVICE_SCHEDULE", True)
+    out, lse = check_batch(b, **opts)
+    monkeypatch.setattr(decode, "DEVICE_SCHEDULE", False)
+    host_out, host_lse = run_batch(b, **opts)
+    assert np.array_equal(out, host_out) and np.array_equal(lse, host_lse)
