@@ -122,11 +122,11 @@ def device_scheduled(fn):
     """fn with decode.DEVICE_SCHEDULE on: the host picks the quota and leaves the schedule to the kernel
     (whose launch stub_device skips)."""
     def call():
-        decode.DEVICE_SCHEDULE = True
+        was, decode.DEVICE_SCHEDULE = decode.DEVICE_SCHEDULE, True
         try:
             fn()
         finally:
-            decode.DEVICE_SCHEDULE = False
+            decode.DEVICE_SCHEDULE = was
     return call
 
 

@@ -249,8 +249,12 @@ class DecodePlan:
     merge_capacity: int      # cut pairs the metadata holds: the merge grid a CUDA graph launches
     indices_ptr: int = 0     # 0: the indices are in meta
     keep: tuple = ()         # arrays the plan reads on the device (kept alive with it)
-    schedule: tuple | None = None  # (quota, head blocks): the schedule parts are the device's to write
-    upload_from: int = 0     # meta[upload_from:] is the host's to upload (the rest: the schedule kernel's)
+    quota: int | None = None  # a schedule left to the device (tokens a CTA); None: meta holds the host's
+
+    @property
+    def upload_from(self) -> int:
+        """meta[upload_from:] is the host's to upload; the parts before it, the schedule kernel's."""
+        return 0 if self.quota is None else self.offsets["page_indptr"]
 
     @property
     def heads_per_block(self) -> tuple:
@@ -288,11 +292,10 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray | 
     visible = np.maximum(0, kv_lens - 1 - wl) if wl >= 0 else None  # None: from key 0
     _, slices = scheduler.decode_heads_per_block(params.group_size)
     head_blocks = params.num_kv_heads * slices
-    sch, schedule = None, None
+    sch, quota = None, None
     if on_device and split is None:  # a quota split never needs more than the default capacities
         quota, cut = scheduler.decode_quota(kv_lens, visible, head_blocks, num_ctas)
         caps = fixed_capacity or scheduler.DecodeSchedule.capacity(batch, head_blocks, num_ctas)
-        schedule = (quota, head_blocks)
         num_merges = caps[2] if cut else 0  # the merge grid: the pairs cut are known on the device only
     else:
         sch = scheduler.decode_schedule(kv_lens, visible, head_blocks, num_ctas, split=split)
@@ -322,8 +325,7 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray | 
         start = offsets["merge_indptr"]
         meta[start + mi.size: start + merge_cap + 1] = mi[-1]
     return DecodePlan(params, batch, num_ctas, num_merges, int(used.max()) if used.size else -1,
-                      meta, offsets, part_cap, seg_cap, merge_cap, schedule=schedule,
-                      upload_from=offsets["page_indptr"] if schedule else 0)
+                      meta, offsets, part_cap, seg_cap, merge_cap, quota=quota)
 
 
 _num_ctas: dict = {}  # (program, smem, device) -> CTAs in one wave
@@ -565,9 +567,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         plan = self._place_indices(plan, ix, dev_ix, s)
         meta_ptr = self._ws.ptr + plan.partial_bytes()
         upload(plan.meta[plan.upload_from:], meta_ptr + 4 * plan.upload_from, self._ws.device, s)
-        if plan.schedule is not None:
-            decode_schedule.launch_schedule(meta_ptr, plan.offsets, plan.batch_size, plan.schedule[1], plan.num_ctas,
-                                            plan.schedule[0], params.window_left, plan.merge_capacity, s,
+        if plan.quota is not None:
+            decode_schedule.launch_schedule(meta_ptr, plan.offsets, plan.batch_size, plan.num_kv_heads_blocks,
+                                            plan.num_ctas, plan.quota, params.window_left, plan.merge_capacity, s,
                                             self._ws.device)
         if self._use_cuda_graph and not fast:  # fast_decode_plan leaves the buffers to the engine, as FlashInfer
             self._fill_buffers(ip, lp, s)

@@ -26,6 +26,11 @@ def all_programs() -> list:
     return [schedule_program()]
 
 
+def _program_and_kernel() -> tuple:
+    prog = schedule_program()
+    return prog, prog.kernels[0]
+
+
 def device_parts(batch: int, seg_cap: int, num_ctas: int, merge_cap: int) -> list:
     """(name, None, int32 capacity) of DEVICE_PARTS for pack_meta: the schedule at its capacities and the
     kernel's scratch (cum: batch + 1 int64, 16-byte aligned as every part)."""
@@ -37,8 +42,7 @@ def launch_schedule(meta_ptr: int, offsets: dict, batch: int, head_blocks: int, 
                     window_left: int, merge_cap: int, stream: int, device: int) -> None:
     """Queue the schedule kernel on `stream`: it reads the plan's kv_lens (uploaded before) and writes the
     DEVICE_PARTS of the metadata block at meta_ptr (offsets: pack_meta's, int32 elements)."""
-    fn = kernels.cached_function(device, ("decode_schedule",), lambda: (
-        schedule_program(), schedule_program().kernels[0]))
+    fn = kernels.cached_function(device, ("decode_schedule",), _program_and_kernel)
     at = {k: ptr(meta_ptr + 4 * v) for k, v in offsets.items()}
     kernels.launch(fn, (1,), (THREADS,), [
         at["kv_lens"], i32(batch), i32(head_blocks), i32(num_ctas), i64(quota), i32(window_left),

@@ -196,9 +196,10 @@ def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min
 
     Segments are made in token order, which is already (CTA, pair, token) order: CTAs take the token
     space in order. Only the empty pairs, spread over the CTAs after their other segments, need sorting
-    in. plan() builds the quota schedule on the device (fi_cupy/decode_schedule.py), element for
-    element this one."""
-    vis, req_len, pair_len, cum = _pairs(kv_lens, visible_start, head_blocks)
+    in. cuda_src/decode_schedule.cu builds the quota schedule on the device, element for element this
+    one (decode.DEVICE_SCHEDULE)."""
+    vis, req_len = _request_lengths(kv_lens, visible_start)
+    pair_len, cum = _pair_prefix(req_len, head_blocks)
     if split is None:
         length = int(req_len.max(initial=0))  # the longest pair
         quota = _pick_quota(cum, num_ctas, MIN_QUOTA if min_quota is None else min_quota, length)
@@ -235,34 +236,35 @@ def decode_schedule(kv_lens, visible_start, head_blocks: int, num_ctas: int, min
                           num_partial_rows=int(merge_indptr[-1]), quota=quota)
 
 
-def _pairs(kv_lens, visible_start, head_blocks: int) -> tuple:
-    """(first visible keys or None, visible keys a request, tokens a pair, the pairs' token prefix (int64,
-    pairs + 1)) of a batch."""
+def _request_lengths(kv_lens, visible_start) -> tuple:
+    """(first visible keys or None, visible keys a request), int64."""
     kv_lens = np.asarray(kv_lens, dtype=np.int64)
     if visible_start is None:
-        vis, req_len = None, kv_lens
-    else:
-        vis = np.minimum(np.asarray(visible_start, dtype=np.int64), kv_lens)
-        req_len = kv_lens - vis
+        return None, kv_lens
+    vis = np.minimum(np.asarray(visible_start, dtype=np.int64), kv_lens)
+    return vis, kv_lens - vis
+
+
+def _pair_prefix(req_len: np.ndarray, head_blocks: int) -> tuple:
+    """(tokens a pair, the pairs' token prefix (int64, pairs + 1))."""
     pair_len = req_len.repeat(head_blocks)
     cum = np.zeros(pair_len.size + 1, np.int64)
     pair_len.cumsum(out=cum[1:])
-    return vis, req_len, pair_len, cum
+    return pair_len, cum
 
 
 def decode_quota(kv_lens, visible_start, head_blocks: int, num_ctas: int) -> tuple:
     """(quota, whether a pair is cut) of decode_schedule's quota split, for a schedule built on the device
     (fi_cupy/decode_schedule.py) from the quota alone. A pair is cut where a quota boundary falls inside it:
     certain below the longest pair, none when one CTA holds everything, else searched."""
-    kv_lens = np.asarray(kv_lens, dtype=np.int64)
-    req_len = kv_lens if visible_start is None else kv_lens - np.minimum(visible_start, kv_lens)
+    _, req_len = _request_lengths(kv_lens, visible_start)
     longest = int(req_len.max(initial=0))
     pairs = req_len.size * head_blocks
     total = int(req_len.sum()) * head_blocks
     if longest * pairs == total:  # pairs all of one length: closed forms, no prefix
         quota = _pick_quota(None, num_ctas, MIN_QUOTA, longest, (total, pairs))
         return quota, quota < total and quota % longest != 0
-    _, _, _, cum = _pairs(req_len, None, head_blocks)
+    _, cum = _pair_prefix(req_len, head_blocks)
     quota = _pick_quota(cum, num_ctas, MIN_QUOTA, longest)
     if quota >= total or quota < longest:
         return quota, quota < total

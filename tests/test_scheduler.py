@@ -510,7 +510,7 @@ def test_plan_with_the_schedule_on_the_device(kv_lens, window_left):
     assert np.array_equal(dev.meta[start:], host.meta[start:])
     vis = np.maximum(0, np.array(kv_lens) - 1 - window_left) if window_left >= 0 else None
     sch = scheduler.decode_schedule(kv_lens, vis, 8, 528)
-    assert dev.schedule == (sch.quota, 8) and host.schedule is None
+    assert dev.quota == sch.quota and host.quota is None and dev.num_kv_heads_blocks == 8
     assert dev.num_merges == (dev.merge_capacity if sch.merge_pairs.size else 0)
     assert (dev.segment_capacity, dev.partial_capacity, dev.merge_capacity) == \
         scheduler.DecodeSchedule.capacity(len(kv_lens), 8, 528)
