@@ -10,7 +10,7 @@ any run(): the same stream order as an upload, so a CUDA graph captured over run
 from __future__ import annotations
 
 from ._core import kernels
-from ._core.kernels import KernelSpec, Program, i32, i64, ptr
+from ._core.kernels import DevPtr, KernelSpec, Program, i32, i64
 
 THREADS = 1024  # the kernel's block (kScheduleThreads, checked at compile time)
 # Parts of the metadata block the kernel writes (int32 elements), before the parts the host uploads.
@@ -43,8 +43,10 @@ def launch_schedule(meta_ptr: int, offsets: dict, batch: int, head_blocks: int, 
     """Queue the schedule kernel on `stream`: it reads the plan's kv_lens (uploaded before) and writes the
     DEVICE_PARTS of the metadata block at meta_ptr (offsets: pack_meta's, int32 elements)."""
     fn = kernels.cached_function(device, ("decode_schedule",), _program_and_kernel)
-    at = {k: ptr(meta_ptr + 4 * v) for k, v in offsets.items()}
+
+    def at(part):
+        return DevPtr(meta_ptr + 4 * offsets[part])
     kernels.launch(fn, (1,), (THREADS,), [
-        at["kv_lens"], i32(batch), i32(head_blocks), i32(num_ctas), i64(quota), i32(window_left),
-        at["cum"], at["empty_before"], at["segments"], at["segment_partial"], at["cta_indptr"],
-        at["merge_pairs"], at["merge_indptr"], i32(merge_cap)], stream, device)
+        at("kv_lens"), i32(batch), i32(head_blocks), i32(num_ctas), i64(quota), i32(window_left),
+        at("cum"), at("empty_before"), at("segments"), at("segment_partial"), at("cta_indptr"),
+        at("merge_pairs"), at("merge_indptr"), i32(merge_cap)], stream, device)

@@ -1,8 +1,8 @@
 """Decode's schedule kernel (cuda_src/decode_schedule.cu) on the GPU: for random batches (lengths 0, 1, mixed,
 uniform, one long among short ones; sliding windows; 1..16 head blocks; 1..1056 CTAs, past one thread a CTA)
 its segments, partial rows, CTA ranges and merges are scheduler.decode_schedule's, element for element, and
-it writes nothing past its parts; and the wrapper planned on it (decode.DEVICE_SCHEDULE, off until these tests
-have run on a GPU) gives the reference's output, bit for bit the host schedule's."""
+it writes nothing past its parts; and the wrapper planned on it (decode.DEVICE_SCHEDULE, the default) gives
+the reference's output, bit for bit the host schedule's."""
 import cupy as cp
 import numpy as np
 import pytest

@@ -307,7 +307,7 @@ def clusters_supported(device: int) -> bool:
 
 class Prepared:
     """One launch with everything fixed but the argument values and the stream: kernel, grid, block,
-    shared memory, launch attributes, the argument signature. launch() makes one per call; the
+    shared memory, launch attributes, the argument signature. launch() keeps one per configuration; the
     per-signature fast path (call.Signatures) keeps it and replays it with new pointers."""
     __slots__ = ("fn", "fnptr", "sig", "head", "attr", "attr_addr", "n_attr", "device", "local")
 
@@ -383,6 +383,16 @@ def launch(fn: Function, grid, block, args, stream: int, device: int, smem: int 
     while the previous one on the stream finishes: only for kernels that call pdl_begin() before
     touching memory. cluster > 0 groups that many consecutive CTAs along x into a cluster (sm_90+).
     Returns the Prepared launch (a recording keeps it)."""
-    p = Prepared(fn, grid, block, signature_of(args), device, smem, pdl, cluster)
+    sig = signature_of(args)
+    key = (fn, tuple(grid), tuple(block), sig, device, smem, pdl, cluster)
+    p = _prepared.get(key)
+    if p is None:  # a Prepared costs ~15 us of buffers and launch config: an eager call reuses its own
+        if len(_prepared) >= _PREPARED_KEPT:  # grids that follow a batch size: bounded, not an LRU
+            _prepared.clear()
+        p = _prepared[key] = Prepared(fn, grid, block, sig, device, smem, pdl, cluster)
     p(args, stream)
     return p
+
+
+_PREPARED_KEPT = 4096
+_prepared: dict = {}  # launch()'s Prepared per (fn, grid, block, signature, device, smem, pdl, cluster)
