@@ -1,15 +1,12 @@
 """Decode plan() with its schedule built on the host against on the device (decode.DEVICE_SCHEDULE),
 interleaved in one process so that the host's noise hits both alike: medians of 8 x 100 calls each way,
 each call between two device syncs, at bench_host.py's decode plan shapes (CuPy caller). Then the schedule
-launch alone: its host time and CUDA events around it (host launch + kernel). --profile: cProfile of 500
-calls each way at batch 16 and 512. Needs a GPU.
+launch alone: its host time and CUDA events around it (host launch + kernel). Needs a GPU; for where the
+host time goes, bench/profile_plan.py.
 
-Usage: python bench/decode_plan_ab.py [--profile]
+Usage: python bench/decode_plan_ab.py
 """
-import cProfile
-import io
 import os
-import pstats
 import statistics
 import sys
 import time
@@ -35,17 +32,6 @@ def timed(fn, n: int) -> list:
         sync()
         out.append(time.perf_counter() - t)
     return out
-
-
-def profile(fn, label: str) -> None:
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(500):
-        fn()
-    pr.disable()
-    s = io.StringIO()
-    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(18)
-    print(f"--- cProfile {label} (500 calls)\n{s.getvalue()}")
 
 
 def schedule_launch(fn) -> tuple:
@@ -86,10 +72,6 @@ def main() -> None:
             host, gpu = schedule_launch(fn)
             print(f"batch {b}: host schedule {med[False]:.1f} us, device schedule {med[True]:.1f} us "
                   f"(its launch: {host:.1f} us host, {gpu:.1f} us to the kernel's end)")
-            if "--profile" in sys.argv and b in (16, 512):
-                for flag in (False, True):
-                    decode.DEVICE_SCHEDULE = flag
-                    profile(fn, f"batch {b}, DEVICE_SCHEDULE={flag}")
     finally:
         decode.DEVICE_SCHEDULE = was
 

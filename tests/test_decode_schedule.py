@@ -56,9 +56,11 @@ def test_device_schedule_is_the_host_schedule(seed):
         assert (got[5][want.merge_pairs.size:] == want.num_partial_rows).all()  # padded: no rows past the cut pairs
 
 
-@pytest.mark.parametrize("kv", [[0, 0, 0], [5], [0, 3000, 0, 1], [1] * 1500, [131072]])
+@pytest.mark.parametrize("kv", [[0, 0, 0], [5], [0, 3000, 0, 1], [1] * 1500, [131072], [0, 7, 1] * 682 + [3],
+                                [0, 7, 1] * 682 + [3, 5000]])
 def test_device_schedule_edges(kv):
-    """All empty, one request, empties around a long one, more requests than threads, one long request."""
+    """All empty, one request, empties around a long one, more requests than threads, one long request;
+    the most requests whose prefixes the kernel keeps in shared memory (2047), and one more."""
     kv = np.array(kv)
     for head_blocks, num_ctas in ((1, 1), (8, 528), (3, 1056)):
         want = scheduler.decode_schedule(kv, None, head_blocks, num_ctas)
