@@ -60,7 +60,7 @@ def test_device_schedule_is_the_host_schedule(seed):
                                 [0, 7, 1] * 682 + [3, 5000]])
 def test_device_schedule_edges(kv):
     """All empty, one request, empties around a long one, more requests than threads, one long request;
-    the most requests whose prefixes the kernel keeps in shared memory (2047), and one more."""
+    2047 and 2048 requests (either side of the limit of bench/patches/decode_schedule_staged.diff)."""
     kv = np.array(kv)
     for head_blocks, num_ctas in ((1, 1), (8, 528), (3, 1056)):
         want = scheduler.decode_schedule(kv, None, head_blocks, num_ctas)
