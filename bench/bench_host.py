@@ -793,10 +793,8 @@ def device_sync():
     cupy.cuda.runtime.deviceSynchronize()  # device-wide: torch's, CuPy's and JAX's streams alike
 
 
-def synced_us(fn, n: int, warmup: int, sync) -> float:
-    """Median wall time of one fn() call between two syncs, microseconds (plan(): its uploads count)."""
-    for _ in range(warmup):
-        fn()
+def synced_times(fn, n: int, sync) -> list:
+    """Wall times (s) of n single fn() calls, each between two syncs (plan(): its uploads count)."""
     times = []
     for _ in range(n):
         sync()
@@ -804,7 +802,14 @@ def synced_us(fn, n: int, warmup: int, sync) -> float:
         fn()
         sync()
         times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
+    return times
+
+
+def synced_us(fn, n: int, warmup: int, sync) -> float:
+    """Median of synced_times after `warmup` calls, microseconds."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(synced_times(fn, n, sync)) * 1e6
 
 
 def time_case(case: Case, fn, args) -> float:

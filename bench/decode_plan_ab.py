@@ -22,18 +22,6 @@ from fi_cupy import decode, decode_schedule  # noqa: E402
 BATCHES = (1, 16, 128, 512)
 
 
-def timed(fn, n: int) -> list:
-    sync = cp.cuda.runtime.deviceSynchronize
-    out = []
-    for _ in range(n):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def schedule_launch(fn) -> tuple:
     """(host us, events us) medians of the schedule launch inside fn() (a plan on the device schedule)."""
     orig, host, gpu = decode_schedule.launch_schedule, [], []
@@ -66,7 +54,7 @@ def main() -> None:
             for _ in range(9):  # the first round warms up
                 for flag in got:
                     decode.DEVICE_SCHEDULE = flag
-                    got[flag] += timed(fn, 100)
+                    got[flag] += bench_host.synced_times(fn, 100, bench_host.device_sync)
             med = {f: 1e6 * statistics.median(t[100:]) for f, t in got.items()}
             decode.DEVICE_SCHEDULE = True
             host, gpu = schedule_launch(fn)

@@ -41,7 +41,7 @@ KV_DTYPES = {q: (q, dt.float8_e4m3fn, dt.float8_e5m2) for q in Q_DTYPES}
 POS_ENCODINGS = ("NONE", "ROPE_LLAMA", "ALIBI")
 DECODE_BACKENDS = ("auto", "fa2")  # FlashInfer's names; both run our kernels
 # plan()'s quota schedule written on the GPU (decode_schedule.py) instead of by numpy (issue 21: plan() at
-# batch 512 on an H100, 546 -> ~300 us). False keeps the host schedule: the reference the kernel is tested
+# batch 512 on an H100, 339 -> 150 us; bench/decode_plan_ab.py). False keeps the host schedule: the reference the kernel is tested
 # against (tests/test_decode_schedule.py), and a switch to compare the two.
 DEVICE_SCHEDULE = True
 
