@@ -68,10 +68,10 @@ def prefill_call(batch: int, mixed: bool = False):
 
     def host_plan():
         # What _plan_impl and _finish_plan compute on the host, in their order (int32 casts included).
-        kv_lens, used = page_table_lengths(indptr, indices, last, PAGE, "paged_kv_")
-        qo, ip, kv, ix = (a.astype(np.int32) for a in (qo_indptr, indptr, kv_lens, used))
+        kv_lens, used, top = page_table_lengths(indptr, indices, last, PAGE, "paged_kv_")
+        qo, ip, kv = (a.astype(np.int32) for a in (qo_indptr, indptr, kv_lens))
         tile, _ = prefill.plan_tile(params, qo[1:] - qo[:-1], False, "fa2")
-        return prefill.plan_prefill(params, qo, ip, kv, ix, tile, prefill_ctas(tile, params.kv_dtype), None)
+        return prefill.plan_prefill(params, qo, ip, kv, (used, top), tile, prefill_ctas(tile, params.kv_dtype), None)
     return host_plan
 
 

@@ -272,7 +272,7 @@ class DecodePlan:
 
 def check_page_table(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
                      last_page_len: np.ndarray) -> tuple:
-    """(kv_lens, used page indices) of a checked page table."""
+    """(kv_lens, used page indices, the largest of them) of a checked page table."""
     checks.indptr("indptr", indptr)
     return page_table_lengths(indptr, indices, last_page_len, params.page_size)
 
@@ -287,7 +287,7 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray | 
     wrapper's plan): a quota split (split None) is left to the schedule kernel (decode_schedule.py,
     launched by the wrapper after the upload): the host picks the quota alone."""
     batch = indptr.size - 1
-    kv_lens, used = lengths or check_page_table(params, indptr, indices, last_page_len)
+    kv_lens, used, max_page = lengths or check_page_table(params, indptr, indices, last_page_len)
     wl = params.window_left
     visible = np.maximum(0, kv_lens - 1 - wl) if wl >= 0 else None  # None: from key 0
     _, slices = scheduler.decode_heads_per_block(params.group_size)
@@ -324,8 +324,8 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray | 
         mi = sch.merge_indptr
         start = offsets["merge_indptr"]
         meta[start + mi.size: start + merge_cap + 1] = mi[-1]
-    return DecodePlan(params, batch, num_ctas, num_merges, int(used.max()) if used.size else -1,
-                      meta, offsets, part_cap, seg_cap, merge_cap, quota=quota)
+    return DecodePlan(params, batch, num_ctas, num_merges, max_page, meta, offsets, part_cap, seg_cap, merge_cap,
+                      quota=quota)
 
 
 _num_ctas: dict = {}  # (program, smem, device) -> CTAs in one wave
@@ -618,7 +618,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
                 if info.shape[0] < ip[-1]:
                     raise ValueError(f"indices: has {info.shape[0]} entries but indptr[-1] is {ip[-1]}")
                 dev_ix = info
-        ix = None if dev_ix is not None else checks.host_int_array("indices", indices)
+        ix = None if dev_ix is not None else checks.host_index_array("indices", indices)
         if seq_lens is not None:
             want = checks.host_int_array("seq_lens", seq_lens)
             got = page_table_lengths(ip, None, lp, page)[0]

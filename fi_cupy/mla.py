@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from . import prefill
-from .page import KVView, MAX_GRID, THREADS, _append_function, _append_indices, _byte_vector
+from .page import KVView, MAX_GRID, THREADS, _append_function, _append_indices, _byte_vector, largest_page
 from ._core import checks, streams
 from ._core import dtypes as dt
 from ._core.call import Call
@@ -82,8 +82,9 @@ _DOCS = dict(GLOSSARY, **{
 
 
 def _pages_used(kv_indptr: np.ndarray, kv_indices: np.ndarray, kv_lens: np.ndarray, page_size: int) -> tuple:
-    """(page indptr, page indices) of the pages that hold each request's kv_len tokens: FlashInfer's MLA
-    plan takes lengths (kv_len_arr) beside the page table, which may list more pages than they need."""
+    """(page indptr, page indices, the largest of them) of the pages that hold each request's kv_len
+    tokens: FlashInfer's MLA plan takes lengths (kv_len_arr) beside the page table, which may list more
+    pages than they need."""
     have = np.diff(kv_indptr)
     need = -(-kv_lens // page_size)
     short = np.nonzero(need > have)[0]
@@ -98,9 +99,7 @@ def _pages_used(kv_indptr: np.ndarray, kv_indices: np.ndarray, kv_lens: np.ndarr
     # entry k of the used table is request r's page (k - ip[r]) of its own list
     r = np.repeat(np.arange(need.size), need)
     used = kv_indices[kv_indptr[:-1][r] + np.arange(ip[-1]) - ip[:-1][r]] if ip[-1] else np.zeros(0, np.int64)
-    if used.size and used.min() < 0:
-        raise ValueError(f"kv_indices: page indices must be >= 0, got {int(used.min())}")
-    return ip, used
+    return ip, used, largest_page(used, "kv_indices")
 
 
 @document("Multi-head latent attention (DeepSeek's MLA, absorbed form) over a paged compressed cache.",
@@ -183,11 +182,11 @@ class BatchMLAPagedAttentionWrapper(prefill._PrefillWrapper):
             raise ValueError(f"kv_len_arr: lengths must be >= 0, got {int(lens.min())}")
         if qo[-1] >= 2 ** 31:
             raise ValueError("qo_indptr[-1] (total queries) must be < 2**31")
-        used_ip, used = _pages_used(ip, ix, lens, page_size)
+        used_ip, used, top = _pages_used(ip, ix, lens, page_size)
         params = prefill.PrefillParams(num_heads, 1, prefill.MLA_DIMS[0], q_dtype, kv_dtype, causal, -1, 0.0, scale_,
                                        False, 1.0, 1e4, page_size, False, prefill.MLA_DIMS[1])
-        self._finish_plan(params, qo.astype(np.int32), used_ip.astype(np.int32), lens.astype(np.int32),
-                          used.astype(np.int32), None, None, None)
+        self._finish_plan(params, qo.astype(np.int32), used_ip.astype(np.int32), lens.astype(np.int32), (used, top),
+                          None, None, None)
         if self._use_cuda_graph:  # as FlashInfer's plan(): its CUDA-graph buffers hold the tables
             self._fill_buffers({"qo_indptr": qo, "kv_indptr": ip, "kv_indices": ix[:int(ip[-1])], "kv_len_arr": lens},
                                streams.resolve(None, self._ws.framework, self._ws.device))

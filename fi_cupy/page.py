@@ -58,9 +58,9 @@ class KVView:
 
 def page_table_lengths(indptr: np.ndarray, indices: np.ndarray | None, last_page_len: np.ndarray, page_size: int,
                        prefix: str = "") -> tuple:
-    """(kv_lens, used page indices) of a CSR page table, checked (decode's `indptr`, prefill's
-    `paged_kv_indptr`: argument names are prefix + indptr / indices / last_page_len). indices None:
-    they stay on the device, unchecked (fast_decode_plan); used is then None."""
+    """(kv_lens, used page indices, the largest of them or -1) of a CSR page table, checked (decode's
+    `indptr`, prefill's `paged_kv_indptr`: argument names are prefix + indptr / indices / last_page_len).
+    indices None: they stay on the device, unchecked (fast_decode_plan); used is then None."""
     batch = indptr.size - 1
     if last_page_len.size != batch:
         raise ValueError(f"{prefix}last_page_len: expected {batch} entries (batch_size), got {last_page_len.size}")
@@ -75,8 +75,7 @@ def page_table_lengths(indptr: np.ndarray, indices: np.ndarray | None, last_page
         raise ValueError(f"{prefix}last_page_len: request {i} has {pages[i]} pages and last_page_len "
                          f"{last_page_len[i]}; expected 1..{page_size} (page_size) for a non-empty request, 0 for none")
     used = None if indices is None else indices[:total_pages]
-    if used is not None and used.size and used.min() < 0:
-        raise ValueError(f"{prefix}indices: page indices must be >= 0, got {int(used.min())}")
+    max_page = -1 if used is None else largest_page(used, f"{prefix}indices")
     if total_pages >= 2 ** 31:
         raise ValueError(f"{prefix}indptr[-1] (total pages) must be < 2**31")
     kv_lens = (pages - 1) * page_size + last_page_len
@@ -85,7 +84,21 @@ def page_table_lengths(indptr: np.ndarray, indices: np.ndarray | None, last_page
     # A request's length is at most its pages * page_size: its own check only where the total allows 2**31.
     if total_pages * page_size >= 2 ** 31 and kv_lens.size and kv_lens.max() >= 2 ** 31:
         raise ValueError("a request's kv length must be < 2**31")
-    return kv_lens, used
+    return kv_lens, used, max_page
+
+
+def largest_page(used: np.ndarray, name: str) -> int:
+    """The largest of page indices `used` (-1 when empty), ValueError naming `name` when one is negative.
+    One pass: viewed as unsigned, a negative entry is above every non-negative one, so a single max()
+    both finds the largest and shows a negative (plan() reads 32K indices a step at batch 512)."""
+    if not used.size:
+        return -1
+    if used.dtype.kind != "i":
+        return int(used.max())
+    top = int(used.view(used.dtype.str.replace("i", "u")).max())
+    if top >> (8 * used.itemsize - 1):
+        raise ValueError(f"{name}: page indices must be >= 0, got {int(used.min())}")
+    return top
 
 
 def _last_pages_ok(pages: np.ndarray, last_page_len: np.ndarray, page_size: int, every_request_has_pages: bool) -> bool:
@@ -299,7 +312,7 @@ def _check_append_indices(ip, ix, lp, b, p, page_size: int, num_pages: int) -> N
     if ip[-1] > ix.size:
         raise ValueError(f"kv_indptr: its last entry {ip[-1]} exceeds the {ix.size} entries of kv_indices")
     used = ix[:ip[-1]]
-    if used.size and (used.min() < 0 or used.max() >= num_pages):
+    if used.size and used.view(np.uint64).max() >= num_pages:  # a negative index is huge unsigned
         bad = int(used[(used < 0) | (used >= num_pages)][0])
         raise ValueError(f"kv_indices: page index {bad} is out of range for a cache of {num_pages} pages")
     pages = np.diff(ip)

@@ -374,10 +374,12 @@ def variant_flags(params: PrefillParams, custom_mask: bool) -> int:
 
 
 def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.ndarray, kv_lens: np.ndarray,
-                 page_indices: np.ndarray | None, tile: TileShape, num_ctas: int, mask_offsets: np.ndarray | None,
+                 pages: tuple | None, tile: TileShape, num_ctas: int, mask_offsets: np.ndarray | None,
                  capacity: dict | None = None, split: int | None = None) -> tuple:
     """(PrefillPlan without mask, sizes) for host metadata. kv_indptr: page indptr (paged) or token
-    offsets (ragged). capacity (CUDA graphs): fixed part sizes, so every device address stays put."""
+    offsets (ragged). pages (paged): (the used page indices, kv_indptr[-1] of them; the largest, checked
+    by page.page_table_lengths). capacity (CUDA graphs): fixed part sizes, so every device address stays
+    put."""
     batch = qo_indptr.size - 1
     qo_lens = qo_indptr[1:] - qo_indptr[:-1]  # slicing, not np.diff: plan() runs every step
     # CUDA graphs keep one persistent grid of num_ctas CTAs (else a CTA an item): deal it in a snake.
@@ -385,20 +387,21 @@ def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.nda
     sch = scheduler.prefill_schedule(qo_lens, kv_lens, params.group_size, params.num_kv_heads, tile.rows,
                                      num_ctas, params.causal, min_chunk, snake=capacity is not None, split=split)
     counts = np.array([sch.items.shape[0], sch.merges.shape[0], 0, 0], dtype=np.int32)
-    idx = page_indices if page_indices is not None else np.zeros(0, np.int32)
-    # int64 offsets as int32 pairs; none: zeros
-    moff = np.zeros(2 * batch, np.int32) if mask_offsets is None else mask_offsets.astype(np.int64).view(np.int32)
-    parts = [("counts", counts), ("items", sch.items.ravel()), ("merges", sch.merges.ravel()),
-             ("qo_indptr", qo_indptr), ("kv_indptr", kv_indptr), ("kv_lens", kv_lens),
-             ("mask_offset", moff), ("indices", idx)]
-    sizes = {n: a.size for n, a in parts}
+    idx, max_page = pages if pages is not None else (np.zeros(0, np.int32), -1)
+    # int64 offsets as int32 pairs; none: zeros (pack_meta's for a part without values)
+    moff = None if mask_offsets is None else mask_offsets.astype(np.int64).view(np.int32)
+    parts = [("counts", counts, 4), ("items", sch.items.ravel(), sch.items.size),
+             ("merges", sch.merges.ravel(), sch.merges.size), ("qo_indptr", qo_indptr, batch + 1),
+             ("kv_indptr", kv_indptr, batch + 1), ("kv_lens", kv_lens, batch), ("mask_offset", moff, 2 * batch),
+             ("indices", idx, idx.size)]
+    sizes = {n: size for n, _, size in parts}
     if capacity is not None:
-        for n, a in parts:
-            if a.size > capacity["sizes"][n]:
-                raise ValueError(f"use_cuda_graph=True: this plan needs {a.size} entries of '{n}' metadata but the "
+        for n, _, size in parts:
+            if size > capacity["sizes"][n]:
+                raise ValueError(f"use_cuda_graph=True: this plan needs {size} entries of '{n}' metadata but the "
                                  f"first plan reserved {capacity['sizes'][n]}; create a new wrapper for larger batches")
         sizes = capacity["sizes"]
-    meta, offsets = pack_meta([(n, a, sizes[n]) for n, a in parts])
+    meta, offsets = pack_meta([(n, a, sizes[n]) for n, a, _ in parts])
     part_cap = sch.num_partial_rows if capacity is None else capacity["partial"]
     if sch.num_partial_rows > part_cap:
         raise ValueError("use_cuda_graph=True: this plan cuts more KV ranges than the first plan; create a new "
@@ -409,8 +412,6 @@ def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.nda
         grid, merge_grid = max(n_items, 1), max(n_merges, 1)
     else:
         grid, merge_grid = capacity["grid"], capacity["merge_grid"]
-    used = idx[: kv_indptr[-1]] if page_indices is not None else idx
-    max_page = int(used.max()) if used.size else -1
     plan = PrefillPlan(params, batch, int(qo_indptr[-1]), tile, n_items, n_merges, sch.num_partial_rows,
                        max_page, meta, offsets, part_cap, grid, merge_grid)
     return plan, {"sizes": sizes, "partial": part_cap, "grid": grid, "merge_grid": merge_grid}
@@ -699,7 +700,7 @@ class _PrefillWrapper(PlannedWrapper):
                                checks.int_arg("token_pos_in_items_len", kw["token_pos_in_items_len"]),
                                max_item_lens=most)
 
-    def _finish_plan(self, params, qo_indptr, kv_indptr, kv_lens, page_indices, custom_mask,
+    def _finish_plan(self, params, qo_indptr, kv_indptr, kv_lens, pages, custom_mask,
                      packed_custom_mask, stream, split=None, dry: bool = False):
         s = streams.resolve(stream, self._ws.framework, self._ws.device)
         qo_lens = qo_indptr[1:] - qo_indptr[:-1]
@@ -715,14 +716,14 @@ class _PrefillWrapper(PlannedWrapper):
                              device=self._ws.device)
         ctas = num_ctas(params, tile, self._ws.device, self._paged, flags)
         offsets = None if mask is None else mask[2]
-        plan, capacity = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, page_indices, tile, ctas, offsets, cap,
+        plan, capacity = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, pages, tile, ctas, offsets, cap,
                                       split)
         if self._use_cuda_graph and cap is None:
             # Room to grow: the grid is one wave and the metadata parts are sized generously.
             capacity["sizes"] = {k: max(2 * v, 1024) for k, v in capacity["sizes"].items()}
             capacity["partial"] = max(2 * capacity["partial"], 4 * ctas * tile.rows)
             capacity["grid"], capacity["merge_grid"], capacity["tile"] = ctas, ctas, tile
-            plan, _ = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, page_indices, tile, ctas, offsets, capacity,
+            plan, _ = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, pages, tile, ctas, offsets, capacity,
                                    split)
             if not dry:
                 self._capacity = capacity
@@ -736,9 +737,10 @@ class _PrefillWrapper(PlannedWrapper):
             alibi.device_slopes(params.num_qo_heads, self._ws.device, s)
         if self._use_cuda_graph:
             pages = kv_indptr[1:] - kv_indptr[:-1]
-            last_page = None if page_indices is None else \
+            last_page = None if pages is None else \
                 np.where(pages > 0, kv_lens - (pages - 1) * max(params.page_size, 1), 0)
-            tables = dict(zip(self._table_buffers, (qo_indptr, kv_indptr, page_indices, last_page)))
+            used = None if pages is None else pages[0]
+            tables = dict(zip(self._table_buffers, (qo_indptr, kv_indptr, used, last_page)))
             if mask is not None:
                 tables["mask_indptr_buf"] = mask[3]
             self._fill_buffers(tables, s)
@@ -907,18 +909,17 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
         else:
             checks.unsupported("block_tables", kw["block_tables"])  # with indptr given: one page table, not two
             ip = checks.host_int_array("paged_kv_indptr", indptr)
-            ix = checks.host_int_array("paged_kv_indices", indices)
+            ix = checks.host_index_array("paged_kv_indices", indices)
             lp = checks.host_int_array("paged_kv_last_page_len", last_page_len)
         checks.indptr("paged_kv_indptr", ip, qo.size)
-        kv_lens, used = page_table_lengths(ip, ix, lp, page_size, "paged_kv_")
+        kv_lens, used, max_page = page_table_lengths(ip, ix, lp, page_size, "paged_kv_")
         self._check_lengths(kw, qo, kv_lens)
         if qo[-1] >= 2 ** 31:
             raise ValueError("qo_indptr[-1] (total queries) must be < 2**31")
         custom_mask = self._mask_args(kw, qo, kv_lens)
         params, split = self._options(kw, custom_mask is not None or kw["packed_custom_mask"] is not None)
         need = self._finish_plan(params, qo.astype(np.int32), ip.astype(np.int32), kv_lens.astype(np.int32),
-                                 used.astype(np.int32), custom_mask, kw["packed_custom_mask"], kw["stream"], split,
-                                 dry)
+                                 (used, max_page), custom_mask, kw["packed_custom_mask"], kw["stream"], split, dry)
         if dry:
             return need
         self._last_plan = (tables, kw)

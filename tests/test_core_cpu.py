@@ -167,3 +167,27 @@ def test_memo_of_plain_args_keys_by_value_and_type_and_never_remembers_errors():
     for _ in range(2):
         with pytest.raises(ValueError, match="num_qo_heads"):
             prefill.make_params(0, 8, 128, None, True, "NONE", -1, None, None, None, None, "float16", None, True)
+
+
+def test_pack_meta_zero_fills_everything_but_the_values():
+    """pack_meta writes its large parts over uninitialised memory: every element that no part's values
+    cover must still be zero (capacity padding, device-written parts, the 16-byte rounding), whatever the
+    mix of large, small, empty and None parts."""
+    from fi_cupy._core.workspace import _LARGE_PART, pack_meta
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        parts = []
+        for i in range(rng.integers(1, 7)):
+            n = int(rng.choice([0, 1, 3, 17, _LARGE_PART - 1, _LARGE_PART, 3 * _LARGE_PART + 5]))
+            a = None if rng.random() < 0.2 else rng.integers(1, 1 << 30, n, dtype=rng.choice([np.int32, np.int64]))
+            parts.append((f"p{i}", a, n + int(rng.integers(0, 9))))
+        meta, offsets = pack_meta(parts)
+        want = np.zeros(sum((cap + 3) & -4 for _, _, cap in parts), np.int32)
+        at = 0
+        for name, a, cap in parts:
+            assert offsets[name] == at and at % 4 == 0
+            if a is not None:
+                want[at: at + a.size] = a
+            at += (cap + 3) & -4
+        assert meta.dtype == np.int32
+        np.testing.assert_array_equal(meta, want)

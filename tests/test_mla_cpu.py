@@ -10,8 +10,8 @@ def test_pages_used_keeps_the_needed_pages_in_order():
     ip = np.array([0, 3, 3, 7], np.int64)
     ix = np.array([9, 4, 6, 1, 2, 8, 5], np.int64)
     lens = np.array([17, 0, 16], np.int64)  # page 16: 2 of 3 pages, none, 1 of 4
-    used_ip, used = mla._pages_used(ip, ix, lens, 16)
-    assert used_ip.tolist() == [0, 2, 2, 3] and used.tolist() == [9, 4, 1]
+    used_ip, used, top = mla._pages_used(ip, ix, lens, 16)
+    assert used_ip.tolist() == [0, 2, 2, 3] and used.tolist() == [9, 4, 1] and top == 9
     with pytest.raises(ValueError, match="^kv_len_arr: request 0 has 49 tokens, more than its 3 pages of 16"):
         mla._pages_used(ip, ix, np.array([49, 0, 1]), 16)
     with pytest.raises(ValueError, match="^kv_indices: has 6 entries but kv_indptr"):
@@ -56,6 +56,6 @@ def test_hopper_plan_cuts_small_batches_into_256_key_chunks():
     """One 8192-token request at 128 heads: 2 row tiles, each cut into chunks of at least MLA_MIN_CHUNK keys so
     the grid fills, whose partial states merge afterwards."""
     qo, kv = np.array([0, 1], np.int32), np.array([8192], np.int32)
-    plan, _ = prefill.plan_prefill(_mla_params(), qo, np.array([0, 128], np.int32), kv, np.arange(128, dtype=np.int32),
+    plan, _ = prefill.plan_prefill(_mla_params(), qo, np.array([0, 128], np.int32), kv, (np.arange(128, dtype=np.int32), 127),
                                    prefill.MLA_SM90_TILE, 132, None)
     assert plan.num_merges == 2 and plan.num_items == 2 * (8192 // 256)

@@ -136,7 +136,7 @@ def test_plan_metadata_layout():
     kv_lens = np.array([100, 9, 30], np.int32)
     idx = np.arange(10, dtype=np.int32)[::-1].copy()
     tile, _ = prefill.plan_tile(p, np.diff(qo), False)
-    plan, cap = prefill.plan_prefill(p, qo, kv_ip, kv_lens, idx, tile, 264, None)
+    plan, cap = prefill.plan_prefill(p, qo, kv_ip, kv_lens, (idx, 9), tile, 264, None)
     m = plan.meta
     assert all(v % 4 == 0 for v in plan.offsets.values())  # 16-byte aligned parts
     n = m[plan.offsets["counts"]]
@@ -147,8 +147,9 @@ def test_plan_metadata_layout():
     assert plan.max_page == 9 and plan.tile.rows == 128
     # CUDA graphs: a second plan with the reserved capacity keeps every offset.
     cap["sizes"] = {k: 2 * v + 8 for k, v in cap["sizes"].items()}
-    a, _ = prefill.plan_prefill(p, qo, kv_ip, kv_lens, idx, tile, 264, None, cap)
-    b, _ = prefill.plan_prefill(p, np.array([0, 5, 6, 7], np.int32), kv_ip, kv_lens, idx, tile, 264, None, cap)
+    a, _ = prefill.plan_prefill(p, qo, kv_ip, kv_lens, (idx, 9), tile, 264, None, cap)
+    b, _ = prefill.plan_prefill(p, np.array([0, 5, 6, 7], np.int32), kv_ip, kv_lens, (idx, 9), tile, 264, None,
+                                cap)
     assert a.offsets == b.offsets and a.meta.size == b.meta.size and a.grid == b.grid
 
 
@@ -231,8 +232,8 @@ def test_alibi_flag_and_programs():
     qo = np.array([0, 5, 6], np.int32)
     kv_ip = np.array([0, 1, 2], np.int32)
     tile, flags = prefill.plan_tile(p, np.diff(qo), False)
-    plan, _ = prefill.plan_prefill(p, qo, kv_ip, np.array([9, 16], np.int32), np.arange(2, dtype=np.int32), tile,
-                                   264, None)
+    plan, _ = prefill.plan_prefill(p, qo, kv_ip, np.array([9, 16], np.int32), (np.arange(2, dtype=np.int32), 1),
+                                   tile, 264, None)
     assert plan.flags == flags == prefill.ALIBI and plan.params.alibi
     alibi_progs = [pr for pr in prefill.all_programs() if pr.kernels[0].targs[-1] & prefill.ALIBI]
     assert alibi_progs and all(pr.kernels[0].kernel == "fic::prefill_kernel" for pr in alibi_progs)

@@ -290,15 +290,47 @@ def test_segments_are_in_cta_pair_token_order_with_empty_pairs(split):
 
 def test_page_table_lengths_with_and_without_empty_requests():
     from fi_cupy.page import page_table_lengths
-    kv, used = page_table_lengths(np.array([0, 2, 2, 5]), np.arange(6), np.array([5, 0, 16]), 16)
-    assert kv.tolist() == [21, 0, 48] and used.tolist() == [0, 1, 2, 3, 4]
-    kv, _ = page_table_lengths(np.array([0, 1, 3]), None, np.array([16, 1]), 16)
-    assert kv.tolist() == [16, 17]
+    kv, used, top = page_table_lengths(np.array([0, 2, 2, 5]), np.arange(6)[::-1], np.array([5, 0, 16]), 16)
+    assert kv.tolist() == [21, 0, 48] and used.tolist() == [5, 4, 3, 2, 1] and top == 5
+    kv, used, top = page_table_lengths(np.array([0, 1, 3]), None, np.array([16, 1]), 16)
+    assert kv.tolist() == [16, 17] and used is None and top == -1
     assert page_table_lengths(np.array([0]), np.zeros(0, np.int64), np.zeros(0, np.int64), 16)[0].size == 0
     with pytest.raises(ValueError, match="request 1 has 0 pages and last_page_len 3"):
         page_table_lengths(np.array([0, 2, 2]), np.arange(2), np.array([5, 3]), 16)
     with pytest.raises(ValueError, match="request 1 has 1 pages and last_page_len 0"):
         page_table_lengths(np.array([0, 2, 3]), np.arange(3), np.array([5, 0]), 16)
+
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint16, np.uint32, np.uint64])
+def test_largest_page_finds_the_largest_index_and_any_negative_one(dtype):
+    """One pass over an unsigned view: the largest index, -1 for none, and a negative one found wherever it
+    is (first, last, the type's minimum), as the two reductions it replaces."""
+    from fi_cupy.page import largest_page
+    rng = np.random.default_rng(7)
+    for n in (0, 1, 5, 1000):
+        a = rng.integers(0, np.iinfo(dtype).max // 2 + 1, n, dtype=dtype)
+        assert largest_page(a, "indices") == (int(a.max()) if n else -1)
+        assert largest_page(a[::-3], "indices") == (int(a[::-3].max()) if n else -1)  # a strided view
+        if n and np.iinfo(dtype).min < 0:
+            for at, v in ((0, -1), (n - 1, -7), (n // 2, np.iinfo(dtype).min)):
+                b = a.copy()
+                b[at] = v
+                with pytest.raises(ValueError, match=f"^indices: page indices must be >= 0, got {v}$"):
+                    largest_page(b, "indices")
+
+
+def test_host_index_array_keeps_int32_and_int64():
+    from fi_cupy._core import checks
+    for dtype in (np.int32, np.int64):
+        a = np.arange(4, dtype=dtype)
+        assert checks.host_index_array("indices", a) is a
+    for x in (np.arange(4, dtype=np.int16), np.arange(4, dtype=np.uint32), [0, 1, 2]):
+        assert checks.host_index_array("indices", x).dtype == np.int64
+    with pytest.raises(TypeError, match="^indices: expected an integer array, got dtype float32"):
+        checks.host_index_array("indices", np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="^indices: expected a 1-D array"):
+        checks.host_index_array("indices", np.zeros((2, 2), np.int32))
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -107,9 +107,9 @@ def choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
 
 
-def host_int_array(name: str, x, ndim: int = 1) -> np.ndarray:
-    """An integer array of `ndim` dims as host int64 numpy. Device arrays are copied to the host (a
-    sync): callers document where that happens."""
+def host_int_array(name: str, x, ndim: int = 1, keep: tuple = ()) -> np.ndarray:
+    """An integer array of `ndim` dims as host int64 numpy (dtypes in `keep` as they are). Device arrays
+    are copied to the host (a sync): callers document where that happens."""
     if isinstance(x, np.ndarray):
         a = x
     elif hasattr(x, "__dlpack_device__") and int(x.__dlpack_device__()[0]) != 1:
@@ -120,7 +120,16 @@ def host_int_array(name: str, x, ndim: int = 1) -> np.ndarray:
         raise ValueError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
     if a.size and a.dtype.kind not in "iu":  # np.issubdtype(a.dtype, np.integer), without its cost
         raise TypeError(f"{name}: expected an integer array, got dtype {a.dtype}")
-    return a.astype(np.int64, copy=False)
+    return a if a.dtype in keep else a.astype(np.int64, copy=False)
+
+
+_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+
+
+def host_index_array(name: str, x) -> np.ndarray:
+    """host_int_array for page indices, which are range-checked and copied but never computed with: int32
+    stays int32 (plan() at batch 512 would otherwise convert 32K indices every step)."""
+    return host_int_array(name, x, keep=_INDEX_DTYPES)
 
 
 def _device_to_host(x, name: str) -> np.ndarray:

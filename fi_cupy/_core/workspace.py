@@ -29,12 +29,23 @@ def pack_meta(parts) -> tuple:
     for name, _, cap in parts:
         offsets[name] = cur
         cur += (cap + 3) & -4
-    meta = np.zeros(cur, dtype=np.int32)
+    # Zeroed around the large parts (page indices: 32K at batch 512), which are written over at once.
+    meta, zero_from = np.empty(cur, dtype=np.int32), 0
     for name, a, _ in parts:
-        if a is not None and a.size:  # plan() packs every step: an empty part costs no numpy call
+        if a is not None and a.size >= _LARGE_PART:
+            start = offsets[name]
+            meta[zero_from: start] = 0
+            meta[start: start + a.size] = a
+            zero_from = start + a.size
+    meta[zero_from:] = 0
+    for name, a, _ in parts:
+        if a is not None and 0 < a.size < _LARGE_PART:  # plan() packs every step: an empty part costs no call
             start = offsets[name]
             meta[start: start + a.size] = a
     return meta, offsets
+
+
+_LARGE_PART = 4096  # elements: pack_meta writes a part this large over uninitialised memory
 
 
 class PlanCache:
