@@ -11,10 +11,15 @@
 // contiguous; a cut pair is merged by the entry of its first interior quota boundary.
 //
 // One CTA of kThreads threads: a scan over the requests (token and empty-request prefixes, written to
-// scratch), then each thread takes a run of CTAs: counts, a scan, and the writes.
+// scratch), then each thread takes a run of CTAs: counts, a scan, and the writes. The CTA phase is chains
+// of dependent loads (binary searches over the prefixes, a segment's length then the next): with up to
+// kStagedRequests requests the prefixes and lengths sit in shared memory (kStagedBytes of dynamic shared
+// memory), else in the global scratch.
 namespace fic {
 
 constexpr int kScheduleThreads = 1024;
+constexpr int kStagedRequests = 2047;  // (batch + 1) x (cum, empty_before, kv_lens): 32 KB, under 48 KB with the scans
+constexpr int kStagedBytes = (kStagedRequests + 1) * 16;
 
 // Exclusive prefix over the block of each thread's N values (in place); returns the block totals.
 template <int N>
@@ -118,15 +123,25 @@ struct CtaShare {
 };
 
 // kv_lens: the requests' KV lengths; window_left >= 0: a request sees its last window_left + 1 keys.
-// Scratch: cum (batch + 1 long longs), empty_before (batch + 1 ints). Outputs as DecodeSchedule's, at
-// their capacities: segments (int4: request, head block, key start, key end), segment_partial,
-// cta_indptr (num_ctas + 1), merge_pairs, merge_indptr (merge_cap + 1, padded with its last entry).
+// Scratch: cum (batch + 1 long longs), empty_before (batch + 1 ints), used when batch > kStagedRequests
+// (else the launch gives kStagedBytes of dynamic shared memory). Outputs as DecodeSchedule's, at their
+// capacities: segments (int4: request, head block, key start, key end), segment_partial, cta_indptr
+// (num_ctas + 1), merge_pairs, merge_indptr (merge_cap + 1, padded with its last entry).
 __global__ void __launch_bounds__(kScheduleThreads)
 decode_schedule_kernel(const int* __restrict__ kv_lens, int batch, int head_blocks, int num_ctas, long long quota,
                        int window_left, long long* __restrict__ cum, int* __restrict__ empty_before,
                        int4* __restrict__ segments, int* __restrict__ segment_partial, int* __restrict__ cta_indptr,
                        int* __restrict__ merge_pairs, int* __restrict__ merge_indptr, int merge_cap) {
+  extern __shared__ long long staged[];
   const int tid = threadIdx.x;
+  const int* lens = kv_lens;  // read by the CTA phase
+  if (batch <= kStagedRequests) {  // cum, then empty_before and kv_lens (ints), in shared memory
+    cum = staged;
+    empty_before = reinterpret_cast<int*>(staged + batch + 1);
+    int* lens_staged = empty_before + batch + 1;
+    for (int r = tid; r < batch; r += kScheduleThreads) lens_staged[r] = kv_lens[r];
+    lens = lens_staged;
+  }
   // Requests: a run of `per` a thread; visible lengths and empty flags summed, scanned, written.
   const int per = (batch + kScheduleThreads - 1) / kScheduleThreads;
   const int r_begin = min(tid * per, batch), r_end = min(r_begin + per, batch);
@@ -175,7 +190,7 @@ decode_schedule_kernel(const int* __restrict__ kv_lens, int batch, int head_bloc
     int r = cs.r0, h = cs.h0;
     long long start = cs.start0;
     for (int i = 0; i < cs.segs; ++i) {
-      const long long n = ps.len(r), vis = kv_lens[r] - n;  // the request's first visible key
+      const long long n = ps.len(r), vis = lens[r] - n;  // the request's first visible key
       const long long lo = max(start, s), hi = min(start + n, e);
       segments[seg0 + i] = make_int4(r, h, (int)(lo - start + vis), (int)(hi - start + vis));
       segment_partial[seg0 + i] = (i == 0 && cs.cut_first) ? row0
@@ -195,7 +210,7 @@ decode_schedule_kernel(const int* __restrict__ kv_lens, int batch, int head_bloc
     for (int j = 0; j < cs.empties; ++j) {  // empty pairs k = b + j * num_ctas
       const long long k = b + (long long)j * num_ctas;
       const int er = ps.empty_request((int)(k / head_blocks));
-      const int ek = kv_lens[er];  // nothing visible: every key is before the window (or none at all)
+      const int ek = lens[er];  // nothing visible: every key is before the window (or none at all)
       segments[seg0 + cs.segs + j] = make_int4(er, (int)(k % head_blocks), ek, ek);
       segment_partial[seg0 + cs.segs + j] = -1;
     }

@@ -13,13 +13,17 @@ from ._core import kernels
 from ._core.kernels import DevPtr, KernelSpec, Program, i32, i64
 
 THREADS = 1024  # the kernel's block (kScheduleThreads, checked at compile time)
+# Batches of up to STAGED_REQUESTS requests: the kernel keeps its request prefixes in STAGED_BYTES of dynamic
+# shared memory (kStagedRequests, kStagedBytes) instead of the scratch parts.
+STAGED_REQUESTS, STAGED_BYTES = 2047, 2048 * 16
 # Parts of the metadata block the kernel writes (int32 elements), before the parts the host uploads.
 DEVICE_PARTS = ("segments", "segment_partial", "cta_indptr", "merge_pairs", "merge_indptr", "cum", "empty_before")
 
 
 def schedule_program() -> Program:
     return Program("decode_schedule.cu", (KernelSpec("fic::decode_schedule_kernel", ()),),
-                   asserts=(("fic::kScheduleThreads", THREADS),))
+                   asserts=(("fic::kScheduleThreads", THREADS), ("fic::kStagedRequests", STAGED_REQUESTS),
+                            ("fic::kStagedBytes", STAGED_BYTES)))
 
 
 def all_programs() -> list:
@@ -49,4 +53,5 @@ def launch_schedule(meta_ptr: int, offsets: dict, batch: int, head_blocks: int, 
     kernels.launch(fn, (1,), (THREADS,), [
         at("kv_lens"), i32(batch), i32(head_blocks), i32(num_ctas), i64(quota), i32(window_left),
         at("cum"), at("empty_before"), at("segments"), at("segment_partial"), at("cta_indptr"),
-        at("merge_pairs"), at("merge_indptr"), i32(merge_cap)], stream, device)
+        at("merge_pairs"), at("merge_indptr"), i32(merge_cap)], stream, device,
+        smem=STAGED_BYTES if batch <= STAGED_REQUESTS else 0)
