@@ -46,12 +46,17 @@ def launch_schedule(meta_ptr: int, offsets: dict, batch: int, head_blocks: int, 
                     window_left: int, merge_cap: int, stream: int, device: int) -> None:
     """Queue the schedule kernel on `stream`: it reads the plan's kv_lens (uploaded before) and writes the
     DEVICE_PARTS of the metadata block at meta_ptr (offsets: pack_meta's, int32 elements)."""
-    fn = kernels.cached_function(device, ("decode_schedule",), _program_and_kernel)
+    smem = STAGED_BYTES if batch <= STAGED_REQUESTS else 0
+    launch = _launches.get((device, smem))
+    if launch is None:  # plan() launches every step: its Prepared is kept, and fed plain ints
+        fn = kernels.cached_function(device, ("decode_schedule",), _program_and_kernel)
+        launch = _launches[(device, smem)] = kernels.Prepared(fn, (1,), (THREADS,), _SIGNATURE, device, smem)
+    at = {part: meta_ptr + 4 * off for part, off in offsets.items()}
+    launch([at["kv_lens"], batch, head_blocks, num_ctas, quota, window_left, at["cum"], at["empty_before"],
+            at["segments"], at["segment_partial"], at["cta_indptr"], at["merge_pairs"], at["merge_indptr"],
+            merge_cap], stream)
 
-    def at(part):
-        return DevPtr(meta_ptr + 4 * offsets[part])
-    kernels.launch(fn, (1,), (THREADS,), [
-        at("kv_lens"), i32(batch), i32(head_blocks), i32(num_ctas), i64(quota), i32(window_left),
-        at("cum"), at("empty_before"), at("segments"), at("segment_partial"), at("cta_indptr"),
-        at("merge_pairs"), at("merge_indptr"), i32(merge_cap)], stream, device,
-        smem=STAGED_BYTES if batch <= STAGED_REQUESTS else 0)
+
+# The kernel's parameters (kernels.signature_of of its arguments), in launch_schedule's order.
+_SIGNATURE = (DevPtr, i32, i32, i32, i64, i32) + (DevPtr,) * 7 + (i32,)
+_launches: dict = {}  # (device, dynamic shared memory) -> kernels.Prepared

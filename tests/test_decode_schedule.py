@@ -60,7 +60,7 @@ def test_device_schedule_is_the_host_schedule(seed):
                                 [0, 7, 1] * 682 + [3, 5000]])
 def test_device_schedule_edges(kv):
     """All empty, one request, empties around a long one, more requests than threads, one long request;
-    2047 and 2048 requests (either side of the limit of bench/patches/decode_schedule_staged.diff)."""
+    2047 and 2048 requests (either side of decode_schedule.STAGED_REQUESTS)."""
     kv = np.array(kv)
     for head_blocks, num_ctas in ((1, 1), (8, 528), (3, 1056)):
         want = scheduler.decode_schedule(kv, None, head_blocks, num_ctas)

@@ -715,11 +715,11 @@ class _Fn:
         pass
 
 
-def test_launch_passes_config_function_and_parameters(monkeypatch):
-    """kernels.Prepared.here through a C function standing in for cuLaunchKernelEx, called the way the driver
-    is (no argtypes, c_void_p objects): it receives the CUlaunchConfig (grid, block, shared memory, the
-    stream of each call, the PDL attribute), the function handle, kernelParams pointing at each argument's
-    packed value, and a null `extra`."""
+def _driver_stand_in(monkeypatch, read_params) -> tuple:
+    """A C function standing in for cuLaunchKernelEx, called the way the driver is (no argtypes, c_void_p
+    objects). Returns (the list each launch appends to: (grid + block + shared memory, stream, number of
+    attributes, the first one's id and value, function handle, read_params(kernelParams), extra), the
+    callback, which the caller keeps alive)."""
     import ctypes
     import struct
     seen = []
@@ -728,16 +728,29 @@ def test_launch_passes_config_function_and_parameters(monkeypatch):
     def stand_in(cfg, fn, params, extra):
         head = struct.unpack(kernels._CONFIG_FMT, ctypes.string_at(cfg, kernels._CONFIG_BYTES))
         attr_id, attr_val = struct.unpack("<i4xi", ctypes.string_at(head[8], 12)) if head[9] else (None, None)
-        p = [ctypes.c_void_p.from_address(params + 8 * i).value for i in range(5)]
-        vals = (ctypes.c_uint64.from_address(p[0]).value, ctypes.c_int64.from_address(p[1]).value,
-                ctypes.c_int32.from_address(p[2]).value, ctypes.c_float.from_address(p[3]).value,
-                ctypes.string_at(p[4], 12))
-        seen.append((head[:7], head[7], head[9], attr_id, attr_val, fn, vals, extra))
+        seen.append((head[:7], head[7], head[9], attr_id, attr_val, fn, read_params(params), extra))
         return 0
 
     raw = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.cast(stand_in, ctypes.c_void_p).value)
     raw.argtypes = None
     monkeypatch.setattr(kernels, "_libcuda", [(None, raw)])
+    return seen, stand_in
+
+
+def test_launch_passes_config_function_and_parameters(monkeypatch):
+    """kernels.Prepared.here through a C function standing in for cuLaunchKernelEx, called the way the driver
+    is (no argtypes, c_void_p objects): it receives the CUlaunchConfig (grid, block, shared memory, the
+    stream of each call, the PDL attribute), the function handle, kernelParams pointing at each argument's
+    packed value, and a null `extra`."""
+    import ctypes
+    import struct
+
+    def read(params):
+        p = [ctypes.c_void_p.from_address(params + 8 * i).value for i in range(5)]
+        return (ctypes.c_uint64.from_address(p[0]).value, ctypes.c_int64.from_address(p[1]).value,
+                ctypes.c_int32.from_address(p[2]).value, ctypes.c_float.from_address(p[3]).value,
+                ctypes.string_at(p[4], 12))
+    seen, _keep = _driver_stand_in(monkeypatch, read)
     args = [kernels.ptr(1 << 40), np.int64(-7), kernels.i32(3), kernels.f32(0.5), kernels.struct_arg("iii", 1, 2, 3)]
     prep = kernels.Prepared(_Fn(), (5, 2), (128,), kernels.signature_of(args), 0, smem=4096, pdl=True)
     values = [int(args[0]), -7, 3, 0.5, bytes(args[4])]
@@ -751,3 +764,34 @@ def test_launch_passes_config_function_and_parameters(monkeypatch):
                      ((1 << 40) + 64, -7, 3, 0.5, triple), None),
                     ((5, 2, 1, 128, 1, 1, 4096), 0x2222, 1, kernels._PDL_ATTR, 1, _Fn.ptr,
                      (1 << 40, -7, 3, 0.5, triple), None)]
+
+
+def test_schedule_launch_passes_its_parts_and_scalars(monkeypatch):
+    """decode_schedule.launch_schedule keeps a Prepared per (device, shared memory) and feeds it plain ints:
+    the driver stand-in receives one CTA of THREADS threads, the staged shared memory up to STAGED_REQUESTS
+    requests (none past them), and the parameters in the kernel's order: each part's address in the
+    metadata block, the sizes, the 64-bit quota."""
+    import ctypes
+    from fi_cupy import decode_schedule as ds
+    order = ("kv_lens", "batch", "head_blocks", "num_ctas", "quota", "window_left", "cum", "empty_before",
+             "segments", "segment_partial", "cta_indptr", "merge_pairs", "merge_indptr", "merge_cap")
+    kinds = [ctypes.c_uint64 if t is kernels.DevPtr else ctypes.c_int64 if t is kernels.i64 else ctypes.c_int32
+             for t in ds._SIGNATURE]
+
+    def read(params):
+        return tuple(kind.from_address(ctypes.c_void_p.from_address(params + 8 * i).value).value
+                     for i, kind in enumerate(kinds))
+    seen, _keep = _driver_stand_in(monkeypatch, read)
+    monkeypatch.setattr(kernels, "cached_function", lambda device, key, build: _Fn())
+    monkeypatch.setattr(kernels, "cuda_runtime", lambda: type("R", (), {"getDevice": staticmethod(lambda: 0)}))
+    monkeypatch.setattr(ds, "_launches", {})
+    base = 1 << 40
+    offsets = {name: 16 * k for k, name in enumerate(ds.DEVICE_PARTS + ("page_indptr", "kv_lens"))}
+    for batch in (5, ds.STAGED_REQUESTS, ds.STAGED_REQUESTS + 1, 5):
+        scalars = {"batch": batch, "head_blocks": 3, "num_ctas": 528, "quota": (1 << 33) + 5, "window_left": -1,
+                   "merge_cap": 77}
+        ds.launch_schedule(base, offsets, batch, 3, 528, (1 << 33) + 5, -1, 77, 0x5150, 0)
+        want = tuple(scalars[n] if n in scalars else base + 4 * offsets[n] for n in order)
+        smem = ds.STAGED_BYTES if batch <= ds.STAGED_REQUESTS else 0
+        assert seen.pop() == ((1, 1, 1, ds.THREADS, 1, 1, smem), 0x5150, 0, None, None, _Fn.ptr, want, None)
+    assert len(ds._launches) == 2
