@@ -206,14 +206,16 @@ _staging_lock = threading.Lock()
 def upload(host: np.ndarray, dst_ptr: int, device: int, stream: int) -> None:
     """Copy a host array to device memory at dst_ptr, queued on `stream`, without waiting for the
     stream (through pinned staging; a direct copy while the stream is being captured)."""
-    import cupy
+    streams.on_device(device, _upload_here, host, dst_ptr, device, stream)  # plan() uploads every step
+
+
+def _upload_here(host: np.ndarray, dst_ptr: int, device: int, stream: int) -> None:
     from cupy.cuda import runtime
-    with cupy.cuda.Device(device):
-        if streams.is_capturing(stream):
-            runtime.memcpyAsync(dst_ptr, host.ctypes.data, host.nbytes, runtime.memcpyHostToDevice, stream)
-            return
-        with _staging_lock:
-            _staging.setdefault(device, _Staging()).copy(host, dst_ptr, stream)
+    if streams.is_capturing(stream):
+        runtime.memcpyAsync(dst_ptr, host.ctypes.data, host.nbytes, runtime.memcpyHostToDevice, stream)
+        return
+    with _staging_lock:
+        _staging.setdefault(device, _Staging()).copy(host, dst_ptr, stream)
 
 
 def single_call_meta(cache: dict, device: int, stream: int, framework: str, key, meta: np.ndarray,
