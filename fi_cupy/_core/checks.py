@@ -244,6 +244,8 @@ def alibi_without_soft_cap(pos_encoding_mode: str, soft_cap: float) -> None:
 def unsupported(name: str, value, neutral=(None,)) -> None:
     """A FlashInfer argument we accept but cannot honour: NotImplementedError unless it has one of its
     neutral values (the default, or one that asks for nothing)."""
+    if value is neutral[0]:  # the default, as nearly every call passes it: plan() checks several a step
+        return
     if not any(value is n or (n is not None and not hasattr(value, "__dlpack__") and value == n) for n in neutral):
         shown = type(value).__name__ if hasattr(value, "__dlpack__") else repr(value)
         raise NotImplementedError(f"{name}: {shown} is not supported (only {' or '.join(map(repr, neutral))})")
