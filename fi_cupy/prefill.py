@@ -700,7 +700,7 @@ class _PrefillWrapper(PlannedWrapper):
                                checks.int_arg("token_pos_in_items_len", kw["token_pos_in_items_len"]),
                                max_item_lens=most)
 
-    def _finish_plan(self, params, qo_indptr, kv_indptr, kv_lens, pages, custom_mask,
+    def _finish_plan(self, params, qo_indptr, kv_indptr, kv_lens, used_pages, custom_mask,
                      packed_custom_mask, stream, split=None, dry: bool = False):
         s = streams.resolve(stream, self._ws.framework, self._ws.device)
         qo_lens = qo_indptr[1:] - qo_indptr[:-1]
@@ -716,14 +716,14 @@ class _PrefillWrapper(PlannedWrapper):
                              device=self._ws.device)
         ctas = num_ctas(params, tile, self._ws.device, self._paged, flags)
         offsets = None if mask is None else mask[2]
-        plan, capacity = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, pages, tile, ctas, offsets, cap,
+        plan, capacity = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, used_pages, tile, ctas, offsets, cap,
                                       split)
         if self._use_cuda_graph and cap is None:
             # Room to grow: the grid is one wave and the metadata parts are sized generously.
             capacity["sizes"] = {k: max(2 * v, 1024) for k, v in capacity["sizes"].items()}
             capacity["partial"] = max(2 * capacity["partial"], 4 * ctas * tile.rows)
             capacity["grid"], capacity["merge_grid"], capacity["tile"] = ctas, ctas, tile
-            plan, _ = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, pages, tile, ctas, offsets, capacity,
+            plan, _ = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, used_pages, tile, ctas, offsets, capacity,
                                    split)
             if not dry:
                 self._capacity = capacity
@@ -737,10 +737,10 @@ class _PrefillWrapper(PlannedWrapper):
             alibi.device_slopes(params.num_qo_heads, self._ws.device, s)
         if self._use_cuda_graph:
             pages = kv_indptr[1:] - kv_indptr[:-1]
-            last_page = None if pages is None else \
+            last_page = None if used_pages is None else \
                 np.where(pages > 0, kv_lens - (pages - 1) * max(params.page_size, 1), 0)
-            used = None if pages is None else pages[0]
-            tables = dict(zip(self._table_buffers, (qo_indptr, kv_indptr, used, last_page)))
+            indices = None if used_pages is None else used_pages[0]
+            tables = dict(zip(self._table_buffers, (qo_indptr, kv_indptr, indices, last_page)))
             if mask is not None:
                 tables["mask_indptr_buf"] = mask[3]
             self._fill_buffers(tables, s)

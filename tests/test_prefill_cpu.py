@@ -377,3 +377,31 @@ def test_schedule_by_request_past_many_waves(uniform):
     assert tie.any() and (head[1:][tie] == head[:-1][tie] + 1).all()  # a tile's heads side by side
     one = scheduler.prefill_schedule(qo[:1], kv[:1], 1, 64, rows, 1, True)  # one request: longest first
     assert (np.diff(cost(one)) <= 0).all()
+
+
+def test_cuda_graph_plan_fills_its_table_buffers(monkeypatch):
+    """A CUDA-graph paged prefill wrapper's plan() writes FlashInfer's table buffers: qo_indptr, the page
+    indptr, the used page indices (int32 or int64 given: int32 written) and last_page_len, as given; and the
+    metadata block. The device stands in (uploads recorded, an H100's properties)."""
+    from fi_cupy._core import kernels, streams
+    from test_core_cpu import FakeCudaArray
+    uploads = {}
+    monkeypatch.setattr(prefill, "upload", lambda host, ptr, device, stream: uploads.__setitem__(ptr, host.copy()))
+    monkeypatch.setattr(streams, "resolve", lambda stream, framework, device: 0)
+    props = {"name": "H100 (stub)", "sms": 132, "smem_optin": 227 * 1024, "smem_sm": 228 * 1024, "cc": 90}
+    monkeypatch.setattr(kernels, "device_props", lambda device=0: props)
+    monkeypatch.setattr(kernels, "device_arch", lambda device=0: "sm_90a")
+    monkeypatch.setattr(prefill, "num_ctas", lambda params, tile, device, paged, flags: 264)
+    names = ("qo_indptr_buf", "paged_kv_indptr_buf", "paged_kv_indices_buf", "paged_kv_last_page_len_buf")
+    bufs = {n: FakeCudaArray((64,), (1,), code=0, bits=32, ptr=0x100000 * (i + 1)) for i, n in enumerate(names)}
+    ws = FakeCudaArray((64 << 20,), None, code=1, bits=8, ptr=0x40000000)
+    w = prefill.BatchPrefillWithPagedKVCacheWrapper(ws, use_cuda_graph=True, **bufs)
+    qo, ip, lp = np.array([0, 3, 3, 8]), np.array([0, 2, 3, 6]), np.array([5, 16, 1])
+    for dtype in (np.int32, np.int64):
+        ix = np.array([9, 4, 7, 1, 2, 8, 30], dtype)  # one more than indptr uses
+        uploads.clear()
+        w.plan(qo, ip, ix, lp, 8, 2, 128, 16, causal=True, q_data_type="float16")
+        for name, want in zip(names, (qo, ip, ix[:6], lp)):
+            got = uploads[0x100000 * (names.index(name) + 1)]
+            assert got.dtype == np.int32 and got.tolist() == want.tolist(), name
+        assert len(uploads) == 5  # and the metadata block
