@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._core import memo
+
 MAX_HEADS_PER_BLOCK = 8
 
 
@@ -399,7 +401,7 @@ def prefill_schedule(qo_lens, kv_lens, group: int, num_kv_heads: int, rows: int,
     request's values and its index among the request's items, and where every request is alike, from
     a (request, KV head, tile, chunk) grid (_uniform_items)."""
     qo_lens, kv_lens = np.asarray(qo_lens), np.asarray(kv_lens)
-    uniform = qo_lens.size == 1 or qo_lens.size > 1 and (qo_lens == qo_lens[0]).all() and (kv_lens == kv_lens[0]).all()
+    uniform = qo_lens.size > 0 and _all_equal(qo_lens) and _all_equal(kv_lens)
     if uniform:  # every request alike
         qo, kv = int(qo_lens[0]), int(kv_lens[0])
         tiles = -(-qo * group // rows)
@@ -434,6 +436,15 @@ def prefill_schedule(qo_lens, kv_lens, group: int, num_kv_heads: int, rows: int,
     elif cost is None:  # every item costs the same: loop order is longest first already
         return PrefillSchedule(items, merges, prow_total)
     return PrefillSchedule(items[order], merges, prow_total)
+
+
+def _all_equal(a: np.ndarray) -> bool:
+    """Whether every entry of 1-D, non-empty `a` is the same: small arrays as a Python list, where one
+    numpy call costs more than the whole list."""
+    if a.size <= 64:
+        values = a.tolist()
+        return values.count(values[0]) == len(values)
+    return bool((a == a[0]).all())
 
 
 # Uncut batches of at least this many waves of num_ctas items run request by request (_by_request), not
@@ -526,19 +537,15 @@ def _kv_chunk(kv_len: int, want: int, min_chunk: int, split: int | None) -> tupl
 def _uniform_items(batch: int, qo_len: int, kv_len: int, tiles: int, chunks: tuple, group: int, num_kv_heads: int,
                    rows: int, causal: bool) -> tuple:
     """_cut_items (or _whole_items) where every request has the same lengths: the items, in loop order,
-    form a (request, KV head, tile, chunk) grid, each field a broadcast of one axis's values (a few
-    numpy calls whatever the batch). chunks: _kv_chunk's (chunks, chunk keys, cut) of every request.
-    The item costs are None where all are equal (nothing to sort)."""
+    form a (request, KV head, tile, chunk) grid, each field a broadcast of one axis's values; the fields
+    that do not depend on the lengths come from _uniform_grid (memoised). chunks: _kv_chunk's (chunks,
+    chunk keys, cut) of every request. The item costs are None where all are equal (nothing to sort)."""
     n_chunks, chunk, cut = chunks
-    grid = (batch, num_kv_heads, tiles, n_chunks)
-    items = np.zeros(grid + (8,), np.int32)
-    p0 = np.arange(0, tiles * rows, rows)[:, None]  # each tile's first packed row
+    skeleton, merges = _uniform_grid(batch, num_kv_heads, tiles, n_chunks, rows, cut)
+    items = skeleton.copy()
     bounds = np.arange(n_chunks + 1) * chunk
     np.minimum(bounds, kv_len, out=bounds)
     lo, hi = bounds[:-1], bounds[1:]  # each chunk's keys
-    items[..., 0] = np.arange(batch)[:, None, None, None]
-    items[..., 1] = np.arange(num_kv_heads)[:, None, None]
-    items[..., 2] = p0
     items[..., 4] = lo
     items[..., 5] = hi
     # Keys each (tile, chunk) visits: prefill_tile_cost's tile keys within the chunk (its clip to
@@ -546,6 +553,7 @@ def _uniform_items(batch: int, qo_len: int, kv_len: int, tiles: int, chunks: tup
     if not causal:
         seen = kv_len
     elif tiles > 1:  # bottom-right: a tile's last query row sees keys up to its token + (kv_len - qo_len)
+        p0 = np.arange(0, tiles * rows, rows)[:, None]  # each tile's first packed row
         seen = (np.minimum(p0 + rows, qo_len * group) - 1) // group + (kv_len - qo_len + 1)
     else:  # the same for the one tile, in Python ints
         seen = (min(rows, qo_len * group) - 1) // group + (kv_len - qo_len + 1)
@@ -555,14 +563,30 @@ def _uniform_items(batch: int, qo_len: int, kv_len: int, tiles: int, chunks: tup
         cost = None  # no reordering
     else:  # the costs of every request and head
         cost = np.broadcast_to(cost, (batch * num_kv_heads, tiles, n_chunks)).ravel()
-    if not cut:
+    return items.reshape(-1, 8), merges, (batch * num_kv_heads * tiles * n_chunks * rows if cut else 0), cost
+
+
+@functools.partial(memo.of_plain_args, size=16)  # a few shapes at a time; an entry can reach megabytes
+def _uniform_grid(batch: int, num_kv_heads: int, tiles: int, n_chunks: int, rows: int, cut: bool) -> tuple:
+    """The fields of a uniform batch's items that depend on its shape alone: a (batch, num_kv_heads, tiles,
+    n_chunks, 8) grid holding each item's request, KV head, first packed row and first partial row (-1
+    uncut), its KV range left to fill; and the merges, a tile each where cut. Memoised, read-only: a serving
+    engine's steps repeat the shape while the lengths grow."""
+    grid = (batch, num_kv_heads, tiles, n_chunks)
+    items = np.zeros(grid + (8,), np.int32)
+    items[..., 0] = np.arange(batch)[:, None, None, None]
+    items[..., 1] = np.arange(num_kv_heads)[:, None, None]
+    items[..., 2] = np.arange(0, tiles * rows, rows)[:, None]
+    if cut:
+        n = batch * num_kv_heads * tiles * n_chunks
+        items[..., 3] = np.arange(0, n * rows, rows).reshape(grid)  # every item its block of partial rows
+        merges = items[:, :, :, 0].copy().reshape(-1, 8)  # a merge a tile: its request, head, rows, first partial rows
+        merges[:, 4], merges[:, 5] = n_chunks, rows
+    else:
         items[..., 3] = -1
-        return items.reshape(-1, 8), np.zeros((0, 8), np.int32), 0, cost
-    n = batch * num_kv_heads * tiles * n_chunks
-    items[..., 3] = np.arange(0, n * rows, rows).reshape(grid)  # every item its block of partial rows
-    merges = items[:, :, :, 0].copy().reshape(-1, 8)  # a merge a tile: its request, head, rows, first partial rows
-    merges[:, 4], merges[:, 5] = n_chunks, rows
-    return items.reshape(-1, 8), merges, n * rows, cost
+        merges = np.zeros((0, 8), np.int32)
+    items.flags.writeable = merges.flags.writeable = False
+    return items, merges
 
 
 def _cut_items(qo_lens: np.ndarray, kv_lens: np.ndarray, packed: np.ndarray, tiles: np.ndarray, group: int,
