@@ -159,6 +159,8 @@ _fi_setup() {
 #   full: also fp16, head_dim 256/512 decode, 256 and 192/128 prefill -> 67
 #   host: min + rope, quantization, gelu / gelu_tanh, single decode: what
 #         bench/bench_host.py calls
+#   plan: only what bench_host.py --only plan calls (bf16 head_dim 128 batch
+#         decode, fa2 and fa3 batch prefill)                    -> 4 modules
 # FI_PREBUILD_EXTRA: a python list expression of extra JitSpecs, evaluated
 # with the generators below in scope.  A call whose module is not prebuilt
 # still JIT-builds it on first use.
@@ -180,8 +182,8 @@ from flashinfer.jit.core import build_jit_specs
 mode, which = sys.argv[1], sys.argv[2]
 bf16, f16, e4m3, i32 = torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int32
 full = which == "full"
-specs = [gen_norm_module(), gen_act_and_mul_module("silu"), gen_sampling_module(),
-         gen_cascade_module(), gen_page_module()]
+specs = [] if which == "plan" else [gen_norm_module(), gen_act_and_mul_module("silu"), gen_sampling_module(),
+                                    gen_cascade_module(), gen_page_module()]
 
 def fa2_batch_prefill(*a):
     # what get_batch_prefill_module("fa2", ...) builds: the primary module and
@@ -189,7 +191,11 @@ def fa2_batch_prefill(*a):
     return [_gen_batch_prefill_primary_module("fa2", *a),
             _gen_batch_prefill_independent_paged_module("fa2", *a)]
 
-for dt in ((bf16, f16) if full else (bf16,)):
+if which == "plan":
+    a = (bf16, bf16, bf16, i32, 128, 128, 0, False, False, False)
+    specs += [gen_batch_decode_module(bf16, bf16, bf16, i32, 128, 128, 0, False, False)]
+    specs += fa2_batch_prefill(*a) + [gen_batch_prefill_module("fa3", *a)]
+for dt in () if which == "plan" else ((bf16, f16) if full else (bf16,)):
     for kv in (dt, e4m3):
         for d in ((128, 256, 512) if full else (128,)):
             # BatchDecodeWithPagedKVCacheWrapper, use_tensor_cores=False
