@@ -37,9 +37,10 @@ def test_hopper_tile_and_its_backend_choice(monkeypatch):
     """The Hopper kernel (cuda_src/mla_sm90.cu) takes 64 rows with both warpgroups (256 threads), 64-key tiles; "auto"
     and "fa3" pick it on sm_90a, "fa2" the portable tile; "fa3" elsewhere is refused naming the backend."""
     t = prefill.MLA_SM90_TILE
-    assert (t.rows, t.threads, prefill.kv_tile(prefill.MLA_DIMS[0], t, prefill.Q_DTYPES[1], prefill.MLA_DIMS[1])) == (64, 256, 64)
+    dqk, dvo = prefill.MLA_DIMS
+    assert (t.rows, t.threads, prefill.kv_tile(dqk, t, prefill.Q_DTYPES[1], dvo)) == (64, 256, 64)
     assert [p.filename for p in prefill.sm90_programs()[-2:]] == ["mla_sm90.cu"] * 2  # fp16, bf16: CI compiles them
-    assert prefill.smem_bytes(prefill.MLA_DIMS[0], t, prefill.Q_DTYPES[1], prefill.MLA_DIMS[1]) <= 227 * 1024
+    assert prefill.smem_bytes(dqk, t, prefill.Q_DTYPES[1], dvo) <= 227 * 1024
     qo = np.ones(4, np.int64)
     monkeypatch.setattr(prefill.kernels, "device_arch", lambda device: "sm_90a")
     monkeypatch.setattr(prefill.kernels, "device_props", lambda device: {"smem_optin": 227 * 1024})  # an H100's

@@ -301,7 +301,6 @@ def test_page_table_lengths_with_and_without_empty_requests():
         page_table_lengths(np.array([0, 2, 3]), np.arange(3), np.array([5, 0]), 16)
 
 
-
 @pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint16, np.uint32, np.uint64])
 def test_largest_page_finds_the_largest_index_and_any_negative_one(dtype):
     """One pass over an unsigned view: the largest index, -1 for none, and a negative one found wherever it
