@@ -600,6 +600,10 @@ _PLAN_OPTIONS = ("causal", "pos_encoding_mode", "use_fp16_qk_reduction", "window
                  "sm_scale", "rope_scale", "rope_theta")  # what FlashInfer's legacy forward() may override
 
 
+# FlashInfer's cuDNN / trtllm-gen length arguments that plan() checks against the indptrs (_check_lengths)
+_LENGTH_ARGS = ("seq_lens_q", "seq_lens", "max_token_per_sequence", "max_sequence_kv", "uniform_q_len")
+
+
 class _PrefillWrapper(PlannedWrapper):
     """Shared by the paged and ragged wrappers: FlashInfer's constructor, plan() options, CUDA-graph
     capacities and buffers, outputs, launch, and the legacy forward() calls."""
@@ -664,7 +668,9 @@ class _PrefillWrapper(PlannedWrapper):
 
     def _check_lengths(self, kw: dict, qo: np.ndarray, kv_lens: np.ndarray) -> None:
         """FlashInfer's cuDNN / trtllm-gen length arguments, where given, must agree with the indptrs."""
-        qo_lens = qo[1:] - qo[:-1]  # slicing, not np.diff: plan() runs every step
+        if all(kw.get(k) is None for k in _LENGTH_ARGS):  # plan() runs every step
+            return
+        qo_lens = qo[1:] - qo[:-1]
         for name, want in (("seq_lens_q", qo_lens), ("seq_lens", kv_lens)):
             if kw.get(name) is not None:
                 got = checks.host_int_array(name, kw[name])
@@ -918,8 +924,9 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
             raise ValueError("qo_indptr[-1] (total queries) must be < 2**31")
         custom_mask = self._mask_args(kw, qo, kv_lens)
         params, split = self._options(kw, custom_mask is not None or kw["packed_custom_mask"] is not None)
-        need = self._finish_plan(params, qo.astype(np.int32), ip.astype(np.int32), kv_lens.astype(np.int32),
-                                 (used, max_page), custom_mask, kw["packed_custom_mask"], kw["stream"], split, dry)
+        # int64 on: the checks above keep every value below 2**31, and packing casts to int32
+        need = self._finish_plan(params, qo, ip, kv_lens, (used, max_page), custom_mask, kw["packed_custom_mask"],
+                                 kw["stream"], split, dry)
         if dry:
             return need
         self._last_plan = (tables, kw)

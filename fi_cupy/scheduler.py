@@ -426,6 +426,8 @@ def prefill_schedule(qo_lens, kv_lens, group: int, num_kv_heads: int, rows: int,
     if uncut and not snake and qo_lens.size > 1 and items.shape[0] >= LOCALITY_WAVES * num_ctas:
         by_request = _by_request(np.full(qo_lens.size, tiles) if uniform else tiles, num_kv_heads, kv_lens)
         return PrefillSchedule(items[by_request], merges, prow_total)
+    if cost is None and not snake:  # every item costs the same: loop order is longest first already
+        return PrefillSchedule(items, merges, prow_total)
     order = np.arange(items.shape[0]) if cost is None else (-cost).argsort(kind="stable")
     if snake:
         rnd, pos = np.divmod(np.arange(order.size), num_ctas)
@@ -433,8 +435,6 @@ def prefill_schedule(qo_lens, kv_lens, group: int, num_kv_heads: int, rows: int,
         dealt = np.empty_like(order)
         dealt[rnd * num_ctas + np.where(reverse, num_ctas - 1 - pos, pos)] = order
         order = dealt
-    elif cost is None:  # every item costs the same: loop order is longest first already
-        return PrefillSchedule(items, merges, prow_total)
     return PrefillSchedule(items[order], merges, prow_total)
 
 
