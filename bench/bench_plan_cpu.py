@@ -82,16 +82,19 @@ def prefill_ctas(tile, kv_dtype) -> int:
 
 def stub_device() -> None:
     """Let the wrappers' plan() run on a machine without a GPU: the current stream is 0, uploads are the
-    staging copy alone, the device is an H100 (132 SMs, 227 KB of shared memory a CTA) and the CTA
-    counts are the ones above (they load a kernel on a GPU). Decode's schedule kernel is not launched
+    staging copy alone (none for metadata packed in the wrapper's pinned memory, numpy's here), the
+    device is an H100 (132 SMs, 227 KB of shared memory a CTA) and the CTA counts are the ones above
+    (they load a kernel on a GPU). Decode's schedule kernel is not launched
     (a launch's host cost, a few us on a GPU host, is not in these figures). For the wrapper columns only."""
     from fi_cupy import decode_schedule
     from fi_cupy._core import kernels, streams, workspace
     decode_schedule.launch_schedule = lambda *args: None
 
-    def upload(host, ptr, device, stream):
-        staging = np.empty(host.nbytes, np.uint8)
-        staging[:] = host.reshape(-1).view(np.uint8)
+    def upload(host, ptr, device, stream, pinned=None):  # the staging copy, unless packed in pinned memory
+        if pinned is None:
+            staging = np.empty(host.nbytes, np.uint8)
+            staging[:] = host.reshape(-1).view(np.uint8)
+    workspace.PinnedMeta.empty = lambda self, n: np.empty(n, np.int32)
     streams.resolve = lambda stream, framework, device: 0
     for mod in (workspace, decode, prefill):
         mod.upload = upload

@@ -279,13 +279,13 @@ def check_page_table(params: DecodeParams, indptr: np.ndarray, indices: np.ndarr
 
 def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray | None,
                 last_page_len: np.ndarray, num_ctas: int, lengths: tuple | None = None, split: int | None = None,
-                fixed_capacity: tuple | None = None, on_device: bool = False) -> DecodePlan:
+                fixed_capacity: tuple | None = None, on_device: bool = False, alloc=None) -> DecodePlan:
     """lengths: check_page_table's result when the caller has checked the table already (with
     indices None: the kernel reads them from a device array, outside meta). split: see
     scheduler.decode_schedule. fixed_capacity (CUDA graphs): the (segments, partial rows, cut pairs)
     capacities every plan of the wrapper keeps; a split that needs more is refused. on_device (a
     wrapper's plan): a quota split (split None) is left to the schedule kernel (decode_schedule.py,
-    launched by the wrapper after the upload): the host picks the quota alone."""
+    launched by the wrapper after the upload): the host picks the quota alone. alloc: pack_meta's."""
     batch = indptr.size - 1
     kv_lens, used, max_page = lengths or check_page_table(params, indptr, indices, last_page_len)
     wl = params.window_left
@@ -319,7 +319,7 @@ def plan_decode(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray | 
     meta, offsets = pack_meta(parts + [("page_indptr", indptr, batch + 1), ("kv_lens", kv_lens, batch)] +
                               # a variant's params.get_qo_len: one query a request
                               ([("qo_indptr", np.arange(batch + 1), batch + 1)] if params.variant is not None else []) +
-                              [("indices", used, used.size)])
+                              [("indices", used, used.size)], alloc)
     if sch is not None:  # merge_indptr is padded with its last entry, so the merge CTAs past the cut pairs find no rows
         mi = sch.merge_indptr
         start = offsets["merge_indptr"]
@@ -547,13 +547,15 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         variant = (decode_variant(params, params.kv_dtype, self._ws.device), num_ctas)
         if self._graph_caps is not None and self._graph_caps[0] != variant and not dry:
             self._graph_caps = None  # another kernel: a graph captured before must be captured again anyway
+        alloc = None if dry else self._pinned.empty
         plan = plan_decode(params, ip, ix, lp, num_ctas, lengths, split, self._graph_caps and self._graph_caps[1],
-                           on_device=DEVICE_SCHEDULE)
+                           on_device=DEVICE_SCHEDULE, alloc=alloc)
         if self._use_cuda_graph and self._graph_caps is None and not dry:
             caps = (plan.segment_capacity, plan.partial_capacity, plan.merge_capacity)
             if split:  # room for a fixed split that grows with the lengths (the others fit the default)
                 caps = tuple(2 * c for c in caps)
-                plan = plan_decode(params, ip, ix, lp, num_ctas, lengths, split, caps, on_device=DEVICE_SCHEDULE)
+                plan = plan_decode(params, ip, ix, lp, num_ctas, lengths, split, caps, on_device=DEVICE_SCHEDULE,
+                                   alloc=alloc)
             self._graph_caps = (variant, caps)
         if dry:
             return plan.partial_bytes() + plan.meta.nbytes
@@ -566,7 +568,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
             alibi.device_slopes(params.num_qo_heads, self._ws.device, s)
         plan = self._place_indices(plan, ix, dev_ix, s)
         meta_ptr = self._ws.ptr + plan.partial_bytes()
-        upload(plan.meta[plan.upload_from:], meta_ptr + 4 * plan.upload_from, self._ws.device, s)
+        upload(plan.meta[plan.upload_from:], meta_ptr + 4 * plan.upload_from, self._ws.device, s, self._pinned)
         if plan.quota is not None:
             decode_schedule.launch_schedule(meta_ptr, plan.offsets, plan.batch_size, plan.num_kv_heads_blocks,
                                             plan.num_ctas, plan.quota, params.window_left, plan.merge_capacity, s,

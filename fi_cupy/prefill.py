@@ -375,11 +375,11 @@ def variant_flags(params: PrefillParams, custom_mask: bool) -> int:
 
 def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.ndarray, kv_lens: np.ndarray,
                  pages: tuple | None, tile: TileShape, num_ctas: int, mask_offsets: np.ndarray | None,
-                 capacity: dict | None = None, split: int | None = None) -> tuple:
+                 capacity: dict | None = None, split: int | None = None, alloc=None) -> tuple:
     """(PrefillPlan without mask, sizes) for host metadata. kv_indptr: page indptr (paged) or token
     offsets (ragged). pages (paged): (the used page indices, kv_indptr[-1] of them; the largest, checked
     by page.page_table_lengths). capacity (CUDA graphs): fixed part sizes, so every device address stays
-    put."""
+    put. alloc: pack_meta's."""
     batch = qo_indptr.size - 1
     qo_lens = qo_indptr[1:] - qo_indptr[:-1]  # slicing, not np.diff: plan() runs every step
     # CUDA graphs keep one persistent grid of num_ctas CTAs (else a CTA an item): deal it in a snake.
@@ -401,7 +401,7 @@ def plan_prefill(params: PrefillParams, qo_indptr: np.ndarray, kv_indptr: np.nda
                 raise ValueError(f"use_cuda_graph=True: this plan needs {size} entries of '{n}' metadata but the "
                                  f"first plan reserved {capacity['sizes'][n]}; create a new wrapper for larger batches")
         sizes = capacity["sizes"]
-    meta, offsets = pack_meta([(n, a, sizes[n]) for n, a, _ in parts])
+    meta, offsets = pack_meta([(n, a, sizes[n]) for n, a, _ in parts], alloc)
     part_cap = sch.num_partial_rows if capacity is None else capacity["partial"]
     if sch.num_partial_rows > part_cap:
         raise ValueError("use_cuda_graph=True: this plan cuts more KV ranges than the first plan; create a new "
@@ -722,15 +722,16 @@ class _PrefillWrapper(PlannedWrapper):
                              device=self._ws.device)
         ctas = num_ctas(params, tile, self._ws.device, self._paged, flags)
         offsets = None if mask is None else mask[2]
+        alloc = None if dry else self._pinned.empty
         plan, capacity = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, used_pages, tile, ctas, offsets, cap,
-                                      split)
+                                      split, alloc)
         if self._use_cuda_graph and cap is None:
             # Room to grow: the grid is one wave and the metadata parts are sized generously.
             capacity["sizes"] = {k: max(2 * v, 1024) for k, v in capacity["sizes"].items()}
             capacity["partial"] = max(2 * capacity["partial"], 4 * ctas * tile.rows)
             capacity["grid"], capacity["merge_grid"], capacity["tile"] = ctas, ctas, tile
             plan, _ = plan_prefill(params, qo_indptr, kv_indptr, kv_lens, used_pages, tile, ctas, offsets, capacity,
-                                   split)
+                                   split, alloc)
             if not dry:
                 self._capacity = capacity
         if mask is not None:
@@ -738,7 +739,7 @@ class _PrefillWrapper(PlannedWrapper):
         if dry:
             return plan.partial_bytes() + plan.meta.nbytes
         self._room_for(plan)
-        upload(plan.meta, self._ws.ptr + plan.partial_bytes(), self._ws.device, s)
+        upload(plan.meta, self._ws.ptr + plan.partial_bytes(), self._ws.device, s, self._pinned)
         if params.alibi:  # uploaded now, after every check: run() allocates nothing
             alibi.device_slopes(params.num_qo_heads, self._ws.device, s)
         if self._use_cuda_graph:

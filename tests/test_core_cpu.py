@@ -172,7 +172,7 @@ def test_memo_of_plain_args_keys_by_value_and_type_and_never_remembers_errors():
 def test_pack_meta_zero_fills_everything_but_the_values():
     """pack_meta writes its large parts over uninitialised memory: every element that no part's values
     cover must still be zero (capacity padding, device-written parts, the 16-byte rounding), whatever the
-    mix of large, small, empty and None parts."""
+    mix of large, small, empty and None parts, and in a block that held other values (alloc)."""
     from fi_cupy._core.workspace import _LARGE_PART, pack_meta
     rng = np.random.default_rng(3)
     for _ in range(200):
@@ -181,7 +181,8 @@ def test_pack_meta_zero_fills_everything_but_the_values():
             n = int(rng.choice([0, 1, 3, 17, _LARGE_PART - 1, _LARGE_PART, 3 * _LARGE_PART + 5]))
             a = None if rng.random() < 0.2 else rng.integers(1, 1 << 30, n, dtype=rng.choice([np.int32, np.int64]))
             parts.append((f"p{i}", a, n + int(rng.integers(0, 9))))
-        meta, offsets = pack_meta(parts)
+        dirty = rng.random() < 0.5  # a reused pinned slot holds the last plan's values
+        meta, offsets = pack_meta(parts, (lambda n: np.full(n, -7, np.int32)) if dirty else None)
         want = np.zeros(sum((cap + 3) & -4 for _, _, cap in parts), np.int32)
         at = 0
         for name, a, cap in parts:
@@ -191,3 +192,34 @@ def test_pack_meta_zero_fills_everything_but_the_values():
             at += (cap + 3) & -4
         assert meta.dtype == np.int32
         np.testing.assert_array_equal(meta, want)
+
+
+def test_pinned_meta_slots_alternate_on_each_upload_and_wait_before_reuse(monkeypatch):
+    """A wrapper's PinnedMeta: packing twice before an upload reuses one slot; upload() sends the block
+    from where it lies (no staging copy) and records an event on the caller's stream; the next plan packs
+    into the other slot, and the one after waits for the first copy's event before writing over it.
+    The CUDA runtime and pinned allocation stand in (numpy memory, calls recorded)."""
+    import cupyx
+    from cupy.cuda import runtime
+    from fi_cupy._core import streams, workspace
+    calls, events = [], iter(range(100, 200))
+    monkeypatch.setattr(cupyx, "empty_pinned", lambda n, dtype: np.empty(n, dtype))
+    monkeypatch.setattr(runtime, "eventCreateWithFlags", lambda flags: next(events))
+    for name in ("eventRecord", "eventSynchronize", "memcpyAsync"):
+        monkeypatch.setattr(runtime, name, lambda *a, _n=name: calls.append((_n,) + a))
+    monkeypatch.setattr(streams, "on_device", lambda device, fn, *a: fn(*a))
+    monkeypatch.setattr(streams, "is_capturing", lambda stream: False)
+    p = workspace.PinnedMeta(0)
+    first = p.empty(10)
+    again = p.empty(40000)  # a CUDA-graph plan packs twice: the same slot, grown
+    workspace.upload(again, 0x1000, 0, 7, p)
+    assert calls == [("memcpyAsync", 0x1000, again.ctypes.data, again.nbytes, runtime.memcpyHostToDevice, 7),
+                     ("eventRecord", 100, 7)]
+    other = p.empty(10)
+    assert not np.shares_memory(other, again) and not calls[2:]  # a fresh slot: nothing to wait for
+    workspace.upload(other, 0x2000, 0, 8, p)
+    assert calls[2:] == [("memcpyAsync", 0x2000, other.ctypes.data, other.nbytes, runtime.memcpyHostToDevice, 8),
+                         ("eventRecord", 101, 8)]
+    third = p.empty(20)
+    assert np.shares_memory(third, again) and calls[4:] == [("eventSynchronize", 100)]
+    assert first.size == 10 and third.size == 20

@@ -21,16 +21,17 @@ def align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def pack_meta(parts) -> tuple:
+def pack_meta(parts, alloc=None) -> tuple:
     """(int32 metadata block, {name: element offset}) of parts [(name, int values, capacity)]: each part
     at its offset, padded to its capacity and to 16 bytes (the kernels read int4 vectors). Values None:
-    a part the device writes (left zero here)."""
+    a part the device writes (left zero here). alloc(n): where the block goes (PinnedMeta.empty: pinned
+    memory that upload() sends as it is); None: a new numpy array."""
     offsets, cur = {}, 0
     for name, _, cap in parts:
         offsets[name] = cur
         cur += (cap + 3) & -4
     # Zeroed around the large parts (page indices: 32K at batch 512), which are written over at once.
-    meta, zero_from = np.empty(cur, dtype=np.int32), 0
+    meta, zero_from = np.empty(cur, dtype=np.int32) if alloc is None else alloc(cur), 0
     for name, a, _ in parts:
         if a is not None and a.size >= _LARGE_PART:
             start = offsets[name]
@@ -144,6 +145,7 @@ class PlannedWrapper:
         checks.contiguous(self._ws)
         checks.pointer_aligned(self._ws, 16)  # partial states and int4 metadata are read 16 bytes at a time
         self._ws_obj = float_workspace_buffer
+        self._pinned = PinnedMeta(self._ws.device)  # where plan() packs its metadata
         self._plan = None
 
     @property
@@ -203,16 +205,56 @@ _staging: dict = {}  # device -> _Staging
 _staging_lock = threading.Lock()
 
 
-def upload(host: np.ndarray, dst_ptr: int, device: int, stream: int) -> None:
+class PinnedMeta:
+    """Pinned host memory that a wrapper's plan() packs its metadata into (pack_meta's alloc), so that
+    upload() sends it with no staging copy: at batch 512 the 32K page indices were otherwise copied twice,
+    into the metadata and then into staging. Two slots in turn; the slot advances when its block is sent,
+    so a plan that packs twice (a CUDA-graph plan sizing its capacities) reuses one slot, and a plan's
+    metadata stays intact until the plan after next packs (by then the wrapper holds a newer plan). A
+    slot is refilled only once the copy out of it has run (an event)."""
+
+    def __init__(self, device: int):
+        self.device = device
+        self.bufs, self.events, self.slot = [None, None], [None, None], 0
+
+    def empty(self, n: int) -> np.ndarray:
+        """n int32 elements in the slot to fill next, free to write."""
+        i = self.slot
+        if self.events[i] is not None:
+            from cupy.cuda import runtime
+            runtime.eventSynchronize(self.events[i])  # the copy out of it two plans ago: normally long done
+        buf = self.bufs[i]
+        if buf is None or buf.size < n:
+            import cupyx
+            buf = self.bufs[i] = streams.on_device(self.device, cupyx.empty_pinned, max(n, 1 << 14), np.int32)
+        return buf[:n]
+
+    def sent(self, stream: int) -> None:
+        """The current slot's block was queued for copying on `stream` (the device is current): mark
+        when that copy has run, and move to the other slot."""
+        from cupy.cuda import runtime
+        i = self.slot
+        if self.events[i] is None:
+            self.events[i] = runtime.eventCreateWithFlags(runtime.eventDisableTiming)
+        runtime.eventRecord(self.events[i], stream)
+        self.slot = i ^ 1
+
+
+def upload(host: np.ndarray, dst_ptr: int, device: int, stream: int, pinned: PinnedMeta | None = None) -> None:
     """Copy a host array to device memory at dst_ptr, queued on `stream`, without waiting for the
-    stream (through pinned staging; a direct copy while the stream is being captured)."""
-    streams.on_device(device, _upload_here, host, dst_ptr, device, stream)  # plan() uploads every step
+    stream (through pinned staging; a direct copy while the stream is being captured). pinned: `host`
+    lies in that PinnedMeta's current slot (pack_meta's alloc), and is sent from there."""
+    streams.on_device(device, _upload_here, host, dst_ptr, device, stream, pinned)  # plan() uploads every step
 
 
-def _upload_here(host: np.ndarray, dst_ptr: int, device: int, stream: int) -> None:
+def _upload_here(host: np.ndarray, dst_ptr: int, device: int, stream: int, pinned: PinnedMeta | None) -> None:
     from cupy.cuda import runtime
     if streams.is_capturing(stream):
         runtime.memcpyAsync(dst_ptr, host.ctypes.data, host.nbytes, runtime.memcpyHostToDevice, stream)
+        return
+    if pinned is not None:
+        runtime.memcpyAsync(dst_ptr, host.ctypes.data, host.nbytes, runtime.memcpyHostToDevice, stream)
+        pinned.sent(stream)
         return
     with _staging_lock:
         _staging.setdefault(device, _Staging()).copy(host, dst_ptr, stream)
