@@ -223,3 +223,4 @@ def test_pinned_meta_slots_alternate_on_each_upload_and_wait_before_reuse(monkey
     third = p.empty(20)
     assert np.shares_memory(third, again) and calls[4:] == [("eventSynchronize", 100)]
     assert first.size == 10 and third.size == 20
+    p.events = [None, None]  # the stand-in events are not CUDA's: nothing for __del__ to wait for

@@ -145,7 +145,8 @@ class PlannedWrapper:
         checks.contiguous(self._ws)
         checks.pointer_aligned(self._ws, 16)  # partial states and int4 metadata are read 16 bytes at a time
         self._ws_obj = float_workspace_buffer
-        self._pinned = PinnedMeta(self._ws.device)  # where plan() packs its metadata
+        if getattr(self, "_pinned", None) is None or self._pinned.device != self._ws.device:
+            self._pinned = PinnedMeta(self._ws.device)  # where plan() packs its metadata
         self._plan = None
 
     @property
@@ -228,6 +229,18 @@ class PinnedMeta:
             import cupyx
             buf = self.bufs[i] = streams.on_device(self.device, cupyx.empty_pinned, max(n, 1 << 14), np.int32)
         return buf[:n]
+
+    def __del__(self):
+        """The buffers go back to CuPy's pinned pool, where a new allocation may take them at once: not
+        while a copy still reads them."""
+        try:
+            from cupy.cuda import runtime
+            for ev in self.events:
+                if ev is not None:
+                    runtime.eventSynchronize(ev)
+                    runtime.eventDestroy(ev)
+        except Exception:  # noqa: BLE001 - interpreter shutdown: CUDA may be gone, nothing left to guard
+            pass
 
     def sent(self, stream: int) -> None:
         """The current slot's block was queued for copying on `stream` (the device is current): mark
