@@ -5,11 +5,15 @@
 # profile_small_host.py and bench_host.py. Logs: $OUT/tests.tgz, $OUT/bench.tgz, $OUT/prebuild.txt.
 # Usage (repo root, carry .whl): bash bench/host_check.sh
 #   env: TESTS (default "tests/test_fastpath.py tests/test_frameworks.py"), JOBS (pytest workers, 4), PREBUILD_S (300: wait at most this
-#   long for the build; FlashInfer is left out of the benchmark if it did not finish), HOST_ARGS (--quick)
+#   long for the build; FlashInfer is left out of the benchmark if it did not finish), HOST_ARGS (--quick),
+#   FI_SET (fi_prebuild's set, "host"; "plan" builds only the 4 modules of --only plan: the "host" set took
+#   421 s on 2026-12-07, beside a suite), SUITE_ARGS (to gpu_suite.sh), PROFILE (profile_small_host.py; "" skips it)
+# The plan() table with the full suite in one call:
+#   FI_SET=plan TESTS=tests SUITE_ARGS="--deselect tests/test_compile_all.py" JOBS=12 PROFILE= HOST_ARGS="--only plan" bash bench/host_check.sh
 OUT=${OUT:-/tmp/fi_cupy_out}
 mkdir -p "$OUT"
 source bench/flashinfer_setup.sh > "$OUT/prebuild.txt" 2>&1
-( MAX_JOBS=${MAX_JOBS:-16} fi_prebuild build host >> "$OUT/prebuild.txt" 2>&1 ) &
+( MAX_JOBS=${MAX_JOBS:-16} fi_prebuild build ${FI_SET:-host} >> "$OUT/prebuild.txt" 2>&1 ) &
 build=$!
 OUT=$OUT/t SUITE_PATHS=${TESTS:-"tests/test_fastpath.py tests/test_frameworks.py"} SKIP_FUZZ=1 JOBS=${JOBS:-4} \
   bash bench/gpu_suite.sh && mv "$OUT/t/logs.tgz" "$OUT/tests.tgz"
@@ -20,5 +24,5 @@ tail -3 "$OUT/prebuild.txt"
 peers=torch
 grep -q "built or already cached" "$OUT/prebuild.txt" && peers=flashinfer,torch
 OUT=$OUT/b KEEP_PYTHONPATH=1 SKIP_SUITE=1 SKIP_FUZZ=1 BENCH_TAIL=80 BENCH_TIMEOUT=${BENCH_TIMEOUT:-300} \
-  BENCHES="profile_small_host.py;bench_host.py ${HOST_ARGS:---quick} --peers $peers" bash bench/gpu_suite.sh \
+  BENCHES="${PROFILE-profile_small_host.py;}bench_host.py ${HOST_ARGS:---quick} --peers $peers" bash bench/gpu_suite.sh \
   && mv "$OUT/b/logs.tgz" "$OUT/bench.tgz"
