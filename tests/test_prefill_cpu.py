@@ -407,3 +407,20 @@ def test_cuda_graph_plan_fills_its_table_buffers(monkeypatch):
             got = uploads[0x100000 * (names.index(name) + 1)]
             assert got.dtype == np.int32 and got.tolist() == want.tolist(), name
         assert len(uploads) == 5  # and the metadata block
+
+
+@pytest.mark.parametrize("kv", [100, 5000])  # one chunk (nothing cut), and cut KV ranges with merges
+def test_uniform_schedules_share_no_writable_memory(kv):
+    """A uniform batch's items come from a memoised grid (scheduler._uniform_grid): each schedule's items
+    are its own to write, the memoised grid and merges are read-only, and a schedule written over leaves
+    the next one of the same shape as it was."""
+    args = ([16] * 4, [kv] * 4, 4, 2, 64, 132, True)
+    first = scheduler.prefill_schedule(*args)
+    want = first.items.copy(), first.merges.copy()
+    assert first.items.flags.writeable and not first.merges.flags.writeable
+    assert (first.merges.size > 0) == (kv == 5000)
+    first.items[:] = -5
+    again = scheduler.prefill_schedule(*args)
+    np.testing.assert_array_equal(again.items, want[0])
+    np.testing.assert_array_equal(again.merges, want[1])
+    assert not np.shares_memory(again.items, first.items)
