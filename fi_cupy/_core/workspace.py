@@ -264,6 +264,8 @@ def _upload_here(host: np.ndarray, dst_ptr: int, device: int, stream: int, pinne
     from cupy.cuda import runtime
     if streams.is_capturing(stream):
         runtime.memcpyAsync(dst_ptr, host.ctypes.data, host.nbytes, runtime.memcpyHostToDevice, stream)
+        if pinned is not None:  # each replay reads the slot: the next plan packs into the other one
+            pinned.slot ^= 1
         return
     if pinned is not None:
         runtime.memcpyAsync(dst_ptr, host.ctypes.data, host.nbytes, runtime.memcpyHostToDevice, stream)
