@@ -94,7 +94,7 @@ def stub_device() -> None:
         if pinned is None:
             staging = np.empty(host.nbytes, np.uint8)
             staging[:] = host.reshape(-1).view(np.uint8)
-    workspace.PinnedMeta.empty = lambda self, n: np.empty(n, np.int32)
+    workspace.PinnedSlots.empty = lambda self, n: np.empty(n, np.int32)
     streams.resolve = lambda stream, framework, device: 0
     for mod in (workspace, decode, prefill):
         mod.upload = upload

@@ -194,11 +194,12 @@ def test_pack_meta_zero_fills_everything_but_the_values():
         np.testing.assert_array_equal(meta, want)
 
 
-def test_pinned_meta_slots_alternate_on_each_upload_and_wait_before_reuse(monkeypatch):
-    """A wrapper's PinnedMeta: packing twice before an upload reuses one slot; upload() sends the block
+def test_pinned_slots_alternate_on_each_upload_and_wait_before_reuse(monkeypatch):
+    """A wrapper's PinnedSlots: packing twice before an upload reuses one slot; upload() sends the block
     from where it lies (no staging copy) and records an event on the caller's stream; the next plan packs
-    into the other slot, and the one after waits for the first copy's event before writing over it.
-    The CUDA runtime and pinned allocation stand in (numpy memory, calls recorded)."""
+    into the other slot, and the one after waits for the first copy's event before writing over it. A
+    caller's host array goes through the device's staging ring of the same slots. The CUDA runtime and
+    pinned allocation stand in (numpy memory, calls recorded)."""
     import cupyx
     from cupy.cuda import runtime
     from fi_cupy._core import streams, workspace
@@ -209,7 +210,7 @@ def test_pinned_meta_slots_alternate_on_each_upload_and_wait_before_reuse(monkey
         monkeypatch.setattr(runtime, name, lambda *a, _n=name: calls.append((_n,) + a))
     monkeypatch.setattr(streams, "on_device", lambda device, fn, *a: fn(*a))
     monkeypatch.setattr(streams, "is_capturing", lambda stream: False)
-    p = workspace.PinnedMeta(0)
+    p = workspace.PinnedSlots(0)
     first = p.empty(10)
     again = p.empty(40000)  # a CUDA-graph plan packs twice: the same slot, grown
     workspace.upload(again, 0x1000, 0, 7, p)
@@ -224,3 +225,13 @@ def test_pinned_meta_slots_alternate_on_each_upload_and_wait_before_reuse(monkey
     assert np.shares_memory(third, again) and calls[4:] == [("eventSynchronize", 100)]
     assert first.size == 10 and third.size == 20
     p.events = [None, None]  # the stand-in events are not CUDA's: nothing for __del__ to wait for
+    # A host array of the caller's goes through the device's staging ring: copied into a slot, sent from it.
+    monkeypatch.setattr(workspace, "_staging", {})
+    host = np.arange(5, dtype=np.int64)
+    workspace.upload(host, 0x3000, 0, 9)
+    ring = workspace._staging[0]
+    sent = ring.bufs[0][:host.nbytes]
+    assert sent.tobytes() == host.tobytes() and ring.slot == 1 and len(ring.bufs) == workspace.STAGING_SLOTS
+    assert calls[5:] == [("memcpyAsync", 0x3000, sent.ctypes.data, host.nbytes, runtime.memcpyHostToDevice, 9),
+                         ("eventRecord", 102, 9)]
+    ring.events = [None] * len(ring.events)

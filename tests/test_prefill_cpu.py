@@ -388,7 +388,7 @@ def test_cuda_graph_plan_fills_its_table_buffers(monkeypatch):
     uploads = {}
     monkeypatch.setattr(prefill, "upload",
                         lambda host, ptr, device, stream, pinned=None: uploads.__setitem__(ptr, host.copy()))
-    monkeypatch.setattr(workspace.PinnedMeta, "empty", lambda self, n: np.empty(n, np.int32))
+    monkeypatch.setattr(workspace.PinnedSlots, "empty", lambda self, n: np.empty(n, np.int32))
     monkeypatch.setattr(streams, "resolve", lambda stream, framework, device: 0)
     props = {"name": "H100 (stub)", "sms": 132, "smem_optin": 227 * 1024, "smem_sm": 228 * 1024, "cc": 90}
     monkeypatch.setattr(kernels, "device_props", lambda device=0: props)

@@ -24,7 +24,7 @@ def align(n: int) -> int:
 def pack_meta(parts, alloc=None) -> tuple:
     """(int32 metadata block, {name: element offset}) of parts [(name, int values, capacity)]: each part
     at its offset, padded to its capacity and to 16 bytes (the kernels read int4 vectors). Values None:
-    a part the device writes (left zero here). alloc(n): where the block goes (PinnedMeta.empty: pinned
+    a part the device writes (left zero here). alloc(n): where the block goes (PinnedSlots.empty: pinned
     memory that upload() sends as it is); None: a new numpy array."""
     offsets, cur = {}, 0
     for name, _, cap in parts:
@@ -146,7 +146,7 @@ class PlannedWrapper:
         checks.pointer_aligned(self._ws, 16)  # partial states and int4 metadata are read 16 bytes at a time
         self._ws_obj = float_workspace_buffer
         if getattr(self, "_pinned", None) is None or self._pinned.device != self._ws.device:
-            self._pinned = PinnedMeta(self._ws.device)  # where plan() packs its metadata
+            self._pinned = PinnedSlots(self._ws.device)  # where plan() packs its metadata
         self._plan = None
 
     @property
@@ -174,61 +174,48 @@ class PlannedWrapper:
         """FlashInfer's legacy call after forward(): nothing to release."""
 
 
-class _Staging:
-    """Pinned host buffers that plan metadata is copied from. A copy from pageable memory may wait for
-    the stream to drain (CUDA's API-sync rules), so a plan() for the next step would wait for the
-    step still running on the GPU; from pinned memory it returns at once. A ring of slots, each reused
-    only once the copy out of it has run (an event)."""
-    SLOTS = 4
+class PinnedSlots:
+    """Pinned host buffers used in turn, for copies to the device: a copy from pageable memory may wait for
+    the stream to drain (CUDA's API-sync rules), so a plan() for the next step would wait for the step
+    still running on the GPU; from pinned memory it returns at once. A slot is refilled (or freed) only
+    once the copy out of it has run (an event), and the turn passes when its block is sent, so filling a
+    slot twice before sending it (a CUDA-graph plan sizing its capacities) uses one slot. Two uses: each
+    device's staging ring, which upload() copies a host array into; and a wrapper's own pair, which plan()
+    packs its metadata into (pack_meta's alloc) and upload() sends from where it lies, with no staging
+    copy (32K page indices at batch 512 were otherwise copied twice); a plan's metadata then stays intact
+    until the plan after next packs, by when the wrapper holds a newer plan."""
 
-    def __init__(self):
-        self.bufs = [None] * self.SLOTS
-        self.events = [None] * self.SLOTS
-        self.next = 0
-
-    def copy(self, host: np.ndarray, dst_ptr: int, stream: int) -> None:
-        import cupyx
-        from cupy.cuda import runtime
-        i, self.next = self.next, (self.next + 1) % self.SLOTS
-        if self.events[i] is None:
-            self.events[i] = runtime.eventCreateWithFlags(runtime.eventDisableTiming)
-        else:
-            runtime.eventSynchronize(self.events[i])  # normally long done
-        n = host.nbytes
-        if self.bufs[i] is None or self.bufs[i].nbytes < n:
-            self.bufs[i] = cupyx.empty_pinned(max(n, 1 << 16), dtype=np.uint8)
-        self.bufs[i][:n] = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
-        runtime.memcpyAsync(dst_ptr, self.bufs[i].ctypes.data, n, runtime.memcpyHostToDevice, stream)
-        runtime.eventRecord(self.events[i], stream)
-
-
-_staging: dict = {}  # device -> _Staging
-_staging_lock = threading.Lock()
-
-
-class PinnedMeta:
-    """Pinned host memory that a wrapper's plan() packs its metadata into (pack_meta's alloc), so that
-    upload() sends it with no staging copy: at batch 512 the 32K page indices were otherwise copied twice,
-    into the metadata and then into staging. Two slots in turn; the slot advances when its block is sent,
-    so a plan that packs twice (a CUDA-graph plan sizing its capacities) reuses one slot, and a plan's
-    metadata stays intact until the plan after next packs (by then the wrapper holds a newer plan). A
-    slot is refilled only once the copy out of it has run (an event)."""
-
-    def __init__(self, device: int):
-        self.device = device
-        self.bufs, self.events, self.slot = [None, None], [None, None], 0
+    def __init__(self, device: int, count: int = 2, dtype=np.int32):
+        self.device, self.dtype = device, np.dtype(dtype)
+        self.bufs, self.events, self.slot = [None] * count, [None] * count, 0
 
     def empty(self, n: int) -> np.ndarray:
-        """n int32 elements in the slot to fill next, free to write."""
+        """n elements in the slot to fill next, free to write."""
         i = self.slot
         if self.events[i] is not None:
             from cupy.cuda import runtime
-            runtime.eventSynchronize(self.events[i])  # the copy out of it two plans ago: normally long done
+            runtime.eventSynchronize(self.events[i])  # the copy out of it a round ago: normally long done
         buf = self.bufs[i]
         if buf is None or buf.size < n:
             import cupyx
-            buf = self.bufs[i] = streams.on_device(self.device, cupyx.empty_pinned, max(n, 1 << 14), np.int32)
+            buf = self.bufs[i] = streams.on_device(self.device, cupyx.empty_pinned,
+                                                   max(n, (1 << 16) // self.dtype.itemsize), self.dtype)
         return buf[:n]
+
+    def send(self, block: np.ndarray, dst_ptr: int, stream: int) -> None:
+        """Queue the copy of `block` (in the current slot) to dst_ptr on `stream` (the device is current),
+        mark when it has run, and pass the turn."""
+        from cupy.cuda import runtime
+        i = self.slot
+        runtime.memcpyAsync(dst_ptr, block.ctypes.data, block.nbytes, runtime.memcpyHostToDevice, stream)
+        if self.events[i] is None:
+            self.events[i] = runtime.eventCreateWithFlags(runtime.eventDisableTiming)
+        runtime.eventRecord(self.events[i], stream)
+        self.slot = (i + 1) % len(self.bufs)
+
+    def pass_turn(self) -> None:
+        """Leave the current slot to a copy captured in a CUDA graph (each replay reads it)."""
+        self.slot = (self.slot + 1) % len(self.bufs)
 
     def __del__(self):
         """The buffers go back to CuPy's pinned pool, where a new allocation may take them at once: not
@@ -242,37 +229,36 @@ class PinnedMeta:
         except Exception:  # noqa: BLE001 - interpreter shutdown: CUDA may be gone, nothing left to guard
             pass
 
-    def sent(self, stream: int) -> None:
-        """The current slot's block was queued for copying on `stream` (the device is current): mark
-        when that copy has run, and move to the other slot."""
-        from cupy.cuda import runtime
-        i = self.slot
-        if self.events[i] is None:
-            self.events[i] = runtime.eventCreateWithFlags(runtime.eventDisableTiming)
-        runtime.eventRecord(self.events[i], stream)
-        self.slot = i ^ 1
+
+STAGING_SLOTS = 4  # a device's staging ring
+_staging: dict = {}  # device -> its staging ring (PinnedSlots of bytes)
+_staging_lock = threading.Lock()
 
 
-def upload(host: np.ndarray, dst_ptr: int, device: int, stream: int, pinned: PinnedMeta | None = None) -> None:
+def upload(host: np.ndarray, dst_ptr: int, device: int, stream: int, pinned: PinnedSlots | None = None) -> None:
     """Copy a host array to device memory at dst_ptr, queued on `stream`, without waiting for the
     stream (through pinned staging; a direct copy while the stream is being captured). pinned: `host`
-    lies in that PinnedMeta's current slot (pack_meta's alloc), and is sent from there."""
+    lies in that PinnedSlots' current slot (pack_meta's alloc), and is sent from there."""
     streams.on_device(device, _upload_here, host, dst_ptr, device, stream, pinned)  # plan() uploads every step
 
 
-def _upload_here(host: np.ndarray, dst_ptr: int, device: int, stream: int, pinned: PinnedMeta | None) -> None:
+def _upload_here(host: np.ndarray, dst_ptr: int, device: int, stream: int, pinned: PinnedSlots | None) -> None:
     from cupy.cuda import runtime
     if streams.is_capturing(stream):
         runtime.memcpyAsync(dst_ptr, host.ctypes.data, host.nbytes, runtime.memcpyHostToDevice, stream)
-        if pinned is not None:  # each replay reads the slot: the next plan packs into the other one
-            pinned.slot ^= 1
+        if pinned is not None:
+            pinned.pass_turn()
         return
     if pinned is not None:
-        runtime.memcpyAsync(dst_ptr, host.ctypes.data, host.nbytes, runtime.memcpyHostToDevice, stream)
-        pinned.sent(stream)
+        pinned.send(host, dst_ptr, stream)
         return
     with _staging_lock:
-        _staging.setdefault(device, _Staging()).copy(host, dst_ptr, stream)
+        ring = _staging.get(device)
+        if ring is None:
+            ring = _staging[device] = PinnedSlots(device, STAGING_SLOTS, np.uint8)
+        block = ring.empty(host.nbytes)
+        block[:] = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
+        ring.send(block, dst_ptr, stream)
 
 
 def single_call_meta(cache: dict, device: int, stream: int, framework: str, key, meta: np.ndarray,
