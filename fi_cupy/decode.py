@@ -12,7 +12,7 @@ KV the q dtype or fp8 (e4m3fn, e5m2); any page size; any GQA group; NHD and HND;
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -269,6 +269,19 @@ class DecodePlan:
         rows = self.partial_capacity
         return align(rows * gb * self.params.head_dim * 4) + align(rows * gb * 4)
 
+    def run_key(self) -> tuple:
+        """What run() reads of the plan besides the metadata's contents: two plans with equal keys launch
+        alike, so run()'s recorded calls outlive a re-plan (PlannedWrapper._plan). Every field but the
+        ones that _PER_PLAN names, so a field added later counts until it is named there; max_page is
+        checked by run() on every call instead (its `fits`)."""
+        return tuple(getattr(self, f.name) for f in fields(self) if f.name not in _PER_PLAN)
+
+
+# DecodePlan fields that run()'s recorded calls do not depend on: the metadata block (uploaded to the same
+# place: the offsets and capacities are in the key), the largest page index (run() tests the cache
+# against it each call), the arrays kept alive and the quota (the schedule kernel's, at plan time).
+_PER_PLAN = frozenset(("meta", "max_page", "keep", "quota"))
+
 
 def check_page_table(params: DecodeParams, indptr: np.ndarray, indices: np.ndarray,
                      last_page_len: np.ndarray) -> tuple:
@@ -387,6 +400,12 @@ def launch_decode(c: Call, plan: DecodePlan, meta_ptr: int, partial_ptr: int, q:
             i64(os_[-2]), ptr(l_info), i32(p.num_qo_heads), i32(p.group_size), i32(plan.num_kv_heads_blocks),
             ptr(sinks),
         ])
+
+
+def _pages_of(cache) -> int:
+    """The leading dim of a cache array (its pages, in every layout), or -1 without one."""
+    shape = getattr(cache, "shape", ())
+    return shape[0] if len(shape) else -1
 
 
 def _check_q(q: arrays.ArrayInfo, p: DecodeParams, batch_shape: tuple) -> None:
@@ -708,7 +727,10 @@ class BatchDecodeWithPagedKVCacheWrapper(PlannedWrapper):
         if p.variant is not None:  # its extra arguments packed anew each call (no recording)
             check_variant_run(p.variant, return_lse, sinks, qk_scale)
             return self._run(q, paged_kv_cache, out, lse, return_lse, qk_scale, vs, enable_pdl, sinks, stream, args)
-        return self._sigs((q, *cache_parts(paged_kv_cache), out, lse, sinks), (qk_scale, vs, return_lse, enable_pdl),
+        parts = cache_parts(paged_kv_cache)
+        # the plan's page table against this cache, which _run checks: recorded calls outlive re-plans
+        fits = self._plan.max_page < _pages_of(parts[0])
+        return self._sigs((q, *parts, out, lse, sinks), (qk_scale, vs, return_lse, enable_pdl, fits),
                           stream, lambda: self._run(q, paged_kv_cache, out, lse, return_lse, qk_scale, vs, enable_pdl,
                                                     sinks, stream))
 

@@ -160,23 +160,68 @@ def _decode_ref(q, cache, indptr, indices, lens, page):
 
 
 @gpu
-def test_decode_run_replays_within_a_plan_and_forgets_at_the_next():
+def test_decode_run_replays_within_a_plan():
     cp = _cp()
     page, hq, hkv, d = 16, 8, 2, 64
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(cp.zeros(32 << 20, cp.uint8))
-    for lens in ([40, 1, 17], [100, 33, 0]):
-        indptr, indices, last, cache = _paged_decode_case(lens, page, hq, hkv, d, seed=len(lens) + lens[0])
+    lens = [40, 1, 17]
+    indptr, indices, last, cache = _paged_decode_case(lens, page, hq, hkv, d, seed=7)
+    w.plan(indptr, indices, last, hq, hkv, d, page, q_data_type="float16")
+    assert len(w._sigs) == 0
+    for seed in range(3):
+        q = _rand((3, hq, d), seed=seed)
+        out = _poisoned((3, hq, d))
+        w.run(q, cache, out=out)
+        assert_close(_host(out), _decode_ref(q, cache, indptr, indices, lens, page), "float16")
+    assert len(w._sigs) == 1
+    o, lse = w.run(q, cache, return_lse=True)  # another signature: lse returned
+    assert lse.shape == (3, hq) and len(w._sigs) == 2
+    assert_close(_host(o), _decode_ref(q, cache, indptr, indices, lens, page), "float16")
+
+
+@gpu
+def test_decode_recordings_outlive_a_replan_that_launches_alike():
+    """A re-plan of a batch of the same size (an equal DecodePlan.run_key: each step of a decode loop)
+    keeps run()'s recorded calls, which then replay with the new page table; a plan that launches
+    otherwise (another batch size) drops them. The page table is tested against the cache on every
+    call, so a recording never runs a plan that indexes past the cache."""
+    cp = _cp()
+    page, hq, hkv, d, num_pages = 16, 8, 2, 64, 600
+    cache = _rand((num_pages, 2, page, hkv, d), seed=3)
+    w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(cp.zeros(32 << 20, cp.uint8))
+    full = []  # the calls that took the full path
+    run_in_full = w._run
+    w._run = lambda *a, **k: full.append(1) or run_in_full(*a, **k)
+
+    def table(lens, seed):
+        pages = [(n + page - 1) // page for n in lens]
+        indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
+        indices = np.random.default_rng(seed).permutation(num_pages)[: indptr[-1]].astype(np.int32)
+        return indptr, indices, np.array([(n - 1) % page + 1 if n else 0 for n in lens], np.int32)
+
+    def step(lens, seed):
+        indptr, indices, last = table(lens, seed)
         w.plan(indptr, indices, last, hq, hkv, d, page, q_data_type="float16")
-        assert len(w._sigs) == 0
-        for seed in range(3):
-            q = _rand((3, hq, d), seed=seed)
-            out = _poisoned((3, hq, d))
-            w.run(q, cache, out=out)
+        for s in range(2):
+            q = _rand((len(lens), hq, d), seed=seed + s)
+            out = _poisoned((len(lens), hq, d))
+            assert w.run(q, cache, out=out) is out
             assert_close(_host(out), _decode_ref(q, cache, indptr, indices, lens, page), "float16")
-        assert len(w._sigs) == 1
-        o, lse = w.run(q, cache, return_lse=True)  # another signature: lse returned
-        assert lse.shape == (3, hq) and len(w._sigs) == 2
-        assert_close(_host(o), _decode_ref(q, cache, indptr, indices, lens, page), "float16")
+
+    step([3000, 1, 17], 1)
+    sigs = w._sigs
+    assert len(full) == 1 and len(sigs) == 1
+    for lens, seed in (([2500, 33, 0], 2), ([40, 2900, 5], 3)):  # a pair cut over CTAs in each: alike
+        step(lens, seed)
+        assert w._sigs is sigs and len(full) == 1
+    indptr, indices, last = table([3000, 1, 17], 4)
+    indices[5] = num_pages + 2  # past this cache: run() must refuse it, recording or not
+    w.plan(indptr, indices, last, hq, hkv, d, page, q_data_type="float16")
+    assert w._sigs is sigs
+    with pytest.raises(ValueError, match="out of range"):
+        w.run(_rand((3, hq, d)), cache, out=_poisoned((3, hq, d)))
+    step([3000, 1, 17, 9], 5)  # another batch size: recorded anew
+    assert w._sigs is not sigs and len(full) == 3
 
 
 @gpu
@@ -795,3 +840,43 @@ def test_schedule_launch_passes_its_parts_and_scalars(monkeypatch):
         smem = ds.STAGED_BYTES if batch <= ds.STAGED_REQUESTS else 0
         assert seen.pop() == ((1, 1, 1, ds.THREADS, 1, 1, smem), 0x5150, 0, None, None, _Fn.ptr, want, None)
     assert len(ds._launches) == 2
+
+
+def test_decode_replan_keeps_recordings_only_when_it_launches_alike(monkeypatch):
+    """PlannedWrapper._plan keeps run()'s recorded calls across a decode re-plan exactly when the plans'
+    run_key are equal: the same batch size and options on the device schedule, whatever the lengths, page
+    indices and largest page; not another batch size or head count, nor a fixed split whose cut pairs
+    (its merge grid) change, nor another workspace. The device stands in (no launch, no upload)."""
+    from fi_cupy import decode, decode_schedule
+    from fi_cupy._core import streams, workspace
+    from test_core_cpu import FakeCudaArray
+    monkeypatch.setattr(decode, "upload", lambda *a, **k: None)
+    monkeypatch.setattr(decode_schedule, "launch_schedule", lambda *a: None)
+    monkeypatch.setattr(workspace.PinnedSlots, "empty", lambda self, n: np.empty(n, np.int32))
+    monkeypatch.setattr(streams, "resolve", lambda stream, framework, device: 0)
+    props = {"name": "H100 (stub)", "sms": 132, "smem_optin": 227 * 1024, "smem_sm": 228 * 1024, "cc": 90}
+    monkeypatch.setattr(kernels, "device_props", lambda device=0: props)
+    monkeypatch.setattr(kernels, "device_arch", lambda device=0: "sm_90a")
+    monkeypatch.setattr(decode, "decode_num_ctas", lambda params, kv_dtype, device: 528)
+    w = decode.BatchDecodeWithPagedKVCacheWrapper(FakeCudaArray((64 << 20,), None, code=1, bits=8, ptr=1 << 30))
+
+    def plan(lens, seed=0, hq=32, **kw):
+        pages = -(-np.array(lens) // 16)
+        ip = np.concatenate([[0], np.cumsum(pages)])
+        ix = np.random.default_rng(seed).permutation(int(ip[-1]) + 50)[: ip[-1]]
+        w.plan(ip, ix, np.array(lens) - (pages - 1) * 16, hq, 8, 128, 16, q_data_type="float16", **kw)
+        return w._sigs
+
+    first = plan([3000, 1, 17])
+    largest = w._plan.max_page
+    assert plan([3000, 1, 17], seed=1) is first and plan([40, 2500, 9], seed=2) is first
+    assert w._plan.max_page != largest
+    four = plan([3000, 1, 17, 5])
+    assert four is not first and plan([3000, 1, 17, 5], seed=4) is four
+    assert plan([3000, 1, 17, 5], hq=16) is not four
+    split = plan([3000, 1, 17, 5], fixed_split_size=8)  # the host's schedule: its cut pairs size the merges
+    assert plan([3000, 1, 17, 5], seed=5, fixed_split_size=8) is split
+    assert plan([30, 1, 17, 5], fixed_split_size=8) is not split
+    again = plan([30, 1, 17, 5], fixed_split_size=8)
+    w.reset_workspace_buffer(FakeCudaArray((64 << 20,), None, code=1, bits=8, ptr=1 << 31))
+    assert plan([30, 1, 17, 5], fixed_split_size=8) is not again

@@ -156,10 +156,15 @@ class PlannedWrapper:
 
     @_plan.setter
     def _plan(self, plan) -> None:
-        # run()'s recorded calls (fastpath.Signatures) hold the plan's grid and workspace addresses:
-        # each plan starts with none.
+        # run()'s recorded calls (fastpath.Signatures) hold the plan's grid, workspace addresses and
+        # sizes: a plan that launches alike (an equal run_key(): a re-plan of a decode batch of the same
+        # size, every step of an engine) keeps them, so run() replays at once; any other starts with none.
+        run_key = getattr(plan, "run_key", None)
+        key = run_key() if run_key is not None else None
+        if key is None or key != getattr(self, "_run_key", None):
+            self._sigs = Signatures()
+        self._run_key = key
         self._current_plan = plan
-        self._sigs = Signatures()
 
     def _room_for(self, plan) -> int:
         """The workspace bytes `plan` needs (its partial states, then its metadata); ValueError when the
