@@ -85,7 +85,7 @@ class Case:
     op: str  # the public name; Class.method for wrappers
     shape: str
     build: Callable
-    kind: str = "elementwise"  # elementwise | attention | run | plan | sync (the call waits for the host)
+    kind: str = "elementwise"  # elementwise | attention | run | plan | step (plan + runs) | sync (waits for the host)
     callers: tuple = CALLERS
     flashinfer: bool = True  # FlashInfer has the same call
     torch: Callable | None = None  # torch_peer(torch, maker) -> call: torch's own equivalent
@@ -677,7 +677,30 @@ def b_prefill_plan(batch):
     return build
 
 
+STEP_LAYERS, STEP_PAGES = 32, 4  # an eager decode step: one plan(), then a run() per layer of 32; short KV
+
+
+def b_decode_step(mod, mk):
+    """One eager decode step of a 32-layer model: plan() (the same batch, as an engine re-plans each step
+    while the lengths grow), then run() for each layer: the first run() after a plan() is what the
+    planned run() rows do not show. KV short (64 tokens a request) so the GPU stays under the host."""
+    w = wrapper(mod, mk, "BatchDecodeWithPagedKVCacheWrapper")
+    args = [index_arg(mod, mk, a) for a in decode_table(DEC_B, STEP_PAGES)]
+    dtype = mk.dtype_arg()
+    w.plan(*args, HQ, HKV, D, PAGE, q_data_type=dtype)
+    q, cache = mk.arr(randn(DEC_B, HQ, D)), mk.arr(randn(DEC_B * STEP_PAGES, 2, PAGE, HKV, D, seed=1))
+    run = out_call(w.run, mk, (DEC_B, HQ, D), q, cache)
+
+    def step():
+        w.plan(*args, HQ, HKV, D, PAGE, q_data_type=dtype)
+        for _ in range(STEP_LAYERS):
+            run()
+    return step
+
+
 def plan_cases():
+    yield Case("plan", "decode step: plan() + 32 x run()",
+               f"batch {DEC_B} x {STEP_PAGES * PAGE} p{PAGE}, {HQ}/{HKV} d{D}, out=", b_decode_step, kind="step")
     for b in PLAN_BATCHES:
         s = f"batch {b} x {DEC_PAGES * PAGE} p{PAGE}, {HQ}/{HKV} d{D}, numpy indices"
         yield Case("plan", "BatchDecodeWithPagedKVCacheWrapper.plan", s, b_decode_plan(b), kind="plan", batch=b)
@@ -813,7 +836,7 @@ def synced_us(fn, n: int, warmup: int, sync) -> float:
 
 
 def time_case(case: Case, fn, args) -> float:
-    if case.kind == "plan":
+    if case.kind in ("plan", "step"):
         return synced_us(fn, args.plan_calls, 3, device_sync)
     return per_call_us(fn, args.calls, args.warmup, sync=device_sync)
 
