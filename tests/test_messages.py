@@ -307,7 +307,7 @@ def test_host_q_into_decode_run(no_gpu, monkeypatch):
     """run() resolves its stream before describing q: with an explicit one, q is the first array read.
     (The plan is a stand-in: planning needs a GPU; tests/test_decode.py has the GPU version.)"""
     w = fi_cupy.BatchDecodeWithPagedKVCacheWrapper(WS)
-    monkeypatch.setattr(w, "_plan", SimpleNamespace(params=SimpleNamespace(window_left=-1, variant=None)))
+    monkeypatch.setattr(w, "_plan", SimpleNamespace(params=SimpleNamespace(window_left=-1, variant=None), max_page=-1))
     with pytest.raises(TypeError, match=re.escape(f"q: expected an array on a CUDA device, got one on CPU (a host "
                                                   f"numpy array); {MOVE_IT}")):
         w.run(_host((2, 8, 64)), StubArray((10, 2, 16, 2, 64)), stream=0)
