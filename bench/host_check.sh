@@ -7,7 +7,8 @@
 #   env: TESTS (default "tests/test_fastpath.py tests/test_frameworks.py"), JOBS (pytest workers, 4), PREBUILD_S (300: wait at most this
 #   long for the build; FlashInfer is left out of the benchmark if it did not finish), HOST_ARGS (--quick),
 #   FI_SET (fi_prebuild's set, "host"; "plan" builds only the 4 modules of --only plan: the "host" set took
-#   421 s on 2026-12-07, beside a suite), SUITE_ARGS (to gpu_suite.sh), PROFILE (profile_small_host.py; "" skips it)
+#   421 s on 2026-12-07, beside a suite), SUITE_ARGS (to gpu_suite.sh), PROFILE (profile_small_host.py; "" skips it),
+#   PACK_AOT=1 (return the built modules, bench/flashinfer_aot.sh)
 # The plan() table with the full suite in one call:
 #   FI_SET=plan TESTS=tests SUITE_ARGS="--deselect tests/test_compile_all.py" JOBS=12 PROFILE= HOST_ARGS="--only plan" bash bench/host_check.sh
 OUT=${OUT:-/tmp/fi_cupy_out}
@@ -21,6 +22,9 @@ waited=0
 while kill -0 $build 2>/dev/null && [ $waited -lt ${PREBUILD_S:-300} ]; do sleep 5; waited=$((waited + 5)); done
 kill -0 $build 2>/dev/null && { echo "prebuild still running after ${PREBUILD_S:-300}s: stopped"; pkill -P $build; kill $build; }
 tail -3 "$OUT/prebuild.txt"
+# PACK_AOT=1: the built modules come back as $OUT/fi_aot.tgz.part* (before the benchmark, so a call that runs out
+# of time still returns them); here `cat fi_aot.tgz.part* > .whl/flashinfer_aot_sm90a.tgz` and later calls skip the build
+[ -n "${PACK_AOT:-}" ] && grep -q "built or already cached" "$OUT/prebuild.txt" && OUT=$OUT bash bench/flashinfer_aot.sh
 peers=torch
 grep -q "built or already cached" "$OUT/prebuild.txt" && peers=flashinfer,torch
 OUT=$OUT/b KEEP_PYTHONPATH=1 SKIP_SUITE=1 SKIP_FUZZ=1 BENCH_TAIL=80 BENCH_TIMEOUT=${BENCH_TIMEOUT:-300} \
