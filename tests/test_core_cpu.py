@@ -116,6 +116,18 @@ class FakeCudaArray:
         return arrays._capsule_new(ctypes.addressof(self.mt), b"dltensor", None)
 
 
+def stub_h100_host(monkeypatch) -> None:
+    """A wrapper's plan() without a GPU: the current stream is 0, plan metadata packs into numpy memory
+    (not pinned), and the device is an H100 (132 SMs, 227 KB of shared memory a CTA, sm_90a). Uploads and
+    CTA counts are the caller's to stand in."""
+    from fi_cupy._core import kernels, streams, workspace
+    monkeypatch.setattr(workspace.PinnedSlots, "empty", lambda self, n: np.empty(n, np.int32))
+    monkeypatch.setattr(streams, "resolve", lambda stream, framework, device: 0)
+    props = {"name": "H100 (stub)", "sms": 132, "smem_optin": 227 * 1024, "smem_sm": 228 * 1024, "cc": 90}
+    monkeypatch.setattr(kernels, "device_props", lambda device=0: props)
+    monkeypatch.setattr(kernels, "device_arch", lambda device=0: "sm_90a")
+
+
 def test_describe_strides_from_producers():
     info = arrays.describe(FakeCudaArray((2, 3, 8), None), "old")  # NULL strides: contiguous
     assert info.strides == (24, 8, 1) and info.is_contiguous() and info.dtype is dt.float16

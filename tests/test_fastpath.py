@@ -848,15 +848,10 @@ def test_decode_replan_keeps_recordings_only_when_it_launches_alike(monkeypatch)
     indices and largest page; not another batch size or head count, nor a fixed split whose cut pairs
     (its merge grid) change, nor another workspace. The device stands in (no launch, no upload)."""
     from fi_cupy import decode, decode_schedule
-    from fi_cupy._core import streams, workspace
-    from test_core_cpu import FakeCudaArray
+    from test_core_cpu import FakeCudaArray, stub_h100_host
+    stub_h100_host(monkeypatch)
     monkeypatch.setattr(decode, "upload", lambda *a, **k: None)
     monkeypatch.setattr(decode_schedule, "launch_schedule", lambda *a: None)
-    monkeypatch.setattr(workspace.PinnedSlots, "empty", lambda self, n: np.empty(n, np.int32))
-    monkeypatch.setattr(streams, "resolve", lambda stream, framework, device: 0)
-    props = {"name": "H100 (stub)", "sms": 132, "smem_optin": 227 * 1024, "smem_sm": 228 * 1024, "cc": 90}
-    monkeypatch.setattr(kernels, "device_props", lambda device=0: props)
-    monkeypatch.setattr(kernels, "device_arch", lambda device=0: "sm_90a")
     monkeypatch.setattr(decode, "decode_num_ctas", lambda params, kv_dtype, device: 528)
     w = decode.BatchDecodeWithPagedKVCacheWrapper(FakeCudaArray((64 << 20,), None, code=1, bits=8, ptr=1 << 30))
 

@@ -383,16 +383,11 @@ def test_cuda_graph_plan_fills_its_table_buffers(monkeypatch):
     """A CUDA-graph paged prefill wrapper's plan() writes FlashInfer's table buffers: qo_indptr, the page
     indptr, the used page indices (int32 or int64 given: int32 written) and last_page_len, as given; and the
     metadata block. The device stands in (uploads recorded, an H100's properties)."""
-    from fi_cupy._core import kernels, streams, workspace
-    from test_core_cpu import FakeCudaArray
+    from test_core_cpu import FakeCudaArray, stub_h100_host
+    stub_h100_host(monkeypatch)
     uploads = {}
     monkeypatch.setattr(prefill, "upload",
                         lambda host, ptr, device, stream, pinned=None: uploads.__setitem__(ptr, host.copy()))
-    monkeypatch.setattr(workspace.PinnedSlots, "empty", lambda self, n: np.empty(n, np.int32))
-    monkeypatch.setattr(streams, "resolve", lambda stream, framework, device: 0)
-    props = {"name": "H100 (stub)", "sms": 132, "smem_optin": 227 * 1024, "smem_sm": 228 * 1024, "cc": 90}
-    monkeypatch.setattr(kernels, "device_props", lambda device=0: props)
-    monkeypatch.setattr(kernels, "device_arch", lambda device=0: "sm_90a")
     monkeypatch.setattr(prefill, "num_ctas", lambda params, tile, device, paged, flags: 264)
     names = ("qo_indptr_buf", "paged_kv_indptr_buf", "paged_kv_indices_buf", "paged_kv_last_page_len_buf")
     bufs = {n: FakeCudaArray((64,), (1,), code=0, bits=32, ptr=0x100000 * (i + 1)) for i, n in enumerate(names)}
