@@ -32,3 +32,21 @@ def test_compile_is_logged_with_duration(tmp_path):
     r = _python(code, FI_CUPY_LOG="1", FI_CUPY_CACHE_DIR=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "fi_cupy: compiled decode.cu" in r.stderr and " s" in r.stderr and "sm_80" in r.stderr
+
+
+
+def test_cubin_is_whole(tmp_path, monkeypatch):
+    """The cubin reaches the end its ELF header declares (CuPy's getCUBIN returns one byte less), fresh
+    from NVRTC and read back from the cache, so nvdisasm / cuobjdump accept it."""
+    import struct
+    from fi_cupy import norm
+    monkeypatch.setattr(cc, "cache_dir", lambda: tmp_path)
+    prog = norm.all_programs()[0]
+    got = [prog.compile("sm_90a") for _ in range(2)]  # compiled, then read back
+    assert [g.from_cache for g in got] == [False, True]
+    for g in got:
+        b = g.binary
+        phoff, shoff = struct.unpack_from("<QQ", b, 0x20)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", b, 0x36)
+        assert len(b) >= max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+    assert cc.whole_elf(b"PTX text") == b"PTX text"

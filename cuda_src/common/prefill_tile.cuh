@@ -298,10 +298,12 @@ __device__ __forceinline__ void store_rows(const float (&o)[MT][DT][4], unsigned
   }
 }
 
-// Custom variants (variant.cuh), on the m16n8 score layout: each score of a real (query row, key below
-// the item's hi) becomes LogitsTransform's logit, or -inf where LogitsMask hides the key, so hooks never
-// see a position past the request. EDGE (a tile that straddles the item's hi): keys at or past it become
-// -inf; elsewhere every key is below it. Rows past the request keep their raw scores (never stored).
+// Custom variants (variant.cuh), on the m16n8 score layout: each score of a (query row, key below the
+// item's hi) becomes LogitsTransform's logit, or -inf where LogitsMask hides the key; EDGE (a tile that
+// straddles the item's hi): keys at or past it become -inf, elsewhere every key is below it. The hooks run
+// on every score under no branch, so the compiler computes what they share per row (a load, a slope) once
+// a row: keys past hi are passed as hi - 1 and rows past the request as the item's first row, whose
+// results are never stored, so hooks never see a position outside the request.
 // p_first: the packed row of the warp's first slice.
 template <typename VAR, bool EDGE, int MT, int NT>
 __device__ __forceinline__ void variant_scores(float (&s)[MT][NT][4], typename VAR::Variant& var,
@@ -312,21 +314,19 @@ __device__ __forceinline__ void variant_scores(float (&s)[MT][NT][4], typename V
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int p = p_first + mt * 16 + g + 8 * h;
-      const bool row_ok = p < b.packed_len;
-      const int pc = row_ok ? p : 0, ti = pc / group_size;
+      const int pc = p < b.packed_len ? p : 0, ti = pc / group_size;
       const uint32_t qo_head = b.kv_head * group_size + pc - ti * group_size;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int j = j0 + nt * 8 + 2 * c + e;
+          const bool past = EDGE && j >= b.hi;
+          const int jc = past ? b.hi - 1 : j;
           float& x = s[mt][nt][2 * h + e];
-          if (EDGE && j >= b.hi) {
-            x = neg_inf();
-          } else if (row_ok) {
-            x = var.LogitsTransform(params, x, b.req, ti, j, qo_head, b.kv_head);
-            if (VAR::Variant::kLogitsMask && !var.LogitsMask(params, b.req, ti, j, qo_head, b.kv_head)) x = neg_inf();
-          }
+          float t = var.LogitsTransform(params, x, b.req, ti, jc, qo_head, b.kv_head);
+          if (VAR::Variant::kLogitsMask && !var.LogitsMask(params, b.req, ti, jc, qo_head, b.kv_head)) t = neg_inf();
+          x = past ? neg_inf() : t;
         }
     }
 }

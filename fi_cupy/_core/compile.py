@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import struct
 import sys
 import tempfile
 import threading
@@ -270,7 +271,7 @@ def compile_program(filename: str, name_exprs: tuple, arch: str, options: tuple 
         hit = _read_entry(path)
         if hit is not None and _usage_complete(arch, hit[1]["lowered"], hit[1]["log"]):
             binary, meta = hit
-            return Compiled(binary, meta["lowered"], meta["log"], 0.0, True, key)
+            return Compiled(whole_elf(binary), meta["lowered"], meta["log"], 0.0, True, key)
         t0 = time.perf_counter()
         for attempt in range(5):
             binary, lowered, text = _nvrtc_compile(source, filename, name_exprs, opts, arch, files)
@@ -298,6 +299,19 @@ def _usage_complete(arch: str, lowered: dict, log_text: str) -> bool:
     return all(m in usage for m in lowered.values())
 
 
+def whole_elf(binary: bytes) -> bytes:
+    """The cubin padded with NULs to the extent its ELF header declares: CuPy's getCUBIN returns one byte
+    less than nvrtcGetCUBINSize (it drops the last, the high byte of the last program header's alignment,
+    which is 0). The driver loads the short image, but tools that read the program headers (nvdisasm,
+    cuobjdump) refuse it. Anything that is not a 64-bit ELF is returned as it is."""
+    if len(binary) < 64 or binary[:5] != b"\x7fELF\x02":
+        return binary
+    phoff, shoff = struct.unpack_from("<QQ", binary, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", binary, 0x36)
+    end = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+    return binary + bytes(end - len(binary)) if end > len(binary) else binary
+
+
 def _nvrtc_compile(source: str, filename: str, name_exprs, opts: tuple, arch: str, files: dict) -> tuple:
     """(binary, lowered names, log) of one NVRTC compile; KernelCompileError when NVRTC refuses."""
     nvrtc = _nvrtc()
@@ -321,9 +335,7 @@ def _nvrtc_compile(source: str, filename: str, name_exprs, opts: tuple, arch: st
             binary = nvrtc.getPTX(prog)
             binary = binary.encode() if isinstance(binary, str) else binary
         else:
-            binary = nvrtc.getCUBIN(prog)
-            if not binary.endswith(b"\0"):
-                binary += b"\0"  # CuPy's getCUBIN drops the trailing NUL
+            binary = whole_elf(nvrtc.getCUBIN(prog))
     finally:
         nvrtc.destroyProgram(prog)
     log.info("fi_cupy: compiled %s [%s] for %s in %.2f s", filename, "; ".join(name_exprs), arch,
