@@ -213,8 +213,8 @@ prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T), const __grid_constant__ typename V
       issue(t + 2);  // while the tensor cores work on S
       load_pages(t + 3);
       if constexpr (VAR::kActive)  // the hooks' per-row loads in flight beside the tensor cores
-        variant_touch_rows<VAR, 1, KV>(reinterpret_cast<float*>(empty + C::kStages), var, vparams, w, group_size,
-                                       p0 + warp * 16, j0, g, c);
+        variant_touch_rows<VAR, 1>(reinterpret_cast<float*>(empty + C::kStages), var, vparams, w, group_size,
+                                   p0 + warp * 16, j0, g, c);
       wgmma_wait<0>();
       wgmma_hold(s[0]);
 

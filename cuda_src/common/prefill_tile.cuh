@@ -331,16 +331,15 @@ __device__ __forceinline__ void variant_scores(float (&s)[MT][NT][4], typename V
     }
 }
 
-// The hooks once per row of the thread before the wait for S (whose memory clobber makes variant_scores load
-// again after it): what they load per row (a slope, a scale) is then fetched beside the tensor cores and found
-// in L1 after the wait, instead of stalling the softmax each tile. Lane l touches key j0 + l * KV / 32, so a
-// warp also brings in every line of a per-key table (a document id) that the tile's scores will read. The
-// values go to a scratch word of shared memory that nothing reads: the store is what keeps the loads.
-template <typename VAR, int MT, int KV>
+// The hooks once per row of the thread, at the tile's first key, before the wait for S (whose memory clobber
+// makes variant_scores load again after it): whatever they load per row (a slope, a scale) is then fetched
+// beside the tensor cores and found in L1 after the wait, instead of stalling the softmax each tile. The
+// values go to a scratch word of shared memory that nothing reads: a store is what keeps the loads.
+template <typename VAR, int MT>
 __device__ __forceinline__ void variant_touch_rows(float* scratch, typename VAR::Variant& var,
                                                    const typename VAR::Params& params, const PrefillItem& b,
                                                    int group_size, int p_first, int j0, int g, int c) {
-  const int jc = min(j0 + (4 * g + c) * (KV / 32), b.hi - 1);
+  const int jc = min(j0 + 2 * c, b.hi - 1);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
