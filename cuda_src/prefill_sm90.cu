@@ -36,10 +36,9 @@ struct PrefillSm90Cfg {
   static constexpr int kQBytes = kRows * D * 2;
   static constexpr int kTileBytes = kKV * D * 2;     // one K or V tile
   static constexpr int kStageBytes = 2 * kTileBytes;
-  // Q | stages | full[kStages], empty[kStages] mbarriers | a scratch word (variant_touch_rows); + slack to
-  // align the tiles to 1024 bytes.
+  // Q | stages | full[kStages], empty[kStages] mbarriers; + slack to align the tiles to 1024 bytes.
   static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
-  static constexpr int kSmemBytes = 1024 + kBarOffset + 2 * kStages * 8 + 8;  // fi_cupy/prefill.py smem_bytes
+  static constexpr int kSmemBytes = 1024 + kBarOffset + 2 * kStages * 8;  // fi_cupy/prefill.py smem_bytes
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA may have");
 };
 
@@ -212,9 +211,6 @@ prefill_sm90_kernel(FIC_PREFILL_PARAMS(T, T), const __grid_constant__ typename V
       wgmma_commit();
       issue(t + 2);  // while the tensor cores work on S
       load_pages(t + 3);
-      if constexpr (VAR::kActive)  // the hooks' per-row loads in flight beside the tensor cores
-        variant_touch_rows<VAR, 1>(reinterpret_cast<float*>(empty + C::kStages), var, vparams, w, group_size,
-                                   p0 + warp * 16, j0, g, c);
       wgmma_wait<0>();
       wgmma_hold(s[0]);
 

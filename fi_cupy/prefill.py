@@ -145,14 +145,14 @@ def smem_bytes(head_dim: int, tile: TileShape, kv_dtype: dt.DType, head_dim_vo: 
                rope: bool = False) -> int:
     """PrefillCfg::kSmemBytes: Q tile, and two 16-bit K/V stages (split stages: one; fp8: one widened,
     one raw).
-    PrefillSm90Cfg::kSmemBytes: Q tile, three K/V stages, their six mbarriers, a scratch word, and 1 KB
-    to align the tiles to 1024 bytes. MlaSm90Cfg::kSmemBytes: Q, two K stages, the P tile, the row exchange, four
+    PrefillSm90Cfg::kSmemBytes: Q tile, three K/V stages, their six mbarriers, and 1 KB to align the
+    tiles to 1024 bytes. MlaSm90Cfg::kSmemBytes: Q, two K stages, the P tile, the row exchange, four
     mbarriers and the 1 KB."""
     kv_tile_ = kv_tile(head_dim, tile, kv_dtype, head_dim_vo, rope)
     if tile == MLA_SM90_TILE:
         return 1024 + (tile.rows + 2 * kv_tile_) * head_dim * 2 + tile.rows * kv_tile_ * 2 + 2 * tile.rows * 4 + 4 * 8
     if tile.sm90:
-        return 1024 + tile.rows * head_dim * 2 + 3 * 2 * kv_tile_ * head_dim * 2 + 6 * 8 + 8
+        return 1024 + tile.rows * head_dim * 2 + 3 * 2 * kv_tile_ * head_dim * 2 + 6 * 8
     d, dv, _ = widths(head_dim, head_dim_vo)
     stage = kv_tile_ * (d + dv) * 2
     if split_stages(head_dim, tile, kv_dtype, head_dim_vo, rope):

@@ -331,28 +331,6 @@ __device__ __forceinline__ void variant_scores(float (&s)[MT][NT][4], typename V
     }
 }
 
-// The hooks once per row of the thread, at the tile's first key, before the wait for S (whose memory clobber
-// makes variant_scores load again after it): whatever they load per row (a slope, a scale) is then fetched
-// beside the tensor cores and found in L1 after the wait, instead of stalling the softmax each tile. The
-// values go to a scratch word of shared memory that nothing reads: a store is what keeps the loads.
-template <typename VAR, int MT>
-__device__ __forceinline__ void variant_touch_rows(float* scratch, typename VAR::Variant& var,
-                                                   const typename VAR::Params& params, const PrefillItem& b,
-                                                   int group_size, int p_first, int j0, int g, int c) {
-  const int jc = min(j0 + 2 * c, b.hi - 1);
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int p = p_first + mt * 16 + g + 8 * h;
-      const int pc = p < b.packed_len ? p : 0, ti = pc / group_size;
-      const uint32_t qo_head = b.kv_head * group_size + pc - ti * group_size;
-      float t = var.LogitsTransform(params, 0.f, b.req, ti, jc, qo_head, b.kv_head);
-      if (VAR::Variant::kLogitsMask && !var.LogitsMask(params, b.req, ti, jc, qo_head, b.kv_head)) t = 1.f;
-      *reinterpret_cast<volatile float*>(scratch) = t;
-    }
-}
-
 // A variant without softmax: P of one 16-key step kk is the logits themselves (0 where masked).
 template <typename T, int MT, int NT>
 __device__ __forceinline__ void make_p_direct(unsigned (&pa)[MT][4], const float (&s)[MT][NT][4], int kk) {
