@@ -11,6 +11,9 @@ examples/attention_variants.py, and its kernel time beside the default kernel on
   (variant and default on the tensor-core decode kernel), its GB/s beside the device-to-device copy of the same run.
 
 Usage: python bench/bench_jit.py (JSON into $OUT or $FI_CUPY_BENCH_DIR)
+       python bench/bench_jit.py --rounds N: prefill kernel times only, for A/Bs of the hooks (bench/ab.sh): the
+       default kernel, every example and the built-in ALiBi, N interleaved rounds in one process, the best of each
+       against the best default
 """
 from __future__ import annotations
 
@@ -136,8 +139,28 @@ def decode_case(variant, name, pos="NONE"):
     return sec, flops_bytes / sec / 1e9
 
 
+def prefill_rounds(rounds: int) -> None:
+    """The prefill shape's kernel times, interleaved over `rounds` rounds (a process's clocks drift between rounds
+    less than between processes), the best of each against the best default."""
+    cases = [("default", None, "default", "NONE")] + [(n, v, n, "NONE") for n, v in EXAMPLES.items()]
+    cases.append(("built-in ALiBi", None, "alibi", "ALIBI"))
+    times = {label: [] for label, *_ in cases}
+    for _ in range(rounds):
+        for label, variant, name, pos in cases:
+            times[label].append(prefill_case(variant, name, pos=pos)[0] * 1e6)
+    base = min(times["default"])
+    print_table(f"prefill ragged 4 x 2048 causal {HQ}/{HKV} d{D} fp16 on {kernels.device_props(0)['name']}, "
+                f"{rounds} rounds", ["case", "us (each round)", "best / best default"],
+                [[label, " ".join(f"{t:.1f}" for t in ts), f"{min(ts) / base:.3f}"] for label, ts in times.items()])
+    save_json("bench_jit_rounds.json", {"rounds_us": times})
+
+
 def main():
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=0, help="prefill kernel times only, this many interleaved rounds")
+    args = ap.parse_args()
+    if args.rounds:
+        return prefill_rounds(args.rounds)
     arch = kernels.device_arch(0)
     copy = copy_bandwidth() / 1e9
     base_p, base_d = prefill_case(None, "default"), decode_case(None, "default")
