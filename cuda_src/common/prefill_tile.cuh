@@ -302,8 +302,8 @@ __device__ __forceinline__ void store_rows(const float (&o)[MT][DT][4], unsigned
 // item's hi) becomes LogitsTransform's logit, or -inf where LogitsMask hides the key; EDGE (a tile that
 // straddles the item's hi): keys at or past it become -inf, elsewhere every key is below it. The hooks run
 // on every score under no branch, so the compiler computes what they share per row (a load, a slope) once
-// a row: keys past hi are passed as hi - 1 and rows past the request as the item's first row, whose
-// results are never stored, so hooks never see a position outside the request.
+// a row: keys past hi are passed as hi - 1 and rows past the request as its packed row 0, whose results
+// are never stored there, so hooks never see a position outside the request.
 // p_first: the packed row of the warp's first slice.
 template <typename VAR, bool EDGE, int MT, int NT>
 __device__ __forceinline__ void variant_scores(float (&s)[MT][NT][4], typename VAR::Variant& var,
